@@ -1,0 +1,128 @@
+//! Front/back assembly of the next order: +1 units fill from the front in visit order, -1 units from
+//! the back; units that got no sign this epoch keep their current relative order in the middle.
+
+use crate::error::{GrabError, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrontBack {
+    next: Vec<u32>,
+    front: usize,
+    back: usize,
+    /// One bit per unit: got a sign this epoch (so it has a place in the front or back block).
+    taken: Vec<u64>,
+}
+
+impl FrontBack {
+    pub fn new(n: usize) -> Self {
+        FrontBack {
+            next: vec![0; n],
+            front: 0,
+            back: 0,
+            taken: vec![0; n.div_ceil(64)],
+        }
+    }
+
+    pub fn n(&self) -> usize {
+        self.next.len()
+    }
+
+    pub fn is_taken(&self, i: u32) -> bool {
+        (self.taken[(i / 64) as usize] >> (i % 64)) & 1 == 1
+    }
+
+    fn mark(&mut self, i: u32) {
+        self.taken[(i / 64) as usize] |= 1 << (i % 64);
+    }
+
+    /// Refuse indices out of range, repeated in `indices`, or already taken this epoch; touches nothing.
+    pub fn check_fresh(&self, indices: &[u32]) -> Result<()> {
+        let n = self.n();
+        for &i in indices {
+            if i as usize >= n {
+                return Err(GrabError::index(format!(
+                    "index {i} is out of range for a sampler of n = {n} units"
+                )));
+            }
+            if self.is_taken(i) {
+                return Err(GrabError::index(format!(
+                    "unit {i} already received a gradient this epoch; each unit can be balanced once per epoch"
+                )));
+            }
+        }
+        let mut sorted = indices.to_vec();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(GrabError::index(format!(
+                "unit {} appears twice in one step",
+                w[0]
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn place(&mut self, i: u32, eps: f64) {
+        self.mark(i);
+        if eps > 0.0 {
+            self.next[self.front] = i;
+            self.front += 1;
+        } else {
+            self.back += 1;
+            let n = self.next.len();
+            self.next[n - self.back] = i;
+        }
+    }
+
+    /// The next order: front block, then units with no sign in `current`'s order, then the back block.
+    pub fn finish(&self, current: &[u32]) -> Vec<u32> {
+        let n = self.next.len();
+        let mut out = Vec::with_capacity(n);
+        out.extend_from_slice(&self.next[..self.front]);
+        for &i in current {
+            if !self.is_taken(i) {
+                out.push(i);
+            }
+        }
+        out.extend_from_slice(&self.next[n - self.back..]);
+        out
+    }
+
+    pub fn parts(&self) -> (&[u32], usize, usize, &[u64]) {
+        (&self.next, self.front, self.back, &self.taken)
+    }
+
+    pub fn from_parts(next: Vec<u32>, front: usize, back: usize, taken: Vec<u64>) -> Result<Self> {
+        let n = next.len();
+        if front + back > n || taken.len() != n.div_ceil(64) {
+            return Err(GrabError::state(
+                "corrupted assembly state: pointers or bitmap do not fit n",
+            ));
+        }
+        let fb = FrontBack {
+            next,
+            front,
+            back,
+            taken,
+        };
+        // The placed units must be exactly the marked ones, each once, or `finish` would not give a permutation.
+        let placed = fb.next[..front].iter().chain(&fb.next[n - back..]);
+        let mut seen = vec![0u64; n.div_ceil(64)];
+        let mut count = 0usize;
+        for &i in placed {
+            if i as usize >= n || (seen[(i / 64) as usize] >> (i % 64)) & 1 == 1 || !fb.is_taken(i)
+            {
+                return Err(GrabError::state(
+                    "corrupted assembly state: placed units are not distinct marked units",
+                ));
+            }
+            seen[(i / 64) as usize] |= 1 << (i % 64);
+            count += 1;
+        }
+        let marked: usize = fb.taken.iter().map(|w| w.count_ones() as usize).sum();
+        if marked != count {
+            return Err(GrabError::state(
+                "corrupted assembly state: bitmap does not match the placed units",
+            ));
+        }
+        Ok(fb)
+    }
+}

@@ -1,0 +1,123 @@
+//! `grab` (alias `mean`): online mean balance. Each unit's gradient is centered by the previous epoch's
+//! mean, signed against the running sum, and placed front or back; the raw gradient feeds next
+//! epoch's mean.
+
+use crate::assembly::FrontBack;
+use crate::batch::Batch;
+use crate::elem::{GradElem, Scratch, StateElem};
+use crate::error::{ErrorKind, GrabError, Result};
+use crate::kernels::{dot_diff, update_diff, Layout, Pieces};
+use crate::sign::SignRule;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeanBalance<S> {
+    /// Signed running sum of centered gradients.
+    pub s: Vec<S>,
+    /// Stale mean: mean of the raw gradients of the last epoch that saw any.
+    pub m: Vec<S>,
+    /// Sum of raw gradients / n over this epoch so far.
+    pub m_next: Vec<S>,
+    /// Units balanced this epoch.
+    pub seen: u64,
+    snapshot: Scratch<(Vec<S>, Vec<S>)>,
+}
+
+pub(crate) fn row_pieces<'a, G: GradElem>(batch: &Batch<'a, G>, r: usize) -> Pieces<'a, G> {
+    Pieces {
+        slices: batch.row(r).pieces().map(|(_, p)| p).collect(),
+    }
+}
+
+pub(crate) fn non_finite(unit: u32, row: usize) -> GrabError {
+    GrabError::new(
+        ErrorKind::NonFinite,
+        format!("the gradient of unit {unit} (row {row} of this step) contains NaN or Inf; the step was refused and nothing changed"),
+    )
+}
+
+impl<S: StateElem> MeanBalance<S> {
+    pub fn new(d: usize) -> Self {
+        MeanBalance {
+            s: vec![S::default(); d],
+            m: vec![S::default(); d],
+            m_next: vec![S::default(); d],
+            seen: 0,
+            snapshot: Scratch::default(),
+        }
+    }
+
+    pub fn from_parts(s: Vec<S>, m: Vec<S>, m_next: Vec<S>, seen: u64) -> Self {
+        MeanBalance {
+            s,
+            m,
+            m_next,
+            seen,
+            snapshot: Scratch::default(),
+        }
+    }
+
+    /// Balance the rows of `batch` (unit `indices[r]` for row r) in row order. All or nothing: on a
+    /// non-finite row, the running sums and the sign rule are restored and nothing is placed.
+    pub fn step<G: GradElem>(
+        &mut self,
+        layout: &Layout,
+        batch: &Batch<G>,
+        indices: &[u32],
+        assembler: &mut FrontBack,
+        rule: &mut SignRule,
+        n: usize,
+    ) -> Result<()> {
+        let rows = batch.rows();
+        let d = layout.dim;
+        let inv_n = 1.0 / n as f64;
+        let saved_rule = rule.clone();
+        if rows > 1 {
+            // Only a multi-row step can fail after it has changed something.
+            self.snapshot.0 .0.clone_from(&self.s);
+            self.snapshot.0 .1.clone_from(&self.m_next);
+        }
+        let mut signs = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let g = row_pieces(batch, r);
+            let m = Pieces::split_flat(&self.m, &layout.widths);
+            let (dot, norm2) = dot_diff(layout, &self.s, &g, &m);
+            if !(dot.is_finite() && norm2.is_finite()) {
+                if rows > 1 {
+                    std::mem::swap(&mut self.s, &mut self.snapshot.0 .0);
+                    std::mem::swap(&mut self.m_next, &mut self.snapshot.0 .1);
+                }
+                *rule = saved_rule;
+                return Err(non_finite(indices[r], r));
+            }
+            let decision = rule.decide(dot, norm2, n, d);
+            update_diff(
+                layout,
+                &mut self.s,
+                &g,
+                &m,
+                decision.eps * decision.scale,
+                Some((&mut self.m_next, &g, inv_n)),
+            );
+            signs.push(decision.eps);
+        }
+        for (&i, &eps) in indices.iter().zip(&signs) {
+            assembler.place(i, eps);
+        }
+        self.seen += rows as u64;
+        Ok(())
+    }
+
+    /// Close the epoch: the mean of the raw gradients seen becomes the stale mean (when none were seen,
+    /// the old mean stays), and the running sums restart from zero.
+    pub fn end_epoch(&mut self, n: usize) {
+        if self.seen > 0 {
+            let rescale = n as f64 / self.seen as f64;
+            for (m, mn) in self.m.iter_mut().zip(&self.m_next) {
+                *m = S::from_f64(mn.to_f64() * rescale);
+            }
+        }
+        self.m_next.iter_mut().for_each(|x| *x = S::default());
+        self.s.iter_mut().for_each(|x| *x = S::default());
+        self.seen = 0;
+    }
+}

@@ -1,0 +1,536 @@
+//! The PyO3 bindings: conversion and GIL release only. All decisions about dtypes, devices and layouts
+//! are made in Python; this edge is strict and says what it expected when it refuses.
+
+use crate::batch::Batch;
+use crate::elem::{GradElem, StateElem};
+use crate::error::{ErrorKind, GrabError};
+use crate::mean_balance::MeanBalance;
+use crate::pair_balance::PairBalance;
+use crate::sampler::{Balance, Config, OrderingKind, Sampler, SamplerState, ORDERING_NAMES};
+use half::{bf16, f16};
+use ndarray::ArrayView2;
+use numpy::{
+    Element, IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+pyo3::create_exception!(
+    _native,
+    GraBError,
+    PyValueError,
+    "Base class of every error torchgrab raises."
+);
+pyo3::create_exception!(
+    _native,
+    ShapeError,
+    GraBError,
+    "Gradients or indices of the wrong shape or row count."
+);
+pyo3::create_exception!(
+    _native,
+    NonFiniteGradientError,
+    GraBError,
+    "A gradient holds NaN or Inf; the step was refused."
+);
+pyo3::create_exception!(
+    _native,
+    UnitIndexError,
+    GraBError,
+    "Indices out of range, repeated, or already balanced this epoch."
+);
+pyo3::create_exception!(
+    _native,
+    CallOrderError,
+    GraBError,
+    "A call that does not fit the sampler's lifecycle."
+);
+pyo3::create_exception!(
+    _native,
+    StateDictError,
+    GraBError,
+    "A configuration or state dict that does not fit this sampler."
+);
+pyo3::create_exception!(
+    _native,
+    MemoryLimitError,
+    GraBError,
+    "A request that would need more memory than is available."
+);
+pyo3::create_exception!(
+    _native,
+    UnsupportedInputError,
+    GraBError,
+    "A gradient dtype, device or memory layout torchgrab does not take."
+);
+
+fn to_py(e: GrabError) -> PyErr {
+    let msg = e.message;
+    match e.kind {
+        ErrorKind::Shape => ShapeError::new_err(msg),
+        ErrorKind::NonFinite => NonFiniteGradientError::new_err(msg),
+        ErrorKind::Index => UnitIndexError::new_err(msg),
+        ErrorKind::CallOrder => CallOrderError::new_err(msg),
+        ErrorKind::State => StateDictError::new_err(msg),
+        ErrorKind::Memory => MemoryLimitError::new_err(msg),
+    }
+}
+
+enum AnySampler {
+    F32(Sampler<f32>),
+    F64(Sampler<f64>),
+}
+
+macro_rules! with_sampler {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            AnySampler::F32($s) => $body,
+            AnySampler::F64($s) => $body,
+        }
+    };
+}
+
+/// The native state of one GraBSampler. Use `torchgrab.GraBSampler`; this class is its engine.
+#[pyclass(name = "NativeSampler", module = "torchgrab._native")]
+struct NativeSampler {
+    inner: AnySampler,
+}
+
+fn array_views<'py, G: GradElem + Element>(
+    segments: &'py [PyReadonlyArray2<'py, G>],
+) -> Vec<ArrayView2<'py, G>> {
+    segments.iter().map(|a| a.as_array()).collect()
+}
+
+fn extract_segments<'py, G: Element>(
+    segments: &[Bound<'py, PyAny>],
+    dtype: &str,
+) -> PyResult<Vec<PyReadonlyArray2<'py, G>>> {
+    segments
+        .iter()
+        .enumerate()
+        .map(|(k, s)| {
+            s.extract::<PyReadonlyArray2<'py, G>>().map_err(|_| {
+                UnsupportedInputError::new_err(format!(
+                    "gradient segment {k} is not a 2-D {dtype} array"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Reinterpret u16 bit patterns as f16 / bf16 without copying.
+fn reinterpret_u16<'a, H: GradElem>(view: ArrayView2<'a, u16>) -> PyResult<ArrayView2<'a, H>> {
+    let shape = view.dim();
+    let slice = view.to_slice().ok_or_else(|| {
+        UnsupportedInputError::new_err("16-bit gradient segments must be C-contiguous")
+    })?;
+    // SAFETY: H is half::f16 or half::bf16, both #[repr(transparent)] over u16, so the slice has the same
+    // size, alignment and validity; every u16 bit pattern is a valid f16/bf16.
+    let cast: &'a [H] =
+        unsafe { std::slice::from_raw_parts(slice.as_ptr() as *const H, slice.len()) };
+    ArrayView2::from_shape(shape, cast).map_err(|e| ShapeError::new_err(e.to_string()))
+}
+
+fn step_typed<S: StateElem + Send, G: GradElem>(
+    py: Python<'_>,
+    sampler: &mut Sampler<S>,
+    views: &[ArrayView2<'_, G>],
+    indices: &[u32],
+) -> PyResult<()> {
+    let batch = Batch::from_views(views).map_err(to_py)?;
+    py.detach(|| sampler.step(&batch, indices)).map_err(to_py)
+}
+
+fn step_any<G: GradElem>(
+    py: Python<'_>,
+    inner: &mut AnySampler,
+    views: &[ArrayView2<'_, G>],
+    indices: &[u32],
+) -> PyResult<()> {
+    with_sampler!(inner, s => step_typed(py, s, views, indices))
+}
+
+#[pymethods]
+impl NativeSampler {
+    #[new]
+    #[pyo3(signature = (ordering, n, seed, first_epoch_random=true, random_signs=false, delta=0.1, state_dtype="float32", fixed_order=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ordering: &str,
+        n: usize,
+        seed: u64,
+        first_epoch_random: bool,
+        random_signs: bool,
+        delta: f64,
+        state_dtype: &str,
+        fixed_order: Option<PyReadonlyArray1<'_, u32>>,
+    ) -> PyResult<Self> {
+        let kind = OrderingKind::parse(ordering).map_err(to_py)?;
+        let mut cfg = Config::new(kind, n, seed);
+        cfg.first_epoch_random = first_epoch_random;
+        cfg.random_signs = random_signs;
+        cfg.delta = delta;
+        cfg.fixed_order = fixed_order.map(|o| o.as_array().to_vec());
+        let inner = match state_dtype {
+            "float32" => AnySampler::F32(Sampler::new(cfg).map_err(to_py)?),
+            "float64" => AnySampler::F64(Sampler::new(cfg).map_err(to_py)?),
+            other => {
+                return Err(UnsupportedInputError::new_err(format!(
+                    "state dtype must be float32 or float64, got {other}"
+                )))
+            }
+        };
+        Ok(NativeSampler { inner })
+    }
+
+    /// Close the running epoch (if any), start epoch `epoch`, and return its order (uint32).
+    fn begin_epoch<'py>(&mut self, py: Python<'py>, epoch: u64) -> Bound<'py, PyArray1<u32>> {
+        let order: Vec<u32> =
+            with_sampler!(&mut self.inner, s => py.detach(|| s.begin_epoch(epoch).to_vec()));
+        order.into_pyarray(py)
+    }
+
+    /// Feed one step of gradients: `segments` are C-contiguous 2-D arrays (B x d_k) of one dtype
+    /// ("float32", "float64", or "float16"/"bfloat16" as uint16 bit patterns); row r is unit indices[r].
+    fn step(
+        &mut self,
+        py: Python<'_>,
+        segments: Vec<Bound<'_, PyAny>>,
+        dtype: &str,
+        indices: PyReadonlyArray1<'_, u32>,
+    ) -> PyResult<()> {
+        let idx = indices.as_slice().map_err(|_| {
+            UnsupportedInputError::new_err("indices must be a contiguous uint32 array")
+        })?;
+        match dtype {
+            "float32" => {
+                let arrays = extract_segments::<f32>(&segments, dtype)?;
+                step_any(py, &mut self.inner, &array_views(&arrays), idx)
+            }
+            "float64" => {
+                let arrays = extract_segments::<f64>(&segments, dtype)?;
+                step_any(py, &mut self.inner, &array_views(&arrays), idx)
+            }
+            "float16" | "bfloat16" => {
+                let arrays = extract_segments::<u16>(&segments, "uint16 (16-bit float bits)")?;
+                if dtype == "float16" {
+                    let views = arrays.iter().map(|a| reinterpret_u16::<f16>(a.as_array())).collect::<PyResult<Vec<_>>>()?;
+                    step_any(py, &mut self.inner, &views, idx)
+                } else {
+                    let views = arrays.iter().map(|a| reinterpret_u16::<bf16>(a.as_array())).collect::<PyResult<Vec<_>>>()?;
+                    step_any(py, &mut self.inner, &views, idx)
+                }
+            }
+            other => Err(UnsupportedInputError::new_err(format!(
+                "gradient dtype {other} is not supported; expected float32, float64, float16 or bfloat16"
+            ))),
+        }
+    }
+
+    /// The running epoch's order (uint32; empty before the first epoch).
+    fn current_order<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
+        with_sampler!(&self.inner, s => PyArray1::from_slice(py, s.current()))
+    }
+
+    #[getter]
+    fn epochs_begun(&self) -> u64 {
+        with_sampler!(&self.inner, s => s.epochs_begun())
+    }
+
+    #[getter]
+    fn epoch(&self) -> u64 {
+        with_sampler!(&self.inner, s => s.epoch())
+    }
+
+    #[getter]
+    fn dim(&self) -> Option<usize> {
+        with_sampler!(&self.inner, s => s.dim())
+    }
+
+    #[getter]
+    fn ordering(&self) -> &'static str {
+        with_sampler!(&self.inner, s => s.config().kind.name())
+    }
+
+    #[getter]
+    fn n(&self) -> usize {
+        with_sampler!(&self.inner, s => s.config().n)
+    }
+
+    /// Bytes held by the ordering state (orders, bitmaps, running sums).
+    fn state_bytes(&self) -> usize {
+        with_sampler!(&self.inner, s => state_bytes(s))
+    }
+
+    /// The complete state as a dict of ints, floats, strings and NumPy arrays.
+    fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        match &self.inner {
+            AnySampler::F32(s) => export(py, s.export_state(), "float32"),
+            AnySampler::F64(s) => export(py, s.export_state(), "float64"),
+        }
+    }
+
+    /// Rebuild from `state()`'s dict, refusing anything inconsistent.
+    #[staticmethod]
+    fn from_state(state: &Bound<'_, PyDict>) -> PyResult<Self> {
+        let dtype: String = get(state, "state_dtype")?;
+        let inner = match dtype.as_str() {
+            "float32" => {
+                AnySampler::F32(Sampler::import_state(import::<f32>(state)?).map_err(to_py)?)
+            }
+            "float64" => {
+                AnySampler::F64(Sampler::import_state(import::<f64>(state)?).map_err(to_py)?)
+            }
+            other => {
+                return Err(StateDictError::new_err(format!(
+                    "state dtype must be float32 or float64, got {other}"
+                )))
+            }
+        };
+        Ok(NativeSampler { inner })
+    }
+}
+
+fn state_bytes<S: StateElem>(s: &Sampler<S>) -> usize {
+    let n = s.config().n;
+    let orders = s.current().len() * 4 + s.config().fixed_order.as_ref().map_or(0, |o| o.len() * 4);
+    let assembly = if s.config().kind.balances() && s.epochs_begun() > 0 {
+        n * 4 + n.div_ceil(64) * 8
+    } else {
+        0
+    };
+    let sums = match s.balance() {
+        Some(Balance::Mean(b)) => 3 * b.s.len() * std::mem::size_of::<S>(),
+        Some(Balance::Pair(b)) => b.s.len() * std::mem::size_of::<S>() + b.pending_grad.len() * 8,
+        None => 0,
+    };
+    orders + assembly + sums
+}
+
+fn get<'py, T>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<T>
+where
+    T: for<'a> FromPyObject<'a, 'py>,
+{
+    let item = d
+        .get_item(key)?
+        .ok_or_else(|| StateDictError::new_err(format!("the state dict has no entry {key:?}")))?;
+    item.extract::<T>().map_err(|_| {
+        StateDictError::new_err(format!("the state dict entry {key:?} has the wrong type"))
+    })
+}
+
+fn get_vec<'py, T: Element + Copy>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Vec<T>> {
+    let item = d
+        .get_item(key)?
+        .ok_or_else(|| StateDictError::new_err(format!("the state dict has no entry {key:?}")))?;
+    let arr = item.extract::<PyReadonlyArray1<'py, T>>().map_err(|_| {
+        StateDictError::new_err(format!(
+            "the state dict entry {key:?} must be a 1-D array of {}",
+            std::any::type_name::<T>()
+        ))
+    })?;
+    Ok(arr.as_array().to_vec())
+}
+
+fn get_dict<'py>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
+    match d.get_item(key)? {
+        None => Err(StateDictError::new_err(format!(
+            "the state dict has no entry {key:?}"
+        ))),
+        Some(v) if v.is_none() => Ok(None),
+        Some(v) => Ok(Some(v.cast_into::<PyDict>().map_err(|_| {
+            StateDictError::new_err(format!(
+                "the state dict entry {key:?} must be a dict or None"
+            ))
+        })?)),
+    }
+}
+
+const STATE_VERSION: u64 = 1;
+
+fn export<'py, S: StateElem + Element>(
+    py: Python<'py>,
+    st: SamplerState<S>,
+    dtype: &str,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let c = &st.config;
+    d.set_item("version", STATE_VERSION)?;
+    d.set_item("ordering", c.kind.name())?;
+    d.set_item("n", c.n)?;
+    d.set_item("seed", c.seed)?;
+    d.set_item("first_epoch_random", c.first_epoch_random)?;
+    d.set_item("random_signs", c.random_signs)?;
+    d.set_item("delta", c.delta)?;
+    d.set_item("state_dtype", dtype)?;
+    match &c.fixed_order {
+        Some(o) => d.set_item("fixed_order", o.clone().into_pyarray(py))?,
+        None => d.set_item("fixed_order", py.None())?,
+    }
+    d.set_item("epochs_begun", st.epochs_begun)?;
+    d.set_item("epoch", st.epoch)?;
+    d.set_item("current", st.current.into_pyarray(py))?;
+    match st.assembly {
+        Some((next, front, back, taken)) => {
+            let a = PyDict::new(py);
+            a.set_item("next", next.into_pyarray(py))?;
+            a.set_item("front", front)?;
+            a.set_item("back", back)?;
+            a.set_item("taken", taken.into_pyarray(py))?;
+            d.set_item("assembly", a)?;
+        }
+        None => d.set_item("assembly", py.None())?,
+    }
+    match st.balance {
+        Some(Balance::Mean(b)) => {
+            let a = PyDict::new(py);
+            a.set_item("kind", "mean")?;
+            a.set_item("s", b.s.into_pyarray(py))?;
+            a.set_item("m", b.m.into_pyarray(py))?;
+            a.set_item("m_next", b.m_next.into_pyarray(py))?;
+            a.set_item("seen", b.seen)?;
+            d.set_item("balance", a)?;
+        }
+        Some(Balance::Pair(b)) => {
+            let a = PyDict::new(py);
+            a.set_item("kind", "pair")?;
+            a.set_item("s", b.s.into_pyarray(py))?;
+            a.set_item("pending", b.pending.map(|p| p as i64).unwrap_or(-1))?;
+            a.set_item("pending_grad", b.pending_grad.into_pyarray(py))?;
+            d.set_item("balance", a)?;
+        }
+        None => d.set_item("balance", py.None())?,
+    }
+    match st.sign_rng {
+        Some(words) => d.set_item("sign_rng", PyList::new(py, words)?)?,
+        None => d.set_item("sign_rng", py.None())?,
+    }
+    Ok(d)
+}
+
+fn import<S: StateElem + Element>(d: &Bound<'_, PyDict>) -> PyResult<SamplerState<S>> {
+    let version: u64 = get(d, "version")?;
+    if version != STATE_VERSION {
+        return Err(StateDictError::new_err(format!(
+            "state dict version {version} is not supported (expected {STATE_VERSION})"
+        )));
+    }
+    let name: String = get(d, "ordering")?;
+    let kind = OrderingKind::parse(&name).map_err(to_py)?;
+    let mut config = Config::new(kind, get(d, "n")?, get(d, "seed")?);
+    config.first_epoch_random = get(d, "first_epoch_random")?;
+    config.random_signs = get(d, "random_signs")?;
+    config.delta = get(d, "delta")?;
+    config.fixed_order = match d.get_item("fixed_order")? {
+        Some(v) if !v.is_none() => Some(get_vec::<u32>(d, "fixed_order")?),
+        _ => None,
+    };
+    let assembly = match get_dict(d, "assembly")? {
+        Some(a) => Some((
+            get_vec::<u32>(&a, "next")?,
+            get(&a, "front")?,
+            get(&a, "back")?,
+            get_vec::<u64>(&a, "taken")?,
+        )),
+        None => None,
+    };
+    let balance = match get_dict(d, "balance")? {
+        Some(b) => {
+            let kind: String = get(&b, "kind")?;
+            Some(match kind.as_str() {
+                "mean" => Balance::Mean(MeanBalance::from_parts(
+                    get_vec(&b, "s")?,
+                    get_vec(&b, "m")?,
+                    get_vec(&b, "m_next")?,
+                    get(&b, "seen")?,
+                )),
+                "pair" => {
+                    let p: i64 = get(&b, "pending")?;
+                    let pending =
+                        if p < 0 {
+                            None
+                        } else {
+                            Some(u32::try_from(p).map_err(|_| {
+                                StateDictError::new_err("pending unit out of range")
+                            })?)
+                        };
+                    Balance::Pair(PairBalance::from_parts(
+                        get_vec(&b, "s")?,
+                        pending,
+                        get_vec(&b, "pending_grad")?,
+                    ))
+                }
+                other => {
+                    return Err(StateDictError::new_err(format!(
+                        "unknown balance kind {other:?}"
+                    )))
+                }
+            })
+        }
+        None => None,
+    };
+    let sign_rng = match d.get_item("sign_rng")? {
+        Some(v) if !v.is_none() => Some(get::<[u64; 4]>(d, "sign_rng")?),
+        _ => None,
+    };
+    Ok(SamplerState {
+        config,
+        epochs_begun: get(d, "epochs_begun")?,
+        epoch: get(d, "epoch")?,
+        current: get_vec(d, "current")?,
+        assembly,
+        balance,
+        sign_rng,
+    })
+}
+
+/// The names of the available orderings.
+#[pyfunction]
+fn orderings() -> Vec<&'static str> {
+    ORDERING_NAMES.to_vec()
+}
+
+/// Herding discrepancy of `order` on the rows of `vectors` (n x d float64): (l_inf, l2) of the
+/// largest prefix sum of mean-centered rows.
+#[pyfunction]
+fn herding_discrepancy(
+    py: Python<'_>,
+    vectors: PyReadonlyArray2<'_, f64>,
+    order: PyReadonlyArray1<'_, u32>,
+) -> PyResult<(f64, f64)> {
+    let (n, d) = (vectors.shape()[0], vectors.shape()[1]);
+    let v = vectors
+        .as_slice()
+        .map_err(|_| UnsupportedInputError::new_err("vectors must be C-contiguous"))?;
+    let o = order
+        .as_slice()
+        .map_err(|_| UnsupportedInputError::new_err("order must be contiguous"))?;
+    py.detach(|| crate::discrepancy::herding_discrepancy(v, n, d, o))
+        .map_err(to_py)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<NativeSampler>()?;
+    m.add_function(wrap_pyfunction!(orderings, m)?)?;
+    m.add_function(wrap_pyfunction!(herding_discrepancy, m)?)?;
+    m.add("GraBError", py.get_type::<GraBError>())?;
+    m.add("ShapeError", py.get_type::<ShapeError>())?;
+    m.add(
+        "NonFiniteGradientError",
+        py.get_type::<NonFiniteGradientError>(),
+    )?;
+    m.add("UnitIndexError", py.get_type::<UnitIndexError>())?;
+    m.add("CallOrderError", py.get_type::<CallOrderError>())?;
+    m.add("StateDictError", py.get_type::<StateDictError>())?;
+    m.add("MemoryLimitError", py.get_type::<MemoryLimitError>())?;
+    m.add(
+        "UnsupportedInputError",
+        py.get_type::<UnsupportedInputError>(),
+    )?;
+    Ok(())
+}
