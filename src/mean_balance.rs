@@ -77,7 +77,7 @@ impl<S: StateElem> MeanBalance<S> {
             self.snapshot.0 .1.clone_from(&self.m_next);
         }
         let mut signs = Vec::with_capacity(rows);
-        for r in 0..rows {
+        for (r, &unit) in indices.iter().enumerate().take(rows) {
             let g = row_pieces(batch, r);
             let m = Pieces::split_flat(&self.m, &layout.widths);
             let (dot, norm2) = dot_diff(layout, &self.s, &g, &m);
@@ -87,7 +87,7 @@ impl<S: StateElem> MeanBalance<S> {
                     std::mem::swap(&mut self.m_next, &mut self.snapshot.0 .1);
                 }
                 *rule = saved_rule;
-                return Err(non_finite(indices[r], r));
+                return Err(non_finite(unit, r));
             }
             let decision = rule.decide(dot, norm2, n, d);
             update_diff(

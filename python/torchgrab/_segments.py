@@ -1,0 +1,104 @@
+"""Turn what users pass to ``step`` into the native edge's input: a list of C-contiguous 2-D NumPy
+views (B x d_k), one per parameter, sharing memory with the caller's buffers. Nothing is concatenated
+and nothing is copied; anything that would need a copy is refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Tuple
+
+import numpy as np
+
+from torchgrab.errors import ShapeError, UnsupportedInputError
+
+try:  # torch is optional for NumPy-only users
+    import torch
+except ImportError:  # pragma: no cover - exercised only without torch
+    torch = None  # type: ignore[assignment]
+
+_NUMPY_KINDS = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64", np.dtype(np.float16): "float16"}
+
+
+def _torch_segment(t: "torch.Tensor", k: int) -> Tuple[np.ndarray, str]:
+    if t.device.type != "cpu":
+        raise UnsupportedInputError(
+            f"gradient segment {k} is on {t.device}; GraBSampler.step balances CPU buffers only in this "
+            "version (the on-device path is not available yet). Moving (B, d) to the host would defeat its purpose, "
+            "so it is refused rather than copied."
+        )
+    if t.is_sparse or t.layout != torch.strided:
+        raise UnsupportedInputError(f"gradient segment {k} has layout {t.layout}; expected a dense tensor")
+    if t.dim() == 0:
+        raise ShapeError(f"gradient segment {k} is a scalar; expected a leading batch dimension [B, ...]")
+    if not t.is_contiguous():
+        raise UnsupportedInputError(
+            f"gradient segment {k} (shape {tuple(t.shape)}, strides {t.stride()}) is not contiguous; "
+            "pass t.contiguous() (this copies)"
+        )
+    t = t.detach().reshape(t.shape[0], math.prod(t.shape[1:]))
+    if t.dtype == torch.float32:
+        return t.numpy(), "float32"
+    if t.dtype == torch.float64:
+        return t.numpy(), "float64"
+    if t.dtype == torch.float16:
+        return t.view(torch.int16).numpy().view(np.uint16), "float16"
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16), "bfloat16"
+    raise UnsupportedInputError(
+        f"gradient segment {k} has dtype {t.dtype}; expected float32, float64, float16 or bfloat16"
+    )
+
+
+def _numpy_segment(a: np.ndarray, k: int) -> Tuple[np.ndarray, str]:
+    if a.ndim == 0:
+        raise ShapeError(f"gradient segment {k} is a scalar; expected a leading batch dimension [B, ...]")
+    kind = _NUMPY_KINDS.get(a.dtype)
+    if kind is None:
+        raise UnsupportedInputError(f"gradient segment {k} has dtype {a.dtype}; expected float32, float64 or float16")
+    if not a.flags.c_contiguous:
+        raise UnsupportedInputError(
+            f"gradient segment {k} (shape {a.shape}, strides {a.strides}) is not C-contiguous "
+            "(transposed, sliced or negatively strided); pass np.ascontiguousarray(a) (this copies)"
+        )
+    a = a.reshape(a.shape[0], math.prod(a.shape[1:]))
+    if kind == "float16":
+        a = a.view(np.uint16)
+    return a, kind
+
+
+def as_segments(grads: Any) -> Tuple[List[np.ndarray], str, int]:
+    """(segments, dtype name, B) for a tensor, an array, or a dict/list/tuple of them."""
+    if isinstance(grads, dict):
+        items = list(grads.values())
+    elif isinstance(grads, (list, tuple)):
+        items = list(grads)
+    else:
+        items = [grads]
+    if not items:
+        raise ShapeError("step() got an empty collection of gradients")
+    segments: List[np.ndarray] = []
+    kinds = set()
+    for k, g in enumerate(items):
+        if torch is not None and isinstance(g, torch.Tensor):
+            seg, kind = _torch_segment(g, k)
+        elif isinstance(g, np.ndarray):
+            seg, kind = _numpy_segment(g, k)
+        else:
+            raise UnsupportedInputError(
+                f"gradient segment {k} is a {type(g).__name__}; expected a torch.Tensor or numpy.ndarray"
+            )
+        kinds.add(kind)
+        segments.append(seg)
+    if len(kinds) > 1:
+        raise UnsupportedInputError(f"all gradient segments must share one dtype, got {sorted(kinds)}")
+    rows = {s.shape[0] for s in segments}
+    if len(rows) > 1:
+        raise ShapeError(f"every gradient segment must have the same leading dimension B, got {sorted(rows)}")
+    b = rows.pop()
+    if b == 0:
+        raise ShapeError("step() got a batch of 0 rows; a step needs at least one example")
+    nonempty = [s for s in segments if s.shape[1] > 0]
+    if not nonempty:
+        raise ShapeError("the gradients have width d = 0; there is nothing to balance")
+    return nonempty, kinds.pop(), b

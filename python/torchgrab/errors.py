@@ -1,0 +1,33 @@
+"""One exception hierarchy for everything torchgrab refuses.
+
+Every class derives from :class:`GraBError`, itself a ``ValueError``. A refused call leaves the sampler
+exactly as it was before the call.
+"""
+
+from torchgrab._native import (
+    CallOrderError,
+    GraBError,
+    MemoryLimitError,
+    NonFiniteGradientError,
+    ShapeError,
+    StateDictError,
+    UnitIndexError,
+    UnsupportedInputError,
+)
+
+
+class UnsupportedModelError(GraBError):
+    """A model whose per-example gradients are undefined (e.g. BatchNorm in training mode)."""
+
+
+__all__ = [
+    "GraBError",
+    "ShapeError",
+    "NonFiniteGradientError",
+    "UnitIndexError",
+    "CallOrderError",
+    "StateDictError",
+    "MemoryLimitError",
+    "UnsupportedInputError",
+    "UnsupportedModelError",
+]
