@@ -13,6 +13,7 @@ pub mod permutations;
 pub mod rng;
 pub mod sampler;
 pub mod sign;
+pub mod sign_scan;
 
 #[cfg(feature = "python")]
 mod python;
