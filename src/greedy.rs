@@ -107,7 +107,11 @@ mod tests {
         let mut store = StoredGradients::<f64>::new("greedy", 4, 1, 0, None).unwrap();
         let mut asm = FrontBack::new(4);
         store
-            .step(&Batch::from_slice(&g, 4, 1).unwrap(), &[0, 1, 2, 3], &mut asm)
+            .step(
+                &Batch::from_slice(&g, 4, 1).unwrap(),
+                &[0, 1, 2, 3],
+                &mut asm,
+            )
             .unwrap();
         assert_eq!(next_order(&store, &asm, &[0, 1, 2, 3]), vec![1, 2, 0, 3]);
         // Ties go to the earlier visited unit: g = [1, -1, 1, -1] visited 3, 2, 1, 0 (mean 0).
@@ -136,6 +140,9 @@ mod tests {
                 &mut asm,
             )
             .unwrap();
-        assert_eq!(next_order(&store, &asm, &[2, 4, 1, 0, 3]), vec![4, 1, 2, 0, 3]);
+        assert_eq!(
+            next_order(&store, &asm, &[2, 4, 1, 0, 3]),
+            vec![4, 1, 2, 0, 3]
+        );
     }
 }

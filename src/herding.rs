@@ -81,18 +81,35 @@ mod tests {
         let mut store = StoredGradients::<f64>::new("herding", 5, 1, 0, None).unwrap();
         let mut asm = FrontBack::new(5);
         store
-            .step(&Batch::from_slice(&g, 5, 1).unwrap(), &[0, 1, 2, 3, 4], &mut asm)
+            .step(
+                &Batch::from_slice(&g, 5, 1).unwrap(),
+                &[0, 1, 2, 3, 4],
+                &mut asm,
+            )
             .unwrap();
         let cur = [0, 1, 2, 3, 4];
         let mut rule = SignRule::deterministic();
-        assert_eq!(next_order(&store, &asm, &cur, 1, &mut rule, 5), vec![0, 2, 3, 4, 1]);
-        assert_eq!(next_order(&store, &asm, &cur, 2, &mut rule, 5), vec![0, 2, 3, 4, 1]);
+        assert_eq!(
+            next_order(&store, &asm, &cur, 1, &mut rule, 5),
+            vec![0, 2, 3, 4, 1]
+        );
+        assert_eq!(
+            next_order(&store, &asm, &cur, 2, &mut rule, 5),
+            vec![0, 2, 3, 4, 1]
+        );
         // Only units 3 and 1 seen (in that order): mean -1, z = [-2, 2]: + then <-2,2> < 0 -> +.
         // Unseen 0, 2, 4 go between the (full) front block and the (empty) back block.
         let mut asm = FrontBack::new(5);
         store
-            .step(&Batch::from_slice(&[-3.0, 1.0], 2, 1).unwrap(), &[3, 1], &mut asm)
+            .step(
+                &Batch::from_slice(&[-3.0, 1.0], 2, 1).unwrap(),
+                &[3, 1],
+                &mut asm,
+            )
             .unwrap();
-        assert_eq!(next_order(&store, &asm, &cur, 1, &mut rule, 5), vec![3, 1, 0, 2, 4]);
+        assert_eq!(
+            next_order(&store, &asm, &cur, 1, &mut rule, 5),
+            vec![3, 1, 0, 2, 4]
+        );
     }
 }

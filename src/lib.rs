@@ -27,3 +27,6 @@ mod python;
 pub use batch::Batch;
 pub use error::{ErrorKind, GrabError, Result};
 pub use sampler::{Config, OrderingKind, Sampler, SamplerState, ORDERING_NAMES};
+
+#[cfg(test)]
+mod family_tests;

@@ -66,7 +66,9 @@ pub struct Sketch {
 impl Sketch {
     pub fn new(spec: ProjectionSpec, seed: u64, d: usize) -> Result<Self> {
         if spec.k == 0 {
-            return Err(GrabError::state("the projection dimension k must be at least 1"));
+            return Err(GrabError::state(
+                "the projection dimension k must be at least 1",
+            ));
         }
         if spec.kind == SketchKind::Identity && spec.k != d {
             return Err(GrabError::shape(format!(
@@ -162,7 +164,8 @@ impl Sketch {
             for b in 0..self.blocks() {
                 let width = BLOCK.min(self.d - b * BLOCK);
                 for (r, row) in self.block(b).chunks(width).enumerate() {
-                    full[r * self.d + b * BLOCK..r * self.d + b * BLOCK + width].copy_from_slice(row);
+                    full[r * self.d + b * BLOCK..r * self.d + b * BLOCK + width]
+                        .copy_from_slice(row);
                 }
             }
             self.cache.0 = Some(full);
@@ -270,7 +273,10 @@ mod tests {
         let norm2: f64 = x.iter().map(|v| v * v).sum();
         let batch = Batch::from_slice(&x, 1, d).unwrap();
         for kind in [SketchKind::Gaussian, SketchKind::Sparse] {
-            let y = Sketch::new(spec(kind, 256), 3, d).unwrap().project(&batch).unwrap();
+            let y = Sketch::new(spec(kind, 256), 3, d)
+                .unwrap()
+                .project(&batch)
+                .unwrap();
             let ratio = y.iter().map(|v| v * v).sum::<f64>() / norm2;
             assert!((0.6..1.4).contains(&ratio), "{kind:?}: ratio {ratio}");
         }

@@ -159,7 +159,10 @@ impl<S: StateElem> RecursiveBalance<S> {
             && self.seen <= n as u64
             && self.codes.len() == front
             && back == 0
-            && self.codes.iter().all(|&c| (c as usize) < (2usize << self.depth))
+            && self
+                .codes
+                .iter()
+                .all(|&c| (c as usize) < (2usize << self.depth))
             && [&self.sums, &self.m, &self.m_next]
                 .iter()
                 .all(|v| v.iter().all(|x| x.to_f64().is_finite()));

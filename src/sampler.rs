@@ -18,8 +18,18 @@ use crate::{greedy, herding};
 
 /// Names accepted by `OrderingKind::parse`, in the order `torchgrab.orderings()` lists them.
 pub const ORDERING_NAMES: &[&str] = &[
-    "rr", "so", "wr", "fixed", "flipflop", "grab", "mean", "pair",
-    "recursive", "recursive-pair", "herding", "greedy",
+    "rr",
+    "so",
+    "wr",
+    "fixed",
+    "flipflop",
+    "grab",
+    "mean",
+    "pair",
+    "recursive",
+    "recursive-pair",
+    "herding",
+    "greedy",
 ];
 
 /// The largest n: orders are kept as compact u32 (and exported as int32).
@@ -222,9 +232,13 @@ impl<S: StateElem> Balance<S> {
         Ok(match cfg.kind {
             OrderingKind::PairBalance => Balance::Pair(PairBalance::new(d)),
             OrderingKind::RecursiveBalance => {
-                let need = (crate::recursive_balance::nodes(cfg.depth) as u128 + 2) * d as u128 * size;
+                let need =
+                    (crate::recursive_balance::nodes(cfg.depth) as u128 + 2) * d as u128 * size;
                 crate::stored_gradients::check_memory(
-                    &format!("ordering 'recursive' with depth {} (2^(depth+1) + 1 sums of d = {d})", cfg.depth),
+                    &format!(
+                        "ordering 'recursive' with depth {} (2^(depth+1) + 1 sums of d = {d})",
+                        cfg.depth
+                    ),
                     need,
                     cfg.max_memory,
                 )?;
@@ -235,8 +249,18 @@ impl<S: StateElem> Balance<S> {
             }
             OrderingKind::Herding | OrderingKind::Greedy => {
                 // Greedy's scan also keeps one norm and one position per unit.
-                let extra = if cfg.kind == OrderingKind::Greedy { cfg.n as u128 * 12 } else { 0 };
-                Balance::Stored(StoredGradients::new(cfg.kind.name(), cfg.n, d, extra, cfg.max_memory)?)
+                let extra = if cfg.kind == OrderingKind::Greedy {
+                    cfg.n as u128 * 12
+                } else {
+                    0
+                };
+                Balance::Stored(StoredGradients::new(
+                    cfg.kind.name(),
+                    cfg.n,
+                    d,
+                    extra,
+                    cfg.max_memory,
+                )?)
             }
             _ => Balance::Mean(MeanBalance::new(d)),
         })
@@ -561,8 +585,14 @@ impl<S: StateElem> Sampler<S> {
                 (OrderingKind::MeanBalance, Balance::Mean(_))
                     | (OrderingKind::PairBalance, Balance::Pair(_))
                     | (OrderingKind::RecursiveBalance, Balance::Recursive(_))
-                    | (OrderingKind::RecursivePairBalance, Balance::RecursivePair(_))
-                    | (OrderingKind::Herding | OrderingKind::Greedy, Balance::Stored(_))
+                    | (
+                        OrderingKind::RecursivePairBalance,
+                        Balance::RecursivePair(_)
+                    )
+                    | (
+                        OrderingKind::Herding | OrderingKind::Greedy,
+                        Balance::Stored(_)
+                    )
             );
             if !ok_kind {
                 return Err(GrabError::state(

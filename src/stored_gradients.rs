@@ -78,7 +78,9 @@ impl<S: StateElem> StoredGradients<S> {
         rows.try_reserve_exact(len).map_err(|_| {
             GrabError::new(
                 ErrorKind::Memory,
-                format!("could not allocate {need} bytes for the gradients of ordering '{ordering}'"),
+                format!(
+                    "could not allocate {need} bytes for the gradients of ordering '{ordering}'"
+                ),
             )
         })?;
         rows.resize(len, S::default());
