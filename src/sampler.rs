@@ -17,19 +17,10 @@ use crate::stored_gradients::StoredGradients;
 use crate::{greedy, herding};
 
 /// Names accepted by `OrderingKind::parse`, in the order `torchgrab.orderings()` lists them.
+#[rustfmt::skip]
 pub const ORDERING_NAMES: &[&str] = &[
-    "rr",
-    "so",
-    "wr",
-    "fixed",
-    "flipflop",
-    "grab",
-    "mean",
-    "pair",
-    "recursive",
-    "recursive-pair",
-    "herding",
-    "greedy",
+    "rr", "so", "wr", "fixed", "flipflop", "grab", "mean", "pair",
+    "recursive", "recursive-pair", "herding", "greedy",
 ];
 
 /// The largest n: orders are kept as compact u32 (and exported as int32).
@@ -628,7 +619,7 @@ impl<S: StateElem> Sampler<S> {
                 Balance::Stored(b) => {
                     b.validate(n)?;
                     // Every unit recorded this epoch went to the front (visit order); none to the back.
-                    assembler.as_ref().is_none_or(|a| a.parts().2 == 0)
+                    assembler.as_ref().map_or(true, |a| a.parts().2 == 0)
                 }
             };
             let k = cfg.projection.map(|p| p.k);
