@@ -85,6 +85,10 @@ impl Sketch {
         })
     }
 
+    pub fn cached_bytes(&self) -> usize {
+        self.cache.0.as_ref().map_or(0, |c| c.len() * 8)
+    }
+
     /// Block `b` of P: columns [b*BLOCK, min((b+1)*BLOCK, d)), row-major k x width.
     fn block(&self, b: usize) -> Vec<f64> {
         let k = self.spec.k;

@@ -330,6 +330,11 @@ impl<S: StateElem> Sampler<S> {
         self.balance.as_ref()
     }
 
+    /// Bytes held by the projection's cached sketch (0 without one, or when it is regenerated).
+    pub fn sketch_bytes(&self) -> usize {
+        self.sketch.as_ref().map_or(0, |sk| sk.cached_bytes())
+    }
+
     /// Close the running epoch (if any) and start epoch number `epoch`; returns its order.
     pub fn begin_epoch(&mut self, epoch: u64) -> &[u32] {
         let n = self.cfg.n;
