@@ -31,8 +31,10 @@ ORDERINGS: List[tuple] = [
     ("pair", dict(ordering="pair")),
     ("recursive (D=5)", dict(ordering="recursive", depth=5)),
     ("recursive-pair (D=1)", dict(ordering="recursive-pair", depth=1)),
-    ("grab + gaussian k=32", dict(ordering="grab", projection=("gaussian", 32))),
+    ("grab + gaussian k=64", dict(ordering="grab", projection=("gaussian", 64))),
+    ("grab + sparse k=64", dict(ordering="grab", projection=("sparse", 64))),
     ("herding", dict(ordering="herding")),
+    ("herding (rounds=3)", dict(ordering="herding", rounds=3)),
     ("greedy", dict(ordering="greedy")),
 ]
 

@@ -3,8 +3,8 @@
 //! position takes the unused unit c minimizing ||S + z_c||, then S += z_c. O(n^2 d) time.
 //!
 //! The scan uses ||S + z_c||^2 = ||S||^2 + 2<S, z_c> + ||z_c||^2: ||S||^2 is the same for every
-//! candidate and <S, z_c> = <S, g_c> - <S, mean>, so one pass of dot products over the raw stored rows
-//! (in f64, rayon over candidates) decides each position, with ||z_c||^2 computed once per epoch.
+//! candidate, so one pass of d-long f64 dot products over the unused centered rows (kept contiguous,
+//! rayon over candidates) decides each position, with ||z_c||^2 computed once per epoch.
 
 use crate::assembly::FrontBack;
 use crate::elem::StateElem;
@@ -16,20 +16,26 @@ const MIN_TASK: usize = 256;
 
 /// <a, b> in f64 with four independent accumulators (a fixed order, so the result is reproducible).
 #[inline]
-fn dot<S: StateElem>(a: &[f64], b: &[S]) -> f64 {
+fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0.0f64; 4];
     let mut ca = a.chunks_exact(4);
     let mut cb = b.chunks_exact(4);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for l in 0..4 {
-            acc[l] += x[l] * y[l].to_f64();
+            acc[l] += x[l] * y[l];
         }
     }
     let mut tail = 0.0;
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y.to_f64();
+        tail += x * y;
     }
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+/// Working memory of the scan beyond the store, in bytes: the centered rows (f64), one norm and one
+/// position per unit. The sampler's memory check counts it.
+pub fn scan_bytes(n: usize, d: usize) -> u128 {
+    n as u128 * (d as u128 * 8 + 12)
 }
 
 /// The next order: the greedy order of the units seen this epoch, then the units not seen in their
@@ -42,51 +48,41 @@ pub fn next_order<S: StateElem>(
     let seen = visited(assembler);
     let d = store.d;
     let mean = store.mean(seen);
-    // ||z_c||^2 per candidate, by position in `seen`.
-    let norms: Vec<f64> = seen
-        .par_iter()
-        .map(|&c| {
-            store
-                .row(c)
-                .iter()
-                .zip(&mean)
-                .map(|(g, m)| {
-                    let z = g.to_f64() - m;
-                    z * z
-                })
-                .sum()
-        })
-        .collect();
-    // Positions (into `seen`) of the unused candidates; order within is irrelevant because ties are
-    // broken by position, so removal can swap.
-    let mut alive: Vec<u32> = (0..seen.len() as u32).collect();
+    // The unused candidates' centered rows z_c, kept contiguous (a used row is swapped out), with
+    // ||z_c||^2 and the candidate's position in visit order (ties go to the earlier visited unit).
+    let mut work: Vec<f64> = Vec::with_capacity(seen.len() * d);
+    for &c in seen {
+        work.extend(store.row(c).iter().zip(&mean).map(|(g, m)| g.to_f64() - m));
+    }
+    let mut norms: Vec<f64> = work.par_chunks(d).map(|z| dot(z, z)).collect();
+    let mut positions: Vec<u32> = (0..seen.len() as u32).collect();
     let mut s = vec![0.0f64; d];
     let mut out = Vec::with_capacity(current.len());
-    while !alive.is_empty() {
-        let s_mean: f64 = s.iter().zip(&mean).map(|(a, b)| a * b).sum();
-        let key = |slot: usize| {
-            let pos = alive[slot] as usize;
-            let sz = dot(&s, store.row(seen[pos])) - s_mean;
-            (2.0 * sz + norms[pos], pos, slot)
-        };
-        let better = |a: (f64, usize, usize), b: (f64, usize, usize)| {
-            if b.0 < a.0 || (b.0 == a.0 && b.1 < a.1) {
-                b
-            } else {
-                a
-            }
-        };
-        let (_, pos, slot) = (0..alive.len())
-            .into_par_iter()
-            .with_min_len(MIN_TASK)
-            .map(key)
-            .reduce(|| (f64::INFINITY, usize::MAX, usize::MAX), better);
-        let unit = seen[pos];
-        for ((x, g), m) in s.iter_mut().zip(store.row(unit)).zip(&mean) {
-            *x += g.to_f64() - m;
+    let better = |a: (f64, u32, usize), b: (f64, u32, usize)| {
+        if b.0 < a.0 || (b.0 == a.0 && b.1 < a.1) {
+            b
+        } else {
+            a
         }
-        out.push(unit);
-        alive.swap_remove(slot);
+    };
+    while !positions.is_empty() {
+        let (_, pos, row) = work
+            .par_chunks(d)
+            .with_min_len(MIN_TASK)
+            .enumerate()
+            .map(|(r, z)| (2.0 * dot(&s, z) + norms[r], positions[r], r))
+            .reduce(|| (f64::INFINITY, u32::MAX, usize::MAX), better);
+        out.push(seen[pos as usize]);
+        for (x, z) in s.iter_mut().zip(&work[row * d..(row + 1) * d]) {
+            *x += z;
+        }
+        let last = positions.len() - 1;
+        if row != last {
+            work.copy_within(last * d..(last + 1) * d, row * d);
+        }
+        work.truncate(last * d);
+        norms.swap_remove(row);
+        positions.swap_remove(row);
     }
     out.extend(current.iter().filter(|&&i| !assembler.is_taken(i)));
     out

@@ -9,8 +9,8 @@ use crate::pair_balance::PairBalance;
 use crate::projection::{ProjectionSpec, SketchKind};
 use crate::recursive_balance::RecursiveBalance;
 use crate::recursive_pair::RecursivePairBalance;
-use crate::stored_gradients::StoredGradients;
 use crate::sampler::{Balance, Config, OrderingKind, Sampler, SamplerState, ORDERING_NAMES};
+use crate::stored_gradients::StoredGradients;
 use half::{bf16, f16};
 use ndarray::ArrayView2;
 use numpy::{
@@ -332,7 +332,10 @@ fn state_bytes<S: StateElem>(s: &Sampler<S>) -> usize {
         Some(Balance::RecursivePair(b)) => {
             b.sums.len() * std::mem::size_of::<S>()
                 + b.pending_vecs.len() * 8
-                + b.pending_units.iter().map(|u| u.capacity() * 4).sum::<usize>()
+                + b.pending_units
+                    .iter()
+                    .map(|u| u.capacity() * 4)
+                    .sum::<usize>()
         }
         Some(Balance::Stored(b)) => b.rows.len() * std::mem::size_of::<S>(),
         None => 0,
@@ -507,8 +510,8 @@ fn import<S: StateElem + Element>(d: &Bound<'_, PyDict>) -> PyResult<SamplerStat
     // Entries added with the ordering family; a state dict from before them takes the defaults.
     config.depth = get_or(d, "depth", config.depth)?;
     config.rounds = get_or(d, "rounds", config.rounds)?;
-    config.projection =
-        projection_spec(get_or::<Option<(String, usize)>>(d, "projection", None)?).map_err(to_py)?;
+    config.projection = projection_spec(get_or::<Option<(String, usize)>>(d, "projection", None)?)
+        .map_err(to_py)?;
     config.max_memory = get_or(d, "max_memory", None)?;
     let input_dim: Option<u64> = get_or(d, "input_dim", None)?;
     let assembly = match get_dict(d, "assembly")? {

@@ -239,9 +239,9 @@ impl<S: StateElem> Balance<S> {
                 Balance::RecursivePair(RecursivePairBalance::new(cfg.depth, d))
             }
             OrderingKind::Herding | OrderingKind::Greedy => {
-                // Greedy's scan also keeps one norm and one position per unit.
+                // Greedy's scan also keeps a centered f64 copy, one norm and one position per unit.
                 let extra = if cfg.kind == OrderingKind::Greedy {
-                    cfg.n as u128 * 12
+                    greedy::scan_bytes(cfg.n, d)
                 } else {
                     0
                 };

@@ -124,8 +124,9 @@ def test_greedy_memory_refusal_names_the_bytes_and_changes_nothing():
     it = iter(s)
     idx = [next(it) for _ in range(4)]
     before = s.state_dict()
-    with pytest.raises(MemoryLimitError, match=r"412000 bytes"):
-        s.step(np.ones((4, 100), dtype=np.float32))  # 1000 x 100 x 4 + 1000 x 12 bytes
+    # Store 1000 x 100 x 4 = 400,000 bytes; scan 1000 x (100 x 8 + 12) = 812,000; total 1,212,000.
+    with pytest.raises(MemoryLimitError, match=r"1212000 bytes"):
+        s.step(np.ones((4, 100), dtype=np.float32))
     assert s.pending == 4 and idx
     after = s.state_dict()
     assert after["native"]["balance"] is None and before["native"]["balance"] is None
