@@ -110,21 +110,29 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
         xs = np.arange(1, e + 1)
-        for r in results:
-            style = "--" if r["label"] in ("rr", "so", "flipflop") else "-"
-            axes[0].plot(xs, r["linf"], style, marker="o", label=r["label"])
-            axes[1].plot(xs, r["l2"], style, marker="o", label=r["label"])
+        colors = plt.get_cmap("tab20").colors
+        markers = "os^vD<>px*hH"
+        for i, r in enumerate(results):
+            style = dict(
+                linestyle="--" if r["label"] in ("rr", "so", "flipflop") else "-",
+                marker=markers[i % len(markers)],
+                color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                label=r["label"],
+            )
+            axes[0].plot(xs, r["linf"], **style)
+            axes[1].plot(xs, r["l2"], **style)
         for ax, name in zip(axes, ["l_inf", "l2"]):
             ax.set_yscale("log")
             ax.set_xlabel("epochs of fixed gradients fed")
             ax.set_ylabel(f"herding discrepancy ({name})")
             ax.set_xticks(xs)
             ax.grid(True, which="both", alpha=0.3)
-        axes[1].legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.0, 1.0))
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", fontsize=9)
         fig.suptitle(f"Herding discrepancy of the next order, n = {args.n}, d = {args.d} (benchmarks/discrepancy.py)")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 0.83, 1))
         os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
         fig.savefig(args.plot, dpi=110)
         print(f"plot: {os.path.relpath(args.plot)}")

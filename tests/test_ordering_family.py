@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import feed_epoch, is_permutation
-from torchgrab import GraBSampler, MemoryLimitError, StateDictError, UnitIndexError, herding_discrepancy, orderings
+from torchgrab import (
+    GraBSampler,
+    MemoryLimitError,
+    ShapeError,
+    StateDictError,
+    UnitIndexError,
+    herding_discrepancy,
+    orderings,
+)
 
 FAMILY = ["recursive", "recursive-pair", "herding", "greedy"]
 EVERY = ["rr", "so", "flipflop", "fixed", "grab", "pair"] + FAMILY
@@ -259,3 +267,25 @@ def test_herding_and_greedy_beat_random_reshuffling():
             feed_epoch(s, v, per_step=16)
         disc[ordering] = herding_discrepancy(v, list(s)).linf
     assert disc["greedy"] < disc["rr"] / 3 and disc["herding"] < disc["rr"] / 3 and disc["grab"] < disc["rr"]
+
+
+def test_a_unit_cut_by_skip_gets_no_gradient():
+    # n = 6, unit_size = 3, identity first epoch: units {0,1,2} and {3,4,5}. Skipping example 0 cuts
+    # unit 0; its other two rows are discarded, so only unit 1 is balanced (+1, front) and unit 0,
+    # unseen, goes after it in the middle: next order [3, 4, 5, 0, 1, 2].
+    s = GraBSampler(n=6, ordering="grab", unit_size=3, first_epoch="identity")
+    assert list(s) == [0, 1, 2, 3, 4, 5]
+    s.skip(1)
+    s.step(np.ones((5, 2)))
+    assert s.pending == 0
+    assert list(s) == [3, 4, 5, 0, 1, 2]
+
+
+def test_per_unit_rows_need_their_examples_yielded():
+    s = GraBSampler(n=6, ordering="grab", unit_size=3)
+    it = iter(s)
+    [next(it) for _ in range(4)]
+    with pytest.raises(ShapeError):
+        s.step(np.ones((2, 2)), per_unit=True)  # the second unit has only 1 of 3 examples yielded
+    s.step(np.ones((1, 2)), per_unit=True)
+    assert s.pending == 1
