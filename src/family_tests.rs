@@ -265,3 +265,30 @@ proptest! {
         prop_assert_eq!(restored, many);
     }
 }
+
+#[test]
+fn a_non_finite_gradient_is_refused_and_changes_nothing() {
+    for kind in FAMILY {
+        for project in [false, true] {
+            let mut cfg = config(kind, 6, true);
+            cfg.depth = 1;
+            if project {
+                cfg.projection = Some(ProjectionSpec {
+                    kind: SketchKind::Sparse,
+                    k: 2,
+                });
+            }
+            let mut s = Sampler::<f32>::new(cfg).unwrap();
+            s.begin_epoch(0);
+            s.step(&Batch::from_slice(&[1.0, 2.0, 3.0], 1, 3).unwrap(), &[0])
+                .unwrap();
+            let before = s.clone();
+            let bad = [1.0, 2.0, 3.0, 4.0, f64::INFINITY, 0.0];
+            let err = s
+                .step(&Batch::from_slice(&bad, 2, 3).unwrap(), &[1, 2])
+                .unwrap_err();
+            assert_eq!(err.kind, ErrorKind::NonFinite, "{kind}");
+            assert_eq!(s, before, "{kind}");
+        }
+    }
+}

@@ -444,6 +444,8 @@ impl<S: StateElem> Sampler<S> {
                 indices,
             )?,
             Some(spec) => {
+                // Checked on the gradients themselves: a sketch column of zeros could hide an Inf.
+                crate::recursive_balance::check_finite(batch, indices)?;
                 let mut fresh_sketch = None;
                 let sketch = match self.sketch.as_mut() {
                     Some(sk) => sk,
