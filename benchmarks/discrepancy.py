@@ -52,7 +52,7 @@ def run(label: str, kw: Dict[str, Any], v: np.ndarray, epochs: int, batch: int, 
     n = v.shape[0]
     s = GraBSampler(n=n, seed=seed, **kw)
     linf, l2 = [], []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for epoch in range(epochs + 1):
         # The order this epoch visits = the order built from the previous epochs' gradients.
         order = np.fromiter(iter(s), dtype=np.int64, count=n)
@@ -63,7 +63,7 @@ def run(label: str, kw: Dict[str, Any], v: np.ndarray, epochs: int, batch: int, 
         if epoch < epochs:
             for lo in range(0, n, batch):
                 s.step(v[order[lo : lo + batch]])
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     st = s.state_dict()["native"]
     return {
         "label": label,
@@ -72,6 +72,7 @@ def run(label: str, kw: Dict[str, Any], v: np.ndarray, epochs: int, batch: int, 
         "state_bytes": s.state_bytes,
         "sum_bytes": array_bytes(st.get("balance")),
         "seconds": seconds,
+        "cpu": cpu,
     }
 
 
@@ -98,12 +99,12 @@ def main() -> None:
         results.append(r)
         print(f"  {label:<22} done in {r['seconds']:.1f} s", file=sys.stderr, flush=True)
     e = args.epochs
-    head = "| ordering | " + " | ".join(f"l_inf e{k + 1}" for k in range(e)) + f" | l2 e{e} | state bytes | sum/gradient bytes | time (s) |"
+    head = "| ordering | " + " | ".join(f"l_inf e{k + 1}" for k in range(e)) + f" | l2 e{e} | state bytes | sum/gradient bytes | wall (s) | cpu (s) |"
     print(head)
-    print("|" + "---|" * (e + 5))
+    print("|" + "---|" * (e + 6))
     for r in results:
         cells = " | ".join(f"{x:.2f}" for x in r["linf"])
-        print(f"| {r['label']} | {cells} | {r['l2'][-1]:.2f} | {r['state_bytes']:,} | {r['sum_bytes']:,} | {r['seconds']:.1f} |")
+        print(f"| {r['label']} | {cells} | {r['l2'][-1]:.2f} | {r['state_bytes']:,} | {r['sum_bytes']:,} | {r['seconds']:.1f} | {r['cpu']:.1f} |")
     if args.plot:
         import matplotlib
 
