@@ -19,7 +19,6 @@ from typing import Any, Dict, List
 
 import numpy as np
 import torch
-
 from torchgrab import GraBSampler, herding_discrepancy
 
 # (label, constructor keywords)

@@ -6,10 +6,9 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import feed_epoch, is_permutation
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import feed_epoch, is_permutation
 from torchgrab import (
     GraBSampler,
     MemoryLimitError,
@@ -103,7 +102,7 @@ def test_projection_shrinks_the_state():
 @pytest.mark.parametrize("ordering", ["grab", "pair", "recursive", "recursive-pair", "herding"])
 def test_random_signs_reproducible_and_restored(ordering):
     v = np.random.default_rng(4).normal(size=(33, 5))
-    make = lambda seed: GraBSampler(n=33, ordering=ordering, seed=seed, balance="random", depth=2)  # noqa: E731
+    make = lambda seed: GraBSampler(n=33, ordering=ordering, seed=seed, balance="random", depth=2)
     a, b, c = make(7), make(7), make(8)
     orders_a = [feed_epoch(a, v, per_step=4) for _ in range(3)]
     assert orders_a == [feed_epoch(b, v, per_step=4) for _ in range(3)]
