@@ -6,14 +6,20 @@ pub mod batch;
 pub mod discrepancy;
 pub mod elem;
 pub mod error;
+pub mod greedy;
+pub mod herding;
 pub mod kernels;
 pub mod mean_balance;
 pub mod pair_balance;
 pub mod permutations;
+pub mod projection;
+pub mod recursive_balance;
+pub mod recursive_pair;
 pub mod rng;
 pub mod sampler;
 pub mod sign;
 pub mod sign_scan;
+pub mod stored_gradients;
 
 #[cfg(feature = "python")]
 mod python;
@@ -21,3 +27,6 @@ mod python;
 pub use batch::Batch;
 pub use error::{ErrorKind, GrabError, Result};
 pub use sampler::{Config, OrderingKind, Sampler, SamplerState, ORDERING_NAMES};
+
+#[cfg(test)]
+mod family_tests;

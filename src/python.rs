@@ -6,7 +6,11 @@ use crate::elem::{GradElem, StateElem};
 use crate::error::{ErrorKind, GrabError};
 use crate::mean_balance::MeanBalance;
 use crate::pair_balance::PairBalance;
+use crate::projection::{ProjectionSpec, SketchKind};
+use crate::recursive_balance::RecursiveBalance;
+use crate::recursive_pair::RecursivePairBalance;
 use crate::sampler::{Balance, Config, OrderingKind, Sampler, SamplerState, ORDERING_NAMES};
+use crate::stored_gradients::StoredGradients;
 use half::{bf16, f16};
 use ndarray::ArrayView2;
 use numpy::{
@@ -155,7 +159,7 @@ fn step_any<G: GradElem>(
 #[pymethods]
 impl NativeSampler {
     #[new]
-    #[pyo3(signature = (ordering, n, seed, first_epoch_random=true, random_signs=false, delta=0.1, state_dtype="float32", fixed_order=None))]
+    #[pyo3(signature = (ordering, n, seed, first_epoch_random=true, random_signs=false, delta=0.1, state_dtype="float32", fixed_order=None, depth=5, rounds=1, projection=None, max_memory=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         ordering: &str,
@@ -166,6 +170,10 @@ impl NativeSampler {
         delta: f64,
         state_dtype: &str,
         fixed_order: Option<PyReadonlyArray1<'_, u32>>,
+        depth: u32,
+        rounds: u32,
+        projection: Option<(String, usize)>,
+        max_memory: Option<u64>,
     ) -> PyResult<Self> {
         let kind = OrderingKind::parse(ordering).map_err(to_py)?;
         let mut cfg = Config::new(kind, n, seed);
@@ -173,6 +181,10 @@ impl NativeSampler {
         cfg.random_signs = random_signs;
         cfg.delta = delta;
         cfg.fixed_order = fixed_order.map(|o| o.as_array().to_vec());
+        cfg.depth = depth;
+        cfg.rounds = rounds;
+        cfg.projection = projection_spec(projection).map_err(to_py)?;
+        cfg.max_memory = max_memory;
         let inner = match state_dtype {
             "float32" => AnySampler::F32(Sampler::new(cfg).map_err(to_py)?),
             "float64" => AnySampler::F64(Sampler::new(cfg).map_err(to_py)?),
@@ -293,6 +305,16 @@ impl NativeSampler {
     }
 }
 
+fn projection_spec(p: Option<(String, usize)>) -> Result<Option<ProjectionSpec>, GrabError> {
+    p.map(|(kind, k)| {
+        Ok(ProjectionSpec {
+            kind: SketchKind::parse(&kind)?,
+            k,
+        })
+    })
+    .transpose()
+}
+
 fn state_bytes<S: StateElem>(s: &Sampler<S>) -> usize {
     let n = s.config().n;
     let orders = s.current().len() * 4 + s.config().fixed_order.as_ref().map_or(0, |o| o.len() * 4);
@@ -304,9 +326,21 @@ fn state_bytes<S: StateElem>(s: &Sampler<S>) -> usize {
     let sums = match s.balance() {
         Some(Balance::Mean(b)) => 3 * b.s.len() * std::mem::size_of::<S>(),
         Some(Balance::Pair(b)) => b.s.len() * std::mem::size_of::<S>() + b.pending_grad.len() * 8,
+        Some(Balance::Recursive(b)) => {
+            (b.sums.len() + 2 * b.m.len()) * std::mem::size_of::<S>() + b.codes.capacity() * 4
+        }
+        Some(Balance::RecursivePair(b)) => {
+            b.sums.len() * std::mem::size_of::<S>()
+                + b.pending_vecs.len() * 8
+                + b.pending_units
+                    .iter()
+                    .map(|u| u.capacity() * 4)
+                    .sum::<usize>()
+        }
+        Some(Balance::Stored(b)) => b.rows.len() * std::mem::size_of::<S>(),
         None => 0,
     };
-    orders + assembly + sums
+    orders + assembly + sums + s.sketch_bytes()
 }
 
 fn get<'py, T>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<T>
@@ -319,6 +353,17 @@ where
     item.extract::<T>().map_err(|_| {
         StateDictError::new_err(format!("the state dict entry {key:?} has the wrong type"))
     })
+}
+
+/// An optional entry: `default` when the key is absent (older state dicts).
+fn get_or<'py, T>(d: &Bound<'py, PyDict>, key: &str, default: T) -> PyResult<T>
+where
+    T: for<'a> FromPyObject<'a, 'py>,
+{
+    match d.get_item(key)? {
+        None => Ok(default),
+        Some(_) => get(d, key),
+    }
 }
 
 fn get_vec<'py, T: Element + Copy>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Vec<T>> {
@@ -369,6 +414,11 @@ fn export<'py, S: StateElem + Element>(
         Some(o) => d.set_item("fixed_order", o.clone().into_pyarray(py))?,
         None => d.set_item("fixed_order", py.None())?,
     }
+    d.set_item("depth", c.depth)?;
+    d.set_item("rounds", c.rounds)?;
+    d.set_item("projection", c.projection.map(|p| (p.kind.name(), p.k)))?;
+    d.set_item("max_memory", c.max_memory)?;
+    d.set_item("input_dim", st.input_dim)?;
     d.set_item("epochs_begun", st.epochs_begun)?;
     d.set_item("epoch", st.epoch)?;
     d.set_item("current", st.current.into_pyarray(py))?;
@@ -401,6 +451,36 @@ fn export<'py, S: StateElem + Element>(
             a.set_item("pending_grad", b.pending_grad.into_pyarray(py))?;
             d.set_item("balance", a)?;
         }
+        Some(Balance::Recursive(b)) => {
+            let a = PyDict::new(py);
+            a.set_item("kind", "recursive")?;
+            a.set_item("depth", b.depth)?;
+            a.set_item("sums", b.sums.into_pyarray(py))?;
+            a.set_item("m", b.m.into_pyarray(py))?;
+            a.set_item("m_next", b.m_next.into_pyarray(py))?;
+            a.set_item("seen", b.seen)?;
+            a.set_item("codes", b.codes.into_pyarray(py))?;
+            d.set_item("balance", a)?;
+        }
+        Some(Balance::RecursivePair(b)) => {
+            let a = PyDict::new(py);
+            a.set_item("kind", "recursive-pair")?;
+            a.set_item("depth", b.depth)?;
+            a.set_item("sums", b.sums.into_pyarray(py))?;
+            let lens: Vec<u32> = b.pending_units.iter().map(|u| u.len() as u32).collect();
+            let units: Vec<u32> = b.pending_units.into_iter().flatten().collect();
+            a.set_item("pending_lens", lens.into_pyarray(py))?;
+            a.set_item("pending_units", units.into_pyarray(py))?;
+            a.set_item("pending_vecs", b.pending_vecs.into_pyarray(py))?;
+            d.set_item("balance", a)?;
+        }
+        Some(Balance::Stored(b)) => {
+            let a = PyDict::new(py);
+            a.set_item("kind", "stored")?;
+            a.set_item("d", b.d)?;
+            a.set_item("rows", b.rows.into_pyarray(py))?;
+            d.set_item("balance", a)?;
+        }
         None => d.set_item("balance", py.None())?,
     }
     match st.sign_rng {
@@ -427,6 +507,13 @@ fn import<S: StateElem + Element>(d: &Bound<'_, PyDict>) -> PyResult<SamplerStat
         Some(v) if !v.is_none() => Some(get_vec::<u32>(d, "fixed_order")?),
         _ => None,
     };
+    // Entries added with the ordering family; a state dict from before them takes the defaults.
+    config.depth = get_or(d, "depth", config.depth)?;
+    config.rounds = get_or(d, "rounds", config.rounds)?;
+    config.projection = projection_spec(get_or::<Option<(String, usize)>>(d, "projection", None)?)
+        .map_err(to_py)?;
+    config.max_memory = get_or(d, "max_memory", None)?;
+    let input_dim: Option<u64> = get_or(d, "input_dim", None)?;
     let assembly = match get_dict(d, "assembly")? {
         Some(a) => Some((
             get_vec::<u32>(&a, "next")?,
@@ -462,6 +549,42 @@ fn import<S: StateElem + Element>(d: &Bound<'_, PyDict>) -> PyResult<SamplerStat
                         get_vec(&b, "pending_grad")?,
                     ))
                 }
+                "recursive" => Balance::Recursive(RecursiveBalance {
+                    depth: get(&b, "depth")?,
+                    sums: get_vec(&b, "sums")?,
+                    m: get_vec(&b, "m")?,
+                    m_next: get_vec(&b, "m_next")?,
+                    seen: get(&b, "seen")?,
+                    codes: get_vec(&b, "codes")?,
+                }),
+                "recursive-pair" => {
+                    let lens: Vec<u32> = get_vec(&b, "pending_lens")?;
+                    let units: Vec<u32> = get_vec(&b, "pending_units")?;
+                    if lens.iter().map(|&l| l as usize).sum::<usize>() != units.len() {
+                        return Err(StateDictError::new_err(
+                            "corrupted state: pending_lens does not add up to pending_units",
+                        ));
+                    }
+                    let mut rest = &units[..];
+                    let pending_units = lens
+                        .iter()
+                        .map(|&l| {
+                            let (head, tail) = rest.split_at(l as usize);
+                            rest = tail;
+                            head.to_vec()
+                        })
+                        .collect();
+                    Balance::RecursivePair(RecursivePairBalance {
+                        depth: get(&b, "depth")?,
+                        sums: get_vec(&b, "sums")?,
+                        pending_units,
+                        pending_vecs: get_vec(&b, "pending_vecs")?,
+                    })
+                }
+                "stored" => Balance::Stored(StoredGradients {
+                    d: get(&b, "d")?,
+                    rows: get_vec(&b, "rows")?,
+                }),
                 other => {
                     return Err(StateDictError::new_err(format!(
                         "unknown balance kind {other:?}"
@@ -483,6 +606,7 @@ fn import<S: StateElem + Element>(d: &Bound<'_, PyDict>) -> PyResult<SamplerStat
         assembly,
         balance,
         sign_rng,
+        input_dim,
     })
 }
 

@@ -9,11 +9,18 @@ use crate::kernels::Layout;
 use crate::mean_balance::MeanBalance;
 use crate::pair_balance::PairBalance;
 use crate::permutations;
+use crate::projection::{ProjectionSpec, Sketch};
+use crate::recursive_balance::{RecursiveBalance, MAX_DEPTH};
+use crate::recursive_pair::RecursivePairBalance;
 use crate::sign::SignRule;
+use crate::stored_gradients::StoredGradients;
+use crate::{greedy, herding};
 
 /// Names accepted by `OrderingKind::parse`, in the order `torchgrab.orderings()` lists them.
+#[rustfmt::skip]
 pub const ORDERING_NAMES: &[&str] = &[
     "rr", "so", "wr", "fixed", "flipflop", "grab", "mean", "pair",
+    "recursive", "recursive-pair", "herding", "greedy",
 ];
 
 /// The largest n: orders are kept as compact u32 (and exported as int32).
@@ -28,6 +35,10 @@ pub enum OrderingKind {
     FlipFlop,
     MeanBalance,
     PairBalance,
+    RecursiveBalance,
+    RecursivePairBalance,
+    Herding,
+    Greedy,
 }
 
 impl OrderingKind {
@@ -40,6 +51,10 @@ impl OrderingKind {
             "flipflop" => Self::FlipFlop,
             "grab" | "mean" => Self::MeanBalance,
             "pair" => Self::PairBalance,
+            "recursive" => Self::RecursiveBalance,
+            "recursive-pair" => Self::RecursivePairBalance,
+            "herding" => Self::Herding,
+            "greedy" => Self::Greedy,
             other => {
                 return Err(GrabError::state(format!(
                     "unknown ordering {other:?}; expected one of {}",
@@ -58,12 +73,23 @@ impl OrderingKind {
             Self::FlipFlop => "flipflop",
             Self::MeanBalance => "grab",
             Self::PairBalance => "pair",
+            Self::RecursiveBalance => "recursive",
+            Self::RecursivePairBalance => "recursive-pair",
+            Self::Herding => "herding",
+            Self::Greedy => "greedy",
         }
     }
 
     /// Whether this ordering uses gradients at all.
     pub fn balances(self) -> bool {
-        matches!(self, Self::MeanBalance | Self::PairBalance)
+        !matches!(
+            self,
+            Self::RandomReshuffle
+                | Self::ShuffleOnce
+                | Self::WithReplacement
+                | Self::Fixed
+                | Self::FlipFlop
+        )
     }
 }
 
@@ -79,6 +105,14 @@ pub struct Config {
     pub delta: f64,
     /// `fixed`: the order to use (identity when None).
     pub fixed_order: Option<Vec<u32>>,
+    /// `recursive`, `recursive-pair`: tree depth D.
+    pub depth: u32,
+    /// `herding`: passes over the stored gradients per epoch.
+    pub rounds: u32,
+    /// Balance a random projection of each gradient instead of the gradient (balancing orderings).
+    pub projection: Option<ProjectionSpec>,
+    /// Refuse balancing state larger than this many bytes (default: MemAvailable, for the O(n d) stores).
+    pub max_memory: Option<u64>,
 }
 
 impl Config {
@@ -91,6 +125,10 @@ impl Config {
             random_signs: false,
             delta: 0.1,
             fixed_order: None,
+            depth: 5,
+            rounds: 1,
+            projection: None,
+            max_memory: None,
         }
     }
 
@@ -117,6 +155,33 @@ impl Config {
         }
         if let Some(o) = &self.fixed_order {
             check_permutation(o, self.n, "the fixed order")?;
+        }
+        if self.depth > MAX_DEPTH {
+            return Err(GrabError::state(format!(
+                "depth must be at most {MAX_DEPTH} (the tree holds 2^(depth+1) - 1 sums), got {}",
+                self.depth
+            )));
+        }
+        if self.rounds == 0 {
+            return Err(GrabError::state("rounds must be at least 1"));
+        }
+        if self.kind == OrderingKind::Greedy && self.random_signs {
+            return Err(GrabError::state(
+                "ordering 'greedy' picks units by norm, not by signs; balance='random' does not apply to it",
+            ));
+        }
+        if let Some(p) = &self.projection {
+            if !self.kind.balances() {
+                return Err(GrabError::state(format!(
+                    "a projection only applies to orderings that use gradients, not {:?}",
+                    self.kind.name()
+                )));
+            }
+            if p.k == 0 {
+                return Err(GrabError::state(
+                    "the projection dimension k must be at least 1",
+                ));
+            }
         }
         Ok(())
     }
@@ -146,20 +211,59 @@ pub fn check_permutation(order: &[u32], n: usize, what: &str) -> Result<()> {
 pub enum Balance<S> {
     Mean(MeanBalance<S>),
     Pair(PairBalance<S>),
+    Recursive(RecursiveBalance<S>),
+    RecursivePair(RecursivePairBalance<S>),
+    /// `herding` and `greedy` (which one is the config's kind).
+    Stored(StoredGradients<S>),
 }
 
 impl<S: StateElem> Balance<S> {
-    fn new(kind: OrderingKind, d: usize) -> Self {
-        match kind {
+    fn new(cfg: &Config, d: usize) -> Result<Self> {
+        let size = std::mem::size_of::<S>() as u128;
+        Ok(match cfg.kind {
             OrderingKind::PairBalance => Balance::Pair(PairBalance::new(d)),
+            OrderingKind::RecursiveBalance => {
+                let need =
+                    (crate::recursive_balance::nodes(cfg.depth) as u128 + 2) * d as u128 * size;
+                crate::stored_gradients::check_memory(
+                    &format!(
+                        "ordering 'recursive' with depth {} (2^(depth+1) + 1 sums of d = {d})",
+                        cfg.depth
+                    ),
+                    need,
+                    cfg.max_memory,
+                )?;
+                Balance::Recursive(RecursiveBalance::new(cfg.depth, d))
+            }
+            OrderingKind::RecursivePairBalance => {
+                Balance::RecursivePair(RecursivePairBalance::new(cfg.depth, d))
+            }
+            OrderingKind::Herding | OrderingKind::Greedy => {
+                // Greedy's scan also keeps a centered f64 copy, one norm and one position per unit.
+                let extra = if cfg.kind == OrderingKind::Greedy {
+                    greedy::scan_bytes(cfg.n, d)
+                } else {
+                    0
+                };
+                Balance::Stored(StoredGradients::new(
+                    cfg.kind.name(),
+                    cfg.n,
+                    d,
+                    extra,
+                    cfg.max_memory,
+                )?)
+            }
             _ => Balance::Mean(MeanBalance::new(d)),
-        }
+        })
     }
 
     fn dim(&self) -> usize {
         match self {
             Balance::Mean(b) => b.s.len(),
             Balance::Pair(b) => b.s.len(),
+            Balance::Recursive(b) => b.dim(),
+            Balance::RecursivePair(b) => b.dim(),
+            Balance::Stored(b) => b.d,
         }
     }
 }
@@ -173,6 +277,8 @@ pub struct Sampler<S> {
     assembler: Option<FrontBack>,
     balance: Option<Balance<S>>,
     rule: SignRule,
+    /// The projection's sketch, once the first step has fixed the gradients' dimension.
+    sketch: Option<Sketch>,
 }
 
 impl<S: StateElem> Sampler<S> {
@@ -191,6 +297,7 @@ impl<S: StateElem> Sampler<S> {
             assembler: None,
             balance: None,
             rule,
+            sketch: None,
         })
     }
 
@@ -211,13 +318,21 @@ impl<S: StateElem> Sampler<S> {
         &self.current
     }
 
-    /// d, once the first step has fixed it.
+    /// d, once the first step has fixed it (the gradients' dimension, before any projection).
     pub fn dim(&self) -> Option<usize> {
-        self.balance.as_ref().map(|b| b.dim())
+        match &self.sketch {
+            Some(sk) => Some(sk.d),
+            None => self.balance.as_ref().map(|b| b.dim()),
+        }
     }
 
     pub fn balance(&self) -> Option<&Balance<S>> {
         self.balance.as_ref()
+    }
+
+    /// Bytes held by the projection's cached sketch (0 without one, or when it is regenerated).
+    pub fn sketch_bytes(&self) -> usize {
+        self.sketch.as_ref().map_or(0, |sk| sk.cached_bytes())
     }
 
     /// Close the running epoch (if any) and start epoch number `epoch`; returns its order.
@@ -230,17 +345,30 @@ impl<S: StateElem> Sampler<S> {
             OrderingKind::WithReplacement => permutations::with_replacement(seed, epoch, n),
             OrderingKind::Fixed => permutations::fixed(self.cfg.fixed_order.as_deref(), n),
             OrderingKind::FlipFlop => permutations::flipflop(seed, epoch, n),
-            OrderingKind::MeanBalance | OrderingKind::PairBalance => match self.assembler.take() {
+            _ => match self.assembler.take() {
                 None if self.cfg.first_epoch_random => {
                     permutations::random_permutation(seed, epoch, n)
                 }
                 None => (0..n as u32).collect(),
                 Some(asm) => {
-                    let next = asm.finish(&self.current);
+                    let current = &self.current;
+                    let rule = &mut self.rule;
+                    let next = match &self.balance {
+                        Some(Balance::Recursive(b)) => b.next_order(&asm, current),
+                        Some(Balance::Stored(b)) if self.cfg.kind == OrderingKind::Greedy => {
+                            greedy::next_order(b, &asm, current)
+                        }
+                        Some(Balance::Stored(b)) => {
+                            herding::next_order(b, &asm, current, self.cfg.rounds, rule, n)
+                        }
+                        _ => asm.finish(current),
+                    };
                     match &mut self.balance {
                         Some(Balance::Mean(b)) => b.end_epoch(n),
                         Some(Balance::Pair(b)) => b.end_epoch(),
-                        None => {}
+                        Some(Balance::Recursive(b)) => b.end_epoch(n),
+                        Some(Balance::RecursivePair(b)) => b.end_epoch(),
+                        Some(Balance::Stored(_)) | None => {}
                     }
                     next
                 }
@@ -299,25 +427,77 @@ impl<S: StateElem> Sampler<S> {
         if let Some(Balance::Pair(p)) = &self.balance {
             p.check_not_pending(indices)?;
         }
+        if let Some(Balance::RecursivePair(p)) = &self.balance {
+            p.check_not_pending(indices)?;
+        }
         if batch.rows() == 0 {
             return Ok(());
         }
-        let layout = Layout::new(batch_widths(batch));
-        // A first step works on a fresh state that is kept only if the step succeeds.
-        let mut fresh = None;
-        let balance = match self.balance.as_mut() {
-            Some(b) => b,
-            None => fresh.insert(Balance::new(self.cfg.kind, d)),
-        };
-        match balance {
-            Balance::Mean(b) => b.step(&layout, batch, indices, asm, &mut self.rule, n)?,
-            Balance::Pair(b) => b.step(&layout, batch, indices, asm, &mut self.rule, n)?,
-        }
-        if fresh.is_some() {
-            self.balance = fresh;
+        // With a projection, the balance sees the B x k rows P g instead of the gradients.
+        match self.cfg.projection {
+            None => balance_rows(
+                &self.cfg,
+                &mut self.balance,
+                &mut self.rule,
+                asm,
+                batch,
+                indices,
+            )?,
+            Some(spec) => {
+                // Checked on the gradients themselves: a sketch column of zeros could hide an Inf.
+                crate::recursive_balance::check_finite(batch, indices)?;
+                let mut fresh_sketch = None;
+                let sketch = match self.sketch.as_mut() {
+                    Some(sk) => sk,
+                    None => fresh_sketch.insert(Sketch::new(spec, self.cfg.seed, d)?),
+                };
+                let projected = sketch.project(batch)?;
+                let projected = Batch::from_slice(&projected, batch.rows(), spec.k)?;
+                balance_rows(
+                    &self.cfg,
+                    &mut self.balance,
+                    &mut self.rule,
+                    asm,
+                    &projected,
+                    indices,
+                )?;
+                if fresh_sketch.is_some() {
+                    self.sketch = fresh_sketch;
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// Balance the rows of `batch` (already projected, if the config asks for it). A first step works on a
+/// fresh state that is kept only if the step succeeds.
+fn balance_rows<S: StateElem, G: GradElem>(
+    cfg: &Config,
+    slot: &mut Option<Balance<S>>,
+    rule: &mut SignRule,
+    asm: &mut FrontBack,
+    batch: &Batch<G>,
+    indices: &[u32],
+) -> Result<()> {
+    let n = cfg.n;
+    let layout = Layout::new(batch_widths(batch));
+    let mut fresh = None;
+    let balance = match slot.as_mut() {
+        Some(b) => b,
+        None => fresh.insert(Balance::new(cfg, batch.dim())?),
+    };
+    match balance {
+        Balance::Mean(b) => b.step(&layout, batch, indices, asm, rule, n)?,
+        Balance::Pair(b) => b.step(&layout, batch, indices, asm, rule, n)?,
+        Balance::Recursive(b) => b.step(&layout, batch, indices, asm, rule, n)?,
+        Balance::RecursivePair(b) => b.step(&layout, batch, indices, asm, rule, n)?,
+        Balance::Stored(b) => b.step(batch, indices, asm)?,
+    }
+    if fresh.is_some() {
+        *slot = fresh;
+    }
+    Ok(())
 }
 
 fn batch_widths<G: GradElem>(batch: &Batch<G>) -> Vec<usize> {
@@ -335,6 +515,8 @@ pub struct SamplerState<S> {
     pub assembly: Option<(Vec<u32>, u64, u64, Vec<u64>)>,
     pub balance: Option<Balance<S>>,
     pub sign_rng: Option<[u64; 4]>,
+    /// With a projection: the gradients' dimension d (the balance holds k), once fixed.
+    pub input_dim: Option<u64>,
 }
 
 impl<S: StateElem> Sampler<S> {
@@ -353,6 +535,7 @@ impl<S: StateElem> Sampler<S> {
                 SignRule::Deterministic => None,
                 SignRule::SelfBalancingWalk { rng, .. } => Some(rng.state()),
             },
+            input_dim: self.sketch.as_ref().map(|sk| sk.d as u64),
         }
     }
 
@@ -399,6 +582,15 @@ impl<S: StateElem> Sampler<S> {
                 (kind, bal),
                 (OrderingKind::MeanBalance, Balance::Mean(_))
                     | (OrderingKind::PairBalance, Balance::Pair(_))
+                    | (OrderingKind::RecursiveBalance, Balance::Recursive(_))
+                    | (
+                        OrderingKind::RecursivePairBalance,
+                        Balance::RecursivePair(_)
+                    )
+                    | (
+                        OrderingKind::Herding | OrderingKind::Greedy,
+                        Balance::Stored(_)
+                    )
             );
             if !ok_kind {
                 return Err(GrabError::state(
@@ -423,7 +615,26 @@ impl<S: StateElem> Sampler<S> {
                         && finite(&b.s)
                         && b.pending.map(|p| (p as usize) < n).unwrap_or(true)
                 }
+                Balance::Recursive(b) => {
+                    b.validate(assembler.as_ref(), n)?;
+                    b.depth == cfg.depth
+                }
+                Balance::RecursivePair(b) => {
+                    b.validate(assembler.as_ref(), n)?;
+                    b.depth == cfg.depth
+                }
+                Balance::Stored(b) => {
+                    b.validate(n)?;
+                    // Every unit recorded this epoch went to the front (visit order); none to the back.
+                    assembler.as_ref().map_or(true, |a| a.parts().2 == 0)
+                }
             };
+            let k = cfg.projection.map(|p| p.k);
+            if k.is_some_and(|k| k != d) {
+                return Err(GrabError::state(
+                    "corrupted state: the balancing state's dimension is not the projection's k",
+                ));
+            }
             if !good {
                 return Err(GrabError::state(
                     "corrupted state: running sums have inconsistent lengths or non-finite values",
@@ -451,6 +662,19 @@ impl<S: StateElem> Sampler<S> {
                     "corrupted state: the sign rule's RNG state does not match the balance setting",
                 )),
             };
+        let sketch = match (cfg.projection, state.input_dim, &state.balance) {
+            (None, None, _) => None,
+            (Some(spec), Some(d), Some(_)) => Some(
+                Sketch::new(spec, cfg.seed, d as usize)
+                    .map_err(|e| GrabError::state(format!("corrupted state: {}", e.message)))?,
+            ),
+            (Some(_), None, None) => None,
+            _ => {
+                return Err(GrabError::state(
+                    "corrupted state: the projection's input dimension does not match the configuration",
+                ))
+            }
+        };
         Ok(Sampler {
             cfg,
             epochs_begun: state.epochs_begun,
@@ -459,6 +683,7 @@ impl<S: StateElem> Sampler<S> {
             assembler,
             balance: state.balance,
             rule,
+            sketch,
         })
     }
 }

@@ -27,6 +27,10 @@ class NativeSampler:
         delta: float = 0.1,
         state_dtype: str = "float32",
         fixed_order: Optional[npt.NDArray[np.uint32]] = None,
+        depth: int = 5,
+        rounds: int = 1,
+        projection: Optional[Tuple[str, int]] = None,
+        max_memory: Optional[int] = None,
     ) -> None: ...
     def begin_epoch(self, epoch: int) -> npt.NDArray[np.uint32]: ...
     def step(self, segments: Sequence[np.ndarray], dtype: str, indices: npt.NDArray[np.uint32]) -> None: ...

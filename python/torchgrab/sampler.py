@@ -8,7 +8,7 @@ how far it has been stepped, so DataLoader prefetching (``num_workers > 0``) nee
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Sized
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Sized, Tuple
 
 import numpy as np
 import torch
@@ -18,12 +18,14 @@ from torchgrab import _native
 from torchgrab._segments import as_segments
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
 from torchgrab.gradients import per_example_gradients
+from torchgrab._units import UnitMap
 
-_BALANCING = {"grab", "mean", "pair"}
+_BALANCING = {"grab", "mean", "pair", "recursive", "recursive-pair", "herding", "greedy"}
 _STATE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 # How state-dict arrays are stored as torch tensors (torch.load(weights_only=True) reads tensors, not
 # NumPy arrays): unsigned buffers travel as same-width signed tensors, bit for bit.
 _UNSIGNED_KEYS = {"current": np.uint32, "next": np.uint32, "fixed_order": np.uint32, "taken": np.uint64}
+_UNSIGNED_KEYS.update({"codes": np.uint32, "pending_units": np.uint32, "pending_lens": np.uint32})
 _YIELD_CHUNK = 1 << 13
 
 
@@ -67,6 +69,17 @@ class GraBSampler(Sampler[int]):
             always accumulated in float64).
         order: for ``ordering="fixed"``, the order to use (identity if omitted).
         delta: failure probability of the self-balancing walk (``balance="random"``).
+        depth: tree depth D of ``"recursive"`` and ``"recursive-pair"`` (``depth=0`` is ``"grab"`` and
+            ``"pair"`` exactly).
+        rounds: herding passes per epoch for ``"herding"``.
+        projection: ``(kind, k)`` with kind ``"gaussian"`` or ``"sparse"`` (or ``"identity"`` with k = d,
+            for tests): balance a seeded k-dimensional random projection of each gradient instead of the
+            gradient; the balancing state and per-unit cost drop from d to k.
+        unit_size: order fixed groups of ``unit_size`` consecutive dataset indices as one unit (the paper's
+            micro-batches); the sampler still yields example indices, and ``step`` takes one gradient per
+            example (averaged per unit) or, with ``per_unit=True``, one per unit.
+        max_memory: refuse balancing state over this many bytes (default: the machine's available
+            memory, checked for the O(n d) orderings ``"herding"`` and ``"greedy"``).
     """
 
     def __init__(
@@ -81,6 +94,11 @@ class GraBSampler(Sampler[int]):
         dtype: torch.dtype = torch.float32,
         order: Optional[Sequence[int]] = None,
         delta: float = 0.1,
+        depth: int = 5,
+        rounds: int = 1,
+        projection: Optional[Tuple[str, int]] = None,
+        unit_size: int = 1,
+        max_memory: Optional[int] = None,
     ) -> None:
         if data_source is not None:
             size = len(data_source)
@@ -103,6 +121,28 @@ class GraBSampler(Sampler[int]):
             raise UnsupportedInputError("order= is only meaningful with ordering='fixed'")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise UnsupportedInputError(f"seed must be a non-negative integer, got {seed!r}")
+        for name, value, low in (("depth", depth, 0), ("rounds", rounds, 1), ("unit_size", unit_size, 1)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise UnsupportedInputError(f"{name} must be an integer >= {low}, got {value!r}")
+        if projection is not None:
+            if (
+                not isinstance(projection, (tuple, list))
+                or len(projection) != 2
+                or projection[0] not in ("gaussian", "sparse", "identity")
+                or not isinstance(projection[1], (int, np.integer))
+                or projection[1] < 1
+            ):
+                raise UnsupportedInputError(
+                    f"projection must be ('gaussian' | 'sparse' | 'identity', k) with k >= 1, got {projection!r}"
+                )
+            if ordering not in _BALANCING:
+                raise UnsupportedInputError(f"projection= only applies to orderings that use gradients, not {ordering!r}")
+            projection = (str(projection[0]), int(projection[1]))
+        if max_memory is not None and (not isinstance(max_memory, (int, np.integer)) or max_memory < 0):
+            raise UnsupportedInputError(f"max_memory must be a non-negative number of bytes, got {max_memory!r}")
+        if unit_size > 1 and order is not None:
+            raise UnsupportedInputError("order= gives an order of examples; it cannot be combined with unit_size > 1")
+        self._units = UnitMap(int(n), int(unit_size)) if unit_size > 1 else None
         fixed = None
         if order is not None:
             fixed = np.asarray(order)
@@ -111,14 +151,19 @@ class GraBSampler(Sampler[int]):
             fixed = np.ascontiguousarray(fixed, dtype=np.uint32)
         self._native = _native.NativeSampler(
             "grab" if ordering == "mean" else ordering,
-            int(n),
+            self._units.units if self._units is not None else int(n),
             int(seed),
             first_epoch == "random",
             balance == "random",
             float(delta),
             _STATE_DTYPES[dtype],
             fixed,
+            depth=int(depth),
+            rounds=int(rounds),
+            projection=projection,
+            max_memory=None if max_memory is None else int(max_memory),
         )
+        self.unit_size = int(unit_size)
         self.ordering = ordering
         self.n = int(n)
         self.dtype = dtype
@@ -144,7 +189,7 @@ class GraBSampler(Sampler[int]):
                 self._resume = False
                 self._yielded = self._stepped
             else:
-                self._reset_cursor(self._native.begin_epoch(self._epoch))
+                self._reset_cursor(self._examples(self._native.begin_epoch(self._epoch)))
                 self._epoch += 1
             self._generation += 1
             return self._yield_from(self._generation)
@@ -159,7 +204,13 @@ class GraBSampler(Sampler[int]):
                 self._yielded += 1
                 yield i
 
+    def _examples(self, order: np.ndarray) -> np.ndarray:
+        """The example order of a native (unit) order."""
+        return order if self._units is None else self._units.expand(order)
+
     def _reset_cursor(self, order: Optional[np.ndarray]) -> None:
+        if getattr(self, "_units", None) is not None:
+            self._units.reset()
         self._order = order
         self._yielded = 0  # indices handed out this epoch
         self._stepped = 0  # of those, how many have received their gradient
@@ -195,12 +246,20 @@ class GraBSampler(Sampler[int]):
             )
         return self._order[self._stepped : self._stepped + rows]
 
-    def step(self, grads: Any, indices: Optional[Any] = None) -> None:
+    def step(self, grads: Any, indices: Optional[Any] = None, *, per_unit: bool = False) -> None:
         """Feed per-example gradients: a tensor/array [B, ...] or a dict/list of per-parameter [B, ...].
 
         Row r belongs to the r-th pending index (first in, first out), unless ``indices`` says otherwise.
-        Refused input raises a :class:`torchgrab.GraBError` and changes nothing.
+        With ``unit_size > 1``, rows are per example and averaged per unit (``indices``, if given, are
+        example indices and must cover whole units), or with ``per_unit=True`` one row per unit
+        (``indices``, if given, are unit indices). Refused input raises a :class:`torchgrab.GraBError`
+        and changes nothing.
         """
+        if self._units is not None:
+            with self._lock:
+                return self._step_units(grads, indices, per_unit)
+        if per_unit:
+            raise UnsupportedInputError("per_unit=True needs unit_size > 1")
         with self._lock:
             segments, kind, rows = as_segments(grads)
             idx = self._take(rows, indices)
@@ -208,10 +267,55 @@ class GraBSampler(Sampler[int]):
             if indices is None:
                 self._stepped += rows
 
+    def _step_units(self, grads: Any, indices: Optional[Any], per_unit: bool) -> None:
+        units = self._units
+        assert units is not None
+        rows = as_segments(grads)[2]
+        if per_unit:
+            if indices is not None:
+                idx = np.asarray(indices.detach().cpu() if isinstance(indices, torch.Tensor) else indices)
+                if idx.ndim != 1 or idx.dtype.kind not in "iu" or idx.size != rows:
+                    raise UnitIndexError(f"per_unit indices must be {rows} unit ids, got shape {idx.shape} dtype {idx.dtype}")
+                self._native.step(*as_segments(grads)[:2], np.ascontiguousarray(idx, dtype=np.uint32))
+                return
+            if units.carry is not None:
+                raise CallOrderError(
+                    f"per_unit=True steps whole units, but unit {units.carry['unit']} is half stepped per example"
+                )
+            if self._order is None:
+                raise CallOrderError("step() was called before the sampler was iterated; iterate it first")
+            unit_order = self._order[self._stepped :].astype(np.int64) // units.u
+            starts = np.flatnonzero(np.r_[True, unit_order[1:] != unit_order[:-1]])
+            if rows > len(starts):
+                raise ShapeError(f"got {rows} unit gradients but only {len(starts)} units remain this epoch")
+            end = starts[rows] if rows < len(starts) else len(unit_order)
+            if end > self.pending:
+                raise ShapeError(
+                    f"got {rows} unit gradients, but their {end} examples are not all yielded yet "
+                    f"({self.pending} pending)"
+                )
+            self._native.step(*as_segments(grads)[:2], np.ascontiguousarray(unit_order[starts[:rows]], dtype=np.uint32))
+            self._stepped += int(end)
+            return
+        examples = self._take(rows, indices)
+        saved = units.carry
+        try:
+            means, unit_ids = units.average(grads, examples, explicit=indices is not None)
+            if unit_ids.size:
+                segments, kind, _ = as_segments(means)
+                self._native.step(segments, kind, unit_ids)
+        except BaseException:
+            units.carry = saved  # a refused step changes nothing
+            raise
+        if indices is None:
+            self._stepped += rows
+
     def skip(self, rows: int) -> None:
         """Mark ``rows`` pending indices as consumed without gradients (they go to the middle of the next order)."""
         with self._lock:
-            self._take(rows, None)
+            examples = self._take(rows, None)
+            if self._units is not None:
+                self._units.cut(examples)
             self._stepped += rows
 
     def backward(
@@ -261,6 +365,7 @@ class GraBSampler(Sampler[int]):
                 "in_epoch": self._order is not None,
                 "yielded": self._yielded,
                 "stepped": self._stepped,
+                "unit_carry": None if self._units is None else self._units.state(),
             }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -274,10 +379,11 @@ class GraBSampler(Sampler[int]):
         except StateDictError:
             raise
         ordering = "grab" if self.ordering == "mean" else self.ordering
-        if native.ordering != ordering or native.n != self.n:
+        native_n = self.n if self._units is None else self._units.units
+        if native.ordering != ordering or native.n != native_n:
             raise StateDictError(
-                f"the state dict is for ordering={native.ordering!r}, n={native.n}; "
-                f"this sampler has ordering={ordering!r}, n={self.n}"
+                f"the state dict is for ordering={native.ordering!r}, n={native.n} units; "
+                f"this sampler has ordering={ordering!r}, n={native_n} units"
             )
         if native_state.get("state_dtype") != _STATE_DTYPES[self.dtype]:
             raise StateDictError(f"the state dict holds {native_state.get('state_dtype')} sums; this sampler uses {self.dtype}")
@@ -286,19 +392,25 @@ class GraBSampler(Sampler[int]):
             in_epoch = bool(state["in_epoch"])
         except (KeyError, TypeError, ValueError) as e:
             raise StateDictError(f"the state dict is missing or has a malformed cursor entry: {e}") from None
-        order = native.current_order() if in_epoch else None
+        order = self._examples(native.current_order()) if in_epoch else None
         if order is not None and not (0 <= stepped <= yielded <= len(order)):
             raise StateDictError(f"inconsistent cursors: stepped={stepped}, yielded={yielded}, n={len(order)}")
+        carry = None
+        if self._units is not None:
+            carry = UnitMap(self._units.n, self._units.u)
+            carry.load(state.get("unit_carry") if order is not None else None)
         with self._lock:
             self._native = native
             self._epoch = epoch
             self._reset_cursor(order)
             self._generation += 1
             self._yielded, self._stepped = (yielded, stepped) if order is not None else (0, 0)
+            if self._units is not None:
+                self._units.carry = carry.carry
             self._resume = order is not None and stepped < len(order)
 
     def __getstate__(self) -> Dict[str, Any]:
-        config = {k: getattr(self, k) for k in ("ordering", "n", "dtype")}
+        config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size")}
         return {"config": config, "state": self.state_dict()}
 
     def __setstate__(self, data: Dict[str, Any]) -> None:
@@ -306,6 +418,8 @@ class GraBSampler(Sampler[int]):
         self.ordering = data["config"]["ordering"]
         self.n = data["config"]["n"]
         self.dtype = data["config"]["dtype"]
+        self.unit_size = data["config"].get("unit_size", 1)
+        self._units = UnitMap(self.n, self.unit_size) if self.unit_size > 1 else None
         self._lock = threading.RLock()
         self._native = _native.NativeSampler.from_state(native_state)
         self._epoch = 0
