@@ -1,0 +1,231 @@
+"""DistributedGraBSampler: DistributedSampler's contract, and CD-GraB on real gloo process groups.
+
+The multi-process tests start their own ranks on localhost (torch.multiprocessing.spawn, a free port,
+gloo with a short timeout) and compare every epoch's orders with a plain single-process simulation of
+CD-GraB written below from GRAB.md's definition.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections import Counter
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DistributedSampler
+
+import torchgrab
+from torchgrab import DistributedGraBSampler
+
+D = 6
+
+
+# ---------------------------------------------------------------- the simulation (GRAB.md, "Distributed: CD-GraB")
+def grad_of(i: int, epoch: int) -> np.ndarray:
+    """A fixed gradient for data set index i in epoch e (what a model would produce)."""
+    return np.random.default_rng(1000 * epoch + i).standard_normal(D)
+
+
+def simulate_epoch(orders, steps, epoch, mode):
+    """One epoch of CD-GraB. `orders[w]` = shard w's visit order (data set indices), `steps` = rows per step.
+    exact: every shard's pairs in rank order, each signed against the one running sum.
+    efficient: each shard signs its pairs against s at the step start plus its own earlier pairs; then s
+    advances by every shard's signed sum. Returns each shard's next order and the final s."""
+    w_count = len(orders)
+    s = np.zeros(D)
+    front = [[] for _ in range(w_count)]
+    back = [[] for _ in range(w_count)]
+    pending = [None] * w_count
+    pos = 0
+    for rows in steps:
+        s0 = s.copy()
+        total = np.zeros(D)
+        for w in range(w_count):
+            units = ([pending[w]] if pending[w] is not None else []) + list(orders[w][pos : pos + rows])
+            local = s0.copy()
+            for k in range(len(units) // 2):
+                a, b = units[2 * k], units[2 * k + 1]
+                z = grad_of(a, epoch) - grad_of(b, epoch)
+                ref = s if mode == "exact" else local
+                eps = 1.0 if ref @ z <= 0 else -1.0
+                if mode == "exact":
+                    s = s + eps * z
+                else:
+                    local = local + eps * z
+                    total = total + eps * z
+                front[w].append(a if eps > 0 else b)
+                back[w].append(b if eps > 0 else a)
+            pending[w] = units[-1] if len(units) % 2 else None
+        if mode == "efficient":
+            s = s0 + total
+        pos += rows
+    nxt = []
+    for w in range(w_count):
+        placed = set(front[w]) | set(back[w])
+        middle = [i for i in orders[w] if i not in placed]
+        nxt.append(front[w] + middle + back[w][::-1])
+    return nxt, s
+
+
+# ---------------------------------------------------------------- DistributedSampler's contract (no process group)
+@pytest.mark.parametrize("n", [1, 7, 10, 12, 13])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_first_epoch_and_sizes_match_distributed_sampler(n, world, drop_last):
+    if drop_last and n < world:
+        with pytest.raises(torchgrab.ShapeError):
+            DistributedGraBSampler(range(n), num_replicas=world, rank=0, drop_last=drop_last)
+        return
+    ours, theirs = [], []
+    for rank in range(world):
+        a = DistributedGraBSampler(range(n), num_replicas=world, rank=rank, seed=3, drop_last=drop_last)
+        b = DistributedSampler(range(n), num_replicas=world, rank=rank, seed=3, drop_last=drop_last)
+        assert (len(a), a.num_samples, a.total_size) == (len(b), b.num_samples, b.total_size)
+        ours.append(list(a))
+        theirs.append(list(b))
+    # Same seed, same padding rules: the first epoch is DistributedSampler's epoch 0, index for index.
+    assert ours == theirs
+
+
+def test_invalid_rank_is_a_value_error():
+    for rank in (-1, 2, 5):
+        with pytest.raises(ValueError, match="Invalid rank"):
+            DistributedGraBSampler(range(10), num_replicas=2, rank=rank)
+    with pytest.raises(torchgrab.UnsupportedInputError):
+        DistributedGraBSampler(range(10), num_replicas=2, rank=0, ordering="grab")
+    with pytest.raises(torchgrab.UnsupportedInputError):
+        DistributedGraBSampler(range(10), num_replicas=2, rank=0, mode="fast")
+
+
+def test_single_replica_is_pair_balance_and_efficient_equals_exact():
+    """W = 1: both modes are plain pair balance (no cross-rank terms exist), equal to the simulation."""
+    n, steps = 9, [3, 3, 3]
+    for mode in ("exact", "efficient"):
+        s = DistributedGraBSampler(range(n), num_replicas=1, rank=0, mode=mode)
+        s.set_epoch(0)
+        order = list(s)
+        for epoch in range(2):
+            pos = 0
+            for rows in steps:
+                s.step(torch.from_numpy(np.stack([grad_of(i, epoch) for i in order[pos : pos + rows]])))
+                pos += rows
+            want, s_want = simulate_epoch([order], steps, epoch, mode)
+            np.testing.assert_allclose(s.running_sum, s_want, rtol=1e-12, atol=1e-12)
+            order = list(s)
+            assert order == want[0]
+
+
+def test_step_refusals_leave_the_state_unchanged():
+    s = DistributedGraBSampler(range(8), num_replicas=1, rank=0)
+    with pytest.raises(torchgrab.CallOrderError):
+        s.step(torch.zeros(2, 3))
+    it = iter(s)
+    for _ in range(4):
+        next(it)
+    before = s.replica_bytes()
+    with pytest.raises(torchgrab.ShapeError):
+        s.step(torch.zeros(5, 3))  # only 4 yielded
+    bad = torch.zeros(2, 3)
+    bad[1, 2] = float("nan")
+    with pytest.raises(torchgrab.NonFiniteGradientError):
+        s.step(bad)
+    assert s.replica_bytes() == before
+    s.step(torch.ones(2, 3))
+    with pytest.raises(torchgrab.ShapeError, match="d = 3"):
+        s.step(torch.ones(2, 4))
+
+
+# ---------------------------------------------------------------- real process groups
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gather(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _check_epochs(rank, world, n, batch, mode, epochs):
+    sampler = DistributedGraBSampler(range(n), mode=mode, seed=7)
+    assert (sampler.num_replicas, sampler.rank) == (world, rank)
+    assert all(np.array_equal(x, sampler.shards) for x in _gather(sampler.shards))
+    reference = DistributedSampler(range(n), num_replicas=world, rank=rank, seed=7)
+    full = Counter(i for r in range(world) for i in DistributedSampler(range(n), num_replicas=world, rank=r, seed=7))
+    steps = [min(batch, len(sampler) - k) for k in range(0, len(sampler), batch)]
+    expected = None
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        mine = list(sampler)
+        if epoch == 0:
+            assert mine == list(reference)
+        everyone = _gather(mine)
+        # Disjoint shards that together are DistributedSampler's padded index multiset.
+        assert Counter(i for o in everyone for i in o) == full
+        assert all(len(set(o)) == len(o) for o in everyone)
+        if expected is not None:
+            assert everyone == expected
+        pos = 0
+        for rows in steps:
+            g = torch.from_numpy(np.stack([grad_of(i, epoch) for i in mine[pos : pos + rows]]))
+            sampler.step({"w": g[:, :4].contiguous(), "b": g[:, 4:].contiguous()})  # two segments
+            pos += rows
+            reps = _gather(sampler.replica_bytes())
+            assert all(r == reps[0] for r in reps), "replicas diverged"
+        expected, s_want = simulate_epoch(everyone, steps, epoch, mode)
+        np.testing.assert_allclose(sampler.running_sum, s_want, rtol=1e-10, atol=1e-10)
+    return sampler
+
+
+def _worker(rank, world, port, out_dir, scenario):
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=20)
+    )
+    for mode in ("exact", "efficient"):
+        _check_epochs(rank, world, n=22, batch=3 if world == 2 else 4, mode=mode, epochs=3)
+    if scenario == "failures":
+        s = DistributedGraBSampler(range(12), mode="efficient")
+        it = iter(s)
+        idx = [next(it) for _ in range(4)]
+        before = s.replica_bytes()
+        # A wrongly shaped batch on rank 1: every rank refuses the step, nobody hangs, nothing changes.
+        g = torch.ones(3 if rank == 1 else 2, D, dtype=torch.float64)
+        with pytest.raises(torchgrab.ShapeError, match="rank 1 stepped with rows=3"):
+            s.step(g)
+        # A local error on rank 0 (NaN): rank 0 raises it, the other ranks learn that rank 0 refused.
+        g = torch.ones(2, D, dtype=torch.float64)
+        if rank == 0:
+            g[0, 0] = float("nan")
+            with pytest.raises(torchgrab.NonFiniteGradientError):
+                s.step(g)
+        else:
+            with pytest.raises(torchgrab.GraBError, match="rank 0 refused"):
+                s.step(g)
+        assert s.replica_bytes() == before
+        s.step(torch.from_numpy(np.stack([grad_of(i, 0) for i in idx[:2]])))  # still in lockstep
+        assert len(set(_gather(s.replica_bytes()))) == 1
+        # A rank that dies: the survivors get a CollectiveError, not a hang.
+        if rank == 1:
+            os._exit(0)
+        with pytest.raises(torchgrab.CollectiveError, match="peer rank died"):
+            s.step(torch.from_numpy(np.stack([grad_of(i, 0) for i in idx[2:]])))
+        open(os.path.join(out_dir, f"ok{rank}"), "w").close()
+        os._exit(0)  # the process group is broken; skip its teardown
+    open(os.path.join(out_dir, f"ok{rank}"), "w").close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,scenario", [(2, "failures"), (4, "plain")])
+def test_cd_grab_on_gloo(world, scenario):
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(world, _free_port(), out, scenario), nprocs=world, join=True)
+        expect = {f"ok{r}" for r in range(world)} - ({"ok1"} if scenario == "failures" else set())
+        assert expect <= set(os.listdir(out))
