@@ -13,6 +13,8 @@ import tempfile
 from collections import Counter
 from datetime import timedelta
 
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
@@ -226,6 +228,10 @@ def _worker(rank, world, port, out_dir, scenario):
 @pytest.mark.parametrize("world,scenario", [(2, "failures"), (4, "plain")])
 def test_cd_grab_on_gloo(world, scenario):
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(world, _free_port(), out, scenario), nprocs=world, join=True)
+        # A forkserver that imported torch once forks the ranks: spawn would import torch once per rank.
+        multiprocessing.set_forkserver_preload(["torch", "torchgrab.distributed", __name__])
+        mp.start_processes(
+            _worker, args=(world, _free_port(), out, scenario), nprocs=world, join=True, start_method="forkserver"
+        )
         expect = {f"ok{r}" for r in range(world)} - ({"ok1"} if scenario == "failures" else set())
         assert expect <= set(os.listdir(out))
