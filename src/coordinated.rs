@@ -247,7 +247,11 @@ impl Coordinated {
 
     /// Exact mode, replicated part: sign all W*P gathered differences in rank order against s, place
     /// each shard's pairs, then keep this rank's new open gradient (if any). `gathered` is W x P x d.
-    pub fn step_exact<G: GradElem>(&mut self, batch: &Batch<'_, G>, gathered: &[f64]) -> Result<()> {
+    pub fn step_exact<G: GradElem>(
+        &mut self,
+        batch: &Batch<'_, G>,
+        gathered: &[f64],
+    ) -> Result<()> {
         let layout = self.check_step(batch)?;
         let d = layout.dim;
         let p_count = self.pair_count(batch.rows());
@@ -314,7 +318,11 @@ impl Coordinated {
     /// Efficient mode, replicated part: each shard's signs from its gathered (u, G) by `sign_scan`,
     /// pairs placed, this rank's open gradient kept. Returns this rank's signed sum sum_p eps_p z_p
     /// (d numbers), which the caller all-reduces and hands to `add_sum`.
-    pub fn decide<G: GradElem>(&mut self, batch: &Batch<'_, G>, gathered: &[f64]) -> Result<Vec<f64>> {
+    pub fn decide<G: GradElem>(
+        &mut self,
+        batch: &Batch<'_, G>,
+        gathered: &[f64],
+    ) -> Result<Vec<f64>> {
         let layout = self.check_step(batch)?;
         let d = layout.dim;
         let p_count = self.pair_count(batch.rows());
@@ -331,8 +339,16 @@ impl Coordinated {
         for w in 0..self.world {
             let block = &gathered[w * per..(w + 1) * per];
             let mut rule = self.rule.clone();
-            let shard = sign_scan(&block[..p_count], &block[p_count..], &mut rule, self.shard_len, d)
-                .map_err(|e| GrabError::new(e.kind, format!("rank {w}'s inner products: {}", e.message)))?;
+            let shard = sign_scan(
+                &block[..p_count],
+                &block[p_count..],
+                &mut rule,
+                self.shard_len,
+                d,
+            )
+            .map_err(|e| {
+                GrabError::new(e.kind, format!("rank {w}'s inner products: {}", e.message))
+            })?;
             signs.extend(shard.into_iter().map(|(eps, _)| eps));
         }
         let mine = &signs[self.rank * p_count..(self.rank + 1) * p_count];
@@ -357,7 +373,10 @@ impl Coordinated {
             )));
         }
         if total.iter().any(|x| !x.is_finite()) {
-            return Err(GrabError::new(ErrorKind::NonFinite, "the all-reduced signed sum contains NaN or Inf"));
+            return Err(GrabError::new(
+                ErrorKind::NonFinite,
+                "the all-reduced signed sum contains NaN or Inf",
+            ));
         }
         for (s, t) in self.s.iter_mut().zip(total) {
             *s += t;
@@ -373,7 +392,11 @@ impl Coordinated {
             for p in 0..p_count {
                 let (x, y) = self.pair_positions(p);
                 let (i1, i2) = (self.current[w][x], self.current[w][y]);
-                let (front, back) = if signs[w * p_count + p] > 0.0 { (i1, i2) } else { (i2, i1) };
+                let (front, back) = if signs[w * p_count + p] > 0.0 {
+                    (i1, i2)
+                } else {
+                    (i2, i1)
+                };
                 self.assembly[w].place(front, 1.0);
                 self.assembly[w].place(back, -1.0);
             }
@@ -395,7 +418,13 @@ impl Coordinated {
     /// The replicated state as bytes (little endian), for checking that replicas agree bit for bit.
     pub fn replica_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        for x in [self.world, self.shard_len, self.cursor, self.open as usize, self.dim.unwrap_or(0)] {
+        for x in [
+            self.world,
+            self.shard_len,
+            self.cursor,
+            self.open as usize,
+            self.dim.unwrap_or(0),
+        ] {
             out.extend_from_slice(&(x as u64).to_le_bytes());
         }
         out.extend_from_slice(&self.epochs_begun.to_le_bytes());
@@ -455,7 +484,8 @@ mod tests {
         let orders = (0..w_count)
             .map(|w| {
                 let mut o = front[w].clone();
-                let taken: std::collections::HashSet<u32> = front[w].iter().chain(&back[w]).copied().collect();
+                let taken: std::collections::HashSet<u32> =
+                    front[w].iter().chain(&back[w]).copied().collect();
                 o.extend((0..m as u32).filter(|i| !taken.contains(i)));
                 o.extend(back[w].iter().rev());
                 o
@@ -467,23 +497,38 @@ mod tests {
     #[test]
     fn exact_mode_equals_the_single_process_simulation() {
         let (w_count, m, d) = (3usize, 9usize, 5usize);
-        let val = |w: usize, i: usize, c: usize| (((w * 131 + i * 31 + c * 7) * 2654435761usize) % 1000) as f64 / 100.0 - 5.0;
-        let grads: Vec<Vec<Vec<f64>>> =
-            (0..w_count).map(|w| (0..m).map(|i| (0..d).map(|c| val(w, i, c)).collect()).collect()).collect();
+        let val = |w: usize, i: usize, c: usize| {
+            (((w * 131 + i * 31 + c * 7) * 2654435761usize) % 1000) as f64 / 100.0 - 5.0
+        };
+        let grads: Vec<Vec<Vec<f64>>> = (0..w_count)
+            .map(|w| {
+                (0..m)
+                    .map(|i| (0..d).map(|c| val(w, i, c)).collect())
+                    .collect()
+            })
+            .collect();
         let steps = [3usize, 2, 3];
-        let mut reps: Vec<Coordinated> = (0..w_count).map(|r| Coordinated::new(w_count, r, m).unwrap()).collect();
+        let mut reps: Vec<Coordinated> = (0..w_count)
+            .map(|r| Coordinated::new(w_count, r, m).unwrap())
+            .collect();
         for r in reps.iter_mut() {
             r.begin_epoch();
         }
         let mut visited = 0;
         for &rows in &steps {
-            let flats: Vec<Vec<f64>> =
-                (0..w_count).map(|w| grads[w][visited..visited + rows].concat()).collect();
+            let flats: Vec<Vec<f64>> = (0..w_count)
+                .map(|w| grads[w][visited..visited + rows].concat())
+                .collect();
             let gathered: Vec<f64> = (0..w_count)
-                .flat_map(|w| reps[w].local_diffs(&Batch::from_slice(&flats[w], rows, d).unwrap()).unwrap())
+                .flat_map(|w| {
+                    reps[w]
+                        .local_diffs(&Batch::from_slice(&flats[w], rows, d).unwrap())
+                        .unwrap()
+                })
                 .collect();
             for (w, r) in reps.iter_mut().enumerate() {
-                r.step_exact(&Batch::from_slice(&flats[w], rows, d).unwrap(), &gathered).unwrap();
+                r.step_exact(&Batch::from_slice(&flats[w], rows, d).unwrap(), &gathered)
+                    .unwrap();
             }
             let first = reps[0].replica_bytes();
             assert!(reps.iter().all(|r| r.replica_bytes() == first));
@@ -496,8 +541,8 @@ mod tests {
         for r in reps.iter_mut() {
             r.begin_epoch();
         }
-        for w in 0..w_count {
-            assert_eq!(reps[0].shard_order(w), &want[w][..]);
+        for (w, order) in want.iter().enumerate() {
+            assert_eq!(reps[0].shard_order(w), &order[..]);
         }
     }
 

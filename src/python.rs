@@ -583,8 +583,9 @@ macro_rules! with_views {
 }
 
 fn flat_f64<'a>(a: &'a PyReadonlyArray1<'_, f64>, what: &str) -> PyResult<&'a [f64]> {
-    a.as_slice()
-        .map_err(|_| UnsupportedInputError::new_err(format!("{what} must be a contiguous float64 array")))
+    a.as_slice().map_err(|_| {
+        UnsupportedInputError::new_err(format!("{what} must be a contiguous float64 array"))
+    })
 }
 
 /// The replicated CD-GraB order server of one rank. Use `torchgrab.DistributedGraBSampler`.
@@ -611,7 +612,10 @@ impl NativeCoordinated {
     /// Shard `w`'s current order of local unit ids.
     fn shard_order<'py>(&self, py: Python<'py>, w: usize) -> PyResult<Bound<'py, PyArray1<u32>>> {
         if w >= self.inner.world() {
-            return Err(UnitIndexError::new_err(format!("shard {w} does not exist; there are {}", self.inner.world())));
+            return Err(UnitIndexError::new_err(format!(
+                "shard {w} does not exist; there are {}",
+                self.inner.world()
+            )));
         }
         Ok(PyArray1::from_slice(py, self.inner.shard_order(w)))
     }
@@ -622,7 +626,12 @@ impl NativeCoordinated {
     }
 
     /// Exact mode, local: this rank's pair differences, P x d float64 (flat).
-    fn local_diffs<'py>(&self, py: Python<'py>, segments: Vec<Bound<'py, PyAny>>, dtype: &str) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    fn local_diffs<'py>(
+        &self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
         let inner = &self.inner;
         let out = with_views!(segments, dtype, views => {
             let batch = Batch::from_views(&views).map_err(to_py)?;
@@ -632,7 +641,13 @@ impl NativeCoordinated {
     }
 
     /// Exact mode, replicated: sign all gathered differences (W x P x d float64, flat) in rank order.
-    fn step_exact<'py>(&mut self, py: Python<'py>, segments: Vec<Bound<'py, PyAny>>, dtype: &str, gathered: PyReadonlyArray1<'py, f64>) -> PyResult<()> {
+    fn step_exact<'py>(
+        &mut self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+        gathered: PyReadonlyArray1<'py, f64>,
+    ) -> PyResult<()> {
         let g = flat_f64(&gathered, "the gathered differences")?;
         let inner = &mut self.inner;
         with_views!(segments, dtype, views => {
@@ -642,7 +657,12 @@ impl NativeCoordinated {
     }
 
     /// Efficient mode, local: [u (P) | Gram (P x P)] float64.
-    fn local_stats<'py>(&self, py: Python<'py>, segments: Vec<Bound<'py, PyAny>>, dtype: &str) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    fn local_stats<'py>(
+        &self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
         let inner = &self.inner;
         let out = with_views!(segments, dtype, views => {
             let batch = Batch::from_views(&views).map_err(to_py)?;
@@ -652,7 +672,13 @@ impl NativeCoordinated {
     }
 
     /// Efficient mode, replicated: signs from the gathered (u, Gram) blocks; returns this rank's signed sum (d).
-    fn decide<'py>(&mut self, py: Python<'py>, segments: Vec<Bound<'py, PyAny>>, dtype: &str, gathered: PyReadonlyArray1<'py, f64>) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    fn decide<'py>(
+        &mut self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+        gathered: PyReadonlyArray1<'py, f64>,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
         let g = flat_f64(&gathered, "the gathered inner products")?;
         let inner = &mut self.inner;
         let out = with_views!(segments, dtype, views => {
