@@ -454,7 +454,12 @@ mod tests {
     use super::*;
 
     /// A plain single-process CD-GraB: shards in rank order, pairs in visit order, one running sum.
-    fn simulate(grads: &[Vec<Vec<f64>>], steps: &[usize]) -> (Vec<Vec<u32>>, Vec<f64>) {
+    /// `efficient`: each shard signs against the step's starting sum plus its own earlier pairs.
+    fn simulate(
+        grads: &[Vec<Vec<f64>>],
+        steps: &[usize],
+        efficient: bool,
+    ) -> (Vec<Vec<u32>>, Vec<f64>) {
         let w_count = grads.len();
         let m = grads[0].len();
         let d = grads[0][0].len();
@@ -466,13 +471,17 @@ mod tests {
         for &rows in steps {
             let start = visited - pending as usize;
             let len = rows + pending as usize;
+            let s0 = s.clone();
             for w in 0..w_count {
+                let mut local = s0.clone();
                 for p in 0..len / 2 {
                     let (x, y) = (start + 2 * p, start + 2 * p + 1);
                     let z: Vec<f64> = (0..d).map(|c| grads[w][x][c] - grads[w][y][c]).collect();
-                    let dot: f64 = (0..d).map(|c| s[c] * z[c]).sum();
+                    let against = if efficient { &local } else { &s };
+                    let dot: f64 = (0..d).map(|c| against[c] * z[c]).sum();
                     let eps = if dot <= 0.0 { 1.0 } else { -1.0 };
                     (0..d).for_each(|c| s[c] += eps * z[c]);
+                    (0..d).for_each(|c| local[c] += eps * z[c]);
                     let (f, b) = if eps > 0.0 { (x, y) } else { (y, x) };
                     front[w].push(f as u32);
                     back[w].push(b as u32);
@@ -496,6 +505,15 @@ mod tests {
 
     #[test]
     fn exact_mode_equals_the_single_process_simulation() {
+        check_against_simulation(false);
+    }
+
+    #[test]
+    fn efficient_mode_equals_its_simulation() {
+        check_against_simulation(true);
+    }
+
+    fn check_against_simulation(efficient: bool) {
         let (w_count, m, d) = (3usize, 9usize, 5usize);
         let val = |w: usize, i: usize, c: usize| {
             (((w * 131 + i * 31 + c * 7) * 2654435761usize) % 1000) as f64 / 100.0 - 5.0
@@ -519,22 +537,34 @@ mod tests {
             let flats: Vec<Vec<f64>> = (0..w_count)
                 .map(|w| grads[w][visited..visited + rows].concat())
                 .collect();
+            let batch = |w: usize| Batch::from_slice(&flats[w], rows, d).unwrap();
             let gathered: Vec<f64> = (0..w_count)
                 .flat_map(|w| {
-                    reps[w]
-                        .local_diffs(&Batch::from_slice(&flats[w], rows, d).unwrap())
-                        .unwrap()
+                    if efficient {
+                        reps[w].local_stats(&batch(w)).unwrap()
+                    } else {
+                        reps[w].local_diffs(&batch(w)).unwrap()
+                    }
                 })
                 .collect();
-            for (w, r) in reps.iter_mut().enumerate() {
-                r.step_exact(&Batch::from_slice(&flats[w], rows, d).unwrap(), &gathered)
-                    .unwrap();
+            if efficient {
+                let sums: Vec<Vec<f64>> = reps
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(w, r)| r.decide(&batch(w), &gathered).unwrap())
+                    .collect();
+                let total: Vec<f64> = (0..d).map(|c| sums.iter().map(|v| v[c]).sum()).collect();
+                reps.iter_mut().for_each(|r| r.add_sum(&total).unwrap());
+            } else {
+                for (w, r) in reps.iter_mut().enumerate() {
+                    r.step_exact(&batch(w), &gathered).unwrap();
+                }
             }
             let first = reps[0].replica_bytes();
             assert!(reps.iter().all(|r| r.replica_bytes() == first));
             visited += rows;
         }
-        let (want, s) = simulate(&grads, &steps);
+        let (want, s) = simulate(&grads, &steps, efficient);
         for (a, b) in reps[0].running_sum().iter().zip(&s) {
             assert!((a - b).abs() < 1e-9);
         }
