@@ -143,6 +143,43 @@ def test_step_refusals_leave_the_state_unchanged():
         s.step(torch.ones(2, 4))
 
 
+def _replicas_global_order(vectors, world, b, epochs, mode, seed):
+    """W order-server replicas in one process (what W ranks compute); the last epoch's global order."""
+    n = len(vectors)
+    m = n // world
+    shards = np.random.default_rng(seed).permutation(n)[: m * world].reshape(m, world).T
+    reps = [torchgrab._native.NativeCoordinated(world, r, m) for r in range(world)]
+    rng = np.random.default_rng(seed + 1)
+    for epoch in range(epochs + 1):
+        orders = [rng.permutation(m) for _ in reps] if mode == "rr" else [r.begin_epoch() for r in reps]
+        if epoch == epochs or mode == "rr":
+            continue
+        for lo in range(0, m, b):
+            rows = [np.ascontiguousarray(vectors[shards[w][orders[w][lo : lo + b]]]) for w in range(world)]
+            if mode == "exact":
+                gathered = np.concatenate([r.local_diffs([x], "float64") for r, x in zip(reps, rows)])
+                for r, x in zip(reps, rows):
+                    r.step_exact([x], "float64", gathered)
+            else:
+                gathered = np.concatenate([r.local_stats([x], "float64") for r, x in zip(reps, rows)])
+                total = sum(r.decide([x], "float64", gathered) for r, x in zip(reps, rows))
+                for r in reps:
+                    r.add_sum(total)
+        assert len({r.replica_bytes() for r in reps}) == 1
+    return np.concatenate([shards[w][orders[w][lo : lo + b]] for lo in range(0, m, b) for w in range(world)])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_both_modes_balance_far_better_than_random_reshuffling(seed):
+    """Herding discrepancy of the global (step-major) order on fixed vectors: the efficient mode's
+    approximation stays close to exact CD-GraB, and both are far below random reshuffling."""
+    v = np.random.default_rng(seed).standard_normal((512, 16))
+    disc = {mode: torchgrab.herding_discrepancy(v, _replicas_global_order(v, 4, 8, 4, mode, seed)).l2 for mode in ("rr", "exact", "efficient")}
+    assert disc["exact"] < 0.5 * disc["rr"]
+    assert disc["efficient"] < 0.5 * disc["rr"]
+    assert disc["efficient"] < 1.5 * disc["exact"]
+
+
 # ---------------------------------------------------------------- real process groups
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -187,6 +224,27 @@ def _check_epochs(rank, world, n, batch, mode, epochs):
     return sampler
 
 
+def _check_backward_parity(rank):
+    """sampler.backward on a DDP model leaves the same .grad as DDP's own loss.backward()."""
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(D, 3))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(4, D, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    loss_fn(model(x), y).backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    for mode in ("exact", "efficient"):
+        s = DistributedGraBSampler(range(16), mode=mode)
+        it = iter(s)
+        [next(it) for _ in range(4)]
+        model.zero_grad(set_to_none=True)
+        loss = s.backward(model, loss_fn, x, y)
+        assert torch.allclose(loss, loss_fn(model(x), y), atol=1e-6)
+        for p, g in zip(model.parameters(), want):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+        assert s._native.cursor == 4 and len(set(_gather(s.replica_bytes()))) == 1
+
+
 def _worker(rank, world, port, out_dir, scenario):
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=20)
@@ -194,6 +252,7 @@ def _worker(rank, world, port, out_dir, scenario):
     for mode in ("exact", "efficient"):
         _check_epochs(rank, world, n=22, batch=3 if world == 2 else 4, mode=mode, epochs=3)
     if scenario == "failures":
+        _check_backward_parity(rank)
         s = DistributedGraBSampler(range(12), mode="efficient")
         it = iter(s)
         idx = [next(it) for _ in range(4)]
