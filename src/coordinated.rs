@@ -363,8 +363,80 @@ impl Coordinated {
         Ok(v)
     }
 
+    /// Refuse a step that `local_diffs`, `local_stats` or `own_round` would refuse; cheap (one pass).
+    pub fn validate<G: GradElem>(&self, batch: &Batch<'_, G>) -> Result<()> {
+        self.check_step(batch)?;
+        Self::check_finite(batch)
+    }
+
+    /// Pipelined mode, this rank's round: its signs against the current s (which already holds the
+    /// signed sums of the ranks before it in this step), by `sign_scan` on u = Z s and G = Z Z^T, and
+    /// its signed sum. Returns [signs (P) | signed sum (d)] for the broadcast; changes nothing.
+    pub fn own_round<G: GradElem>(&self, batch: &Batch<'_, G>) -> Result<Vec<f64>> {
+        let layout = self.check_step(batch)?;
+        let d = layout.dim;
+        let p_count = self.pair_count(batch.rows());
+        let stats = self.local_stats(batch)?;
+        let mut rule = self.rule.clone();
+        let signs = sign_scan(
+            &stats[..p_count],
+            &stats[p_count..],
+            &mut rule,
+            self.shard_len,
+            d,
+        )?;
+        let mut out = vec![0.0f64; p_count + d];
+        for (p, &(eps, _)) in signs.iter().enumerate() {
+            out[p] = eps;
+            let v = &mut out[p_count..];
+            with_pair!(self, layout, batch, p, a, b => update_diff::<f64, _, _, G>(&layout, v, &a, &b, eps, None));
+        }
+        Ok(out)
+    }
+
+    /// Pipelined mode, after all W rounds: place every shard's pairs with the broadcast signs
+    /// (rank-major, W x P, each +1 or -1) and keep this rank's open gradient.
+    pub fn place_step<G: GradElem>(&mut self, batch: &Batch<'_, G>, signs: &[f64]) -> Result<()> {
+        let layout = self.check_step(batch)?;
+        let p_count = self.pair_count(batch.rows());
+        if signs.len() != self.world * p_count {
+            return Err(GrabError::shape(format!(
+                "expected {} x {p_count} signs, got {}",
+                self.world,
+                signs.len()
+            )));
+        }
+        if signs.iter().any(|&e| e != 1.0 && e != -1.0) {
+            return Err(GrabError::new(
+                ErrorKind::NonFinite,
+                "a broadcast sign is neither +1 nor -1",
+            ));
+        }
+        if self.s.is_empty() {
+            self.s = vec![0.0; layout.dim];
+        }
+        self.commit(batch, signs, p_count);
+        Ok(())
+    }
+
+    /// Put back a running sum saved before a step whose rounds failed half way.
+    pub fn restore_running_sum(&mut self, s: &[f64]) -> Result<()> {
+        if !s.is_empty() && !self.s.is_empty() && s.len() != self.s.len() {
+            return Err(GrabError::shape(format!(
+                "the running sum has d = {} values, got {}",
+                self.s.len(),
+                s.len()
+            )));
+        }
+        self.s = s.to_vec();
+        Ok(())
+    }
+
     /// Efficient mode, last part: s += the all-reduced signed sum of every rank.
     pub fn add_sum(&mut self, total: &[f64]) -> Result<()> {
+        if self.s.is_empty() && self.dim.is_none() {
+            self.s = vec![0.0; total.len()];
+        }
         if total.len() != self.s.len() {
             return Err(GrabError::shape(format!(
                 "the signed sum must have d = {} values, got {}",
@@ -511,6 +583,70 @@ mod tests {
     #[test]
     fn efficient_mode_equals_its_simulation() {
         check_against_simulation(true);
+    }
+
+    #[test]
+    fn pipelined_rounds_equal_the_exact_simulation() {
+        check_against_simulation_pipelined();
+    }
+
+    fn check_against_simulation_pipelined() {
+        let (w_count, m, d) = (3usize, 9usize, 5usize);
+        let grads = test_grads(w_count, m, d);
+        let steps = [3usize, 2, 3];
+        let mut reps: Vec<Coordinated> = (0..w_count)
+            .map(|r| Coordinated::new(w_count, r, m).unwrap())
+            .collect();
+        reps.iter_mut().for_each(|r| {
+            r.begin_epoch();
+        });
+        let mut visited = 0;
+        for &rows in &steps {
+            let flats: Vec<Vec<f64>> = (0..w_count)
+                .map(|w| grads[w][visited..visited + rows].concat())
+                .collect();
+            let batch = |w: usize| Batch::from_slice(&flats[w], rows, d).unwrap();
+            let p_count = reps[0].pair_count(rows);
+            let mut signs = Vec::new();
+            for a in 0..w_count {
+                // Round a: rank a decides against the s every replica holds, then "broadcasts".
+                let payload = reps[a].own_round(&batch(a)).unwrap();
+                signs.extend_from_slice(&payload[..p_count]);
+                reps.iter_mut()
+                    .for_each(|r| r.add_sum(&payload[p_count..]).unwrap());
+            }
+            for (w, r) in reps.iter_mut().enumerate() {
+                r.place_step(&batch(w), &signs).unwrap();
+            }
+            let first = reps[0].replica_bytes();
+            assert!(reps.iter().all(|r| r.replica_bytes() == first));
+            visited += rows;
+        }
+        let (want, s) = simulate(&grads, &steps, false);
+        // The data tell the modes apart, so this test can fail.
+        assert_ne!(simulate(&grads, &steps, true).0, want);
+        for (a, b) in reps[0].running_sum().iter().zip(&s) {
+            assert!((a - b).abs() < 1e-9);
+        }
+        reps.iter_mut().for_each(|r| {
+            r.begin_epoch();
+        });
+        for (w, order) in want.iter().enumerate() {
+            assert_eq!(reps[0].shard_order(w), &order[..]);
+        }
+    }
+
+    fn test_grads(w_count: usize, m: usize, d: usize) -> Vec<Vec<Vec<f64>>> {
+        let val = |w: usize, i: usize, c: usize| {
+            (((w * 131 + i * 31 + c * 7) * 2654435761usize) % 1000) as f64 / 100.0 - 5.0
+        };
+        (0..w_count)
+            .map(|w| {
+                (0..m)
+                    .map(|i| (0..d).map(|c| val(w, i, c)).collect())
+                    .collect()
+            })
+            .collect()
     }
 
     fn check_against_simulation(efficient: bool) {

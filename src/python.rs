@@ -688,6 +688,57 @@ impl NativeCoordinated {
         Ok(out.into_pyarray(py))
     }
 
+    /// Refuse (raise) a step this rank could not take; changes nothing.
+    fn validate<'py>(
+        &self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+    ) -> PyResult<()> {
+        let inner = &self.inner;
+        with_views!(segments, dtype, views => {
+            let batch = Batch::from_views(&views).map_err(to_py)?;
+            py.detach(|| inner.validate(&batch)).map_err(to_py)
+        })
+    }
+
+    /// Pipelined mode, this rank's round: [signs (P) | signed sum (d)] float64 against the current s.
+    fn own_round<'py>(
+        &self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let inner = &self.inner;
+        let out = with_views!(segments, dtype, views => {
+            let batch = Batch::from_views(&views).map_err(to_py)?;
+            py.detach(|| inner.own_round(&batch)).map_err(to_py)
+        })?;
+        Ok(out.into_pyarray(py))
+    }
+
+    /// Pipelined mode, after the W rounds: place every shard's pairs with the signs (W x P float64).
+    fn place_step<'py>(
+        &mut self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+        signs: PyReadonlyArray1<'py, f64>,
+    ) -> PyResult<()> {
+        let sg = flat_f64(&signs, "the signs")?;
+        let inner = &mut self.inner;
+        with_views!(segments, dtype, views => {
+            let batch = Batch::from_views(&views).map_err(to_py)?;
+            py.detach(|| inner.place_step(&batch, sg)).map_err(to_py)
+        })
+    }
+
+    /// Put back a running sum saved before a step that failed half way.
+    fn restore_running_sum(&mut self, s: PyReadonlyArray1<'_, f64>) -> PyResult<()> {
+        let v = flat_f64(&s, "the running sum")?;
+        self.inner.restore_running_sum(v).map_err(to_py)
+    }
+
     /// Efficient mode: s += the all-reduced signed sum (d float64).
     fn add_sum(&mut self, total: PyReadonlyArray1<'_, f64>) -> PyResult<()> {
         let t = flat_f64(&total, "the signed sum")?;

@@ -108,7 +108,7 @@ def test_invalid_rank_is_a_value_error():
 def test_single_replica_is_pair_balance_and_efficient_equals_exact():
     """W = 1: both modes are plain pair balance (no cross-rank terms exist), equal to the simulation."""
     n, steps = 9, [3, 3, 3]
-    for mode in ("exact", "efficient"):
+    for mode in ("exact", "pipelined", "efficient"):
         s = DistributedGraBSampler(range(n), num_replicas=1, rank=0, mode=mode)
         s.set_epoch(0)
         order = list(s)
@@ -117,7 +117,7 @@ def test_single_replica_is_pair_balance_and_efficient_equals_exact():
             for rows in steps:
                 s.step(torch.from_numpy(np.stack([grad_of(i, epoch) for i in order[pos : pos + rows]])))
                 pos += rows
-            want, s_want = simulate_epoch([order], steps, epoch, mode)
+            want, s_want = simulate_epoch([order], steps, epoch, "efficient" if mode == "efficient" else "exact")
             np.testing.assert_allclose(s.running_sum, s_want, rtol=1e-12, atol=1e-12)
             order = list(s)
             assert order == want[0]
@@ -219,7 +219,8 @@ def _check_epochs(rank, world, n, batch, mode, epochs):
             pos += rows
             reps = _gather(sampler.replica_bytes())
             assert all(r == reps[0] for r in reps), "replicas diverged"
-        expected, s_want = simulate_epoch(everyone, steps, epoch, mode)
+        # pipelined is exact CD-GraB (Gram formulation, broadcast rounds): same simulation as exact.
+        expected, s_want = simulate_epoch(everyone, steps, epoch, "efficient" if mode == "efficient" else "exact")
         np.testing.assert_allclose(sampler.running_sum, s_want, rtol=1e-10, atol=1e-10)
     return sampler
 
@@ -233,7 +234,7 @@ def _check_backward_parity(rank):
     x, y = torch.randn(4, D, generator=gen), torch.randint(0, 3, (4,), generator=gen)
     loss_fn(model(x), y).backward()
     want = [p.grad.clone() for p in model.parameters()]
-    for mode in ("exact", "efficient"):
+    for mode in ("exact", "pipelined", "efficient"):
         s = DistributedGraBSampler(range(16), mode=mode)
         it = iter(s)
         [next(it) for _ in range(4)]
@@ -249,7 +250,7 @@ def _worker(rank, world, port, out_dir, scenario):
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=20)
     )
-    for mode in ("exact", "efficient"):
+    for mode in ("exact", "pipelined", "efficient"):
         _check_epochs(rank, world, n=22, batch=3 if world == 2 else 4, mode=mode, epochs=3)
     if scenario == "failures":
         _check_backward_parity(rank)

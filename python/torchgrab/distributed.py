@@ -11,6 +11,12 @@ d parameters):
 ``mode="exact"``
     all_gather of the P x d pair differences (float64): CD-GraB's signs exactly (rank order, then
     visit order), the same signs a single process computes on all W*P differences.
+``mode="pipelined"``
+    W broadcast rounds per step; in round a, rank a signs its pairs by ``sign_scan`` (u = Z s, G = Z Z^T)
+    against the s that already holds ranks 0..a-1's signed sums of this step, and broadcasts its P signs
+    and its signed sum Z^T eps (P + d numbers, float64). The same signs as exact CD-GraB in exact
+    arithmetic (the Gram formulation is an identity); in floating point only an inner product within
+    rounding of 0 could differ. P times fewer bytes than ``exact``, at the cost of W sequential rounds.
 ``mode="efficient"``
     all_gather of u = Z s (P numbers) and the shard's own Gram matrix Z Z^T (P^2 numbers), then one
     all_reduce of the signed sum Z^T eps (d numbers), which :meth:`DistributedGraBSampler.backward`
@@ -36,10 +42,10 @@ from torch.utils.data import Sampler
 
 from torchgrab import _native
 from torchgrab._segments import as_segments
-from torchgrab.errors import CallOrderError, GraBError, ShapeError, UnsupportedInputError
+from torchgrab.errors import CallOrderError, GraBError, NonFiniteGradientError, ShapeError, UnsupportedInputError
 from torchgrab.gradients import per_example_gradients
 
-_MODES = {"exact": 0, "efficient": 1}
+_MODES = {"exact": 0, "efficient": 1, "pipelined": 2}
 _DTYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 _HEADER = ("ok", "rows", "d", "dtype", "mode", "cursor", "epoch", "payload")
 _YIELD_CHUNK = 1 << 13
@@ -98,7 +104,7 @@ class DistributedGraBSampler(Sampler[int]):
         if ordering != "pair":
             raise UnsupportedInputError(f"DistributedGraBSampler coordinates ordering='pair' (CD-GraB) only, got {ordering!r}")
         if mode not in _MODES:
-            raise UnsupportedInputError(f"mode must be 'exact' or 'efficient', got {mode!r}")
+            raise UnsupportedInputError(f"mode must be 'exact', 'pipelined' or 'efficient', got {mode!r}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise UnsupportedInputError(f"seed must be a non-negative integer, got {seed!r}")
         size = len(dataset) if dataset is not None else n
@@ -277,7 +283,10 @@ class DistributedGraBSampler(Sampler[int]):
                 segments, kind, rows, d = self._prepare(grads)
                 if rows > self._yielded - self._native.cursor:
                     raise ShapeError(f"got {rows} gradient rows but only {self._yielded - self._native.cursor} yielded indices wait for gradients")
-                if self.mode == "exact":
+                if self.mode == "pipelined":
+                    self._native.validate(segments, kind)
+                    local = torch.empty(self._native.pair_count(rows) + d, dtype=torch.float64)
+                elif self.mode == "exact":
                     local = torch.from_numpy(self._native.local_diffs(segments, kind))
                 else:
                     local = torch.from_numpy(self._native.local_stats(segments, kind))
@@ -285,6 +294,9 @@ class DistributedGraBSampler(Sampler[int]):
                 error = e
             self._agree(rows, d, kind, 0 if local is None else local.numel(), error)
             assert local is not None
+            if self.mode == "pipelined":
+                self._rounds(segments, kind, rows, d)
+                return None if extra is None else self._reduce_extra(extra)
             if self._distributed() and self.num_replicas > 1:
                 gathered = torch.cat(self._all_gather(f"all_gather of the {self.mode} step data", local)).numpy()
             else:
@@ -306,6 +318,40 @@ class DistributedGraBSampler(Sampler[int]):
                 v = self._all_reduce("all_reduce of the signed sum", v)
             self._native.add_sum(np.ascontiguousarray(v.numpy()))
             return None
+
+    def _rounds(self, segments: List[np.ndarray], kind: str, rows: int, d: int) -> None:
+        """Pipelined mode: W broadcast rounds; in round a, rank a signs its pairs against the s that
+        already holds ranks 0..a-1's signed sums of this step and broadcasts [signs | signed sum]."""
+        p = self._native.pair_count(rows)
+        saved = self._native.running_sum().copy()
+        signs = np.empty(self.num_replicas * p)
+        try:
+            for a in range(self.num_replicas):
+                if a == self.rank:
+                    try:
+                        buf = torch.from_numpy(self._native.own_round(segments, kind))
+                    except GraBError:  # e.g. inner products overflowing: make every rank refuse
+                        buf = torch.full((p + d,), float("nan"), dtype=torch.float64)
+                else:
+                    buf = torch.empty(p + d, dtype=torch.float64)
+                if self._distributed() and self.num_replicas > 1:
+                    buf = self._broadcast(f"broadcast of round {a}", buf, a)
+                if not bool(torch.isfinite(buf).all()):
+                    raise NonFiniteGradientError(f"rank {a}'s signs or signed sum are not finite (overflowing inner products?); the step was refused on every rank")
+                signs[a * p : (a + 1) * p] = buf[:p].numpy()
+                self._native.add_sum(np.ascontiguousarray(buf[p:].numpy()))
+            self._native.place_step(segments, kind, signs)
+        except GraBError:
+            self._native.restore_running_sum(saved)
+            raise
+
+    def _broadcast(self, what: str, t: torch.Tensor, src: int) -> torch.Tensor:
+        buf = t.to(self._device())
+        root = dist.get_global_rank(self.group, src) if self.group is not None else src
+        self._collective(what, dist.broadcast, buf, root, group=self.group)
+        if src == self.rank:
+            self.bytes_sent += buf.numel() * buf.element_size()
+        return buf.cpu()
 
     def _reduce_extra(self, extra: torch.Tensor) -> torch.Tensor:
         if self._distributed() and self.num_replicas > 1:
