@@ -39,41 +39,38 @@ sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 
 
 # ---------------------------------------------------------------- 1. bytes
+HEADER = 8 * 8  # the step header every mode all-gathers (8 int64)
+
+
 def formula_bytes(w: int, b: int, d: int) -> dict:
-    """Payload bytes each rank contributes per step (float32 gradients; P = B/2 pairs)."""
+    """{protocol: (payload, received)} per rank and step, float32 gradients, P = B/2 pairs.
+    payload = bytes this rank puts into collectives; received = bytes it receives with ring algorithms
+    (all_gather of S: (W-1) S; all_reduce of S: 2 (W-1)/W S; W broadcast rounds of S: (W-1) S)."""
     p = b // 2
-    header = 8 * 8
+    ring = 2 * (w - 1) / w
     return {
-        "DDP all_reduce (gradient)": 4 * d,
-        "reference: all_gather B x d": 4 * b * d,
-        "exact: all_gather P x d f64": header + 8 * p * d,
-        "efficient, beyond the gradient: all_gather u,G + sum riding in the all_reduce": header + 8 * (p + p * p) + 4 * d,
+        "DDP: all_reduce of the gradient (d f32)": (4 * d, ring * 4 * d),
+        "reference CD-GraB: all_gather B x d f32": (4 * b * d, (w - 1) * 4 * b * d),
+        "exact: all_gather P x d f64": (HEADER + 8 * p * d, (w - 1) * (HEADER + 8 * p * d)),
+        "pipelined: W broadcast rounds of P + d f64": (HEADER + 8 * (p + d), (w - 1) * (HEADER + 8 * (p + d))),
+        "efficient: all_gather P + P^2 f64, + d f32 in the gradient all_reduce": (
+            HEADER + 8 * (p + p * p) + 4 * d,
+            (w - 1) * (HEADER + 8 * (p + p * p)) + ring * 4 * d,
+        ),
     }
 
 
-def wire_bytes(kind: str, w: int, payload: int) -> float:
-    """Bytes one rank sends with ring algorithms: all_reduce 2(W-1)/W S, all_gather (W-1) S."""
-    if "all_reduce" in kind and "all_gather" not in kind:
-        return 2 * (w - 1) / w * payload
-    return (w - 1) * payload
-
-
 def table_bytes(quick: bool) -> None:
-    print("\n## 1. Bytes per step and rank (float32 gradients)\n")
-    print("payload = bytes this rank puts into the collectives; wire = bytes it sends with ring algorithms")
-    print("(efficient: the all_gather part at (W-1)x, the signed sum riding in the gradient all_reduce at 2(W-1)/W x)\n")
-    print("| W | B | d | protocol | payload | wire | x DDP (wire) |")
+    print("\n## 1. Bytes per step and rank (float32 gradients; the sampler's modes beyond DDP's own all-reduce)\n")
+    print("payload = bytes this rank puts into collectives; received = bytes it receives with ring algorithms;")
+    print("x DDP = received / received by DDP's gradient all-reduce\n")
+    print("| W | B | d | protocol | payload | received | x DDP |")
     print("|---|---|---|---|---:|---:|---:|")
     for w, b, d in [(2, 64, 7850), (4, 64, 7850), (4, 32, 1_000_000), (8, 32, 25_000_000)]:
         f = formula_bytes(w, b, d)
-        ddp_wire = wire_bytes("DDP all_reduce", w, f["DDP all_reduce (gradient)"])
-        for kind, payload in f.items():
-            if kind.startswith("efficient"):
-                p = b // 2
-                wire = (w - 1) * (64 + 8 * (p + p * p)) + 2 * (w - 1) / w * 4 * d
-            else:
-                wire = wire_bytes(kind, w, payload)
-            print(f"| {w} | {b} | {d:,} | {kind} | {payload:,.0f} | {wire:,.0f} | {wire / ddp_wire:.2f} |")
+        ddp = f["DDP: all_reduce of the gradient (d f32)"][1]
+        for kind, (payload, recv) in f.items():
+            print(f"| {w} | {b} | {d:,} | {kind} | {payload:,.0f} | {recv:,.0f} | {recv / ddp:.2f} |")
 
 
 def measured_bytes(world: int, b: int, d: int) -> dict:
@@ -86,7 +83,7 @@ def measured_bytes(world: int, b: int, d: int) -> dict:
 def _bytes_worker(rank: int, world: int, port: int, out: str, b: int, d: int) -> None:
     _init(rank, world, port)
     res = {}
-    for mode in ("exact", "efficient"):
+    for mode in ("exact", "pipelined", "efficient"):
         s = torchgrab.DistributedGraBSampler(range(world * 4 * b), mode=mode)
         it = iter(s)
         [next(it) for _ in range(b)]
@@ -177,7 +174,7 @@ def _time_worker(rank: int, world: int, port: int, out: str, n: int, b: int, dat
     x, y = load_mnist(data, "train", n)
     loss_fn = nn.CrossEntropyLoss()
     res = {}
-    for method in ("rr", "cd-grab exact", "cd-grab efficient"):
+    for method in ("rr", "cd-grab exact", "cd-grab pipelined", "cd-grab efficient"):
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(nn.Linear(784, 10))
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -211,13 +208,13 @@ def table_time(quick: bool, data: str) -> None:
     n, b = (4096, 32) if quick else (16384, 32)
     print(f"\n## 3. Epoch time, MNIST logistic regression (d = 7,850), {n} training images, B = {b} per rank, gloo on CPU")
     print(f"(this machine: {os.cpu_count()} CPU cores, shared; one torch thread per rank, so 4 ranks oversubscribe 2 cores)\n")
-    print("| ranks | DistributedSampler + DDP | CD-GraB exact | CD-GraB efficient |")
-    print("|---|---:|---:|---:|")
+    print("| ranks | DistributedSampler + DDP | CD-GraB exact | CD-GraB pipelined | CD-GraB efficient |")
+    print("|---|---:|---:|---:|---:|")
     for world in (1, 2, 4):
         with tempfile.TemporaryDirectory() as out:
             mp.start_processes(_time_worker, args=(world, _free_port(), out, n, b, data), nprocs=world, join=True, start_method="forkserver")
             t = dict(np.load(os.path.join(out, "t.npz")))
-        print(f"| {world} | {float(t['rr']):.2f} s | {float(t['cd-grab_exact']):.2f} s | {float(t['cd-grab_efficient']):.2f} s |")
+        print(f"| {world} | {float(t['rr']):.2f} s | {float(t['cd-grab_exact']):.2f} s | {float(t['cd-grab_pipelined']):.2f} s | {float(t['cd-grab_efficient']):.2f} s |")
 
 
 def main() -> None:
@@ -230,12 +227,14 @@ def main() -> None:
     if args.only in (None, "bytes"):
         table_bytes(args.quick)
         print("\nMeasured by the sampler's counter on real gloo ranks (payload bytes per rank for one step, B = 64, d = 7,850):\n")
-        print("| W | exact | efficient (beyond the gradient) | formula exact | formula efficient (beyond the gradient) |")
-        print("|---|---:|---:|---:|---:|")
+        print("| W | mode | counted | formula |")
+        print("|---|---|---:|---:|")
         for w in (2, 4):
             m = measured_bytes(w, 64, 7850)
             f = formula_bytes(w, 64, 7850)
-            print(f"| {w} | {int(m['exact']):,} | {int(m['efficient']):,} | {f['exact: all_gather P x d f64']:,} | {f['efficient, beyond the gradient: all_gather u,G + sum riding in the all_reduce']:,} |")
+            for mode in ("exact", "pipelined", "efficient"):
+                want = next(v[0] for k, v in f.items() if k.startswith(mode))
+                print(f"| {w} | {mode} | {int(m[mode]):,} | {want:,.0f} |")
     if args.only in (None, "quality"):
         table_quality(args.quick)
     if args.only in (None, "time"):
