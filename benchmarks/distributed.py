@@ -29,9 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
-
 import torchgrab
+from torch import nn
 from torchgrab import _native
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,7 +75,9 @@ def table_bytes(quick: bool) -> None:
 def measured_bytes(world: int, b: int, d: int) -> dict:
     """Run one step of each mode on real gloo ranks and read the sampler's byte counter."""
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_bytes_worker, args=(world, _free_port(), out, b, d), nprocs=world, join=True, start_method="forkserver")
+        mp.start_processes(
+            _bytes_worker, args=(world, _free_port(), out, b, d), nprocs=world, join=True, start_method="forkserver"
+        )
         return dict(np.load(os.path.join(out, "bytes.npz")))
 
 
@@ -103,7 +104,7 @@ def _bytes_worker(rank: int, world: int, port: int, out: str, b: int, d: int) ->
 # ---------------------------------------------------------------- 2. quality
 def run_replicas(vectors: np.ndarray, world: int, b: int, epochs: int, mode: str, seed: int = 0):
     """W replicas of the order server in one process; returns the global visit order of the last epoch."""
-    n, d = vectors.shape
+    n = len(vectors)
     m = n // world
     perm = np.random.default_rng(seed).permutation(n)[: m * world]
     shards = perm.reshape(m, world).T
@@ -144,7 +145,9 @@ def table_quality(quick: bool) -> None:
     n, d = (2048, 32) if quick else (8192, 64)
     epochs = 5
     vectors = np.random.default_rng(0).standard_normal((n, d))
-    print(f"\n## 2. Balancing quality: herding discrepancy (l_inf / l2) of the global order, n = {n}, d = {d} Gaussian, after {epochs} epochs\n")
+    print(
+        f"\n## 2. Balancing quality: herding discrepancy (l_inf / l2) of the global order, n = {n}, d = {d} Gaussian, after {epochs} epochs\n"
+    )
     print("| W | B per rank | random reshuffling | independent pair balance | CD-GraB exact | CD-GraB efficient |")
     print("|---|---|---:|---:|---:|---:|")
     for w, b in [(2, 16), (4, 16), (4, 64), (8, 32)]:
@@ -164,11 +167,13 @@ def _free_port() -> int:
 
 def _init(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
 
 
 def _time_worker(rank: int, world: int, port: int, out: str, n: int, b: int, data: str) -> None:
-    from distributed_mnist import load_mnist  # noqa: E402
+    from distributed_mnist import load_mnist
 
     _init(rank, world, port)
     x, y = load_mnist(data, "train", n)
@@ -206,15 +211,27 @@ def _time_worker(rank: int, world: int, port: int, out: str, n: int, b: int, dat
 
 def table_time(quick: bool, data: str) -> None:
     n, b = (4096, 32) if quick else (16384, 32)
-    print(f"\n## 3. Epoch time, MNIST logistic regression (d = 7,850), {n} training images, B = {b} per rank, gloo on CPU")
-    print(f"(this machine: {os.cpu_count()} CPU cores, shared; one torch thread per rank, so 4 ranks oversubscribe 2 cores)\n")
+    print(
+        f"\n## 3. Epoch time, MNIST logistic regression (d = 7,850), {n} training images, B = {b} per rank, gloo on CPU"
+    )
+    print(
+        f"(this machine: {os.cpu_count()} CPU cores, shared; one torch thread per rank, so 4 ranks oversubscribe 2 cores)\n"
+    )
     print("| ranks | DistributedSampler + DDP | CD-GraB exact | CD-GraB pipelined | CD-GraB efficient |")
     print("|---|---:|---:|---:|---:|")
     for world in (1, 2, 4):
         with tempfile.TemporaryDirectory() as out:
-            mp.start_processes(_time_worker, args=(world, _free_port(), out, n, b, data), nprocs=world, join=True, start_method="forkserver")
+            mp.start_processes(
+                _time_worker,
+                args=(world, _free_port(), out, n, b, data),
+                nprocs=world,
+                join=True,
+                start_method="forkserver",
+            )
             t = dict(np.load(os.path.join(out, "t.npz")))
-        print(f"| {world} | {float(t['rr']):.2f} s | {float(t['cd-grab_exact']):.2f} s | {float(t['cd-grab_pipelined']):.2f} s | {float(t['cd-grab_efficient']):.2f} s |")
+        print(
+            f"| {world} | {float(t['rr']):.2f} s | {float(t['cd-grab_exact']):.2f} s | {float(t['cd-grab_pipelined']):.2f} s | {float(t['cd-grab_efficient']):.2f} s |"
+        )
 
 
 def main() -> None:
@@ -226,7 +243,9 @@ def main() -> None:
     multiprocessing.set_forkserver_preload(["torch", "torchgrab.distributed"])
     if args.only in (None, "bytes"):
         table_bytes(args.quick)
-        print("\nMeasured by the sampler's counter on real gloo ranks (payload bytes per rank for one step, B = 64, d = 7,850):\n")
+        print(
+            "\nMeasured by the sampler's counter on real gloo ranks (payload bytes per rank for one step, B = 64, d = 7,850):\n"
+        )
         print("| W | mode | counted | formula |")
         print("|---|---|---:|---:|")
         for w in (2, 4):

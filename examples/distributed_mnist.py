@@ -23,13 +23,13 @@ from typing import Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
-
 import torchgrab
+from torch import nn
 
 
 def _idx(path: str) -> np.ndarray:
-    b = gzip.open(path).read()
+    with gzip.open(path) as f:
+        b = f.read()
     if int.from_bytes(b[:4], "big") == 2051:  # images
         n, r, c = (int.from_bytes(b[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
         return np.frombuffer(b, np.uint8, offset=16).reshape(n, r * c)
@@ -84,7 +84,9 @@ def train(method: str, args, x, y, xt, yt):
             test_acc = (model.module(xt).argmax(1) == yt).float().mean().item()
         rows.append((method, epoch + 1, train_loss, test_acc))
         if dist.get_rank() == 0:
-            print(f"{method:18s} epoch {epoch + 1:3d}  train loss {train_loss:.5f}  test acc {test_acc:.4f}", flush=True)
+            print(
+                f"{method:18s} epoch {epoch + 1:3d}  train loss {train_loss:.5f}  test acc {test_acc:.4f}", flush=True
+            )
     return rows, getattr(sampler, "bytes_sent", 0)
 
 
@@ -129,7 +131,12 @@ def main() -> None:
                 e = [r[1] for r in rows if r[0] == m]
                 ax[0].plot(e, [r[2] for r in rows if r[0] == m], marker="o", label=m)
                 ax[1].plot(e, [r[3] for r in rows if r[0] == m], marker="o", label=m)
-            ax[0].set(xlabel="epoch", ylabel="full training loss", yscale="log", title=f"MNIST logistic regression, {dist.get_world_size()} ranks")
+            ax[0].set(
+                xlabel="epoch",
+                ylabel="full training loss",
+                yscale="log",
+                title=f"MNIST logistic regression, {dist.get_world_size()} ranks",
+            )
             ax[1].set(xlabel="epoch", ylabel="test accuracy")
             ax[0].legend()
             fig.tight_layout()

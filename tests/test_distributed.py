@@ -7,22 +7,20 @@ CD-GraB written below from GRAB.md's definition.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import tempfile
 from collections import Counter
 from datetime import timedelta
 
-import multiprocessing
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import DistributedSampler
-
 import torchgrab
+from torch.utils.data import DistributedSampler
 from torchgrab import DistributedGraBSampler
 
 D = 6
@@ -174,7 +172,10 @@ def test_both_modes_balance_far_better_than_random_reshuffling(seed):
     """Herding discrepancy of the global (step-major) order on fixed vectors: the efficient mode's
     approximation stays close to exact CD-GraB, and both are far below random reshuffling."""
     v = np.random.default_rng(seed).standard_normal((512, 16))
-    disc = {mode: torchgrab.herding_discrepancy(v, _replicas_global_order(v, 4, 8, 4, mode, seed)).l2 for mode in ("rr", "exact", "efficient")}
+    disc = {
+        mode: torchgrab.herding_discrepancy(v, _replicas_global_order(v, 4, 8, 4, mode, seed)).l2
+        for mode in ("rr", "exact", "efficient")
+    }
     assert disc["exact"] < 0.5 * disc["rr"]
     assert disc["efficient"] < 0.5 * disc["rr"]
     assert disc["efficient"] < 1.5 * disc["exact"]

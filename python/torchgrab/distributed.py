@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sized, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sized, Tuple
 
 import numpy as np
 import torch
@@ -42,7 +42,13 @@ from torch.utils.data import Sampler
 
 from torchgrab import _native
 from torchgrab._segments import as_segments
-from torchgrab.errors import CallOrderError, GraBError, NonFiniteGradientError, ShapeError, UnsupportedInputError
+from torchgrab.errors import (
+    CallOrderError,
+    GraBError,
+    NonFiniteGradientError,
+    ShapeError,
+    UnsupportedInputError,
+)
 from torchgrab.gradients import per_example_gradients
 
 _MODES = {"exact": 0, "efficient": 1, "pipelined": 2}
@@ -58,7 +64,9 @@ class CollectiveError(RuntimeError):
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     # DistributedDataParallel (and DataParallel) keep the real module in .module.
-    return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else model
+    return (
+        model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else model
+    )
 
 
 class DistributedGraBSampler(Sampler[int]):
@@ -102,7 +110,9 @@ class DistributedGraBSampler(Sampler[int]):
         if rank >= num_replicas or rank < 0:
             raise ValueError(f"Invalid rank {rank}, rank should be in the interval [0, {num_replicas - 1}]")
         if ordering != "pair":
-            raise UnsupportedInputError(f"DistributedGraBSampler coordinates ordering='pair' (CD-GraB) only, got {ordering!r}")
+            raise UnsupportedInputError(
+                f"DistributedGraBSampler coordinates ordering='pair' (CD-GraB) only, got {ordering!r}"
+            )
         if mode not in _MODES:
             raise UnsupportedInputError(f"mode must be 'exact', 'pipelined' or 'efficient', got {mode!r}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -238,17 +248,30 @@ class DistributedGraBSampler(Sampler[int]):
 
     def _agree(self, rows: int, d: int, kind: str, payload: int, error: Optional[BaseException]) -> None:
         """All-gather a header; every rank raises the same way if any rank failed locally or disagrees."""
-        mine = [0 if error is None else 1, rows, d, _DTYPES.get(kind, -1), _MODES[self.mode], self._native.cursor, self._native.epochs_begun, payload]
+        mine = [
+            0 if error is None else 1,
+            rows,
+            d,
+            _DTYPES.get(kind, -1),
+            _MODES[self.mode],
+            self._native.cursor,
+            self._native.epochs_begun,
+            payload,
+        ]
         if not self._distributed() or self.num_replicas == 1:
             if error is not None:
                 raise error
             return
-        rows_all = torch.stack(self._all_gather("all_gather of step headers", torch.tensor(mine, dtype=torch.int64))).tolist()
+        rows_all = torch.stack(
+            self._all_gather("all_gather of step headers", torch.tensor(mine, dtype=torch.int64))
+        ).tolist()
         if error is not None:
             raise error
         bad = [w for w, h in enumerate(rows_all) if h[0]]
         if bad:
-            raise GraBError(f"rank {bad[0]} refused its step (see that rank's error); this step was refused on every rank and changed nothing")
+            raise GraBError(
+                f"rank {bad[0]} refused its step (see that rank's error); this step was refused on every rank and changed nothing"
+            )
         ref = rows_all[0]
         for w, h in enumerate(rows_all):
             diff = [f"{name}={h[k]} (rank 0: {ref[k]})" for k, name in enumerate(_HEADER) if h[k] != ref[k]]
@@ -274,7 +297,9 @@ class DistributedGraBSampler(Sampler[int]):
         rides in the same all_reduce as the signed sum and comes back reduced."""
         with self._lock:
             if self._order is None:
-                raise CallOrderError("step() was called before the sampler was iterated; iterate it (or the DataLoader) first")
+                raise CallOrderError(
+                    "step() was called before the sampler was iterated; iterate it (or the DataLoader) first"
+                )
             error: Optional[BaseException] = None
             local = None
             segments: List[np.ndarray] = []
@@ -282,7 +307,9 @@ class DistributedGraBSampler(Sampler[int]):
             try:
                 segments, kind, rows, d = self._prepare(grads)
                 if rows > self._yielded - self._native.cursor:
-                    raise ShapeError(f"got {rows} gradient rows but only {self._yielded - self._native.cursor} yielded indices wait for gradients")
+                    raise ShapeError(
+                        f"got {rows} gradient rows but only {self._yielded - self._native.cursor} yielded indices wait for gradients"
+                    )
                 if self.mode == "pipelined":
                     self._native.validate(segments, kind)
                     local = torch.empty(self._native.pair_count(rows) + d, dtype=torch.float64)
@@ -337,7 +364,9 @@ class DistributedGraBSampler(Sampler[int]):
                 if self._distributed() and self.num_replicas > 1:
                     buf = self._broadcast(f"broadcast of round {a}", buf, a)
                 if not bool(torch.isfinite(buf).all()):
-                    raise NonFiniteGradientError(f"rank {a}'s signs or signed sum are not finite (overflowing inner products?); the step was refused on every rank")
+                    raise NonFiniteGradientError(
+                        f"rank {a}'s signs or signed sum are not finite (overflowing inner products?); the step was refused on every rank"
+                    )
                 signs[a * p : (a + 1) * p] = buf[:p].numpy()
                 self._native.add_sum(np.ascontiguousarray(buf[p:].numpy()))
             self._native.place_step(segments, kind, signs)
@@ -382,7 +411,7 @@ class DistributedGraBSampler(Sampler[int]):
         params = dict(module.named_parameters())
         with torch.no_grad():
             o = 0
-            for name, g in grads.items():
+            for name in grads:
                 p = params[name]
                 k = p.numel()
                 mean = total[o : o + k].view_as(p).to(p.dtype)
