@@ -121,6 +121,13 @@ def test_single_replica_is_pair_balance_and_efficient_equals_exact():
             assert order == want[0]
 
 
+def test_stepping_several_replicas_needs_a_process_group():
+    s = DistributedGraBSampler(range(8), num_replicas=2, rank=1)
+    next(iter(s))
+    with pytest.raises(torchgrab.CallOrderError, match="init_process_group"):
+        s.step(torch.zeros(1, 3))
+
+
 def test_step_refusals_leave_the_state_unchanged():
     s = DistributedGraBSampler(range(8), num_replicas=1, rank=0)
     with pytest.raises(torchgrab.CallOrderError):

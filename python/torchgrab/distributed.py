@@ -300,6 +300,11 @@ class DistributedGraBSampler(Sampler[int]):
                 raise CallOrderError(
                     "step() was called before the sampler was iterated; iterate it (or the DataLoader) first"
                 )
+            if self.num_replicas > 1 and not self._distributed():
+                raise CallOrderError(
+                    f"this sampler has num_replicas={self.num_replicas} but no torch.distributed process group is "
+                    "initialized; call dist.init_process_group(...) before stepping (iterating works without one)"
+                )
             error: Optional[BaseException] = None
             local = None
             segments: List[np.ndarray] = []
