@@ -329,7 +329,8 @@ class DistributedGraBSampler(Sampler[int]):
             if self.mode == "pipelined":
                 self._rounds(segments, kind, rows, d)
                 return None if extra is None else self._reduce_extra(extra)
-            if self._distributed() and self.num_replicas > 1:
+            if self._distributed() and self.num_replicas > 1 and local.numel() > 0:
+                # (A step that closes no pair has nothing to gather; the header made every rank agree.)
                 gathered = torch.cat(self._all_gather(f"all_gather of the {self.mode} step data", local)).numpy()
             else:
                 gathered = local.numpy()
