@@ -5,7 +5,7 @@ Each rank owns a fixed shard of the data set (rank 0's seeded permutation, broad
 ``DistributedSampler``). The shards' orders are coordinated through one shared running sum: every rank
 holds a replica of the order server (``torchgrab._native.NativeCoordinated``, Rust) and feeds it the same
 numbers, gathered with torch.distributed collectives, so the replicas stay bitwise identical and no
-order is ever sent. Two protocols (numbers per rank per step; W ranks, B rows per step, P = B/2 pairs,
+order is ever sent. Three protocols (numbers per rank per step; W ranks, B rows per step, P = B/2 pairs,
 d parameters):
 
 ``mode="exact"``
@@ -25,8 +25,9 @@ d parameters):
     of the same step are only seen from the next step on (cross-rank inner products would need d-sized
     data). Exact when W = 1.
 
-Both also all-gather an 8-number header per step so that a rank with a wrongly shaped batch, or a
+All three also all-gather an 8-number header per step so that a rank with a wrongly shaped batch, or a
 local error, makes every rank raise instead of leaving the others waiting in a collective.
+``sampler.bytes_sent`` counts the payload bytes this rank has put into the sampler's collectives.
 """
 
 from __future__ import annotations
