@@ -263,6 +263,8 @@ def _worker(rank, world, port, out_dir, scenario):
         steps = [3, 3, 3, 2] if world == 2 else [1, 2, 3]
         _check_epochs(rank, world, n=22, steps=steps, mode=mode, epochs=3)
     if scenario == "failures":
+        with pytest.raises(torchgrab.UnsupportedInputError, match="do not match the process group"):
+            DistributedGraBSampler(range(12), num_replicas=world + 1, rank=rank)
         _check_backward_parity(rank)
         s = DistributedGraBSampler(range(12), mode="efficient")
         it = iter(s)

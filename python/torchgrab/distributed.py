@@ -138,6 +138,12 @@ class DistributedGraBSampler(Sampler[int]):
         self.total_size = self.num_samples * self.num_replicas
         if self.num_samples < 1:
             raise ShapeError(f"{self.n} examples cannot give each of {self.num_replicas} ranks one with drop_last=True")
+        if self._distributed() and (self.num_replicas, self.rank) != (dist.get_world_size(group), dist.get_rank(group)):
+            raise UnsupportedInputError(
+                f"num_replicas={self.num_replicas}, rank={self.rank} do not match the process group "
+                f"(size {dist.get_world_size(group)}, this rank {dist.get_rank(group)}); the coordinated orders are "
+                "exchanged over the group, so they must match (pass group= for a subgroup)"
+            )
         self.bytes_sent = 0  # payload bytes this rank has put into the sampler's collectives
         self._lock = threading.RLock()
         indices = self._padded(self._initial_permutation())
