@@ -201,3 +201,119 @@ fn refuses_mismatched_gathers_without_changing_state() {
     assert_eq!(r.replica_bytes(), before);
     assert!(Coordinated::new(2, 2, 4).is_err());
 }
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Exact,
+    Pipelined,
+    Efficient,
+}
+
+/// One epoch of `steps` through W in-process replicas (what W ranks compute), then the next orders.
+fn run_epoch(grads: &[Vec<Vec<f64>>], steps: &[usize], mode: Mode) -> Vec<Coordinated> {
+    let (w_count, m, d) = (grads.len(), grads[0].len(), grads[0][0].len());
+    let mut reps: Vec<Coordinated> = (0..w_count)
+        .map(|r| Coordinated::new(w_count, r, m).unwrap())
+        .collect();
+    reps.iter_mut().for_each(|r| {
+        r.begin_epoch();
+    });
+    let mut visited = 0;
+    for &rows in steps {
+        let flats: Vec<Vec<f64>> = (0..w_count)
+            .map(|w| grads[w][visited..visited + rows].concat())
+            .collect();
+        let batch = |w: usize| Batch::from_slice(&flats[w], rows, d).unwrap();
+        let p_count = reps[0].pair_count(rows);
+        match mode {
+            Mode::Exact => {
+                let gathered: Vec<f64> = (0..w_count)
+                    .flat_map(|w| reps[w].local_diffs(&batch(w)).unwrap())
+                    .collect();
+                for (w, r) in reps.iter_mut().enumerate() {
+                    r.step_exact(&batch(w), &gathered).unwrap();
+                }
+            }
+            Mode::Pipelined => {
+                let mut signs = Vec::new();
+                for a in 0..w_count {
+                    let payload = reps[a].own_round(&batch(a)).unwrap();
+                    signs.extend_from_slice(&payload[..p_count]);
+                    reps.iter_mut()
+                        .for_each(|r| r.add_sum(&payload[p_count..]).unwrap());
+                }
+                for (w, r) in reps.iter_mut().enumerate() {
+                    r.place_step(&batch(w), &signs).unwrap();
+                }
+            }
+            Mode::Efficient => {
+                let gathered: Vec<f64> = (0..w_count)
+                    .flat_map(|w| reps[w].local_stats(&batch(w)).unwrap())
+                    .collect();
+                let sums: Vec<Vec<f64>> = reps
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(w, r)| r.decide(&batch(w), &gathered).unwrap())
+                    .collect();
+                let total: Vec<f64> = (0..d).map(|c| sums.iter().map(|v| v[c]).sum()).collect();
+                reps.iter_mut().for_each(|r| r.add_sum(&total).unwrap());
+            }
+        }
+        let first = reps[0].replica_bytes();
+        assert!(reps.iter().all(|r| r.replica_bytes() == first));
+        visited += rows;
+    }
+    reps.iter_mut().for_each(|r| {
+        r.begin_epoch();
+    });
+    reps
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn case() -> impl Strategy<Value = (Vec<Vec<Vec<f64>>>, Vec<usize>)> {
+        (1usize..=4, 1usize..=10, 1usize..=4).prop_flat_map(|(w, m, d)| {
+            // Quarter integers: every sum and product is exact in f64, so even ties must agree.
+            let grads = proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::collection::vec((-12i32..=12).prop_map(|x| x as f64 / 4.0), d),
+                    m,
+                ),
+                w,
+            );
+            // Step sizes that may stop before the end of the shard (unsigned units go to the middle).
+            let steps = proptest::collection::vec(1usize..=4, 0..=m).prop_map(move |v| {
+                let mut left = m;
+                v.into_iter()
+                    .filter_map(|k| {
+                        let k = k.min(left);
+                        left -= k;
+                        (k > 0).then_some(k)
+                    })
+                    .collect::<Vec<_>>()
+            });
+            (grads, steps)
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn every_mode_gives_permutations_and_matches_its_simulation((grads, steps) in case()) {
+            let m = grads[0].len();
+            let (exact, _) = simulate(&grads, &steps, false);
+            let (efficient, _) = simulate(&grads, &steps, true);
+            for (mode, want) in [(Mode::Exact, &exact), (Mode::Pipelined, &exact), (Mode::Efficient, &efficient)] {
+                let reps = run_epoch(&grads, &steps, mode);
+                for (w, order) in want.iter().enumerate() {
+                    let got = reps[0].shard_order(w);
+                    let mut sorted = got.to_vec();
+                    sorted.sort_unstable();
+                    prop_assert_eq!(sorted, (0..m as u32).collect::<Vec<_>>());
+                    prop_assert_eq!(got, &order[..], "mode {:?}, shard {}", mode, w);
+                }
+            }
+        }
+    }
+}
