@@ -3,6 +3,7 @@
 
 pub mod assembly;
 pub mod batch;
+pub mod coordinated;
 pub mod discrepancy;
 pub mod elem;
 pub mod error;

@@ -652,6 +652,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<NativeSampler>()?;
+    register_coordinated(m)?;
     m.add_function(wrap_pyfunction!(orderings, m)?)?;
     m.add_function(wrap_pyfunction!(herding_discrepancy, m)?)?;
     m.add_function(wrap_pyfunction!(sign_scan, m)?)?;
@@ -670,4 +671,235 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         py.get_type::<UnsupportedInputError>(),
     )?;
     Ok(())
+}
+
+// ---------------------------------------------------------------- CD-GraB (issue 7)
+
+/// Run `$body` with `$views` bound to the segments as typed views, dispatching on the dtype name.
+macro_rules! with_views {
+    ($segments:expr, $dtype:expr, $views:ident => $body:expr) => {{
+        match $dtype {
+            "float32" => {
+                let arrays = extract_segments::<f32>(&$segments, $dtype)?;
+                let $views = array_views(&arrays);
+                $body
+            }
+            "float64" => {
+                let arrays = extract_segments::<f64>(&$segments, $dtype)?;
+                let $views = array_views(&arrays);
+                $body
+            }
+            "float16" => {
+                let arrays = extract_segments::<u16>(&$segments, "uint16 (16-bit float bits)")?;
+                let $views = arrays.iter().map(|a| reinterpret_u16::<f16>(a.as_array())).collect::<PyResult<Vec<_>>>()?;
+                $body
+            }
+            "bfloat16" => {
+                let arrays = extract_segments::<u16>(&$segments, "uint16 (16-bit float bits)")?;
+                let $views = arrays.iter().map(|a| reinterpret_u16::<bf16>(a.as_array())).collect::<PyResult<Vec<_>>>()?;
+                $body
+            }
+            other => Err(UnsupportedInputError::new_err(format!(
+                "gradient dtype {other} is not supported; expected float32, float64, float16 or bfloat16"
+            ))),
+        }
+    }};
+}
+
+fn flat_f64<'a>(a: &'a PyReadonlyArray1<'_, f64>, what: &str) -> PyResult<&'a [f64]> {
+    a.as_slice().map_err(|_| {
+        UnsupportedInputError::new_err(format!("{what} must be a contiguous float64 array"))
+    })
+}
+
+/// The replicated CD-GraB order server of one rank. Use `torchgrab.DistributedGraBSampler`.
+#[pyclass(name = "NativeCoordinated", module = "torchgrab._native")]
+struct NativeCoordinated {
+    inner: crate::coordinated::Coordinated,
+}
+
+#[pymethods]
+impl NativeCoordinated {
+    #[new]
+    fn new(world: usize, rank: usize, shard_len: usize) -> PyResult<Self> {
+        Ok(NativeCoordinated {
+            inner: crate::coordinated::Coordinated::new(world, rank, shard_len).map_err(to_py)?,
+        })
+    }
+
+    /// Close the running epoch and start the next; returns this rank's order of local unit ids.
+    fn begin_epoch<'py>(&mut self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
+        let inner = &mut self.inner;
+        py.detach(|| inner.begin_epoch().to_vec()).into_pyarray(py)
+    }
+
+    /// Shard `w`'s current order of local unit ids.
+    fn shard_order<'py>(&self, py: Python<'py>, w: usize) -> PyResult<Bound<'py, PyArray1<u32>>> {
+        if w >= self.inner.world() {
+            return Err(UnitIndexError::new_err(format!(
+                "shard {w} does not exist; there are {}",
+                self.inner.world()
+            )));
+        }
+        Ok(PyArray1::from_slice(py, self.inner.shard_order(w)))
+    }
+
+    /// Pairs a step of `rows` rows closes on every shard.
+    fn pair_count(&self, rows: usize) -> usize {
+        self.inner.pair_count(rows)
+    }
+
+    /// Exact mode, local: this rank's pair differences, P x d float64 (flat).
+    fn local_diffs<'py>(
+        &self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let inner = &self.inner;
+        let out = with_views!(segments, dtype, views => {
+            let batch = Batch::from_views(&views).map_err(to_py)?;
+            py.detach(|| inner.local_diffs(&batch)).map_err(to_py)
+        })?;
+        Ok(out.into_pyarray(py))
+    }
+
+    /// Exact mode, replicated: sign all gathered differences (W x P x d float64, flat) in rank order.
+    fn step_exact<'py>(
+        &mut self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+        gathered: PyReadonlyArray1<'py, f64>,
+    ) -> PyResult<()> {
+        let g = flat_f64(&gathered, "the gathered differences")?;
+        let inner = &mut self.inner;
+        with_views!(segments, dtype, views => {
+            let batch = Batch::from_views(&views).map_err(to_py)?;
+            py.detach(|| inner.step_exact(&batch, g)).map_err(to_py)
+        })
+    }
+
+    /// Efficient mode, local: [u (P) | Gram (P x P)] float64.
+    fn local_stats<'py>(
+        &self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let inner = &self.inner;
+        let out = with_views!(segments, dtype, views => {
+            let batch = Batch::from_views(&views).map_err(to_py)?;
+            py.detach(|| inner.local_stats(&batch)).map_err(to_py)
+        })?;
+        Ok(out.into_pyarray(py))
+    }
+
+    /// Efficient mode, replicated: signs from the gathered (u, Gram) blocks; returns this rank's signed sum (d).
+    fn decide<'py>(
+        &mut self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+        gathered: PyReadonlyArray1<'py, f64>,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let g = flat_f64(&gathered, "the gathered inner products")?;
+        let inner = &mut self.inner;
+        let out = with_views!(segments, dtype, views => {
+            let batch = Batch::from_views(&views).map_err(to_py)?;
+            py.detach(|| inner.decide(&batch, g)).map_err(to_py)
+        })?;
+        Ok(out.into_pyarray(py))
+    }
+
+    /// Refuse (raise) a step this rank could not take; changes nothing.
+    fn validate<'py>(
+        &self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+    ) -> PyResult<()> {
+        let inner = &self.inner;
+        with_views!(segments, dtype, views => {
+            let batch = Batch::from_views(&views).map_err(to_py)?;
+            py.detach(|| inner.validate(&batch)).map_err(to_py)
+        })
+    }
+
+    /// Pipelined mode, this rank's round: [signs (P) | signed sum (d)] float64 against the current s.
+    fn own_round<'py>(
+        &self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let inner = &self.inner;
+        let out = with_views!(segments, dtype, views => {
+            let batch = Batch::from_views(&views).map_err(to_py)?;
+            py.detach(|| inner.own_round(&batch)).map_err(to_py)
+        })?;
+        Ok(out.into_pyarray(py))
+    }
+
+    /// Pipelined mode, after the W rounds: place every shard's pairs with the signs (W x P float64).
+    fn place_step<'py>(
+        &mut self,
+        py: Python<'py>,
+        segments: Vec<Bound<'py, PyAny>>,
+        dtype: &str,
+        signs: PyReadonlyArray1<'py, f64>,
+    ) -> PyResult<()> {
+        let sg = flat_f64(&signs, "the signs")?;
+        let inner = &mut self.inner;
+        with_views!(segments, dtype, views => {
+            let batch = Batch::from_views(&views).map_err(to_py)?;
+            py.detach(|| inner.place_step(&batch, sg)).map_err(to_py)
+        })
+    }
+
+    /// Put back a running sum saved before a step that failed half way.
+    fn restore_running_sum(&mut self, s: PyReadonlyArray1<'_, f64>) -> PyResult<()> {
+        let v = flat_f64(&s, "the running sum")?;
+        self.inner.restore_running_sum(v).map_err(to_py)
+    }
+
+    /// Efficient mode: s += the all-reduced signed sum (d float64).
+    fn add_sum(&mut self, total: PyReadonlyArray1<'_, f64>) -> PyResult<()> {
+        let t = flat_f64(&total, "the signed sum")?;
+        self.inner.add_sum(t).map_err(to_py)
+    }
+
+    /// The replicated state as bytes: equal on every rank after every step.
+    fn replica_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, pyo3::types::PyBytes> {
+        pyo3::types::PyBytes::new(py, &self.inner.replica_bytes())
+    }
+
+    /// The shared running sum s (float64; empty before the first step).
+    fn running_sum<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        PyArray1::from_slice(py, self.inner.running_sum())
+    }
+
+    #[getter]
+    fn cursor(&self) -> usize {
+        self.inner.cursor()
+    }
+
+    #[getter]
+    fn is_open(&self) -> bool {
+        self.inner.is_open()
+    }
+
+    #[getter]
+    fn dim(&self) -> Option<usize> {
+        self.inner.dim()
+    }
+
+    #[getter]
+    fn epochs_begun(&self) -> u64 {
+        self.inner.epochs_begun()
+    }
+}
+
+fn register_coordinated(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeCoordinated>()
 }

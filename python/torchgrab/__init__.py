@@ -64,11 +64,17 @@ def __getattr__(name: str) -> Any:
         from torchgrab.sampler import GraBSampler
 
         return GraBSampler
+    if name in ("DistributedGraBSampler", "CollectiveError"):
+        from torchgrab import distributed
+
+        return getattr(distributed, name)
     raise AttributeError(f"module 'torchgrab' has no attribute {name!r}")
 
 
 __all__ = [
     "GraBSampler",
+    "DistributedGraBSampler",
+    "CollectiveError",
     "Discrepancy",
     "orderings",
     "herding_discrepancy",

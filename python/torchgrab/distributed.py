@@ -1,0 +1,442 @@
+"""``DistributedGraBSampler``: CD-GraB (Cooper et al., NeurIPS 2023) as a drop-in replacement for
+``torch.utils.data.DistributedSampler``.
+
+Each rank owns a fixed shard of the data set (rank 0's seeded permutation, broadcast, padded or cut like
+``DistributedSampler``). The shards' orders are coordinated through one shared running sum: every rank
+holds a replica of the order server (``torchgrab._native.NativeCoordinated``, Rust) and feeds it the same
+numbers, gathered with torch.distributed collectives, so the replicas stay bitwise identical and no
+order is ever sent. Three protocols (numbers per rank per step; W ranks, B rows per step, P = B/2 pairs,
+d parameters):
+
+``mode="exact"``
+    all_gather of the P x d pair differences (float64): CD-GraB's signs exactly (rank order, then
+    visit order), the same signs a single process computes on all W*P differences.
+``mode="pipelined"``
+    W broadcast rounds per step; in round a, rank a signs its pairs by ``sign_scan`` (u = Z s, G = Z Z^T)
+    against the s that already holds ranks 0..a-1's signed sums of this step, and broadcasts its P signs
+    and its signed sum Z^T eps (P + d numbers, float64). The same signs as exact CD-GraB in exact
+    arithmetic (the Gram formulation is an identity); in floating point only an inner product within
+    rounding of 0 could differ. P times fewer bytes than ``exact``, at the cost of W sequential rounds.
+``mode="efficient"``
+    all_gather of u = Z s (P numbers) and the shard's own Gram matrix Z Z^T (P^2 numbers), then one
+    all_reduce of the signed sum Z^T eps (d numbers), which :meth:`DistributedGraBSampler.backward`
+    packs into the gradient all-reduce. An approximation: a shard's pairs are signed against the sum
+    at the start of the step plus that shard's own earlier pairs of the step; the other ranks' pairs
+    of the same step are only seen from the next step on (cross-rank inner products would need d-sized
+    data). Exact when W = 1.
+
+All three also all-gather an 8-number header per step so that a rank with a wrongly shaped batch, or a
+local error, makes every rank raise instead of leaving the others waiting in a collective.
+``sampler.bytes_sent`` counts the payload bytes this rank has put into the sampler's collectives.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Callable, Iterator, List, Optional, Sized, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from torchgrab import _native
+from torchgrab._segments import as_segments
+from torchgrab.errors import (
+    CallOrderError,
+    GraBError,
+    NonFiniteGradientError,
+    ShapeError,
+    UnsupportedInputError,
+)
+from torchgrab.gradients import per_example_gradients
+
+_MODES = {"exact": 0, "efficient": 1, "pipelined": 2}
+_DTYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
+_HEADER = ("ok", "rows", "d", "dtype", "mode", "cursor", "epoch", "payload")
+_YIELD_CHUNK = 1 << 13
+
+
+class CollectiveError(RuntimeError):
+    """A torch.distributed collective of the sampler failed: a peer died, or did not reach the
+    collective within the process group's timeout. The replicas can no longer be trusted."""
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DistributedDataParallel (and DataParallel) keep the real module in .module.
+    return (
+        model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else model
+    )
+
+
+class DistributedGraBSampler(Sampler[int]):
+    """``DistributedSampler``'s contract with CD-GraB orders.
+
+    Args:
+        dataset: the data set (only its ``len`` is used).
+        num_replicas, rank: as ``DistributedSampler`` (default: from the process group).
+        ordering: ``"pair"`` (CD-GraB's pair balance; the only one coordinated so far).
+        seed: seeds rank 0's initial permutation, which is broadcast to every rank.
+        drop_last: as ``DistributedSampler``: cut to equal shards instead of padding with repeats.
+        mode: ``"exact"`` (default) or ``"efficient"``; see the module docstring.
+        group: the process group (default: the world).
+
+    Each rank keeps the same shard every epoch (CD-GraB orders within fixed shards); only the order
+    inside a shard changes. Every rank must call ``step``/``backward`` with the same number of rows at
+    the same time, as DDP training does.
+    """
+
+    def __init__(
+        self,
+        dataset: Optional[Sized] = None,
+        num_replicas: Optional[int] = None,
+        rank: Optional[int] = None,
+        ordering: str = "pair",
+        seed: int = 0,
+        drop_last: bool = False,
+        *,
+        mode: str = "exact",
+        group: Optional[Any] = None,
+        n: Optional[int] = None,
+    ) -> None:
+        if num_replicas is None:
+            if not dist.is_available():
+                raise RuntimeError("Requires distributed package to be available")
+            num_replicas = dist.get_world_size(group)
+        if rank is None:
+            if not dist.is_available():
+                raise RuntimeError("Requires distributed package to be available")
+            rank = dist.get_rank(group)
+        if rank >= num_replicas or rank < 0:
+            raise ValueError(f"Invalid rank {rank}, rank should be in the interval [0, {num_replicas - 1}]")
+        if ordering != "pair":
+            raise UnsupportedInputError(
+                f"DistributedGraBSampler coordinates ordering='pair' (CD-GraB) only, got {ordering!r}"
+            )
+        if mode not in _MODES:
+            raise UnsupportedInputError(f"mode must be 'exact', 'pipelined' or 'efficient', got {mode!r}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise UnsupportedInputError(f"seed must be a non-negative integer, got {seed!r}")
+        size = len(dataset) if dataset is not None else n
+        if size is None or size < 1:
+            raise ShapeError("give a non-empty data set (or its size as n=...)")
+        self.dataset = dataset
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.ordering = ordering
+        self.mode = mode
+        self.seed = int(seed)
+        self.drop_last = drop_last
+        self.group = group
+        self.epoch = 0
+        self.n = int(size)
+        if self.drop_last and self.n % self.num_replicas != 0:
+            self.num_samples = math.ceil((self.n - self.num_replicas) / self.num_replicas)
+        else:
+            self.num_samples = math.ceil(self.n / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+        if self.num_samples < 1:
+            raise ShapeError(f"{self.n} examples cannot give each of {self.num_replicas} ranks one with drop_last=True")
+        if self._distributed() and (self.num_replicas, self.rank) != (dist.get_world_size(group), dist.get_rank(group)):
+            raise UnsupportedInputError(
+                f"num_replicas={self.num_replicas}, rank={self.rank} do not match the process group "
+                f"(size {dist.get_world_size(group)}, this rank {dist.get_rank(group)}); the coordinated orders are "
+                "exchanged over the group, so they must match (pass group= for a subgroup)"
+            )
+        self.bytes_sent = 0  # payload bytes this rank has put into the sampler's collectives
+        self._lock = threading.RLock()
+        indices = self._padded(self._initial_permutation())
+        # shards[w] = DistributedSampler's indices[w::W]: rank w's fixed units, by local id.
+        self.shards = np.ascontiguousarray(indices.reshape(self.num_samples, self.num_replicas).T)
+        self._native = _native.NativeCoordinated(self.num_replicas, self.rank, self.num_samples)
+        self._order: Optional[np.ndarray] = None
+        self._yielded = 0
+        self._generation = 0
+
+    # ---------------------------------------------------------------- set-up
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def _device(self) -> torch.device:
+        # NCCL collectives need CUDA tensors; gloo (and mpi) take CPU tensors.
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _initial_permutation(self) -> np.ndarray:
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        perm = torch.randperm(self.n, generator=g)
+        if self._distributed() and self.num_replicas > 1:
+            # Rank 0's permutation is the truth; the others take it rather than trusting their seeds.
+            buf = perm.to(self._device())
+            src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+            self._collective("broadcast of the initial permutation", dist.broadcast, buf, src, group=self.group)
+            self.bytes_sent += buf.numel() * 8 if self.rank == 0 else 0
+            perm = buf.cpu()
+        return perm.numpy().astype(np.int64)
+
+    def _padded(self, indices: np.ndarray) -> np.ndarray:
+        # DistributedSampler's rules, literally: repeat from the front to pad, or cut the tail.
+        if not self.drop_last:
+            pad = self.total_size - len(indices)
+            if pad <= len(indices):
+                indices = np.concatenate([indices, indices[:pad]])
+            else:
+                indices = np.concatenate([indices, np.tile(indices, math.ceil(pad / len(indices)))[:pad]])
+        else:
+            indices = indices[: self.total_size]
+        return indices
+
+    # ---------------------------------------------------------------- Sampler contract
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Number the next epoch (torch's convention); the order itself comes from the balancing."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        with self._lock:
+            local = self._native.begin_epoch()
+            self._order = self.shards[self.rank][local]
+            self._yielded = 0
+            self._generation += 1
+            return self._yield_from(self._generation)
+
+    def _yield_from(self, generation: int) -> Iterator[int]:
+        order = self._order
+        assert order is not None
+        for lo in range(0, len(order), _YIELD_CHUNK):
+            for i in order[lo : lo + _YIELD_CHUNK].tolist():
+                if generation != self._generation:
+                    return
+                self._yielded += 1
+                yield i
+
+    def shard_order(self, rank: int) -> np.ndarray:
+        """Rank ``rank``'s order this epoch, as data set indices (every replica knows every shard's)."""
+        return self.shards[rank][self._native.shard_order(rank)]
+
+    def replica_bytes(self) -> bytes:
+        """The replicated order-server state as bytes; equal on every rank after every step."""
+        return bytes(self._native.replica_bytes())
+
+    @property
+    def running_sum(self) -> np.ndarray:
+        """The shared running sum s (float64)."""
+        return self._native.running_sum()
+
+    # ---------------------------------------------------------------- collectives
+    def _collective(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:  # DistBackendError, gloo's connection errors and timeouts
+            raise CollectiveError(
+                f"DistributedGraBSampler on rank {self.rank}: the {what} failed; a peer rank died or did not "
+                f"reach this collective within the process group's timeout. ({type(e).__name__}: {e})"
+            ) from e
+
+    def _all_gather(self, what: str, t: torch.Tensor) -> List[torch.Tensor]:
+        dev = self._device()
+        t = t.to(dev)
+        out = [torch.empty_like(t) for _ in range(self.num_replicas)]
+        self._collective(what, dist.all_gather, out, t, group=self.group)
+        self.bytes_sent += t.numel() * t.element_size()
+        return [o.cpu() for o in out]
+
+    def _all_reduce(self, what: str, t: torch.Tensor) -> torch.Tensor:
+        dev = self._device()
+        buf = t.to(dev)
+        self._collective(what, dist.all_reduce, buf, group=self.group)
+        self.bytes_sent += buf.numel() * buf.element_size()
+        return buf.cpu() if buf.device != t.device else buf
+
+    def _agree(self, rows: int, d: int, kind: str, payload: int, error: Optional[BaseException]) -> None:
+        """All-gather a header; every rank raises the same way if any rank failed locally or disagrees."""
+        mine = [
+            0 if error is None else 1,
+            rows,
+            d,
+            _DTYPES.get(kind, -1),
+            _MODES[self.mode],
+            self._native.cursor,
+            self._native.epochs_begun,
+            payload,
+        ]
+        if not self._distributed() or self.num_replicas == 1:
+            if error is not None:
+                raise error
+            return
+        rows_all = torch.stack(
+            self._all_gather("all_gather of step headers", torch.tensor(mine, dtype=torch.int64))
+        ).tolist()
+        if error is not None:
+            raise error
+        bad = [w for w, h in enumerate(rows_all) if h[0]]
+        if bad:
+            raise GraBError(
+                f"rank {bad[0]} refused its step (see that rank's error); this step was refused on every rank and changed nothing"
+            )
+        ref = rows_all[0]
+        for w, h in enumerate(rows_all):
+            diff = [f"{name}={h[k]} (rank 0: {ref[k]})" for k, name in enumerate(_HEADER) if h[k] != ref[k]]
+            if diff:
+                raise ShapeError(
+                    f"rank {w} stepped with {', '.join(diff)}; every rank must step with the same number of rows, "
+                    "gradient width and dtype at the same time. This step was refused on every rank and changed nothing."
+                )
+
+    # ---------------------------------------------------------------- gradients in
+    def _prepare(self, grads: Any) -> Tuple[List[np.ndarray], str, int, int]:
+        segments, kind, rows = as_segments(grads)
+        d = sum(s.shape[1] for s in segments)
+        return segments, kind, rows, d
+
+    def step(self, grads: Any) -> None:
+        """Feed this rank's per-example gradients of the next ``B`` yielded indices (a tensor [B, ...] or a
+        dict/list of per-parameter [B, ...]). A collective call: every rank must call it together."""
+        self._step(grads, None)
+
+    def _step(self, grads: Any, extra: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """One step; in efficient mode ``extra`` (a 1-D float tensor, e.g. the summed mean gradient)
+        rides in the same all_reduce as the signed sum and comes back reduced."""
+        with self._lock:
+            if self._order is None:
+                raise CallOrderError(
+                    "step() was called before the sampler was iterated; iterate it (or the DataLoader) first"
+                )
+            if self.num_replicas > 1 and not self._distributed():
+                raise CallOrderError(
+                    f"this sampler has num_replicas={self.num_replicas} but no torch.distributed process group is "
+                    "initialized; call dist.init_process_group(...) before stepping (iterating works without one)"
+                )
+            error: Optional[BaseException] = None
+            local = None
+            segments: List[np.ndarray] = []
+            kind, rows, d = "", 0, 0
+            try:
+                segments, kind, rows, d = self._prepare(grads)
+                if rows > self._yielded - self._native.cursor:
+                    raise ShapeError(
+                        f"got {rows} gradient rows but only {self._yielded - self._native.cursor} yielded indices wait for gradients"
+                    )
+                if self.mode == "pipelined":
+                    self._native.validate(segments, kind)
+                    local = torch.empty(self._native.pair_count(rows) + d, dtype=torch.float64)
+                elif self.mode == "exact":
+                    local = torch.from_numpy(self._native.local_diffs(segments, kind))
+                else:
+                    local = torch.from_numpy(self._native.local_stats(segments, kind))
+            except GraBError as e:
+                error = e
+            self._agree(rows, d, kind, 0 if local is None else local.numel(), error)
+            assert local is not None
+            if self.mode == "pipelined":
+                self._rounds(segments, kind, rows, d)
+                return None if extra is None else self._reduce_extra(extra)
+            if self._distributed() and self.num_replicas > 1 and local.numel() > 0:
+                # (A step that closes no pair has nothing to gather; the header made every rank agree.)
+                gathered = torch.cat(self._all_gather(f"all_gather of the {self.mode} step data", local)).numpy()
+            else:
+                gathered = local.numpy()
+            if self.mode == "exact":
+                self._native.step_exact(segments, kind, np.ascontiguousarray(gathered))
+                if extra is not None:
+                    return self._reduce_extra(extra)
+                return None
+            v = torch.from_numpy(self._native.decide(segments, kind, np.ascontiguousarray(gathered)))
+            if extra is not None:
+                packed = torch.cat([extra.reshape(-1), v.to(extra.dtype)])
+                if self._distributed() and self.num_replicas > 1:
+                    packed = self._all_reduce("all_reduce of the gradient and the signed sum", packed)
+                total_v = packed[extra.numel() :].to(torch.float64)
+                self._native.add_sum(np.ascontiguousarray(total_v.numpy()))
+                return packed[: extra.numel()]
+            if self._distributed() and self.num_replicas > 1:
+                v = self._all_reduce("all_reduce of the signed sum", v)
+            self._native.add_sum(np.ascontiguousarray(v.numpy()))
+            return None
+
+    def _rounds(self, segments: List[np.ndarray], kind: str, rows: int, d: int) -> None:
+        """Pipelined mode: W broadcast rounds; in round a, rank a signs its pairs against the s that
+        already holds ranks 0..a-1's signed sums of this step and broadcasts [signs | signed sum]."""
+        p = self._native.pair_count(rows)
+        saved = self._native.running_sum().copy()
+        signs = np.empty(self.num_replicas * p)
+        try:
+            for a in range(self.num_replicas):
+                if a == self.rank:
+                    try:
+                        buf = torch.from_numpy(self._native.own_round(segments, kind))
+                    except GraBError:  # e.g. inner products overflowing: make every rank refuse
+                        buf = torch.full((p + d,), float("nan"), dtype=torch.float64)
+                else:
+                    buf = torch.empty(p + d, dtype=torch.float64)
+                if self._distributed() and self.num_replicas > 1:
+                    buf = self._broadcast(f"broadcast of round {a}", buf, a)
+                if not bool(torch.isfinite(buf).all()):
+                    raise NonFiniteGradientError(
+                        f"rank {a}'s signs or signed sum are not finite (overflowing inner products?); the step was refused on every rank"
+                    )
+                signs[a * p : (a + 1) * p] = buf[:p].numpy()
+                self._native.add_sum(np.ascontiguousarray(buf[p:].numpy()))
+            self._native.place_step(segments, kind, signs)
+        except GraBError:
+            self._native.restore_running_sum(saved)
+            raise
+
+    def _broadcast(self, what: str, t: torch.Tensor, src: int) -> torch.Tensor:
+        buf = t.to(self._device())
+        root = dist.get_global_rank(self.group, src) if self.group is not None else src
+        self._collective(what, dist.broadcast, buf, root, group=self.group)
+        if src == self.rank:
+            self.bytes_sent += buf.numel() * buf.element_size()
+        return buf.cpu()
+
+    def _reduce_extra(self, extra: torch.Tensor) -> torch.Tensor:
+        if self._distributed() and self.num_replicas > 1:
+            return self._all_reduce("all_reduce of the gradient", extra)
+        return extra
+
+    def backward(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        inputs: Any,
+        targets: Any,
+        *,
+        chunk_size: Optional[int] = None,
+    ) -> torch.Tensor:
+        """The DDP training step's backward: per-example gradients of this rank's batch -> the sampler;
+        the mean gradient over all ranks -> each parameter's ``.grad`` (one all_reduce, which in efficient
+        mode also carries the signed sum); returns this rank's mean loss. ``model`` may be wrapped in
+        ``DistributedDataParallel`` (its own gradient hooks are not used: no ``loss.backward()`` runs)."""
+        module = _unwrap(model)
+        grads, losses = per_example_gradients(module, loss_fn, inputs, targets, chunk_size=chunk_size)
+        grads = {k: g if g.is_contiguous() else g.contiguous() for k, g in grads.items()}
+        means = [g.mean(dim=0).reshape(-1) for g in grads.values()]
+        flat = torch.cat(means) if means else torch.zeros(0)
+        total = self._step(grads, flat)
+        assert total is not None
+        total = total / self.num_replicas
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            o = 0
+            for name in grads:
+                p = params[name]
+                k = p.numel()
+                mean = total[o : o + k].view_as(p).to(p.dtype)
+                o += k
+                if p.grad is None:
+                    p.grad = mean.clone()
+                else:
+                    p.grad += mean
+        return losses.mean()
+
+    def __repr__(self) -> str:
+        return (
+            f"DistributedGraBSampler(n={self.n}, num_replicas={self.num_replicas}, rank={self.rank}, "
+            f"mode={self.mode!r}, num_samples={self.num_samples})"
+        )

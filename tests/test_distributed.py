@@ -1,0 +1,342 @@
+"""DistributedGraBSampler: DistributedSampler's contract, and CD-GraB on real gloo process groups.
+
+The multi-process tests start their own ranks on localhost (torch.multiprocessing.spawn, a free port,
+gloo with a short timeout) and compare every epoch's orders with a plain single-process simulation of
+CD-GraB written below from GRAB.md's definition.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import tempfile
+from collections import Counter
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torchgrab
+from torch.utils.data import DistributedSampler
+from torchgrab import DistributedGraBSampler
+
+D = 6
+
+
+# ---------------------------------------------------------------- the simulation (GRAB.md, "Distributed: CD-GraB")
+def grad_of(i: int, epoch: int) -> np.ndarray:
+    """A fixed gradient for data set index i in epoch e (what a model would produce)."""
+    return np.random.default_rng(1000 * epoch + i).standard_normal(D)
+
+
+def simulate_epoch(orders, steps, epoch, mode):
+    """One epoch of CD-GraB. `orders[w]` = shard w's visit order (data set indices), `steps` = rows per step.
+    exact: every shard's pairs in rank order, each signed against the one running sum.
+    efficient: each shard signs its pairs against s at the step start plus its own earlier pairs; then s
+    advances by every shard's signed sum. Returns each shard's next order and the final s."""
+    w_count = len(orders)
+    s = np.zeros(D)
+    front = [[] for _ in range(w_count)]
+    back = [[] for _ in range(w_count)]
+    pending = [None] * w_count
+    pos = 0
+    for rows in steps:
+        s0 = s.copy()
+        total = np.zeros(D)
+        for w in range(w_count):
+            units = ([pending[w]] if pending[w] is not None else []) + list(orders[w][pos : pos + rows])
+            local = s0.copy()
+            for k in range(len(units) // 2):
+                a, b = units[2 * k], units[2 * k + 1]
+                z = grad_of(a, epoch) - grad_of(b, epoch)
+                ref = s if mode == "exact" else local
+                eps = 1.0 if ref @ z <= 0 else -1.0
+                if mode == "exact":
+                    s = s + eps * z
+                else:
+                    local = local + eps * z
+                    total = total + eps * z
+                front[w].append(a if eps > 0 else b)
+                back[w].append(b if eps > 0 else a)
+            pending[w] = units[-1] if len(units) % 2 else None
+        if mode == "efficient":
+            s = s0 + total
+        pos += rows
+    nxt = []
+    for w in range(w_count):
+        placed = set(front[w]) | set(back[w])
+        middle = [i for i in orders[w] if i not in placed]
+        nxt.append(front[w] + middle + back[w][::-1])
+    return nxt, s
+
+
+# ---------------------------------------------------------------- DistributedSampler's contract (no process group)
+@pytest.mark.parametrize("n", [1, 7, 10, 12, 13])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_first_epoch_and_sizes_match_distributed_sampler(n, world, drop_last):
+    if drop_last and n < world:
+        with pytest.raises(torchgrab.ShapeError):
+            DistributedGraBSampler(range(n), num_replicas=world, rank=0, drop_last=drop_last)
+        return
+    ours, theirs = [], []
+    for rank in range(world):
+        a = DistributedGraBSampler(range(n), num_replicas=world, rank=rank, seed=3, drop_last=drop_last)
+        b = DistributedSampler(range(n), num_replicas=world, rank=rank, seed=3, drop_last=drop_last)
+        assert (len(a), a.num_samples, a.total_size) == (len(b), b.num_samples, b.total_size)
+        ours.append(list(a))
+        theirs.append(list(b))
+    # Same seed, same padding rules: the first epoch is DistributedSampler's epoch 0, index for index.
+    assert ours == theirs
+
+
+def test_invalid_rank_is_a_value_error():
+    for rank in (-1, 2, 5):
+        with pytest.raises(ValueError, match="Invalid rank"):
+            DistributedGraBSampler(range(10), num_replicas=2, rank=rank)
+    with pytest.raises(torchgrab.UnsupportedInputError):
+        DistributedGraBSampler(range(10), num_replicas=2, rank=0, ordering="grab")
+    with pytest.raises(torchgrab.UnsupportedInputError):
+        DistributedGraBSampler(range(10), num_replicas=2, rank=0, mode="fast")
+
+
+def test_single_replica_is_pair_balance_and_efficient_equals_exact():
+    """W = 1: both modes are plain pair balance (no cross-rank terms exist), equal to the simulation."""
+    n, steps = 9, [3, 3, 3]
+    for mode in ("exact", "pipelined", "efficient"):
+        s = DistributedGraBSampler(range(n), num_replicas=1, rank=0, mode=mode)
+        s.set_epoch(0)
+        order = list(s)
+        for epoch in range(2):
+            pos = 0
+            for rows in steps:
+                s.step(torch.from_numpy(np.stack([grad_of(i, epoch) for i in order[pos : pos + rows]])))
+                pos += rows
+            want, s_want = simulate_epoch([order], steps, epoch, "efficient" if mode == "efficient" else "exact")
+            np.testing.assert_allclose(s.running_sum, s_want, rtol=1e-12, atol=1e-12)
+            order = list(s)
+            assert order == want[0]
+
+
+def test_stepping_several_replicas_needs_a_process_group():
+    s = DistributedGraBSampler(range(8), num_replicas=2, rank=1)
+    next(iter(s))
+    with pytest.raises(torchgrab.CallOrderError, match="init_process_group"):
+        s.step(torch.zeros(1, 3))
+
+
+def test_step_refusals_leave_the_state_unchanged():
+    s = DistributedGraBSampler(range(8), num_replicas=1, rank=0)
+    with pytest.raises(torchgrab.CallOrderError):
+        s.step(torch.zeros(2, 3))
+    it = iter(s)
+    for _ in range(4):
+        next(it)
+    before = s.replica_bytes()
+    with pytest.raises(torchgrab.ShapeError):
+        s.step(torch.zeros(5, 3))  # only 4 yielded
+    bad = torch.zeros(2, 3)
+    bad[1, 2] = float("nan")
+    with pytest.raises(torchgrab.NonFiniteGradientError):
+        s.step(bad)
+    assert s.replica_bytes() == before
+    s.step(torch.ones(2, 3))
+    with pytest.raises(torchgrab.ShapeError, match="d = 3"):
+        s.step(torch.ones(2, 4))
+
+
+def _replicas_global_order(vectors, world, b, epochs, mode, seed):
+    """W order-server replicas in one process (what W ranks compute); the last epoch's global order."""
+    n = len(vectors)
+    m = n // world
+    shards = np.random.default_rng(seed).permutation(n)[: m * world].reshape(m, world).T
+    reps = [torchgrab._native.NativeCoordinated(world, r, m) for r in range(world)]
+    rng = np.random.default_rng(seed + 1)
+    for epoch in range(epochs + 1):
+        orders = [rng.permutation(m) for _ in reps] if mode == "rr" else [r.begin_epoch() for r in reps]
+        if epoch == epochs or mode == "rr":
+            continue
+        for lo in range(0, m, b):
+            rows = [np.ascontiguousarray(vectors[shards[w][orders[w][lo : lo + b]]]) for w in range(world)]
+            if mode == "exact":
+                gathered = np.concatenate([r.local_diffs([x], "float64") for r, x in zip(reps, rows)])
+                for r, x in zip(reps, rows):
+                    r.step_exact([x], "float64", gathered)
+            else:
+                gathered = np.concatenate([r.local_stats([x], "float64") for r, x in zip(reps, rows)])
+                total = sum(r.decide([x], "float64", gathered) for r, x in zip(reps, rows))
+                for r in reps:
+                    r.add_sum(total)
+        assert len({r.replica_bytes() for r in reps}) == 1
+    return np.concatenate([shards[w][orders[w][lo : lo + b]] for lo in range(0, m, b) for w in range(world)])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_both_modes_balance_far_better_than_random_reshuffling(seed):
+    """Herding discrepancy of the global (step-major) order on fixed vectors: the efficient mode's
+    approximation stays close to exact CD-GraB, and both are far below random reshuffling."""
+    v = np.random.default_rng(seed).standard_normal((512, 16))
+    disc = {
+        mode: torchgrab.herding_discrepancy(v, _replicas_global_order(v, 4, 8, 4, mode, seed)).l2
+        for mode in ("rr", "exact", "efficient")
+    }
+    assert disc["exact"] < 0.5 * disc["rr"]
+    assert disc["efficient"] < 0.5 * disc["rr"]
+    assert disc["efficient"] < 1.5 * disc["exact"]
+
+
+# ---------------------------------------------------------------- real process groups
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gather(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _check_epochs(rank, world, n, steps, mode, epochs):
+    sampler = DistributedGraBSampler(range(n), mode=mode, seed=7)
+    assert (sampler.num_replicas, sampler.rank) == (world, rank)
+    assert all(np.array_equal(x, sampler.shards) for x in _gather(sampler.shards))
+    reference = DistributedSampler(range(n), num_replicas=world, rank=rank, seed=7)
+    full = Counter(i for r in range(world) for i in DistributedSampler(range(n), num_replicas=world, rank=r, seed=7))
+    assert sum(steps) == len(sampler)
+    expected = None
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        mine = list(sampler)
+        if epoch == 0:
+            assert mine == list(reference)
+        everyone = _gather(mine)
+        # Disjoint shards that together are DistributedSampler's padded index multiset.
+        assert Counter(i for o in everyone for i in o) == full
+        assert all(len(set(o)) == len(o) for o in everyone)
+        if expected is not None:
+            assert everyone == expected
+        pos = 0
+        for rows in steps:
+            g = torch.from_numpy(np.stack([grad_of(i, epoch) for i in mine[pos : pos + rows]]))
+            sampler.step({"w": g[:, :4].contiguous(), "b": g[:, 4:].contiguous()})  # two segments
+            pos += rows
+            reps = _gather(sampler.replica_bytes())
+            assert all(r == reps[0] for r in reps), "replicas diverged"
+        # pipelined is exact CD-GraB (Gram formulation, broadcast rounds): same simulation as exact.
+        expected, s_want = simulate_epoch(everyone, steps, epoch, "efficient" if mode == "efficient" else "exact")
+        np.testing.assert_allclose(sampler.running_sum, s_want, rtol=1e-10, atol=1e-10)
+    return sampler
+
+
+def _check_backward_parity(rank):
+    """sampler.backward on a DDP model leaves the same .grad as DDP's own loss.backward()."""
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(D, 3))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(4, D, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    loss_fn(model(x), y).backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    for mode in ("exact", "pipelined", "efficient"):
+        s = DistributedGraBSampler(range(16), mode=mode)
+        it = iter(s)
+        [next(it) for _ in range(4)]
+        model.zero_grad(set_to_none=True)
+        loss = s.backward(model, loss_fn, x, y)
+        assert torch.allclose(loss, loss_fn(model(x), y), atol=1e-6)
+        for p, g in zip(model.parameters(), want):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+        assert s._native.cursor == 4 and len(set(_gather(s.replica_bytes()))) == 1
+
+
+def _worker(rank, world, port, out_dir, scenario):
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=20)
+    )
+    for mode in ("exact", "pipelined", "efficient"):
+        # 2 ranks: B = 3, so pairs straddle steps; 4 ranks (shards of 6): a first step that closes no pair.
+        steps = [3, 3, 3, 2] if world == 2 else [1, 2, 3]
+        _check_epochs(rank, world, n=22, steps=steps, mode=mode, epochs=3)
+    if scenario == "failures":
+        with pytest.raises(torchgrab.UnsupportedInputError, match="do not match the process group"):
+            DistributedGraBSampler(range(12), num_replicas=world + 1, rank=rank)
+        _check_backward_parity(rank)
+        s = DistributedGraBSampler(range(12), mode="efficient")
+        it = iter(s)
+        idx = [next(it) for _ in range(4)]
+        before = s.replica_bytes()
+        # A wrongly shaped batch on rank 1: every rank refuses the step, nobody hangs, nothing changes.
+        g = torch.ones(3 if rank == 1 else 2, D, dtype=torch.float64)
+        with pytest.raises(torchgrab.ShapeError, match="rank 1 stepped with rows=3"):
+            s.step(g)
+        # A local error on rank 0 (NaN): rank 0 raises it, the other ranks learn that rank 0 refused.
+        g = torch.ones(2, D, dtype=torch.float64)
+        if rank == 0:
+            g[0, 0] = float("nan")
+            with pytest.raises(torchgrab.NonFiniteGradientError):
+                s.step(g)
+        else:
+            with pytest.raises(torchgrab.GraBError, match="rank 0 refused"):
+                s.step(g)
+        assert s.replica_bytes() == before
+        s.step(torch.from_numpy(np.stack([grad_of(i, 0) for i in idx[:2]])))  # still in lockstep
+        assert len(set(_gather(s.replica_bytes()))) == 1
+        # A rank that dies: the survivors get a CollectiveError, not a hang.
+        if rank == 1:
+            os._exit(0)
+        with pytest.raises(torchgrab.CollectiveError, match="peer rank died"):
+            s.step(torch.from_numpy(np.stack([grad_of(i, 0) for i in idx[2:]])))
+        open(os.path.join(out_dir, f"ok{rank}"), "w").close()
+        os._exit(0)  # the process group is broken; skip its teardown
+    open(os.path.join(out_dir, f"ok{rank}"), "w").close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,scenario", [(2, "failures"), (4, "plain")])
+def test_cd_grab_on_gloo(world, scenario):
+    with tempfile.TemporaryDirectory() as out:
+        # A forkserver that imported torch once forks the ranks: spawn would import torch once per rank.
+        multiprocessing.set_forkserver_preload(["torch", "torchgrab.distributed", __name__])
+        mp.start_processes(
+            _worker, args=(world, _free_port(), out, scenario), nprocs=world, join=True, start_method="forkserver"
+        )
+        expect = {f"ok{r}" for r in range(world)} - ({"ok1"} if scenario == "failures" else set())
+        assert expect <= set(os.listdir(out))
+
+
+MNIST = os.environ.get("MNIST_DIR", "/work/shared/data/mnist")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(MNIST, "t10k-labels-idx1-ubyte.gz")), reason="no MNIST copy")
+def test_the_example_runs_as_one_rank(tmp_path, monkeypatch):
+    """examples/distributed_mnist.py in quick mode (without torchrun it is a single rank)."""
+    import importlib.util
+    import sys
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "distributed_mnist.py")
+    spec = importlib.util.spec_from_file_location("distributed_mnist", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for key in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    threads = torch.get_num_threads()
+    argv = ["x", "--data", MNIST, "--train-size", "256", "--epochs", "2", "--out", str(tmp_path)]
+    argv += ["--methods", "rr,cd-grab exact,cd-grab pipelined,cd-grab efficient"]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        module.main()
+    finally:
+        torch.set_num_threads(threads)
+    rows = (tmp_path / "curves.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 * 2
+    # With one rank, pipelined and efficient are exact CD-GraB: the same curve, number for number.
+    curves = {}
+    for row in rows[1:]:
+        method, epoch, loss, acc = row.split(",")
+        curves.setdefault(method, []).append((loss, acc))
+    assert curves["cd-grab exact"] == curves["cd-grab pipelined"] == curves["cd-grab efficient"]
