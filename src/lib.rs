@@ -14,6 +14,7 @@ pub mod rng;
 pub mod sampler;
 pub mod sign;
 pub mod sign_scan;
+pub mod state_codec;
 
 #[cfg(feature = "python")]
 mod python;

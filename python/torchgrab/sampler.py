@@ -8,7 +8,7 @@ how far it has been stepped, so DataLoader prefetching (``num_workers > 0``) nee
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Sized
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Sized, Tuple
 
 import numpy as np
 import torch
@@ -36,6 +36,15 @@ def _to_torch(obj: Any) -> Any:
         elif obj.dtype == np.uint64:
             obj = obj.view(np.int64)
         return torch.from_numpy(obj)
+    return obj
+
+
+def _copy_dicts(obj: Any) -> Any:
+    """Fresh dicts and lists around the same tensors: callers may edit keys without touching the cache."""
+    if isinstance(obj, dict):
+        return {k: _copy_dicts(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return list(obj)
     return obj
 
 
@@ -89,6 +98,8 @@ class GraBSampler(Sampler[int]):
             n = size
         if n is None:
             raise ShapeError("give the data set (GraBSampler(dataset)) or its size (GraBSampler(n=...))")
+        if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n == 0:
+            raise ShapeError("the data set is empty (n = 0); a sampler needs at least one example to order")
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ShapeError(f"n must be a positive integer, got {n!r}")
         if ordering not in _native.orderings():
@@ -123,6 +134,7 @@ class GraBSampler(Sampler[int]):
         self.n = int(n)
         self.dtype = dtype
         self._lock = threading.RLock()
+        self._native_cache: Optional[Dict[str, Any]] = None
         self._epoch = 0
         self._reset_cursor(None)
         self._resume = False
@@ -138,26 +150,26 @@ class GraBSampler(Sampler[int]):
         self._epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        with self._lock:
-            if self._resume:
-                # Resuming a checkpoint taken mid-epoch: continue after the last stepped index.
-                self._resume = False
-                self._yielded = self._stepped
-            else:
-                self._reset_cursor(self._native.begin_epoch(self._epoch))
-                self._epoch += 1
-            self._generation += 1
-            return self._yield_from(self._generation)
+        # The epoch begins on the first next(), not here: a loader that calls iter() and then
+        # load_state_dict() (torchdata's StatefulDataLoader does) wastes no O(n) epoch on the way.
+        return _EpochIterator(self)
 
-    def _yield_from(self, generation: int) -> Iterator[int]:
-        order = self._order
-        start = self._yielded
-        for lo in range(start, len(order), _YIELD_CHUNK):
-            for i in order[lo : lo + _YIELD_CHUNK].tolist():
-                if generation != self._generation:
-                    return  # a newer epoch began; this iterator is stale
-                self._yielded += 1
-                yield i
+    def _start(self, consumed: Optional[Tuple[int, int]]) -> int:
+        """Begin (or, after load_state_dict, resume) an epoch for a new iterator; returns its generation."""
+        if self._resume:
+            # Resuming a checkpoint taken mid-epoch: continue after the last stepped index...
+            self._resume = False
+            self._yielded = self._stepped
+            if consumed is not None and consumed[0] == self._native.epochs_begun:
+                # ...unless a stateful loader says its consumer already holds more: those in-flight indices
+                # are not handed out again (the loader will not re-deliver them); they go unstepped.
+                self._yielded = self._stepped = consumed[1]
+        else:
+            self._reset_cursor(self._native.begin_epoch(self._epoch))
+            self._native_cache = None
+            self._epoch += 1
+        self._generation += 1
+        return self._generation
 
     def _reset_cursor(self, order: Optional[np.ndarray]) -> None:
         self._order = order
@@ -205,6 +217,8 @@ class GraBSampler(Sampler[int]):
             segments, kind, rows = as_segments(grads)
             idx = self._take(rows, indices)
             self._native.step(segments, kind, idx)
+            if self.balances:
+                self._native_cache = None
             if indices is None:
                 self._stepped += rows
 
@@ -255,8 +269,13 @@ class GraBSampler(Sampler[int]):
         """Everything needed to continue exactly: plain ints, strings, lists and tensors
         (``torch.load(weights_only=True)`` reads it)."""
         with self._lock:
+            # Cached until the native state changes (a step of a balancing ordering, a new epoch, a
+            # load): a loader that asks once per batch pays O(n + d) only when something changed. Like
+            # Module.state_dict(), the tensors are shared between calls; torch.save copies them.
+            if self._native_cache is None:
+                self._native_cache = _to_torch(self._native.state())
             return {
-                "native": _to_torch(self._native.state()),
+                "native": _copy_dicts(self._native_cache),
                 "epoch": self._epoch,
                 "in_epoch": self._order is not None,
                 "yielded": self._yielded,
@@ -291,6 +310,7 @@ class GraBSampler(Sampler[int]):
             raise StateDictError(f"inconsistent cursors: stepped={stepped}, yielded={yielded}, n={len(order)}")
         with self._lock:
             self._native = native
+            self._native_cache = None
             self._epoch = epoch
             self._reset_cursor(order)
             self._generation += 1
@@ -308,6 +328,7 @@ class GraBSampler(Sampler[int]):
         self.dtype = data["config"]["dtype"]
         self._lock = threading.RLock()
         self._native = _native.NativeSampler.from_state(native_state)
+        self._native_cache = None
         self._epoch = 0
         self._generation = 0
         self._reset_cursor(None)
@@ -321,3 +342,75 @@ class GraBSampler(Sampler[int]):
 
     def __repr__(self) -> str:
         return f"GraBSampler(n={self.n}, ordering={self.ordering!r}, epoch={self._epoch})"
+
+
+class _EpochIterator:
+    """One pass over a :class:`GraBSampler`'s epoch. It begins the epoch lazily (first ``next``), stops
+    when a newer epoch begins or a state is loaded (it is then stale), and is itself stateful: its
+    ``state_dict`` records how far its consumer has taken indices, which torchdata's
+    ``StatefulDataLoader`` (through its ``BatchSampler``) saves next to the sampler's own state.
+    """
+
+    def __init__(self, sampler: GraBSampler) -> None:
+        self._sampler = sampler
+        self._generation: Optional[int] = None  # set when the epoch begins
+        self._chunk: List[int] = []
+        self._pos = 0
+        self._consumed: Optional[Tuple[int, int]] = None  # (epochs_begun, yielded) from load_state_dict
+
+    def __iter__(self) -> "_EpochIterator":
+        return self
+
+    def __next__(self) -> int:
+        s = self._sampler
+        if self._pos < len(self._chunk) and self._generation == s._generation:
+            i = self._chunk[self._pos]
+            self._pos += 1
+            s._yielded += 1
+            return i
+        return self._next_chunk()
+
+    def _next_chunk(self) -> int:
+        s = self._sampler
+        with s._lock:
+            if self._generation is None:
+                self._generation = s._start(self._consumed)
+            order = s._order
+            if self._generation != s._generation or order is None or s._yielded >= len(order):
+                self._chunk = []
+                raise StopIteration
+            # Python ints in chunks: never a list of n ints, and no stall before the first index.
+            self._chunk = order[s._yielded : s._yielded + _YIELD_CHUNK].tolist()
+            self._pos = 1
+            s._yielded += 1
+            return self._chunk[0]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """How far this iterator's consumer has taken indices in its epoch (-1: not begun)."""
+        s = self._sampler
+        with s._lock:
+            live = self._generation is not None and self._generation == s._generation
+            return {
+                "epochs_begun": s._native.epochs_begun if live else -1,
+                "yielded": s._yielded if live else 0,
+            }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Called by a stateful loader after ``sampler.load_state_dict``, before the first ``next``: the
+        consumer already holds the epoch's first ``yielded`` indices, so they are not handed out again."""
+        s = self._sampler
+        try:
+            begun, yielded = int(state["epochs_begun"]), int(state["yielded"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateDictError(f"malformed sampler-iterator state {state!r}: {e}") from None
+        if self._generation is not None:
+            raise CallOrderError("load_state_dict() on a sampler iterator that has already begun")
+        with s._lock:
+            if begun < 0 or not s._resume or begun != s._native.epochs_begun:
+                return  # taken before its epoch began, or for another epoch: nothing to skip
+            if not (s._stepped <= yielded <= len(s._order)):
+                raise StateDictError(
+                    f"iterator state yielded={yielded} does not fit the sampler state "
+                    f"(stepped={s._stepped}, n={len(s._order)})"
+                )
+            self._consumed = (begun, yielded)
