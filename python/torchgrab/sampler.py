@@ -298,6 +298,10 @@ class GraBSampler(Sampler[int]):
                 f"the state dict is for ordering={native.ordering!r}, n={native.n}; "
                 f"this sampler has ordering={ordering!r}, n={self.n}"
             )
+        if self._native.dim is not None and native.dim is not None and native.dim != self._native.dim:
+            raise StateDictError(
+                f"the state dict holds gradients of dimension d = {native.dim}; this sampler's are d = {self._native.dim}"
+            )
         if native_state.get("state_dtype") != _STATE_DTYPES[self.dtype]:
             raise StateDictError(f"the state dict holds {native_state.get('state_dtype')} sums; this sampler uses {self.dtype}")
         try:
