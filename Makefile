@@ -11,7 +11,7 @@ STAMP   = $(VENV)/.torchgrab-installed
 $(STAMP): pyproject.toml Cargo.toml $(shell find src python -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch>=2.1" numpy scikit-learn matplotlib tqdm pytest hypothesis maturin
+	$(PY) -m pip install -q "torch>=2.1" numpy scikit-learn matplotlib tqdm pytest hypothesis maturin torchdata
 	$(PY) -m pip install -q -e .
 	touch $(STAMP)
 

@@ -137,7 +137,7 @@ class GraBSampler(Sampler[int]):
         self._native_cache: Optional[Dict[str, Any]] = None
         self._epoch = 0
         self._reset_cursor(None)
-        self._resume = False
+        self._resume = self._resumable = self._epoch_set = False
 
     # ---------------------------------------------------------------- Sampler contract
     def __len__(self) -> int:
@@ -148,22 +148,25 @@ class GraBSampler(Sampler[int]):
         if epoch < 0:
             raise UnsupportedInputError(f"epoch must be non-negative, got {epoch}")
         self._epoch = int(epoch)
+        self._epoch_set = True
 
     def __iter__(self) -> Iterator[int]:
         # The epoch begins on the first next(), not here: a loader that calls iter() and then
         # load_state_dict() (torchdata's StatefulDataLoader does) wastes no O(n) epoch on the way.
         return _EpochIterator(self)
 
-    def _start(self, consumed: Optional[Tuple[int, int]]) -> int:
+    def _start(self, continue_saved: bool) -> int:
         """Begin (or, after load_state_dict, resume) an epoch for a new iterator; returns its generation."""
-        if self._resume:
-            # Resuming a checkpoint taken mid-epoch: continue after the last stepped index...
-            self._resume = False
+        resume = self._resume or (continue_saved and self._resumable)
+        if self._resumable and self._epoch_set:
+            # After a load, set_epoch says which: the saved epoch's own number continues it (even if
+            # nothing is left of it), any other number begins that epoch.
+            resume = self._epoch == self._native.epoch
+        self._resume = self._resumable = self._epoch_set = False
+        if resume:
+            # Resuming a checkpoint taken mid-epoch: continue after the last stepped index.
             self._yielded = self._stepped
-            if consumed is not None and consumed[0] == self._native.epochs_begun:
-                # ...unless a stateful loader says its consumer already holds more: those in-flight indices
-                # are not handed out again (the loader will not re-deliver them); they go unstepped.
-                self._yielded = self._stepped = consumed[1]
+            self._epoch = self._native.epoch + 1
         else:
             self._reset_cursor(self._native.begin_epoch(self._epoch))
             self._native_cache = None
@@ -174,6 +177,7 @@ class GraBSampler(Sampler[int]):
     def _reset_cursor(self, order: Optional[np.ndarray]) -> None:
         self._order = order
         self._yielded = 0  # indices handed out this epoch
+        self._finished = False  # an iterator of this epoch has reached its end
         self._stepped = 0  # of those, how many have received their gradient
         self._generation = getattr(self, "_generation", 0)
 
@@ -278,6 +282,7 @@ class GraBSampler(Sampler[int]):
                 "native": _copy_dicts(self._native_cache),
                 "epoch": self._epoch,
                 "in_epoch": self._order is not None,
+                "finished": self._finished,
                 "yielded": self._yielded,
                 "stepped": self._stepped,
             }
@@ -307,6 +312,7 @@ class GraBSampler(Sampler[int]):
         try:
             epoch, yielded, stepped = int(state["epoch"]), int(state["yielded"]), int(state["stepped"])
             in_epoch = bool(state["in_epoch"])
+            finished = bool(state.get("finished", True))  # absent in older dicts: resume iff unstepped left
         except (KeyError, TypeError, ValueError) as e:
             raise StateDictError(f"the state dict is missing or has a malformed cursor entry: {e}") from None
         order = native.current_order() if in_epoch else None
@@ -319,7 +325,12 @@ class GraBSampler(Sampler[int]):
             self._reset_cursor(order)
             self._generation += 1
             self._yielded, self._stepped = (yielded, stepped) if order is not None else (0, 0)
-            self._resume = order is not None and stepped < len(order)
+            # Continue the saved epoch if units are left to step, or if its iteration had not reached
+            # its end (the checkpoint was taken inside the loop: what is left of the epoch is empty).
+            self._resumable = order is not None
+            self._resume = order is not None and (stepped < len(order) or not finished)
+            self._finished = finished if order is not None else False
+            self._epoch_set = False
 
     def __getstate__(self) -> Dict[str, Any]:
         config = {k: getattr(self, k) for k in ("ordering", "n", "dtype")}
@@ -336,7 +347,7 @@ class GraBSampler(Sampler[int]):
         self._epoch = 0
         self._generation = 0
         self._reset_cursor(None)
-        self._resume = False
+        self._resume = self._resumable = self._epoch_set = False
         self.load_state_dict(data["state"])
 
     @property
@@ -360,7 +371,7 @@ class _EpochIterator:
         self._generation: Optional[int] = None  # set when the epoch begins
         self._chunk: List[int] = []
         self._pos = 0
-        self._consumed: Optional[Tuple[int, int]] = None  # (epochs_begun, yielded) from load_state_dict
+        self._continue_saved = False  # load_state_dict placed it inside the saved epoch
 
     def __iter__(self) -> "_EpochIterator":
         return self
@@ -378,9 +389,11 @@ class _EpochIterator:
         s = self._sampler
         with s._lock:
             if self._generation is None:
-                self._generation = s._start(self._consumed)
+                self._generation = s._start(self._continue_saved)
             order = s._order
             if self._generation != s._generation or order is None or s._yielded >= len(order):
+                if self._generation == s._generation and order is not None:
+                    s._finished = True
                 self._chunk = []
                 raise StopIteration
             # Python ints in chunks: never a list of n ints, and no stall before the first index.
@@ -410,11 +423,16 @@ class _EpochIterator:
         if self._generation is not None:
             raise CallOrderError("load_state_dict() on a sampler iterator that has already begun")
         with s._lock:
-            if begun < 0 or not s._resume or begun != s._native.epochs_begun:
+            if begun < 0 or not s._resumable or begun != s._native.epochs_begun:
                 return  # taken before its epoch began, or for another epoch: nothing to skip
             if not (s._stepped <= yielded <= len(s._order)):
                 raise StateDictError(
                     f"iterator state yielded={yielded} does not fit the sampler state "
                     f"(stepped={s._stepped}, n={len(s._order)})"
                 )
-            self._consumed = (begun, yielded)
+            # The consumer already holds the first `yielded` indices and the loader will not deliver
+            # them again: the in-flight ones (yielded, not stepped) are dropped unstepped, and this
+            # iterator continues the saved epoch after them, even if nothing is left of it.
+            s._yielded = s._stepped = yielded
+            s._resume = yielded < len(s._order) or not s._finished
+            self._continue_saved = True
