@@ -72,7 +72,8 @@ impl Writer {
     }
     fn u32s(&mut self, v: &[u32]) {
         self.u64(v.len() as u64);
-        v.iter().for_each(|x| self.0.extend_from_slice(&x.to_le_bytes()));
+        v.iter()
+            .for_each(|x| self.0.extend_from_slice(&x.to_le_bytes()));
     }
     fn u64s(&mut self, v: &[u64]) {
         self.u64(v.len() as u64);
@@ -310,10 +311,7 @@ pub fn decode<S: CodecElem>(bytes: &[u8]) -> Result<SamplerState<S>> {
         None
     };
     if r.at != body.len() {
-        return Err(corrupt(&format!(
-            "{} trailing bytes",
-            body.len() - r.at
-        )));
+        return Err(corrupt(&format!("{} trailing bytes", body.len() - r.at)));
     }
     Ok(SamplerState {
         config,
@@ -344,7 +342,8 @@ mod tests {
             let take = if epoch == 0 { n } else { steps.min(n) };
             for &i in &order[..take] {
                 let row = &v[i as usize * d..(i as usize + 1) * d];
-                s.step(&Batch::from_slice(row, 1, d).unwrap(), &[i]).unwrap();
+                s.step(&Batch::from_slice(row, 1, d).unwrap(), &[i])
+                    .unwrap();
             }
         }
         s
@@ -366,7 +365,10 @@ mod tests {
     #[test]
     fn framing_errors_are_refused() {
         let bytes = encode(&driven("pair", 9, 2, 3, false).export_state());
-        assert!(decode::<f64>(&bytes).unwrap_err().message.contains("4-byte"));
+        assert!(decode::<f64>(&bytes)
+            .unwrap_err()
+            .message
+            .contains("4-byte"));
         for cut in 0..bytes.len() {
             assert!(decode::<f32>(&bytes[..cut]).is_err());
         }

@@ -230,3 +230,41 @@ def test_corrupted_states_are_refused_and_change_nothing(name, edit, message):
         target.load_state_dict(state)
     assert snapshot(target) == before
     assert (target._yielded, target._stepped, target._epoch) == cursors
+
+
+def test_where_a_resumed_epoch_continues():
+    v = np.ones((10, 2), np.float32)
+
+    def saved(finish, stepped):
+        s = GraBSampler(n=10, ordering="rr", seed=0)
+        it = iter(s)
+        order = [next(it) for _ in range(10)]
+        s.step(v[:stepped])
+        if finish:
+            assert list(it) == []  # the loop ran to its end
+        return save_load(s.state_dict()), order
+
+    def fresh(state, epoch=None):
+        s = GraBSampler(n=10, ordering="rr", seed=0)
+        s.load_state_dict(state)
+        if epoch is not None:
+            s.set_epoch(epoch)
+        return s
+
+    # Inside the loop, everything stepped: the remainder of the epoch is empty, then epoch 1.
+    state, order = saved(finish=False, stepped=10)
+    s = fresh(state)
+    assert list(s) == [] and s._native.epoch == 0
+    assert list(s) == GraBSampler(n=10, ordering="rr", seed=0)._native.begin_epoch(1).tolist()
+    # After the loop, everything stepped: the next epoch begins.
+    state, order = saved(finish=True, stepped=10)
+    s = fresh(state)
+    nxt = list(s)
+    assert s._native.epoch == 1 and sorted(nxt) == list(range(10))
+    # Units left unstepped (a drop_last tail): they are handed out again...
+    state, order = saved(finish=True, stepped=8)
+    assert list(fresh(state)) == order[8:]
+    # ...unless set_epoch says which epoch comes next.
+    s = fresh(state, epoch=1)
+    assert list(s) == nxt and s._native.epoch == 1
+    assert list(fresh(state, epoch=0)) == order[8:]

@@ -44,7 +44,11 @@ fn step_both<G: GradElem, S: torchgrab::elem::StateElem>(
     let mut segs: Vec<Vec<G>> = Vec::new();
     let mut off = 0;
     for &w in widths {
-        segs.push((0..b).flat_map(|r| rows[r * d + off..r * d + off + w].to_vec()).collect());
+        segs.push(
+            (0..b)
+                .flat_map(|r| rows[r * d + off..r * d + off + w].to_vec())
+                .collect(),
+        );
         off += w;
     }
     let views: Vec<ArrayView2<G>> = segs
@@ -114,7 +118,8 @@ fn run<S: torchgrab::elem::StateElem>(mut bytes: Bytes) {
             at += b.max(1);
         }
     }
-    let restored = Sampler::import_state(one.export_state()).expect("an exported state is importable");
+    let restored =
+        Sampler::import_state(one.export_state()).expect("an exported state is importable");
     assert_eq!(restored, one);
 }
 

@@ -11,10 +11,15 @@ fuzz_target!(|data: &[u8]| {
         .chunks_exact(8)
         .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
         .collect();
-    let Some((&first, rest)) = vals.split_first() else { return };
+    let Some((&first, rest)) = vals.split_first() else {
+        return;
+    };
     let b = (first.to_bits() % 9) as usize;
     let (u, gram) = rest.split_at(b.min(rest.len()));
-    for mut rule in [SignRule::deterministic(), SignRule::self_balancing_walk(1, 0.1)] {
+    for mut rule in [
+        SignRule::deterministic(),
+        SignRule::self_balancing_walk(1, 0.1),
+    ] {
         if let Ok(signs) = sign_scan(u, gram, &mut rule, 10, 3) {
             assert_eq!(signs.len(), u.len());
             assert!(signs.iter().all(|&(e, _)| e == 1.0 || e == -1.0));

@@ -7,12 +7,18 @@ use torchgrab::sampler::Sampler;
 use torchgrab::state_codec::{checksum, decode, encode, CodecElem};
 
 fn check<S: CodecElem>(bytes: &[u8]) {
-    let Ok(state) = decode::<S>(bytes) else { return };
-    let Ok(mut sampler) = Sampler::<S>::import_state(state) else { return };
+    let Ok(state) = decode::<S>(bytes) else {
+        return;
+    };
+    let Ok(mut sampler) = Sampler::<S>::import_state(state) else {
+        return;
+    };
     assert_eq!(encode(&sampler.export_state()), bytes);
     let n = sampler.config().n;
     if n <= 1 << 16 {
-        let order = sampler.begin_epoch(sampler.epoch().wrapping_add(1)).to_vec();
+        let order = sampler
+            .begin_epoch(sampler.epoch().wrapping_add(1))
+            .to_vec();
         assert_eq!(order.len(), n);
     }
 }
