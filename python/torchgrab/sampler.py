@@ -54,6 +54,10 @@ def _to_numpy(obj: Any, key: str = "") -> Any:
     if isinstance(obj, torch.Tensor):
         a = obj.detach().cpu().contiguous().numpy()
         want = _UNSIGNED_KEYS.get(key)
+        if want is None and a.dtype in (np.int32, np.int64):
+            # The native state holds no signed integer arrays: an integer array under a key not listed
+            # above (a field a newer ordering exports) is an unsigned buffer, stored bit for bit.
+            want = np.uint32 if a.dtype == np.int32 else np.uint64
         if want is not None:
             if a.dtype.itemsize != np.dtype(want).itemsize or a.dtype.kind not in "iu":
                 raise StateDictError(f"state dict entry {key!r} has dtype {obj.dtype}; expected a {np.dtype(want).itemsize * 8}-bit integer tensor")
