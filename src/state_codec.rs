@@ -436,6 +436,17 @@ mod tests {
         assert!(err.message.contains("alias"), "{}", err.message);
     }
 
+    /// fuzz/regressions/state_from_bytes-wrapping-pointers: front + back of the assembly overflowed
+    /// usize, passed the bounds check by wrapping, and a slice index panicked. Now refused.
+    #[test]
+    fn regression_wrapping_assembly_pointers_are_refused() {
+        let crash = include_bytes!("../fuzz/regressions/state_from_bytes-wrapping-pointers");
+        let sealed = sealed(crash[1..].to_vec());
+        let st = decode::<f32>(&sealed).expect("the framing is valid");
+        let err = Sampler::import_state(st).unwrap_err();
+        assert!(err.message.contains("pointers"), "{}", err.message);
+    }
+
     proptest! {
         #[test]
         fn codec_round_trips_random_runs(kind in prop::sample::select(ORDERING_NAMES.to_vec()), n in 1usize..30, d in 1usize..6, steps in 0usize..30, random_signs in any::<bool>()) {

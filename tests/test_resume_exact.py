@@ -268,3 +268,17 @@ def test_where_a_resumed_epoch_continues():
     s = fresh(state, epoch=1)
     assert list(s) == nxt and s._native.epoch == 1
     assert list(fresh(state, epoch=0)) == order[8:]
+
+
+def test_regression_wrapping_assembly_pointers():
+    """Found by the state_from_bytes fuzzer: front + back wrapping around 2^64 passed the bounds check
+    and crashed on a slice; a state dict could carry them. Refused now, state unchanged."""
+    source, _ = stepped_sampler("grab")
+    state = save_load(source.state_dict())
+    state["native"]["assembly"]["front"] = 2**63
+    state["native"]["assembly"]["back"] = 2**63
+    target, _ = stepped_sampler("grab")
+    before = snapshot(target)
+    with pytest.raises(StateDictError, match="pointers"):
+        target.load_state_dict(state)
+    assert snapshot(target) == before
