@@ -85,7 +85,7 @@ fn run<S: torchgrab::elem::StateElem>(mut bytes: Bytes) {
         while at < n && !bytes.0.is_empty() {
             let b = (bytes.u8() as usize % 5).min(n - at);
             // Mostly the next indices in order; sometimes arbitrary (repeats, out of range).
-            let idx: Vec<u32> = if bytes.u8() % 8 == 0 {
+            let idx: Vec<u32> = if bytes.u8().is_multiple_of(8) {
                 (0..b).map(|_| bytes.u32() % (n as u32 + 2)).collect()
             } else {
                 order[at..at + b].to_vec()
