@@ -26,3 +26,9 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) target out
+
+# Fuzz every cargo-fuzz target for FUZZ_SECONDS each (needs cargo-fuzz; runs on stable via RUSTC_BOOTSTRAP=1).
+FUZZ_SECONDS ?= 120
+.PHONY: fuzz
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
