@@ -8,7 +8,7 @@ how far it has been stepped, so DataLoader prefetching (``num_workers > 0``) nee
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Sized, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Sized
 
 import numpy as np
 import torch
