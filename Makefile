@@ -11,7 +11,7 @@ STAMP   = $(VENV)/.torchgrab-installed
 $(STAMP): pyproject.toml Cargo.toml $(shell find src python -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch>=2.1" numpy scikit-learn matplotlib tqdm pytest hypothesis maturin
+	$(PY) -m pip install -q "torch>=2.1" numpy scikit-learn matplotlib tqdm pytest hypothesis maturin torchdata
 	$(PY) -m pip install -q -e .
 	touch $(STAMP)
 
@@ -26,3 +26,9 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) target out
+
+# Fuzz every cargo-fuzz target for FUZZ_SECONDS each (needs cargo-fuzz; runs on stable via RUSTC_BOOTSTRAP=1).
+FUZZ_SECONDS ?= 120
+.PHONY: fuzz
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)

@@ -31,7 +31,7 @@ pub(crate) fn row_pieces<'a, G: GradElem>(batch: &Batch<'a, G>, r: usize) -> Pie
 pub(crate) fn non_finite(unit: u32, row: usize) -> GrabError {
     GrabError::new(
         ErrorKind::NonFinite,
-        format!("the gradient of unit {unit} (row {row} of this step) contains NaN or Inf; the step was refused and nothing changed"),
+        format!("the gradient of unit {unit} (row {row} of this step) contains NaN or Inf, or takes the running sum beyond the state dtype's range (dtype=torch.float64 holds more); the step was refused and nothing changed"),
     )
 }
 

@@ -8,7 +8,7 @@ how far it has been stepped, so DataLoader prefetching (``num_workers > 0``) nee
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Sized, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Sized, Tuple
 
 import numpy as np
 import torch
@@ -41,12 +41,25 @@ def _to_torch(obj: Any) -> Any:
     return obj
 
 
+def _copy_dicts(obj: Any) -> Any:
+    """Fresh dicts and lists around the same tensors: callers may edit keys without touching the cache."""
+    if isinstance(obj, dict):
+        return {k: _copy_dicts(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return list(obj)
+    return obj
+
+
 def _to_numpy(obj: Any, key: str = "") -> Any:
     if isinstance(obj, dict):
         return {k: _to_numpy(v, k) for k, v in obj.items()}
     if isinstance(obj, torch.Tensor):
         a = obj.detach().cpu().contiguous().numpy()
         want = _UNSIGNED_KEYS.get(key)
+        if want is None and a.dtype in (np.int32, np.int64):
+            # The native state holds no signed integer arrays: an integer array under a key not listed
+            # above (a field a newer ordering exports) is an unsigned buffer, stored bit for bit.
+            want = np.uint32 if a.dtype == np.int32 else np.uint64
         if want is not None:
             if a.dtype.itemsize != np.dtype(want).itemsize or a.dtype.kind not in "iu":
                 raise StateDictError(f"state dict entry {key!r} has dtype {obj.dtype}; expected a {np.dtype(want).itemsize * 8}-bit integer tensor")
@@ -107,6 +120,8 @@ class GraBSampler(Sampler[int]):
             n = size
         if n is None:
             raise ShapeError("give the data set (GraBSampler(dataset)) or its size (GraBSampler(n=...))")
+        if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n == 0:
+            raise ShapeError("the data set is empty (n = 0); a sampler needs at least one example to order")
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ShapeError(f"n must be a positive integer, got {n!r}")
         if ordering not in _native.orderings():
@@ -168,9 +183,10 @@ class GraBSampler(Sampler[int]):
         self.n = int(n)
         self.dtype = dtype
         self._lock = threading.RLock()
+        self._native_cache: Optional[Dict[str, Any]] = None
         self._epoch = 0
         self._reset_cursor(None)
-        self._resume = False
+        self._resume = self._resumable = self._epoch_set = False
 
     # ---------------------------------------------------------------- Sampler contract
     def __len__(self) -> int:
@@ -181,28 +197,31 @@ class GraBSampler(Sampler[int]):
         if epoch < 0:
             raise UnsupportedInputError(f"epoch must be non-negative, got {epoch}")
         self._epoch = int(epoch)
+        self._epoch_set = True
 
     def __iter__(self) -> Iterator[int]:
-        with self._lock:
-            if self._resume:
-                # Resuming a checkpoint taken mid-epoch: continue after the last stepped index.
-                self._resume = False
-                self._yielded = self._stepped
-            else:
-                self._reset_cursor(self._examples(self._native.begin_epoch(self._epoch)))
-                self._epoch += 1
-            self._generation += 1
-            return self._yield_from(self._generation)
+        # The epoch begins on the first next(), not here: a loader that calls iter() and then
+        # load_state_dict() (torchdata's StatefulDataLoader does) wastes no O(n) epoch on the way.
+        return _EpochIterator(self)
 
-    def _yield_from(self, generation: int) -> Iterator[int]:
-        order = self._order
-        start = self._yielded
-        for lo in range(start, len(order), _YIELD_CHUNK):
-            for i in order[lo : lo + _YIELD_CHUNK].tolist():
-                if generation != self._generation:
-                    return  # a newer epoch began; this iterator is stale
-                self._yielded += 1
-                yield i
+    def _start(self, continue_saved: bool) -> int:
+        """Begin (or, after load_state_dict, resume) an epoch for a new iterator; returns its generation."""
+        resume = self._resume or (continue_saved and self._resumable)
+        if self._resumable and self._epoch_set:
+            # After a load, set_epoch says which: the saved epoch's own number continues it (even if
+            # nothing is left of it), any other number begins that epoch.
+            resume = self._epoch == self._native.epoch
+        self._resume = self._resumable = self._epoch_set = False
+        if resume:
+            # Resuming a checkpoint taken mid-epoch: continue after the last stepped index.
+            self._yielded = self._stepped
+            self._epoch = self._native.epoch + 1
+        else:
+            self._reset_cursor(self._examples(self._native.begin_epoch(self._epoch)))
+            self._native_cache = None
+            self._epoch += 1
+        self._generation += 1
+        return self._generation
 
     def _examples(self, order: np.ndarray) -> np.ndarray:
         """The example order of a native (unit) order."""
@@ -213,6 +232,7 @@ class GraBSampler(Sampler[int]):
             self._units.reset()
         self._order = order
         self._yielded = 0  # indices handed out this epoch
+        self._finished = False  # an iterator of this epoch has reached its end
         self._stepped = 0  # of those, how many have received their gradient
         self._generation = getattr(self, "_generation", 0)
 
@@ -264,6 +284,8 @@ class GraBSampler(Sampler[int]):
             segments, kind, rows = as_segments(grads)
             idx = self._take(rows, indices)
             self._native.step(segments, kind, idx)
+            if self.balances:
+                self._native_cache = None
             if indices is None:
                 self._stepped += rows
 
@@ -359,10 +381,16 @@ class GraBSampler(Sampler[int]):
         """Everything needed to continue exactly: plain ints, strings, lists and tensors
         (``torch.load(weights_only=True)`` reads it)."""
         with self._lock:
+            # Cached until the native state changes (a step of a balancing ordering, a new epoch, a
+            # load): a loader that asks once per batch pays O(n + d) only when something changed. Like
+            # Module.state_dict(), the tensors are shared between calls; torch.save copies them.
+            if self._native_cache is None:
+                self._native_cache = _to_torch(self._native.state())
             return {
-                "native": _to_torch(self._native.state()),
+                "native": _copy_dicts(self._native_cache),
                 "epoch": self._epoch,
                 "in_epoch": self._order is not None,
+                "finished": self._finished,
                 "yielded": self._yielded,
                 "stepped": self._stepped,
                 "unit_carry": None if self._units is None else self._units.state(),
@@ -385,11 +413,16 @@ class GraBSampler(Sampler[int]):
                 f"the state dict is for ordering={native.ordering!r}, n={native.n} units; "
                 f"this sampler has ordering={ordering!r}, n={native_n} units"
             )
+        if self._native.dim is not None and native.dim is not None and native.dim != self._native.dim:
+            raise StateDictError(
+                f"the state dict holds gradients of dimension d = {native.dim}; this sampler's are d = {self._native.dim}"
+            )
         if native_state.get("state_dtype") != _STATE_DTYPES[self.dtype]:
             raise StateDictError(f"the state dict holds {native_state.get('state_dtype')} sums; this sampler uses {self.dtype}")
         try:
             epoch, yielded, stepped = int(state["epoch"]), int(state["yielded"]), int(state["stepped"])
             in_epoch = bool(state["in_epoch"])
+            finished = bool(state.get("finished", True))  # absent in older dicts: resume iff unstepped left
         except (KeyError, TypeError, ValueError) as e:
             raise StateDictError(f"the state dict is missing or has a malformed cursor entry: {e}") from None
         order = self._examples(native.current_order()) if in_epoch else None
@@ -401,13 +434,19 @@ class GraBSampler(Sampler[int]):
             carry.load(state.get("unit_carry") if order is not None else None)
         with self._lock:
             self._native = native
+            self._native_cache = None
             self._epoch = epoch
             self._reset_cursor(order)
             self._generation += 1
             self._yielded, self._stepped = (yielded, stepped) if order is not None else (0, 0)
             if self._units is not None:
                 self._units.carry = carry.carry
-            self._resume = order is not None and stepped < len(order)
+            # Continue the saved epoch if units are left to step, or if its iteration had not reached
+            # its end (the checkpoint was taken inside the loop: what is left of the epoch is empty).
+            self._resumable = order is not None
+            self._resume = order is not None and (stepped < len(order) or not finished)
+            self._finished = finished if order is not None else False
+            self._epoch_set = False
 
     def __getstate__(self) -> Dict[str, Any]:
         config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size")}
@@ -422,10 +461,11 @@ class GraBSampler(Sampler[int]):
         self._units = UnitMap(self.n, self.unit_size) if self.unit_size > 1 else None
         self._lock = threading.RLock()
         self._native = _native.NativeSampler.from_state(native_state)
+        self._native_cache = None
         self._epoch = 0
         self._generation = 0
         self._reset_cursor(None)
-        self._resume = False
+        self._resume = self._resumable = self._epoch_set = False
         self.load_state_dict(data["state"])
 
     @property
@@ -435,3 +475,82 @@ class GraBSampler(Sampler[int]):
 
     def __repr__(self) -> str:
         return f"GraBSampler(n={self.n}, ordering={self.ordering!r}, epoch={self._epoch})"
+
+
+class _EpochIterator:
+    """One pass over a :class:`GraBSampler`'s epoch. It begins the epoch lazily (first ``next``), stops
+    when a newer epoch begins or a state is loaded (it is then stale), and is itself stateful: its
+    ``state_dict`` records how far its consumer has taken indices, which torchdata's
+    ``StatefulDataLoader`` (through its ``BatchSampler``) saves next to the sampler's own state.
+    """
+
+    def __init__(self, sampler: GraBSampler) -> None:
+        self._sampler = sampler
+        self._generation: Optional[int] = None  # set when the epoch begins
+        self._chunk: List[int] = []
+        self._pos = 0
+        self._continue_saved = False  # load_state_dict placed it inside the saved epoch
+
+    def __iter__(self) -> "_EpochIterator":
+        return self
+
+    def __next__(self) -> int:
+        s = self._sampler
+        if self._pos < len(self._chunk) and self._generation == s._generation:
+            i = self._chunk[self._pos]
+            self._pos += 1
+            s._yielded += 1
+            return i
+        return self._next_chunk()
+
+    def _next_chunk(self) -> int:
+        s = self._sampler
+        with s._lock:
+            if self._generation is None:
+                self._generation = s._start(self._continue_saved)
+            order = s._order
+            if self._generation != s._generation or order is None or s._yielded >= len(order):
+                if self._generation == s._generation and order is not None:
+                    s._finished = True
+                self._chunk = []
+                raise StopIteration
+            # Python ints in chunks: never a list of n ints, and no stall before the first index.
+            self._chunk = order[s._yielded : s._yielded + _YIELD_CHUNK].tolist()
+            self._pos = 1
+            s._yielded += 1
+            return self._chunk[0]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """How far this iterator's consumer has taken indices in its epoch (-1: not begun)."""
+        s = self._sampler
+        with s._lock:
+            live = self._generation is not None and self._generation == s._generation
+            return {
+                "epochs_begun": s._native.epochs_begun if live else -1,
+                "yielded": s._yielded if live else 0,
+            }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Called by a stateful loader after ``sampler.load_state_dict``, before the first ``next``: the
+        consumer already holds the epoch's first ``yielded`` indices, so they are not handed out again."""
+        s = self._sampler
+        try:
+            begun, yielded = int(state["epochs_begun"]), int(state["yielded"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateDictError(f"malformed sampler-iterator state {state!r}: {e}") from None
+        if self._generation is not None:
+            raise CallOrderError("load_state_dict() on a sampler iterator that has already begun")
+        with s._lock:
+            if begun < 0 or not s._resumable or begun != s._native.epochs_begun:
+                return  # taken before its epoch began, or for another epoch: nothing to skip
+            if not (s._stepped <= yielded <= len(s._order)):
+                raise StateDictError(
+                    f"iterator state yielded={yielded} does not fit the sampler state "
+                    f"(stepped={s._stepped}, n={len(s._order)})"
+                )
+            # The consumer already holds the first `yielded` indices and the loader will not deliver
+            # them again: the in-flight ones (yielded, not stepped) are dropped unstepped, and this
+            # iterator continues the saved epoch after them, even if nothing is left of it.
+            s._yielded = s._stepped = yielded
+            s._resume = yielded < len(s._order) or not s._finished
+            self._continue_saved = True
