@@ -7,7 +7,7 @@ use crate::assembly::FrontBack;
 use crate::batch::Batch;
 use crate::elem::{GradElem, Scratch, StateElem};
 use crate::error::{GrabError, Result};
-use crate::kernels::{dot_diff, update_diff, Layout, Pieces};
+use crate::kernels::{dot_diff, update_diff, update_then_dot, Layout, Pieces};
 use crate::mean_balance::{non_finite, row_pieces};
 use crate::sign::SignRule;
 
@@ -69,6 +69,9 @@ impl<S: StateElem> PairBalance<S> {
             Err(non_finite(unit, r))
         };
         let mut r = 0;
+        // The dot of the next pair, when the update by the previous pair already computed it in the
+        // same pass over memory (`update_then_dot`: bit for bit what separate passes give).
+        let mut next_dot: Option<(f64, f64)> = None;
         if let (Some(first), true) = (self.pending, rows > 0) {
             let a = Pieces::split_flat(&self.pending_grad, &layout.widths);
             let b = row_pieces(batch, 0);
@@ -77,19 +80,52 @@ impl<S: StateElem> PairBalance<S> {
                 return fail(self, rule, indices[0], 0);
             }
             let dec = rule.decide(dot, norm2, n, d);
-            update_diff::<S, f64, G, G>(layout, &mut self.s, &a, &b, dec.eps * dec.scale, None);
+            let coef = dec.eps * dec.scale;
+            if rows >= 3 {
+                let (c, e) = (row_pieces(batch, 1), row_pieces(batch, 2));
+                next_dot = Some(update_then_dot::<S, f64, G, G, G, G>(
+                    layout,
+                    &mut self.s,
+                    &a,
+                    &b,
+                    coef,
+                    None,
+                    &c,
+                    &e,
+                ));
+            } else {
+                update_diff::<S, f64, G, G>(layout, &mut self.s, &a, &b, coef, None);
+            }
             closed.push((first, indices[0], dec.eps));
             r = 1;
         }
         while r + 1 < rows {
             let a = row_pieces(batch, r);
             let b = row_pieces(batch, r + 1);
-            let (dot, norm2) = dot_diff(layout, &self.s, &a, &b);
+            let (dot, norm2) = match next_dot.take() {
+                Some(x) => x,
+                None => dot_diff(layout, &self.s, &a, &b),
+            };
             if !(dot.is_finite() && norm2.is_finite()) {
                 return fail(self, rule, indices[r], r);
             }
             let dec = rule.decide(dot, norm2, n, d);
-            update_diff::<S, G, G, G>(layout, &mut self.s, &a, &b, dec.eps * dec.scale, None);
+            let coef = dec.eps * dec.scale;
+            if r + 3 < rows {
+                let (c, e) = (row_pieces(batch, r + 2), row_pieces(batch, r + 3));
+                next_dot = Some(update_then_dot::<S, G, G, G, G, G>(
+                    layout,
+                    &mut self.s,
+                    &a,
+                    &b,
+                    coef,
+                    None,
+                    &c,
+                    &e,
+                ));
+            } else {
+                update_diff::<S, G, G, G>(layout, &mut self.s, &a, &b, coef, None);
+            }
             closed.push((indices[r], indices[r + 1], dec.eps));
             r += 2;
         }

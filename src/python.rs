@@ -489,13 +489,27 @@ fn import<S: StateElem + Element>(d: &Bound<'_, PyDict>) -> PyResult<SamplerStat
 /// Deterministic signs (+1/-1, float64) of B rows from u = Z s0 and the B x B Gram matrix Z Z^T:
 /// the Gram formulation of GraB's sequential sign rule.
 #[pyfunction]
-fn sign_scan<'py>(py: Python<'py>, u: PyReadonlyArray1<'py, f64>, gram: PyReadonlyArray2<'py, f64>) -> PyResult<Bound<'py, PyArray1<f64>>> {
-    let u = u.as_slice().map_err(|_| UnsupportedInputError::new_err("u must be contiguous"))?;
-    let g = gram.as_slice().map_err(|_| UnsupportedInputError::new_err("gram must be C-contiguous"))?;
+fn sign_scan<'py>(
+    py: Python<'py>,
+    u: PyReadonlyArray1<'py, f64>,
+    gram: PyReadonlyArray2<'py, f64>,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let u = u
+        .as_slice()
+        .map_err(|_| UnsupportedInputError::new_err("u must be contiguous"))?;
+    let g = gram
+        .as_slice()
+        .map_err(|_| UnsupportedInputError::new_err("gram must be C-contiguous"))?;
     let signs = py
-        .detach(|| crate::sign_scan::sign_scan(u, g, &mut crate::sign::SignRule::deterministic(), 1, 1))
+        .detach(|| {
+            crate::sign_scan::sign_scan(u, g, &mut crate::sign::SignRule::deterministic(), 1, 1)
+        })
         .map_err(to_py)?;
-    Ok(signs.into_iter().map(|(eps, _)| eps).collect::<Vec<f64>>().into_pyarray(py))
+    Ok(signs
+        .into_iter()
+        .map(|(eps, _)| eps)
+        .collect::<Vec<f64>>()
+        .into_pyarray(py))
 }
 
 /// The names of the available orderings.
