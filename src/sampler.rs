@@ -11,6 +11,9 @@ use crate::pair_balance::PairBalance;
 use crate::permutations;
 use crate::sign::SignRule;
 
+/// The on-device path's step (inner products in, signs out).
+mod gram_step;
+
 /// Names accepted by `OrderingKind::parse`, in the order `torchgrab.orderings()` lists them.
 pub const ORDERING_NAMES: &[&str] = &[
     "rr", "so", "wr", "fixed", "flipflop", "grab", "mean", "pair",

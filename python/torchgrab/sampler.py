@@ -18,6 +18,7 @@ from torchgrab import _native
 from torchgrab._segments import as_segments
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
 from torchgrab.gradients import per_example_gradients
+from torchgrab.ondevice import OnDeviceBalancer
 
 _BALANCING = {"grab", "mean", "pair"}
 _STATE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
@@ -67,6 +68,11 @@ class GraBSampler(Sampler[int]):
             always accumulated in float64).
         order: for ``ordering="fixed"``, the order to use (identity if omitted).
         delta: failure probability of the self-balancing walk (``balance="random"``).
+        device_path: where ``grab``/``pair`` do the d-dimensional work. ``"auto"`` (default): on the
+            gradients' device for non-CPU tensors (u = Z s0 and Z Z^T there, only B + B^2 numbers to the
+            host, see :mod:`torchgrab.ondevice`), the Rust kernel for CPU tensors and arrays; ``"always"``:
+            the on-device path for every input (also CPU tensors); ``"never"``: the Rust kernel only
+            (non-CPU tensors are refused rather than copied).
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class GraBSampler(Sampler[int]):
         dtype: torch.dtype = torch.float32,
         order: Optional[Sequence[int]] = None,
         delta: float = 0.1,
+        device_path: str = "auto",
     ) -> None:
         if data_source is not None:
             size = len(data_source)
@@ -99,6 +106,8 @@ class GraBSampler(Sampler[int]):
             raise UnsupportedInputError(f"balance must be 'deterministic' or 'random', got {balance!r}")
         if dtype not in _STATE_DTYPES:
             raise UnsupportedInputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if device_path not in ("auto", "always", "never"):
+            raise UnsupportedInputError(f"device_path must be 'auto', 'always' or 'never', got {device_path!r}")
         if order is not None and ordering != "fixed":
             raise UnsupportedInputError("order= is only meaningful with ordering='fixed'")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -126,6 +135,9 @@ class GraBSampler(Sampler[int]):
         self._epoch = 0
         self._reset_cursor(None)
         self._resume = False
+        self.device_path = device_path
+        self._ondevice: Optional[OnDeviceBalancer] = None
+        self._dense_used = False
 
     # ---------------------------------------------------------------- Sampler contract
     def __len__(self) -> int:
@@ -146,6 +158,8 @@ class GraBSampler(Sampler[int]):
             else:
                 self._reset_cursor(self._native.begin_epoch(self._epoch))
                 self._epoch += 1
+                if self._ondevice is not None:
+                    self._ondevice.end_epoch()
             self._generation += 1
             return self._yield_from(self._generation)
 
@@ -202,11 +216,67 @@ class GraBSampler(Sampler[int]):
         Refused input raises a :class:`torchgrab.GraBError` and changes nothing.
         """
         with self._lock:
+            if self._wants_device_path(grads):
+                tensors, rows = self._device_segments(grads)
+                idx = self._take(rows, indices)
+                if self._ondevice is None:
+                    self._ondevice = OnDeviceBalancer("grab" if self.ordering == "mean" else self.ordering, self.n, self.dtype)
+                self._ondevice.step(self._native, tensors, idx)
+                if indices is None:
+                    self._stepped += rows
+                return
             segments, kind, rows = as_segments(grads)
             idx = self._take(rows, indices)
             self._native.step(segments, kind, idx)
+            self._dense_used = self._dense_used or self.balances
             if indices is None:
                 self._stepped += rows
+
+    def _wants_device_path(self, grads: Any) -> bool:
+        """Which path a step takes (see ``device_path``); one sampler never mixes the two."""
+        if not self.balances or self.device_path == "never":
+            return False
+        if self._ondevice is not None:
+            return True
+        items = list(grads.values()) if isinstance(grads, dict) else list(grads) if isinstance(grads, (list, tuple)) else [grads]
+        first = items[0] if items else None
+        on_device = isinstance(first, torch.Tensor) and first.device.type != "cpu"
+        wants = self.device_path == "always" or on_device
+        if wants and self._dense_used:
+            raise UnsupportedInputError(
+                "this sampler has balanced CPU gradients with the Rust kernel this run; gradients on "
+                f"{first.device if isinstance(first, torch.Tensor) else 'the host'} would need the on-device path. Use one device per sampler."
+            )
+        return wants
+
+    @staticmethod
+    def _device_segments(grads: Any) -> "tuple[list, int]":
+        items = list(grads.values()) if isinstance(grads, dict) else list(grads) if isinstance(grads, (list, tuple)) else [grads]
+        if not items:
+            raise ShapeError("step() got an empty collection of gradients")
+        tensors = []
+        for k, g in enumerate(items):
+            if isinstance(g, np.ndarray):
+                g = torch.from_numpy(g)  # shares memory
+            if not isinstance(g, torch.Tensor):
+                raise UnsupportedInputError(f"gradient segment {k} is a {type(g).__name__}; expected a torch.Tensor or numpy.ndarray")
+            if not g.is_floating_point():
+                raise UnsupportedInputError(f"gradient segment {k} has dtype {g.dtype}; expected a floating-point tensor")
+            if g.device.type == "meta":
+                raise UnsupportedInputError(f"gradient segment {k} is on the meta device: it holds no values to balance")
+            if g.dim() == 0:
+                raise ShapeError(f"gradient segment {k} is a scalar; expected a leading batch dimension [B, ...]")
+            tensors.append(g)
+        rows = {int(t.shape[0]) for t in tensors}
+        if len(rows) > 1:
+            raise ShapeError(f"every gradient segment must have the same leading dimension B, got {sorted(rows)}")
+        b = rows.pop()
+        if b == 0:
+            raise ShapeError("step() got a batch of 0 rows; a step needs at least one example")
+        tensors = [t for t in tensors if t[0].numel() > 0]
+        if not tensors:
+            raise ShapeError("the gradients have width d = 0; there is nothing to balance")
+        return tensors, b
 
     def skip(self, rows: int) -> None:
         """Mark ``rows`` pending indices as consumed without gradients (they go to the middle of the next order)."""
@@ -261,6 +331,7 @@ class GraBSampler(Sampler[int]):
                 "in_epoch": self._order is not None,
                 "yielded": self._yielded,
                 "stepped": self._stepped,
+                "ondevice": self._ondevice.state() if self._ondevice is not None else None,
             }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -286,11 +357,17 @@ class GraBSampler(Sampler[int]):
             in_epoch = bool(state["in_epoch"])
         except (KeyError, TypeError, ValueError) as e:
             raise StateDictError(f"the state dict is missing or has a malformed cursor entry: {e}") from None
+        ondevice = None
+        if state.get("ondevice") is not None:
+            ondevice = OnDeviceBalancer(ordering, self.n, self.dtype)
+            ondevice.load(state["ondevice"])
         order = native.current_order() if in_epoch else None
         if order is not None and not (0 <= stepped <= yielded <= len(order)):
             raise StateDictError(f"inconsistent cursors: stepped={stepped}, yielded={yielded}, n={len(order)}")
         with self._lock:
             self._native = native
+            self._ondevice = ondevice
+            self._dense_used = ondevice is None and native_state.get("balance") is not None
             self._epoch = epoch
             self._reset_cursor(order)
             self._generation += 1
@@ -298,7 +375,7 @@ class GraBSampler(Sampler[int]):
             self._resume = order is not None and stepped < len(order)
 
     def __getstate__(self) -> Dict[str, Any]:
-        config = {k: getattr(self, k) for k in ("ordering", "n", "dtype")}
+        config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "device_path")}
         return {"config": config, "state": self.state_dict()}
 
     def __setstate__(self, data: Dict[str, Any]) -> None:
@@ -306,6 +383,9 @@ class GraBSampler(Sampler[int]):
         self.ordering = data["config"]["ordering"]
         self.n = data["config"]["n"]
         self.dtype = data["config"]["dtype"]
+        self.device_path = data["config"].get("device_path", "auto")
+        self._ondevice = None
+        self._dense_used = False
         self._lock = threading.RLock()
         self._native = _native.NativeSampler.from_state(native_state)
         self._epoch = 0
