@@ -6,7 +6,9 @@ on logistic regression / MNIST and LeNet-5 / CIFAR-10 (a seeded subset of the tr
     .venv/bin/python benchmarks/end_to_end.py [--data ../shared/data] [--cifar-n 10000] [--out benchmarks/out]
 
 Every method trains the same model with SGD (lr 0.01) over the same in-memory data; only the order and the
-gradient path differ. The split reports where a GraB epoch goes: per-example gradient capture
+gradient path differ. torchgrab is timed with both capture methods of per_example_gradients
+(torch.func vmap, and method="hooks": one batched backward + the outer-product identity for Linear/Conv2d
+layers), and once through the one-call GraBSampler.backward. The split reports where a GraB epoch goes: per-example gradient capture
 (torch.func), balancing (sampler.step), and the rest (forward/backward or parameter update, data slicing).
 The reference recipe uses torchopt for the update; plain torch SGD stands in for it here (same cost class).
 """
@@ -100,7 +102,7 @@ def epoch_rr(task, x, y, steps):
     return {"total": time.perf_counter() - t0}
 
 
-def epoch_torchgrab(task, x, y, steps):
+def epoch_torchgrab(task, x, y, steps, method="vmap"):
     model = make_model(task)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     sampler = torchgrab.GraBSampler(n=len(x), ordering="grab", seed=0)
@@ -112,7 +114,7 @@ def epoch_torchgrab(task, x, y, steps):
         opt.zero_grad(set_to_none=True)
         # What GraBSampler.backward does, timed piece by piece.
         t = time.perf_counter()
-        grads, _ = per_example_gradients(model, loss_fn, x[idx], y[idx])
+        grads, _ = per_example_gradients(model, loss_fn, x[idx], y[idx], method=method)
         t2 = time.perf_counter()
         sampler.step(grads)
         t3 = time.perf_counter()
@@ -125,7 +127,7 @@ def epoch_torchgrab(task, x, y, steps):
     return {"total": time.perf_counter() - t0, "capture": cap, "balance": bal}
 
 
-def epoch_torchgrab_backward(task, x, y, steps):
+def epoch_torchgrab_backward(task, x, y, steps, method="hooks"):
     """The one-call API (GraBSampler.backward), for the total only."""
     model = make_model(task)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -135,7 +137,7 @@ def epoch_torchgrab_backward(task, x, y, steps):
     for k in range(steps):
         idx = order[k * BATCH : (k + 1) * BATCH]
         opt.zero_grad(set_to_none=True)
-        sampler.backward(model, loss_fn, x[idx], y[idx])
+        sampler.backward(model, loss_fn, x[idx], y[idx], method=method)
         opt.step()
     return {"total": time.perf_counter() - t0}
 
@@ -204,8 +206,9 @@ def main():
         d = sum(p.numel() for p in make_model(task).parameters())
         methods = {
             "plain RR (mean gradient)": lambda warmup=False: epoch_rr(task, x, y, 3 if warmup else steps),
-            "torchgrab grab (split)": lambda warmup=False: epoch_torchgrab(task, x, y, 3 if warmup else steps),
-            "torchgrab grab (backward())": lambda warmup=False: epoch_torchgrab_backward(task, x, y, 3 if warmup else steps),
+            "torchgrab grab, vmap": lambda warmup=False: epoch_torchgrab(task, x, y, 3 if warmup else steps),
+            "torchgrab grab, hooks": lambda warmup=False: epoch_torchgrab(task, x, y, 3 if warmup else steps, "hooks"),
+            "torchgrab backward(hooks)": lambda warmup=False: epoch_torchgrab_backward(task, x, y, 3 if warmup else steps),
         }
         if grabsampler is not None:
             methods["grab-sampler 0.1.3 recipe"] = lambda warmup=False: epoch_reference(grabsampler, task, x, y, 3 if warmup else steps)

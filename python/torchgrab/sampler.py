@@ -293,11 +293,14 @@ class GraBSampler(Sampler[int]):
         *,
         indices: Optional[Any] = None,
         chunk_size: Optional[int] = None,
+        method: str = "vmap",
     ) -> torch.Tensor:
         """Per-example gradients -> the sampler; their mean -> each parameter's ``.grad``; returns the mean loss.
 
         Replaces ``loss.backward()`` in a training loop. For orderings that do not use gradients
         (``rr``, ``so``, ...), it runs an ordinary backward pass and only advances the queue.
+        ``method`` picks how per-example gradients are captured (``"vmap"``, or the cheaper ``"hooks"``
+        for Linear/Conv2d models; see :func:`torchgrab.gradients.per_example_gradients`).
         """
         if not self.balances:
             loss = loss_fn(model(**inputs) if isinstance(inputs, dict) else model(*inputs) if isinstance(inputs, tuple) else model(inputs), targets)
@@ -306,7 +309,7 @@ class GraBSampler(Sampler[int]):
             if indices is None:
                 self.skip(b)
             return loss.detach()
-        grads, losses = per_example_gradients(model, loss_fn, inputs, targets, chunk_size=chunk_size)
+        grads, losses = per_example_gradients(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
         grads = {k: g if g.is_contiguous() else g.contiguous() for k, g in grads.items()}
         self.step(grads, indices=indices)
         params = dict(model.named_parameters())
