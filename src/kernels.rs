@@ -170,6 +170,9 @@ struct UpdPiece<'x, S, A, B, G, C, D> {
     /// (c, d) of the next dot when DOT.
     c: &'x [C],
     d: &'x [D],
+    /// When given, the old values of s (and m) are read from here instead of from s (and m) itself:
+    /// the update writes into a second buffer and leaves the source untouched.
+    src: Option<(&'x [S], &'x [S])>,
 }
 
 /// Elements per sub-block of the fused pass: small enough that the sub-block of every operand stays in
@@ -204,17 +207,41 @@ fn upd_body<
         inv_n,
         c,
         d,
+        src,
     } = p;
     let len = s.len();
     let mut o = 0;
     while o < len {
         let e = (o + SUB).min(len);
-        for ((x, ai), bi) in s[o..e].iter_mut().zip(&a[o..e]).zip(&b[o..e]) {
-            *x = S::from_f64(x.to_f64() + coef * (ai.to_f64() - bi.to_f64()));
+        match src {
+            Some((s0, _)) => {
+                for (((x, x0), ai), bi) in s[o..e]
+                    .iter_mut()
+                    .zip(&s0[o..e])
+                    .zip(&a[o..e])
+                    .zip(&b[o..e])
+                {
+                    *x = S::from_f64(x0.to_f64() + coef * (ai.to_f64() - bi.to_f64()));
+                }
+            }
+            None => {
+                for ((x, ai), bi) in s[o..e].iter_mut().zip(&a[o..e]).zip(&b[o..e]) {
+                    *x = S::from_f64(x.to_f64() + coef * (ai.to_f64() - bi.to_f64()));
+                }
+            }
         }
         if MEAN {
-            for (x, gi) in m[o..e].iter_mut().zip(&g[o..e]) {
-                *x = S::from_f64(x.to_f64() + gi.to_f64() * inv_n);
+            match src {
+                Some((_, m0)) => {
+                    for ((x, x0), gi) in m[o..e].iter_mut().zip(&m0[o..e]).zip(&g[o..e]) {
+                        *x = S::from_f64(x0.to_f64() + gi.to_f64() * inv_n);
+                    }
+                }
+                None => {
+                    for (x, gi) in m[o..e].iter_mut().zip(&g[o..e]) {
+                        *x = S::from_f64(x.to_f64() + gi.to_f64() * inv_n);
+                    }
+                }
             }
         }
         if DOT {
@@ -420,6 +447,7 @@ fn run_update<
     coef: f64,
     mean: Option<(&mut [S], &Pieces<G>, f64)>,
     next: Option<(&Pieces<C>, &Pieces<D>)>,
+    src: Option<(&[S], &[S])>,
 ) -> (f64, f64) {
     let isa = isa();
     let (m_next, g, inv_n) = match mean {
@@ -448,6 +476,13 @@ fn run_update<
                 inv_n,
                 c: next.map_or(&[][..], |(c, _)| &c.slices[k][st..en]),
                 d: next.map_or(&[][..], |(_, d)| &d.slices[k][st..en]),
+                src: src.map(|(s0, m0)| {
+                    let f = lo + rel;
+                    (
+                        &s0[f..f + len],
+                        if MEAN { &m0[f..f + len] } else { &[][..] },
+                    )
+                }),
             };
             upd_piece::<S, A, B, G, C, D, MEAN, DOT>(isa, p, &mut acc);
         }
@@ -504,9 +539,9 @@ pub fn update_diff<S: StateElem, A: GradElem, B: GradElem, G: GradElem>(
     mean: Option<(&mut [S], &Pieces<G>, f64)>,
 ) {
     if mean.is_some() {
-        run_update::<S, A, B, G, A, B, true, false>(layout, s, a, b, coef, mean, None);
+        run_update::<S, A, B, G, A, B, true, false>(layout, s, a, b, coef, mean, None, None);
     } else {
-        run_update::<S, A, B, G, A, B, false, false>(layout, s, a, b, coef, mean, None);
+        run_update::<S, A, B, G, A, B, false, false>(layout, s, a, b, coef, mean, None, None);
     }
 }
 
@@ -533,9 +568,52 @@ pub fn update_then_dot<
     d: &Pieces<D>,
 ) -> (f64, f64) {
     if mean.is_some() {
-        run_update::<S, A, B, G, C, D, true, true>(layout, s, a, b, coef, mean, Some((c, d)))
+        run_update::<S, A, B, G, C, D, true, true>(layout, s, a, b, coef, mean, Some((c, d)), None)
     } else {
-        run_update::<S, A, B, G, C, D, false, true>(layout, s, a, b, coef, mean, Some((c, d)))
+        run_update::<S, A, B, G, C, D, false, true>(layout, s, a, b, coef, mean, Some((c, d)), None)
+    }
+}
+
+/// `update_diff` / `update_then_dot` reading the old running sums from `src` = (s0, m0) and writing
+/// the updated ones into `s` (and the mean's m_next): the same values bit for bit, but the source is
+/// left untouched, so a step that fails later can be dropped without a snapshot copy (the first row of
+/// a step moves the sums into a second buffer; the buffers are swapped when the step succeeds).
+/// `next` = Some((c, d)) fuses the next dot product as `update_then_dot` does; m0 is ignored (may be
+/// empty) when `mean` is None.
+#[allow(clippy::too_many_arguments)]
+pub fn update_from<
+    S: StateElem,
+    A: GradElem,
+    B: GradElem,
+    G: GradElem,
+    C: GradElem,
+    D: GradElem,
+>(
+    layout: &Layout,
+    src: (&[S], &[S]),
+    s: &mut [S],
+    a: &Pieces<A>,
+    b: &Pieces<B>,
+    coef: f64,
+    mean: Option<(&mut [S], &Pieces<G>, f64)>,
+    next: Option<(&Pieces<C>, &Pieces<D>)>,
+) -> Option<(f64, f64)> {
+    let src = Some(src);
+    match (mean.is_some(), next.is_some()) {
+        (true, true) => Some(run_update::<S, A, B, G, C, D, true, true>(
+            layout, s, a, b, coef, mean, next, src,
+        )),
+        (false, true) => Some(run_update::<S, A, B, G, C, D, false, true>(
+            layout, s, a, b, coef, mean, next, src,
+        )),
+        (true, false) => {
+            run_update::<S, A, B, G, C, D, true, false>(layout, s, a, b, coef, mean, None, src);
+            None
+        }
+        (false, false) => {
+            run_update::<S, A, B, G, C, D, false, false>(layout, s, a, b, coef, mean, None, src);
+            None
+        }
     }
 }
 
@@ -628,6 +706,7 @@ mod tests {
                     inv_n: 1.0 / 3.0,
                     c: &c[..],
                     d: &e[..],
+                    src: None,
                 };
                 upd_piece::<f32, f32, f32, f32, f32, f32, true, true>(isa, p, &mut acc);
                 (s1, m1, acc)
@@ -684,5 +763,44 @@ mod tests {
             assert_eq!(sep, fused);
             assert_eq!(s3, s4);
         }
+    }
+
+    #[test]
+    fn update_from_equals_in_place_and_leaves_the_source() {
+        let d = 3 * CHUNK + 11;
+        let widths = vec![7, d - 7];
+        let layout = Layout::new(widths.clone());
+        let (a, m, c) = (data(d, 1), data(d, 2), data(d, 3));
+        let (ap, mp, cp) = (
+            Pieces::split_flat(&a, &widths),
+            Pieces::split_flat(&m, &widths),
+            Pieces::split_flat(&c, &widths),
+        );
+        let (s0, mn0) = (data(d, 4), data(d, 5));
+        let (mut s1, mut mn1) = (s0.clone(), mn0.clone());
+        let r1 = update_then_dot(
+            &layout,
+            &mut s1,
+            &ap,
+            &mp,
+            1.0,
+            Some((&mut mn1[..], &ap, 0.5)),
+            &cp,
+            &mp,
+        );
+        let (mut s2, mut mn2) = (vec![0.0f32; d], vec![0.0f32; d]);
+        let r2 = update_from(
+            &layout,
+            (&s0, &mn0),
+            &mut s2,
+            &ap,
+            &mp,
+            1.0,
+            Some((&mut mn2[..], &ap, 0.5)),
+            Some((&cp, &mp)),
+        );
+        assert_eq!(Some(r1), r2);
+        assert_eq!((s1, mn1), (s2, mn2));
+        assert_eq!((data(d, 4), data(d, 5)), (s0, mn0));
     }
 }
