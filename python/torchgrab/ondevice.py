@@ -35,6 +35,12 @@ def _blocks(width: int, rows: int, block_bytes: int) -> List[slice]:
     return [slice(lo, min(lo + cols, width)) for lo in range(0, width, cols)]
 
 
+def _to_host(u: torch.Tensor, gram: torch.Tensor) -> Any:
+    """The only device-to-host transfer of a step: B + B^2 float64 numbers, in one copy."""
+    both = torch.cat([u.unsqueeze(0), gram]).cpu().numpy()
+    return np.ascontiguousarray(both[0]), np.ascontiguousarray(both[1:])
+
+
 class OnDeviceBalancer:
     """The device half of ``grab`` / ``pair`` balancing. ``native`` is the sampler's ``NativeSampler``."""
 
@@ -180,8 +186,8 @@ class OnDeviceBalancer:
     def _step_grab(self, native: Any, segs: List[torch.Tensor], idx: np.ndarray, b: int, d: int) -> None:
         rows = [segs]
         u, gram = self._gram(rows, self.m)
-        # The only device-to-host transfer: B + B^2 float64 numbers.
-        coef_h = native.step_gram(idx, u.cpu().numpy(), np.ascontiguousarray(gram.cpu().numpy()), d, np.zeros(0, np.uint32))
+        u_h, gram_h = _to_host(u, gram)
+        coef_h = native.step_gram(idx, u_h, gram_h, d, np.zeros(0, np.uint32))
         coef = torch.from_numpy(coef_h).to(segs[0].device)
         self._update(rows, self.m, coef)
         inv_n = 1.0 / self.n
@@ -222,7 +228,8 @@ class OnDeviceBalancer:
         npairs = len(pair_units) // 2
         if npairs:
             u, gram = self._gram(rows, None)
-            coef_h = native.step_gram(np.asarray(pair_units, dtype=np.uint32), u.cpu().numpy(), np.ascontiguousarray(gram.cpu().numpy()), d, hold)
+            u_h, gram_h = _to_host(u, gram)
+            coef_h = native.step_gram(np.asarray(pair_units, dtype=np.uint32), u_h, gram_h, d, hold)
             self._update(rows, None, torch.from_numpy(coef_h).to(segs[0].device))
         elif leftover:
             native.step_gram(np.zeros(0, np.uint32), np.zeros(0), np.zeros((0, 0)), d, hold)
