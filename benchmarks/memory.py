@@ -56,7 +56,7 @@ def main():
     grads = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)  # every unit's gradient, fixed
     print(f"# gradients: {n} x {d} float32 = {grads.nbytes / MB:.0f} MiB, allocated before the baseline (not counted)")
     print(f"{'ordering':>8} {'d-vector MiB':>12} {'sampler RSS MiB':>16} {'peak MiB':>9} {'= d-vectors':>11} "
-          f"{'RSS after 2 ep':>15} {'after {0} ep'.format(args.epochs):>13} {'growth KiB':>11}")
+          f"{'RSS after 2 ep':>15} {'after 10 ep':>12} {'after {0} ep'.format(args.epochs):>13} {'growth 10->{0} KiB'.format(args.epochs):>18}")
     for ordering in ("grab", "pair"):
         base = rss()["VmRSS"]
         peak_ok = reset_peak()
@@ -76,8 +76,8 @@ def main():
         print(f"{ordering:>8} {dvec:>12.1f} {added / MB:>16.1f} {(peak - batch_copy) / MB:>9.1f} "
               f"{(peak - batch_copy) / (d * 4):>11.2f} {(after[0] - base) / MB:>15.1f} {(after[-1] - base) / MB:>13.1f} "
               f"{(after[-1] - after[0]) / 1024:>11.0f}")
-        print(f"         state_bytes reported by the sampler: {s.state_bytes / MB:.1f} MiB (growth is counted from the "
-              "end of epoch 2: zero-initialized sums are only paged in once first written)")
+        print(f"         state_bytes reported by the sampler: {s.state_bytes / MB:.1f} MiB (zero-initialized buffers "
+              "are only paged in once first written, so growth is counted from epoch 10)")
         del s
     # The O(n) part: orders (u32) and the taken bitmap, at n = big_n with a tiny d.
     base = rss()["VmRSS"]
