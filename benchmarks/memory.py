@@ -74,8 +74,8 @@ def main():
         # The fancy-indexed batch copy (b x d) made by this script is inside the peak; subtract it.
         batch_copy = b * d * 4
         print(f"{ordering:>8} {dvec:>12.1f} {added / MB:>16.1f} {(peak - batch_copy) / MB:>9.1f} "
-              f"{(peak - batch_copy) / (d * 4):>11.2f} {(after[0] - base) / MB:>15.1f} {(after[-1] - base) / MB:>13.1f} "
-              f"{(after[-1] - after[0]) / 1024:>11.0f}")
+              f"{(peak - batch_copy) / (d * 4):>11.2f} {(after[min(1, len(after) - 1)] - base) / MB:>15.1f} {(after[min(9, len(after) - 1)] - base) / MB:>12.1f} "
+              f"{(after[-1] - base) / MB:>13.1f} {(after[-1] - after[min(9, len(after) - 1)]) / 1024:>18.0f}")
         print(f"         state_bytes reported by the sampler: {s.state_bytes / MB:.1f} MiB (zero-initialized buffers "
               "are only paged in once first written, so growth is counted from epoch 10)")
         del s
