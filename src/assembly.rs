@@ -93,8 +93,7 @@ impl FrontBack {
     pub fn from_parts(next: Vec<u32>, front: usize, back: usize, taken: Vec<u64>) -> Result<Self> {
         let n = next.len();
         // checked_add: pointers come from a checkpoint and may be anything (the fuzzer found a wrapping sum).
-        if front.checked_add(back).map_or(true, |placed| placed > n)
-            || taken.len() != n.div_ceil(64)
+        if front.checked_add(back).is_none_or(|placed| placed > n) || taken.len() != n.div_ceil(64)
         {
             return Err(GrabError::state(
                 "corrupted assembly state: pointers or bitmap do not fit n",

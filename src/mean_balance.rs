@@ -6,7 +6,7 @@ use crate::assembly::FrontBack;
 use crate::batch::Batch;
 use crate::elem::{GradElem, Scratch, StateElem};
 use crate::error::{ErrorKind, GrabError, Result};
-use crate::kernels::{dot_diff, update_diff, Layout, Pieces};
+use crate::kernels::{dot_diff, update_diff, update_from, update_then_dot, Layout, Pieces};
 use crate::sign::SignRule;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,34 +71,78 @@ impl<S: StateElem> MeanBalance<S> {
         let d = layout.dim;
         let inv_n = 1.0 / n as f64;
         let saved_rule = rule.clone();
-        if rows > 1 {
-            // Only a multi-row step can fail after it has changed something.
-            self.snapshot.0 .0.clone_from(&self.s);
-            self.snapshot.0 .1.clone_from(&self.m_next);
+        let MeanBalance {
+            s,
+            m,
+            m_next,
+            snapshot,
+            ..
+        } = self;
+        // All or nothing without a snapshot copy: in a multi-row step, the first update reads the sums
+        // and writes them into the scratch buffers (`update_from`); later rows update the scratch in
+        // place; the buffers are swapped only when every row succeeded. A one-row step cannot fail
+        // after its (only) dot product, so it updates in place.
+        let in_place = rows == 1;
+        let (sb, mb) = &mut snapshot.0;
+        if !in_place {
+            sb.resize(d, S::default());
+            mb.resize(d, S::default());
         }
         let mut signs = Vec::with_capacity(rows);
+        let mp = Pieces::split_flat(m, &layout.widths);
+        let mut g = row_pieces(batch, 0);
+        // The dot of row r + 1 is computed in the same pass as the update by row r, bit for bit what
+        // separate passes give, so batching changes speed and nothing else.
+        let (mut dot, mut norm2) = dot_diff(layout, s, &g, &mp);
         for (r, &unit) in indices.iter().enumerate().take(rows) {
-            let g = row_pieces(batch, r);
-            let m = Pieces::split_flat(&self.m, &layout.widths);
-            let (dot, norm2) = dot_diff(layout, &self.s, &g, &m);
             if !(dot.is_finite() && norm2.is_finite()) {
-                if rows > 1 {
-                    std::mem::swap(&mut self.s, &mut self.snapshot.0 .0);
-                    std::mem::swap(&mut self.m_next, &mut self.snapshot.0 .1);
-                }
                 *rule = saved_rule;
                 return Err(non_finite(unit, r));
             }
             let decision = rule.decide(dot, norm2, n, d);
-            update_diff(
-                layout,
-                &mut self.s,
-                &g,
-                &m,
-                decision.eps * decision.scale,
-                Some((&mut self.m_next, &g, inv_n)),
-            );
+            let coef = decision.eps * decision.scale;
+            let next = (r + 1 < rows).then(|| row_pieces(batch, r + 1));
+            let fused = next.as_ref().map(|c| (c, &mp));
+            let result = if in_place {
+                update_diff(layout, s, &g, &mp, coef, Some((&mut m_next[..], &g, inv_n)));
+                None
+            } else if r == 0 {
+                update_from(
+                    layout,
+                    (&s[..], &m_next[..]),
+                    sb,
+                    &g,
+                    &mp,
+                    coef,
+                    Some((&mut mb[..], &g, inv_n)),
+                    fused,
+                )
+            } else if let Some((c, e)) = fused {
+                Some(update_then_dot(
+                    layout,
+                    sb,
+                    &g,
+                    &mp,
+                    coef,
+                    Some((&mut mb[..], &g, inv_n)),
+                    c,
+                    e,
+                ))
+            } else {
+                update_diff(layout, sb, &g, &mp, coef, Some((&mut mb[..], &g, inv_n)));
+                None
+            };
+            if let Some(x) = result {
+                (dot, norm2) = x;
+            }
+            if let Some(c) = next {
+                g = c;
+            }
             signs.push(decision.eps);
+        }
+        if !in_place {
+            std::mem::swap(s, sb);
+            std::mem::swap(m_next, mb);
         }
         for (&i, &eps) in indices.iter().zip(&signs) {
             assembler.place(i, eps);

@@ -241,6 +241,35 @@ impl NativeSampler {
         }
     }
 
+    /// The on-device path's step: `u` (B) and `gram` (B x B, row-major) are the inner products of the
+    /// step's rows, computed where the gradients live; returns eps * scale per row (float64), the
+    /// coefficient of that row in the running-sum update. Row r is unit indices[r] (`grab`) or the pair indices[2r], indices[2r+1] (`pair`);
+    /// `also_fresh` are units held back (checked, not placed).
+    fn step_gram<'py>(
+        &mut self,
+        py: Python<'py>,
+        indices: PyReadonlyArray1<'py, u32>,
+        u: PyReadonlyArray1<'py, f64>,
+        gram: PyReadonlyArray2<'py, f64>,
+        dim: usize,
+        also_fresh: PyReadonlyArray1<'py, u32>,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let contiguous = |what: &str| {
+            UnsupportedInputError::new_err(format!("{what} must be a contiguous array"))
+        };
+        let idx = indices.as_slice().map_err(|_| contiguous("indices"))?;
+        let extra = also_fresh
+            .as_slice()
+            .map_err(|_| contiguous("also_fresh"))?;
+        let u = u.as_slice().map_err(|_| contiguous("u"))?;
+        let g = gram.as_slice().map_err(|_| contiguous("gram"))?;
+        let dec =
+            with_sampler!(&mut self.inner, s => py.detach(|| s.step_gram(idx, u, g, dim, extra)))
+                .map_err(to_py)?;
+        let coef: Vec<f64> = dec.iter().map(|d| d.0 * d.1).collect();
+        Ok(coef.into_pyarray(py))
+    }
+
     /// The running epoch's order (uint32; empty before the first epoch).
     fn current_order<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
         with_sampler!(&self.inner, s => PyArray1::from_slice(py, s.current()))

@@ -16,6 +16,9 @@ use crate::sign::SignRule;
 use crate::stored_gradients::StoredGradients;
 use crate::{greedy, herding};
 
+/// The on-device path's step (inner products in, signs out).
+mod gram_step;
+
 /// Names accepted by `OrderingKind::parse`, in the order `torchgrab.orderings()` lists them.
 #[rustfmt::skip]
 pub const ORDERING_NAMES: &[&str] = &[

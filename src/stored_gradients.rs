@@ -127,7 +127,7 @@ impl<S: StateElem> StoredGradients<S> {
 
     pub fn validate(&self, n: usize) -> Result<()> {
         if self.d == 0
-            || self.rows.len() != n * self.d
+            || n.checked_mul(self.d) != Some(self.rows.len())
             || !self.rows.iter().all(|x| x.to_f64().is_finite())
         {
             return Err(GrabError::state(

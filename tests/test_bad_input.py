@@ -99,9 +99,19 @@ def test_cuda_tensors_are_refused_cleanly():
     s = started("grab")
     before = snapshot(s)
     fake = torch.ones(2, 4, device="meta")  # any non-CPU device takes the same path as CUDA
-    with pytest.raises(UnsupportedInputError, match="CPU buffers only"):
+    # This sampler already balanced CPU gradients with the Rust kernel: a device tensor is refused
+    # (one path per sampler); with device_path="never", any device tensor is refused.
+    with pytest.raises(UnsupportedInputError, match="one device per sampler"):
         s.step(fake)
     assert snapshot(s) == before
+    never = GraBSampler(n=4, device_path="never")
+    list(never)
+    with pytest.raises(UnsupportedInputError, match="CPU buffers only"):
+        never.step(fake)
+    fresh = GraBSampler(n=4)
+    list(fresh)
+    with pytest.raises(UnsupportedInputError, match="meta"):
+        fresh.step(fake)
 
 
 @pytest.mark.parametrize(

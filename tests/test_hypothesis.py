@@ -56,6 +56,8 @@ def same(a, b):
 @SETTINGS
 @given(problems(), st.integers(1, 7), st.sampled_from(ORDERINGS), st.sampled_from(["deterministic", "random"]))
 def test_permutations_and_batching(problem, per_step, ordering, balance):
+    if ordering == "greedy" and balance == "random":
+        balance = "deterministic"  # greedy has no signs and refuses the random rule (tested elsewhere)
     n, _, v = problem
     one = run_epochs(GraBSampler(n=n, ordering=ordering, seed=1, balance=balance), v, 1)
     many = run_epochs(GraBSampler(n=n, ordering=ordering, seed=1, balance=balance), v, per_step)

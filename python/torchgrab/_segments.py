@@ -23,9 +23,10 @@ _NUMPY_KINDS = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"
 def _torch_segment(t: "torch.Tensor", k: int) -> Tuple[np.ndarray, str]:
     if t.device.type != "cpu":
         raise UnsupportedInputError(
-            f"gradient segment {k} is on {t.device}; GraBSampler.step balances CPU buffers only in this "
-            "version (the on-device path is not available yet). Moving (B, d) to the host would defeat its purpose, "
-            "so it is refused rather than copied."
+            f"gradient segment {k} is on {t.device}; the Rust kernel balances CPU buffers only, and this "
+            "sampler does not use the on-device path (which covers 'grab' and 'pair' without projection or "
+            "unit_size, with device_path='auto' or 'always'). Moving (B, d) to the host would defeat its "
+            "purpose, so it is refused rather than copied."
         )
     if t.is_sparse or t.layout != torch.strided:
         raise UnsupportedInputError(f"gradient segment {k} has layout {t.layout}; expected a dense tensor")

@@ -19,6 +19,7 @@ from torchgrab._segments import as_segments
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
 from torchgrab.gradients import per_example_gradients
 from torchgrab._units import UnitMap
+from torchgrab.ondevice import OnDeviceBalancer
 
 _BALANCING = {"grab", "mean", "pair", "recursive", "recursive-pair", "herding", "greedy"}
 _STATE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
@@ -93,6 +94,11 @@ class GraBSampler(Sampler[int]):
             example (averaged per unit) or, with ``per_unit=True``, one per unit.
         max_memory: refuse balancing state over this many bytes (default: the machine's available
             memory, checked for the O(n d) orderings ``"herding"`` and ``"greedy"``).
+        device_path: where ``grab``/``pair`` do the d-dimensional work. ``"auto"`` (default): on the
+            gradients' device for non-CPU tensors (u = Z s0 and Z Z^T there, only B + B^2 numbers to the
+            host, see :mod:`torchgrab.ondevice`), the Rust kernel for CPU tensors and arrays; ``"always"``:
+            the on-device path for every input (also CPU tensors); ``"never"``: the Rust kernel only
+            (non-CPU tensors are refused rather than copied).
     """
 
     def __init__(
@@ -112,6 +118,7 @@ class GraBSampler(Sampler[int]):
         projection: Optional[Tuple[str, int]] = None,
         unit_size: int = 1,
         max_memory: Optional[int] = None,
+        device_path: str = "auto",
     ) -> None:
         if data_source is not None:
             size = len(data_source)
@@ -132,6 +139,13 @@ class GraBSampler(Sampler[int]):
             raise UnsupportedInputError(f"balance must be 'deterministic' or 'random', got {balance!r}")
         if dtype not in _STATE_DTYPES:
             raise UnsupportedInputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if device_path not in ("auto", "always", "never"):
+            raise UnsupportedInputError(f"device_path must be 'auto', 'always' or 'never', got {device_path!r}")
+        if device_path == "always" and not (ordering in ("grab", "mean", "pair") and projection is None and unit_size == 1):
+            raise UnsupportedInputError(
+                "device_path='always' supports ordering 'grab' or 'pair' without projection or unit_size; "
+                f"got ordering={ordering!r}, projection={projection!r}, unit_size={unit_size}"
+            )
         if order is not None and ordering != "fixed":
             raise UnsupportedInputError("order= is only meaningful with ordering='fixed'")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -187,6 +201,11 @@ class GraBSampler(Sampler[int]):
         self._epoch = 0
         self._reset_cursor(None)
         self._resume = self._resumable = self._epoch_set = False
+        self.device_path = device_path
+        # The on-device path implements grab and pair on raw gradients (no sketch, no unit averaging).
+        self._device_capable = ordering in ("grab", "mean", "pair") and projection is None and unit_size == 1
+        self._ondevice: Optional[OnDeviceBalancer] = None
+        self._dense_used = False
 
     # ---------------------------------------------------------------- Sampler contract
     def __len__(self) -> int:
@@ -220,6 +239,8 @@ class GraBSampler(Sampler[int]):
             self._reset_cursor(self._examples(self._native.begin_epoch(self._epoch)))
             self._native_cache = None
             self._epoch += 1
+            if self._ondevice is not None:
+                self._ondevice.end_epoch()
         self._generation += 1
         return self._generation
 
@@ -281,11 +302,22 @@ class GraBSampler(Sampler[int]):
         if per_unit:
             raise UnsupportedInputError("per_unit=True needs unit_size > 1")
         with self._lock:
+            if self._wants_device_path(grads):
+                tensors, rows = self._device_segments(grads)
+                idx = self._take(rows, indices)
+                if self._ondevice is None:
+                    self._ondevice = OnDeviceBalancer("grab" if self.ordering == "mean" else self.ordering, self.n, self.dtype)
+                self._ondevice.step(self._native, tensors, idx)
+                self._native_cache = None
+                if indices is None:
+                    self._stepped += rows
+                return
             segments, kind, rows = as_segments(grads)
             idx = self._take(rows, indices)
             self._native.step(segments, kind, idx)
             if self.balances:
                 self._native_cache = None
+            self._dense_used = self._dense_used or self.balances
             if indices is None:
                 self._stepped += rows
 
@@ -332,6 +364,52 @@ class GraBSampler(Sampler[int]):
         if indices is None:
             self._stepped += rows
 
+    def _wants_device_path(self, grads: Any) -> bool:
+        """Which path a step takes (see ``device_path``); one sampler never mixes the two."""
+        if not self.balances or self.device_path == "never" or not self._device_capable:
+            return False  # device tensors then get the Rust kernel's clear refusal
+        if self._ondevice is not None:
+            return True
+        items = list(grads.values()) if isinstance(grads, dict) else list(grads) if isinstance(grads, (list, tuple)) else [grads]
+        first = items[0] if items else None
+        on_device = isinstance(first, torch.Tensor) and first.device.type != "cpu"
+        wants = self.device_path == "always" or on_device
+        if wants and self._dense_used:
+            raise UnsupportedInputError(
+                "this sampler has balanced CPU gradients with the Rust kernel this run; gradients on "
+                f"{first.device if isinstance(first, torch.Tensor) else 'the host'} would need the on-device path. Use one device per sampler."
+            )
+        return wants
+
+    @staticmethod
+    def _device_segments(grads: Any) -> "tuple[list, int]":
+        items = list(grads.values()) if isinstance(grads, dict) else list(grads) if isinstance(grads, (list, tuple)) else [grads]
+        if not items:
+            raise ShapeError("step() got an empty collection of gradients")
+        tensors = []
+        for k, g in enumerate(items):
+            if isinstance(g, np.ndarray):
+                g = torch.from_numpy(g)  # shares memory
+            if not isinstance(g, torch.Tensor):
+                raise UnsupportedInputError(f"gradient segment {k} is a {type(g).__name__}; expected a torch.Tensor or numpy.ndarray")
+            if not g.is_floating_point():
+                raise UnsupportedInputError(f"gradient segment {k} has dtype {g.dtype}; expected a floating-point tensor")
+            if g.device.type == "meta":
+                raise UnsupportedInputError(f"gradient segment {k} is on the meta device: it holds no values to balance")
+            if g.dim() == 0:
+                raise ShapeError(f"gradient segment {k} is a scalar; expected a leading batch dimension [B, ...]")
+            tensors.append(g)
+        rows = {int(t.shape[0]) for t in tensors}
+        if len(rows) > 1:
+            raise ShapeError(f"every gradient segment must have the same leading dimension B, got {sorted(rows)}")
+        b = rows.pop()
+        if b == 0:
+            raise ShapeError("step() got a batch of 0 rows; a step needs at least one example")
+        tensors = [t for t in tensors if t[0].numel() > 0]
+        if not tensors:
+            raise ShapeError("the gradients have width d = 0; there is nothing to balance")
+        return tensors, b
+
     def skip(self, rows: int) -> None:
         """Mark ``rows`` pending indices as consumed without gradients (they go to the middle of the next order)."""
         with self._lock:
@@ -349,11 +427,14 @@ class GraBSampler(Sampler[int]):
         *,
         indices: Optional[Any] = None,
         chunk_size: Optional[int] = None,
+        method: str = "vmap",
     ) -> torch.Tensor:
         """Per-example gradients -> the sampler; their mean -> each parameter's ``.grad``; returns the mean loss.
 
         Replaces ``loss.backward()`` in a training loop. For orderings that do not use gradients
         (``rr``, ``so``, ...), it runs an ordinary backward pass and only advances the queue.
+        ``method`` picks how per-example gradients are captured (``"vmap"``, or the cheaper ``"hooks"``
+        for Linear/Conv2d models; see :func:`torchgrab.gradients.per_example_gradients`).
         """
         if not self.balances:
             loss = loss_fn(model(**inputs) if isinstance(inputs, dict) else model(*inputs) if isinstance(inputs, tuple) else model(inputs), targets)
@@ -362,7 +443,7 @@ class GraBSampler(Sampler[int]):
             if indices is None:
                 self.skip(b)
             return loss.detach()
-        grads, losses = per_example_gradients(model, loss_fn, inputs, targets, chunk_size=chunk_size)
+        grads, losses = per_example_gradients(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
         grads = {k: g if g.is_contiguous() else g.contiguous() for k, g in grads.items()}
         self.step(grads, indices=indices)
         params = dict(model.named_parameters())
@@ -394,6 +475,7 @@ class GraBSampler(Sampler[int]):
                 "yielded": self._yielded,
                 "stepped": self._stepped,
                 "unit_carry": None if self._units is None else self._units.state(),
+                "ondevice": self._ondevice.state() if self._ondevice is not None else None,
             }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -425,6 +507,10 @@ class GraBSampler(Sampler[int]):
             finished = bool(state.get("finished", True))  # absent in older dicts: resume iff unstepped left
         except (KeyError, TypeError, ValueError) as e:
             raise StateDictError(f"the state dict is missing or has a malformed cursor entry: {e}") from None
+        ondevice = None
+        if state.get("ondevice") is not None:
+            ondevice = OnDeviceBalancer(ordering, self.n, self.dtype)
+            ondevice.load(state["ondevice"])
         order = self._examples(native.current_order()) if in_epoch else None
         if order is not None and not (0 <= stepped <= yielded <= len(order)):
             raise StateDictError(f"inconsistent cursors: stepped={stepped}, yielded={yielded}, n={len(order)}")
@@ -435,6 +521,8 @@ class GraBSampler(Sampler[int]):
         with self._lock:
             self._native = native
             self._native_cache = None
+            self._ondevice = ondevice
+            self._dense_used = ondevice is None and native_state.get("balance") is not None
             self._epoch = epoch
             self._reset_cursor(order)
             self._generation += 1
@@ -449,7 +537,8 @@ class GraBSampler(Sampler[int]):
             self._epoch_set = False
 
     def __getstate__(self) -> Dict[str, Any]:
-        config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size")}
+        config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size", "device_path")}
+        config["device_capable"] = self._device_capable
         return {"config": config, "state": self.state_dict()}
 
     def __setstate__(self, data: Dict[str, Any]) -> None:
@@ -459,6 +548,10 @@ class GraBSampler(Sampler[int]):
         self.dtype = data["config"]["dtype"]
         self.unit_size = data["config"].get("unit_size", 1)
         self._units = UnitMap(self.n, self.unit_size) if self.unit_size > 1 else None
+        self.device_path = data["config"].get("device_path", "auto")
+        self._device_capable = data["config"].get("device_capable", False)
+        self._ondevice = None
+        self._dense_used = False
         self._lock = threading.RLock()
         self._native = _native.NativeSampler.from_state(native_state)
         self._native_cache = None

@@ -1,0 +1,94 @@
+"""Shared helpers of the benchmark scripts: machine description, load average, memory read bandwidth,
+and the shims that let the reference `grab-sampler` 0.1.3 import and construct under current torch."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+import types
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def header(title: str) -> None:
+    print(f"# {title}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}")
+    print(f"# load average at start (1/5/15 min): {load_average()}  (2-core machine shared with other jobs)")
+
+
+def best_of(fn: Callable[[], None], reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def memory_read_bandwidth(mb: int = 200, reps: int = 5) -> Dict[str, float]:
+    """GB/s of reading `mb` MB of float32 once, several ways; the reference is the best of them.
+    Two distinct arrays are used so nothing is read twice."""
+    n = mb * (1 << 20) // 8  # two arrays of mb/2 MB each
+    a = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+    nbytes = a.nbytes + b.nbytes
+    out = {"numpy dot": nbytes / best_of(lambda: a.dot(b), reps) / 1e9}
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    threads = torch.get_num_threads()
+    for t in sorted({1, max(2, threads)}):
+        torch.set_num_threads(t)
+        out[f"torch dot, {t} thread{'s' if t > 1 else ''}"] = nbytes / best_of(lambda: torch.dot(ta, tb), reps) / 1e9
+    torch.set_num_threads(threads)
+    return out
+
+
+def import_reference():
+    """Import grab-sampler 0.1.3 with the shims it needs under current torch, saying which were used.
+    Its algorithm is untouched: the shims only satisfy imports and a constructor signature."""
+    import importlib.machinery
+
+    import torch._dynamo  # noqa: F401  (imported before any stub: it scans installed modules once)
+
+    shims = []
+    if "torch_sparse" not in sys.modules:
+        try:
+            import torch_sparse  # noqa: F401
+        except ImportError:
+            stub = types.ModuleType("torch_sparse")
+            stub.__spec__ = importlib.machinery.ModuleSpec("torch_sparse", None)
+            stub.SparseTensor = object  # only its random-projection option (unused here) needs it
+            sys.modules["torch_sparse"] = stub
+            shims.append("torch_sparse stub module (import only; used by its unused random projection)")
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("pandas")
+        stub.__spec__ = importlib.machinery.ModuleSpec("pandas", None)
+        stub.DataFrame = object  # only a return annotation of its (disabled) timer report
+        sys.modules["pandas"] = stub
+        shims.append("pandas stub module (import only; used by its disabled EventTimer report)")
+    from torch.utils.data import Sampler
+
+    try:
+        Sampler.__init__(object.__new__(Sampler), range(2))  # type: ignore[call-arg]
+    except TypeError:
+        original = Sampler.__init__
+
+        def init(self, data_source=None):  # type: ignore[no-untyped-def]
+            original(self)
+
+        Sampler.__init__ = init  # type: ignore[method-assign]
+        shims.append("torch Sampler.__init__ accepting (and ignoring) data_source, as older torch did")
+    import grabsampler
+
+    return grabsampler, shims

@@ -1,0 +1,73 @@
+"""per_example_gradients(method="hooks") equals the vmap path (and the one-example-at-a-time definition)."""
+
+import pytest
+import torch
+from torch import nn
+
+from torchgrab import GraBSampler, UnsupportedModelError
+from torchgrab.gradients import per_example_gradients
+
+
+class LeNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1, stride=2)
+        self.c2 = nn.Conv2d(4, 5, 3, dilation=2, bias=False)
+        self.fc = nn.Linear(5 * 16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.max_pool2d(torch.relu(self.c2(x)), 1)
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), LeNetish])
+def test_hooks_equal_vmap(make):
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(7, 6) if isinstance(model, nn.Sequential) else torch.randn(7, 3, 16, 16)
+    y = torch.randint(0, 3, (7,))
+    loss_fn = nn.CrossEntropyLoss()
+    gv, lv = per_example_gradients(model, loss_fn, x, y)
+    gh, lh = per_example_gradients(model, loss_fn, x, y, method="hooks")
+    assert list(gv) == list(gh)
+    for k in gv:
+        assert gh[k].shape == gv[k].shape
+        assert torch.allclose(gh[k], gv[k], atol=1e-5, rtol=1e-4), k
+    assert torch.allclose(lh, lv, atol=1e-6)
+    # The definition itself, one example at a time, for one parameter.
+    model.zero_grad()
+    loss_fn(model(x[2:3]), y[2:3]).backward()
+    k = list(gv)[0]
+    assert torch.allclose(gh[k][2], dict(model.named_parameters())[k].grad, atol=1e-5)
+
+
+def test_shared_layer_sums_and_unsupported_layers_are_refused():
+    torch.manual_seed(1)
+    lin = nn.Linear(4, 4)
+    shared = nn.Sequential(lin, nn.Tanh(), lin)
+    x, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    gv, _ = per_example_gradients(shared, nn.CrossEntropyLoss(), x, y)
+    # The vmap path leaves the model's own parameters in place (torch.func would swap in plain tensors).
+    assert all(isinstance(p, nn.Parameter) for p in shared.parameters())
+    assert shared[0].weight is lin.weight and isinstance(lin.weight, nn.Parameter)
+    gh, _ = per_example_gradients(shared, nn.CrossEntropyLoss(), x, y, method="hooks")
+    for k in gv:
+        assert torch.allclose(gh[k], gv[k], atol=1e-5), k
+    with pytest.raises(UnsupportedModelError, match="hooks"):
+        per_example_gradients(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), nn.CrossEntropyLoss(), x, y, method="hooks")
+
+
+def test_backward_with_hooks_feeds_the_same_rows():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    orders = []
+    for method in ("vmap", "hooks"):
+        s = GraBSampler(n=8, ordering="grab", seed=0)
+        list(s)
+        model.zero_grad()
+        s.backward(model, nn.CrossEntropyLoss(), x, y, method=method)
+        orders.append((list(s), model[0].weight.grad.clone()))
+    assert orders[0][0] == orders[1][0]
+    assert torch.allclose(orders[0][1], orders[1][1], atol=1e-6)
