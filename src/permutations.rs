@@ -34,7 +34,7 @@ pub fn fixed(order: Option<&[u32]>, n: usize) -> Vec<u32> {
 /// `flipflop` (Rajput et al.): epochs 0, 2, 4, ... draw a fresh permutation; epochs 1, 3, ... replay
 /// the previous epoch's order reversed.
 pub fn flipflop(seed: u64, epoch: u64, n: usize) -> Vec<u32> {
-    if epoch % 2 == 0 {
+    if epoch.is_multiple_of(2) {
         random_permutation(seed, epoch, n)
     } else {
         let mut p = random_permutation(seed, epoch - 1, n);
