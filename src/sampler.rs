@@ -629,7 +629,7 @@ impl<S: StateElem> Sampler<S> {
                 Balance::Stored(b) => {
                     b.validate(n)?;
                     // Every unit recorded this epoch went to the front (visit order); none to the back.
-                    assembler.as_ref().map_or(true, |a| a.parts().2 == 0)
+                    assembler.as_ref().is_none_or(|a| a.parts().2 == 0)
                 }
             };
             let k = cfg.projection.map(|p| p.k);

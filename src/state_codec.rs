@@ -257,7 +257,7 @@ impl<'a> Reader<'a> {
     fn len(&mut self, width: usize, what: &str) -> Result<usize> {
         let len = self.u64(what)?;
         let left = (self.bytes.len() - self.at) as u64;
-        if len.checked_mul(width as u64).map_or(true, |b| b > left) {
+        if len.checked_mul(width as u64).is_none_or(|b| b > left) {
             return Err(corrupt(&format!(
                 "{what} claims {len} entries but only {left} bytes are left"
             )));
