@@ -21,8 +21,10 @@ def load_average() -> str:
 
 def header(title: str) -> None:
     print(f"# {title}")
-    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}")
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}"
+    )
     print(f"# load average at start (1/5/15 min): {load_average()}  (2-core machine shared with other jobs)")
 
 

@@ -90,20 +90,29 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     # Non-zero mean: a shared offset per coordinate plus unit Gaussian noise.
     v = (rng.normal(size=(1, args.d)) + rng.normal(size=(args.n, args.d))).astype(np.float32)
-    print(f"n = {args.n}, d = {args.d}, batch = {args.batch}, epochs 1..{args.epochs}, "
-          f"torch threads = {torch.get_num_threads()}, cores = {os.cpu_count()}", flush=True)
+    print(
+        f"n = {args.n}, d = {args.d}, batch = {args.batch}, epochs 1..{args.epochs}, "
+        f"torch threads = {torch.get_num_threads()}, cores = {os.cpu_count()}",
+        flush=True,
+    )
     results = []
     for label, kw in ORDERINGS:
         r = run(label, kw, v, args.epochs, args.batch, args.seed)
         results.append(r)
         print(f"  {label:<22} done in {r['seconds']:.1f} s", file=sys.stderr, flush=True)
     e = args.epochs
-    head = "| ordering | " + " | ".join(f"l_inf e{k + 1}" for k in range(e)) + f" | l2 e{e} | state bytes | sum/gradient bytes | wall (s) | cpu (s) |"
+    head = (
+        "| ordering | "
+        + " | ".join(f"l_inf e{k + 1}" for k in range(e))
+        + f" | l2 e{e} | state bytes | sum/gradient bytes | wall (s) | cpu (s) |"
+    )
     print(head)
     print("|" + "---|" * (e + 6))
     for r in results:
         cells = " | ".join(f"{x:.2f}" for x in r["linf"])
-        print(f"| {r['label']} | {cells} | {r['l2'][-1]:.2f} | {r['state_bytes']:,} | {r['sum_bytes']:,} | {r['seconds']:.1f} | {r['cpu']:.1f} |")
+        print(
+            f"| {r['label']} | {cells} | {r['l2'][-1]:.2f} | {r['state_bytes']:,} | {r['sum_bytes']:,} | {r['seconds']:.1f} | {r['cpu']:.1f} |"
+        )
     if args.plot:
         import matplotlib
 

@@ -29,7 +29,6 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-
 import torchgrab  # noqa: E402
 from torchgrab.gradients import per_example_gradients  # noqa: E402
 
@@ -73,7 +72,13 @@ class LeNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()
+            nn.Conv2d(3, 6, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
         )
         self.head = nn.Sequential(nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
 
@@ -179,11 +184,17 @@ def epoch_reference(grabsampler, task, x, y, steps):
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.path.join(here, "..", "..", "shared", "data"), help="data root (default: ../shared/data relative to the repository)")
+    ap.add_argument(
+        "--data",
+        default=os.path.join(here, "..", "..", "shared", "data"),
+        help="data root (default: ../shared/data relative to the repository)",
+    )
     ap.add_argument("--cifar-n", type=int, default=10000, help="CIFAR-10 training images used (seeded subset)")
     ap.add_argument("--mnist-n", type=int, default=60000)
     ap.add_argument("--trials", type=int, default=2, help="epochs timed per method (best is reported)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable timings on a shared machine)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: stable timings on a shared machine)"
+    )
     ap.add_argument("--out", default=os.path.join(here, "out"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -191,15 +202,20 @@ def main():
     grabsampler = None
     try:
         grabsampler, shims = _common.import_reference()
-        print("# reference: grab-sampler 0.1.3 recipe; shims used (its algorithm untouched): " + "; ".join(shims or ["none"]))
+        print(
+            "# reference: grab-sampler 0.1.3 recipe; shims used (its algorithm untouched): "
+            + "; ".join(shims or ["none"])
+        )
     except ImportError as e:
         print(f"# reference not importable: {e}")
     tasks = {}
     x, y = load_mnist(args.data)
     tasks["mnist_logreg"] = (x[: args.mnist_n], y[: args.mnist_n])
     tasks["lenet_cifar10"] = load_cifar10(args.data, args.cifar_n)
-    print(f"# data: MNIST train {len(tasks['mnist_logreg'][0])} examples; CIFAR-10 train subset of "
-          f"{len(tasks['lenet_cifar10'][0])} (seeded) of 50000")
+    print(
+        f"# data: MNIST train {len(tasks['mnist_logreg'][0])} examples; CIFAR-10 train subset of "
+        f"{len(tasks['lenet_cifar10'][0])} (seeded) of 50000"
+    )
     results = {}
     for task, (x, y) in tasks.items():
         steps = len(x) // BATCH
@@ -208,10 +224,14 @@ def main():
             "plain RR (mean gradient)": lambda warmup=False: epoch_rr(task, x, y, 3 if warmup else steps),
             "torchgrab grab, vmap": lambda warmup=False: epoch_torchgrab(task, x, y, 3 if warmup else steps),
             "torchgrab grab, hooks": lambda warmup=False: epoch_torchgrab(task, x, y, 3 if warmup else steps, "hooks"),
-            "torchgrab backward(hooks)": lambda warmup=False: epoch_torchgrab_backward(task, x, y, 3 if warmup else steps),
+            "torchgrab backward(hooks)": lambda warmup=False: epoch_torchgrab_backward(
+                task, x, y, 3 if warmup else steps
+            ),
         }
         if grabsampler is not None:
-            methods["grab-sampler 0.1.3 recipe"] = lambda warmup=False: epoch_reference(grabsampler, task, x, y, 3 if warmup else steps)
+            methods["grab-sampler 0.1.3 recipe"] = lambda warmup=False: epoch_reference(
+                grabsampler, task, x, y, 3 if warmup else steps
+            )
         for name, fn in methods.items():
             best = None
             for _ in range(args.trials):
@@ -227,9 +247,11 @@ def main():
                 continue
             cap = r.get("capture")
             bal = r.get("balance")
-            print(f"{name:<30} {r['total']:>8.2f} {r['total'] / rr:>6.2f} "
-                  f"{cap if cap is not None else float('nan'):>10.2f} {bal if bal is not None else float('nan'):>10.3f} "
-                  f"{(100 * bal / rr) if bal is not None else float('nan'):>10.1f}%")
+            print(
+                f"{name:<30} {r['total']:>8.2f} {r['total'] / rr:>6.2f} "
+                f"{cap if cap is not None else float('nan'):>10.2f} {bal if bal is not None else float('nan'):>10.3f} "
+                f"{(100 * bal / rr) if bal is not None else float('nan'):>10.1f}%"
+            )
     print(f"\n# load average at end (1/5/15 min): {_common.load_average()}")
     os.makedirs(args.out, exist_ok=True)
     try:

@@ -22,7 +22,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-
 import torchgrab  # noqa: E402
 
 SHAPES = [(1_000, 64), (10_000, 64), (100_000, 64), (1_000_000, 16), (10_000_000, 4), (10_000_000, 64)]
@@ -34,13 +33,14 @@ def check_orders(dev):
     for ordering in ("grab", "pair"):
         res = []
         for where in ("cpu", dev):
-            s = torchgrab.GraBSampler(n=256, ordering=ordering, seed=1, dtype=torch.float64,
-                                      device_path="never" if where == "cpu" else "auto")
+            s = torchgrab.GraBSampler(
+                n=256, ordering=ordering, seed=1, dtype=torch.float64, device_path="never" if where == "cpu" else "auto"
+            )
             orders = []
             for _ in range(3):
                 order = list(s)
                 for lo in range(0, 256, 32):
-                    s.step(torch.from_numpy(v[order[lo:lo + 32]]).to(where))
+                    s.step(torch.from_numpy(v[order[lo : lo + 32]]).to(where))
                 orders.append(order)
             orders.append(list(s))
             res.append(orders)
@@ -99,7 +99,9 @@ def main():
             t = sync_time(ours, reps)
             ref = None
             if grabsampler is not None:
-                r = grabsampler.GraBSampler(range(n), {"w": torch.empty(d)}, balance_type="pair" if ordering == "pair" else "mean", device=dev)
+                r = grabsampler.GraBSampler(
+                    range(n), {"w": torch.empty(d)}, balance_type="pair" if ordering == "pair" else "mean", device=dev
+                )
                 iter(r)
                 j = [0]
 
@@ -110,8 +112,11 @@ def main():
                 theirs()
                 t1 = sync_time(theirs, 1)
                 ref = sync_time(theirs, int(min(max(budget / max(t1, 1e-6), 2), 2000)))
-            print(f"{ordering:>8} {d:>9} {b:>3} {t / b * 1e6:>11.2f} {b * d * 4 / t / 1e9:>8.1f} "
-                  f"{(ref / b * 1e6) if ref else float('nan'):>10.2f} {(ref / t) if ref else float('nan'):>8.1f}x", flush=True)
+            print(
+                f"{ordering:>8} {d:>9} {b:>3} {t / b * 1e6:>11.2f} {b * d * 4 / t / 1e9:>8.1f} "
+                f"{(ref / b * 1e6) if ref else float('nan'):>10.2f} {(ref / t) if ref else float('nan'):>8.1f}x",
+                flush=True,
+            )
             del pool
             torch.cuda.empty_cache()
 

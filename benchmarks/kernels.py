@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-
 import torchgrab  # noqa: E402
 
 SHAPES = [(1_000, 64), (10_000, 64), (100_000, 64), (1_000_000, 16), (10_000_000, 4)]
@@ -72,7 +71,9 @@ def reference(grabsampler, ordering, d, b, pool, budget):
     best = float("inf")
     for t in sorted({1, threads}):
         torch.set_num_threads(t)
-        r = grabsampler.GraBSampler(range(n), {"w": torch.empty(d)}, balance_type=ordering if ordering == "pair" else "mean", device="cpu")
+        r = grabsampler.GraBSampler(
+            range(n), {"w": torch.empty(d)}, balance_type=ordering if ordering == "pair" else "mean", device="cpu"
+        )
         iter(r)
         per_step, _ = timed_steps(lambda g: r.step({"w": g}), pool_batches(pool, d, b, True), budget, max_steps)
         best = min(best, per_step)
@@ -92,12 +93,20 @@ def main():
     if not args.no_reference:
         try:
             grabsampler, shims = _common.import_reference()
-            print("# reference: grab-sampler 0.1.3; shims used (its algorithm untouched): " + "; ".join(shims or ["none"]))
+            print(
+                "# reference: grab-sampler 0.1.3; shims used (its algorithm untouched): " + "; ".join(shims or ["none"])
+            )
         except ImportError as e:
-            print(f"# reference not importable ({e}); install it with: pip install --no-deps grab-sampler==0.1.3 absl-py overrides")
+            print(
+                f"# reference not importable ({e}); install it with: pip install --no-deps grab-sampler==0.1.3 absl-py overrides"
+            )
     bw = _common.memory_read_bandwidth()
     ref_bw = max(bw.values())
-    print("# memory read bandwidth: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in bw.items()) + f"  -> reference {ref_bw:.2f} GB/s")
+    print(
+        "# memory read bandwidth: "
+        + ", ".join(f"{k} {v:.2f} GB/s" for k, v in bw.items())
+        + f"  -> reference {ref_bw:.2f} GB/s"
+    )
     pool = np.random.default_rng(0).standard_normal(POOL_BYTES // 4, dtype=np.float32)
     cols = ["ordering", "d", "B", "input", "us/example", "GB/s", "% of bw", "ref us/ex", "ref GB/s", "speed-up"]
     print(("{:>8} {:>9} {:>3} {:>6} {:>11} {:>7} {:>8} {:>10} {:>9} {:>9}").format(*cols))
@@ -112,10 +121,21 @@ def main():
                 if ref_step:
                     row.update(ref_us=ref_step / b * 1e6, ref_gbs=b * d * 4 / ref_step / 1e9, speedup=ref_step / t)
                 rows.append(row)
-                print("{:>8} {:>9} {:>3} {:>6} {:>11.3f} {:>7.2f} {:>7.0f}% {:>10} {:>9} {:>9}".format(
-                    ordering, d, b, kind, row["us"], gbs, 100 * row["frac"],
-                    f"{row['ref_us']:.2f}" if ref_step else "-", f"{row['ref_gbs']:.2f}" if ref_step else "-",
-                    f"{row['speedup']:.1f}x" if ref_step else "-"), flush=True)
+                print(
+                    "{:>8} {:>9} {:>3} {:>6} {:>11.3f} {:>7.2f} {:>7.0f}% {:>10} {:>9} {:>9}".format(
+                        ordering,
+                        d,
+                        b,
+                        kind,
+                        row["us"],
+                        gbs,
+                        100 * row["frac"],
+                        f"{row['ref_us']:.2f}" if ref_step else "-",
+                        f"{row['ref_gbs']:.2f}" if ref_step else "-",
+                        f"{row['speedup']:.1f}x" if ref_step else "-",
+                    ),
+                    flush=True,
+                )
     print(f"# load average at end (1/5/15 min): {_common.load_average()}")
     os.makedirs(args.out, exist_ok=True)
     try:

@@ -26,7 +26,9 @@ def main():
     args = ap.parse_args()
     n = args.n
     print(f"n = {n:,}")
-    print(f"{'ordering':>9} | {'construct':>10} {'first index':>12} {'next 1e6 indices':>17} {'state_dict':>11} | {'RSS':>9} {'state_bytes':>12}")
+    print(
+        f"{'ordering':>9} | {'construct':>10} {'first index':>12} {'next 1e6 indices':>17} {'state_dict':>11} | {'RSS':>9} {'state_bytes':>12}"
+    )
     for ordering in ["rr", "grab"]:
         base = rss_mb()
         t0 = time.perf_counter()

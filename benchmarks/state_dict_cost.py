@@ -11,7 +11,6 @@ import statistics
 import time
 
 import numpy as np
-
 from torchgrab import GraBSampler
 
 
@@ -57,7 +56,9 @@ def main():
         sizes = [(10_000, 1_000)]
     batch, repeats = 64, 5
     print(f"B = {batch}, float32 state, median of {repeats}")
-    print(f"{'ordering':>9} {'n':>10} {'d':>10} | {'state_dict after a step':>24} {'state_dict, unchanged':>22} {'step':>10}")
+    print(
+        f"{'ordering':>9} {'n':>10} {'d':>10} | {'state_dict after a step':>24} {'state_dict, unchanged':>22} {'step':>10}"
+    )
     for ordering in ["rr", "grab", "pair"]:
         for n, d in sizes:
             fresh, cached, step = measure(ordering, n, d, batch, repeats)

@@ -1,10 +1,8 @@
 """GraBSampler.backward: per-example gradients into the sampler, their mean into .grad."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
-
 from torchgrab import GraBSampler, UnsupportedModelError
 
 
@@ -39,7 +37,9 @@ def test_mean_gradient_loss_and_sampler_rows_are_exact():
     twin = GraBSampler(n=8, ordering="grab", first_epoch="identity")
     assert list(iter(twin)) == idx
     twin.step({k: torch.stack([g[k] for g in per]) for k in per[0]})
-    assert torch.allclose(sampler.state_dict()["native"]["balance"]["s"], twin.state_dict()["native"]["balance"]["s"], atol=1e-5)
+    assert torch.allclose(
+        sampler.state_dict()["native"]["balance"]["s"], twin.state_dict()["native"]["balance"]["s"], atol=1e-5
+    )
     assert list(sampler) == list(twin)
 
 

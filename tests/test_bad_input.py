@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pytest
 import torch
-
 import torchgrab
 from torchgrab import (
     CallOrderError,
@@ -50,8 +49,20 @@ CASES = [
     ("non-contiguous numpy", lambda: np.ones((4, 2), np.float32).T, None, UnsupportedInputError, "not C-contiguous"),
     ("negative strides", lambda: np.ones((2, 4), np.float32)[::-1], None, UnsupportedInputError, "negatively strided"),
     ("non-contiguous torch", lambda: torch.ones(4, 2).t(), None, UnsupportedInputError, "not contiguous"),
-    ("mismatched rows", lambda: [np.ones((2, 2), np.float32), np.ones((3, 2), np.float32)], None, ShapeError, "leading dimension"),
-    ("mixed dtypes", lambda: [np.ones((2, 2), np.float32), np.ones((2, 2), np.float64)], None, UnsupportedInputError, "one dtype"),
+    (
+        "mismatched rows",
+        lambda: [np.ones((2, 2), np.float32), np.ones((3, 2), np.float32)],
+        None,
+        ShapeError,
+        "leading dimension",
+    ),
+    (
+        "mixed dtypes",
+        lambda: [np.ones((2, 2), np.float32), np.ones((2, 2), np.float64)],
+        None,
+        UnsupportedInputError,
+        "one dtype",
+    ),
     ("zero rows", lambda: np.ones((0, 4), np.float32), None, ShapeError, "0 rows"),
     ("zero width", lambda: np.ones((2, 0), np.float32), None, ShapeError, "d = 0"),
     ("scalar", lambda: np.array(1.0, dtype=np.float32), None, ShapeError, "scalar"),

@@ -15,7 +15,6 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from torchgrab import (
     CallOrderError,
     GraBError,
@@ -96,15 +95,33 @@ COMMON_CASES = [
     ("column slice", lambda: np.ones((2, 2 * D), np.float32)[:, ::2], None, UnsupportedInputError, "not C-contiguous"),
     ("fortran order", fortran, None, UnsupportedInputError, "not C-contiguous"),
     ("negative row stride", lambda: np.ones((3, D), np.float32)[::-1], None, UnsupportedInputError, "not C-contiguous"),
-    ("negative column stride", lambda: np.ones((2, D), np.float32)[:, ::-1], None, UnsupportedInputError, "not C-contiguous"),
+    (
+        "negative column stride",
+        lambda: np.ones((2, D), np.float32)[:, ::-1],
+        None,
+        UnsupportedInputError,
+        "not C-contiguous",
+    ),
     ("expanded torch", lambda: torch.ones(1, D).expand(3, D), None, UnsupportedInputError, "not contiguous"),
-    ("channels-last torch", lambda: torch.ones(2, 3, 2, 2).to(memory_format=torch.channels_last), None, UnsupportedInputError, "not contiguous"),
+    (
+        "channels-last torch",
+        lambda: torch.ones(2, 3, 2, 2).to(memory_format=torch.channels_last),
+        None,
+        UnsupportedInputError,
+        "not contiguous",
+    ),
     ("sparse torch", lambda: torch.ones(2, D).to_sparse(), None, UnsupportedInputError, "layout"),
     ("meta device", lambda: torch.ones(2, D, device="meta"), None, UnsupportedInputError, "on meta"),
     ("zero rows torch", lambda: torch.ones(0, D), None, ShapeError, "0 rows"),
     ("zero rows and width", lambda: np.ones((0, 0), np.float32), None, ShapeError, "0 rows"),
     ("all segments empty", lambda: [np.ones((2, 0), np.float32)] * 2, None, ShapeError, "d = 0"),
-    ("rows differ across segments", lambda: {"a": torch.ones(2, 2), "b": torch.ones(1, 2)}, None, ShapeError, "leading dimension"),
+    (
+        "rows differ across segments",
+        lambda: {"a": torch.ones(2, 2), "b": torch.ones(1, 2)},
+        None,
+        ShapeError,
+        "leading dimension",
+    ),
     ("more rows than pending", lambda: np.ones((N, D), np.float32), None, ShapeError, "only 8 indices are pending"),
     ("2-D indices", lambda: np.ones((2, D), np.float32), [[1, 2]], UnitIndexError, "1-D"),
     ("float indices", lambda: np.ones((2, D), np.float32), [1.0, 2.0], UnitIndexError, "integers"),
@@ -123,7 +140,9 @@ def check_refused(s, grads, indices, exc, message):
 
 
 @pytest.mark.parametrize("ordering", ["grab", "pair"])
-@pytest.mark.parametrize("name,make,indices,exc,message", BALANCING_CASES + COMMON_CASES, ids=[c[0] for c in BALANCING_CASES + COMMON_CASES])
+@pytest.mark.parametrize(
+    "name,make,indices,exc,message", BALANCING_CASES + COMMON_CASES, ids=[c[0] for c in BALANCING_CASES + COMMON_CASES]
+)
 def test_balancing_orderings_refuse_and_keep_state(ordering, name, make, indices, exc, message):
     s = started(ordering)
     check_refused(s, make(), indices, exc, message)

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, TensorDataset
-
 from conftest import is_permutation
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 from torchgrab import GraBSampler
 
 

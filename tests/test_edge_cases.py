@@ -5,9 +5,8 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, TensorDataset
-
 import torchgrab
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 from torchgrab import GraBSampler, ShapeError, UnitIndexError
 
 ORDERINGS = [o for o in torchgrab.orderings() if o != "mean"]

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from torch import nn
-
 from torchgrab import GraBSampler, UnsupportedModelError
 from torchgrab.gradients import per_example_gradients
 
@@ -55,7 +54,9 @@ def test_shared_layer_sums_and_unsupported_layers_are_refused():
     for k in gv:
         assert torch.allclose(gh[k], gv[k], atol=1e-5), k
     with pytest.raises(UnsupportedModelError, match="hooks"):
-        per_example_gradients(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), nn.CrossEntropyLoss(), x, y, method="hooks")
+        per_example_gradients(
+            nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), nn.CrossEntropyLoss(), x, y, method="hooks"
+        )
 
 
 def test_backward_with_hooks_feeds_the_same_rows():

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import feed_epoch
 from torchgrab import GraBSampler
 

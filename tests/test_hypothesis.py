@@ -6,11 +6,10 @@ import io
 
 import numpy as np
 import torch
+import torchgrab
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
-import torchgrab
 from torchgrab import GraBSampler
 
 ORDERINGS = [o for o in torchgrab.orderings() if o != "mean"]

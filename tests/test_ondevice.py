@@ -5,7 +5,6 @@ dict, and refusals leave everything unchanged."""
 import numpy as np
 import pytest
 import torch
-
 import torchgrab
 from torchgrab.errors import GraBError
 
@@ -122,6 +121,6 @@ def test_paths_are_not_mixed_and_option_is_checked():
     with pytest.raises(GraBError):
         torchgrab.GraBSampler(n=4, device_path="gpu")
     s = torchgrab.GraBSampler(n=8, ordering="grab", device_path="auto")
-    order = list(s)
+    list(s)
     s.step(np.ones((2, 3), np.float32))  # CPU input in auto: the dense kernel
     assert s._ondevice is None

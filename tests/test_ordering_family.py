@@ -102,7 +102,10 @@ def test_projection_shrinks_the_state():
 @pytest.mark.parametrize("ordering", ["grab", "pair", "recursive", "recursive-pair", "herding"])
 def test_random_signs_reproducible_and_restored(ordering):
     v = np.random.default_rng(4).normal(size=(33, 5))
-    make = lambda seed: GraBSampler(n=33, ordering=ordering, seed=seed, balance="random", depth=2)
+
+    def make(seed):
+        return GraBSampler(n=33, ordering=ordering, seed=seed, balance="random", depth=2)
+
     a, b, c = make(7), make(7), make(8)
     orders_a = [feed_epoch(a, v, per_step=4) for _ in range(3)]
     assert orders_a == [feed_epoch(b, v, per_step=4) for _ in range(3)]

@@ -2,10 +2,9 @@
 
 import numpy as np
 import torch
+from conftest import feed_epoch, is_permutation
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import feed_epoch, is_permutation
 from torchgrab import GraBSampler
 
 BALANCING = ["grab", "pair"]

@@ -9,7 +9,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 import torchgrab
 from torchgrab import GraBSampler, StateDictError
 

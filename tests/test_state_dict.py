@@ -7,7 +7,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from conftest import feed_epoch
 from torchgrab import GraBSampler, StateDictError
 

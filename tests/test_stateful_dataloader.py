@@ -12,11 +12,9 @@ predates the steps of the batches in flight.
 
 import io
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
-
 from torchgrab import GraBSampler
 
 sdl = pytest.importorskip("torchdata.stateful_dataloader")

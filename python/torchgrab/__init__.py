@@ -1,7 +1,7 @@
 """torchgrab: GraB example orderings for PyTorch, with Rust kernels.
 
-    from torchgrab import GraBSampler
-    sampler = GraBSampler(train_set, ordering="grab", seed=0)
+from torchgrab import GraBSampler
+sampler = GraBSampler(train_set, ordering="grab", seed=0)
 """
 
 from __future__ import annotations

@@ -155,7 +155,9 @@ class UnitMap:
             self.carry = {
                 "unit": int(units[-1]),
                 "count": int(counts[-1]),
-                "sums": None if not keep[-1] else [s[-1:].clone() if isinstance(s, torch.Tensor) else s[-1:].copy() for s in sums],
+                "sums": None
+                if not keep[-1]
+                else [s[-1:].clone() if isinstance(s, torch.Tensor) else s[-1:].copy() for s in sums],
             }
             keep[-1] = False
         idx = np.flatnonzero(keep)
@@ -163,7 +165,9 @@ class UnitMap:
         for s, leaf in zip(sums, leaves):
             if isinstance(s, torch.Tensor):
                 sel = s[torch.as_tensor(idx, device=s.device)]
-                sel = sel / torch.as_tensor(sizes[idx], dtype=s.dtype, device=s.device).reshape((-1,) + (1,) * (s.dim() - 1))
+                sel = sel / torch.as_tensor(sizes[idx], dtype=s.dtype, device=s.device).reshape(
+                    (-1,) + (1,) * (s.dim() - 1)
+                )
             else:
                 sel = s[idx] / sizes[idx].reshape((-1,) + (1,) * (s.ndim - 1)).astype(s.dtype)
             means.append(_cast_like(sel, leaf))

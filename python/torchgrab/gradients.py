@@ -153,7 +153,13 @@ def per_example_gradients_hooks(
     handles = [m.register_forward_hook(record) for _, m in layers]
     try:
         with torch.enable_grad():
-            out = model(**inputs) if isinstance(inputs, dict) else model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+            out = (
+                model(**inputs)
+                if isinstance(inputs, dict)
+                else model(*inputs)
+                if isinstance(inputs, tuple)
+                else model(inputs)
+            )
             # The loss of each example on its own (a batch of one), exactly as the vmap path defines it.
             losses = vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, targets)
             outs = [o for m in seen for _, o in seen[m]]
@@ -177,8 +183,12 @@ def per_example_gradients_hooks(
                     bias = g2.sum(1)
                 else:
                     if x.dim() != 4:
-                        raise UnsupportedModelError(f"method='hooks' needs batched 4-D input to Conv2d {name!r}, got {tuple(x.shape)}")
-                    cols = torch.nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+                        raise UnsupportedModelError(
+                            f"method='hooks' needs batched 4-D input to Conv2d {name!r}, got {tuple(x.shape)}"
+                        )
+                    cols = torch.nn.functional.unfold(
+                        x, module.kernel_size, module.dilation, module.padding, module.stride
+                    )
                     w = torch.bmm(g.reshape(b, g.shape[1], -1), cols.transpose(1, 2)).reshape(b, *module.weight.shape)
                     bias = g.sum((2, 3))
                 w_sum = w if w_sum is None else w_sum + w

@@ -71,11 +71,18 @@ class OnDeviceBalancer:
                 self.m, self.m_next = zeros(), zeros()
             return
         if widths != self.widths:
-            raise ShapeError(f"expected gradient segments of widths {self.widths} (fixed by the first step), got {widths}")
+            raise ShapeError(
+                f"expected gradient segments of widths {self.widths} (fixed by the first step), got {widths}"
+            )
         if self.s[0].device != device:
             # Sums restored from a checkpoint live on the CPU until the gradients show where they belong.
             move = lambda xs: [x.to(device) for x in xs]  # noqa: E731
-            self.s, self.m, self.m_next, self.pending_grad = move(self.s), move(self.m), move(self.m_next), move(self.pending_grad)
+            self.s, self.m, self.m_next, self.pending_grad = (
+                move(self.s),
+                move(self.m),
+                move(self.m_next),
+                move(self.pending_grad),
+            )
 
     def end_epoch(self) -> None:
         """Close the epoch as the dense kernel does: the raw mean seen becomes the stale mean."""
@@ -110,7 +117,9 @@ class OnDeviceBalancer:
     def load(self, state: Dict[str, Any]) -> None:
         try:
             if state["ordering"] != self.ordering:
-                raise StateDictError(f"the on-device state is for {state['ordering']!r}, this sampler balances {self.ordering!r}")
+                raise StateDictError(
+                    f"the on-device state is for {state['ordering']!r}, this sampler balances {self.ordering!r}"
+                )
             widths = state["widths"]
             lists = {k: list(state[k]) for k in ("s", "m", "m_next", "pending_grad")}
             seen = int(state["seen"])
@@ -149,7 +158,9 @@ class OnDeviceBalancer:
         return u, gram
 
     @staticmethod
-    def _block(rows: List[List[torch.Tensor]], k: int, blk: slice, center: Optional[List[torch.Tensor]]) -> torch.Tensor:
+    def _block(
+        rows: List[List[torch.Tensor]], k: int, blk: slice, center: Optional[List[torch.Tensor]]
+    ) -> torch.Tensor:
         """Rows of Z for columns `blk` of segment k, in float64. `rows` is [[A_k], [B_k]] (Z = A - B)
         for pair differences, or [[G_k]] with `center` = m for grab."""
         if len(rows) == 2:
@@ -205,7 +216,6 @@ class OnDeviceBalancer:
         start = 1 if self.pending_index is not None else 0
         npairs_in = (b - start) // 2
         leftover = start + 2 * npairs_in < b
-        firsts: List[List[torch.Tensor]] = []
         pair_units: List[int] = []
         if start:
             pair_units += [self.pending_index, units[0]]  # type: ignore[list-item]
@@ -223,7 +233,9 @@ class OnDeviceBalancer:
             b_rows.append(bb)
         hold = np.array([units[-1]] if leftover else [], dtype=np.uint32)
         if leftover and not all(bool(torch.isfinite(g[-1]).all()) for g in segs):
-            raise NonFiniteGradientError(f"the gradient of unit {units[-1]} (row {b - 1} of this step) contains NaN or Inf; the step was refused and nothing changed")
+            raise NonFiniteGradientError(
+                f"the gradient of unit {units[-1]} (row {b - 1} of this step) contains NaN or Inf; the step was refused and nothing changed"
+            )
         rows = [a_rows, b_rows]
         npairs = len(pair_units) // 2
         if npairs:

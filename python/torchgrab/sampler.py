@@ -16,9 +16,9 @@ from torch.utils.data import Sampler
 
 from torchgrab import _native
 from torchgrab._segments import as_segments
+from torchgrab._units import UnitMap
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
 from torchgrab.gradients import per_example_gradients
-from torchgrab._units import UnitMap
 from torchgrab.ondevice import OnDeviceBalancer
 
 _BALANCING = {"grab", "mean", "pair", "recursive", "recursive-pair", "herding", "greedy"}
@@ -63,7 +63,9 @@ def _to_numpy(obj: Any, key: str = "") -> Any:
             want = np.uint32 if a.dtype == np.int32 else np.uint64
         if want is not None:
             if a.dtype.itemsize != np.dtype(want).itemsize or a.dtype.kind not in "iu":
-                raise StateDictError(f"state dict entry {key!r} has dtype {obj.dtype}; expected a {np.dtype(want).itemsize * 8}-bit integer tensor")
+                raise StateDictError(
+                    f"state dict entry {key!r} has dtype {obj.dtype}; expected a {np.dtype(want).itemsize * 8}-bit integer tensor"
+                )
             a = a.view(want)
         return a
     return obj
@@ -132,7 +134,9 @@ class GraBSampler(Sampler[int]):
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ShapeError(f"n must be a positive integer, got {n!r}")
         if ordering not in _native.orderings():
-            raise UnsupportedInputError(f"unknown ordering {ordering!r}; expected one of {', '.join(_native.orderings())}")
+            raise UnsupportedInputError(
+                f"unknown ordering {ordering!r}; expected one of {', '.join(_native.orderings())}"
+            )
         if first_epoch not in ("random", "identity"):
             raise UnsupportedInputError(f"first_epoch must be 'random' or 'identity', got {first_epoch!r}")
         if balance not in ("deterministic", "random"):
@@ -141,7 +145,9 @@ class GraBSampler(Sampler[int]):
             raise UnsupportedInputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         if device_path not in ("auto", "always", "never"):
             raise UnsupportedInputError(f"device_path must be 'auto', 'always' or 'never', got {device_path!r}")
-        if device_path == "always" and not (ordering in ("grab", "mean", "pair") and projection is None and unit_size == 1):
+        if device_path == "always" and not (
+            ordering in ("grab", "mean", "pair") and projection is None and unit_size == 1
+        ):
             raise UnsupportedInputError(
                 "device_path='always' supports ordering 'grab' or 'pair' without projection or unit_size; "
                 f"got ordering={ordering!r}, projection={projection!r}, unit_size={unit_size}"
@@ -165,7 +171,9 @@ class GraBSampler(Sampler[int]):
                     f"projection must be ('gaussian' | 'sparse' | 'identity', k) with k >= 1, got {projection!r}"
                 )
             if ordering not in _BALANCING:
-                raise UnsupportedInputError(f"projection= only applies to orderings that use gradients, not {ordering!r}")
+                raise UnsupportedInputError(
+                    f"projection= only applies to orderings that use gradients, not {ordering!r}"
+                )
             projection = (str(projection[0]), int(projection[1]))
         if max_memory is not None and (not isinstance(max_memory, (int, np.integer)) or max_memory < 0):
             raise UnsupportedInputError(f"max_memory must be a non-negative number of bytes, got {max_memory!r}")
@@ -272,14 +280,18 @@ class GraBSampler(Sampler[int]):
         if indices is not None:
             idx = np.asarray(indices.detach().cpu() if isinstance(indices, torch.Tensor) else indices)
             if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-                raise UnitIndexError(f"indices must be a 1-D sequence of integers, got shape {idx.shape} dtype {idx.dtype}")
+                raise UnitIndexError(
+                    f"indices must be a 1-D sequence of integers, got shape {idx.shape} dtype {idx.dtype}"
+                )
             if idx.size != rows:
                 raise ShapeError(f"the gradients have {rows} rows but {idx.size} indices were given")
             if idx.size and (idx.min() < 0 or idx.max() >= self.n):
                 raise UnitIndexError(f"indices must lie in [0, {self.n}), got range [{idx.min()}, {idx.max()}]")
             return np.ascontiguousarray(idx, dtype=np.uint32)
         if self._order is None:
-            raise CallOrderError("step() was called before the sampler was iterated; iterate it (or the DataLoader) first")
+            raise CallOrderError(
+                "step() was called before the sampler was iterated; iterate it (or the DataLoader) first"
+            )
         if rows > self.pending:
             raise ShapeError(
                 f"got {rows} gradient rows but only {self.pending} indices are pending "
@@ -306,7 +318,9 @@ class GraBSampler(Sampler[int]):
                 tensors, rows = self._device_segments(grads)
                 idx = self._take(rows, indices)
                 if self._ondevice is None:
-                    self._ondevice = OnDeviceBalancer("grab" if self.ordering == "mean" else self.ordering, self.n, self.dtype)
+                    self._ondevice = OnDeviceBalancer(
+                        "grab" if self.ordering == "mean" else self.ordering, self.n, self.dtype
+                    )
                 self._ondevice.step(self._native, tensors, idx)
                 self._native_cache = None
                 if indices is None:
@@ -329,7 +343,9 @@ class GraBSampler(Sampler[int]):
             if indices is not None:
                 idx = np.asarray(indices.detach().cpu() if isinstance(indices, torch.Tensor) else indices)
                 if idx.ndim != 1 or idx.dtype.kind not in "iu" or idx.size != rows:
-                    raise UnitIndexError(f"per_unit indices must be {rows} unit ids, got shape {idx.shape} dtype {idx.dtype}")
+                    raise UnitIndexError(
+                        f"per_unit indices must be {rows} unit ids, got shape {idx.shape} dtype {idx.dtype}"
+                    )
                 self._native.step(*as_segments(grads)[:2], np.ascontiguousarray(idx, dtype=np.uint32))
                 return
             if units.carry is not None:
@@ -370,7 +386,13 @@ class GraBSampler(Sampler[int]):
             return False  # device tensors then get the Rust kernel's clear refusal
         if self._ondevice is not None:
             return True
-        items = list(grads.values()) if isinstance(grads, dict) else list(grads) if isinstance(grads, (list, tuple)) else [grads]
+        items = (
+            list(grads.values())
+            if isinstance(grads, dict)
+            else list(grads)
+            if isinstance(grads, (list, tuple))
+            else [grads]
+        )
         first = items[0] if items else None
         on_device = isinstance(first, torch.Tensor) and first.device.type != "cpu"
         wants = self.device_path == "always" or on_device
@@ -383,7 +405,13 @@ class GraBSampler(Sampler[int]):
 
     @staticmethod
     def _device_segments(grads: Any) -> "tuple[list, int]":
-        items = list(grads.values()) if isinstance(grads, dict) else list(grads) if isinstance(grads, (list, tuple)) else [grads]
+        items = (
+            list(grads.values())
+            if isinstance(grads, dict)
+            else list(grads)
+            if isinstance(grads, (list, tuple))
+            else [grads]
+        )
         if not items:
             raise ShapeError("step() got an empty collection of gradients")
         tensors = []
@@ -391,11 +419,17 @@ class GraBSampler(Sampler[int]):
             if isinstance(g, np.ndarray):
                 g = torch.from_numpy(g)  # shares memory
             if not isinstance(g, torch.Tensor):
-                raise UnsupportedInputError(f"gradient segment {k} is a {type(g).__name__}; expected a torch.Tensor or numpy.ndarray")
+                raise UnsupportedInputError(
+                    f"gradient segment {k} is a {type(g).__name__}; expected a torch.Tensor or numpy.ndarray"
+                )
             if not g.is_floating_point():
-                raise UnsupportedInputError(f"gradient segment {k} has dtype {g.dtype}; expected a floating-point tensor")
+                raise UnsupportedInputError(
+                    f"gradient segment {k} has dtype {g.dtype}; expected a floating-point tensor"
+                )
             if g.device.type == "meta":
-                raise UnsupportedInputError(f"gradient segment {k} is on the meta device: it holds no values to balance")
+                raise UnsupportedInputError(
+                    f"gradient segment {k} is on the meta device: it holds no values to balance"
+                )
             if g.dim() == 0:
                 raise ShapeError(f"gradient segment {k} is a scalar; expected a leading batch dimension [B, ...]")
             tensors.append(g)
@@ -437,9 +471,20 @@ class GraBSampler(Sampler[int]):
         for Linear/Conv2d models; see :func:`torchgrab.gradients.per_example_gradients`).
         """
         if not self.balances:
-            loss = loss_fn(model(**inputs) if isinstance(inputs, dict) else model(*inputs) if isinstance(inputs, tuple) else model(inputs), targets)
+            loss = loss_fn(
+                model(**inputs)
+                if isinstance(inputs, dict)
+                else model(*inputs)
+                if isinstance(inputs, tuple)
+                else model(inputs),
+                targets,
+            )
             loss.backward()
-            b = next(iter(inputs.values())).shape[0] if isinstance(inputs, dict) else (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
+            b = (
+                next(iter(inputs.values())).shape[0]
+                if isinstance(inputs, dict)
+                else (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
+            )
             if indices is None:
                 self.skip(b)
             return loss.detach()
@@ -500,7 +545,9 @@ class GraBSampler(Sampler[int]):
                 f"the state dict holds gradients of dimension d = {native.dim}; this sampler's are d = {self._native.dim}"
             )
         if native_state.get("state_dtype") != _STATE_DTYPES[self.dtype]:
-            raise StateDictError(f"the state dict holds {native_state.get('state_dtype')} sums; this sampler uses {self.dtype}")
+            raise StateDictError(
+                f"the state dict holds {native_state.get('state_dtype')} sums; this sampler uses {self.dtype}"
+            )
         try:
             epoch, yielded, stepped = int(state["epoch"]), int(state["yielded"]), int(state["stepped"])
             in_epoch = bool(state["in_epoch"])
