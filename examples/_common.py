@@ -416,9 +416,12 @@ def train_supervised(
     batch_size: int,
     unit_size: Optional[int] = None,
     clip: Optional[float] = None,
+    backward: Optional[Callable] = None,
 ):
     """Train with ``GraBSampler(ordering=ordering, seed=seed)``; yield one row per epoch (epoch 0 is the
     untrained model). ``evaluate(model)`` returns at least ``train_loss`` (full pass) and ``val_metric``.
+    ``backward(sampler, model, loss_fn, x, y)`` replaces ``sampler.backward`` where a model cannot go
+    through ``torch.func.vmap`` (it must fill ``.grad`` with the batch mean and feed the sampler).
     The model is created right after ``torch.manual_seed(seed)``, so every ordering starts from the same
     weights for a given seed."""
     from torch.utils.data import DataLoader
@@ -438,7 +441,10 @@ def train_supervised(
         with timer:
             for x, y in loader:
                 opt.zero_grad(set_to_none=True)
-                sampler.backward(model, loss_fn, x, y)
+                if backward is None:
+                    sampler.backward(model, loss_fn, x, y)
+                else:
+                    backward(sampler, model, loss_fn, x, y)
                 if clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 opt.step()
@@ -466,6 +472,6 @@ def base_parser(doc: str, epochs: int, out: str):
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--orderings", default=",".join(PAPER_ORDERINGS), help="comma-separated")
     p.add_argument("--out", default=out, help="output prefix: writes PREFIX.csv, PREFIX.png, PREFIX.md")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: on a shared, oversubscribed CPU more threads only spin)")
     p.add_argument("--quick", action="store_true", help="tiny subset, 1-2 epochs: a smoke test")
     return p

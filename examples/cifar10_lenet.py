@@ -39,7 +39,7 @@ class LeNet(nn.Module):
 
 def main(argv=None):
     p = C.base_parser(__doc__, epochs=5, out="out/cifar10_lenet")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--subset", type=int, default=10000, help="first N training images, class-balanced (0 = all 50,000)")
     p.add_argument("--unit-size", type=int, default=0, help="micro-batch units (needs a torchgrab with unit_size=)")

@@ -107,12 +107,12 @@ def main(argv=None):
     p = C.base_parser(__doc__, epochs=10, out="out/glue_frozen")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--max-train", type=int, default=0, help="use the first N training examples per task (0 = all)")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--max-train", type=int, default=10000, help="use the first N training examples per task (0 = all; only SST-2 has more than 10,000)")
     p.add_argument("--cache", default="out/glue_embeddings")
     args = p.parse_args(argv)
     if args.quick:
-        args.max_train, args.epochs = args.max_train or 512, min(args.epochs, 2)
+        args.max_train, args.epochs = 512, min(args.epochs, 2)
         if args.tasks == ",".join(TASKS):
             args.tasks = "MRPC,WNLI"
     torch.set_num_threads(args.threads)

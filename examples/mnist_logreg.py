@@ -25,7 +25,7 @@ def main(argv=None):
     p.add_argument("--unit-size", type=int, default=0, help="micro-batch units (needs a torchgrab with unit_size=)")
     args = p.parse_args(argv)
     if args.quick:
-        args.subset, args.epochs = args.subset or 2000, min(args.epochs, 2)
+        args.subset, args.epochs = 2000, min(args.epochs, 2)
     torch.set_num_threads(args.threads)
 
     (xtr, ytr), (xte, yte) = C.load_mnist(C.data_root(args.data))

@@ -1,8 +1,8 @@
 """Experiment 3 of the GraB paper: a 2-layer LSTM language model on WikiText-2 in the pytorch/examples
 ``word_language_model`` setup, where the ordered units are the BPTT chunks.
 
-    nice -n 19 python examples/wikitext2_lstm.py [--data ../shared/data] [--epochs 3] [--train-tokens 300000]
-    python examples/wikitext2_lstm.py --quick     # 20k training tokens, 1 epoch: a smoke test
+    nice -n 19 python examples/wikitext2_lstm.py [--data ../shared/data] [--epochs 3] [--train-tokens 50000] [--valid-tokens 20000]
+    python examples/wikitext2_lstm.py --quick     # 5,600 training tokens (10 chunks), 1 epoch: a smoke test
 
 As in pytorch/examples: the vocabulary is built over train+valid+test (33,278 words), the training
 stream is cut into ``--batch-size`` columns and then into chunks of ``--bptt`` time steps; one chunk
@@ -79,11 +79,11 @@ def main(argv=None):
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=5.0)
     p.add_argument("--clip", type=float, default=0.25)
-    p.add_argument("--train-tokens", type=int, default=300_000, help="first N training tokens (0 = all 2,088,628)")
-    p.add_argument("--valid-tokens", type=int, default=0, help="first N validation tokens (0 = all 217,646)")
+    p.add_argument("--train-tokens", type=int, default=50_000, help="first N training tokens (0 = all 2,088,628)")
+    p.add_argument("--valid-tokens", type=int, default=20_000, help="first N validation tokens (0 = all 217,646)")
     args = p.parse_args(argv)
     if args.quick:
-        args.train_tokens, args.valid_tokens, args.epochs = 20_000, 5_000, min(args.epochs, 1)
+        args.train_tokens, args.valid_tokens, args.epochs = 5_600, 3_500, min(args.epochs, 1)
     torch.set_num_threads(args.threads)
 
     corpus = Corpus(C.data_root(args.data))

