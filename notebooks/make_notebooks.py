@@ -27,7 +27,7 @@ wikitext = new_notebook(cells=[
 The pytorch/examples `word_language_model` setup (2-layer LSTM, embedding = hidden = 32, SGD lr 5, clip 0.25),
 with `torchgrab.GraBSampler` ordering the BPTT chunks. Every ordering runs the same training code
 (`examples/wikitext2_lstm.py`); each chunk's gradient goes to `sampler.step`.
-Set `TORCHGRAB_QUICK=1` for a smoke test (5,600 training tokens, 1 epoch)."""),
+Set `TORCHGRAB_QUICK=1` for a smoke test (5,600 training tokens, 2 epochs)."""),
     new_code_cell(SETUP),
     new_code_cell('''import torchgrab
 print("orderings in this build:", torchgrab.orderings())

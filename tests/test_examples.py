@@ -69,7 +69,7 @@ def test_wikitext2_notebook_runs_in_quick_mode(tmp_path):
     nb, images = _run_notebook("wikitext2_lstm.ipynb", tmp_path)
     assert images >= 1
     rows = _rows(tmp_path / "nb_wikitext2_lstm.csv")
-    assert {r["epoch"] for r in rows} == {"0", "1"}
+    assert {r["epoch"] for r in rows} == {"0", "1", "2"}
     for r in rows:  # a 33,278-word vocabulary: an untrained model is near log(33278) = 10.4
         assert 0 < float(r["train_loss"]) < 11 and float(r["val_metric"]) > 1
 
