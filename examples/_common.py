@@ -187,8 +187,11 @@ def plot(rows: List[Dict], metric: str, title: str, path: Optional[str] = None, 
 
     loss, val = curves(rows, "train_loss"), curves(rows, "val_metric")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    # epoch 0 (the untrained model) would squash the interesting part of the curves: start at epoch 1
+    first = 1 if max(v.shape[1] for v in loss.values()) > 2 else 0
     for o in loss:
-        ep = np.arange(loss[o].shape[1])
+        ep = np.arange(loss[o].shape[1])[first:]
+        loss[o], val[o] = loss[o][:, first:], val[o][:, first:]
         (line,) = ax1.plot(ep, loss[o].mean(0), label=o, marker=".")
         ax1.fill_between(ep, loss[o].min(0), loss[o].max(0), alpha=0.2, color=line.get_color())
         ax2.plot(ep, val[o].mean(0), label=o, marker=".", color=line.get_color())
@@ -197,7 +200,7 @@ def plot(rows: List[Dict], metric: str, title: str, path: Optional[str] = None, 
     if log_loss:
         ax1.set_yscale("log")
     ax1.set(xlabel="epoch", ylabel="full-pass training loss", title=f"train loss (mean, min-max of {n_seeds} seeds)")
-    ax2.set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
+    ax2.set(xlabel="epoch", ylabel=metric, title=f"{metric} (mean, min-max)")
     for ax in (ax1, ax2):
         ax.legend()
         ax.grid(alpha=0.3)
@@ -475,3 +478,14 @@ def base_parser(doc: str, epochs: int, out: str):
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: on a shared, oversubscribed CPU more threads only spin)")
     p.add_argument("--quick", action="store_true", help="tiny subset, 1-2 epochs: a smoke test")
     return p
+
+
+if __name__ == "__main__":
+    # Re-make the table and plot of a finished run from its CSV (no training):
+    #   python examples/_common.py out/mnist_logreg.csv "test accuracy" [--lower-is-better]
+    import sys
+
+    csv_path, metric_name = sys.argv[1], sys.argv[2]
+    prefix = csv_path[: -len(".csv")]
+    title_line = open(prefix + ".md").readline().strip() if os.path.exists(prefix + ".md") else prefix
+    report(read_csv(csv_path), metric_name, title_line, prefix, higher_is_better="--lower-is-better" not in sys.argv)
