@@ -21,12 +21,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
-
 import torchgrab
 from torchgrab import GraBSampler
 
 REPO = Path(__file__).resolve().parent.parent
-
 
 
 def _default_data() -> Path:
@@ -55,11 +53,15 @@ def select_orderings(requested: Sequence[str], n: int, d: int) -> List[str]:
     chosen = []
     for o in requested:
         if o not in known:
-            print(f"note: ordering {o!r} is not in this torchgrab build (torchgrab.orderings() = "
-                  f"{sorted(known)}); skipped")
+            print(
+                f"note: ordering {o!r} is not in this torchgrab build (torchgrab.orderings() = "
+                f"{sorted(known)}); skipped"
+            )
         elif o == "greedy" and not greedy_fits(n, d):
-            print(f"note: greedy skipped: it stores n*d = {n}*{d} floats ({4 * n * d / 2**30:.1f} GiB) and does "
-                  f"~n^2 d = {float(n) * n * d:.1e} multiply-adds per epoch, too much for this machine")
+            print(
+                f"note: greedy skipped: it stores n*d = {n}*{d} floats ({4 * n * d / 2**30:.1f} GiB) and does "
+                f"~n^2 d = {float(n) * n * d:.1e} multiply-adds per epoch, too much for this machine"
+            )
         else:
             chosen.append(o)
     return chosen
@@ -155,8 +157,13 @@ def curves(rows: List[Dict], key: str) -> Dict[str, np.ndarray]:
     out: Dict[str, np.ndarray] = {}
     for o in dict.fromkeys(r["ordering"] for r in rows):
         seeds = sorted({r["seed"] for r in rows if r["ordering"] == o})
-        runs = [[r[key] for r in sorted((r for r in rows if r["ordering"] == o and r["seed"] == s), key=lambda r: r["epoch"])]
-                for s in seeds]
+        runs = [
+            [
+                r[key]
+                for r in sorted((r for r in rows if r["ordering"] == o and r["seed"] == s), key=lambda r: r["epoch"])
+            ]
+            for s in seeds
+        ]
         m = min(len(x) for x in runs)
         out[o] = np.array([x[:m] for x in runs], dtype=float)
     return out
@@ -166,13 +173,18 @@ def summary_table(rows: List[Dict], metric: str, higher_is_better: bool = True) 
     """Markdown table: final train loss and validation metric, mean +/- std over seeds, and the
     training wall time per run."""
     loss, val, secs = curves(rows, "train_loss"), curves(rows, "val_metric"), curves(rows, "train_seconds")
-    lines = [f"| ordering | seeds | epochs | final train loss | final {metric} | best {metric} | train s/run |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"| ordering | seeds | epochs | final train loss | final {metric} | best {metric} | train s/run |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for o in loss:
         best = val[o].max(1) if higher_is_better else val[o].min(1)
-        lines.append(f"| {o} | {loss[o].shape[0]} | {loss[o].shape[1] - 1} | {loss[o][:, -1].mean():.4f} +/- {loss[o][:, -1].std():.4f} "
-                     f"| {val[o][:, -1].mean():.4f} +/- {val[o][:, -1].std():.4f} | {best.mean():.4f} +/- {best.std():.4f} "
-                     f"| {secs[o][:, -1].mean():.1f} |")
+        lines.append(
+            f"| {o} | {loss[o].shape[0]} | {loss[o].shape[1] - 1} "
+            f"| {loss[o][:, -1].mean():.4f} +/- {loss[o][:, -1].std():.4f} "
+            f"| {val[o][:, -1].mean():.4f} +/- {val[o][:, -1].std():.4f} | {best.mean():.4f} +/- {best.std():.4f} "
+            f"| {secs[o][:, -1].mean():.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -244,7 +256,7 @@ def _exists(path: Path) -> bool:
 def _idx(f) -> np.ndarray:
     b = f.read()
     if int.from_bytes(b[:4], "big") == 2051:
-        n, r, c = (int.from_bytes(b[4 + 4 * i: 8 + 4 * i], "big") for i in range(3))
+        n, r, c = (int.from_bytes(b[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
         return np.frombuffer(b, np.uint8, offset=16).reshape(n, r, c)
     return np.frombuffer(b, np.uint8, offset=8)
 
@@ -336,12 +348,26 @@ GLUE_TASKS = {
     "CoLA": dict(text=(3,), label=1, header=False, kind="cls", metric="mcc", n_classes=2),
     "SST-2": dict(text=("sentence",), label="label", header=True, kind="cls", metric="accuracy", n_classes=2),
     "MRPC": dict(text=("#1 String", "#2 String"), label="Quality", header=True, kind="cls", metric="f1", n_classes=2),
-    "STS-B": dict(text=("sentence1", "sentence2"), label="score", header=True, kind="reg", metric="pearson", n_classes=1),
-    "WNLI": dict(text=("sentence1", "sentence2"), label="label", header=True, kind="cls", metric="accuracy", n_classes=2),
+    "STS-B": dict(
+        text=("sentence1", "sentence2"), label="score", header=True, kind="reg", metric="pearson", n_classes=1
+    ),
+    "WNLI": dict(
+        text=("sentence1", "sentence2"), label="label", header=True, kind="cls", metric="accuracy", n_classes=2
+    ),
     "QNLI": dict(text=("question", "sentence"), label="label", header=True, kind="cls", metric="accuracy", n_classes=2),
-    "RTE": dict(text=("sentence1", "sentence2"), label="label", header=True, kind="cls", metric="accuracy", n_classes=2),
+    "RTE": dict(
+        text=("sentence1", "sentence2"), label="label", header=True, kind="cls", metric="accuracy", n_classes=2
+    ),
 }
-_GLUE_HF = {"CoLA": "cola", "SST-2": "sst2", "MRPC": "mrpc", "STS-B": "stsb", "WNLI": "wnli", "QNLI": "qnli", "RTE": "rte"}
+_GLUE_HF = {
+    "CoLA": "cola",
+    "SST-2": "sst2",
+    "MRPC": "mrpc",
+    "STS-B": "stsb",
+    "WNLI": "wnli",
+    "QNLI": "qnli",
+    "RTE": "rte",
+}
 
 
 def load_glue(root: Path, task: str, split: str):
@@ -381,13 +407,16 @@ def glue_metric(task: str, pred: np.ndarray, y: np.ndarray) -> float:
     if m == "pearson":
         return float(np.corrcoef(pred, y)[0, 1]) if np.std(pred) > 0 else 0.0
     if m == "mcc":
-        tp = float(((pred == 1) & (y == 1)).sum()); tn = float(((pred == 0) & (y == 0)).sum())  # noqa: E702
-        fp = float(((pred == 1) & (y == 0)).sum()); fn = float(((pred == 0) & (y == 1)).sum())  # noqa: E702
+        tp = float(((pred == 1) & (y == 1)).sum())
+        tn = float(((pred == 0) & (y == 0)).sum())  # noqa: E702
+        fp = float(((pred == 1) & (y == 0)).sum())
+        fn = float(((pred == 0) & (y == 1)).sum())  # noqa: E702
         den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
         return float((tp * tn - fp * fn) / den) if den > 0 else 0.0
     if m == "f1":
         tp = float(((pred == 1) & (y == 1)).sum())
-        fp = float(((pred == 1) & (y == 0)).sum()); fn = float(((pred == 0) & (y == 1)).sum())  # noqa: E702
+        fp = float(((pred == 1) & (y == 0)).sum())
+        fn = float(((pred == 0) & (y == 1)).sum())  # noqa: E702
         return 2 * tp / (2 * tp + fp + fn) if tp > 0 else 0.0
     return float((pred == y).mean())
 
@@ -452,7 +481,12 @@ def train_supervised(
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 opt.step()
         model.eval()
-        yield {"epoch": epoch + 1, **evaluate(model), "train_seconds": timer.total, "wall_seconds": time.perf_counter() - t0}
+        yield {
+            "epoch": epoch + 1,
+            **evaluate(model),
+            "train_seconds": timer.total,
+            "wall_seconds": time.perf_counter() - t0,
+        }
 
 
 @torch.no_grad()
@@ -460,9 +494,9 @@ def full_pass(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn:
     """(mean loss, accuracy) of ``model`` over all of (x, y), in eval mode."""
     total, correct = 0.0, 0
     for i in range(0, len(x), batch):
-        out = model(x[i: i + batch])
-        total += float(loss_fn(out, y[i: i + batch])) * len(out)
-        correct += int((out.argmax(1) == y[i: i + batch]).sum())
+        out = model(x[i : i + batch])
+        total += float(loss_fn(out, y[i : i + batch])) * len(out)
+        correct += int((out.argmax(1) == y[i : i + batch]).sum())
     return total / len(x), correct / len(x)
 
 
@@ -475,7 +509,12 @@ def base_parser(doc: str, epochs: int, out: str):
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--orderings", default=",".join(PAPER_ORDERINGS), help="comma-separated")
     p.add_argument("--out", default=out, help="output prefix: writes PREFIX.csv, PREFIX.png, PREFIX.md")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: on a shared, oversubscribed CPU more threads only spin)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: on a shared, oversubscribed CPU more threads only spin)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny subset, 1-2 epochs: a smoke test")
     return p
 

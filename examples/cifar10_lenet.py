@@ -14,23 +14,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _common as C
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-
-import _common as C
 
 
 class LeNet(nn.Module):
     def __init__(self, n_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 6, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, n_classes),
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, n_classes),
         )
 
     def forward(self, x):
@@ -71,14 +79,23 @@ def main(argv=None):
 
     def train_one(ordering, seed):
         return C.train_supervised(
-            ordering, seed, make_model=LeNet,
+            ordering,
+            seed,
+            make_model=LeNet,
             make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-2),
-            train_set=train_set, loss_fn=loss_fn, evaluate=evaluate, epochs=args.epochs,
-            batch_size=args.batch_size, unit_size=args.unit_size or None)
+            train_set=train_set,
+            loss_fn=loss_fn,
+            evaluate=evaluate,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            unit_size=args.unit_size or None,
+        )
 
     rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, "cifar10_lenet", args.out + ".csv")
-    title = (f"CIFAR-10 LeNet ({len(train_set)} train / {len(xte_t)} test), SGD lr {args.lr} m 0.9 wd 1e-2, "
-             f"batch {args.batch_size}")
+    title = (
+        f"CIFAR-10 LeNet ({len(train_set)} train / {len(xte_t)} test), SGD lr {args.lr} m 0.9 wd 1e-2, "
+        f"batch {args.batch_size}"
+    )
     C.report(rows, "test accuracy", title, args.out)
     return rows
 

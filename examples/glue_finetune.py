@@ -12,19 +12,19 @@ on a laptop. Hugging Face's BERT builds its attention mask with data-dependent P
 which ``torch.func.vmap`` refuses, so for the balancing orderings the per-example gradients come from a
 loop over the batch, each example trimmed to its own length (no padding, so no mask is needed); they
 are handed to ``sampler.step`` as one [B, ...] tensor per parameter, and their mean becomes ``.grad``.
-Orderings that ignore gradients take an ordinary padded batch backward pass (the same mean gradient). Because a CPU cannot fine-tune on all of SST-2 (67k sentences) for 18 runs, the script
+Orderings that ignore gradients take an ordinary padded batch backward pass (the same mean gradient).
+Because a CPU cannot fine-tune on all of SST-2 (67k sentences) for 18 runs, the script
 uses a class-balanced random subset of the training split (``--train-size``) and of the dev split
 (``--dev-size``). Writes out/glue_finetune_<TASK>.{csv,png,md}.
 """
 
 from __future__ import annotations
 
+import _common as C
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-
-import _common as C
 
 
 class Encoded(Dataset):
@@ -78,7 +78,13 @@ def main(argv=None):
         texts, y = C.load_glue(root, args.task, name)
         keep = balanced_subset(y, size)
         cols = list(zip(*[texts[i] for i in keep]))
-        enc = tok(*[list(c) for c in cols], padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt")
+        enc = tok(
+            *[list(c) for c in cols],
+            padding="max_length",
+            truncation=True,
+            max_length=args.max_length,
+            return_tensors="pt",
+        )
         return Encoded(dict(enc), y[keep])
 
     train_set, dev_set = split("train", args.train_size), split("dev", args.dev_size)
@@ -99,9 +105,9 @@ def main(argv=None):
     def predict(model, ds, batch=64):
         losses, preds = [], []
         for i in range(0, len(ds), batch):
-            x = {k: v[i: i + batch] for k, v in ds.enc.items()}
+            x = {k: v[i : i + batch] for k, v in ds.enc.items()}
             logits = model(**x).logits
-            losses.append(float(ce(logits, ds.y[i: i + batch])) * len(logits))
+            losses.append(float(ce(logits, ds.y[i : i + batch])) * len(logits))
             preds.append(logits.argmax(1).numpy())
         return sum(losses) / len(ds), np.concatenate(preds)
 
@@ -110,7 +116,11 @@ def main(argv=None):
     def evaluate(model):
         train_loss, _ = predict(model, train_set)
         _, pred = predict(model, dev_set)
-        return {"train_loss": train_loss, "val_metric": C.glue_metric(args.task, pred, dev_set.y.numpy()), "metric": metric}
+        return {
+            "train_loss": train_loss,
+            "val_metric": C.glue_metric(args.task, pred, dev_set.y.numpy()),
+            "metric": metric,
+        }
 
     def backward(sampler, model, loss_fn, x, y):
         params = [(k, q) for k, q in model.named_parameters() if q.requires_grad]
@@ -120,11 +130,10 @@ def main(argv=None):
             sampler.skip(len(y))
             return loss.detach()
         per_example = {k: [] for k, _ in params}
-        losses = []
         for i in range(len(y)):
             n = int(x["attention_mask"][i].sum())
-            xi = {k: v[i: i + 1, :n] for k, v in x.items() if k != "attention_mask"}
-            grads = torch.autograd.grad(loss_fn(model(**xi), y[i: i + 1]), [q for _, q in params])
+            xi = {k: v[i : i + 1, :n] for k, v in x.items() if k != "attention_mask"}
+            grads = torch.autograd.grad(loss_fn(model(**xi), y[i : i + 1]), [q for _, q in params])
             for (k, _), g in zip(params, grads):
                 per_example[k].append(g)
         stacked = {k: torch.stack(v) for k, v in per_example.items()}
@@ -139,15 +148,28 @@ def main(argv=None):
 
     def train_one(ordering, seed):
         return C.train_supervised(
-            ordering, seed, make_model=make_model,
-            make_optimizer=lambda m: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.01),
-            train_set=train_set, loss_fn=loss_fn, evaluate=evaluate, epochs=args.epochs, batch_size=args.batch_size,
-            backward=backward)
+            ordering,
+            seed,
+            make_model=make_model,
+            make_optimizer=lambda m: torch.optim.AdamW(
+                [q for q in m.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.01
+            ),
+            train_set=train_set,
+            loss_fn=loss_fn,
+            evaluate=evaluate,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            backward=backward,
+        )
 
     prefix = f"{args.out}_{args.task}"
-    rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, f"glue_finetune_{args.task}", prefix + ".csv")
-    title = (f"GLUE {args.task}: fine-tuning all-MiniLM-L6-v2 ({len(train_set)} train / {len(dev_set)} dev, "
-             f"max length {args.max_length}), AdamW lr {args.lr}, batch {args.batch_size}")
+    rows = C.run_grid(
+        train_one, orderings, range(args.seeds), args.epochs, f"glue_finetune_{args.task}", prefix + ".csv"
+    )
+    title = (
+        f"GLUE {args.task}: fine-tuning all-MiniLM-L6-v2 ({len(train_set)} train / {len(dev_set)} dev, "
+        f"max length {args.max_length}), AdamW lr {args.lr}, batch {args.batch_size}"
+    )
     C.report(rows, metric, title, prefix)
     return rows
 

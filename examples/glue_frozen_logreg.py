@@ -16,12 +16,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import _common as C
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-
-import _common as C
 
 TASKS = ["CoLA", "SST-2", "MRPC", "STS-B", "WNLI", "QNLI"]
 
@@ -34,7 +33,9 @@ def embed(encoder, texts, cache: Path, batch: int = 128) -> np.ndarray:
             return e
     cols = []
     for k in range(len(texts[0])):
-        cols.append(encoder.encode([t[k] for t in texts], batch_size=batch, convert_to_numpy=True, show_progress_bar=True))
+        cols.append(
+            encoder.encode([t[k] for t in texts], batch_size=batch, convert_to_numpy=True, show_progress_bar=True)
+        )
     if len(cols) == 2:
         u, v = cols
         feats = np.concatenate([u, v, np.abs(u - v), u * v], axis=1)
@@ -84,21 +85,34 @@ def run_task(task, args, root, encoder_box):
         train_loss = float(forward_loss(model(xtr), ytr))
         out = model(xdev)
         pred = out.squeeze(-1).numpy() if reg else out.argmax(1).numpy()
-        return {"train_loss": train_loss, "val_metric": C.glue_metric(task, pred, ydev.numpy()), "metric": spec["metric"]}
+        return {
+            "train_loss": train_loss,
+            "val_metric": C.glue_metric(task, pred, ydev.numpy()),
+            "metric": spec["metric"],
+        }
 
     train_set = TensorDataset(xtr, ytr)
     orderings = C.select_orderings(args.orderings.split(","), len(train_set), C.n_params(make_model()))
 
     def train_one(ordering, seed):
         return C.train_supervised(
-            ordering, seed, make_model=make_model,
+            ordering,
+            seed,
+            make_model=make_model,
             make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4),
-            train_set=train_set, loss_fn=forward_loss, evaluate=evaluate, epochs=args.epochs, batch_size=args.batch_size)
+            train_set=train_set,
+            loss_fn=forward_loss,
+            evaluate=evaluate,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+        )
 
     prefix = f"{args.out}_{task}"
     rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, f"glue_frozen_{task}", prefix + ".csv")
-    title = (f"GLUE {task}: logistic {'(linear) regression' if reg else 'regression'} on frozen all-MiniLM-L6-v2 "
-             f"embeddings ({len(xtr)} train / {len(xdev)} dev), SGD lr {args.lr} m 0.9 wd 1e-4, batch {args.batch_size}")
+    title = (
+        f"GLUE {task}: logistic {'(linear) regression' if reg else 'regression'} on frozen all-MiniLM-L6-v2 "
+        f"embeddings ({len(xtr)} train / {len(xdev)} dev), SGD lr {args.lr} m 0.9 wd 1e-4, batch {args.batch_size}"
+    )
     C.report(rows, spec["metric"], title, prefix)
     return rows
 
@@ -108,7 +122,12 @@ def main(argv=None):
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--max-train", type=int, default=10000, help="use the first N training examples per task (0 = all; only SST-2 has more than 10,000)")
+    p.add_argument(
+        "--max-train",
+        type=int,
+        default=10000,
+        help="use the first N training examples per task (0 = all; only SST-2 has more than 10,000)",
+    )
     p.add_argument("--cache", default="out/glue_embeddings")
     args = p.parse_args(argv)
     if args.quick:

@@ -10,11 +10,10 @@ images, the test accuracy and the wall time.
 
 from __future__ import annotations
 
+import _common as C
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-
-import _common as C
 
 
 def main(argv=None):
@@ -46,14 +45,23 @@ def main(argv=None):
 
     def train_one(ordering, seed):
         return C.train_supervised(
-            ordering, seed, make_model=make_model,
+            ordering,
+            seed,
+            make_model=make_model,
             make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4),
-            train_set=train_set, loss_fn=loss_fn, evaluate=evaluate, epochs=args.epochs,
-            batch_size=args.batch_size, unit_size=args.unit_size or None)
+            train_set=train_set,
+            loss_fn=loss_fn,
+            evaluate=evaluate,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            unit_size=args.unit_size or None,
+        )
 
     rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, "mnist_logreg", args.out + ".csv")
-    title = (f"MNIST logistic regression ({len(train_set)} train / {len(xte_t)} test), SGD lr {args.lr} m 0.9 "
-             f"wd 1e-4, batch {args.batch_size}")
+    title = (
+        f"MNIST logistic regression ({len(train_set)} train / {len(xte_t)} test), SGD lr {args.lr} m 0.9 "
+        f"wd 1e-4, batch {args.batch_size}"
+    )
     C.report(rows, "test accuracy", title, args.out)
     return rows
 

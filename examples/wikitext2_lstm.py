@@ -1,7 +1,8 @@
 """Experiment 3 of the GraB paper: a 2-layer LSTM language model on WikiText-2 in the pytorch/examples
 ``word_language_model`` setup, where the ordered units are the BPTT chunks.
 
-    nice -n 19 python examples/wikitext2_lstm.py [--data ../shared/data] [--epochs 3] [--train-tokens 50000] [--valid-tokens 20000]
+    nice -n 19 python examples/wikitext2_lstm.py [--data ../shared/data] [--epochs 3] \\
+        [--train-tokens 50000] [--valid-tokens 20000]
     python examples/wikitext2_lstm.py --quick     # 5,600 training tokens (10 chunks), 2 epochs: a smoke test
 
 As in pytorch/examples: the vocabulary is built over train+valid+test (33,278 words), the training
@@ -21,10 +22,9 @@ import math
 import time
 from typing import Dict, List
 
+import _common as C
 import torch
 from torch import nn
-
-import _common as C
 
 
 class Corpus:
@@ -101,7 +101,7 @@ def main(argv=None):
 
     def chunk(data, i):
         n = min(args.bptt, data.size(0) - 1 - i)
-        return data[i: i + n], data[i + 1: i + 1 + n].reshape(-1)
+        return data[i : i + n], data[i + 1 : i + 1 + n].reshape(-1)
 
     def make_model():
         return RNNModel(ntokens, args.emsize, args.nhid, args.nlayers, args.dropout)
@@ -152,11 +152,19 @@ def main(argv=None):
                     nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                     opt.step()
             model.eval()
-            yield {"epoch": epoch + 1, **evaluate(model), "train_seconds": timer.total, "wall_seconds": time.perf_counter() - t0}
+            yield {
+                "epoch": epoch + 1,
+                **evaluate(model),
+                "train_seconds": timer.total,
+                "wall_seconds": time.perf_counter() - t0,
+            }
 
     rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, "wikitext2_lstm", args.out + ".csv")
-    title = (f"WikiText-2 LSTM (2x{args.nhid}, {len(train_ids)} train tokens = {n_units} chunks of {args.bptt}x{args.batch_size}), "
-             f"SGD lr {args.lr}, clip {args.clip}")
+    title = (
+        f"WikiText-2 LSTM (2x{args.nhid}, {len(train_ids)} train tokens = "
+        f"{n_units} chunks of {args.bptt}x{args.batch_size}), "
+        f"SGD lr {args.lr}, clip {args.clip}"
+    )
     C.report(rows, "valid perplexity", title, args.out, higher_is_better=False)
     return rows
 

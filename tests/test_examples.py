@@ -48,19 +48,26 @@ def _run_notebook(name, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    nb = nbformat.read(ROOT / "examples" / "notebooks" / name, as_version=4)
     env = {"TORCHGRAB_QUICK": "1", "TORCHGRAB_OUT": str(tmp_path), "TORCHGRAB_DATA": str(DATA)}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+        nbclient.NotebookClient(
+            nb,
+            timeout=900,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(ROOT / "examples" / "notebooks")}},
+        ).execute()
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
+    images = sum(
+        1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    )
     return nb, images
 
 
