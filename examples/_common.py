@@ -185,6 +185,19 @@ def summary_table(rows: List[Dict], metric: str, higher_is_better: bool = True) 
             f"| {val[o][:, -1].mean():.4f} +/- {val[o][:, -1].std():.4f} | {best.mean():.4f} +/- {best.std():.4f} "
             f"| {secs[o][:, -1].mean():.1f} |"
         )
+    if "rr" in loss:
+        # Paired comparison: a seed fixes the initial weights, so (ordering - rr) per seed removes that noise.
+        lines.append("")
+        lines.append(
+            f"Paired with rr (same seed, same initial weights), final epoch, per seed 0..{loss['rr'].shape[0] - 1}:"
+        )
+        for o in loss:
+            if o == "rr" or loss[o].shape != loss["rr"].shape:
+                continue
+            dl = loss[o][:, -1] - loss["rr"][:, -1]
+            dv = val[o][:, -1] - val["rr"][:, -1]
+            per_seed_loss, per_seed_val = " ".join(f"{x:+.4f}" for x in dl), " ".join(f"{x:+.4f}" for x in dv)
+            lines.append(f"- {o} - rr: train loss {per_seed_loss}; {metric} {per_seed_val}")
     return "\n".join(lines)
 
 
