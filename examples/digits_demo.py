@@ -20,8 +20,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchgrab import GraBSampler
 from tqdm import tqdm
+
+from torchgrab import GraBSampler
 
 
 def load(seed: int):
