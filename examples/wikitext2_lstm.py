@@ -1,0 +1,173 @@
+"""Experiment 3 of the GraB paper: a 2-layer LSTM language model on WikiText-2 in the pytorch/examples
+``word_language_model`` setup, where the ordered units are the BPTT chunks.
+
+    nice -n 19 python examples/wikitext2_lstm.py [--data ../shared/data] [--epochs 3] \\
+        [--train-tokens 50000] [--valid-tokens 20000]
+    python examples/wikitext2_lstm.py --quick     # 5,600 training tokens (10 chunks), 2 epochs: a smoke test
+
+As in pytorch/examples: the vocabulary is built over train+valid+test (33,278 words), the training
+stream is cut into ``--batch-size`` columns and then into chunks of ``--bptt`` time steps; one chunk
+([bptt, batch] tokens) is one SGD step. Paper settings: embedding = hidden = 32, 2 LSTM layers, plain
+SGD with lr 5, gradient-norm clip 0.25. GraB orders the chunks: after each step, the chunk's gradient
+(one row of d = #parameters) goes to ``sampler.step``. Because the chunks are visited out of order, the
+LSTM state starts from zero at every training chunk (carrying it across shuffled chunks would feed the
+state of an unrelated chunk); validation runs in order with the state carried, as pytorch/examples does.
+Records per epoch the full-pass training loss (mean token cross-entropy over all training chunks),
+validation perplexity, and the wall time. Writes out/wikitext2_lstm.{csv,png,md}.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, List
+
+import _common as C
+import torch
+from torch import nn
+
+
+class Corpus:
+    """pytorch/examples ``data.Corpus``: word ids of each split, ``<eos>`` appended to every line."""
+
+    def __init__(self, root):
+        self.word2idx: Dict[str, int] = {}
+        self.splits = {s: self._tokenize(C.load_wikitext2_lines(root, s)) for s in ("train", "valid", "test")}
+
+    def _tokenize(self, lines: List[str]) -> torch.Tensor:
+        ids = []
+        w2i = self.word2idx
+        for line in lines:
+            for w in line.split() + ["<eos>"]:
+                if w not in w2i:
+                    w2i[w] = len(w2i)
+                ids.append(w2i[w])
+        return torch.tensor(ids, dtype=torch.int64)
+
+
+def batchify(data: torch.Tensor, bsz: int) -> torch.Tensor:
+    nbatch = data.size(0) // bsz
+    return data[: nbatch * bsz].view(bsz, -1).t().contiguous()  # [T, bsz]
+
+
+class RNNModel(nn.Module):
+    """pytorch/examples ``RNNModel`` (LSTM variant, untied weights)."""
+
+    def __init__(self, ntoken: int, ninp: int, nhid: int, nlayers: int, dropout: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnn = nn.LSTM(ninp, nhid, nlayers, dropout=dropout)
+        self.decoder = nn.Linear(nhid, ntoken)
+        self.encoder.weight.data.uniform_(-0.1, 0.1)
+        self.decoder.weight.data.uniform_(-0.1, 0.1)
+        self.decoder.bias.data.zero_()
+
+    def forward(self, x, hidden=None):
+        out, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
+        return self.decoder(self.drop(out)), hidden
+
+
+def main(argv=None):
+    p = C.base_parser(__doc__, epochs=3, out="out/wikitext2_lstm")
+    p.add_argument("--batch-size", type=int, default=16, help="columns of the training stream")
+    p.add_argument("--eval-batch-size", type=int, default=10)
+    p.add_argument("--bptt", type=int, default=35)
+    p.add_argument("--emsize", type=int, default=32)
+    p.add_argument("--nhid", type=int, default=32)
+    p.add_argument("--nlayers", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=5.0)
+    p.add_argument("--clip", type=float, default=0.25)
+    p.add_argument("--train-tokens", type=int, default=50_000, help="first N training tokens (0 = all 2,088,628)")
+    p.add_argument("--valid-tokens", type=int, default=20_000, help="first N validation tokens (0 = all 217,646)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train_tokens, args.valid_tokens, args.epochs = 5_600, 3_500, min(args.epochs, 2)
+    torch.set_num_threads(args.threads)
+
+    corpus = Corpus(C.data_root(args.data))
+    train_ids = corpus.splits["train"]
+    valid_ids = corpus.splits["valid"]
+    if args.train_tokens:
+        train_ids = train_ids[: args.train_tokens]
+    if args.valid_tokens:
+        valid_ids = valid_ids[: args.valid_tokens]
+    train_data = batchify(train_ids, args.batch_size)
+    valid_data = batchify(valid_ids, args.eval_batch_size)
+    starts = list(range(0, train_data.size(0) - 1, args.bptt))  # unit u = chunk starting at starts[u]
+    ntokens = len(corpus.word2idx)
+    crit = nn.CrossEntropyLoss()
+
+    def chunk(data, i):
+        n = min(args.bptt, data.size(0) - 1 - i)
+        return data[i : i + n], data[i + 1 : i + 1 + n].reshape(-1)
+
+    def make_model():
+        return RNNModel(ntokens, args.emsize, args.nhid, args.nlayers, args.dropout)
+
+    @torch.no_grad()
+    def evaluate(model):
+        tot, cnt = 0.0, 0
+        for i in starts:  # full training pass, each chunk from a zero state as in training
+            x, y = chunk(train_data, i)
+            out, _ = model(x)
+            tot += float(crit(out.view(-1, ntokens), y)) * len(y)
+            cnt += len(y)
+        vtot, vcnt, hidden = 0.0, 0, None
+        for i in range(0, valid_data.size(0) - 1, args.bptt):
+            x, y = chunk(valid_data, i)
+            out, hidden = model(x, hidden)
+            vtot += float(crit(out.view(-1, ntokens), y)) * len(y)
+            vcnt += len(y)
+        return {"train_loss": tot / cnt, "val_metric": math.exp(vtot / vcnt), "metric": "valid perplexity"}
+
+    n_units = len(starts)
+    orderings = C.select_orderings(args.orderings.split(","), n_units, C.n_params(make_model()))
+
+    def train_one(ordering, seed):
+        torch.manual_seed(seed)
+        model = make_model()
+        params = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+        sampler = C.make_sampler(n_units, ordering, seed)
+        timer = C.Timer()
+        t0 = time.perf_counter()
+        model.eval()
+        yield {"epoch": 0, **evaluate(model), "train_seconds": 0.0, "wall_seconds": 0.0}
+        for epoch in range(args.epochs):
+            sampler.set_epoch(epoch)
+            model.train()
+            with timer:
+                for u in sampler:
+                    x, y = chunk(train_data, starts[u])
+                    opt.zero_grad(set_to_none=True)
+                    out, _ = model(x)
+                    loss = crit(out.view(-1, ntokens), y)
+                    loss.backward()
+                    if sampler.balances:  # this unit's gradient, one row per parameter (no copy into one vector)
+                        sampler.step({k: p.grad.detach().unsqueeze(0) for k, p in params})
+                    else:
+                        sampler.skip(1)
+                    nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                    opt.step()
+            model.eval()
+            yield {
+                "epoch": epoch + 1,
+                **evaluate(model),
+                "train_seconds": timer.total,
+                "wall_seconds": time.perf_counter() - t0,
+            }
+
+    rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, "wikitext2_lstm", args.out + ".csv")
+    title = (
+        f"WikiText-2 LSTM (2x{args.nhid}, {len(train_ids)} train tokens = "
+        f"{n_units} chunks of {args.bptt}x{args.batch_size}), "
+        f"SGD lr {args.lr}, clip {args.clip}"
+    )
+    C.report(rows, "valid perplexity", title, args.out, higher_is_better=False)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
