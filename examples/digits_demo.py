@@ -20,9 +20,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
-
 from torchgrab import GraBSampler
+from tqdm import tqdm
 
 
 def load(seed: int):
