@@ -68,14 +68,18 @@ def _numpy_segment(a: np.ndarray, k: int) -> Tuple[np.ndarray, str]:
     return a, kind
 
 
+def gradient_items(grads: Any) -> List[Any]:
+    """The per-parameter pieces of what ``step`` received: a dict's values, a list/tuple, or one buffer."""
+    if isinstance(grads, dict):
+        return list(grads.values())
+    if isinstance(grads, (list, tuple)):
+        return list(grads)
+    return [grads]
+
+
 def as_segments(grads: Any) -> Tuple[List[np.ndarray], str, int]:
     """(segments, dtype name, B) for a tensor, an array, or a dict/list/tuple of them."""
-    if isinstance(grads, dict):
-        items = list(grads.values())
-    elif isinstance(grads, (list, tuple)):
-        items = list(grads)
-    else:
-        items = [grads]
+    items = gradient_items(grads)
     if not items:
         raise ShapeError("step() got an empty collection of gradients")
     segments: List[np.ndarray] = []

@@ -27,7 +27,7 @@ def check_model(model: nn.Module) -> None:
             )
 
 
-def _batch_size(inputs: Any) -> int:
+def batch_size(inputs: Any) -> int:
     sizes = set()
 
     def visit(t: Any) -> Any:
@@ -79,7 +79,7 @@ def per_example_gradients(
     if method != "vmap":
         raise UnsupportedModelError(f"method must be 'vmap' or 'hooks', got {method!r}")
     check_model(model)
-    b = _batch_size(inputs)
+    b = batch_size(inputs)
     if isinstance(targets, torch.Tensor) and targets.shape[:1] != (b,):
         raise ShapeError(f"targets have leading dimension {tuple(targets.shape[:1])}, inputs have batch size {b}")
     trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
@@ -139,7 +139,7 @@ def per_example_gradients_hooks(
 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
     """``per_example_gradients(..., method="hooks")``: one batched forward and backward; see there."""
     check_model(model)
-    b = _batch_size(inputs)
+    b = batch_size(inputs)
     if isinstance(targets, torch.Tensor) and targets.shape[:1] != (b,):
         raise ShapeError(f"targets have leading dimension {tuple(targets.shape[:1])}, inputs have batch size {b}")
     layers = _hook_layers(model)

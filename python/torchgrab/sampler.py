@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import Sampler
 
 from torchgrab import _native
-from torchgrab._segments import as_segments
+from torchgrab._segments import as_segments, gradient_items
 from torchgrab._units import UnitMap
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
-from torchgrab.gradients import per_example_gradients
+from torchgrab.gradients import batch_size, per_example_gradients
 from torchgrab.ondevice import OnDeviceBalancer
 
 _BALANCING = {"grab", "mean", "pair", "recursive", "recursive-pair", "herding", "greedy"}
@@ -386,13 +386,7 @@ class GraBSampler(Sampler[int]):
             return False  # device tensors then get the Rust kernel's clear refusal
         if self._ondevice is not None:
             return True
-        items = (
-            list(grads.values())
-            if isinstance(grads, dict)
-            else list(grads)
-            if isinstance(grads, (list, tuple))
-            else [grads]
-        )
+        items = gradient_items(grads)
         first = items[0] if items else None
         on_device = isinstance(first, torch.Tensor) and first.device.type != "cpu"
         wants = self.device_path == "always" or on_device
@@ -405,13 +399,7 @@ class GraBSampler(Sampler[int]):
 
     @staticmethod
     def _device_segments(grads: Any) -> "tuple[list, int]":
-        items = (
-            list(grads.values())
-            if isinstance(grads, dict)
-            else list(grads)
-            if isinstance(grads, (list, tuple))
-            else [grads]
-        )
+        items = gradient_items(grads)
         if not items:
             raise ShapeError("step() got an empty collection of gradients")
         tensors = []
@@ -480,11 +468,7 @@ class GraBSampler(Sampler[int]):
                 targets,
             )
             loss.backward()
-            b = (
-                next(iter(inputs.values())).shape[0]
-                if isinstance(inputs, dict)
-                else (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
-            )
+            b = batch_size(inputs)
             if indices is None:
                 self.skip(b)
             return loss.detach()
