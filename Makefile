@@ -30,8 +30,8 @@ lint: $(STAMP)
 	cargo fmt --check
 	cargo clippy --quiet --all-targets -- -D warnings
 	cargo clippy --quiet --features python -- -D warnings
-	$(VENV)/bin/ruff check python tests benchmarks examples
-	$(VENV)/bin/ruff format --check python tests benchmarks
+	$(VENV)/bin/ruff check python tests benchmarks examples scripts
+	$(VENV)/bin/ruff format --check python tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) target out

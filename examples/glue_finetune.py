@@ -105,10 +105,10 @@ def main(argv=None):
     def predict(model, ds, batch=64):
         losses, preds = [], []
         for i in range(0, len(ds), batch):
-            x = {k: v[i : i + batch] for k, v in ds.enc.items()}
+            x = {k: v[i : i + batch].to(args.device) for k, v in ds.enc.items()}
             logits = model(**x).logits
-            losses.append(float(ce(logits, ds.y[i : i + batch])) * len(logits))
-            preds.append(logits.argmax(1).numpy())
+            losses.append(float(ce(logits, ds.y[i : i + batch].to(args.device))) * len(logits))
+            preds.append(logits.argmax(1).cpu().numpy())
         return sum(losses) / len(ds), np.concatenate(preds)
 
     metric = C.GLUE_TASKS[args.task]["metric"]
@@ -130,8 +130,8 @@ def main(argv=None):
             sampler.skip(len(y))
             return loss.detach()
         per_example = {k: [] for k, _ in params}
-        for i in range(len(y)):
-            n = int(x["attention_mask"][i].sum())
+        lengths = x["attention_mask"].sum(1).tolist()  # one device sync per batch, not one per example
+        for i, n in enumerate(lengths):
             xi = {k: v[i : i + 1, :n] for k, v in x.items() if k != "attention_mask"}
             grads = torch.autograd.grad(loss_fn(model(**xi), y[i : i + 1]), [q for _, q in params])
             for (k, _), g in zip(params, grads):
@@ -160,6 +160,7 @@ def main(argv=None):
             epochs=args.epochs,
             batch_size=args.batch_size,
             backward=backward,
+            device=args.device,
         )
 
     prefix = f"{args.out}_{args.task}"

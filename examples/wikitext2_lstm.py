@@ -93,8 +93,8 @@ def main(argv=None):
         train_ids = train_ids[: args.train_tokens]
     if args.valid_tokens:
         valid_ids = valid_ids[: args.valid_tokens]
-    train_data = batchify(train_ids, args.batch_size)
-    valid_data = batchify(valid_ids, args.eval_batch_size)
+    train_data = batchify(train_ids, args.batch_size).to(args.device)
+    valid_data = batchify(valid_ids, args.eval_batch_size).to(args.device)
     starts = list(range(0, train_data.size(0) - 1, args.bptt))  # unit u = chunk starting at starts[u]
     ntokens = len(corpus.word2idx)
     crit = nn.CrossEntropyLoss()
@@ -108,26 +108,41 @@ def main(argv=None):
 
     @torch.no_grad()
     def evaluate(model):
-        tot, cnt = 0.0, 0
-        for i in starts:  # full training pass, each chunk from a zero state as in training
-            x, y = chunk(train_data, i)
-            out, _ = model(x)
-            tot += float(crit(out.view(-1, ntokens), y)) * len(y)
-            cnt += len(y)
-        vtot, vcnt, hidden = 0.0, 0, None
+        # Sums stay on the device (float64) and are read once: a float() per chunk would sync a GPU each time.
+        # Full training pass, each chunk from a zero state as in training. Chunks of full length are
+        # stacked side by side along the batch dimension (the LSTM treats batch columns independently),
+        # so one forward pass covers many chunks.
+        tot, cnt = torch.zeros((), dtype=torch.float64, device=args.device), 0
+        groups = [starts[k : k + 64] for k in range(0, len(starts), 64)]
+        for group in groups:
+            full = [i for i in group if i + args.bptt <= train_data.size(0) - 1]
+            for part in [full] + [[i] for i in group if i not in full]:
+                if not part:
+                    continue
+                xs, ys = zip(*(chunk(train_data, i) for i in part))
+                x = torch.cat(xs, dim=1)
+                y = torch.cat([t.view(x.size(0), -1) for t in ys], dim=1).reshape(-1)
+                out, _ = model(x)
+                tot += crit(out.view(-1, ntokens), y).double() * len(y)
+                cnt += len(y)
+        vtot, vcnt, hidden = torch.zeros_like(tot), 0, None
         for i in range(0, valid_data.size(0) - 1, args.bptt):
             x, y = chunk(valid_data, i)
             out, hidden = model(x, hidden)
-            vtot += float(crit(out.view(-1, ntokens), y)) * len(y)
+            vtot += crit(out.view(-1, ntokens), y).double() * len(y)
             vcnt += len(y)
-        return {"train_loss": tot / cnt, "val_metric": math.exp(vtot / vcnt), "metric": "valid perplexity"}
+        return {
+            "train_loss": float(tot) / cnt,
+            "val_metric": math.exp(float(vtot) / vcnt),
+            "metric": "valid perplexity",
+        }
 
     n_units = len(starts)
     orderings = C.select_orderings(args.orderings.split(","), n_units, C.n_params(make_model()))
 
     def train_one(ordering, seed):
         torch.manual_seed(seed)
-        model = make_model()
+        model = make_model().to(args.device)
         params = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         opt = torch.optim.SGD(model.parameters(), lr=args.lr)
         sampler = C.make_sampler(n_units, ordering, seed)
