@@ -50,6 +50,35 @@ def batchify(data: torch.Tensor, bsz: int) -> torch.Tensor:
     return data[: nbatch * bsz].view(bsz, -1).t().contiguous()  # [T, bsz]
 
 
+def chunk(data: torch.Tensor, i: int, bptt: int):
+    """pytorch/examples ``get_batch``: inputs data[i : i + n] and flattened next-word targets."""
+    n = min(bptt, data.size(0) - 1 - i)
+    return data[i : i + n], data[i + 1 : i + 1 + n].reshape(-1)
+
+
+@torch.no_grad()
+def train_pass_loss(model, data: torch.Tensor, starts: List[int], bptt: int, ntokens: int, group: int = 64):
+    """(sum of token cross-entropies as a float64 tensor on data's device, token count) over the chunks at
+    ``starts``, each from a zero state as in training. Chunks of full length are stacked side by side
+    along the batch dimension (the LSTM treats batch columns independently), so one forward pass covers
+    ``group`` chunks; a shorter last chunk runs alone."""
+    crit = nn.CrossEntropyLoss()
+    tot, cnt = torch.zeros((), dtype=torch.float64, device=data.device), 0
+    for k in range(0, len(starts), group):
+        part = starts[k : k + group]
+        full = [i for i in part if i + bptt <= data.size(0) - 1]
+        for sub in [full] + [[i] for i in part if i not in full]:
+            if not sub:
+                continue
+            xs, ys = zip(*(chunk(data, i, bptt) for i in sub))
+            x = torch.cat(xs, dim=1)
+            y = torch.cat([t.view(x.size(0), -1) for t in ys], dim=1).reshape(-1)
+            out, _ = model(x)
+            tot += crit(out.view(-1, ntokens), y).double() * len(y)
+            cnt += len(y)
+    return tot, cnt
+
+
 class RNNModel(nn.Module):
     """pytorch/examples ``RNNModel`` (LSTM variant, untied weights)."""
 
@@ -99,9 +128,6 @@ def main(argv=None):
     ntokens = len(corpus.word2idx)
     crit = nn.CrossEntropyLoss()
 
-    def chunk(data, i):
-        n = min(args.bptt, data.size(0) - 1 - i)
-        return data[i : i + n], data[i + 1 : i + 1 + n].reshape(-1)
 
     def make_model():
         return RNNModel(ntokens, args.emsize, args.nhid, args.nlayers, args.dropout)
@@ -109,25 +135,10 @@ def main(argv=None):
     @torch.no_grad()
     def evaluate(model):
         # Sums stay on the device (float64) and are read once: a float() per chunk would sync a GPU each time.
-        # Full training pass, each chunk from a zero state as in training. Chunks of full length are
-        # stacked side by side along the batch dimension (the LSTM treats batch columns independently),
-        # so one forward pass covers many chunks.
-        tot, cnt = torch.zeros((), dtype=torch.float64, device=args.device), 0
-        groups = [starts[k : k + 64] for k in range(0, len(starts), 64)]
-        for group in groups:
-            full = [i for i in group if i + args.bptt <= train_data.size(0) - 1]
-            for part in [full] + [[i] for i in group if i not in full]:
-                if not part:
-                    continue
-                xs, ys = zip(*(chunk(train_data, i) for i in part))
-                x = torch.cat(xs, dim=1)
-                y = torch.cat([t.view(x.size(0), -1) for t in ys], dim=1).reshape(-1)
-                out, _ = model(x)
-                tot += crit(out.view(-1, ntokens), y).double() * len(y)
-                cnt += len(y)
+        tot, cnt = train_pass_loss(model, train_data, starts, args.bptt, ntokens)
         vtot, vcnt, hidden = torch.zeros_like(tot), 0, None
         for i in range(0, valid_data.size(0) - 1, args.bptt):
-            x, y = chunk(valid_data, i)
+            x, y = chunk(valid_data, i, args.bptt)
             out, hidden = model(x, hidden)
             vtot += crit(out.view(-1, ntokens), y).double() * len(y)
             vcnt += len(y)
@@ -155,7 +166,7 @@ def main(argv=None):
             model.train()
             with timer:
                 for u in sampler:
-                    x, y = chunk(train_data, starts[u])
+                    x, y = chunk(train_data, starts[u], args.bptt)
                     opt.zero_grad(set_to_none=True)
                     out, _ = model(x)
                     loss = crit(out.view(-1, ntokens), y)

@@ -89,3 +89,28 @@ def test_glue_notebook_runs_in_quick_mode(tmp_path):
     for name in ("nb_glue_frozen_MRPC.csv", "nb_glue_frozen_WNLI.csv", "nb_glue_finetune_SST-2.csv"):
         rows = _rows(tmp_path / name)
         assert rows and all(float(r["train_loss"]) > 0 for r in rows)
+
+
+def test_wikitext_stacked_training_pass_equals_chunk_by_chunk():
+    """The training-loss pass stacks full-length chunks side by side; it must give what evaluating each
+    chunk alone from a zero state gives (the LSTM keeps batch columns independent)."""
+    import torch
+    from wikitext2_lstm import RNNModel, batchify, chunk, train_pass_loss
+
+    torch.manual_seed(0)
+    ntokens, bptt = 50, 7
+    data = batchify(torch.randint(0, ntokens, (4 * 60 + 3,)), 4)  # [60, 4]: 9 chunks, the last one short
+    starts = list(range(0, data.size(0) - 1, bptt))
+    model = RNNModel(ntokens, 8, 8, 2).eval()
+    crit = torch.nn.CrossEntropyLoss()
+    ref, cnt_ref = 0.0, 0
+    with torch.no_grad():
+        for i in starts:
+            x, y = chunk(data, i, bptt)
+            ref += float(crit(model(x)[0].view(-1, ntokens), y)) * len(y)
+            cnt_ref += len(y)
+    for group in (1, 2, 64):
+        tot, cnt = train_pass_loss(model, data, starts, bptt, ntokens, group=group)
+        assert cnt == cnt_ref == 4 * 59
+        assert abs(float(tot) - ref) <= 1e-9 * abs(ref) + 1e-4, (group, float(tot), ref)
+    assert len(starts) == 9 and starts[-1] + bptt > data.size(0) - 1  # the short chunk was exercised
