@@ -10,13 +10,14 @@ secs="${1:-120}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(state_from_bytes sampler_steps sign_scan)
+  targets=(state_from_bytes sampler_steps sign_scan coordinated_from_bytes)
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
 # Valid encoded states as seeds, so the fuzzer starts past the framing checks.
-(cd .. && TORCHGRAB_FUZZ_SEEDS="$PWD/fuzz/corpus/state_from_bytes" cargo test --quiet --lib write_fuzz_seeds -- --ignored >/dev/null)
+(cd .. && TORCHGRAB_FUZZ_SEEDS="$PWD/fuzz/corpus/state_from_bytes" cargo test --quiet --lib state_codec::tests::write_fuzz_seeds -- --ignored >/dev/null)
+(cd .. && TORCHGRAB_FUZZ_SEEDS="$PWD/fuzz/corpus/coordinated_from_bytes" cargo test --quiet --lib checkpoint::tests::write_fuzz_seeds -- --ignored >/dev/null)
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   echo "== $t: ${secs}s"

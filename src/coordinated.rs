@@ -521,5 +521,7 @@ impl Coordinated {
     }
 }
 
+mod checkpoint;
+
 #[cfg(test)]
 mod tests;

@@ -941,6 +941,36 @@ impl NativeCoordinated {
     fn epochs_begun(&self) -> u64 {
         self.inner.epochs_begun()
     }
+
+    /// This rank's order server as bytes (replicated state plus this rank's open-pair gradient).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, pyo3::types::PyBytes> {
+        let inner = &self.inner;
+        let bytes = py.detach(|| inner.to_bytes());
+        pyo3::types::PyBytes::new(py, &bytes)
+    }
+
+    /// Replace this order server by one restored from `to_bytes` output. Refused (StateDictError, and
+    /// nothing changes) when the bytes are corrupted or are for another world size, rank or shard length.
+    fn load_bytes(&mut self, py: Python<'_>, bytes: &[u8]) -> PyResult<()> {
+        let restored = py
+            .detach(|| crate::coordinated::Coordinated::from_bytes(bytes))
+            .map_err(to_py)?;
+        let (have, want) = (
+            (restored.world(), restored.rank(), restored.shard_len()),
+            (
+                self.inner.world(),
+                self.inner.rank(),
+                self.inner.shard_len(),
+            ),
+        );
+        if have != want {
+            return Err(StateDictError::new_err(format!(
+                "this checkpoint is for (world, rank, shard length) = {have:?}, this sampler is {want:?}"
+            )));
+        }
+        self.inner = restored;
+        Ok(())
+    }
 }
 
 fn register_coordinated(m: &Bound<'_, PyModule>) -> PyResult<()> {

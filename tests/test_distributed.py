@@ -7,6 +7,7 @@ CD-GraB written below from GRAB.md's definition.
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import socket
@@ -189,6 +190,150 @@ def test_both_modes_balance_far_better_than_random_reshuffling(seed):
 
 
 # ---------------------------------------------------------------- real process groups
+# ---------------------------------------------------------------- checkpoints (one replica, no process group)
+def _run(sampler, steps, epochs, log, stop_after=None, prefetch=0):
+    """Train-loop stand-in: per epoch, iterate (``prefetch`` units ahead, like a DataLoader's workers)
+    and step ``steps`` rows at a time with grad_of. Appends every index the loop consumes and, after every
+    step, the replica bytes to ``log`` (prefetched units not yet consumed are not logged: a resume hands
+    them out again). Returns the state dict taken after step ``stop_after`` (counted over the
+    whole run), or None."""
+    k = 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        it = iter(sampler)
+        buffered = []
+        for rows in steps:
+            while len(buffered) < rows + prefetch:
+                try:
+                    i = next(it)
+                except StopIteration:
+                    break
+                buffered.append(i)
+            batch, buffered = buffered[:rows], buffered[rows:]
+            log.extend(("yield", i) for i in batch)  # what the training loop consumes
+            sampler.step(torch.from_numpy(np.stack([grad_of(i, epoch) for i in batch])))
+            log.append(("state", sampler.replica_bytes()))
+            k += 1
+            if stop_after == k:
+                return sampler.state_dict()
+        assert not buffered and next(it, None) is None
+    return None
+
+
+def _resume_run(state, steps, epochs, log, prefetch=0):
+    fresh = DistributedGraBSampler(range(13), num_replicas=1, rank=0, seed=3)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    k_done = sum(1 for e in log if e[0] == "state")
+    # Continue inside the saved epoch, then the remaining epochs, exactly as the loop would have.
+    per_epoch = len(steps)
+    epoch, done_in_epoch = divmod(k_done, per_epoch)
+    if done_in_epoch == 0:  # saved at an epoch's end: the loop goes on with the next epoch
+        epoch, done_in_epoch = epoch - 1, per_epoch
+    else:
+        fresh.set_epoch(epoch)
+    it = iter(fresh) if done_in_epoch < per_epoch else None
+    for rows in steps[done_in_epoch:]:
+        batch = [next(it) for _ in range(rows)]
+        log.extend(("yield", i) for i in batch)
+        fresh.step(torch.from_numpy(np.stack([grad_of(i, epoch) for i in batch])))
+        log.append(("state", fresh.replica_bytes()))
+    if done_in_epoch < per_epoch:
+        assert next(it, None) is None
+    for e in range(epoch + 1, epochs):
+        fresh.set_epoch(e)
+        it = iter(fresh)
+        for rows in steps:
+            batch = [next(it) for _ in range(rows)]
+            log.extend(("yield", i) for i in batch)
+            fresh.step(torch.from_numpy(np.stack([grad_of(i, e) for i in batch])))
+            log.append(("state", fresh.replica_bytes()))
+    return fresh
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_resume_from_any_step_is_exact(prefetch):
+    steps, epochs = [3, 3, 3, 4], 3  # odd steps: pairs straddle steps, so the open gradient is saved too
+    full = []
+    whole = DistributedGraBSampler(range(13), num_replicas=1, rank=0, seed=3)
+    _run(whole, steps, epochs, full)
+    want = [e for e in full if e[0] == "state"], [e[1] for e in full if e[0] == "yield"]
+    for stop in range(1, len(steps) * epochs):
+        log = []
+        state = _run(
+            DistributedGraBSampler(range(13), num_replicas=1, rank=0, seed=3), steps, epochs, log, stop, prefetch
+        )
+        resumed = _resume_run(state, steps, epochs, log, prefetch)
+        got = [e for e in log if e[0] == "state"], [e[1] for e in log if e[0] == "yield"]
+        assert got == want, f"resume after step {stop} (prefetch {prefetch}) diverged"
+        np.testing.assert_array_equal(resumed.running_sum, whole.running_sum)
+
+
+def test_state_dict_between_epochs_and_before_iterating():
+    s = DistributedGraBSampler(range(10), num_replicas=1, rank=0, seed=1)
+    fresh = DistributedGraBSampler(range(10), num_replicas=1, rank=0, seed=1)
+    fresh.load_state_dict(s.state_dict())  # never iterated: the next __iter__ is epoch 0's
+    assert list(fresh) == list(s)
+    for epoch in range(2):
+        s.set_epoch(epoch)
+        order = list(s)
+        for lo in range(0, 10, 2):
+            s.step(torch.from_numpy(np.stack([grad_of(i, epoch) for i in order[lo : lo + 2]])))
+    saved = s.state_dict()
+    fresh.load_state_dict(saved)  # every unit stepped, iteration at its end: the next epoch begins
+    assert list(fresh) == list(s)
+    again = DistributedGraBSampler(range(10), num_replicas=1, rank=0, seed=1)
+    again.load_state_dict(saved)
+    again.set_epoch(1)  # the saved epoch's own number: it continues (nothing left of it)
+    assert list(again) == []
+
+
+def test_refused_state_dicts_change_nothing():
+    s = DistributedGraBSampler(range(12), num_replicas=1, rank=0, seed=2)
+    order = list(s)
+    s.step(torch.from_numpy(np.stack([grad_of(i, 0) for i in order[:3]])))
+    good = s.state_dict()
+    target = DistributedGraBSampler(range(12), num_replicas=1, rank=0, seed=2)
+    target.set_epoch(0)
+    t_order = list(target)
+    target.step(torch.from_numpy(np.stack([grad_of(i, 0) for i in t_order[:1]])))
+    before = target.state_dict()
+
+    def flipped(k):
+        b = good["server"].clone()
+        b[k] ^= 0x10
+        return {**good, "server": b}
+
+    bad = [
+        ({**good, "format": "x"}, "not a DistributedGraBSampler"),
+        ({**good, "version": 2}, "version"),
+        ({**good, "n": 13}, "n=13"),
+        ({**good, "seed": 5}, "seed=5"),
+        ({**good, "mode": "efficient"}, "mode="),
+        ({**good, "rank": 1}, "rank=1"),
+        ({k: v for k, v in good.items() if k != "epoch"}, "malformed"),
+        ({**good, "yielded": 99}, "outside the shard"),
+        ({**good, "yielded": 1}, "behind"),
+        ({**good, "server": good["server"][:-3]}, "corrupted CD-GraB checkpoint"),
+        (flipped(40), "corrupted CD-GraB checkpoint"),
+        ({**good, "server": good["server"].to(torch.int16)}, "uint8"),
+        ({**good, "shards": good["shards"].flip(1)}, "shards differ"),
+    ]
+    for state, match in bad:
+        with pytest.raises(torchgrab.StateDictError, match=match):
+            target.load_state_dict(state)
+        after = target.state_dict()
+        assert bytes(after["server"].numpy()) == bytes(before["server"].numpy())
+        assert {k: v for k, v in after.items() if k not in ("server", "shards")} == {
+            k: v for k, v in before.items() if k not in ("server", "shards")
+        }
+    # Still usable where it was: the next step continues the target's own epoch.
+    target.step(torch.from_numpy(np.stack([grad_of(i, 0) for i in t_order[1:3]])))
+    assert target._native.cursor == 3
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -254,6 +399,55 @@ def _check_backward_parity(rank):
         assert s._native.cursor == 4 and len(set(_gather(s.replica_bytes()))) == 1
 
 
+def _check_checkpoint(rank, world):
+    """Every rank saves mid-epoch; fresh samplers that load those states continue bit for bit like the
+    uninterrupted run. Ranks loading states of different steps all refuse, and nothing changes."""
+    n, steps = 22, [3, 3, 3, 2]
+    for mode in ("exact", "pipelined", "efficient"):
+
+        def play(sampler, epoch, rows_list, it=None):
+            it = it if it is not None else iter(sampler)
+            seen = []
+            for rows in rows_list:
+                batch = [next(it) for _ in range(rows)]
+                sampler.step(torch.from_numpy(np.stack([grad_of(i, epoch) for i in batch])))
+                seen.append((batch, sampler.replica_bytes()))
+            return seen, it
+
+        whole = DistributedGraBSampler(range(n), mode=mode, seed=7)
+        play(whole, 0, steps)
+        whole.set_epoch(1)
+        head, it = play(whole, 1, steps[:2])
+        saved = [whole.state_dict()]
+        tail, _ = play(whole, 1, steps[2:], it)
+        saved.append(whole.state_dict())  # two steps later, at the epoch's end
+        whole.set_epoch(2)
+        last, _ = play(whole, 2, steps)
+
+        fresh = DistributedGraBSampler(range(n), mode=mode, seed=7)
+        fresh.load_state_dict(saved[0])
+        fresh.set_epoch(1)
+        got_tail, _ = play(fresh, 1, steps[2:])
+        fresh.set_epoch(2)
+        got_last, _ = play(fresh, 2, steps)
+        assert got_tail == tail and got_last == last, f"{mode}: resumed run diverged on rank {rank}"
+        np.testing.assert_array_equal(fresh.running_sum, whole.running_sum)
+
+        # Rank 1 loads the later checkpoint, rank 0 the earlier one: everyone refuses, nothing changes.
+        probe = DistributedGraBSampler(range(n), mode=mode, seed=7)
+        before = probe.replica_bytes()
+        with pytest.raises(torchgrab.StateDictError, match="different replicated orders"):
+            probe.load_state_dict(saved[rank % 2])
+        assert probe.replica_bytes() == before
+        # A corrupted state on rank 0: rank 0 raises its own error, the others learn that rank 0 refused.
+        bad = dict(saved[0])
+        if rank == 0:
+            bad["server"] = bad["server"][:-1]
+        with pytest.raises(torchgrab.StateDictError, match="corrupted" if rank == 0 else r"rank\(s\) \[0\] refused"):
+            probe.load_state_dict(bad)
+        assert probe.replica_bytes() == before
+
+
 def _worker(rank, world, port, out_dir, scenario):
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=20)
@@ -263,6 +457,7 @@ def _worker(rank, world, port, out_dir, scenario):
         steps = [3, 3, 3, 2] if world == 2 else [1, 2, 3]
         _check_epochs(rank, world, n=22, steps=steps, mode=mode, epochs=3)
     if scenario == "failures":
+        _check_checkpoint(rank, world)
         with pytest.raises(torchgrab.UnsupportedInputError, match="do not match the process group"):
             DistributedGraBSampler(range(12), num_replicas=world + 1, rank=rank)
         _check_backward_parity(rank)

@@ -32,9 +32,10 @@ local error, makes every rank raise instead of leaving the others waiting in a c
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
-from typing import Any, Callable, Iterator, List, Optional, Sized, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sized, Tuple
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ from torchgrab.errors import (
     GraBError,
     NonFiniteGradientError,
     ShapeError,
+    StateDictError,
     UnsupportedInputError,
 )
 from torchgrab.gradients import per_example_gradients
@@ -56,6 +58,7 @@ _MODES = {"exact": 0, "efficient": 1, "pipelined": 2}
 _DTYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 _HEADER = ("ok", "rows", "d", "dtype", "mode", "cursor", "epoch", "payload")
 _YIELD_CHUNK = 1 << 13
+_STATE_FORMAT = "torchgrab.DistributedGraBSampler"
 
 
 class CollectiveError(RuntimeError):
@@ -153,6 +156,9 @@ class DistributedGraBSampler(Sampler[int]):
         self._order: Optional[np.ndarray] = None
         self._yielded = 0
         self._generation = 0
+        # Set by load_state_dict: where the next __iter__ continues the saved epoch (None: begin a new one).
+        self._resume_at: Optional[int] = None
+        self._loaded: Optional[Tuple[int, int]] = None  # (saved epoch, its cursor) until the next __iter__
 
     # ---------------------------------------------------------------- set-up
     def _distributed(self) -> bool:
@@ -194,21 +200,33 @@ class DistributedGraBSampler(Sampler[int]):
         return self.num_samples
 
     def set_epoch(self, epoch: int) -> None:
-        """Number the next epoch (torch's convention); the order itself comes from the balancing."""
-        self.epoch = int(epoch)
+        """Number the next epoch (torch's convention); the order itself comes from the balancing. After
+        ``load_state_dict``, the saved epoch's own number continues it and any other number begins a new
+        epoch."""
+        with self._lock:
+            if self._loaded is not None:  # loaded, not iterated since: the number decides
+                saved_epoch, cursor = self._loaded
+                self._resume_at = cursor if int(epoch) == saved_epoch else None
+            self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
         with self._lock:
-            local = self._native.begin_epoch()
+            start = 0
+            self._loaded = None
+            if self._resume_at is not None:
+                start, self._resume_at = self._resume_at, None
+                local = self._native.shard_order(self.rank)
+            else:
+                local = self._native.begin_epoch()
             self._order = self.shards[self.rank][local]
-            self._yielded = 0
+            self._yielded = start
             self._generation += 1
-            return self._yield_from(self._generation)
+            return self._yield_from(self._generation, start)
 
-    def _yield_from(self, generation: int) -> Iterator[int]:
+    def _yield_from(self, generation: int, start: int = 0) -> Iterator[int]:
         order = self._order
         assert order is not None
-        for lo in range(0, len(order), _YIELD_CHUNK):
+        for lo in range(start, len(order), _YIELD_CHUNK):
             for i in order[lo : lo + _YIELD_CHUNK].tolist():
                 if generation != self._generation:
                     return
@@ -227,6 +245,106 @@ class DistributedGraBSampler(Sampler[int]):
     def running_sum(self) -> np.ndarray:
         """The shared running sum s (float64)."""
         return self._native.running_sum()
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """This rank's sampler state: plain ints, strings and tensors (``torch.load(weights_only=True)``
+        reads it). Every rank saves its own: the order server is replicated, but an open pair's first
+        gradient is rank-local. Can be taken anywhere, mid-epoch included."""
+        with self._lock:
+            return {
+                "format": _STATE_FORMAT,
+                "version": 1,
+                "n": self.n,
+                "num_replicas": self.num_replicas,
+                "rank": self.rank,
+                "ordering": self.ordering,
+                "mode": self.mode,
+                "seed": self.seed,
+                "drop_last": bool(self.drop_last),
+                "epoch": self.epoch,
+                "iterated": self._order is not None or self._resume_at is not None,
+                "yielded": self._yielded if self._resume_at is None else self._resume_at,
+                "shards": torch.from_numpy(self.shards.copy()),
+                "server": torch.frombuffer(bytearray(self._native.to_bytes()), dtype=torch.uint8),
+                "bytes_sent": self.bytes_sent,
+            }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output of this rank. A collective call when a process group is
+        initialized: every rank loads its own state at the same time, and every rank refuses (with
+        ``StateDictError``, nothing changed) if any rank's state is refused or the ranks' replicated
+        states differ. The next ``__iter__`` continues the saved epoch at its first unit that was
+        yielded but not stepped (units a DataLoader had prefetched are handed out again); if every unit
+        was stepped and the epoch's iteration had reached its end, a new epoch begins. ``set_epoch(e)``
+        after loading decides explicitly: the saved epoch's number continues it, another begins anew."""
+        with self._lock:
+            before = self._native.to_bytes()
+            error: Optional[BaseException] = None
+            digest = 0
+            try:
+                plan = self._check_state(state)
+                self._native.load_bytes(bytes(state["server"].numpy().tobytes()))
+                digest = int.from_bytes(hashlib.blake2b(self._native.replica_bytes(), digest_size=7).digest(), "little")
+            except GraBError as e:
+                error = e
+            if self._distributed() and self.num_replicas > 1:
+                flags = torch.tensor([0 if error is None else 1, digest], dtype=torch.int64)
+                everyone = self._all_gather("all_gather of the loaded checkpoints' digests", flags)
+                refused = [r for r, t in enumerate(everyone) if int(t[0]) != 0]
+                if error is None and refused:
+                    error = StateDictError(f"rank(s) {refused} refused their state dicts; no rank loaded")
+                elif error is None and len({int(t[1]) for t in everyone}) > 1:
+                    error = StateDictError(
+                        "the ranks' state dicts hold different replicated orders (checkpoints of different "
+                        "steps or runs?); no rank loaded"
+                    )
+            if error is not None:
+                self._native.load_bytes(before)
+                raise error
+            epoch, cursor, resume, begun = plan
+            self.epoch = epoch
+            self._loaded = (epoch, cursor) if begun else None
+            self.bytes_sent = int(state.get("bytes_sent", self.bytes_sent))
+            self._order = None
+            self._yielded = 0
+            self._generation += 1  # iterators of the replaced state stop
+            self._resume_at = cursor if resume else None
+
+    def _check_state(self, state: Dict[str, Any]) -> Tuple[int, int, bool, bool]:
+        """Refuse a state dict that does not fit this sampler, before anything changes; returns (epoch,
+        resume position, whether the saved epoch continues, whether any epoch had begun)."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise StateDictError("not a DistributedGraBSampler state dict (format entry missing or different)")
+        if state.get("version") != 1:
+            raise StateDictError(f"state dict version {state.get('version')!r}; this build reads version 1")
+        for key in ("n", "num_replicas", "rank", "ordering", "mode", "seed", "drop_last"):
+            if key not in state:
+                raise StateDictError(f"the state dict has no entry {key!r}")
+            if state[key] != getattr(self, key):
+                raise StateDictError(
+                    f"the state dict is for {key}={state[key]!r}, this sampler has {key}={getattr(self, key)!r}"
+                )
+        try:
+            epoch, yielded, iterated = int(state["epoch"]), int(state["yielded"]), bool(state["iterated"])
+            shards, server = state["shards"], state["server"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateDictError(f"malformed DistributedGraBSampler state dict: {e!r}") from None
+        if not isinstance(server, torch.Tensor) or server.dtype != torch.uint8 or server.dim() != 1:
+            raise StateDictError("the state dict's 'server' entry must be a 1-D uint8 tensor")
+        if not isinstance(shards, torch.Tensor) or not np.array_equal(shards.numpy(), self.shards):
+            raise StateDictError("the state dict's shards differ from this sampler's (another data set order?)")
+        if not 0 <= yielded <= self.num_samples:
+            raise StateDictError(f"yielded={yielded} is outside the shard of {self.num_samples} units")
+        # The server's own cursor (rows stepped) is validated by the Rust decoder; read it back after the
+        # load to decide where the epoch continues.
+        probe = _native.NativeCoordinated(self.num_replicas, self.rank, self.num_samples)
+        probe.load_bytes(bytes(server.numpy().tobytes()))
+        cursor, begun = probe.cursor, probe.epochs_begun
+        if begun > 0 and yielded < cursor:
+            raise StateDictError(f"yielded={yielded} is behind the {cursor} units already stepped")
+        resume = iterated and begun > 0 and (cursor < yielded or yielded < self.num_samples)
+        return epoch, cursor, resume, begun > 0
 
     # ---------------------------------------------------------------- collectives
     def _collective(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
