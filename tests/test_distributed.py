@@ -320,6 +320,9 @@ def test_refused_state_dicts_change_nothing():
         (flipped(40), "corrupted CD-GraB checkpoint"),
         ({**good, "server": good["server"].to(torch.int16)}, "uint8"),
         ({**good, "shards": good["shards"].flip(1)}, "shards differ"),
+        ({**good, "shards": "not a tensor"}, "shards differ"),
+        ({**good, "epoch": "one"}, "malformed"),
+        ("not a dict", "not a DistributedGraBSampler"),
     ]
     for state, match in bad:
         with pytest.raises(torchgrab.StateDictError, match=match):

@@ -284,10 +284,12 @@ class DistributedGraBSampler(Sampler[int]):
             digest = 0
             try:
                 plan = self._check_state(state)
-                self._native.load_bytes(bytes(state["server"].numpy().tobytes()))
+                self._native.load_bytes(bytes(state["server"].cpu().numpy().tobytes()))
                 digest = int.from_bytes(hashlib.blake2b(self._native.replica_bytes(), digest_size=7).digest(), "little")
             except GraBError as e:
                 error = e
+            except Exception as e:  # anything else local must not leave the other ranks waiting below
+                error = StateDictError(f"malformed DistributedGraBSampler state dict: {e!r}")
             if self._distributed() and self.num_replicas > 1:
                 flags = torch.tensor([0 if error is None else 1, digest], dtype=torch.int64)
                 everyone = self._all_gather("all_gather of the loaded checkpoints' digests", flags)
@@ -332,7 +334,8 @@ class DistributedGraBSampler(Sampler[int]):
             raise StateDictError(f"malformed DistributedGraBSampler state dict: {e!r}") from None
         if not isinstance(server, torch.Tensor) or server.dtype != torch.uint8 or server.dim() != 1:
             raise StateDictError("the state dict's 'server' entry must be a 1-D uint8 tensor")
-        if not isinstance(shards, torch.Tensor) or not np.array_equal(shards.numpy(), self.shards):
+        server = server.cpu()
+        if not isinstance(shards, torch.Tensor) or not np.array_equal(shards.cpu().numpy(), self.shards):
             raise StateDictError("the state dict's shards differ from this sampler's (another data set order?)")
         if not 0 <= yielded <= self.num_samples:
             raise StateDictError(f"yielded={yielded} is outside the shard of {self.num_samples} units")
