@@ -5,9 +5,10 @@ against the device-to-device copy bandwidth measured in the same run.
 
     python benchmarks/gpu.py [--quick]
 
-NOT RUN in the session that wrote it (no GPU was available); it is prepared to run as one short script
-(about a minute on an H100) on a machine with CUDA. It checks first that the on-device orders equal
-the CPU dense kernel's on well-separated (integer-valued) data, then times.
+Run on an NVIDIA H100 by scripts/gpu_session.sh (output: benchmarks/out/gpu_h100.txt, about a minute).
+It checks first that the on-device orders equal the CPU dense kernel's on well-separated
+(integer-valued) data, then times. ``--profile`` also prints torch.profiler's table of the CUDA kernels
+of one ``grab`` step at d = 1e7, B = 64 (where the path is slowest), to see where its time goes.
 """
 
 from __future__ import annotations
@@ -47,6 +48,27 @@ def check_orders(dev):
         print(f"# on-device orders == CPU dense kernel orders ({ordering}): {res[0] == res[1]}")
 
 
+def profile_step(dev, d=10_000_000, b=64):
+    """torch.profiler's kernel table for one on-device grab step (after two warm-up steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.randn(b, d, device=dev)
+    s = torchgrab.GraBSampler(n=b * 8, ordering="grab", seed=0)
+    it = iter(s)
+    for _ in range(b * 8):
+        next(it)
+    s.step(g)
+    s.step(g)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        s.step(g)
+        torch.cuda.synchronize()
+    print(f"# profile of one grab step, d = {d}, B = {b}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    del g
+    torch.cuda.empty_cache()
+
+
 def sync_time(fn, reps):
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -59,6 +81,7 @@ def sync_time(fn, reps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile one grab step at d = 1e7, B = 64 first")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this benchmark needs a GPU")
@@ -77,6 +100,8 @@ def main():
     bw = 2 * x.numel() * 4 / copy / 1e9
     print(f"# device copy bandwidth (read + write): {bw:.0f} GB/s")
     del x, y
+    if args.profile:
+        profile_step(dev)
     budget = 0.3 if args.quick else 1.0
     print(f"{'ordering':>8} {'d':>9} {'B':>3} {'us/example':>11} {'GB/s':>8} {'ref us/ex':>10} {'speed-up':>9}")
     for ordering in ("grab", "pair"):
