@@ -172,13 +172,14 @@ impl Coordinated {
         };
         let s = r.f64s("running sum")?;
         let pending_grad = r.f64s("open-pair gradient")?;
-        // Validate the scalars before the per-shard arrays are read (and allocated).
+        // Validate the scalars before anything is allocated from them: every shard takes at least 8
+        // bytes (its order length), so a world larger than the input is corrupt, not an allocation.
+        if world > body.len() {
+            return Err(corrupt("more shards than the checkpoint has bytes"));
+        }
         let mut base = Coordinated::new(world, rank, 0).map_err(|e| corrupt(&e.message))?;
         if shard_len > u32::MAX as usize {
             return Err(corrupt("shard length does not fit 32-bit unit ids"));
-        }
-        if world > body.len() {
-            return Err(corrupt("more shards than the checkpoint has bytes"));
         }
         if cursor > shard_len || (epochs_begun == 0 && (cursor != 0 || open)) {
             return Err(corrupt("cursor outside the epoch"));
@@ -288,6 +289,22 @@ mod tests {
             seed.extend_from_slice(&bytes[..bytes.len() - 8]);
             std::fs::write(format!("{dir}/point-{k}"), seed).unwrap();
         }
+    }
+
+    /// fuzz/artifacts/coordinated_from_bytes/crash-78f608dc…: a world of 0x01ffff0000000003 shards was
+    /// handed to `Coordinated::new`, which allocated per-shard vectors before the size check.
+    #[test]
+    fn regression_huge_world_is_refused_before_allocating() {
+        let crash = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/coordinated/testdata/crash-78f608dc7a269b7f54a9dcd4b466441852651a9a"
+        ))
+        .unwrap();
+        let mut sealed = crash[1..].to_vec();
+        let sum = checksum(&sealed);
+        sealed.extend_from_slice(&sum.to_le_bytes());
+        let err = Coordinated::from_bytes(&sealed).unwrap_err();
+        assert!(err.message.contains("more shards"), "{}", err.message);
     }
 
     #[test]
