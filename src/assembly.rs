@@ -90,6 +90,31 @@ impl FrontBack {
         (&self.next, self.front, self.back, &self.taken)
     }
 
+    /// The buffer and bitmap of `from_parts` from just the placed blocks (what a state dict stores):
+    /// `front_block` in order, then `back_block` as it sits at the end of the buffer. The bitmap is
+    /// the placed units; `from_parts` still checks that they are distinct and in range.
+    pub fn buffer_from_blocks(
+        n: usize,
+        front_block: &[u32],
+        back_block: &[u32],
+    ) -> Result<(Vec<u32>, Vec<u64>)> {
+        if front_block.len() + back_block.len() > n {
+            return Err(GrabError::state(
+                "corrupted assembly state: pointers do not fit n (more placed units than units)",
+            ));
+        }
+        let mut next = vec![0u32; n];
+        next[..front_block.len()].copy_from_slice(front_block);
+        next[n - back_block.len()..].copy_from_slice(back_block);
+        let mut taken = vec![0u64; n.div_ceil(64)];
+        for &i in front_block.iter().chain(back_block) {
+            if (i as usize) < n {
+                taken[(i / 64) as usize] |= 1 << (i % 64);
+            }
+        }
+        Ok((next, taken))
+    }
+
     pub fn from_parts(next: Vec<u32>, front: usize, back: usize, taken: Vec<u64>) -> Result<Self> {
         let n = next.len();
         // checked_add: pointers come from a checkpoint and may be anything (the fuzzer found a wrapping sum).

@@ -27,6 +27,7 @@ _STATE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 # NumPy arrays): unsigned buffers travel as same-width signed tensors, bit for bit.
 _UNSIGNED_KEYS = {"current": np.uint32, "next": np.uint32, "fixed_order": np.uint32, "taken": np.uint64}
 _UNSIGNED_KEYS.update({"codes": np.uint32, "pending_units": np.uint32, "pending_lens": np.uint32})
+_UNSIGNED_KEYS["next_back"] = np.uint32
 _YIELD_CHUNK = 1 << 13
 
 
@@ -205,7 +206,7 @@ class GraBSampler(Sampler[int]):
         self.n = int(n)
         self.dtype = dtype
         self._lock = threading.RLock()
-        self._native_cache: Optional[Dict[str, Any]] = None
+        self._native_cache: Optional[Tuple[int, Dict[str, Any]]] = None
         self._epoch = 0
         self._reset_cursor(None)
         self._resume = self._resumable = self._epoch_set = False
@@ -491,13 +492,16 @@ class GraBSampler(Sampler[int]):
         """Everything needed to continue exactly: plain ints, strings, lists and tensors
         (``torch.load(weights_only=True)`` reads it)."""
         with self._lock:
-            # Cached until the native state changes (a step of a balancing ordering, a new epoch, a
-            # load): a loader that asks once per batch pays O(n + d) only when something changed. Like
-            # Module.state_dict(), the tensors are shared between calls; torch.save copies them.
-            if self._native_cache is None:
-                self._native_cache = _to_torch(self._native.state())
+            # Cached until the native state changes (a step, a new epoch, a load: the native sampler
+            # counts them). A fresh export is O(d + B), not O(n): the native side keeps the epoch's
+            # order and the placed part of the next order in buffers that later steps never
+            # overwrite, and hands out views of them. Like Module.state_dict(), tensors are shared
+            # between calls (torch.save copies them); do not write into them.
+            mutations = self._native.mutations
+            if self._native_cache is None or self._native_cache[0] != mutations:
+                self._native_cache = (mutations, _to_torch(self._native.state()))
             return {
-                "native": _copy_dicts(self._native_cache),
+                "native": _copy_dicts(self._native_cache[1]),
                 "epoch": self._epoch,
                 "in_epoch": self._order is not None,
                 "finished": self._finished,
