@@ -207,6 +207,7 @@ class GraBSampler(Sampler[int]):
         self.dtype = dtype
         self._lock = threading.RLock()
         self._native_cache: Optional[Tuple[int, Dict[str, Any]]] = None
+        self._held: Optional[Tuple[int, int, int, int]] = None  # see load_state_dict(newer_than_loader=)
         self._epoch = 0
         self._reset_cursor(None)
         self._resume = self._resumable = self._epoch_set = False
@@ -511,9 +512,16 @@ class GraBSampler(Sampler[int]):
                 "ondevice": self._ondevice.state() if self._ondevice is not None else None,
             }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Dict[str, Any], *, newer_than_loader: bool = False) -> None:
         """Restore from :meth:`state_dict`. A state of another ordering, n or dtype, or a corrupted one,
-        raises :class:`torchgrab.StateDictError` and leaves this sampler as it was."""
+        raises :class:`torchgrab.StateDictError` and leaves this sampler as it was.
+
+        ``newer_than_loader=True``: this state was saved at the checkpoint, after the training loop's
+        last step, while the snapshot inside a ``StatefulDataLoader``'s state (``num_workers > 0``)
+        was taken earlier, when the batch was dispatched. The loader restores that older snapshot
+        when iteration starts; with this flag the sampler keeps the newer state instead (the
+        snapshot must be an earlier point of the same epoch), which makes the resume bit-exact.
+        """
         if not isinstance(state, dict) or "native" not in state:
             raise StateDictError("expected a dict produced by GraBSampler.state_dict()")
         native_state = _to_numpy(state["native"])
@@ -554,6 +562,12 @@ class GraBSampler(Sampler[int]):
             carry = UnitMap(self._units.n, self._units.u)
             carry.load(state.get("unit_carry") if order is not None else None)
         with self._lock:
+            held, self._held = getattr(self, "_held", None), None
+            if held is not None and held == self._held_token():
+                # A newer state was loaded just before (newer_than_loader=True) and nothing has
+                # happened since: this is the loader's older snapshot of the same run; keep ours.
+                self._check_earlier_point(native, order, yielded, stepped)
+                return
             self._native = native
             self._native_cache = None
             self._ondevice = ondevice
@@ -570,6 +584,30 @@ class GraBSampler(Sampler[int]):
             self._resume = order is not None and (stepped < len(order) or not finished)
             self._finished = finished if order is not None else False
             self._epoch_set = False
+            if newer_than_loader:
+                self._held = self._held_token()
+
+    def _held_token(self) -> Tuple[int, int, int, int]:
+        """What must not have changed between a newer_than_loader load and the loader's own load."""
+        return (self._generation, self._native.mutations, self._yielded, self._stepped)
+
+    def _check_earlier_point(self, native: Any, order: Optional[np.ndarray], yielded: int, stepped: int) -> None:
+        held_order = self._order
+        same_epoch = (
+            order is not None
+            and held_order is not None
+            and native.epochs_begun == self._native.epochs_begun
+            and np.array_equal(native.current_order(), self._native.current_order())
+        )
+        if not (same_epoch and stepped <= self._stepped and yielded <= self._yielded):
+            raise StateDictError(
+                "the data loader restored a sampler snapshot "
+                f"(epochs begun {native.epochs_begun}, yielded {yielded}, stepped {stepped}) that is not an "
+                "earlier point of the epoch of the state loaded with newer_than_loader=True "
+                f"(epochs begun {self._native.epochs_begun}, yielded {self._yielded}, stepped {self._stepped}); "
+                "checkpoint the loader with snapshot_every_n_steps=1, or load its state alone (the resume "
+                "then loses and repeats nothing but is not bit-exact)"
+            )
 
     def __getstate__(self) -> Dict[str, Any]:
         config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size", "device_path")}
