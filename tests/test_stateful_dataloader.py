@@ -116,12 +116,12 @@ def test_workers_snapshot_the_sampler_at_dispatch():
     assert main["sampler_state"]["stepped"] < 3 * B  # but batch 2 had not been stepped at dispatch
 
 
-def train_saving_both(ds, ordering, workers, epochs, checkpoint_at=None, persistent=False):
+def train_saving_both(ds, ordering, workers, epochs, checkpoint_at=None, persistent=False, every=1):
     """Like `train`, but the checkpoint holds the loader's state and the sampler's own state, both
     taken right after the step of global batch `checkpoint_at`."""
     sampler = GraBSampler(ds, ordering=ordering, seed=2)
     kw = dict(num_workers=workers, prefetch_factor=2, persistent_workers=persistent) if workers else {}
-    dl = sdl.StatefulDataLoader(ds, batch_size=B, sampler=sampler, **kw)
+    dl = sdl.StatefulDataLoader(ds, batch_size=B, sampler=sampler, snapshot_every_n_steps=every, **kw)
     seen, k = [], 0
     for _ in range(epochs):
         seen.append([])
@@ -134,10 +134,10 @@ def train_saving_both(ds, ordering, workers, epochs, checkpoint_at=None, persist
     return seen, None, sampler
 
 
-def resume_both(ds, ordering, workers, ckpt, epochs, persistent=False):
+def resume_both(ds, ordering, workers, ckpt, epochs, persistent=False, every=1):
     sampler = GraBSampler(ds, ordering=ordering, seed=2)
     kw = dict(num_workers=workers, prefetch_factor=2, persistent_workers=persistent) if workers else {}
-    dl = sdl.StatefulDataLoader(ds, batch_size=B, sampler=sampler, **kw)
+    dl = sdl.StatefulDataLoader(ds, batch_size=B, sampler=sampler, snapshot_every_n_steps=every, **kw)
     dl.load_state_dict(ckpt["loader"])
     sampler.load_state_dict(ckpt["sampler"], newer_than_loader=True)
     seen = []
@@ -149,19 +149,24 @@ def resume_both(ds, ordering, workers, ckpt, epochs, persistent=False):
     return seen, sampler
 
 
-@pytest.mark.parametrize("ordering,persistent", [("grab", False), ("pair", False), ("grab", True)])
-def test_worker_resume_is_exact_with_the_sampler_state_saved_too(ordering, persistent):
+WORKER_CASES = [("grab", False, 1), ("pair", False, 1), ("grab", True, 1), ("grab", False, 3), ("pair", True, 2)]
+
+
+@pytest.mark.parametrize("ordering,persistent,every", WORKER_CASES)
+def test_worker_resume_is_exact_with_the_sampler_state_saved_too(ordering, persistent, every):
     """num_workers=2, prefetch_factor=2: the loader's own snapshot predates the steps of the batches in
     flight; the sampler's state saved at the checkpoint has them, and newer_than_loader=True keeps it
     over the loader's older copy. The resumed run then delivers the same indices and builds the same
-    orders, bit for bit, as the uninterrupted one, over three epochs."""
+    orders, bit for bit, as the uninterrupted one, over three epochs. With snapshot_every_n_steps > 1
+    the loader replays (and discards) the batches since its last snapshot; the sampler hands their
+    indices out again without counting them as pending."""
     ds = dataset()
     epochs, per = 3, batches_per_epoch(False)
-    ref, _, ref_sampler = train_saving_both(ds, ordering, 2, epochs, persistent=persistent)
-    for k in [0, 1, 3, per - 1, per, per + 2, 2 * per - 1, 2 * per + 4]:
-        head, ckpt, _ = train_saving_both(ds, ordering, 2, epochs, checkpoint_at=k, persistent=persistent)
+    ref, _, ref_sampler = train_saving_both(ds, ordering, 2, epochs, persistent=persistent, every=every)
+    for k in [0, 1, 3, per - 1, per, per + 1, per + 2, 2 * per - 1, 2 * per + 4]:
+        head, ckpt, _ = train_saving_both(ds, ordering, 2, epochs, checkpoint_at=k, persistent=persistent, every=every)
         assert ckpt is not None
-        tail, sampler = resume_both(ds, ordering, 2, ckpt, epochs - k // per, persistent=persistent)
+        tail, sampler = resume_both(ds, ordering, 2, ckpt, epochs - k // per, persistent=persistent, every=every)
         joined = head[:-1] + [head[-1] + tail[0]] + tail[1:]
         assert joined == ref, f"checkpoint after batch {k}"
         a, b = sampler.state_dict()["native"], ref_sampler.state_dict()["native"]
@@ -179,18 +184,19 @@ def test_single_process_resume_with_both_states_is_exact():
         assert head[:-1] + [head[-1] + tail[0]] + tail[1:] == ref, f"checkpoint after batch {k}"
 
 
-def test_newer_than_loader_refuses_a_snapshot_of_another_epoch():
-    """The held state must be a later point of the snapshot's epoch; anything else is refused clearly
-    (and leaves the held state in place)."""
+def test_newer_than_loader_refuses_a_snapshot_that_is_not_earlier():
+    """The loader's snapshot must be an earlier point of the held state's epoch (or the time before it
+    began); a later one is refused clearly and leaves the held state in place."""
     ds = dataset()
     _, early, _ = train_saving_both(ds, "grab", 0, 2, checkpoint_at=1)  # epoch 0
     _, late, _ = train_saving_both(ds, "grab", 0, 2, checkpoint_at=batches_per_epoch(False) + 1)  # epoch 1
     s = GraBSampler(ds, ordering="grab", seed=2)
-    s.load_state_dict(late["sampler"], newer_than_loader=True)
+    s.load_state_dict(early["sampler"], newer_than_loader=True)
     held = s.state_dict()
     with pytest.raises(torchgrab.StateDictError, match="not an earlier point"):
-        s.load_state_dict(early["sampler"])
+        s.load_state_dict(late["sampler"])
     assert s.state_dict()["native"]["epochs_begun"] == held["native"]["epochs_begun"]
+    assert s.state_dict()["stepped"] == held["stepped"]
     # Without the flag, a later load simply replaces the state.
-    s.load_state_dict(early["sampler"])
-    assert s.state_dict()["stepped"] == early["sampler"]["stepped"]
+    s.load_state_dict(late["sampler"])
+    assert s.state_dict()["stepped"] == late["sampler"]["stepped"]

@@ -208,6 +208,10 @@ class GraBSampler(Sampler[int]):
         self._lock = threading.RLock()
         self._native_cache: Optional[Tuple[int, Dict[str, Any]]] = None
         self._held: Optional[Tuple[int, int, int, int]] = None  # see load_state_dict(newer_than_loader=)
+        # A newer_than_loader state was kept over the loader's snapshot of the same epoch ("same") or
+        # of the time before that epoch began ("before"); False otherwise.
+        self._kept_over_loader: Any = False
+        self._replay_from: Optional[int] = None  # the loader replays (and discards) from here, see _EpochIterator
         self._epoch = 0
         self._reset_cursor(None)
         self._resume = self._resumable = self._epoch_set = False
@@ -241,9 +245,11 @@ class GraBSampler(Sampler[int]):
             # nothing is left of it), any other number begins that epoch.
             resume = self._epoch == self._native.epoch
         self._resume = self._resumable = self._epoch_set = False
+        self._kept_over_loader = False
         if resume:
             # Resuming a checkpoint taken mid-epoch: continue after the last stepped index.
-            self._yielded = self._stepped
+            self._yielded = self._stepped if self._replay_from is None else self._replay_from
+            self._replay_from = None
             self._epoch = self._native.epoch + 1
         else:
             self._reset_cursor(self._examples(self._native.begin_epoch(self._epoch)))
@@ -566,7 +572,7 @@ class GraBSampler(Sampler[int]):
             if held is not None and held == self._held_token():
                 # A newer state was loaded just before (newer_than_loader=True) and nothing has
                 # happened since: this is the loader's older snapshot of the same run; keep ours.
-                self._check_earlier_point(native, order, yielded, stepped)
+                self._kept_over_loader = self._check_earlier_point(native, order, yielded, stepped)
                 return
             self._native = native
             self._native_cache = None
@@ -584,6 +590,8 @@ class GraBSampler(Sampler[int]):
             self._resume = order is not None and (stepped < len(order) or not finished)
             self._finished = finished if order is not None else False
             self._epoch_set = False
+            self._kept_over_loader = False
+            self._replay_from = None
             if newer_than_loader:
                 self._held = self._held_token()
 
@@ -591,7 +599,9 @@ class GraBSampler(Sampler[int]):
         """What must not have changed between a newer_than_loader load and the loader's own load."""
         return (self._generation, self._native.mutations, self._yielded, self._stepped)
 
-    def _check_earlier_point(self, native: Any, order: Optional[np.ndarray], yielded: int, stepped: int) -> None:
+    def _check_earlier_point(self, native: Any, order: Optional[np.ndarray], yielded: int, stepped: int) -> str:
+        """How the loader's snapshot precedes the held state: "same" epoch, or "before" it began (a
+        loader snapshots when its epoch starts; with snapshot_every_n_steps > 1 that may be the latest)."""
         held_order = self._order
         same_epoch = (
             order is not None
@@ -599,15 +609,18 @@ class GraBSampler(Sampler[int]):
             and native.epochs_begun == self._native.epochs_begun
             and np.array_equal(native.current_order(), self._native.current_order())
         )
-        if not (same_epoch and stepped <= self._stepped and yielded <= self._yielded):
-            raise StateDictError(
-                "the data loader restored a sampler snapshot "
-                f"(epochs begun {native.epochs_begun}, yielded {yielded}, stepped {stepped}) that is not an "
-                "earlier point of the epoch of the state loaded with newer_than_loader=True "
-                f"(epochs begun {self._native.epochs_begun}, yielded {self._yielded}, stepped {self._stepped}); "
-                "checkpoint the loader with snapshot_every_n_steps=1, or load its state alone (the resume "
-                "then loses and repeats nothing but is not bit-exact)"
-            )
+        if same_epoch and stepped <= self._stepped and yielded <= self._yielded:
+            return "same"
+        if held_order is not None and native.epochs_begun + 1 == self._native.epochs_begun:
+            return "before"
+        raise StateDictError(
+            "the data loader restored a sampler snapshot "
+            f"(epochs begun {native.epochs_begun}, yielded {yielded}, stepped {stepped}) that is not an "
+            "earlier point of the epoch of the state loaded with newer_than_loader=True "
+            f"(epochs begun {self._native.epochs_begun}, yielded {self._yielded}, stepped {self._stepped}); "
+            "save both states at the same checkpoint, or load the loader's state alone (the resume then "
+            "loses and repeats nothing but is not bit-exact)"
+        )
 
     def __getstate__(self) -> Dict[str, Any]:
         config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size", "device_path")}
@@ -707,8 +720,29 @@ class _EpochIterator:
         if self._generation is not None:
             raise CallOrderError("load_state_dict() on a sampler iterator that has already begun")
         with s._lock:
+            if begun < 0 and s._kept_over_loader == "before":
+                # Snapshot taken when the loader's epoch began; the loader replays (and discards) the
+                # batches it delivered since, from the epoch's start, and they are stepped already.
+                s._replay_from = 0
+                s._resume = True
+                self._continue_saved = True
+                return
+            if s._kept_over_loader == "before":
+                raise StateDictError(
+                    f"the data loader's iterator state (epochs begun {begun}, yielded {yielded}) is from an "
+                    "earlier epoch than the sampler state loaded with newer_than_loader=True "
+                    f"(epochs begun {s._native.epochs_begun}); they are not from one checkpoint"
+                )
             if begun < 0 or not s._resumable or begun != s._native.epochs_begun:
                 return  # taken before its epoch began, or for another epoch: nothing to skip
+            if s._kept_over_loader == "same" and 0 <= yielded < s._stepped:
+                # The sampler holds a newer state than the loader's snapshot (newer_than_loader=True)
+                # and the loader will replay the batches after its snapshot and discard them
+                # (snapshot_every_n_steps > 1): hand those indices out again; they are stepped already.
+                s._replay_from = yielded
+                s._resume = True
+                self._continue_saved = True
+                return
             if not (s._stepped <= yielded <= len(s._order)):
                 raise StateDictError(
                     f"iterator state yielded={yielded} does not fit the sampler state "
