@@ -153,3 +153,38 @@ impl FrontBack {
         Ok(fb)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state dict stores only the placed blocks; rebuilding buffer and bitmap from them gives back
+    /// the same assembly (the unplaced middle of the buffer is never read).
+    #[test]
+    fn blocks_rebuild_the_assembly() {
+        let n = 70;
+        let mut fb = FrontBack::new(n);
+        for (k, i) in (0..n as u32).rev().step_by(3).enumerate() {
+            fb.place(i, if k % 3 == 0 { -1.0 } else { 1.0 });
+        }
+        let (next, f, b, taken) = fb.parts();
+        let (buf, bits) = FrontBack::buffer_from_blocks(n, &next[..f], &next[n - b..]).unwrap();
+        assert_eq!(bits, taken);
+        let back = FrontBack::from_parts(buf, f, b, bits).unwrap();
+        assert_eq!(back.parts().3, taken);
+        let current: Vec<u32> = (0..n as u32).collect();
+        assert_eq!(back.finish(&current), fb.finish(&current));
+    }
+
+    #[test]
+    fn bad_blocks_are_refused() {
+        let err = FrontBack::buffer_from_blocks(3, &[0, 1], &[2, 0]).unwrap_err();
+        assert!(err.message.contains("pointers"), "{}", err.message);
+        // A unit placed twice, or out of range: the bitmap then disagrees with the blocks.
+        for (front, back) in [(vec![1u32, 1], vec![]), (vec![0], vec![7u32])] {
+            let (buf, bits) = FrontBack::buffer_from_blocks(4, &front, &back).unwrap();
+            let err = FrontBack::from_parts(buf, front.len(), back.len(), bits).unwrap_err();
+            assert!(err.message.contains("placed units"), "{}", err.message);
+        }
+    }
+}

@@ -212,7 +212,11 @@ def corruptions():
         ("balance kind", setk(["native", "balance", "kind"], "median"), "unknown balance kind"),
         ("front pointer", setk(["native", "assembly", "front"], 10**6), "do not fit"),
         ("placed unit twice", repeated_placed_unit, "placed units are not distinct"),
-        ("block length", setk(["native", "assembly", "next_back"], lambda t: torch.cat([t, t.new_zeros(1)])), "do not fit"),
+        (
+            "block length",
+            setk(["native", "assembly", "next_back"], lambda t: torch.cat([t, t.new_zeros(1)])),
+            "do not fit",
+        ),
         ("cursor", setk(["stepped"], 10**6), "inconsistent cursors"),
         ("cursor type", setk(["yielded"], "many"), "cursor"),
         ("rng without random signs", setk(["native", "sign_rng"], [1, 2, 3, 4]), "RNG"),

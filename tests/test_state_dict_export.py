@@ -112,9 +112,7 @@ def test_a_step_exports_no_order_again():
     placed_a = len(a["assembly"]["next"]) + len(a["assembly"]["next_back"])
     placed_b = len(b["assembly"]["next"]) + len(b["assembly"]["next_back"])
     assert (placed_a, placed_b) == (3, 6)
-    assert a["assembly"]["next"].numel() == 0 or (
-        a["assembly"]["next"].data_ptr() == b["assembly"]["next"].data_ptr()
-    )
+    assert a["assembly"]["next"].numel() == 0 or (a["assembly"]["next"].data_ptr() == b["assembly"]["next"].data_ptr())
     run(s, 5)  # into the next epoch
     c = s.state_dict()["native"]
     assert c["epochs_begun"] == 2 and c["current"].data_ptr() != a["current"].data_ptr()

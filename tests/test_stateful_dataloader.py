@@ -14,8 +14,8 @@ import io
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 import torchgrab
+from torch.utils.data import TensorDataset
 from torchgrab import GraBSampler
 
 sdl = pytest.importorskip("torchdata.stateful_dataloader")
