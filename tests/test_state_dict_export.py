@@ -89,6 +89,8 @@ def test_incremental_export_equals_a_first_export(ordering, unit_size):
     """A sampler that exported after every step (topped-up buffers) gives the same dict as one that
     never exported before (buffers filled in one go), and it resumes to the same dict."""
     every = run(make(ordering, unit_size), STEPS, export_every=1)
+    for j, d in enumerate(run(make(ordering, unit_size), STEPS, export_every=2)):
+        assert_same(d, every[2 * j + 1], f"exported every other step, after step {2 * j + 2}")
     for k in range(1, STEPS + 1):
         first = make(ordering, unit_size)
         run(first, k)

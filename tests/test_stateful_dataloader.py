@@ -7,7 +7,8 @@ stateful too, ``iterator.state_dict()`` (how many indices its consumer took). On
 ``iterator.load_state_dict``, then asks for the batch after the last one delivered before the
 checkpoint. With ``num_workers=0`` the snapshot is taken when ``loader.state_dict()`` is called; with
 workers it is taken when each batch's indices are dispatched (``snapshot_every_n_steps=1``), so it
-predates the steps of the batches in flight.
+predates the steps of the batches in flight. Saving ``sampler.state_dict()`` next to the loader's
+state and loading it with ``newer_than_loader=True`` makes worker resumes bit-exact too.
 """
 
 import io
@@ -107,8 +108,9 @@ def test_worker_resume_loses_and_duplicates_nothing(ordering):
 
 
 def test_workers_snapshot_the_sampler_at_dispatch():
-    """Documents why worker resumes are not bit-exact: the sampler state inside the loader's snapshot
-    of batch k was taken when batch k was dispatched, before the in-flight batches were stepped."""
+    """Documents why the loader's state alone cannot give a bit-exact worker resume: the sampler state
+    inside its snapshot of batch k was taken when batch k was dispatched, before the in-flight batches
+    were stepped (hence newer_than_loader=True with the sampler's own state, tested below)."""
     ds = dataset()
     _, state = train(ds, "grab", 2, 1, checkpoint_at=2)
     main = state["_snapshot"]["_main_snapshot"]["_sampler_iter_state"]
