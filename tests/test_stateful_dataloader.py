@@ -118,12 +118,14 @@ def test_workers_snapshot_the_sampler_at_dispatch():
     assert main["sampler_state"]["stepped"] < 3 * B  # but batch 2 had not been stepped at dispatch
 
 
-def train_saving_both(ds, ordering, workers, epochs, checkpoint_at=None, persistent=False, every=1):
+def train_saving_both(ds, ordering, workers, epochs, checkpoint_at=None, persistent=False, every=1, drop_last=False):
     """Like `train`, but the checkpoint holds the loader's state and the sampler's own state, both
     taken right after the step of global batch `checkpoint_at`."""
     sampler = GraBSampler(ds, ordering=ordering, seed=2)
     kw = dict(num_workers=workers, prefetch_factor=2, persistent_workers=persistent) if workers else {}
-    dl = sdl.StatefulDataLoader(ds, batch_size=B, sampler=sampler, snapshot_every_n_steps=every, **kw)
+    dl = sdl.StatefulDataLoader(
+        ds, batch_size=B, sampler=sampler, snapshot_every_n_steps=every, drop_last=drop_last, **kw
+    )
     seen, k = [], 0
     for _ in range(epochs):
         seen.append([])
@@ -136,10 +138,12 @@ def train_saving_both(ds, ordering, workers, epochs, checkpoint_at=None, persist
     return seen, None, sampler
 
 
-def resume_both(ds, ordering, workers, ckpt, epochs, persistent=False, every=1):
+def resume_both(ds, ordering, workers, ckpt, epochs, persistent=False, every=1, drop_last=False):
     sampler = GraBSampler(ds, ordering=ordering, seed=2)
     kw = dict(num_workers=workers, prefetch_factor=2, persistent_workers=persistent) if workers else {}
-    dl = sdl.StatefulDataLoader(ds, batch_size=B, sampler=sampler, snapshot_every_n_steps=every, **kw)
+    dl = sdl.StatefulDataLoader(
+        ds, batch_size=B, sampler=sampler, snapshot_every_n_steps=every, drop_last=drop_last, **kw
+    )
     dl.load_state_dict(ckpt["loader"])
     sampler.load_state_dict(ckpt["sampler"], newer_than_loader=True)
     seen = []
@@ -151,11 +155,18 @@ def resume_both(ds, ordering, workers, ckpt, epochs, persistent=False, every=1):
     return seen, sampler
 
 
-WORKER_CASES = [("grab", False, 1), ("pair", False, 1), ("grab", True, 1), ("grab", False, 3), ("pair", True, 2)]
+# (ordering, persistent_workers, snapshot_every_n_steps, drop_last); persistent workers keep it fast.
+WORKER_CASES = [
+    ("grab", False, 1, False),
+    ("pair", True, 1, False),
+    ("grab", True, 3, False),
+    ("pair", True, 2, False),
+    ("grab", True, 1, True),
+]
 
 
-@pytest.mark.parametrize("ordering,persistent,every", WORKER_CASES)
-def test_worker_resume_is_exact_with_the_sampler_state_saved_too(ordering, persistent, every):
+@pytest.mark.parametrize("ordering,persistent,every,drop_last", WORKER_CASES)
+def test_worker_resume_is_exact_with_the_sampler_state_saved_too(ordering, persistent, every, drop_last):
     """num_workers=2, prefetch_factor=2: the loader's own snapshot predates the steps of the batches in
     flight; the sampler's state saved at the checkpoint has them, and newer_than_loader=True keeps it
     over the loader's older copy. The resumed run then delivers the same indices and builds the same
@@ -163,12 +174,13 @@ def test_worker_resume_is_exact_with_the_sampler_state_saved_too(ordering, persi
     the loader replays (and discards) the batches since its last snapshot; the sampler hands their
     indices out again without counting them as pending."""
     ds = dataset()
-    epochs, per = 3, batches_per_epoch(False)
-    ref, _, ref_sampler = train_saving_both(ds, ordering, 2, epochs, persistent=persistent, every=every)
+    epochs, per = 3, batches_per_epoch(drop_last)
+    opts = dict(persistent=persistent, every=every, drop_last=drop_last)
+    ref, _, ref_sampler = train_saving_both(ds, ordering, 2, epochs, **opts)
     for k in [0, 1, 3, per - 1, per, per + 1, per + 2, 2 * per - 1, 2 * per + 4]:
-        head, ckpt, _ = train_saving_both(ds, ordering, 2, epochs, checkpoint_at=k, persistent=persistent, every=every)
+        head, ckpt, _ = train_saving_both(ds, ordering, 2, epochs, checkpoint_at=k, **opts)
         assert ckpt is not None
-        tail, sampler = resume_both(ds, ordering, 2, ckpt, epochs - k // per, persistent=persistent, every=every)
+        tail, sampler = resume_both(ds, ordering, 2, ckpt, epochs - k // per, **opts)
         joined = head[:-1] + [head[-1] + tail[0]] + tail[1:]
         assert joined == ref, f"checkpoint after batch {k}"
         a, b = sampler.state_dict()["native"], ref_sampler.state_dict()["native"]
