@@ -720,9 +720,10 @@ class _EpochIterator:
         if self._generation is not None:
             raise CallOrderError("load_state_dict() on a sampler iterator that has already begun")
         with s._lock:
-            if begun < 0 and s._kept_over_loader == "before":
-                # Snapshot taken when the loader's epoch began; the loader replays (and discards) the
-                # batches it delivered since, from the epoch's start, and they are stepped already.
+            if begun < 0 and s._kept_over_loader:
+                # Snapshot taken when the loader's epoch began (before its first index); the loader
+                # replays (and discards) the batches it delivered since, from the epoch's start, and
+                # they are stepped already.
                 s._replay_from = 0
                 s._resume = True
                 self._continue_saved = True
