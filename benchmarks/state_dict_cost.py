@@ -1,6 +1,8 @@
 """What a checkpoint costs: GraBSampler.state_dict() right after a step (the state changed: the native
 state is exported again) and with nothing changed (served from the cache), next to the step itself.
-torchdata's StatefulDataLoader with workers calls state_dict() once per dispatched batch.
+torchdata's StatefulDataLoader with workers calls state_dict() once per dispatched batch. The export
+after a step is incremental (the epoch's order and the placed part of the next order are not copied
+again), so it should not grow with n, only with d.
 
     python benchmarks/state_dict_cost.py            # the README table
     python benchmarks/state_dict_cost.py --quick
@@ -51,7 +53,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    sizes = [(10_000, 1_000), (1_000_000, 1_000), (10_000, 1_000_000)]
+    sizes = [(10_000, 1_000), (1_000_000, 1_000), (10_000_000, 100), (10_000, 1_000_000)]
     if args.quick:
         sizes = [(10_000, 1_000)]
     batch, repeats = 64, 5

@@ -90,6 +90,31 @@ impl FrontBack {
         (&self.next, self.front, self.back, &self.taken)
     }
 
+    /// The buffer and bitmap of `from_parts` from just the placed blocks (what a state dict stores):
+    /// `front_block` in order, then `back_block` as it sits at the end of the buffer. The bitmap is
+    /// the placed units; `from_parts` still checks that they are distinct and in range.
+    pub fn buffer_from_blocks(
+        n: usize,
+        front_block: &[u32],
+        back_block: &[u32],
+    ) -> Result<(Vec<u32>, Vec<u64>)> {
+        if front_block.len() + back_block.len() > n {
+            return Err(GrabError::state(
+                "corrupted assembly state: pointers do not fit n (more placed units than units)",
+            ));
+        }
+        let mut next = vec![0u32; n];
+        next[..front_block.len()].copy_from_slice(front_block);
+        next[n - back_block.len()..].copy_from_slice(back_block);
+        let mut taken = vec![0u64; n.div_ceil(64)];
+        for &i in front_block.iter().chain(back_block) {
+            if (i as usize) < n {
+                taken[(i / 64) as usize] |= 1 << (i % 64);
+            }
+        }
+        Ok((next, taken))
+    }
+
     pub fn from_parts(next: Vec<u32>, front: usize, back: usize, taken: Vec<u64>) -> Result<Self> {
         let n = next.len();
         // checked_add: pointers come from a checkpoint and may be anything (the fuzzer found a wrapping sum).
@@ -126,5 +151,40 @@ impl FrontBack {
             ));
         }
         Ok(fb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state dict stores only the placed blocks; rebuilding buffer and bitmap from them gives back
+    /// the same assembly (the unplaced middle of the buffer is never read).
+    #[test]
+    fn blocks_rebuild_the_assembly() {
+        let n = 70;
+        let mut fb = FrontBack::new(n);
+        for (k, i) in (0..n as u32).rev().step_by(3).enumerate() {
+            fb.place(i, if k % 3 == 0 { -1.0 } else { 1.0 });
+        }
+        let (next, f, b, taken) = fb.parts();
+        let (buf, bits) = FrontBack::buffer_from_blocks(n, &next[..f], &next[n - b..]).unwrap();
+        assert_eq!(bits, taken);
+        let back = FrontBack::from_parts(buf, f, b, bits).unwrap();
+        assert_eq!(back.parts().3, taken);
+        let current: Vec<u32> = (0..n as u32).collect();
+        assert_eq!(back.finish(&current), fb.finish(&current));
+    }
+
+    #[test]
+    fn bad_blocks_are_refused() {
+        let err = FrontBack::buffer_from_blocks(3, &[0, 1], &[2, 0]).unwrap_err();
+        assert!(err.message.contains("pointers"), "{}", err.message);
+        // A unit placed twice, or out of range: the bitmap then disagrees with the blocks.
+        for (front, back) in [(vec![1u32, 1], vec![]), (vec![0], vec![7u32])] {
+            let (buf, bits) = FrontBack::buffer_from_blocks(4, &front, &back).unwrap();
+            let err = FrontBack::from_parts(buf, front.len(), back.len(), bits).unwrap_err();
+            assert!(err.message.contains("placed units"), "{}", err.message);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The PyO3 bindings: conversion and GIL release only. All decisions about dtypes, devices and layouts
 //! are made in Python; this edge is strict and says what it expected when it refuses.
 
+use crate::assembly::FrontBack;
 use crate::batch::Batch;
 use crate::elem::{GradElem, StateElem};
 use crate::error::{ErrorKind, GrabError};
@@ -9,16 +10,19 @@ use crate::pair_balance::PairBalance;
 use crate::projection::{ProjectionSpec, SketchKind};
 use crate::recursive_balance::RecursiveBalance;
 use crate::recursive_pair::RecursivePairBalance;
-use crate::sampler::{Balance, Config, OrderingKind, Sampler, SamplerState, ORDERING_NAMES};
+use crate::sampler::{
+    Balance, Config, OrderingKind, Sampler, SamplerState, StateParts, ORDERING_NAMES,
+};
 use crate::stored_gradients::StoredGradients;
 use half::{bf16, f16};
 use ndarray::ArrayView2;
 use numpy::{
-    Element, IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
+    Element, IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArrayMethods,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PySlice};
 
 pyo3::create_exception!(
     _native,
@@ -99,6 +103,9 @@ macro_rules! with_sampler {
 #[pyclass(name = "NativeSampler", module = "torchgrab._native")]
 struct NativeSampler {
     inner: AnySampler,
+    /// Bumped by every call that may change the state: a cached state dict is current while it is equal.
+    mutations: u64,
+    export: ExportCache,
 }
 
 fn array_views<'py, G: GradElem + Element>(
@@ -194,11 +201,12 @@ impl NativeSampler {
                 )))
             }
         };
-        Ok(NativeSampler { inner })
+        Ok(NativeSampler::wrap(inner))
     }
 
     /// Close the running epoch (if any), start epoch `epoch`, and return its order (uint32).
     fn begin_epoch<'py>(&mut self, py: Python<'py>, epoch: u64) -> Bound<'py, PyArray1<u32>> {
+        self.mutations += 1;
         let order: Vec<u32> =
             with_sampler!(&mut self.inner, s => py.detach(|| s.begin_epoch(epoch).to_vec()));
         order.into_pyarray(py)
@@ -213,6 +221,10 @@ impl NativeSampler {
         dtype: &str,
         indices: PyReadonlyArray1<'_, u32>,
     ) -> PyResult<()> {
+        // Orderings without gradients ignore steps: their cached state dict stays valid.
+        if with_sampler!(&self.inner, s => s.config().kind.balances()) {
+            self.mutations += 1;
+        }
         let idx = indices.as_slice().map_err(|_| {
             UnsupportedInputError::new_err("indices must be a contiguous uint32 array")
         })?;
@@ -254,6 +266,7 @@ impl NativeSampler {
         dim: usize,
         also_fresh: PyReadonlyArray1<'py, u32>,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        self.mutations += 1;
         let contiguous = |what: &str| {
             UnsupportedInputError::new_err(format!("{what} must be a contiguous array"))
         };
@@ -305,11 +318,19 @@ impl NativeSampler {
         with_sampler!(&self.inner, s => state_bytes(s))
     }
 
-    /// The complete state as a dict of ints, floats, strings and NumPy arrays.
-    fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    /// How many calls that may change the state this sampler has seen (steps, epochs).
+    #[getter]
+    fn mutations(&self) -> u64 {
+        self.mutations
+    }
+
+    /// The complete state as a dict of ints, floats, strings and NumPy arrays. The O(n) arrays are
+    /// read-only in spirit: views of per-epoch buffers that later steps never write (see ExportCache).
+    fn state<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let cache = &mut self.export;
         match &self.inner {
-            AnySampler::F32(s) => export(py, s.export_state(), "float32"),
-            AnySampler::F64(s) => export(py, s.export_state(), "float64"),
+            AnySampler::F32(s) => export(py, s.state_parts(), cache, "float32"),
+            AnySampler::F64(s) => export(py, s.state_parts(), cache, "float64"),
         }
     }
 
@@ -330,7 +351,17 @@ impl NativeSampler {
                 )))
             }
         };
-        Ok(NativeSampler { inner })
+        Ok(NativeSampler::wrap(inner))
+    }
+}
+
+impl NativeSampler {
+    fn wrap(inner: AnySampler) -> Self {
+        NativeSampler {
+            inner,
+            mutations: 0,
+            export: ExportCache::default(),
+        }
     }
 }
 
@@ -422,15 +453,107 @@ fn get_dict<'py>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Option<Bound<'py
     }
 }
 
-const STATE_VERSION: u64 = 1;
+/// 2: the next order under construction is stored as its placed blocks ("next", "next_back") without
+/// the bitmap (it is the set of placed units). Version 1 dicts (whole buffer + bitmap) still load.
+const STATE_VERSION: u64 = 2;
+
+/// The O(n) arrays of the last export, kept while they cannot change, so that a checkpoint per batch
+/// costs O(d + B), not O(n): the running epoch's order (fixed for the epoch, exported once) and
+/// per-epoch mirrors of the append-only buffers (the next order's front and back blocks, the
+/// recursive leaf codes), topped up with what was placed since the last export. A state dict holds
+/// views of the filled parts; later steps write only outside them, and a new epoch gets new
+/// mirrors, so a dict handed out earlier never changes.
+#[derive(Default)]
+struct ExportCache {
+    /// The epoch (`epochs_begun`) the arrays below belong to.
+    epochs_begun: u64,
+    current: Option<Py<PyArray1<u32>>>,
+    /// n entries; [..front] and [n - back..] are copies of the sampler's assembly buffer.
+    next: Option<Py<PyArray1<u32>>>,
+    front: usize,
+    back: usize,
+    /// [..codes_len] are copies of the recursive balance's leaf codes.
+    codes: Option<Py<PyArray1<u32>>>,
+    codes_len: usize,
+}
+
+/// Copy `src[from..to]` into the mirror `dst` (same positions).
+fn top_up(dst: &Bound<'_, PyArray1<u32>>, src: &[u32], from: usize, to: usize) -> PyResult<()> {
+    if from < to {
+        let mut rw = dst.try_readwrite().map_err(|e| {
+            StateDictError::new_err(format!("the state export buffer is not writable: {e}"))
+        })?;
+        let m = rw.as_slice_mut().map_err(|e| {
+            StateDictError::new_err(format!("the state export buffer is not contiguous: {e}"))
+        })?;
+        m[from..to].copy_from_slice(&src[from..to]);
+    }
+    Ok(())
+}
+
+fn view<'py>(
+    arr: &Bound<'py, PyArray1<u32>>,
+    start: usize,
+    stop: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = arr.py();
+    arr.as_any()
+        .get_item(PySlice::new(py, start as isize, stop as isize, 1))
+}
+
+impl ExportCache {
+    /// Bring the mirrors up to date with `p`, starting afresh for a new epoch (or if anything shrank,
+    /// which a running epoch never does).
+    fn sync<S>(&mut self, py: Python<'_>, p: &StateParts<'_, S>) -> PyResult<()> {
+        let codes: &[u32] = match p.balance {
+            Some(Balance::Recursive(b)) => &b.codes,
+            _ => &[],
+        };
+        let parts = p.assembly.map(FrontBack::parts);
+        let shrank = parts.is_some_and(|(_, f, b, _)| f < self.front || b < self.back)
+            || codes.len() < self.codes_len;
+        if self.current.is_none() || self.epochs_begun != p.epochs_begun || shrank {
+            *self = ExportCache {
+                epochs_begun: p.epochs_begun,
+                current: Some(PyArray1::from_slice(py, p.current).unbind()),
+                ..ExportCache::default()
+            };
+        }
+        if let Some((buf, f, b, _)) = parts {
+            let n = buf.len();
+            let next = self
+                .next
+                .get_or_insert_with(|| PyArray1::<u32>::zeros(py, n, false).unbind())
+                .bind(py);
+            top_up(next, buf, self.front, f)?;
+            top_up(next, buf, n - b, n - self.back)?;
+            self.front = f;
+            self.back = b;
+        }
+        if !codes.is_empty() {
+            let n = p.config.n;
+            let mirror = self
+                .codes
+                .get_or_insert_with(|| {
+                    PyArray1::<u32>::zeros(py, n.max(codes.len()), false).unbind()
+                })
+                .bind(py);
+            top_up(mirror, codes, self.codes_len, codes.len())?;
+            self.codes_len = codes.len();
+        }
+        Ok(())
+    }
+}
 
 fn export<'py, S: StateElem + Element>(
     py: Python<'py>,
-    st: SamplerState<S>,
+    st: StateParts<'_, S>,
+    cache: &mut ExportCache,
     dtype: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
+    cache.sync(py, &st)?;
     let d = PyDict::new(py);
-    let c = &st.config;
+    let c = st.config;
     d.set_item("version", STATE_VERSION)?;
     d.set_item("ordering", c.kind.name())?;
     d.set_item("n", c.n)?;
@@ -440,7 +563,7 @@ fn export<'py, S: StateElem + Element>(
     d.set_item("delta", c.delta)?;
     d.set_item("state_dtype", dtype)?;
     match &c.fixed_order {
-        Some(o) => d.set_item("fixed_order", o.clone().into_pyarray(py))?,
+        Some(o) => d.set_item("fixed_order", PyArray1::from_slice(py, o))?,
         None => d.set_item("fixed_order", py.None())?,
     }
     d.set_item("depth", c.depth)?;
@@ -450,64 +573,70 @@ fn export<'py, S: StateElem + Element>(
     d.set_item("input_dim", st.input_dim)?;
     d.set_item("epochs_begun", st.epochs_begun)?;
     d.set_item("epoch", st.epoch)?;
-    d.set_item("current", st.current.into_pyarray(py))?;
-    match st.assembly {
-        Some((next, front, back, taken)) => {
+    d.set_item("current", cache.current.as_ref().map(|a| a.bind(py)))?;
+    match (st.assembly, cache.next.as_ref()) {
+        (Some(asm), Some(next)) => {
+            let (buf, front, back, _) = asm.parts();
+            let next = next.bind(py);
             let a = PyDict::new(py);
-            a.set_item("next", next.into_pyarray(py))?;
+            a.set_item("next", view(next, 0, front)?)?;
+            a.set_item("next_back", view(next, buf.len() - back, buf.len())?)?;
             a.set_item("front", front)?;
             a.set_item("back", back)?;
-            a.set_item("taken", taken.into_pyarray(py))?;
             d.set_item("assembly", a)?;
         }
-        None => d.set_item("assembly", py.None())?,
+        _ => d.set_item("assembly", py.None())?,
     }
     match st.balance {
         Some(Balance::Mean(b)) => {
             let a = PyDict::new(py);
             a.set_item("kind", "mean")?;
-            a.set_item("s", b.s.into_pyarray(py))?;
-            a.set_item("m", b.m.into_pyarray(py))?;
-            a.set_item("m_next", b.m_next.into_pyarray(py))?;
+            a.set_item("s", PyArray1::from_slice(py, &b.s))?;
+            a.set_item("m", PyArray1::from_slice(py, &b.m))?;
+            a.set_item("m_next", PyArray1::from_slice(py, &b.m_next))?;
             a.set_item("seen", b.seen)?;
             d.set_item("balance", a)?;
         }
         Some(Balance::Pair(b)) => {
             let a = PyDict::new(py);
             a.set_item("kind", "pair")?;
-            a.set_item("s", b.s.into_pyarray(py))?;
+            a.set_item("s", PyArray1::from_slice(py, &b.s))?;
             a.set_item("pending", b.pending.map(|p| p as i64).unwrap_or(-1))?;
-            a.set_item("pending_grad", b.pending_grad.into_pyarray(py))?;
+            a.set_item("pending_grad", PyArray1::from_slice(py, &b.pending_grad))?;
             d.set_item("balance", a)?;
         }
         Some(Balance::Recursive(b)) => {
             let a = PyDict::new(py);
             a.set_item("kind", "recursive")?;
             a.set_item("depth", b.depth)?;
-            a.set_item("sums", b.sums.into_pyarray(py))?;
-            a.set_item("m", b.m.into_pyarray(py))?;
-            a.set_item("m_next", b.m_next.into_pyarray(py))?;
+            a.set_item("sums", PyArray1::from_slice(py, &b.sums))?;
+            a.set_item("m", PyArray1::from_slice(py, &b.m))?;
+            a.set_item("m_next", PyArray1::from_slice(py, &b.m_next))?;
             a.set_item("seen", b.seen)?;
-            a.set_item("codes", b.codes.into_pyarray(py))?;
+            match cache.codes.as_ref() {
+                Some(codes) => a.set_item("codes", view(codes.bind(py), 0, cache.codes_len)?)?,
+                None => a.set_item("codes", PyArray1::<u32>::zeros(py, 0, false))?,
+            }
             d.set_item("balance", a)?;
         }
         Some(Balance::RecursivePair(b)) => {
             let a = PyDict::new(py);
             a.set_item("kind", "recursive-pair")?;
             a.set_item("depth", b.depth)?;
-            a.set_item("sums", b.sums.into_pyarray(py))?;
+            a.set_item("sums", PyArray1::from_slice(py, &b.sums))?;
             let lens: Vec<u32> = b.pending_units.iter().map(|u| u.len() as u32).collect();
-            let units: Vec<u32> = b.pending_units.into_iter().flatten().collect();
+            let units: Vec<u32> = b.pending_units.iter().flatten().copied().collect();
             a.set_item("pending_lens", lens.into_pyarray(py))?;
             a.set_item("pending_units", units.into_pyarray(py))?;
-            a.set_item("pending_vecs", b.pending_vecs.into_pyarray(py))?;
+            a.set_item("pending_vecs", PyArray1::from_slice(py, &b.pending_vecs))?;
             d.set_item("balance", a)?;
         }
         Some(Balance::Stored(b)) => {
+            // O(n d): the offline orderings' state is every unit's gradient.
             let a = PyDict::new(py);
             a.set_item("kind", "stored")?;
             a.set_item("d", b.d)?;
-            a.set_item("rows", b.rows.into_pyarray(py))?;
+            a.set_item("rows", PyArray1::from_slice(py, &b.rows))?;
             d.set_item("balance", a)?;
         }
         None => d.set_item("balance", py.None())?,
@@ -521,7 +650,7 @@ fn export<'py, S: StateElem + Element>(
 
 fn import<S: StateElem + Element>(d: &Bound<'_, PyDict>) -> PyResult<SamplerState<S>> {
     let version: u64 = get(d, "version")?;
-    if version != STATE_VERSION {
+    if version != STATE_VERSION && version != 1 {
         return Err(StateDictError::new_err(format!(
             "state dict version {version} is not supported (expected {STATE_VERSION})"
         )));
@@ -543,13 +672,32 @@ fn import<S: StateElem + Element>(d: &Bound<'_, PyDict>) -> PyResult<SamplerStat
         .map_err(to_py)?;
     config.max_memory = get_or(d, "max_memory", None)?;
     let input_dim: Option<u64> = get_or(d, "input_dim", None)?;
+    let current: Vec<u32> = get_vec(d, "current")?;
     let assembly = match get_dict(d, "assembly")? {
-        Some(a) => Some((
+        Some(a) if version == 1 => Some((
             get_vec::<u32>(&a, "next")?,
             get(&a, "front")?,
             get(&a, "back")?,
             get_vec::<u64>(&a, "taken")?,
         )),
+        Some(a) => {
+            let (front_block, back_block) =
+                (get_vec::<u32>(&a, "next")?, get_vec(&a, "next_back")?);
+            let (front, back): (u64, u64) = (get(&a, "front")?, get(&a, "back")?);
+            if front != front_block.len() as u64 || back != back_block.len() as u64 {
+                return Err(StateDictError::new_err(format!(
+                    "corrupted assembly state: pointers (front {front}, back {back}) do not fit the \
+                     placed blocks ({} and {} units)",
+                    front_block.len(),
+                    back_block.len()
+                )));
+            }
+            // The buffer is as long as the running order (n is checked against it afterwards).
+            let (next, taken) =
+                FrontBack::buffer_from_blocks(current.len(), &front_block, &back_block)
+                    .map_err(to_py)?;
+            Some((next, front, back, taken))
+        }
         None => None,
     };
     let balance = match get_dict(d, "balance")? {
@@ -631,7 +779,7 @@ fn import<S: StateElem + Element>(d: &Bound<'_, PyDict>) -> PyResult<SamplerStat
         config,
         epochs_begun: get(d, "epochs_begun")?,
         epoch: get(d, "epoch")?,
-        current: get_vec(d, "current")?,
+        current,
         assembly,
         balance,
         sign_rng,

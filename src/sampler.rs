@@ -522,6 +522,18 @@ pub struct SamplerState<S> {
     pub input_dim: Option<u64>,
 }
 
+/// `SamplerState` by reference (see `Sampler::state_parts`).
+pub struct StateParts<'a, S> {
+    pub config: &'a Config,
+    pub epochs_begun: u64,
+    pub epoch: u64,
+    pub current: &'a [u32],
+    pub assembly: Option<&'a FrontBack>,
+    pub balance: Option<&'a Balance<S>>,
+    pub sign_rng: Option<[u64; 4]>,
+    pub input_dim: Option<u64>,
+}
+
 impl<S: StateElem> Sampler<S> {
     pub fn export_state(&self) -> SamplerState<S> {
         SamplerState {
@@ -534,6 +546,24 @@ impl<S: StateElem> Sampler<S> {
                 (next.to_vec(), f as u64, b as u64, taken.to_vec())
             }),
             balance: self.balance.clone(),
+            sign_rng: match &self.rule {
+                SignRule::Deterministic => None,
+                SignRule::SelfBalancingWalk { rng, .. } => Some(rng.state()),
+            },
+            input_dim: self.sketch.as_ref().map(|sk| sk.d as u64),
+        }
+    }
+
+    /// The pieces of `export_state`, borrowed: the bindings export the O(n) buffers (orders, bitmap,
+    /// leaf codes) from their own per-epoch cache instead of copying them on every checkpoint.
+    pub fn state_parts(&self) -> StateParts<'_, S> {
+        StateParts {
+            config: &self.cfg,
+            epochs_begun: self.epochs_begun,
+            epoch: self.epoch,
+            current: &self.current,
+            assembly: self.assembler.as_ref(),
+            balance: self.balance.as_ref(),
             sign_rng: match &self.rule {
                 SignRule::Deterministic => None,
                 SignRule::SelfBalancingWalk { rng, .. } => Some(rng.state()),

@@ -190,6 +190,12 @@ def corruptions():
     def nan_sum(st):
         st["native"]["balance"]["s"][0] = float("nan")
 
+    def repeated_placed_unit(st):
+        a = st["native"]["assembly"]
+        placed = torch.cat([a["next"], a["next_back"]])
+        placed[-1] = placed[0]
+        a["next"], a["next_back"] = placed[: len(a["next"])], placed[len(a["next"]) :]
+
     return [
         ("not a dict", None, "GraBSampler.state_dict"),
         ("missing native", delk(["native"]), "GraBSampler.state_dict"),
@@ -205,7 +211,12 @@ def corruptions():
         ("NaN sum", nan_sum, "non-finite"),
         ("balance kind", setk(["native", "balance", "kind"], "median"), "unknown balance kind"),
         ("front pointer", setk(["native", "assembly", "front"], 10**6), "do not fit"),
-        ("taken bitmap", setk(["native", "assembly", "taken"], lambda t: torch.zeros_like(t)), "marked units"),
+        ("placed unit twice", repeated_placed_unit, "placed units are not distinct"),
+        (
+            "block length",
+            setk(["native", "assembly", "next_back"], lambda t: torch.cat([t, t.new_zeros(1)])),
+            "do not fit",
+        ),
         ("cursor", setk(["stepped"], 10**6), "inconsistent cursors"),
         ("cursor type", setk(["yielded"], "many"), "cursor"),
         ("rng without random signs", setk(["native", "sign_rng"], [1, 2, 3, 4]), "RNG"),

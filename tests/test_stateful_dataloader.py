@@ -7,13 +7,15 @@ stateful too, ``iterator.state_dict()`` (how many indices its consumer took). On
 ``iterator.load_state_dict``, then asks for the batch after the last one delivered before the
 checkpoint. With ``num_workers=0`` the snapshot is taken when ``loader.state_dict()`` is called; with
 workers it is taken when each batch's indices are dispatched (``snapshot_every_n_steps=1``), so it
-predates the steps of the batches in flight.
+predates the steps of the batches in flight. Saving ``sampler.state_dict()`` next to the loader's
+state and loading it with ``newer_than_loader=True`` makes worker resumes bit-exact too.
 """
 
 import io
 
 import pytest
 import torch
+import torchgrab
 from torch.utils.data import TensorDataset
 from torchgrab import GraBSampler
 
@@ -106,10 +108,109 @@ def test_worker_resume_loses_and_duplicates_nothing(ordering):
 
 
 def test_workers_snapshot_the_sampler_at_dispatch():
-    """Documents why worker resumes are not bit-exact: the sampler state inside the loader's snapshot
-    of batch k was taken when batch k was dispatched, before the in-flight batches were stepped."""
+    """Documents why the loader's state alone cannot give a bit-exact worker resume: the sampler state
+    inside its snapshot of batch k was taken when batch k was dispatched, before the in-flight batches
+    were stepped (hence newer_than_loader=True with the sampler's own state, tested below)."""
     ds = dataset()
     _, state = train(ds, "grab", 2, 1, checkpoint_at=2)
     main = state["_snapshot"]["_main_snapshot"]["_sampler_iter_state"]
     assert main["sampler_iter_state"]["yielded"] == 3 * B  # the consumer holds batches 0..2
     assert main["sampler_state"]["stepped"] < 3 * B  # but batch 2 had not been stepped at dispatch
+
+
+def train_saving_both(ds, ordering, workers, epochs, checkpoint_at=None, persistent=False, every=1, drop_last=False):
+    """Like `train`, but the checkpoint holds the loader's state and the sampler's own state, both
+    taken right after the step of global batch `checkpoint_at`."""
+    sampler = GraBSampler(ds, ordering=ordering, seed=2)
+    kw = dict(num_workers=workers, prefetch_factor=2, persistent_workers=persistent) if workers else {}
+    dl = sdl.StatefulDataLoader(
+        ds, batch_size=B, sampler=sampler, snapshot_every_n_steps=every, drop_last=drop_last, **kw
+    )
+    seen, k = [], 0
+    for _ in range(epochs):
+        seen.append([])
+        for x, idx in dl:
+            sampler.step(x)
+            seen[-1].extend(idx.tolist())
+            if k == checkpoint_at:
+                return seen, save_load({"loader": dl.state_dict(), "sampler": sampler.state_dict()}), sampler
+            k += 1
+    return seen, None, sampler
+
+
+def resume_both(ds, ordering, workers, ckpt, epochs, persistent=False, every=1, drop_last=False):
+    sampler = GraBSampler(ds, ordering=ordering, seed=2)
+    kw = dict(num_workers=workers, prefetch_factor=2, persistent_workers=persistent) if workers else {}
+    dl = sdl.StatefulDataLoader(
+        ds, batch_size=B, sampler=sampler, snapshot_every_n_steps=every, drop_last=drop_last, **kw
+    )
+    dl.load_state_dict(ckpt["loader"])
+    sampler.load_state_dict(ckpt["sampler"], newer_than_loader=True)
+    seen = []
+    for _ in range(epochs):
+        seen.append([])
+        for x, idx in dl:
+            sampler.step(x)
+            seen[-1].extend(idx.tolist())
+    return seen, sampler
+
+
+# (ordering, persistent_workers, snapshot_every_n_steps, drop_last); persistent workers keep it fast.
+WORKER_CASES = [
+    ("grab", False, 1, False),
+    ("pair", True, 1, False),
+    ("grab", True, 3, False),
+    ("pair", True, 2, False),
+    ("grab", True, 1, True),
+]
+
+
+@pytest.mark.parametrize("ordering,persistent,every,drop_last", WORKER_CASES)
+def test_worker_resume_is_exact_with_the_sampler_state_saved_too(ordering, persistent, every, drop_last):
+    """num_workers=2, prefetch_factor=2: the loader's own snapshot predates the steps of the batches in
+    flight; the sampler's state saved at the checkpoint has them, and newer_than_loader=True keeps it
+    over the loader's older copy. The resumed run then delivers the same indices and builds the same
+    orders, bit for bit, as the uninterrupted one, over three epochs. With snapshot_every_n_steps > 1
+    the loader replays (and discards) the batches since its last snapshot; the sampler hands their
+    indices out again without counting them as pending."""
+    ds = dataset()
+    epochs, per = 3, batches_per_epoch(drop_last)
+    opts = dict(persistent=persistent, every=every, drop_last=drop_last)
+    ref, _, ref_sampler = train_saving_both(ds, ordering, 2, epochs, **opts)
+    for k in [0, 1, 3, per - 1, per, per + 1, per + 2, 2 * per - 1, 2 * per + 4]:
+        head, ckpt, _ = train_saving_both(ds, ordering, 2, epochs, checkpoint_at=k, **opts)
+        assert ckpt is not None
+        tail, sampler = resume_both(ds, ordering, 2, ckpt, epochs - k // per, **opts)
+        joined = head[:-1] + [head[-1] + tail[0]] + tail[1:]
+        assert joined == ref, f"checkpoint after batch {k}"
+        a, b = sampler.state_dict()["native"], ref_sampler.state_dict()["native"]
+        assert torch.equal(a["current"], b["current"]), f"checkpoint after batch {k}"
+        assert torch.equal(a["balance"]["s"], b["balance"]["s"]), f"checkpoint after batch {k}"
+
+
+def test_single_process_resume_with_both_states_is_exact():
+    ds = dataset()
+    ref, _, _ = train_saving_both(ds, "grab", 0, 2)
+    per = batches_per_epoch(False)
+    for k in [0, 2, per - 1, per + 1]:
+        head, ckpt, _ = train_saving_both(ds, "grab", 0, 2, checkpoint_at=k)
+        tail, _ = resume_both(ds, "grab", 0, ckpt, 2 - k // per)
+        assert head[:-1] + [head[-1] + tail[0]] + tail[1:] == ref, f"checkpoint after batch {k}"
+
+
+def test_newer_than_loader_refuses_a_snapshot_that_is_not_earlier():
+    """The loader's snapshot must be an earlier point of the held state's epoch (or the time before it
+    began); a later one is refused clearly and leaves the held state in place."""
+    ds = dataset()
+    _, early, _ = train_saving_both(ds, "grab", 0, 2, checkpoint_at=1)  # epoch 0
+    _, late, _ = train_saving_both(ds, "grab", 0, 2, checkpoint_at=batches_per_epoch(False) + 1)  # epoch 1
+    s = GraBSampler(ds, ordering="grab", seed=2)
+    s.load_state_dict(early["sampler"], newer_than_loader=True)
+    held = s.state_dict()
+    with pytest.raises(torchgrab.StateDictError, match="not an earlier point"):
+        s.load_state_dict(late["sampler"])
+    assert s.state_dict()["native"]["epochs_begun"] == held["native"]["epochs_begun"]
+    assert s.state_dict()["stepped"] == held["stepped"]
+    # Without the flag, a later load simply replaces the state.
+    s.load_state_dict(late["sampler"])
+    assert s.state_dict()["stepped"] == late["sampler"]["stepped"]

@@ -27,6 +27,7 @@ _STATE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 # NumPy arrays): unsigned buffers travel as same-width signed tensors, bit for bit.
 _UNSIGNED_KEYS = {"current": np.uint32, "next": np.uint32, "fixed_order": np.uint32, "taken": np.uint64}
 _UNSIGNED_KEYS.update({"codes": np.uint32, "pending_units": np.uint32, "pending_lens": np.uint32})
+_UNSIGNED_KEYS["next_back"] = np.uint32
 _YIELD_CHUNK = 1 << 13
 
 
@@ -205,7 +206,12 @@ class GraBSampler(Sampler[int]):
         self.n = int(n)
         self.dtype = dtype
         self._lock = threading.RLock()
-        self._native_cache: Optional[Dict[str, Any]] = None
+        self._native_cache: Optional[Tuple[int, Dict[str, Any]]] = None
+        self._held: Optional[Tuple[int, int, int, int]] = None  # see load_state_dict(newer_than_loader=)
+        # A newer_than_loader state was kept over the loader's snapshot of the same epoch ("same") or
+        # of the time before that epoch began ("before"); False otherwise.
+        self._kept_over_loader: Any = False
+        self._replay_from: Optional[int] = None  # the loader replays (and discards) from here, see _EpochIterator
         self._epoch = 0
         self._reset_cursor(None)
         self._resume = self._resumable = self._epoch_set = False
@@ -239,9 +245,11 @@ class GraBSampler(Sampler[int]):
             # nothing is left of it), any other number begins that epoch.
             resume = self._epoch == self._native.epoch
         self._resume = self._resumable = self._epoch_set = False
+        self._kept_over_loader = False
         if resume:
             # Resuming a checkpoint taken mid-epoch: continue after the last stepped index.
-            self._yielded = self._stepped
+            self._yielded = self._stepped if self._replay_from is None else self._replay_from
+            self._replay_from = None
             self._epoch = self._native.epoch + 1
         else:
             self._reset_cursor(self._examples(self._native.begin_epoch(self._epoch)))
@@ -491,13 +499,16 @@ class GraBSampler(Sampler[int]):
         """Everything needed to continue exactly: plain ints, strings, lists and tensors
         (``torch.load(weights_only=True)`` reads it)."""
         with self._lock:
-            # Cached until the native state changes (a step of a balancing ordering, a new epoch, a
-            # load): a loader that asks once per batch pays O(n + d) only when something changed. Like
-            # Module.state_dict(), the tensors are shared between calls; torch.save copies them.
-            if self._native_cache is None:
-                self._native_cache = _to_torch(self._native.state())
+            # Cached until the native state changes (a step, a new epoch, a load: the native sampler
+            # counts them). A fresh export is O(d + B), not O(n): the native side keeps the epoch's
+            # order and the placed part of the next order in buffers that later steps never
+            # overwrite, and hands out views of them. Like Module.state_dict(), tensors are shared
+            # between calls (torch.save copies them); do not write into them.
+            mutations = self._native.mutations
+            if self._native_cache is None or self._native_cache[0] != mutations:
+                self._native_cache = (mutations, _to_torch(self._native.state()))
             return {
-                "native": _copy_dicts(self._native_cache),
+                "native": _copy_dicts(self._native_cache[1]),
                 "epoch": self._epoch,
                 "in_epoch": self._order is not None,
                 "finished": self._finished,
@@ -507,9 +518,16 @@ class GraBSampler(Sampler[int]):
                 "ondevice": self._ondevice.state() if self._ondevice is not None else None,
             }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Dict[str, Any], *, newer_than_loader: bool = False) -> None:
         """Restore from :meth:`state_dict`. A state of another ordering, n or dtype, or a corrupted one,
-        raises :class:`torchgrab.StateDictError` and leaves this sampler as it was."""
+        raises :class:`torchgrab.StateDictError` and leaves this sampler as it was.
+
+        ``newer_than_loader=True``: this state was saved at the checkpoint, after the training loop's
+        last step, while the snapshot inside a ``StatefulDataLoader``'s state (``num_workers > 0``)
+        was taken earlier, when the batch was dispatched. The loader restores that older snapshot
+        when iteration starts; with this flag the sampler keeps the newer state instead (the
+        snapshot must be an earlier point of the same epoch), which makes the resume bit-exact.
+        """
         if not isinstance(state, dict) or "native" not in state:
             raise StateDictError("expected a dict produced by GraBSampler.state_dict()")
         native_state = _to_numpy(state["native"])
@@ -550,6 +568,12 @@ class GraBSampler(Sampler[int]):
             carry = UnitMap(self._units.n, self._units.u)
             carry.load(state.get("unit_carry") if order is not None else None)
         with self._lock:
+            held, self._held = getattr(self, "_held", None), None
+            if held is not None and held == self._held_token():
+                # A newer state was loaded just before (newer_than_loader=True) and nothing has
+                # happened since: this is the loader's older snapshot of the same run; keep ours.
+                self._kept_over_loader = self._check_earlier_point(native, order, yielded, stepped)
+                return
             self._native = native
             self._native_cache = None
             self._ondevice = ondevice
@@ -566,6 +590,37 @@ class GraBSampler(Sampler[int]):
             self._resume = order is not None and (stepped < len(order) or not finished)
             self._finished = finished if order is not None else False
             self._epoch_set = False
+            self._kept_over_loader = False
+            self._replay_from = None
+            if newer_than_loader:
+                self._held = self._held_token()
+
+    def _held_token(self) -> Tuple[int, int, int, int]:
+        """What must not have changed between a newer_than_loader load and the loader's own load."""
+        return (self._generation, self._native.mutations, self._yielded, self._stepped)
+
+    def _check_earlier_point(self, native: Any, order: Optional[np.ndarray], yielded: int, stepped: int) -> str:
+        """How the loader's snapshot precedes the held state: "same" epoch, or "before" it began (a
+        loader snapshots when its epoch starts; with snapshot_every_n_steps > 1 that may be the latest)."""
+        held_order = self._order
+        same_epoch = (
+            order is not None
+            and held_order is not None
+            and native.epochs_begun == self._native.epochs_begun
+            and np.array_equal(native.current_order(), self._native.current_order())
+        )
+        if same_epoch and stepped <= self._stepped and yielded <= self._yielded:
+            return "same"
+        if held_order is not None and native.epochs_begun + 1 == self._native.epochs_begun:
+            return "before"
+        raise StateDictError(
+            "the data loader restored a sampler snapshot "
+            f"(epochs begun {native.epochs_begun}, yielded {yielded}, stepped {stepped}) that is not an "
+            "earlier point of the epoch of the state loaded with newer_than_loader=True "
+            f"(epochs begun {self._native.epochs_begun}, yielded {self._yielded}, stepped {self._stepped}); "
+            "save both states at the same checkpoint, or load the loader's state alone (the resume then "
+            "loses and repeats nothing but is not bit-exact)"
+        )
 
     def __getstate__(self) -> Dict[str, Any]:
         config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size", "device_path")}
@@ -665,8 +720,30 @@ class _EpochIterator:
         if self._generation is not None:
             raise CallOrderError("load_state_dict() on a sampler iterator that has already begun")
         with s._lock:
+            if begun < 0 and s._kept_over_loader:
+                # Snapshot taken when the loader's epoch began (before its first index); the loader
+                # replays (and discards) the batches it delivered since, from the epoch's start, and
+                # they are stepped already.
+                s._replay_from = 0
+                s._resume = True
+                self._continue_saved = True
+                return
+            if s._kept_over_loader == "before":
+                raise StateDictError(
+                    f"the data loader's iterator state (epochs begun {begun}, yielded {yielded}) is from an "
+                    "earlier epoch than the sampler state loaded with newer_than_loader=True "
+                    f"(epochs begun {s._native.epochs_begun}); they are not from one checkpoint"
+                )
             if begun < 0 or not s._resumable or begun != s._native.epochs_begun:
                 return  # taken before its epoch began, or for another epoch: nothing to skip
+            if s._kept_over_loader == "same" and 0 <= yielded < s._stepped:
+                # The sampler holds a newer state than the loader's snapshot (newer_than_loader=True)
+                # and the loader will replay the batches after its snapshot and discard them
+                # (snapshot_every_n_steps > 1): hand those indices out again; they are stepped already.
+                s._replay_from = yielded
+                s._resume = True
+                self._continue_saved = True
+                return
             if not (s._stepped <= yielded <= len(s._order)):
                 raise StateDictError(
                     f"iterator state yielded={yielded} does not fit the sampler state "
