@@ -297,7 +297,7 @@ mod tests {
     fn regression_huge_world_is_refused_before_allocating() {
         let crash = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/src/coordinated/testdata/crash-78f608dc7a269b7f54a9dcd4b466441852651a9a"
+            "/fuzz/regressions/coordinated_from_bytes-crash-78f608dc7a269b7f54a9dcd4b466441852651a9a"
         ))
         .unwrap();
         let mut sealed = crash[1..].to_vec();
