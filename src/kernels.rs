@@ -197,6 +197,17 @@ fn prefetch<T>(x: &[T], i: usize) {
     }
 }
 
+/// Prefetch the first PREFETCH elements (at most `len`) of x, one request per 64-byte line.
+#[inline(always)]
+fn prefetch_start<T>(x: &[T], len: usize) {
+    let line = (64 / std::mem::size_of::<T>().max(1)).max(1);
+    let mut q = 0;
+    while q < len.min(PREFETCH) {
+        prefetch(x, q);
+        q += line;
+    }
+}
+
 /// The old values of one block of a running sum: from the source buffer when there is one, else
 /// from the buffer about to be overwritten.
 #[inline(always)]
@@ -280,6 +291,14 @@ fn upd_body<
                 nrm[l] += z * z;
             }
         };
+    // The loop prefetches PREFETCH elements ahead; the start of the next row's gradient is requested
+    // here, all lines at once, so that short rows do not wait on one miss after another.
+    if DOT {
+        prefetch_start(c, len);
+        if !db {
+            prefetch_start(d, len);
+        }
+    }
     // Per lane, elements are accumulated in increasing flat index: head, aligned body, tail.
     let head = head_len(base, len);
     let body_end = head + (len - head) / LANES * LANES;
