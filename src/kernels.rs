@@ -557,8 +557,9 @@ fn shared<S, A: 'static, B: 'static, G: 'static, C, D: 'static>(
 
 /// Below this many coordinates the update pass runs on one thread. The pass that also feeds the mean
 /// (`grab`) does about twice the work per element of the one that does not (`pair`), so it pays for
-/// rayon's fork/join from half the size (measured with d = 1e5: `grab` gained from two threads, `pair`
-/// lost). Results do not depend on it: the reduction order is fixed by CHUNK alone.
+/// rayon's fork/join from half the size (measured at d = 1e5 on the loaded 2-core machine: `grab` from
+/// even to 1.4x faster with two threads, `pair` 1.4x slower). Results do not depend on it: the reduction
+/// order is fixed by CHUNK alone.
 fn parallel_min_dim(mean: bool) -> usize {
     if mean {
         PARALLEL_MIN_DIM / 2
