@@ -958,6 +958,20 @@ mod tests {
                 &Pieces::split_flat(&mn0, &widths),
             );
             assert_eq!((r, &s1), (dot_ref, &s_ref));
+            // The same from a source buffer (pair's first update of a step), which stays untouched.
+            let mut s2 = vec![0.0f64; dim];
+            let r = update_from::<f64, f32, f32, f32, f32, f32>(
+                &layout,
+                (&s64, &[]),
+                &mut s2,
+                &gp,
+                &gnp,
+                0.5,
+                None,
+                Some((&mp, &Pieces::split_flat(&mn0, &widths))),
+            );
+            assert_eq!((r, &s2), (Some(dot_ref), &s_ref));
+            assert_eq!(s64, f64s(&s0));
         }
     }
 
