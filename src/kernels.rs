@@ -142,6 +142,9 @@ fn dot_body<S: GradElem, A: GradElem, B: GradElem>(
     }
     let mut o = head;
     while o < body_end {
+        prefetch(s, o + PREFETCH);
+        prefetch(a, o + PREFETCH);
+        prefetch(b, o + PREFETCH);
         let (sc, ac, bc) = (block(s, o), block(a, o), block(b, o));
         for l in 0..LANES {
             let z = ac[l].to_f64() - bc[l].to_f64();
@@ -175,13 +178,58 @@ struct UpdPiece<'x, S, A, B, G, C, D> {
     src: Option<(&'x [S], &'x [S])>,
 }
 
-/// Elements per sub-block of the fused pass: small enough that the sub-block of every operand stays in
-/// L1 between the update loop and the dot loop that re-reads it.
-const SUB: usize = 512;
+/// How far ahead (in elements) the element loops prefetch their input streams. The hardware prefetcher
+/// alone left the loops waiting on the gradient stream (a third of the samples of `perf annotate` sat
+/// on its load); prefetching every input 512 elements ahead gave 1.2-1.4x on 2 shared cores.
+const PREFETCH: usize = 512;
+
+/// A hint to fetch the cache line holding x[i] (nothing when i is out of range). No effect on results.
+#[inline(always)]
+fn prefetch<T>(x: &[T], i: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if i < x.len() {
+        // SAFETY: a prefetch never faults and the pointer is in bounds.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                x.as_ptr().add(i).cast::<i8>(),
+            )
+        }
+    }
+}
+
+/// Prefetch the first PREFETCH elements (at most `len`) of x, one request per 64-byte line.
+#[inline(always)]
+fn prefetch_start<T>(x: &[T], len: usize) {
+    let line = (64 / std::mem::size_of::<T>().max(1)).max(1);
+    let mut q = 0;
+    while q < len.min(PREFETCH) {
+        prefetch(x, q);
+        q += line;
+    }
+}
+
+/// The old values of one block of a running sum: from the source buffer when there is one, else
+/// from the buffer about to be overwritten.
+#[inline(always)]
+fn old_block<S: StateElem>(src: Option<&[S]>, dst: &[S], o: usize) -> [f64; LANES] {
+    let x = match src {
+        Some(s0) => block(s0, o),
+        None => block(dst, o),
+    };
+    std::array::from_fn(|l| x[l].to_f64())
+}
 
 /// s += coef (a - b); if MEAN, m += g inv_n; if DOT, acc += (<s_new, c - d>, ||c - d||^2).
-/// Done sub-block by sub-block as plain element loops (which the compiler vectorizes) followed by the
-/// lane-ordered dot, so memory is walked once and the per-lane accumulation order is unchanged.
+///
+/// One loop over the elements does all of it: each element is loaded and widened once, updated, and
+/// its new (rounded) value goes straight into the next dot product, so every operand is read once per
+/// row. The operations per element are exactly those of the separate definitions (same f64 formulas,
+/// same roundings, dot lanes by flat index), so the result does not depend on this fusion.
+///
+/// SHARED (the layout of `grab`): `g` is `a` (the mean is fed the row that updates s) and, when DOT,
+/// `d` is `b` (the next dot is centered by the same stale mean), so each of them is loaded and widened
+/// once. The caller sets it only when the slices are the same memory of the same type, so reading `a`
+/// for `g` and `b` for `d` reads the very same numbers.
 #[inline(always)]
 fn upd_body<
     S: StateElem,
@@ -192,10 +240,12 @@ fn upd_body<
     D: GradElem,
     const MEAN: bool,
     const DOT: bool,
+    const SHARED: bool,
 >(
     p: UpdPiece<S, A, B, G, C, D>,
     acc: &mut Acc,
 ) {
+    let (ga, db) = (MEAN && SHARED, DOT && SHARED);
     let UpdPiece {
         base,
         s,
@@ -210,45 +260,104 @@ fn upd_body<
         src,
     } = p;
     let len = s.len();
-    let mut o = 0;
-    while o < len {
-        let e = (o + SUB).min(len);
-        match src {
-            Some((s0, _)) => {
-                for (((x, x0), ai), bi) in s[o..e]
-                    .iter_mut()
-                    .zip(&s0[o..e])
-                    .zip(&a[o..e])
-                    .zip(&b[o..e])
-                {
-                    *x = S::from_f64(x0.to_f64() + coef * (ai.to_f64() - bi.to_f64()));
-                }
+    let (a, b) = (&a[..len], &b[..len]);
+    let (s0, m0) = match src {
+        Some((s0, m0)) => (Some(&s0[..len]), if MEAN { Some(&m0[..len]) } else { None }),
+        None => (None, None),
+    };
+    let m = if MEAN { &mut m[..len] } else { &mut m[..0] };
+    let g = if MEAN && !ga { &g[..len] } else { &g[..0] };
+    let c = if DOT { &c[..len] } else { &c[..0] };
+    let d = if DOT && !db { &d[..len] } else { &d[..0] };
+    let (mut dot, mut nrm) = *acc;
+    // One element, for the unaligned head and the tail.
+    let one =
+        |j: usize, s: &mut [S], m: &mut [S], dot: &mut [f64; LANES], nrm: &mut [f64; LANES]| {
+            let b64 = b[j].to_f64();
+            let a64 = a[j].to_f64();
+            let old = s0.map_or(s[j], |s0| s0[j]).to_f64();
+            let sn = S::from_f64(old + coef * (a64 - b64));
+            s[j] = sn;
+            if MEAN {
+                let gv = if ga { a64 } else { g[j].to_f64() };
+                let old = m0.map_or(m[j], |m0| m0[j]).to_f64();
+                m[j] = S::from_f64(old + gv * inv_n);
             }
-            None => {
-                for ((x, ai), bi) in s[o..e].iter_mut().zip(&a[o..e]).zip(&b[o..e]) {
-                    *x = S::from_f64(x.to_f64() + coef * (ai.to_f64() - bi.to_f64()));
-                }
+            if DOT {
+                let l = (base + j) % LANES;
+                let dv = if db { b64 } else { d[j].to_f64() };
+                let z = c[j].to_f64() - dv;
+                dot[l] += sn.to_f64() * z;
+                nrm[l] += z * z;
             }
+        };
+    // The loop prefetches PREFETCH elements ahead; the start of the next row's gradient is requested
+    // here, all lines at once, so that short rows do not wait on one miss after another.
+    if DOT {
+        prefetch_start(c, len);
+        if !db {
+            prefetch_start(d, len);
         }
+    }
+    // Per lane, elements are accumulated in increasing flat index: head, aligned body, tail.
+    let head = head_len(base, len);
+    let body_end = head + (len - head) / LANES * LANES;
+    for j in 0..head {
+        one(j, s, m, &mut dot, &mut nrm);
+    }
+    // The lane sums of the aligned body live in their own (register) arrays: the head and tail index
+    // lanes at run time, which would otherwise pin the accumulators to memory.
+    let (mut vdot, mut vnrm) = (dot, nrm);
+    let mut o = head;
+    while o < body_end {
+        prefetch(a, o + PREFETCH);
+        prefetch(b, o + PREFETCH);
+        prefetch(s0.unwrap_or(s), o + PREFETCH);
         if MEAN {
-            match src {
-                Some((_, m0)) => {
-                    for ((x, x0), gi) in m[o..e].iter_mut().zip(&m0[o..e]).zip(&g[o..e]) {
-                        *x = S::from_f64(x0.to_f64() + gi.to_f64() * inv_n);
-                    }
-                }
-                None => {
-                    for (x, gi) in m[o..e].iter_mut().zip(&g[o..e]) {
-                        *x = S::from_f64(x.to_f64() + gi.to_f64() * inv_n);
-                    }
-                }
-            }
+            prefetch(m0.unwrap_or(m), o + PREFETCH);
+        }
+        let (ab, bb) = (block(a, o), block(b, o));
+        let a64: [f64; LANES] = std::array::from_fn(|l| ab[l].to_f64());
+        let b64: [f64; LANES] = std::array::from_fn(|l| bb[l].to_f64());
+        let sv = old_block(s0, s, o);
+        let sn: [S; LANES] = std::array::from_fn(|l| S::from_f64(sv[l] + coef * (a64[l] - b64[l])));
+        s[o..o + LANES].copy_from_slice(&sn);
+        if MEAN {
+            let gv: [f64; LANES] = if ga {
+                a64
+            } else {
+                let gb = block(g, o);
+                std::array::from_fn(|l| gb[l].to_f64())
+            };
+            let mv = old_block(m0, m, o);
+            let mn: [S; LANES] = std::array::from_fn(|l| S::from_f64(mv[l] + gv[l] * inv_n));
+            m[o..o + LANES].copy_from_slice(&mn);
         }
         if DOT {
-            dot_body(base + o, &s[o..e], &c[o..e], &d[o..e], acc);
+            prefetch(c, o + PREFETCH);
+            if !db {
+                prefetch(d, o + PREFETCH);
+            }
+            let cb = block(c, o);
+            let dv: [f64; LANES] = if db {
+                b64
+            } else {
+                let dk = block(d, o);
+                std::array::from_fn(|l| dk[l].to_f64())
+            };
+            for l in 0..LANES {
+                let z = cb[l].to_f64() - dv[l];
+                vdot[l] += sn[l].to_f64() * z;
+                vnrm[l] += z * z;
+            }
         }
-        o = e;
+        o += LANES;
     }
+    (dot, nrm) = (vdot, vnrm);
+    for j in body_end..len {
+        one(j, s, m, &mut dot, &mut nrm);
+    }
+    *acc = (dot, nrm);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -294,11 +403,12 @@ mod simd {
         D: GradElem,
         const MEAN: bool,
         const DOT: bool,
+        const SHARED: bool,
     >(
         p: UpdPiece<S, A, B, G, C, D>,
         acc: &mut Acc,
     ) {
-        upd_body::<S, A, B, G, C, D, MEAN, DOT>(p, acc)
+        upd_body::<S, A, B, G, C, D, MEAN, DOT, SHARED>(p, acc)
     }
 
     /// # Safety
@@ -313,11 +423,12 @@ mod simd {
         D: GradElem,
         const MEAN: bool,
         const DOT: bool,
+        const SHARED: bool,
     >(
         p: UpdPiece<S, A, B, G, C, D>,
         acc: &mut Acc,
     ) {
-        upd_body::<S, A, B, G, C, D, MEAN, DOT>(p, acc)
+        upd_body::<S, A, B, G, C, D, MEAN, DOT, SHARED>(p, acc)
     }
 }
 
@@ -351,6 +462,7 @@ fn upd_piece<
     D: GradElem,
     const MEAN: bool,
     const DOT: bool,
+    const SHARED: bool,
 >(
     isa: Isa,
     p: UpdPiece<S, A, B, G, C, D>,
@@ -359,11 +471,11 @@ fn upd_piece<
     match isa {
         // SAFETY: `isa` comes from `isa()`, which returns Avx512 only when the CPU reports avx512f.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { simd::upd_avx512::<S, A, B, G, C, D, MEAN, DOT>(p, acc) },
+        Isa::Avx512 => unsafe { simd::upd_avx512::<S, A, B, G, C, D, MEAN, DOT, SHARED>(p, acc) },
         // SAFETY: `isa` comes from `isa()`, which returns Avx2 only when the CPU reports avx2.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { simd::upd_avx2::<S, A, B, G, C, D, MEAN, DOT>(p, acc) },
-        _ => upd_body::<S, A, B, G, C, D, MEAN, DOT>(p, acc),
+        Isa::Avx2 => unsafe { simd::upd_avx2::<S, A, B, G, C, D, MEAN, DOT, SHARED>(p, acc) },
+        _ => upd_body::<S, A, B, G, C, D, MEAN, DOT, SHARED>(p, acc),
     }
 }
 
@@ -428,6 +540,34 @@ pub fn dot_diff<S: StateElem, A: GradElem, B: GradElem>(
     (dot, norm)
 }
 
+/// Whether two operands are the same memory holding the same element type (so one load serves both).
+fn same<X: 'static, Y: 'static>(x: &[X], y: &[Y]) -> bool {
+    std::any::TypeId::of::<X>() == std::any::TypeId::of::<Y>()
+        && x.len() == y.len()
+        && std::ptr::eq(x.as_ptr().cast::<u8>(), y.as_ptr().cast::<u8>())
+}
+
+/// Whether a piece has the layout of `grab` (see `upd_body`): the mean's gradient is `a`, and the
+/// next dot's centering vector is `b`. Only the operands in use are compared.
+fn shared<S, A: 'static, B: 'static, G: 'static, C, D: 'static>(
+    p: &UpdPiece<S, A, B, G, C, D>,
+) -> bool {
+    !p.m.is_empty() && same(p.a, p.g) && (p.c.is_empty() || same(p.b, p.d))
+}
+
+/// Below this many coordinates the update pass runs on one thread. The pass that also feeds the mean
+/// (`grab`) does about twice the work per element of the one that does not (`pair`), so it pays for
+/// rayon's fork/join from half the size (measured at d = 1e5 on the loaded 2-core machine: `grab` from
+/// even to 1.4x faster with two threads, `pair` 1.4x slower). Results do not depend on it: the reduction
+/// order is fixed by CHUNK alone.
+fn parallel_min_dim(mean: bool) -> usize {
+    if mean {
+        PARALLEL_MIN_DIM / 2
+    } else {
+        PARALLEL_MIN_DIM
+    }
+}
+
 /// The update pass, optionally fused with the next dot product (see `update_then_dot`).
 #[allow(clippy::too_many_arguments)]
 fn run_update<
@@ -484,13 +624,17 @@ fn run_update<
                     )
                 }),
             };
-            upd_piece::<S, A, B, G, C, D, MEAN, DOT>(isa, p, &mut acc);
+            if shared(&p) {
+                upd_piece::<S, A, B, G, C, D, MEAN, DOT, true>(isa, p, &mut acc);
+            } else {
+                upd_piece::<S, A, B, G, C, D, MEAN, DOT, false>(isa, p, &mut acc);
+            }
         }
         (fold_lanes(&acc.0), fold_lanes(&acc.1))
     };
     let mut dot = 0.0;
     let mut norm = 0.0;
-    if layout.dim >= PARALLEL_MIN_DIM {
+    if layout.dim >= parallel_min_dim(MEAN) {
         let partials: Vec<(f64, f64)> = match m_next {
             Some(m) => s
                 .par_chunks_mut(CHUNK)
@@ -679,6 +823,158 @@ mod tests {
             .collect()
     }
 
+    /// Numbers whose magnitudes span 1e-6 to 1e6, so that any change in the order of a sum shows in
+    /// its bits (data of one scale often rounds the same whatever the order).
+    fn wild(d: usize, salt: u64) -> Vec<f32> {
+        let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..d)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let mant = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                let scale = 10f32.powi((x % 13) as i32 - 6);
+                mant * scale
+            })
+            .collect()
+    }
+
+    /// The reduction order of the module doc, written out plainly: lane = flat index mod 8, lanes
+    /// folded pairwise per chunk, chunk partials summed in chunk order.
+    fn reference_dot(s: &[f64], c: &[f64], d: &[f64]) -> (f64, f64) {
+        let (mut dot, mut nrm) = (0.0, 0.0);
+        for lo in (0..s.len()).step_by(CHUNK) {
+            let (mut dl, mut nl) = ([0.0f64; LANES], [0.0f64; LANES]);
+            for i in lo..(lo + CHUNK).min(s.len()) {
+                let z = c[i] - d[i];
+                dl[i % LANES] += s[i] * z;
+                nl[i % LANES] += z * z;
+            }
+            dot += fold_lanes(&dl);
+            nrm += fold_lanes(&nl);
+        }
+        (dot, nrm)
+    }
+
+    fn f64s(x: &[f32]) -> Vec<f64> {
+        x.iter().map(|&v| v as f64).collect()
+    }
+
+    #[test]
+    fn kernels_equal_a_plain_reference_bit_for_bit() {
+        // Layouts with pieces that start and end off the lane grid and straddle chunks; one of them
+        // above the parallel threshold. Checked for the grab layout (the mean fed by the updating row,
+        // the next dot centered by the same mean: the fast shared path) and for distinct operands.
+        for widths in [
+            vec![37],
+            vec![3, 5, 1, 29, 200],
+            vec![5, CHUNK - 3, 1, 2 * CHUNK + 13],
+            vec![11, PARALLEL_MIN_DIM / 2 + 5],
+            vec![11, PARALLEL_MIN_DIM + 5],
+        ] {
+            let dim: usize = widths.iter().sum();
+            let layout = Layout::new(widths.clone());
+            let (s0, m, mn0) = (wild(dim, 1), wild(dim, 2), wild(dim, 3));
+            let (g, gn) = (wild(dim, 4), wild(dim, 5));
+            let coef = -1.0;
+            let inv_n = 1.0 / 7.0;
+            // The definition, element by element.
+            let s_ref: Vec<f32> = (0..dim)
+                .map(|i| (s0[i] as f64 + coef * (g[i] as f64 - m[i] as f64)) as f32)
+                .collect();
+            let mn_ref: Vec<f32> = (0..dim)
+                .map(|i| (mn0[i] as f64 + g[i] as f64 * inv_n) as f32)
+                .collect();
+            let dot_ref = reference_dot(&f64s(&s_ref), &f64s(&gn), &f64s(&m));
+            assert_eq!(
+                dot_diff(
+                    &layout,
+                    &s_ref,
+                    &Pieces::split_flat(&gn, &widths),
+                    &Pieces::split_flat(&m, &widths)
+                ),
+                dot_ref
+            );
+            let g_copy = g.clone();
+            let m_copy = m.clone();
+            let (gp, gcp, mp, mcp, gnp) = (
+                Pieces::split_flat(&g, &widths),
+                Pieces::split_flat(&g_copy, &widths),
+                Pieces::split_flat(&m, &widths),
+                Pieces::split_flat(&m_copy, &widths),
+                Pieces::split_flat(&gn, &widths),
+            );
+            for (mean_g, dot_m) in [(&gp, &mp), (&gcp, &mcp), (&gp, &mcp)] {
+                let (mut s1, mut mn1) = (s0.clone(), mn0.clone());
+                let r = update_then_dot(
+                    &layout,
+                    &mut s1,
+                    &gp,
+                    &mp,
+                    coef,
+                    Some((&mut mn1[..], mean_g, inv_n)),
+                    &gnp,
+                    dot_m,
+                );
+                assert_eq!((r, &s1, &mn1), (dot_ref, &s_ref, &mn_ref));
+                let (mut s2, mut mn2) = (vec![0.0f32; dim], vec![0.0f32; dim]);
+                let r = update_from(
+                    &layout,
+                    (&s0, &mn0),
+                    &mut s2,
+                    &gp,
+                    &mp,
+                    coef,
+                    Some((&mut mn2[..], mean_g, inv_n)),
+                    Some((&gnp, dot_m)),
+                );
+                assert_eq!((r, &s2, &mn2), (Some(dot_ref), &s_ref, &mn_ref));
+                let (mut s3, mut mn3) = (s0.clone(), mn0.clone());
+                update_diff(
+                    &layout,
+                    &mut s3,
+                    &gp,
+                    &mp,
+                    coef,
+                    Some((&mut mn3[..], mean_g, inv_n)),
+                );
+                assert_eq!((&s3, &mn3), (&s_ref, &mn_ref));
+            }
+            // Pair layout: no mean, four distinct rows, float64 state.
+            let s64: Vec<f64> = f64s(&s0);
+            let s_ref: Vec<f64> = (0..dim)
+                .map(|i| s64[i] + 0.5 * (g[i] as f64 - gn[i] as f64))
+                .collect();
+            let dot_ref = reference_dot(&s_ref, &f64s(&m), &f64s(&mn0));
+            let mut s1 = s64.clone();
+            let r = update_then_dot::<f64, f32, f32, f32, f32, f32>(
+                &layout,
+                &mut s1,
+                &gp,
+                &gnp,
+                0.5,
+                None,
+                &mp,
+                &Pieces::split_flat(&mn0, &widths),
+            );
+            assert_eq!((r, &s1), (dot_ref, &s_ref));
+            // The same from a source buffer (pair's first update of a step), which stays untouched.
+            let mut s2 = vec![0.0f64; dim];
+            let r = update_from::<f64, f32, f32, f32, f32, f32>(
+                &layout,
+                (&s64, &[]),
+                &mut s2,
+                &gp,
+                &gnp,
+                0.5,
+                None,
+                Some((&mp, &Pieces::split_flat(&mn0, &widths))),
+            );
+            assert_eq!((r, &s2), (Some(dot_ref), &s_ref));
+            assert_eq!(s64, f64s(&s0));
+        }
+    }
+
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
         // Odd bases and lengths exercise the head, body and tail of the lane loops.
@@ -708,10 +1004,33 @@ mod tests {
                     d: &e[..],
                     src: None,
                 };
-                upd_piece::<f32, f32, f32, f32, f32, f32, true, true>(isa, p, &mut acc);
+                upd_piece::<f32, f32, f32, f32, f32, f32, true, true, false>(isa, p, &mut acc);
                 (s1, m1, acc)
             };
             assert_eq!(run(Isa::Scalar), run(here));
+            // The shared (grab) layout: g is a and d is b.
+            let run_shared = |isa: Isa| {
+                let mut s1 = s.clone();
+                let mut m1 = data(len, 6);
+                let mut acc = ZERO;
+                let p = UpdPiece {
+                    base,
+                    s: &mut s1[..],
+                    a: &a[..],
+                    b: &b[..],
+                    coef: -0.75,
+                    m: &mut m1[..],
+                    g: &a[..],
+                    inv_n: 1.0 / 3.0,
+                    c: &c[..],
+                    d: &b[..],
+                    src: None,
+                };
+                assert!(shared(&p));
+                upd_piece::<f32, f32, f32, f32, f32, f32, true, true, true>(isa, p, &mut acc);
+                (s1, m1, acc)
+            };
+            assert_eq!(run_shared(Isa::Scalar), run_shared(here));
         }
     }
 
