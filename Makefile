@@ -31,7 +31,7 @@ lint: $(STAMP)
 	cargo clippy --quiet --all-targets -- -D warnings
 	cargo clippy --quiet --features python -- -D warnings
 	$(VENV)/bin/ruff check python tests benchmarks examples scripts
-	$(VENV)/bin/ruff format --check python tests benchmarks scripts
+	$(VENV)/bin/ruff format --check python tests benchmarks scripts examples
 
 clean:
 	rm -rf $(VENV) target out

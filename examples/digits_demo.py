@@ -88,16 +88,24 @@ def main() -> None:
     acc = {o: np.array([[r["test_acc"] for r in run] for run in runs[o]]) for o in orderings}
 
     n_train = len(load(0)[0])
-    print(f"\nLogistic regression on sklearn digits ({n_train} train / {1797 - n_train} test images), "
-          f"SGD lr {args.lr}, momentum 0.9, weight decay 1e-4, batch {args.batch_size}; mean of {args.seeds} seeds")
-    print(f"{'epoch':>5} | {'rr train loss':>13} {'test acc':>8} | {'grab train loss':>15} {'test acc':>8} | {'grab/rr loss':>12}")
+    print(
+        f"\nLogistic regression on sklearn digits ({n_train} train / {1797 - n_train} test images), "
+        f"SGD lr {args.lr}, momentum 0.9, weight decay 1e-4, batch {args.batch_size}; mean of {args.seeds} seeds"
+    )
+    print(
+        f"{'epoch':>5} | {'rr train loss':>13} {'test acc':>8} | {'grab train loss':>15} {'test acc':>8} | {'grab/rr loss':>12}"
+    )
     for e in range(args.epochs):
         lr_, lg = loss["rr"][:, e].mean(), loss["grab"][:, e].mean()
-        print(f"{e + 1:>5} | {lr_:>13.5f} {acc['rr'][:, e].mean():>8.2%} | {lg:>15.5f} {acc['grab'][:, e].mean():>8.2%} | {lg / lr_:>12.3f}")
+        print(
+            f"{e + 1:>5} | {lr_:>13.5f} {acc['rr'][:, e].mean():>8.2%} | {lg:>15.5f} {acc['grab'][:, e].mean():>8.2%} | {lg / lr_:>12.3f}"
+        )
     for o in orderings:
         secs = np.mean([run[-1]["seconds"] for run in runs[o]])
-        print(f"{o:>5}: final train loss {loss[o][:, -1].mean():.5f} +/- {loss[o][:, -1].std():.5f}, "
-              f"{secs:.1f} s per {args.epochs}-epoch run")
+        print(
+            f"{o:>5}: final train loss {loss[o][:, -1].mean():.5f} +/- {loss[o][:, -1].std():.5f}, "
+            f"{secs:.1f} s per {args.epochs}-epoch run"
+        )
 
     import matplotlib
 

@@ -128,7 +128,6 @@ def main(argv=None):
     ntokens = len(corpus.word2idx)
     crit = nn.CrossEntropyLoss()
 
-
     def make_model():
         return RNNModel(ntokens, args.emsize, args.nhid, args.nlayers, args.dropout)
 
