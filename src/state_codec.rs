@@ -65,25 +65,26 @@ fn kind_tag(kind: OrderingKind) -> u8 {
         .map_or(u8::MAX, |p| p as u8)
 }
 
-struct Writer(Vec<u8>);
+/// Little-endian, length-prefixed field writer; shared with the CD-GraB checkpoint (`coordinated::checkpoint`).
+pub(crate) struct Writer(pub(crate) Vec<u8>);
 
 impl Writer {
-    fn u8(&mut self, x: u8) {
+    pub(crate) fn u8(&mut self, x: u8) {
         self.0.push(x);
     }
-    fn u64(&mut self, x: u64) {
+    pub(crate) fn u64(&mut self, x: u64) {
         self.0.extend_from_slice(&x.to_le_bytes());
     }
-    fn u32s(&mut self, v: &[u32]) {
+    pub(crate) fn u32s(&mut self, v: &[u32]) {
         self.u64(v.len() as u64);
         v.iter()
             .for_each(|x| self.0.extend_from_slice(&x.to_le_bytes()));
     }
-    fn u64s(&mut self, v: &[u64]) {
+    pub(crate) fn u64s(&mut self, v: &[u64]) {
         self.u64(v.len() as u64);
         v.iter().for_each(|&x| self.u64(x));
     }
-    fn elems<S: CodecElem>(&mut self, v: &[S]) {
+    pub(crate) fn elems<S: CodecElem>(&mut self, v: &[S]) {
         self.u64(v.len() as u64);
         v.iter().for_each(|&x| x.put(&mut self.0));
     }
@@ -211,13 +212,15 @@ fn corrupt(what: &str) -> GrabError {
     GrabError::state(format!("corrupted state bytes: {what}"))
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
+/// The reading side of `Writer`: every length is checked against the bytes left before anything is
+/// allocated. Shared with the CD-GraB checkpoint.
+pub(crate) struct Reader<'a> {
+    pub(crate) bytes: &'a [u8],
+    pub(crate) at: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, k: usize, what: &str) -> Result<&'a [u8]> {
+    pub(crate) fn take(&mut self, k: usize, what: &str) -> Result<&'a [u8]> {
         let end = self
             .at
             .checked_add(k)
@@ -227,10 +230,10 @@ impl<'a> Reader<'a> {
         self.at = end;
         Ok(out)
     }
-    fn u8(&mut self, what: &str) -> Result<u8> {
+    pub(crate) fn u8(&mut self, what: &str) -> Result<u8> {
         Ok(self.take(1, what)?[0])
     }
-    fn u64(&mut self, what: &str) -> Result<u64> {
+    pub(crate) fn u64(&mut self, what: &str) -> Result<u64> {
         let mut b = [0u8; 8];
         b.copy_from_slice(self.take(8, what)?);
         Ok(u64::from_le_bytes(b))
@@ -246,7 +249,7 @@ impl<'a> Reader<'a> {
     fn small(&mut self, what: &str) -> Result<u32> {
         u32::try_from(self.u64(what)?).map_err(|_| corrupt(&format!("{what} is out of range")))
     }
-    fn flag(&mut self, what: &str) -> Result<bool> {
+    pub(crate) fn flag(&mut self, what: &str) -> Result<bool> {
         match self.u8(what)? {
             0 => Ok(false),
             1 => Ok(true),
@@ -264,7 +267,7 @@ impl<'a> Reader<'a> {
         }
         Ok(len as usize)
     }
-    fn u32s(&mut self, what: &str) -> Result<Vec<u32>> {
+    pub(crate) fn u32s(&mut self, what: &str) -> Result<Vec<u32>> {
         let len = self.len(4, what)?;
         let raw = self.take(4 * len, what)?;
         Ok(raw
@@ -272,11 +275,11 @@ impl<'a> Reader<'a> {
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect())
     }
-    fn u64s(&mut self, what: &str) -> Result<Vec<u64>> {
+    pub(crate) fn u64s(&mut self, what: &str) -> Result<Vec<u64>> {
         let len = self.len(8, what)?;
         (0..len).map(|_| self.u64(what)).collect()
     }
-    fn elems<S: CodecElem>(&mut self, what: &str) -> Result<Vec<S>> {
+    pub(crate) fn elems<S: CodecElem>(&mut self, what: &str) -> Result<Vec<S>> {
         let w = S::WIDTH as usize;
         let len = self.len(w, what)?;
         let raw = self.take(w * len, what)?;

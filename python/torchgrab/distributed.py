@@ -283,8 +283,13 @@ class DistributedGraBSampler(Sampler[int]):
             error: Optional[BaseException] = None
             digest = 0
             try:
-                plan = self._check_state(state)
-                self._native.load_bytes(bytes(state["server"].cpu().numpy().tobytes()))
+                epoch, yielded, iterated, server = self._check_state(state)
+                self._native.load_bytes(server)  # validated by the Rust decoder; refused bytes change nothing
+                cursor, begun = self._native.cursor, self._native.epochs_begun > 0
+                if begun and yielded < cursor:
+                    raise StateDictError(f"yielded={yielded} is behind the {cursor} units already stepped")
+                # The saved epoch continues unless every unit was stepped and its iteration had ended.
+                resume = iterated and begun and (cursor < yielded or yielded < self.num_samples)
                 digest = int.from_bytes(hashlib.blake2b(self._native.replica_bytes(), digest_size=7).digest(), "little")
             except GraBError as e:
                 error = e
@@ -304,7 +309,6 @@ class DistributedGraBSampler(Sampler[int]):
             if error is not None:
                 self._native.load_bytes(before)
                 raise error
-            epoch, cursor, resume, begun = plan
             self.epoch = epoch
             self._loaded = (epoch, cursor) if begun else None
             self.bytes_sent = int(state.get("bytes_sent", self.bytes_sent))
@@ -313,9 +317,9 @@ class DistributedGraBSampler(Sampler[int]):
             self._generation += 1  # iterators of the replaced state stop
             self._resume_at = cursor if resume else None
 
-    def _check_state(self, state: Dict[str, Any]) -> Tuple[int, int, bool, bool]:
-        """Refuse a state dict that does not fit this sampler, before anything changes; returns (epoch,
-        resume position, whether the saved epoch continues, whether any epoch had begun)."""
+    def _check_state(self, state: Dict[str, Any]) -> Tuple[int, int, bool, bytes]:
+        """Refuse a state dict whose Python-side entries do not fit this sampler, before anything
+        changes; returns (epoch, units yielded, whether it was iterated, the order server's bytes)."""
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise StateDictError("not a DistributedGraBSampler state dict (format entry missing or different)")
         if state.get("version") != 1:
@@ -339,15 +343,7 @@ class DistributedGraBSampler(Sampler[int]):
             raise StateDictError("the state dict's shards differ from this sampler's (another data set order?)")
         if not 0 <= yielded <= self.num_samples:
             raise StateDictError(f"yielded={yielded} is outside the shard of {self.num_samples} units")
-        # The server's own cursor (rows stepped) is validated by the Rust decoder; read it back after the
-        # load to decide where the epoch continues.
-        probe = _native.NativeCoordinated(self.num_replicas, self.rank, self.num_samples)
-        probe.load_bytes(bytes(server.numpy().tobytes()))
-        cursor, begun = probe.cursor, probe.epochs_begun
-        if begun > 0 and yielded < cursor:
-            raise StateDictError(f"yielded={yielded} is behind the {cursor} units already stepped")
-        resume = iterated and begun > 0 and (cursor < yielded or yielded < self.num_samples)
-        return epoch, cursor, resume, begun > 0
+        return epoch, yielded, iterated, bytes(server.numpy().tobytes())
 
     # ---------------------------------------------------------------- collectives
     def _collective(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -2,6 +2,7 @@
 //! assembly, the shared running sum, the step cursor) plus this rank's own open-pair gradient, as
 //! little-endian bytes with a magic, a version and a checksum.
 //!
+//! The fields go through the state codec's `Writer`/`Reader` (length-prefixed, little endian).
 //! Decoding validates everything before building anything (bytes come from disk and may be anything):
 //! lengths are checked against the remaining input before any allocation, orders must be permutations,
 //! the assembly of every shard must hold exactly the units of its order's first `cursor - open`
@@ -10,84 +11,19 @@
 
 use super::Coordinated;
 use crate::assembly::FrontBack;
-use crate::error::{ErrorKind, GrabError, Result};
+use crate::error::{GrabError, Result};
 use crate::sign::SignRule;
-use crate::state_codec::checksum;
+use crate::state_codec::{checksum, Reader, Writer};
 
 const MAGIC: &[u8; 8] = b"TGCDGRB1";
 const VERSION: u32 = 1;
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
 
 fn corrupt(what: &str) -> GrabError {
     GrabError::state(format!("corrupted CD-GraB checkpoint: {what}"))
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, len: usize, what: &str) -> Result<&'a [u8]> {
-        let end = self
-            .pos
-            .checked_add(len)
-            .filter(|&e| e <= self.bytes.len())
-            .ok_or_else(|| corrupt(&format!("truncated while reading {what}")))?;
-        let out = &self.bytes[self.pos..end];
-        self.pos = end;
-        Ok(out)
-    }
-    fn u64(&mut self, what: &str) -> Result<u64> {
-        let b = self.take(8, what)?;
-        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
-    }
-    fn usize(&mut self, what: &str) -> Result<usize> {
-        usize::try_from(self.u64(what)?)
-            .map_err(|_| corrupt(&format!("{what} does not fit this machine")))
-    }
-    fn u8(&mut self, what: &str) -> Result<u8> {
-        Ok(self.take(1, what)?[0])
-    }
-    /// `len` elements of `width` bytes, refused before allocating if the input is shorter.
-    fn array(&mut self, len: usize, width: usize, what: &str) -> Result<&'a [u8]> {
-        let bytes = len
-            .checked_mul(width)
-            .ok_or_else(|| corrupt(&format!("{what} is impossibly long")))?;
-        self.take(bytes, what)
-    }
-    fn f64s(&mut self, what: &str) -> Result<Vec<f64>> {
-        let len = self.usize(what)?;
-        let raw = self.array(len, 8, what)?;
-        Ok(raw
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect())
-    }
-    fn u32s(&mut self, len: usize, what: &str) -> Result<Vec<u32>> {
-        let raw = self.array(len, 4, what)?;
-        Ok(raw
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect())
-    }
-    fn u64s(&mut self, len: usize, what: &str) -> Result<Vec<u64>> {
-        let raw = self.array(len, 8, what)?;
-        Ok(raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect())
-    }
-}
-
-fn put_u64(out: &mut Vec<u8>, x: u64) {
-    out.extend_from_slice(&x.to_le_bytes());
-}
-
-fn put_f64s(out: &mut Vec<u8>, xs: &[f64]) {
-    put_u64(out, xs.len() as u64);
-    for x in xs {
-        out.extend_from_slice(&x.to_le_bytes());
-    }
+fn usize_of(x: u64, what: &str) -> Result<usize> {
+    usize::try_from(x).map_err(|_| corrupt(&format!("{what} does not fit this machine")))
 }
 
 fn is_permutation(order: &[u32], n: usize) -> bool {
@@ -102,36 +38,28 @@ fn is_permutation(order: &[u32], n: usize) -> bool {
 impl Coordinated {
     /// This rank's order server as bytes (see the module docs); `from_bytes` restores it exactly.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        let mut w = Writer(MAGIC.to_vec());
+        w.0.extend_from_slice(&VERSION.to_le_bytes());
         for x in [self.world, self.rank, self.shard_len, self.cursor] {
-            put_u64(&mut out, x as u64);
+            w.u64(x as u64);
         }
-        put_u64(&mut out, self.epochs_begun);
-        out.push(self.open as u8);
-        out.push(self.dim.is_some() as u8);
-        put_u64(&mut out, self.dim.unwrap_or(0) as u64);
-        put_f64s(&mut out, &self.s);
-        put_f64s(&mut out, &self.pending_grad);
-        for w in 0..self.world {
-            put_u64(&mut out, self.current[w].len() as u64);
-            for &i in &self.current[w] {
-                out.extend_from_slice(&i.to_le_bytes());
-            }
-            let (next, front, back, taken) = self.assembly[w].parts();
-            for &i in next {
-                out.extend_from_slice(&i.to_le_bytes());
-            }
-            put_u64(&mut out, front as u64);
-            put_u64(&mut out, back as u64);
-            for &t in taken {
-                put_u64(&mut out, t);
-            }
+        w.u64(self.epochs_begun);
+        w.u8(self.open as u8);
+        w.u8(self.dim.is_some() as u8);
+        w.u64(self.dim.unwrap_or(0) as u64);
+        w.elems(&self.s);
+        w.elems(&self.pending_grad);
+        for k in 0..self.world {
+            w.u32s(&self.current[k]);
+            let (next, front, back, taken) = self.assembly[k].parts();
+            w.u32s(next);
+            w.u64(front as u64);
+            w.u64(back as u64);
+            w.u64s(taken);
         }
-        let sum = checksum(&out);
-        put_u64(&mut out, sum);
-        out
+        let sum = checksum(&w.0);
+        w.u64(sum);
+        w.0
     }
 
     /// Restore an order server from `to_bytes` output, refusing (never panicking on) anything else.
@@ -145,7 +73,7 @@ impl Coordinated {
         }
         let mut r = Reader {
             bytes: body,
-            pos: MAGIC.len(),
+            at: MAGIC.len(),
         };
         let version = u32::from_le_bytes(r.take(4, "version")?.try_into().expect("4 bytes"));
         if version != VERSION {
@@ -153,25 +81,21 @@ impl Coordinated {
                 "version {version}, this build reads version {VERSION}"
             )));
         }
-        let world = r.usize("world")?;
-        let rank = r.usize("rank")?;
-        let shard_len = r.usize("shard length")?;
-        let cursor = r.usize("cursor")?;
+        let world = usize_of(r.u64("world")?, "world")?;
+        let rank = usize_of(r.u64("rank")?, "rank")?;
+        let shard_len = usize_of(r.u64("shard length")?, "shard length")?;
+        let cursor = usize_of(r.u64("cursor")?, "cursor")?;
         let epochs_begun = r.u64("epochs begun")?;
-        let open = match r.u8("open flag")? {
-            0 => false,
-            1 => true,
-            _ => return Err(corrupt("open flag is neither 0 nor 1")),
-        };
+        let open = r.flag("open flag")?;
         let has_dim = r.u8("dim flag")?;
-        let dim_value = r.usize("dim")?;
+        let dim_value = usize_of(r.u64("dim")?, "dim")?;
         let dim = match has_dim {
             0 if dim_value == 0 => None,
             1 => Some(dim_value),
             _ => return Err(corrupt("dim flag")),
         };
-        let s = r.f64s("running sum")?;
-        let pending_grad = r.f64s("open-pair gradient")?;
+        let s: Vec<f64> = r.elems("running sum")?;
+        let pending_grad: Vec<f64> = r.elems("open-pair gradient")?;
         // Validate the scalars before anything is allocated from them: every shard takes at least 8
         // bytes (its order length), so a world larger than the input is corrupt, not an allocation.
         if world > body.len() {
@@ -202,20 +126,21 @@ impl Coordinated {
         let mut current = Vec::with_capacity(world);
         let mut assembly = Vec::with_capacity(world);
         for _ in 0..world {
-            let len = r.usize("order length")?;
-            if len != if epochs_begun == 0 { 0 } else { shard_len } {
+            let order = r.u32s("shard order")?;
+            if order.len() != if epochs_begun == 0 { 0 } else { shard_len } {
                 return Err(corrupt("a shard's order has the wrong length"));
             }
-            let order = r.u32s(len, "shard order")?;
             if epochs_begun > 0 && !is_permutation(&order, shard_len) {
                 return Err(corrupt("a shard's order is not a permutation"));
             }
-            let next = r.u32s(shard_len, "assembly")?;
-            let front = r.usize("front pointer")?;
-            let back = r.usize("back pointer")?;
-            let taken = r.u64s(shard_len.div_ceil(64), "assembly bitmap")?;
-            let fb = FrontBack::from_parts(next, front, back, taken)
-                .map_err(|e| GrabError::new(ErrorKind::State, e.message))?;
+            let next = r.u32s("assembly")?;
+            if next.len() != shard_len {
+                return Err(corrupt("a shard's assembly has the wrong length"));
+            }
+            let front = usize_of(r.u64("front pointer")?, "front pointer")?;
+            let back = usize_of(r.u64("back pointer")?, "back pointer")?;
+            let taken = r.u64s("assembly bitmap")?;
+            let fb = FrontBack::from_parts(next, front, back, taken)?;
             // Exactly the units of the first `placed` positions got a sign this epoch.
             let marked_ok = front + back == placed
                 && order
@@ -233,7 +158,7 @@ impl Coordinated {
             current.push(order);
             assembly.push(fb);
         }
-        if r.pos != body.len() {
+        if r.at != body.len() {
             return Err(corrupt("trailing bytes"));
         }
         base.shard_len = shard_len;
@@ -254,6 +179,7 @@ impl Coordinated {
 mod tests {
     use super::*;
     use crate::batch::Batch;
+    use crate::error::ErrorKind;
 
     fn stepped(world: usize, rank: usize, m: usize, steps: &[usize], d: usize) -> Vec<Coordinated> {
         // One replica per checkpoint point: fresh, after begin_epoch, after each step, after a 2nd epoch.
