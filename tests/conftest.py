@@ -1,7 +1,34 @@
+import io
+
 import numpy as np
 import pytest
 import torch
 from torchgrab import GraBSampler
+
+
+def save_load(state):
+    """torch.save then torch.load(weights_only=True): the round trip a checkpoint takes."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def assert_same_state(a, b, path="state"):
+    """Two state dicts equal entry by entry (tensors by dtype and value), naming the first difference."""
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
 
 
 def feed_epoch(sampler, vectors, per_step=1, limit=None, as_torch=False):

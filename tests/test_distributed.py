@@ -7,7 +7,6 @@ CD-GraB written below from GRAB.md's definition.
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 import socket
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchgrab
+from conftest import save_load
 from torch.utils.data import DistributedSampler
 from torchgrab import DistributedGraBSampler
 
@@ -222,10 +222,7 @@ def _run(sampler, steps, epochs, log, stop_after=None, prefetch=0):
 
 def _resume_run(state, steps, epochs, log, prefetch=0):
     fresh = DistributedGraBSampler(range(13), num_replicas=1, rank=0, seed=3)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    fresh.load_state_dict(save_load(state))
     k_done = sum(1 for e in log if e[0] == "state")
     # Continue inside the saved epoch, then the remaining epochs, exactly as the loop would have.
     per_epoch = len(steps)

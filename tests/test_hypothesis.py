@@ -2,11 +2,10 @@
 steps equal one-at-a-time steps, state -> load -> state is the identity, and a resume at a random
 point continues exactly."""
 
-import io
-
 import numpy as np
 import torch
 import torchgrab
+from conftest import save_load
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -35,13 +34,6 @@ def run_epochs(s, v, per_step, epochs=3):
             s.step(v[order[lo : lo + per_step]])
         orders.append(order)
     return orders
-
-
-def save_load(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def same(a, b):

@@ -1,12 +1,10 @@
 """The paper's ordering family through the public API: herding, greedy, recursive, recursive-pair,
 projections, the randomized sign rule, micro-batch units, memory refusal and checkpoints."""
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from conftest import feed_epoch, is_permutation
+from conftest import feed_epoch, is_permutation, save_load
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchgrab import (
@@ -21,13 +19,6 @@ from torchgrab import (
 
 FAMILY = ["recursive", "recursive-pair", "herding", "greedy"]
 EVERY = ["rr", "so", "flipflop", "fixed", "grab", "pair"] + FAMILY
-
-
-def roundtrip(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def test_names_are_listed():
@@ -114,7 +105,7 @@ def test_random_signs_reproducible_and_restored(ordering):
     it = iter(a)
     first = [next(it) for _ in range(13)]
     a.step(v[first])
-    state = roundtrip(a.state_dict())
+    state = save_load(a.state_dict())
     rest = list(it)
     a.step(v[rest])
     r = make(7)
@@ -150,13 +141,13 @@ def test_state_dict_round_trip_at_boundary_and_mid_epoch(ordering, projection):
     a = GraBSampler(**kw)
     feed_epoch(a, v, per_step=4)
     b = GraBSampler(**kw)
-    b.load_state_dict(roundtrip(a.state_dict()))
+    b.load_state_dict(save_load(a.state_dict()))
     assert feed_epoch(a, v, per_step=4) == feed_epoch(b, v, per_step=4)
     it = iter(a)
     first = [next(it) for _ in range(11)]
     a.step(v[first])
     c = GraBSampler(**kw)
-    c.load_state_dict(roundtrip(a.state_dict()))
+    c.load_state_dict(save_load(a.state_dict()))
     rest = list(it)
     a.step(v[rest])
     assert list(c) == rest
@@ -240,7 +231,7 @@ def test_unit_carry_survives_a_checkpoint():
     it = iter(a)
     first = [next(it) for _ in range(6)]  # one and a half units
     a.step(torch.from_numpy(v[first]))
-    state = roundtrip(a.state_dict())
+    state = save_load(a.state_dict())
     assert state["unit_carry"]["count"] == 2
     rest = list(it)
     a.step(torch.from_numpy(v[rest]))

@@ -10,30 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torchgrab
+from conftest import assert_same_state, save_load
 from torchgrab import GraBSampler, StateDictError
 
 ORDERINGS = [o for o in torchgrab.orderings() if o != "mean"]  # "mean" is an alias of "grab"
 N, D, PER_STEP, EPOCHS = 11, 3, 3, 3
 VECTORS = np.random.default_rng(5).normal(size=(N, D)).astype(np.float32)
-
-
-def save_load(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
-def assert_same_state(a, b, path="state"):
-    assert type(a) is type(b), path
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same_state(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), path
-    else:
-        assert a == b, path
 
 
 def drive(s, done=0, stop_after=None, mid_batch=False):

@@ -1,23 +1,14 @@
 """Checkpoints: state_dict() is plain ints, strings, lists and tensors (weights_only loading), and a
 sampler restored from it continues with exactly the same orders."""
 
-import io
 import pickle
 
 import numpy as np
 import pytest
-import torch
-from conftest import feed_epoch
+from conftest import feed_epoch, save_load
 from torchgrab import GraBSampler, StateDictError
 
 ORDERINGS = ["rr", "so", "wr", "fixed", "flipflop", "grab", "pair"]
-
-
-def roundtrip(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 @pytest.mark.parametrize("balance", ["deterministic", "random"])
@@ -28,7 +19,7 @@ def test_resume_at_epoch_boundary_gives_identical_orders(ordering, balance):
     for _ in range(2):
         feed_epoch(a, v, per_step=5)
     b = GraBSampler(n=37, ordering=ordering, seed=4, balance=balance)
-    b.load_state_dict(roundtrip(a.state_dict()))
+    b.load_state_dict(save_load(a.state_dict()))
     for _ in range(3):
         assert feed_epoch(a, v, per_step=5) == feed_epoch(b, v, per_step=5)
 
@@ -41,7 +32,7 @@ def test_resume_mid_epoch_continues_the_epoch(ordering):
     it = iter(a)
     first = [next(it) for _ in range(9)]
     a.step(v[first])
-    state = roundtrip(a.state_dict())
+    state = save_load(a.state_dict())
     rest_a = list(it)
     a.step(v[rest_a])
     b = GraBSampler(n=21, ordering=ordering, seed=1)
@@ -72,15 +63,15 @@ def test_mismatched_or_corrupted_states_are_refused_and_change_nothing():
         target.load_state_dict(GraBSampler(n=12, ordering="pair").state_dict())
     with pytest.raises(StateDictError, match="n=13"):
         target.load_state_dict(GraBSampler(n=13, ordering="grab").state_dict())
-    broken = roundtrip(good)
+    broken = save_load(good)
     broken["native"]["current"][0] = broken["native"]["current"][1]
     with pytest.raises(StateDictError, match="not a permutation"):
         target.load_state_dict(broken)
-    broken = roundtrip(good)
+    broken = save_load(good)
     del broken["native"]["seed"]
     with pytest.raises(StateDictError, match="seed"):
         target.load_state_dict(broken)
-    broken = roundtrip(good)
+    broken = save_load(good)
     broken["native"]["balance"]["m"] = broken["native"]["balance"]["m"][:1]
     with pytest.raises(StateDictError, match="inconsistent lengths"):
         target.load_state_dict(broken)

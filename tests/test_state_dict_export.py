@@ -4,40 +4,17 @@ O(d + B), not O(n). These tests hold that export to what a full export gives, an
 handed out earlier never changes when the sampler goes on."""
 
 import copy
-import io
 
 import numpy as np
 import pytest
 import torch
 import torchgrab
+from conftest import assert_same_state, save_load
 from torchgrab import GraBSampler
 
 ORDERINGS = [o for o in torchgrab.orderings() if o != "mean"]
 N, D, PER_STEP, EPOCHS = 13, 3, 3, 3
 VECTORS = np.random.default_rng(9).normal(size=(N, D)).astype(np.float32)
-
-
-def save_load(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
-def assert_same(a, b, path="state"):
-    assert type(a) is type(b), path
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 def make(ordering, unit_size=1):
@@ -81,7 +58,7 @@ def test_handed_out_state_dicts_never_change(ordering, unit_size):
     # Step further (into later epochs, whose buffers are new), then compare with the early copies.
     run(s, STEPS)
     for k, (d, c) in enumerate(zip(dicts, copies)):
-        assert_same(d, c, f"dict {k}")
+        assert_same_state(d, c, f"dict {k}")
 
 
 @pytest.mark.parametrize("ordering,unit_size", CASES, ids=[f"{o}-u{u}" for o, u in CASES])
@@ -90,14 +67,14 @@ def test_incremental_export_equals_a_first_export(ordering, unit_size):
     never exported before (buffers filled in one go), and it resumes to the same dict."""
     every = run(make(ordering, unit_size), STEPS, export_every=1)
     for j, d in enumerate(run(make(ordering, unit_size), STEPS, export_every=2)):
-        assert_same(d, every[2 * j + 1], f"exported every other step, after step {2 * j + 2}")
+        assert_same_state(d, every[2 * j + 1], f"exported every other step, after step {2 * j + 2}")
     for k in range(1, STEPS + 1):
         first = make(ordering, unit_size)
         run(first, k)
-        assert_same(every[k - 1], first.state_dict(), f"after step {k}")
+        assert_same_state(every[k - 1], first.state_dict(), f"after step {k}")
         resumed = make(ordering, unit_size)
         resumed.load_state_dict(save_load(every[k - 1]))
-        assert_same(resumed.state_dict(), every[k - 1], f"resumed after step {k}")
+        assert_same_state(resumed.state_dict(), every[k - 1], f"resumed after step {k}")
 
 
 def test_a_step_exports_no_order_again():
@@ -150,4 +127,4 @@ def test_version_1_state_dicts_still_load():
     v1["native"]["version"] = 1
     t = make("grab")
     t.load_state_dict(save_load(v1))
-    assert_same(t.state_dict(), v2)
+    assert_same_state(t.state_dict(), v2)

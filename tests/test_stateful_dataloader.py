@@ -11,11 +11,10 @@ predates the steps of the batches in flight. Saving ``sampler.state_dict()`` nex
 state and loading it with ``newer_than_loader=True`` makes worker resumes bit-exact too.
 """
 
-import io
-
 import pytest
 import torch
 import torchgrab
+from conftest import save_load
 from torch.utils.data import TensorDataset
 from torchgrab import GraBSampler
 
@@ -28,13 +27,6 @@ N, B = 23, 4
 def dataset():
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randn(N, 3, generator=g), torch.arange(N))
-
-
-def save_load(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def loader(ds, sampler, workers, drop_last=False):
