@@ -54,63 +54,17 @@ fn simulate(
 
 #[test]
 fn exact_mode_equals_the_single_process_simulation() {
-    check_against_simulation(false);
+    check_against_simulation(Mode::Exact);
 }
 
 #[test]
 fn efficient_mode_equals_its_simulation() {
-    check_against_simulation(true);
+    check_against_simulation(Mode::Efficient);
 }
 
 #[test]
 fn pipelined_rounds_equal_the_exact_simulation() {
-    check_against_simulation_pipelined();
-}
-
-fn check_against_simulation_pipelined() {
-    let (w_count, m, d) = (3usize, 9usize, 5usize);
-    let grads = test_grads(w_count, m, d);
-    let steps = [3usize, 2, 3];
-    let mut reps: Vec<Coordinated> = (0..w_count)
-        .map(|r| Coordinated::new(w_count, r, m).unwrap())
-        .collect();
-    reps.iter_mut().for_each(|r| {
-        r.begin_epoch();
-    });
-    let mut visited = 0;
-    for &rows in &steps {
-        let flats: Vec<Vec<f64>> = (0..w_count)
-            .map(|w| grads[w][visited..visited + rows].concat())
-            .collect();
-        let batch = |w: usize| Batch::from_slice(&flats[w], rows, d).unwrap();
-        let p_count = reps[0].pair_count(rows);
-        let mut signs = Vec::new();
-        for a in 0..w_count {
-            // Round a: rank a decides against the s every replica holds, then "broadcasts".
-            let payload = reps[a].own_round(&batch(a)).unwrap();
-            signs.extend_from_slice(&payload[..p_count]);
-            reps.iter_mut()
-                .for_each(|r| r.add_sum(&payload[p_count..]).unwrap());
-        }
-        for (w, r) in reps.iter_mut().enumerate() {
-            r.place_step(&batch(w), &signs).unwrap();
-        }
-        let first = reps[0].replica_bytes();
-        assert!(reps.iter().all(|r| r.replica_bytes() == first));
-        visited += rows;
-    }
-    let (want, s) = simulate(&grads, &steps, false);
-    // The data tell the modes apart, so this test can fail.
-    assert_ne!(simulate(&grads, &steps, true).0, want);
-    for (a, b) in reps[0].running_sum().iter().zip(&s) {
-        assert!((a - b).abs() < 1e-9);
-    }
-    reps.iter_mut().for_each(|r| {
-        r.begin_epoch();
-    });
-    for (w, order) in want.iter().enumerate() {
-        assert_eq!(reps[0].shard_order(w), &order[..]);
-    }
+    check_against_simulation(Mode::Pipelined);
 }
 
 fn test_grads(w_count: usize, m: usize, d: usize) -> Vec<Vec<Vec<f64>>> {
@@ -126,58 +80,16 @@ fn test_grads(w_count: usize, m: usize, d: usize) -> Vec<Vec<Vec<f64>>> {
         .collect()
 }
 
-fn check_against_simulation(efficient: bool) {
-    let (w_count, m, d) = (3usize, 9usize, 5usize);
-    let val = |w: usize, i: usize, c: usize| {
-        (((w * 131 + i * 31 + c * 7) * 2654435761usize) % 1000) as f64 / 100.0 - 5.0
-    };
-    let grads: Vec<Vec<Vec<f64>>> = (0..w_count)
-        .map(|w| {
-            (0..m)
-                .map(|i| (0..d).map(|c| val(w, i, c)).collect())
-                .collect()
-        })
-        .collect();
+/// Three replicas through one epoch of odd steps (pairs straddle steps) against the simulation;
+/// pipelined rounds are exact CD-GraB, so they meet the exact simulation.
+fn check_against_simulation(mode: Mode) {
+    let grads = test_grads(3, 9, 5);
     let steps = [3usize, 2, 3];
-    let mut reps: Vec<Coordinated> = (0..w_count)
-        .map(|r| Coordinated::new(w_count, r, m).unwrap())
-        .collect();
-    for r in reps.iter_mut() {
-        r.begin_epoch();
-    }
-    let mut visited = 0;
-    for &rows in &steps {
-        let flats: Vec<Vec<f64>> = (0..w_count)
-            .map(|w| grads[w][visited..visited + rows].concat())
-            .collect();
-        let batch = |w: usize| Batch::from_slice(&flats[w], rows, d).unwrap();
-        let gathered: Vec<f64> = (0..w_count)
-            .flat_map(|w| {
-                if efficient {
-                    reps[w].local_stats(&batch(w)).unwrap()
-                } else {
-                    reps[w].local_diffs(&batch(w)).unwrap()
-                }
-            })
-            .collect();
-        if efficient {
-            let sums: Vec<Vec<f64>> = reps
-                .iter_mut()
-                .enumerate()
-                .map(|(w, r)| r.decide(&batch(w), &gathered).unwrap())
-                .collect();
-            let total: Vec<f64> = (0..d).map(|c| sums.iter().map(|v| v[c]).sum()).collect();
-            reps.iter_mut().for_each(|r| r.add_sum(&total).unwrap());
-        } else {
-            for (w, r) in reps.iter_mut().enumerate() {
-                r.step_exact(&batch(w), &gathered).unwrap();
-            }
-        }
-        let first = reps[0].replica_bytes();
-        assert!(reps.iter().all(|r| r.replica_bytes() == first));
-        visited += rows;
-    }
+    let mut reps = run_steps(&grads, &steps, mode);
+    let efficient = matches!(mode, Mode::Efficient);
     let (want, s) = simulate(&grads, &steps, efficient);
+    // The data tell the modes apart, so these tests can fail.
+    assert_ne!(simulate(&grads, &steps, !efficient).0, want);
     for (a, b) in reps[0].running_sum().iter().zip(&s) {
         assert!((a - b).abs() < 1e-9);
     }
@@ -211,6 +123,15 @@ enum Mode {
 
 /// One epoch of `steps` through W in-process replicas (what W ranks compute), then the next orders.
 fn run_epoch(grads: &[Vec<Vec<f64>>], steps: &[usize], mode: Mode) -> Vec<Coordinated> {
+    let mut reps = run_steps(grads, steps, mode);
+    reps.iter_mut().for_each(|r| {
+        r.begin_epoch();
+    });
+    reps
+}
+
+/// The steps of one epoch through W in-process replicas; checks after every step that they agree.
+fn run_steps(grads: &[Vec<Vec<f64>>], steps: &[usize], mode: Mode) -> Vec<Coordinated> {
     let (w_count, m, d) = (grads.len(), grads[0].len(), grads[0][0].len());
     let mut reps: Vec<Coordinated> = (0..w_count)
         .map(|r| Coordinated::new(w_count, r, m).unwrap())
@@ -263,9 +184,6 @@ fn run_epoch(grads: &[Vec<Vec<f64>>], steps: &[usize], mode: Mode) -> Vec<Coordi
         assert!(reps.iter().all(|r| r.replica_bytes() == first));
         visited += rows;
     }
-    reps.iter_mut().for_each(|r| {
-        r.begin_epoch();
-    });
     reps
 }
 
