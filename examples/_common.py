@@ -516,12 +516,14 @@ def to_device(x, device: str):
 
 @torch.no_grad()
 def full_pass(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable, batch: int = 4096):
-    """(mean loss, accuracy) of ``model`` over all of (x, y), in eval mode."""
+    """(mean loss, accuracy) of ``model`` over all of (x, y), in eval mode; batches go to the model's device."""
+    dev = next(model.parameters()).device
     total, correct = 0.0, 0
     for i in range(0, len(x), batch):
-        out = model(x[i : i + batch])
-        total += float(loss_fn(out, y[i : i + batch])) * len(out)
-        correct += int((out.argmax(1) == y[i : i + batch]).sum())
+        out = model(x[i : i + batch].to(dev))
+        yb = y[i : i + batch].to(dev)
+        total += float(loss_fn(out, yb)) * len(out)
+        correct += int((out.argmax(1) == yb).sum())
     return total / len(x), correct / len(x)
 
 

@@ -89,6 +89,7 @@ def main(argv=None):
             epochs=args.epochs,
             batch_size=args.batch_size,
             unit_size=args.unit_size or None,
+            device=args.device,
         )
 
     rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, "cifar10_lenet", args.out + ".csv")

@@ -82,8 +82,9 @@ def run_task(task, args, root, encoder_box):
 
     @torch.no_grad()
     def evaluate(model):
-        train_loss = float(forward_loss(model(xtr), ytr))
-        out = model(xdev)
+        dev = next(model.parameters()).device
+        train_loss = float(forward_loss(model(xtr.to(dev)), ytr.to(dev)))
+        out = model(xdev.to(dev)).cpu()
         pred = out.squeeze(-1).numpy() if reg else out.argmax(1).numpy()
         return {
             "train_loss": train_loss,
@@ -105,6 +106,7 @@ def run_task(task, args, root, encoder_box):
             evaluate=evaluate,
             epochs=args.epochs,
             batch_size=args.batch_size,
+            device=args.device,
         )
 
     prefix = f"{args.out}_{task}"

@@ -55,6 +55,7 @@ def main(argv=None):
             epochs=args.epochs,
             batch_size=args.batch_size,
             unit_size=args.unit_size or None,
+            device=args.device,
         )
 
     rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, "mnist_logreg", args.out + ".csv")
