@@ -6,6 +6,12 @@
 //! lanes by (flat index mod 8) inside a chunk, chunk partials summed in chunk order. So the result is
 //! the same bit for bit whatever the number of threads, whether rows come batched or one by one, and
 //! however the d coordinates are split into segments.
+//!
+//! Elementwise arithmetic (see `elem`): with float32 state and gradients of at most 32 bits, z = a - b,
+//! s + coef z and m + g / n are rounded in f32 and only the dot products are formed in f64; otherwise
+//! everything is f64. On AVX-512 the all-f32 update runs as hand-written intrinsics (`simd::
+//! upd_f32_avx512`) doing the same operations in the same order, so the instruction set never changes
+//! a bit of the result.
 
 use crate::elem::{GradElem, StateElem};
 use rayon::prelude::*;
@@ -111,10 +117,54 @@ fn block<T>(x: &[T], o: usize) -> &[T; LANES] {
         .expect("a block is LANES long by construction")
 }
 
+/// Whether every operand type is f32 (the AVX-512 f32 loop then applies).
+#[inline(always)]
+fn all_f32<S: 'static, A: 'static, B: 'static, G: 'static, C: 'static, D: 'static>() -> bool {
+    use std::any::TypeId;
+    let f = TypeId::of::<f32>();
+    [
+        TypeId::of::<S>(),
+        TypeId::of::<A>(),
+        TypeId::of::<B>(),
+        TypeId::of::<G>(),
+        TypeId::of::<C>(),
+        TypeId::of::<D>(),
+    ]
+    .iter()
+    .all(|&x| x == f)
+}
+
+/// Elements per iteration of the f32 update loop (a multiple of LANES and of a 64-byte line of f32).
+const WIDE: usize = 32;
+
+#[inline(always)]
+fn wide<T>(x: &[T], o: usize) -> &[T; WIDE] {
+    x[o..o + WIDE]
+        .try_into()
+        .expect("a wide block is WIDE long by construction")
+}
+
 /// Number of leading elements before the flat index `base + j` reaches a lane-0 position.
 #[inline(always)]
 fn head_len(base: usize, len: usize) -> usize {
     ((LANES - base % LANES) % LANES).min(len)
+}
+
+/// Whether the difference of an `A` and a `B` next to a state of type `S` is rounded in f32 (see the
+/// doc of `elem`): all three at most f32 wide. A compile-time constant for each instantiation.
+#[inline(always)]
+fn narrow<S: GradElem, A: GradElem, B: GradElem>() -> bool {
+    S::NARROW && A::NARROW && B::NARROW
+}
+
+/// z = a - b as the kernels define it: rounded to f32 when `n32`, else computed in f64.
+#[inline(always)]
+fn diff<A: GradElem, B: GradElem>(n32: bool, a: A, b: B) -> f64 {
+    if n32 {
+        (a.to_f32() - b.to_f32()) as f64
+    } else {
+        a.to_f64() - b.to_f64()
+    }
 }
 
 /// acc += (<s, a - b>, ||a - b||^2) over one piece, lane = flat index mod LANES.
@@ -126,6 +176,7 @@ fn dot_body<S: GradElem, A: GradElem, B: GradElem>(
     b: &[B],
     acc: &mut Acc,
 ) {
+    let n32 = narrow::<S, A, B>();
     let len = s.len();
     let (a, b) = (&a[..len], &b[..len]);
     let (mut dot, mut nrm) = *acc;
@@ -133,7 +184,7 @@ fn dot_body<S: GradElem, A: GradElem, B: GradElem>(
     let body_end = head + (len - head) / LANES * LANES;
     let one = |j: usize, dot: &mut [f64; LANES], nrm: &mut [f64; LANES]| {
         let l = (base + j) % LANES;
-        let z = a[j].to_f64() - b[j].to_f64();
+        let z = diff(n32, a[j], b[j]);
         dot[l] += s[j].to_f64() * z;
         nrm[l] += z * z;
     };
@@ -147,7 +198,7 @@ fn dot_body<S: GradElem, A: GradElem, B: GradElem>(
         prefetch(b, o + PREFETCH);
         let (sc, ac, bc) = (block(s, o), block(a, o), block(b, o));
         for l in 0..LANES {
-            let z = ac[l].to_f64() - bc[l].to_f64();
+            let z = diff(n32, ac[l], bc[l]);
             dot[l] += sc[l].to_f64() * z;
             nrm[l] += z * z;
         }
@@ -186,14 +237,14 @@ const PREFETCH: usize = 512;
 /// A hint to fetch the cache line holding x[i] (nothing when i is out of range). No effect on results.
 #[inline(always)]
 fn prefetch<T>(x: &[T], i: usize) {
+    // A prefetch never faults, so past the end it is merely wasted: no bounds check in the loops.
+    // `wrapping_add` forms the address without claiming it is in bounds.
     #[cfg(target_arch = "x86_64")]
-    if i < x.len() {
-        // SAFETY: a prefetch never faults and the pointer is in bounds.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                x.as_ptr().add(i).cast::<i8>(),
-            )
-        }
+    // SAFETY: prefetch only hints the cache; the address is never dereferenced.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            x.as_ptr().wrapping_add(i).cast::<i8>(),
+        )
     }
 }
 
@@ -211,19 +262,18 @@ fn prefetch_start<T>(x: &[T], len: usize) {
 /// The old values of one block of a running sum: from the source buffer when there is one, else
 /// from the buffer about to be overwritten.
 #[inline(always)]
-fn old_block<S: StateElem>(src: Option<&[S]>, dst: &[S], o: usize) -> [f64; LANES] {
-    let x = match src {
+fn old_block<S: StateElem>(src: Option<&[S]>, dst: &[S], o: usize) -> [S; LANES] {
+    *match src {
         Some(s0) => block(s0, o),
         None => block(dst, o),
-    };
-    std::array::from_fn(|l| x[l].to_f64())
+    }
 }
 
 /// s += coef (a - b); if MEAN, m += g inv_n; if DOT, acc += (<s_new, c - d>, ||c - d||^2).
 ///
 /// One loop over the elements does all of it: each element is loaded and widened once, updated, and
 /// its new (rounded) value goes straight into the next dot product, so every operand is read once per
-/// row. The operations per element are exactly those of the separate definitions (same f64 formulas,
+/// row. The operations per element are exactly those of the separate definitions (same formulas,
 /// same roundings, dot lanes by flat index), so the result does not depend on this fusion.
 ///
 /// SHARED (the layout of `grab`): `g` is `a` (the mean is fed the row that updates s) and, when DOT,
@@ -241,11 +291,20 @@ fn upd_body<
     const MEAN: bool,
     const DOT: bool,
     const SHARED: bool,
+    const X512: bool,
 >(
     p: UpdPiece<S, A, B, G, C, D>,
     acc: &mut Acc,
 ) {
     let (ga, db) = (MEAN && SHARED, DOT && SHARED);
+    // Where each result is rounded (see the doc of `elem`); constants of the instantiation.
+    let (s32, m32, z32) = (
+        narrow::<S, A, B>(),
+        S::F32 && G::NARROW,
+        narrow::<S, C, D>(),
+    );
+    let all32 = s32 && (!MEAN || m32) && (!DOT || z32);
+    let none32 = !s32 && (!MEAN || !m32) && (!DOT || !z32);
     let UpdPiece {
         base,
         s,
@@ -259,6 +318,7 @@ fn upd_body<
         d,
         src,
     } = p;
+    let (coef32, inv32) = (coef as f32, inv_n as f32);
     let len = s.len();
     let (a, b) = (&a[..len], &b[..len]);
     let (s0, m0) = match src {
@@ -269,24 +329,66 @@ fn upd_body<
     let g = if MEAN && !ga { &g[..len] } else { &g[..0] };
     let c = if DOT { &c[..len] } else { &c[..0] };
     let d = if DOT && !db { &d[..len] } else { &d[..0] };
+    // The arithmetic of one element, on values already loaded: (new s, new m, z of the next dot). Both
+    // widths of each operand are offered; the compiler drops the conversions a path does not use.
+    let elem =
+        |a: (f32, f64), b: (f32, f64), old_s: S, g: (f32, f64), old_m: S, cd: [(f32, f64); 2]| {
+            let sn = if s32 {
+                S::from_f32(old_s.to_f32() + coef32 * (a.0 - b.0))
+            } else {
+                S::from_f64(old_s.to_f64() + coef * (a.1 - b.1))
+            };
+            let mn = if !MEAN {
+                old_m
+            } else if m32 {
+                S::from_f32(old_m.to_f32() + g.0 * inv32)
+            } else {
+                S::from_f64(old_m.to_f64() + g.1 * inv_n)
+            };
+            let z = if !DOT {
+                0.0
+            } else if z32 {
+                (cd[0].0 - cd[1].0) as f64
+            } else {
+                cd[0].1 - cd[1].1
+            };
+            (sn, mn, z)
+        };
+    let both = |x: f32, y: f64| (x, y);
     let (mut dot, mut nrm) = *acc;
     // One element, for the unaligned head and the tail.
     let one =
         |j: usize, s: &mut [S], m: &mut [S], dot: &mut [f64; LANES], nrm: &mut [f64; LANES]| {
-            let b64 = b[j].to_f64();
-            let a64 = a[j].to_f64();
-            let old = s0.map_or(s[j], |s0| s0[j]).to_f64();
-            let sn = S::from_f64(old + coef * (a64 - b64));
+            let av = both(a[j].to_f32(), a[j].to_f64());
+            let bv = both(b[j].to_f32(), b[j].to_f64());
+            let gv = if ga || !MEAN {
+                av
+            } else {
+                both(g[j].to_f32(), g[j].to_f64())
+            };
+            let dv = if db || !DOT {
+                bv
+            } else {
+                both(d[j].to_f32(), d[j].to_f64())
+            };
+            let cv = if DOT {
+                both(c[j].to_f32(), c[j].to_f64())
+            } else {
+                dv
+            };
+            let old_s = s0.map_or(s[j], |s0| s0[j]);
+            let old_m = if MEAN {
+                m0.map_or(m[j], |m0| m0[j])
+            } else {
+                old_s
+            };
+            let (sn, mn, z) = elem(av, bv, old_s, gv, old_m, [cv, dv]);
             s[j] = sn;
             if MEAN {
-                let gv = if ga { a64 } else { g[j].to_f64() };
-                let old = m0.map_or(m[j], |m0| m0[j]).to_f64();
-                m[j] = S::from_f64(old + gv * inv_n);
+                m[j] = mn;
             }
             if DOT {
                 let l = (base + j) % LANES;
-                let dv = if db { b64 } else { d[j].to_f64() };
-                let z = c[j].to_f64() - dv;
                 dot[l] += sn.to_f64() * z;
                 nrm[l] += z * z;
             }
@@ -309,6 +411,100 @@ fn upd_body<
     // lanes at run time, which would otherwise pin the accumulators to memory.
     let (mut vdot, mut vnrm) = (dot, nrm);
     let mut o = head;
+    #[cfg(target_arch = "x86_64")]
+    if X512 && all_f32::<S, A, B, G, C, D>() {
+        let s_dst = s.as_mut_ptr().cast::<f32>();
+        let m_dst = m.as_mut_ptr().cast::<f32>();
+        let f = |x: *const u8| x.cast::<f32>();
+        let ops = simd::F32Ops {
+            s_src: s0.map_or(s_dst.cast_const(), |x| f(x.as_ptr().cast())),
+            s_dst,
+            a: f(a.as_ptr().cast()),
+            b: f(b.as_ptr().cast()),
+            coef: coef32,
+            m_src: m0.map_or(m_dst.cast_const(), |x| f(x.as_ptr().cast())),
+            m_dst,
+            g: if ga {
+                f(a.as_ptr().cast())
+            } else {
+                f(g.as_ptr().cast())
+            },
+            inv: inv32,
+            c: f(c.as_ptr().cast()),
+            d: if db {
+                f(b.as_ptr().cast())
+            } else {
+                f(d.as_ptr().cast())
+            },
+        };
+        let n16 = (body_end - o) / 16 * 16;
+        // SAFETY: X512 is set only by the AVX-512 wrapper (the CPU has AVX-512F); every type is f32
+        // (checked above), so the casts are identity casts; [o, o + n16) lies within every operand in
+        // use (s, a, b: len elements; m, g when MEAN; c, d when DOT), and s/m may alias their sources
+        // only index for index, which the loop allows (each element is read before it is written).
+        unsafe { simd::upd_f32_avx512::<MEAN, DOT>(&ops, o, o + n16, &mut vdot, &mut vnrm) };
+        o += n16;
+    }
+    if all32 {
+        // The f32 path does so little per element that loop overhead (a prefetch per stream per 8
+        // elements, bounds checks, spilled pointers) dominated it: WIDE elements per iteration, each
+        // stream cut once, one prefetch per stream per cache line. Same operations, same lanes.
+        while o + WIDE <= body_end {
+            let w = o..o + WIDE;
+            for q in (0..WIDE).step_by(16) {
+                prefetch(a, o + PREFETCH + q);
+                prefetch(b, o + PREFETCH + q);
+                prefetch(s0.unwrap_or(s), o + PREFETCH + q);
+                if MEAN {
+                    prefetch(m0.unwrap_or(m), o + PREFETCH + q);
+                }
+                if DOT {
+                    prefetch(c, o + PREFETCH + q);
+                    if !db {
+                        prefetch(d, o + PREFETCH + q);
+                    }
+                }
+            }
+            let (aw, bw): (&[A; WIDE], &[B; WIDE]) = (wide(a, o), wide(b, o));
+            let a32: [f32; WIDE] = std::array::from_fn(|l| aw[l].to_f32());
+            let b32: [f32; WIDE] = std::array::from_fn(|l| bw[l].to_f32());
+            let sv: &[S; WIDE] = wide(s0.unwrap_or(s), o);
+            let sn: [f32; WIDE] =
+                std::array::from_fn(|l| sv[l].to_f32() + coef32 * (a32[l] - b32[l]));
+            let sw: [S; WIDE] = std::array::from_fn(|l| S::from_f32(sn[l]));
+            s[w.clone()].copy_from_slice(&sw);
+            if MEAN {
+                let g32: [f32; WIDE] = if ga {
+                    a32
+                } else {
+                    let gw: &[G; WIDE] = wide(g, o);
+                    std::array::from_fn(|l| gw[l].to_f32())
+                };
+                let mv: &[S; WIDE] = wide(m0.unwrap_or(m), o);
+                let mn: [S; WIDE] =
+                    std::array::from_fn(|l| S::from_f32(mv[l].to_f32() + g32[l] * inv32));
+                m[w.clone()].copy_from_slice(&mn);
+            }
+            if DOT {
+                let cw: &[C; WIDE] = wide(c, o);
+                let d32: [f32; WIDE] = if db {
+                    b32
+                } else {
+                    let dw: &[D; WIDE] = wide(d, o);
+                    std::array::from_fn(|l| dw[l].to_f32())
+                };
+                // Lane l takes elements l, l + 8, l + 16, ... in that order, as the 8-wide loop does.
+                for q in (0..WIDE).step_by(LANES) {
+                    for l in 0..LANES {
+                        let z = (cw[q + l].to_f32() - d32[q + l]) as f64;
+                        vdot[l] += sn[q + l] as f64 * z;
+                        vnrm[l] += z * z;
+                    }
+                }
+            }
+            o += WIDE;
+        }
+    }
     while o < body_end {
         prefetch(a, o + PREFETCH);
         prefetch(b, o + PREFETCH);
@@ -316,39 +512,87 @@ fn upd_body<
         if MEAN {
             prefetch(m0.unwrap_or(m), o + PREFETCH);
         }
-        let (ab, bb) = (block(a, o), block(b, o));
-        let a64: [f64; LANES] = std::array::from_fn(|l| ab[l].to_f64());
-        let b64: [f64; LANES] = std::array::from_fn(|l| bb[l].to_f64());
-        let sv = old_block(s0, s, o);
-        let sn: [S; LANES] = std::array::from_fn(|l| S::from_f64(sv[l] + coef * (a64[l] - b64[l])));
-        s[o..o + LANES].copy_from_slice(&sn);
-        if MEAN {
-            let gv: [f64; LANES] = if ga {
-                a64
-            } else {
-                let gb = block(g, o);
-                std::array::from_fn(|l| gb[l].to_f64())
-            };
-            let mv = old_block(m0, m, o);
-            let mn: [S; LANES] = std::array::from_fn(|l| S::from_f64(mv[l] + gv[l] * inv_n));
-            m[o..o + LANES].copy_from_slice(&mn);
-        }
         if DOT {
             prefetch(c, o + PREFETCH);
             if !db {
                 prefetch(d, o + PREFETCH);
             }
-            let cb = block(c, o);
-            let dv: [f64; LANES] = if db {
-                b64
-            } else {
-                let dk = block(d, o);
-                std::array::from_fn(|l| dk[l].to_f64())
-            };
-            for l in 0..LANES {
-                let z = cb[l].to_f64() - dv[l];
-                vdot[l] += sn[l].to_f64() * z;
-                vnrm[l] += z * z;
+        }
+        if all32 {
+            // Every result rounded in f32: the elements stay f32 until they enter the dot product.
+            let (ab, bb) = (block(a, o), block(b, o));
+            let a32: [f32; LANES] = std::array::from_fn(|l| ab[l].to_f32());
+            let b32: [f32; LANES] = std::array::from_fn(|l| bb[l].to_f32());
+            let sv = old_block(s0, s, o);
+            let sn: [f32; LANES] =
+                std::array::from_fn(|l| sv[l].to_f32() + coef32 * (a32[l] - b32[l]));
+            let sw: [S; LANES] = std::array::from_fn(|l| S::from_f32(sn[l]));
+            s[o..o + LANES].copy_from_slice(&sw);
+            if MEAN {
+                let g32: [f32; LANES] = if ga {
+                    a32
+                } else {
+                    let gb = block(g, o);
+                    std::array::from_fn(|l| gb[l].to_f32())
+                };
+                let mv = old_block(m0, m, o);
+                let mn: [S; LANES] =
+                    std::array::from_fn(|l| S::from_f32(mv[l].to_f32() + g32[l] * inv32));
+                m[o..o + LANES].copy_from_slice(&mn);
+            }
+            if DOT {
+                let cb = block(c, o);
+                let d32: [f32; LANES] = if db {
+                    b32
+                } else {
+                    let dk = block(d, o);
+                    std::array::from_fn(|l| dk[l].to_f32())
+                };
+                for l in 0..LANES {
+                    let z = (cb[l].to_f32() - d32[l]) as f64;
+                    vdot[l] += sn[l] as f64 * z;
+                    vnrm[l] += z * z;
+                }
+            }
+        } else if none32 {
+            let (ab, bb) = (block(a, o), block(b, o));
+            let a64: [f64; LANES] = std::array::from_fn(|l| ab[l].to_f64());
+            let b64: [f64; LANES] = std::array::from_fn(|l| bb[l].to_f64());
+            let sv = old_block(s0, s, o);
+            let sn: [S; LANES] =
+                std::array::from_fn(|l| S::from_f64(sv[l].to_f64() + coef * (a64[l] - b64[l])));
+            s[o..o + LANES].copy_from_slice(&sn);
+            if MEAN {
+                let gv: [f64; LANES] = if ga {
+                    a64
+                } else {
+                    let gb = block(g, o);
+                    std::array::from_fn(|l| gb[l].to_f64())
+                };
+                let mv = old_block(m0, m, o);
+                let mn: [S; LANES] =
+                    std::array::from_fn(|l| S::from_f64(mv[l].to_f64() + gv[l] * inv_n));
+                m[o..o + LANES].copy_from_slice(&mn);
+            }
+            if DOT {
+                let cb = block(c, o);
+                let dv: [f64; LANES] = if db {
+                    b64
+                } else {
+                    let dk = block(d, o);
+                    std::array::from_fn(|l| dk[l].to_f64())
+                };
+                for l in 0..LANES {
+                    let z = cb[l].to_f64() - dv[l];
+                    vdot[l] += sn[l].to_f64() * z;
+                    vnrm[l] += z * z;
+                }
+            }
+        } else {
+            // Mixed widths (not produced by the samplers, which read one dtype per step): element by
+            // element, the same arithmetic.
+            for j in o..o + LANES {
+                one(j, s, m, &mut vdot, &mut vnrm);
             }
         }
         o += LANES;
@@ -364,6 +608,92 @@ fn upd_body<
 mod simd {
     //! The same element loops compiled for wider vector units. Callers check the feature first.
     use super::*;
+
+    /// The operands of the f32 update loop, as raw pointers: s and m are updated from s_src / m_src,
+    /// which may be the same memory (in place). Unused operands may be dangling: they are not read.
+    pub(super) struct F32Ops {
+        pub s_src: *const f32,
+        pub s_dst: *mut f32,
+        pub a: *const f32,
+        pub b: *const f32,
+        pub coef: f32,
+        pub m_src: *const f32,
+        pub m_dst: *mut f32,
+        pub g: *const f32,
+        pub inv: f32,
+        pub c: *const f32,
+        pub d: *const f32,
+    }
+
+    /// The all-f32 update (see `upd_body`) over [lo, hi), 16 elements per iteration, written with
+    /// intrinsics because the compiler's vectorization of the generic loop was fragile (it spilled,
+    /// split vectors and kept per-8 bounds checks). The operations are those of the generic loop in the
+    /// same order: z = a - b, s + coef z, m + g inv in f32; then per 8 elements, widened to f64, lane l
+    /// += s * z, then lane l += z * z, the lower 8 elements before the upper 8. No FMA. `lo` must be at
+    /// a lane-0 position and hi - lo a multiple of 16.
+    ///
+    /// # Safety
+    /// AVX-512F; [lo, hi) in bounds of every operand the flags use; s_dst (m_dst) may equal s_src
+    /// (m_src) but must not overlap any other operand.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn upd_f32_avx512<const MEAN: bool, const DOT: bool>(
+        x: &F32Ops,
+        lo: usize,
+        hi: usize,
+        dot: &mut [f64; LANES],
+        nrm: &mut [f64; LANES],
+    ) {
+        use std::arch::x86_64::*;
+        let coef = _mm512_set1_ps(x.coef);
+        let inv = _mm512_set1_ps(x.inv);
+        let mut vd = _mm512_loadu_pd(dot.as_ptr());
+        let mut vn = _mm512_loadu_pd(nrm.as_ptr());
+        // Both halves of 16 f32 as 8 f64 each (exact).
+        let widen = |v: __m512| {
+            (
+                _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(v),
+                ))),
+            )
+        };
+        let pf = |p: *const f32, i: usize| {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + PREFETCH).cast::<i8>())
+        };
+        let mut i = lo;
+        while i < hi {
+            pf(x.a, i);
+            pf(x.b, i);
+            pf(x.s_src, i);
+            let a = _mm512_loadu_ps(x.a.add(i));
+            let b = _mm512_loadu_ps(x.b.add(i));
+            let s_old = _mm512_loadu_ps(x.s_src.add(i));
+            let sn = _mm512_add_ps(s_old, _mm512_mul_ps(coef, _mm512_sub_ps(a, b)));
+            _mm512_storeu_ps(x.s_dst.add(i), sn);
+            if MEAN {
+                pf(x.m_src, i);
+                let g = _mm512_loadu_ps(x.g.add(i));
+                let m_old = _mm512_loadu_ps(x.m_src.add(i));
+                _mm512_storeu_ps(x.m_dst.add(i), _mm512_add_ps(m_old, _mm512_mul_ps(g, inv)));
+            }
+            if DOT {
+                pf(x.c, i);
+                if x.d != x.b {
+                    pf(x.d, i);
+                }
+                let z = _mm512_sub_ps(_mm512_loadu_ps(x.c.add(i)), _mm512_loadu_ps(x.d.add(i)));
+                let (s_lo, s_hi) = widen(sn);
+                let (z_lo, z_hi) = widen(z);
+                vd = _mm512_add_pd(vd, _mm512_mul_pd(s_lo, z_lo));
+                vn = _mm512_add_pd(vn, _mm512_mul_pd(z_lo, z_lo));
+                vd = _mm512_add_pd(vd, _mm512_mul_pd(s_hi, z_hi));
+                vn = _mm512_add_pd(vn, _mm512_mul_pd(z_hi, z_hi));
+            }
+            i += 16;
+        }
+        _mm512_storeu_pd(dot.as_mut_ptr(), vd);
+        _mm512_storeu_pd(nrm.as_mut_ptr(), vn);
+    }
 
     /// # Safety
     /// The CPU must support AVX-512F (checked by `isa()`).
@@ -408,7 +738,7 @@ mod simd {
         p: UpdPiece<S, A, B, G, C, D>,
         acc: &mut Acc,
     ) {
-        upd_body::<S, A, B, G, C, D, MEAN, DOT, SHARED>(p, acc)
+        upd_body::<S, A, B, G, C, D, MEAN, DOT, SHARED, true>(p, acc)
     }
 
     /// # Safety
@@ -428,7 +758,7 @@ mod simd {
         p: UpdPiece<S, A, B, G, C, D>,
         acc: &mut Acc,
     ) {
-        upd_body::<S, A, B, G, C, D, MEAN, DOT, SHARED>(p, acc)
+        upd_body::<S, A, B, G, C, D, MEAN, DOT, SHARED, false>(p, acc)
     }
 }
 
@@ -475,12 +805,21 @@ fn upd_piece<
         // SAFETY: `isa` comes from `isa()`, which returns Avx2 only when the CPU reports avx2.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { simd::upd_avx2::<S, A, B, G, C, D, MEAN, DOT, SHARED>(p, acc) },
-        _ => upd_body::<S, A, B, G, C, D, MEAN, DOT, SHARED>(p, acc),
+        _ => upd_body::<S, A, B, G, C, D, MEAN, DOT, SHARED, false>(p, acc),
     }
 }
 
+/// The lanes summed pairwise: ((0 + 1) + (2 + 3)) + ..., a balanced tree in lane order.
 fn fold_lanes(acc: &[f64; LANES]) -> f64 {
-    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    let mut v = *acc;
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            v[l] = v[2 * l] + v[2 * l + 1];
+        }
+    }
+    v[0]
 }
 
 const ZERO: Acc = ([0.0; LANES], [0.0; LANES]);
@@ -840,7 +1179,8 @@ mod tests {
     }
 
     /// The reduction order of the module doc, written out plainly: lane = flat index mod 8, lanes
-    /// folded pairwise per chunk, chunk partials summed in chunk order.
+    /// folded pairwise per chunk, chunk partials summed in chunk order. z = c - d exactly as given
+    /// (the caller rounds it to f32 first where the definition does).
     fn reference_dot(s: &[f64], c: &[f64], d: &[f64]) -> (f64, f64) {
         let (mut dot, mut nrm) = (0.0, 0.0);
         for lo in (0..s.len()).step_by(CHUNK) {
@@ -878,14 +1218,14 @@ mod tests {
             let (g, gn) = (wild(dim, 4), wild(dim, 5));
             let coef = -1.0;
             let inv_n = 1.0 / 7.0;
-            // The definition, element by element.
+            // The definition, element by element: float32 state and gradients, so every elementwise
+            // result is rounded in f32 and only the dot product runs in f64.
             let s_ref: Vec<f32> = (0..dim)
-                .map(|i| (s0[i] as f64 + coef * (g[i] as f64 - m[i] as f64)) as f32)
+                .map(|i| s0[i] + coef as f32 * (g[i] - m[i]))
                 .collect();
-            let mn_ref: Vec<f32> = (0..dim)
-                .map(|i| (mn0[i] as f64 + g[i] as f64 * inv_n) as f32)
-                .collect();
-            let dot_ref = reference_dot(&f64s(&s_ref), &f64s(&gn), &f64s(&m));
+            let mn_ref: Vec<f32> = (0..dim).map(|i| mn0[i] + g[i] * inv_n as f32).collect();
+            let z_next: Vec<f64> = (0..dim).map(|i| (gn[i] - m[i]) as f64).collect();
+            let dot_ref = reference_dot(&f64s(&s_ref), &z_next, &vec![0.0; dim]);
             assert_eq!(
                 dot_diff(
                     &layout,
@@ -1031,6 +1371,62 @@ mod tests {
                 (s1, m1, acc)
             };
             assert_eq!(run_shared(Isa::Scalar), run_shared(here));
+        }
+    }
+
+    /// One update pass at the given ISA for flags (MEAN, DOT), in place or from a source buffer.
+    fn run_flags<const MEAN: bool, const DOT: bool>(
+        isa: Isa,
+        base: usize,
+        len: usize,
+        from_src: bool,
+    ) -> (Vec<f32>, Vec<f32>, Acc) {
+        let (s0, m0) = (data(len, 1), data(len, 6));
+        let (a, b, c, e) = (data(len, 2), data(len, 3), data(len, 4), data(len, 5));
+        let (mut s1, mut m1) = if from_src {
+            (vec![0.0f32; len], vec![0.0f32; len])
+        } else {
+            (s0.clone(), m0.clone())
+        };
+        let mut acc = ZERO;
+        let p = UpdPiece {
+            base,
+            s: &mut s1[..],
+            a: &a[..],
+            b: &b[..],
+            coef: 1.0,
+            m: if MEAN { &mut m1[..] } else { &mut [] },
+            g: &e[..],
+            inv_n: 0.1,
+            c: &c[..],
+            d: &e[..],
+            src: from_src.then_some((&s0[..], &m0[..])),
+        };
+        upd_piece::<f32, f32, f32, f32, f32, f32, MEAN, DOT, false>(isa, p, &mut acc);
+        (s1, m1, acc)
+    }
+
+    #[test]
+    fn every_update_variant_gives_the_same_bits_on_every_instruction_set() {
+        // The AVX-512 float32 loop serves all four (MEAN, DOT) variants, in place and from a source
+        // buffer; it runs on lengths with a 16-wide body plus 8-wide and scalar remainders.
+        let here = isa();
+        for (base, len) in [(0, 1000), (5, 1003), (8, 40), (1, 7), (0, 4096 + 24)] {
+            for from_src in [false, true] {
+                let go = |isa| {
+                    (
+                        run_flags::<true, true>(isa, base, len, from_src),
+                        run_flags::<true, false>(isa, base, len, from_src),
+                        run_flags::<false, true>(isa, base, len, from_src),
+                        run_flags::<false, false>(isa, base, len, from_src),
+                    )
+                };
+                assert_eq!(
+                    go(Isa::Scalar),
+                    go(here),
+                    "base {base} len {len} src {from_src}"
+                );
+            }
         }
     }
 
