@@ -18,8 +18,12 @@ use rayon::prelude::*;
 
 /// Elements per reduction chunk (also the unit of parallel work).
 pub const CHUNK: usize = 1 << 14;
-/// Below this many coordinates, one thread is faster than rayon's fork/join.
-pub const PARALLEL_MIN_DIM: usize = 1 << 17;
+/// Below this many coordinates a pass runs on one thread: two chunks and more are split between
+/// threads. Measured with the float32 loops run from a worker (see `on_workers`; `cargo bench --bench
+/// step_loop`, 2 cores, load ~1, B = 64), two threads against one: `grab` at d = 30,000 even (below
+/// the threshold), 45,000 1.25x, 62,006 (LeNet-5) 1.3-1.5x; `pair` at 45,000 1.3x, 1e5 2.4x. Results
+/// do not depend on it: the reduction order is fixed by CHUNK alone.
+pub const PARALLEL_MIN_DIM: usize = 2 * CHUNK;
 
 const LANES: usize = 8;
 
@@ -894,16 +898,19 @@ fn shared<S, A: 'static, B: 'static, G: 'static, C, D: 'static>(
     !p.m.is_empty() && same(p.a, p.g) && (p.c.is_empty() || same(p.b, p.d))
 }
 
-/// Below this many coordinates the update pass runs on one thread. The pass that also feeds the mean
-/// (`grab`) does about twice the work per element of the one that does not (`pair`), so it pays for
-/// rayon's fork/join from half the size (measured at d = 1e5 on the loaded 2-core machine: `grab` from
-/// even to 1.4x faster with two threads, `pair` 1.4x slower). Results do not depend on it: the reduction
-/// order is fixed by CHUNK alone.
-fn parallel_min_dim(mean: bool) -> usize {
-    if mean {
-        PARALLEL_MIN_DIM / 2
+/// Run `f`, a whole step of per-row passes over d coordinates, on a rayon worker when those passes
+/// fork (d at or above a parallel threshold) and the caller is not a worker already. From outside the
+/// pool every fork/join injects a job and puts the caller to sleep until it is done, and waking it
+/// cost ~10 us per row; from a worker, the other half of a row is stolen by a worker that is usually
+/// still spinning from the last row. Measured (`cargo bench --bench step_loop`, float32, 2 cores):
+/// `grab` 1.2-1.3x faster at d = 62,006 and 1e5 (B = 64), unchanged at d = 1e6. Results are the same
+/// either way.
+pub fn on_workers<R: Send>(dim: usize, f: impl FnOnce() -> R + Send) -> R {
+    let forks = dim >= PARALLEL_MIN_DIM;
+    if forks && rayon::current_thread_index().is_none() {
+        rayon::scope(|_| f())
     } else {
-        PARALLEL_MIN_DIM
+        f()
     }
 }
 
@@ -973,7 +980,7 @@ fn run_update<
     };
     let mut dot = 0.0;
     let mut norm = 0.0;
-    if layout.dim >= parallel_min_dim(MEAN) {
+    if layout.dim >= PARALLEL_MIN_DIM {
         let partials: Vec<(f64, f64)> = match m_next {
             Some(m) => s
                 .par_chunks_mut(CHUNK)

@@ -6,7 +6,9 @@ use crate::assembly::FrontBack;
 use crate::batch::Batch;
 use crate::elem::{GradElem, Scratch, StateElem};
 use crate::error::{ErrorKind, GrabError, Result};
-use crate::kernels::{dot_diff, update_diff, update_from, update_then_dot, Layout, Pieces};
+use crate::kernels::{
+    dot_diff, on_workers, update_diff, update_from, update_then_dot, Layout, Pieces,
+};
 use crate::sign::SignRule;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +61,20 @@ impl<S: StateElem> MeanBalance<S> {
     /// Balance the rows of `batch` (unit `indices[r]` for row r) in row order. All or nothing: on a
     /// non-finite row, the running sums and the sign rule are restored and nothing is placed.
     pub fn step<G: GradElem>(
+        &mut self,
+        layout: &Layout,
+        batch: &Batch<G>,
+        indices: &[u32],
+        assembler: &mut FrontBack,
+        rule: &mut SignRule,
+        n: usize,
+    ) -> Result<()> {
+        on_workers(layout.dim, || {
+            self.step_rows(layout, batch, indices, assembler, rule, n)
+        })
+    }
+
+    fn step_rows<G: GradElem>(
         &mut self,
         layout: &Layout,
         batch: &Batch<G>,
