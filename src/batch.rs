@@ -55,6 +55,26 @@ impl<'a, G: GradElem> Batch<'a, G> {
         })
     }
 
+    /// The same batch typed as f32 when G is f32 (None otherwise): lets f32-only kernels take a
+    /// generic caller's batch without copying.
+    pub fn as_f32(&self) -> Option<Batch<'a, f32>> {
+        (std::any::TypeId::of::<G>() == std::any::TypeId::of::<f32>()).then(|| Batch {
+            segments: self
+                .segments
+                .iter()
+                .map(|sg| Segment {
+                    // SAFETY: G is f32, so this is the identity cast of a shared borrow.
+                    data: unsafe {
+                        std::slice::from_raw_parts(sg.data.as_ptr().cast::<f32>(), sg.data.len())
+                    },
+                    width: sg.width,
+                })
+                .collect(),
+            rows: self.rows,
+            dim: self.dim,
+        })
+    }
+
     /// One flat (B x d) slice: a convenience for tests and single-buffer callers.
     pub fn from_slice(data: &'a [G], rows: usize, dim: usize) -> Result<Self> {
         if rows.checked_mul(dim) != Some(data.len()) {

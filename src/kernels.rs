@@ -16,6 +16,9 @@
 use crate::elem::{GradElem, StateElem};
 use rayon::prelude::*;
 
+pub mod advance;
+pub use advance::{advance, Advance, Advanced};
+
 /// Elements per reduction chunk (also the unit of parallel work).
 pub const CHUNK: usize = 1 << 14;
 /// Below this many coordinates a pass runs on one thread: two chunks and more are split between

@@ -7,7 +7,8 @@ use crate::batch::Batch;
 use crate::elem::{GradElem, Scratch, StateElem};
 use crate::error::{ErrorKind, GrabError, Result};
 use crate::kernels::{
-    dot_diff, on_workers, update_diff, update_from, update_then_dot, Layout, Pieces,
+    advance, dot_diff, on_workers, update_diff, update_from, update_then_dot, Advance, Layout,
+    Pieces,
 };
 use crate::sign::SignRule;
 
@@ -70,10 +71,12 @@ impl<S: StateElem> MeanBalance<S> {
         n: usize,
     ) -> Result<()> {
         on_workers(layout.dim, || {
-            self.step_rows(layout, batch, indices, assembler, rule, n)
+            self.step_rows(layout, batch, indices, assembler, rule, n, true)
         })
     }
 
+    /// `step`; `two_row` = false keeps the per-row pass whatever the shape (tests compare the two).
+    #[allow(clippy::too_many_arguments)]
     fn step_rows<G: GradElem>(
         &mut self,
         layout: &Layout,
@@ -82,6 +85,7 @@ impl<S: StateElem> MeanBalance<S> {
         assembler: &mut FrontBack,
         rule: &mut SignRule,
         n: usize,
+        two_row: bool,
     ) -> Result<()> {
         let rows = batch.rows();
         let d = layout.dim;
@@ -103,6 +107,26 @@ impl<S: StateElem> MeanBalance<S> {
         if !in_place {
             sb.resize(d, S::default());
             mb.resize(d, S::default());
+        }
+        if !in_place && two_row && two_row_pass(layout, rule) {
+            if let (Some(sv), Some(mv), Some(mnv), Some(sbv), Some(mbv), Some(g32)) = (
+                as_f32_mut(s),
+                as_f32(m),
+                as_f32_mut(m_next),
+                as_f32_mut(sb),
+                as_f32_mut(mb),
+                batch.as_f32(),
+            ) {
+                let signs =
+                    two_row_step(layout, (sv, mv, mnv), (sbv, mbv), &g32, indices, rule, n)?;
+                std::mem::swap(s, sb);
+                std::mem::swap(m_next, mb);
+                for (&i, &eps) in indices.iter().zip(&signs) {
+                    assembler.place(i, eps);
+                }
+                self.seen += rows as u64;
+                return Ok(());
+            }
         }
         let mut signs = Vec::with_capacity(rows);
         let mp = Pieces::split_flat(m, &layout.widths);
@@ -179,5 +203,227 @@ impl<S: StateElem> MeanBalance<S> {
         self.m_next.iter_mut().for_each(|x| *x = S::default());
         self.s.iter_mut().for_each(|x| *x = S::default());
         self.seen = 0;
+    }
+}
+
+/// Below this many coordinates the per-row pass is used. Measured with `cargo bench --bench step_loop`
+/// (2 cores, load ~1, two runs each, G elements/s per-row -> two-row): d = 1e3 1.6-1.9 -> 1.3 (the
+/// pass's fixed costs dominate); 1e4 mixed (1.7-2.0 -> 1.9-2.3); 3e4 1.9-2.0 -> 1.9-2.3; 1e5 2.9-3.3
+/// -> 3.3-3.6; 2.5e5 2.0-2.3 -> 2.7-2.8; 5e5 (B = 32) 1.9-2.2 -> 2.6-2.8; 1e6 (B = 16) 1.7-1.8 ->
+/// 2.3-2.4; 1e7 (B = 4) 1.0 -> 1.3.
+pub const TWO_ROW_MIN_DIM: usize = 1 << 14;
+
+/// Whether this step may use the two-row pass (`kernels::advance`): deterministic signs (their scale, 1,
+/// is known before the dot), the AVX-512 loop, and a dimension where it pays. Results are the same
+/// either way, bit for bit.
+fn two_row_pass(layout: &Layout, rule: &SignRule) -> bool {
+    matches!(rule, SignRule::Deterministic)
+        && crate::kernels::advance::available()
+        && layout.dim >= TWO_ROW_MIN_DIM
+}
+
+fn as_f32<T: 'static>(x: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32, so this is the identity cast.
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+}
+
+fn as_f32_mut<T: 'static>(x: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32, so this is the identity cast of a unique borrow.
+        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
+}
+
+/// The rows of one step through `kernels::advance`: row 0's dot from the sums, then passes that each
+/// apply the decided rows (one, then two at a time), form the next row's dot and, for the row after
+/// it, the dots for both possible signs; the sign decided in between selects one. Reads `cur` = (s, m,
+/// m_next), writes the new sums into `out` (all or nothing: the caller swaps them in on success).
+/// Returns the signs in row order; on a non-finite row, restores nothing itself (it changed only `out`
+/// and the rule, which the caller restores) and reports the row.
+#[allow(clippy::too_many_arguments)]
+fn two_row_step(
+    layout: &Layout,
+    cur: (&[f32], &[f32], &[f32]),
+    out: (&mut [f32], &mut [f32]),
+    batch: &Batch<f32>,
+    indices: &[u32],
+    rule: &mut SignRule,
+    n: usize,
+) -> Result<Vec<f64>> {
+    let (s, m, m_next) = cur;
+    let (sb, mb) = out;
+    let rows = batch.rows();
+    let d = layout.dim;
+    let saved_rule = rule.clone();
+    let mp = Pieces::split_flat(m, &layout.widths);
+    let rp: Vec<Pieces<f32>> = (0..rows).map(|r| row_pieces(batch, r)).collect();
+    let mut signs = Vec::with_capacity(rows);
+    let mut pending: Vec<(usize, f64)> = Vec::with_capacity(2);
+    let decide = |r: usize, (dot, norm2): (f64, f64), rule: &mut SignRule| {
+        if !(dot.is_finite() && norm2.is_finite()) {
+            *rule = saved_rule.clone();
+            return Err(non_finite(indices[r], r));
+        }
+        let dec = rule.decide(dot, norm2, n, d);
+        Ok((dec.eps, dec.eps * dec.scale))
+    };
+    let (eps, coef) = decide(0, dot_diff(layout, s, &rp[0], &mp), rule)?;
+    signs.push(eps);
+    pending.push((0, coef));
+    let mut q = 1;
+    let mut first = true;
+    loop {
+        let apply: Vec<(&Pieces<f32>, f64)> = pending.iter().map(|&(r, c)| (&rp[r], c)).collect();
+        let op = Advance {
+            apply: &apply,
+            m: &mp,
+            inv_n: 1.0 / n as f64,
+            dot: (q < rows).then(|| &rp[q]),
+            spec: (q + 1 < rows).then(|| (&rp[q + 1], 1.0)),
+        };
+        let src = first.then_some((s, m_next));
+        let res = advance(layout, src, sb, mb, &op);
+        first = false;
+        pending.clear();
+        if q >= rows {
+            break;
+        }
+        let (eps, coef) = decide(q, res.dot, rule)?;
+        signs.push(eps);
+        pending.push((q, coef));
+        if q + 1 < rows {
+            let dot = if eps > 0.0 { res.spec.0 } else { res.spec.1 };
+            let (eps1, coef1) = decide(q + 1, (dot, res.spec.2), rule)?;
+            signs.push(eps1);
+            pending.push((q + 1, coef1));
+            q += 2;
+        } else {
+            q += 1;
+        }
+    }
+    Ok(signs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::CHUNK;
+
+    fn values(len: usize, salt: u64) -> Vec<f32> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        (0..len)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Mixed magnitudes, so that roundings differ between orders of operations.
+                let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                u * [1.0, 1e-3, 37.0, 0.25][i % 4]
+            })
+            .collect()
+    }
+
+    /// One (rows x w) array per segment of the layout.
+    fn segments(layout: &Layout, rows: usize, salt: u64) -> Vec<ndarray::Array2<f32>> {
+        layout
+            .widths
+            .iter()
+            .enumerate()
+            .map(|(k, &w)| {
+                ndarray::Array2::from_shape_vec((rows, w), values(rows * w, salt + k as u64))
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn two_row_pass_equals_the_per_row_pass_bit_for_bit() {
+        if !crate::kernels::advance::available() {
+            return;
+        }
+        let n = 40;
+        for widths in [
+            vec![37],
+            vec![3, 5, 1, 29, 200],
+            vec![5, CHUNK - 3, 1, 2 * CHUNK + 13],
+        ] {
+            let layout = Layout::new(widths);
+            let d = layout.dim;
+            for rows in 1..=7 {
+                let salt = (d * 10 + rows) as u64;
+                let start = MeanBalance::from_parts(
+                    values(d, salt),
+                    values(d, salt + 1),
+                    values(d, salt + 2),
+                    3,
+                );
+                let segs = segments(&layout, rows, salt + 3);
+                let views: Vec<_> = segs.iter().map(|a| a.view()).collect();
+                let batch = Batch::from_views(&views).unwrap();
+                let idx: Vec<u32> = (0..rows as u32).collect();
+                let mut per_row = start.clone();
+                let mut asm = FrontBack::new(n);
+                let mut rule = SignRule::deterministic();
+                per_row
+                    .step_rows(&layout, &batch, &idx, &mut asm, &mut rule, n, false)
+                    .unwrap();
+                let (mut sb, mut mb) = (vec![0.0f32; d], vec![0.0f32; d]);
+                let signs = two_row_step(
+                    &layout,
+                    (&start.s, &start.m, &start.m_next),
+                    (&mut sb, &mut mb),
+                    &batch,
+                    &idx,
+                    &mut SignRule::deterministic(),
+                    n,
+                )
+                .unwrap();
+                assert_eq!(sb, per_row.s, "s: widths {:?} rows {rows}", layout.widths);
+                assert_eq!(mb, per_row.m_next, "m_next: rows {rows}");
+                let mut asm2 = FrontBack::new(n);
+                for (&i, &e) in idx.iter().zip(&signs) {
+                    asm2.place(i, e);
+                }
+                assert_eq!(asm2.parts(), asm.parts(), "signs: rows {rows}");
+                if rows >= 4 {
+                    assert!(signs.iter().any(|&e| e > 0.0) && signs.iter().any(|&e| e < 0.0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn two_row_pass_refuses_the_first_non_finite_row() {
+        if !crate::kernels::advance::available() {
+            return;
+        }
+        let layout = Layout::new(vec![3, 61]);
+        let d = layout.dim;
+        for bad in 0..5 {
+            let mut segs = segments(&layout, 5, 7);
+            segs[1][[bad, 14]] = f32::NAN;
+            let views: Vec<_> = segs.iter().map(|a| a.view()).collect();
+            let batch = Batch::from_views(&views).unwrap();
+            let idx: Vec<u32> = (10..15).collect();
+            let z = vec![0.0f32; d];
+            let (mut sb, mut mb) = (vec![0.0f32; d], vec![0.0f32; d]);
+            let err = two_row_step(
+                &layout,
+                (&z, &z, &z),
+                (&mut sb, &mut mb),
+                &batch,
+                &idx,
+                &mut SignRule::deterministic(),
+                20,
+            )
+            .unwrap_err();
+            assert_eq!(err.kind, ErrorKind::NonFinite);
+            assert!(
+                err.message
+                    .contains(&format!("unit {} (row {bad} ", 10 + bad)),
+                "{}",
+                err.message
+            );
+        }
     }
 }
