@@ -63,10 +63,7 @@ impl<'a, G: GradElem> Batch<'a, G> {
                 .segments
                 .iter()
                 .map(|sg| Segment {
-                    // SAFETY: G is f32, so this is the identity cast of a shared borrow.
-                    data: unsafe {
-                        std::slice::from_raw_parts(sg.data.as_ptr().cast::<f32>(), sg.data.len())
-                    },
+                    data: crate::elem::as_f32(sg.data).expect("G is f32"),
                     width: sg.width,
                 })
                 .collect(),

@@ -114,3 +114,18 @@ impl<T> std::fmt::Debug for Scratch<T> {
         f.write_str("Scratch")
     }
 }
+
+/// `x` as f32 when T is f32 (None otherwise): lets f32-only kernels take a generic caller's buffers
+/// without copying.
+pub(crate) fn as_f32<T: 'static>(x: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32, so this is the identity cast.
+        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+}
+
+/// `as_f32` for a unique borrow.
+pub(crate) fn as_f32_mut<T: 'static>(x: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32, so this is the identity cast of a unique borrow.
+        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
+}

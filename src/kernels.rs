@@ -141,16 +141,6 @@ fn all_f32<S: 'static, A: 'static, B: 'static, G: 'static, C: 'static, D: 'stati
     .all(|&x| x == f)
 }
 
-/// Elements per iteration of the f32 update loop (a multiple of LANES and of a 64-byte line of f32).
-const WIDE: usize = 32;
-
-#[inline(always)]
-fn wide<T>(x: &[T], o: usize) -> &[T; WIDE] {
-    x[o..o + WIDE]
-        .try_into()
-        .expect("a wide block is WIDE long by construction")
-}
-
 /// Number of leading elements before the flat index `base + j` reaches a lane-0 position.
 #[inline(always)]
 fn head_len(base: usize, len: usize) -> usize {
@@ -451,66 +441,6 @@ fn upd_body<
         // only index for index, which the loop allows (each element is read before it is written).
         unsafe { simd::upd_f32_avx512::<MEAN, DOT>(&ops, o, o + n16, &mut vdot, &mut vnrm) };
         o += n16;
-    }
-    if all32 {
-        // The f32 path does so little per element that loop overhead (a prefetch per stream per 8
-        // elements, bounds checks, spilled pointers) dominated it: WIDE elements per iteration, each
-        // stream cut once, one prefetch per stream per cache line. Same operations, same lanes.
-        while o + WIDE <= body_end {
-            let w = o..o + WIDE;
-            for q in (0..WIDE).step_by(16) {
-                prefetch(a, o + PREFETCH + q);
-                prefetch(b, o + PREFETCH + q);
-                prefetch(s0.unwrap_or(s), o + PREFETCH + q);
-                if MEAN {
-                    prefetch(m0.unwrap_or(m), o + PREFETCH + q);
-                }
-                if DOT {
-                    prefetch(c, o + PREFETCH + q);
-                    if !db {
-                        prefetch(d, o + PREFETCH + q);
-                    }
-                }
-            }
-            let (aw, bw): (&[A; WIDE], &[B; WIDE]) = (wide(a, o), wide(b, o));
-            let a32: [f32; WIDE] = std::array::from_fn(|l| aw[l].to_f32());
-            let b32: [f32; WIDE] = std::array::from_fn(|l| bw[l].to_f32());
-            let sv: &[S; WIDE] = wide(s0.unwrap_or(s), o);
-            let sn: [f32; WIDE] =
-                std::array::from_fn(|l| sv[l].to_f32() + coef32 * (a32[l] - b32[l]));
-            let sw: [S; WIDE] = std::array::from_fn(|l| S::from_f32(sn[l]));
-            s[w.clone()].copy_from_slice(&sw);
-            if MEAN {
-                let g32: [f32; WIDE] = if ga {
-                    a32
-                } else {
-                    let gw: &[G; WIDE] = wide(g, o);
-                    std::array::from_fn(|l| gw[l].to_f32())
-                };
-                let mv: &[S; WIDE] = wide(m0.unwrap_or(m), o);
-                let mn: [S; WIDE] =
-                    std::array::from_fn(|l| S::from_f32(mv[l].to_f32() + g32[l] * inv32));
-                m[w.clone()].copy_from_slice(&mn);
-            }
-            if DOT {
-                let cw: &[C; WIDE] = wide(c, o);
-                let d32: [f32; WIDE] = if db {
-                    b32
-                } else {
-                    let dw: &[D; WIDE] = wide(d, o);
-                    std::array::from_fn(|l| dw[l].to_f32())
-                };
-                // Lane l takes elements l, l + 8, l + 16, ... in that order, as the 8-wide loop does.
-                for q in (0..WIDE).step_by(LANES) {
-                    for l in 0..LANES {
-                        let z = (cw[q + l].to_f32() - d32[q + l]) as f64;
-                        vdot[l] += sn[q + l] as f64 * z;
-                        vnrm[l] += z * z;
-                    }
-                }
-            }
-            o += WIDE;
-        }
     }
     while o < body_end {
         prefetch(a, o + PREFETCH);

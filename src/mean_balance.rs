@@ -4,7 +4,7 @@
 
 use crate::assembly::FrontBack;
 use crate::batch::Batch;
-use crate::elem::{GradElem, Scratch, StateElem};
+use crate::elem::{as_f32, as_f32_mut, GradElem, Scratch, StateElem};
 use crate::error::{ErrorKind, GrabError, Result};
 use crate::kernels::{
     advance, dot_diff, on_workers, update_diff, update_from, update_then_dot, Advance, Layout,
@@ -220,18 +220,6 @@ fn two_row_pass(layout: &Layout, rule: &SignRule) -> bool {
     matches!(rule, SignRule::Deterministic)
         && crate::kernels::advance::available()
         && layout.dim >= TWO_ROW_MIN_DIM
-}
-
-fn as_f32<T: 'static>(x: &[T]) -> Option<&[f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32, so this is the identity cast.
-        .then(|| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
-}
-
-fn as_f32_mut<T: 'static>(x: &mut [T]) -> Option<&mut [f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32, so this is the identity cast of a unique borrow.
-        .then(|| unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) })
 }
 
 /// The rows of one step through `kernels::advance`: row 0's dot from the sums, then passes that each
