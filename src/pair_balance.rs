@@ -8,7 +8,7 @@ use crate::batch::Batch;
 use crate::elem::{GradElem, Scratch, StateElem};
 use crate::error::{GrabError, Result};
 use crate::kernels::{
-    dot_diff, on_workers, update_diff, update_from, update_then_dot, Layout, Pieces,
+    dot_diff, forks, on_workers, update_diff, update_from, update_then_dot, Layout, Pieces,
 };
 use crate::mean_balance::{non_finite, row_pieces};
 use crate::sign::SignRule;
@@ -90,7 +90,7 @@ impl<S: StateElem> PairBalance<S> {
         rule: &mut SignRule,
         n: usize,
     ) -> Result<()> {
-        on_workers(layout.dim, || {
+        on_workers(forks(layout.dim), || {
             self.step_rows(layout, batch, indices, assembler, rule, n)
         })
     }

@@ -5,7 +5,7 @@ use crate::assembly::FrontBack;
 use crate::batch::Batch;
 use crate::elem::{GradElem, StateElem};
 use crate::error::{ErrorKind, GrabError, Result};
-use crate::kernels::Layout;
+use crate::kernels::{forks, on_workers, Layout};
 use crate::mean_balance::MeanBalance;
 use crate::pair_balance::PairBalance;
 use crate::permutations;
@@ -438,14 +438,16 @@ impl<S: StateElem> Sampler<S> {
         }
         // With a projection, the balance sees the B x k rows P g instead of the gradients.
         match self.cfg.projection {
-            None => balance_rows(
-                &self.cfg,
-                &mut self.balance,
-                &mut self.rule,
-                asm,
-                batch,
-                indices,
-            )?,
+            None => on_workers(forks(d), || {
+                balance_rows(
+                    &self.cfg,
+                    &mut self.balance,
+                    &mut self.rule,
+                    asm,
+                    batch,
+                    indices,
+                )
+            })?,
             Some(spec) => {
                 // Checked on the gradients themselves: a sketch column of zeros could hide an Inf.
                 crate::recursive_balance::check_finite(batch, indices)?;
