@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchgrab
+from conftest import assert_same_state
 from torchgrab import (
     CallOrderError,
     GraBError,
@@ -148,3 +149,26 @@ def test_bad_constructor_arguments(kwargs, exc):
 
 def test_orderings_lists_the_contract_names():
     assert {"rr", "so", "wr", "fixed", "flipflop", "grab", "mean", "pair"} <= set(torchgrab.orderings())
+
+
+@pytest.mark.parametrize("bad_row", [0, 1, 2, 3, 4])
+def test_a_refused_step_through_the_two_row_pass_changes_nothing(bad_row):
+    # d >= 16,384 float32 `grab` steps take the two-row pass (rows decided two at a time, with
+    # speculative dots): a NaN in any row refuses the whole step, names that row, and changes nothing.
+    d, n = 20_003, 12
+    v = np.random.default_rng(5).normal(size=(n, d)).astype(np.float32)
+    s = GraBSampler(n=n, ordering="grab", seed=1)
+    order = list(s)
+    s.step(v[order[:5]])
+    s2 = GraBSampler(n=n, ordering="grab", seed=1)
+    list(s2)
+    s2.step(v[order[:5]])
+    before = s.state_dict()
+    rows = v[order[5:10]].copy()
+    rows[bad_row, 777] = np.nan
+    with pytest.raises(NonFiniteGradientError, match=rf"unit {order[5 + bad_row]} \(row {bad_row} "):
+        s.step(rows)
+    assert_same_state(s.state_dict(), before)
+    s.step(v[order[5:10]])  # the same rows, finite: as if the refused step never happened
+    s2.step(v[order[5:10]])
+    assert_same_state(s.state_dict(), s2.state_dict())
