@@ -96,6 +96,11 @@ impl OrderingKind {
     }
 }
 
+/// Herding passes per epoch at most. Each pass reads all n stored gradients, so more than a handful
+/// is already a long epoch end; the bound also keeps a damaged or hand-edited checkpoint from asking for
+/// millions of passes (the codec's mutation test decoded one that took a minute).
+pub const MAX_ROUNDS: u32 = 1000;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub kind: OrderingKind,
@@ -165,8 +170,11 @@ impl Config {
                 self.depth
             )));
         }
-        if self.rounds == 0 {
-            return Err(GrabError::state("rounds must be at least 1"));
+        if !(1..=MAX_ROUNDS).contains(&self.rounds) {
+            return Err(GrabError::state(format!(
+                "rounds must be between 1 and {MAX_ROUNDS} (herding passes over the stored epoch per epoch), got {}",
+                self.rounds
+            )));
         }
         if self.kind == OrderingKind::Greedy && self.random_signs {
             return Err(GrabError::state(

@@ -484,6 +484,23 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_asking_for_too_many_herding_rounds_is_refused() {
+        // The mutation test once decoded rounds = 3,080,193: a valid-looking checkpoint whose next
+        // epoch end took a minute. Such a state is refused on import, as the constructor refuses it.
+        let mut st = driven("herding", 11, 2, 5, false).export_state();
+        st.config.rounds = crate::sampler::MAX_ROUNDS + 1;
+        let decoded = decode::<f32>(&encode(&st)).unwrap();
+        let err = Sampler::import_state(decoded).unwrap_err();
+        assert!(
+            err.message.contains("rounds must be between 1 and"),
+            "{}",
+            err.message
+        );
+        st.config.rounds = crate::sampler::MAX_ROUNDS;
+        assert!(Sampler::import_state(decode::<f32>(&encode(&st)).unwrap()).is_ok());
+    }
+
+    #[test]
     fn framing_errors_are_refused() {
         let bytes = encode(&driven("pair", 9, 2, 3, false).export_state());
         assert!(decode::<f64>(&bytes)

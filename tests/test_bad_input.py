@@ -140,6 +140,8 @@ def test_cuda_tensors_are_refused_cleanly():
         (dict(n=3, ordering="fixed", order=[0, 0, 1]), GraBError),
         (dict(n=3, ordering="grab", order=[0, 1, 2]), UnsupportedInputError),
         (dict(data_source=[1, 2, 3], n=4), ShapeError),
+        (dict(n=4, ordering="herding", rounds=0), UnsupportedInputError),
+        (dict(n=4, ordering="herding", rounds=1001), UnsupportedInputError),
     ],
 )
 def test_bad_constructor_arguments(kwargs, exc):

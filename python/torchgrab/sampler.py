@@ -29,6 +29,8 @@ _UNSIGNED_KEYS = {"current": np.uint32, "next": np.uint32, "fixed_order": np.uin
 _UNSIGNED_KEYS.update({"codes": np.uint32, "pending_units": np.uint32, "pending_lens": np.uint32})
 _UNSIGNED_KEYS["next_back"] = np.uint32
 _YIELD_CHUNK = 1 << 13
+# Herding passes per epoch at most: the Rust core's MAX_ROUNDS.
+_MAX_ROUNDS = 1000
 
 
 def _to_torch(obj: Any) -> Any:
@@ -160,6 +162,10 @@ class GraBSampler(Sampler[int]):
         for name, value, low in (("depth", depth, 0), ("rounds", rounds, 1), ("unit_size", unit_size, 1)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
                 raise UnsupportedInputError(f"{name} must be an integer >= {low}, got {value!r}")
+        if rounds > _MAX_ROUNDS:
+            raise UnsupportedInputError(
+                f"rounds must be at most {_MAX_ROUNDS} (herding passes per epoch), got {rounds!r}"
+            )
         if projection is not None:
             if (
                 not isinstance(projection, (tuple, list))
