@@ -68,10 +68,20 @@ fn run<S: torchgrab::elem::StateElem>(mut bytes: Bytes) {
     let kind = ORDERING_NAMES[bytes.u8() as usize % ORDERING_NAMES.len()];
     let n = 1 + bytes.u8() as usize % 24;
     let nseg = 1 + bytes.u8() as usize % 4;
-    let widths: Vec<usize> = (0..nseg).map(|_| bytes.u8() as usize % 6).collect();
+    let mut widths: Vec<usize> = (0..nseg).map(|_| bytes.u8() as usize % 6).collect();
+    // Sometimes one wide segment (d >= 16,384: `grab`'s two-row pass and the two-thread passes) among
+    // the small ones; its values come from a PRNG seeded by the input, not from the input itself.
+    let wide = if bytes.u8().is_multiple_of(4) {
+        let at = bytes.u8() as usize % (nseg + 1);
+        let w = (1 << 14) + bytes.u8() as usize * 37;
+        widths.insert(at, w);
+        Some((widths[..at].iter().sum::<usize>(), w, bytes.u32() | 1))
+    } else {
+        None
+    };
     let d: usize = widths.iter().sum();
     let mut cfg = Config::new(OrderingKind::parse(kind).unwrap(), n, bytes.u8() as u64);
-    cfg.random_signs = bytes.u8() & 1 == 1;
+    cfg.random_signs = bytes.u8() & 1 == 1 && kind != "greedy"; // greedy has no signs
     cfg.first_epoch_random = bytes.u8() & 1 == 1;
     let mut one = Sampler::<S>::new(cfg).unwrap();
     let mut split = one.clone();
@@ -91,10 +101,19 @@ fn run<S: torchgrab::elem::StateElem>(mut bytes: Bytes) {
                 order[at..at + b].to_vec()
             };
             let elem = bytes.u8() % 4;
+            let mut x = wide.map_or(1, |(_, _, seed)| seed as u64 ^ (at as u64) << 32);
             let raw: Vec<u32> = (0..b * d)
-                .map(|_| match bytes.u8() % 8 {
-                    0 => bytes.u32(), // any bit pattern: NaN, Inf, subnormals
-                    k => ((k as f32 - 4.0) * 0.75).to_bits(),
+                .map(|i| match wide {
+                    Some((lo, w, _)) if (lo..lo + w).contains(&(i % d)) => {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        (((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0).to_bits()
+                    }
+                    _ => match bytes.u8() % 8 {
+                        0 => bytes.u32(), // any bit pattern: NaN, Inf, subnormals
+                        k => ((k as f32 - 4.0) * 0.75).to_bits(),
+                    },
                 })
                 .collect();
             match elem {
