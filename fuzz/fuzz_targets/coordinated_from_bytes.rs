@@ -22,7 +22,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut server) = Coordinated::from_bytes(&sealed) else {
         return;
     };
-    assert_eq!(server.to_bytes(), sealed, "an accepted checkpoint must re-encode to itself");
+    assert_eq!(
+        server.to_bytes(),
+        sealed,
+        "an accepted checkpoint must re-encode to itself"
+    );
     let m = server.shard_len();
     if m <= 1 << 16 {
         server.begin_epoch();
