@@ -10,7 +10,7 @@
 use std::time::Instant;
 use torchgrab::assembly::FrontBack;
 use torchgrab::batch::Batch;
-use torchgrab::kernels::Layout;
+use torchgrab::kernels::{on_workers, Layout};
 use torchgrab::mean_balance::MeanBalance;
 use torchgrab::pair_balance::PairBalance;
 use torchgrab::sign::SignRule;
@@ -63,13 +63,15 @@ fn main() {
             let slot = steps % pool_rows;
             let batch = Batch::from_slice(&pool[slot * b * d..(slot + 1) * b * d], b, d).unwrap();
             let idx: Vec<u32> = ((k * b) as u32..((k + 1) * b) as u32).collect();
-            if ordering == "grab" {
-                mean.step(&layout, &batch, &idx, &mut assembler, &mut rule, n)
-                    .unwrap();
-            } else {
-                pair.step(&layout, &batch, &idx, &mut assembler, &mut rule, n)
-                    .unwrap();
-            }
+            // From a rayon worker, as `Sampler::step` runs it (see `kernels::on_workers`).
+            on_workers(d, || {
+                if ordering == "grab" {
+                    mean.step(&layout, &batch, &idx, &mut assembler, &mut rule, n)
+                } else {
+                    pair.step(&layout, &batch, &idx, &mut assembler, &mut rule, n)
+                }
+            })
+            .unwrap();
             k += 1;
             steps += 1;
         }

@@ -831,22 +831,16 @@ fn shared<S, A: 'static, B: 'static, G: 'static, C, D: 'static>(
     !p.m.is_empty() && same(p.a, p.g) && (p.c.is_empty() || same(p.b, p.d))
 }
 
-/// Whether passes over `dim` coordinates are split between threads.
-pub fn forks(dim: usize) -> bool {
-    dim >= PARALLEL_MIN_DIM
-}
-
-/// Run `f` on a rayon worker when it forks many times in a row (a step's per-row passes, when
-/// `forks(d)`) and the caller is not a worker already. From outside the pool
+/// Run `f`, a step whose passes over `dim` coordinates fork once per row, on a rayon worker when they
+/// fork at all (dim >= PARALLEL_MIN_DIM) and the caller is not a worker already. From outside the pool
 /// every fork/join injects a job and puts the caller to sleep until it is done, and waking it cost
-/// ~10 us per row; from a worker, the other half of a row is stolen by a worker that is usually
-/// still spinning from the last row. Measured (`cargo bench --bench step_loop`, float32, 2 cores):
-/// `grab` 1.2-1.3x faster at d = 62,006 and 1e5 (B = 64), unchanged at d = 1e6. `Sampler::step` runs
-/// every ordering's step this way (`recursive` at d = 40,000, 16 rows a step: 1.35-2x in two runs);
-/// `grab` and `pair` also do it themselves, for callers of their `step`. Results are the same either
-/// way.
-pub fn on_workers<R: Send>(forks: bool, f: impl FnOnce() -> R + Send) -> R {
-    if forks && rayon::current_thread_index().is_none() {
+/// ~10 us per row; from a worker, the other half of a row is stolen by a worker that is usually still
+/// spinning from the last row. Measured (`cargo bench --bench step_loop`, float32, 2 cores): `grab`
+/// 1.2-1.3x faster at d = 62,006 and 1e5 (B = 64), unchanged at d = 1e6; `recursive` at d = 40,000,
+/// 16 rows a step, 1.35-2x in two runs. `Sampler::step` runs every ordering's step through it.
+/// Results are the same either way.
+pub fn on_workers<R: Send>(dim: usize, f: impl FnOnce() -> R + Send) -> R {
+    if dim >= PARALLEL_MIN_DIM && rayon::current_thread_index().is_none() {
         rayon::scope(|_| f())
     } else {
         f()

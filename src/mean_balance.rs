@@ -7,8 +7,7 @@ use crate::batch::Batch;
 use crate::elem::{as_f32, as_f32_mut, GradElem, Scratch, StateElem};
 use crate::error::{ErrorKind, GrabError, Result};
 use crate::kernels::{
-    advance, dot_diff, forks, on_workers, update_diff, update_from, update_then_dot, Advance,
-    Layout, Pieces,
+    advance, dot_diff, update_diff, update_from, update_then_dot, Advance, Layout, Pieces,
 };
 use crate::sign::SignRule;
 
@@ -70,9 +69,7 @@ impl<S: StateElem> MeanBalance<S> {
         rule: &mut SignRule,
         n: usize,
     ) -> Result<()> {
-        on_workers(forks(layout.dim), || {
-            self.step_rows(layout, batch, indices, assembler, rule, n, true)
-        })
+        self.step_rows(layout, batch, indices, assembler, rule, n, true)
     }
 
     /// `step`; `two_row` = false keeps the per-row pass whatever the shape (tests compare the two).

@@ -7,9 +7,7 @@ use crate::assembly::FrontBack;
 use crate::batch::Batch;
 use crate::elem::{GradElem, Scratch, StateElem};
 use crate::error::{GrabError, Result};
-use crate::kernels::{
-    dot_diff, forks, on_workers, update_diff, update_from, update_then_dot, Layout, Pieces,
-};
+use crate::kernels::{dot_diff, update_diff, update_from, update_then_dot, Layout, Pieces};
 use crate::mean_balance::{non_finite, row_pieces};
 use crate::sign::SignRule;
 
@@ -82,20 +80,6 @@ impl<S: StateElem> PairBalance<S> {
     }
 
     pub fn step<G: GradElem>(
-        &mut self,
-        layout: &Layout,
-        batch: &Batch<G>,
-        indices: &[u32],
-        assembler: &mut FrontBack,
-        rule: &mut SignRule,
-        n: usize,
-    ) -> Result<()> {
-        on_workers(forks(layout.dim), || {
-            self.step_rows(layout, batch, indices, assembler, rule, n)
-        })
-    }
-
-    fn step_rows<G: GradElem>(
         &mut self,
         layout: &Layout,
         batch: &Batch<G>,

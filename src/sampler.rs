@@ -5,7 +5,7 @@ use crate::assembly::FrontBack;
 use crate::batch::Batch;
 use crate::elem::{GradElem, StateElem};
 use crate::error::{ErrorKind, GrabError, Result};
-use crate::kernels::{forks, on_workers, Layout};
+use crate::kernels::{on_workers, Layout};
 use crate::mean_balance::MeanBalance;
 use crate::pair_balance::PairBalance;
 use crate::permutations;
@@ -446,7 +446,7 @@ impl<S: StateElem> Sampler<S> {
         }
         // With a projection, the balance sees the B x k rows P g instead of the gradients.
         match self.cfg.projection {
-            None => on_workers(forks(d), || {
+            None => on_workers(d, || {
                 balance_rows(
                     &self.cfg,
                     &mut self.balance,
