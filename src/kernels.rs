@@ -266,6 +266,103 @@ fn old_block<S: StateElem>(src: Option<&[S]>, dst: &[S], o: usize) -> [S; LANES]
     }
 }
 
+/// The precision the elementwise updates are rounded in (see the doc of `elem`): f32 or f64.
+trait Work:
+    Copy + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self>
+{
+    fn of<T: GradElem>(x: T) -> Self;
+    fn to_state<S: StateElem>(self) -> S;
+    fn wide(self) -> f64;
+}
+
+impl Work for f32 {
+    #[inline(always)]
+    fn of<T: GradElem>(x: T) -> Self {
+        x.to_f32()
+    }
+    #[inline(always)]
+    fn to_state<S: StateElem>(self) -> S {
+        S::from_f32(self)
+    }
+    #[inline(always)]
+    fn wide(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Work for f64 {
+    #[inline(always)]
+    fn of<T: GradElem>(x: T) -> Self {
+        x.to_f64()
+    }
+    #[inline(always)]
+    fn to_state<S: StateElem>(self) -> S {
+        S::from_f64(self)
+    }
+    #[inline(always)]
+    fn wide(self) -> f64 {
+        self
+    }
+}
+
+/// One LANES-wide block of `upd_body` at a lane-0 position `o`, every operand of the update rounded in
+/// W: s = old + coef (a - b); if MEAN, m = old + g inv; if DOT, lane l += s (c - d) and (c - d)^2 in
+/// f64, s being the stored (state-typed) value. `shared` = (g is a, d is b).
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn block8<
+    W: Work,
+    S: StateElem,
+    A: GradElem,
+    B: GradElem,
+    G: GradElem,
+    C: GradElem,
+    D: GradElem,
+    const MEAN: bool,
+    const DOT: bool,
+>(
+    o: usize,
+    (s, s0): (&mut [S], Option<&[S]>),
+    (m, m0): (&mut [S], Option<&[S]>),
+    (a, b, g, c, d): (&[A], &[B], &[G], &[C], &[D]),
+    (ga, db): (bool, bool),
+    (coef, inv): (W, W),
+    (vdot, vnrm): (&mut [f64; LANES], &mut [f64; LANES]),
+) {
+    let (ab, bb) = (block(a, o), block(b, o));
+    let aw: [W; LANES] = std::array::from_fn(|l| W::of(ab[l]));
+    let bw: [W; LANES] = std::array::from_fn(|l| W::of(bb[l]));
+    let sv = old_block(s0, s, o);
+    let sn: [S; LANES] =
+        std::array::from_fn(|l| (W::of(sv[l]) + coef * (aw[l] - bw[l])).to_state());
+    s[o..o + LANES].copy_from_slice(&sn);
+    if MEAN {
+        let gw: [W; LANES] = if ga {
+            aw
+        } else {
+            let gb = block(g, o);
+            std::array::from_fn(|l| W::of(gb[l]))
+        };
+        let mv = old_block(m0, m, o);
+        let mn: [S; LANES] = std::array::from_fn(|l| (W::of(mv[l]) + gw[l] * inv).to_state());
+        m[o..o + LANES].copy_from_slice(&mn);
+    }
+    if DOT {
+        let cb = block(c, o);
+        let dw: [W; LANES] = if db {
+            bw
+        } else {
+            let dk = block(d, o);
+            std::array::from_fn(|l| W::of(dk[l]))
+        };
+        for l in 0..LANES {
+            let z = (W::of(cb[l]) - dw[l]).wide();
+            vdot[l] += sn[l].to_f64() * z;
+            vnrm[l] += z * z;
+        }
+    }
+}
+
 /// s += coef (a - b); if MEAN, m += g inv_n; if DOT, acc += (<s_new, c - d>, ||c - d||^2).
 ///
 /// One loop over the elements does all of it: each element is loaded and widened once, updated, and
@@ -456,75 +553,25 @@ fn upd_body<
             }
         }
         if all32 {
-            // Every result rounded in f32: the elements stay f32 until they enter the dot product.
-            let (ab, bb) = (block(a, o), block(b, o));
-            let a32: [f32; LANES] = std::array::from_fn(|l| ab[l].to_f32());
-            let b32: [f32; LANES] = std::array::from_fn(|l| bb[l].to_f32());
-            let sv = old_block(s0, s, o);
-            let sn: [f32; LANES] =
-                std::array::from_fn(|l| sv[l].to_f32() + coef32 * (a32[l] - b32[l]));
-            let sw: [S; LANES] = std::array::from_fn(|l| S::from_f32(sn[l]));
-            s[o..o + LANES].copy_from_slice(&sw);
-            if MEAN {
-                let g32: [f32; LANES] = if ga {
-                    a32
-                } else {
-                    let gb = block(g, o);
-                    std::array::from_fn(|l| gb[l].to_f32())
-                };
-                let mv = old_block(m0, m, o);
-                let mn: [S; LANES] =
-                    std::array::from_fn(|l| S::from_f32(mv[l].to_f32() + g32[l] * inv32));
-                m[o..o + LANES].copy_from_slice(&mn);
-            }
-            if DOT {
-                let cb = block(c, o);
-                let d32: [f32; LANES] = if db {
-                    b32
-                } else {
-                    let dk = block(d, o);
-                    std::array::from_fn(|l| dk[l].to_f32())
-                };
-                for l in 0..LANES {
-                    let z = (cb[l].to_f32() - d32[l]) as f64;
-                    vdot[l] += sn[l] as f64 * z;
-                    vnrm[l] += z * z;
-                }
-            }
+            block8::<f32, S, A, B, G, C, D, MEAN, DOT>(
+                o,
+                (s, s0),
+                (m, m0),
+                (a, b, g, c, d),
+                (ga, db),
+                (coef32, inv32),
+                (&mut vdot, &mut vnrm),
+            );
         } else if none32 {
-            let (ab, bb) = (block(a, o), block(b, o));
-            let a64: [f64; LANES] = std::array::from_fn(|l| ab[l].to_f64());
-            let b64: [f64; LANES] = std::array::from_fn(|l| bb[l].to_f64());
-            let sv = old_block(s0, s, o);
-            let sn: [S; LANES] =
-                std::array::from_fn(|l| S::from_f64(sv[l].to_f64() + coef * (a64[l] - b64[l])));
-            s[o..o + LANES].copy_from_slice(&sn);
-            if MEAN {
-                let gv: [f64; LANES] = if ga {
-                    a64
-                } else {
-                    let gb = block(g, o);
-                    std::array::from_fn(|l| gb[l].to_f64())
-                };
-                let mv = old_block(m0, m, o);
-                let mn: [S; LANES] =
-                    std::array::from_fn(|l| S::from_f64(mv[l].to_f64() + gv[l] * inv_n));
-                m[o..o + LANES].copy_from_slice(&mn);
-            }
-            if DOT {
-                let cb = block(c, o);
-                let dv: [f64; LANES] = if db {
-                    b64
-                } else {
-                    let dk = block(d, o);
-                    std::array::from_fn(|l| dk[l].to_f64())
-                };
-                for l in 0..LANES {
-                    let z = cb[l].to_f64() - dv[l];
-                    vdot[l] += sn[l].to_f64() * z;
-                    vnrm[l] += z * z;
-                }
-            }
+            block8::<f64, S, A, B, G, C, D, MEAN, DOT>(
+                o,
+                (s, s0),
+                (m, m0),
+                (a, b, g, c, d),
+                (ga, db),
+                (coef, inv_n),
+                (&mut vdot, &mut vnrm),
+            );
         } else {
             // Mixed widths (not produced by the samplers, which read one dtype per step): element by
             // element, the same arithmetic.
