@@ -234,13 +234,19 @@ const PREFETCH: usize = 512;
 /// A hint to fetch the cache line holding x[i] (nothing when i is out of range). No effect on results.
 #[inline(always)]
 fn prefetch<T>(x: &[T], i: usize) {
+    prefetch_at(x.as_ptr(), i)
+}
+
+/// `prefetch` for a raw pointer (the intrinsic loops).
+#[inline(always)]
+fn prefetch_at<T>(p: *const T, i: usize) {
     // A prefetch never faults, so past the end it is merely wasted: no bounds check in the loops.
     // `wrapping_add` forms the address without claiming it is in bounds.
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetch only hints the cache; the address is never dereferenced.
     unsafe {
         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-            x.as_ptr().wrapping_add(i).cast::<i8>(),
+            p.wrapping_add(i).cast::<i8>(),
         )
     }
 }
@@ -593,6 +599,24 @@ mod simd {
     //! The same element loops compiled for wider vector units. Callers check the feature first.
     use super::*;
 
+    /// Both halves of 16 f32 as 8 f64 each (exact).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) unsafe fn widen(
+        v: std::arch::x86_64::__m512,
+    ) -> (std::arch::x86_64::__m512d, std::arch::x86_64::__m512d) {
+        use std::arch::x86_64::*;
+        (
+            _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(v),
+            ))),
+        )
+    }
+
     /// The operands of the f32 update loop, as raw pointers: s and m are updated from s_src / m_src,
     /// which may be the same memory (in place). Unused operands may be dangling: they are not read.
     pub(super) struct F32Ops {
@@ -632,18 +656,7 @@ mod simd {
         let inv = _mm512_set1_ps(x.inv);
         let mut vd = _mm512_loadu_pd(dot.as_ptr());
         let mut vn = _mm512_loadu_pd(nrm.as_ptr());
-        // Both halves of 16 f32 as 8 f64 each (exact).
-        let widen = |v: __m512| {
-            (
-                _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
-                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                    _mm512_castps_pd(v),
-                ))),
-            )
-        };
-        let pf = |p: *const f32, i: usize| {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + PREFETCH).cast::<i8>())
-        };
+        let pf = |p: *const f32, i: usize| prefetch_at(p, i + PREFETCH);
         let mut i = lo;
         while i < hi {
             pf(x.a, i);

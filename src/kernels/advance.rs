@@ -12,7 +12,10 @@
 //! Only for float32 state and gradients on AVX-512 (`available`), with the deterministic sign rule,
 //! whose scale (1) is known before the dot; other cases keep the per-row pass.
 
-use super::{fold_lanes, isa, Isa, Layout, Pieces, CHUNK, LANES, PARALLEL_MIN_DIM, PREFETCH};
+use super::simd::widen;
+use super::{
+    fold_lanes, isa, prefetch_at, Isa, Layout, Pieces, CHUNK, LANES, PARALLEL_MIN_DIM, PREFETCH,
+};
 use rayon::prelude::*;
 
 /// What one `advance` pass does.
@@ -137,17 +140,7 @@ unsafe fn piece<const N: usize, const DOT: bool, const SPEC: bool>(
     for j in 0..head {
         scalar(j, acc);
     }
-    let widen = |v: __m512| {
-        (
-            _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
-            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                _mm512_castps_pd(v),
-            ))),
-        )
-    };
-    let pf = |x: *const f32, i: usize| {
-        _mm_prefetch::<_MM_HINT_T0>(x.wrapping_add(i + PREFETCH).cast::<i8>())
-    };
+    let pf = |x: *const f32, i: usize| prefetch_at(x, i + PREFETCH);
     let ld = |a: &[f64; LANES]| _mm512_loadu_pd(a.as_ptr());
     let (mut d0, mut n0, mut dp, mut dm, mut n1) = (
         ld(&acc[0]),
