@@ -13,7 +13,7 @@ use super::Coordinated;
 use crate::assembly::FrontBack;
 use crate::error::{GrabError, Result};
 use crate::sign::SignRule;
-use crate::state_codec::{checksum, Reader, Writer};
+use crate::state_codec::{checksum, seal, Reader, Writer};
 
 const MAGIC: &[u8; 8] = b"TGCDGRB1";
 const VERSION: u32 = 1;
@@ -57,9 +57,7 @@ impl Coordinated {
             w.u64(back as u64);
             w.u64s(taken);
         }
-        let sum = checksum(&w.0);
-        w.u64(sum);
-        w.0
+        seal(w.0)
     }
 
     /// Restore an order server from `to_bytes` output, refusing (never panicking on) anything else.
@@ -226,10 +224,7 @@ mod tests {
             "/fuzz/regressions/coordinated_from_bytes-crash-78f608dc7a269b7f54a9dcd4b466441852651a9a"
         ))
         .unwrap();
-        let mut sealed = crash[1..].to_vec();
-        let sum = checksum(&sealed);
-        sealed.extend_from_slice(&sum.to_le_bytes());
-        let err = Coordinated::from_bytes(&sealed).unwrap_err();
+        let err = Coordinated::from_bytes(&seal(crash[1..].to_vec())).unwrap_err();
         assert!(err.message.contains("more shards"), "{}", err.message);
     }
 
