@@ -1100,6 +1100,23 @@ pub fn update_from<
     }
 }
 
+/// Test data: numbers whose magnitudes span 1e-6 to 1e6, so that any change in the order of a sum or
+/// in a rounding shows in its bits (data of one scale often rounds the same whatever the order).
+#[cfg(test)]
+pub(crate) fn wild(d: usize, salt: u64) -> Vec<f32> {
+    let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..d)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mant = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            let scale = 10f32.powi((x % 13) as i32 - 6);
+            mant * scale
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1159,22 +1176,6 @@ mod tests {
     fn data(d: usize, salt: usize) -> Vec<f32> {
         (0..d)
             .map(|i| (((i + salt) * 2654435761) % 1009) as f32 / 300.0 - 1.7)
-            .collect()
-    }
-
-    /// Numbers whose magnitudes span 1e-6 to 1e6, so that any change in the order of a sum shows in
-    /// its bits (data of one scale often rounds the same whatever the order).
-    fn wild(d: usize, salt: u64) -> Vec<f32> {
-        let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..d)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let mant = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                let scale = 10f32.powi((x % 13) as i32 - 6);
-                mant * scale
-            })
             .collect()
     }
 

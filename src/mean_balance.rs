@@ -294,19 +294,7 @@ mod tests {
     use super::*;
     use crate::kernels::CHUNK;
 
-    fn values(len: usize, salt: u64) -> Vec<f32> {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
-        (0..len)
-            .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                // Mixed magnitudes, so that roundings differ between orders of operations.
-                let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                u * [1.0, 1e-3, 37.0, 0.25][i % 4]
-            })
-            .collect()
-    }
+    use crate::kernels::wild as values;
 
     /// One (rows x w) array per segment of the layout.
     fn segments(layout: &Layout, rows: usize, salt: u64) -> Vec<ndarray::Array2<f32>> {

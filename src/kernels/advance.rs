@@ -313,18 +313,7 @@ mod tests {
     use super::super::{dot_diff, update_diff};
     use super::*;
 
-    fn values(len: usize, salt: u64) -> Vec<f32> {
-        let mut x = 0x2545_F491_4F6C_DD1Du64 ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (0..len)
-            .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                u * [1.0, 3e-4, 11.0][i % 3]
-            })
-            .collect()
-    }
+    use crate::kernels::wild as values;
 
     #[test]
     fn every_output_equals_the_per_row_kernels() {
