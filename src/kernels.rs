@@ -125,6 +125,7 @@ fn block<T>(x: &[T], o: usize) -> &[T; LANES] {
 }
 
 /// Whether every operand type is f32 (the AVX-512 f32 loop then applies).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn all_f32<S: 'static, A: 'static, B: 'static, G: 'static, C: 'static, D: 'static>() -> bool {
     use std::any::TypeId;
@@ -240,8 +241,10 @@ fn prefetch<T>(x: &[T], i: usize) {
 /// `prefetch` for a raw pointer (the intrinsic loops).
 #[inline(always)]
 fn prefetch_at<T>(p: *const T, i: usize) {
-    // A prefetch never faults, so past the end it is merely wasted: no bounds check in the loops.
-    // `wrapping_add` forms the address without claiming it is in bounds.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, i); // no prefetch instruction used elsewhere
+                    // A prefetch never faults, so past the end it is merely wasted: no bounds check in the loops.
+                    // `wrapping_add` forms the address without claiming it is in bounds.
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetch only hints the cache; the address is never dereferenced.
     unsafe {

@@ -12,6 +12,11 @@
 //! Only for float32 state and gradients on AVX-512 (`available`), with the deterministic sign rule,
 //! whose scale (1) is known before the dot; other cases keep the per-row pass.
 
+// The pass is written for AVX-512; elsewhere `available()` is false, it is never called, and its
+// operands go unused.
+#![cfg_attr(not(target_arch = "x86_64"), allow(unused))]
+
+#[cfg(target_arch = "x86_64")]
 use super::simd::widen;
 use super::{
     fold_lanes, isa, prefetch_at, Isa, Layout, Pieces, CHUNK, LANES, PARALLEL_MIN_DIM, PREFETCH,
@@ -106,6 +111,7 @@ struct Ptrs {
 /// # Safety
 /// AVX-512F; every pointer valid for `len` elements (g[k] for k < napply, q when DOT, q1 when SPEC);
 /// destinations may equal their sources but overlap nothing else.
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn piece<const N: usize, const DOT: bool, const SPEC: bool>(
@@ -258,6 +264,7 @@ pub fn advance(
             // SAFETY: `available()` was asserted; every pointer covers [0, len) of its own piece
             // (slices cut to [st, en) or to the chunk's [rel, rel + len)); unused ones point at the
             // stale mean's piece and are not read; destinations are this chunk's own sub-slices.
+            #[cfg(target_arch = "x86_64")]
             unsafe {
                 match (op.apply.len(), op.dot.is_some(), op.spec.is_some()) {
                     (1, false, _) => {
