@@ -17,6 +17,7 @@ use crate::elem::{GradElem, StateElem};
 use rayon::prelude::*;
 
 pub mod advance;
+pub mod gram_block;
 pub use advance::{advance, Advance, Advanced};
 
 /// Elements per reduction chunk (also the unit of parallel work).

@@ -11,6 +11,8 @@ use crate::kernels::{
 };
 use crate::sign::SignRule;
 
+mod block;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeanBalance<S> {
     /// Signed running sum of centered gradients.
@@ -69,12 +71,14 @@ impl<S: StateElem> MeanBalance<S> {
         rule: &mut SignRule,
         n: usize,
     ) -> Result<()> {
-        self.step_rows(layout, batch, indices, assembler, rule, n, true)
+        self.step_with(layout, batch, indices, assembler, rule, n, Pass::Auto)
     }
 
-    /// `step`; `two_row` = false keeps the per-row pass whatever the shape (tests compare the two).
+    /// `step` through a chosen pass (for tests and benchmarks, which compare them; every pass gives
+    /// the same result bit for bit). A pass that does not apply to this step (see `Pass`) falls back
+    /// to the per-row pass.
     #[allow(clippy::too_many_arguments)]
-    fn step_rows<G: GradElem>(
+    pub fn step_with<G: GradElem>(
         &mut self,
         layout: &Layout,
         batch: &Batch<G>,
@@ -82,7 +86,7 @@ impl<S: StateElem> MeanBalance<S> {
         assembler: &mut FrontBack,
         rule: &mut SignRule,
         n: usize,
-        two_row: bool,
+        pass: Pass,
     ) -> Result<()> {
         let rows = batch.rows();
         let d = layout.dim;
@@ -105,7 +109,12 @@ impl<S: StateElem> MeanBalance<S> {
             sb.resize(d, S::default());
             mb.resize(d, S::default());
         }
-        if !in_place && two_row && two_row_pass(layout, rule) {
+        let pass = if in_place {
+            Pass::PerRow
+        } else {
+            pass.resolve(layout, rule)
+        };
+        if pass != Pass::PerRow {
             if let (Some(sv), Some(mv), Some(mnv), Some(sbv), Some(mbv), Some(g32)) = (
                 as_f32_mut(s),
                 as_f32(m),
@@ -114,8 +123,13 @@ impl<S: StateElem> MeanBalance<S> {
                 as_f32_mut(mb),
                 batch.as_f32(),
             ) {
-                let signs =
-                    two_row_step(layout, (sv, mv, mnv), (sbv, mbv), &g32, indices, rule, n)?;
+                let step = if pass == Pass::Block {
+                    block::block_step
+                } else {
+                    two_row_step
+                };
+                let signs = step(layout, (sv, mv, mnv), (sbv, mbv), &g32, indices, rule, n)
+                    .inspect_err(|_| *rule = saved_rule.clone())?;
                 std::mem::swap(s, sb);
                 std::mem::swap(m_next, mb);
                 for (&i, &eps) in indices.iter().zip(&signs) {
@@ -210,13 +224,34 @@ impl<S: StateElem> MeanBalance<S> {
 /// 2.3-2.4; 1e7 (B = 4) 1.0 -> 1.3.
 pub const TWO_ROW_MIN_DIM: usize = 1 << 14;
 
-/// Whether this step may use the two-row pass (`kernels::advance`): deterministic signs (their scale, 1,
-/// is known before the dot), the AVX-512 loop, and a dimension where it pays. Results are the same
-/// either way, bit for bit.
-fn two_row_pass(layout: &Layout, rule: &SignRule) -> bool {
-    matches!(rule, SignRule::Deterministic)
-        && crate::kernels::advance::available()
-        && layout.dim >= TWO_ROW_MIN_DIM
+/// How a multi-row `grab` step walks its rows. All passes give the same signs and sums, bit for bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// The fastest pass that applies, by the measured thresholds.
+    Auto,
+    /// One sweep per row (`kernels::update_then_dot`); every case.
+    PerRow,
+    /// Two rows per sweep (`kernels::advance`): float32 state and gradients, the deterministic rule,
+    /// AVX-512.
+    TwoRow,
+    /// Blocks of rows through their inner products (`kernels::gram_block`): float32 state and
+    /// gradients, the deterministic rule.
+    Block,
+}
+
+impl Pass {
+    /// The pass this step runs (the float32 condition is checked by the caller, which falls back to
+    /// the per-row pass).
+    fn resolve(self, layout: &Layout, rule: &SignRule) -> Pass {
+        let det = matches!(rule, SignRule::Deterministic);
+        let two_row = det && crate::kernels::advance::available();
+        match self {
+            Pass::Auto if two_row && layout.dim >= TWO_ROW_MIN_DIM => Pass::TwoRow,
+            Pass::TwoRow if two_row => Pass::TwoRow,
+            Pass::Block if det => Pass::Block,
+            _ => Pass::PerRow,
+        }
+    }
 }
 
 /// The rows of one step through `kernels::advance`: row 0's dot from the sums, then passes that each
@@ -338,7 +373,7 @@ mod tests {
                 let mut asm = FrontBack::new(n);
                 let mut rule = SignRule::deterministic();
                 per_row
-                    .step_rows(&layout, &batch, &idx, &mut asm, &mut rule, n, false)
+                    .step_with(&layout, &batch, &idx, &mut asm, &mut rule, n, Pass::PerRow)
                     .unwrap();
                 let (mut sb, mut mb) = (vec![0.0f32; d], vec![0.0f32; d]);
                 let signs = two_row_step(
