@@ -2,9 +2,7 @@
 //! a loop, for a given (d, B). Prints G elements/s (gradient elements balanced per second) and GB/s of
 //! float32 gradient, the best of three timed runs.
 //!
-//!     cargo bench --bench step_loop -- grab 1e4 64 [seconds] [auto|per-row|two-row|block]
-//!
-//! The last argument forces one of `grab`'s passes (`mean_balance::Pass`), to compare them.
+//!     cargo bench --bench step_loop -- grab 1e4 64 [seconds]
 //!
 //! Rows come from a 160 MiB pool, so large shapes read from main memory. Used to profile the kernels
 //! (`perf record` on target/release/deps/step_loop-*) apart from the Python side of `step`.
@@ -13,7 +11,7 @@ use std::time::Instant;
 use torchgrab::assembly::FrontBack;
 use torchgrab::batch::Batch;
 use torchgrab::kernels::{on_workers, Layout};
-use torchgrab::mean_balance::{MeanBalance, Pass};
+use torchgrab::mean_balance::MeanBalance;
 use torchgrab::pair_balance::PairBalance;
 use torchgrab::sign::SignRule;
 
@@ -34,13 +32,6 @@ fn main() {
         ordering == "grab" || ordering == "pair",
         "ordering must be grab or pair"
     );
-    let pass = match args.get(4).map_or("auto", |s| s.as_str()) {
-        "auto" => Pass::Auto,
-        "per-row" => Pass::PerRow,
-        "two-row" => Pass::TwoRow,
-        "block" => Pass::Block,
-        other => panic!("pass must be auto, per-row, two-row or block, not {other:?}"),
-    };
     let pool_rows = ((160usize << 20) / (4 * d * b)).max(2);
     let mut x = 12345u64;
     let pool: Vec<f32> = (0..pool_rows * b * d)
@@ -75,7 +66,7 @@ fn main() {
             // From a rayon worker, as `Sampler::step` runs it (see `kernels::on_workers`).
             on_workers(d, || {
                 if ordering == "grab" {
-                    mean.step_with(&layout, &batch, &idx, &mut assembler, &mut rule, n, pass)
+                    mean.step(&layout, &batch, &idx, &mut assembler, &mut rule, n)
                 } else {
                     pair.step(&layout, &batch, &idx, &mut assembler, &mut rule, n)
                 }
@@ -87,7 +78,7 @@ fn main() {
         best = best.max((steps * b * d) as f64 / t0.elapsed().as_secs_f64());
     }
     println!(
-        "{ordering} d={d} B={b} {pass:?}: {:.3} G elements/s, {:.2} GB/s of float32 gradient",
+        "{ordering} d={d} B={b}: {:.3} G elements/s, {:.2} GB/s of float32 gradient",
         best / 1e9,
         best * 4.0 / 1e9
     );

@@ -17,7 +17,6 @@ use crate::elem::{GradElem, StateElem};
 use rayon::prelude::*;
 
 pub mod advance;
-pub mod gram_block;
 pub use advance::{advance, Advance, Advanced};
 
 /// Elements per reduction chunk (also the unit of parallel work).

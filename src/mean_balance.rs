@@ -11,8 +11,6 @@ use crate::kernels::{
 };
 use crate::sign::SignRule;
 
-mod block;
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeanBalance<S> {
     /// Signed running sum of centered gradients.
@@ -71,14 +69,12 @@ impl<S: StateElem> MeanBalance<S> {
         rule: &mut SignRule,
         n: usize,
     ) -> Result<()> {
-        self.step_with(layout, batch, indices, assembler, rule, n, Pass::Auto)
+        self.step_rows(layout, batch, indices, assembler, rule, n, true)
     }
 
-    /// `step` through a chosen pass (for tests and benchmarks, which compare them; every pass gives
-    /// the same result bit for bit). A pass that does not apply to this step (see `Pass`) falls back
-    /// to the per-row pass.
+    /// `step`; `two_row` = false keeps the per-row pass whatever the shape (tests compare the two).
     #[allow(clippy::too_many_arguments)]
-    pub fn step_with<G: GradElem>(
+    fn step_rows<G: GradElem>(
         &mut self,
         layout: &Layout,
         batch: &Batch<G>,
@@ -86,7 +82,7 @@ impl<S: StateElem> MeanBalance<S> {
         assembler: &mut FrontBack,
         rule: &mut SignRule,
         n: usize,
-        pass: Pass,
+        two_row: bool,
     ) -> Result<()> {
         let rows = batch.rows();
         let d = layout.dim;
@@ -109,12 +105,7 @@ impl<S: StateElem> MeanBalance<S> {
             sb.resize(d, S::default());
             mb.resize(d, S::default());
         }
-        let pass = if in_place {
-            Pass::PerRow
-        } else {
-            pass.resolve(layout, rule)
-        };
-        if pass != Pass::PerRow {
+        if !in_place && two_row && two_row_pass(layout, rule) {
             if let (Some(sv), Some(mv), Some(mnv), Some(sbv), Some(mbv), Some(g32)) = (
                 as_f32_mut(s),
                 as_f32(m),
@@ -123,13 +114,8 @@ impl<S: StateElem> MeanBalance<S> {
                 as_f32_mut(mb),
                 batch.as_f32(),
             ) {
-                let step = if pass == Pass::Block {
-                    block::block_step
-                } else {
-                    two_row_step
-                };
-                let signs = step(layout, (sv, mv, mnv), (sbv, mbv), &g32, indices, rule, n)
-                    .inspect_err(|_| *rule = saved_rule.clone())?;
+                let signs =
+                    two_row_step(layout, (sv, mv, mnv), (sbv, mbv), &g32, indices, rule, n)?;
                 std::mem::swap(s, sb);
                 std::mem::swap(m_next, mb);
                 for (&i, &eps) in indices.iter().zip(&signs) {
@@ -224,34 +210,13 @@ impl<S: StateElem> MeanBalance<S> {
 /// 2.3-2.4; 1e7 (B = 4) 1.0 -> 1.3.
 pub const TWO_ROW_MIN_DIM: usize = 1 << 14;
 
-/// How a multi-row `grab` step walks its rows. All passes give the same signs and sums, bit for bit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pass {
-    /// The fastest pass that applies, by the measured thresholds.
-    Auto,
-    /// One sweep per row (`kernels::update_then_dot`); every case.
-    PerRow,
-    /// Two rows per sweep (`kernels::advance`): float32 state and gradients, the deterministic rule,
-    /// AVX-512.
-    TwoRow,
-    /// Blocks of rows through their inner products (`kernels::gram_block`): float32 state and
-    /// gradients, the deterministic rule.
-    Block,
-}
-
-impl Pass {
-    /// The pass this step runs (the float32 condition is checked by the caller, which falls back to
-    /// the per-row pass).
-    fn resolve(self, layout: &Layout, rule: &SignRule) -> Pass {
-        let det = matches!(rule, SignRule::Deterministic);
-        let two_row = det && crate::kernels::advance::available();
-        match self {
-            Pass::Auto if two_row && layout.dim >= TWO_ROW_MIN_DIM => Pass::TwoRow,
-            Pass::TwoRow if two_row => Pass::TwoRow,
-            Pass::Block if det => Pass::Block,
-            _ => Pass::PerRow,
-        }
-    }
+/// Whether this step may use the two-row pass (`kernels::advance`): deterministic signs (their scale, 1,
+/// is known before the dot), the AVX-512 loop, and a dimension where it pays. Results are the same
+/// either way, bit for bit.
+fn two_row_pass(layout: &Layout, rule: &SignRule) -> bool {
+    matches!(rule, SignRule::Deterministic)
+        && crate::kernels::advance::available()
+        && layout.dim >= TWO_ROW_MIN_DIM
 }
 
 /// The rows of one step through `kernels::advance`: row 0's dot from the sums, then passes that each
@@ -373,7 +338,7 @@ mod tests {
                 let mut asm = FrontBack::new(n);
                 let mut rule = SignRule::deterministic();
                 per_row
-                    .step_with(&layout, &batch, &idx, &mut asm, &mut rule, n, Pass::PerRow)
+                    .step_rows(&layout, &batch, &idx, &mut asm, &mut rule, n, false)
                     .unwrap();
                 let (mut sb, mut mb) = (vec![0.0f32; d], vec![0.0f32; d]);
                 let signs = two_row_step(
