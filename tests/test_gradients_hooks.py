@@ -72,3 +72,55 @@ def test_backward_with_hooks_feeds_the_same_rows():
         orders.append((list(s), model[0].weight.grad.clone()))
     assert orders[0][0] == orders[1][0]
     assert torch.allclose(orders[0][1], orders[1][1], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape,k,dil,pad,stride",
+    [
+        ((2, 3, 9, 11), (3, 3), (1, 1), (0, 0), (1, 1)),
+        ((2, 3, 9, 11), (3, 2), (2, 1), (1, 2), (2, 3)),
+        ((1, 1, 5, 5), (5, 5), (1, 1), (0, 0), (1, 1)),
+        ((3, 2, 8, 7), (1, 3), (1, 3), (0, 3), (3, 1)),
+    ],
+)
+def test_im2col_equals_unfold(shape, k, dil, pad, stride):
+    from torchgrab.gradients import im2col
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    want = torch.nn.functional.unfold(x, k, dil, pad, stride)
+    assert torch.equal(im2col(x, k, dil, pad, stride), want)
+
+
+@pytest.mark.parametrize(
+    "loss_fn,kind",
+    [
+        (nn.CrossEntropyLoss(), "class"),
+        (nn.CrossEntropyLoss(label_smoothing=0.2), "class"),
+        (nn.CrossEntropyLoss(ignore_index=1), "class"),  # a target equals it: the vmap fallback
+        (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5])), "class"),
+        (nn.CrossEntropyLoss(), "prob"),
+        (nn.MSELoss(), "same"),
+        (nn.MSELoss(reduction="sum"), "same"),
+        (nn.L1Loss(), "same"),
+    ],
+)
+def test_per_example_losses_equal_the_batch_of_one_definition(loss_fn, kind):
+    from torchgrab.gradients import per_example_losses
+
+    torch.manual_seed(3)
+    out = torch.randn(6, 3, requires_grad=True)
+    if kind == "class":
+        t = torch.tensor([0, 1, 2, 2, 0, 2])
+    elif kind == "prob":
+        t = torch.softmax(torch.randn(6, 3), 1)
+    else:
+        t = torch.randn(6, 3)
+    got = per_example_losses(loss_fn, out, t)
+    want = torch.stack([loss_fn(out[i : i + 1], t[i : i + 1]) for i in range(6)])
+    assert got.shape == (6,)
+    assert torch.allclose(got, want, atol=1e-6, equal_nan=True)
+    # The gradients that flow back to the outputs agree too (they feed the per-example products).
+    (ga,) = torch.autograd.grad(torch.nan_to_num(got).sum(), out)
+    (gb,) = torch.autograd.grad(torch.nan_to_num(want).sum(), out)
+    assert torch.allclose(ga, gb, atol=1e-6)

@@ -131,6 +131,55 @@ def _hook_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return layers
 
 
+def per_example_losses(loss_fn: Callable[[Any, Any], torch.Tensor], out: torch.Tensor, targets: Any) -> torch.Tensor:
+    """[B] losses: ``loss_fn`` on each example as a batch of one, exactly as the vmap path defines them.
+
+    The common torch losses with ``reduction="mean"`` (``nn.CrossEntropyLoss`` with class-index targets
+    and no class weights, ``nn.MSELoss`` with same-shape targets) are computed in their
+    ``reduction="none"`` form, the same per-example values in one kernel: vmapping them over the batch
+    cost about 10x more, a fifth of the whole hooks capture for a small model (MNIST logistic
+    regression, benchmarks/end_to_end.py). Anything else, and cross-entropy targets equal to
+    ``ignore_index`` (whose batch of one is a 0/0 mean), goes through vmap.
+    """
+    fn = torch.nn.functional
+    if isinstance(targets, torch.Tensor) and isinstance(out, torch.Tensor) and out.dim() >= 1:
+        if (
+            type(loss_fn) is nn.CrossEntropyLoss
+            and loss_fn.reduction == "mean"
+            and loss_fn.weight is None
+            and out.dim() == 2
+            and targets.dim() == 1
+            and not targets.is_floating_point()
+            and not bool((targets == loss_fn.ignore_index).any())
+        ):
+            return fn.cross_entropy(out, targets, reduction="none", label_smoothing=loss_fn.label_smoothing)
+        if type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean" and out.shape == targets.shape:
+            return fn.mse_loss(out, targets, reduction="none").reshape(out.shape[0], -1).mean(1)
+    return vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, targets)
+
+
+def im2col(
+    x: torch.Tensor,
+    kernel_size: Tuple[int, int],
+    dilation: Tuple[int, int],
+    padding: Tuple[int, int],
+    stride: Tuple[int, int],
+) -> torch.Tensor:
+    """``torch.nn.functional.unfold`` for a 4-D input, the same values in the same (B, C kh kw, L) layout.
+
+    Formed as one copy of a strided view, with output columns innermost (contiguous runs of the input's
+    rows). On the CPU that is several times faster than ``unfold``'s own im2col at LeNet-5's shapes
+    (benchmarks/capture.py), and ``unfold`` was the largest single cost of the hooks capture.
+    """
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel_size, dilation, padding, stride
+    if ph or pw:
+        x = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    # (B, C, oh, ow, span_h, span_w), then every dilation-th tap: (B, C, oh, ow, kh, kw).
+    v = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+    b, c, oh, ow = v.shape[:4]
+    return v.permute(0, 1, 4, 5, 2, 3).reshape(b, c * kh * kw, oh * ow)
+
+
 def per_example_gradients_hooks(
     model: nn.Module,
     loss_fn: Callable[[Any, Any], torch.Tensor],
@@ -160,8 +209,7 @@ def per_example_gradients_hooks(
                 if isinstance(inputs, tuple)
                 else model(inputs)
             )
-            # The loss of each example on its own (a batch of one), exactly as the vmap path defines it.
-            losses = vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, targets)
+            losses = per_example_losses(loss_fn, out, targets)
             outs = [o for m in seen for _, o in seen[m]]
             grads_out = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
     finally:
@@ -186,9 +234,7 @@ def per_example_gradients_hooks(
                         raise UnsupportedModelError(
                             f"method='hooks' needs batched 4-D input to Conv2d {name!r}, got {tuple(x.shape)}"
                         )
-                    cols = torch.nn.functional.unfold(
-                        x, module.kernel_size, module.dilation, module.padding, module.stride
-                    )
+                    cols = im2col(x, module.kernel_size, module.dilation, module.padding, module.stride)
                     w = torch.bmm(g.reshape(b, g.shape[1], -1), cols.transpose(1, 2)).reshape(b, *module.weight.shape)
                     bias = g.sum((2, 3))
                 w_sum = w if w_sum is None else w_sum + w
