@@ -124,3 +124,36 @@ def test_per_example_losses_equal_the_batch_of_one_definition(loss_fn, kind):
     (ga,) = torch.autograd.grad(torch.nan_to_num(got).sum(), out)
     (gb,) = torch.autograd.grad(torch.nan_to_num(want).sum(), out)
     assert torch.allclose(ga, gb, atol=1e-6)
+
+
+def test_a_weight_used_outside_its_module_is_refused_by_hooks():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            # The second use goes through the weight directly: no module call for the hooks to see.
+            return torch.nn.functional.linear(torch.tanh(self.fc(x)), self.fc.weight)
+
+    torch.manual_seed(0)
+    model = Tied()
+    x, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    with pytest.raises(UnsupportedModelError, match="tied or functionally applied"):
+        per_example_gradients(model, nn.CrossEntropyLoss(), x, y, method="hooks")
+    # vmap sees every use.
+    gv, _ = per_example_gradients(model, nn.CrossEntropyLoss(), x, y)
+    model.zero_grad()
+    nn.CrossEntropyLoss(reduction="sum")(model(x), y).backward()
+    assert torch.allclose(gv["fc.weight"].sum(0), model.fc.weight.grad, atol=1e-5)
+
+
+def test_the_hooks_identity_is_checked_once_per_model():
+    from torchgrab import gradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    assert model not in gradients._HOOKS_CHECKED
+    per_example_gradients(model, nn.CrossEntropyLoss(), x, y, method="hooks")
+    assert model in gradients._HOOKS_CHECKED

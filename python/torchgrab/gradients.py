@@ -6,6 +6,7 @@ passed through unchanged; dropout draws independent masks per example (``randomn
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -67,12 +68,12 @@ def per_example_gradients(
     ``method="vmap"`` (default) works for any model torch.func can trace; ``chunk_size`` bounds its
     memory by vmapping that many examples at a time. ``method="hooks"`` runs one ordinary batched
     forward and backward and forms the per-example gradients of ``nn.Linear`` and ``nn.Conv2d`` layers
-    from their inputs and output gradients (the outer-product identity). It is cheaper where Linear
-    layers dominate (benchmarks/end_to_end.py: 1.7x cheaper capture for MNIST logistic regression) and
-    can be slower for convolutions (LeNet-5: about 1.2x slower than vmap, the unfolded per-example
-    products cost as much as the whole batched backward). Only for models made of those trainable
-    layers whose forward treats the examples independently
-    (anything mixing examples, like batch statistics, is wrong for both methods; see ``check_model``).
+    from their inputs and output gradients (the outer-product identity). It is the cheaper capture for
+    such models (benchmarks/capture.py: 1.9-3.0x cheaper than vmap for MNIST logistic regression, 1.3-1.4x
+    for LeNet-5). Only for models made of those trainable layers, called as modules (a weight used through
+    a functional call, such as a tied output layer, is not seen by the hooks), whose forward treats the
+    examples independently (anything mixing examples, like batch statistics, is wrong for both
+    methods; see ``check_model``).
     """
     if method == "hooks":
         return per_example_gradients_hooks(model, loss_fn, inputs, targets)
@@ -211,7 +212,12 @@ def per_example_gradients_hooks(
             )
             losses = per_example_losses(loss_fn, out, targets)
             outs = [o for m in seen for _, o in seen[m]]
-            grads_out = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+            # The first call for a model also asks autograd for the parameters' batch gradients, to
+            # check the identity against them below (one extra weight-gradient pass, once).
+            check = model not in _HOOKS_CHECKED
+            named = [(k, p) for k, p in model.named_parameters() if p.requires_grad] if check else []
+            grads_all = torch.autograd.grad(losses.sum(), outs + [p for _, p in named], allow_unused=True)
+            grads_out, batch_grads = grads_all[: len(outs)], grads_all[len(outs) :]
     finally:
         for h in handles:
             h.remove()
@@ -249,4 +255,33 @@ def per_example_gradients_hooks(
                 result[prefix + pname] = val.reshape(b, *p.shape)
     # The order of model.named_parameters(), as the vmap path returns it.
     order = [k for k, p in model.named_parameters() if p.requires_grad]
+    if check:
+        _check_hooks_identity(result, dict(zip([k for k, _ in named], batch_grads)))
+        _HOOKS_CHECKED.add(model)
     return {k: result[k] for k in order}, losses.detach()
+
+
+# Models whose hooks capture has been checked against autograd's batch gradient.
+_HOOKS_CHECKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _check_hooks_identity(per_example: Dict[str, torch.Tensor], batch: Dict[str, Optional[torch.Tensor]]) -> None:
+    """Refuse a model whose per-example gradients from the hooks do not add up to autograd's gradient.
+
+    That happens when a trainable weight is also used outside its module's own call (a tied output
+    layer through ``F.linear(x, self.fc.weight)``, say): the hooks see only the module calls, and the
+    missed use would silently drop out of every example's gradient.
+    """
+    for name, rows in per_example.items():
+        want = batch.get(name)
+        if want is None:
+            want = torch.zeros_like(rows[0])
+        got = rows.sum(0)
+        # Non-finite gradients are the sampler's to refuse, with their own message: compare the rest.
+        tol = 1e-4 * float(torch.nan_to_num(want.abs(), nan=0.0, posinf=0.0).max()) + 1e-6
+        if not torch.allclose(got, want, rtol=1e-3, atol=tol, equal_nan=True):
+            raise UnsupportedModelError(
+                f"method='hooks' cannot capture parameter {name!r}: its per-example gradients do not add up to "
+                "the batch gradient, so it is used somewhere other than its own module call (a tied or "
+                "functionally applied weight?). Use method='vmap'."
+            )
