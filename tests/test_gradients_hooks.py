@@ -157,3 +157,41 @@ def test_the_hooks_identity_is_checked_once_per_model():
     assert model not in gradients._HOOKS_CHECKED
     per_example_gradients(model, nn.CrossEntropyLoss(), x, y, method="hooks")
     assert model in gradients._HOOKS_CHECKED
+
+
+class SharedSeq(nn.Module):
+    """A Linear layer used twice, on 3-D (batch, positions, features) input, and a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.lin = nn.Linear(4, 4)
+        self.out = nn.Linear(4 * 3 * 4, 3, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).reshape(x.shape[0], 12, 4)
+        h = self.lin(torch.tanh(self.lin(h)))
+        return self.out(h.reshape(x.shape[0], -1))
+
+
+def test_hooks_batch_means_equal_the_mean_of_the_rows_and_autograd():
+    from torchgrab.gradients import hooks_capture
+
+    torch.manual_seed(4)
+    model = SharedSeq()
+    x, y = torch.randn(5, 2, 4, 4), torch.randint(0, 3, (5,))
+    grads, _, means = hooks_capture(model, nn.CrossEntropyLoss(), x, y)
+    model.zero_grad()
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    assert list(means) == list(grads)
+    for k, p in model.named_parameters():
+        assert means[k].shape == p.shape
+        assert torch.allclose(means[k], grads[k].mean(0), atol=1e-6), k
+        assert torch.allclose(means[k], p.grad, atol=1e-6), k
+    # GraBSampler.backward puts exactly those means in .grad.
+    s = GraBSampler(n=5, ordering="grab", seed=0)
+    list(s)
+    model.zero_grad(set_to_none=True)
+    s.backward(model, nn.CrossEntropyLoss(), x, y, method="hooks")
+    for k, p in model.named_parameters():
+        assert torch.equal(p.grad, means[k]), k
