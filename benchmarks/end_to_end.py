@@ -11,6 +11,8 @@ gradient path differ. torchgrab is timed with both capture methods of per_exampl
 layers), and once through the one-call GraBSampler.backward. The split reports where a GraB epoch goes: per-example gradient capture
 (torch.func), balancing (sampler.step), and the rest (forward/backward or parameter update, data slicing).
 The reference recipe uses torchopt for the update; plain torch SGD stands in for it here (same cost class).
+Timing: --trials rounds, each running one epoch of every method (RR first); medians over the rounds,
+and each method's ratio to the RR epoch of the same round (this shared machine's speed drifts).
 """
 
 from __future__ import annotations
@@ -191,7 +193,9 @@ def main():
     )
     ap.add_argument("--cifar-n", type=int, default=10000, help="CIFAR-10 training images used (seeded subset)")
     ap.add_argument("--mnist-n", type=int, default=60000)
-    ap.add_argument("--trials", type=int, default=3, help="epochs timed per method, round-robin (best is reported)")
+    ap.add_argument(
+        "--trials", type=int, default=5, help="rounds: epochs timed per method, round-robin (medians are reported)"
+    )
     ap.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (1: stable timings on a shared machine)"
     )
@@ -232,25 +236,47 @@ def main():
             methods["grab-sampler 0.1.3 recipe"] = lambda warmup=False: epoch_reference(
                 grabsampler, task, x, y, 3 if warmup else steps
             )
-        # Trials round-robin over the methods, so a slow spell of this shared machine hits them alike.
+        # Rounds: every method once per round, RR first. Each method's ratio to RR is taken within its
+        # round (so a slow spell of this shared machine hits both sides of a ratio), and the median
+        # over rounds is reported, with the median times.
+        rounds = []
         for _ in range(args.trials):
-            for name, fn in methods.items():
-                r = fn()
-                best = results.get((task, name))
-                if best is None or r["total"] < best["total"]:
-                    results[(task, name)] = r
-        rr = results[(task, "plain RR (mean gradient)")]["total"]
-        print(f"\n## {task}: d = {d}, {steps} steps of {BATCH}, load average now {_common.load_average()}")
-        print(f"{'method':<30} {'epoch s':>8} {'x RR':>6} {'capture s':>10} {'balance s':>10} {'balance/RR':>11}")
-        for (t, name), r in results.items():
-            if t != task:
+            rounds.append({name: fn() for name, fn in methods.items()})
+        rr_name = "plain RR (mean gradient)"
+        med = lambda xs: float(np.median(xs))  # noqa: E731
+        for name in methods:
+            rs = [r[name] for r in rounds]
+            results[(task, name)] = {
+                "total": med([r["total"] for r in rs]),
+                "ratio": med([r[name]["total"] / r[rr_name]["total"] for r in rounds]),
+                "ratio_range": (
+                    min(r[name]["total"] / r[rr_name]["total"] for r in rounds),
+                    max(r[name]["total"] / r[rr_name]["total"] for r in rounds),
+                ),
+                **{k: med([r[k] for r in rs]) for k in ("capture", "balance") if k in rs[0]},
+                "balance_share": med([r[name]["balance"] / r[rr_name]["total"] for r in rounds])
+                if "balance" in rs[0]
+                else None,
+            }
+        print(
+            f"\n## {task}: d = {d}, {steps} steps of {BATCH}, {args.trials} rounds (medians), "
+            f"load average now {_common.load_average()}"
+        )
+        print(
+            f"{'method':<30} {'epoch s':>8} {'x RR':>6} {'x RR range':>12} {'capture s':>10} {'balance s':>10} "
+            f"{'balance/RR':>11}"
+        )
+        for (t_, name), r in results.items():
+            if t_ != task:
                 continue
             cap = r.get("capture")
             bal = r.get("balance")
+            share = r.get("balance_share")
+            lo, hi = r["ratio_range"]
             print(
-                f"{name:<30} {r['total']:>8.2f} {r['total'] / rr:>6.2f} "
+                f"{name:<30} {r['total']:>8.2f} {r['ratio']:>6.2f} {f'{lo:.2f}-{hi:.2f}':>12} "
                 f"{cap if cap is not None else float('nan'):>10.2f} {bal if bal is not None else float('nan'):>10.3f} "
-                f"{(100 * bal / rr) if bal is not None else float('nan'):>10.1f}%"
+                f"{(100 * share) if share is not None else float('nan'):>10.1f}%"
             )
     print(f"\n# load average at end (1/5/15 min): {_common.load_average()}")
     os.makedirs(args.out, exist_ok=True)
