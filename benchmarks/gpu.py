@@ -9,6 +9,8 @@ Run on an NVIDIA H100 by scripts/gpu_session.sh (output: benchmarks/out/gpu_h100
 It checks first that the on-device orders equal the CPU dense kernel's on well-separated
 (integer-valued) data, then times. ``--profile`` also prints torch.profiler's table of the CUDA kernels
 of one ``grab`` step at d = 1e7, B = 64 (where the path is slowest), to see where its time goes.
+Last, it compares the two ways of forming u and Z Z^T at the large-d shapes (one product per column
+block, the default, or a batch of column-chunk products: ``torchgrab.ondevice.DEFAULT_SPLIT_COLS``).
 """
 
 from __future__ import annotations
@@ -78,6 +80,48 @@ def sync_time(fn, reps):
     return (time.perf_counter() - t) / reps
 
 
+def time_ours(ordering, pool, budget):
+    """Seconds per GraBSampler.step on the pool's (B, d) CUDA batches, in rotation."""
+    b = pool[0].shape[0]
+    n = b * 20000
+    s = torchgrab.GraBSampler(n=n, ordering=ordering, seed=0)
+    it = iter(s)
+    for _ in range(n):
+        next(it)
+    k = [0]
+
+    def ours():
+        s.step(pool[k[0] % len(pool)])
+        k[0] += 1
+
+    ours()
+    t1 = sync_time(ours, 1)
+    return sync_time(ours, int(min(max(budget / max(t1, 1e-6), 3), 5000)))
+
+
+def compare_split(dev, budget, shapes=((1_000_000, 16), (10_000_000, 4), (10_000_000, 64))):
+    """u and Z Z^T as one product per column block (the default) against a batch of chunk products
+    (torchgrab.ondevice._products), at the large-d shapes where the path is slow."""
+    from torchgrab import ondevice
+
+    print("\n# Gram products per column block: one product (split_cols = none) or chunks of split_cols")
+    print(f"{'ordering':>8} {'d':>9} {'B':>3} {'split_cols':>10} {'us/example':>11} {'GB/s':>8}")
+    for ordering in ("grab", "pair"):
+        for d, b in shapes:
+            pool = [torch.randn(b, d, device=dev) for _ in range(2)]
+            for split in (None, 1 << 16, 1 << 18):
+                ondevice.DEFAULT_SPLIT_COLS = split
+                t = time_ours(ordering, pool, budget)
+                print(
+                    f"{ordering:>8} {d:>9} {b:>3} {str(split or 'none'):>10} {t / b * 1e6:>11.2f} "
+                    f"{b * d * 4 / t / 1e9:>8.1f}",
+                    flush=True,
+                )
+            ondevice.DEFAULT_SPLIT_COLS = None
+            del pool
+            torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -108,20 +152,7 @@ def main():
         for d, b in SHAPES:
             pool = [torch.randn(b, d, device=dev) for _ in range(4)]
             n = b * 20000
-            s = torchgrab.GraBSampler(n=n, ordering=ordering, seed=0)
-            it = iter(s)
-            for _ in range(n):
-                next(it)
-            k = [0]
-
-            def ours():
-                s.step(pool[k[0] % 4])
-                k[0] += 1
-
-            ours()
-            t1 = sync_time(ours, 1)
-            reps = int(min(max(budget / max(t1, 1e-6), 3), 5000))
-            t = sync_time(ours, reps)
+            t = time_ours(ordering, pool, budget)
             ref = None
             if grabsampler is not None:
                 r = grabsampler.GraBSampler(
@@ -144,6 +175,8 @@ def main():
             )
             del pool
             torch.cuda.empty_cache()
+    if not args.quick:
+        compare_split(dev, budget / 2)
 
 
 if __name__ == "__main__":

@@ -124,3 +124,30 @@ def test_paths_are_not_mixed_and_option_is_checked():
     list(s)
     s.step(np.ones((2, 3), np.float32))  # CPU input in auto: the dense kernel
     assert s._ondevice is None
+
+
+def test_split_products_equal_single_products():
+    from torchgrab.ondevice import _products
+
+    g = torch.Generator().manual_seed(0)
+    for r, k, split in [(3, 40, 8), (5, 41, 8), (1, 17, 4), (4, 15, 8), (2, 64, 32)]:
+        z = torch.randint(-8, 9, (r, k), generator=g).double()
+        s = torch.randint(-8, 9, (k,), generator=g).double()
+        u1, g1 = _products(z, s, None)
+        u2, g2 = _products(z, s, split)
+        assert torch.equal(u1, u2) and torch.equal(g1, g2), (r, k, split)
+
+
+@pytest.mark.parametrize("ordering", ["grab", "pair"])
+def test_split_products_give_the_dense_kernels_orders(ordering, monkeypatch):
+    import torchgrab.ondevice as od
+
+    # Chunks of 5 columns over blocks of 24 or 5 + 19 columns: batched chunks and a partial tail.
+    monkeypatch.setattr(od, "DEFAULT_SPLIT_COLS", 5)
+    V = _vectors(48, 24, seed=9)
+    dense, _ = _run(ordering, "never", V, 8)
+    split, s = _run(ordering, "always", V, 8)
+    assert s._ondevice.split_cols == 5
+    assert dense == split
+    seg, _ = _run(ordering, "always", V, 8, segmented=True)
+    assert dense == seg

@@ -20,7 +20,7 @@ dense kernel wherever no inner product sits within rounding distance of 0 (teste
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,10 +29,39 @@ from torchgrab.errors import NonFiniteGradientError, ShapeError, StateDictError,
 
 DEFAULT_BLOCK_BYTES = 64 << 20
 
+# Columns per chunk when u and Z Z^T are formed as a batch of chunk products (see `_products`); None
+# forms each column block with one product. None until a GPU measurement chooses otherwise:
+# benchmarks/gpu.py --split-cols compares the two (the H100 figures in the README are with None).
+DEFAULT_SPLIT_COLS: Optional[int] = None
+
 
 def _blocks(width: int, rows: int, block_bytes: int) -> List[slice]:
     cols = max(1, block_bytes // (8 * max(rows, 1)))
     return [slice(lo, min(lo + cols, width)) for lo in range(0, width, cols)]
+
+
+def _products(z: torch.Tensor, s: torch.Tensor, split_cols: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Z s, Z Z^T) of one float64 column block Z (R, K), s (K,).
+
+    With ``split_cols``, the columns are cut into chunks of that many and the products are formed as
+    one batched product over the chunks (views, no copy), then summed; the last partial chunk is added
+    on its own. Why: Z Z^T is an R x R output with an inner dimension of up to millions, one output
+    tile, which a GPU matrix library may leave to a few of its multiprocessors (the suspected cause of
+    the slow large-d H100 figures in the README). Same numbers up to the order of the float64 sums.
+    """
+    r, k = z.shape
+    if split_cols is None or k < 2 * split_cols:
+        return z @ s, z @ z.T
+    c = k // split_cols
+    cut = c * split_cols
+    zc = z[:, :cut].view(r, c, split_cols).transpose(0, 1)  # (c, R, split_cols)
+    gram = torch.bmm(zc, zc.transpose(1, 2)).sum(0)
+    u = torch.bmm(zc, s[:cut].view(c, split_cols, 1)).sum(0).squeeze(1)
+    if cut < k:
+        zt = z[:, cut:]
+        gram = gram + zt @ zt.T
+        u = u + zt @ s[cut:]
+    return u, gram
 
 
 def _to_host(u: torch.Tensor, gram: torch.Tensor) -> Any:
@@ -51,6 +80,7 @@ class OnDeviceBalancer:
         self.n = n
         self.dtype = dtype
         self.block_bytes = block_bytes
+        self.split_cols = DEFAULT_SPLIT_COLS
         self.widths: Optional[List[int]] = None
         self.s: List[torch.Tensor] = []
         self.m: List[torch.Tensor] = []
@@ -153,8 +183,9 @@ class OnDeviceBalancer:
         for k, w in enumerate(self.widths):
             for blk in _blocks(w, r, self.block_bytes):
                 z = self._block(rows, k, blk, center)
-                u += z @ self.s[k][blk].double()
-                gram += z @ z.T
+                uk, gk = _products(z, self.s[k][blk].double(), self.split_cols)
+                u += uk
+                gram += gk
         return u, gram
 
     @staticmethod
