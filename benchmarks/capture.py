@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/capture.py [--threads 1] [--batch 64]
 
-For logistic regression on MNIST-shaped input (784 -> 10) and LeNet-5 on CIFAR-shaped input, prints
-milliseconds per step (best of 3 timed loops) of: an ordinary forward + backward (what a random-
-reshuffling step pays), `per_example_gradients` with vmap and with hooks, and the two pieces of the hooks
+For logistic regression on MNIST-shaped input (784 -> 10), LeNet-5 on CIFAR-shaped input and the
+BERT-family encoder of examples/glue_finetune.py (batch 16; vmap cannot trace it, so its vmap column
+is the one-sentence-at-a-time loop the example used before), prints milliseconds per step (best of 3
+timed loops) of: an ordinary forward + backward (what a random-reshuffling step pays),
+`per_example_gradients` with vmap and with hooks, and the two pieces of the hooks
 path that were rewritten: forming convolution columns (`F.unfold` against `torchgrab.gradients.im2col`,
 checked equal) and the per-example losses (a vmap over the batch against
 `torchgrab.gradients.per_example_losses`, checked equal). Random inputs: the cost does not depend on
@@ -18,6 +20,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,10 +45,80 @@ def ms(f, n=20):
     return best * 1e3
 
 
+def bert_row(data, batch=16, max_len=48):
+    """all-MiniLM-L6-v2 (examples/glue_finetune.py's model and setup, word embeddings frozen) on a batch
+    of 16 SST-2 training sentences (seeded draw; random token ids of lengths 8-48 without the data): the
+    one-sentence-at-a-time loop the example used against the hooks capture of the batch, padded to its
+    longest sentence (vmap cannot trace Hugging Face's BERT)."""
+    try:
+        import importlib.util
+
+        # examples/_common.py (this directory has its own _common): where the encoder's package keeps it.
+        where = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "_common.py")
+        spec = importlib.util.spec_from_file_location("examples_common", where)
+        examples_common = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(examples_common)
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        path = examples_common.minilm_path()
+    except Exception as e:  # the package or transformers missing: no row
+        print(f"{'MiniLM-L6 (BERT)':<18} skipped: {e}")
+        return
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="eager")
+    m.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    root = examples_common.data_root(data)
+    if examples_common.has_glue_task(root, "SST-2", "train"):
+        # What the example trains on: SST-2 sentences (a seeded draw), tokenized as it does.
+        texts, labels = examples_common.load_glue(root, "SST-2", "train")
+        pick = np.random.default_rng(0).choice(len(texts), batch, replace=False)
+        enc = AutoTokenizer.from_pretrained(path)(
+            [texts[i][0] for i in pick], padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
+        )
+        x, y, what = dict(enc), torch.as_tensor(labels[pick]), "SST-2 sentences"
+    else:
+        lengths = torch.randint(8, max_len + 1, (batch,))
+        ids = torch.randint(1000, 20000, (batch, max_len)) * (torch.arange(max_len) < lengths[:, None])
+        mask = (ids != 0).long()
+        x, y, what = {"input_ids": ids, "attention_mask": mask}, torch.randint(0, 2, (batch,)), "random ids"
+    lengths = x["attention_mask"].sum(1)
+    print(f"# MiniLM-L6 batch: {what}, lengths {lengths.tolist()}")
+    ce = nn.CrossEntropyLoss()
+
+    def loss_fn(out, t):
+        return ce(out.logits, t)
+
+    params = [q for q in m.parameters() if q.requires_grad]
+
+    n_max = int(lengths.max())
+    xb = {k: v[:, :n_max] for k, v in x.items()}
+
+    def rr():
+        m.zero_grad(set_to_none=True)
+        loss_fn(m(**xb), y).backward()
+
+    def loop():
+        for i, n in enumerate(lengths.tolist()):
+            xi = {k: v[i : i + 1, :n] for k, v in x.items() if k != "attention_mask"}
+            torch.autograd.grad(loss_fn(m(**xi), y[i : i + 1]), params)
+
+    def hooks():
+        per_example_gradients(m, loss_fn, xb, y, method="hooks")
+
+    print(
+        f"{f'MiniLM-L6, B={batch}':<18} {ms(rr, 3):>13.2f} {'(loop) ' + format(ms(loop, 3), '.2f'):>13} {ms(hooks, 3):>14.2f}"
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--data", default=None, help="data root for the SST-2 sentences (default: ../shared/data)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     _common.header(f"Per-example gradient capture per step, CPU, batch {args.batch}")
@@ -67,6 +140,8 @@ def main():
         vm = ms(lambda: per_example_gradients(model, loss_fn, x, y))
         hk = ms(lambda: per_example_gradients(model, loss_fn, x, y, method="hooks"))
         print(f"{name:<18} {ms(rr):>13.2f} {vm:>13.2f} {hk:>14.2f}")
+
+    bert_row(args.data)
 
     print(f"\n{'piece':<40} {'before':>8} {'now':>8}   (ms per step)")
     for c, h in [(3, 32), (6, 14)]:

@@ -9,9 +9,14 @@ BERT fine-tuning); each training example is a unit, and GraB gets its per-exampl
 ``sampler.backward``. The word-embedding matrix (11.7 M of the 22.7 M parameters) is frozen by default
 (``--train-embeddings`` to train it) so the per-example gradients of a batch fit comfortably in memory
 on a laptop. Hugging Face's BERT builds its attention mask with data-dependent Python control flow,
-which ``torch.func.vmap`` refuses, so for the balancing orderings the per-example gradients come from a
-loop over the batch, each example trimmed to its own length (no padding, so no mask is needed); they
-are handed to ``sampler.step`` as one [B, ...] tensor per parameter, and their mean becomes ``.grad``.
+which ``torch.func.vmap`` refuses, so the balancing orderings take per-example gradients one of two ways
+(``--capture``): ``loop``, one backward per sentence, each cut to its own length (no padding); or
+``hooks``, ``sampler.backward(..., method="hooks")``: one batched forward and backward of the batch cut
+to its longest sentence, the per-example gradients of its Linear, LayerNorm and Embedding layers formed
+from the layer inputs and output gradients (the attention mask keeps padding out of every sentence's
+loss, so each equals the sentence's own unpadded gradient). ``auto`` (default) takes the loop on the
+CPU, where it measured faster on SST-2's varied lengths (batch padded 3x; ``benchmarks/capture.py``),
+and hooks on a GPU, where one batched pass should beat 16 small sequential ones (not yet measured).
 Orderings that ignore gradients take an ordinary padded batch backward pass (the same mean gradient).
 Because a CPU cannot fine-tune on all of SST-2 (67k sentences) for 18 runs, the script
 uses a class-balanced random subset of the training split (``--train-size``) and of the dev split
@@ -61,6 +66,13 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--train-embeddings", action="store_true")
+    p.add_argument(
+        "--capture",
+        choices=["auto", "loop", "hooks"],
+        default="auto",
+        help="per-example gradients: one backward per sentence (loop), or one batched pass (hooks); "
+        "auto: loop on the CPU, hooks on a GPU",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.train_size, args.dev_size, args.epochs = 32, 32, min(args.epochs, 1)
@@ -122,16 +134,26 @@ def main(argv=None):
             "metric": metric,
         }
 
+    capture = args.capture if args.capture != "auto" else ("hooks" if args.device.startswith("cuda") else "loop")
+
     def backward(sampler, model, loss_fn, x, y):
-        params = [(k, q) for k, q in model.named_parameters() if q.requires_grad]
         if not sampler.balances:
             loss = loss_fn(model(**x), y)
             loss.backward()
             sampler.skip(len(y))
             return loss.detach()
+        lengths = x["attention_mask"].sum(1)
+        if capture == "hooks":
+            # One batched forward and backward of the batch cut to its longest sentence; the per-example
+            # gradients of BERT's Linear, LayerNorm and Embedding layers come from the hooks (the
+            # attention mask keeps padding out of every sentence's loss, so each equals the sentence's
+            # own unpadded gradient: tests/test_gradients_hooks.py).
+            n = int(lengths.max())
+            return sampler.backward(model, loss_fn, {k: v[:, :n] for k, v in x.items()}, y, method="hooks")
+        # One backward per sentence, each cut to its own length (no padding, no mask).
+        params = [(k, q) for k, q in model.named_parameters() if q.requires_grad]
         per_example = {k: [] for k, _ in params}
-        lengths = x["attention_mask"].sum(1).tolist()  # one device sync per batch, not one per example
-        for i, n in enumerate(lengths):
+        for i, n in enumerate(lengths.tolist()):  # one device sync per batch, not one per example
             xi = {k: v[i : i + 1, :n] for k, v in x.items() if k != "attention_mask"}
             grads = torch.autograd.grad(loss_fn(model(**xi), y[i : i + 1]), [q for _, q in params])
             for (k, _), g in zip(params, grads):

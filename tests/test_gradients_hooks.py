@@ -55,7 +55,7 @@ def test_shared_layer_sums_and_unsupported_layers_are_refused():
         assert torch.allclose(gh[k], gv[k], atol=1e-5), k
     with pytest.raises(UnsupportedModelError, match="hooks"):
         per_example_gradients(
-            nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), nn.CrossEntropyLoss(), x, y, method="hooks"
+            nn.Sequential(nn.Linear(4, 4), nn.PReLU()), nn.CrossEntropyLoss(), x, y, method="hooks"
         )
 
 
@@ -195,3 +195,87 @@ def test_hooks_batch_means_equal_the_mean_of_the_rows_and_autograd():
     s.backward(model, nn.CrossEntropyLoss(), x, y, method="hooks")
     for k, p in model.named_parameters():
         assert torch.equal(p.grad, means[k]), k
+
+
+class TokenModel(nn.Module):
+    """Embedding (with a padding row), LayerNorm, Linear over positions, mean-pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6, padding_idx=0)
+        self.pos = nn.Embedding(5, 6)
+        self.norm = nn.LayerNorm(6)
+        self.norm2 = nn.LayerNorm(6, bias=False)
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.norm(self.emb(ids) + self.pos(torch.arange(ids.shape[1]).expand_as(ids)))
+        h = self.norm2(torch.tanh(self.lin(h)))
+        return self.head(h.mean(1))
+
+
+def test_hooks_equal_vmap_for_embedding_and_layernorm():
+    torch.manual_seed(5)
+    model = TokenModel()
+    ids = torch.randint(0, 11, (6, 5))
+    ids[0, :2] = 0  # padding rows get no gradient
+    ids[1] = 3  # one row used at every position: its gradients add up
+    y = torch.randint(0, 3, (6,))
+    gv, _ = per_example_gradients(model, nn.CrossEntropyLoss(), ids, y)
+    gh, _ = per_example_gradients(model, nn.CrossEntropyLoss(), ids, y, method="hooks")
+    assert list(gv) == list(gh)
+    for k in gv:
+        assert torch.allclose(gh[k], gv[k], atol=1e-5, rtol=1e-4), k
+    assert torch.count_nonzero(gh["emb.weight"][:, 0]) == 0
+
+
+def test_embedding_options_hooks_cannot_follow_are_refused():
+    for emb in (nn.Embedding(5, 2, max_norm=1.0), nn.Embedding(5, 2, scale_grad_by_freq=True)):
+        model = nn.Sequential(emb, nn.Flatten(), nn.Linear(6, 2))
+        with pytest.raises(UnsupportedModelError, match="nn.Embedding"):
+            per_example_gradients(
+                model, nn.CrossEntropyLoss(), torch.randint(0, 5, (4, 3)), torch.zeros(4).long(), method="hooks"
+            )
+
+
+def test_hooks_on_a_padded_bert_batch_equal_unpadded_one_example_passes():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(6)
+    cfg = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
+    cfg._attn_implementation = "eager"  # as examples/glue_finetune.py loads it
+    model = transformers.BertForSequenceClassification(cfg)
+    lengths = [7, 3, 5, 7]
+    ids = torch.randint(5, 40, (4, 7))
+    mask = torch.zeros(4, 7, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n:] = 0
+    x = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    y = torch.tensor([0, 1, 1, 0])
+    ce = nn.CrossEntropyLoss()
+
+    def loss_fn(out, t):
+        return ce(out.logits, t)
+
+    gh, losses = per_example_gradients(model, loss_fn, x, y, method="hooks")
+    params = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    assert list(gh) == [k for k, _ in params]
+    for i, n in enumerate(lengths):
+        xi = {k: v[i : i + 1, :n] for k, v in x.items() if k != "attention_mask"}
+        li = loss_fn(model(**xi), y[i : i + 1])
+        assert torch.allclose(losses[i], li, atol=1e-5)
+        grads = torch.autograd.grad(li, [p for _, p in params], allow_unused=True)
+        for (k, p), g in zip(params, grads):
+            want = torch.zeros_like(p) if g is None else g
+            assert torch.allclose(gh[k][i], want, atol=1e-5, rtol=1e-4), (i, k)

@@ -67,9 +67,11 @@ def per_example_gradients(
 
     ``method="vmap"`` (default) works for any model torch.func can trace; ``chunk_size`` bounds its
     memory by vmapping that many examples at a time. ``method="hooks"`` runs one ordinary batched
-    forward and backward and forms the per-example gradients of ``nn.Linear`` and ``nn.Conv2d`` layers
-    from their inputs and output gradients (the outer-product identity). It is the cheaper capture for
-    such models (benchmarks/capture.py: 1.9-3.0x cheaper than vmap for MNIST logistic regression, 1.3-1.4x
+    forward and backward and forms the per-example gradients of ``nn.Linear``, ``nn.Conv2d``,
+    ``nn.LayerNorm`` and ``nn.Embedding`` layers from their inputs and output gradients (the
+    outer-product identity and its relatives). It also takes padded batches of models whose masking
+    keeps the padding out of every example's loss (BERT's attention mask does: tested against
+    unpadded one-example passes). It is the cheaper capture for such models (benchmarks/capture.py: 2.8-3.6x cheaper than vmap for MNIST logistic regression, 1.1-1.6x
     for LeNet-5). Only for models made of those trainable layers, called as modules (a weight used through
     a functional call, such as a tied output layer, is not seen by the hooks), whose forward treats the
     examples independently (anything mixing examples, like batch statistics, is wrong for both
@@ -117,16 +119,23 @@ def _hook_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
-        ok = isinstance(module, nn.Linear) or (
-            isinstance(module, nn.Conv2d)
-            and module.groups == 1
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
+        ok = (
+            isinstance(module, (nn.Linear, nn.LayerNorm))
+            or (
+                isinstance(module, nn.Conv2d)
+                and module.groups == 1
+                and module.padding_mode == "zeros"
+                and not isinstance(module.padding, str)
+            )
+            # max_norm rewrites the weight inside the forward; scale_grad_by_freq scales by counts over
+            # the whole batch, which is not the batch-of-one gradient.
+            or (isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq)
         )
         if not ok:
             raise UnsupportedModelError(
-                f"method='hooks' forms per-example gradients of nn.Linear and nn.Conv2d (groups=1, zero padding) "
-                f"layers only; module {name!r} ({type(module).__name__}) has trainable parameters. Use method='vmap'."
+                "method='hooks' forms per-example gradients of nn.Linear, nn.Conv2d (groups=1, zero padding), "
+                "nn.LayerNorm and nn.Embedding (no max_norm, no scale_grad_by_freq) layers only; module "
+                f"{name!r} ({type(module).__name__}) has trainable parameters. Use method='vmap'."
             )
         layers.append((name, module))
     return layers
@@ -156,7 +165,8 @@ def per_example_losses(loss_fn: Callable[[Any, Any], torch.Tensor], out: torch.T
             return fn.cross_entropy(out, targets, reduction="none", label_smoothing=loss_fn.label_smoothing)
         if type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean" and out.shape == targets.shape:
             return fn.mse_loss(out, targets, reduction="none").reshape(out.shape[0], -1).mean(1)
-    return vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, targets)
+    one = lambda v: v.unsqueeze(0) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return vmap(lambda o, t: loss_fn(tree_map(one, o), tree_map(one, t)))(out, targets)
 
 
 def im2col(
@@ -188,7 +198,7 @@ def per_example_gradients_hooks(
     targets: Any,
 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
     """``per_example_gradients(..., method="hooks")``: one batched forward and backward; see there."""
-    grads, losses, _ = hooks_capture(model, loss_fn, inputs, targets)
+    grads, losses, _ = hooks_capture(model, loss_fn, inputs, targets, means=False)
     return grads, losses
 
 
@@ -197,12 +207,15 @@ def hooks_capture(
     loss_fn: Callable[[Any, Any], torch.Tensor],
     inputs: Any,
     targets: Any,
+    means: bool = True,
 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Dict[str, torch.Tensor]]:
-    """``per_example_gradients_hooks``, plus the batch mean gradient of each parameter.
+    """``per_example_gradients_hooks``, plus (``means``) the batch mean gradient of each parameter.
 
-    The mean comes from the same products at almost no cost (for a Linear layer one matrix product of
-    the layer's output gradients and inputs, instead of a reduction over the [B, out, in] per-example
-    tensor, which was 0.8 ms of LeNet-5's step), for ``GraBSampler.backward`` to put in ``.grad``.
+    For a Linear layer applied once per example (2-D input) the mean is one matrix product of the
+    layer's output gradients and inputs, cheaper than reducing the [B, out, in] per-example tensor
+    (0.8 ms of LeNet-5's step); with positions (3-D input, T per example) that product costs T times
+    more, so there, and for every other layer, the per-example rows are averaged. For
+    ``GraBSampler.backward`` to put in ``.grad``.
     """
     check_model(model)
     b = batch_size(inputs)
@@ -213,8 +226,17 @@ def hooks_capture(
         raise UnsupportedModelError("the model has no parameter with requires_grad=True; there is nothing to balance")
     seen: Dict[nn.Module, List[Tuple[torch.Tensor, torch.Tensor]]] = {m: [] for _, m in layers}
 
-    def record(module: nn.Module, args: Tuple[Any, ...], out: torch.Tensor) -> None:
-        seen[module].append((args[0].detach(), out))
+    def record(module: nn.Module, args: Tuple[Any, ...], out: torch.Tensor) -> Optional[torch.Tensor]:
+        x = args[0].detach()
+        if b > 1 and x.dim() >= 1 and x.shape[0] == 1 and out.shape[0] == 1:
+            # One call shared by the whole batch (BERT's position embeddings take ids of batch 1 and
+            # broadcast): the gradient of that output would be summed over the examples. Hand each
+            # example its own (expanded, no-copy) view instead, so the gradient stays per example.
+            x, out = x.expand(b, *x.shape[1:]), out.expand(b, *out.shape[1:])
+            seen[module].append((x, out))
+            return out
+        seen[module].append((x, out))
+        return None
 
     handles = [m.register_forward_hook(record) for _, m in layers]
     try:
@@ -239,12 +261,13 @@ def hooks_capture(
             h.remove()
     go = iter(grads_out)
     result: Dict[str, torch.Tensor] = {}
-    means: Dict[str, torch.Tensor] = {}
+    mean_of: Dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, module in layers:
             w_sum: Optional[torch.Tensor] = None
             b_sum: Optional[torch.Tensor] = None
             w_mean: Optional[torch.Tensor] = None
+            linear_rows = False  # a Linear use whose mean must come from the rows
             for x, o in seen[module]:  # a layer used several times: its per-example gradients add up
                 g = next(go)
                 if g is None:
@@ -253,8 +276,26 @@ def hooks_capture(
                     x2, g2 = x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1])
                     w = torch.bmm(g2.transpose(1, 2), x2)
                     bias = g2.sum(1)
-                    wm = torch.mm(g2.reshape(-1, g2.shape[-1]).t(), x2.reshape(-1, x2.shape[-1])) / b
-                    w_mean = wm if w_mean is None else w_mean + wm
+                    if means and x2.shape[1] == 1:
+                        wm = torch.mm(g2.reshape(b, -1).t(), x2.reshape(b, -1)) / b
+                        w_mean = wm if w_mean is None else w_mean + wm
+                    else:
+                        linear_rows = True
+                elif isinstance(module, nn.LayerNorm):
+                    # y = x_hat * weight + bias, x_hat normalized over the trailing normalized_shape.
+                    shape = tuple(module.normalized_shape)
+                    x_hat = torch.nn.functional.layer_norm(x, shape, None, None, module.eps)
+                    w = (g * x_hat).reshape(b, -1, *shape).sum(1)
+                    bias = g.reshape(b, -1, *shape).sum(1)
+                elif isinstance(module, nn.Embedding):
+                    # Row ids[b, t] of example b's gradient gets g[b, t]; padding_idx rows get none.
+                    ids = x.reshape(b, -1)
+                    gd = g.reshape(b, -1, g.shape[-1])
+                    if module.padding_idx is not None:
+                        gd = gd.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
+                    w = torch.zeros(b, module.num_embeddings, gd.shape[-1], dtype=gd.dtype, device=gd.device)
+                    w.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, gd.shape[-1]), gd)
+                    bias = None
                 else:
                     if x.dim() != 4:
                         raise UnsupportedModelError(
@@ -264,7 +305,8 @@ def hooks_capture(
                     w = torch.bmm(g.reshape(b, g.shape[1], -1), cols.transpose(1, 2)).reshape(b, *module.weight.shape)
                     bias = g.sum((2, 3))
                 w_sum = w if w_sum is None else w_sum + w
-                b_sum = bias if b_sum is None else b_sum + bias
+                if bias is not None:
+                    b_sum = bias if b_sum is None else b_sum + bias
             prefix = f"{name}." if name else ""
             for pname, p in module.named_parameters(recurse=False):
                 if not p.requires_grad:
@@ -273,14 +315,15 @@ def hooks_capture(
                 if val is None:
                     val = torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device)
                 result[prefix + pname] = val.reshape(b, *p.shape)
-                small = pname != "weight" or w_mean is None  # conv weights and biases: [B, small]
-                means[prefix + pname] = val.mean(0).reshape(p.shape) if small else w_mean.reshape(p.shape)
+                if means:
+                    direct = pname == "weight" and w_mean is not None and not linear_rows
+                    mean_of[prefix + pname] = w_mean.reshape(p.shape) if direct else val.mean(0).reshape(p.shape)
     # The order of model.named_parameters(), as the vmap path returns it.
     order = [k for k, p in model.named_parameters() if p.requires_grad]
     if check:
         _check_hooks_identity(result, dict(zip([k for k, _ in named], batch_grads)))
         _HOOKS_CHECKED.add(model)
-    return {k: result[k] for k in order}, losses.detach(), {k: means[k] for k in order}
+    return {k: result[k] for k in order}, losses.detach(), {k: mean_of[k] for k in order} if means else {}
 
 
 # Models whose hooks capture has been checked against autograd's batch gradient.
