@@ -54,9 +54,7 @@ def test_shared_layer_sums_and_unsupported_layers_are_refused():
     for k in gv:
         assert torch.allclose(gh[k], gv[k], atol=1e-5), k
     with pytest.raises(UnsupportedModelError, match="hooks"):
-        per_example_gradients(
-            nn.Sequential(nn.Linear(4, 4), nn.PReLU()), nn.CrossEntropyLoss(), x, y, method="hooks"
-        )
+        per_example_gradients(nn.Sequential(nn.Linear(4, 4), nn.PReLU()), nn.CrossEntropyLoss(), x, y, method="hooks")
 
 
 def test_backward_with_hooks_feeds_the_same_rows():
@@ -279,3 +277,17 @@ def test_hooks_on_a_padded_bert_batch_equal_unpadded_one_example_passes():
         for (k, p), g in zip(params, grads):
             want = torch.zeros_like(p) if g is None else g
             assert torch.allclose(gh[k][i], want, atol=1e-5, rtol=1e-4), (i, k)
+
+
+def test_a_sequence_first_layer_is_refused_by_hooks():
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):  # x: (B, T, 3), run through the layer as (T, B, 3)
+            return self.lin(x.transpose(0, 1)).mean(0)
+
+    x, y = torch.randn(4, 6, 3), torch.randint(0, 3, (4,))
+    with pytest.raises(UnsupportedModelError, match="batch-first"):
+        per_example_gradients(SeqFirst(), nn.CrossEntropyLoss(), x, y, method="hooks")

@@ -272,38 +272,19 @@ def hooks_capture(
                 g = next(go)
                 if g is None:
                     g = torch.zeros_like(o)
+                if x.shape[:1] != (b,) or g.shape[:1] != (b,):
+                    # A layer fed sequence-first (T, B, ...) tensors: its rows are not examples.
+                    raise UnsupportedModelError(
+                        f"method='hooks' needs batch-first inputs, but module {name!r} got an input of shape "
+                        f"{tuple(x.shape)} for a batch of {b}. Use method='vmap'."
+                    )
+                w, bias = _layer_rows(module, name, x, g, b)
                 if isinstance(module, nn.Linear):
-                    x2, g2 = x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1])
-                    w = torch.bmm(g2.transpose(1, 2), x2)
-                    bias = g2.sum(1)
-                    if means and x2.shape[1] == 1:
-                        wm = torch.mm(g2.reshape(b, -1).t(), x2.reshape(b, -1)) / b
+                    if means and x.dim() == 2:
+                        wm = torch.mm(g.t(), x) / b
                         w_mean = wm if w_mean is None else w_mean + wm
                     else:
                         linear_rows = True
-                elif isinstance(module, nn.LayerNorm):
-                    # y = x_hat * weight + bias, x_hat normalized over the trailing normalized_shape.
-                    shape = tuple(module.normalized_shape)
-                    x_hat = torch.nn.functional.layer_norm(x, shape, None, None, module.eps)
-                    w = (g * x_hat).reshape(b, -1, *shape).sum(1)
-                    bias = g.reshape(b, -1, *shape).sum(1)
-                elif isinstance(module, nn.Embedding):
-                    # Row ids[b, t] of example b's gradient gets g[b, t]; padding_idx rows get none.
-                    ids = x.reshape(b, -1)
-                    gd = g.reshape(b, -1, g.shape[-1])
-                    if module.padding_idx is not None:
-                        gd = gd.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
-                    w = torch.zeros(b, module.num_embeddings, gd.shape[-1], dtype=gd.dtype, device=gd.device)
-                    w.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, gd.shape[-1]), gd)
-                    bias = None
-                else:
-                    if x.dim() != 4:
-                        raise UnsupportedModelError(
-                            f"method='hooks' needs batched 4-D input to Conv2d {name!r}, got {tuple(x.shape)}"
-                        )
-                    cols = im2col(x, module.kernel_size, module.dilation, module.padding, module.stride)
-                    w = torch.bmm(g.reshape(b, g.shape[1], -1), cols.transpose(1, 2)).reshape(b, *module.weight.shape)
-                    bias = g.sum((2, 3))
                 w_sum = w if w_sum is None else w_sum + w
                 if bias is not None:
                     b_sum = bias if b_sum is None else b_sum + bias
@@ -324,6 +305,36 @@ def hooks_capture(
         _check_hooks_identity(result, dict(zip([k for k, _ in named], batch_grads)))
         _HOOKS_CHECKED.add(model)
     return {k: result[k] for k in order}, losses.detach(), {k: mean_of[k] for k in order} if means else {}
+
+
+def _layer_rows(
+    module: nn.Module, name: str, x: torch.Tensor, g: torch.Tensor, b: int
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-example gradients [B, ...] of one call of a hooked layer: (weight, bias or None), from the
+    call's input x and its output gradient g (both batch-first)."""
+    if isinstance(module, nn.Linear):
+        # The outer-product identity, summed over any positions between batch and features.
+        x2, g2 = x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1])
+        return torch.bmm(g2.transpose(1, 2), x2), g2.sum(1)
+    if isinstance(module, nn.LayerNorm):
+        # y = x_hat * weight + bias, x_hat normalized over the trailing normalized_shape.
+        shape = tuple(module.normalized_shape)
+        x_hat = torch.nn.functional.layer_norm(x, shape, None, None, module.eps)
+        return (g * x_hat).reshape(b, -1, *shape).sum(1), g.reshape(b, -1, *shape).sum(1)
+    if isinstance(module, nn.Embedding):
+        # Row ids[b, t] of example b's gradient gets g[b, t]; padding_idx rows get none.
+        ids = x.reshape(b, -1)
+        gd = g.reshape(b, -1, g.shape[-1])
+        if module.padding_idx is not None:
+            gd = gd.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
+        w = torch.zeros(b, module.num_embeddings, gd.shape[-1], dtype=gd.dtype, device=gd.device)
+        return w.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, gd.shape[-1]), gd), None
+    # nn.Conv2d (groups=1, zero padding: see _hook_layers): the products over unfolded columns.
+    if x.dim() != 4:
+        raise UnsupportedModelError(f"method='hooks' needs batched 4-D input to Conv2d {name!r}, got {tuple(x.shape)}")
+    cols = im2col(x, module.kernel_size, module.dilation, module.padding, module.stride)
+    w = torch.bmm(g.reshape(b, g.shape[1], -1), cols.transpose(1, 2)).reshape(b, *module.weight.shape)
+    return w, g.sum((2, 3))
 
 
 # Models whose hooks capture has been checked against autograd's batch gradient.
