@@ -31,7 +31,7 @@ DEFAULT_BLOCK_BYTES = 64 << 20
 
 # Columns per chunk when u and Z Z^T are formed as a batch of chunk products (see `_products`); None
 # forms each column block with one product. None until a GPU measurement chooses otherwise:
-# benchmarks/gpu.py --split-cols compares the two (the H100 figures in the README are with None).
+# benchmarks/gpu.py ends with a table of both (the H100 figures in the README are with None).
 DEFAULT_SPLIT_COLS: Optional[int] = None
 
 
