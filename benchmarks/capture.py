@@ -31,9 +31,12 @@ import _common  # noqa: E402
 from end_to_end import LeNet  # noqa: E402
 from torchgrab.gradients import im2col, per_example_gradients, per_example_losses  # noqa: E402
 
+REPS = {"n": 20}
 
-def ms(f, n=20):
-    """Best of 3 loops of n calls, after 2 warm-up calls."""
+
+def ms(f, n=None):
+    """Best of 3 loops of n calls (default REPS["n"]), after 2 warm-up calls."""
+    n = n or REPS["n"]
     f()
     f()
     best = float("inf")
@@ -119,8 +122,11 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--data", default=None, help="data root for the SST-2 sentences (default: ../shared/data)")
+    ap.add_argument("--quick", action="store_true", help="a smoke test: few repetitions, no MiniLM row")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.quick:
+        REPS["n"] = 2
     _common.header(f"Per-example gradient capture per step, CPU, batch {args.batch}")
     b = args.batch
     loss_fn = nn.CrossEntropyLoss()
@@ -141,7 +147,8 @@ def main():
         hk = ms(lambda: per_example_gradients(model, loss_fn, x, y, method="hooks"))
         print(f"{name:<18} {ms(rr):>13.2f} {vm:>13.2f} {hk:>14.2f}")
 
-    bert_row(args.data)
+    if not args.quick:
+        bert_row(args.data)
 
     print(f"\n{'piece':<40} {'before':>8} {'now':>8}   (ms per step)")
     for c, h in [(3, 32), (6, 14)]:
@@ -156,8 +163,8 @@ def main():
     one_by_one = vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))
     assert torch.allclose(one_by_one(out, y), per_example_losses(loss_fn, out, y), atol=1e-6)
     print(
-        f"{'per-example cross-entropy, 10 classes':<40} {ms(lambda: one_by_one(out, y), 200):>8.3f} "
-        f"{ms(lambda: per_example_losses(loss_fn, out, y), 200):>8.3f}"
+        f"{'per-example cross-entropy, 10 classes':<40} {ms(lambda: one_by_one(out, y), 10 * REPS['n']):>8.3f} "
+        f"{ms(lambda: per_example_losses(loss_fn, out, y), 10 * REPS['n']):>8.3f}"
     )
     print(f"\n# load average at end (1/5/15 min): {_common.load_average()}")
 

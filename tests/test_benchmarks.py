@@ -1,0 +1,67 @@
+"""The benchmark scripts in their smallest settings, so that a script the README quotes cannot rot
+unnoticed. Timings are printed, never asserted; these only check that each script runs to the end and
+prints its table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+
+
+def run(args, tmp_path):
+    out = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["benchmarks/capture.py", "--quick"], "per-example cross-entropy"),
+        (["benchmarks/kernels.py", "--quick", "--no-reference", "--out", "{tmp}"], "grab"),
+        (["benchmarks/discrepancy.py", "--quick"], "grab"),
+        (["benchmarks/state_dict_cost.py", "--quick"], "grab"),
+        (["benchmarks/memory.py", "--d", "100000", "--n", "64", "--epochs", "3", "--batch", "8"], "grab"),
+        (["benchmarks/large_n.py", "--n", "100000"], "next 99,999 indices"),
+    ],
+)
+def test_benchmark_script_runs(args, expect, tmp_path):
+    stdout = run([a.replace("{tmp}", str(tmp_path)) for a in args], tmp_path)
+    assert expect in stdout
+
+
+@pytest.mark.skipif(not (DATA / "mnist").is_dir() or not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
+def test_end_to_end_benchmark_runs(tmp_path):
+    stdout = run(
+        [
+            "benchmarks/end_to_end.py",
+            "--data",
+            str(DATA),
+            "--cifar-n",
+            "128",
+            "--mnist-n",
+            "256",
+            "--trials",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        tmp_path,
+    )
+    for line in ("plain RR (mean gradient)", "torchgrab backward(hooks)", "x RR range"):
+        assert line in stdout
+    assert (tmp_path / "end_to_end.png").exists() or "matplotlib missing" in stdout
