@@ -52,7 +52,7 @@ from torchgrab.errors import (
     StateDictError,
     UnsupportedInputError,
 )
-from torchgrab.gradients import per_example_gradients
+from torchgrab.gradients import hooks_capture, per_example_gradients
 
 _MODES = {"exact": 0, "efficient": 1, "pipelined": 2}
 _DTYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
@@ -525,15 +525,23 @@ class DistributedGraBSampler(Sampler[int]):
         targets: Any,
         *,
         chunk_size: Optional[int] = None,
+        method: str = "vmap",
     ) -> torch.Tensor:
         """The DDP training step's backward: per-example gradients of this rank's batch -> the sampler;
         the mean gradient over all ranks -> each parameter's ``.grad`` (one all_reduce, which in efficient
         mode also carries the signed sum); returns this rank's mean loss. ``model`` may be wrapped in
-        ``DistributedDataParallel`` (its own gradient hooks are not used: no ``loss.backward()`` runs)."""
+        ``DistributedDataParallel`` (its own gradient hooks are not used: no ``loss.backward()`` runs).
+        ``method`` picks the capture, as in ``GraBSampler.backward``."""
         module = _unwrap(model)
-        grads, losses = per_example_gradients(module, loss_fn, inputs, targets, chunk_size=chunk_size)
+        if method == "hooks":
+            grads, losses, mean_of = hooks_capture(module, loss_fn, inputs, targets)
+            means = [mean_of[k].reshape(-1) for k in grads]
+        else:
+            grads, losses = per_example_gradients(
+                module, loss_fn, inputs, targets, chunk_size=chunk_size, method=method
+            )
+            means = [g.mean(dim=0).reshape(-1) for g in grads.values()]
         grads = {k: g if g.is_contiguous() else g.contiguous() for k, g in grads.items()}
-        means = [g.mean(dim=0).reshape(-1) for g in grads.values()]
         flat = torch.cat(means) if means else torch.zeros(0)
         total = self._step(grads, flat)
         assert total is not None
