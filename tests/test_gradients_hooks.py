@@ -291,3 +291,18 @@ def test_a_sequence_first_layer_is_refused_by_hooks():
     x, y = torch.randn(4, 6, 3), torch.randint(0, 3, (4,))
     with pytest.raises(UnsupportedModelError, match="batch-first"):
         per_example_gradients(SeqFirst(), nn.CrossEntropyLoss(), x, y, method="hooks")
+
+
+def test_a_non_embedding_layer_called_once_for_the_batch_is_refused_by_hooks():
+    class Prototype(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proto = nn.Parameter(torch.randn(1, 4), requires_grad=False)
+            self.proj = nn.Linear(4, 3)
+
+        def forward(self, x):  # x: (B, 4); one projection of the prototype, shared by every example
+            return x * self.proj(self.proto).sum()
+
+    x, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    with pytest.raises(UnsupportedModelError, match="batch of 1 inside a batch of 5"):
+        per_example_gradients(Prototype(), nn.CrossEntropyLoss(), x, y, method="hooks")

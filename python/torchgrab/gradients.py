@@ -226,12 +226,22 @@ def hooks_capture(
         raise UnsupportedModelError("the model has no parameter with requires_grad=True; there is nothing to balance")
     seen: Dict[nn.Module, List[Tuple[torch.Tensor, torch.Tensor]]] = {m: [] for _, m in layers}
 
+    names = {m: name for name, m in layers}
+
     def record(module: nn.Module, args: Tuple[Any, ...], out: torch.Tensor) -> Optional[torch.Tensor]:
         x = args[0].detach()
         if b > 1 and x.dim() >= 1 and x.shape[0] == 1 and out.shape[0] == 1:
-            # One call shared by the whole batch (BERT's position embeddings take ids of batch 1 and
-            # broadcast): the gradient of that output would be summed over the examples. Hand each
-            # example its own (expanded, no-copy) view instead, so the gradient stays per example.
+            # One call shared by the whole batch: the gradient of its output would be summed over the
+            # examples. For an embedding lookup of ids (BERT's position embeddings: ids of batch 1,
+            # broadcast when added), each example gets its own expanded, no-copy view of the output,
+            # so the gradient stays per example; the values and the broadcast are unchanged. Other
+            # layers are refused: their batch-1 output may feed code that relies on its shape.
+            if not isinstance(module, nn.Embedding):
+                raise UnsupportedModelError(
+                    f"method='hooks': module {names[module]!r} was called on a batch of 1 inside a batch of {b} "
+                    "(a computation shared by all examples), whose per-example gradients the hooks cannot "
+                    "separate. Use method='vmap'."
+                )
             x, out = x.expand(b, *x.shape[1:]), out.expand(b, *out.shape[1:])
             seen[module].append((x, out))
             return out
