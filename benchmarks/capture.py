@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -39,13 +38,7 @@ def ms(f, n=None):
     n = n or REPS["n"]
     f()
     f()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            f()
-        best = min(best, (time.perf_counter() - t0) / n)
-    return best * 1e3
+    return _common.best_of(lambda: [f() for _ in range(n)], 3) / n * 1e3
 
 
 def bert_row(data, batch=16, max_len=48):

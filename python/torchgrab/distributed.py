@@ -52,7 +52,7 @@ from torchgrab.errors import (
     StateDictError,
     UnsupportedInputError,
 )
-from torchgrab.gradients import hooks_capture, per_example_gradients
+from torchgrab.gradients import capture
 
 _MODES = {"exact": 0, "efficient": 1, "pipelined": 2}
 _DTYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
@@ -533,15 +533,8 @@ class DistributedGraBSampler(Sampler[int]):
         ``DistributedDataParallel`` (its own gradient hooks are not used: no ``loss.backward()`` runs).
         ``method`` picks the capture, as in ``GraBSampler.backward``."""
         module = _unwrap(model)
-        if method == "hooks":
-            grads, losses, mean_of = hooks_capture(module, loss_fn, inputs, targets)
-            means = [mean_of[k].reshape(-1) for k in grads]
-        else:
-            grads, losses = per_example_gradients(
-                module, loss_fn, inputs, targets, chunk_size=chunk_size, method=method
-            )
-            means = [g.mean(dim=0).reshape(-1) for g in grads.values()]
-        grads = {k: g if g.is_contiguous() else g.contiguous() for k, g in grads.items()}
+        grads, losses, mean_of = capture(module, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
+        means = [mean_of[k].reshape(-1) for k in grads]
         flat = torch.cat(means) if means else torch.zeros(0)
         total = self._step(grads, flat)
         assert total is not None

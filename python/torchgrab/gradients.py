@@ -44,6 +44,35 @@ def batch_size(inputs: Any) -> int:
     return sizes.pop()
 
 
+def _checked_batch(model: nn.Module, inputs: Any, targets: Any) -> int:
+    """The batch size, after the checks both capture methods make (model, inputs, targets)."""
+    check_model(model)
+    b = batch_size(inputs)
+    if isinstance(targets, torch.Tensor) and targets.shape[:1] != (b,):
+        raise ShapeError(f"targets have leading dimension {tuple(targets.shape[:1])}, inputs have batch size {b}")
+    return b
+
+
+def capture(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    inputs: Any,
+    targets: Any,
+    chunk_size: Optional[int] = None,
+    method: str = "vmap",
+) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Dict[str, torch.Tensor]]:
+    """What both samplers' ``backward`` need: (contiguous per-example gradients, [B] losses, the batch
+    mean gradient of each parameter). The hooks capture forms the means from its layer products
+    (see ``hooks_capture``); otherwise they are the rows' mean."""
+    if method == "hooks":
+        grads, losses, means = hooks_capture(model, loss_fn, inputs, targets)
+    else:
+        grads, losses = per_example_gradients(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
+        means = {k: g.mean(dim=0) for k, g in grads.items()}
+    grads = {k: g if g.is_contiguous() else g.contiguous() for k, g in grads.items()}
+    return grads, losses, means
+
+
 def _call(model: nn.Module, state: Dict[str, torch.Tensor], inputs: Any) -> Any:
     if isinstance(inputs, dict):
         return functional_call(model, state, args=(), kwargs=inputs)
@@ -81,10 +110,7 @@ def per_example_gradients(
         return per_example_gradients_hooks(model, loss_fn, inputs, targets)
     if method != "vmap":
         raise UnsupportedModelError(f"method must be 'vmap' or 'hooks', got {method!r}")
-    check_model(model)
-    b = batch_size(inputs)
-    if isinstance(targets, torch.Tensor) and targets.shape[:1] != (b,):
-        raise ShapeError(f"targets have leading dimension {tuple(targets.shape[:1])}, inputs have batch size {b}")
+    _checked_batch(model, inputs, targets)
     trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise UnsupportedModelError("the model has no parameter with requires_grad=True; there is nothing to balance")
@@ -217,10 +243,7 @@ def hooks_capture(
     more, so there, and for every other layer, the per-example rows are averaged. For
     ``GraBSampler.backward`` to put in ``.grad``.
     """
-    check_model(model)
-    b = batch_size(inputs)
-    if isinstance(targets, torch.Tensor) and targets.shape[:1] != (b,):
-        raise ShapeError(f"targets have leading dimension {tuple(targets.shape[:1])}, inputs have batch size {b}")
+    b = _checked_batch(model, inputs, targets)
     layers = _hook_layers(model)
     if not layers:
         raise UnsupportedModelError("the model has no parameter with requires_grad=True; there is nothing to balance")

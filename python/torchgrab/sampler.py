@@ -18,7 +18,7 @@ from torchgrab import _native
 from torchgrab._segments import as_segments, gradient_items
 from torchgrab._units import UnitMap
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
-from torchgrab.gradients import batch_size, hooks_capture, per_example_gradients
+from torchgrab.gradients import batch_size, capture
 from torchgrab.ondevice import OnDeviceBalancer
 
 _BALANCING = {"grab", "mean", "pair", "recursive", "recursive-pair", "herding", "greedy"}
@@ -486,18 +486,13 @@ class GraBSampler(Sampler[int]):
             if indices is None:
                 self.skip(b)
             return loss.detach()
-        means: Optional[Dict[str, torch.Tensor]] = None
-        if method == "hooks":
-            grads, losses, means = hooks_capture(model, loss_fn, inputs, targets)
-        else:
-            grads, losses = per_example_gradients(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
-        grads = {k: g if g.is_contiguous() else g.contiguous() for k, g in grads.items()}
+        grads, losses, means = capture(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
         self.step(grads, indices=indices)
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, g in grads.items():
+            for name in grads:
                 p = params[name]
-                mean = means[name] if means is not None else g.mean(dim=0)
+                mean = means[name]
                 if p.grad is None:
                     p.grad = mean
                 else:
