@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 
 
-def run(args, tmp_path):
+def run(args):
     out = subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
@@ -40,7 +40,7 @@ def run(args, tmp_path):
     ],
 )
 def test_benchmark_script_runs(args, expect, tmp_path):
-    stdout = run([a.replace("{tmp}", str(tmp_path)) for a in args], tmp_path)
+    stdout = run([a.replace("{tmp}", str(tmp_path)) for a in args])
     assert expect in stdout
 
 
@@ -59,8 +59,7 @@ def test_end_to_end_benchmark_runs(tmp_path):
             "1",
             "--out",
             str(tmp_path),
-        ],
-        tmp_path,
+        ]
     )
     for line in ("plain RR (mean gradient)", "torchgrab backward(hooks)", "x RR range"):
         assert line in stdout

@@ -239,7 +239,7 @@ def hooks_capture(
 
     For a Linear layer applied once per example (2-D input) the mean is one matrix product of the
     layer's output gradients and inputs, cheaper than reducing the [B, out, in] per-example tensor
-    (0.8 ms of LeNet-5's step); with positions (3-D input, T per example) that product costs T times
+    (a read of all of it); with positions (3-D input, T per example) that product costs T times
     more, so there, and for every other layer, the per-example rows are averaged. For
     ``GraBSampler.backward`` to put in ``.grad``.
     """
