@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
@@ -240,8 +241,15 @@ def main():
         # round (so a slow spell of this shared machine hits both sides of a ratio), and the median
         # over rounds is reported, with the median times.
         rounds = []
-        for _ in range(args.trials):
-            rounds.append({name: fn() for name, fn in methods.items()})
+        # A progress bar on stderr (a run takes minutes); the tables go to stdout.
+        with tqdm(total=args.trials * len(methods), desc=task, unit="epoch", leave=False) as bar:
+            for _ in range(args.trials):
+                one = {}
+                for name, fn in methods.items():
+                    bar.set_postfix_str(name)
+                    one[name] = fn()
+                    bar.update()
+                rounds.append(one)
         rr_name = "plain RR (mean gradient)"
         med = lambda xs: float(np.median(xs))  # noqa: E731
         for name in methods:
