@@ -7,7 +7,6 @@ how far it has been stepped, so DataLoader prefetching (``num_workers > 0``) nee
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Sized, Tuple
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from torch.utils.data import Sampler
 
 from torchgrab import _native
+from torchgrab._background import StepLock
 from torchgrab._segments import as_segments, gradient_items
 from torchgrab._units import UnitMap
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
@@ -104,6 +104,14 @@ class GraBSampler(Sampler[int]):
             host, see :mod:`torchgrab.ondevice`), the Rust kernel for CPU tensors and arrays; ``"always"``:
             the on-device path for every input (also CPU tensors); ``"never"``: the Rust kernel only
             (non-CPU tensors are refused rather than copied).
+        overlap: ``backward()`` hands its balancing step to a background thread and returns; the Rust
+            kernel (GIL released) then balances that batch while the loop computes the next one, on a
+            core torch leaves free. Any later call on the sampler first waits for it, and a step the
+            kernel refuses (a non-finite gradient) raises at that call and changes nothing in the
+            sampler; by then its batch's mean gradient is in ``.grad``. The orders are those of
+            ``overlap=False``. Only ``backward()`` overlaps (its gradients are the sampler's own, so
+            nothing can overwrite them meanwhile): ``step()``, ``unit_size > 1`` and the on-device
+            path stay synchronous.
     """
 
     def __init__(
@@ -124,6 +132,7 @@ class GraBSampler(Sampler[int]):
         unit_size: int = 1,
         max_memory: Optional[int] = None,
         device_path: str = "auto",
+        overlap: bool = False,
     ) -> None:
         if data_source is not None:
             size = len(data_source)
@@ -146,6 +155,8 @@ class GraBSampler(Sampler[int]):
             raise UnsupportedInputError(f"balance must be 'deterministic' or 'random', got {balance!r}")
         if dtype not in _STATE_DTYPES:
             raise UnsupportedInputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if not isinstance(overlap, bool):
+            raise UnsupportedInputError(f"overlap must be True or False, got {overlap!r}")
         if device_path not in ("auto", "always", "never"):
             raise UnsupportedInputError(f"device_path must be 'auto', 'always' or 'never', got {device_path!r}")
         if device_path == "always" and not (
@@ -193,6 +204,7 @@ class GraBSampler(Sampler[int]):
             if fixed.ndim != 1 or fixed.dtype.kind not in "iu" or (fixed.size and fixed.min() < 0):
                 raise UnsupportedInputError("order must be a 1-D sequence of non-negative integers")
             fixed = np.ascontiguousarray(fixed, dtype=np.uint32)
+        self._lock = StepLock()
         self._native = _native.NativeSampler(
             "grab" if ordering == "mean" else ordering,
             self._units.units if self._units is not None else int(n),
@@ -211,7 +223,7 @@ class GraBSampler(Sampler[int]):
         self.ordering = ordering
         self.n = int(n)
         self.dtype = dtype
-        self._lock = threading.RLock()
+        self.overlap = overlap
         self._native_cache: Optional[Tuple[int, Dict[str, Any]]] = None
         self._held: Optional[Tuple[int, int, int, int]] = None  # see load_state_dict(newer_than_loader=)
         # A newer_than_loader state was kept over the loader's snapshot of the same epoch ("same") or
@@ -279,6 +291,17 @@ class GraBSampler(Sampler[int]):
         self._stepped = 0  # of those, how many have received their gradient
         self._generation = getattr(self, "_generation", 0)
 
+    @property
+    def _native(self) -> Any:
+        """The Rust sampler, once a step still running in the background (``overlap``) is done."""
+        if self._lock.busy:
+            self._lock.wait()
+        return self._core
+
+    @_native.setter
+    def _native(self, core: Any) -> None:
+        self._core = core
+
     # ---------------------------------------------------------------- gradients in
     @property
     def balances(self) -> bool:
@@ -340,14 +363,29 @@ class GraBSampler(Sampler[int]):
                 if indices is None:
                     self._stepped += rows
                 return
-            segments, kind, rows = as_segments(grads)
-            idx = self._take(rows, indices)
+            self._step_dense(grads, indices, background=False)
+
+    def _step_dense(self, grads: Any, indices: Optional[Any], background: bool) -> None:
+        """The Rust kernel's step (lock held); ``background``: on the lock's worker thread."""
+        segments, kind, rows = as_segments(grads)
+        idx = self._take(rows, indices)
+        if not background:
             self._native.step(segments, kind, idx)
-            if self.balances:
-                self._native_cache = None
-            self._dense_used = self._dense_used or self.balances
-            if indices is None:
-                self._stepped += rows
+        else:
+            native, dense_used = self._native, self._dense_used
+
+            def undo() -> None:  # the kernel refused the step: take back the bookkeeping below
+                self._dense_used = dense_used
+                if indices is None:
+                    self._stepped -= rows
+
+            # segments and idx are views the closure keeps alive; backward() never writes to them.
+            self._lock.submit(lambda: native.step(segments, kind, idx), undo)
+        if self.balances:
+            self._native_cache = None
+        self._dense_used = self._dense_used or self.balances
+        if indices is None:
+            self._stepped += rows
 
     def _step_units(self, grads: Any, indices: Optional[Any], per_unit: bool) -> None:
         units = self._units
@@ -446,6 +484,13 @@ class GraBSampler(Sampler[int]):
             raise ShapeError("the gradients have width d = 0; there is nothing to balance")
         return tensors, b
 
+    def synchronize(self) -> None:
+        """Wait for the step ``backward()`` left running in the background (``overlap=True``), if any,
+        and raise its error if the kernel refused it. Every other call does this first, so it is only
+        needed to time a loop, or to see a refused step at a point of one's choosing."""
+        with self._lock:
+            pass
+
     def skip(self, rows: int) -> None:
         """Mark ``rows`` pending indices as consumed without gradients (they go to the middle of the next order)."""
         with self._lock:
@@ -487,7 +532,11 @@ class GraBSampler(Sampler[int]):
                 self.skip(b)
             return loss.detach()
         grads, losses, means = capture(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
-        self.step(grads, indices=indices)
+        with self._lock:
+            if self.overlap and self._units is None and not self._wants_device_path(grads):
+                self._step_dense(grads, indices, background=True)
+            else:
+                self.step(grads, indices=indices)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name in grads:
@@ -628,7 +677,7 @@ class GraBSampler(Sampler[int]):
         )
 
     def __getstate__(self) -> Dict[str, Any]:
-        config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size", "device_path")}
+        config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size", "device_path", "overlap")}
         config["device_capable"] = self._device_capable
         return {"config": config, "state": self.state_dict()}
 
@@ -640,10 +689,11 @@ class GraBSampler(Sampler[int]):
         self.unit_size = data["config"].get("unit_size", 1)
         self._units = UnitMap(self.n, self.unit_size) if self.unit_size > 1 else None
         self.device_path = data["config"].get("device_path", "auto")
+        self.overlap = data["config"].get("overlap", False)
         self._device_capable = data["config"].get("device_capable", False)
         self._ondevice = None
         self._dense_used = False
-        self._lock = threading.RLock()
+        self._lock = StepLock()
         self._native = _native.NativeSampler.from_state(native_state)
         self._native_cache = None
         self._epoch = 0

@@ -1,0 +1,172 @@
+"""GraBSampler(overlap=True): backward() balances in the background; nothing else may differ."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torchgrab import GraBSampler, NonFiniteGradientError, UnsupportedInputError
+
+N, BATCH = 24, 5  # the last batch of an epoch is short
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
+
+
+def train(sampler, epochs, method="hooks"):
+    """SGD over `epochs` epochs in the sampler's order, through sampler.backward; returns the orders."""
+    model, (x, y) = make_model(), data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    orders = []
+    for _ in range(epochs):
+        order = list(sampler)
+        orders.append(order)
+        for k in range(0, N, BATCH):
+            idx = order[k : k + BATCH]
+            opt.zero_grad(set_to_none=True)
+            sampler.backward(model, nn.functional.cross_entropy, x[idx], y[idx], method=method)
+            opt.step()
+    return orders
+
+
+def native_state(sampler):
+    return sampler.state_dict()["native"]
+
+
+def assert_same_tree(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tree(a[k], b[k])
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("ordering", ["grab", "pair", "recursive"])
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
+def test_overlap_gives_the_orders_and_state_of_synchronous_steps(ordering, method):
+    sync = GraBSampler(n=N, ordering=ordering, seed=3)
+    background = GraBSampler(n=N, ordering=ordering, seed=3, overlap=True)
+    orders = train(sync, 4, method)
+    assert train(background, 4, method) == orders
+    assert len(set(map(tuple, orders))) > 1  # the orders did change from epoch to epoch
+    assert_same_tree(native_state(background), native_state(sync))
+    assert list(background) == list(sync)
+
+
+def test_backward_returns_with_its_step_running_in_the_background():
+    sampler = GraBSampler(n=N, overlap=True)
+    model, (x, y) = make_model(), data()
+    order = list(sampler)
+    sampler.backward(model, nn.functional.cross_entropy, x[order[:BATCH]], y[order[:BATCH]])
+    assert sampler._lock.busy  # handed to the worker, not yet waited for
+    assert sampler.pending == N - BATCH  # the bookkeeping is already done
+    state = sampler.state_dict()  # waits for it
+    assert not sampler._lock.busy
+    assert state["stepped"] == BATCH and state["native"]["balance"]["s"].abs().sum() > 0
+
+
+def test_step_skip_and_set_epoch_see_the_background_step_first():
+    sync, background = GraBSampler(n=N, seed=5), GraBSampler(n=N, seed=5, overlap=True)
+    model, (x, y) = make_model(), data()
+    for s in (sync, background):
+        order = list(s)
+        s.backward(model, nn.functional.cross_entropy, x[order[:BATCH]], y[order[:BATCH]])
+        s.skip(2)
+        s.step(torch.randn(3, 53, generator=torch.Generator().manual_seed(9)))  # d of make_model()
+        s.backward(model, nn.functional.cross_entropy, x[order[10:15]], y[order[10:15]])
+        s.set_epoch(7)
+    assert_same_tree(sync.state_dict(), background.state_dict())
+
+
+def test_a_refused_background_step_raises_at_the_next_call_and_changes_nothing():
+    sampler = GraBSampler(n=N, ordering="grab", seed=2, overlap=True)
+    model, (x, y) = make_model(), data()
+    order = list(sampler)
+    loss = nn.functional.cross_entropy
+    sampler.backward(model, loss, x[order[:BATCH]], y[order[:BATCH]])
+    before = copy.deepcopy(sampler.state_dict())
+    bad = x[order[BATCH : 2 * BATCH]].clone()
+    bad[1] = float("nan")
+    sampler.backward(model, loss, bad, y[order[BATCH : 2 * BATCH]])  # returns: the kernel runs later
+    with pytest.raises(NonFiniteGradientError, match="NaN or Inf") as info:
+        sampler.state_dict()
+    assert any("background" in note for note in info.value.__notes__)
+    assert_same_tree(sampler.state_dict(), before)  # raised once; the state is the one before the step
+    assert sampler.pending == N - BATCH
+
+    # The same steps without overlap: refused at once, and the run goes on identically.
+    sync = GraBSampler(n=N, ordering="grab", seed=2)
+    model2 = make_model()
+    assert list(sync) == order
+    sync.backward(model2, loss, x[order[:BATCH]], y[order[:BATCH]])
+    with pytest.raises(NonFiniteGradientError):
+        sync.backward(model2, loss, bad, y[order[BATCH : 2 * BATCH]])
+    for s, m in ((sampler, model), (sync, model2)):
+        m.zero_grad()
+        s.backward(m, loss, x[order[BATCH : 2 * BATCH]], y[order[BATCH : 2 * BATCH]])
+    assert_same_tree(sampler.state_dict(), sync.state_dict())
+
+
+@pytest.mark.parametrize("call", ["synchronize", "backward", "iterate", "load_state_dict", "pickle"])
+def test_the_deferred_error_surfaces_at_whichever_call_comes_next(call):
+    sampler = GraBSampler(n=BATCH, overlap=True)
+    model, (x, y) = make_model(), data()
+    list(sampler)
+    saved = sampler.state_dict()
+    bad = x[:BATCH].clone()
+    bad[0, 0] = float("inf")
+    sampler.backward(model, nn.functional.cross_entropy, bad, y[:BATCH])
+    model.zero_grad()
+    with pytest.raises(NonFiniteGradientError):
+        if call == "synchronize":
+            sampler.synchronize()
+        elif call == "backward":
+            sampler.backward(model, nn.functional.cross_entropy, x[:BATCH], y[:BATCH])
+        elif call == "iterate":
+            next(iter(sampler))
+        elif call == "load_state_dict":
+            sampler.load_state_dict(saved)
+        else:
+            pickle.dumps(sampler)
+    if call == "backward":  # refused before its own step: its gradient was not handed out either
+        assert all(p.grad is None for p in model.parameters())
+    assert sampler.pending == BATCH and not sampler._lock.busy
+
+
+def test_overlap_survives_pickling_and_checkpoints():
+    sync, background = GraBSampler(n=N, seed=4), GraBSampler(n=N, seed=4, overlap=True)
+    train(sync, 2)
+    train(background, 2)
+    copied = pickle.loads(pickle.dumps(background))
+    assert copied.overlap
+    assert_same_tree(native_state(copied), native_state(sync))
+    restored = GraBSampler(n=N, seed=4, overlap=True)
+    restored.load_state_dict(background.state_dict())
+    assert train(restored, 2) == train(sync, 2)
+
+
+def test_unit_steps_stay_synchronous_with_overlap():
+    sampler = GraBSampler(n=N, unit_size=2, overlap=True)
+    twin = GraBSampler(n=N, unit_size=2)
+    model, (x, y) = make_model(), data()
+    for s in (sampler, twin):
+        order = list(s)
+        s.backward(model, nn.functional.cross_entropy, x[order[:4]], y[order[:4]])
+    assert not sampler._lock.busy
+    assert_same_tree(sampler.state_dict(), twin.state_dict())
+
+
+def test_overlap_must_be_a_bool():
+    with pytest.raises(UnsupportedInputError, match="overlap"):
+        GraBSampler(n=4, overlap=1)
