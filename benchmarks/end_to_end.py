@@ -8,9 +8,9 @@ on logistic regression / MNIST and LeNet-5 / CIFAR-10 (a seeded subset of the tr
 Every method trains the same model with SGD (lr 0.01) over the same in-memory data; only the order and the
 gradient path differ. torchgrab is timed with both capture methods of per_example_gradients
 (torch.func vmap, and method="hooks": one batched backward + the outer-product identity for Linear/Conv2d
-layers), and through the one-call GraBSampler.backward, with and without overlap=True (balancing on a
-background thread while the next batch is computed), against the same capture with no balancing
-(their difference is what balancing adds to the epoch's wall time). The split reports where a GraB epoch goes: per-example gradient capture
+layers), and through the one-call GraBSampler.backward; the hooks variants also with non_blocking=True
+(balancing on a background thread while the next batch is computed; "balance s" is then the time the
+training thread spends in sampler.step). The split reports where a GraB epoch goes: per-example gradient capture
 (torch.func), balancing (sampler.step), and the rest (forward/backward or parameter update, data slicing).
 The reference recipe uses torchopt for the update; plain torch SGD stands in for it here (same cost class).
 Timing: --trials rounds, each running one epoch of every method (RR first); medians over the rounds,
@@ -35,7 +35,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import torchgrab  # noqa: E402
-from torchgrab.gradients import capture, per_example_gradients  # noqa: E402
+from torchgrab.gradients import per_example_gradients  # noqa: E402
 
 BATCH = 64
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -112,7 +112,9 @@ def epoch_rr(task, x, y, steps):
     return {"total": time.perf_counter() - t0}
 
 
-def epoch_torchgrab(task, x, y, steps, method="vmap"):
+def epoch_torchgrab(task, x, y, steps, method="vmap", non_blocking=False):
+    """What GraBSampler.backward does, timed piece by piece. With non_blocking, "balance" is the time
+    the training thread spends in sampler.step (handing over a step, waiting for the previous one)."""
     model = make_model(task)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     sampler = torchgrab.GraBSampler(n=len(x), ordering="grab", seed=0)
@@ -126,7 +128,7 @@ def epoch_torchgrab(task, x, y, steps, method="vmap"):
         t = time.perf_counter()
         grads, _ = per_example_gradients(model, loss_fn, x[idx], y[idx], method=method)
         t2 = time.perf_counter()
-        sampler.step(grads)
+        sampler.step(grads, non_blocking=non_blocking)
         t3 = time.perf_counter()
         cap += t2 - t
         bal += t3 - t2
@@ -134,40 +136,26 @@ def epoch_torchgrab(task, x, y, steps, method="vmap"):
             for name, p in model.named_parameters():
                 p.grad = grads[name].mean(0)
         opt.step()
+    t = time.perf_counter()
+    sampler.synchronize()
+    bal += time.perf_counter() - t
     return {"total": time.perf_counter() - t0, "capture": cap, "balance": bal}
 
 
-def epoch_torchgrab_backward(task, x, y, steps, method="hooks", overlap=False):
-    """The one-call API (GraBSampler.backward), for the total only; overlap=True balances each batch on
+def epoch_torchgrab_backward(task, x, y, steps, method="hooks", non_blocking=False):
+    """The one-call API (GraBSampler.backward), for the total only; non_blocking balances each batch on
     a background thread while the next one is computed (the epoch ends when the last step is done)."""
     model = make_model(task)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    sampler = torchgrab.GraBSampler(n=len(x), ordering="grab", seed=0, overlap=overlap)
+    sampler = torchgrab.GraBSampler(n=len(x), ordering="grab", seed=0)
     order = torch.as_tensor(list(iter(sampler)))
     t0 = time.perf_counter()
     for k in range(steps):
         idx = order[k * BATCH : (k + 1) * BATCH]
         opt.zero_grad(set_to_none=True)
-        sampler.backward(model, loss_fn, x[idx], y[idx], method=method)
+        sampler.backward(model, loss_fn, x[idx], y[idx], method=method, non_blocking=non_blocking)
         opt.step()
     sampler.synchronize()
-    return {"total": time.perf_counter() - t0}
-
-
-def epoch_capture_only(task, x, y, steps):
-    """What backward(method="hooks") does without the sampler: per-example gradients captured, their
-    mean applied, nothing balanced. The difference to a backward() epoch is what balancing adds."""
-    model = make_model(task)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    order = torch.randperm(len(x))
-    t0 = time.perf_counter()
-    for k in range(steps):
-        idx = order[k * BATCH : (k + 1) * BATCH]
-        opt.zero_grad(set_to_none=True)
-        _, _, means = capture(model, loss_fn, x[idx], y[idx], method="hooks")
-        for name, p in model.named_parameters():
-            p.grad = means[name]
-        opt.step()
     return {"total": time.perf_counter() - t0}
 
 
@@ -250,12 +238,14 @@ def main():
             "plain RR (mean gradient)": lambda warmup=False: epoch_rr(task, x, y, 3 if warmup else steps),
             "torchgrab grab, vmap": lambda warmup=False: epoch_torchgrab(task, x, y, 3 if warmup else steps),
             "torchgrab grab, hooks": lambda warmup=False: epoch_torchgrab(task, x, y, 3 if warmup else steps, "hooks"),
-            "hooks capture, no balancing": lambda warmup=False: epoch_capture_only(task, x, y, 3 if warmup else steps),
+            "torchgrab grab, hooks, non_blocking": lambda warmup=False: epoch_torchgrab(
+                task, x, y, 3 if warmup else steps, "hooks", non_blocking=True
+            ),
             "torchgrab backward(hooks)": lambda warmup=False: epoch_torchgrab_backward(
                 task, x, y, 3 if warmup else steps
             ),
-            "backward(hooks), overlap": lambda warmup=False: epoch_torchgrab_backward(
-                task, x, y, 3 if warmup else steps, overlap=True
+            "backward(hooks, non_blocking)": lambda warmup=False: epoch_torchgrab_backward(
+                task, x, y, 3 if warmup else steps, non_blocking=True
             ),
         }
         if grabsampler is not None:
@@ -296,7 +286,7 @@ def main():
             f"load average now {_common.load_average()}"
         )
         print(
-            f"{'method':<30} {'epoch s':>8} {'x RR':>6} {'x RR range':>12} {'capture s':>10} {'balance s':>10} "
+            f"{'method':<36} {'epoch s':>8} {'x RR':>6} {'x RR range':>12} {'capture s':>10} {'balance s':>10} "
             f"{'balance/RR':>11}"
         )
         for (t_, name), r in results.items():
@@ -307,18 +297,9 @@ def main():
             share = r.get("balance_share")
             lo, hi = r["ratio_range"]
             print(
-                f"{name:<30} {r['total']:>8.2f} {r['ratio']:>6.2f} {f'{lo:.2f}-{hi:.2f}':>12} "
+                f"{name:<36} {r['total']:>8.2f} {r['ratio']:>6.2f} {f'{lo:.2f}-{hi:.2f}':>12} "
                 f"{cap if cap is not None else float('nan'):>10.2f} {bal if bal is not None else float('nan'):>10.3f} "
                 f"{(100 * share) if share is not None else float('nan'):>10.1f}%"
-            )
-        # Balancing's cost in wall time: a backward() epoch minus the capture-only epoch of the same
-        # round, as a share of that round's RR epoch (the target: <= 5%).
-        base = "hooks capture, no balancing"
-        for name in ("torchgrab backward(hooks)", "backward(hooks), overlap"):
-            added = [(r[name]["total"] - r[base]["total"]) / r[rr_name]["total"] for r in rounds]
-            print(
-                f"# balancing adds to the epoch, {name}: {100 * med(added):.1f}% of the RR epoch "
-                f"(median; range {100 * min(added):.1f}% to {100 * max(added):.1f}%)"
             )
     print(f"\n# load average at end (1/5/15 min): {_common.load_average()}")
     os.makedirs(args.out, exist_ok=True)

@@ -1,6 +1,6 @@
 """The sampler's lock, and the one balancing step it may let run in the background.
 
-``GraBSampler(..., overlap=True)`` lets ``backward()`` hand its step to a worker thread and return, so
+``GraBSampler.step(..., non_blocking=True)`` (and ``backward``) hands the step to a worker thread and returns, so
 the Rust kernel (which releases the GIL) balances this batch while the training loop computes the next
 one. Everything else that reads or changes the sampler goes through this lock, and entering it first
 waits for that step: every method sees the state after it, and a step the kernel refused raises there,
@@ -47,7 +47,17 @@ class StepLock:
         if self._worker is None:
             # One worker per sampler: steps run in submission order, one at a time.
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchgrab-step")
-        self._job = (self._worker.submit(work), undo)
+        started = threading.Event()
+
+        def run() -> None:
+            started.set()
+            work()  # holds the GIL only until the kernel releases it
+
+        self._job = (self._worker.submit(run), undo)
+        # Hand the GIL over until the worker is on its way into the kernel. Otherwise the worker waits
+        # for it while this thread runs the training loop's Python, up to the interpreter's switch
+        # interval (5 ms), longer than a whole step of a small model: nothing would overlap.
+        started.wait()
 
     def wait(self) -> None:
         """Wait for the background step, if any; raise its error (after its ``undo``) if it failed."""
@@ -62,8 +72,8 @@ class StepLock:
             if error is not None:
                 undo()
                 error.add_note(
-                    "(raised by the step that GraBSampler.backward() ran in the background with overlap=True; "
-                    "that step changed nothing in the sampler, but its batch's mean gradient was already "
-                    "handed to the model)"
+                    "(raised by an earlier step that ran in the background, non_blocking=True; that step "
+                    "changed nothing in the sampler, but a backward() had already handed its batch's mean "
+                    "gradient to the model)"
                 )
                 raise error

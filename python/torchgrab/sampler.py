@@ -104,14 +104,6 @@ class GraBSampler(Sampler[int]):
             host, see :mod:`torchgrab.ondevice`), the Rust kernel for CPU tensors and arrays; ``"always"``:
             the on-device path for every input (also CPU tensors); ``"never"``: the Rust kernel only
             (non-CPU tensors are refused rather than copied).
-        overlap: ``backward()`` hands its balancing step to a background thread and returns; the Rust
-            kernel (GIL released) then balances that batch while the loop computes the next one, on a
-            core torch leaves free. Any later call on the sampler first waits for it, and a step the
-            kernel refuses (a non-finite gradient) raises at that call and changes nothing in the
-            sampler; by then its batch's mean gradient is in ``.grad``. The orders are those of
-            ``overlap=False``. Only ``backward()`` overlaps (its gradients are the sampler's own, so
-            nothing can overwrite them meanwhile): ``step()``, ``unit_size > 1`` and the on-device
-            path stay synchronous.
     """
 
     def __init__(
@@ -132,7 +124,6 @@ class GraBSampler(Sampler[int]):
         unit_size: int = 1,
         max_memory: Optional[int] = None,
         device_path: str = "auto",
-        overlap: bool = False,
     ) -> None:
         if data_source is not None:
             size = len(data_source)
@@ -155,8 +146,6 @@ class GraBSampler(Sampler[int]):
             raise UnsupportedInputError(f"balance must be 'deterministic' or 'random', got {balance!r}")
         if dtype not in _STATE_DTYPES:
             raise UnsupportedInputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        if not isinstance(overlap, bool):
-            raise UnsupportedInputError(f"overlap must be True or False, got {overlap!r}")
         if device_path not in ("auto", "always", "never"):
             raise UnsupportedInputError(f"device_path must be 'auto', 'always' or 'never', got {device_path!r}")
         if device_path == "always" and not (
@@ -223,7 +212,6 @@ class GraBSampler(Sampler[int]):
         self.ordering = ordering
         self.n = int(n)
         self.dtype = dtype
-        self.overlap = overlap
         self._native_cache: Optional[Tuple[int, Dict[str, Any]]] = None
         self._held: Optional[Tuple[int, int, int, int]] = None  # see load_state_dict(newer_than_loader=)
         # A newer_than_loader state was kept over the loader's snapshot of the same epoch ("same") or
@@ -293,7 +281,7 @@ class GraBSampler(Sampler[int]):
 
     @property
     def _native(self) -> Any:
-        """The Rust sampler, once a step still running in the background (``overlap``) is done."""
+        """The Rust sampler, once a step still running in the background (``non_blocking``) is done."""
         if self._lock.busy:
             self._lock.wait()
         return self._core
@@ -336,7 +324,9 @@ class GraBSampler(Sampler[int]):
             )
         return self._order[self._stepped : self._stepped + rows]
 
-    def step(self, grads: Any, indices: Optional[Any] = None, *, per_unit: bool = False) -> None:
+    def step(
+        self, grads: Any, indices: Optional[Any] = None, *, per_unit: bool = False, non_blocking: bool = False
+    ) -> None:
         """Feed per-example gradients: a tensor/array [B, ...] or a dict/list of per-parameter [B, ...].
 
         Row r belongs to the r-th pending index (first in, first out), unless ``indices`` says otherwise.
@@ -344,7 +334,17 @@ class GraBSampler(Sampler[int]):
         example indices and must cover whole units), or with ``per_unit=True`` one row per unit
         (``indices``, if given, are unit indices). Refused input raises a :class:`torchgrab.GraBError`
         and changes nothing.
+
+        ``non_blocking=True`` (as in torch's ``Tensor.to``): once the input is checked, the Rust kernel
+        balances on a background thread and ``step`` returns, so the training loop computes the next
+        batch meanwhile (on a core torch leaves free). Do not write to ``grads`` until the next call on
+        the sampler: every call waits for the step first (:meth:`synchronize` waits explicitly), and a
+        step the kernel refuses (a non-finite gradient) raises at that call, the sampler then being as
+        before it. The orders are those of blocking steps. With ``unit_size > 1`` or on the on-device
+        path the step is blocking.
         """
+        if not isinstance(non_blocking, bool):
+            raise UnsupportedInputError(f"non_blocking must be True or False, got {non_blocking!r}")
         if self._units is not None:
             with self._lock:
                 return self._step_units(grads, indices, per_unit)
@@ -363,7 +363,7 @@ class GraBSampler(Sampler[int]):
                 if indices is None:
                     self._stepped += rows
                 return
-            self._step_dense(grads, indices, background=False)
+            self._step_dense(grads, indices, background=non_blocking)
 
     def _step_dense(self, grads: Any, indices: Optional[Any], background: bool) -> None:
         """The Rust kernel's step (lock held); ``background``: on the lock's worker thread."""
@@ -373,13 +373,14 @@ class GraBSampler(Sampler[int]):
             self._native.step(segments, kind, idx)
         else:
             native, dense_used = self._native, self._dense_used
+            idx = idx.copy()  # B indices; a caller's index array may be reused once step() returns
 
             def undo() -> None:  # the kernel refused the step: take back the bookkeeping below
                 self._dense_used = dense_used
                 if indices is None:
                     self._stepped -= rows
 
-            # segments and idx are views the closure keeps alive; backward() never writes to them.
+            # segments and idx are views the closure keeps alive (the caller does not write to them).
             self._lock.submit(lambda: native.step(segments, kind, idx), undo)
         if self.balances:
             self._native_cache = None
@@ -485,9 +486,9 @@ class GraBSampler(Sampler[int]):
         return tensors, b
 
     def synchronize(self) -> None:
-        """Wait for the step ``backward()`` left running in the background (``overlap=True``), if any,
-        and raise its error if the kernel refused it. Every other call does this first, so it is only
-        needed to time a loop, or to see a refused step at a point of one's choosing."""
+        """Wait for a step left running in the background (``non_blocking=True``), if any, and raise its
+        error if the kernel refused it. Every other call does this first, so it is only needed to time
+        a loop, or to see a refused step at a point of one's choosing."""
         with self._lock:
             pass
 
@@ -509,6 +510,7 @@ class GraBSampler(Sampler[int]):
         indices: Optional[Any] = None,
         chunk_size: Optional[int] = None,
         method: str = "vmap",
+        non_blocking: bool = False,
     ) -> torch.Tensor:
         """Per-example gradients -> the sampler; their mean -> each parameter's ``.grad``; returns the mean loss.
 
@@ -516,6 +518,8 @@ class GraBSampler(Sampler[int]):
         (``rr``, ``so``, ...), it runs an ordinary backward pass and only advances the queue.
         ``method`` picks how per-example gradients are captured (``"vmap"``, or the cheaper ``"hooks"``
         for Linear/Conv2d models; see :func:`torchgrab.gradients.per_example_gradients`).
+        ``non_blocking=True``: balance in the background while the loop goes on (see :meth:`step`; the
+        gradients are this call's own, so nothing writes to them meanwhile).
         """
         if not self.balances:
             loss = loss_fn(
@@ -532,11 +536,7 @@ class GraBSampler(Sampler[int]):
                 self.skip(b)
             return loss.detach()
         grads, losses, means = capture(model, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
-        with self._lock:
-            if self.overlap and self._units is None and not self._wants_device_path(grads):
-                self._step_dense(grads, indices, background=True)
-            else:
-                self.step(grads, indices=indices)
+        self.step(grads, indices=indices, non_blocking=non_blocking)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name in grads:
@@ -677,7 +677,7 @@ class GraBSampler(Sampler[int]):
         )
 
     def __getstate__(self) -> Dict[str, Any]:
-        config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size", "device_path", "overlap")}
+        config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size", "device_path")}
         config["device_capable"] = self._device_capable
         return {"config": config, "state": self.state_dict()}
 
@@ -689,7 +689,6 @@ class GraBSampler(Sampler[int]):
         self.unit_size = data["config"].get("unit_size", 1)
         self._units = UnitMap(self.n, self.unit_size) if self.unit_size > 1 else None
         self.device_path = data["config"].get("device_path", "auto")
-        self.overlap = data["config"].get("overlap", False)
         self._device_capable = data["config"].get("device_capable", False)
         self._ondevice = None
         self._dense_used = False

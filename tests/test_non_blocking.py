@@ -1,8 +1,9 @@
-"""GraBSampler(overlap=True): backward() balances in the background; nothing else may differ."""
+"""non_blocking=True steps: the kernel balances in the background; nothing else may differ."""
 
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ def data():
     return torch.randn(N, 6, generator=g), torch.randint(0, 3, (N,), generator=g)
 
 
-def train(sampler, epochs, method="hooks"):
+def train(sampler, epochs, method="hooks", non_blocking=False):
     """SGD over `epochs` epochs in the sampler's order, through sampler.backward; returns the orders."""
     model, (x, y) = make_model(), data()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -32,7 +33,9 @@ def train(sampler, epochs, method="hooks"):
         for k in range(0, N, BATCH):
             idx = order[k : k + BATCH]
             opt.zero_grad(set_to_none=True)
-            sampler.backward(model, nn.functional.cross_entropy, x[idx], y[idx], method=method)
+            sampler.backward(
+                model, nn.functional.cross_entropy, x[idx], y[idx], method=method, non_blocking=non_blocking
+            )
             opt.step()
     return orders
 
@@ -54,21 +57,21 @@ def assert_same_tree(a, b):
 
 @pytest.mark.parametrize("ordering", ["grab", "pair", "recursive"])
 @pytest.mark.parametrize("method", ["hooks", "vmap"])
-def test_overlap_gives_the_orders_and_state_of_synchronous_steps(ordering, method):
+def test_non_blocking_gives_the_orders_and_state_of_blocking_steps(ordering, method):
     sync = GraBSampler(n=N, ordering=ordering, seed=3)
-    background = GraBSampler(n=N, ordering=ordering, seed=3, overlap=True)
+    background = GraBSampler(n=N, ordering=ordering, seed=3)
     orders = train(sync, 4, method)
-    assert train(background, 4, method) == orders
+    assert train(background, 4, method, non_blocking=True) == orders
     assert len(set(map(tuple, orders))) > 1  # the orders did change from epoch to epoch
     assert_same_tree(native_state(background), native_state(sync))
     assert list(background) == list(sync)
 
 
 def test_backward_returns_with_its_step_running_in_the_background():
-    sampler = GraBSampler(n=N, overlap=True)
+    sampler = GraBSampler(n=N)
     model, (x, y) = make_model(), data()
     order = list(sampler)
-    sampler.backward(model, nn.functional.cross_entropy, x[order[:BATCH]], y[order[:BATCH]])
+    sampler.backward(model, nn.functional.cross_entropy, x[order[:BATCH]], y[order[:BATCH]], non_blocking=True)
     assert sampler._lock.busy  # handed to the worker, not yet waited for
     assert sampler.pending == N - BATCH  # the bookkeeping is already done
     state = sampler.state_dict()  # waits for it
@@ -77,35 +80,38 @@ def test_backward_returns_with_its_step_running_in_the_background():
 
 
 def test_step_skip_and_set_epoch_see_the_background_step_first():
-    sync, background = GraBSampler(n=N, seed=5), GraBSampler(n=N, seed=5, overlap=True)
+    sync, background = GraBSampler(n=N, seed=5), GraBSampler(n=N, seed=5)
     model, (x, y) = make_model(), data()
     for s in (sync, background):
+        nb = s is background
         order = list(s)
-        s.backward(model, nn.functional.cross_entropy, x[order[:BATCH]], y[order[:BATCH]])
+        s.backward(model, nn.functional.cross_entropy, x[order[:BATCH]], y[order[:BATCH]], non_blocking=nb)
         s.skip(2)
-        s.step(torch.randn(3, 53, generator=torch.Generator().manual_seed(9)))  # d of make_model()
-        s.backward(model, nn.functional.cross_entropy, x[order[10:15]], y[order[10:15]])
+        g = torch.randn(3, 53, generator=torch.Generator().manual_seed(9))  # d of make_model()
+        s.step(g, non_blocking=nb)
+        s.step(g[:1], indices=[order[20]], non_blocking=nb)
+        s.backward(model, nn.functional.cross_entropy, x[order[10:15]], y[order[10:15]], non_blocking=nb)
         s.set_epoch(7)
     assert_same_tree(sync.state_dict(), background.state_dict())
 
 
 def test_a_refused_background_step_raises_at_the_next_call_and_changes_nothing():
-    sampler = GraBSampler(n=N, ordering="grab", seed=2, overlap=True)
+    sampler = GraBSampler(n=N, ordering="grab", seed=2)
     model, (x, y) = make_model(), data()
     order = list(sampler)
     loss = nn.functional.cross_entropy
-    sampler.backward(model, loss, x[order[:BATCH]], y[order[:BATCH]])
+    sampler.backward(model, loss, x[order[:BATCH]], y[order[:BATCH]], non_blocking=True)
     before = copy.deepcopy(sampler.state_dict())
     bad = x[order[BATCH : 2 * BATCH]].clone()
     bad[1] = float("nan")
-    sampler.backward(model, loss, bad, y[order[BATCH : 2 * BATCH]])  # returns: the kernel runs later
+    sampler.backward(model, loss, bad, y[order[BATCH : 2 * BATCH]], non_blocking=True)  # the kernel runs later
     with pytest.raises(NonFiniteGradientError, match="NaN or Inf") as info:
         sampler.state_dict()
     assert any("background" in note for note in info.value.__notes__)
     assert_same_tree(sampler.state_dict(), before)  # raised once; the state is the one before the step
     assert sampler.pending == N - BATCH
 
-    # The same steps without overlap: refused at once, and the run goes on identically.
+    # The same steps, blocking: refused at once, and the run goes on identically.
     sync = GraBSampler(n=N, ordering="grab", seed=2)
     model2 = make_model()
     assert list(sync) == order
@@ -120,13 +126,13 @@ def test_a_refused_background_step_raises_at_the_next_call_and_changes_nothing()
 
 @pytest.mark.parametrize("call", ["synchronize", "backward", "iterate", "load_state_dict", "pickle"])
 def test_the_deferred_error_surfaces_at_whichever_call_comes_next(call):
-    sampler = GraBSampler(n=BATCH, overlap=True)
+    sampler = GraBSampler(n=BATCH)
     model, (x, y) = make_model(), data()
     list(sampler)
     saved = sampler.state_dict()
     bad = x[:BATCH].clone()
     bad[0, 0] = float("inf")
-    sampler.backward(model, nn.functional.cross_entropy, bad, y[:BATCH])
+    sampler.backward(model, nn.functional.cross_entropy, bad, y[:BATCH], non_blocking=True)
     model.zero_grad()
     with pytest.raises(NonFiniteGradientError):
         if call == "synchronize":
@@ -144,29 +150,43 @@ def test_the_deferred_error_surfaces_at_whichever_call_comes_next(call):
     assert sampler.pending == BATCH and not sampler._lock.busy
 
 
-def test_overlap_survives_pickling_and_checkpoints():
-    sync, background = GraBSampler(n=N, seed=4), GraBSampler(n=N, seed=4, overlap=True)
+def test_pickling_and_checkpoints_wait_for_the_background_step():
+    sync, background = GraBSampler(n=N, seed=4), GraBSampler(n=N, seed=4)
     train(sync, 2)
-    train(background, 2)
+    train(background, 2, non_blocking=True)
+    assert background._lock.busy
     copied = pickle.loads(pickle.dumps(background))
-    assert copied.overlap
     assert_same_tree(native_state(copied), native_state(sync))
-    restored = GraBSampler(n=N, seed=4, overlap=True)
+    restored = GraBSampler(n=N, seed=4)
     restored.load_state_dict(background.state_dict())
-    assert train(restored, 2) == train(sync, 2)
+    assert train(restored, 2, non_blocking=True) == train(sync, 2)
 
 
-def test_unit_steps_stay_synchronous_with_overlap():
-    sampler = GraBSampler(n=N, unit_size=2, overlap=True)
-    twin = GraBSampler(n=N, unit_size=2)
+def test_unit_steps_stay_blocking():
+    sampler, twin = GraBSampler(n=N, unit_size=2), GraBSampler(n=N, unit_size=2)
     model, (x, y) = make_model(), data()
     for s in (sampler, twin):
         order = list(s)
-        s.backward(model, nn.functional.cross_entropy, x[order[:4]], y[order[:4]])
+        s.backward(model, nn.functional.cross_entropy, x[order[:4]], y[order[:4]], non_blocking=s is sampler)
     assert not sampler._lock.busy
     assert_same_tree(sampler.state_dict(), twin.state_dict())
 
 
-def test_overlap_must_be_a_bool():
-    with pytest.raises(UnsupportedInputError, match="overlap"):
-        GraBSampler(n=4, overlap=1)
+def test_non_blocking_must_be_a_bool_and_a_refusal_changes_nothing():
+    sampler = GraBSampler(n=4)
+    list(sampler)
+    with pytest.raises(UnsupportedInputError, match="non_blocking"):
+        sampler.step(torch.ones(2, 3), non_blocking=1)
+    assert sampler.pending == 4 and not sampler._lock.busy
+
+
+def test_a_reused_index_array_does_not_reach_the_background_step():
+    sync, background = GraBSampler(n=N, seed=6), GraBSampler(n=N, seed=6)
+    g = torch.randn(2, 5, generator=torch.Generator().manual_seed(3))
+    for s in (sync, background):
+        list(s)
+        idx = np.array([3, 7], dtype=np.uint32)
+        s.step(g, indices=idx, non_blocking=s is background)
+        idx[:] = [0, 1]  # the caller reuses its buffer at once
+        s.step(g, indices=idx)
+    assert_same_tree(sync.state_dict(), background.state_dict())
