@@ -23,6 +23,10 @@ use numpy::{
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PySlice};
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Mutex, OnceLock};
 
 pyo3::create_exception!(
     _native,
@@ -102,10 +106,108 @@ macro_rules! with_sampler {
 /// The native state of one GraBSampler. Use `torchgrab.GraBSampler`; this class is its engine.
 #[pyclass(name = "NativeSampler", module = "torchgrab._native")]
 struct NativeSampler {
-    inner: AnySampler,
+    slot: Slot,
     /// Bumped by every call that may change the state: a cached state dict is current while it is equal.
     mutations: u64,
     export: ExportCache,
+}
+
+/// Where the sampler is: here, or lent to a step running on a rayon worker (`step_start`).
+enum Slot {
+    Here(Box<AnySampler>),
+    Lent(Lent),
+    /// Only while a method moves the sampler between the two (or if a worker never sent it back).
+    Gone,
+}
+
+/// A step running in the background. The worker owns the sampler and sends it back with the step's
+/// result; `keep` holds the gradient arrays it reads, so they outlive it (the caller promises not to
+/// write to them meanwhile, as with torch's `non_blocking=True`).
+struct Lent {
+    /// In a Mutex only because a pyclass must be Sync; one thread uses it, with `&mut` access.
+    done: Mutex<Receiver<Returned>>,
+    keep: Vec<Py<PyAny>>,
+}
+
+/// What a worker sends back: the sampler it was lent, and the step's result.
+type Returned = (Box<AnySampler>, Result<(), GrabError>);
+
+/// Gradient segments as addresses, to cross to the worker: (address, rows, width) of C-contiguous
+/// arrays that `Lent::keep` keeps alive.
+struct RawBatch<G> {
+    segments: Vec<(usize, usize, usize)>,
+    _elem: PhantomData<G>,
+}
+
+impl<G: GradElem> RawBatch<G> {
+    fn of(views: &[ArrayView2<'_, G>]) -> Result<Self, GrabError> {
+        Batch::from_views(views)?; // the same checks as a blocking step, here, before anything is lent
+        let segments = views
+            .iter()
+            .map(|v| (v.as_ptr() as usize, v.nrows(), v.ncols()))
+            .collect();
+        Ok(RawBatch {
+            segments,
+            _elem: PhantomData,
+        })
+    }
+
+    /// SAFETY: the arrays behind the addresses must be alive and unwritten while the views are used.
+    unsafe fn views(&self) -> Vec<ArrayView2<'_, G>> {
+        self.segments
+            .iter()
+            .map(|&(addr, rows, width)| {
+                let data = unsafe { std::slice::from_raw_parts(addr as *const G, rows * width) };
+                ArrayView2::from_shape((rows, width), data).expect("rows x width elements")
+            })
+            .collect()
+    }
+}
+
+/// The thread background steps run on: a pool of one, so that a background step takes one core (the
+/// one the training loop leaves free) and its passes, which would fork across the global pool from
+/// d = PARALLEL_MIN_DIM, stay on it; the global pool's workers, which spin for a while after each
+/// job, then stay asleep beside the training thread. Results do not depend on the thread count.
+fn background_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "torchgrab-step".into())
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Run one step of `raw` in the background; the sampler and the result come back through the receiver.
+fn lend<G: GradElem>(
+    mut sampler: Box<AnySampler>,
+    raw: RawBatch<G>,
+    indices: Vec<u32>,
+) -> Receiver<Returned> {
+    let (tx, rx) = sync_channel(1);
+    let job = move || {
+        // SAFETY: the arrays are kept alive by `Lent::keep` until this result is received (`take_back`,
+        // and `Drop` waits for it too), and the caller does not write to them until then.
+        let views = unsafe { raw.views() };
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let batch = Batch::from_views(&views)?;
+            with_sampler!(&mut *sampler, s => s.step(&batch, &indices))
+        }))
+        .unwrap_or_else(|_| {
+            Err(GrabError::new(
+                ErrorKind::State,
+                "internal error: the background step panicked; the sampler's state may be inconsistent, load a checkpoint",
+            ))
+        });
+        let _ = tx.send((sampler, result)); // the receiver is gone only if the NativeSampler was dropped
+    };
+    match background_pool() {
+        Some(pool) => pool.spawn(job),
+        None => rayon::spawn(job), // no thread for a pool of its own: the global pool
+    }
+    rx
 }
 
 fn array_views<'py, G: GradElem + Element>(
@@ -205,11 +307,16 @@ impl NativeSampler {
     }
 
     /// Close the running epoch (if any), start epoch `epoch`, and return its order (uint32).
-    fn begin_epoch<'py>(&mut self, py: Python<'py>, epoch: u64) -> Bound<'py, PyArray1<u32>> {
-        self.mutations += 1;
+    fn begin_epoch<'py>(
+        &mut self,
+        py: Python<'py>,
+        epoch: u64,
+    ) -> PyResult<Bound<'py, PyArray1<u32>>> {
+        let sampler = self.sampler(py)?;
         let order: Vec<u32> =
-            with_sampler!(&mut self.inner, s => py.detach(|| s.begin_epoch(epoch).to_vec()));
-        order.into_pyarray(py)
+            with_sampler!(sampler, s => py.detach(|| s.begin_epoch(epoch).to_vec()));
+        self.mutations += 1;
+        Ok(order.into_pyarray(py))
     }
 
     /// Feed one step of gradients: `segments` are C-contiguous 2-D arrays (B x d_k) of one dtype
@@ -221,36 +328,32 @@ impl NativeSampler {
         dtype: &str,
         indices: PyReadonlyArray1<'_, u32>,
     ) -> PyResult<()> {
-        // Orderings without gradients ignore steps: their cached state dict stays valid.
-        if with_sampler!(&self.inner, s => s.config().kind.balances()) {
-            self.mutations += 1;
-        }
-        let idx = indices.as_slice().map_err(|_| {
-            UnsupportedInputError::new_err("indices must be a contiguous uint32 array")
-        })?;
-        match dtype {
-            "float32" => {
-                let arrays = extract_segments::<f32>(&segments, dtype)?;
-                step_any(py, &mut self.inner, &array_views(&arrays), idx)
-            }
-            "float64" => {
-                let arrays = extract_segments::<f64>(&segments, dtype)?;
-                step_any(py, &mut self.inner, &array_views(&arrays), idx)
-            }
-            "float16" | "bfloat16" => {
-                let arrays = extract_segments::<u16>(&segments, "uint16 (16-bit float bits)")?;
-                if dtype == "float16" {
-                    let views = arrays.iter().map(|a| reinterpret_u16::<f16>(a.as_array())).collect::<PyResult<Vec<_>>>()?;
-                    step_any(py, &mut self.inner, &views, idx)
-                } else {
-                    let views = arrays.iter().map(|a| reinterpret_u16::<bf16>(a.as_array())).collect::<PyResult<Vec<_>>>()?;
-                    step_any(py, &mut self.inner, &views, idx)
-                }
-            }
-            other => Err(UnsupportedInputError::new_err(format!(
-                "gradient dtype {other} is not supported; expected float32, float64, float16 or bfloat16"
-            ))),
-        }
+        self.step_with(py, &segments, dtype, &indices, false)
+    }
+
+    /// `step`, run on a rayon worker: the input is checked here, then the call returns while the
+    /// kernel runs. The arrays must stay alive and unwritten until `wait_step` (or any other call,
+    /// which waits first); the step's error, if the kernel refuses it, is raised by that call.
+    fn step_start(
+        &mut self,
+        py: Python<'_>,
+        segments: Vec<Bound<'_, PyAny>>,
+        dtype: &str,
+        indices: PyReadonlyArray1<'_, u32>,
+    ) -> PyResult<()> {
+        self.step_with(py, &segments, dtype, &indices, true)
+    }
+
+    /// Wait for a step started by `step_start`, if any; raise its error if the kernel refused it
+    /// (the sampler is then as before that step: a step is all or nothing).
+    fn wait_step(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.sampler(py).map(|_| ())
+    }
+
+    /// A step started by `step_start` has not been waited for yet.
+    #[getter]
+    fn busy(&self) -> bool {
+        matches!(self.slot, Slot::Lent(_))
     }
 
     /// The on-device path's step: `u` (B) and `gram` (B x B, row-major) are the inner products of the
@@ -266,7 +369,7 @@ impl NativeSampler {
         dim: usize,
         also_fresh: PyReadonlyArray1<'py, u32>,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        self.mutations += 1;
+        let sampler = self.sampler(py)?;
         let contiguous = |what: &str| {
             UnsupportedInputError::new_err(format!("{what} must be a contiguous array"))
         };
@@ -276,46 +379,46 @@ impl NativeSampler {
             .map_err(|_| contiguous("also_fresh"))?;
         let u = u.as_slice().map_err(|_| contiguous("u"))?;
         let g = gram.as_slice().map_err(|_| contiguous("gram"))?;
-        let dec =
-            with_sampler!(&mut self.inner, s => py.detach(|| s.step_gram(idx, u, g, dim, extra)))
-                .map_err(to_py)?;
+        let dec = with_sampler!(sampler, s => py.detach(|| s.step_gram(idx, u, g, dim, extra)));
+        self.mutations += 1;
+        let dec = dec.map_err(to_py)?;
         let coef: Vec<f64> = dec.iter().map(|d| d.0 * d.1).collect();
         Ok(coef.into_pyarray(py))
     }
 
     /// The running epoch's order (uint32; empty before the first epoch).
-    fn current_order<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u32>> {
-        with_sampler!(&self.inner, s => PyArray1::from_slice(py, s.current()))
+    fn current_order<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<u32>>> {
+        Ok(with_sampler!(self.sampler(py)?, s => PyArray1::from_slice(py, s.current())))
     }
 
     #[getter]
-    fn epochs_begun(&self) -> u64 {
-        with_sampler!(&self.inner, s => s.epochs_begun())
+    fn epochs_begun(&mut self, py: Python<'_>) -> PyResult<u64> {
+        Ok(with_sampler!(self.sampler(py)?, s => s.epochs_begun()))
     }
 
     #[getter]
-    fn epoch(&self) -> u64 {
-        with_sampler!(&self.inner, s => s.epoch())
+    fn epoch(&mut self, py: Python<'_>) -> PyResult<u64> {
+        Ok(with_sampler!(self.sampler(py)?, s => s.epoch()))
     }
 
     #[getter]
-    fn dim(&self) -> Option<usize> {
-        with_sampler!(&self.inner, s => s.dim())
+    fn dim(&mut self, py: Python<'_>) -> PyResult<Option<usize>> {
+        Ok(with_sampler!(self.sampler(py)?, s => s.dim()))
     }
 
     #[getter]
-    fn ordering(&self) -> &'static str {
-        with_sampler!(&self.inner, s => s.config().kind.name())
+    fn ordering(&mut self, py: Python<'_>) -> PyResult<&'static str> {
+        Ok(with_sampler!(self.sampler(py)?, s => s.config().kind.name()))
     }
 
     #[getter]
-    fn n(&self) -> usize {
-        with_sampler!(&self.inner, s => s.config().n)
+    fn n(&mut self, py: Python<'_>) -> PyResult<usize> {
+        Ok(with_sampler!(self.sampler(py)?, s => s.config().n))
     }
 
     /// Bytes held by the ordering state (orders, bitmaps, running sums).
-    fn state_bytes(&self) -> usize {
-        with_sampler!(&self.inner, s => state_bytes(s))
+    fn state_bytes(&mut self, py: Python<'_>) -> PyResult<usize> {
+        Ok(with_sampler!(self.sampler(py)?, s => state_bytes(s)))
     }
 
     /// How many calls that may change the state this sampler has seen (steps, epochs).
@@ -327,8 +430,11 @@ impl NativeSampler {
     /// The complete state as a dict of ints, floats, strings and NumPy arrays. The O(n) arrays are
     /// read-only in spirit: views of per-epoch buffers that later steps never write (see ExportCache).
     fn state<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let cache = &mut self.export;
-        match &self.inner {
+        self.sampler(py)?;
+        let (Slot::Here(sampler), cache) = (&self.slot, &mut self.export) else {
+            return Err(lost());
+        };
+        match &**sampler {
             AnySampler::F32(s) => export(py, s.state_parts(), cache, "float32"),
             AnySampler::F64(s) => export(py, s.state_parts(), cache, "float64"),
         }
@@ -358,11 +464,114 @@ impl NativeSampler {
 impl NativeSampler {
     fn wrap(inner: AnySampler) -> Self {
         NativeSampler {
-            inner,
+            slot: Slot::Here(Box::new(inner)),
             mutations: 0,
             export: ExportCache::default(),
         }
     }
+
+    /// The sampler, after waiting for a step lent to a worker (whose refusal is returned here, with
+    /// the sampler back in place and unchanged by it).
+    fn sampler(&mut self, py: Python<'_>) -> PyResult<&mut AnySampler> {
+        if let Slot::Lent(_) = self.slot {
+            let Slot::Lent(lent) = std::mem::replace(&mut self.slot, Slot::Gone) else {
+                return Err(lost());
+            };
+            let done = lent.done.into_inner().unwrap_or_else(|e| e.into_inner());
+            let back = py.detach(move || done.recv());
+            drop(lent.keep); // the worker is done with the arrays
+            let (sampler, result) = back.map_err(|_| lost())?;
+            self.slot = Slot::Here(sampler);
+            result.map_err(to_py)?;
+        }
+        match &mut self.slot {
+            Slot::Here(s) => Ok(&mut **s),
+            _ => Err(lost()),
+        }
+    }
+
+    fn step_with(
+        &mut self,
+        py: Python<'_>,
+        segments: &[Bound<'_, PyAny>],
+        dtype: &str,
+        indices: &PyReadonlyArray1<'_, u32>,
+        background: bool,
+    ) -> PyResult<()> {
+        // Orderings without gradients ignore steps: their cached state dict stays valid.
+        if with_sampler!(&*self.sampler(py)?, s => s.config().kind.balances()) {
+            self.mutations += 1;
+        }
+        let idx = indices.as_slice().map_err(|_| {
+            UnsupportedInputError::new_err("indices must be a contiguous uint32 array")
+        })?;
+        match dtype {
+            "float32" => {
+                let arrays = extract_segments::<f32>(segments, dtype)?;
+                self.run_step(py, &array_views(&arrays), idx, segments, background)
+            }
+            "float64" => {
+                let arrays = extract_segments::<f64>(segments, dtype)?;
+                self.run_step(py, &array_views(&arrays), idx, segments, background)
+            }
+            "float16" | "bfloat16" => {
+                let arrays = extract_segments::<u16>(segments, "uint16 (16-bit float bits)")?;
+                if dtype == "float16" {
+                    let views = arrays.iter().map(|a| reinterpret_u16::<f16>(a.as_array())).collect::<PyResult<Vec<_>>>()?;
+                    self.run_step(py, &views, idx, segments, background)
+                } else {
+                    let views = arrays.iter().map(|a| reinterpret_u16::<bf16>(a.as_array())).collect::<PyResult<Vec<_>>>()?;
+                    self.run_step(py, &views, idx, segments, background)
+                }
+            }
+            other => Err(UnsupportedInputError::new_err(format!(
+                "gradient dtype {other} is not supported; expected float32, float64, float16 or bfloat16"
+            ))),
+        }
+    }
+
+    /// One step now, or (`background`) lent to a worker with `keep`, the arrays behind `views`.
+    fn run_step<G: GradElem>(
+        &mut self,
+        py: Python<'_>,
+        views: &[ArrayView2<'_, G>],
+        indices: &[u32],
+        keep: &[Bound<'_, PyAny>],
+        background: bool,
+    ) -> PyResult<()> {
+        if !background {
+            return step_any(py, self.sampler(py)?, views, indices);
+        }
+        self.sampler(py)?;
+        let raw = RawBatch::of(views).map_err(to_py)?;
+        let sampler = match std::mem::replace(&mut self.slot, Slot::Gone) {
+            Slot::Here(s) => s,
+            other => {
+                self.slot = other;
+                return Err(lost());
+            }
+        };
+        let done = Mutex::new(lend(sampler, raw, indices.to_vec()));
+        let keep = keep.iter().map(|a| a.clone().unbind()).collect();
+        self.slot = Slot::Lent(Lent { done, keep });
+        Ok(())
+    }
+}
+
+impl Drop for NativeSampler {
+    fn drop(&mut self) {
+        // A worker may still be reading the arrays `keep` holds: wait for it before they are released.
+        if let Slot::Lent(lent) = std::mem::replace(&mut self.slot, Slot::Gone) {
+            let done = lent.done.into_inner().unwrap_or_else(|e| e.into_inner());
+            let _ = done.recv();
+        }
+    }
+}
+
+fn lost() -> PyErr {
+    StateDictError::new_err(
+        "internal error: this sampler's state did not come back from its background step; load a checkpoint",
+    )
 }
 
 fn projection_spec(p: Option<(String, usize)>) -> Result<Option<ProjectionSpec>, GrabError> {

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torchgrab import GraBSampler, NonFiniteGradientError, UnsupportedInputError
+from torchgrab import GraBSampler, NonFiniteGradientError, ShapeError, UnsupportedInputError
 
 N, BATCH = 24, 5  # the last batch of an epoch is short
 
@@ -190,3 +190,75 @@ def test_a_reused_index_array_does_not_reach_the_background_step():
         idx[:] = [0, 1]  # the caller reuses its buffer at once
         s.step(g, indices=idx)
     assert_same_tree(sync.state_dict(), background.state_dict())
+
+
+# ------------------------------------------------------------------ the Rust side, called directly
+
+
+def native_pair(dtype="float32"):
+    from torchgrab import _native
+
+    pair = [_native.NativeSampler("grab", 16, 0, state_dtype=dtype) for _ in range(2)]
+    for native in pair:
+        native.begin_epoch(0)
+    return pair
+
+
+def sums(native):
+    return np.array(native.state()["balance"]["s"])
+
+
+@pytest.mark.parametrize("kind", ["float32", "float64", "float16", "bfloat16"])
+def test_step_start_equals_step_and_keeps_the_arrays_alive(kind):
+    blocking, background = native_pair()
+    rng = np.random.default_rng(0)
+    idx = np.arange(6, dtype=np.uint32)
+    for chunk in range(2):
+        grads = rng.standard_normal((6, 40_000)).astype(np.float32)  # wide enough for the forked passes
+        if kind in ("float16", "bfloat16"):
+            segs = [torch.from_numpy(grads).to(getattr(torch, kind)).view(torch.int16).numpy().view(np.uint16)]
+        else:
+            segs = [grads.astype(kind)[:, :15_000].copy(), grads.astype(kind)[:, 15_000:].copy()]
+        blocking.step(segs, kind, idx + 6 * chunk)
+        background.step_start(segs, kind, idx + 6 * chunk)
+        assert background.busy
+        del segs, grads  # the Rust side holds the arrays until the step is done
+    assert background.epochs_begun == 1 and not background.busy  # any call waits first
+    np.testing.assert_array_equal(sums(background), sums(blocking))
+
+
+def test_step_start_checks_its_input_before_lending_anything():
+    _, native = native_pair()
+    with pytest.raises(ShapeError):
+        native.step_start(
+            [np.ones((3, 4), np.float32), np.ones((2, 4), np.float32)], "float32", np.arange(3, dtype=np.uint32)
+        )
+    assert not native.busy
+    with pytest.raises(UnsupportedInputError):
+        native.step_start([np.ones((3, 4), np.int32)], "float32", np.arange(3, dtype=np.uint32))
+    assert not native.busy
+
+
+def test_a_refused_step_start_leaves_the_state_as_it_was():
+    _, native = native_pair()
+    native.step([np.ones((2, 5), np.float32)], "float32", np.arange(2, dtype=np.uint32))
+    before = sums(native)
+    bad = np.ones((2, 5), np.float32)
+    bad[1, 3] = np.nan
+    native.step_start([bad], "float32", np.arange(2, 4, dtype=np.uint32))
+    with pytest.raises(NonFiniteGradientError):
+        native.wait_step()
+    assert not native.busy
+    np.testing.assert_array_equal(sums(native), before)
+    native.wait_step()  # raised once
+    native.step([np.ones((2, 5), np.float32)], "float32", np.arange(2, 4, dtype=np.uint32))  # same units again
+
+
+def test_dropping_a_sampler_with_a_step_in_flight_waits_for_it():
+    import gc
+
+    for _ in range(20):
+        _, native = native_pair()
+        native.step_start([np.ones((8, 50_000), np.float32)], "float32", np.arange(8, dtype=np.uint32))
+        del native
+        gc.collect()

@@ -366,22 +366,23 @@ class GraBSampler(Sampler[int]):
             self._step_dense(grads, indices, background=non_blocking)
 
     def _step_dense(self, grads: Any, indices: Optional[Any], background: bool) -> None:
-        """The Rust kernel's step (lock held); ``background``: on the lock's worker thread."""
+        """The Rust kernel's step (lock held); ``background``: started on a rayon worker, see _background."""
         segments, kind, rows = as_segments(grads)
         idx = self._take(rows, indices)
         if not background:
             self._native.step(segments, kind, idx)
         else:
             native, dense_used = self._native, self._dense_used
-            idx = idx.copy()  # B indices; a caller's index array may be reused once step() returns
+            # Checked now (a refusal raises here and lends nothing); the Rust side keeps the arrays
+            # alive and copies the indices, the caller promises not to write the arrays meanwhile.
+            native.step_start(segments, kind, idx)
 
             def undo() -> None:  # the kernel refused the step: take back the bookkeeping below
                 self._dense_used = dense_used
                 if indices is None:
                     self._stepped -= rows
 
-            # segments and idx are views the closure keeps alive (the caller does not write to them).
-            self._lock.submit(lambda: native.step(segments, kind, idx), undo)
+            self._lock.started(native, undo)
         if self.balances:
             self._native_cache = None
         self._dense_used = self._dense_used or self.balances
