@@ -64,3 +64,25 @@ def test_end_to_end_benchmark_runs(tmp_path):
     for line in ("plain RR (mean gradient)", "backward(hooks, non_blocking)", "hooks, non_blocking", "x RR range"):
         assert line in stdout
     assert (tmp_path / "end_to_end.png").exists() or "matplotlib missing" in stdout
+
+
+@pytest.mark.skipif(not (DATA / "mnist").is_dir() or not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
+def test_non_blocking_benchmark_runs(tmp_path):
+    stdout = run(
+        [
+            "benchmarks/non_blocking.py",
+            "--data",
+            str(DATA),
+            "--mnist-n",
+            "640",
+            "--cifar-n",
+            "128",
+            "--rounds",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    for line in ("a = blocking, b = non_blocking=True", "mnist_logreg (d = 7850", "lenet_cifar10 (d = 62006"):
+        assert line in stdout
+    assert (tmp_path / "non_blocking.png").exists() or "matplotlib missing" in stdout
