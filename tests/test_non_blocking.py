@@ -262,3 +262,36 @@ def test_dropping_a_sampler_with_a_step_in_flight_waits_for_it():
         native.step_start([np.ones((8, 50_000), np.float32)], "float32", np.arange(8, dtype=np.uint32))
         del native
         gc.collect()
+
+
+def test_two_threads_stepping_non_blocking_are_serialized():
+    import threading
+
+    n, d = 300, 40
+    v = np.random.default_rng(1).normal(size=(n, d)).astype(np.float32)
+    sampler = GraBSampler(n=n, seed=0)
+    order = list(sampler)
+    errors = []
+
+    def worker(part):
+        try:
+            for lo in range(0, len(part), 5):
+                chunk = part[lo : lo + 5]
+                sampler.step(v[chunk], indices=chunk, non_blocking=True)
+                sampler.state_dict()  # waits for whichever step is in flight, from either thread
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(h,)) for h in (order[: n // 2], order[n // 2 :])]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    nxt = list(sampler)  # every unit was balanced once: the next order is a permutation
+    assert sorted(nxt) == list(range(n)) and nxt != order
+
+
+def test_the_on_device_path_steps_blocking():
+    sampler = GraBSampler(n=8, device_path="always")
+    list(sampler)
+    sampler.step(torch.ones(4, 6), non_blocking=True)
+    assert not sampler._lock.busy and sampler.pending == 4
