@@ -235,23 +235,17 @@ def main():
         steps = len(x) // BATCH
         d = sum(p.numel() for p in make_model(task).parameters())
         methods = {
-            "plain RR (mean gradient)": lambda warmup=False: epoch_rr(task, x, y, 3 if warmup else steps),
-            "torchgrab grab, vmap": lambda warmup=False: epoch_torchgrab(task, x, y, 3 if warmup else steps),
-            "torchgrab grab, hooks": lambda warmup=False: epoch_torchgrab(task, x, y, 3 if warmup else steps, "hooks"),
-            "torchgrab grab, hooks, non_blocking": lambda warmup=False: epoch_torchgrab(
-                task, x, y, 3 if warmup else steps, "hooks", non_blocking=True
+            "plain RR (mean gradient)": lambda: epoch_rr(task, x, y, steps),
+            "torchgrab grab, vmap": lambda: epoch_torchgrab(task, x, y, steps),
+            "torchgrab grab, hooks": lambda: epoch_torchgrab(task, x, y, steps, "hooks"),
+            "torchgrab grab, hooks, non_blocking": lambda: epoch_torchgrab(
+                task, x, y, steps, "hooks", non_blocking=True
             ),
-            "torchgrab backward(hooks)": lambda warmup=False: epoch_torchgrab_backward(
-                task, x, y, 3 if warmup else steps
-            ),
-            "backward(hooks, non_blocking)": lambda warmup=False: epoch_torchgrab_backward(
-                task, x, y, 3 if warmup else steps, non_blocking=True
-            ),
+            "torchgrab backward(hooks)": lambda: epoch_torchgrab_backward(task, x, y, steps),
+            "backward(hooks, non_blocking)": lambda: epoch_torchgrab_backward(task, x, y, steps, non_blocking=True),
         }
         if grabsampler is not None:
-            methods["grab-sampler 0.1.3 recipe"] = lambda warmup=False: epoch_reference(
-                grabsampler, task, x, y, 3 if warmup else steps
-            )
+            methods["grab-sampler 0.1.3 recipe"] = lambda: epoch_reference(grabsampler, task, x, y, steps)
         # Rounds: every method once per round, RR first. Each method's ratio to RR is taken within its
         # round (so a slow spell of this shared machine hits both sides of a ratio), and the median
         # over rounds is reported, with the median times.

@@ -188,8 +188,9 @@ fn lend<G: GradElem>(
 ) -> Receiver<Returned> {
     let (tx, rx) = sync_channel(1);
     let job = move || {
-        // SAFETY: the arrays are kept alive by `Lent::keep` until this result is received (`take_back`,
-        // and `Drop` waits for it too), and the caller does not write to them until then.
+        // SAFETY: the arrays are kept alive by `Lent::keep` until this result is received
+        // (`NativeSampler::sampler`; `Drop` waits for it too), and the caller does not write to them
+        // until then.
         let views = unsafe { raw.views() };
         let result = catch_unwind(AssertUnwindSafe(|| {
             let batch = Batch::from_views(&views)?;
