@@ -9,7 +9,9 @@ Each round times one epoch of each, in alternating order, and reports non_blocki
 median and quartiles over rounds are robust to this shared machine's drift, unlike separate runs.
 A second table measures what a memory-streaming thread on the other core does to a plain RR epoch:
 a background step streams the batch's gradients (16 MB a step for LeNet), so where the two cores
-share memory bandwidth it slows the training thread, and what it hides can be lost again.
+share memory bandwidth it slows the training thread, and what it hides can be lost again. The last
+table is the worst case, back-to-back steps with nothing to overlap: what handing a step to the
+background thread and back costs, per step size (why steps under 2^16 elements stay blocking).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 import torch
@@ -26,6 +29,8 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import end_to_end  # noqa: E402
+import torchgrab  # noqa: E402
+import torchgrab.sampler  # noqa: E402
 
 BATCH = end_to_end.BATCH
 
@@ -69,6 +74,18 @@ class MemoryStream:
 def rr_with_stream(task, x, y, steps):
     with MemoryStream():
         return end_to_end.epoch_rr(task, x, y, steps)["total"]
+
+
+def back_to_back(d, b, non_blocking, steps=300):
+    """us per step of `steps` steps in a row on [b, d] float32 gradients, nothing between them."""
+    sampler = torchgrab.GraBSampler(n=b * steps, seed=0)
+    list(sampler)
+    grads = [torch.randn(b, d) for _ in range(4)]
+    t = time.perf_counter()
+    for k in range(steps):
+        sampler.step(grads[k % 4], non_blocking=non_blocking)
+    sampler.synchronize()
+    return (time.perf_counter() - t) / steps * 1e6
 
 
 def row(name, ratios, ta, tb):
@@ -124,6 +141,17 @@ def main():
         )
         results[f"{task}, RR + stream"] = ratios
         row(task, ratios, ta, tb)
+    print("\n## back-to-back steps, nothing to overlap (worst case): us per step, median of 5 runs")
+    print(f"{'d':>8} {'B':>4} {'elements':>10} {'blocking':>9} {'non_blocking':>13} {'difference':>11}")
+    saved = torchgrab.sampler._BACKGROUND_MIN_ELEMENTS
+    torchgrab.sampler._BACKGROUND_MIN_ELEMENTS = 0  # hand over even the smallest steps, to measure it
+    try:
+        for d, b in [(650, 8), (7850, 8), (8192, 8), (7850, 64), (62006, 64)]:
+            t = {nb: float(np.median([back_to_back(d, b, nb) for _ in range(5)])) for nb in (False, True)}
+            print(f"{d:>8} {b:>4} {d * b:>10} {t[False]:>9.1f} {t[True]:>13.1f} {t[True] - t[False]:>11.1f}")
+    finally:
+        torchgrab.sampler._BACKGROUND_MIN_ELEMENTS = saved
+    print("(non_blocking steps run their kernel on one thread; blocking ones use both cores from d = 32,768)")
     print(f"\n# load average at end (1/5/15 min): {_common.load_average()}")
     os.makedirs(args.out, exist_ok=True)
     try:

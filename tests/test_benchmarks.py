@@ -83,6 +83,11 @@ def test_non_blocking_benchmark_runs(tmp_path):
             str(tmp_path),
         ]
     )
-    for line in ("a = blocking, b = non_blocking=True", "mnist_logreg (d = 7850", "lenet_cifar10 (d = 62006"):
+    for line in (
+        "a = blocking, b = non_blocking=True",
+        "mnist_logreg (d = 7850",
+        "lenet_cifar10 (d = 62006",
+        "back-to-back",
+    ):
         assert line in stdout
     assert (tmp_path / "non_blocking.png").exists() or "matplotlib missing" in stdout

@@ -6,10 +6,20 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torchgrab.sampler
 from torch import nn
 from torchgrab import GraBSampler, NonFiniteGradientError, ShapeError, UnsupportedInputError
 
 N, BATCH = 24, 5  # the last batch of an epoch is short
+
+
+DEFAULT_MIN_ELEMENTS = torchgrab.sampler._BACKGROUND_MIN_ELEMENTS
+
+
+@pytest.fixture(autouse=True)
+def background_for_every_size(monkeypatch):
+    """The tests' steps are tiny; in use, steps under 2^16 elements run blocking (tested below)."""
+    monkeypatch.setattr(torchgrab.sampler, "_BACKGROUND_MIN_ELEMENTS", 0)
 
 
 def make_model():
@@ -295,3 +305,16 @@ def test_the_on_device_path_steps_blocking():
     list(sampler)
     sampler.step(torch.ones(4, 6), non_blocking=True)
     assert not sampler._lock.busy and sampler.pending == 4
+
+
+def test_tiny_steps_run_blocking_and_large_ones_in_the_background(monkeypatch):
+    assert DEFAULT_MIN_ELEMENTS == 1 << 16
+    monkeypatch.setattr(torchgrab.sampler, "_BACKGROUND_MIN_ELEMENTS", DEFAULT_MIN_ELEMENTS)
+    sampler = GraBSampler(n=64)
+    list(sampler)
+    sampler.step(torch.ones(1, 1 << 15), non_blocking=True)  # 32,768 elements
+    assert not sampler._lock.busy
+    sampler.step(torch.ones(2, 1 << 15), non_blocking=True)  # 65,536
+    assert sampler._lock.busy
+    sampler.synchronize()
+    assert sampler.pending == 61

@@ -31,6 +31,10 @@ _UNSIGNED_KEYS["next_back"] = np.uint32
 _YIELD_CHUNK = 1 << 13
 # Herding passes per epoch at most: the Rust core's MAX_ROUNDS.
 _MAX_ROUNDS = 1000
+# non_blocking steps with fewer gradient elements (B x d) run blocking: handing a step to the
+# background thread and back costs 25-50 us (benchmarks/non_blocking.py, last table), more than the
+# kernel takes for such a step, so there is nothing to gain by overlapping it.
+_BACKGROUND_MIN_ELEMENTS = 1 << 16
 
 
 def _to_torch(obj: Any) -> Any:
@@ -340,8 +344,8 @@ class GraBSampler(Sampler[int]):
         batch meanwhile (on a core torch leaves free). Do not write to ``grads`` until the next call on
         the sampler: every call waits for the step first (:meth:`synchronize` waits explicitly), and a
         step the kernel refuses (a non-finite gradient) raises at that call, the sampler then being as
-        before it. The orders are those of blocking steps. With ``unit_size > 1`` or on the on-device
-        path the step is blocking.
+        before it. The orders are those of blocking steps. Steps of fewer than 65,536 gradient
+        elements (B x d), with ``unit_size > 1`` or on the on-device path are blocking.
         """
         if not isinstance(non_blocking, bool):
             raise UnsupportedInputError(f"non_blocking must be True or False, got {non_blocking!r}")
@@ -369,6 +373,8 @@ class GraBSampler(Sampler[int]):
         """The Rust kernel's step (lock held); ``background``: started on a rayon worker, see _background."""
         segments, kind, rows = as_segments(grads)
         idx = self._take(rows, indices)
+        if background and rows * sum(seg.shape[1] for seg in segments) < _BACKGROUND_MIN_ELEMENTS:
+            background = False
         if not background:
             self._native.step(segments, kind, idx)
         else:
