@@ -344,8 +344,10 @@ class GraBSampler(Sampler[int]):
         batch meanwhile (on a core torch leaves free). Do not write to ``grads`` until the next call on
         the sampler: every call waits for the step first (:meth:`synchronize` waits explicitly), and a
         step the kernel refuses (a non-finite gradient) raises at that call, the sampler then being as
-        before it. The orders are those of blocking steps. Steps of fewer than 65,536 gradient
-        elements (B x d), with ``unit_size > 1`` or on the on-device path are blocking.
+        before it. The orders are those of blocking steps. The gradients stay referenced until the
+        step is done: with ``backward``, two batches of per-example gradients exist at peak. Steps of
+        fewer than 65,536 gradient elements (B x d), with ``unit_size > 1`` or on the on-device path
+        are blocking.
         """
         if not isinstance(non_blocking, bool):
             raise UnsupportedInputError(f"non_blocking must be True or False, got {non_blocking!r}")
