@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchgrab
+import torchgrab.sampler
 from conftest import assert_same_state, save_load
 from torchgrab import GraBSampler, StateDictError
 
@@ -18,7 +19,7 @@ N, D, PER_STEP, EPOCHS = 11, 3, 3, 3
 VECTORS = np.random.default_rng(5).normal(size=(N, D)).astype(np.float32)
 
 
-def drive(s, done=0, stop_after=None, mid_batch=False):
+def drive(s, done=0, stop_after=None, mid_batch=False, non_blocking=False):
     """Feed EPOCHS * N units through `s` in steps of PER_STEP (a partial step ends each epoch).
 
     Stops after step number `stop_after` (or, with `mid_batch`, just after the next index is yielded)
@@ -32,12 +33,12 @@ def drive(s, done=0, stop_after=None, mid_batch=False):
             if mid_batch and steps == stop_after:
                 return emitted, done, save_load(s.state_dict())
             if len(batch) == PER_STEP:
-                s.step(VECTORS[batch])
+                s.step(VECTORS[batch], non_blocking=non_blocking)
                 done, steps, batch = done + len(batch), steps + 1, []
                 if steps == stop_after and not mid_batch:
                     return emitted, done, save_load(s.state_dict())
         if batch:
-            s.step(VECTORS[batch])
+            s.step(VECTORS[batch], non_blocking=non_blocking)
             done, steps = done + len(batch), steps + 1
             if steps == stop_after and not mid_batch:
                 return emitted, done, save_load(s.state_dict())
@@ -76,6 +77,22 @@ def test_interrupt_at_every_step_resumes_bit_for_bit(ordering, balance, dtype, m
         in_flight = 1 if mid_batch else 0
         tail, _, _ = drive(resumed, done=done)
         assert head[: len(head) - in_flight] + tail == ref_emitted, f"interrupted after step {k}"
+        assert_same_state(resumed.state_dict(), ref_final)
+
+
+@pytest.mark.parametrize("ordering", ORDERINGS)
+def test_non_blocking_steps_checkpoint_and_resume_bit_for_bit(ordering, monkeypatch):
+    # Every step in the background (these are tiny), checkpointed with one in flight after every step.
+    monkeypatch.setattr(torchgrab.sampler, "_BACKGROUND_MIN_ELEMENTS", 0)
+    ref = make(ordering)
+    ref_emitted, _, _ = drive(ref)
+    ref_final = ref.state_dict()
+    for k in range(1, total_steps() + 1):
+        head, done, saved = drive(make(ordering), stop_after=k, non_blocking=True)
+        resumed = make(ordering)
+        resumed.load_state_dict(saved)
+        tail, _, _ = drive(resumed, done=done, non_blocking=True)
+        assert head + tail == ref_emitted, f"interrupted after step {k}"
         assert_same_state(resumed.state_dict(), ref_final)
 
 
