@@ -14,6 +14,27 @@ import numpy as np
 import torch
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (and a line saying so): the tables need no plot."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("# matplotlib missing: no plot")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_plot(fig, out_dir: str, name: str) -> None:
+    """Lay out `fig`, write it to out_dir/name and say where."""
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
+    print(f"# plot: {path}")
+
+
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"

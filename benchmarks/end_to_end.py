@@ -297,12 +297,8 @@ def main():
             )
     print(f"\n# load average at end (1/5/15 min): {_common.load_average()}")
     os.makedirs(args.out, exist_ok=True)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
+    if plt is not None:
         fig, axes = plt.subplots(1, len(tasks), figsize=(12, 3.8))
         for ax, task in zip(np.atleast_1d(axes), tasks):
             names = [n for (t, n) in results if t == task]
@@ -317,12 +313,7 @@ def main():
             ax.set_xlabel("epoch seconds")
             ax.set_title(task)
         np.atleast_1d(axes)[0].legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(args.out, "end_to_end.png")
-        fig.savefig(path, dpi=120)
-        print(f"# plot: {path}")
-    except ImportError:
-        print("# matplotlib missing: no plot")
+        _common.save_plot(fig, args.out, "end_to_end.png")
 
 
 if __name__ == "__main__":

@@ -138,12 +138,8 @@ def main():
                 )
     print(f"# load average at end (1/5/15 min): {_common.load_average()}")
     os.makedirs(args.out, exist_ok=True)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
+    if plt is not None:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
         for ax, ordering in zip(axes, ("grab", "pair")):
             for kind, style in (("torch", "o-"), ("numpy", "s--")):
@@ -161,12 +157,7 @@ def main():
             ax.grid(True, which="both", alpha=0.3)
         axes[0].set_ylabel("GB/s of float32 gradient balanced")
         axes[1].legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(args.out, "kernels.png")
-        fig.savefig(path, dpi=120)
-        print(f"# plot: {path}")
-    except ImportError:
-        print("# matplotlib missing: no plot")
+        _common.save_plot(fig, args.out, "kernels.png")
 
 
 if __name__ == "__main__":

@@ -154,24 +154,15 @@ def main():
     print("(non_blocking steps run their kernel on one thread; blocking ones use both cores from d = 32,768)")
     print(f"\n# load average at end (1/5/15 min): {_common.load_average()}")
     os.makedirs(args.out, exist_ok=True)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 3.2))
         names = list(results)
         ax.boxplot([results[k] for k in names], vert=False)
         ax.set_yticks(range(1, len(names) + 1), names, fontsize=8)
         ax.axvline(1.0, color="gray", lw=0.8)
         ax.set_xlabel("epoch time ratio b / a per round (below 1: b faster)")
-        fig.tight_layout()
-        path = os.path.join(args.out, "non_blocking.png")
-        fig.savefig(path, dpi=120)
-        print(f"# plot: {path}")
-    except ImportError:
-        print("# matplotlib missing: no plot")
+        _common.save_plot(fig, args.out, "non_blocking.png")
 
 
 if __name__ == "__main__":

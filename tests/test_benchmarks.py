@@ -45,49 +45,29 @@ def test_benchmark_script_runs(args, expect, tmp_path):
 
 
 @pytest.mark.skipif(not (DATA / "mnist").is_dir() or not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
-def test_end_to_end_benchmark_runs(tmp_path):
-    stdout = run(
-        [
-            "benchmarks/end_to_end.py",
-            "--data",
-            str(DATA),
-            "--cifar-n",
-            "128",
-            "--mnist-n",
-            "256",
-            "--trials",
-            "1",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    for line in ("plain RR (mean gradient)", "backward(hooks, non_blocking)", "hooks, non_blocking", "x RR range"):
+@pytest.mark.parametrize(
+    "script,args,expect",
+    [
+        (
+            "end_to_end",
+            ["--cifar-n", "128", "--mnist-n", "256", "--trials", "1"],
+            ("plain RR (mean gradient)", "backward(hooks, non_blocking)", "hooks, non_blocking", "x RR range"),
+        ),
+        (
+            "non_blocking",
+            ["--mnist-n", "640", "--cifar-n", "128", "--rounds", "2"],
+            (
+                "a = blocking, b = non_blocking=True",
+                "mnist_logreg (d = 7850",
+                "lenet_cifar10 (d = 62006",
+                "back-to-back",
+            ),
+        ),
+    ],
+)
+def test_data_benchmark_runs(script, args, expect, tmp_path):
+    """The scripts that train on ../shared/data, on small subsets."""
+    stdout = run([f"benchmarks/{script}.py", "--data", str(DATA), *args, "--out", str(tmp_path)])
+    for line in expect:
         assert line in stdout
-    assert (tmp_path / "end_to_end.png").exists() or "matplotlib missing" in stdout
-
-
-@pytest.mark.skipif(not (DATA / "mnist").is_dir() or not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
-def test_non_blocking_benchmark_runs(tmp_path):
-    stdout = run(
-        [
-            "benchmarks/non_blocking.py",
-            "--data",
-            str(DATA),
-            "--mnist-n",
-            "640",
-            "--cifar-n",
-            "128",
-            "--rounds",
-            "2",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    for line in (
-        "a = blocking, b = non_blocking=True",
-        "mnist_logreg (d = 7850",
-        "lenet_cifar10 (d = 62006",
-        "back-to-back",
-    ):
-        assert line in stdout
-    assert (tmp_path / "non_blocking.png").exists() or "matplotlib missing" in stdout
+    assert (tmp_path / f"{script}.png").exists() or "matplotlib missing" in stdout
