@@ -73,6 +73,15 @@ def capture(
     return grads, losses, means
 
 
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model`` on a batch given as a tensor, a tuple of positional inputs or a dict of keyword inputs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
 def _call(model: nn.Module, state: Dict[str, torch.Tensor], inputs: Any) -> Any:
     if isinstance(inputs, dict):
         return functional_call(model, state, args=(), kwargs=inputs)
@@ -274,13 +283,7 @@ def hooks_capture(
     handles = [m.register_forward_hook(record) for _, m in layers]
     try:
         with torch.enable_grad():
-            out = (
-                model(**inputs)
-                if isinstance(inputs, dict)
-                else model(*inputs)
-                if isinstance(inputs, tuple)
-                else model(inputs)
-            )
+            out = call_model(model, inputs)
             losses = per_example_losses(loss_fn, out, targets)
             outs = [o for m in seen for _, o in seen[m]]
             # The first call for a model also asks autograd for the parameters' batch gradients, to

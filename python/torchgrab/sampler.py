@@ -18,7 +18,7 @@ from torchgrab._background import StepLock
 from torchgrab._segments import as_segments, gradient_items
 from torchgrab._units import UnitMap
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
-from torchgrab.gradients import batch_size, capture
+from torchgrab.gradients import batch_size, call_model, capture
 from torchgrab.ondevice import OnDeviceBalancer
 
 _BALANCING = {"grab", "mean", "pair", "recursive", "recursive-pair", "herding", "greedy"}
@@ -531,14 +531,7 @@ class GraBSampler(Sampler[int]):
         gradients are this call's own, so nothing writes to them meanwhile).
         """
         if not self.balances:
-            loss = loss_fn(
-                model(**inputs)
-                if isinstance(inputs, dict)
-                else model(*inputs)
-                if isinstance(inputs, tuple)
-                else model(inputs),
-                targets,
-            )
+            loss = loss_fn(call_model(model, inputs), targets)
             loss.backward()
             b = batch_size(inputs)
             if indices is None:
