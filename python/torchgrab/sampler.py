@@ -7,7 +7,7 @@ how far it has been stepped, so DataLoader prefetching (``num_workers > 0``) nee
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Sized, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Sized, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from torchgrab._units import UnitMap
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
 from torchgrab.gradients import batch_size, call_model, capture
 from torchgrab.ondevice import OnDeviceBalancer
+
+if TYPE_CHECKING:
+    from torchgrab.capture.watch import WatchHandle
 
 _BALANCING = {"grab", "mean", "pair", "recursive", "recursive-pair", "herding", "greedy"}
 _STATE_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
@@ -214,6 +217,8 @@ class GraBSampler(Sampler[int]):
         )
         self.unit_size = int(unit_size)
         self.ordering = ordering
+        self.seed = int(seed)
+        self._watchers: List[Any] = []  # WatchHandles feeding this sampler (see watch())
         self.n = int(n)
         self.dtype = dtype
         self._native_cache: Optional[Tuple[int, Dict[str, Any]]] = None
@@ -497,9 +502,15 @@ class GraBSampler(Sampler[int]):
     def synchronize(self) -> None:
         """Wait for a step left running in the background (``non_blocking=True``), if any, and raise its
         error if the kernel refused it. Every other call does this first, so it is only needed to time
-        a loop, or to see a refused step at a point of one's choosing."""
+        a loop, or to see a refused step at a point of one's choosing. Rows gathered by :meth:`watch`
+        and not yet fed are fed first."""
+        self._drain_watchers()
         with self._lock:
             pass
+
+    def _drain_watchers(self) -> None:
+        for w in list(getattr(self, "_watchers", ())):
+            w.flush()
 
     def skip(self, rows: int) -> None:
         """Mark ``rows`` pending indices as consumed without gradients (they go to the middle of the next order)."""
@@ -508,6 +519,69 @@ class GraBSampler(Sampler[int]):
             if self._units is not None:
                 self._units.cut(examples)
             self._stepped += rows
+
+    def watch(
+        self,
+        model: torch.nn.Module,
+        *,
+        sketch: Optional[int] = 32,
+        loss_reduction: str = "mean",
+        granularity: str = "example",
+        exclude: Sequence[str] = (),
+        scaler: Optional[Any] = None,
+        seed: Optional[int] = None,
+        non_blocking: bool = True,
+    ) -> "WatchHandle":
+        """Feed this sampler from an ordinary ``loss.backward()``: layer hooks sketch each example's gradient.
+
+        After ``sampler.watch(model)``, the usual loop needs no change::
+
+            for x, y in DataLoader(ds, batch_size=64, sampler=sampler):
+                loss = loss_fn(model(x), y); loss.backward(); opt.step(); opt.zero_grad()
+
+        Hooks on the model's ``nn.Linear``, ``Conv1d/2d/3d``, ``Embedding``, ``LayerNorm``, ``RMSNorm``,
+        ``GroupNorm`` and ``BatchNorm`` layers form, inside the backward, a K-dimensional row per example
+        from the layer's input and output gradient (a seeded Kronecker projection P_out (x) P_in per layer;
+        per-example gradients are never formed), and the rows go to :meth:`step`, matched to the yielded
+        indices first in first out. A factor no larger than ``sketch`` stays exact, so small layers lose
+        nothing; ``sketch=None`` makes every factor exact (the rows are then the per-example gradients).
+        BatchNorm in training mode gives each example's contribution to the batch gradient (they add up
+        to it exactly), a proxy for the undefined per-example gradient.
+
+        Args:
+            sketch: the per-factor sketch size k (None: exact).
+            loss_reduction: how the batch loss was reduced over examples, ``"mean"`` or ``"sum"``
+                (Opacus's name), so each row is its example's own gradient. A loss further divided by a
+                constant (gradient accumulation) changes no order: the sign rule is scale-free.
+            granularity: ``"example"`` (one row per example; every trainable parameter must belong to a
+                hooked layer or be excluded) or ``"batch"``: one row per backward from the parameters'
+                gradients (any model), for loops where a step is one unit (a batch of one, or
+                ``unit_size`` equal to the batch size).
+            exclude: module or parameter names whose gradients are left out of the rows.
+            scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop: rows are unscaled, and a step
+                it skips for inf/NaN gives no rows (its examples count as unseen).
+            seed: seeds the projections (default: the sampler's seed); a resumed run must use the same.
+            non_blocking: balance each step on a background thread (see :meth:`step`).
+
+        Rows of a step are fed when the model's next forward begins, when the sampler begins an epoch, on
+        :meth:`state_dict`, :meth:`synchronize`, or ``handle.flush()``; forwards in eval mode or under
+        ``no_grad`` are ignored, recomputed forwards of gradient checkpointing are not counted twice, and
+        a module called several times in a forward contributes the sum. Returns a handle;
+        ``handle.remove()`` (or leaving a ``with`` block) detaches it.
+        """
+        from torchgrab.capture.watch import WatchHandle
+
+        return WatchHandle(
+            self,
+            model,
+            sketch=sketch,
+            loss_reduction=loss_reduction,
+            granularity=granularity,
+            exclude=exclude,
+            scaler=scaler,
+            seed=seed,
+            non_blocking=non_blocking,
+        )
 
     def backward(
         self,
@@ -554,6 +628,7 @@ class GraBSampler(Sampler[int]):
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue exactly: plain ints, strings, lists and tensors
         (``torch.load(weights_only=True)`` reads it)."""
+        self._drain_watchers()
         with self._lock:
             # Cached until the native state changes (a step, a new epoch, a load: the native sampler
             # counts them). A fresh export is O(d + B), not O(n): the native side keeps the epoch's
@@ -623,6 +698,8 @@ class GraBSampler(Sampler[int]):
         if self._units is not None:
             carry = UnitMap(self._units.n, self._units.u)
             carry.load(state.get("unit_carry") if order is not None else None)
+        for w in getattr(self, "_watchers", ()):
+            w.discard()  # rows gathered for the state being replaced
         with self._lock:
             held, self._held = getattr(self, "_held", None), None
             if held is not None and held == self._held_token():
@@ -679,7 +756,7 @@ class GraBSampler(Sampler[int]):
         )
 
     def __getstate__(self) -> Dict[str, Any]:
-        config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size", "device_path")}
+        config = {k: getattr(self, k) for k in ("ordering", "n", "dtype", "unit_size", "device_path", "seed")}
         config["device_capable"] = self._device_capable
         return {"config": config, "state": self.state_dict()}
 
@@ -691,6 +768,8 @@ class GraBSampler(Sampler[int]):
         self.unit_size = data["config"].get("unit_size", 1)
         self._units = UnitMap(self.n, self.unit_size) if self.unit_size > 1 else None
         self.device_path = data["config"].get("device_path", "auto")
+        self.seed = data["config"].get("seed", 0)
+        self._watchers = []
         self._device_capable = data["config"].get("device_capable", False)
         self._ondevice = None
         self._dense_used = False
@@ -740,6 +819,8 @@ class _EpochIterator:
 
     def _next_chunk(self) -> int:
         s = self._sampler
+        if self._generation is None:
+            s._drain_watchers()  # the last step of the previous epoch belongs to that epoch
         with s._lock:
             if self._generation is None:
                 self._generation = s._start(self._continue_saved)

@@ -1,0 +1,104 @@
+"""Seeded random projections for the sketches of :mod:`torchgrab.capture.watch`.
+
+Every matrix is regenerated from (seed, layer name, role, shape) with a CPU generator and then moved to
+the gradients' device, so a resumed run rebuilds the same projections bit for bit and a checkpoint
+stores seeds, not matrices. Gaussian entries are N(0, 1/k), so E<Px, Py> = <x, y>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+
+def derived_seed(seed: int, *key: object) -> int:
+    """A 63-bit seed for one projection, stable across processes and Python versions (no ``hash()``)."""
+    text = "/".join([str(int(seed))] + [str(k) for k in key]).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+class Factor:
+    """One side of a Kronecker sketch: ``x -> x @ P^T`` over the last dimension, with P (k x n) seeded
+    Gaussian, or the identity when ``n <= k`` (a factor no larger than its sketch stays exact)."""
+
+    def __init__(self, n: int, k: Optional[int], seed: int, *key: object) -> None:
+        self.n = int(n)
+        self.identity = k is None or self.n <= k
+        self.k = self.n if self.identity else int(k)  # type: ignore[arg-type]
+        self._seed = derived_seed(seed, *key, self.n, self.k)
+        self._on: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def matrix_t(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """P^T, [n, k], on ``device`` (made once per device and dtype)."""
+        key = (device, dtype)
+        m = self._on.get(key)
+        if m is None:
+            cpu = torch.randn(self.k, self.n, generator=_generator(self._seed), dtype=torch.float32)
+            m = (cpu / math.sqrt(self.k)).t().contiguous().to(device=device, dtype=dtype)
+            self._on[key] = m
+        return m
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return x
+        return torch.matmul(x, self.matrix_t(x.device, x.dtype))
+
+
+class CountSketch:
+    """``i -> (bucket h(i), sign s(i))`` for ids in [0, n): E<Sx, Sy> = <x, y>, with no n x k matrix.
+    The identity (bucket i, sign +1) when ``n <= k``."""
+
+    def __init__(self, n: int, k: int, seed: int, *key: object) -> None:
+        self.n = int(n)
+        self.identity = self.n <= k
+        self.k = self.n if self.identity else int(k)
+        self._seed = derived_seed(seed, *key, self.n, self.k)
+        self._on: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(buckets [n] int64, signs [n] float32) on ``device``."""
+        t = self._on.get(device)
+        if t is None:
+            g = _generator(self._seed)
+            if self.identity:
+                buckets = torch.arange(self.n)
+                signs = torch.ones(self.n)
+            else:
+                buckets = torch.randint(0, self.k, (self.n,), generator=g)
+                signs = torch.randint(0, 2, (self.n,), generator=g).float() * 2 - 1
+            t = (buckets.to(device), signs.to(device))
+            self._on[device] = t
+        return t
+
+
+class FoldSketch:
+    """A sparse JL transform of a flat vector of length n to k numbers: random signs, then coordinate i
+    goes to bucket i mod k (a count sketch with a structured hash; the signs make it unbiased). For the
+    whole-batch gradients of parameters no layer hook covers. The identity when ``n <= k``."""
+
+    def __init__(self, n: int, k: int, seed: int, *key: object) -> None:
+        self.n = int(n)
+        self.identity = self.n <= k
+        self.k = self.n if self.identity else int(k)
+        self._seed = derived_seed(seed, *key, self.n, self.k)
+        self._on: Dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return flat
+        signs = self._on.get(flat.device)
+        padded = -(-self.n // self.k) * self.k
+        if signs is None:
+            s = torch.randint(0, 2, (padded,), generator=_generator(self._seed)).float() * 2 - 1
+            s[self.n :] = 0.0
+            signs = self._on[flat.device] = s.to(flat.device)
+        if padded != self.n:
+            flat = torch.nn.functional.pad(flat, (0, padded - self.n))
+        return (flat * signs).view(-1, self.k).sum(0)

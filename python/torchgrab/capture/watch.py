@@ -1,0 +1,387 @@
+"""``GraBSampler.watch(model)``: rows for the sampler from the hooks of an ordinary ``loss.backward()``.
+
+Each watched layer keeps a small projection of its input from the forward pass and, when its output's
+gradient arrives in the backward pass, adds its block of the step's [B, K] rows (see
+:mod:`torchgrab.capture.layers`). The rows of a step are handed to the sampler when the next step
+begins (the model's next forward), when the sampler starts an epoch or is checkpointed, or on
+``flush()``: one point that sees every backward of a step whatever the loop does (gradient
+accumulation, checkpointed segments recomputed inside the backward, layers whose output gets no
+gradient). Rows on a GPU travel to the host asynchronously; they are fed once their copy is done.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from torchgrab.capture.layers import LayerSketch, sketch_class
+from torchgrab.capture.projection import FoldSketch
+from torchgrab.errors import UnsupportedInputError, UnsupportedModelError
+
+DEFAULT_SKETCH = 32  # per-factor sketch size k; see docs (Capturing gradients) for how it was chosen
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _in_transform() -> bool:
+    # torch.func (vmap, grad) running the model: per-example gradients computed by other means.
+    return torch._C._are_functorch_transforms_active()
+
+
+class _Step:
+    """What one training step (a forward and its backward) has gathered so far."""
+
+    __slots__ = ("rows", "batch", "forwards", "scale", "grads", "noted")
+
+    def __init__(self) -> None:
+        self.rows: Optional[torch.Tensor] = None  # [B, K] float32, made at the first gradient
+        self.batch: Optional[int] = None
+        self.forwards: Dict[nn.Module, int] = {}  # calls recorded outside the backward, per module
+        self.scale: Optional[torch.Tensor] = None  # the GradScaler's scale during this backward
+        self.grads = 0  # hooks that have fired
+        self.noted: Optional[int] = None  # rows of a step that needs no sketch (an ordering without gradients)
+
+    def buffer(self, b: int, k: int, like: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:
+            self.rows = torch.zeros(b, k, dtype=torch.float32, device=like.device)
+        return self.rows
+
+
+class WatchHandle:
+    """Returned by :meth:`torchgrab.GraBSampler.watch`; also a context manager. See there."""
+
+    def __init__(
+        self,
+        sampler: Any,
+        model: nn.Module,
+        *,
+        sketch: Optional[int] = DEFAULT_SKETCH,
+        loss_reduction: str = "mean",
+        granularity: str = "example",
+        exclude: Iterable[str] = (),
+        scaler: Optional[Any] = None,
+        seed: Optional[int] = None,
+        non_blocking: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise UnsupportedModelError(f"watch() takes an nn.Module, got {type(model).__name__}")
+        if sketch is not None and (not isinstance(sketch, (int, np.integer)) or isinstance(sketch, bool) or sketch < 1):
+            raise UnsupportedInputError(
+                f"sketch must be a positive integer (the per-factor size k) or None, got {sketch!r}"
+            )
+        if loss_reduction not in ("mean", "sum"):
+            raise UnsupportedInputError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if granularity not in ("example", "batch"):
+            raise UnsupportedInputError(f"granularity must be 'example' or 'batch', got {granularity!r}")
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        exclude = list(exclude)
+        if seed is None:
+            seed = sampler.seed
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise UnsupportedInputError(f"seed must be a non-negative integer, got {seed!r}")
+        if scaler is not None and not hasattr(scaler, "_scale"):
+            raise UnsupportedInputError("scaler must be a torch.amp.GradScaler")
+        self.sampler = sampler
+        self.model = model
+        self.k = None if sketch is None else int(sketch)
+        self.seed = int(seed)
+        self.loss_reduction = loss_reduction
+        self.granularity = granularity
+        self.scaler = scaler
+        self.non_blocking = bool(non_blocking)
+        self.skipped_steps = 0  # steps whose rows were not finite (GradScaler overflow): units left unseen
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+        unknown = [e for e in exclude if not any(_under(n, e) for n, _ in named)]
+        if unknown:
+            raise UnsupportedInputError(f"exclude names no trainable parameter or module of the model: {unknown}")
+        kept = {n for n, _ in named if not any(_under(n, e) for e in exclude)}
+        if not kept:
+            raise UnsupportedModelError(
+                "the model has no trainable parameter left to watch (requires_grad=True, not excluded)"
+            )
+        self._sketches: Dict[nn.Module, LayerSketch] = {}
+        self._params: List[Tuple[str, torch.Tensor, FoldSketch]] = []
+        k = self.k
+        if granularity == "example":
+            uncovered = set(kept)
+            for name, module in inner.named_modules():
+                prefix = f"{name}." if name else ""
+                own = [prefix + p for p, t in module._parameters.items() if t is not None and t.requires_grad]
+                if not any(p in kept for p in own):
+                    continue
+                cls = sketch_class(module)
+                if cls is None:
+                    continue
+                sk = cls(name, module, k, self.seed)
+                covered = {prefix + p for p in sk.covered(module)}
+                if any(p in covered and p not in kept for p in own):
+                    continue  # part of the layer excluded: leave the whole layer out
+                self._sketches[module] = sk
+                uncovered -= covered
+            if uncovered:
+                names = sorted(uncovered)
+                raise UnsupportedModelError(
+                    f"watch() cannot sketch these trainable parameters per example: {names[:8]}"
+                    f"{' ...' if len(names) > 8 else ''} (they belong to no nn.Linear, Conv1d/2d/3d, Embedding, "
+                    "LayerNorm, RMSNorm, GroupNorm or BatchNorm layer). Leave them out of the balancing with "
+                    f"exclude={_short(names)!r}, or, if each backward holds one unit (a batch of one, or "
+                    "unit_size equal to the batch size), pass granularity='batch' to balance the whole "
+                    "batch gradient of every parameter."
+                )
+        else:
+            fold = max(1, (k or 0) ** 2) if k is not None else None
+            for n, p in named:
+                if n in kept:
+                    self._params.append((n, p, FoldSketch(p.numel(), fold or p.numel(), self.seed, n)))
+        offset = 0
+        for sk in self._sketches.values():
+            sk.offset = offset
+            offset += sk.width
+        self._param_offsets = []
+        for _, _, fs in self._params:
+            self._param_offsets.append(offset)
+            offset += fs.k
+        self.width = offset
+        self._step = _Step()
+        self._recording = False
+        self._inflight: Deque[Tuple[Any, torch.Tensor, int]] = deque()
+        self._hooks: List[Any] = [model.register_forward_pre_hook(self._on_step_begins, with_kwargs=True)]
+        for module in self._sketches:
+            self._hooks.append(module.register_forward_hook(self._on_forward))
+        for i, (_, p, _) in enumerate(self._params):
+            self._hooks.append(p.register_hook(self._param_hook(i)))
+        self.removed = False
+        sampler._watchers.append(self)
+
+    # ------------------------------------------------------------------ public
+    @property
+    def layers(self) -> List[Tuple[str, str, int]]:
+        """(module or parameter name, kind, columns) for every block of the rows."""
+        out = [(sk.name, type(sk).__name__.replace("Sketch", ""), sk.width) for sk in self._sketches.values()]
+        out += [(n, "batch gradient", fs.k) for n, _, fs in self._params]
+        return out
+
+    def project(self, grads: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, K]: this handle's projection applied to given per-example gradients ({parameter name:
+        [B, *shape]}, as :func:`torchgrab.gradients.per_example_gradients` returns them). The rows the
+        hooks form equal it (in exact arithmetic; BatchNorm's are contributions, not gradients); for
+        tests and for measuring what a sketch keeps."""
+        inner = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+        names = {m: n for n, m in inner.named_modules()}
+        pieces: List[torch.Tensor] = []
+        for module, sk in self._sketches.items():
+            prefix = f"{names[module]}." if names[module] else ""
+            own = {p: grads[prefix + p] for p in sk.params if prefix + p in grads}
+            pieces += sk.project(module, own)
+        for n, _, fs in self._params:
+            g = grads[n]
+            pieces.append(torch.stack([fs(r.reshape(-1).float()) for r in g]))
+        return torch.cat(pieces, dim=1)
+
+    def flush(self) -> None:
+        """Hand the rows of the last step to the sampler now (waits for rows still on their way from a GPU)."""
+        self._end_step()
+        self._feed(block=True)
+
+    def remove(self) -> None:
+        """Feed what is gathered, then detach every hook; the sampler is then fed by hand again."""
+        if self.removed:
+            return
+        try:
+            self.flush()
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            self.removed = True
+            if self in self.sampler._watchers:
+                self.sampler._watchers.remove(self)
+
+    def discard(self) -> None:
+        """Drop what is gathered and not yet fed (the sampler's state was replaced by a load)."""
+        self._step = _Step()
+        self._inflight.clear()
+
+    def __enter__(self) -> "WatchHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None:
+            self.discard()
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"WatchHandle(K={self.width}, layers={len(self._sketches)}, params={len(self._params)}, "
+            f"sketch={self.k}, granularity={self.granularity!r})"
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def _on_step_begins(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        if _in_backward() or _in_transform():
+            return  # a checkpointed model recomputing its forward; a torch.func transform
+        self._end_step()
+        self._feed(block=False)
+        self._recording = module.training and torch.is_grad_enabled()
+        if self._recording:
+            leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+            self._step.batch = int(leaves[0].shape[0]) if leaves else None
+
+    def _on_forward(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
+        if not self._recording or not torch.is_grad_enabled() or _in_transform():
+            return None
+        if not isinstance(out, torch.Tensor) or not out.requires_grad or not args:
+            return None
+        step = self._step
+        if _in_backward():
+            if step.forwards.get(module, 0):
+                return None  # non-reentrant checkpointing recomputes a call whose output is hooked already
+        else:
+            step.forwards[module] = step.forwards.get(module, 0) + 1
+        sk = self._sketches[module]
+        x = args[0]
+        if not self.sampler.balances:
+            # rr, so, ...: no sketch, only the number of examples, so that the sampler's cursor moves.
+            if step.noted is None and x.dim() > 0:
+                out.register_hook(lambda g: self._note(step, g.shape[0]))
+            return None
+        b = step.batch
+        lead = int(x.shape[0]) if x.dim() > 0 else 0
+        replaced = None
+        if b is None:
+            b = step.batch = lead
+        if lead != b:
+            if lead == 1 and isinstance(module, nn.Embedding) and out.shape[0] == 1:
+                # One lookup shared by the whole batch (BERT's position embeddings: ids of batch 1,
+                # broadcast when added): each example gets an expanded, no-copy view of the output, so
+                # its gradient stays per example; values and broadcast are unchanged.
+                x = x.expand(b, *x.shape[1:])
+                out = replaced = out.expand(b, *out.shape[1:])
+            else:
+                raise UnsupportedModelError(
+                    f"watch(): module {sk.name!r} got an input of shape {tuple(x.shape)} in a step whose batch "
+                    f"has {b} examples; per-example rows need batch-first inputs to every watched layer "
+                    "(exclude= the layer, or granularity='batch' when a step is one unit)"
+                )
+        saved = sk.save(module, x)
+        out.register_hook(lambda g: self._on_grad(step, sk, module, saved, g))
+        return replaced
+
+    def _on_grad(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> None:
+        if step is not self._step:
+            return  # a backward through a step already handed over (retain_graph): not this step's
+        with torch.no_grad():
+            pieces = sk.rows(module, saved, g)
+            rows = step.buffer(g.shape[0], self.width, g)
+            col = sk.offset
+            for piece in pieces:
+                w = piece.shape[1]
+                rows[:, col : col + w].add_(piece)
+                col += w
+        self._seen_grad(step)
+
+    def _param_hook(self, i: int) -> Any:
+        _, _, fs = self._params[i]
+        offset = self._param_offsets[i]
+
+        def hook(g: torch.Tensor) -> None:
+            step = self._step
+            if not self.sampler.balances:
+                self._note(step, 1)
+                return
+            with torch.no_grad():
+                rows = step.buffer(1, self.width, g)
+                rows[0, offset : offset + fs.k].add_(fs(g.detach().reshape(-1).float()))
+            self._seen_grad(step)
+
+        return hook
+
+    def _note(self, step: _Step, b: int) -> None:
+        if step is self._step and step.noted is None:
+            step.noted = b
+
+    def _seen_grad(self, step: _Step) -> None:
+        if step.grads == 0 and self.scaler is not None and self.scaler.is_enabled():
+            # The scale of this backward (scaler.update() may change it before the rows are fed).
+            step.scale = self.scaler._scale.detach().clone() if self.scaler._scale is not None else None
+        step.grads += 1
+
+    # ------------------------------------------------------------------ feeding the sampler
+    def _end_step(self) -> None:
+        step, self._step = self._step, _Step()
+        rows = step.rows
+        if rows is None:
+            if step.noted is not None:
+                self._inflight.append((None, None, step.noted))
+            return  # no backward reached a watched layer: an evaluation forward, or nothing at all
+        if self.granularity == "example" and self.loss_reduction == "mean":
+            rows.mul_(rows.shape[0])  # the hooks saw (1/B) d loss_b / d y: each row its own gradient
+        if step.scale is not None:
+            rows.div_(step.scale.to(rows.device))
+        if rows.device.type == "cpu":
+            self._inflight.append((None, rows, rows.shape[0]))
+            return
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=torch.cuda.is_available())
+        host.copy_(rows, non_blocking=True)
+        event = torch.cuda.Event() if rows.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        self._inflight.append((event, host, rows.shape[0]))
+
+    def _feed(self, block: bool) -> None:
+        while self._inflight:
+            event, host, b = self._inflight[0]
+            if event is not None:
+                if not block and not event.query():
+                    return
+                event.synchronize()
+            self._inflight.popleft()
+            self._step_sampler(None if host is None else host.numpy(), b)
+
+    def _step_sampler(self, rows: Optional[np.ndarray], b: int) -> None:
+        s = self.sampler
+        if rows is None or not s.balances:
+            s.skip(self._units_of(b))
+            return
+        if not np.isfinite(rows).all():
+            # A GradScaler step skipped for inf/NaN (or a diverging run): these units get no row and
+            # go to the middle of the next order, as unseen ones do.
+            s.skip(self._units_of(b))
+            self.skipped_steps += 1
+            if self.scaler is None:
+                warnings.warn(
+                    "watch(): a step's gradients were not finite; its examples were left unbalanced "
+                    "(pass scaler= when training with a GradScaler)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return
+        if self.granularity == "batch" and s.unit_size > 1:
+            s.step(rows, per_unit=True)
+        else:
+            s.step(rows, non_blocking=self.non_blocking)
+
+    def _units_of(self, b: int) -> int:
+        if self.granularity == "batch":
+            return b * self.sampler.unit_size if self.sampler.unit_size > 1 else b
+        return b
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _short(names: Sequence[str]) -> List[str]:
+    """Module names that cover ``names`` (what a user would pass to exclude=)."""
+    mods = sorted({n.rsplit(".", 1)[0] if "." in n else n for n in names})
+    return mods[:8]
