@@ -525,6 +525,8 @@ class GraBSampler(Sampler[int]):
         model: torch.nn.Module,
         *,
         sketch: Optional[int] = 32,
+        per_layer: Optional[Dict[str, Any]] = None,
+        budget: Optional[float] = 0.25,
         loss_reduction: str = "mean",
         granularity: str = "example",
         exclude: Sequence[str] = (),
@@ -550,6 +552,12 @@ class GraBSampler(Sampler[int]):
 
         Args:
             sketch: the per-factor sketch size k (None: exact).
+            per_layer: sketch sizes for named modules, overriding ``sketch``: an int or None for both
+                factors, or a ``(k_out, k_in)`` pair.
+            budget: per Linear or convolution layer, the sketch may cost at most this fraction of the
+                layer's own forward pass per position (Linear layers: plus 2^16 multiply-adds); a layer
+                over it gets a smaller input-side k (a net's first convolutions: few output channels,
+                many positions). None: ``sketch`` everywhere.
             loss_reduction: how the batch loss was reduced over examples, ``"mean"`` or ``"sum"``
                 (Opacus's name), so each row is its example's own gradient. A loss further divided by a
                 constant (gradient accumulation) changes no order: the sign rule is scale-free.
@@ -575,6 +583,8 @@ class GraBSampler(Sampler[int]):
             self,
             model,
             sketch=sketch,
+            per_layer=per_layer,
+            budget=budget,
             loss_reduction=loss_reduction,
             granularity=granularity,
             exclude=exclude,

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchgrab.capture.projection import CountSketch, Factor, derived_seed
+from torchgrab.gradients import im2col
 
 _REGISTRY: Dict[Type[nn.Module], Type["LayerSketch"]] = {}
 
@@ -40,10 +41,36 @@ def sketch_class(module: nn.Module) -> Optional[Type["LayerSketch"]]:
     return None
 
 
+def split_k(k: Any, n_out: int) -> "tuple[Optional[int], Optional[int]]":
+    """A layer's sketch size as (k_out, k_in). A pair is taken as it is; one k gives the layer k * k
+    columns: k_out = k (the identity when the output side has at most k), and the input side the
+    rest, so a layer with a narrow exact output side (a classifier's last layer) sketches its input
+    side with more columns instead of fewer."""
+    if isinstance(k, tuple):
+        return k[0], k[1]
+    if k is None:
+        return None, None
+    return k, (k * k) // min(k, n_out)
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     # Sketches are accumulated in float32 whatever the training precision (fp16 output gradients,
     # multiplied by a GradScaler's scale, would overflow in a half-precision product).
     return t if t.dtype == torch.float32 or t.dtype == torch.float64 else t.float()
+
+
+def _largest(k: Optional[int], n: int, ok: Callable[[int], bool], k_out: Optional[int]) -> Any:
+    """(k_out, k_in) with the largest k_in <= min(k, n) that is ``ok`` (k None: exact), or (k_out, 0)
+    when not even k_in = 1 is: the weight is then left out of the rows (its bias stays)."""
+    if k is None:
+        return None
+    top = min(k, n)
+    if ok(top):
+        return (k_out, top)
+    k_in = top - 1
+    while k_in >= 1 and not ok(k_in):
+        k_in -= 1
+    return (k_out, k_in)
 
 
 class LayerSketch:
@@ -51,10 +78,20 @@ class LayerSketch:
 
     params = ("weight", "bias")
 
-    def __init__(self, name: str, module: nn.Module, k: Optional[int], seed: int) -> None:
+    @staticmethod
+    def fit(module: nn.Module, k: Optional[int], budget: float) -> Any:
+        """The sketch size to use under a cost budget (see ``watch(budget=)``); cheap layers keep k."""
+        return k
+
+    def __init__(self, name: str, module: nn.Module, k: Any, seed: int) -> None:
         self.name = name
         self.train_w = _trainable(module, "weight")
         self.train_b = _trainable(module, "bias")
+        # k_in = 0 (from fit()): the weight's sketch would cost more than the budget; leave it out.
+        self.dropped = self.train_w and isinstance(k, tuple) and k[1] == 0
+        if self.dropped:
+            self.train_w = False
+            k = (k[0], 1)
         self.width = 0
         self.offset = 0
 
@@ -90,28 +127,49 @@ class LinearSketch(LayerSketch):
     """grad W_b = sum_t g_bt a_bt^T, sketched as (G_b P_out^T)^T (A_b P_in^T), a k_out x k_in block
     (the Kronecker projection P_out (x) P_in); the bias part is sum_t P_out g_bt."""
 
+    @staticmethod
+    def fit(module: nn.Module, k: Optional[int], budget: float) -> Any:
+        """The largest k_in <= k whose sketch costs at most ``budget`` times the layer's forward per
+        position, plus a constant (2^16 multiply-adds: a small layer's sketch costs its Python calls)."""
+        out_f, in_f = module.weight.shape
+        k_out, k_max = split_k(k, out_f)
+        k_out = out_f if k_out is None or out_f <= k_out else k_out
+
+        def cost(k_in: int) -> int:
+            return (in_f * k_in if k_in < in_f else 0) + (out_f * k_out if k_out < out_f else 0) + k_out * k_in
+
+        return _largest(k_max, in_f, lambda k_in: cost(k_in) <= budget * in_f * out_f + (1 << 16), k_out)
+
     def __init__(self, name: str, module: nn.Linear, k: Optional[int], seed: int) -> None:
         super().__init__(name, module, k, seed)
         out_f, in_f = module.weight.shape
-        self.p_out = Factor(out_f, k, seed, name, "out")
-        self.p_in = Factor(in_f, k, seed, name, "in")
+        k_out, k_in = split_k(k, out_f)
+        self.p_out = Factor(out_f, k_out, seed, name, "out")
+        self.p_in = Factor(in_f, k_in, seed, name, "in")
         self.width = self.p_out.k * self.p_in.k * self.train_w + self.p_out.k * self.train_b
 
     def save(self, module: nn.Module, x: torch.Tensor) -> Any:
         if not self.train_w:
             return None
         a = _f32(x.detach())
-        return self.p_in(a.reshape(a.shape[0], -1, a.shape[-1]))  # [B, T, k_in]: projected in the forward
+        if a.dim() == 2:
+            return self.p_in(a)  # [B, k_in]: projected in the forward (a checkpointed layer keeps no A)
+        return self.p_in(a.reshape(a.shape[0], -1, a.shape[-1]))  # [B, T, k_in]
 
     def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
         b = g.shape[0]
-        gp = self.p_out(_f32(g).reshape(b, -1, g.shape[-1]))  # [B, T, k_out]
+        g = _f32(g)
         out = []
+        if g.dim() == 2:  # one position per example: outer products, no position sum
+            gp = self.p_out(g)  # [B, k_out]
+            if self.train_w:
+                out.append((gp.unsqueeze(2) * saved.unsqueeze(1)).reshape(b, -1))
+            if self.train_b:
+                out.append(gp)
+            return out
+        gp = self.p_out(g.reshape(b, -1, g.shape[-1]))  # [B, T, k_out]
         if self.train_w:
-            if gp.shape[1] == 1:
-                out.append((gp.transpose(1, 2) * saved).reshape(b, -1))  # outer products, no bmm call
-            else:
-                out.append(torch.bmm(gp.transpose(1, 2), saved).reshape(b, -1))
+            out.append(torch.bmm(gp.transpose(1, 2), saved).reshape(b, -1))
         if self.train_b:
             out.append(gp.sum(1))
         return out
@@ -128,10 +186,34 @@ class LinearSketch(LayerSketch):
 
 @register_sketch(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvSketch(LayerSketch):
-    """grad W_b = sum_p g_bp u_bp^T over output positions p (u: the input patch). The input side P_in u_p
-    for every p is a convolution of the input with k_in channels of the layer's own geometry (stride,
-    padding, dilation, padding mode; per group), so no im2col of the patch matrix; the output side is a
-    projection of the channels; the block is the sum over positions of their outer products."""
+    """grad W_b = sum_p g_bp u_bp^T over output positions p (u: the input patch); the block is
+    P_out grad W_b P_in^T, formed in whichever order costs less per position:
+
+    - sketch first (wide layers): P_in u_p for every p is a convolution of the input with k_in channels
+      of the layer's own geometry (stride, padding, dilation, padding mode; per group), so no im2col;
+      the output side is a projection of the channels; the block sums their outer products.
+    - gradient first (narrow layers, c_out/groups < about k_in: the first convolutions of a net, where
+      projecting every patch costs more than the layer itself): the patches (im2col) times the output
+      gradient give grad W_b, which is then projected once per example, not once per position.
+    Both are the same numbers in exact arithmetic.
+    """
+
+    @staticmethod
+    def fit(module: nn.Module, k: Optional[int], budget: float) -> Any:
+        """The largest k_in <= k whose sketch costs at most ``budget`` times the layer's forward per
+        output position (the first convolutions of a net, with few output channels and thousands of
+        positions, get a small k_in: there the input side is the whole cost)."""
+        w = module.weight
+        c_out_g, m = w.shape[0] // module.groups, int(math.prod(w.shape[1:]))
+        k_out, k_max = split_k(k, c_out_g)
+        k_out = c_out_g if k_out is None or c_out_g <= k_out else k_out
+
+        def cost(k_in: int) -> int:
+            # A convolution with few output channels costs about what one with 8 does (measured with
+            # mkldnn on this CPU: 1 to 8 channels within noise): reading the input is the floor.
+            return m * max(k_in, 8) + (c_out_g * k_out if k_out < c_out_g else 0) + k_out * k_in
+
+        return _largest(k_max, m, lambda k_in: cost(k_in) <= budget * c_out_g * m, k_out)
 
     def __init__(self, name: str, module: nn.modules.conv._ConvNd, k: Optional[int], seed: int) -> None:
         super().__init__(name, module, k, seed)
@@ -141,19 +223,25 @@ class ConvSketch(LayerSketch):
         self.kernel = tuple(w.shape[2:])
         self.cin_g = w.shape[1]
         m = self.cin_g * math.prod(self.kernel)
-        self.p_out = Factor(self.c_out_g, k, seed, name, "out")
+        k_out, k_in = split_k(k, self.c_out_g)
+        self.p_out = Factor(self.c_out_g, k_out, seed, name, "out")
         self.m = m
-        self.k_in = m if (k is None or m <= k) else int(k)
+        self.k_in = m if (k_in is None or m <= k_in) else int(k_in)
         self._seed_in = derived_seed(seed, name, "in", m, self.k_in)
         self._kernels: Dict[Any, torch.Tensor] = {}
         g = self.groups
         self.width = g * self.p_out.k * self.k_in * self.train_w + g * self.p_out.k * self.train_b
+        k_out = self.p_out.k
+        sketch_first = self.k_in * m + (0 if self.p_out.identity else k_out * self.c_out_g) + k_out * self.k_in
+        gradient_first = 2 * m + self.c_out_g * m
+        self.gradient_first = gradient_first < sketch_first
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
         return not getattr(module, "transposed", False)
 
-    def _kernel(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _p_in(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """P_in as a convolution kernel [G k_in, c_in/G, *kernel] (one-hot taps when exact)."""
         key = (device, dtype)
         kern = self._kernels.get(key)
         if kern is None:
@@ -166,28 +254,49 @@ class ConvSketch(LayerSketch):
             kern = self._kernels[key] = p.repeat(self.groups, *([1] * (p.dim() - 1))).to(device=device, dtype=dtype)
         return kern
 
+    def _batched(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(0) if t.dim() == len(self.kernel) + 1 else t
+
     def save(self, module: nn.Module, x: torch.Tensor) -> Any:
         if not self.train_w:
             return None
-        a = _f32(x.detach())
-        unbatched = a.dim() == len(self.kernel) + 1
-        if unbatched:
-            a = a.unsqueeze(0)
-        ap = module._conv_forward(a, self._kernel(a.device, a.dtype), None)  # [B, G k_in, *out]
+        a = self._batched(x.detach())
+        if self.gradient_first:
+            return a  # a reference (autograd keeps the input for the weight gradient anyway)
+        a = _f32(a)
+        ap = module._conv_forward(a, self._p_in(a.device, a.dtype), None)  # [B, G k_in, *out]
         return ap.reshape(ap.shape[0] * self.groups, self.k_in, -1).transpose(1, 2)  # [B G, P, k_in]
 
+    def _patches(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """[B G, m, P]: every output position's input patch, per group (im2col)."""
+        if isinstance(module, nn.Conv2d) and not isinstance(module.padding, str):
+            if module.padding_mode != "zeros":
+                x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+                padding = (0, 0)
+            else:
+                padding = module.padding
+            cols = im2col(x, module.kernel_size, module.dilation, padding, module.stride)
+        else:  # the layer's own geometry with one-hot taps
+            eye = torch.eye(self.m, device=x.device, dtype=x.dtype).reshape(self.m, self.cin_g, *self.kernel)
+            cols = module._conv_forward(x, eye.repeat(self.groups, *([1] * (eye.dim() - 1))), None)
+        return cols.reshape(x.shape[0] * self.groups, self.m, -1)
+
     def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
-        g = _f32(g)
-        if g.dim() == len(self.kernel) + 1:
-            g = g.unsqueeze(0)
+        g = self._batched(_f32(g))
         b = g.shape[0]
-        gg = g.reshape(b, self.groups, self.c_out_g, -1).transpose(2, 3)  # [B, G, P, c_out/G]
-        gp = self.p_out(gg).transpose(2, 3).reshape(b * self.groups, self.p_out.k, -1)  # [B G, k_out, P]
+        gg = g.reshape(b * self.groups, self.c_out_g, -1)  # [B G, c_out/G, P]
         out = []
-        if self.train_w:
-            out.append(torch.bmm(gp, saved).reshape(b, -1))
-        if self.train_b:
-            out.append(gp.sum(2).reshape(b, -1))
+        if self.train_w and self.gradient_first:
+            w = torch.bmm(gg, self._patches(module, _f32(saved)).transpose(1, 2))  # [B G, c_out/G, m]
+            if self.k_in != self.m:
+                w = torch.matmul(w, self._p_in(w.device, w.dtype)[: self.k_in].reshape(self.k_in, self.m).t())
+            out.append(self.p_out(w.transpose(1, 2)).transpose(1, 2).reshape(b, -1))
+        if self.train_b or (self.train_w and not self.gradient_first):
+            gp = self.p_out(gg.transpose(1, 2)).transpose(1, 2)  # [B G, k_out, P]
+            if self.train_w and not self.gradient_first:
+                out.append(torch.bmm(gp, saved).reshape(b, -1))
+            if self.train_b:
+                out.append(gp.sum(2).reshape(b, -1))
         return out
 
     def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
@@ -196,7 +305,7 @@ class ConvSketch(LayerSketch):
             w = _f32(grads["weight"])
             b = w.shape[0]
             w = w.reshape(b, self.groups, self.c_out_g, self.m)
-            p_in = self._kernel(w.device, w.dtype)[: self.k_in].reshape(self.k_in, self.m)
+            p_in = self._p_in(w.device, w.dtype)[: self.k_in].reshape(self.k_in, self.m)
             wp = torch.matmul(w, p_in.t())  # [B, G, c_out/G, k_in]
             out.append(self.p_out(wp.transpose(2, 3)).transpose(2, 3).reshape(b, -1))
         if self.train_b:
@@ -215,8 +324,9 @@ class EmbeddingSketch(LayerSketch):
     def __init__(self, name: str, module: nn.Embedding, k: Optional[int], seed: int) -> None:
         super().__init__(name, module, k, seed)
         v, d = module.weight.shape
-        self.vocab = CountSketch(v, k if k is not None else v, seed, name, "vocab")
-        self.p_out = Factor(d, k, seed, name, "dim")
+        k_d, k_v = split_k(k, d)
+        self.vocab = CountSketch(v, k_v if k_v is not None else v, seed, name, "vocab")
+        self.p_out = Factor(d, k_d, seed, name, "dim")
         self.width = self.vocab.k * self.p_out.k * self.train_w
 
     @classmethod
@@ -253,7 +363,7 @@ class _AffineNormSketch(LayerSketch):
     def __init__(self, name: str, module: nn.Module, k: Optional[int], seed: int) -> None:
         super().__init__(name, module, k, seed)
         n = self.features(module)
-        self.p = Factor(n, k, seed, name, "features")
+        self.p = Factor(n, split_k(k, n)[0], seed, name, "features")
         self.width = self.p.k * (self.train_w + self.train_b)
 
     def features(self, module: nn.Module) -> int:

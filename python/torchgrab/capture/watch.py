@@ -25,6 +25,10 @@ from torchgrab.capture.projection import FoldSketch
 from torchgrab.errors import UnsupportedInputError, UnsupportedModelError
 
 DEFAULT_SKETCH = 32  # per-factor sketch size k; see docs (Capturing gradients) for how it was chosen
+DEFAULT_BUDGET = 0.25  # a layer's sketch may cost this fraction of its forward; see docs for why
+# Steps whose rows go to the sampler together: one host transfer and one sampler.step per 8 steps
+# instead of per step (the kernels take rows in order, so the orders are the same).
+FEED_EVERY = 8
 
 
 def _in_backward() -> bool:
@@ -39,20 +43,24 @@ def _in_transform() -> bool:
 class _Step:
     """What one training step (a forward and its backward) has gathered so far."""
 
-    __slots__ = ("rows", "batch", "forwards", "scale", "grads", "noted")
+    __slots__ = ("blocks", "batch", "forwards", "scale", "grads", "noted")
 
     def __init__(self) -> None:
-        self.rows: Optional[torch.Tensor] = None  # [B, K] float32, made at the first gradient
+        # Each layer's [B, w] pieces by column offset; concatenated once when the step ends (fewer
+        # small ops than adding each into a zeroed [B, K] buffer: on a CPU the dispatch of a torch op
+        # costs as much as a small layer's sketch).
+        self.blocks: Dict[int, List[torch.Tensor]] = {}
         self.batch: Optional[int] = None
         self.forwards: Dict[nn.Module, int] = {}  # calls recorded outside the backward, per module
         self.scale: Optional[torch.Tensor] = None  # the GradScaler's scale during this backward
         self.grads = 0  # hooks that have fired
         self.noted: Optional[int] = None  # rows of a step that needs no sketch (an ordering without gradients)
 
-    def buffer(self, b: int, k: int, like: torch.Tensor) -> torch.Tensor:
-        if self.rows is None:
-            self.rows = torch.zeros(b, k, dtype=torch.float32, device=like.device)
-        return self.rows
+    def add(self, offset: int, pieces: List[torch.Tensor]) -> None:
+        have = self.blocks.get(offset)
+        # A layer called several times in one forward: its calls' gradients add up (out of place: a
+        # piece may be a view of autograd's own gradient tensor).
+        self.blocks[offset] = pieces if have is None else [a + b for a, b in zip(have, pieces)]
 
 
 class WatchHandle:
@@ -64,6 +72,8 @@ class WatchHandle:
         model: nn.Module,
         *,
         sketch: Optional[int] = DEFAULT_SKETCH,
+        per_layer: Optional[Dict[str, Any]] = None,
+        budget: Optional[float] = DEFAULT_BUDGET,
         loss_reduction: str = "mean",
         granularity: str = "example",
         exclude: Iterable[str] = (),
@@ -77,6 +87,8 @@ class WatchHandle:
             raise UnsupportedInputError(
                 f"sketch must be a positive integer (the per-factor size k) or None, got {sketch!r}"
             )
+        if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0):
+            raise UnsupportedInputError(f"budget must be a positive number or None, got {budget!r}")
         if loss_reduction not in ("mean", "sum"):
             raise UnsupportedInputError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if granularity not in ("example", "batch"):
@@ -112,6 +124,17 @@ class WatchHandle:
         self._sketches: Dict[nn.Module, LayerSketch] = {}
         self._params: List[Tuple[str, torch.Tensor, FoldSketch]] = []
         k = self.k
+        per_layer = dict(per_layer or {})
+        for name, v in per_layer.items():
+            parts = v if isinstance(v, tuple) else (v,)
+            if len(parts) not in (1, 2) or not all(p is None or (isinstance(p, int) and p >= 1) for p in parts):
+                raise UnsupportedInputError(
+                    f"per_layer[{name!r}] must be a positive int, None, or a (k_out, k_in) pair of them; got {v!r}"
+                )
+        modules = dict(inner.named_modules())
+        unknown_layers = [n for n in per_layer if n not in modules]
+        if unknown_layers:
+            raise UnsupportedInputError(f"per_layer names no module of the model: {unknown_layers}")
         if granularity == "example":
             uncovered = set(kept)
             for name, module in inner.named_modules():
@@ -122,7 +145,13 @@ class WatchHandle:
                 cls = sketch_class(module)
                 if cls is None:
                     continue
-                sk = cls(name, module, k, self.seed)
+                if name in per_layer:
+                    lk = per_layer[name]
+                elif budget is not None and k is not None:
+                    lk = cls.fit(module, k, budget)
+                else:
+                    lk = k
+                sk = cls(name, module, lk, self.seed)
                 covered = {prefix + p for p in sk.covered(module)}
                 if any(p in covered and p not in kept for p in own):
                     continue  # part of the layer excluded: leave the whole layer out
@@ -152,9 +181,13 @@ class WatchHandle:
             self._param_offsets.append(offset)
             offset += fs.k
         self.width = offset
+        # (offset, width) of every block in column order: how a step's pieces are laid out.
+        self._blocks = [(sk.offset, sk.width) for sk in self._sketches.values() if sk.width]
+        self._blocks += [(o, fs.k) for o, (_, _, fs) in zip(self._param_offsets, self._params)]
         self._step = _Step()
         self._recording = False
-        self._inflight: Deque[Tuple[Any, torch.Tensor, int]] = deque()
+        self._ready: List[Tuple[Optional[torch.Tensor], int]] = []  # ended steps not yet shipped
+        self._inflight: Deque[Tuple[Any, Optional[torch.Tensor], List[int]]] = deque()
         self._hooks: List[Any] = [model.register_forward_pre_hook(self._on_step_begins, with_kwargs=True)]
         for module in self._sketches:
             self._hooks.append(module.register_forward_hook(self._on_forward))
@@ -167,7 +200,14 @@ class WatchHandle:
     @property
     def layers(self) -> List[Tuple[str, str, int]]:
         """(module or parameter name, kind, columns) for every block of the rows."""
-        out = [(sk.name, type(sk).__name__.replace("Sketch", ""), sk.width) for sk in self._sketches.values()]
+        out = [
+            (
+                sk.name,
+                type(sk).__name__.replace("Sketch", "") + (" (weight left out: budget)" if sk.dropped else ""),
+                sk.width,
+            )
+            for sk in self._sketches.values()
+        ]
         out += [(n, "batch gradient", fs.k) for n, _, fs in self._params]
         return out
 
@@ -189,8 +229,11 @@ class WatchHandle:
         return torch.cat(pieces, dim=1)
 
     def flush(self) -> None:
-        """Hand the rows of the last step to the sampler now (waits for rows still on their way from a GPU)."""
-        self._end_step()
+        """Hand the rows of the steps so far to the sampler now (waits for rows still on their way from a
+        GPU). A step whose forward has run but whose backward has not stays open."""
+        if self._step.grads or self._step.noted is not None:
+            self._end_step()
+        self._ship()
         self._feed(block=True)
 
     def remove(self) -> None:
@@ -210,6 +253,7 @@ class WatchHandle:
     def discard(self) -> None:
         """Drop what is gathered and not yet fed (the sampler's state was replaced by a load)."""
         self._step = _Step()
+        self._ready = []
         self._inflight.clear()
 
     def __enter__(self) -> "WatchHandle":
@@ -230,12 +274,15 @@ class WatchHandle:
     def _on_step_begins(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         if _in_backward() or _in_transform():
             return  # a checkpointed model recomputing its forward; a torch.func transform
-        self._end_step()
-        self._feed(block=False)
+        if self._step.grads or self._step.noted is not None:
+            self._end_step()
+        else:
+            self._step = _Step()  # nothing reached the previous step's hooks: an evaluation forward
+        if self._inflight:
+            self._feed(block=False)
         self._recording = module.training and torch.is_grad_enabled()
         if self._recording:
-            leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
-            self._step.batch = int(leaves[0].shape[0]) if leaves else None
+            self._step.batch = _batch_of(args, kwargs)
 
     def _on_forward(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
         if not self._recording or not torch.is_grad_enabled() or _in_transform():
@@ -281,14 +328,10 @@ class WatchHandle:
         if step is not self._step:
             return  # a backward through a step already handed over (retain_graph): not this step's
         with torch.no_grad():
-            pieces = sk.rows(module, saved, g)
-            rows = step.buffer(g.shape[0], self.width, g)
-            col = sk.offset
-            for piece in pieces:
-                w = piece.shape[1]
-                rows[:, col : col + w].add_(piece)
-                col += w
-        self._seen_grad(step)
+            step.add(sk.offset, sk.rows(module, saved, g))
+        if step.grads == 0:
+            self._first_grad(step)
+        step.grads += 1
 
     def _param_hook(self, i: int) -> Any:
         _, _, fs = self._params[i]
@@ -300,9 +343,10 @@ class WatchHandle:
                 self._note(step, 1)
                 return
             with torch.no_grad():
-                rows = step.buffer(1, self.width, g)
-                rows[0, offset : offset + fs.k].add_(fs(g.detach().reshape(-1).float()))
-            self._seen_grad(step)
+                step.add(offset, [fs(g.detach().reshape(-1).float()).unsqueeze(0)])
+            if step.grads == 0:
+                self._first_grad(step)
+            step.grads += 1
 
         return hook
 
@@ -310,62 +354,106 @@ class WatchHandle:
         if step is self._step and step.noted is None:
             step.noted = b
 
-    def _seen_grad(self, step: _Step) -> None:
-        if step.grads == 0 and self.scaler is not None and self.scaler.is_enabled():
+    def _first_grad(self, step: _Step) -> None:
+        if self.scaler is not None and self.scaler.is_enabled() and self.scaler._scale is not None:
             # The scale of this backward (scaler.update() may change it before the rows are fed).
-            step.scale = self.scaler._scale.detach().clone() if self.scaler._scale is not None else None
-        step.grads += 1
+            step.scale = self.scaler._scale.detach().clone()
 
     # ------------------------------------------------------------------ feeding the sampler
     def _end_step(self) -> None:
         step, self._step = self._step, _Step()
-        rows = step.rows
-        if rows is None:
+        if not step.blocks:
             if step.noted is not None:
-                self._inflight.append((None, None, step.noted))
-            return  # no backward reached a watched layer: an evaluation forward, or nothing at all
-        if self.granularity == "example" and self.loss_reduction == "mean":
-            rows.mul_(rows.shape[0])  # the hooks saw (1/B) d loss_b / d y: each row its own gradient
-        if step.scale is not None:
-            rows.div_(step.scale.to(rows.device))
+                self._ready.append((None, step.noted))
+        else:
+            first = next(iter(step.blocks.values()))[0]
+            b = first.shape[0]
+            pieces: List[torch.Tensor] = []
+            for offset, width in self._blocks:
+                have = step.blocks.get(offset)
+                if have is None:  # a layer whose output got no gradient: its gradient is zero
+                    pieces.append(torch.zeros(b, width, dtype=torch.float32, device=first.device))
+                else:
+                    pieces += have
+            rows = torch.cat(pieces, dim=1)  # a copy: no piece (some are views of autograd's gradients) is written
+            if step.scale is not None:
+                rows = rows / step.scale.to(rows.device)
+            self._ready.append((rows, b))
+        if len(self._ready) >= FEED_EVERY:
+            self._ship()
+
+    def _ship(self) -> None:
+        """Send the ready steps' rows to the host as one [sum B, K] block (asynchronously from a GPU)."""
+        ready, self._ready = self._ready, []
+        if not ready:
+            return
+        sizes = [b for _, b in ready]
+        if ready[0][0] is None:
+            self._inflight.append((None, None, sizes))
+            return
+        rows = torch.cat([r for r, _ in ready]) if len(ready) > 1 else ready[0][0]
+        if rows.dtype != torch.float32:
+            rows = rows.float()
         if rows.device.type == "cpu":
-            self._inflight.append((None, rows, rows.shape[0]))
+            self._inflight.append((None, rows, sizes))
             return
         host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=torch.cuda.is_available())
         host.copy_(rows, non_blocking=True)
         event = torch.cuda.Event() if rows.device.type == "cuda" else None
         if event is not None:
             event.record()
-        self._inflight.append((event, host, rows.shape[0]))
+        self._inflight.append((event, host, sizes))
 
     def _feed(self, block: bool) -> None:
         while self._inflight:
-            event, host, b = self._inflight[0]
+            event, host, sizes = self._inflight[0]
             if event is not None:
                 if not block and not event.query():
                     return
                 event.synchronize()
             self._inflight.popleft()
-            self._step_sampler(None if host is None else host.numpy(), b)
+            self._step_sampler(None if host is None else host.numpy(), sizes)
 
-    def _step_sampler(self, rows: Optional[np.ndarray], b: int) -> None:
+    def _step_sampler(self, rows: Optional[np.ndarray], sizes: List[int]) -> None:
+        """Feed the steps of one block in order: runs of finite steps in one ``step`` call each (the
+        kernels process rows in order, so this equals one call per step), non-finite steps skipped."""
         s = self.sampler
         if rows is None or not s.balances:
-            s.skip(self._units_of(b))
+            s.skip(sum(self._units_of(b) for b in sizes))
             return
-        if not np.isfinite(rows).all():
-            # A GradScaler step skipped for inf/NaN (or a diverging run): these units get no row and
-            # go to the middle of the next order, as unseen ones do.
-            s.skip(self._units_of(b))
-            self.skipped_steps += 1
-            if self.scaler is None:
-                warnings.warn(
-                    "watch(): a step's gradients were not finite; its examples were left unbalanced "
-                    "(pass scaler= when training with a GradScaler)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        if self.granularity == "example" and self.loss_reduction == "mean":
+            if len(set(sizes)) == 1:
+                rows *= sizes[0]  # the hooks saw (1/B) d loss_b / d y: each row its own gradient, whatever B
+            else:
+                rows *= np.repeat(np.asarray(sizes, dtype=rows.dtype), sizes)[:, None]
+        if np.isfinite(rows.sum()):  # the common case: one pass over the block
+            self._feed_rows(rows)
             return
+        run_start = 0  # first row of the current run of finite steps
+        at = 0
+        for b in sizes:
+            seg = rows[at : at + b]
+            if not (np.isfinite(seg.sum()) or np.isfinite(seg).all()):
+                self._feed_rows(rows[run_start:at])
+                # A GradScaler step skipped for inf/NaN (or a diverging run): these units get no row
+                # and go to the middle of the next order, as unseen ones do.
+                s.skip(self._units_of(b))
+                self.skipped_steps += 1
+                run_start = at + b
+                if self.scaler is None:
+                    warnings.warn(
+                        "watch(): a step's gradients were not finite; its examples were left unbalanced "
+                        "(pass scaler= when training with a GradScaler)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            at += b
+        self._feed_rows(rows[run_start:])
+
+    def _feed_rows(self, rows: np.ndarray) -> None:
+        if not len(rows):
+            return
+        s = self.sampler
         if self.granularity == "batch" and s.unit_size > 1:
             s.step(rows, per_unit=True)
         else:
@@ -375,6 +463,15 @@ class WatchHandle:
         if self.granularity == "batch":
             return b * self.sampler.unit_size if self.sampler.unit_size > 1 else b
         return b
+
+
+def _batch_of(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[int]:
+    """The leading dimension of the model's first tensor input (the batch, for batch-first inputs)."""
+    first = args[0] if args else None
+    if not isinstance(first, torch.Tensor):
+        leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        first = leaves[0] if leaves else None
+    return int(first.shape[0]) if first is not None and first.dim() > 0 else None
 
 
 def _under(name: str, prefix: str) -> bool:

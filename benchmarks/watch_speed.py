@@ -1,0 +1,235 @@
+"""What `sampler.watch(model)` costs and buys, in wall-clock time, on this CPU.
+
+    .venv/bin/python benchmarks/watch_speed.py [--part cost|loss|both] [--threads 1 2] [--rounds 8] [--quick]
+
+Part "cost": paired rounds of one training epoch each, plain random reshuffling (RR: `shuffle=True`-style
+random order, ordinary `loss.backward()`) against GraB with `sampler.watch(model)` (the same loop; only the
+sampler and the watch differ), in alternating order within a round; each round's GraB/RR ratio, then the
+median and quartiles over rounds. Also `watch(sketch=None)` (exact per-example rows from the same hooks)
+and the earlier `sampler.backward(method="hooks", non_blocking=True)` path. MNIST logistic regression on
+all 60,000 images and LeNet-5 on a seeded CIFAR-10 subset, batch 64, SGD, data in memory (index slices:
+the strictest loop, no DataLoader overhead to hide behind); and the MNIST loop through a DataLoader.
+
+Part "loss": RR and GraB trained side by side, epoch by epoch in alternation (so a slow spell of this
+shared machine hits both), the full training loss after each epoch (not timed); then the training time
+GraB needs to reach RR's end-of-training loss, over RR's time (linear interpolation in time between
+epochs), per seed. Plots loss against epochs and against wall-clock seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+import torchgrab  # noqa: E402
+import torchgrab.capture  # noqa: E402
+from end_to_end import LeNet, load_cifar10, load_mnist  # noqa: E402
+
+BATCH = 64
+loss_fn = nn.CrossEntropyLoss()
+
+
+def make_model(task, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(784, 10) if task == "mnist" else LeNet()
+
+
+def make_opt(task, model):
+    # The paper's settings (examples/mnist_logreg.py, examples/cifar10_lenet.py).
+    lr = 0.01 if task == "mnist" else 0.01
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+
+
+class Arm:
+    """One training run: model, optimizer, ordering, capture; `epoch()` trains one epoch, timed."""
+
+    def __init__(self, task, x, y, kind, seed=0, loader=False):
+        self.task, self.x, self.y, self.kind, self.loader = task, x, y, kind, loader
+        self.model = make_model(task, seed)
+        self.opt = make_opt(task, self.model)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.sampler = None
+        if kind != "rr":
+            self.sampler = torchgrab.GraBSampler(n=len(x), ordering="grab", seed=seed)
+            if kind.startswith("watch"):
+                sketch = None if kind == "watch exact" else torchgrab.capture.DEFAULT_SKETCH
+                self.handle = self.sampler.watch(self.model, sketch=sketch)
+        self.seconds = 0.0
+        if loader:
+            ds = torch.utils.data.TensorDataset(x, y)
+            if self.sampler is None:
+                self.dl = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, generator=self.gen)
+            else:
+                self.dl = torch.utils.data.DataLoader(ds, batch_size=BATCH, sampler=self.sampler)
+
+    def batches(self):
+        if self.loader:
+            yield from self.dl
+            return
+        if self.sampler is None:
+            order = torch.randperm(len(self.x), generator=self.gen)
+        else:
+            order = torch.as_tensor(list(iter(self.sampler)))
+        for k in range(0, len(order), BATCH):
+            idx = order[k : k + BATCH]
+            yield self.x[idx], self.y[idx]
+
+    def epoch(self):
+        model, opt = self.model, self.opt
+        t0 = time.perf_counter()
+        for xb, yb in self.batches():
+            opt.zero_grad(set_to_none=True)
+            if self.kind == "backward(hooks)":
+                self.sampler.backward(model, loss_fn, xb, yb, method="hooks", non_blocking=True)
+            else:
+                loss_fn(model(xb), yb).backward()
+            opt.step()
+        if self.sampler is not None:
+            self.sampler.synchronize()  # the last step's rows fed and balanced: part of the epoch
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        return dt
+
+    def full_loss(self):
+        with torch.no_grad():
+            return float(sum(loss_fn(self.model(xb), yb) * len(xb) for xb, yb in _chunks(self.x, self.y)) / len(self.x))
+
+
+def _chunks(x, y, n=4096):
+    for k in range(0, len(x), n):
+        yield x[k : k + n], y[k : k + n]
+
+
+def part_cost(tasks, args):
+    arms = ["rr", "watch", "watch exact", "backward(hooks)"]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for task, (x, y) in tasks.items():
+            for loader in [False, True] if task == "mnist" else [False]:
+                ratios = {a: [] for a in arms[1:]}
+                secs = {a: [] for a in arms}
+                runs = {a: Arm(task, x, y, a, loader=loader) for a in arms}
+                for a in arms:  # warm-up epoch each (allocator, projections, first-epoch checks)
+                    runs[a].epoch()
+                desc = f"{task}{' DataLoader' if loader else ''} {threads}t"
+                for r in tqdm(range(args.rounds), desc=desc, leave=False, file=sys.stderr):
+                    seq = arms if r % 2 == 0 else arms[::-1]
+                    t = {a: runs[a].epoch() for a in seq}
+                    for a in arms:
+                        secs[a].append(t[a])
+                    for a in arms[1:]:
+                        ratios[a].append(t[a] / t["rr"])
+                d = sum(p.numel() for p in runs["rr"].model.parameters())
+                k = runs["watch"].handle.width
+                print(
+                    f"\n## {task}, {'DataLoader' if loader else 'in-memory slices'}, {threads} torch thread(s): "
+                    f"n = {len(x)}, d = {d}, K = {k} (sketch {torchgrab.capture.DEFAULT_SKETCH}), "
+                    f"{args.rounds} paired rounds, load {_common.load_average()}"
+                )
+                print(f"{'arm':<28} {'median epoch s':>15} {'x RR median':>12} {'x RR quartiles':>16}")
+                print(f"{'rr (plain)':<28} {np.median(secs['rr']):>15.3f} {1.0:>12.3f} {'':>16}")
+                for a in arms[1:]:
+                    q1, q2, q3 = np.percentile(ratios[a], [25, 50, 75])
+                    name = {"watch": "grab, watch()", "watch exact": "grab, watch(sketch=None)"}.get(a, f"grab, {a}")
+                    print(f"{name:<28} {np.median(secs[a]):>15.3f} {q2:>12.3f} {f'{q1:.3f}-{q3:.3f}':>16}")
+
+
+def part_loss(tasks, args, plt):
+    torch.set_num_threads(args.threads[0])
+    curves = {}
+    for task, (x, y) in tasks.items():
+        epochs = args.epochs if task == "mnist" else args.cifar_epochs
+        print(
+            f"\n## {task}: time to RR's end-of-training loss, {epochs} epochs, n = {len(x)}, batch {BATCH}, "
+            f"SGD lr 0.01 momentum 0.9 wd 1e-4, {args.threads[0]} thread(s), epochs alternating RR/GraB"
+        )
+        print(f"{'seed':>4} {'rr final loss':>14} {'rr s':>8} {'grab s to it':>13} {'ratio':>7} {'grab final':>11}")
+        ratios = []
+        for seed in range(args.seeds):
+            arms = {"rr": Arm(task, x, y, "rr", seed), "grab": Arm(task, x, y, "watch", seed)}
+            hist = {a: [(0.0, arms[a].full_loss())] for a in arms}
+            for e in tqdm(range(epochs), desc=f"{task} seed {seed}", leave=False, file=sys.stderr):
+                for a in arms if e % 2 == 0 else list(arms)[::-1]:
+                    arms[a].epoch()
+                    hist[a].append((arms[a].seconds, arms[a].full_loss()))
+            target = hist["rr"][-1][1]
+            t_rr = hist["rr"][-1][0]
+            t_g = _time_to(hist["grab"], target)
+            ratio = t_g / t_rr if t_g is not None else float("nan")
+            ratios.append(ratio)
+            curves[(task, seed)] = hist
+            print(
+                f"{seed:>4} {target:>14.5f} {t_rr:>8.1f} {t_g if t_g is not None else float('nan'):>13.1f} "
+                f"{ratio:>7.3f} {hist['grab'][-1][1]:>11.5f}"
+            )
+        print(f"median ratio (GraB time to RR's final loss / RR time): {np.median(ratios):.3f}")
+    if plt is not None:
+        fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False)
+        for j, task in enumerate(tasks):
+            for (t_, seed), hist in curves.items():
+                if t_ != task:
+                    continue
+                for a, color in (("rr", "C0"), ("grab", "C1")):
+                    ts, ls = zip(*hist[a])
+                    label = a if seed == 0 else None
+                    axes[0][j].plot(range(len(ls)), ls, color=color, alpha=0.7, label=label)
+                    axes[1][j].plot(ts, ls, color=color, alpha=0.7, label=label)
+            axes[0][j].set(title=f"{task}: loss vs epoch", xlabel="epoch", ylabel="full training loss", yscale="log")
+            axes[1][j].set(
+                title=f"{task}: loss vs wall-clock",
+                xlabel="training seconds",
+                ylabel="full training loss",
+                yscale="log",
+            )
+            axes[0][j].legend()
+        _common.save_plot(fig, args.out, "watch_speed.png")
+
+
+def _time_to(hist, target):
+    """First time the loss reaches `target`, interpolating linearly in time between epochs."""
+    for (t0, l0), (t1, l1) in zip(hist, hist[1:]):
+        if l1 <= target:
+            if l0 <= target:
+                return t0
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.path.join(here, "..", "..", "shared", "data"))
+    ap.add_argument("--part", choices=["cost", "loss", "both"], default="both")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=8, help="MNIST epochs of part 'loss'")
+    ap.add_argument("--cifar-epochs", type=int, default=10)
+    ap.add_argument("--cifar-n", type=int, default=10000)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="tiny data, 2 rounds, 2 epochs: a smoke run")
+    ap.add_argument("--out", default=os.path.join(here, "out"))
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.epochs, args.cifar_epochs, args.seeds, args.cifar_n = 2, 2, 2, 1, 256
+        args.threads = args.threads[:1]
+    _common.header(f"watch(): epoch cost and time to loss, CPU, batch {BATCH}")
+    x, y = load_mnist(args.data)
+    tasks = {"mnist": (x[:2048], y[:2048]) if args.quick else (x, y), "lenet": load_cifar10(args.data, args.cifar_n)}
+    os.makedirs(args.out, exist_ok=True)
+    if args.part in ("cost", "both"):
+        part_cost(tasks, args)
+    if args.part in ("loss", "both"):
+        part_loss(tasks, args, _common.pyplot())
+
+
+if __name__ == "__main__":
+    main()
