@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.torchgrab-installed
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean docs wheel
 
 $(STAMP): pyproject.toml Cargo.toml $(shell find src python -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,31 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check python tests benchmarks scripts examples
 
 clean:
-	rm -rf $(VENV) target out
+	rm -rf $(VENV) target out site dist
+
+# The documentation site (mkdocs.yml) into site/, warnings as errors. Its packages are the `docs` extra of
+# pyproject.toml (one list), installed into the same venv once.
+DOCS_STAMP = $(VENV)/.torchgrab-docs-installed
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['docs']))" > $(VENV)/docs-requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/docs-requirements.txt
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# The abi3 wheel, manylinux2014-tagged (zig links against an old glibc, so the wheel installs on any
+# manylinux2014 system; a plain build here would need this machine's glibc 2.36), and the sdist, into dist/.
+# scripts/test_wheel.sh installs the wheel where there is no cargo and runs the README's Quickstart.
+WHEEL_STAMP = $(VENV)/.torchgrab-wheel-tools
+$(WHEEL_STAMP): $(STAMP)
+	$(PY) -m pip install -q ziglang
+	touch $(WHEEL_STAMP)
+
+wheel: $(WHEEL_STAMP)
+	rm -rf dist
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" maturin build --release --zig --compatibility manylinux2014 --out dist
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" maturin sdist --out dist
 
 # Fuzz every cargo-fuzz target for FUZZ_SECONDS each (needs cargo-fuzz; runs on stable via RUSTC_BOOTSTRAP=1).
 FUZZ_SECONDS ?= 120

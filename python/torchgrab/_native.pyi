@@ -7,14 +7,29 @@ import numpy.typing as npt
 
 __version__: str
 
-class GraBError(ValueError): ...
-class ShapeError(GraBError): ...
-class NonFiniteGradientError(GraBError): ...
-class UnitIndexError(GraBError): ...
-class CallOrderError(GraBError): ...
-class StateDictError(GraBError): ...
-class MemoryLimitError(GraBError): ...
-class UnsupportedInputError(GraBError): ...
+class GraBError(ValueError):
+    """Base class of every error torchgrab raises."""
+
+class ShapeError(GraBError):
+    """Gradients or indices of the wrong shape or row count."""
+
+class NonFiniteGradientError(GraBError):
+    """A gradient holds NaN or Inf; the step was refused."""
+
+class UnitIndexError(GraBError):
+    """Indices out of range, repeated, or already balanced this epoch."""
+
+class CallOrderError(GraBError):
+    """A call that does not fit the sampler's lifecycle."""
+
+class StateDictError(GraBError):
+    """A configuration or state dict that does not fit this sampler."""
+
+class MemoryLimitError(GraBError):
+    """A request that would need more memory than is available."""
+
+class UnsupportedInputError(GraBError):
+    """A gradient dtype, device or memory layout torchgrab does not take."""
 
 class NativeSampler:
     def __init__(

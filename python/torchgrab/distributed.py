@@ -78,12 +78,14 @@ class DistributedGraBSampler(Sampler[int]):
 
     Args:
         dataset: the data set (only its ``len`` is used).
-        num_replicas, rank: as ``DistributedSampler`` (default: from the process group).
+        num_replicas: as ``DistributedSampler`` (default: the process group's world size).
+        rank: as ``DistributedSampler`` (default: this process's rank in the group).
         ordering: ``"pair"`` (CD-GraB's pair balance; the only one coordinated so far).
         seed: seeds rank 0's initial permutation, which is broadcast to every rank.
         drop_last: as ``DistributedSampler``: cut to equal shards instead of padding with repeats.
-        mode: ``"exact"`` (default) or ``"efficient"``; see the module docstring.
+        mode: ``"exact"`` (default), ``"pipelined"`` or ``"efficient"``; see the module docstring.
         group: the process group (default: the world).
+        n: the number of examples, instead of ``dataset``.
 
     Each rank keeps the same shard every epoch (CD-GraB orders within fixed shards); only the order
     inside a shard changes. Every rank must call ``step``/``backward`` with the same number of rows at
