@@ -408,9 +408,10 @@ class WatchHandle:
         while self._inflight:
             event, host, sizes = self._inflight[0]
             if event is not None:
-                if not block and not event.query():
-                    return
-                event.synchronize()
+                if not event.query():  # query() never waits: no device synchronization per step
+                    if not block:
+                        return
+                    event.synchronize()
             self._inflight.popleft()
             self._step_sampler(None if host is None else host.numpy(), sizes)
 

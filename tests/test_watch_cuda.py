@@ -1,0 +1,75 @@
+"""watch() with a model on CUDA (skipped without a GPU; run on a lent machine by scripts/gpu_watch.sh):
+the sketches stay on the device, the rows equal the CPU's, and a training step needs no device sync."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from torchgrab import GraBSampler
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.GroupNorm(4, 16),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 64),
+        nn.LayerNorm(64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+def _rows(device, steps=4, sketch=8):
+    model = _model().to(device)
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
+    y = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(2)).to(device)
+    s = GraBSampler(n=64, ordering="grab", seed=0)
+    got = []
+    step = s.step
+    s.step = lambda rows, **kw: (got.append(np.array(rows)), step(rows, **kw))[1]
+    h = s.watch(model, sketch=sketch, budget=None)
+    order = list(iter(s))
+    for k in range(steps):
+        i = torch.as_tensor(order[16 * k : 16 * (k + 1)], device=device)
+        nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+    h.flush()
+    return np.concatenate(got), s.state_dict()["native"]
+
+
+def test_rows_on_cuda_equal_the_cpu_rows():
+    cpu, _ = _rows("cpu")
+    gpu, _ = _rows("cuda")
+    assert cpu.shape == gpu.shape == (64, cpu.shape[1])
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4 * np.abs(cpu).max())
+
+
+def test_training_steps_do_not_synchronize_the_device():
+    model = _model().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(512, 3, 8, 8, device="cuda")
+    y = torch.randint(0, 10, (512,), device="cuda")
+    s = GraBSampler(n=512, ordering="grab", seed=0)
+    h = s.watch(model)
+    it = iter(s)
+    batches = [torch.as_tensor([next(it) for _ in range(32)], device="cuda") for _ in range(16)]
+    # The first step moves the seeded projections to the device (once per watch), a copy from pageable
+    # host memory; the steps after it must not wait for the device.
+    nn.functional.cross_entropy(model(x[batches[0]]), y[batches[0]]).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
+    try:
+        for i in batches[1:15]:
+            nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    h.flush()
+    assert s.pending == 32  # the 16th batch was taken from the sampler but not trained on
+    assert s.state_dict()["stepped"] == 15 * 32
