@@ -63,6 +63,17 @@ def test_benchmark_script_runs(args, expect, tmp_path):
                 "back-to-back",
             ),
         ),
+        (
+            "watch_quality",
+            ["--quick"],
+            (
+                "Training-loss gain: MNIST logistic regression, 2,048 training images",
+                "Training-loss gain: CIFAR-10 LeNet-5, 500 training images",
+                "kept by k32",
+                "Target: kept >= 0.80",
+                "Herding discrepancy of the true per-example gradients",
+            ),
+        ),
     ],
 )
 def test_data_benchmark_runs(script, args, expect, tmp_path):

@@ -64,6 +64,10 @@ def __getattr__(name: str) -> Any:
         from torchgrab.sampler import GraBSampler
 
         return GraBSampler
+    if name == "WatchHandle":
+        from torchgrab.capture.watch import WatchHandle
+
+        return WatchHandle
     if name in ("DistributedGraBSampler", "CollectiveError"):
         from torchgrab import distributed
 
@@ -73,6 +77,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "GraBSampler",
+    "WatchHandle",
     "DistributedGraBSampler",
     "CollectiveError",
     "Discrepancy",

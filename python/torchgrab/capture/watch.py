@@ -64,7 +64,17 @@ class _Step:
 
 
 class WatchHandle:
-    """Returned by :meth:`torchgrab.GraBSampler.watch`; also a context manager. See there."""
+    """The hooks of :meth:`torchgrab.GraBSampler.watch` on one model, feeding one sampler.
+
+    Also a context manager: leaving the ``with`` block feeds what is gathered and detaches the hooks
+    (after an exception, what is gathered is dropped instead).
+
+    Attributes:
+        width: K, the number of columns of each example's row.
+        layers: ``(name, kind, columns)`` of every block of the rows, in column order.
+        skipped_steps: steps whose rows were not finite (a ``GradScaler`` overflow); their examples got
+            no row and count as unseen.
+    """
 
     def __init__(
         self,
