@@ -555,7 +555,7 @@ class GraBSampler(Sampler[int]):
             per_layer: sketch sizes for named modules, overriding ``sketch``: an int or None for both
                 factors, or a ``(k_out, k_in)`` pair.
             budget: per Linear or convolution layer, the sketch may cost at most this fraction of the
-                layer's own forward pass per position (Linear layers: plus 2^16 multiply-adds); a layer
+                layer's own forward pass per position (Linear layers: plus 2^17 multiply-adds); a layer
                 over it gets a smaller input-side k (a net's first convolutions: few output channels,
                 many positions). None: ``sketch`` everywhere.
             loss_reduction: how the batch loss was reduced over examples, ``"mean"`` or ``"sum"``

@@ -130,7 +130,7 @@ class LinearSketch(LayerSketch):
     @staticmethod
     def fit(module: nn.Module, k: Optional[int], budget: float) -> Any:
         """The largest k_in <= k whose sketch costs at most ``budget`` times the layer's forward per
-        position, plus a constant (2^16 multiply-adds: a small layer's sketch costs its Python calls)."""
+        position, plus a constant (2^17 multiply-adds: a small layer's sketch costs its Python calls)."""
         out_f, in_f = module.weight.shape
         k_out, k_max = split_k(k, out_f)
         k_out = out_f if k_out is None or out_f <= k_out else k_out
@@ -138,7 +138,7 @@ class LinearSketch(LayerSketch):
         def cost(k_in: int) -> int:
             return (in_f * k_in if k_in < in_f else 0) + (out_f * k_out if k_out < out_f else 0) + k_out * k_in
 
-        return _largest(k_max, in_f, lambda k_in: cost(k_in) <= budget * in_f * out_f + (1 << 16), k_out)
+        return _largest(k_max, in_f, lambda k_in: cost(k_in) <= budget * in_f * out_f + (1 << 17), k_out)
 
     def __init__(self, name: str, module: nn.Linear, k: Optional[int], seed: int) -> None:
         super().__init__(name, module, k, seed)
