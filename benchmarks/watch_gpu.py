@@ -151,6 +151,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--orderings", default="rr,grab,pair")
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of 10 watched steps")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -175,6 +176,15 @@ def main():
     print(f"{'arm':<18} {'median ms/step':>15} {'x RR median':>12} {'quartiles':>14}")
     print(f"{'rr':<18} {1e3 * np.median(t_rr) / args.steps:>15.2f} {1.0:>12.3f}")
     print(f"{'grab, watch()':<18} {1e3 * np.median(t_gb) / args.steps:>15.2f} {q2:>12.3f} {f'{q1:.3f}-{q3:.3f}':>14}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        for name, run in (("rr", rr), ("grab, watch()", gb)):
+            with profile(activities=acts) as prof:
+                run.steps(10)
+            print(f"\n## profile of 10 steps, {name}: {len(prof.key_averages())} op kinds")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     del rr, gb
 
     orderings = args.orderings.split(",")
