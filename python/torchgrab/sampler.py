@@ -307,7 +307,10 @@ class GraBSampler(Sampler[int]):
 
     @property
     def pending(self) -> int:
-        """Indices yielded this epoch that have not been stepped yet."""
+        """Indices yielded this epoch that have not been stepped yet (after feeding what :meth:`watch`
+        has gathered)."""
+        if self._watchers:
+            self._drain_watchers()
         return self._yielded - self._stepped
 
     def _take(self, rows: int, indices: Optional[Any]) -> np.ndarray:
