@@ -116,6 +116,10 @@ class LayerSketch:
         the definition the hooks must match (tests compare them with torch.func's gradients)."""
         raise NotImplementedError
 
+    def group_key(self, saved: Any, g: torch.Tensor) -> Any:
+        """Calls with equal keys are sketched together by ``rows_grouped`` (None: alone, by ``rows``)."""
+        return None
+
 
 def _trainable(module: nn.Module, pname: str) -> bool:
     p = module._parameters.get(pname)
@@ -144,6 +148,7 @@ class LinearSketch(LayerSketch):
         super().__init__(name, module, k, seed)
         out_f, in_f = module.weight.shape
         k_out, k_in = split_k(k, out_f)
+        self._stacks: Dict[Any, torch.Tensor] = {}  # stacked P_out^T of groups led by this layer
         self.p_out = Factor(out_f, k_out, seed, name, "out")
         self.p_in = Factor(in_f, k_in, seed, name, "in")
         self.width = self.p_out.k * self.p_in.k * self.train_w + self.p_out.k * self.train_b
@@ -173,6 +178,58 @@ class LinearSketch(LayerSketch):
         if self.train_b:
             out.append(gp.sum(1))
         return out
+
+    def group_key(self, saved: Any, g: torch.Tensor) -> Any:
+        # Layers of one shape (a transformer's q, k, v, o of every block) are sketched by a few batched
+        # products instead of a few small ones each: on a GPU the cost of a watched step is the number
+        # of ops dispatched from Python, not their arithmetic.
+        tokens = g.numel() // (g.shape[0] * g.shape[-1])
+        return (
+            LinearSketch,
+            tuple(g.shape[:1]),
+            tokens,
+            g.shape[-1],
+            g.dtype,
+            g.device,
+            self.p_out.k,
+            self.p_in.k,
+            self.p_out.identity,
+            self.train_w,
+            self.train_b,
+        )
+
+    @staticmethod
+    def rows_grouped(members: List["tuple[LinearSketch, Any, torch.Tensor]"]) -> List[List[torch.Tensor]]:
+        """``rows`` of several calls of equally shaped Linear layers, in one batched product each."""
+        first = members[0][0]
+        n, b = len(members), members[0][2].shape[0]
+        out_f = members[0][2].shape[-1]
+        gs = torch.stack([_f32(g).reshape(b, -1, out_f) for _, _, g in members])  # [L, B, T, out]
+        t = gs.shape[2]
+        if first.p_out.identity:
+            gp = gs
+        else:
+            key = (tuple(id(sk) for sk, _, _ in members), gs.device, gs.dtype)
+            p = first._stacks.get(key)
+            if p is None:
+                p = first._stacks[key] = torch.stack([sk.p_out.matrix_t(gs.device, gs.dtype) for sk, _, _ in members])
+            gp = torch.bmm(gs.view(n, b * t, out_f), p).view(n, b, t, -1)  # [L, B, T, k_out]
+        k_out = gp.shape[-1]
+        pieces: List[List[torch.Tensor]] = [[] for _ in members]
+        if first.train_w:
+            ap = torch.stack([saved for _, saved, _ in members]).reshape(n * b, t, -1)  # [L B, T, k_in]
+            if t == 1:
+                w = gp.reshape(n * b, k_out, 1) * ap
+            else:
+                w = torch.bmm(gp.reshape(n * b, t, k_out).transpose(1, 2), ap)
+            w = w.reshape(n, b, -1)
+            for i in range(n):
+                pieces[i].append(w[i])
+        if first.train_b:
+            bias = gp.sum(2)
+            for i in range(n):
+                pieces[i].append(bias[i])
+        return pieces
 
     def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         out = []

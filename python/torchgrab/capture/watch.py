@@ -43,7 +43,7 @@ def _in_transform() -> bool:
 class _Step:
     """What one training step (a forward and its backward) has gathered so far."""
 
-    __slots__ = ("blocks", "batch", "forwards", "scale", "grads", "noted")
+    __slots__ = ("blocks", "batch", "forwards", "scale", "grads", "noted", "deferred")
 
     def __init__(self) -> None:
         # Each layer's [B, w] pieces by column offset; concatenated once when the step ends (fewer
@@ -55,6 +55,9 @@ class _Step:
         self.scale: Optional[torch.Tensor] = None  # the GradScaler's scale during this backward
         self.grads = 0  # hooks that have fired
         self.noted: Optional[int] = None  # rows of a step that needs no sketch (an ordering without gradients)
+        # Hook calls whose sketch waits for the end of the backward, to be formed in groups of equally
+        # shaped layers (see LayerSketch.group_key): (sketch, module, saved input, output gradient).
+        self.deferred: List[Tuple[LayerSketch, nn.Module, Any, torch.Tensor]] = []
 
     def add(self, offset: int, pieces: List[torch.Tensor]) -> None:
         have = self.blocks.get(offset)
@@ -337,11 +340,35 @@ class WatchHandle:
     def _on_grad(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> None:
         if step is not self._step:
             return  # a backward through a step already handed over (retain_graph): not this step's
-        with torch.no_grad():
-            step.add(sk.offset, sk.rows(module, saved, g))
+        if sk.group_key(saved, g) is None:
+            with torch.no_grad():
+                step.add(sk.offset, sk.rows(module, saved, g))
+        else:
+            if not step.deferred:
+                try:  # runs when this backward (graph task) ends; a nested (reentrant) one queues its own
+                    torch.autograd.Variable._execution_engine.queue_callback(lambda: self._run_deferred(step))
+                except RuntimeError:
+                    pass  # not inside an engine run: _end_step forms them
+            step.deferred.append((sk, module, saved, g))
         if step.grads == 0:
             self._first_grad(step)
         step.grads += 1
+
+    def _run_deferred(self, step: _Step) -> None:
+        """Form the deferred sketches of a step, equally shaped layers together."""
+        items, step.deferred = step.deferred, []
+        groups: Dict[Any, List[Tuple[LayerSketch, nn.Module, Any, torch.Tensor]]] = {}
+        for item in items:
+            groups.setdefault(item[0].group_key(item[2], item[3]), []).append(item)
+        with torch.no_grad():
+            for members in groups.values():
+                if len(members) == 1:
+                    sk, module, saved, g = members[0]
+                    step.add(sk.offset, sk.rows(module, saved, g))
+                    continue
+                results = type(members[0][0]).rows_grouped([(sk, saved, g) for sk, _, saved, g in members])
+                for (sk, _, _, _), pieces in zip(members, results):
+                    step.add(sk.offset, pieces)
 
     def _param_hook(self, i: int) -> Any:
         _, _, fs = self._params[i]
@@ -372,6 +399,8 @@ class WatchHandle:
     # ------------------------------------------------------------------ feeding the sampler
     def _end_step(self) -> None:
         step, self._step = self._step, _Step()
+        if step.deferred:
+            self._run_deferred(step)
         if not step.blocks:
             if step.noted is not None:
                 self._ready.append((None, step.noted))
