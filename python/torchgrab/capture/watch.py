@@ -289,6 +289,11 @@ class WatchHandle:
             return  # a checkpointed model recomputing its forward; a torch.func transform
         if self._step.grads or self._step.noted is not None:
             self._end_step()
+        elif not torch.is_grad_enabled():
+            # A no_grad forward (validation, pseudo-labels) before the open step's backward: the step
+            # stays open (its layers ignore this forward: _on_forward checks grad mode), and so does
+            # _recording, which a reentrant checkpoint's recompute inside that backward needs.
+            return
         else:
             self._step = _Step()  # nothing reached the previous step's hooks: an evaluation forward
         if self._inflight:

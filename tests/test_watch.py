@@ -1,0 +1,991 @@
+"""GraBSampler.watch(model): rows formed by layer hooks inside an ordinary loss.backward().
+
+Every check compares the rows the sampler receives with exact per-example gradients from torch.func
+(torchgrab.gradients.per_example_gradients) pushed through the same projection (handle.project), with
+sketch=None (the rows are the per-example gradients themselves) and a small sketch (random Kronecker
+factors, count sketches). Models are tiny: the whole file runs in seconds on two cores.
+"""
+
+import copy
+import socket
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torchgrab import GraBSampler, UnsupportedInputError, UnsupportedModelError
+from torchgrab.capture.projection import FoldSketch
+from torchgrab.gradients import per_example_gradients
+
+SKETCHES = [None, 4]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class Spy:
+    """Records what the handle hands to the sampler: the rows of every step() and the sizes of skip()."""
+
+    def __init__(self, sampler):
+        self.rows = []
+        self.skips = []
+        self.kwargs = []
+        step, skip = sampler.step, sampler.skip
+
+        def spy_step(grads, *args, **kwargs):
+            self.rows.append(np.array(grads, dtype=np.float32, copy=True))
+            self.kwargs.append(kwargs)
+            return step(grads, *args, **kwargs)
+
+        def spy_skip(rows):
+            self.skips.append(int(rows))
+            return skip(rows)
+
+        sampler.step = spy_step  # instance attributes: the handle calls sampler.step(...) through them
+        sampler.skip = spy_skip
+
+    def steps(self, sizes):
+        """The rows split into consecutive steps of these sizes (the handle may feed several steps in
+        one sampler.step call: the kernels take rows in order, so that changes no order)."""
+        rows = np.concatenate(self.rows) if self.rows else np.zeros((0, 0), np.float32)
+        assert rows.shape[0] == sum(sizes), (rows.shape, sizes)
+        return np.split(rows, np.cumsum(sizes)[:-1])
+
+
+def watched(model, n=64, sketch=None, ordering="grab", seed=0, **kwargs):
+    """A sampler over n examples, iterated so that n indices are pending, watching `model`."""
+    sampler = GraBSampler(n=n, ordering=ordering, seed=seed)
+    it = iter(sampler)
+    for _ in range(n):
+        next(it)
+    handle = sampler.watch(model, sketch=sketch, **kwargs)
+    return sampler, handle, Spy(sampler)
+
+
+def exact_rows(handle, model, loss_fn, x, y):
+    grads, _ = per_example_gradients(model, loss_fn, x, y)
+    return handle.project(grads), grads
+
+
+def assert_rows(actual, expected, rtol=1e-4):
+    actual = torch.as_tensor(np.asarray(actual), dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    assert actual.shape == expected.shape
+    scale = float(expected.abs().max())
+    assert scale > 0, "a test whose expected rows are all zero cannot fail"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def flat(grads, b):
+    """The per-example gradients [B, d] in parameter order (what sketch=None rows must be)."""
+    return torch.cat([g.reshape(b, -1) for g in grads.values()], dim=1)
+
+
+def no_hooks(model):
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks, m
+        assert not m._backward_hooks and not m._backward_pre_hooks, m
+    for p in model.parameters():
+        assert not p._backward_hooks, p.shape
+
+
+def one_step(model, x, y, loss_fn, sketch, reduction="mean", **kwargs):
+    """One watched training step; returns (rows the sampler got, exact projected rows, grads, handle)."""
+    sampler, handle, spy = watched(model, sketch=sketch, loss_reduction=reduction, **kwargs)
+    loss_fn(model(x), y, reduction=reduction).backward()
+    handle.flush()
+    assert len(spy.rows) == 1 and spy.skips == []
+    assert sampler.pending == 64 - x.shape[0]
+    expected, grads = exact_rows(handle, model, loss_fn, x, y)
+    return spy.rows[0], expected, grads, handle
+
+
+def mse(out, y, reduction="mean"):
+    return F.mse_loss(out, y, reduction=reduction)
+
+
+def ce(out, y, reduction="mean"):
+    return F.cross_entropy(out, y, reduction=reduction)
+
+
+# ---------------------------------------------------------------------------------------------- layer kinds
+class Mean(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return x.mean(self.dim)
+
+
+def _frozen_weight_linear():
+    lin = nn.Linear(6, 5)
+    lin.weight.requires_grad_(False)
+    return nn.Sequential(lin, nn.Tanh(), nn.Linear(5, 3))
+
+
+def _conv2d(**kw):
+    def make():
+        return nn.Sequential(nn.Conv2d(4, 6, 3, **kw), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+
+    return make
+
+
+LAYER_CASES = {
+    # name: (model factory, input shape after the batch, target: "class" or an output shape)
+    "linear": (lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), (6,), "class"),
+    "linear_no_bias": (lambda: nn.Sequential(nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)), (6,), "class"),
+    "linear_3d": (lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3, bias=False)), (4, 6), (4, 3)),
+    "linear_frozen_weight": (_frozen_weight_linear, (6,), "class"),
+    "conv1d": (
+        lambda: nn.Sequential(nn.Conv1d(3, 5, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(20, 3)),
+        (3, 8),
+        "class",
+    ),
+    "conv2d_geometry": (_conv2d(stride=2, padding=1, dilation=2, groups=2), (4, 7, 7), "class"),
+    "conv2d_depthwise": (
+        lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=4, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3)),
+        (4, 4, 4),
+        "class",
+    ),
+    "conv2d_reflect": (_conv2d(padding=1, padding_mode="reflect"), (4, 5, 5), "class"),
+    "conv2d_same": (_conv2d(padding="same", dilation=2), (4, 5, 6), "class"),
+    "conv3d": (
+        lambda: nn.Sequential(nn.Conv3d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(24, 3)),
+        (2, 3, 3, 3),
+        "class",
+    ),
+    "layernorm": (lambda: nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3)), (4, 6), (4, 3)),
+    "rmsnorm": (lambda: nn.Sequential(nn.Linear(6, 5), nn.RMSNorm(5), nn.Linear(5, 3)), (6,), "class"),
+    "groupnorm": (
+        lambda: nn.Sequential(nn.Conv2d(2, 6, 2), nn.GroupNorm(3, 6), nn.Flatten(), nn.Linear(54, 3)),
+        (2, 4, 4),
+        "class",
+    ),
+}
+
+
+def _data(shape, target, b=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, *shape, generator=g)
+    y = torch.randint(0, 3, (b,), generator=g) if target == "class" else torch.randn(b, *target, generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_layer_rows_equal_projected_per_example_gradients(case, sketch):
+    make, shape, target = LAYER_CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    x, y = _data(shape, target)
+    model(x[:1])  # materializes lazy layers before watch() sees the parameters
+    if any(p.requires_grad is False for p in model.parameters()):
+        assert case == "linear_frozen_weight"
+    loss_fn = ce if target == "class" else mse
+    rows, expected, grads, handle = one_step(model, x, y, loss_fn, sketch)
+    assert_rows(rows, expected)
+    assert rows.shape == (5, handle.width)
+    if sketch is None:
+        # Exact: the rows are the per-example gradients (and project() is the identity).
+        assert_rows(rows, flat(grads, 5))
+        assert handle.width == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        assert handle.width < sum(p.numel() for p in model.parameters() if p.requires_grad) or case == "linear_no_bias"
+
+
+def test_frozen_weight_gives_bias_columns_only():
+    torch.manual_seed(0)
+    model = _frozen_weight_linear()
+    sampler, handle, _ = watched(model)
+    kinds = {name: cols for name, _, cols in handle.layers}
+    assert kinds == {"0": 5, "2": 5 * 3 + 3}
+
+
+class Bag(nn.Module):
+    def __init__(self, vocab=10, dim=6, padding_idx=0):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)).mean(1))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_embedding_with_padding_idx(sketch):
+    torch.manual_seed(0)
+    model = Bag()
+    ids = torch.tensor([[0, 3, 3, 9], [1, 2, 0, 0], [5, 5, 5, 5], [8, 0, 7, 6]])
+    y = torch.tensor([0, 1, 2, 1])
+    rows, expected, grads, handle = one_step(model, ids, y, ce, sketch)
+    assert_rows(rows, expected)
+    vocab_cols = dict((n, c) for n, _, c in handle.layers)["emb"]
+    if sketch is None:
+        assert_rows(rows, flat(grads, 4))
+        assert vocab_cols == 10 * 6
+        # padding_idx's row of the embedding gradient is zero in every example's row
+        assert np.all(rows[:, :6] == 0)
+    else:
+        assert vocab_cols == 4 * 4  # count sketch of the vocabulary (10 > 4) x projected features
+
+
+def test_embedding_count_sketch_is_not_the_identity():
+    # The count sketch sums buckets with signs: two examples that use different ids can collide, but the
+    # rows must still be the same linear map as project(), and not the identity on the first k ids.
+    torch.manual_seed(0)
+    model = Bag(vocab=50, dim=3, padding_idx=None)
+    ids = torch.randint(0, 50, (6, 5), generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 3, (6,))
+    rows, expected, grads, _ = one_step(model, ids, y, ce, sketch=4)
+    assert_rows(rows, expected)
+    emb = grads["emb.weight"]  # [B, 50, 3]
+    assert not torch.allclose(torch.as_tensor(rows[:, :12]), emb[:, :4, :3].reshape(6, -1), atol=1e-3)
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_batchnorm_contributions_add_up_to_the_batch_gradient(sketch, reduction):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(20, 3))
+    model.train()
+    x, y = _data((2, 4, 4), "class", b=6)
+    sampler, handle, spy = watched(model, sketch=sketch, loss_reduction=reduction)
+    ce(model(x), y, reduction=reduction).backward()
+    handle.flush()
+    rows = spy.rows[0]
+    assert rows.shape == (6, handle.width)
+    batch = {n: p.grad.unsqueeze(0) for n, p in model.named_parameters()}
+    projected = handle.project(batch)[0]
+    factor = 6 if reduction == "mean" else 1
+    assert_rows(rows.sum(0, dtype=np.float64), projected * factor)
+    # The contributions differ per example (not the batch gradient copied B times).
+    assert not np.allclose(rows[0], rows[1], atol=1e-4)
+    # BatchNorm's own columns are each example's g_b * x_hat_b: they too add up to BN's gradients.
+    bn = next(i for i, (name, _, _) in enumerate(handle.layers) if name == "1")
+    start = sum(c for _, _, c in handle.layers[:bn])
+    cols = handle.layers[bn][2]
+    assert cols == 2 * (5 if sketch is None else sketch)  # weight and bias: 5 channels, projected when 5 > k
+    if sketch is None:
+        bn_grads = torch.cat([batch["1.weight"][0], batch["1.bias"][0]])
+        assert_rows(rows[:, start : start + cols].sum(0, dtype=np.float64), bn_grads * factor)
+    else:
+        assert_rows(rows[:, start : start + cols].sum(0, dtype=np.float64), projected[start : start + cols] * factor)
+
+
+# ---------------------------------------------------------------------------------------------- reductions
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mean_and_sum_reduction_give_each_examples_own_gradient(sketch, reduction):
+    model = _mlp()
+    x, y = _data((6,), "class", b=7)
+    rows, expected, _, _ = one_step(model, x, y, ce, sketch, reduction=reduction)
+    assert_rows(rows, expected)
+
+
+def test_wrong_reduction_is_off_by_the_batch_size():
+    # Guards the comparison itself: a sum-reduced loss declared as "mean" is B times too large.
+    model = _mlp()
+    x, y = _data((6,), "class", b=7)
+    sampler, handle, spy = watched(model, sketch=4, loss_reduction="mean")
+    ce(model(x), y, reduction="sum").backward()
+    handle.flush()
+    expected, _ = exact_rows(handle, model, ce, x, y)
+    assert_rows(spy.rows[0], expected * 7)
+
+
+# ---------------------------------------------------------------------------------------------- loop features
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_gradient_accumulation_gives_each_micro_batchs_rows(sketch):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler, handle, spy = watched(model, sketch=sketch)
+    (x1, y1), (x2, y2) = _data((6,), "class", b=4, seed=1), _data((6,), "class", b=3, seed=2)
+    e1, _ = exact_rows(handle, model, ce, x1, y1)
+    e2, _ = exact_rows(handle, model, ce, x2, y2)
+    ce(model(x1), y1).backward()
+    ce(model(x2), y2).backward()  # accumulates into .grad
+    opt.step()
+    opt.zero_grad()
+    x3, y3 = _data((6,), "class", b=5, seed=3)
+    e3, _ = exact_rows(handle, model, ce, x3, y3)
+    ce(model(x3), y3).backward()
+    handle.flush()
+    for got, want in zip(spy.steps([4, 3, 5]), [e1, e2, e3]):
+        assert_rows(got, want)
+    assert sampler.pending == 64 - 12
+
+
+def test_gradient_accumulation_with_a_divided_loss_scales_the_rows():
+    # loss / accumulation_steps: each row is that fraction of its gradient (the sign rule is scale-free).
+    model = _mlp()
+    sampler, handle, spy = watched(model, sketch=4)
+    x1, y1 = _data((6,), "class", b=4, seed=1)
+    e1, _ = exact_rows(handle, model, ce, x1, y1)
+    (ce(model(x1), y1) / 2).backward()
+    (ce(model(x1), y1) / 2).backward()
+    handle.flush()
+    first, second = spy.steps([4, 4])
+    assert_rows(first, e1 / 2)
+    assert_rows(second, e1 / 2)
+
+
+def _scaler(**kw):
+    try:
+        scaler = torch.amp.GradScaler("cpu", **kw)
+        scaler.scale(torch.ones((), requires_grad=True))
+    except Exception as e:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"torch.amp.GradScaler('cpu') unavailable: {e}")
+    return torch.amp.GradScaler("cpu", **kw)
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_grad_scaler_rows_are_unscaled_and_inf_steps_are_skipped(sketch):
+    model = _mlp()
+    twin = copy.deepcopy(model)
+    # growth_interval=1: the scale doubles after every good step, so a step's rows, fed after the next
+    # scaler.update(), must be divided by the scale of their own backward.
+    scaler = _scaler(init_scale=2.0**12, growth_interval=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler, handle, spy = watched(model, sketch=sketch, scaler=scaler)
+    batches = [_data((6,), "class", b=4, seed=s) for s in (1, 2, 3)]
+    bad_x = batches[1][0].clone()
+    bad_x[0, 0] = float("inf")  # this step's gradients are inf/NaN: GradScaler skips it
+    batches[1] = (bad_x, batches[1][1])
+    expected = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with scaler= given, a skipped step does not warn
+        for k, (x, y) in enumerate(batches):
+            if k != 1:
+                expected.append(exact_rows(handle, model, ce, x, y)[0])
+            scale_before = scaler.get_scale()
+            scaler.scale(ce(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            if k == 1:
+                assert scaler.get_scale() < scale_before  # the scaler saw the overflow
+        handle.flush()
+    for got, want in zip(spy.steps([4, 4]), expected):
+        assert_rows(got, want)  # unscaled: a scale of 4096 would be far off
+    assert spy.skips == [4]
+    assert handle.skipped_steps == 1
+    assert sampler.pending == 64 - 12
+    # The unscaled loop on an identical model gives the same first rows.
+    s2, h2, spy2 = watched(twin, sketch=sketch)
+    x, y = batches[0]
+    ce(twin(x), y).backward()
+    h2.flush()
+    assert_rows(spy.rows[0], torch.as_tensor(spy2.rows[0]))
+
+
+def test_non_finite_step_without_scaler_warns_and_skips():
+    model = _mlp()
+    sampler, handle, spy = watched(model, sketch=4)
+    x, y = _data((6,), "class", b=4)
+    x[1, 2] = float("nan")
+    ce(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        handle.flush()
+    assert spy.rows == [] and spy.skips == [4]
+    assert handle.skipped_steps == 1 and sampler.pending == 60
+
+
+class MaskedTokens(nn.Module):
+    """Token embeddings, a per-token Linear and LayerNorm, a masked mean over the tokens, a classifier."""
+
+    def __init__(self, vocab=12, dim=5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)  # no padding_idx: only the mask keeps padding out
+        self.tok = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, ids, mask):
+        h = self.norm(torch.tanh(self.tok(self.emb(ids))))
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return self.out((h * m).sum(1) / m.sum(1))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_padded_sequences_with_a_mask_match_unpadded_passes(sketch):
+    torch.manual_seed(0)
+    model = MaskedTokens()
+    seqs = [[3, 4, 5, 6], [7, 1], [2, 2, 9], [11]]
+    y = torch.tensor([0, 1, 2, 1])
+    ids = torch.zeros(4, 4, dtype=torch.long)  # padding id 0 is a real, trainable embedding row
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = True
+    sampler, handle, spy = watched(model, sketch=sketch)
+    ce(model(ids, mask), y).backward()
+    for i, s in enumerate(seqs):  # one-example passes of the unpadded sequences
+        ce(model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.bool)), y[i : i + 1]).backward()
+    handle.flush()
+    steps = spy.steps([4, 1, 1, 1, 1])
+    assert_rows(steps[0], torch.as_tensor(np.concatenate(steps[1:])))
+    # ... and both are the projected exact gradients of the unpadded examples.
+    for i, s in enumerate(seqs):
+        grads, _ = per_example_gradients(
+            model, lambda o, t: ce(o, t), (torch.tensor([s]), torch.ones(1, len(s), dtype=torch.bool)), y[i : i + 1]
+        )
+        assert_rows(steps[1 + i], handle.project(grads))
+    if sketch is None:  # the padding id's embedding row gets nothing from the padded positions
+        assert np.all(steps[0][1, :5] == 0) and np.all(steps[0][3, :5] == 0)
+        assert np.any(steps[0][:, :5] == 0)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.inp = nn.Linear(6, 8)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 3)
+        self.use_checkpoint = True
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if self.use_checkpoint and self.reentrant is not None:
+            h = checkpoint(self.block, h, use_reentrant=self.reentrant)
+        else:
+            h = self.block(h)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_counts_each_layer_once(reentrant, sketch):
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant)
+    x, y = _data((6,), "class", b=5)
+    sampler, handle, spy = watched(model, sketch=sketch)
+    for use in (True, False, True):
+        model.use_checkpoint = use
+        ce(model(x), y).backward()
+    handle.flush()
+    assert sampler.pending == 64 - 15
+    model.use_checkpoint = False
+    expected, _ = exact_rows(handle, model, ce, x, y)
+    steps = spy.steps([5, 5, 5])
+    for got in steps:
+        assert_rows(got, expected)  # a recomputed forward counted twice would double the block's columns
+    np.testing.assert_allclose(steps[0], steps[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_no_grad_and_eval_forwards_are_ignored(sketch):
+    model = _mlp()
+    x, y = _data((6,), "class", b=4)
+    xv, yv = _data((6,), "class", b=3, seed=9)
+    sampler, handle, spy = watched(model, sketch=sketch)
+    expected, _ = exact_rows(handle, model, ce, x, y)
+    with torch.no_grad():
+        model(xv)  # validation before any training step
+    ce(model(x), y).backward()
+    with torch.no_grad():
+        model(xv)  # validation right after a step: the step's rows are still fed, once
+    model.eval()
+    ce(model(xv), yv).backward()  # eval mode, even with a backward: no rows
+    model(xv)
+    model.train()
+    handle.flush()
+    assert len(spy.rows) == 1 and spy.skips == []
+    assert_rows(spy.rows[0], expected)
+    assert sampler.pending == 64 - 4
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # the no_grad forward's checkpoint
+@pytest.mark.parametrize("reentrant", [None, True])
+def test_no_grad_forward_between_a_forward_and_its_backward_is_ignored(reentrant):
+    # Pseudo-labels or a validation batch computed under no_grad after the training forward and before
+    # its backward: the training step's rows are kept (not dropped, which would also shift every
+    # later row onto the wrong indices), also when the backward recomputes a reentrant checkpoint.
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant)
+    (x, y), (x2, y2) = _data((6,), "class", b=4), _data((6,), "class", b=3, seed=5)
+    sampler, handle, spy = watched(model, sketch=4)
+    model.use_checkpoint = False
+    e1, _ = exact_rows(handle, model, ce, x, y)
+    model.use_checkpoint = True
+    loss = ce(model(x), y)
+    with torch.no_grad():
+        model(x2)
+    loss.backward()
+    model.use_checkpoint = False
+    e2, _ = exact_rows(handle, model, ce, x2, y2)
+    model.use_checkpoint = True
+    ce(model(x2), y2).backward()
+    handle.flush()
+    first, second = spy.steps([4, 3])
+    assert_rows(first, e1)
+    assert_rows(second, e2)
+    assert sampler.pending == 57
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(5, 5)
+        self.norm = nn.LayerNorm(5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.shared(x)))
+        h = self.norm(torch.tanh(self.shared(h)))  # the same modules again
+        return self.out(h)
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_module_called_twice_contributes_the_sum(sketch):
+    torch.manual_seed(0)
+    model = Twice()
+    x, y = _data((5,), "class", b=4)
+    rows, expected, grads, _ = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    if sketch is None:
+        assert_rows(rows, flat(grads, 4))
+
+
+def test_torch_func_on_a_watched_model_has_no_effect():
+    model = _mlp()
+    x, y = _data((6,), "class", b=4)
+    sampler, handle, spy = watched(model, sketch=4)
+    per_example_gradients(model, ce, x, y)  # before any step
+    ce(model(x), y).backward()
+    expected, _ = exact_rows(handle, model, ce, x, y)  # between a step's backward and its feeding
+    per_example_gradients(model, ce, x[:2], y[:2])
+    handle.flush()
+    assert len(spy.rows) == 1 and spy.skips == []
+    assert_rows(spy.rows[0], expected)
+    assert sampler.pending == 60
+
+
+# ---------------------------------------------------------------------------------------------- granularity="batch"
+class LSTMModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 4)
+        self.lstm = nn.LSTM(4, 5, batch_first=True)
+        self.out = nn.Linear(5, 11)
+
+    def forward(self, ids):
+        h, _ = self.lstm(self.emb(ids))
+        return self.out(h)
+
+
+def _lm_loss(out, y, reduction="mean"):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction=reduction)
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_batch_granularity_with_a_batch_of_one_on_an_lstm(sketch):
+    torch.manual_seed(0)
+    model = LSTMModel()
+    with pytest.raises(UnsupportedModelError, match="lstm.weight_ih_l0"):
+        GraBSampler(n=4).watch(model)
+    sampler, handle, spy = watched(model, sketch=sketch, granularity="batch")
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        ids = torch.randint(0, 11, (1, 6), generator=g)
+        model.zero_grad()
+        _lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+        handle.flush()
+        whole = {n: p.grad.unsqueeze(0).clone() for n, p in model.named_parameters()}
+        assert_rows(spy.rows[-1], handle.project(whole))
+        if sketch is None:
+            assert_rows(spy.rows[-1], flat(whole, 1))
+        else:
+            # Each parameter folded to sketch**2 numbers by its own seeded sparse JL transform.
+            n, p = "lstm.weight_hh_l0", dict(model.named_parameters())["lstm.weight_hh_l0"]
+            fs = FoldSketch(p.numel(), sketch**2, handle.seed, n)
+            start = sum(c for name, _, c in handle.layers[: [x[0] for x in handle.layers].index(n)])
+            assert_rows(spy.rows[-1][0, start : start + fs.k], fs(p.grad.reshape(-1)))
+    assert len(spy.rows) == 3 and sampler.pending == 61
+    assert handle.width == sum(min(p.numel(), (sketch or 10**9) ** 2) for p in model.parameters())
+
+
+def test_batch_granularity_with_unit_size_equal_to_the_batch():
+    torch.manual_seed(0)
+    model = _mlp()
+    data = torch.randn(12, 6, generator=torch.Generator().manual_seed(2))
+    labels = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(3))
+    sampler = GraBSampler(n=12, unit_size=4, seed=5)
+    twin = GraBSampler(n=12, unit_size=4, seed=5)
+    handle = sampler.watch(model, sketch=3, granularity="batch")
+    spy = Spy(sampler)
+    orders = []
+    for _epoch in range(3):
+        order = list(sampler)  # a loader with batch_size == unit_size: each batch is one unit
+        orders.append(order)
+        tw = list(twin)
+        assert tw == order
+        for b in range(3):
+            idx = order[4 * b : 4 * b + 4]
+            assert len({i // 4 for i in idx}) == 1  # one unit per batch
+            model.zero_grad()
+            ce(model(data[idx]), labels[idx]).backward()
+            handle.flush()
+            whole = {n: p.grad.unsqueeze(0).clone() for n, p in model.named_parameters()}
+            assert_rows(spy.rows[-1], handle.project(whole))
+            assert spy.kwargs[-1].get("per_unit") is True
+            twin.step(spy.rows[-1], per_unit=True)
+        assert sampler.pending == 0
+    assert all(sorted(o) == list(range(12)) for o in orders)
+    assert list(sampler) == list(twin)
+
+
+# ---------------------------------------------------------------------------------------------- refused models and arguments
+class RawParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.lin(x) / self.temperature
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func over nn.LSTM
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_uncovered_parameters_are_refused_and_can_be_excluded(sketch):
+    torch.manual_seed(0)
+    model = RawParam()
+    sampler = GraBSampler(n=8)
+    with pytest.raises(UnsupportedModelError, match="temperature"):
+        sampler.watch(model, sketch=sketch)
+    no_hooks(model)
+    assert sampler._watchers == []
+    x, y = _data((4,), "class", b=4)
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch, exclude=["temperature"])
+    assert_rows(rows, expected)
+    assert handle.width == (15 if sketch is None else 4 * 3 + 3)
+    if sketch is None:
+        assert_rows(rows, torch.cat([grads["lin.weight"].reshape(4, -1), grads["lin.bias"]], 1))
+
+    lstm = LSTMModel()
+    with pytest.raises(UnsupportedModelError, match="lstm"):
+        GraBSampler(n=8).watch(lstm)
+    ids = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(2))
+    rows, expected, grads, handle = one_step(lstm, ids, y, _lm_loss, sketch, exclude="lstm")
+    assert_rows(rows, expected)
+    assert [n for n, _, _ in handle.layers] == ["emb", "out"]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"sketch": 0},
+        {"sketch": -3},
+        {"sketch": 2.5},
+        {"sketch": True},
+        {"loss_reduction": "x"},
+        {"granularity": "token"},
+        {"exclude": ["nothing_here"]},
+        {"exclude": ["0", "missing.weight"]},
+        {"seed": -1},
+        {"scaler": object()},
+    ],
+)
+def test_bad_arguments_raise_and_leave_nothing_behind(kwargs):
+    model = _mlp()
+    sampler = GraBSampler(n=8)
+    with pytest.raises(UnsupportedInputError):
+        sampler.watch(model, **kwargs)
+    no_hooks(model)
+    assert sampler._watchers == []
+
+
+def test_excluding_everything_is_refused():
+    model = _mlp()
+    sampler = GraBSampler(n=8)
+    with pytest.raises(UnsupportedModelError):
+        sampler.watch(model, exclude=["0", "2"])
+    no_hooks(model)
+    assert sampler._watchers == []
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+class Indexed(torch.utils.data.Dataset):
+    def __init__(self, n=20, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+
+def _train(ordering, sketch, epochs=3, seed=7, check_exact=False):
+    """3 epochs through a DataLoader (batches of 8, 8, 4) with a watched model; returns what happened."""
+    ds = Indexed()
+    model = _mlp(seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    sampler = GraBSampler(ds, ordering=ordering, seed=seed)
+    handle = sampler.watch(model, sketch=sketch)
+    spy = Spy(sampler)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler, drop_last=False)
+    orders, batches = [], []
+    for _ in range(epochs):
+        order = []
+        for x, y, idx in loader:
+            order += idx.tolist()
+            batches.append(len(idx))
+            if check_exact:
+                expected, _ = exact_rows(handle, model, ce, x, y)
+            ce(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if check_exact:
+                handle.flush()
+                assert_rows(spy.rows[-1], expected)
+        handle.flush()
+        assert sampler.pending == 0
+        orders.append(order)
+    return orders, batches, spy, sampler, handle, model
+
+
+@pytest.mark.parametrize("ordering", ["grab", "pair", "rr", "so"])
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_dataloader_epochs_match_a_twin_fed_by_hand(ordering, sketch):
+    orders, batches, spy, sampler, handle, _ = _train(
+        ordering, sketch, check_exact=(sketch is None and ordering in ("grab", "pair"))
+    )
+    assert batches == [8, 8, 4] * 3
+    for order in orders:
+        assert sorted(order) == list(range(20))
+    twin = GraBSampler(n=20, ordering=ordering, seed=7)
+    feed = iter(spy.steps([8, 8, 4] * 3)) if sampler.balances else None
+    for order in orders:
+        it = iter(twin)
+        got = []
+        for b in (8, 8, 4):
+            got += [next(it) for _ in range(b)]
+            if sampler.balances:
+                rows = next(feed)
+                assert rows.shape == (b, handle.width)
+                twin.step(rows)
+            else:
+                twin.skip(b)
+        assert got == order
+        assert list(it) == []
+    if sampler.balances:
+        assert spy.skips == []
+        assert all(kw.get("non_blocking") is True for kw in spy.kwargs)
+    else:
+        assert spy.rows == [] and sum(spy.skips) == 60
+    assert list(sampler) == list(twin)  # the fourth epoch too
+
+
+def test_grab_orders_depend_on_the_rows():
+    # Guards the twin comparison: a twin fed other rows ends up with another order.
+    orders, _, spy, _, handle, _ = _train("grab", 4)
+    twin = GraBSampler(n=20, ordering="grab", seed=7)
+    rng = np.random.default_rng(0)
+    other = []
+    for _ in range(3):
+        it = iter(twin)
+        order = []
+        for b in (8, 8, 4):
+            order += [next(it) for _ in range(b)]
+            twin.step(rng.standard_normal((b, handle.width)).astype(np.float32))
+        other.append(order)
+    assert other[0] == orders[0]  # the first epoch is random, from the seed
+    assert other[1:] != orders[1:]
+
+
+def test_remove_detaches_and_the_context_manager_form():
+    model = _mlp()
+    x, y = _data((6,), "class", b=4)
+    sampler, handle, spy = watched(model, sketch=4)
+    ce(model(x), y).backward()
+    handle.remove()  # feeds what is gathered first
+    assert len(spy.rows) == 1 and sampler.pending == 60
+    no_hooks(model)
+    assert sampler._watchers == []
+    ce(model(x), y).backward()
+    sampler.synchronize()
+    handle.flush()
+    assert len(spy.rows) == 1 and sampler.pending == 60
+    handle.remove()  # twice is fine
+
+    with sampler.watch(model, sketch=4) as h2:
+        assert sampler._watchers == [h2]
+        ce(model(x), y).backward()
+        ce(model(x[:3]), y[:3]).backward()
+    assert sum(r.shape[0] for r in spy.rows) == 11
+    assert sampler.pending == 53
+    no_hooks(model)
+    assert sampler._watchers == []
+
+    # An exception inside the block drops the unfed rows and still detaches.
+    with pytest.raises(RuntimeError, match="boom"):
+        with sampler.watch(model, sketch=4):
+            ce(model(x), y).backward()
+            raise RuntimeError("boom")
+    assert sum(r.shape[0] for r in spy.rows) == 11 and sampler.pending == 53
+    no_hooks(model)
+
+
+def test_state_dict_synchronize_and_pending_feed_the_gathered_step():
+    model = _mlp()
+    x, y = _data((6,), "class", b=4)
+    sampler, handle, spy = watched(model, sketch=4)
+    expected, _ = exact_rows(handle, model, ce, x, y)
+    ce(model(x), y).backward()
+    assert spy.rows == []
+    sampler.state_dict()
+    assert len(spy.rows) == 1
+    assert_rows(spy.rows[0], expected)
+    assert sampler.pending == 60
+    ce(model(x[:2]), y[:2]).backward()
+    sampler.synchronize()
+    assert len(spy.rows) == 2 and spy.rows[1].shape[0] == 2
+    ce(model(x[:3]), y[:3]).backward()
+    assert sampler.pending == 55 and len(spy.rows) == 3
+
+
+@pytest.mark.parametrize("between", ["state_dict", "synchronize", "pending", "flush"])
+def test_feeding_between_a_forward_and_its_backward_keeps_the_step(between):
+    # A checkpoint (or a look at pending) after the forward and before the backward must not lose the
+    # step: its rows would be missing and every later row matched to the wrong indices.
+    model = _mlp()
+    (x, y), (x2, y2) = _data((6,), "class", b=4), _data((6,), "class", b=3, seed=5)
+    sampler, handle, spy = watched(model, sketch=4)
+    e1, _ = exact_rows(handle, model, ce, x, y)
+    loss = ce(model(x), y)
+    {"state_dict": sampler.state_dict, "synchronize": sampler.synchronize, "flush": handle.flush}.get(
+        between, lambda: sampler.pending
+    )()
+    loss.backward()
+    e2, _ = exact_rows(handle, model, ce, x2, y2)
+    ce(model(x2), y2).backward()
+    handle.flush()
+    first, second = spy.steps([4, 3])
+    assert_rows(first, e1)
+    assert_rows(second, e2)
+    assert sampler.pending == 57
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint / resume
+def _resume_run(stop_after=None, state=None):
+    """Epochs of 3 batches (8, 8, 4); with stop_after=k, returns a checkpoint after the k-th batch of epoch 2."""
+    ds = Indexed()
+    model = _mlp(seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    sampler = GraBSampler(ds, ordering="grab", seed=3)
+    sampler.watch(model, sketch=4)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sampler.load_state_dict(state["sampler"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler)
+    seen = []
+    for epoch in range(2):
+        order = []
+        for k, (x, y, idx) in enumerate(loader):
+            order += idx.tolist()
+            ce(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if state is None and epoch == 1 and k + 1 == stop_after:
+                ckpt = {
+                    "model": copy.deepcopy(model.state_dict()),
+                    "opt": copy.deepcopy(opt.state_dict()),
+                    "sampler": copy.deepcopy(sampler.state_dict()),
+                }
+                seen.append(("ckpt", ckpt, list(order)))
+        seen.append(order)
+    return seen
+
+
+def test_resume_mid_epoch_under_watch_continues_the_uninterrupted_orders():
+    full = _resume_run(stop_after=1)
+    epoch1, (_, ckpt, before), epoch2 = full
+    assert before == epoch2[:8]
+    # The uninterrupted run, with a third epoch.
+    ds = Indexed()
+    model = _mlp(seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    sampler = GraBSampler(ds, ordering="grab", seed=3)
+    sampler.watch(model, sketch=4)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler)
+    straight = []
+    for _ in range(3):
+        order = []
+        for x, y, idx in loader:
+            order += idx.tolist()
+            ce(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        straight.append(order)
+    assert straight[0] == epoch1 and straight[1] == epoch2
+    resumed = _resume_run(state=ckpt)
+    assert resumed[0] == epoch2[8:]  # the rest of the interrupted epoch
+    assert resumed[1] == straight[2]  # and the next epoch, balanced with the rows of both halves
+    assert straight[2] != straight[1]
+
+
+def test_same_seed_same_rows_other_seed_other_rows():
+    x, y = _data((6,), "class", b=4)
+    rows = {}
+    for name, seed in (("a", 11), ("b", 11), ("c", 12)):
+        model = _mlp()
+        sampler, handle, spy = watched(model, sketch=4, seed=seed)
+        ce(model(x), y).backward()
+        handle.flush()
+        rows[name] = spy.rows[0]
+    np.testing.assert_array_equal(rows["a"], rows["b"])
+    assert not np.allclose(rows["a"], rows["c"], atol=1e-3)
+    # The projection's default seed is the sampler's.
+    model = _mlp()
+    sampler, handle, spy = watched(model, sketch=4, seed=11)
+    assert handle.seed == 11
+    h2 = GraBSampler(n=4, seed=11).watch(_mlp(), sketch=4)
+    assert h2.seed == 11
+
+
+# ---------------------------------------------------------------------------------------------- DistributedDataParallel
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_ddp_wrapped_model_gives_the_unwrapped_rows(sketch):
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    model = _mlp()
+    plain = copy.deepcopy(model)
+    x, y = _data((6,), "class", b=5)
+    s_plain, h_plain, spy_plain = watched(plain, sketch=sketch)
+    ce(plain(x), y).backward()
+    h_plain.flush()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        sampler, handle, spy = watched(ddp, sketch=sketch)
+        for _ in range(2):
+            ce(ddp(x), y).backward()
+        handle.flush()
+        first, second = spy.steps([5, 5])
+        np.testing.assert_allclose(first, spy_plain.rows[0], rtol=1e-5, atol=1e-7)
+        grads, _ = per_example_gradients(model, ce, x, y)
+        assert_rows(second, handle.project(grads))
+        handle.remove()
+        no_hooks(ddp)
+    finally:
+        dist.destroy_process_group()
