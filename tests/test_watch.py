@@ -530,6 +530,58 @@ def test_no_grad_forward_between_a_forward_and_its_backward_is_ignored(reentrant
     assert sampler.pending == 57
 
 
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("reentrant", [None, True])
+def test_eval_forward_with_grad_between_a_forward_and_its_backward_is_ignored(reentrant):
+    # A validation batch in eval mode with grad enabled (no no_grad) between the training forward and
+    # its backward: its layers are skipped and the training step's rows are kept.
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant)
+    (x, y), (xv, _) = _data((6,), "class", b=4), _data((6,), "class", b=3, seed=5)
+    sampler, handle, spy = watched(model, sketch=4)
+    model.use_checkpoint = False
+    expected, _ = exact_rows(handle, model, ce, x, y)
+    model.use_checkpoint = True
+    loss = ce(model(x), y)
+    model.eval()
+    model(xv).sum()  # a graph is built, but never backpropagated
+    model.train()
+    loss.backward()
+    handle.flush()
+    assert len(spy.rows) == 1
+    assert_rows(spy.rows[0], expected)
+    assert sampler.pending == 60
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_two_forwards_before_one_backward_give_the_summed_rows(sketch):
+    # A siamese or contrastive loss: two forwards of the same examples (two views), one backward. Each
+    # example's row is the sketch of its gradient through both forwards.
+    model = _mlp()
+    x, y = _data((6,), "class", b=4)
+    x2 = x.flip(1)
+    sampler, handle, spy = watched(model, sketch=sketch)
+
+    from torchgrab.gradients import per_example_gradients
+
+    class Pair(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, both):
+            a, b = both[:, 0], both[:, 1]
+            return self.net(a) + self.net(b)
+
+    grads, _ = per_example_gradients(Pair(model), ce, torch.stack([x, x2], 1), y)
+    expected = handle.project({k.removeprefix("net."): v for k, v in grads.items()}).numpy()
+    ce(model(x) + model(x2), y).backward()
+    handle.flush()
+    assert len(spy.rows) == 1 and spy.rows[0].shape[0] == 4
+    assert_rows(spy.rows[0], expected)
+    assert sampler.pending == 60
+
+
 class Twice(nn.Module):
     def __init__(self):
         super().__init__()

@@ -288,11 +288,15 @@ class WatchHandle:
         if _in_backward() or _in_transform():
             return  # a checkpointed model recomputing its forward; a torch.func transform
         if self._step.grads or self._step.noted is not None:
-            self._end_step()
-        elif not torch.is_grad_enabled():
-            # A no_grad forward (validation, pseudo-labels) before the open step's backward: the step
-            # stays open (its layers ignore this forward: _on_forward checks grad mode), and so does
-            # _recording, which a reentrant checkpoint's recompute inside that backward needs.
+            self._end_step()  # the open step's backward has run: this forward begins the next step
+        elif self._step.forwards:
+            # The open step has had a forward but no backward yet. A forward in eval mode or under
+            # no_grad (validation, pseudo-labels) leaves it alone: its layers are skipped (_on_forward
+            # checks grad mode and module.training), and _recording stays on for a reentrant
+            # checkpoint's recompute inside the coming backward. A second training forward joins it
+            # (siamese and contrastive losses: one backward through two forwards of the same batch).
+            if module.training and torch.is_grad_enabled():
+                self._recording = True
             return
         else:
             self._step = _Step()  # nothing reached the previous step's hooks: an evaluation forward
@@ -303,7 +307,7 @@ class WatchHandle:
             self._step.batch = _batch_of(args, kwargs)
 
     def _on_forward(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
-        if not self._recording or not torch.is_grad_enabled() or _in_transform():
+        if not self._recording or not module.training or not torch.is_grad_enabled() or _in_transform():
             return None
         if not isinstance(out, torch.Tensor) or not out.requires_grad or not args:
             return None
