@@ -1041,3 +1041,14 @@ def test_ddp_wrapped_model_gives_the_unwrapped_rows(sketch):
         no_hooks(ddp)
     finally:
         dist.destroy_process_group()
+
+
+def test_excluding_part_of_a_layer_is_refused_with_advice():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    sampler = GraBSampler(n=8)
+    with pytest.raises(UnsupportedInputError, match=r"exclude the layer \('0'\)"):
+        sampler.watch(model, exclude=["0.bias"])
+    no_hooks(model)
+    assert sampler._watchers == []
+    handle = sampler.watch(model, exclude=["0"])
+    assert [name for name, _, _ in handle.layers] == ["2"]

@@ -567,7 +567,8 @@ class GraBSampler(Sampler[int]):
             granularity: ``"example"`` (one row per example; every trainable parameter must belong to a
                 hooked layer or be excluded) or ``"batch"``: one row per backward from the parameters'
                 gradients (any model), for loops where a step is one unit (a batch of one, or
-                ``unit_size`` equal to the batch size).
+                ``unit_size`` equal to the batch size); not checked: a backward of B > 1 examples with
+                ``unit_size=1`` would take one index instead of B.
             exclude: module or parameter names whose gradients are left out of the rows.
             scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop: rows are unscaled, and a step
                 it skips for inf/NaN gives no rows (its examples count as unseen).

@@ -166,8 +166,15 @@ class WatchHandle:
                     lk = k
                 sk = cls(name, module, lk, self.seed)
                 covered = {prefix + p for p in sk.covered(module)}
-                if any(p in covered and p not in kept for p in own):
-                    continue  # part of the layer excluded: leave the whole layer out
+                left_out = [p for p in own if p in covered and p not in kept]
+                if left_out and len(left_out) < len([p for p in own if p in covered]):
+                    raise UnsupportedInputError(
+                        f"exclude= leaves out {left_out} but not the rest of layer {name!r}: a layer's sketch "
+                        f"covers all its parameters; exclude the layer ({name!r}) or freeze the parameter "
+                        "(requires_grad=False)"
+                    )
+                if left_out:
+                    continue  # the whole layer excluded
                 self._sketches[module] = sk
                 uncovered -= covered
             if uncovered:
