@@ -1052,3 +1052,21 @@ def test_excluding_part_of_a_layer_is_refused_with_advice():
     assert sampler._watchers == []
     handle = sampler.watch(model, exclude=["0"])
     assert [name for name, _, _ in handle.layers] == ["2"]
+
+
+def test_bf16_autocast_rows_match_float32_rows():
+    # torch.autocast on the CPU runs the Linear layers in bfloat16: the hooks see bfloat16 inputs and
+    # output gradients and sketch them in float32, so the rows are float32 rows up to bfloat16 rounding.
+    model = _mlp()
+    x, y = _data((6,), "class", b=8)
+    rows32, _, _, _ = one_step(model, x, y, ce, 4)
+    sampler, handle, spy = watched(model, sketch=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ce(model(x), y)
+    loss.backward()
+    handle.flush()
+    got = spy.rows[0]
+    assert got.dtype == np.float32 and got.shape == rows32.shape
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, rows32, rtol=0.05, atol=0.05 * np.abs(rows32).max())
+    assert not np.array_equal(got, rows32)  # bfloat16 really ran
