@@ -215,6 +215,7 @@ def main():
     ap.add_argument("--cifar-epochs", type=int, default=10)
     ap.add_argument("--cifar-n", type=int, default=10000)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--tasks", default="mnist,lenet", help="comma-separated: mnist, lenet")
     ap.add_argument("--quick", action="store_true", help="tiny data, 2 rounds, 2 epochs: a smoke run")
     ap.add_argument("--out", default=os.path.join(here, "out"))
     args = ap.parse_args()
@@ -223,7 +224,12 @@ def main():
         args.threads = args.threads[:1]
     _common.header(f"watch(): epoch cost and time to loss, CPU, batch {BATCH}")
     x, y = load_mnist(args.data)
-    tasks = {"mnist": (x[:2048], y[:2048]) if args.quick else (x, y), "lenet": load_cifar10(args.data, args.cifar_n)}
+    wanted = args.tasks.split(",")
+    tasks = {}
+    if "mnist" in wanted:
+        tasks["mnist"] = (x[:2048], y[:2048]) if args.quick else (x, y)
+    if "lenet" in wanted:
+        tasks["lenet"] = load_cifar10(args.data, args.cifar_n)
     os.makedirs(args.out, exist_ok=True)
     if args.part in ("cost", "both"):
         part_cost(tasks, args)

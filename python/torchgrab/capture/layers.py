@@ -19,6 +19,9 @@ from torchgrab.capture.projection import CountSketch, Factor, derived_seed
 from torchgrab.gradients import im2col
 
 _REGISTRY: Dict[Type[nn.Module], Type["LayerSketch"]] = {}
+# A Linear layer's input side is count-sketched (not Gaussian) when it is at least this many times wider
+# than its sketch and the sketch has at least 64 columns (see LinearSketch).
+COUNT_SKETCH_RATIO = 4
 
 
 def register_sketch(*kinds: Type[nn.Module]) -> Callable[[Type["LayerSketch"]], Type["LayerSketch"]]:
@@ -150,7 +153,10 @@ class LinearSketch(LayerSketch):
         k_out, k_in = split_k(k, out_f)
         self._stacks: Dict[Any, torch.Tensor] = {}  # stacked P_out^T of groups led by this layer
         self.p_out = Factor(out_f, k_out, seed, name, "out")
-        self.p_in = Factor(in_f, k_in, seed, name, "in")
+        # A wide input sketched to many columns (MNIST's 784 pixels to 102) is count-sketched: its
+        # Gaussian product cost more than the layer itself, the index_add_ costs O(in).
+        wide = k_in is not None and in_f >= COUNT_SKETCH_RATIO * k_in and k_in >= 64
+        self.p_in = Factor(in_f, k_in, seed, name, "in", count=wide)
         self.width = self.p_out.k * self.p_in.k * self.train_w + self.p_out.k * self.train_b
 
     def save(self, module: nn.Module, x: torch.Tensor) -> Any:
