@@ -82,3 +82,19 @@ def test_data_benchmark_runs(script, args, expect, tmp_path):
     for line in expect:
         assert line in stdout
     assert (tmp_path / f"{script}.png").exists() or "matplotlib missing" in stdout
+
+
+@pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
+def test_watch_batchnorm_runs(tmp_path):
+    """benchmarks/watch_batchnorm.py --quick: watch() on a BatchNorm ResNet-8 against RR, 320 CIFAR-10 images."""
+    stdout = run(["benchmarks/watch_batchnorm.py", "--data", str(DATA), "--quick", "--out", str(tmp_path)])
+    for line in (
+        "CIFAR-10 ResNet-8 with BatchNorm",
+        "grab: K = ",
+        "epoch 0 and epoch 1 losses equal in every arm of a seed (same init, same first order): True",
+        "grab - rr, full training loss, paired by seed",
+        "-> grab (K = ",
+    ):
+        assert line in stdout
+    assert (tmp_path / "watch_batchnorm.txt").exists()
+    assert (tmp_path / "watch_batchnorm.png").exists() or "matplotlib missing" in stdout

@@ -1,0 +1,430 @@
+"""Does GraB through `sampler.watch(model)` still beat random reshuffling on a BatchNorm ResNet? (issue 14, point 3)
+
+    .venv/bin/python benchmarks/watch_batchnorm.py                 # out/watch_batchnorm.{txt,csv,png}
+    .venv/bin/python benchmarks/watch_batchnorm.py --n 2500 --epochs 6
+    .venv/bin/python benchmarks/watch_batchnorm.py --quick         # a smoke run of a few seconds
+
+For BatchNorm in training mode per-example gradients are not defined (the batch statistics couple the examples);
+watch() hands the sampler each example's *contribution* g_b * x_hat_b instead (BN's coupling inside g_b), which
+sums to the batch gradient. This script measures whether an order balanced on that proxy lowers the training loss.
+
+Model: a ResNet-8 (conv3x3 16 + BN + ReLU; three stages of one BasicBlock each, 16/32/64 channels, stride 2 between
+stages, 1x1 conv + BN shortcut where the shape changes; global average pool; Linear to 10), no bias in the
+convolutions (BN follows each). Data: a seeded random subset of the CIFAR-10 training JPEGs of ../shared/data
+(`--n`, default 5,000) and a seeded random 2,000 of the test images, channel mean/std normalized, no augmentation.
+SGD lr 0.05 momentum 0.9 weight decay 5e-4, batch 64, constant learning rate.
+
+Arms, per seed from the same initial weights and the same first-epoch permutation (every arm is a GraBSampler with
+that seed; its first epoch is a seeded random permutation, the same for every ordering):
+  rr    GraBSampler(ordering="rr"): a fresh random permutation each epoch, ordinary loss.backward(), no hooks;
+  grab  GraBSampler(ordering="grab") fed by sampler.watch(model) with its defaults (sketch 32, budget 0.25);
+  pair  the same with ordering="pair" (balanced pairs).
+Every arm runs the same loop: the sampler's order in index slices of the in-memory tensors (what
+DataLoader(sampler=...) would yield, without collate cost), loss_fn(model(x), y).backward(), opt.step();
+sampler.synchronize() ends the epoch (part of the timed training seconds). Arms take their epochs in rotation, so a
+slow spell of this shared machine does not fall on one arm. After each epoch, untimed and with the model in eval
+mode (BatchNorm uses its running statistics): the mean cross-entropy over all n training images and the loss and
+accuracy on the test images.
+
+Workaround, see the output header: with watch()'s defaults the budget leaves the weights of the bias-free
+convolutions out (width-0 blocks), and at this commit such a block breaks WatchHandle._end_step with
+"IndexError: list index out of range" (`--no-exclude` reproduces it). Those layers are passed as
+watch(exclude=...): they had no columns anyway, so the rows are the ones the defaults mean to give.
+
+Writes OUT/watch_batchnorm.txt (the printed tables, the command line at the top), OUT/watch_batchnorm.csv (one row
+per arm, seed and epoch) and OUT/watch_batchnorm.png (loss against epochs and against training seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib.util
+import io
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+import torchgrab  # noqa: E402
+from torchgrab import GraBSampler  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+loss_fn = nn.CrossEntropyLoss()
+
+
+def _load(name: str, path: Path):
+    """Import an examples/ module under its own name (benchmarks/ has a _common.py of its own)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+EX = _load("torchgrab_examples_common", REPO / "examples" / "_common.py")
+
+
+# --------------------------------------------------------------------------- model and data
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet8(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.layer1 = BasicBlock(16, 16, 1)
+        self.layer2 = BasicBlock(16, 32, 2)
+        self.layer3 = BasicBlock(32, 64, 2)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(F.relu(self.bn(self.conv(x))))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def load_data(root: Path, n: int, test_n: int, seed: int):
+    """Seeded random subsets of the CIFAR-10 training and test images, channel mean/std normalized, NCHW."""
+    (xtr, ytr), (xte, yte) = EX.load_cifar10(root, cache=REPO / "out" / "cifar10.npz")
+    rng = np.random.default_rng(seed)
+    tr = np.sort(rng.choice(len(xtr), size=min(n, len(xtr)), replace=False))
+    te = np.sort(rng.choice(len(xte), size=min(test_n, len(xte)), replace=False))
+
+    def norm(x: np.ndarray) -> torch.Tensor:
+        return ((torch.tensor(x).permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD).contiguous()
+
+    return norm(xtr[tr]), torch.tensor(ytr[tr]).long(), norm(xte[te]), torch.tensor(yte[te]).long()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000):
+    """(mean cross-entropy, accuracy) over all of (x, y), model in eval mode (BN running statistics)."""
+    was = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    for i in range(0, len(x), batch):
+        out = model(x[i : i + batch])
+        total += float(F.cross_entropy(out, y[i : i + batch], reduction="sum"))
+        correct += int((out.argmax(1) == y[i : i + batch]).sum())
+    model.train(was)
+    return total / len(x), correct / len(x)
+
+
+def zero_width_layers(model: nn.Module) -> List[str]:
+    """Layers to which watch()'s defaults give no columns (weight left out by the budget, no bias)."""
+    h = GraBSampler(n=2, ordering="grab", seed=0).watch(model)
+    try:
+        return [name for name, _, width in h.layers if width == 0]
+    finally:
+        h.remove()
+
+
+# --------------------------------------------------------------------------- training
+class Arm:
+    def __init__(self, name: str, seed: int, n: int, args, exclude: List[str]) -> None:
+        self.name = name
+        torch.manual_seed(seed)
+        self.model = ResNet8()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
+        self.sampler = GraBSampler(n=n, ordering=name, seed=seed)
+        self.handle = None
+        if name != "rr":
+            self.handle = self.sampler.watch(self.model, exclude=exclude) if exclude else self.sampler.watch(self.model)
+        self.width = 0 if self.handle is None else self.handle.width
+        self.batch = args.batch
+
+    def epoch(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        model, opt = self.model, self.opt
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.as_tensor(np.fromiter(iter(self.sampler), dtype=np.int64, count=len(x)))
+        for i in range(0, len(order), self.batch):
+            idx = order[i : i + self.batch]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+        self.sampler.synchronize()  # the last steps' rows fed and balanced: part of the epoch
+        return time.perf_counter() - t0
+
+
+def binom_tail(k: int, n: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2): a one-sided sign test."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n
+
+
+# --------------------------------------------------------------------------- output
+class Out:
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+
+    def line(self, s: str = "") -> None:
+        print(s, flush=True)
+        self.lines.append(s)
+
+
+def preamble() -> List[str]:
+    exe = os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
+    lines = [f"# command: {shlex.join([exe, script, *sys.argv[1:]])}"]
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "python"], capture_output=True, text=True
+        )
+        changed = [ln[3:] for ln in dirty.stdout.splitlines()]
+        state = f"uncommitted changes in {', '.join(changed)}" if changed else "python/ clean"
+        lines.append(f"# repository at commit {head.stdout.strip()} ({state})")
+    except OSError:  # pragma: no cover
+        pass
+    lines.append(f"# torchgrab {torchgrab.__version__} imported from {os.path.dirname(torchgrab.__file__)}")
+    return lines
+
+
+def plot(out_dir: str, arms: List[str], loss: Dict, secs: Dict, acc: Dict, title: str) -> None:
+    plt = _common.pyplot()
+    if plt is None:
+        return
+    fig, (ax_e, ax_t, ax_a) = plt.subplots(1, 3, figsize=(16, 4.6))
+    seeds = next(iter(loss.values())).shape[0]
+    for c, a in enumerate(arms):
+        color = f"C{c}"
+        ep = np.arange(loss[a].shape[1])
+        for s in range(seeds):
+            ax_e.plot(ep, loss[a][s], color=color, alpha=0.25, lw=0.8)
+            ax_t.plot(np.cumsum(secs[a][s]), loss[a][s], color=color, alpha=0.25, lw=0.8)
+        ax_e.plot(ep, loss[a].mean(0), color=color, marker="o", label=f"{a} (mean of {seeds})")
+        ax_t.plot(np.cumsum(secs[a], axis=1).mean(0), loss[a].mean(0), color=color, marker="o", label=a)
+        ax_a.plot(ep, 100 * acc[a].mean(0), color=color, marker="o", label=a)
+    ax_e.set(title="full training loss (eval mode) per epoch", xlabel="epoch", ylabel="mean cross-entropy")
+    ax_t.set(title="... against training seconds (1 thread)", xlabel="cumulative training seconds", ylabel="loss")
+    ax_a.set(title="test accuracy", xlabel="epoch", ylabel="% correct")
+    for ax in (ax_e, ax_t):
+        ax.set_yscale("log")
+    for ax in (ax_e, ax_t, ax_a):
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _common.save_plot(fig, out_dir, "watch_batchnorm.png")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help=f"data root in the layout of ../shared/data ({EX.DEFAULT_DATA})")
+    ap.add_argument("--n", type=int, default=5000, help="training images (seeded random subset)")
+    ap.add_argument("--test-n", type=int, default=2000, help="test images (seeded random subset)")
+    ap.add_argument("--subset-seed", type=int, default=0, help="seed of the two subsets")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--arms", default="rr,grab,pair", help="comma-separated, rr first: rr, grab, pair")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--wd", type=float, default=5e-4)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    ap.add_argument(
+        "--no-exclude",
+        action="store_true",
+        help="call watch(model) with no exclude= (at the commit this was written, that fails; see the docstring)",
+    )
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/out; with --quick a temp folder)")
+    ap.add_argument("--quick", action="store_true", help="a few hundred images, 1 epoch, 1 seed: a smoke run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.test_n, args.epochs, args.seeds = 320, 200, 1, 1
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="watch_batchnorm_") if args.quick else os.path.join(here, "out")
+    os.makedirs(args.out, exist_ok=True)
+    arms = [a for a in args.arms.split(",") if a]
+    if arms[0] != "rr":
+        ap.error("--arms must start with rr (the differences are taken against it)")
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+
+    out = Out()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _common.header("watch() on a BatchNorm ResNet: does the BN-contribution order beat RR? (issue 14, point 3)")
+    for ln in preamble() + buf.getvalue().splitlines():
+        out.line(ln)
+
+    x, y, xte, yte = load_data(EX.data_root(args.data), args.n, args.test_n, args.subset_seed)
+    probe = ResNet8()
+    exclude = [] if args.no_exclude else zero_width_layers(probe)
+    d = sum(p.numel() for p in probe.parameters())
+    title = (
+        f"CIFAR-10 ResNet-8 with BatchNorm (d = {d:,}), {len(x):,} training / {len(xte):,} test images, "
+        f"SGD lr {args.lr} m 0.9 wd {args.wd}, batch {args.batch}, {args.epochs} epochs, {args.seeds} seeds"
+    )
+    out.line(f"# {title}")
+    out.line(
+        f"# subsets: seeded random (subset seed {args.subset_seed}); seeds 0..{args.seeds - 1} set the initial weights "
+        "and the first-epoch permutation shared by every arm of a seed"
+    )
+    cut = [
+        f"{k} {v} (default {dv})"
+        for k, v, dv in (
+            ("n", len(x), 5000),
+            ("epochs", args.epochs, 8),
+            ("seeds", args.seeds, 3),
+            ("arms", ",".join(arms), "rr,grab,pair"),
+        )
+        if str(v) != str(dv)
+    ]
+    if cut and not args.quick:
+        out.line(f"# reduced from the defaults to keep the run short on this shared 2-core machine: {'; '.join(cut)}")
+    if exclude:
+        out.line(
+            f"# watch() workaround: exclude={exclude} (the defaults give these layers 0 columns; without exclude= "
+            "the first step fails, see --no-exclude), so the rows are the defaults' rows"
+        )
+    widths: Dict[str, int] = {}
+    loss = {a: np.full((args.seeds, args.epochs + 1), np.nan) for a in arms}
+    acc = {a: np.full((args.seeds, args.epochs + 1), np.nan) for a in arms}
+    tloss = {a: np.full((args.seeds, args.epochs + 1), np.nan) for a in arms}
+    secs = {a: np.zeros((args.seeds, args.epochs + 1)) for a in arms}
+    rows: List[Dict] = []
+    for s in range(args.seeds):
+        runs = {a: Arm(a, s, len(x), args, exclude) for a in arms}
+        widths = {a: r.width for a, r in runs.items()}
+        if s == 0:
+            for a, r in runs.items():
+                if r.handle is not None:
+                    blocks = ", ".join(f"{name} {kind} {w}" for name, kind, w in r.handle.layers)
+                    out.line(f"# {a}: K = {r.width:,} columns per example: {blocks}")
+        for a, r in runs.items():
+            loss[a][s, 0] = evaluate(r.model, x, y)[0]
+            tloss[a][s, 0], acc[a][s, 0] = evaluate(r.model, xte, yte)
+        for e in range(1, args.epochs + 1):
+            rot = (e - 1) % len(arms)
+            for a in arms[rot:] + arms[:rot]:
+                secs[a][s, e] = runs[a].epoch(x, y)
+                loss[a][s, e] = evaluate(runs[a].model, x, y)[0]
+                tloss[a][s, e], acc[a][s, e] = evaluate(runs[a].model, xte, yte)
+            print(
+                f"# seed {s} epoch {e}: "
+                + ", ".join(f"{a} loss {loss[a][s, e]:.4f} acc {acc[a][s, e]:.3f} {secs[a][s, e]:.1f}s" for a in arms)
+                + f"  (load {_common.load_average()})",
+                file=sys.stderr,
+                flush=True,
+            )
+        for a in arms:
+            for e in range(args.epochs + 1):
+                rows.append(
+                    dict(
+                        arm=a,
+                        K=widths[a],
+                        seed=s,
+                        epoch=e,
+                        train_loss=f"{loss[a][s, e]:.6f}",
+                        test_loss=f"{tloss[a][s, e]:.6f}",
+                        test_acc=f"{acc[a][s, e]:.4f}",
+                        epoch_seconds=f"{secs[a][s, e]:.3f}",
+                    )
+                )
+
+    E = args.epochs
+    others = arms[1:]
+    same = all(np.array_equal(loss[a][:, : min(1, E) + 1], loss["rr"][:, : min(1, E) + 1]) for a in others)
+    out.line(
+        f"\n# check: epoch 0 and epoch 1 losses equal in every arm of a seed (same init, same first order): {same}"
+    )
+    out.line(
+        "\nFull training loss (mean cross-entropy over the n training images, model in eval mode), mean over seeds:"
+    )
+    out.line(f"{'epoch':>5} " + " ".join(f"{a:>9}" for a in arms) + "".join(f" {a + '-rr':>10}" for a in others))
+    for e in range(E + 1):
+        diffs = "".join(f" {(loss[a][:, e] - loss['rr'][:, e]).mean():>+10.5f}" for a in others)
+        out.line(f"{e:>5} " + " ".join(f"{loss[a][:, e].mean():>9.5f}" for a in arms) + diffs)
+    for a in others:
+        out.line(f"\n{a} - rr, full training loss, paired by seed (< 0: {a} lower):")
+        out.line(f"{'epoch':>5} " + " ".join(f"{'seed ' + str(s):>9}" for s in range(args.seeds)) + f" {'mean':>9}")
+        for e in range(1, E + 1):
+            dd = loss[a][:, e] - loss["rr"][:, e]
+            out.line(f"{e:>5} " + " ".join(f"{v:>+9.5f}" for v in dd) + f" {dd.mean():>+9.5f}")
+    out.line("\nTest accuracy (%) on the test images, mean over seeds; test loss in brackets:")
+    out.line(f"{'epoch':>5} " + " ".join(f"{a:>17}" for a in arms))
+    for e in range(E + 1):
+        out.line(
+            f"{e:>5} " + " ".join(f"{100 * acc[a][:, e].mean():>8.2f} ({tloss[a][:, e].mean():.4f})" for a in arms)
+        )
+    out.line("\nTraining seconds per epoch (sampler iteration, steps, synchronize; evaluation not included):")
+    out.line(
+        "  "
+        + ", ".join(
+            f"{a} median {np.median(secs[a][:, 1:]):.2f} s (total {secs[a].sum() / args.seeds:.1f} s per run)"
+            for a in arms
+        )
+    )
+    for a in others:
+        ratio = secs[a][:, 1:] / secs["rr"][:, 1:]
+        out.line(
+            f"  {a} / rr, same seed and epoch: median {np.median(ratio):.2f}x (range {ratio.min():.2f}-{ratio.max():.2f})"
+        )
+    first = min(3, E)
+    out.line(f"\nSummary, (seed, epoch) pairs from epoch {first} on:")
+    verdicts = {}
+    for a in others:
+        dd = loss[a][:, first:] - loss["rr"][:, first:]
+        wins, total = int((dd < 0).sum()), dd.size
+        rel = (dd / loss["rr"][:, first:]).mean()
+        gap = (loss[a] - loss["rr"]).mean(0)[first:]
+        out.line(
+            f"  {a}: loss below rr's in {wins}/{total} ({wins / total:.0%}); mean paired difference {dd.mean():+.5f} "
+            f"({rel:+.1%} of rr's loss); mean over seeds below rr at {int((gap < 0).sum())}/{len(gap)} epochs; "
+            f"final epoch {dd[:, -1].mean():+.5f} (seeds: {', '.join(f'{v:+.4f}' for v in dd[:, -1])}); "
+            f"sign test (pairs not independent, only a guide) P(>= {wins} of {total} | coin) = {binom_tail(wins, total):.3f}"
+        )
+        if wins == total:
+            verdicts[a] = "below RR in every seed and epoch"
+        elif wins / total >= 0.75 and (gap < 0).all():
+            verdicts[a] = "below RR on the whole, not in every seed and epoch"
+        elif wins / total > 0.5:
+            verdicts[a] = "at most a weak, seed-dependent gain over RR"
+        else:
+            verdicts[a] = "not below RR"
+    out.line(
+        "  rule: 'every' = all pairs below; 'on the whole' = >= 75% of pairs and the seed mean below at every epoch"
+    )
+    for a in others:
+        out.line(f"  -> {a} (K = {widths[a]:,}): {verdicts[a]}")
+    out.line(f"\n# total {time.perf_counter() - t_start:.0f} s, load average now {_common.load_average()}")
+
+    with open(os.path.join(args.out, "watch_batchnorm.txt"), "w") as f:
+        f.write("\n".join(out.lines) + "\n")
+    with open(os.path.join(args.out, "watch_batchnorm.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(args.out, arms, loss, secs, acc, title)
+    print(f"# wrote {args.out}/watch_batchnorm.txt, .csv and .png")
+
+
+if __name__ == "__main__":
+    main()
