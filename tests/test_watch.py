@@ -1070,3 +1070,18 @@ def test_bf16_autocast_rows_match_float32_rows():
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, rows32, rtol=0.05, atol=0.05 * np.abs(rows32).max())
     assert not np.array_equal(got, rows32)  # bfloat16 really ran
+
+
+def test_a_layer_left_without_columns_by_the_budget_is_not_hooked():
+    # A bias-free convolution whose weight the budget leaves out has no columns at all: it must not
+    # break a step (it used to raise IndexError when its empty block came first).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    sampler, handle, spy = watched(model, n=16, sketch=32, budget=0.25)
+    assert ("0", "Conv (weight left out: budget)", 0) in handle.layers
+    assert not model[0]._forward_hooks
+    for idx in (slice(0, 8), slice(8, 16)):
+        ce(model(x[idx]), y[idx]).backward()
+    handle.flush()
+    assert sum(r.shape[0] for r in spy.rows) == 16 and sampler.pending == 0

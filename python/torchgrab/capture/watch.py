@@ -135,6 +135,7 @@ class WatchHandle:
                 "the model has no trainable parameter left to watch (requires_grad=True, not excluded)"
             )
         self._sketches: Dict[nn.Module, LayerSketch] = {}
+        self._left_out: List[LayerSketch] = []  # layers with no columns under the budget (not hooked)
         self._params: List[Tuple[str, torch.Tensor, FoldSketch]] = []
         k = self.k
         per_layer = dict(per_layer or {})
@@ -175,8 +176,11 @@ class WatchHandle:
                     )
                 if left_out:
                     continue  # the whole layer excluded
-                self._sketches[module] = sk
                 uncovered -= covered
+                if sk.width:  # a bias-free convolution whose weight the budget leaves out has no columns
+                    self._sketches[module] = sk
+                else:
+                    self._left_out.append(sk)
             if uncovered:
                 names = sorted(uncovered)
                 raise UnsupportedModelError(
@@ -227,6 +231,10 @@ class WatchHandle:
                 sk.width,
             )
             for sk in self._sketches.values()
+        ]
+        out += [
+            (sk.name, type(sk).__name__.replace("Sketch", "") + " (weight left out: budget)", 0)
+            for sk in self._left_out
         ]
         out += [(n, "batch gradient", fs.k) for n, _, fs in self._params]
         return out
@@ -421,7 +429,7 @@ class WatchHandle:
             if step.noted is not None:
                 self._ready.append((None, step.noted))
         else:
-            first = next(iter(step.blocks.values()))[0]
+            first = next(p for pieces in step.blocks.values() for p in pieces)
             b = first.shape[0]
             pieces: List[torch.Tensor] = []
             for offset, width in self._blocks:
