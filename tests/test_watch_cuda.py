@@ -24,15 +24,23 @@ def _model():
     )
 
 
-def _rows(device, steps=4, sketch=8):
-    model = _model().to(device)
-    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
+def _wide_model():
+    # A 768 -> 10 layer: its input side is count-sketched (index_add_ on the device).
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
+
+
+def _rows(device, steps=4, sketch=8, make=_model, side=8):
+    model = make().to(device)
+    x = torch.randn(64, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
     y = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(2)).to(device)
     s = GraBSampler(n=64, ordering="grab", seed=0)
     got = []
     step = s.step
     s.step = lambda rows, **kw: (got.append(np.array(rows)), step(rows, **kw))[1]
     h = s.watch(model, sketch=sketch, budget=None)
+    if make is _wide_model:
+        assert h._sketches[model[1]].p_in.count
     order = list(iter(s))
     for k in range(steps):
         i = torch.as_tensor(order[16 * k : 16 * (k + 1)], device=device)
@@ -41,9 +49,10 @@ def _rows(device, steps=4, sketch=8):
     return np.concatenate(got), s.state_dict()["native"]
 
 
-def test_rows_on_cuda_equal_the_cpu_rows():
-    cpu, _ = _rows("cpu")
-    gpu, _ = _rows("cuda")
+@pytest.mark.parametrize("make, side, sketch", [(_model, 8, 8), (_wide_model, 16, 32)], ids=["conv-mlp", "count"])
+def test_rows_on_cuda_equal_the_cpu_rows(make, side, sketch):
+    cpu, _ = _rows("cpu", make=make, side=side, sketch=sketch)
+    gpu, _ = _rows("cuda", make=make, side=side, sketch=sketch)
     assert cpu.shape == gpu.shape == (64, cpu.shape[1])
     np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4 * np.abs(cpu).max())
 
