@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchgrab import GraBSampler, UnsupportedInputError, UnsupportedModelError
+from torchgrab import GraBSampler, ShapeError, StateDictError, UnsupportedInputError, UnsupportedModelError
 from torchgrab.capture.projection import FoldSketch
 from torchgrab.gradients import per_example_gradients
 
@@ -1085,3 +1085,28 @@ def test_a_layer_left_without_columns_by_the_budget_is_not_hooked():
         ce(model(x[idx]), y[idx]).backward()
     handle.flush()
     assert sum(r.shape[0] for r in spy.rows) == 16 and sampler.pending == 0
+
+
+def test_resuming_with_other_sketch_settings_is_refused_before_anything_changes():
+    model = _mlp()
+    x, y = _data((6,), "class", b=8)
+    sampler, handle, _ = watched(model, sketch=4)
+    ce(model(x), y).backward()
+    state = sampler.state_dict()
+    handle.remove()
+    # watch() first, then load: the load refuses and the fresh sampler stays as it was
+    fresh = GraBSampler(n=64, ordering="grab", seed=0)
+    other = fresh.watch(model, sketch=2)
+    before = fresh.state_dict()
+    with pytest.raises(StateDictError, match="watch the model with the settings"):
+        fresh.load_state_dict(state)
+    assert fresh.state_dict()["native"].keys() == before["native"].keys()
+    assert fresh.state_dict()["yielded"] == before["yielded"] == 0
+    other.remove()
+    # load first, then watch(): watch() refuses and attaches nothing
+    fresh.load_state_dict(state)
+    with pytest.raises(ShapeError, match="watch\\(\\) with these settings gives K"):
+        fresh.watch(model, sketch=2)
+    no_hooks(model)
+    assert fresh._watchers == []
+    fresh.watch(model, sketch=4)  # the saved settings are accepted

@@ -687,6 +687,13 @@ class GraBSampler(Sampler[int]):
                 f"the state dict is for ordering={native.ordering!r}, n={native.n} units; "
                 f"this sampler has ordering={ordering!r}, n={native_n} units"
             )
+        widths = {w.width for w in getattr(self, "_watchers", ()) if self.balances}
+        if native.dim is not None and widths and widths != {native.dim}:
+            raise StateDictError(
+                f"the state dict holds rows of dimension d = {native.dim}, but this sampler's watch() gives "
+                f"K = {sorted(widths)[0]}: watch the model with the settings (sketch, per_layer, budget, "
+                "exclude, granularity) of the run that saved it"
+            )
         if self._native.dim is not None and native.dim is not None and native.dim != self._native.dim:
             raise StateDictError(
                 f"the state dict holds gradients of dimension d = {native.dim}; this sampler's are d = {self._native.dim}"

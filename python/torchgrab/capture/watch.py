@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 from torchgrab.capture.layers import LayerSketch, sketch_class
 from torchgrab.capture.projection import FoldSketch
-from torchgrab.errors import UnsupportedInputError, UnsupportedModelError
+from torchgrab.errors import ShapeError, UnsupportedInputError, UnsupportedModelError
 
 DEFAULT_SKETCH = 32  # per-factor sketch size k; see docs (Capturing gradients) for how it was chosen
 DEFAULT_BUDGET = 0.25  # a layer's sketch may cost this fraction of its forward; see docs for why
@@ -208,6 +208,13 @@ class WatchHandle:
         # (offset, width) of every block in column order: how a step's pieces are laid out.
         self._blocks = [(sk.offset, sk.width) for sk in self._sketches.values() if sk.width]
         self._blocks += [(o, fs.k) for o, (_, _, fs) in zip(self._param_offsets, self._params)]
+        dim = sampler._native.dim
+        if sampler.balances and dim is not None and dim != self.width:
+            raise ShapeError(
+                f"this sampler balances rows of dimension d = {dim} (stepped already, or loaded from a "
+                f"checkpoint), but watch() with these settings gives K = {self.width}: use the sketch, "
+                "per_layer, budget, exclude and granularity of the run that made that state"
+            )
         self._step = _Step()
         self._recording = False
         self._ready: List[Tuple[Optional[torch.Tensor], int]] = []  # ended steps not yet shipped
