@@ -1110,3 +1110,30 @@ def test_resuming_with_other_sketch_settings_is_refused_before_anything_changes(
     no_hooks(model)
     assert fresh._watchers == []
     fresh.watch(model, sketch=4)  # the saved settings are accepted
+
+
+def test_blocks_still_in_flight_are_fed_in_order(monkeypatch):
+    # Rows from a GPU wait in flight until their copy is done; several blocks may wait at once. Feeding
+    # one must not feed the later ones before it (a sampler call inside the step once did: the check of
+    # the pending count fed the rest first, and their rows went to the wrong indices).
+    import torchgrab.capture.watch as watch_module
+
+    monkeypatch.setattr(watch_module, "FEED_EVERY", 1)  # every step shipped at once
+    model = _mlp()
+    sampler, handle, spy = watched(model, n=24, sketch=4)
+    feed = handle._feed
+    handle._feed = lambda block: feed(block) if block else None  # copies "not done" until a blocking wait
+    for k, b in enumerate((4, 3, 5)):
+        x, y = _data((6,), "class", b=b, seed=20 + k)
+        ce(model(x), y).backward()
+    handle._feed = feed
+    handle.flush()
+    assert [r.shape[0] for r in spy.rows] == [4, 3, 5]
+    twin = GraBSampler(n=24, ordering="grab", seed=0)
+    it = iter(twin)
+    for _ in range(24):
+        next(it)
+    for rows in spy.rows:
+        twin.step(rows)
+    assert twin.state_dict()["stepped"] == sampler.state_dict()["stepped"] == 12
+    assert list(sampler) == list(twin)

@@ -311,6 +311,12 @@ class GraBSampler(Sampler[int]):
         has gathered)."""
         if self._watchers:
             self._drain_watchers()
+        return self._unstepped
+
+    @property
+    def _unstepped(self) -> int:
+        # What `pending` reports, without feeding watch() rows first: the count step() itself checks
+        # (feeding there would step later rows before the ones being stepped).
         return self._yielded - self._stepped
 
     def _take(self, rows: int, indices: Optional[Any]) -> np.ndarray:
@@ -329,9 +335,9 @@ class GraBSampler(Sampler[int]):
             raise CallOrderError(
                 "step() was called before the sampler was iterated; iterate it (or the DataLoader) first"
             )
-        if rows > self.pending:
+        if rows > self._unstepped:
             raise ShapeError(
-                f"got {rows} gradient rows but only {self.pending} indices are pending "
+                f"got {rows} gradient rows but only {self._unstepped} indices are pending "
                 f"(yielded {self._yielded}, stepped {self._stepped} this epoch)"
             )
         return self._order[self._stepped : self._stepped + rows]
@@ -429,10 +435,10 @@ class GraBSampler(Sampler[int]):
             if rows > len(starts):
                 raise ShapeError(f"got {rows} unit gradients but only {len(starts)} units remain this epoch")
             end = starts[rows] if rows < len(starts) else len(unit_order)
-            if end > self.pending:
+            if end > self._unstepped:
                 raise ShapeError(
                     f"got {rows} unit gradients, but their {end} examples are not all yielded yet "
-                    f"({self.pending} pending)"
+                    f"({self._unstepped} pending)"
                 )
             self._native.step(*as_segments(grads)[:2], np.ascontiguousarray(unit_order[starts[:rows]], dtype=np.uint32))
             self._stepped += int(end)
