@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import time
 import types
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -115,3 +117,52 @@ def import_reference():
     import grabsampler
 
     return grabsampler, shims
+
+
+def load_module(name: str, path) -> types.ModuleType:
+    """Import a file as a module under its own name (examples/_common.py shares its file name with this
+    module, so examples/ cannot simply go on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Out:
+    """Prints a script's tables and keeps them for its .txt file."""
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+
+    def line(self, s: str = "") -> None:
+        print(s, flush=True)
+        self.lines.append(s)
+
+
+def provenance() -> List[str]:
+    """Header lines for a result file: the exact command, the commit (and any uncommitted change under
+    python/), and where torchgrab was imported from."""
+    import torchgrab
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = os.path.relpath(sys.executable, repo) if sys.executable.startswith(repo) else sys.executable
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), repo)
+    env = [f"PYTHONPATH={os.environ['PYTHONPATH']}"] if os.environ.get("PYTHONPATH") else []
+    lines = [f"# command: {shlex.join([*env, exe, script, *sys.argv[1:]])}"]
+    try:
+        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", repo, "status", "--porcelain", "--", "python"], capture_output=True, text=True
+        )
+        changed = [ln[3:] for ln in dirty.stdout.splitlines()]
+        state = f"uncommitted changes in {', '.join(changed)}" if changed else "python/ clean"
+        lines.append(f"# repository at commit {head.stdout.strip()} ({state})")
+    except OSError:  # pragma: no cover
+        pass
+    where = os.path.dirname(torchgrab.__file__)
+    if not where.startswith(repo):
+        where += " (not this checkout's python/)"
+    lines.append(f"# torchgrab {torchgrab.__version__} imported from {where}")
+    return lines

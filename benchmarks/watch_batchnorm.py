@@ -40,12 +40,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import importlib.util
 import io
 import math
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +56,6 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-import torchgrab  # noqa: E402
 from torchgrab import GraBSampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,15 +64,7 @@ STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 loss_fn = nn.CrossEntropyLoss()
 
 
-def _load(name: str, path: Path):
-    """Import an examples/ module under its own name (benchmarks/ has a _common.py of its own)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-EX = _load("torchgrab_examples_common", REPO / "examples" / "_common.py")
+EX = _common.load_module("torchgrab_examples_common", REPO / "examples" / "_common.py")
 
 
 # --------------------------------------------------------------------------- model and data
@@ -181,33 +169,6 @@ def binom_tail(k: int, n: int) -> float:
 
 
 # --------------------------------------------------------------------------- output
-class Out:
-    def __init__(self) -> None:
-        self.lines: List[str] = []
-
-    def line(self, s: str = "") -> None:
-        print(s, flush=True)
-        self.lines.append(s)
-
-
-def preamble() -> List[str]:
-    exe = os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable
-    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
-    lines = [f"# command: {shlex.join([exe, script, *sys.argv[1:]])}"]
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "python"], capture_output=True, text=True
-        )
-        changed = [ln[3:] for ln in dirty.stdout.splitlines()]
-        state = f"uncommitted changes in {', '.join(changed)}" if changed else "python/ clean"
-        lines.append(f"# repository at commit {head.stdout.strip()} ({state})")
-    except OSError:  # pragma: no cover
-        pass
-    lines.append(f"# torchgrab {torchgrab.__version__} imported from {os.path.dirname(torchgrab.__file__)}")
-    return lines
-
-
 def plot(out_dir: str, arms: List[str], loss: Dict, secs: Dict, acc: Dict, title: str) -> None:
     plt = _common.pyplot()
     if plt is None:
@@ -267,11 +228,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    out = Out()
+    out = _common.Out()
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         _common.header("watch() on a BatchNorm ResNet: does the BN-contribution order beat RR? (issue 14, point 3)")
-    for ln in preamble() + buf.getvalue().splitlines():
+    for ln in _common.provenance() + buf.getvalue().splitlines():
         out.line(ln)
 
     x, y, xte, yte = load_data(EX.data_root(args.data), args.n, args.test_n, args.subset_seed)

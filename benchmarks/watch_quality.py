@@ -39,11 +39,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import importlib.util
 import io
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,17 +61,9 @@ from torchgrab.capture import DEFAULT_SKETCH  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, path: Path):
-    """Import an examples/ module under its own name (benchmarks/ has a _common.py of its own)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 TASKS = ("mnist", "cifar")
-EX = _load("torchgrab_examples_common", REPO / "examples" / "_common.py")
-LeNet = _load("torchgrab_examples_cifar10_lenet", REPO / "examples" / "cifar10_lenet.py").LeNet
+EX = _common.load_module("torchgrab_examples_common", REPO / "examples" / "_common.py")
+LeNet = _common.load_module("torchgrab_examples_cifar10_lenet", REPO / "examples" / "cifar10_lenet.py").LeNet
 loss_fn = nn.CrossEntropyLoss()
 watch_kw: Dict = {}  # extra keywords of every watch() call (--budget)
 
@@ -356,40 +345,10 @@ def part_disc(task: Task, args, out: "Out", csv_rows: List[Dict]) -> Dict:
 
 
 # --------------------------------------------------------------------------- output
-class Out:
-    """Prints a task's tables and keeps them for its .txt file."""
-
-    def __init__(self) -> None:
-        self.lines: List[str] = []
-
-    def line(self, s: str = "") -> None:
-        print(s, flush=True)
-        self.lines.append(s)
-
-
 def preamble(args) -> List[str]:
-    exe = os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable
-    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
-    env = [f"PYTHONPATH={os.environ['PYTHONPATH']}"] if os.environ.get("PYTHONPATH") else []
-    lines = [f"# command: {shlex.join([*env, exe, script, *sys.argv[1:]])}"]
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "python"], capture_output=True, text=True
-        )
-        changed = [ln[3:] for ln in dirty.stdout.splitlines()]
-        state = f"uncommitted changes in {', '.join(changed)}" if changed else "python/ clean"
-        lines.append(f"# repository at commit {head.stdout.strip()} ({state})")
-    except OSError:  # pragma: no cover
-        pass
-    where = os.path.dirname(torchgrab.__file__)
-    if not where.startswith(str(REPO)):
-        where += " (not this checkout's python/)"
-    lines.append(f"# torchgrab {torchgrab.__version__} imported from {where}")
-    lines.append(
+    return _common.provenance() + [
         f"# default sketch (torchgrab.capture.DEFAULT_SKETCH) = {DEFAULT_SKETCH}; extra watch() keywords {watch_kw}"
-    )
-    return lines
+    ]
 
 
 def read_results(path_dir: str) -> Dict[str, Dict]:
@@ -534,7 +493,7 @@ def main(argv=None) -> None:
     csv_rows: List[Dict] = []
     for name in args.tasks:
         t_task = time.perf_counter()
-        out = Out()
+        out = _common.Out()
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             _common.header(f"watch(): what the sketch keeps of GraB, task {name}")
