@@ -17,6 +17,7 @@ from torchgrab import _native
 from torchgrab._background import StepLock
 from torchgrab._segments import as_segments, gradient_items
 from torchgrab._units import UnitMap
+from torchgrab.capture.watch import DEFAULT_BUDGET, DEFAULT_SKETCH
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
 from torchgrab.gradients import batch_size, call_model, capture
 from torchgrab.ondevice import OnDeviceBalancer
@@ -533,9 +534,9 @@ class GraBSampler(Sampler[int]):
         self,
         model: torch.nn.Module,
         *,
-        sketch: Optional[int] = 32,
+        sketch: Optional[int] = DEFAULT_SKETCH,
         per_layer: Optional[Dict[str, Any]] = None,
-        budget: Optional[float] = 0.25,
+        budget: Optional[float] = DEFAULT_BUDGET,
         loss_reduction: str = "mean",
         granularity: str = "example",
         exclude: Sequence[str] = (),

@@ -453,34 +453,31 @@ class _AffineNormSketch(LayerSketch):
         return [self.p(_f32(grads[p]).reshape(grads[p].shape[0], -1)) for p in self.params if _trainable(module, p)]
 
 
-@register_sketch(nn.LayerNorm)
-class LayerNormSketch(_AffineNormSketch):
+class _FeatureNormSketch(_AffineNormSketch):
+    """Norms over trailing features (``normalized_shape``), affine when ``elementwise_affine``."""
+
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
         return module.elementwise_affine
-
-    def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, tuple(module.normalized_shape), None, None, module.eps)
 
     def per_feature(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], -1, self.p.n).sum(1)
 
 
+@register_sketch(nn.LayerNorm)
+class LayerNormSketch(_FeatureNormSketch):
+    def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, tuple(module.normalized_shape), None, None, module.eps)
+
+
 if hasattr(nn, "RMSNorm"):
 
     @register_sketch(nn.RMSNorm)
-    class RMSNormSketch(_AffineNormSketch):
+    class RMSNormSketch(_FeatureNormSketch):
         params = ("weight",)
-
-        @classmethod
-        def supports(cls, module: nn.Module) -> bool:
-            return module.elementwise_affine
 
         def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return F.rms_norm(x, tuple(module.normalized_shape), None, module.eps)
-
-        def per_feature(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(t.shape[0], -1, self.p.n).sum(1)
 
 
 class _ChannelNormSketch(_AffineNormSketch):

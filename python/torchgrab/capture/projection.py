@@ -24,6 +24,14 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
+def _buckets_and_signs(seed: int, n: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A count sketch's tables on the CPU: a bucket in [0, k) (int64) and a sign (float32) per coordinate."""
+    g = _generator(seed)
+    buckets = torch.randint(0, k, (n,), generator=g)
+    signs = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    return buckets, signs
+
+
 class Factor:
     """One side of a Kronecker sketch: ``x -> x @ P^T`` over the last dimension, with P (k x n) seeded
     Gaussian, or the identity when ``n <= k`` (a factor no larger than its sketch stays exact).
@@ -45,9 +53,7 @@ class Factor:
         key = (device, dtype)
         t = self._tables.get(key)
         if t is None:
-            g = _generator(self._seed)
-            buckets = torch.randint(0, self.k, (self.n,), generator=g)
-            signs = torch.randint(0, 2, (self.n,), generator=g).float() * 2 - 1
+            buckets, signs = _buckets_and_signs(self._seed, self.n, self.k)
             t = self._tables[key] = (buckets.to(device), signs.to(device=device, dtype=dtype))
         return t
 
@@ -92,13 +98,10 @@ class CountSketch:
         """(buckets [n] int64, signs [n] float32) on ``device``."""
         t = self._on.get(device)
         if t is None:
-            g = _generator(self._seed)
             if self.identity:
-                buckets = torch.arange(self.n)
-                signs = torch.ones(self.n)
+                buckets, signs = torch.arange(self.n), torch.ones(self.n)
             else:
-                buckets = torch.randint(0, self.k, (self.n,), generator=g)
-                signs = torch.randint(0, 2, (self.n,), generator=g).float() * 2 - 1
+                buckets, signs = _buckets_and_signs(self._seed, self.n, self.k)
             t = (buckets.to(device), signs.to(device))
             self._on[device] = t
         return t

@@ -56,8 +56,8 @@ class _Step:
         self.grads = 0  # hooks that have fired
         self.noted: Optional[int] = None  # rows of a step that needs no sketch (an ordering without gradients)
         # Hook calls whose sketch waits for the end of the backward, to be formed in groups of equally
-        # shaped layers (see LayerSketch.group_key): (sketch, module, saved input, output gradient).
-        self.deferred: List[Tuple[LayerSketch, nn.Module, Any, torch.Tensor]] = []
+        # shaped layers: (LayerSketch.group_key, sketch, module, saved input, output gradient).
+        self.deferred: List[Tuple[Any, LayerSketch, nn.Module, Any, torch.Tensor]] = []
 
     def add(self, offset: int, pieces: List[torch.Tensor]) -> None:
         have = self.blocks.get(offset)
@@ -371,7 +371,8 @@ class WatchHandle:
     def _on_grad(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> None:
         if step is not self._step:
             return  # a backward through a step already handed over (retain_graph): not this step's
-        if sk.group_key(saved, g) is None:
+        key = sk.group_key(saved, g)
+        if key is None:
             with torch.no_grad():
                 step.add(sk.offset, sk.rows(module, saved, g))
         else:
@@ -380,7 +381,7 @@ class WatchHandle:
                     torch.autograd.Variable._execution_engine.queue_callback(lambda: self._run_deferred(step))
                 except RuntimeError:
                     pass  # not inside an engine run: _end_step forms them
-            step.deferred.append((sk, module, saved, g))
+            step.deferred.append((key, sk, module, saved, g))
         if step.grads == 0:
             self._first_grad(step)
         step.grads += 1
@@ -389,8 +390,8 @@ class WatchHandle:
         """Form the deferred sketches of a step, equally shaped layers together."""
         items, step.deferred = step.deferred, []
         groups: Dict[Any, List[Tuple[LayerSketch, nn.Module, Any, torch.Tensor]]] = {}
-        for item in items:
-            groups.setdefault(item[0].group_key(item[2], item[3]), []).append(item)
+        for key, *item in items:
+            groups.setdefault(key, []).append(tuple(item))
         with torch.no_grad():
             for members in groups.values():
                 if len(members) == 1:
