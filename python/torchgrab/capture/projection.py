@@ -62,14 +62,11 @@ class Factor:
         key = (device, dtype)
         m = self._on.get(key)
         if m is None:
-            if self.count:
-                buckets, signs = self._count_tables(torch.device("cpu"), torch.float32)
-                cpu = torch.zeros(self.n, self.k)
-                cpu[torch.arange(self.n), buckets] = signs
-                m = cpu.to(device=device, dtype=dtype)
-            else:
-                cpu = torch.randn(self.k, self.n, generator=_generator(self._seed), dtype=torch.float32)
-                m = (cpu / math.sqrt(self.k)).t().contiguous().to(device=device, dtype=dtype)
+            # Only Gaussian factors are ever used as a matrix (the grouped output side); a count sketch is
+            # applied by __call__ alone.
+            assert not self.count, "a count-sketch factor has no dense matrix here"
+            cpu = torch.randn(self.k, self.n, generator=_generator(self._seed), dtype=torch.float32)
+            m = (cpu / math.sqrt(self.k)).t().contiguous().to(device=device, dtype=dtype)
             self._on[key] = m
         return m
 
