@@ -13,6 +13,7 @@ from torchgrab import (
     ShapeError,
     StateDictError,
     UnitIndexError,
+    UnsupportedInputError,
     herding_discrepancy,
     orderings,
 )
@@ -282,3 +283,40 @@ def test_per_unit_rows_need_their_examples_yielded():
         s.step(np.ones((2, 2)), per_unit=True)  # the second unit has only 1 of 3 examples yielded
     s.step(np.ones((1, 2)), per_unit=True)
     assert s.pending == 1
+
+
+@pytest.mark.parametrize("ordering", ["recursive", "recursive-pair"])
+def test_depth_none_is_the_orderings_documented_default(ordering):
+    import pickle
+
+    from torchgrab.sampler import DEFAULT_DEPTH
+
+    # docs/orderings.md, "Choosing depth" (benchmarks/depth.py): depth 1 for both tree orderings.
+    assert DEFAULT_DEPTH == {"recursive": 1, "recursive-pair": 1}
+    v = np.random.default_rng(10).normal(size=(37, 4)) + 0.2
+    default = GraBSampler(n=37, ordering=ordering, seed=4)
+    same = GraBSampler(n=37, ordering=ordering, seed=4, depth=DEFAULT_DEPTH[ordering])
+    other = GraBSampler(n=37, ordering=ordering, seed=4, depth=5)  # the old shared default, still honoured
+    assert default.state_dict()["native"]["depth"] == DEFAULT_DEPTH[ordering]
+    assert other.state_dict()["native"]["depth"] == 5
+    orders = [(feed_epoch(default, v, per_step=6), feed_epoch(same, v, per_step=6)) for _ in range(3)]
+    assert all(a == b for a, b in orders)
+    assert list(default) == list(same)
+    for _ in range(3):
+        feed_epoch(other, v, per_step=6)
+    assert list(other) != list(default)  # an explicit depth is used as given
+    # The depth travels in the native state: a checkpoint and a pickle keep it.
+    restored = GraBSampler(n=37, ordering=ordering, seed=4)
+    restored.load_state_dict(save_load(other.state_dict()))
+    assert restored.state_dict()["native"]["depth"] == 5 and list(restored) == list(other)
+    clone = pickle.loads(pickle.dumps(default))
+    assert clone.state_dict()["native"]["depth"] == DEFAULT_DEPTH[ordering] and list(clone) == list(default)
+
+
+def test_depth_default_leaves_other_orderings_and_validation_alone():
+    # Orderings without a tree keep passing the native default (their state dicts are unchanged).
+    for ordering in ("grab", "pair", "rr"):
+        assert GraBSampler(n=5, ordering=ordering).state_dict()["native"]["depth"] == 5
+    for bad in (-1, True, 2.0):
+        with pytest.raises(UnsupportedInputError, match="depth"):
+            GraBSampler(n=5, ordering="recursive", depth=bad)

@@ -35,6 +35,13 @@ _UNSIGNED_KEYS["next_back"] = np.uint32
 _YIELD_CHUNK = 1 << 13
 # Herding passes per epoch at most: the Rust core's MAX_ROUNDS.
 _MAX_ROUNDS = 1000
+# depth=None: each tree ordering's own default, from benchmarks/depth.py (docs/orderings.md, "Choosing
+# depth"; 3 seeds, Gaussian vectors and MNIST logistic-regression gradients, B = 32). recursive: any
+# D >= 1 balances the first epochs better than D = 0 (= grab), and deeper trees gain nothing more while
+# holding 2^(D+1) - 1 sums of d. recursive-pair: discrepancy grows with D in every setting (a group of
+# 2^D units is placed as one block), so the shallowest tree that is recursive at all.
+DEFAULT_DEPTH = {"recursive": 1, "recursive-pair": 1}
+_NATIVE_DEPTH = 5  # what the orderings without a tree pass (unused by them; their state dicts keep it)
 # non_blocking steps with fewer gradient elements (B x d) run blocking: handing a step to the
 # background thread and back costs 25-50 us (benchmarks/non_blocking.py, last table), more than the
 # kernel takes for such a step, so there is nothing to gain by overlapping it.
@@ -97,7 +104,7 @@ class GraBSampler(Sampler[int]):
         order: for ``ordering="fixed"``, the order to use (identity if omitted).
         delta: failure probability of the self-balancing walk (``balance="random"``).
         depth: tree depth D of ``"recursive"`` and ``"recursive-pair"`` (``depth=0`` is ``"grab"`` and
-            ``"pair"`` exactly).
+            ``"pair"`` exactly); ``None`` (default): the ordering's own default, ``DEFAULT_DEPTH``.
         rounds: herding passes per epoch for ``"herding"``.
         projection: ``(kind, k)`` with kind ``"gaussian"`` or ``"sparse"`` (or ``"identity"`` with k = d,
             for tests): balance a seeded k-dimensional random projection of each gradient instead of the
@@ -126,7 +133,7 @@ class GraBSampler(Sampler[int]):
         dtype: torch.dtype = torch.float32,
         order: Optional[Sequence[int]] = None,
         delta: float = 0.1,
-        depth: int = 5,
+        depth: Optional[int] = None,
         rounds: int = 1,
         projection: Optional[Tuple[str, int]] = None,
         unit_size: int = 1,
@@ -167,7 +174,11 @@ class GraBSampler(Sampler[int]):
             raise UnsupportedInputError("order= is only meaningful with ordering='fixed'")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise UnsupportedInputError(f"seed must be a non-negative integer, got {seed!r}")
-        for name, value, low in (("depth", depth, 0), ("rounds", rounds, 1), ("unit_size", unit_size, 1)):
+        for name, value, low in (
+            ("depth", 0 if depth is None else depth, 0),
+            ("rounds", rounds, 1),
+            ("unit_size", unit_size, 1),
+        ):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
                 raise UnsupportedInputError(f"{name} must be an integer >= {low}, got {value!r}")
         if rounds > _MAX_ROUNDS:
@@ -211,7 +222,7 @@ class GraBSampler(Sampler[int]):
             float(delta),
             _STATE_DTYPES[dtype],
             fixed,
-            depth=int(depth),
+            depth=int(DEFAULT_DEPTH.get(ordering, _NATIVE_DEPTH) if depth is None else depth),
             rounds=int(rounds),
             projection=projection,
             max_memory=None if max_memory is None else int(max_memory),
