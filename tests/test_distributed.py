@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import socket
 import tempfile
+import warnings
 from collections import Counter
 from datetime import timedelta
 
@@ -187,6 +188,267 @@ def test_both_modes_balance_far_better_than_random_reshuffling(seed):
     assert disc["exact"] < 0.5 * disc["rr"]
     assert disc["efficient"] < 0.5 * disc["rr"]
     assert disc["efficient"] < 1.5 * disc["exact"]
+
+
+# ---------------------------------------------------------------- the baselines rr and so (no process group)
+def _reference_epoch(n, world, seed, epoch, drop_last):
+    """DistributedSampler(shuffle=True)'s rule written out: randperm from seed + epoch, padded from the
+    front (or cut), dealt indices[rank::W]. Returns every rank's list."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    if drop_last and n % world:
+        total = (n // world) * world
+        perm = perm[:total]
+    else:
+        total = -(-n // world) * world
+        perm = (perm * (total // n + 1))[:total]
+    return [perm[r::world] for r in range(world)]
+
+
+def test_baselines_by_hand():
+    # n = 5, W = 2: the padded list is the permutation plus its first index; rank r takes every
+    # second entry from r. rr draws that permutation from seed + epoch, so repeats epoch e's every epoch.
+    for epoch in range(3):
+        perm = torch.randperm(5, generator=torch.Generator().manual_seed(4 + epoch)).tolist()
+        padded = perm + perm[:1]
+        for rank in range(2):
+            rr = DistributedGraBSampler(range(5), num_replicas=2, rank=rank, ordering="rr", seed=4)
+            so = DistributedGraBSampler(range(5), num_replicas=2, rank=rank, ordering="so", seed=4)
+            rr.set_epoch(epoch)
+            so.set_epoch(epoch)
+            assert list(rr) == padded[rank::2]
+            first = torch.randperm(5, generator=torch.Generator().manual_seed(4)).tolist()
+            assert list(so) == (first + first[:1])[rank::2]
+
+
+@pytest.mark.parametrize("n", [1, 7, 10, 13])
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_rr_is_distributed_sampler_and_so_repeats_its_first_epoch(n, world, drop_last):
+    if drop_last and n < world:
+        return
+    seed = 5
+    make = lambda rank, ordering: DistributedGraBSampler(  # noqa: E731
+        range(n), num_replicas=world, rank=rank, ordering=ordering, seed=seed, drop_last=drop_last
+    )
+    rr = [make(r, "rr") for r in range(world)]
+    so = [make(r, "so") for r in range(world)]
+    pair = [make(r, "pair") for r in range(world)]
+    torch_rr = [
+        DistributedSampler(range(n), num_replicas=world, rank=r, seed=seed, drop_last=drop_last) for r in range(world)
+    ]
+    first = [list(p) for p in pair]  # the pair mode's first epoch: the shards so shares with it
+    epochs = []
+    for epoch in range(4):
+        for s in rr + so + torch_rr:
+            s.set_epoch(epoch)
+        got_rr, got_so = [list(s) for s in rr], [list(s) for s in so]
+        want = _reference_epoch(n, world, seed, epoch, drop_last)
+        assert got_rr == want == [list(s) for s in torch_rr]
+        assert got_so == first == _reference_epoch(n, world, seed, 0, drop_last)
+        for got in (got_rr, got_so):
+            # Each epoch's shards together are the padded (or cut) data set: every index, as often as
+            # DistributedSampler's padding repeats it, and each rank num_samples of them.
+            assert all(len(o) == rr[0].num_samples for o in got)
+            union = Counter(i for o in got for i in o)
+            assert sum(union.values()) == rr[0].total_size
+            if not drop_last:
+                assert set(union) == set(range(n))
+            else:
+                assert all(c == 1 for c in union.values())
+        epochs.append(got_rr)
+    if n >= 7:
+        assert any(e != epochs[0] for e in epochs[1:]), "rr never reshuffled"
+
+
+def test_rr_warns_when_an_epoch_repeats_its_number():
+    s = DistributedGraBSampler(range(9), num_replicas=1, rank=0, ordering="rr")
+    a = list(s)
+    with pytest.warns(UserWarning, match="set_epoch"):
+        b = list(s)
+    assert a == b  # what DistributedSampler does too without set_epoch
+    s.set_epoch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(s) != a
+        DistributedGraBSampler(range(9), num_replicas=1, rank=0, ordering="so").__iter__()
+
+
+def test_baseline_step_counts_rows_without_a_process_group():
+    # num_replicas = 2 and no process group: rr/so step() needs no collective, so it works here.
+    for ordering in ("rr", "so"):
+        s = DistributedGraBSampler(range(12), num_replicas=2, rank=1, ordering=ordering)
+        with pytest.raises(torchgrab.CallOrderError):
+            s.step(torch.zeros(1, 3))
+        it = iter(s)
+        [next(it) for _ in range(4)]
+        s.step(torch.zeros(2, 3))
+        s.step({"w": np.zeros((1, 2, 2)), "b": torch.zeros(1)})  # a dict of per-parameter rows
+        with pytest.raises(torchgrab.ShapeError, match="only 1 yielded"):
+            s.step(torch.zeros(2, 3))
+        with pytest.raises(torchgrab.ShapeError, match="different numbers of rows"):
+            s.step([torch.zeros(1, 3), torch.zeros(2)])
+        with pytest.raises(torchgrab.ShapeError):
+            s.step(3)
+        assert s.stepped == 3
+        with pytest.raises(torchgrab.UnsupportedInputError, match="no order server"):
+            s.replica_bytes()
+        with pytest.raises(torchgrab.UnsupportedInputError, match="no order server"):
+            _ = s.running_sum
+        # backward all-reduces the gradient: with 2 replicas it needs the process group, and refuses
+        # before touching the model or the cursor.
+        model = torch.nn.Linear(3, 2)
+        with pytest.raises(torchgrab.CallOrderError, match="init_process_group"):
+            s.backward(model, torch.nn.CrossEntropyLoss(), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+        assert s.stepped == 3 and model.weight.grad is None
+
+
+def test_baseline_backward_is_an_ordinary_backward_with_one_replica():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    model[0].bias.requires_grad_(False)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x, y = torch.randn(5, D), torch.randint(0, 3, (5,))
+    loss_fn(model(x), y).backward()
+    want = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    for ordering in ("rr", "so"):
+        s = DistributedGraBSampler(range(8), num_replicas=1, rank=0, ordering=ordering)
+        it = iter(s)
+        [next(it) for _ in range(5)]
+        model.zero_grad(set_to_none=True)
+        loss = s.backward(model, loss_fn, x, y)
+        torch.testing.assert_close(loss, loss_fn(model(x), y))
+        for k, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, want[k])
+            else:
+                assert p.grad is None
+        assert s.stepped == 5
+        with pytest.raises(torchgrab.ShapeError, match="only 0 yielded"):
+            s.backward(model, loss_fn, x[:1], y[:1])
+
+
+def _play_baseline(make, steps, epochs, stop_after=None, prefetch=0, state=None):
+    """The train loop of _run for rr/so: every consumed index in order; with ``stop_after``, the state
+    dict after that step instead. With ``state``, a fresh sampler resumes from it (what a restarted
+    loop does: set_epoch of the saved epoch when it was saved mid-epoch) and plays to the end."""
+    sampler = make()
+    log, k, first_epoch, skip = [], 0, 0, 0
+    if state is not None:
+        sampler.load_state_dict(save_load(state))
+        k = state["_steps_done"]
+        first_epoch, skip = divmod(k, len(steps))
+    for epoch in range(first_epoch, epochs):
+        sampler.set_epoch(epoch)
+        it, buffered = iter(sampler), []
+        for rows in steps[skip if epoch == first_epoch else 0 :]:
+            while len(buffered) < rows + prefetch:
+                i = next(it, None)
+                if i is None:
+                    break
+                buffered.append(i)
+            batch, buffered = buffered[:rows], buffered[rows:]
+            log.extend(batch)
+            sampler.step(torch.zeros(len(batch), 2))
+            k += 1
+            if stop_after == k:
+                return {**sampler.state_dict(), "_steps_done": k}, log
+        assert not buffered and next(it, None) is None
+    return None, log
+
+
+@pytest.mark.parametrize("ordering", ["rr", "so"])
+@pytest.mark.parametrize("world,rank", [(1, 0), (2, 1)])
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_baseline_resume_from_any_step_is_exact(ordering, world, rank, prefetch):
+    n = 13
+    make = lambda: DistributedGraBSampler(range(n), num_replicas=world, rank=rank, ordering=ordering, seed=3)  # noqa: E731
+    steps = [3, 3, 1] if world == 2 else [3, 3, 3, 4]
+    epochs = 3
+    _, want = _play_baseline(make, steps, epochs)
+    for stop in range(1, len(steps) * epochs):
+        state, head = _play_baseline(make, steps, epochs, stop, prefetch)
+        # The saved position: after the stepped rows, whatever the loader had prefetched.
+        assert state["stepped"] == sum(steps[: (stop - 1) % len(steps) + 1])
+        _, tail = _play_baseline(make, steps, epochs, state=state)
+        assert head + tail == want, f"{ordering}: resume after step {stop} (prefetch {prefetch}) diverged"
+
+
+@pytest.mark.parametrize("ordering", ["rr", "so"])
+def test_baseline_resume_rules(ordering):
+    def make():
+        return DistributedGraBSampler(range(10), num_replicas=1, rank=0, ordering=ordering, seed=1)
+
+    s = make()
+    fresh = make()
+    fresh.load_state_dict(s.state_dict())  # never iterated: the next __iter__ is epoch 0's
+    assert list(fresh) == list(make())
+    s.set_epoch(2)
+    order = list(s)
+    # Iterated to the end, nothing stepped: everything was yielded but not trained on, so a resume
+    # hands the whole epoch out again (a loop that never steps resumes at its epoch's start).
+    again = make()
+    again.load_state_dict(s.state_dict())
+    assert list(again) == order
+    s.step(np.zeros((10, 1)))
+    done = s.state_dict()
+    nxt = make()
+    nxt.load_state_dict(done)  # every row stepped, iteration at its end: the next epoch begins
+    nxt.set_epoch(3)
+    s.set_epoch(3)
+    assert list(nxt) == list(s)
+    same = make()
+    same.load_state_dict(done)
+    same.set_epoch(2)  # the saved epoch's own number: it continues (nothing left of it)
+    assert list(same) == []
+
+
+def test_refused_baseline_state_dicts_change_nothing():
+    def make(ordering, **kw):
+        return DistributedGraBSampler(range(12), num_replicas=1, rank=0, ordering=ordering, seed=2, **kw)
+
+    states = {}
+    for ordering in ("pair", "rr", "so"):
+        s = make(ordering)
+        order = list(s)
+        s.step(torch.from_numpy(np.stack([grad_of(i, 0) for i in order[:4]])))
+        states[ordering] = s.state_dict()
+    # The pair mode's dict keeps exactly its version-1 entries; rr/so replace "server" by their cursor.
+    common = {"format", "version", "n", "num_replicas", "rank", "ordering", "mode", "seed", "drop_last"}
+    common |= {"epoch", "iterated", "yielded", "shards", "bytes_sent"}
+    assert set(states["pair"]) == common | {"server"}
+    assert set(states["rr"]) == set(states["so"]) == common | {"begun", "order_epoch", "stepped"}
+    for ordering in ("rr", "so"):
+        target = make(ordering)
+        t_order = list(target)
+        target.step(torch.zeros(1, 2))
+        before = target.state_dict()
+        good = states[ordering]
+        bad = [(states[o], f"ordering={o!r}") for o in ("pair", "rr", "so") if o != ordering]
+        bad += [
+            ({**good, "version": 2}, "version"),
+            ({**good, "seed": 5}, "seed=5"),
+            ({**good, "stepped": 13}, "outside the shard"),
+            ({**good, "yielded": 3}, "behind"),
+            ({**good, "begun": False, "iterated": False}, "begun no epoch"),
+            ({k: v for k, v in good.items() if k != "stepped"}, "malformed"),
+            ({**good, "order_epoch": "x"}, "malformed"),
+            ({**good, "shards": good["shards"].flip(1)}, "shards differ"),
+        ]
+        for state, match in bad:
+            with pytest.raises(torchgrab.StateDictError, match=match):
+                target.load_state_dict(state)
+            after = target.state_dict()
+            assert {k: v for k, v in after.items() if k != "shards"} == {
+                k: v for k, v in before.items() if k != "shards"
+            }
+        # The mode plays no part in rr/so: a state saved under another mode loads.
+        make(ordering, mode="efficient").load_state_dict(good)
+        # Still usable where it was: the target's own epoch goes on.
+        target.step(torch.zeros(2, 2))
+        assert target.stepped == 3 and t_order
+    for ordering in ("rr", "so"):
+        with pytest.raises(torchgrab.StateDictError, match=f"ordering={ordering!r}"):
+            make("pair").load_state_dict(states[ordering])
 
 
 # ---------------------------------------------------------------- real process groups
@@ -378,6 +640,51 @@ def _check_epochs(rank, world, n, steps, mode, epochs):
     return sampler
 
 
+def _check_baselines(rank, world):
+    """rr and so on real ranks: DistributedSampler's shards (rr reshuffled every epoch, so repeated),
+    steps without collectives, and a collective mid-epoch resume that refuses states of different steps."""
+    n = 22
+    for ordering in ("rr", "so"):
+        sampler = DistributedGraBSampler(range(n), ordering=ordering, seed=7)
+        references = [DistributedSampler(range(n), num_replicas=world, rank=r, seed=7) for r in range(world)]
+        seen = []
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            for reference in references:
+                reference.set_epoch(epoch if ordering == "rr" else 0)
+            mine = list(sampler)
+            assert mine == list(references[rank])
+            everyone = _gather(mine)
+            # The padded data set, every epoch (rr pads with the front of that epoch's permutation).
+            assert Counter(i for o in everyone for i in o) == Counter(i for r in references for i in r)
+            assert set(i for o in everyone for i in o) == set(range(n))
+            seen.append(everyone)
+            if rank == 0:
+                sampler.step(torch.zeros(len(mine), 1))  # a local count: rank 1 does not take part
+        assert (seen[0] != seen[1] or seen[0] != seen[2]) if ordering == "rr" else seen[0] == seen[1] == seen[2]
+
+        whole = DistributedGraBSampler(range(n), ordering=ordering, seed=7)
+        whole.set_epoch(1)
+        it = iter(whole)
+        [next(it) for _ in range(5)]  # 3 consumed and stepped, 2 prefetched
+        whole.step(torch.zeros(3, 1))
+        saved = [whole.state_dict()]
+        rest = list(it)
+        whole.step(torch.zeros(2, 1))
+        saved.append(whole.state_dict())
+        fresh = DistributedGraBSampler(range(n), ordering=ordering, seed=7)
+        fresh.load_state_dict(saved[0])  # a collective: every rank checks every rank's state
+        fresh.set_epoch(1)
+        assert list(fresh)[2:] == rest  # the two prefetched, unstepped indices come again first
+        probe = DistributedGraBSampler(range(n), ordering=ordering, seed=7)
+        before = probe.state_dict()
+        with pytest.raises(torchgrab.StateDictError, match="different epochs or stepped rows"):
+            probe.load_state_dict(saved[rank % 2])
+        after = probe.state_dict()
+        same = [k for k in before if k not in ("shards", "bytes_sent")]  # (the refusal's all_gather is counted)
+        assert [after[k] for k in same] == [before[k] for k in same]
+
+
 def _check_backward_parity(rank):
     """sampler.backward on a DDP model leaves the same .grad as DDP's own loss.backward()."""
     torch.manual_seed(0)
@@ -397,6 +704,16 @@ def _check_backward_parity(rank):
         for p, g in zip(model.parameters(), want):
             torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
         assert s._native.cursor == 4 and len(set(_gather(s.replica_bytes()))) == 1
+    for ordering in ("rr", "so"):  # an ordinary backward and the same all_reduce: the same .grad
+        s = DistributedGraBSampler(range(16), ordering=ordering)
+        it = iter(s)
+        [next(it) for _ in range(4)]
+        model.zero_grad(set_to_none=True)
+        loss = s.backward(model, loss_fn, x, y)
+        assert torch.allclose(loss, loss_fn(model(x), y), atol=1e-6)
+        for p, g in zip(model.parameters(), want):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+        assert s.stepped == 4
 
 
 def _check_checkpoint(rank, world):
@@ -456,6 +773,7 @@ def _worker(rank, world, port, out_dir, scenario):
         # 2 ranks: B = 3, so pairs straddle steps; 4 ranks (shards of 6): a first step that closes no pair.
         steps = [3, 3, 3, 2] if world == 2 else [1, 2, 3]
         _check_epochs(rank, world, n=22, steps=steps, mode=mode, epochs=3)
+    _check_baselines(rank, world)
     if scenario == "failures":
         _check_checkpoint(rank, world)
         with pytest.raises(torchgrab.UnsupportedInputError, match="do not match the process group"):

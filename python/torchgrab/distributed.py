@@ -28,6 +28,11 @@ d parameters):
 All three also all-gather an 8-number header per step so that a rank with a wrongly shaped batch, or a
 local error, makes every rank raise instead of leaving the others waiting in a collective.
 ``sampler.bytes_sent`` counts the payload bytes this rank has put into the sampler's collectives.
+
+``ordering="rr"`` and ``ordering="so"`` are the baselines behind the same interface (no order server,
+no gradients read): ``rr`` is ``DistributedSampler(shuffle=True)`` index for index (a fresh global
+permutation from ``seed + epoch`` every epoch, drawn by every rank without communication), ``so``
+repeats the pair mode's first epoch (rank 0's permutation, broadcast) every epoch.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sized, Tuple
 
 import numpy as np
@@ -52,9 +58,10 @@ from torchgrab.errors import (
     StateDictError,
     UnsupportedInputError,
 )
-from torchgrab.gradients import capture
+from torchgrab.gradients import batch_size, call_model, capture
 
 _MODES = {"exact": 0, "efficient": 1, "pipelined": 2}
+_ORDERINGS = ("pair", "rr", "so")
 _DTYPES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 _HEADER = ("ok", "rows", "d", "dtype", "mode", "cursor", "epoch", "payload")
 _YIELD_CHUNK = 1 << 13
@@ -80,16 +87,37 @@ class DistributedGraBSampler(Sampler[int]):
         dataset: the data set (only its ``len`` is used).
         num_replicas: as ``DistributedSampler`` (default: the process group's world size).
         rank: as ``DistributedSampler`` (default: this process's rank in the group).
-        ordering: ``"pair"`` (CD-GraB's pair balance; the only one coordinated so far).
-        seed: seeds rank 0's initial permutation, which is broadcast to every rank.
+        ordering: ``"pair"`` (CD-GraB's pair balance, the default), or one of the baselines
+            ``"rr"`` and ``"so"`` below.
+        seed: seeds rank 0's initial permutation, which is broadcast to every rank (``rr``: each
+            rank draws epoch e's permutation from ``seed + e``; ``shards`` then holds epoch 0's).
         drop_last: as ``DistributedSampler``: cut to equal shards instead of padding with repeats.
         mode: ``"exact"`` (default), ``"pipelined"`` or ``"efficient"``; see the module docstring.
+            Ignored by ``rr`` and ``so``.
         group: the process group (default: the world).
         n: the number of examples, instead of ``dataset``.
 
-    Each rank keeps the same shard every epoch (CD-GraB orders within fixed shards); only the order
-    inside a shard changes. Every rank must call ``step``/``backward`` with the same number of rows at
-    the same time, as DDP training does.
+    With ``pair``, each rank keeps the same shard every epoch (CD-GraB orders within fixed shards); only
+    the order inside a shard changes. Every rank must call ``step``/``backward`` with the same number of
+    rows at the same time, as DDP training does.
+
+    The baselines take the same calls, so switching arms is a change of one string:
+
+    - ``"rr"`` (random reshuffling) is ``DistributedSampler(shuffle=True, seed=seed)``, index for
+      index: each epoch, a fresh permutation of the whole (padded) data set drawn from
+      ``seed + epoch`` and dealt ``indices[rank::W]``, so shards change between epochs. Every rank
+      draws it itself; nothing is sent. As with ``DistributedSampler``, the epoch number comes from
+      ``set_epoch``: without it every epoch repeats one order (a warning says so).
+    - ``"so"`` (shuffle once) repeats the first epoch's order every epoch: rank 0's seeded
+      permutation, broadcast at construction exactly as for ``pair``, so ``so`` and ``pair`` share
+      their shards and their first epoch.
+
+    For both, ``step(grads)`` only counts rows (the leading dimension of a tensor, or of each entry of
+    a dict or list; the batch's inputs will do), on this rank, without a collective: it moves the
+    cursor that a checkpoint resumes from. ``backward(model, loss_fn, x, y)`` is an ordinary backward
+    pass of ``loss_fn(model(x), y)`` (a mean-reducing loss) followed by one all_reduce of the mean
+    gradient, leaving in ``.grad`` what the pair mode's ``backward`` leaves (and DDP's
+    ``loss.backward()``), and counts the rows.
     """
 
     def __init__(
@@ -115,9 +143,10 @@ class DistributedGraBSampler(Sampler[int]):
             rank = dist.get_rank(group)
         if rank >= num_replicas or rank < 0:
             raise ValueError(f"Invalid rank {rank}, rank should be in the interval [0, {num_replicas - 1}]")
-        if ordering != "pair":
+        if ordering not in _ORDERINGS:
             raise UnsupportedInputError(
-                f"DistributedGraBSampler coordinates ordering='pair' (CD-GraB) only, got {ordering!r}"
+                "DistributedGraBSampler takes ordering 'pair' (CD-GraB) or the baselines 'rr' and 'so', "
+                f"got {ordering!r}"
             )
         if mode not in _MODES:
             raise UnsupportedInputError(f"mode must be 'exact', 'pipelined' or 'efficient', got {mode!r}")
@@ -151,10 +180,19 @@ class DistributedGraBSampler(Sampler[int]):
             )
         self.bytes_sent = 0  # payload bytes this rank has put into the sampler's collectives
         self._lock = threading.RLock()
-        indices = self._padded(self._initial_permutation())
-        # shards[w] = DistributedSampler's indices[w::W]: rank w's fixed units, by local id.
-        self.shards = np.ascontiguousarray(indices.reshape(self.num_samples, self.num_replicas).T)
-        self._native = _native.NativeCoordinated(self.num_replicas, self.rank, self.num_samples)
+        # rr draws every epoch's permutation from seed + epoch on each rank, as DistributedSampler does;
+        # pair and so broadcast rank 0's once.
+        first = self._permutation(self.seed) if ordering == "rr" else self._initial_permutation()
+        # shards[w] = DistributedSampler's indices[w::W]: rank w's fixed units, by local id (rr: epoch 0's).
+        self.shards = self._deal(self._padded(first))
+        self._native = (
+            _native.NativeCoordinated(self.num_replicas, self.rank, self.num_samples) if ordering == "pair" else None
+        )
+        # rr and so keep their own cursor (rows stepped this epoch) and the epoch whose order is out.
+        self._stepped = 0
+        self._begun = False
+        self._order_epoch = 0
+        self._warned_same_epoch = False
         self._order: Optional[np.ndarray] = None
         self._yielded = 0
         self._generation = 0
@@ -172,10 +210,17 @@ class DistributedGraBSampler(Sampler[int]):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def _initial_permutation(self) -> np.ndarray:
+    def _permutation(self, seed: int) -> np.ndarray:
+        # DistributedSampler's draw, literally: torch.randperm under a generator seeded with seed (+ epoch).
         g = torch.Generator()
-        g.manual_seed(self.seed)
-        perm = torch.randperm(self.n, generator=g)
+        g.manual_seed(seed)
+        return torch.randperm(self.n, generator=g).numpy().astype(np.int64)
+
+    def _deal(self, indices: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(indices.reshape(self.num_samples, self.num_replicas).T)
+
+    def _initial_permutation(self) -> np.ndarray:
+        perm = torch.from_numpy(self._permutation(self.seed))
         if self._distributed() and self.num_replicas > 1:
             # Rank 0's permutation is the truth; the others take it rather than trusting their seeds.
             buf = perm.to(self._device())
@@ -202,9 +247,9 @@ class DistributedGraBSampler(Sampler[int]):
         return self.num_samples
 
     def set_epoch(self, epoch: int) -> None:
-        """Number the next epoch (torch's convention); the order itself comes from the balancing. After
-        ``load_state_dict``, the saved epoch's own number continues it and any other number begins a new
-        epoch."""
+        """Number the next epoch (torch's convention); with ``pair`` and ``so`` the order itself does not
+        depend on it, with ``rr`` it is drawn from ``seed + epoch``. After ``load_state_dict``, the saved
+        epoch's own number continues it and any other number begins a new epoch."""
         with self._lock:
             if self._loaded is not None:  # loaded, not iterated since: the number decides
                 saved_epoch, cursor = self._loaded
@@ -215,12 +260,19 @@ class DistributedGraBSampler(Sampler[int]):
         with self._lock:
             start = 0
             self._loaded = None
-            if self._resume_at is not None:
-                start, self._resume_at = self._resume_at, None
-                local = self._native.shard_order(self.rank)
+            if self._native is None:
+                if self._resume_at is not None:
+                    start, self._resume_at = self._resume_at, None
+                else:
+                    self._begin_baseline_epoch()
+                self._order = self._baseline_order(self.rank, self._order_epoch)
             else:
-                local = self._native.begin_epoch()
-            self._order = self.shards[self.rank][local]
+                if self._resume_at is not None:
+                    start, self._resume_at = self._resume_at, None
+                    local = self._native.shard_order(self.rank)
+                else:
+                    local = self._native.begin_epoch()
+                self._order = self.shards[self.rank][local]
             self._yielded = start
             self._generation += 1
             return self._yield_from(self._generation, start)
@@ -235,25 +287,60 @@ class DistributedGraBSampler(Sampler[int]):
                 self._yielded += 1
                 yield i
 
+    def _begin_baseline_epoch(self) -> None:
+        if self.ordering == "rr" and self._begun and self._order_epoch == self.epoch and not self._warned_same_epoch:
+            self._warned_same_epoch = True
+            warnings.warn(
+                f"DistributedGraBSampler(ordering='rr') begins another epoch numbered {self.epoch}: its order "
+                "is drawn from seed + epoch, so it repeats the last one. Call set_epoch(epoch) before each "
+                "epoch, as with DistributedSampler.",
+                stacklevel=3,
+            )
+        self._begun, self._order_epoch, self._stepped = True, self.epoch, 0
+
+    def _baseline_order(self, rank: int, epoch: int) -> np.ndarray:
+        """rr/so: rank ``rank``'s order in epoch ``epoch``, as data set indices."""
+        if self.ordering == "so":
+            return self.shards[rank]
+        return self._padded(self._permutation(self.seed + epoch))[rank :: self.num_replicas]
+
     def shard_order(self, rank: int) -> np.ndarray:
         """Rank ``rank``'s order this epoch, as data set indices (every replica knows every shard's)."""
+        if self._native is None:
+            return self._baseline_order(rank, self._order_epoch if self._begun else self.epoch)
         return self.shards[rank][self._native.shard_order(rank)]
 
+    def _server(self, what: str) -> Any:
+        if self._native is None:
+            raise UnsupportedInputError(f"ordering={self.ordering!r} has no order server, so no {what}")
+        return self._native
+
     def replica_bytes(self) -> bytes:
-        """The replicated order-server state as bytes; equal on every rank after every step."""
-        return bytes(self._native.replica_bytes())
+        """The replicated order-server state as bytes; equal on every rank after every step (``pair``)."""
+        return bytes(self._server("replica bytes").replica_bytes())
 
     @property
     def running_sum(self) -> np.ndarray:
-        """The shared running sum s (float64)."""
-        return self._native.running_sum()
+        """The shared running sum s (float64; ``pair``)."""
+        return self._server("running sum").running_sum()
+
+    @property
+    def stepped(self) -> int:
+        """Rows stepped (``step``/``backward``) so far in this epoch."""
+        return self._native.cursor if self._native is not None else self._stepped
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
         """This rank's sampler state: plain ints, strings and tensors (``torch.load(weights_only=True)``
         reads it). Every rank saves its own: the order server is replicated, but an open pair's first
-        gradient is rank-local. Can be taken anywhere, mid-epoch included."""
+        gradient is rank-local. Can be taken anywhere, mid-epoch included. ``rr``/``so`` states hold,
+        instead of the order server, the epoch their order was drawn for (``order_epoch``), whether an
+        epoch has begun (``begun``) and the rows stepped in it (``stepped``)."""
         with self._lock:
+            if self._native is None:
+                own: Dict[str, Any] = {"begun": self._begun, "order_epoch": self._order_epoch, "stepped": self._stepped}
+            else:
+                own = {"server": torch.frombuffer(bytearray(self._native.to_bytes()), dtype=torch.uint8)}
             return {
                 "format": _STATE_FORMAT,
                 "version": 1,
@@ -268,7 +355,7 @@ class DistributedGraBSampler(Sampler[int]):
                 "iterated": self._order is not None or self._resume_at is not None,
                 "yielded": self._yielded if self._resume_at is None else self._resume_at,
                 "shards": torch.from_numpy(self.shards.copy()),
-                "server": torch.frombuffer(bytearray(self._native.to_bytes()), dtype=torch.uint8),
+                **own,
                 "bytes_sent": self.bytes_sent,
             }
 
@@ -279,20 +366,29 @@ class DistributedGraBSampler(Sampler[int]):
         states differ. The next ``__iter__`` continues the saved epoch at its first unit that was
         yielded but not stepped (units a DataLoader had prefetched are handed out again); if every unit
         was stepped and the epoch's iteration had reached its end, a new epoch begins. ``set_epoch(e)``
-        after loading decides explicitly: the saved epoch's number continues it, another begins anew."""
+        after loading decides explicitly: the saved epoch's number continues it, another begins anew.
+        ``rr``/``so`` follow the same rules with their row cursor (moved by ``step``/``backward``; a
+        run that never steps resumes at the start of the saved epoch); the ranks compare (epoch,
+        order_epoch, begun, stepped) instead of the replicated order."""
         with self._lock:
-            before = self._native.to_bytes()
+            before = self._native.to_bytes() if self._native is not None else b""
             error: Optional[BaseException] = None
             digest = 0
+            order_epoch = 0
             try:
-                epoch, yielded, iterated, server = self._check_state(state)
-                self._native.load_bytes(server)  # validated by the Rust decoder; refused bytes change nothing
-                cursor, begun = self._native.cursor, self._native.epochs_begun > 0
+                epoch, yielded, iterated, own = self._check_state(state)
+                if self._native is not None:
+                    self._native.load_bytes(own)  # validated by the Rust decoder; refused bytes change nothing
+                    cursor, begun = self._native.cursor, self._native.epochs_begun > 0
+                    agreed = self._native.replica_bytes()
+                else:
+                    begun, order_epoch, cursor = own
+                    agreed = repr((epoch, order_epoch, begun, cursor)).encode()
                 if begun and yielded < cursor:
                     raise StateDictError(f"yielded={yielded} is behind the {cursor} units already stepped")
                 # The saved epoch continues unless every unit was stepped and its iteration had ended.
                 resume = iterated and begun and (cursor < yielded or yielded < self.num_samples)
-                digest = int.from_bytes(hashlib.blake2b(self._native.replica_bytes(), digest_size=7).digest(), "little")
+                digest = int.from_bytes(hashlib.blake2b(agreed, digest_size=7).digest(), "little")
             except GraBError as e:
                 error = e
             except Exception as e:  # anything else local must not leave the other ranks waiting below
@@ -304,13 +400,17 @@ class DistributedGraBSampler(Sampler[int]):
                 if error is None and refused:
                     error = StateDictError(f"rank(s) {refused} refused their state dicts; no rank loaded")
                 elif error is None and len({int(t[1]) for t in everyone}) > 1:
+                    what = "replicated orders" if self._native is not None else "epochs or stepped rows"
                     error = StateDictError(
-                        "the ranks' state dicts hold different replicated orders (checkpoints of different "
+                        f"the ranks' state dicts hold different {what} (checkpoints of different "
                         "steps or runs?); no rank loaded"
                     )
             if error is not None:
-                self._native.load_bytes(before)
+                if self._native is not None:
+                    self._native.load_bytes(before)
                 raise error
+            if self._native is None:
+                self._begun, self._order_epoch, self._stepped = begun, order_epoch, cursor
             self.epoch = epoch
             self._loaded = (epoch, cursor) if begun else None
             self.bytes_sent = int(state.get("bytes_sent", self.bytes_sent))
@@ -319,14 +419,17 @@ class DistributedGraBSampler(Sampler[int]):
             self._generation += 1  # iterators of the replaced state stop
             self._resume_at = cursor if resume else None
 
-    def _check_state(self, state: Dict[str, Any]) -> Tuple[int, int, bool, bytes]:
+    def _check_state(self, state: Dict[str, Any]) -> Tuple[int, int, bool, Any]:
         """Refuse a state dict whose Python-side entries do not fit this sampler, before anything
-        changes; returns (epoch, units yielded, whether it was iterated, the order server's bytes)."""
+        changes; returns (epoch, units yielded, whether it was iterated, own) with own the order
+        server's bytes (``pair``) or (begun, order_epoch, stepped) (``rr``/``so``)."""
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise StateDictError("not a DistributedGraBSampler state dict (format entry missing or different)")
         if state.get("version") != 1:
             raise StateDictError(f"state dict version {state.get('version')!r}; this build reads version 1")
-        for key in ("n", "num_replicas", "rank", "ordering", "mode", "seed", "drop_last"):
+        # (A state without an "ordering" entry is refused below: every version-1 dict has one.)
+        keys = ("ordering", "n", "num_replicas", "rank", "seed", "drop_last")
+        for key in keys + (("mode",) if self.ordering == "pair" else ()):
             if key not in state:
                 raise StateDictError(f"the state dict has no entry {key!r}")
             if state[key] != getattr(self, key):
@@ -335,17 +438,26 @@ class DistributedGraBSampler(Sampler[int]):
                 )
         try:
             epoch, yielded, iterated = int(state["epoch"]), int(state["yielded"]), bool(state["iterated"])
-            shards, server = state["shards"], state["server"]
+            shards = state["shards"]
+            if self._native is None:
+                begun, order_epoch, stepped = bool(state["begun"]), int(state["order_epoch"]), int(state["stepped"])
+            else:
+                server = state["server"]
         except (KeyError, TypeError, ValueError) as e:
             raise StateDictError(f"malformed DistributedGraBSampler state dict: {e!r}") from None
-        if not isinstance(server, torch.Tensor) or server.dtype != torch.uint8 or server.dim() != 1:
-            raise StateDictError("the state dict's 'server' entry must be a 1-D uint8 tensor")
-        server = server.cpu()
         if not isinstance(shards, torch.Tensor) or not np.array_equal(shards.cpu().numpy(), self.shards):
             raise StateDictError("the state dict's shards differ from this sampler's (another data set order?)")
         if not 0 <= yielded <= self.num_samples:
             raise StateDictError(f"yielded={yielded} is outside the shard of {self.num_samples} units")
-        return epoch, yielded, iterated, bytes(server.numpy().tobytes())
+        if self._native is None:
+            if not 0 <= stepped <= self.num_samples:
+                raise StateDictError(f"stepped={stepped} is outside the shard of {self.num_samples} units")
+            if not begun and stepped:
+                raise StateDictError(f"stepped={stepped} rows in a state that has begun no epoch")
+            return epoch, yielded, iterated, (begun, order_epoch, stepped)
+        if not isinstance(server, torch.Tensor) or server.dtype != torch.uint8 or server.dim() != 1:
+            raise StateDictError("the state dict's 'server' entry must be a 1-D uint8 tensor")
+        return epoch, yielded, iterated, bytes(server.cpu().numpy().tobytes())
 
     # ---------------------------------------------------------------- collectives
     def _collective(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -415,8 +527,26 @@ class DistributedGraBSampler(Sampler[int]):
 
     def step(self, grads: Any) -> None:
         """Feed this rank's per-example gradients of the next ``B`` yielded indices (a tensor [B, ...] or a
-        dict/list of per-parameter [B, ...]). A collective call: every rank must call it together."""
+        dict/list of per-parameter [B, ...]). A collective call: every rank must call it together.
+        ``rr``/``so``: only the rows are counted (any tensor or array with B rows will do), on this rank
+        alone, without a collective."""
+        if self._native is None:
+            self._count(_rows(grads))
+            return
         self._step(grads, None)
+
+    def _count(self, rows: int) -> None:
+        """rr/so: advance the cursor of stepped rows, after the checks the pair mode's step makes."""
+        with self._lock:
+            if self._order is None:
+                raise CallOrderError(
+                    "step() was called before the sampler was iterated; iterate it (or the DataLoader) first"
+                )
+            if rows > self._yielded - self._stepped:
+                raise ShapeError(
+                    f"got {rows} rows but only {self._yielded - self._stepped} yielded indices wait to be stepped"
+                )
+            self._stepped += rows
 
     def _step(self, grads: Any, extra: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """One step; in efficient mode ``extra`` (a 1-D float tensor, e.g. the summed mean gradient)
@@ -533,7 +663,11 @@ class DistributedGraBSampler(Sampler[int]):
         the mean gradient over all ranks -> each parameter's ``.grad`` (one all_reduce, which in efficient
         mode also carries the signed sum); returns this rank's mean loss. ``model`` may be wrapped in
         ``DistributedDataParallel`` (its own gradient hooks are not used: no ``loss.backward()`` runs).
-        ``method`` picks the capture, as in ``GraBSampler.backward``."""
+        ``method`` picks the capture, as in ``GraBSampler.backward``. ``rr``/``so``: one ordinary
+        backward pass of ``loss_fn(model(inputs), targets)`` (no per-example gradients; ``chunk_size``
+        and ``method`` are not used), the same all_reduce and ``.grad``, and the batch's rows counted."""
+        if self._native is None:
+            return self._plain_backward(_unwrap(model), loss_fn, inputs, targets)
         module = _unwrap(model)
         grads, losses, mean_of = capture(module, loss_fn, inputs, targets, chunk_size=chunk_size, method=method)
         means = [mean_of[k].reshape(-1) for k in grads]
@@ -555,8 +689,69 @@ class DistributedGraBSampler(Sampler[int]):
                     p.grad += mean
         return losses.mean()
 
+    def _plain_backward(
+        self, module: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], inputs: Any, targets: Any
+    ) -> torch.Tensor:
+        rows = batch_size(inputs)
+        with self._lock:  # refuse before anything runs, as the pair mode's step does
+            if self._order is None:
+                raise CallOrderError(
+                    "backward() was called before the sampler was iterated; iterate it (or the DataLoader) first"
+                )
+            if rows > self._yielded - self._stepped:
+                raise ShapeError(
+                    f"got a batch of {rows} but only {self._yielded - self._stepped} yielded indices wait to be stepped"
+                )
+        if self.num_replicas > 1 and not self._distributed():
+            raise CallOrderError(
+                f"this sampler has num_replicas={self.num_replicas} but no torch.distributed process group is "
+                "initialized; call dist.init_process_group(...) before backward (it all-reduces the gradient)"
+            )
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        loss = loss_fn(call_model(module, inputs), targets)
+        # autograd.grad rather than loss.backward(): it leaves .grad alone until the reduced mean is
+        # written, and never triggers DDP's reducer hooks (the all_reduce below replaces them).
+        found = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True) if named else ()
+        flat = (
+            torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, (_, p) in zip(found, named)])
+            if named
+            else torch.zeros(0)
+        )
+        total = self._reduce_extra(flat.detach()) / self.num_replicas
+        self._count(rows)
+        with torch.no_grad():
+            o = 0
+            for _, p in named:
+                k = p.numel()
+                mean = total[o : o + k].view_as(p).to(p.dtype)
+                o += k
+                if p.grad is None:
+                    p.grad = mean.clone()
+                else:
+                    p.grad += mean
+        return loss.detach()
+
     def __repr__(self) -> str:
         return (
             f"DistributedGraBSampler(n={self.n}, num_replicas={self.num_replicas}, rank={self.rank}, "
-            f"mode={self.mode!r}, num_samples={self.num_samples})"
+            f"ordering={self.ordering!r}, mode={self.mode!r}, num_samples={self.num_samples})"
         )
+
+
+def _rows(grads: Any) -> int:
+    """The number of rows of a step's gradients (rr/so read nothing else): the leading dimension of a
+    tensor or array, or of every entry of a dict, list or tuple (they must agree)."""
+    items = list(grads.values()) if isinstance(grads, dict) else grads
+    if isinstance(items, (list, tuple)):
+        if not items:
+            raise ShapeError("step() got no gradient entries (an empty dict or list)")
+        sizes = {_rows(g) for g in items}
+        if len(sizes) != 1:
+            raise ShapeError(f"the gradient entries have different numbers of rows: {sorted(sizes)}")
+        return sizes.pop()
+    shape = getattr(items, "shape", None)
+    if shape is None or len(shape) == 0:
+        raise ShapeError(
+            f"step() takes a tensor or array with one row per example (or a dict/list of them), got {type(grads).__name__}"
+        )
+    return int(shape[0])
