@@ -78,3 +78,36 @@ def test_mismatched_or_corrupted_states_are_refused_and_change_nothing():
     with pytest.raises(StateDictError):
         target.load_state_dict({"hello": 1})
     assert str(target.state_dict()) == before
+
+
+@pytest.mark.parametrize("ordering", ["grab", "pair", "rr"])
+def test_replay_epoch_hands_the_saved_epoch_out_again_from_its_start(ordering):
+    # A loader that skips the trained batches itself (the Hugging Face Trainer's skip_first_batches)
+    # iterates the resumed epoch from its first index; those indices were stepped before the checkpoint.
+    v = np.random.default_rng(3).normal(size=(21, 3))
+    a = GraBSampler(n=21, ordering=ordering, seed=2)
+    feed_epoch(a, v, per_step=4)
+    it = iter(a)
+    first = [next(it) for _ in range(12)]  # 12 yielded (read ahead), 8 stepped
+    a.step(v[first[:8]])
+    state = save_load(a.state_dict())
+    rest = first[8:] + list(it)
+    a.step(v[first[8:]])
+    a.step(v[rest[4:]])
+    b = GraBSampler(n=21, ordering=ordering, seed=2)
+    b.load_state_dict(state, replay_epoch=True)
+    replayed = list(b)
+    assert replayed == first[:8] + rest
+    assert b.pending == 13  # the 8 stepped before the checkpoint are not pending again
+    b.step(v[replayed[8:]])
+    assert feed_epoch(a, v, per_step=5) == feed_epoch(b, v, per_step=5)
+
+
+def test_replay_epoch_refusals_change_nothing():
+    a = GraBSampler(n=5)
+    list(a)
+    with pytest.raises(Exception, match="replay_epoch"):
+        a.load_state_dict(a.state_dict(), replay_epoch="yes")
+    with pytest.raises(Exception, match="one"):
+        a.load_state_dict(a.state_dict(), replay_epoch=True, newer_than_loader=True)
+    assert a.pending == 5

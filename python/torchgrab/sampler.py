@@ -279,6 +279,7 @@ class GraBSampler(Sampler[int]):
             self._replay_from = None
             self._epoch = self._native.epoch + 1
         else:
+            self._replay_from = None
             self._reset_cursor(self._examples(self._native.begin_epoch(self._epoch)))
             self._native_cache = None
             self._epoch += 1
@@ -681,7 +682,9 @@ class GraBSampler(Sampler[int]):
                 "ondevice": self._ondevice.state() if self._ondevice is not None else None,
             }
 
-    def load_state_dict(self, state: Dict[str, Any], *, newer_than_loader: bool = False) -> None:
+    def load_state_dict(
+        self, state: Dict[str, Any], *, newer_than_loader: bool = False, replay_epoch: bool = False
+    ) -> None:
         """Restore from :meth:`state_dict`. A state of another ordering, n or dtype, or a corrupted one,
         raises :class:`torchgrab.StateDictError` and leaves this sampler as it was.
 
@@ -690,7 +693,18 @@ class GraBSampler(Sampler[int]):
         was taken earlier, when the batch was dispatched. The loader restores that older snapshot
         when iteration starts; with this flag the sampler keeps the newer state instead (the
         snapshot must be an earlier point of the same epoch), which makes the resume bit-exact.
+
+        ``replay_epoch=True``: the loader will iterate the saved epoch again from its start and drop the
+        batches trained before the checkpoint itself (the Hugging Face Trainer's ``skip_first_batches``):
+        the saved epoch is handed out again from its first index, and the indices stepped before the
+        checkpoint are not pending again.
         """
+        if not isinstance(replay_epoch, bool):
+            raise UnsupportedInputError(f"replay_epoch must be True or False, got {replay_epoch!r}")
+        if replay_epoch and newer_than_loader:
+            raise UnsupportedInputError(
+                "replay_epoch=True and newer_than_loader=True describe different loaders; pass one"
+            )
         if not isinstance(state, dict) or "native" not in state:
             raise StateDictError("expected a dict produced by GraBSampler.state_dict()")
         native_state = _to_numpy(state["native"])
@@ -763,7 +777,7 @@ class GraBSampler(Sampler[int]):
             self._finished = finished if order is not None else False
             self._epoch_set = False
             self._kept_over_loader = False
-            self._replay_from = None
+            self._replay_from = 0 if replay_epoch and order is not None else None
             if newer_than_loader:
                 self._held = self._held_token()
 

@@ -43,7 +43,7 @@ def _in_transform() -> bool:
 class _Step:
     """What one training step (a forward and its backward) has gathered so far."""
 
-    __slots__ = ("blocks", "batch", "forwards", "scale", "grads", "noted", "deferred")
+    __slots__ = ("blocks", "batch", "forwards", "scale", "factor", "grads", "noted", "deferred")
 
     def __init__(self) -> None:
         # Each layer's [B, w] pieces by column offset; concatenated once when the step ends (fewer
@@ -53,6 +53,9 @@ class _Step:
         self.batch: Optional[int] = None
         self.forwards: Dict[nn.Module, int] = {}  # calls recorded outside the backward, per module
         self.scale: Optional[torch.Tensor] = None  # the GradScaler's scale during this backward
+        # What the loss was multiplied by, over loss_reduction's rule, when this backward ran (set by an
+        # integration whose framework rescales the loss from step to step; see WatchHandle.loss_factor).
+        self.factor: Any = None  # a float, or a 0-dim tensor on the rows' device
         self.grads = 0  # hooks that have fired
         self.noted: Optional[int] = None  # rows of a step that needs no sketch (an ordering without gradients)
         # Hook calls whose sketch waits for the end of the backward, to be formed in groups of equally
@@ -124,6 +127,12 @@ class WatchHandle:
         self.scaler = scaler
         self.non_blocking = bool(non_blocking)
         self.skipped_steps = 0  # steps whose rows were not finite (GradScaler overflow): units left unseen
+        # Set by integrations (not public): a callable giving, while a backward runs, the number the
+        # framework divided that step's loss by beyond loss_reduction's rule (gradient accumulation
+        # steps, or the token count of num_items_in_batch), so rows stay each example's own gradient
+        # when it changes from step to step; and a RowExchange when every rank runs this sampler.
+        self.loss_factor: Optional[Any] = None
+        self.exchange: Optional[Any] = None
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
         unknown = [e for e in exclude if not any(_under(n, e) for n, _ in named)]
@@ -424,6 +433,8 @@ class WatchHandle:
             step.noted = b
 
     def _first_grad(self, step: _Step) -> None:
+        if self.loss_factor is not None:
+            step.factor = self.loss_factor()
         if self.scaler is not None and self.scaler.is_enabled() and self.scaler._scale is not None:
             # The scale of this backward (scaler.update() may change it before the rows are fed).
             step.scale = self.scaler._scale.detach().clone()
@@ -449,6 +460,10 @@ class WatchHandle:
             rows = torch.cat(pieces, dim=1)  # a copy: no piece (some are views of autograd's gradients) is written
             if step.scale is not None:
                 rows = rows / step.scale.to(rows.device)
+            if isinstance(step.factor, torch.Tensor):  # measured on the device: multiplied there, no sync
+                rows = rows * step.factor.to(rows.device, rows.dtype)
+            elif step.factor is not None and step.factor != 1:
+                rows = rows * float(step.factor)
             self._ready.append((rows, b))
         if len(self._ready) >= FEED_EVERY:
             self._ship()
@@ -480,7 +495,7 @@ class WatchHandle:
             event, host, sizes = self._inflight[0]
             if event is not None:
                 if not event.query():  # query() never waits: no device synchronization per step
-                    if not block:
+                    if not block and self.exchange is None:  # ranks must feed at the same points
                         return
                     event.synchronize()
             self._inflight.popleft()
@@ -490,14 +505,19 @@ class WatchHandle:
         """Feed the steps of one block in order: runs of finite steps in one ``step`` call each (the
         kernels process rows in order, so this equals one call per step), non-finite steps skipped."""
         s = self.sampler
-        if rows is None or not s.balances:
-            s.skip(sum(self._units_of(b) for b in sizes))
-            return
-        if self.granularity == "example" and self.loss_reduction == "mean":
+        if rows is not None and s.balances and self.granularity == "example" and self.loss_reduction == "mean":
             if len(set(sizes)) == 1:
                 rows *= sizes[0]  # the hooks saw (1/B) d loss_b / d y: each row its own gradient, whatever B
             else:
                 rows *= np.repeat(np.asarray(sizes, dtype=rows.dtype), sizes)[:, None]
+        if self.exchange is not None:
+            # Every rank runs this sampler: every rank's rows, in the order the sampler yielded them.
+            rows, sizes = self.exchange.combine(rows, sizes, s)
+            if not sizes:
+                return
+        if rows is None or not s.balances:
+            s.skip(sum(self._units_of(b) for b in sizes))
+            return
         if np.isfinite(rows.sum()):  # the common case: one pass over the block
             self._feed_rows(rows)
             return
