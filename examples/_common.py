@@ -465,6 +465,7 @@ def train_supervised(
     clip: Optional[float] = None,
     backward: Optional[Callable] = None,
     device: str = "cpu",
+    capture: str = "exact",
 ):
     """Train with ``GraBSampler(ordering=ordering, seed=seed)``; yield one row per epoch (epoch 0 is the
     untrained model). ``evaluate(model)`` returns at least ``train_loss`` (full pass) and ``val_metric``.
@@ -472,7 +473,10 @@ def train_supervised(
     through ``torch.func.vmap`` (it must fill ``.grad`` with the batch mean and feed the sampler).
     The model is created right after ``torch.manual_seed(seed)``, so every ordering starts from the same
     weights for a given seed. With ``device="cuda"`` the model and each batch live on the GPU, and the
-    sampler balances the CUDA gradients on the device (only B + B^2 numbers reach the host)."""
+    sampler balances the CUDA gradients on the device (only B + B^2 numbers reach the host).
+    ``capture="watch"``: the fast path, ``sampler.watch(model)`` and a plain ``loss.backward()`` (sketched
+    rows from layer hooks, the default sketch); ``"exact"``: exact per-example gradients
+    (``sampler.backward``, or ``backward``)."""
     from torch.utils.data import DataLoader
 
     torch.manual_seed(seed)
@@ -480,6 +484,11 @@ def train_supervised(
     opt = make_optimizer(model)
     sampler = make_sampler(len(train_set), ordering, seed, unit_size)
     loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler)
+    if capture not in ("exact", "watch"):
+        raise ValueError(f"capture must be 'exact' or 'watch', got {capture!r}")
+    watching = capture == "watch" and backward is None
+    if watching:
+        sampler.watch(model)
     timer = Timer()
     t0 = time.perf_counter()
     model.eval()
@@ -491,13 +500,17 @@ def train_supervised(
             for x, y in loader:
                 x, y = to_device(x, device), y.to(device)
                 opt.zero_grad(set_to_none=True)
-                if backward is None:
+                if watching:
+                    loss_fn(model(x), y).backward()
+                elif backward is None:
                     sampler.backward(model, loss_fn, x, y)
                 else:
                     backward(sampler, model, loss_fn, x, y)
                 if clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 opt.step()
+        if watching:
+            sampler.synchronize()  # the epoch's last rows, inside the timed part
         model.eval()
         yield {
             "epoch": epoch + 1,
@@ -544,6 +557,12 @@ def base_parser(doc: str, epochs: int, out: str):
     )
     p.add_argument("--quick", action="store_true", help="tiny subset, 1-2 epochs: a smoke test")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model, the batches and the balancing on the GPU)")
+    p.add_argument(
+        "--capture",
+        default="exact",
+        choices=["exact", "watch"],
+        help="exact per-example gradients (sampler.backward), or watch(): sketched rows from a plain loss.backward()",
+    )
     return p
 
 

@@ -90,6 +90,7 @@ def main(argv=None):
             batch_size=args.batch_size,
             unit_size=args.unit_size or None,
             device=args.device,
+            capture=args.capture,
         )
 
     rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, "cifar10_lenet", args.out + ".csv")
