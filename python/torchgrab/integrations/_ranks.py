@@ -159,6 +159,9 @@ class RankShard(DistributedSampler):
             if len(got) < b * w:
                 if self.drop_last:
                     return
+                order = getattr(self.sampler, "_order", None)
+                if order is not None:  # a resumed epoch's iterator did not see the epoch's first indices
+                    head = order[: b * w].tolist()
                 while len(head) < b * w:  # fewer examples than one round
                     head = head + head
                 got += head[: b * w - len(got)]
