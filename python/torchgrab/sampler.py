@@ -555,6 +555,7 @@ class GraBSampler(Sampler[int]):
         scaler: Optional[Any] = None,
         seed: Optional[int] = None,
         non_blocking: bool = True,
+        all_ranks: bool = False,
     ) -> "WatchHandle":
         """Feed this sampler from an ordinary ``loss.backward()``: layer hooks sketch each example's gradient.
 
@@ -593,6 +594,14 @@ class GraBSampler(Sampler[int]):
                 it skips for inf/NaN gives no rows (its examples count as unseen).
             seed: seeds the projections (default: the sampler's seed); a resumed run must use the same.
             non_blocking: balance each step on a background thread (see :meth:`step`).
+            all_ranks: every process runs an identical copy of this sampler (same arguments and seed)
+                and trains on its own share of the batches: batches r, r + W, r + 2W, ... of the
+                shared order on rank r, as accelerate's ``BatchSamplerShard`` and
+                :class:`torchgrab.integrations.RankShard` deal them. The ranks all-gather their rows
+                (torch.distributed, the default group) whenever rows are fed, which every rank does at
+                the same points, and every copy is fed all of them in the order it yielded them, so all
+                copies build the same next order; rows of repeats that pad the epoch's last round are
+                dropped.
 
         Rows of a step are fed when the model's next forward begins, when the sampler begins an epoch, on
         :meth:`state_dict`, :meth:`synchronize`, or ``handle.flush()``; forwards in eval mode or under
@@ -614,6 +623,7 @@ class GraBSampler(Sampler[int]):
             scaler=scaler,
             seed=seed,
             non_blocking=non_blocking,
+            all_ranks=all_ranks,
         )
 
     def backward(

@@ -96,6 +96,7 @@ class WatchHandle:
         scaler: Optional[Any] = None,
         seed: Optional[int] = None,
         non_blocking: bool = True,
+        all_ranks: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UnsupportedModelError(f"watch() takes an nn.Module, got {type(model).__name__}")
@@ -126,13 +127,21 @@ class WatchHandle:
         self.granularity = granularity
         self.scaler = scaler
         self.non_blocking = bool(non_blocking)
+        if not isinstance(all_ranks, bool):
+            raise UnsupportedInputError(f"all_ranks must be True or False, got {all_ranks!r}")
+        if all_ranks and (granularity != "example" or sampler.unit_size != 1):
+            raise UnsupportedInputError("all_ranks=True supports granularity='example' with unit_size=1")
         self.skipped_steps = 0  # steps whose rows were not finite (GradScaler overflow): units left unseen
         # Set by integrations (not public): a callable giving, while a backward runs, the number the
         # framework divided that step's loss by beyond loss_reduction's rule (gradient accumulation
         # steps, or the token count of num_items_in_batch), so rows stay each example's own gradient
-        # when it changes from step to step; and a RowExchange when every rank runs this sampler.
+        # when it changes from step to step. The RowExchange of all_ranks=True.
         self.loss_factor: Optional[Any] = None
         self.exchange: Optional[Any] = None
+        if all_ranks:
+            from torchgrab.integrations._ranks import RowExchange
+
+            self.exchange = RowExchange()
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
         unknown = [e for e in exclude if not any(_under(n, e) for n, _ in named)]

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from torchgrab.errors import StateDictError, UnsupportedInputError
-from torchgrab.integrations._ranks import RowExchange, world
+from torchgrab.integrations._ranks import world
 from torchgrab.sampler import GraBSampler
 
 try:
@@ -129,10 +129,8 @@ class _GraBCallback(TrainerCallback):
         evaluation or the user's own, feed nothing)."""
         if self.handle is not None and not self.handle.removed:
             return
-        self.handle = self.sampler.watch(self.trainer.model, **self.watch)
+        self.handle = self.sampler.watch(self.trainer.model, all_ranks=self.exchange, **self.watch)
         self.handle.loss_factor = self.loss_factor
-        if self.exchange:
-            self.handle.exchange = RowExchange()
 
     # --------------------------------------------------------------- loss normalization per step
     def wrap_loss(self) -> None:
