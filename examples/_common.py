@@ -501,7 +501,7 @@ def train_supervised(
                 x, y = to_device(x, device), y.to(device)
                 opt.zero_grad(set_to_none=True)
                 if watching:
-                    loss_fn(model(x), y).backward()
+                    loss_fn(model(**x) if isinstance(x, dict) else model(x), y).backward()
                 elif backward is None:
                     sampler.backward(model, loss_fn, x, y)
                 else:
@@ -540,7 +540,8 @@ def full_pass(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn:
     return total / len(x), correct / len(x)
 
 
-def base_parser(doc: str, epochs: int, out: str):
+def base_parser(doc: str, epochs: int, out: str, capture: bool = True):
+    """The examples' common options; ``capture=False`` for a script with its own ``--capture``."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -557,6 +558,8 @@ def base_parser(doc: str, epochs: int, out: str):
     )
     p.add_argument("--quick", action="store_true", help="tiny subset, 1-2 epochs: a smoke test")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the model, the batches and the balancing on the GPU)")
+    if not capture:
+        return p
     p.add_argument(
         "--capture",
         default="exact",

@@ -17,6 +17,8 @@ from the layer inputs and output gradients (the attention mask keeps padding out
 loss, so each equals the sentence's own unpadded gradient). ``auto`` (default) takes the loop on the
 CPU, where it measured faster on SST-2's varied lengths (batch padded 3x; ``benchmarks/capture.py``),
 and hooks on a GPU, where one batched pass should beat 16 small sequential ones (not yet measured).
+``watch``: no per-example gradients at all, ``sampler.watch(model)`` sketches them inside a plain
+``loss.backward()`` of the padded batch (the fast path).
 Orderings that ignore gradients take an ordinary padded batch backward pass (the same mean gradient).
 Because a CPU cannot fine-tune on all of SST-2 (67k sentences) for 18 runs, the script
 uses a class-balanced random subset of the training split (``--train-size``) and of the dev split
@@ -58,7 +60,7 @@ def balanced_subset(y: np.ndarray, size: int, seed: int = 1234) -> np.ndarray:
 
 
 def main(argv=None):
-    p = C.base_parser(__doc__, epochs=3, out="out/glue_finetune")
+    p = C.base_parser(__doc__, epochs=3, out="out/glue_finetune", capture=False)
     p.add_argument("--task", default="SST-2", choices=[t for t, s in C.GLUE_TASKS.items() if s["kind"] == "cls"])
     p.add_argument("--train-size", type=int, default=512)
     p.add_argument("--dev-size", type=int, default=400)
@@ -68,10 +70,10 @@ def main(argv=None):
     p.add_argument("--train-embeddings", action="store_true")
     p.add_argument(
         "--capture",
-        choices=["auto", "loop", "hooks"],
+        choices=["auto", "loop", "hooks", "watch"],
         default="auto",
         help="per-example gradients: one backward per sentence (loop), or one batched pass (hooks); "
-        "auto: loop on the CPU, hooks on a GPU",
+        "auto: loop on the CPU, hooks on a GPU; watch: sketched rows from a plain loss.backward()",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -181,8 +183,9 @@ def main(argv=None):
             evaluate=evaluate,
             epochs=args.epochs,
             batch_size=args.batch_size,
-            backward=backward,
+            backward=None if capture == "watch" else backward,
             device=args.device,
+            capture="watch" if capture == "watch" else "exact",
         )
 
     prefix = f"{args.out}_{args.task}"
