@@ -54,7 +54,12 @@ pub fn next_order<S: StateElem>(
     for &c in seen {
         work.extend(store.row(c).iter().zip(&mean).map(|(g, m)| g.to_f64() - m));
     }
-    let mut norms: Vec<f64> = work.par_chunks(d).map(|z| dot(z, z)).collect();
+    let threads = crate::kernels::threads_usable();
+    let mut norms: Vec<f64> = if threads {
+        work.par_chunks(d).map(|z| dot(z, z)).collect()
+    } else {
+        work.chunks(d).map(|z| dot(z, z)).collect()
+    };
     let mut positions: Vec<u32> = (0..seen.len() as u32).collect();
     let mut s = vec![0.0f64; d];
     let mut out = Vec::with_capacity(current.len());
@@ -66,12 +71,18 @@ pub fn next_order<S: StateElem>(
         }
     };
     while !positions.is_empty() {
-        let (_, pos, row) = work
-            .par_chunks(d)
-            .with_min_len(MIN_TASK)
-            .enumerate()
-            .map(|(r, z)| (2.0 * dot(&s, z) + norms[r], positions[r], r))
-            .reduce(|| (f64::INFINITY, u32::MAX, usize::MAX), better);
+        let score = |(r, z): (usize, &[f64])| (2.0 * dot(&s, z) + norms[r], positions[r], r);
+        let none = (f64::INFINITY, u32::MAX, usize::MAX);
+        // `better` is a total order (ties by position), so the reduction's grouping cannot matter.
+        let (_, pos, row) = if threads {
+            work.par_chunks(d)
+                .with_min_len(MIN_TASK)
+                .enumerate()
+                .map(score)
+                .reduce(|| none, better)
+        } else {
+            work.chunks(d).enumerate().map(score).fold(none, better)
+        };
         out.push(seen[pos as usize]);
         for (x, z) in s.iter_mut().zip(&work[row * d..(row + 1) * d]) {
             *x += z;

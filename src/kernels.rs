@@ -15,6 +15,7 @@
 
 use crate::elem::{GradElem, StateElem};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 
 pub mod advance;
 pub use advance::{advance, Advance, Advanced};
@@ -27,6 +28,22 @@ pub const CHUNK: usize = 1 << 14;
 /// the threshold), 45,000 1.25x, 62,006 (LeNet-5) 1.3-1.5x; `pair` at 45,000 1.3x, 1e5 2.4x. Results
 /// do not depend on it: the reduction order is fixed by CHUNK alone.
 pub const PARALLEL_MIN_DIM: usize = 2 * CHUNK;
+
+/// The process that first used rayon's thread pools. A process forked from it afterwards (a
+/// DataLoader worker, Lightning's `ddp_fork`, a notebook's `ddp_notebook`) inherits pools whose threads
+/// did not survive the fork, and a job sent to them would never run: there every pass runs on the
+/// calling thread instead. The results are the same (passes are chunked, and their partial sums added,
+/// the same way on one thread as on many).
+static POOL_PID: AtomicU32 = AtomicU32::new(0);
+
+/// Whether this process may use rayon's thread pools (see `POOL_PID`); the first caller claims them.
+pub fn threads_usable() -> bool {
+    let me = std::process::id();
+    match POOL_PID.compare_exchange(0, me, AtomicOrdering::Relaxed, AtomicOrdering::Relaxed) {
+        Ok(_) => true,
+        Err(owner) => owner == me,
+    }
+}
 
 const LANES: usize = 8;
 
@@ -860,7 +877,7 @@ pub fn dot_diff<S: StateElem, A: GradElem, B: GradElem>(
     let chunks = layout.chunks();
     let mut dot = 0.0;
     let mut norm = 0.0;
-    if layout.dim >= PARALLEL_MIN_DIM {
+    if layout.dim >= PARALLEL_MIN_DIM && threads_usable() {
         let partials: Vec<(f64, f64)> = (0..chunks)
             .into_par_iter()
             .map(|c| chunk_dot(isa, layout, c, s, a, b))
@@ -903,7 +920,7 @@ fn shared<S, A: 'static, B: 'static, G: 'static, C, D: 'static>(
 /// 16 rows a step, 1.35-2x in two runs. `Sampler::step` runs every ordering's step through it.
 /// Results are the same either way.
 pub fn on_workers<R: Send>(dim: usize, f: impl FnOnce() -> R + Send) -> R {
-    if dim >= PARALLEL_MIN_DIM && rayon::current_thread_index().is_none() {
+    if dim >= PARALLEL_MIN_DIM && rayon::current_thread_index().is_none() && threads_usable() {
         rayon::scope(|_| f())
     } else {
         f()
@@ -976,7 +993,7 @@ fn run_update<
     };
     let mut dot = 0.0;
     let mut norm = 0.0;
-    if layout.dim >= PARALLEL_MIN_DIM {
+    if layout.dim >= PARALLEL_MIN_DIM && threads_usable() {
         let partials: Vec<(f64, f64)> = match m_next {
             Some(m) => s
                 .par_chunks_mut(CHUNK)

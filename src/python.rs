@@ -204,9 +204,13 @@ fn lend<G: GradElem>(
         });
         let _ = tx.send((sampler, result)); // the receiver is gone only if the NativeSampler was dropped
     };
-    match background_pool() {
-        Some(pool) => pool.spawn(job),
-        None => rayon::spawn(job), // no thread for a pool of its own: the global pool
+    if !crate::kernels::threads_usable() {
+        job(); // a forked child: the pools' threads are gone, so the step runs here (blocking)
+    } else {
+        match background_pool() {
+            Some(pool) => pool.spawn(job),
+            None => rayon::spawn(job), // no thread for a pool of its own: the global pool
+        }
     }
     rx
 }

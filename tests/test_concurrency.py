@@ -130,3 +130,36 @@ def test_results_do_not_depend_on_the_number_of_threads():
         assert res.returncode == 0, res.stderr
         runs.append(json.loads(res.stdout))
     assert runs[0] == runs[1]
+
+
+FORK_SCRIPT = """
+import os, sys, numpy as np
+from torchgrab import GraBSampler
+
+def work(ordering, d):
+    s = GraBSampler(n=64, ordering=ordering)
+    it = iter(s)
+    [next(it) for _ in range(64)]
+    s.step(np.random.default_rng(0).random((64, d), dtype=np.float32), non_blocking=True)
+    s.synchronize()
+    return list(s)  # the next epoch's order
+
+def all_work():
+    # a background step, and kernels wide enough to run on the thread pool (d >= 2 * 16384)
+    return [work("grab", 4096), work("grab", 40000), work("greedy", 40000)]
+
+parent = all_work()
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if all_work() == parent else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_after_background_steps_still_steps():
+    # rayon's pools do not survive a fork (Lightning's ddp_fork, a notebook's ddp_notebook): a forked
+    # child runs its passes and background steps on its own thread, with the same results.
+    proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -290,7 +290,7 @@ pub fn advance(
         }
         std::array::from_fn(|k| fold_lanes(&acc[k]))
     };
-    let partials: Vec<[f64; 5]> = if layout.dim >= PARALLEL_MIN_DIM {
+    let partials: Vec<[f64; 5]> = if layout.dim >= PARALLEL_MIN_DIM && super::threads_usable() {
         s.par_chunks_mut(CHUNK)
             .zip(m_next.par_chunks_mut(CHUNK))
             .enumerate()
