@@ -198,6 +198,19 @@ def summary_table(rows: List[Dict], metric: str, higher_is_better: bool = True) 
             dv = val[o][:, -1] - val["rr"][:, -1]
             per_seed_loss, per_seed_val = " ".join(f"{x:+.4f}" for x in dl), " ".join(f"{x:+.4f}" for x in dv)
             lines.append(f"- {o} - rr: train loss {per_seed_loss}; {metric} {per_seed_val}")
+        # What a user decides on: training seconds to reach the loss rr ends with, as a share of rr's.
+        lines.append("")
+        lines.append(
+            "Training time to reach rr's final train loss, over rr's training time (same seed; - = not reached):"
+        )
+        for o in loss:
+            if o == "rr" or loss[o].shape != loss["rr"].shape:
+                continue
+            ratios = []
+            for k in range(loss["rr"].shape[0]):
+                hit = np.flatnonzero(loss[o][k] <= loss["rr"][k, -1])
+                ratios.append(f"{secs[o][k, hit[0]] / secs['rr'][k, -1]:.2f}" if hit.size else "-")
+            lines.append(f"- {o}: {' '.join(ratios)}")
     return "\n".join(lines)
 
 
@@ -210,8 +223,9 @@ def plot(rows: List[Dict], metric: str, title: str, path: Optional[str] = None, 
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loss, val = curves(rows, "train_loss"), curves(rows, "val_metric")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    loss, val, secs = curves(rows, "train_loss"), curves(rows, "val_metric"), curves(rows, "train_seconds")
+    full = curves(rows, "train_loss")  # loss[o] is trimmed below
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4))
     # epoch 0 (the untrained model) would squash the interesting part of the curves: start at epoch 1
     first = 1 if max(v.shape[1] for v in loss.values()) > 2 else 0
     for o in loss:
@@ -219,14 +233,23 @@ def plot(rows: List[Dict], metric: str, title: str, path: Optional[str] = None, 
         loss[o], val[o] = loss[o][:, first:], val[o][:, first:]
         (line,) = ax1.plot(ep, loss[o].mean(0), label=o, marker=".")
         ax1.fill_between(ep, loss[o].min(0), loss[o].max(0), alpha=0.2, color=line.get_color())
+        # against the training seconds (mean over seeds)
+        m = min(secs[o].shape[1], full[o].shape[1])
+        ax3.plot(
+            secs[o][:, :m].mean(0)[first:], full[o][:, :m].mean(0)[first:], label=o, marker=".", color=line.get_color()
+        )
         ax2.plot(ep, val[o].mean(0), label=o, marker=".", color=line.get_color())
         ax2.fill_between(ep, val[o].min(0), val[o].max(0), alpha=0.2, color=line.get_color())
     n_seeds = max(v.shape[0] for v in loss.values())
     if log_loss:
         ax1.set_yscale("log")
+        ax3.set_yscale("log")
+    ax3.set(
+        xlabel="training seconds (mean over seeds)", ylabel="full-pass training loss", title="train loss against time"
+    )
     ax1.set(xlabel="epoch", ylabel="full-pass training loss", title=f"train loss (mean, min-max of {n_seeds} seeds)")
     ax2.set(xlabel="epoch", ylabel=metric, title=f"{metric} (mean, min-max)")
-    for ax in (ax1, ax2):
+    for ax in (ax1, ax3, ax2):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title)
