@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Cargo.toml $(shell find src python -type f 2>/dev/null)
 	$(PY) -m pip install -q "transformers>=4.40" accelerate lightning  # torchgrab.integrations and their tests
 	# The integration tests also run a Trainer from before 4.52 (another _get_train_sampler signature),
 	# from its own folder put first on a subprocess's path.
-	$(PY) -m pip install -q --no-deps --target $(VENV)/hf-old "transformers==4.51.3" "tokenizers>=0.21,<0.22" "huggingface-hub>=0.30,<1.0"
+	$(PY) -m pip install -q --upgrade --no-deps --target $(VENV)/hf-old "transformers==4.51.3" "tokenizers>=0.21,<0.22" "huggingface-hub>=0.30,<1.0"
 	$(PY) -m pip install -q -e .
 	touch $(STAMP)
 
