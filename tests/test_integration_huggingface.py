@@ -151,6 +151,14 @@ def test_refusals(tmp_path):
     with pytest.raises(UnsupportedInputError, match="length"):
         enable_grab(trainer)
 
+    # A model watch() cannot sketch per example: refused before the Trainer is changed.
+    trainer, _ = hf_cases.make_trainer(str(tmp_path), n=16)
+    trainer.model.extra = torch.nn.Parameter(torch.zeros(3))
+    before = trainer._get_train_sampler
+    with pytest.raises(Exception, match="extra"):
+        enable_grab(trainer)
+    assert trainer._get_train_sampler == before and not hasattr(trainer, "_torchgrab_sampler")
+
 
 def test_forwards_after_training_feed_nothing(tmp_path):
     trainer, ds = hf_cases.make_trainer(str(tmp_path), n=16, epochs=1)

@@ -76,14 +76,11 @@ def enable_grab(trainer: Any, *, watch: Optional[Dict[str, Any]] = None, **sampl
     watch_kwargs = dict(watch or {})
     if "scaler" not in watch_kwargs:
         watch_kwargs["scaler"] = getattr(getattr(trainer, "accelerator", None), "scaler", None)
-    if size > 1 and (watch_kwargs.get("granularity", "example") != "example" or sampler.unit_size != 1):
-        raise UnsupportedInputError(
-            "with several processes, enable_grab() supports granularity='example' and unit_size=1"
-        )
+    callback = _GraBCallback(trainer, sampler, watch_kwargs, size > 1)
+    # Now, so that a model watch() cannot sketch is refused before the Trainer is touched.
+    callback.attach()
     # The Trainer builds its training DataLoader from this method (it takes the data set from 4.52 on).
     trainer._get_train_sampler = lambda *a, **k: sampler
-    callback = _GraBCallback(trainer, sampler, watch_kwargs, size > 1)
-    callback.attach()  # now, so that a model watch() cannot sketch is refused before training starts
     trainer.add_callback(callback)
     callback.wrap_loss()
     original_train = trainer.train
