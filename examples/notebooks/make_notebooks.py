@@ -5,6 +5,9 @@
 
 The stored outputs come from quick mode (TORCHGRAB_QUICK=1), the mode CI runs them in (tests/test_examples.py):
 a full run takes tens of minutes on this project's 2-core machine. The docs site renders them as stored.
+
+The third notebook, glue_trainer.ipynb (GraB in the Hugging Face Trainer), has its own builder,
+make_glue_trainer.py: its stored outputs are those of a full run.
 """
 
 import os
