@@ -151,6 +151,12 @@ def test_refusals(tmp_path):
     with pytest.raises(UnsupportedInputError, match="length"):
         enable_grab(trainer)
 
+    trainer, _ = hf_cases.make_trainer(str(tmp_path), n=16, train_sampling_strategy="group_by_length")
+    with pytest.raises(UnsupportedInputError, match="group_by_length"):
+        enable_grab(trainer)
+    trainer, _ = hf_cases.make_trainer(str(tmp_path), n=16, data_seed=7)
+    assert enable_grab(trainer).seed == 7  # the Trainer's data seed, as its own sampler would use
+
     # A model watch() cannot sketch per example: refused before the Trainer is changed.
     trainer, _ = hf_cases.make_trainer(str(tmp_path), n=16)
     trainer.model.extra = torch.nn.Parameter(torch.zeros(3))

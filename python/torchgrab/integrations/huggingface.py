@@ -46,7 +46,7 @@ def enable_grab(trainer: Any, *, watch: Optional[Dict[str, Any]] = None, **sampl
         watch: keyword arguments for :meth:`GraBSampler.watch` (``sketch``, ``per_layer``, ``exclude``,
             ...); the Trainer's own fp16 scaler is passed for you.
         **sampler_kwargs: keyword arguments for :class:`GraBSampler` (``ordering="pair"``, ...); the
-            seed defaults to ``TrainingArguments.seed``.
+            seed defaults to ``TrainingArguments.data_seed``, or ``seed`` when that is not set.
 
     Every process of a multi-process run calls it the same way. Resuming with
     ``trainer.train(resume_from_checkpoint=...)`` continues the exact order of the interrupted run.
@@ -71,7 +71,13 @@ def enable_grab(trainer: Any, *, watch: Optional[Dict[str, Any]] = None, **sampl
             args.accelerator_config, "split_batches", False
         ):
             raise UnsupportedInputError("enable_grab() needs accelerator_config split_batches=False")
-    sampler_kwargs.setdefault("seed", int(args.seed))
+    if getattr(args, "group_by_length", False) or getattr(args, "train_sampling_strategy", None) == "group_by_length":
+        raise UnsupportedInputError(
+            "enable_grab() replaces the training sampler; group_by_length orders by length instead: turn it off"
+        )
+    # The Trainer seeds its data order with data_seed when it is set (else seed): so does the sampler.
+    data_seed = getattr(args, "data_seed", None)
+    sampler_kwargs.setdefault("seed", int(args.seed if data_seed is None else data_seed))
     sampler = GraBSampler(dataset, **sampler_kwargs)
     watch_kwargs = dict(watch or {})
     if "scaler" not in watch_kwargs:
