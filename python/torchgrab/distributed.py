@@ -80,6 +80,20 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     )
 
 
+@torch.no_grad()
+def _add_to_grads(params: List[torch.Tensor], flat: torch.Tensor) -> None:
+    """Add consecutive slices of ``flat`` (the reduced mean gradient) to each parameter's ``.grad``."""
+    o = 0
+    for p in params:
+        k = p.numel()
+        mean = flat[o : o + k].view_as(p).to(p.dtype)
+        o += k
+        if p.grad is None:
+            p.grad = mean.clone()
+        else:
+            p.grad += mean
+
+
 class DistributedGraBSampler(Sampler[int]):
     """``DistributedSampler``'s contract with CD-GraB orders.
 
@@ -676,17 +690,7 @@ class DistributedGraBSampler(Sampler[int]):
         assert total is not None
         total = total / self.num_replicas
         params = dict(module.named_parameters())
-        with torch.no_grad():
-            o = 0
-            for name in grads:
-                p = params[name]
-                k = p.numel()
-                mean = total[o : o + k].view_as(p).to(p.dtype)
-                o += k
-                if p.grad is None:
-                    p.grad = mean.clone()
-                else:
-                    p.grad += mean
+        _add_to_grads([params[name] for name in grads], total)
         return losses.mean()
 
     def _plain_backward(
@@ -719,16 +723,7 @@ class DistributedGraBSampler(Sampler[int]):
         )
         total = self._reduce_extra(flat.detach()) / self.num_replicas
         self._count(rows)
-        with torch.no_grad():
-            o = 0
-            for _, p in named:
-                k = p.numel()
-                mean = total[o : o + k].view_as(p).to(p.dtype)
-                o += k
-                if p.grad is None:
-                    p.grad = mean.clone()
-                else:
-                    p.grad += mean
+        _add_to_grads([p for _, p in named], total)
         return loss.detach()
 
     def __repr__(self) -> str:
