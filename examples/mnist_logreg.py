@@ -59,7 +59,7 @@ def main(argv=None):
             capture=args.capture,
         )
 
-    rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, "mnist_logreg", args.out + ".csv")
+    rows = C.run_grid(train_one, orderings, C.seed_range(args), args.epochs, "mnist_logreg", args.out + ".csv")
     title = (
         f"MNIST logistic regression ({len(train_set)} train / {len(xte_t)} test), SGD lr {args.lr} m 0.9 "
         f"wd 1e-4, batch {args.batch_size}"

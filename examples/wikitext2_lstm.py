@@ -9,7 +9,9 @@ As in pytorch/examples: the vocabulary is built over train+valid+test (33,278 wo
 stream is cut into ``--batch-size`` columns and then into chunks of ``--bptt`` time steps; one chunk
 ([bptt, batch] tokens) is one SGD step. Paper settings: embedding = hidden = 32, 2 LSTM layers, plain
 SGD with lr 5, gradient-norm clip 0.25. GraB orders the chunks: after each step, the chunk's gradient
-(one row of d = #parameters) goes to ``sampler.step``. Because the chunks are visited out of order, the
+(one row of d = #parameters) goes to ``sampler.step`` (``--capture exact``), or, with ``--capture watch``,
+``sampler.watch(model, granularity="batch")`` reads it inside the plain ``loss.backward()`` and folds it
+to a short sketch (an LSTM has no per-example hooks, but here a backward is one unit). Because the chunks are visited out of order, the
 LSTM state starts from zero at every training chunk (carrying it across shuffled chunks would feed the
 state of an unrelated chunk); validation runs in order with the state carried, as pytorch/examples does.
 Records per epoch the full-pass training loss (mean token cross-entropy over all training chunks),
@@ -156,6 +158,9 @@ def main(argv=None):
         params = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         opt = torch.optim.SGD(model.parameters(), lr=args.lr)
         sampler = C.make_sampler(n_units, ordering, seed)
+        watching = args.capture == "watch" and sampler.balances
+        if watching:  # one chunk per backward: the whole gradient is the unit's row
+            sampler.watch(model, granularity="batch")
         timer = C.Timer()
         t0 = time.perf_counter()
         model.eval()
@@ -170,12 +175,16 @@ def main(argv=None):
                     out, _ = model(x)
                     loss = crit(out.view(-1, ntokens), y)
                     loss.backward()
-                    if sampler.balances:  # this unit's gradient, one row per parameter (no copy into one vector)
+                    if watching:
+                        pass  # the hooks took the row (the sketch of the gradient before clipping)
+                    elif sampler.balances:  # this unit's gradient, one row per parameter (no copy into one vector)
                         sampler.step({k: p.grad.detach().unsqueeze(0) for k, p in params})
                     else:
                         sampler.skip(1)
                     nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                     opt.step()
+                if watching:
+                    sampler.synchronize()  # the epoch's last row, inside the timed part
             model.eval()
             yield {
                 "epoch": epoch + 1,
@@ -184,7 +193,7 @@ def main(argv=None):
                 "wall_seconds": time.perf_counter() - t0,
             }
 
-    rows = C.run_grid(train_one, orderings, range(args.seeds), args.epochs, "wikitext2_lstm", args.out + ".csv")
+    rows = C.run_grid(train_one, orderings, C.seed_range(args), args.epochs, "wikitext2_lstm", args.out + ".csv")
     title = (
         f"WikiText-2 LSTM (2x{args.nhid}, {len(train_ids)} train tokens = "
         f"{n_units} chunks of {args.bptt}x{args.batch_size}), "

@@ -130,3 +130,74 @@ def test_wikitext_stacked_training_pass_equals_chunk_by_chunk():
         assert cnt == cnt_ref == 4 * 59
         assert abs(float(tot) - ref) <= 1e-9 * abs(ref) + 1e-4, (group, float(tot), ref)
     assert len(starts) == 9 and starts[-1] + bptt > data.size(0) - 1  # the short chunk was exercised
+
+
+@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="no ../shared/data/mnist")
+def test_first_seed_runs_exactly_that_seed(tmp_path):
+    """--first-seed S --seeds 1 (one process per seed, as scripts/gpu_fullscale.sh runs them) gives the
+    rows that seed S gives inside a longer grid."""
+    import mnist_logreg
+
+    common = ["--quick", "--orderings", "rr,grab", "--data", str(DATA), "--threads", "1"]
+    mnist_logreg.main(common + ["--seeds", "2", "--out", str(tmp_path / "both")])
+    mnist_logreg.main(common + ["--seeds", "1", "--first-seed", "1", "--out", str(tmp_path / "one")])
+    both = [r for r in _rows(tmp_path / "both.csv") if r["seed"] == "1"]
+    one = _rows(tmp_path / "one.csv")
+    assert {r["seed"] for r in one} == {"1"} and len(one) == len(both) == 6
+    key = ("ordering", "epoch", "train_loss", "val_metric")
+    assert [tuple(r[k] for k in key) for r in one] == [tuple(r[k] for k in key) for r in both]
+
+
+@pytest.mark.skipif(not (DATA / "wikitext-2").is_dir(), reason="no ../shared/data/wikitext-2")
+def test_wikitext_quick_with_watch_feeds_the_sampler(tmp_path, monkeypatch):
+    """--capture watch: the plain loss.backward() feeds grab one row per chunk (granularity="batch")."""
+    import wikitext2_lstm
+    from torchgrab import GraBSampler
+
+    fed = []
+    step = GraBSampler.step
+
+    def spy(self, grads, **kw):
+        fed.append(len(grads) if not isinstance(grads, dict) else next(iter(grads.values())).shape[0])
+        return step(self, grads, **kw)
+
+    monkeypatch.setattr(GraBSampler, "step", spy)
+    out = tmp_path / "wt"
+    argv = ["--quick", "--capture", "watch", "--orderings", "rr,grab", "--seeds", "1", "--data", str(DATA)]
+    wikitext2_lstm.main(argv + ["--out", str(out)])
+    rows = _rows(str(out) + ".csv")
+    assert [r["epoch"] for r in rows if r["ordering"] == "grab"] == ["0", "1", "2"]
+    assert sum(fed) == 2 * 10  # 10 chunks, 2 epochs: every chunk's row reached the sampler
+    last = {r["ordering"]: float(r["train_loss"]) for r in rows if r["epoch"] == "2"}
+    assert all(v < float(rows[0]["train_loss"]) for v in last.values())
+
+
+@pytest.mark.skipif(not (DATA / "glue" / "STS-B").is_dir(), reason="no ../shared/data/glue/STS-B")
+def test_glue_finetune_regression_task_with_watch(tmp_path):
+    """STS-B: a 1-output regression head with the mean squared error, Pearson's r on dev."""
+    pytest.importorskip("transformers")
+    import glue_finetune
+
+    out = tmp_path / "gf"
+    argv = ["--quick", "--task", "STS-B", "--capture", "watch", "--orderings", "rr,grab", "--seeds", "1"]
+    glue_finetune.main(argv + ["--data", str(DATA), "--out", str(out), "--epochs", "2"])
+    rows = _rows(str(out) + "_STS-B.csv")
+    assert {r["metric"] for r in rows} == {"pearson"}
+    assert [r["epoch"] for r in rows if r["ordering"] == "grab"] == ["0", "1"]
+    for r in rows:
+        assert -1.0 <= float(r["val_metric"]) <= 1.0 and float(r["train_loss"]) > 0
+    # the MSE on scores in [0, 5] from an untrained head is large; one epoch of AdamW lowers it
+    first = [float(r["train_loss"]) for r in rows if r["epoch"] == "0"]
+    assert all(float(r["train_loss"]) < first[0] for r in rows if r["epoch"] == "1")
+
+
+def test_glue_subset_of_a_regression_task_is_a_plain_random_subset():
+    import numpy as np
+    from glue_finetune import balanced_subset
+
+    y = np.linspace(0, 5, 100, dtype=np.float32)
+    keep = balanced_subset(y, 10)
+    assert len(keep) == 10 and len(set(keep.tolist())) == 10 and (np.diff(keep) > 0).all()
+    assert (balanced_subset(y, 0) == np.arange(100)).all()
+    yc = np.array([0] * 30 + [1] * 70)
+    assert np.bincount(yc[balanced_subset(yc, 20)]).tolist() == [10, 10]

@@ -81,3 +81,50 @@ def test_training_steps_do_not_synchronize_the_device():
     h.flush()
     assert s.pending == 32  # the 16th batch was taken from the sampler but not trained on
     assert s.state_dict()["stepped"] == 15 * 32
+
+
+class _LSTMLM(nn.Module):
+    """The WikiText-2 example's shape in small: an LSTM has no per-example hooks, so a backward is one unit."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.rnn, self.out = nn.Embedding(50, 8), nn.LSTM(8, 8, 2), nn.Linear(8, 50)
+
+    def forward(self, x):
+        return self.out(self.rnn(self.emb(x))[0])
+
+
+def _unit_rows(device, steps=6, sync_check=False):
+    model = _LSTMLM().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    data = torch.randint(0, 50, (12, 7, 4), generator=torch.Generator().manual_seed(3)).to(device)
+    s = GraBSampler(n=12, ordering="grab", seed=0)
+    got = []
+    step = s.step
+    s.step = lambda rows, **kw: (got.append(np.array(rows)), step(rows, **kw))[1]
+    h = s.watch(model, granularity="batch", sketch=4)
+    it = iter(s)
+    for k in range(steps):
+        u = next(it)
+        if sync_check and k == 1:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = model(data[u])
+            nn.functional.cross_entropy(out[:-1].reshape(-1, 50), data[u][1:].reshape(-1)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            if sync_check:
+                torch.cuda.set_sync_debug_mode("default")
+    h.flush()
+    return np.concatenate(got)
+
+
+def test_batch_granularity_rows_on_cuda_equal_the_cpu_rows_without_a_sync():
+    cpu = _unit_rows("cpu")
+    gpu = _unit_rows("cuda")
+    assert cpu.shape == gpu.shape and cpu.shape[0] == 6
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4 * np.abs(cpu).max())
+    _unit_rows("cuda", sync_check=True)  # raises if a step synchronizes the device
