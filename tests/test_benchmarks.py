@@ -109,3 +109,16 @@ def test_stale_mean_runs(tmp_path):
     for line in ("mnist: n = 2000, K = 1030", "minilm: n = 32", "oracle grab from F_e", "stale mean m_e-2"):
         assert line in stdout
     assert (tmp_path / "stale_mean.txt").exists()
+
+
+@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="no ../shared/data")
+def test_first_epoch_runs(tmp_path):
+    """benchmarks/first_epoch.py --quick: grab and pair with first_epoch random and identity, on MNIST as
+    stored and sorted by label (where the dataset's own order wrecks the first epoch)."""
+    stdout = run(["benchmarks/first_epoch.py", "--quick", "--out", str(tmp_path / "first_epoch")])
+    assert "| sorted by label | grab | identity |" in stdout and "identity - random" in stdout
+    rows = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in stdout.splitlines() if "|" in line}
+    sorted_identity = float(rows["sorted by label", "grab", "identity"].split("|")[4])
+    sorted_random = float(rows["sorted by label", "grab", "random"].split("|")[4])
+    assert sorted_identity > 5 * sorted_random  # one class after another: the first epoch ends far off
+    assert (tmp_path / "first_epoch.txt").exists()
