@@ -271,7 +271,13 @@ def plot(
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    import textwrap
+
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
+    fig.suptitle("\n".join(textwrap.wrap(title, width=150 if times else 100)))
     fig.tight_layout()
     if path is not None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
