@@ -112,6 +112,13 @@ def main(argv=None):
     p.add_argument("--clip", type=float, default=0.25)
     p.add_argument("--train-tokens", type=int, default=50_000, help="first N training tokens (0 = all 2,088,628)")
     p.add_argument("--valid-tokens", type=int, default=20_000, help="first N validation tokens (0 = all 217,646)")
+    p.add_argument(
+        "--eval-group",
+        type=int,
+        default=64,
+        help="chunks per forward of the full-pass training loss (its logits take group x 35 x 16 x 33,278 "
+        "floats: 4.8 GB at 64; lower it to run several processes on one GPU)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.train_tokens, args.valid_tokens, args.epochs = 5_600, 3_500, min(args.epochs, 2)
@@ -136,7 +143,7 @@ def main(argv=None):
     @torch.no_grad()
     def evaluate(model):
         # Sums stay on the device (float64) and are read once: a float() per chunk would sync a GPU each time.
-        tot, cnt = train_pass_loss(model, train_data, starts, args.bptt, ntokens)
+        tot, cnt = train_pass_loss(model, train_data, starts, args.bptt, ntokens, group=args.eval_group)
         vtot, vcnt, hidden = torch.zeros_like(tot), 0, None
         for i in range(0, valid_data.size(0) - 1, args.bptt):
             x, y = chunk(valid_data, i, args.bptt)
