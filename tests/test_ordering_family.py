@@ -320,3 +320,30 @@ def test_depth_default_leaves_other_orderings_and_validation_alone():
     for bad in (-1, True, 2.0):
         with pytest.raises(UnsupportedInputError, match="depth"):
             GraBSampler(n=5, ordering="recursive", depth=bad)
+
+
+@pytest.mark.parametrize("ordering", ["recursive", "recursive-pair"])
+def test_an_explicit_depth_other_than_the_checkpoints_is_refused_and_changes_nothing(ordering):
+    v = np.random.default_rng(11).normal(size=(20, 3)) + 0.3
+    saved = GraBSampler(n=20, ordering=ordering, seed=2, depth=3)
+    feed_epoch(saved, v, per_step=4)
+    state = save_load(saved.state_dict())
+    target = GraBSampler(n=20, ordering=ordering, seed=2, depth=2)
+    feed_epoch(target, v, per_step=4)
+    before = save_load(target.state_dict())
+    with pytest.raises(StateDictError, match="depth=3.*depth=2"):
+        target.load_state_dict(state)
+    assert target.state_dict()["native"]["depth"] == 2
+    assert list(target) == list(_loaded(ordering, before))  # the refused load left it as it was
+    # depth=None takes the checkpoint's depth (a run saved under the old default of 5 keeps it)
+    same = GraBSampler(n=20, ordering=ordering, seed=2, depth=3)
+    same.load_state_dict(state)
+    default = GraBSampler(n=20, ordering=ordering, seed=2)
+    default.load_state_dict(state)
+    assert default.state_dict()["native"]["depth"] == 3 and list(default) == list(same) == list(saved)
+
+
+def _loaded(ordering, state):
+    s = GraBSampler(n=20, ordering=ordering, seed=2, depth=2)
+    s.load_state_dict(state)
+    return s

@@ -230,6 +230,7 @@ class GraBSampler(Sampler[int]):
         self.unit_size = int(unit_size)
         self.ordering = ordering
         self.seed = int(seed)
+        self._depth_asked = None if depth is None else int(depth)  # checked against a loaded state
         self._watchers: List[Any] = []  # WatchHandles feeding this sampler (see watch())
         self.n = int(n)
         self.dtype = dtype
@@ -740,6 +741,19 @@ class GraBSampler(Sampler[int]):
             raise StateDictError(
                 f"the state dict holds gradients of dimension d = {native.dim}; this sampler's are d = {self._native.dim}"
             )
+        saved_depth, asked = native_state.get("depth"), getattr(self, "_depth_asked", None)
+        if (
+            asked is not None
+            and self.ordering in ("recursive", "recursive-pair")
+            and saved_depth is not None
+            and int(saved_depth) != asked
+        ):
+            # depth=None takes the checkpoint's depth (a run saved under the old default keeps it); an
+            # explicit depth that disagrees is a mistake worth a refusal, as a different ordering is.
+            raise StateDictError(
+                f"the state dict is for depth={int(saved_depth)}; this sampler was built with depth={asked} "
+                "(build it with that depth, or depth=None to take the checkpoint's)"
+            )
         if native_state.get("state_dtype") != _STATE_DTYPES[self.dtype]:
             raise StateDictError(
                 f"the state dict holds {native_state.get('state_dtype')} sums; this sampler uses {self.dtype}"
@@ -832,6 +846,7 @@ class GraBSampler(Sampler[int]):
         self._units = UnitMap(self.n, self.unit_size) if self.unit_size > 1 else None
         self.device_path = data["config"].get("device_path", "auto")
         self.seed = data["config"].get("seed", 0)
+        self._depth_asked = None  # the pickled state carries its depth
         self._watchers = []
         self._device_capable = data["config"].get("device_capable", False)
         self._ondevice = None
