@@ -122,3 +122,11 @@ def test_first_epoch_runs(tmp_path):
     sorted_random = float(rows["sorted by label", "grab", "random"].split("|")[4])
     assert sorted_identity > 5 * sorted_random  # one class after another: the first epoch ends far off
     assert (tmp_path / "first_epoch.txt").exists()
+
+
+@pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
+def test_watch_budget_runs():
+    """benchmarks/watch_budget.py --quick: LeNet-5 epochs with watch(budget=0.25) and (budget=1.0) against RR."""
+    stdout = run(["benchmarks/watch_budget.py", "--data", str(DATA), "--quick"])
+    assert "watch(budget=0.25): K = 2984, weights left out: features.0, features.3; x RR median" in stdout
+    assert "watch(budget=1.0): K = 3208, weights left out: features.0; x RR median" in stdout
