@@ -109,6 +109,7 @@ def main(argv=None) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
     for ax, name in zip(axes, datasets):
@@ -124,6 +125,7 @@ def main(argv=None) -> None:
             )
         ax.set(xlabel="epoch", ylabel="full-pass training loss (median of seeds)", title=f"MNIST, {name}")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
