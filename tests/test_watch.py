@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_state
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchgrab import GraBSampler, ShapeError, StateDictError, UnsupportedInputError, UnsupportedModelError
@@ -1168,22 +1169,4 @@ def test_reused_row_blocks_leave_every_ordering_as_fed_copies_would(monkeypatch,
         twin.step(rows)
     assert sum(r.shape[0] for r in spy.rows) == 48
     assert list(sampler) == list(twin)
-    _assert_same_state(sampler.state_dict()["native"], twin.state_dict()["native"])  # sums, stored rows: bit for bit
-
-
-def _assert_same_state(a, b, path="native"):
-    assert type(a) is type(b), path
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_same_state(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_state(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b), path
-    else:
-        assert a == b, path
+    assert_same_state(sampler.state_dict()["native"], twin.state_dict()["native"])  # sums, stored rows: bit for bit
