@@ -166,15 +166,14 @@ def main(argv=None):
             loss.backward()
             sampler.skip(len(y))
             return loss.detach()
-        lengths = x["attention_mask"].sum(1)
         if capture == "hooks":
-            # One batched forward and backward of the batch cut to its longest sentence; the per-example
-            # gradients of BERT's Linear, LayerNorm and Embedding layers come from the hooks (the
-            # attention mask keeps padding out of every sentence's loss, so each equals the sentence's
+            # One batched forward and backward of the batch (collate cut it to its longest sentence); the
+            # per-example gradients of BERT's Linear, LayerNorm and Embedding layers come from the hooks
+            # (the attention mask keeps padding out of every sentence's loss, so each equals the sentence's
             # own unpadded gradient: tests/test_gradients_hooks.py).
-            n = int(lengths.max())
-            return sampler.backward(model, loss_fn, {k: v[:, :n] for k, v in x.items()}, y, method="hooks")
+            return sampler.backward(model, loss_fn, x, y, method="hooks")
         # One backward per sentence, each cut to its own length (no padding, no mask).
+        lengths = x["attention_mask"].sum(1)
         params = [(k, q) for k, q in model.named_parameters() if q.requires_grad]
         per_example = {k: [] for k, _ in params}
         for i, n in enumerate(lengths.tolist()):  # one device sync per batch, not one per example
