@@ -130,6 +130,24 @@ def analyse(probes, seed: int):
     return out
 
 
+def train_and_probe(model, opt, n, loss_of, args, batch, probe_batch, label=None):
+    """Train with random reshuffling for args.epochs epochs; probe every example's row before each epoch
+    and after the last (F_0 .. F_E)."""
+    probes = []
+    g = torch.Generator().manual_seed(args.seed)
+    for epoch in range(args.epochs + 1):
+        probes.append(probe(model, n, loss_of, probe_batch))
+        if label is not None:
+            print(f"  {label}: probe {epoch} done", flush=True)
+        if epoch == args.epochs:
+            break
+        for idx in torch.randperm(n, generator=g).split(batch):
+            opt.zero_grad()
+            loss_of(idx).backward()
+            opt.step()
+    return probes
+
+
 def run_mnist(args):
     (xtr, ytr), _ = C.load_mnist(C.data_root(None))
     n = 2000 if args.quick else 10000
@@ -139,17 +157,7 @@ def run_mnist(args):
     model = nn.Linear(784, 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     loss_of = lambda idx: nn.functional.cross_entropy(model(x[idx]), y[idx])  # noqa: E731
-    probes = []
-    g = torch.Generator().manual_seed(args.seed)
-    for epoch in range(args.epochs + 1):
-        probes.append(probe(model, n, loss_of, 256))
-        if epoch == args.epochs:
-            break
-        for idx in torch.randperm(n, generator=g).split(64):
-            opt.zero_grad()
-            loss_of(idx).backward()
-            opt.step()
-    return probes
+    return train_and_probe(model, opt, n, loss_of, args, batch=64, probe_batch=256)
 
 
 def run_minilm(args):
@@ -178,18 +186,7 @@ def run_minilm(args):
         out = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx])
         return nn.functional.cross_entropy(out.logits, y[idx])
 
-    probes = []
-    g = torch.Generator().manual_seed(args.seed)
-    for epoch in range(args.epochs + 1):
-        probes.append(probe(model, n, loss_of, 32))
-        print(f"  minilm: probe {epoch} done", flush=True)
-        if epoch == args.epochs:
-            break
-        for idx in torch.randperm(n, generator=g).split(16):
-            opt.zero_grad()
-            loss_of(idx).backward()
-            opt.step()
-    return probes
+    return train_and_probe(model, opt, n, loss_of, args, batch=16, probe_batch=32, label="minilm")
 
 
 def main(argv=None):
