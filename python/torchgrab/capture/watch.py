@@ -238,8 +238,8 @@ class WatchHandle:
         self._ready: List[Tuple[Optional[torch.Tensor], int]] = []  # ended steps not yet shipped
         # The ready steps' rows live in one block buffer, written by torch.cat(out=) step by step, so a
         # block ships without another copy. On the CPU, blocks the sampler is done with are reused: a
-        # fresh block's first writes fault its pages in, which cost more than the sketches of a small
-        # model (MNIST logistic regression: 60-75 us a step in a 400 us step).
+        # fresh block's first writes fault its pages in, a cost a small model's step notices
+        # (benchmarks/out/watch_speed_mnist_blocks.txt).
         self._block: Optional[torch.Tensor] = None
         self._block_used = 0
         self._lent: Deque[torch.Tensor] = deque()  # CPU blocks handed to the sampler, oldest first
