@@ -66,7 +66,13 @@ def _load(path: Path) -> dict:
 
 
 def _tasks(task: str) -> list:
-    return [t for t in task.split(",") if t]
+    import _common as C
+
+    tasks = [t for t in task.split(",") if t]
+    unknown = [t for t in tasks if t not in C.GLUE_TASKS]
+    if unknown or not tasks:
+        sys.exit(f"--task: unknown GLUE task(s) {unknown or [task]}; choose from {', '.join(C.GLUE_TASKS)}")
+    return tasks
 
 
 def used_token_ids(model_dir: Path, task: str, train_size: int, dev_size: int, max_length: int) -> torch.Tensor:
@@ -92,6 +98,7 @@ def used_token_ids(model_dir: Path, task: str, train_size: int, dev_size: int, m
 def pack(out: Path, task: str, train_size: int, dev_size: int, max_length: int, rows: str = "float32") -> None:
     import _common as C
 
+    _tasks(task)  # an unknown task stops here, before anything is written
     src = Path(C.minilm_path())
     ids = used_token_ids(src, task, train_size, dev_size, max_length)
     tensors = load_file(str(src / "model.safetensors"))

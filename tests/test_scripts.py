@@ -81,3 +81,14 @@ def test_pack_format_is_lossless(tmp_path, dtype):
             back[k].view(torch.uint8) if back[k].numel() else back[k],
             tensors[k].view(torch.uint8) if tensors[k].numel() else tensors[k],
         )
+
+
+def test_pack_refuses_an_unknown_task_before_writing_anything(tmp_path):
+    out = tmp_path / "packed"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "pack_minilm.py"), "pack", str(out), "--task", "MRPC,FOO"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0 and "unknown GLUE task(s) ['FOO']" in res.stderr
+    assert not out.exists()
