@@ -20,6 +20,7 @@ pub mod rng;
 pub mod sampler;
 pub mod sign;
 pub mod sign_scan;
+pub mod sketch_rows;
 pub mod state_codec;
 pub mod stored_gradients;
 

@@ -17,7 +17,7 @@ use crate::stored_gradients::StoredGradients;
 use half::{bf16, f16};
 use ndarray::ArrayView2;
 use numpy::{
-    Element, IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    Element, IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
     PyUntypedArrayMethods,
 };
 use pyo3::exceptions::PyValueError;
@@ -1027,6 +1027,51 @@ fn sign_scan<'py>(
         .into_pyarray(py))
 }
 
+/// Count sketch of the rows of `x` (float32, rows x n): a new rows x k array, k = len(starts) - 1, from
+/// the bucket-grouped tables (`sketch_rows::count_sketch`; watch()'s wide Linear inputs on the CPU).
+#[pyfunction]
+fn count_sketch<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f32>,
+    order: PyReadonlyArray1<'py, u32>,
+    starts: PyReadonlyArray1<'py, u32>,
+    signs: PyReadonlyArray1<'py, f32>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let contiguous =
+        |what: &str| UnsupportedInputError::new_err(format!("{what} must be contiguous"));
+    let xv = x.as_array();
+    let tables = crate::sketch_rows::Buckets {
+        order: order.as_slice().map_err(|_| contiguous("order"))?,
+        starts: starts.as_slice().map_err(|_| contiguous("starts"))?,
+        signs: signs.as_slice().map_err(|_| contiguous("signs"))?,
+    };
+    let out = py
+        .detach(|| crate::sketch_rows::count_sketch(xv, &tables))
+        .map_err(to_py)?;
+    Ok(out.into_pyarray(py))
+}
+
+/// Write (or, with `accumulate`, add) `scale` times a Linear layer's weight and bias row blocks,
+/// vec(g_r a_r^T) then g_r, into `out` (float32, any strides; `sketch_rows::outer_rows`).
+#[pyfunction]
+#[pyo3(signature = (g, a, scale, bias, accumulate, out))]
+fn outer_rows<'py>(
+    py: Python<'py>,
+    g: PyReadonlyArray2<'py, f32>,
+    a: PyReadonlyArray2<'py, f32>,
+    scale: f32,
+    bias: bool,
+    accumulate: bool,
+    out: &Bound<'py, PyArray2<f32>>,
+) -> PyResult<()> {
+    let mut rw = out
+        .try_readwrite()
+        .map_err(|e| UnsupportedInputError::new_err(format!("out is not writable: {e}")))?;
+    let (gv, av, ov) = (g.as_array(), a.as_array(), rw.as_array_mut());
+    py.detach(|| crate::sketch_rows::outer_rows(gv, av, scale, bias, accumulate, ov))
+        .map_err(to_py)
+}
+
 /// The names of the available orderings.
 #[pyfunction]
 fn orderings() -> Vec<&'static str> {
@@ -1061,6 +1106,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(orderings, m)?)?;
     m.add_function(wrap_pyfunction!(herding_discrepancy, m)?)?;
     m.add_function(wrap_pyfunction!(sign_scan, m)?)?;
+    m.add_function(wrap_pyfunction!(count_sketch, m)?)?;
+    m.add_function(wrap_pyfunction!(outer_rows, m)?)?;
     m.add("GraBError", py.get_type::<GraBError>())?;
     m.add("ShapeError", py.get_type::<ShapeError>())?;
     m.add(

@@ -1170,3 +1170,72 @@ def test_reused_row_blocks_leave_every_ordering_as_fed_copies_would(monkeypatch,
     assert sum(r.shape[0] for r in spy.rows) == 48
     assert list(sampler) == list(twin)
     assert_same_state(sampler.state_dict()["native"], twin.state_dict()["native"])  # sums, stored rows: bit for bit
+
+
+# ---------------------------------------------------------------------------------------------- CPU kernels
+class _Twice(nn.Module):
+    """A wide Linear (count-sketched input), one with a Gaussian output factor called twice, two
+    same-shaped siblings (grouped, not direct) and a convolution (torch pieces), in one step."""
+
+    def __init__(self, frozen=False):
+        super().__init__()
+        self.wide = nn.Linear(400, 5)
+        self.mid = nn.Linear(5, 20)
+        self.a, self.b = nn.Linear(20, 7), nn.Linear(20, 7)
+        self.conv = nn.Conv1d(1, 2, 3)
+        if frozen:
+            self.wide.weight.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.tanh(self.wide(x))
+        h = torch.tanh(self.mid(h)) + torch.tanh(self.mid(h * 0.5))  # mid called twice: its rows add up
+        h = self.a(h) + self.b(h)
+        return self.conv(h.unsqueeze(1)).flatten(1)[:, :3]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_direct_cpu_kernels_give_the_torch_paths_rows(monkeypatch, frozen, reduction):
+    # On the CPU a Linear layer's rows are written by one Rust pass straight into the step's row buffer
+    # (LayerSketch.rows_into), with the loss's scaling folded in; the other layers' pieces are copied in
+    # beside them. The rows must be those of the torch path (outer products, concatenation, scaling),
+    # and both must be the projected exact per-example gradients.
+    from torchgrab.capture.layers import LinearSketch
+
+    per_layer = {"wide": (5, 64), "mid": (4, 4)}  # count sketch 400 -> 64; Gaussian 20 -> 4 outputs
+    x, y = _data((400,), "class", b=6, seed=3)
+    got = {}
+    for path in ("direct", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(LinearSketch, "rows_into", lambda self, *a: False)
+        torch.manual_seed(0)
+        model = _Twice(frozen)
+        sampler, handle, spy = watched(model, sketch=4, per_layer=per_layer, loss_reduction=reduction)
+        handle.loss_factor = lambda: 0.5  # an integration's loss divisor: rows are multiplied by it
+        assert handle._alone[handle._sketches[model.wide]] and not handle._alone[handle._sketches[model.a]]
+        for k in range(2):  # two steps: the second writes into the slot after the first's
+            xk, yk = x[3 * k : 3 * k + 3], y[3 * k : 3 * k + 3]
+            ce(model(xk), yk, reduction=reduction).backward()
+        handle.flush()
+        got[path] = spy.steps([3, 3])
+        expected = exact_rows(handle, model, ce, x[3:], y[3:])[0] * 0.5
+        assert_rows(got[path][1], expected)
+    for d, t in zip(got["direct"], got["torch"]):
+        np.testing.assert_allclose(d, t, rtol=1e-6, atol=1e-6 * np.abs(t).max())
+
+
+def test_native_count_sketch_equals_index_add_bit_for_bit():
+    from torchgrab.capture.projection import Factor
+
+    f = Factor(300, 64, 7, "layer", "in", count=True)
+    buckets, signs = f._count_tables(torch.device("cpu"), torch.float32)
+    base = torch.randn(5, 4, 600, generator=torch.Generator().manual_seed(2))
+    for x in (base[:, 0, :300], base[:, :, ::2], base[:, 1, 300:].contiguous()):  # 2-D, strided 3-D, contiguous
+        want = x.new_zeros(*x.shape[:-1], 64).index_add_(x.dim() - 1, buckets, x * signs)
+        assert torch.equal(f(x), want)
+    # Other dtypes and tensors that need a gradient take torch's index_add_ path, with the same tables.
+    x64 = base[:, 0, :300].double()
+    assert torch.allclose(f(x64), f(x64.float()).double(), atol=1e-5)
+    xg = base[:, 0, :300].clone().requires_grad_(True)
+    f(xg).sum().backward()
+    assert torch.equal(xg.grad[0], signs)

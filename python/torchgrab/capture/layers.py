@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from torchgrab import _native
 from torchgrab.capture.projection import CountSketch, Factor, derived_seed
 from torchgrab.gradients import im2col
 
@@ -123,6 +124,18 @@ class LayerSketch:
         """Calls with equal keys are sketched together by ``rows_grouped`` (None: alone, by ``rows``)."""
         return None
 
+    def static_key(self) -> Any:
+        """What every ``group_key`` of this layer shares with a layer it can ever be grouped with (None:
+        never grouped). watch() lets a layer with no such sibling skip the grouping machinery."""
+        return None
+
+    def rows_into(
+        self, module: nn.Module, saved: Any, g: torch.Tensor, out: torch.Tensor, scale: float, accumulate: bool
+    ) -> bool:
+        """Write (or add, with ``accumulate``) ``scale`` times this call's rows into ``out`` ([B, width], a
+        view of the step's row buffer) when a direct kernel applies; False (nothing written) otherwise."""
+        return False
+
 
 def _trainable(module: nn.Module, pname: str) -> bool:
     p = module._parameters.get(pname)
@@ -184,6 +197,24 @@ class LinearSketch(LayerSketch):
         if self.train_b:
             out.append(gp.sum(1))
         return out
+
+    def static_key(self) -> Any:
+        return (LinearSketch, self.p_out.n, self.p_out.k, self.p_in.k, self.p_out.identity, self.train_w, self.train_b)
+
+    def rows_into(
+        self, module: nn.Module, saved: Any, g: torch.Tensor, out: torch.Tensor, scale: float, accumulate: bool
+    ) -> bool:
+        # One Rust pass writes the weight block vec(g_b a_b^T) and the bias block g_b, scaled, into the
+        # step's rows: on a CPU the outer-product tensor, its copy into the rows and their scaling were
+        # three ops of a small model's step (src/sketch_rows.rs). 2-D float32 CPU inputs only.
+        if g.dim() != 2 or g.device.type != "cpu" or g.dtype != torch.float32 or g.is_neg():
+            return False
+        if self.train_w and (saved.dim() != 2 or saved.dtype != torch.float32 or saved.is_neg()):
+            return False
+        gp = self.p_out(g.detach())
+        a = saved if self.train_w else gp.new_empty(gp.shape[0], 0)
+        _native.outer_rows(gp.numpy(), a.numpy(), float(scale), self.train_b, accumulate, out.numpy())
+        return True
 
     def group_key(self, saved: Any, g: torch.Tensor) -> Any:
         # Layers of one shape (a transformer's q, k, v, o of every block) are sketched by a few batched

@@ -11,7 +11,10 @@ import hashlib
 import math
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
+
+from torchgrab import _native
 
 
 def derived_seed(seed: int, *key: object) -> int:
@@ -48,6 +51,8 @@ class Factor:
         self._seed = derived_seed(seed, *key, self.n, self.k, *(("count",) if self.count else ()))
         self._on: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._tables: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+        # (columns grouped by bucket, bucket starts, their signs), for the Rust count sketch on the CPU.
+        self._np_tables: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
 
     def _count_tables(self, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         key = (device, dtype)
@@ -74,6 +79,17 @@ class Factor:
         if self.identity:
             return x
         if self.count:
+            if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and not x.is_neg():
+                # One pass in Rust: torch's index_add_ along the last dimension dispatches one small add per
+                # input column, most of a small model's sketch cost (src/sketch_rows.rs).
+                if self._np_tables is None:
+                    b, sg = (t.numpy() for t in _buckets_and_signs(self._seed, self.n, self.k))
+                    order = np.argsort(b, kind="stable")  # increasing columns within a bucket
+                    starts = np.concatenate([[0], np.cumsum(np.bincount(b, minlength=self.k))])
+                    self._np_tables = (order.astype(np.uint32), starts.astype(np.uint32), sg[order].copy())
+                flat = x.reshape(-1, self.n) if x.dim() != 2 else x
+                out = torch.from_numpy(_native.count_sketch(flat.numpy(), *self._np_tables))
+                return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.k)
             buckets, signs = self._count_tables(x.device, x.dtype)
             out = x.new_zeros(*x.shape[:-1], self.k)
             return out.index_add_(x.dim() - 1, buckets, x * signs)

@@ -43,7 +43,7 @@ def _in_transform() -> bool:
 class _Step:
     """What one training step (a forward and its backward) has gathered so far."""
 
-    __slots__ = ("blocks", "batch", "forwards", "scale", "factor", "grads", "noted", "deferred")
+    __slots__ = ("blocks", "batch", "forwards", "scale", "factor", "grads", "noted", "deferred", "rows", "written")
 
     def __init__(self) -> None:
         # Each layer's [B, w] pieces by column offset; concatenated once when the step ends (fewer
@@ -61,6 +61,10 @@ class _Step:
         # Hook calls whose sketch waits for the end of the backward, to be formed in groups of equally
         # shaped layers: (LayerSketch.group_key, sketch, module, saved input, output gradient).
         self.deferred: List[Tuple[Any, LayerSketch, nn.Module, Any, torch.Tensor]] = []
+        # The step's slot in the block buffer once a layer has written its rows there directly
+        # (LayerSketch.rows_into), and the offsets of the blocks written so (already scaled).
+        self.rows: Optional[torch.Tensor] = None
+        self.written: Dict[int, bool] = {}
 
     def add(self, offset: int, pieces: List[torch.Tensor]) -> None:
         have = self.blocks.get(offset)
@@ -215,9 +219,15 @@ class WatchHandle:
                 if n in kept:
                     self._params.append((n, p, FoldSketch(p.numel(), fold or p.numel(), self.seed, n)))
         offset = 0
+        siblings: Dict[Any, int] = {}
         for sk in self._sketches.values():
             sk.offset = offset
             offset += sk.width
+            key = sk.static_key()
+            if key is not None:
+                siblings[key] = siblings.get(key, 0) + 1
+        # A layer no other layer can be grouped with is sketched as its gradient arrives (no deferral).
+        self._alone = {sk: sk.static_key() is None or siblings[sk.static_key()] == 1 for sk in self._sketches.values()}
         self._param_offsets = []
         for _, _, fs in self._params:
             self._param_offsets.append(offset)
@@ -398,10 +408,14 @@ class WatchHandle:
     def _on_grad(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> None:
         if step is not self._step:
             return  # a backward through a step already handed over (retain_graph): not this step's
-        key = sk.group_key(saved, g)
+        if step.grads == 0:
+            self._first_grad(step)
+        step.grads += 1
+        key = None if self._alone[sk] else sk.group_key(saved, g)
         if key is None:
-            with torch.no_grad():
-                step.add(sk.offset, sk.rows(module, saved, g))
+            if not self._write_direct(step, sk, module, saved, g):
+                with torch.no_grad():
+                    step.add(sk.offset, sk.rows(module, saved, g))
         else:
             if not step.deferred:
                 try:  # runs when this backward (graph task) ends; a nested (reentrant) one queues its own
@@ -409,9 +423,26 @@ class WatchHandle:
                 except RuntimeError:
                     pass  # not inside an engine run: _end_step forms them
             step.deferred.append((key, sk, module, saved, g))
-        if step.grads == 0:
-            self._first_grad(step)
-        step.grads += 1
+
+    def _write_direct(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> bool:
+        """Let the layer write its rows straight into the step's slot of the block buffer, scaled as
+        _end_step would scale them (False: the layer has no direct kernel for this call)."""
+        if isinstance(step.factor, torch.Tensor) or g.device.type != "cpu" or g.dim() == 0:
+            return False
+        b = int(g.shape[0])
+        if step.rows is not None and step.rows.shape[0] != b:
+            return False
+        mult = float(b) if self.granularity == "example" and self.loss_reduction == "mean" else 1.0
+        if step.factor is not None:
+            mult *= float(step.factor)
+        rows = step.rows if step.rows is not None else self._rows_out(b, g.device)
+        ok = sk.rows_into(module, saved, g, rows[:, sk.offset : sk.offset + sk.width], mult, sk.offset in step.written)
+        if ok:
+            step.rows = rows
+            step.written[sk.offset] = True
+        elif step.rows is None:
+            self._block_used -= b  # the slot just taken goes back (nothing was written to it)
+        return ok
 
     def _run_deferred(self, step: _Step) -> None:
         """Form the deferred sketches of a step, equally shaped layers together."""
@@ -462,7 +493,9 @@ class WatchHandle:
         step, self._step = self._step, _Step()
         if step.deferred:
             self._run_deferred(step)
-        if not step.blocks:
+        if step.rows is not None:
+            self._ready.append((self._finish_direct(step), step.rows.shape[0]))
+        elif not step.blocks:
             if step.noted is not None:
                 self._ready.append((None, step.noted))
         else:
@@ -493,6 +526,31 @@ class WatchHandle:
             self._ready.append((rows, b))
         if len(self._ready) >= FEED_EVERY:
             self._ship()
+
+    def _finish_direct(self, step: _Step) -> torch.Tensor:
+        """The rows of a step some of whose layers wrote into its slot directly (scaled already): the
+        other layers' pieces are copied into their columns and scaled, blocks without any are zeroed."""
+        rows = step.rows
+        assert rows is not None
+        b = rows.shape[0]
+        mult = float(b) if self.granularity == "example" and self.loss_reduction == "mean" else 1.0
+        if step.factor is not None:  # a float: a tensor factor never writes directly
+            mult *= float(step.factor)
+        for offset, width in self._blocks:
+            have = step.blocks.get(offset)
+            dst = rows[:, offset : offset + width]
+            if have is None:
+                if offset not in step.written:  # a layer whose output got no gradient: its gradient is zero
+                    dst.zero_()
+                continue
+            add = torch.cat(have, dim=1) if len(have) > 1 else have[0]
+            if offset in step.written:
+                dst.add_(add, alpha=mult)
+            else:
+                torch.mul(add, mult, out=dst)
+        if step.scale is not None:
+            rows.div_(step.scale.to(rows.device))
+        return rows
 
     def _rows_out(self, b: int, device: torch.device) -> torch.Tensor:
         """The next ``b`` rows of the block buffer, shipping the block first when they do not fit."""
