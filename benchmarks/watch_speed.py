@@ -1,12 +1,15 @@
 """What `sampler.watch(model)` costs and buys, in wall-clock time, on this CPU.
 
-    .venv/bin/python benchmarks/watch_speed.py [--part cost|loss|both] [--threads 1 2] [--rounds 8] [--quick]
+    .venv/bin/python benchmarks/watch_speed.py [--part cost|loss|both] [--threads 1 2] [--rounds 8]
+        [--tasks mnist,lenet] [--arms watch,watch torch ops,...] [--quick]
 
 Part "cost": paired rounds of one training epoch each, plain random reshuffling (RR: `shuffle=True`-style
 random order, ordinary `loss.backward()`) against GraB with `sampler.watch(model)` (the same loop; only the
 sampler and the watch differ), in alternating order within a round; each round's GraB/RR ratio, then the
-median and quartiles over rounds. Also `watch(sketch=None)` (exact per-example rows from the same hooks)
-and the earlier `sampler.backward(method="hooks", non_blocking=True)` path. MNIST logistic regression on
+median and quartiles over rounds. Also `watch()` with its Rust CPU kernels for Linear rows switched off
+("watch torch ops": the torch ops they replaced, measured in the same run), `watch(sketch=None)` (exact
+per-example rows from the same hooks) and the earlier `sampler.backward(method="hooks", non_blocking=True)`
+path. MNIST logistic regression on
 all 60,000 images and LeNet-5 on a seeded CIFAR-10 subset, batch 64, SGD, data in memory (index slices:
 the strictest loop, no DataLoader overhead to hide behind); and the MNIST loop through a DataLoader.
 
@@ -33,6 +36,7 @@ import _common  # noqa: E402
 import torchgrab  # noqa: E402
 import torchgrab.capture  # noqa: E402
 from end_to_end import LeNet, load_cifar10, load_mnist  # noqa: E402
+from torchgrab.capture import projection  # noqa: E402
 
 BATCH = 64
 loss_fn = nn.CrossEntropyLoss()
@@ -85,6 +89,8 @@ class Arm:
 
     def epoch(self):
         model, opt = self.model, self.opt
+        # "watch, torch ops": the same watch() with the Rust CPU kernels of its Linear rows switched off.
+        projection._CPU_KERNELS = self.kind != "watch torch ops"
         t0 = time.perf_counter()
         for xb, yb in self.batches():
             opt.zero_grad(set_to_none=True)
@@ -109,8 +115,16 @@ def _chunks(x, y, n=4096):
         yield x[k : k + n], y[k : k + n]
 
 
+ARMS = ["rr", "watch", "watch torch ops", "watch exact", "backward(hooks)"]
+NAMES = {
+    "watch": "grab, watch()",
+    "watch torch ops": "grab, watch(), torch ops",
+    "watch exact": "grab, watch(sketch=None)",
+}
+
+
 def part_cost(tasks, args):
-    arms = ["rr", "watch", "watch exact", "backward(hooks)"]
+    arms = ["rr"] + [a for a in args.arms.split(",") if a != "rr"]
     for threads in args.threads:
         torch.set_num_threads(threads)
         for task, (x, y) in tasks.items():
@@ -129,7 +143,7 @@ def part_cost(tasks, args):
                     for a in arms[1:]:
                         ratios[a].append(t[a] / t["rr"])
                 d = sum(p.numel() for p in runs["rr"].model.parameters())
-                k = runs["watch"].handle.width
+                k = next(r.handle.width for r in runs.values() if hasattr(r, "handle"))
                 print(
                     f"\n## {task}, {'DataLoader' if loader else 'in-memory slices'}, {threads} torch thread(s): "
                     f"n = {len(x)}, d = {d}, K = {k} (sketch {torchgrab.capture.DEFAULT_SKETCH}), "
@@ -139,7 +153,7 @@ def part_cost(tasks, args):
                 print(f"{'rr (plain)':<28} {np.median(secs['rr']):>15.3f} {1.0:>12.3f} {'':>16}")
                 for a in arms[1:]:
                     q1, q2, q3 = np.percentile(ratios[a], [25, 50, 75])
-                    name = {"watch": "grab, watch()", "watch exact": "grab, watch(sketch=None)"}.get(a, f"grab, {a}")
+                    name = NAMES.get(a, f"grab, {a}")
                     print(f"{name:<28} {np.median(secs[a]):>15.3f} {q2:>12.3f} {f'{q1:.3f}-{q3:.3f}':>16}")
 
 
@@ -216,9 +230,17 @@ def main():
     ap.add_argument("--cifar-n", type=int, default=10000)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tasks", default="mnist,lenet", help="comma-separated: mnist, lenet")
+    ap.add_argument(
+        "--arms",
+        default=",".join(ARMS[1:]),
+        help="comma-separated arms of part 'cost' besides rr (paired with it): " + ", ".join(ARMS[1:]),
+    )
     ap.add_argument("--quick", action="store_true", help="tiny data, 2 rounds, 2 epochs: a smoke run")
     ap.add_argument("--out", default=os.path.join(here, "out"))
     args = ap.parse_args()
+    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arms {unknown}; choose from {ARMS}")
     if args.quick:
         args.rounds, args.epochs, args.cifar_epochs, args.seeds, args.cifar_n = 2, 2, 2, 1, 256
         args.threads = args.threads[:1]

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchgrab import _native
+from torchgrab.capture import projection
 from torchgrab.capture.projection import CountSketch, Factor, derived_seed
 from torchgrab.gradients import im2col
 
@@ -207,7 +208,9 @@ class LinearSketch(LayerSketch):
         # One Rust pass writes the weight block vec(g_b a_b^T) and the bias block g_b, scaled, into the
         # step's rows: on a CPU the outer-product tensor, its copy into the rows and their scaling were
         # three ops of a small model's step (src/sketch_rows.rs). 2-D float32 CPU inputs only.
-        if g.dim() != 2 or g.device.type != "cpu" or g.dtype != torch.float32 or g.is_neg():
+        if not projection._CPU_KERNELS or g.dim() != 2 or g.device.type != "cpu" or g.dtype != torch.float32:
+            return False
+        if g.is_neg():
             return False
         if self.train_w and (saved.dim() != 2 or saved.dtype != torch.float32 or saved.is_neg()):
             return False

@@ -16,6 +16,10 @@ import torch
 
 from torchgrab import _native
 
+# The Rust CPU kernels of watch()'s Linear rows (src/sketch_rows.rs); False: torch ops only, as before
+# they existed (benchmarks/watch_speed.py measures both in one run).
+_CPU_KERNELS = True
+
 
 def derived_seed(seed: int, *key: object) -> int:
     """A 63-bit seed for one projection, stable across processes and Python versions (no ``hash()``)."""
@@ -79,7 +83,13 @@ class Factor:
         if self.identity:
             return x
         if self.count:
-            if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and not x.is_neg():
+            if (
+                _CPU_KERNELS
+                and x.device.type == "cpu"
+                and x.dtype == torch.float32
+                and not x.requires_grad
+                and not x.is_neg()
+            ):
                 # One pass in Rust: torch's index_add_ along the last dimension dispatches one small add per
                 # input column, most of a small model's sketch cost (src/sketch_rows.rs).
                 if self._np_tables is None:
