@@ -1052,7 +1052,8 @@ fn count_sketch<'py>(
 }
 
 /// Write (or, with `accumulate`, add) `scale` times a Linear layer's weight and bias row blocks,
-/// vec(g_r a_r^T) then g_r, into `out` (float32, any strides; `sketch_rows::outer_rows`).
+/// vec(g_r a_r^T) then g_r, into `out` (float32, any strides; `sketch_rows::outer_rows`). Returns
+/// whether every value written is finite.
 #[pyfunction]
 #[pyo3(signature = (g, a, scale, bias, accumulate, out))]
 fn outer_rows<'py>(
@@ -1063,7 +1064,7 @@ fn outer_rows<'py>(
     bias: bool,
     accumulate: bool,
     out: &Bound<'py, PyArray2<f32>>,
-) -> PyResult<()> {
+) -> PyResult<bool> {
     let mut rw = out
         .try_readwrite()
         .map_err(|e| UnsupportedInputError::new_err(format!("out is not writable: {e}")))?;

@@ -95,6 +95,8 @@ pub fn count_sketch(x: ArrayView2<'_, f32>, tables: &Buckets<'_>) -> Result<Arra
 /// Row r of `out` (rows x (p q + p) with `bias`, rows x p q without) gets `scale * g[r, j] * a[r, c]` at
 /// column `j q + c` and, with `bias`, `scale * g[r, j]` at column `p q + j` (g: rows x p, a: rows x q).
 /// With `accumulate` these are added to what `out` holds (a layer called twice in one step).
+/// Returns whether every value written is finite (the sum of the written values, taken while they are
+/// in registers, is finite), so the caller need not scan the rows again before balancing them.
 pub fn outer_rows(
     g: ArrayView2<'_, f32>,
     a: ArrayView2<'_, f32>,
@@ -102,7 +104,7 @@ pub fn outer_rows(
     bias: bool,
     accumulate: bool,
     mut out: ArrayViewMut2<'_, f32>,
-) -> Result<()> {
+) -> Result<bool> {
     let (rows, p) = g.dim();
     let q = a.ncols();
     let width = p * q + if bias { p } else { 0 };
@@ -116,6 +118,7 @@ pub fn outer_rows(
     }
     let mut gs = vec![0f32; p];
     let mut av = vec![0f32; q];
+    let mut total = 0f32;
     for ((gr, ar), mut or) in g.outer_iter().zip(a.outer_iter()).zip(out.outer_iter_mut()) {
         for (d, &v) in gs.iter_mut().zip(gr.iter()) {
             *d = scale * v;
@@ -123,22 +126,26 @@ pub fn outer_rows(
         for (d, &v) in av.iter_mut().zip(ar.iter()) {
             *d = v;
         }
-        match or.as_slice_mut() {
+        total += match or.as_slice_mut() {
             Some(o) => write_row(o, &gs, &av, bias, accumulate),
             None => {
                 let mut tmp = vec![0f32; width];
                 if accumulate {
                     tmp.iter_mut().zip(or.iter()).for_each(|(t, &v)| *t = v);
                 }
-                write_row(&mut tmp, &gs, &av, bias, accumulate);
+                let sum = write_row(&mut tmp, &gs, &av, bias, accumulate);
                 or.iter_mut().zip(&tmp).for_each(|(o, &t)| *o = t);
+                sum
             }
-        }
+        };
     }
-    Ok(())
+    // A NaN or infinity anywhere makes the sum non-finite; so may an overflow of finite values, which
+    // only sends the caller to its own scan.
+    Ok(total.is_finite())
 }
 
-fn write_row(o: &mut [f32], gs: &[f32], a: &[f32], bias: bool, accumulate: bool) {
+/// Writes one row; returns the sum of the values it leaves there.
+fn write_row(o: &mut [f32], gs: &[f32], a: &[f32], bias: bool, accumulate: bool) -> f32 {
     let q = a.len();
     let (w, b) = o.split_at_mut(gs.len() * q);
     // A bias-only layer (frozen weight) has no weight block (and chunks_exact_mut(0) would panic).
@@ -158,6 +165,20 @@ fn write_row(o: &mut [f32], gs: &[f32], a: &[f32], bias: bool, accumulate: bool)
             b.copy_from_slice(gs);
         }
     }
+    lane_sum(o)
+}
+
+/// A sum in eight independent lanes (vectorized; a plain fold is one long chain of dependent adds).
+fn lane_sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + rest
 }
 
 #[cfg(test)]
@@ -312,5 +333,30 @@ mod tests {
         assert_eq!(out, array![[2.0f32, -2.0]]);
         let mut wrong = Array2::<f32>::zeros((1, 3));
         assert!(outer_rows(g.view(), a.view(), 1.0, false, false, wrong.view_mut()).is_err());
+    }
+
+    #[test]
+    fn outer_rows_says_whether_what_it_wrote_is_finite() {
+        let g = array![[1.0f32, 2.0], [3.0, 4.0]];
+        let a = array![[1.0f32], [-1.0]];
+        let mut out = Array2::<f32>::zeros((2, 4));
+        assert!(outer_rows(g.view(), a.view(), 1.0, true, false, out.view_mut()).unwrap());
+        let nan = array![[1.0f32], [f32::NAN]];
+        assert!(!outer_rows(g.view(), nan.view(), 1.0, true, false, out.view_mut()).unwrap());
+        // Finite inputs whose products overflow: not finite either.
+        let big = array![[3e38f32], [1.0]];
+        assert!(!outer_rows(
+            g.view(),
+            big.view(),
+            1.0,
+            false,
+            false,
+            out.slice_mut(s![.., ..2])
+        )
+        .unwrap());
+        // Accumulating onto an infinity already in the rows: the flag covers the values left there.
+        out.fill(0.0);
+        out[[1, 3]] = f32::INFINITY;
+        assert!(!outer_rows(g.view(), a.view(), 1.0, true, true, out.view_mut()).unwrap());
     }
 }

@@ -1207,7 +1207,7 @@ def test_direct_cpu_kernels_give_the_torch_paths_rows(monkeypatch, frozen, reduc
     got = {}
     for path in ("direct", "torch"):
         if path == "torch":
-            monkeypatch.setattr(LinearSketch, "rows_into", lambda self, *a: False)
+            monkeypatch.setattr(LinearSketch, "rows_into", lambda self, *a: None)
         torch.manual_seed(0)
         model = _Twice(frozen)
         sampler, handle, spy = watched(model, sketch=4, per_layer=per_layer, loss_reduction=reduction)

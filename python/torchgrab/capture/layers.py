@@ -132,10 +132,11 @@ class LayerSketch:
 
     def rows_into(
         self, module: nn.Module, saved: Any, g: torch.Tensor, out: torch.Tensor, scale: float, accumulate: bool
-    ) -> bool:
+    ) -> Optional[bool]:
         """Write (or add, with ``accumulate``) ``scale`` times this call's rows into ``out`` ([B, width], a
-        view of the step's row buffer) when a direct kernel applies; False (nothing written) otherwise."""
-        return False
+        view of the step's row buffer) when a direct kernel applies, and say whether every value written
+        is finite; None (nothing written) when none applies."""
+        return None
 
 
 def _trainable(module: nn.Module, pname: str) -> bool:
@@ -204,20 +205,19 @@ class LinearSketch(LayerSketch):
 
     def rows_into(
         self, module: nn.Module, saved: Any, g: torch.Tensor, out: torch.Tensor, scale: float, accumulate: bool
-    ) -> bool:
+    ) -> Optional[bool]:
         # One Rust pass writes the weight block vec(g_b a_b^T) and the bias block g_b, scaled, into the
         # step's rows: on a CPU the outer-product tensor, its copy into the rows and their scaling were
         # three ops of a small model's step (src/sketch_rows.rs). 2-D float32 CPU inputs only.
         if not projection._CPU_KERNELS or g.dim() != 2 or g.device.type != "cpu" or g.dtype != torch.float32:
-            return False
+            return None
         if g.is_neg():
-            return False
+            return None
         if self.train_w and (saved.dim() != 2 or saved.dtype != torch.float32 or saved.is_neg()):
-            return False
+            return None
         gp = self.p_out(g.detach())
         a = saved if self.train_w else gp.new_empty(gp.shape[0], 0)
-        _native.outer_rows(gp.numpy(), a.numpy(), float(scale), self.train_b, accumulate, out.numpy())
-        return True
+        return _native.outer_rows(gp.numpy(), a.numpy(), float(scale), self.train_b, accumulate, out.numpy())
 
     def group_key(self, saved: Any, g: torch.Tensor) -> Any:
         # Layers of one shape (a transformer's q, k, v, o of every block) are sketched by a few batched

@@ -43,7 +43,19 @@ def _in_transform() -> bool:
 class _Step:
     """What one training step (a forward and its backward) has gathered so far."""
 
-    __slots__ = ("blocks", "batch", "forwards", "scale", "factor", "grads", "noted", "deferred", "rows", "written")
+    __slots__ = (
+        "blocks",
+        "batch",
+        "forwards",
+        "scale",
+        "factor",
+        "grads",
+        "noted",
+        "deferred",
+        "rows",
+        "written",
+        "finite",
+    )
 
     def __init__(self) -> None:
         # Each layer's [B, w] pieces by column offset; concatenated once when the step ends (fewer
@@ -65,6 +77,7 @@ class _Step:
         # (LayerSketch.rows_into), and the offsets of the blocks written so (already scaled).
         self.rows: Optional[torch.Tensor] = None
         self.written: Dict[int, bool] = {}
+        self.finite = True  # every direct write said its values were finite
 
     def add(self, offset: int, pieces: List[torch.Tensor]) -> None:
         have = self.blocks.get(offset)
@@ -245,7 +258,8 @@ class WatchHandle:
             )
         self._step = _Step()
         self._recording = False
-        self._ready: List[Tuple[Optional[torch.Tensor], int]] = []  # ended steps not yet shipped
+        # Ended steps not yet shipped: (rows, B, whether the rows are known to be finite already).
+        self._ready: List[Tuple[Optional[torch.Tensor], int, bool]] = []
         # The ready steps' rows live in one block buffer, written by torch.cat(out=) step by step, so a
         # block ships without another copy. On the CPU, blocks the sampler is done with are reused: a
         # fresh block's first writes fault its pages in, a cost a small model's step notices
@@ -254,7 +268,7 @@ class WatchHandle:
         self._block_used = 0
         self._lent: Deque[torch.Tensor] = deque()  # CPU blocks handed to the sampler, oldest first
         self._spare: List[torch.Tensor] = []  # CPU blocks free to reuse
-        self._inflight: Deque[Tuple[Any, Optional[torch.Tensor], List[int]]] = deque()
+        self._inflight: Deque[Tuple[Any, Optional[torch.Tensor], List[int], bool]] = deque()
         self._hooks: List[Any] = [model.register_forward_pre_hook(self._on_step_begins, with_kwargs=True)]
         for module in self._sketches:
             self._hooks.append(module.register_forward_hook(self._on_forward))
@@ -436,13 +450,17 @@ class WatchHandle:
         if step.factor is not None:
             mult *= float(step.factor)
         rows = step.rows if step.rows is not None else self._rows_out(b, g.device)
-        ok = sk.rows_into(module, saved, g, rows[:, sk.offset : sk.offset + sk.width], mult, sk.offset in step.written)
-        if ok:
-            step.rows = rows
-            step.written[sk.offset] = True
-        elif step.rows is None:
-            self._block_used -= b  # the slot just taken goes back (nothing was written to it)
-        return ok
+        finite = sk.rows_into(
+            module, saved, g, rows[:, sk.offset : sk.offset + sk.width], mult, sk.offset in step.written
+        )
+        if finite is None:
+            if step.rows is None:
+                self._block_used -= b  # the slot just taken goes back (nothing was written to it)
+            return False
+        step.rows = rows
+        step.written[sk.offset] = True
+        step.finite = step.finite and finite
+        return True
 
     def _run_deferred(self, step: _Step) -> None:
         """Form the deferred sketches of a step, equally shaped layers together."""
@@ -494,10 +512,12 @@ class WatchHandle:
         if step.deferred:
             self._run_deferred(step)
         if step.rows is not None:
-            self._ready.append((self._finish_direct(step), step.rows.shape[0]))
+            # Known finite when every block was written by a kernel that said so, and nothing divides them.
+            known = step.finite and not step.blocks and step.scale is None and len(step.written) == len(self._blocks)
+            self._ready.append((self._finish_direct(step), step.rows.shape[0], known))
         elif not step.blocks:
             if step.noted is not None:
-                self._ready.append((None, step.noted))
+                self._ready.append((None, step.noted, False))
         else:
             first = next(p for pieces in step.blocks.values() for p in pieces)
             b = first.shape[0]
@@ -523,7 +543,7 @@ class WatchHandle:
                     mult *= float(step.factor)
                 if mult != 1.0:
                     rows.mul_(mult)
-            self._ready.append((rows, b))
+            self._ready.append((rows, b, False))
         if len(self._ready) >= FEED_EVERY:
             self._ship()
 
@@ -582,50 +602,53 @@ class WatchHandle:
         ready, self._ready = self._ready, []
         if not ready:
             return
-        sizes = [b for _, b in ready]
+        sizes = [b for _, b, _ in ready]
+        finite = all(known for _, _, known in ready)
         if ready[0][0] is None:
-            self._inflight.append((None, None, sizes))
+            self._inflight.append((None, None, sizes, False))
             return
         # The ready rows are consecutive rows of the block buffer: the block is shipped as it is.
         assert self._block is not None and self._block_used == sum(sizes)
         rows = self._block[: self._block_used]
         self._block, self._block_used = None, 0
         if rows.device.type == "cpu":
-            self._inflight.append((None, rows, sizes))
+            self._inflight.append((None, rows, sizes, finite))
             return
         host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=torch.cuda.is_available())
         host.copy_(rows, non_blocking=True)
         event = torch.cuda.Event() if rows.device.type == "cuda" else None
         if event is not None:
             event.record()
-        self._inflight.append((event, host, sizes))
+        self._inflight.append((event, host, sizes, finite))
 
     def _feed(self, block: bool) -> None:
         while self._inflight:
-            event, host, sizes = self._inflight[0]
+            event, host, sizes, finite = self._inflight[0]
             if event is not None:
                 if not event.query():  # query() never waits: no device synchronization per step
                     if not block and self.exchange is None:  # ranks must feed at the same points
                         return
                     event.synchronize()
             self._inflight.popleft()
-            self._step_sampler(None if host is None else host.numpy(), sizes)
+            self._step_sampler(None if host is None else host.numpy(), sizes, finite)
             if event is None and host is not None:  # a CPU block: reusable once the sampler is done with it
                 self._lent.append(host if host._base is None else host._base)
 
-    def _step_sampler(self, rows: Optional[np.ndarray], sizes: List[int]) -> None:
+    def _step_sampler(self, rows: Optional[np.ndarray], sizes: List[int], finite: bool = False) -> None:
         """Feed the steps of one block in order: runs of finite steps in one ``step`` call each (the
-        kernels process rows in order, so this equals one call per step), non-finite steps skipped."""
+        kernels process rows in order, so this equals one call per step), non-finite steps skipped.
+        ``finite``: the kernels that wrote every row said they are finite; no scan is needed."""
         s = self.sampler
         if self.exchange is not None:
             # Every rank runs this sampler: every rank's rows, in the order the sampler yielded them.
             rows, sizes = self.exchange.combine(rows, sizes, s)
+            finite = False  # other ranks' rows: not known here
             if not sizes:
                 return
         if rows is None or not s.balances:
             s.skip(sum(self._units_of(b) for b in sizes))
             return
-        if np.isfinite(rows.sum()):  # the common case: one pass over the block
+        if finite or np.isfinite(rows.sum()):  # the common case: no scan, or one pass over the block
             self._feed_rows(rows)
             return
         run_start = 0  # first row of the current run of finite steps
