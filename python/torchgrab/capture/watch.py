@@ -446,9 +446,7 @@ class WatchHandle:
         b = int(g.shape[0])
         if step.rows is not None and step.rows.shape[0] != b:
             return False
-        mult = float(b) if self.granularity == "example" and self.loss_reduction == "mean" else 1.0
-        if step.factor is not None:
-            mult *= float(step.factor)
+        mult = self._multiplier(step, b)
         rows = step.rows if step.rows is not None else self._rows_out(b, g.device)
         finite = sk.rows_into(
             module, saved, g, rows[:, sk.offset : sk.offset + sk.width], mult, sk.offset in step.written
@@ -531,31 +529,33 @@ class WatchHandle:
             rows = self._rows_out(b, first.device)
             # One op into the block: a copy, so no piece (some are views of autograd's gradients) is written.
             torch.cat(pieces, dim=1, out=rows)
-            # With a mean loss the hooks saw (1/B) d loss_b / d y: times B, each row is its own gradient,
-            # whatever B. Scaled here, on rows just written, with the loss factor in the same op.
-            mult = float(b) if self.granularity == "example" and self.loss_reduction == "mean" else 1.0
+            # Scaled here, on rows just written, with the loss factor in the same op.
+            mult = self._multiplier(step, b)
             if step.scale is not None:
                 rows.div_(step.scale.to(rows.device))
             if isinstance(step.factor, torch.Tensor):  # measured on the device: multiplied there, no sync
                 rows.mul_(step.factor.to(rows.device, rows.dtype) * mult)
-            else:
-                if step.factor is not None:
-                    mult *= float(step.factor)
-                if mult != 1.0:
-                    rows.mul_(mult)
+            elif mult != 1.0:
+                rows.mul_(mult)
             self._ready.append((rows, b, False))
         if len(self._ready) >= FEED_EVERY:
             self._ship()
+
+    def _multiplier(self, step: _Step, b: int) -> float:
+        """What a step's rows are multiplied by, but for a loss factor held as a tensor: with a mean loss
+        the hooks saw (1/B) d loss_b / d y, so times B each row is its own gradient whatever B; times the
+        loss factor an integration reported as a number."""
+        mult = float(b) if self.granularity == "example" and self.loss_reduction == "mean" else 1.0
+        if step.factor is not None and not isinstance(step.factor, torch.Tensor):
+            mult *= float(step.factor)
+        return mult
 
     def _finish_direct(self, step: _Step) -> torch.Tensor:
         """The rows of a step some of whose layers wrote into its slot directly (scaled already): the
         other layers' pieces are copied into their columns and scaled, blocks without any are zeroed."""
         rows = step.rows
         assert rows is not None
-        b = rows.shape[0]
-        mult = float(b) if self.granularity == "example" and self.loss_reduction == "mean" else 1.0
-        if step.factor is not None:  # a float: a tensor factor never writes directly
-            mult *= float(step.factor)
+        mult = self._multiplier(step, rows.shape[0])  # a tensor factor never writes directly
         for offset, width in self._blocks:
             have = step.blocks.get(offset)
             dst = rows[:, offset : offset + width]
