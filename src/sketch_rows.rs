@@ -49,8 +49,7 @@ impl Buckets<'_> {
 
 /// Count sketch of the rows of `x` (rows x n): `out[r, j] = sum of signs[c] * x[r, c]` over bucket j's
 /// columns c in increasing order (the order of `out[r, h(c)] += s(c) x[r, c]` over c). Formed as
-/// gathers into registers, four rows at a time: about twice as fast as the scatter, whose every add
-/// is a store.
+/// gathers into registers, eight rows at a time: faster than the scatter, whose every add is a store.
 pub fn count_sketch(x: ArrayView2<'_, f32>, tables: &Buckets<'_>) -> Result<Array2<f32>> {
     let (rows, n) = x.dim();
     let k = tables.check(n)?;
@@ -62,22 +61,36 @@ pub fn count_sketch(x: ArrayView2<'_, f32>, tables: &Buckets<'_>) -> Result<Arra
     }
     let o = out.as_slice_mut().unwrap_or(&mut []);
     let bucket = |j: usize| tables.starts[j] as usize..tables.starts[j + 1] as usize;
+    // Eight rows at a time, transposed first so that a column's eight values are one contiguous
+    // vector: each bucket member is then one multiply-add across the eight rows, in registers.
+    let mut xt = vec![0f32; n * 8];
     let mut r = 0;
-    while r + 4 <= rows {
-        let x4: [&[f32]; 4] = std::array::from_fn(|q| &xs[(r + q) * n..(r + q + 1) * n]);
-        for j in 0..k {
-            let mut acc = [0f32; 4];
-            for t in bucket(j) {
-                let (c, sg) = (tables.order[t] as usize, tables.signs[t]);
-                for q in 0..4 {
-                    acc[q] += sg * x4[q][c];
-                }
-            }
-            for q in 0..4 {
-                o[(r + q) * k + j] = acc[q];
+    while r + 8 <= rows {
+        let block = &xs[r * n..(r + 8) * n];
+        for (c, col) in xt.chunks_exact_mut(8).enumerate() {
+            for (q, d) in col.iter_mut().enumerate() {
+                *d = block[q * n + c];
             }
         }
-        r += 4;
+        for j in 0..k {
+            let mut acc = [0f32; 8];
+            let members = bucket(j);
+            for (&c, &sg) in tables.order[members.clone()]
+                .iter()
+                .zip(&tables.signs[members])
+            {
+                let c = c as usize * 8;
+                if let Ok(col) = <&[f32; 8]>::try_from(&xt[c..c + 8]) {
+                    for (a, &v) in acc.iter_mut().zip(col) {
+                        *a += sg * v;
+                    }
+                }
+            }
+            for (q, &a) in acc.iter().enumerate() {
+                o[(r + q) * k + j] = a;
+            }
+        }
+        r += 8;
     }
     for r in r..rows {
         let xr = &xs[r * n..(r + 1) * n];
@@ -95,8 +108,9 @@ pub fn count_sketch(x: ArrayView2<'_, f32>, tables: &Buckets<'_>) -> Result<Arra
 /// Row r of `out` (rows x (p q + p) with `bias`, rows x p q without) gets `scale * g[r, j] * a[r, c]` at
 /// column `j q + c` and, with `bias`, `scale * g[r, j]` at column `p q + j` (g: rows x p, a: rows x q).
 /// With `accumulate` these are added to what `out` holds (a layer called twice in one step).
-/// Returns whether every value written is finite (the sum of the written values, taken while they are
-/// in registers, is finite), so the caller need not scan the rows again before balancing them.
+/// Returns whether every value written is finite, so the caller need not scan the rows again before
+/// balancing them (from the inputs when the row is written afresh; false may also mean an overflow of
+/// the sum of values added to a row, which only sends the caller to its own scan).
 pub fn outer_rows(
     g: ArrayView2<'_, f32>,
     a: ArrayView2<'_, f32>,
@@ -116,36 +130,111 @@ pub fn outer_rows(
             out.ncols()
         )));
     }
+    // Written afresh, every value is finite when a bound on all of them is: |scale g_j a_c| and
+    // |scale g_j| are at most twice (a margin for the rounding of these sums) |scale| sum|g| sum|a| and
+    // |scale| sum|g|. A NaN or infinity makes the bound non-finite; so may finite values too large to
+    // add up, and false then only sends the caller to its own scan. Two passes over the inputs, not
+    // one over the rows. Added to values already there (accumulate), each row is summed instead.
+    let fresh_finite = {
+        let bg = abs_sum(g) * scale.abs();
+        let ba = abs_sum(a);
+        bg.is_finite() && (q == 0 || (2.0 * bg * ba).is_finite())
+    };
     let mut gs = vec![0f32; p];
     let mut av = vec![0f32; q];
-    let mut total = 0f32;
+    let isa = crate::kernels::isa();
+    let mut finite = true;
     for ((gr, ar), mut or) in g.outer_iter().zip(a.outer_iter()).zip(out.outer_iter_mut()) {
         for (d, &v) in gs.iter_mut().zip(gr.iter()) {
             *d = scale * v;
         }
-        for (d, &v) in av.iter_mut().zip(ar.iter()) {
-            *d = v;
+        match ar.as_slice() {
+            Some(x) => av.copy_from_slice(x),
+            None => av.iter_mut().zip(ar.iter()).for_each(|(d, &v)| *d = v),
         }
-        total += match or.as_slice_mut() {
-            Some(o) => write_row(o, &gs, &av, bias, accumulate),
+        let summed = match or.as_slice_mut() {
+            Some(o) => write_row(isa, o, &gs, &av, bias, accumulate),
             None => {
                 let mut tmp = vec![0f32; width];
                 if accumulate {
                     tmp.iter_mut().zip(or.iter()).for_each(|(t, &v)| *t = v);
                 }
-                let sum = write_row(&mut tmp, &gs, &av, bias, accumulate);
+                let sum = write_row(isa, &mut tmp, &gs, &av, bias, accumulate);
                 or.iter_mut().zip(&tmp).for_each(|(o, &t)| *o = t);
                 sum
             }
         };
+        if accumulate {
+            finite &= summed.is_finite();
+        }
     }
-    // A NaN or infinity anywhere makes the sum non-finite; so may an overflow of finite values, which
-    // only sends the caller to its own scan.
-    Ok(total.is_finite())
+    Ok(if accumulate { finite } else { fresh_finite })
 }
 
-/// Writes one row; returns the sum of the values it leaves there.
-fn write_row(o: &mut [f32], gs: &[f32], a: &[f32], bias: bool, accumulate: bool) -> f32 {
+/// The sum of absolute values of every element (in eight lanes where the view is contiguous).
+fn abs_sum(v: ArrayView2<'_, f32>) -> f32 {
+    match v.as_slice() {
+        Some(x) => lane_sum_by(x, f32::abs),
+        None => v.iter().map(|x| x.abs()).sum(),
+    }
+}
+
+/// Writes one row with the widest instructions the CPU has (the same multiplications and additions
+/// in every case: no fused multiply-add, so the choice never changes a bit); with `accumulate`,
+/// returns the sum of the values the row holds afterwards (0 otherwise).
+fn write_row(
+    isa: crate::kernels::Isa,
+    o: &mut [f32],
+    gs: &[f32],
+    a: &[f32],
+    bias: bool,
+    accumulate: bool,
+) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::Isa;
+        // SAFETY: isa() reported the feature on this CPU.
+        match isa {
+            Isa::Avx512 => return unsafe { simd::write_row_avx512(o, gs, a, bias, accumulate) },
+            Isa::Avx2 => return unsafe { simd::write_row_avx2(o, gs, a, bias, accumulate) },
+            Isa::Scalar => {}
+        }
+    }
+    let _ = isa;
+    write_row_body(o, gs, a, bias, accumulate)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    /// # Safety
+    /// The CPU must support AVX-512F (checked by `isa()`).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn write_row_avx512(
+        o: &mut [f32],
+        gs: &[f32],
+        a: &[f32],
+        bias: bool,
+        accumulate: bool,
+    ) -> f32 {
+        super::write_row_body(o, gs, a, bias, accumulate)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 (checked by `isa()`).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn write_row_avx2(
+        o: &mut [f32],
+        gs: &[f32],
+        a: &[f32],
+        bias: bool,
+        accumulate: bool,
+    ) -> f32 {
+        super::write_row_body(o, gs, a, bias, accumulate)
+    }
+}
+
+#[inline(always)]
+fn write_row_body(o: &mut [f32], gs: &[f32], a: &[f32], bias: bool, accumulate: bool) -> f32 {
     let q = a.len();
     let (w, b) = o.split_at_mut(gs.len() * q);
     // A bias-only layer (frozen weight) has no weight block (and chunks_exact_mut(0) would panic).
@@ -165,17 +254,23 @@ fn write_row(o: &mut [f32], gs: &[f32], a: &[f32], bias: bool, accumulate: bool)
             b.copy_from_slice(gs);
         }
     }
-    lane_sum(o)
+    if accumulate {
+        lane_sum_by(o, |x| x)
+    } else {
+        0.0
+    }
 }
 
-/// A sum in eight independent lanes (vectorized; a plain fold is one long chain of dependent adds).
-fn lane_sum(v: &[f32]) -> f32 {
+/// A sum of f(x) in eight independent lanes (vectorized; a plain fold is one long chain of dependent
+/// adds).
+#[inline(always)]
+fn lane_sum_by(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = v.chunks_exact(8);
-    let rest: f32 = chunks.remainder().iter().sum();
+    let rest: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
     for c in chunks {
         for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x;
+            *a += f(x);
         }
     }
     acc.iter().sum::<f32>() + rest
@@ -230,8 +325,8 @@ mod tests {
 
     #[test]
     fn count_sketch_equals_the_scatter_bit_for_bit() {
-        // 7 rows (a block of four and three left over), strided and contiguous, an empty bucket.
-        let full = Array2::from_shape_fn((7, 26), |(r, c)| {
+        // 11 rows (a block of eight and three left over), strided and contiguous, an empty bucket.
+        let full = Array2::from_shape_fn((11, 26), |(r, c)| {
             ((r * 31 + c * 17) % 23) as f32 * 0.37 - 4.1
         });
         let h: Vec<u32> = (0..13).map(|c| [2u32, 0, 3, 3, 0][c % 5]).collect();
@@ -336,6 +431,24 @@ mod tests {
     }
 
     #[test]
+    fn every_instruction_set_writes_the_same_bits() {
+        let p = 3;
+        let q = 37; // not a multiple of any vector width
+        let gs: Vec<f32> = (0..p).map(|j| 0.3 * j as f32 - 0.7).collect();
+        let a: Vec<f32> = (0..q).map(|c| ((c * 13) % 7) as f32 * 1.1 - 3.3).collect();
+        for accumulate in [false, true] {
+            let start: Vec<f32> = (0..p * q + p).map(|i| (i % 5) as f32 * 0.25).collect();
+            let mut want = start.clone();
+            let sum = write_row_body(&mut want, &gs, &a, true, accumulate);
+            for isa in [crate::kernels::Isa::Scalar, crate::kernels::isa()] {
+                let mut got = start.clone();
+                assert_eq!(write_row(isa, &mut got, &gs, &a, true, accumulate), sum);
+                assert_eq!(got, want);
+            }
+        }
+    }
+
+    #[test]
     fn outer_rows_says_whether_what_it_wrote_is_finite() {
         let g = array![[1.0f32, 2.0], [3.0, 4.0]];
         let a = array![[1.0f32], [-1.0]];
@@ -354,6 +467,11 @@ mod tests {
             out.slice_mut(s![.., ..2])
         )
         .unwrap());
+        // Large but finite products are finite.
+        let (gb, ab) = (array![[1e18f32]], array![[-1e18f32]]);
+        let mut one = Array2::<f32>::zeros((1, 2));
+        assert!(outer_rows(gb.view(), ab.view(), 1.0, true, false, one.view_mut()).unwrap());
+        assert_eq!(one[[0, 0]], -1e36);
         // Accumulating onto an infinity already in the rows: the flag covers the values left there.
         out.fill(0.0);
         out[[1, 3]] = f32::INFINITY;
