@@ -223,7 +223,10 @@ def plot(
     """Train loss and validation metric per epoch: mean line, min-max band over seeds, and the train loss
     against training seconds (``times=False``: left out). Returns the figure (shown inline in notebooks);
     saves a PNG when ``path`` is given."""
+    import textwrap
+
     import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
     if path is not None and "inline" not in matplotlib.get_backend().lower():
         matplotlib.use("Agg")
@@ -271,10 +274,6 @@ def plot(
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
-    import textwrap
-
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (ax1, ax2):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
     fig.suptitle("\n".join(textwrap.wrap(title, width=150 if times else 100)))

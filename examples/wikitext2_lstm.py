@@ -182,12 +182,11 @@ def main(argv=None):
                     out, _ = model(x)
                     loss = crit(out.view(-1, ntokens), y)
                     loss.backward()
-                    if watching:
-                        pass  # the hooks took the row (the sketch of the gradient before clipping)
-                    elif sampler.balances:  # this unit's gradient, one row per parameter (no copy into one vector)
-                        sampler.step({k: p.grad.detach().unsqueeze(0) for k, p in params})
-                    else:
+                    # Watching, the hooks took the row (the sketch of the gradient before clipping).
+                    if not sampler.balances:
                         sampler.skip(1)
+                    elif not watching:  # this unit's gradient, one row per parameter (no copy into one vector)
+                        sampler.step({k: p.grad.detach().unsqueeze(0) for k, p in params})
                     nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                     opt.step()
                 if watching:

@@ -75,23 +75,28 @@ def _tasks(task: str) -> list:
     return tasks
 
 
-def used_token_ids(model_dir: Path, task: str, train_size: int, dev_size: int, max_length: int) -> torch.Tensor:
-    """Token ids of exactly the subsets glue_finetune.py trains and evaluates on (plus the special tokens),
-    over the comma-separated tasks."""
+def subsets(task: str, train_size: int, dev_size: int):
+    """(task, split, text columns) of exactly the subsets glue_finetune.py trains and evaluates on, over
+    the comma-separated tasks."""
     import _common as C
     from glue_finetune import balanced_subset
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    ids = set(tok.all_special_ids)
     for t in _tasks(task):
         for split, size in (("train", train_size), ("dev", dev_size)):
             texts, y = C.load_glue(C.data_root(None), t, split)
             keep = balanced_subset(y, size)
-            cols = list(zip(*[texts[i] for i in keep]))
-            enc = tok(*[list(c) for c in cols], truncation=True, max_length=max_length)
-            for row in enc["input_ids"]:
-                ids.update(row)
+            yield t, split, [list(c) for c in zip(*[texts[i] for i in keep])]
+
+
+def used_token_ids(model_dir: Path, task: str, train_size: int, dev_size: int, max_length: int) -> torch.Tensor:
+    """Token ids of those subsets (plus the special tokens)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = set(tok.all_special_ids)
+    for _, _, cols in subsets(task, train_size, dev_size):
+        for row in tok(*cols, truncation=True, max_length=max_length)["input_ids"]:
+            ids.update(row)
     return torch.tensor(sorted(ids), dtype=torch.int64)
 
 
@@ -148,16 +153,11 @@ def verify(packed: Path, task: str, train_size: int, dev_size: int, max_length: 
             with torch.no_grad():
                 w.copy_(w.to(stored).float())
             print(f"word-embedding rows stored as {stored}: comparing with the original so rounded")
-        from glue_finetune import balanced_subset
-
-        for t, split, size in [(t, s, n) for t in _tasks(task) for s, n in (("train", train_size), ("dev", dev_size))]:
-            texts, y = C.load_glue(C.data_root(None), t, split)
-            keep = balanced_subset(y, size)
-            cols = list(zip(*[texts[i] for i in keep]))
+        for t, split, cols in subsets(task, train_size, dev_size):
             same = True
-            for i in range(0, len(keep), 256):  # in batches: a whole training set at once would not fit
+            for i in range(0, len(cols[0]), 256):  # in batches: a whole training set at once would not fit
                 enc = tok(
-                    *[list(c[i : i + 256]) for c in cols],
+                    *[c[i : i + 256] for c in cols],
                     truncation=True,
                     max_length=max_length,
                     padding=True,
@@ -165,7 +165,7 @@ def verify(packed: Path, task: str, train_size: int, dev_size: int, max_length: 
                 )
                 with torch.no_grad():
                     same &= torch.equal(a(**enc).last_hidden_state, b(**enc).last_hidden_state)
-            print(f"{t} {split}: {len(keep)} examples, outputs identical: {same}")
+            print(f"{t} {split}: {len(cols[0])} examples, outputs identical: {same}")
             if not same:
                 sys.exit("packed model differs from the original")
 

@@ -211,7 +211,7 @@ class LinearSketch(LayerSketch):
         # three ops of a small model's step (src/sketch_rows.rs). 2-D float32 CPU inputs only.
         if not projection._CPU_KERNELS or g.dim() != 2 or g.device.type != "cpu" or g.dtype != torch.float32:
             return None
-        if g.is_neg():
+        if g.is_neg():  # a lazily negated view has no NumPy view
             return None
         if self.train_w and (saved.dim() != 2 or saved.dtype != torch.float32 or saved.is_neg()):
             return None

@@ -12,8 +12,8 @@ gradient). Rows on a GPU travel to the host asynchronously; they are fed once th
 from __future__ import annotations
 
 import warnings
-from collections import deque
-from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections import Counter, deque
+from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ class _Step:
         # The step's slot in the block buffer once a layer has written its rows there directly
         # (LayerSketch.rows_into), and the offsets of the blocks written so (already scaled).
         self.rows: Optional[torch.Tensor] = None
-        self.written: Dict[int, bool] = {}
+        self.written: Set[int] = set()
         self.finite = True  # every direct write said its values were finite
 
     def add(self, offset: int, pieces: List[torch.Tensor]) -> None:
@@ -232,15 +232,13 @@ class WatchHandle:
                 if n in kept:
                     self._params.append((n, p, FoldSketch(p.numel(), fold or p.numel(), self.seed, n)))
         offset = 0
-        siblings: Dict[Any, int] = {}
         for sk in self._sketches.values():
             sk.offset = offset
             offset += sk.width
-            key = sk.static_key()
-            if key is not None:
-                siblings[key] = siblings.get(key, 0) + 1
         # A layer no other layer can be grouped with is sketched as its gradient arrives (no deferral).
-        self._alone = {sk: sk.static_key() is None or siblings[sk.static_key()] == 1 for sk in self._sketches.values()}
+        keys = {sk: sk.static_key() for sk in self._sketches.values()}
+        siblings = Counter(k for k in keys.values() if k is not None)
+        self._alone = {sk: k is None or siblings[k] == 1 for sk, k in keys.items()}
         self._param_offsets = []
         for _, _, fs in self._params:
             self._param_offsets.append(offset)
@@ -456,7 +454,7 @@ class WatchHandle:
                 self._block_used -= b  # the slot just taken goes back (nothing was written to it)
             return False
         step.rows = rows
-        step.written[sk.offset] = True
+        step.written.add(sk.offset)
         step.finite = step.finite and finite
         return True
 
