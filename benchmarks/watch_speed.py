@@ -1,17 +1,19 @@
 """What `sampler.watch(model)` costs and buys, in wall-clock time, on this CPU.
 
     .venv/bin/python benchmarks/watch_speed.py [--part cost|loss|both] [--threads 1 2] [--rounds 8]
-        [--tasks mnist,lenet] [--arms watch,watch torch ops,...] [--quick]
+        [--tasks mnist,lenet] [--arms watch,watch torch ops,watch budget=1.0,...] [--quick]
 
 Part "cost": paired rounds of one training epoch each, plain random reshuffling (RR: `shuffle=True`-style
 random order, ordinary `loss.backward()`) against GraB with `sampler.watch(model)` (the same loop; only the
 sampler and the watch differ), in alternating order within a round; each round's GraB/RR ratio, then the
 median and quartiles over rounds. Also `watch()` with its Rust CPU kernels for Linear rows switched off
 ("watch torch ops": the torch ops they replaced, measured in the same run), `watch(sketch=None)` (exact
-per-example rows from the same hooks) and the earlier `sampler.backward(method="hooks", non_blocking=True)`
-path. MNIST logistic regression on
-all 60,000 images and LeNet-5 on a seeded CIFAR-10 subset, batch 64, SGD, data in memory (index slices:
-the strictest loop, no DataLoader overhead to hide behind); and the MNIST loop through a DataLoader.
+per-example rows from the same hooks), the earlier `sampler.backward(method="hooks", non_blocking=True)`
+path, and, on request, `watch(budget=B)` ("watch budget=B": on LeNet the budget decides whether the
+convolutions' weights are sketched; the K and the weights left out of each are printed). MNIST logistic
+regression on all 60,000 images and LeNet-5 on a seeded CIFAR-10 subset, batch 64, SGD, data in memory
+(index slices: the strictest loop, no DataLoader overhead to hide behind); and the MNIST loop through a
+DataLoader.
 
 Part "loss": RR and GraB trained side by side, epoch by epoch in alternation (so a slow spell of this
 shared machine hits both), the full training loss after each epoch (not timed); then the training time
@@ -66,7 +68,8 @@ class Arm:
             self.sampler = torchgrab.GraBSampler(n=len(x), ordering="grab", seed=seed)
             if kind.startswith("watch"):
                 sketch = None if kind == "watch exact" else torchgrab.capture.DEFAULT_SKETCH
-                self.handle = self.sampler.watch(self.model, sketch=sketch)
+                budget = {"budget": _budget(kind)} if kind.startswith(BUDGET_ARM) else {}
+                self.handle = self.sampler.watch(self.model, sketch=sketch, **budget)
         self.seconds = 0.0
         if loader:
             ds = torch.utils.data.TensorDataset(x, y)
@@ -116,6 +119,26 @@ def _chunks(x, y, n=4096):
 
 
 ARMS = ["rr", "watch", "watch torch ops", "watch exact", "backward(hooks)"]
+# "watch budget=B" (B a fraction, or none): watch(budget=B), e.g. on LeNet, where the budget decides whether
+# the convolutions' weights are sketched or left out.
+BUDGET_ARM = "watch budget="
+
+
+def _budget(arm):
+    b = arm[len(BUDGET_ARM) :]
+    return None if b.lower() == "none" else float(b)
+
+
+def _known_arm(arm):
+    if not arm.startswith(BUDGET_ARM):
+        return arm in ARMS
+    try:
+        _budget(arm)
+    except ValueError:  # "watch budget=x"
+        return False
+    return True
+
+
 NAMES = {
     "watch": "grab, watch()",
     "watch torch ops": "grab, watch(), torch ops",
@@ -155,6 +178,11 @@ def part_cost(tasks, args):
                     q1, q2, q3 = np.percentile(ratios[a], [25, 50, 75])
                     name = NAMES.get(a, f"grab, {a}")
                     print(f"{name:<28} {np.median(secs[a]):>15.3f} {q2:>12.3f} {f'{q1:.3f}-{q3:.3f}':>16}")
+                for a in arms[1:]:
+                    if a.startswith(BUDGET_ARM):
+                        h = runs[a].handle
+                        left_out = [name for name, kind, _ in h.layers if "left out" in kind]
+                        print(f"{a}: K = {h.width}, weights left out: {', '.join(left_out) or 'none'}")
 
 
 def part_loss(tasks, args, plt):
@@ -233,12 +261,14 @@ def main():
     ap.add_argument(
         "--arms",
         default=",".join(ARMS[1:]),
-        help="comma-separated arms of part 'cost' besides rr (paired with it): " + ", ".join(ARMS[1:]),
+        help="comma-separated arms of part 'cost' besides rr (paired with it): "
+        + ", ".join(ARMS[1:])
+        + f", {BUDGET_ARM}B (B a fraction or none)",
     )
     ap.add_argument("--quick", action="store_true", help="tiny data, 2 rounds, 2 epochs: a smoke run")
     ap.add_argument("--out", default=os.path.join(here, "out"))
     args = ap.parse_args()
-    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    unknown = [a for a in args.arms.split(",") if not _known_arm(a)]
     if unknown:
         ap.error(f"unknown arms {unknown}; choose from {ARMS}")
     if args.quick:

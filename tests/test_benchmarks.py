@@ -125,8 +125,22 @@ def test_first_epoch_runs(tmp_path):
 
 
 @pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
-def test_watch_budget_runs():
-    """benchmarks/watch_budget.py --quick: LeNet-5 epochs with watch(budget=0.25) and (budget=1.0) against RR."""
-    stdout = run(["benchmarks/watch_budget.py", "--data", str(DATA), "--quick"])
-    assert "watch(budget=0.25): K = 2984, weights left out: features.0, features.3; x RR median" in stdout
-    assert "watch(budget=1.0): K = 3208, weights left out: features.0; x RR median" in stdout
+def test_watch_speed_runs(tmp_path):
+    """benchmarks/watch_speed.py --quick, part "cost": LeNet-5 epochs of RR against watch() with and without
+    its CPU kernels and with two budgets (which decide whether the convolutions' weights are left out)."""
+    arms = "watch,watch torch ops,watch budget=0.25,watch budget=1.0"
+    stdout = run(
+        ["benchmarks/watch_speed.py", "--data", str(DATA), "--quick", "--part", "cost", "--tasks", "lenet"]
+        + ["--arms", arms, "--out", str(tmp_path)]
+    )
+    for name in ("grab, watch()", "grab, watch(), torch ops", "grab, watch budget=0.25", "grab, watch budget=1.0"):
+        assert f"\n{name} " in stdout
+    assert "watch budget=0.25: K = 2984, weights left out: features.0, features.3" in stdout
+    assert "watch budget=1.0: K = 3208, weights left out: features.0\n" in stdout
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/watch_speed.py", "--arms", "watch budget=x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "unknown arms" in bad.stderr
