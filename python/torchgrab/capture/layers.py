@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, List, Optional, Type
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -131,11 +132,11 @@ class LayerSketch:
         return None
 
     def rows_into(
-        self, module: nn.Module, saved: Any, g: torch.Tensor, out: torch.Tensor, scale: float, accumulate: bool
+        self, module: nn.Module, saved: Any, g: torch.Tensor, out: np.ndarray, scale: float, accumulate: bool
     ) -> Optional[bool]:
-        """Write (or add, with ``accumulate``) ``scale`` times this call's rows into ``out`` ([B, width], a
-        view of the step's row buffer) when a direct kernel applies, and say whether every value written
-        is finite; None (nothing written) when none applies."""
+        """Write (or add, with ``accumulate``) ``scale`` times this call's rows into ``out`` ([B, width]
+        float32, a NumPy view of the step's rows in the CPU row buffer) when a direct kernel applies, and
+        say whether every value written is finite; None (nothing written) when none applies."""
         return None
 
 
@@ -204,12 +205,12 @@ class LinearSketch(LayerSketch):
         return (LinearSketch, self.p_out.n, self.p_out.k, self.p_in.k, self.p_out.identity, self.train_w, self.train_b)
 
     def rows_into(
-        self, module: nn.Module, saved: Any, g: torch.Tensor, out: torch.Tensor, scale: float, accumulate: bool
+        self, module: nn.Module, saved: Any, g: torch.Tensor, out: np.ndarray, scale: float, accumulate: bool
     ) -> Optional[bool]:
         # One Rust pass writes the weight block vec(g_b a_b^T) and the bias block g_b, scaled, into the
         # step's rows: on a CPU the outer-product tensor, its copy into the rows and their scaling were
         # three ops of a small model's step (src/sketch_rows.rs). 2-D float32 CPU inputs only.
-        if not projection._CPU_KERNELS or g.dim() != 2 or g.device.type != "cpu" or g.dtype != torch.float32:
+        if not projection._CPU_KERNELS or g.dim() != 2 or not g.is_cpu or g.dtype != torch.float32:
             return None
         if g.is_neg():  # a lazily negated view has no NumPy view
             return None
@@ -217,7 +218,7 @@ class LinearSketch(LayerSketch):
             return None
         gp = self.p_out(g.detach())
         a = saved if self.train_w else gp.new_empty(gp.shape[0], 0)
-        return _native.outer_rows(gp.numpy(), a.numpy(), float(scale), self.train_b, accumulate, out.numpy())
+        return _native.outer_rows(gp.numpy(), a.numpy(), float(scale), self.train_b, accumulate, out)
 
     def group_key(self, saved: Any, g: torch.Tensor) -> Any:
         # Layers of one shape (a transformer's q, k, v, o of every block) are sketched by a few batched

@@ -83,13 +83,7 @@ class Factor:
         if self.identity:
             return x
         if self.count:
-            if (
-                _CPU_KERNELS
-                and x.device.type == "cpu"
-                and x.dtype == torch.float32
-                and not x.requires_grad
-                and not x.is_neg()
-            ):
+            if _CPU_KERNELS and x.is_cpu and x.dtype == torch.float32 and not x.requires_grad and not x.is_neg():
                 # One pass in Rust: torch's index_add_ along the last dimension dispatches one small add per
                 # input column, most of a small model's sketch cost (src/sketch_rows.rs).
                 if self._np_tables is None:

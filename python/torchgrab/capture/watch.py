@@ -53,6 +53,7 @@ class _Step:
         "noted",
         "deferred",
         "rows",
+        "slot",
         "written",
         "finite",
     )
@@ -76,6 +77,7 @@ class _Step:
         # The step's slot in the block buffer once a layer has written its rows there directly
         # (LayerSketch.rows_into), and the offsets of the blocks written so (already scaled).
         self.rows: Optional[torch.Tensor] = None
+        self.slot: Optional[np.ndarray] = None  # rows' NumPy view: the kernels' output, sliced cheaply
         self.written: Set[int] = set()
         self.finite = True  # every direct write said its values were finite
 
@@ -439,21 +441,29 @@ class WatchHandle:
     def _write_direct(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> bool:
         """Let the layer write its rows straight into the step's slot of the block buffer, scaled as
         _end_step would scale them (False: the layer has no direct kernel for this call)."""
-        if isinstance(step.factor, torch.Tensor) or g.device.type != "cpu" or g.dim() == 0:
+        if not g.is_cpu or isinstance(step.factor, torch.Tensor) or g.dim() == 0:
             return False
         b = int(g.shape[0])
-        if step.rows is not None and step.rows.shape[0] != b:
+        slot, rows = step.slot, step.rows
+        if slot is None:
+            rows = self._rows_out(b, g.device)
+            slot = rows.numpy()
+        elif slot.shape[0] != b:
             return False
-        mult = self._multiplier(step, b)
-        rows = step.rows if step.rows is not None else self._rows_out(b, g.device)
+        # NumPy slicing: a torch slice costs about a microsecond, a tenth of a small model's kernel.
         finite = sk.rows_into(
-            module, saved, g, rows[:, sk.offset : sk.offset + sk.width], mult, sk.offset in step.written
+            module,
+            saved,
+            g,
+            slot[:, sk.offset : sk.offset + sk.width],
+            self._multiplier(step, b),
+            sk.offset in step.written,
         )
         if finite is None:
-            if step.rows is None:
+            if step.slot is None:
                 self._block_used -= b  # the slot just taken goes back (nothing was written to it)
             return False
-        step.rows = rows
+        step.rows, step.slot = rows, slot
         step.written.add(sk.offset)
         step.finite = step.finite and finite
         return True
@@ -553,6 +563,8 @@ class WatchHandle:
         other layers' pieces are copied into their columns and scaled, blocks without any are zeroed."""
         rows = step.rows
         assert rows is not None
+        if not step.blocks and step.scale is None and len(step.written) == len(self._blocks):
+            return rows  # every block written directly, scaled already: a small model's every step
         mult = self._multiplier(step, rows.shape[0])  # a tensor factor never writes directly
         for offset, width in self._blocks:
             have = step.blocks.get(offset)
