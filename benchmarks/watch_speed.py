@@ -9,7 +9,9 @@ sampler and the watch differ), in alternating order within a round; each round's
 median and quartiles over rounds. Also `watch()` with its Rust CPU kernels for Linear rows switched off
 ("watch torch ops": the torch ops they replaced, measured in the same run), `watch(sketch=None)` (exact
 per-example rows from the same hooks), the earlier `sampler.backward(method="hooks", non_blocking=True)`
-path, and, on request, `watch(budget=B)` ("watch budget=B": on LeNet the budget decides whether the
+path, "rr + empty hooks" (RR with the hooks `watch()` registers, doing nothing: the floor of any capture
+from module and tensor hooks, since a small model's step is short enough to notice their dispatch) and,
+on request, `watch(budget=B)` ("watch budget=B": on LeNet the budget decides whether the
 convolutions' weights are sketched; the K and the weights left out of each are printed). MNIST logistic
 regression on all 60,000 images and LeNet-5 on a seeded CIFAR-10 subset, batch 64, SGD, data in memory
 (index slices: the strictest loop, no DataLoader overhead to hide behind); and the MNIST loop through a
@@ -39,6 +41,7 @@ import torchgrab  # noqa: E402
 import torchgrab.capture  # noqa: E402
 from end_to_end import LeNet, load_cifar10, load_mnist  # noqa: E402
 from torchgrab.capture import projection  # noqa: E402
+from torchgrab.capture.layers import sketch_class  # noqa: E402
 
 BATCH = 64
 loss_fn = nn.CrossEntropyLoss()
@@ -64,7 +67,9 @@ class Arm:
         self.opt = make_opt(task, self.model)
         self.gen = torch.Generator().manual_seed(seed)
         self.sampler = None
-        if kind != "rr":
+        if kind == EMPTY_HOOKS:
+            _empty_hooks(self.model)
+        elif kind != "rr":
             self.sampler = torchgrab.GraBSampler(n=len(x), ordering="grab", seed=seed)
             if kind.startswith("watch"):
                 sketch = None if kind == "watch exact" else torchgrab.capture.DEFAULT_SKETCH
@@ -118,7 +123,24 @@ def _chunks(x, y, n=4096):
         yield x[k : k + n], y[k : k + n]
 
 
-ARMS = ["rr", "watch", "watch torch ops", "watch exact", "backward(hooks)"]
+EMPTY_HOOKS = "rr + empty hooks"
+ARMS = ["rr", "watch", "watch torch ops", "watch exact", "backward(hooks)", EMPTY_HOOKS]
+
+
+def _empty_hooks(model):
+    """The hooks watch() registers on a model (a forward pre-hook on it; a forward hook on each layer it
+    sketches, which puts a hook on the layer's output), each doing nothing."""
+    model.register_forward_pre_hook(lambda m, args, kwargs: None, with_kwargs=True)
+
+    def on_forward(m, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda g: None)
+
+    for m in model.modules():
+        if sketch_class(m) is not None and any(p.requires_grad for p in m.parameters(False)):
+            m.register_forward_hook(on_forward)
+
+
 # "watch budget=B" (B a fraction, or none): watch(budget=B), e.g. on LeNet, where the budget decides whether
 # the convolutions' weights are sketched or left out.
 BUDGET_ARM = "watch budget="
@@ -143,6 +165,7 @@ NAMES = {
     "watch": "grab, watch()",
     "watch torch ops": "grab, watch(), torch ops",
     "watch exact": "grab, watch(sketch=None)",
+    EMPTY_HOOKS: EMPTY_HOOKS,
 }
 
 
