@@ -1,6 +1,6 @@
 """What `sampler.watch(model)` costs and buys, in wall-clock time, on this CPU.
 
-    .venv/bin/python benchmarks/watch_speed.py [--part cost|loss|both] [--threads 1 2] [--rounds 8]
+    .venv/bin/python benchmarks/watch_speed.py [--part cost|loss|kernels|both] [--threads 1 2] [--rounds 8]
         [--tasks mnist,lenet] [--arms watch,watch torch ops,watch budget=1.0,...] [--quick]
 
 Part "cost": paired rounds of one training epoch each, plain random reshuffling (RR: `shuffle=True`-style
@@ -16,6 +16,10 @@ convolutions' weights are sketched; the K and the weights left out of each are p
 regression on all 60,000 images and LeNet-5 on a seeded CIFAR-10 subset, batch 64, SGD, data in memory
 (index slices: the strictest loop, no DataLoader overhead to hide behind); and the MNIST loop through a
 DataLoader.
+
+Part "kernels": what one call of the Rust CPU kernels of a Linear layer's rows costs against the torch ops
+they replaced, on MNIST's shapes (64 images, 784 pixels count-sketched to 102 columns, 10 outputs
+kept exact), median over many calls with the inputs in cache, beside this machine's memory bandwidth.
 
 Part "loss": RR and GraB trained side by side, epoch by epoch in alternation (so a slow spell of this
 shared machine hits both), the full training loss after each epoch (not timed); then the training time
@@ -208,6 +212,64 @@ def part_cost(tasks, args):
                         print(f"{a}: K = {h.width}, weights left out: {', '.join(left_out) or 'none'}")
 
 
+def _per_call_us(fn, calls=2000, rounds=7):
+    """Median over rounds of the mean time of one call, in microseconds."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t) / calls * 1e6)
+    return float(np.median(times))
+
+
+def part_kernels(x, args):
+    torch.set_num_threads(args.threads[0])
+    model = make_model("mnist")
+    handle = torchgrab.GraBSampler(n=len(x), ordering="grab").watch(model)
+    sk = handle._sketches[model]  # the LinearSketch watch() made for this layer (count-sketched input)
+    xb = x[:BATCH].contiguous()
+    g = torch.randn(BATCH, 10, generator=torch.Generator().manual_seed(0))
+    saved = sk.save(model, xb)
+    rows = torch.empty(BATCH, handle.width)
+    slot = rows.numpy()
+
+    def with_kernels(on, fn):
+        def call():
+            projection._CPU_KERNELS = on
+            fn()
+
+        return call
+
+    def torch_rows():
+        torch.cat(sk.rows(model, saved, g), dim=1, out=rows)
+        rows.mul_(float(BATCH))
+
+    # (name, the call with the kernels, the call without, bytes read or written); the count sketch is one
+    # call either way (Factor picks the kernel or index_add_ by the switch).
+    cases = [
+        (f"count sketch {BATCH} x 784 -> {sk.p_in.k}", lambda: sk.p_in(xb), lambda: sk.p_in(xb), xb.numel() * 4),
+        (
+            f"Linear rows {BATCH} x {handle.width}, scaled",
+            lambda: sk.rows_into(model, saved, g, slot, float(BATCH), False),
+            torch_rows,
+            rows.numel() * 4,
+        ),
+    ]
+    bw = _common.memory_read_bandwidth()
+    print(f"\n## kernels of a Linear layer's rows, MNIST shapes, {args.threads[0]} torch thread(s)")
+    print("memory read bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
+    print(f"{'kernel':<34} {'Rust us/call':>13} {'torch ops us/call':>18} {'torch/Rust':>11} {'Rust GB/s':>10}")
+    calls, rounds = (20, 2) if args.quick else (2000, 7)
+    for name, rust_call, torch_call, nbytes in cases:
+        rust = _per_call_us(with_kernels(True, rust_call), calls, rounds)
+        ref = _per_call_us(with_kernels(False, torch_call), calls, rounds)
+        print(f"{name:<34} {rust:>13.2f} {ref:>18.2f} {ref / rust:>11.2f} {nbytes / rust / 1e3:>10.1f}")
+    projection._CPU_KERNELS = True
+    print("(GB/s: the bytes the kernel reads (count sketch) or writes (rows) over its time per call)")
+
+
 def part_loss(tasks, args, plt):
     torch.set_num_threads(args.threads[0])
     curves = {}
@@ -273,7 +335,7 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.path.join(here, "..", "..", "shared", "data"))
-    ap.add_argument("--part", choices=["cost", "loss", "both"], default="both")
+    ap.add_argument("--part", choices=["cost", "loss", "kernels", "both"], default="both")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=8, help="MNIST epochs of part 'loss'")
@@ -306,6 +368,9 @@ def main():
     if "lenet" in wanted:
         tasks["lenet"] = load_cifar10(args.data, args.cifar_n)
     os.makedirs(args.out, exist_ok=True)
+    if args.part == "kernels":
+        part_kernels(x, args)
+        return
     if args.part in ("cost", "both"):
         part_cost(tasks, args)
     if args.part in ("loss", "both"):

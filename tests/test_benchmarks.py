@@ -127,16 +127,27 @@ def test_first_epoch_runs(tmp_path):
 @pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
 def test_watch_speed_runs(tmp_path):
     """benchmarks/watch_speed.py --quick, part "cost": LeNet-5 epochs of RR against watch() with and without
-    its CPU kernels and with two budgets (which decide whether the convolutions' weights are left out)."""
-    arms = "watch,watch torch ops,watch budget=0.25,watch budget=1.0"
+    its CPU kernels, with two budgets (which decide whether the convolutions' weights are left out) and RR
+    with empty hooks; part "kernels": the Rust kernels against the torch ops, per call."""
+    arms = "watch,watch torch ops,watch budget=0.25,watch budget=1.0,rr + empty hooks"
     stdout = run(
         ["benchmarks/watch_speed.py", "--data", str(DATA), "--quick", "--part", "cost", "--tasks", "lenet"]
         + ["--arms", arms, "--out", str(tmp_path)]
     )
-    for name in ("grab, watch()", "grab, watch(), torch ops", "grab, watch budget=0.25", "grab, watch budget=1.0"):
+    for name in (
+        "grab, watch()",
+        "grab, watch(), torch ops",
+        "grab, watch budget=0.25",
+        "grab, watch budget=1.0",
+        "rr + empty hooks",
+    ):
         assert f"\n{name} " in stdout
     assert "watch budget=0.25: K = 2984, weights left out: features.0, features.3" in stdout
     assert "watch budget=1.0: K = 3208, weights left out: features.0\n" in stdout
+    kernels = run(["benchmarks/watch_speed.py", "--data", str(DATA), "--quick", "--part", "kernels"])
+    for name in ("count sketch 64 x 784 -> 102", "Linear rows 64 x 1030, scaled"):
+        line = next(line for line in kernels.splitlines() if line.startswith(name))
+        assert all(float(v) > 0 for v in line[len(name) :].split())
     bad = subprocess.run(
         [sys.executable, "benchmarks/watch_speed.py", "--arms", "watch budget=x"],
         cwd=ROOT,
