@@ -1044,6 +1044,50 @@ def test_ddp_wrapped_model_gives_the_unwrapped_rows(sketch):
         dist.destroy_process_group()
 
 
+def _hook_counts(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_fsdp2_sharded_model_gives_the_unsharded_rows(sketch):
+    # FSDP2 (fully_shard) turns the parameters into DTensors and adds forward hooks of its own that
+    # gather them around each layer's call; the layers' inputs and output gradients, which the sketch
+    # reads, are the unsharded model's.
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
+    model = _mlp()
+    plain = copy.deepcopy(model)
+    x, y = _data((6,), "class", b=5)
+    s_plain, h_plain, spy_plain = watched(plain, sketch=sketch)
+    for _ in range(2):
+        ce(plain(x), y).backward()
+    h_plain.flush()
+    grads, _ = per_example_gradients(plain, ce, x, y)  # no optimizer step: the weights are unchanged
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fsdp.fully_shard(m)
+        fsdp.fully_shard(model)
+        assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+        before = _hook_counts(model)
+        sampler, handle, spy = watched(model, sketch=sketch)
+        for _ in range(2):
+            ce(model(x), y).backward()
+        handle.flush()
+        for rows, plain_rows in zip(spy.steps([5, 5]), spy_plain.steps([5, 5])):
+            np.testing.assert_allclose(rows, plain_rows, rtol=1e-5, atol=1e-7)
+        assert_rows(spy.steps([5, 5])[1], h_plain.project(grads))
+        handle.remove()
+        assert _hook_counts(model) == before  # FSDP's own hooks stay, watch()'s are gone
+    finally:
+        dist.destroy_process_group()
+
+
 def test_excluding_part_of_a_layer_is_refused_with_advice():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     sampler = GraBSampler(n=8)
