@@ -9,7 +9,8 @@ sampler and the watch differ), in alternating order within a round; each round's
 median and quartiles over rounds. Also `watch()` with its Rust CPU kernels for Linear rows switched off
 ("watch torch ops": the torch ops they replaced, measured in the same run), `watch(sketch=None)` (exact
 per-example rows from the same hooks), the earlier `sampler.backward(method="hooks", non_blocking=True)`
-path, "rr + empty hooks" (RR with the hooks `watch()` registers, doing nothing: the floor of any capture
+path, `watch(non_blocking=True)` and `watch(non_blocking=False)` ("watch background", "watch blocking": by
+default watch() balances in the background only when a core is free for it), "rr + empty hooks" (RR with the hooks `watch()` registers, doing nothing: the floor of any capture
 from module and tensor hooks, since a small model's step is short enough to notice their dispatch) and,
 on request, `watch(budget=B)` ("watch budget=B": on LeNet the budget decides whether the
 convolutions' weights are sketched; the K and the weights left out of each are printed). MNIST logistic
@@ -77,8 +78,10 @@ class Arm:
             self.sampler = torchgrab.GraBSampler(n=len(x), ordering="grab", seed=seed)
             if kind.startswith("watch"):
                 sketch = None if kind == "watch exact" else torchgrab.capture.DEFAULT_SKETCH
-                budget = {"budget": _budget(kind)} if kind.startswith(BUDGET_ARM) else {}
-                self.handle = self.sampler.watch(self.model, sketch=sketch, **budget)
+                extra = {"budget": _budget(kind)} if kind.startswith(BUDGET_ARM) else {}
+                if kind in NON_BLOCKING:
+                    extra["non_blocking"] = NON_BLOCKING[kind]
+                self.handle = self.sampler.watch(self.model, sketch=sketch, **extra)
         self.seconds = 0.0
         if loader:
             ds = torch.utils.data.TensorDataset(x, y)
@@ -128,7 +131,9 @@ def _chunks(x, y, n=4096):
 
 
 EMPTY_HOOKS = "rr + empty hooks"
-ARMS = ["rr", "watch", "watch torch ops", "watch exact", "backward(hooks)", EMPTY_HOOKS]
+# watch() balances in the background only when a core is free for it (non_blocking=None); these force it.
+NON_BLOCKING = {"watch background": True, "watch blocking": False}
+ARMS = ["rr", "watch", "watch torch ops", "watch exact", "backward(hooks)", EMPTY_HOOKS, *NON_BLOCKING]
 
 
 def _empty_hooks(model):
@@ -169,6 +174,8 @@ NAMES = {
     "watch": "grab, watch()",
     "watch torch ops": "grab, watch(), torch ops",
     "watch exact": "grab, watch(sketch=None)",
+    "watch background": "grab, non_blocking=True",
+    "watch blocking": "grab, non_blocking=False",
     EMPTY_HOOKS: EMPTY_HOOKS,
 }
 

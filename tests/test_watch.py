@@ -786,7 +786,7 @@ def _train(ordering, sketch, epochs=3, seed=7, check_exact=False):
     model = _mlp(seed=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     sampler = GraBSampler(ds, ordering=ordering, seed=seed)
-    handle = sampler.watch(model, sketch=sketch)
+    handle = sampler.watch(model, sketch=sketch, non_blocking=True)  # background steps: the twin checks them
     spy = Spy(sampler)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler, drop_last=False)
     orders, batches = [], []
@@ -1042,6 +1042,31 @@ def test_ddp_wrapped_model_gives_the_unwrapped_rows(sketch):
         no_hooks(ddp)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("core_free", [True, False])
+def test_non_blocking_by_default_only_when_a_core_is_free(monkeypatch, core_free):
+    # Training on the CPU with torch's threads on every core, a background step competes with them:
+    # non_blocking=None balances on the training thread then, in the background otherwise.
+    x, y = _data((6,), "class", b=5)
+    model = _mlp()
+    sampler, handle, spy = watched(model, sketch=4)
+    assert handle.non_blocking is None
+    monkeypatch.setattr(handle, "_cores", torch.get_num_threads() + (1 if core_free else 0))
+    ce(model(x), y).backward()
+    handle.flush()
+    assert spy.kwargs == [{"non_blocking": core_free}]
+    handle._cpu_rows = False  # rows formed on a GPU: the host's cores are free for the balancing
+    assert handle._background()
+    for asked in (True, False):  # as asked, whatever the threads
+        model = _mlp()
+        sampler, handle, spy = watched(model, sketch=4, non_blocking=asked)
+        monkeypatch.setattr(handle, "_cores", torch.get_num_threads() + (1 if core_free else 0))
+        ce(model(x), y).backward()
+        handle.flush()
+        assert spy.kwargs == [{"non_blocking": asked}]
+    with pytest.raises(UnsupportedInputError, match="non_blocking must be True, False or None"):
+        GraBSampler(n=4).watch(_mlp(), non_blocking="yes")
 
 
 def _hook_counts(model):

@@ -555,7 +555,7 @@ class GraBSampler(Sampler[int]):
         exclude: Sequence[str] = (),
         scaler: Optional[Any] = None,
         seed: Optional[int] = None,
-        non_blocking: bool = True,
+        non_blocking: Optional[bool] = None,
         all_ranks: bool = False,
     ) -> "WatchHandle":
         """Feed this sampler from an ordinary ``loss.backward()``: layer hooks sketch each example's gradient.
@@ -594,7 +594,11 @@ class GraBSampler(Sampler[int]):
             scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop: rows are unscaled, and a step
                 it skips for inf/NaN gives no rows (its examples count as unseen).
             seed: seeds the projections (default: the sampler's seed); a resumed run must use the same.
-            non_blocking: balance each step on a background thread (see :meth:`step`).
+            non_blocking: balance each step on a background thread (see :meth:`step`). None (the
+                default): when a core is free for it, that is when the rows come from a GPU or torch
+                runs on fewer threads than this process has cores. Training on the CPU with torch's
+                threads on every core (torch's default), a background step would compete with them and
+                cost more than it saves, so the rows are balanced on the training thread.
             all_ranks: every process runs an identical copy of this sampler (same arguments and seed)
                 and trains on its own share of the batches: batches r, r + W, r + 2W, ... of the
                 shared order on rank r, as accelerate's ``BatchSamplerShard`` and

@@ -11,6 +11,7 @@ gradient). Rows on a GPU travel to the host asynchronously; they are fed once th
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import Counter, deque
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -114,7 +115,7 @@ class WatchHandle:
         exclude: Iterable[str] = (),
         scaler: Optional[Any] = None,
         seed: Optional[int] = None,
-        non_blocking: bool = True,
+        non_blocking: Optional[bool] = None,
         all_ranks: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -145,7 +146,11 @@ class WatchHandle:
         self.loss_reduction = loss_reduction
         self.granularity = granularity
         self.scaler = scaler
-        self.non_blocking = bool(non_blocking)
+        if non_blocking is not None and not isinstance(non_blocking, bool):
+            raise UnsupportedInputError(f"non_blocking must be True, False or None, got {non_blocking!r}")
+        self.non_blocking = non_blocking
+        self._cores = _cores()
+        self._cpu_rows = True  # the last block shipped was formed on the CPU
         if not isinstance(all_ranks, bool):
             raise UnsupportedInputError(f"all_ranks must be True or False, got {all_ranks!r}")
         if all_ranks and (granularity != "example" or sampler.unit_size != 1):
@@ -621,7 +626,8 @@ class WatchHandle:
         assert self._block is not None and self._block_used == sum(sizes)
         rows = self._block[: self._block_used]
         self._block, self._block_used = None, 0
-        if rows.device.type == "cpu":
+        self._cpu_rows = rows.device.type == "cpu"
+        if self._cpu_rows:
             self._inflight.append((None, rows, sizes, finite))
             return
         host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=torch.cuda.is_available())
@@ -689,12 +695,29 @@ class WatchHandle:
         if self.granularity == "batch" and s.unit_size > 1:
             s.step(rows, per_unit=True)
         else:
-            s.step(rows, non_blocking=self.non_blocking)
+            s.step(rows, non_blocking=self._background())
+
+    def _background(self) -> bool:
+        """Whether to balance in the background: as asked, or (None) when a core is free for it. With
+        torch's threads on every core, a background step competes with them (their OpenMP threads wait
+        spinning between ops) and costs more than it saves (docs: Performance, the arms "watch
+        background" and "watch blocking" of benchmarks/watch_speed.py)."""
+        if self.non_blocking is not None:
+            return self.non_blocking
+        return not self._cpu_rows or torch.get_num_threads() < self._cores
 
     def _units_of(self, b: int) -> int:
         if self.granularity == "batch":
             return b * self.sampler.unit_size if self.sampler.unit_size > 1 else b
         return b
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _batch_of(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[int]:
