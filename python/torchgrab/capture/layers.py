@@ -17,8 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchgrab import _native
-from torchgrab.capture import projection
-from torchgrab.capture.projection import CountSketch, Factor, derived_seed
+from torchgrab.capture.projection import CountSketch, Factor, cpu_kernel_input, derived_seed
 from torchgrab.gradients import im2col
 
 _REGISTRY: Dict[Type[nn.Module], Type["LayerSketch"]] = {}
@@ -210,13 +209,12 @@ class LinearSketch(LayerSketch):
         # One Rust pass writes the weight block vec(g_b a_b^T) and the bias block g_b, scaled, into the
         # step's rows: on a CPU the outer-product tensor, its copy into the rows and their scaling were
         # three ops of a small model's step (src/sketch_rows.rs). 2-D float32 CPU inputs only.
-        if not projection._CPU_KERNELS or g.dim() != 2 or not g.is_cpu or g.dtype != torch.float32:
+        g = g.detach()
+        if g.dim() != 2 or not cpu_kernel_input(g):
             return None
-        if g.is_neg():  # a lazily negated view has no NumPy view
+        if self.train_w and (saved.dim() != 2 or not cpu_kernel_input(saved)):
             return None
-        if self.train_w and (saved.dim() != 2 or saved.dtype != torch.float32 or saved.is_neg()):
-            return None
-        gp = self.p_out(g.detach())
+        gp = self.p_out(g)
         a = saved if self.train_w else gp.new_empty(gp.shape[0], 0)
         return _native.outer_rows(gp.numpy(), a.numpy(), float(scale), self.train_b, accumulate, out)
 

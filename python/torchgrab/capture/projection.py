@@ -21,6 +21,12 @@ from torchgrab import _native
 _CPU_KERNELS = True
 
 
+def cpu_kernel_input(t: torch.Tensor) -> bool:
+    """Whether the Rust CPU kernels may read ``t`` in place: they are on, and ``t`` is a float32 CPU tensor
+    with a NumPy view (no autograd history to detach, no lazy negation)."""
+    return _CPU_KERNELS and t.is_cpu and t.dtype == torch.float32 and not t.requires_grad and not t.is_neg()
+
+
 def derived_seed(seed: int, *key: object) -> int:
     """A 63-bit seed for one projection, stable across processes and Python versions (no ``hash()``)."""
     text = "/".join([str(int(seed))] + [str(k) for k in key]).encode()
@@ -83,7 +89,7 @@ class Factor:
         if self.identity:
             return x
         if self.count:
-            if _CPU_KERNELS and x.is_cpu and x.dtype == torch.float32 and not x.requires_grad and not x.is_neg():
+            if cpu_kernel_input(x):
                 # One pass in Rust: torch's index_add_ along the last dimension dispatches one small add per
                 # input column, most of a small model's sketch cost (src/sketch_rows.rs).
                 if self._np_tables is None:

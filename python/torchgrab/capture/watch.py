@@ -524,7 +524,7 @@ class WatchHandle:
             self._run_deferred(step)
         if step.rows is not None:
             # Known finite when every block was written by a kernel that said so, and nothing divides them.
-            known = step.finite and not step.blocks and step.scale is None and len(step.written) == len(self._blocks)
+            known = step.finite and self._all_direct(step)
             self._ready.append((self._finish_direct(step), step.rows.shape[0], known))
         elif not step.blocks:
             if step.noted is not None:
@@ -563,13 +563,17 @@ class WatchHandle:
             mult *= float(step.factor)
         return mult
 
+    def _all_direct(self, step: _Step) -> bool:
+        """Every block of the step was written by a kernel, scaled already, with nothing to add or divide."""
+        return not step.blocks and step.scale is None and len(step.written) == len(self._blocks)
+
     def _finish_direct(self, step: _Step) -> torch.Tensor:
         """The rows of a step some of whose layers wrote into its slot directly (scaled already): the
         other layers' pieces are copied into their columns and scaled, blocks without any are zeroed."""
         rows = step.rows
         assert rows is not None
-        if not step.blocks and step.scale is None and len(step.written) == len(self._blocks):
-            return rows  # every block written directly, scaled already: a small model's every step
+        if self._all_direct(step):
+            return rows  # a small model's every step
         mult = self._multiplier(step, rows.shape[0])  # a tensor factor never writes directly
         for offset, width in self._blocks:
             have = step.blocks.get(offset)
