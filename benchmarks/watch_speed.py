@@ -46,7 +46,6 @@ import torchgrab  # noqa: E402
 import torchgrab.capture  # noqa: E402
 from end_to_end import LeNet, load_cifar10, load_mnist  # noqa: E402
 from torchgrab.capture import projection  # noqa: E402
-from torchgrab.capture.layers import sketch_class  # noqa: E402
 
 BATCH = 64
 loss_fn = nn.CrossEntropyLoss()
@@ -139,15 +138,17 @@ ARMS = ["rr", "watch", "watch torch ops", "watch exact", "backward(hooks)", EMPT
 def _empty_hooks(model):
     """The hooks watch() registers on a model (a forward pre-hook on it; a forward hook on each layer it
     sketches, which puts a hook on the layer's output), each doing nothing."""
+    handle = torchgrab.GraBSampler(n=1).watch(model)  # the layers watch() would hook, chosen by it
+    layers = list(handle._sketches)
+    handle.remove()
     model.register_forward_pre_hook(lambda m, args, kwargs: None, with_kwargs=True)
 
     def on_forward(m, args, out):
         if out.requires_grad:
             out.register_hook(lambda g: None)
 
-    for m in model.modules():
-        if sketch_class(m) is not None and any(p.requires_grad for p in m.parameters(False)):
-            m.register_forward_hook(on_forward)
+    for m in layers:
+        m.register_forward_hook(on_forward)
 
 
 # "watch budget=B" (B a fraction, or none): watch(budget=B), e.g. on LeNet, where the budget decides whether
