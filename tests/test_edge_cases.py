@@ -1,5 +1,6 @@
 """The training-loop edge cases of the README's "Behaviour in edge cases" section, one test each."""
 
+import itertools
 import tracemalloc
 
 import numpy as np
@@ -105,6 +106,27 @@ def test_n_equal_zero_is_a_clear_error(make):
         make()
 
 
+def test_indices_are_counted_across_chunks_and_a_stale_iterator_stops_mid_chunk():
+    # The epoch iterator hands out chunks of 8,192 indices at C speed; the sampler counts what was
+    # taken from the chunk in hand (pending, state_dict) and stops it when a newer epoch begins.
+    n = 20_000
+    s = GraBSampler(n=n, ordering="grab", seed=0)
+    it = iter(s)
+    first = list(itertools.islice(it, 8_192 + 5))
+    assert s.pending == 8_197 and it.state_dict()["yielded"] == 8_197
+    assert first == s._order[:8_197].tolist()
+    s.step(np.ones((8_197, 2), np.float32))
+    assert s.pending == 0
+    assert next(it) == s._order[8_197] and s.pending == 1
+    it2 = iter(s)
+    second = next(it2)  # a newer epoch begins: `it` is stale in the middle of its chunk
+    with pytest.raises(StopIteration):
+        next(it)
+    assert s.pending == 1 and second == s._order[0]
+    rest = list(it2)
+    assert sorted([second, *rest]) == list(range(n)) and s.pending == n
+
+
 def test_large_n_keeps_compact_memory_and_yields_at_once():
     n = 3_000_000
     s = GraBSampler(n=n, ordering="grab", seed=0)
@@ -115,7 +137,7 @@ def test_large_n_keeps_compact_memory_and_yields_at_once():
     tracemalloc.stop()
     # Python-side memory for the first indices is one chunk, not a list of n ints (which is >100 MB).
     assert peak < 2_000_000, peak
-    assert len(it._chunk) <= 1 << 13
+    assert s._chunk.n <= 1 << 13
     assert len(set(first)) == 10
     # Rust side: the u32 order and the u32 assembly buffer plus a bitmap, nothing per unit beyond that.
     assert s.state_bytes <= n * 4 * 2 + n // 8 + 64

@@ -7,6 +7,7 @@ how far it has been stepped, so DataLoader prefetching (``num_workers > 0``) nee
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Sized, Tuple
 
 import numpy as np
@@ -297,10 +298,27 @@ class GraBSampler(Sampler[int]):
         if getattr(self, "_units", None) is not None:
             self._units.reset()
         self._order = order
-        self._yielded = 0  # indices handed out this epoch
+        self._yielded = 0  # indices handed out this epoch (see the property)
         self._finished = False  # an iterator of this epoch has reached its end
         self._stepped = 0  # of those, how many have received their gradient
         self._generation = getattr(self, "_generation", 0)
+
+    @property
+    def _yielded(self) -> int:
+        """Indices handed out this epoch: those of the chunks before, and those taken of the chunk that
+        an iterator is handing out (its list iterator counts them; no Python runs per index)."""
+        chunk = self._chunk
+        return self._yielded_before + (chunk.taken() if chunk is not None else 0)
+
+    @_yielded.setter
+    def _yielded(self, value: int) -> None:
+        # The cursor moves (a new epoch, a loaded state, the next chunk): the chunk handed out until now
+        # stops, so a stale iterator yields nothing more (the next chunk's comes after its last index).
+        chunk = getattr(self, "_chunk", None)
+        if chunk is not None:
+            chunk.cut()
+        self._yielded_before = value
+        self._chunk: Optional[_Chunk] = None
 
     @property
     def _native(self) -> Any:
@@ -873,56 +891,78 @@ class GraBSampler(Sampler[int]):
         return f"GraBSampler(n={self.n}, ordering={self.ordering!r}, epoch={self._epoch})"
 
 
-class _EpochIterator:
+class _Chunk:
+    """The indices of one chunk being handed out: a list iterator, so that taking an index is C code (a
+    Python ``__next__`` cost about a tenth of a small model's training step, 64 calls a batch); its
+    length hint says how many have been taken."""
+
+    __slots__ = ("it", "n")
+
+    def __init__(self, indices: List[int]) -> None:
+        self.it = iter(indices)
+        self.n = len(indices)
+
+    def taken(self) -> int:
+        return self.n - self.it.__length_hint__()
+
+    def cut(self) -> None:
+        """Hand out nothing more (a newer epoch began, or a state was loaded)."""
+        self.it.__setstate__(self.n)
+
+
+class _IterState:
+    __slots__ = ("sampler", "generation", "continue_saved")
+
+    def __init__(self, sampler: GraBSampler) -> None:
+        self.sampler = sampler
+        self.generation: Optional[int] = None  # set when the epoch begins
+        self.continue_saved = False  # load_state_dict placed it inside the saved epoch
+
+
+def _chunks(st: _IterState) -> Iterator[Iterator[int]]:
+    """The chunks of an epoch's indices, each a list iterator; the first ``next`` begins the epoch.
+    Runs between chunks only: the sampler's ``_yielded`` counts the indices taken within one."""
+    s = st.sampler
+    s._drain_watchers()  # the last step of the previous epoch belongs to that epoch
+    with s._lock:
+        st.generation = s._start(st.continue_saved)
+    while True:
+        with s._lock:
+            order, at = s._order, s._yielded  # the previous chunk is all taken
+            if st.generation != s._generation or order is None or at >= len(order):
+                if st.generation == s._generation and order is not None:
+                    s._finished = True
+                return
+            # Python ints in chunks: never a list of n ints, and no stall before the first index.
+            chunk = _Chunk(order[at : at + _YIELD_CHUNK].tolist())
+            s._yielded = at
+            s._chunk = chunk
+        yield chunk.it
+
+
+class _EpochIterator(itertools.chain):
     """One pass over a :class:`GraBSampler`'s epoch. It begins the epoch lazily (first ``next``), stops
     when a newer epoch begins or a state is loaded (it is then stale), and is itself stateful: its
     ``state_dict`` records how far its consumer has taken indices, which torchdata's
     ``StatefulDataLoader`` (through its ``BatchSampler``) saves next to the sampler's own state.
+
+    An ``itertools.chain`` over the epoch's chunks, so that ``next`` runs no Python code within a chunk.
     """
 
-    def __init__(self, sampler: GraBSampler) -> None:
-        self._sampler = sampler
-        self._generation: Optional[int] = None  # set when the epoch begins
-        self._chunk: List[int] = []
-        self._pos = 0
-        self._continue_saved = False  # load_state_dict placed it inside the saved epoch
+    _st: _IterState
 
-    def __iter__(self) -> "_EpochIterator":
+    def __new__(cls, sampler: GraBSampler) -> "_EpochIterator":
+        st = _IterState(sampler)
+        self = super().from_iterable(_chunks(st))
+        self._st = st
         return self
-
-    def __next__(self) -> int:
-        s = self._sampler
-        if self._pos < len(self._chunk) and self._generation == s._generation:
-            i = self._chunk[self._pos]
-            self._pos += 1
-            s._yielded += 1
-            return i
-        return self._next_chunk()
-
-    def _next_chunk(self) -> int:
-        s = self._sampler
-        if self._generation is None:
-            s._drain_watchers()  # the last step of the previous epoch belongs to that epoch
-        with s._lock:
-            if self._generation is None:
-                self._generation = s._start(self._continue_saved)
-            order = s._order
-            if self._generation != s._generation or order is None or s._yielded >= len(order):
-                if self._generation == s._generation and order is not None:
-                    s._finished = True
-                self._chunk = []
-                raise StopIteration
-            # Python ints in chunks: never a list of n ints, and no stall before the first index.
-            self._chunk = order[s._yielded : s._yielded + _YIELD_CHUNK].tolist()
-            self._pos = 1
-            s._yielded += 1
-            return self._chunk[0]
 
     def state_dict(self) -> Dict[str, Any]:
         """How far this iterator's consumer has taken indices in its epoch (-1: not begun)."""
-        s = self._sampler
+        st = self._st
+        s = st.sampler
         with s._lock:
-            live = self._generation is not None and self._generation == s._generation
+            live = st.generation is not None and st.generation == s._generation
             return {
                 "epochs_begun": s._native.epochs_begun if live else -1,
                 "yielded": s._yielded if live else 0,
@@ -931,12 +971,13 @@ class _EpochIterator:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Called by a stateful loader after ``sampler.load_state_dict``, before the first ``next``: the
         consumer already holds the epoch's first ``yielded`` indices, so they are not handed out again."""
-        s = self._sampler
+        st = self._st
+        s = st.sampler
         try:
             begun, yielded = int(state["epochs_begun"]), int(state["yielded"])
         except (KeyError, TypeError, ValueError) as e:
             raise StateDictError(f"malformed sampler-iterator state {state!r}: {e}") from None
-        if self._generation is not None:
+        if st.generation is not None:
             raise CallOrderError("load_state_dict() on a sampler iterator that has already begun")
         with s._lock:
             if begun < 0 and s._kept_over_loader:
@@ -945,7 +986,7 @@ class _EpochIterator:
                 # they are stepped already.
                 s._replay_from = 0
                 s._resume = True
-                self._continue_saved = True
+                st.continue_saved = True
                 return
             if s._kept_over_loader == "before":
                 raise StateDictError(
@@ -961,7 +1002,7 @@ class _EpochIterator:
                 # (snapshot_every_n_steps > 1): hand those indices out again; they are stepped already.
                 s._replay_from = yielded
                 s._resume = True
-                self._continue_saved = True
+                st.continue_saved = True
                 return
             if not (s._stepped <= yielded <= len(s._order)):
                 raise StateDictError(
@@ -973,4 +1014,4 @@ class _EpochIterator:
             # iterator continues the saved epoch after them, even if nothing is left of it.
             s._yielded = s._stepped = yielded
             s._resume = yielded < len(s._order) or not s._finished
-            self._continue_saved = True
+            st.continue_saved = True
