@@ -96,7 +96,9 @@ class Arm:
         if self.sampler is None:
             order = torch.randperm(len(self.x), generator=self.gen)
         else:
-            order = torch.as_tensor(list(iter(self.sampler)))
+            # The epoch's order as one tensor, as the RR arm gets it (np.fromiter: building a list of
+            # Python ints for torch.as_tensor took several times as long as iterating the sampler).
+            order = torch.from_numpy(np.fromiter(iter(self.sampler), dtype=np.int64, count=len(self.x)))
         for k in range(0, len(order), BATCH):
             idx = order[k : k + BATCH]
             yield self.x[idx], self.y[idx]
