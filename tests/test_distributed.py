@@ -7,6 +7,7 @@ CD-GraB written below from GRAB.md's definition.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import socket
@@ -853,3 +854,23 @@ def test_the_example_runs_as_one_rank(tmp_path, monkeypatch):
         method, epoch, loss, acc = row.split(",")
         curves.setdefault(method, []).append((loss, acc))
     assert curves["cd-grab exact"] == curves["cd-grab pipelined"] == curves["cd-grab efficient"]
+
+
+def test_yielded_indices_are_counted_across_chunks_and_a_stale_iterator_stops_mid_chunk():
+    # Indices go out in chunks of 8,192 at C speed (torchgrab._cursor); step() checks its rows against
+    # the count of those taken, and a newer __iter__ stops the old iterator inside its chunk.
+    n = 20_000
+    s = DistributedGraBSampler(range(n), num_replicas=1, rank=0, ordering="rr", seed=0)
+    it = iter(s)
+    first = list(itertools.islice(it, 8_192 + 5))
+    assert len(set(first)) == 8_197
+    s.step(np.zeros((8_197, 1), np.float32))
+    with pytest.raises(torchgrab.ShapeError, match="only 0 yielded indices"):
+        s.step(np.zeros((1, 1), np.float32))
+    next(it)
+    s.step(np.zeros((1, 1), np.float32))
+    s.set_epoch(1)
+    it2 = iter(s)
+    with pytest.raises(StopIteration):
+        next(it)
+    assert sorted(it2) == list(range(n))

@@ -137,7 +137,7 @@ def test_large_n_keeps_compact_memory_and_yields_at_once():
     tracemalloc.stop()
     # Python-side memory for the first indices is one chunk, not a list of n ints (which is >100 MB).
     assert peak < 2_000_000, peak
-    assert s._chunk.n <= 1 << 13
+    assert s._cursor.chunk_size <= 1 << 13
     assert len(set(first)) == 10
     # Rust side: the u32 order and the u32 assembly buffer plus a bitmap, nothing per unit beyond that.
     assert s.state_bytes <= n * 4 * 2 + n // 8 + 64

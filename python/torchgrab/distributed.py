@@ -38,6 +38,7 @@ repeats the pair mode's first epoch (rank 0's permutation, broadcast) every epoc
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import threading
 import warnings
@@ -49,6 +50,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from torchgrab import _native
+from torchgrab._cursor import YieldCursor
 from torchgrab._segments import as_segments
 from torchgrab.errors import (
     CallOrderError,
@@ -208,7 +210,7 @@ class DistributedGraBSampler(Sampler[int]):
         self._order_epoch = 0
         self._warned_same_epoch = False
         self._order: Optional[np.ndarray] = None
-        self._yielded = 0
+        self._cursor = YieldCursor()  # indices handed out this epoch: _yielded
         self._generation = 0
         # Set by load_state_dict: where the next __iter__ continues the saved epoch (None: begin a new one).
         self._resume_at: Optional[int] = None
@@ -270,6 +272,14 @@ class DistributedGraBSampler(Sampler[int]):
                 self._resume_at = cursor if int(epoch) == saved_epoch else None
             self.epoch = int(epoch)
 
+    @property
+    def _yielded(self) -> int:
+        return self._cursor.value
+
+    @_yielded.setter
+    def _yielded(self, value: int) -> None:
+        self._cursor.set(value)  # an iterator of the epoch before stops
+
     def __iter__(self) -> Iterator[int]:
         with self._lock:
             start = 0
@@ -294,12 +304,15 @@ class DistributedGraBSampler(Sampler[int]):
     def _yield_from(self, generation: int, start: int = 0) -> Iterator[int]:
         order = self._order
         assert order is not None
-        for lo in range(start, len(order), _YIELD_CHUNK):
-            for i in order[lo : lo + _YIELD_CHUNK].tolist():
+
+        def chunks() -> Iterator[Iterator[int]]:
+            for lo in range(start, len(order), _YIELD_CHUNK):
                 if generation != self._generation:
-                    return
-                self._yielded += 1
-                yield i
+                    return  # a newer __iter__ or a load moved the cursor (and cut the chunk in hand)
+                yield self._cursor.hand_out(order[lo : lo + _YIELD_CHUNK].tolist())
+
+        # No Python code per index (torchgrab._cursor).
+        return itertools.chain.from_iterable(chunks())
 
     def _begin_baseline_epoch(self) -> None:
         if self.ordering == "rr" and self._begun and self._order_epoch == self.epoch and not self._warned_same_epoch:

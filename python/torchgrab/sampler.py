@@ -16,6 +16,7 @@ from torch.utils.data import Sampler
 
 from torchgrab import _native
 from torchgrab._background import StepLock
+from torchgrab._cursor import YieldCursor
 from torchgrab._segments import as_segments, gradient_items
 from torchgrab._units import UnitMap
 from torchgrab.capture.watch import DEFAULT_BUDGET, DEFAULT_SKETCH
@@ -305,20 +306,16 @@ class GraBSampler(Sampler[int]):
 
     @property
     def _yielded(self) -> int:
-        """Indices handed out this epoch: those of the chunks before, and those taken of the chunk that
-        an iterator is handing out (its list iterator counts them; no Python runs per index)."""
-        chunk = self._chunk
-        return self._yielded_before + (chunk.taken() if chunk is not None else 0)
+        """Indices handed out this epoch (``_cursor``: most of them by a list iterator, uncounted until
+        read)."""
+        return self._cursor.value
 
     @_yielded.setter
     def _yielded(self, value: int) -> None:
-        # The cursor moves (a new epoch, a loaded state, the next chunk): the chunk handed out until now
-        # stops, so a stale iterator yields nothing more (the next chunk's comes after its last index).
-        chunk = getattr(self, "_chunk", None)
-        if chunk is not None:
-            chunk.cut()
-        self._yielded_before = value
-        self._chunk: Optional[_Chunk] = None
+        # Setting it moves the cursor: an iterator handing out the old epoch stops (a stale iterator).
+        if not hasattr(self, "_cursor"):
+            self._cursor = YieldCursor()
+        self._cursor.set(value)
 
     @property
     def _native(self) -> Any:
@@ -891,25 +888,6 @@ class GraBSampler(Sampler[int]):
         return f"GraBSampler(n={self.n}, ordering={self.ordering!r}, epoch={self._epoch})"
 
 
-class _Chunk:
-    """The indices of one chunk being handed out: a list iterator, so that taking an index is C code (a
-    Python ``__next__`` cost about a tenth of a small model's training step, 64 calls a batch); its
-    length hint says how many have been taken."""
-
-    __slots__ = ("it", "n")
-
-    def __init__(self, indices: List[int]) -> None:
-        self.it = iter(indices)
-        self.n = len(indices)
-
-    def taken(self) -> int:
-        return self.n - self.it.__length_hint__()
-
-    def cut(self) -> None:
-        """Hand out nothing more (a newer epoch began, or a state was loaded)."""
-        self.it.__setstate__(self.n)
-
-
 class _IterState:
     __slots__ = ("sampler", "generation", "continue_saved")
 
@@ -928,16 +906,14 @@ def _chunks(st: _IterState) -> Iterator[Iterator[int]]:
         st.generation = s._start(st.continue_saved)
     while True:
         with s._lock:
-            order, at = s._order, s._yielded  # the previous chunk is all taken
+            order, at = s._order, s._yielded  # the chunk before is all taken
             if st.generation != s._generation or order is None or at >= len(order):
                 if st.generation == s._generation and order is not None:
                     s._finished = True
                 return
             # Python ints in chunks: never a list of n ints, and no stall before the first index.
-            chunk = _Chunk(order[at : at + _YIELD_CHUNK].tolist())
-            s._yielded = at
-            s._chunk = chunk
-        yield chunk.it
+            chunk = s._cursor.hand_out(order[at : at + _YIELD_CHUNK].tolist())
+        yield chunk
 
 
 class _EpochIterator(itertools.chain):
