@@ -169,44 +169,47 @@ def test_projection_choice_runs(tmp_path):
 def test_pca_rows_keep_the_inner_products_of_gradients_in_the_top_subspaces():
     """pca_rows projects each Linear block onto the top eigenvectors of the layer's second moments: a block
     equals projecting by hand, and per-example gradients that lie in those subspaces keep every inner
-    product (the projection only rotates them)."""
-    import torch
-    from torch import nn
+    product (the projection only rotates them). In a subprocess: the benchmarks import their own
+    `_common`, which another test's `_common` (examples/) would shadow here."""
+    run(["-c", PCA_CHECK])
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import projection_choice as pc
-    from torchgrab import GraBSampler
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 5))
-    b = 6
-    handle = GraBSampler(n=b).watch(model, sketch=4, budget=None)  # both sides of both layers sketched
-    sides = {m: (handle._sketches[m].p_in.k, handle._sketches[m].p_out.k) for m in model if isinstance(m, nn.Linear)}
-    assert all(not handle._sketches[m].p_in.identity and not handle._sketches[m].p_out.identity for m in sides)
-    # Second moments with decreasing eigenvalues on the coordinate axes: the top k eigenvectors are the
-    # first k axes (up to sign).
-    sums = {
-        m: [
-            torch.diag(torch.arange(m.in_features, 0, -1).double()),
-            torch.diag(torch.arange(m.out_features, 0, -1).double()),
-        ]
-        for m in sides
-    }
-    grads = {}
-    for i, m in enumerate(model):
-        if isinstance(m, nn.Linear):
-            k_in, k_out = sides[m]
-            w = torch.zeros(b, m.out_features, m.in_features)
-            w[:, :k_out, :k_in] = torch.randn(b, k_out, k_in)
-            bias = torch.zeros(b, m.out_features)
-            bias[:, :k_out] = torch.randn(b, k_out)
-            grads[f"{i}.weight"], grads[f"{i}.bias"] = w, bias
-    rows = pc.pca_rows(model, handle, sums, grads)
-    assert rows.shape == (b, handle.width)
-    exact = torch.cat([g.reshape(b, -1) for g in grads.values()], 1)
-    assert torch.allclose(rows @ rows.T, exact @ exact.T, atol=1e-4)
-    first = model[0]
-    u_out = pc.top_eigenvectors(sums[first][1], sides[first][1])
-    u_in = pc.top_eigenvectors(sums[first][0], sides[first][0])
-    by_hand = torch.einsum("bon,ok,nj->bkj", grads["0.weight"], u_out, u_in).reshape(b, -1)
-    assert torch.allclose(rows[:, : by_hand.shape[1]], by_hand, atol=1e-6)
+PCA_CHECK = """
+import sys
+sys.path.insert(0, "benchmarks")
+import torch
+from torch import nn
+import projection_choice as pc
+from torchgrab import GraBSampler
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 5))
+b = 6
+handle = GraBSampler(n=b).watch(model, sketch=4, budget=None)  # both sides of both layers sketched
+linear = [m for m in model if isinstance(m, nn.Linear)]
+sides = {m: (handle._sketches[m].p_in.k, handle._sketches[m].p_out.k) for m in linear}
+assert all(not handle._sketches[m].p_in.identity and not handle._sketches[m].p_out.identity for m in linear)
+# Second moments with decreasing eigenvalues on the coordinate axes: the top k eigenvectors are the
+# first k axes (up to sign).
+diag = lambda n: torch.diag(torch.arange(n, 0, -1).double())
+sums = {m: [diag(m.in_features), diag(m.out_features)] for m in linear}
+grads = {}
+for i, m in enumerate(model):
+    if isinstance(m, nn.Linear):
+        k_in, k_out = sides[m]
+        w = torch.zeros(b, m.out_features, m.in_features)
+        w[:, :k_out, :k_in] = torch.randn(b, k_out, k_in)
+        bias = torch.zeros(b, m.out_features)
+        bias[:, :k_out] = torch.randn(b, k_out)
+        grads[f"{i}.weight"], grads[f"{i}.bias"] = w, bias
+rows = pc.pca_rows(model, handle, sums, grads)
+assert rows.shape == (b, handle.width)
+exact = torch.cat([g.reshape(b, -1) for g in grads.values()], 1)
+assert torch.allclose(rows @ rows.T, exact @ exact.T, atol=1e-4)
+first = model[0]
+u_out = pc.top_eigenvectors(sums[first][1], sides[first][1])
+u_in = pc.top_eigenvectors(sums[first][0], sides[first][0])
+by_hand = torch.einsum("bon,ok,nj->bkj", grads["0.weight"], u_out, u_in).reshape(b, -1)
+assert torch.allclose(rows[:, : by_hand.shape[1]], by_hand, atol=1e-6)
+print("ok")
+"""
