@@ -127,6 +127,23 @@ def test_indices_are_counted_across_chunks_and_a_stale_iterator_stops_mid_chunk(
     assert sorted([second, *rest]) == list(range(n)) and s.pending == n
 
 
+def test_an_error_between_chunks_is_raised_by_next_and_the_next_next_continues():
+    # A background step the kernel refused raises at the sampler's next call. When that call is the
+    # iterator taking its next chunk, next() raises it, and the iterator goes on at the next next().
+    n = 20_000
+    s = GraBSampler(n=n, ordering="grab", seed=0)
+    it = iter(s)
+    head = list(itertools.islice(it, 8_192))  # the whole first chunk
+    s.step(np.ones((8_128, 1 << 10), np.float32))
+    bad = np.full((64, 1 << 10), np.nan, np.float32)  # 2^16 elements: balanced in the background
+    s.step(bad, non_blocking=True)  # the chunk's last 64 indices: refused in the background
+    with pytest.raises(torchgrab.NonFiniteGradientError):
+        next(it)
+    assert s.pending == 64  # the refused step changed nothing
+    rest = list(itertools.islice(it, 3))
+    assert head + rest == s._order[: 8_192 + 3].tolist() and s.pending == 67
+
+
 def test_large_n_keeps_compact_memory_and_yields_at_once():
     n = 3_000_000
     s = GraBSampler(n=n, ordering="grab", seed=0)

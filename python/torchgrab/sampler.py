@@ -899,21 +899,41 @@ class _IterState:
 
 def _chunks(st: _IterState) -> Iterator[Iterator[int]]:
     """The chunks of an epoch's indices, each a list iterator; the first ``next`` begins the epoch.
-    Runs between chunks only: the sampler's ``_yielded`` counts the indices taken within one."""
-    s = st.sampler
-    s._drain_watchers()  # the last step of the previous epoch belongs to that epoch
-    with s._lock:
-        st.generation = s._start(st.continue_saved)
+    Runs between chunks only: the sampler's ``_yielded`` counts the indices taken within one. An error
+    (a background step the kernel refused, raised when the lock is taken) is raised by that ``next``,
+    and the next one tries again, as a sampler call after a refused input does: a chain whose source
+    raised would have ended the epoch instead."""
     while True:
-        with s._lock:
-            order, at = s._order, s._yielded  # the chunk before is all taken
-            if st.generation != s._generation or order is None or at >= len(order):
-                if st.generation == s._generation and order is not None:
-                    s._finished = True
-                return
-            # Python ints in chunks: never a list of n ints, and no stall before the first index.
-            chunk = s._cursor.hand_out(order[at : at + _YIELD_CHUNK].tolist())
+        try:
+            chunk = _next_chunk(st)
+        except BaseException as error:
+            yield _raising(error)
+            continue
+        if chunk is None:
+            return
         yield chunk
+
+
+def _next_chunk(st: _IterState) -> Optional[Iterator[int]]:
+    s = st.sampler
+    if st.generation is None:
+        s._drain_watchers()  # the last step of the previous epoch belongs to that epoch
+        with s._lock:
+            st.generation = s._start(st.continue_saved)
+    with s._lock:
+        order, at = s._order, s._yielded  # the chunk before is all taken
+        if st.generation != s._generation or order is None or at >= len(order):
+            if st.generation == s._generation and order is not None:
+                s._finished = True
+            return None
+        # Python ints in chunks: never a list of n ints, and no stall before the first index.
+        return s._cursor.hand_out(order[at : at + _YIELD_CHUNK].tolist())
+
+
+def _raising(error: BaseException) -> Iterator[int]:
+    """An iterator that raises ``error`` at its first ``next`` and is then exhausted."""
+    raise error
+    yield 0  # pragma: no cover (makes this a generator)
 
 
 class _EpochIterator(itertools.chain):
