@@ -11,7 +11,10 @@ median and quartiles over rounds. Also `watch()` with its Rust CPU kernels for L
 per-example rows from the same hooks), the earlier `sampler.backward(method="hooks", non_blocking=True)`
 path, `watch(non_blocking=True)` and `watch(non_blocking=False)` ("watch background", "watch blocking": by
 default watch() balances in the background only when a core is free for it), "rr + empty hooks" (RR with the hooks `watch()` registers, doing nothing: the floor of any capture
-from module and tensor hooks, since a small model's step is short enough to notice their dispatch) and,
+from module and tensor hooks, since a small model's step is short enough to notice their dispatch), "rr via
+sampler" (RR drawn by `GraBSampler(ordering="rr")` instead of `randperm`: what iterating the sampler costs),
+"watch no balancing" (`watch()` forming its rows as always, their examples then skipped instead of balanced:
+the capture alone) and,
 on request, `watch(budget=B)` ("watch budget=B": on LeNet the budget decides whether the
 convolutions' weights are sketched; the K and the weights left out of each are printed). MNIST logistic
 regression on all 60,000 images and LeNet-5 on a seeded CIFAR-10 subset, batch 64, SGD, data in memory
@@ -73,6 +76,8 @@ class Arm:
         self.sampler = None
         if kind == EMPTY_HOOKS:
             _empty_hooks(self.model)
+        elif kind == RR_SAMPLER:
+            self.sampler = torchgrab.GraBSampler(n=len(x), ordering="rr", seed=seed)
         elif kind != "rr":
             self.sampler = torchgrab.GraBSampler(n=len(x), ordering="grab", seed=seed)
             if kind.startswith("watch"):
@@ -81,6 +86,11 @@ class Arm:
                 if kind in NON_BLOCKING:
                     extra["non_blocking"] = NON_BLOCKING[kind]
                 self.handle = self.sampler.watch(self.model, sketch=sketch, **extra)
+                if kind == NO_BALANCING:
+                    # The rows are formed as always and handed to no kernel: their examples are skipped
+                    # (unseen), which keeps the sampler's cursor where balancing would have put it.
+                    handle, sampler = self.handle, self.sampler
+                    handle._feed_rows = lambda rows: sampler.skip(len(rows))
         self.seconds = 0.0
         if loader:
             ds = torch.utils.data.TensorDataset(x, y)
@@ -132,9 +142,14 @@ def _chunks(x, y, n=4096):
 
 
 EMPTY_HOOKS = "rr + empty hooks"
+# The breakdown: RR through GraBSampler(ordering="rr") instead of randperm (what iterating the sampler
+# costs), and watch() whose rows are formed but not balanced (what the capture alone costs).
+RR_SAMPLER = "rr via sampler"
+NO_BALANCING = "watch no balancing"
 # watch() balances in the background only when a core is free for it (non_blocking=None); these force it.
 NON_BLOCKING = {"watch background": True, "watch blocking": False}
 ARMS = ["rr", "watch", "watch torch ops", "watch exact", "backward(hooks)", EMPTY_HOOKS, *NON_BLOCKING]
+ARMS += [RR_SAMPLER, NO_BALANCING]
 
 
 def _empty_hooks(model):
@@ -180,6 +195,8 @@ NAMES = {
     "watch background": "grab, non_blocking=True",
     "watch blocking": "grab, non_blocking=False",
     EMPTY_HOOKS: EMPTY_HOOKS,
+    RR_SAMPLER: RR_SAMPLER,
+    NO_BALANCING: "grab, watch(), no balancing",
 }
 
 

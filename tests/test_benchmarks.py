@@ -128,8 +128,9 @@ def test_first_epoch_runs(tmp_path):
 def test_watch_speed_runs(tmp_path):
     """benchmarks/watch_speed.py --quick, part "cost": LeNet-5 epochs of RR against watch() with and without
     its CPU kernels, with two budgets (which decide whether the convolutions' weights are left out) and RR
-    with empty hooks; part "kernels": the Rust kernels against the torch ops, per call."""
-    arms = "watch,watch torch ops,watch budget=0.25,watch budget=1.0,rr + empty hooks"
+    with empty hooks, RR through the sampler and watch() without balancing; part "kernels": the Rust kernels
+    against the torch ops, per call."""
+    arms = "watch,watch torch ops,watch budget=0.25,watch budget=1.0,rr + empty hooks,rr via sampler,watch no balancing"
     stdout = run(
         ["benchmarks/watch_speed.py", "--data", str(DATA), "--quick", "--part", "cost", "--tasks", "lenet"]
         + ["--arms", arms, "--out", str(tmp_path)]
@@ -140,6 +141,8 @@ def test_watch_speed_runs(tmp_path):
         "grab, watch budget=0.25",
         "grab, watch budget=1.0",
         "rr + empty hooks",
+        "rr via sampler",
+        "grab, watch(), no balancing",
     ):
         assert f"\n{name} " in stdout
     assert "watch budget=0.25: K = 2984, weights left out: features.0, features.3" in stdout
