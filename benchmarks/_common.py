@@ -3,6 +3,7 @@ and the shims that let the reference `grab-sampler` 0.1.3 import and construct u
 
 from __future__ import annotations
 
+import csv
 import os
 import platform
 import shlex
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 import types
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
@@ -139,6 +140,22 @@ class Out:
     def line(self, s: str = "") -> None:
         print(s, flush=True)
         self.lines.append(s)
+
+    def save(self, path: str) -> None:
+        """The lines printed so far, as a .txt result file."""
+        with open(path, "w") as f:
+            f.write("\n".join(self.lines) + "\n")
+
+
+def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
+    """Rows as CSV; the columns are every key of any row, in order of first appearance."""
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def provenance() -> List[str]:

@@ -214,8 +214,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             out.line(f"| {name} | {when} | " + " | ".join(f"{x:.3f}" for x in score) + f" | D={best} |")
     out.line("(D=0 is exactly grab for recursive and exactly pair for recursive-pair.)")
 
-    with open(os.path.join(args.out, "depth.txt"), "w") as f:
-        f.write("\n".join(out.lines) + "\n")
+    out.save(os.path.join(args.out, "depth.txt"))
     print(f"# table: {os.path.join(args.out, 'depth.txt')}")
     plt = None if args.quick else _common.pyplot()
     if plt is not None:

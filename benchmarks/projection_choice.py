@@ -26,7 +26,6 @@ on the true gradients, herding_discrepancy(G, order).l2, against random orders; 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -39,7 +38,6 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-import torchgrab  # noqa: E402
 import watch_quality as WQ  # noqa: E402
 from torchgrab import GraBSampler  # noqa: E402
 
@@ -118,38 +116,23 @@ def run(task: WQ.Task, args, out: _common.Out, csv_rows: List[Dict]) -> None:
     sums = second_moments(task, arm)
     t_moments = time.perf_counter() - t0
     model = arm.model
-    fixed_loss = task.full_loss(model)
-    sub = np.sort(np.random.default_rng(0).choice(len(task.x), size=n_sub, replace=False))
-    t0 = time.perf_counter()
-    G = WQ.per_example_gradients(model, task.x[sub], task.y[sub], chunk=256)
-    t_grad = time.perf_counter() - t0
+    fixed_loss, G, t_grad = WQ.true_gradients(task, model, n_sub)
     n, d = G.shape
     rows: Dict[str, np.ndarray] = {"exact": G}
     widths: Dict[str, int] = {"exact": d}
     for k in args.ks:
         h = GraBSampler(n=n, ordering="grab", seed=0).watch(model, sketch=k)
-        for arm_kind in ("random", "pca"):
-            parts = []
-            for i in range(0, n, 512):
-                grads = WQ.split(model, torch.from_numpy(G[i : i + 512]).float())
-                with torch.no_grad():
-                    r = h.project(grads) if arm_kind == "random" else pca_rows(model, h, sums, grads)
-                parts.append(r.numpy())
-            rows[f"{arm_kind} k{k}"] = np.concatenate(parts)
-            widths[f"{arm_kind} k{k}"] = rows[f"{arm_kind} k{k}"].shape[1]
+        rows[f"random k{k}"] = WQ.project_all(model, G, h.project)
+        rows[f"pca k{k}"] = WQ.project_all(model, G, lambda grads: pca_rows(model, h, sums, grads))
+        for kind in ("random", "pca"):
+            widths[f"{kind} k{k}"] = rows[f"{kind} k{k}"].shape[1]
         layout = ", ".join(f"{name} {kind} {cols}" for name, kind, cols in h.layers)
         h.remove()
         out.line(f"# k = {k}: K = {widths[f'random k{k}']} ({layout})")
-    arms = list(rows)
-    disc: Dict[str, List[float]] = {}
-    for a in tqdm(arms, desc=f"{task.name} balance", file=sys.stderr):
-        src = rows[a]
-        orders = WQ.balance(lambda idx: src[idx], n, task.batch, args.disc_epochs, seed=0)
-        disc[a] = [torchgrab.herding_discrepancy(G, o).l2 for o in orders]
-    rand = [
-        torchgrab.herding_discrepancy(G, np.random.default_rng(1000 + r).permutation(n)).l2
-        for r in range(args.random_orders)
-    ]
+    with tqdm(total=len(rows) + args.random_orders, desc=f"{task.name} balance", file=sys.stderr) as bar:
+        disc, rand = WQ.score_orders(
+            G, rows, task.batch, args.disc_epochs, args.random_orders, tick=lambda: bar.update(1)
+        )
     rnd = float(np.mean(rand))
     out.line(f"\n## {task.title}")
     out.line(
@@ -162,27 +145,21 @@ def run(task: WQ.Task, args, out: _common.Out, csv_rows: List[Dict]) -> None:
         f"random orders: mean l2 discrepancy {rnd:.4f} over {args.random_orders} (min {min(rand):.4f}, max "
         f"{max(rand):.4f}); ratio = arm / random; kept = (random - arm) / (random - exact)"
     )
-    hdr = " ".join(f"{'after ' + str(j + 1):>8} {'ratio':>6} {'kept':>6}" for j in range(args.disc_epochs))
-    out.line(f"{'rows':<11} {'K':>7} {hdr}")
-    for a in arms:
-        cells = []
-        for j, v in enumerate(disc[a]):
-            kept = (rnd - v) / (rnd - disc["exact"][j])
-            cells.append(f"{v:>8.4f} {v / rnd:>6.3f} {kept:>6.3f}")
-            csv_rows.append(
-                dict(
-                    task=task.name,
-                    arm=a,
-                    K=widths[a],
-                    n=n,
-                    epoch=j + 1,
-                    discrepancy_l2=f"{v:.6f}",
-                    random_l2=f"{rnd:.6f}",
-                    ratio_to_random=f"{v / rnd:.4f}",
-                    kept=f"{kept:.4f}",
-                )
-            )
-        out.line(f"{a:<11} {widths[a]:>7,} " + " ".join(cells))
+
+    def csv_row(a, epoch, v, kept):
+        return dict(
+            task=task.name,
+            arm=a,
+            K=widths[a],
+            n=n,
+            epoch=epoch,
+            discrepancy_l2=f"{v:.6f}",
+            random_l2=f"{rnd:.6f}",
+            ratio_to_random=f"{v / rnd:.4f}",
+            kept=f"{kept:.4f}",
+        )
+
+    csv_rows += WQ.disc_table(out, disc, rnd, widths, "<11", csv_row)
     out.line("('after j': the order built after j epoch(s) of balancing, used in epoch j + 1)")
 
 
@@ -227,12 +204,8 @@ def main(argv=None) -> None:
             ap.error(f"unknown task {name!r}")
         run(task, args, out, csv_rows)
     out.line(f"\n# load average now {_common.load_average()}")
-    with open(os.path.join(args.out, "projection_choice.txt"), "w") as f:
-        f.write("\n".join(out.lines) + "\n")
-    with open(os.path.join(args.out, "projection_choice.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
-        w.writeheader()
-        w.writerows(csv_rows)
+    out.save(os.path.join(args.out, "projection_choice.txt"))
+    _common.write_csv(os.path.join(args.out, "projection_choice.csv"), csv_rows)
 
 
 if __name__ == "__main__":

@@ -220,7 +220,7 @@ def main(argv=None):
         for r in rows:
             out.line("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".txt").write_text("\n".join(out.lines) + "\n")
+    out.save(args.out + ".txt")
     print(f"wrote {args.out}.txt")
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import math
 import os
@@ -377,12 +376,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         out.line(f"  -> {a} (K = {widths[a]:,}): {verdicts[a]}")
     out.line(f"\n# total {time.perf_counter() - t_start:.0f} s, load average now {_common.load_average()}")
 
-    with open(os.path.join(args.out, "watch_batchnorm.txt"), "w") as f:
-        f.write("\n".join(out.lines) + "\n")
-    with open(os.path.join(args.out, "watch_batchnorm.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    out.save(os.path.join(args.out, "watch_batchnorm.txt"))
+    _common.write_csv(os.path.join(args.out, "watch_batchnorm.csv"), rows)
     plot(args.out, arms, loss, secs, acc, title)
     print(f"# wrote {args.out}/watch_batchnorm.txt, .csv and .png")
 

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -267,41 +267,82 @@ def balance(rows: Callable[[np.ndarray], np.ndarray], n: int, batch: int, epochs
     return orders
 
 
+def project_all(
+    model: nn.Module, G: np.ndarray, project: Callable[[Dict[str, torch.Tensor]], torch.Tensor]
+) -> np.ndarray:
+    """[n, K]: `project` ({parameter name: [b, *shape]} -> [b, K]) of the rows of G, 512 at a time."""
+    with torch.no_grad():
+        parts = [project(split(model, torch.from_numpy(G[i : i + 512]).float())).numpy() for i in range(0, len(G), 512)]
+    return np.concatenate(parts)
+
+
+def true_gradients(task: Task, model: nn.Module, n_sub: int) -> Tuple[float, np.ndarray, float]:
+    """At the model's weights: the full training loss, the true per-example gradients of a seeded subset of
+    n_sub training examples (the same subset for every script that scores orders on them), and the
+    seconds they took."""
+    fixed_loss = task.full_loss(model)
+    sub = np.sort(np.random.default_rng(0).choice(len(task.x), size=n_sub, replace=False))
+    t0 = time.perf_counter()
+    G = per_example_gradients(model, task.x[sub], task.y[sub], chunk=256)
+    return fixed_loss, G, time.perf_counter() - t0
+
+
+def score_orders(
+    G: np.ndarray, rows_by: Dict[str, np.ndarray], batch: int, epochs: int, random_orders: int, tick=lambda: None
+) -> Tuple[Dict[str, List[float]], List[float]]:
+    """GraB over each arm's rows at fixed weights; each order it builds scored on the true gradients G
+    (herding discrepancy, l2); and the same score of seeded random orders. `tick` after each arm and
+    each random order (a progress bar)."""
+    n = len(G)
+    disc: Dict[str, List[float]] = {}
+    for a, src in rows_by.items():
+        orders = balance(lambda idx: src[idx], n, batch, epochs, seed=0)
+        disc[a] = [torchgrab.herding_discrepancy(G, o).l2 for o in orders]
+        tick()
+    rand = []
+    for r in range(random_orders):
+        rand.append(torchgrab.herding_discrepancy(G, np.random.default_rng(1000 + r).permutation(n)).l2)
+        tick()
+    return disc, rand
+
+
+def disc_table(out: "Out", disc: Dict[str, List[float]], rnd: float, widths: Dict[str, int], name_width: int, csv_row):
+    """The table of discrepancy, ratio to random orders and kept share per arm and balancing epoch
+    (arm "exact" is the reference); `csv_row(arm, epoch, value, kept)` gives each cell's CSV row."""
+    epochs = len(disc["exact"])
+    hdr = " ".join(f"{'after ' + str(j + 1):>8} {'ratio':>6} {'kept':>6}" for j in range(epochs))
+    out.line(f"{'rows':{name_width}} {'K':>7} {hdr}")
+    rows = []
+    for a, values in disc.items():
+        cells = []
+        for j, v in enumerate(values):
+            kept = (rnd - v) / (rnd - disc["exact"][j])
+            cells.append(f"{v:>8.4f} {v / rnd:>6.3f} {kept:>6.3f}")
+            rows.append(csv_row(a, j + 1, v, kept))
+        out.line(f"{a:{name_width}} {widths[a]:>7,} " + " ".join(cells))
+    return rows
+
+
 def part_disc(task: Task, args, out: "Out", csv_rows: List[Dict]) -> Dict:
     n_sub = min(args.disc_n[task.name], len(task.x))
     arm = Arm(task, "rr", 0)
     for _ in range(args.disc_after):
         arm.epoch()
     model = arm.model
-    fixed_loss = task.full_loss(model)
-    sub = np.sort(np.random.default_rng(0).choice(len(task.x), size=n_sub, replace=False))
-    xs, ys = task.x[sub], task.y[sub]
-    t0 = time.perf_counter()
-    G = per_example_gradients(model, xs, ys, chunk=256)
-    t_grad = time.perf_counter() - t0
+    fixed_loss, G, t_grad = true_gradients(task, model, n_sub)
     n, d = G.shape
-    rows_by: Dict[str, np.ndarray] = {}
+    rows_by: Dict[str, np.ndarray] = {"exact": G}
     widths: Dict[str, int] = {"exact": d}
     with tqdm(total=len(args.ks) + 1 + args.random_orders, desc=f"{task.name} disc", file=sys.stderr) as bar:
         for k in args.ks:
             h = GraBSampler(n=n, ordering="grab", seed=0).watch(model, sketch=k, **watch_kw)
-            pieces = []
-            for i in range(0, n, 512):
-                pieces.append(h.project(split(model, torch.from_numpy(G[i : i + 512]).float())).numpy())
+            rows_by[arm_name(k)] = project_all(model, G, h.project)
             h.remove()
-            rows_by[arm_name(k)] = np.concatenate(pieces)
             widths[arm_name(k)] = rows_by[arm_name(k)].shape[1]
-        arms = ["exact"] + [arm_name(k) for k in args.ks]
-        disc: Dict[str, List[float]] = {}
-        for a in arms:
-            src = G if a == "exact" else rows_by[a]
-            orders = balance(lambda idx: src[idx], n, task.batch, args.disc_epochs, seed=0)
-            disc[a] = [torchgrab.herding_discrepancy(G, o).l2 for o in orders]
-            bar.update(1)
-        rand = []
-        for r in range(args.random_orders):
-            rand.append(torchgrab.herding_discrepancy(G, np.random.default_rng(1000 + r).permutation(n)).l2)
-            bar.update(1)
+        disc, rand = score_orders(
+            G, rows_by, task.batch, args.disc_epochs, args.random_orders, tick=lambda: bar.update(1)
+        )
+    arms = list(disc)
     rnd = float(np.mean(rand))
     out.line(f"\n## Herding discrepancy of the true per-example gradients: {task.title}")
     out.line(
@@ -315,31 +356,25 @@ def part_disc(task: Task, args, out: "Out", csv_rows: List[Dict]) -> Dict:
         f"random orders: mean {rnd:.4f} over {args.random_orders} (min {min(rand):.4f}, max {max(rand):.4f}); "
         "ratio = discrepancy / random; kept = (random - arm) / (random - exact)"
     )
-    hdr = " ".join(f"{'after ' + str(j + 1):>8} {'ratio':>6} {'kept':>6}" for j in range(args.disc_epochs))
-    out.line(f"{'rows':>6} {'K':>7} {hdr}")
-    for a in arms:
-        cells = []
-        for j, v in enumerate(disc[a]):
-            kept = (rnd - v) / (rnd - disc["exact"][j])
-            cells.append(f"{v:>8.4f} {v / rnd:>6.3f} {kept:>6.3f}")
-            csv_rows.append(
-                dict(
-                    part="disc",
-                    task=task.name,
-                    arm=a,
-                    sketch="" if a == "exact" else a[1:],
-                    K=widths[a],
-                    seed=0,
-                    epoch=j + 1,
-                    disc_n=n,
-                    disc_after=args.disc_after,
-                    discrepancy_l2=f"{v:.6f}",
-                    random_l2=f"{rnd:.6f}",
-                    ratio_to_random=f"{v / rnd:.4f}",
-                    kept=f"{kept:.4f}",
-                )
-            )
-        out.line(f"{a:>6} {widths[a]:>7,} " + " ".join(cells))
+
+    def csv_row(a, epoch, v, kept):
+        return dict(
+            part="disc",
+            task=task.name,
+            arm=a,
+            sketch="" if a == "exact" else a[1:],
+            K=widths[a],
+            seed=0,
+            epoch=epoch,
+            disc_n=n,
+            disc_after=args.disc_after,
+            discrepancy_l2=f"{v:.6f}",
+            random_l2=f"{rnd:.6f}",
+            ratio_to_random=f"{v / rnd:.4f}",
+            kept=f"{kept:.4f}",
+        )
+
+    csv_rows += disc_table(out, disc, rnd, widths, ">6", csv_row)
     out.line("('after j': the order built after j epoch(s) of balancing at the fixed weights, used in epoch j + 1)")
     return dict(disc=disc, random=rnd, widths=widths, arms=arms)
 
@@ -510,15 +545,8 @@ def main(argv=None) -> None:
         if args.part in ("disc", "both"):
             part_disc(task, args, out, csv_rows)
         out.line(f"\n# {name}: {time.perf_counter() - t_task:.0f} s, load average now {_common.load_average()}")
-        with open(os.path.join(args.out, f"watch_quality_{name}.txt"), "w") as f:
-            f.write("\n".join(out.lines) + "\n")
-        keys: List[str] = []
-        for r in csv_rows:
-            keys += [k for k in r if k not in keys]
-        with open(os.path.join(args.out, f"watch_quality_{name}.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(csv_rows)
+        out.save(os.path.join(args.out, f"watch_quality_{name}.txt"))
+        _common.write_csv(os.path.join(args.out, f"watch_quality_{name}.csv"), csv_rows)
         csv_rows = []
     plot(args.out)
     print(f"# total {time.perf_counter() - t_start:.0f} s; wrote {args.out}/watch_quality_<task>.txt and .csv")
