@@ -11,7 +11,7 @@ chunk in hand.
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 
 
 class _Chunk:
@@ -62,3 +62,16 @@ class YieldCursor:
         self.set(at)
         chunk = self._chunk = _Chunk(indices)
         return chunk.it
+
+
+class Yielded:
+    """A sampler's ``_yielded`` attribute: its ``_cursor``'s value (made on first assignment). Assigning
+    moves the cursor, so an iterator still handing out the old position stops."""
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        return self if obj is None else obj._cursor.value
+
+    def __set__(self, obj: Any, value: int) -> None:
+        if "_cursor" not in vars(obj):
+            obj._cursor = YieldCursor()
+        obj._cursor.set(value)

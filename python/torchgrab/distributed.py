@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from torchgrab import _native
-from torchgrab._cursor import YieldCursor
+from torchgrab._cursor import Yielded
 from torchgrab._segments import as_segments
 from torchgrab.errors import (
     CallOrderError,
@@ -136,6 +136,9 @@ class DistributedGraBSampler(Sampler[int]):
     ``loss.backward()``), and counts the rows.
     """
 
+    # Indices handed out this epoch, most by a list iterator and counted when read (torchgrab._cursor).
+    _yielded = Yielded()
+
     def __init__(
         self,
         dataset: Optional[Sized] = None,
@@ -210,7 +213,7 @@ class DistributedGraBSampler(Sampler[int]):
         self._order_epoch = 0
         self._warned_same_epoch = False
         self._order: Optional[np.ndarray] = None
-        self._cursor = YieldCursor()  # indices handed out this epoch: _yielded
+        self._yielded = 0
         self._generation = 0
         # Set by load_state_dict: where the next __iter__ continues the saved epoch (None: begin a new one).
         self._resume_at: Optional[int] = None
@@ -271,14 +274,6 @@ class DistributedGraBSampler(Sampler[int]):
                 saved_epoch, cursor = self._loaded
                 self._resume_at = cursor if int(epoch) == saved_epoch else None
             self.epoch = int(epoch)
-
-    @property
-    def _yielded(self) -> int:
-        return self._cursor.value
-
-    @_yielded.setter
-    def _yielded(self, value: int) -> None:
-        self._cursor.set(value)  # an iterator of the epoch before stops
 
     def __iter__(self) -> Iterator[int]:
         with self._lock:

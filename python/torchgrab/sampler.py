@@ -16,7 +16,7 @@ from torch.utils.data import Sampler
 
 from torchgrab import _native
 from torchgrab._background import StepLock
-from torchgrab._cursor import YieldCursor
+from torchgrab._cursor import Yielded
 from torchgrab._segments import as_segments, gradient_items
 from torchgrab._units import UnitMap
 from torchgrab.capture.watch import DEFAULT_BUDGET, DEFAULT_SKETCH
@@ -122,6 +122,9 @@ class GraBSampler(Sampler[int]):
             the on-device path for every input (also CPU tensors); ``"never"``: the Rust kernel only
             (non-CPU tensors are refused rather than copied).
     """
+
+    # Indices handed out this epoch, most by a list iterator and counted when read (torchgrab._cursor).
+    _yielded = Yielded()
 
     def __init__(
         self,
@@ -299,23 +302,10 @@ class GraBSampler(Sampler[int]):
         if getattr(self, "_units", None) is not None:
             self._units.reset()
         self._order = order
-        self._yielded = 0  # indices handed out this epoch (see the property)
+        self._yielded = 0  # indices handed out this epoch
         self._finished = False  # an iterator of this epoch has reached its end
         self._stepped = 0  # of those, how many have received their gradient
         self._generation = getattr(self, "_generation", 0)
-
-    @property
-    def _yielded(self) -> int:
-        """Indices handed out this epoch (``_cursor``: most of them by a list iterator, uncounted until
-        read)."""
-        return self._cursor.value
-
-    @_yielded.setter
-    def _yielded(self, value: int) -> None:
-        # Setting it moves the cursor: an iterator handing out the old epoch stops (a stale iterator).
-        if not hasattr(self, "_cursor"):
-            self._cursor = YieldCursor()
-        self._cursor.set(value)
 
     @property
     def _native(self) -> Any:
