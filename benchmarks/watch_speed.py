@@ -10,12 +10,12 @@ median and quartiles over rounds. Also `watch()` with its Rust CPU kernels for L
 ("watch torch ops": the torch ops they replaced, measured in the same run), `watch(sketch=None)` (exact
 per-example rows from the same hooks), the earlier `sampler.backward(method="hooks", non_blocking=True)`
 path, `watch(non_blocking=True)` and `watch(non_blocking=False)` ("watch background", "watch blocking": by
-default watch() balances in the background only when a core is free for it), "rr + empty hooks" (RR with the hooks `watch()` registers, doing nothing: the floor of any capture
-from module and tensor hooks, since a small model's step is short enough to notice their dispatch), "rr via
-sampler" (RR drawn by `GraBSampler(ordering="rr")` instead of `randperm`: what iterating the sampler costs),
-"watch no balancing" (`watch()` forming its rows as always, their examples then skipped instead of balanced:
-the capture alone) and,
-on request, `watch(budget=B)` ("watch budget=B": on LeNet the budget decides whether the
+default watch() balances in the background only when a core is free for it), "rr + empty hooks" (RR with
+the hooks `watch()` registers, doing nothing: the floor of any capture from module and tensor hooks, since
+a small model's step is short enough to notice their dispatch), "rr via sampler" (RR drawn by
+`GraBSampler(ordering="rr")` instead of `randperm`: what iterating the sampler costs), "watch no
+balancing" (`watch()` forming its rows as always, their examples then skipped instead of balanced: the
+capture alone) and, on request, `watch(budget=B)` ("watch budget=B": on LeNet the budget decides whether the
 convolutions' weights are sketched; the K and the weights left out of each are printed). MNIST logistic
 regression on all 60,000 images and LeNet-5 on a seeded CIFAR-10 subset, batch 64, SGD, data in memory
 (index slices: the strictest loop, no DataLoader overhead to hide behind); and the MNIST loop through a
