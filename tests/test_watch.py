@@ -1308,3 +1308,61 @@ def test_native_count_sketch_equals_index_add_bit_for_bit():
     xg = base[:, 0, :300].clone().requires_grad_(True)
     f(xg).sum().backward()
     assert torch.equal(xg.grad[0], signs)
+
+
+class _SmallConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("form", ["torch.compile(model)", "model.compile()"])
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(form, sketch):
+    # torch.compile traced the hooks and guarded on the handle's state (the rows gathered so far), so the
+    # model was compiled again at every step until dynamo's recompile limit. The hooks now run outside
+    # the graph: a compiled model is compiled in its first steps, then never again, and gives the rows
+    # of the eager model. "aot_eager" runs dynamo and AOTAutograd (what decides guards and graph breaks)
+    # without generating code, so the test needs no C++ compiler.
+    dynamo = pytest.importorskip("torch._dynamo")
+    from torch._dynamo.utils import counters
+
+    if form == "model.compile()" and not hasattr(nn.Module, "compile"):
+        pytest.skip("this torch has no nn.Module.compile")
+    dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = _SmallConvNet()
+    compiled_model = copy.deepcopy(eager)
+    x_all = torch.randn(64, 2, 5, 5)
+    y_all = torch.randint(0, 3, (64,))
+    runs = []
+    for model in (eager, compiled_model):
+        sampler, handle, spy = watched(model, sketch=sketch)
+        if model is eager:
+            call = model
+        elif form == "model.compile()":
+            model.compile(backend="aot_eager")
+            call = model
+        else:
+            call = torch.compile(model, backend="aot_eager")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        frames = []
+        for step in range(8):
+            i = slice(8 * step, 8 * step + 8)
+            ce(call(x_all[i]), y_all[i]).backward()
+            opt.step()
+            opt.zero_grad()
+            frames.append(counters["frames"]["total"])  # frames dynamo compiled (a recompile is one more)
+        handle.flush()
+        runs.append((spy.steps([8] * 8), frames))
+    (eager_rows, _), (compiled_rows, frames) = runs
+    assert frames[1] > 0, "nothing was compiled: the test would not see a recompile"
+    assert frames[-1] == frames[1], f"compiled again after the first steps: {frames}"
+    for got, want in zip(compiled_rows, eager_rows):
+        assert_rows(got, want)
