@@ -733,6 +733,47 @@ def test_uncovered_parameters_are_refused_and_can_be_excluded(sketch):
     assert [n for n, _, _ in handle.layers] == ["emb", "out"]
 
 
+class Encoder(nn.Module):
+    """Tokens -> a transformer encoder layer (nn.MultiheadAttention inside) -> mean -> classes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 8)
+        self.block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.out(self.block(self.emb(ids)).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func over attention
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_multihead_attention_is_refused_whole_and_the_rest_of_a_transformer_is_exact(sketch):
+    # nn.MultiheadAttention applies out_proj's weight with F.linear inside its forward: the hooks of
+    # out_proj (an nn.Linear) never run, so its rows were zeros while its weight trained. Nothing inside
+    # an attention module is sketched now; its parameters, out_proj's too, are refused, with the advice
+    # to leave out the attention module.
+    model = Encoder()
+    attn = "block.self_attn"
+    for exclude in ([], [f"{attn}.in_proj_weight", f"{attn}.in_proj_bias"]):
+        sampler = GraBSampler(n=8)
+        with pytest.raises(UnsupportedModelError, match="out_proj.weight") as err:
+            sampler.watch(model, sketch=sketch, exclude=exclude)
+        assert "nn.MultiheadAttention" in str(err.value)
+        assert f"exclude=['{attn}']" in str(err.value)
+        no_hooks(model)
+        assert sampler._watchers == []
+    ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 2, 1, 2])
+    rows, expected, grads, handle = one_step(model, ids, y, ce, sketch, exclude=[attn])
+    assert not any(n.startswith(attn) for n, _, _ in handle.layers)
+    assert_rows(rows, expected)
+    if sketch is None:  # the rows are the per-example gradients of every parameter outside attention
+        kept = {n: g for n, g in grads.items() if not n.startswith(attn)}
+        assert_rows(rows, flat(kept, 4))
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -193,10 +193,16 @@ class WatchHandle:
             raise UnsupportedInputError(f"per_layer names no module of the model: {unknown_layers}")
         if granularity == "example":
             uncovered = set(kept)
+            # nn.MultiheadAttention applies its projections as functions inside its forward, out_proj's
+            # weight included: out_proj's own hooks never run, and its rows would be zeros. No layer inside
+            # one is sketched; their parameters are refused below unless left out.
+            attention = [n for n, m in inner.named_modules() if isinstance(m, nn.MultiheadAttention)]
             for name, module in inner.named_modules():
                 prefix = f"{name}." if name else ""
                 own = [prefix + p for p, t in module._parameters.items() if t is not None and t.requires_grad]
                 if not any(p in kept for p in own):
+                    continue
+                if any(name != a and _under(name, a) for a in attention):
                     continue
                 cls = sketch_class(module)
                 if cls is None:
@@ -225,11 +231,20 @@ class WatchHandle:
                     self._left_out.append(sk)
             if uncovered:
                 names = sorted(uncovered)
+                inside = sorted({a for a in attention for n in names if _under(n, a)})
+                why = (
+                    f" {inside[:8]} {'is an' if len(inside) == 1 else 'are'} nn.MultiheadAttention, which runs "
+                    "its projections (out_proj too) as functions no layer hook sees."
+                    if inside
+                    else ""
+                )
+                # The attention modules whole (the layers inside them are never sketched), the rest by module.
+                advice = inside + _short([n for n in names if not any(_under(n, a) for a in inside)])
                 raise UnsupportedModelError(
                     f"watch() cannot sketch these trainable parameters per example: {names[:8]}"
                     f"{' ...' if len(names) > 8 else ''} (they belong to no nn.Linear, Conv1d/2d/3d, Embedding, "
-                    "LayerNorm, RMSNorm, GroupNorm or BatchNorm layer). Leave them out of the balancing with "
-                    f"exclude={_short(names)!r}, or, if each backward holds one unit (a batch of one, or "
+                    f"LayerNorm, RMSNorm, GroupNorm or BatchNorm layer).{why} Leave them out of the balancing with "
+                    f"exclude={advice!r}, or, if each backward holds one unit (a batch of one, or "
                     "unit_size equal to the batch size), pass granularity='batch' to balance the whole "
                     "batch gradient of every parameter."
                 )
