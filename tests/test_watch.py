@@ -749,7 +749,7 @@ class Encoder(nn.Module):
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func over attention
 @pytest.mark.parametrize("sketch", SKETCHES)
-def test_multihead_attention_is_refused_whole_and_the_rest_of_a_transformer_is_exact(sketch):
+def test_multihead_attention_and_sequence_first_layers_are_refused_and_the_rest_is_exact(sketch):
     # nn.MultiheadAttention applies out_proj's weight with F.linear inside its forward: the hooks of
     # out_proj (an nn.Linear) never run, so its rows were zeros while its weight trained. Nothing inside
     # an attention module is sketched now; its parameters, out_proj's too, are refused, with the advice
@@ -763,6 +763,22 @@ def test_multihead_attention_is_refused_whole_and_the_rest_of_a_transformer_is_e
         assert "nn.MultiheadAttention" in str(err.value)
         assert f"exclude=['{attn}']" in str(err.value)
         no_hooks(model)
+        assert sampler._watchers == []
+    # The model itself an attention module: its out_proj is refused too, and no exclude= is advised
+    # (leaving out the model would leave nothing).
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    with pytest.raises(UnsupportedModelError, match="out_proj.weight") as err:
+        GraBSampler(n=8).watch(mha, sketch=sketch, exclude=["in_proj_weight", "in_proj_bias"])
+    assert "exclude=" not in str(err.value) and "<the model itself>" in str(err.value)
+    no_hooks(mha)
+    # torch's default layout, batch_first=False: the Linear and norm layers inside see [T, B, E], so
+    # their rows would be per position; refused, whatever is excluded inside the layer.
+    seq_first = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    for exclude in ([], ["self_attn"]):
+        sampler = GraBSampler(n=8)
+        with pytest.raises(UnsupportedModelError, match="batch_first=False"):
+            sampler.watch(seq_first, sketch=sketch, exclude=exclude)
+        no_hooks(seq_first)
         assert sampler._watchers == []
     ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 2, 1, 2])

@@ -202,7 +202,7 @@ class WatchHandle:
                 own = [prefix + p for p, t in module._parameters.items() if t is not None and t.requires_grad]
                 if not any(p in kept for p in own):
                     continue
-                if any(name != a and _under(name, a) for a in attention):
+                if any(name != a and _within(name, a) for a in attention):
                     continue
                 cls = sketch_class(module)
                 if cls is None:
@@ -229,24 +229,38 @@ class WatchHandle:
                     self._sketches[module] = sk
                 else:
                     self._left_out.append(sk)
+            # A sequence-first transformer layer (batch_first=False, torch's default) hands its Linear and
+            # norm layers [T, B, E]: their rows would be one per position, not per example, and nothing at
+            # a step would tell (every layer inside agrees on T).
+            seq_first = [n for n, m in inner.named_modules() if _sequence_first(m)]
+            inside_seq = [sk.name for sk in self._sketches.values() if any(_within(sk.name, n) for n in seq_first)]
+            if inside_seq:
+                raise UnsupportedModelError(
+                    f"watch(): {_shown(seq_first[:8])} {'is a' if len(seq_first) == 1 else 'are'} sequence-first "
+                    f"transformer layer{'' if len(seq_first) == 1 else 's'} (batch_first=False): the layers inside "
+                    f"({inside_seq[:4]}{' ...' if len(inside_seq) > 4 else ''}) see [sequence, batch, ...] "
+                    "inputs, so their rows would be one per position, not per example. Build the layers with "
+                    "batch_first=True (and feed [batch, sequence, ...] inputs), or exclude= them."
+                )
             if uncovered:
                 names = sorted(uncovered)
-                inside = sorted({a for a in attention for n in names if _under(n, a)})
+                inside = sorted({a for a in attention for n in names if _within(n, a)})
                 why = (
-                    f" {inside[:8]} {'is an' if len(inside) == 1 else 'are'} nn.MultiheadAttention, which runs "
+                    f" {_shown(inside[:8])} {'is an' if len(inside) == 1 else 'are'} nn.MultiheadAttention, which runs "
                     "its projections (out_proj too) as functions no layer hook sees."
                     if inside
                     else ""
                 )
-                # The attention modules whole (the layers inside them are never sketched), the rest by module.
-                advice = inside + _short([n for n in names if not any(_under(n, a) for a in inside)])
+                # The attention modules whole (the layers inside them are never sketched), the rest by module;
+                # none when the model itself is one (excluding it would leave nothing).
+                advice = [a for a in inside if a] + _short([n for n in names if not any(_within(n, a) for a in inside)])
+                leave_out = f" Leave them out of the balancing with exclude={advice!r}, or, if" if advice else " If"
                 raise UnsupportedModelError(
                     f"watch() cannot sketch these trainable parameters per example: {names[:8]}"
                     f"{' ...' if len(names) > 8 else ''} (they belong to no nn.Linear, Conv1d/2d/3d, Embedding, "
-                    f"LayerNorm, RMSNorm, GroupNorm or BatchNorm layer).{why} Leave them out of the balancing with "
-                    f"exclude={advice!r}, or, if each backward holds one unit (a batch of one, or "
-                    "unit_size equal to the batch size), pass granularity='batch' to balance the whole "
-                    "batch gradient of every parameter."
+                    f"LayerNorm, RMSNorm, GroupNorm or BatchNorm layer).{why}{leave_out} each backward holds one "
+                    "unit (a batch of one, or unit_size equal to the batch size), pass granularity='batch' to "
+                    "balance the whole batch gradient of every parameter."
                 )
         else:
             fold = max(1, (k or 0) ** 2) if k is not None else None
@@ -732,6 +746,14 @@ class WatchHandle:
         return b
 
 
+def _sequence_first(module: nn.Module) -> bool:
+    """A transformer encoder or decoder layer built with batch_first=False (its inputs are [T, B, E])."""
+    if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return False
+    attn = getattr(module, "self_attn", None)
+    return not getattr(attn, "batch_first", True)
+
+
 def _eager(hook: Any) -> Any:
     """``hook``, run as it is when the model runs under ``torch.compile``, not traced into the graph.
 
@@ -764,6 +786,15 @@ def _batch_of(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[int]:
 
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
+
+
+def _within(name: str, prefix: str) -> bool:
+    """``name`` is ``prefix`` or inside it; everything is inside the model itself (prefix "")."""
+    return prefix == "" or _under(name, prefix)
+
+
+def _shown(names: Sequence[str]) -> List[str]:
+    return [n or "<the model itself>" for n in names]
 
 
 def _short(names: Sequence[str]) -> List[str]:
