@@ -790,6 +790,117 @@ def test_multihead_attention_and_sequence_first_layers_are_refused_and_the_rest_
         assert_rows(rows, flat(kept, 4))
 
 
+class TiedLM(nn.Module):
+    """A language model whose output layer is its embedding (GPT-2's and BERT's masked-LM heads)."""
+
+    def __init__(self, head_first=False, head_bias=False, padding_idx=None):
+        super().__init__()
+        torch.manual_seed(0)
+        if head_first:  # the head registered first: the shared parameter is named after it
+            self.head = nn.Linear(6, 13, bias=head_bias)
+        self.emb = nn.Embedding(13, 6, padding_idx=padding_idx)
+        self.mid = nn.Linear(6, 6)
+        if not head_first:
+            self.head = nn.Linear(6, 13, bias=head_bias)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids)))).mean(1)
+
+
+@pytest.mark.parametrize("variant", [{}, {"head_first": True, "head_bias": True, "padding_idx": 0}])
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_a_tied_output_layer_adds_its_part_into_the_embeddings_columns(variant, sketch):
+    # The tied weight's per-example gradient is the sum of its two uses. The output layer's use was not
+    # watched at all (named_parameters names a shared parameter once, after its first module), so rows
+    # held only the embedding's part. It now goes through the embedding's projection into its columns.
+    model = TiedLM(**variant)
+    ids = torch.randint(0, 13, (4, 5), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 12, 3, 7])
+    rows, expected, grads, handle = one_step(model, ids, y, ce, sketch)
+    assert_rows(rows, expected)
+    kinds = dict((n, kind) for n, kind, _ in handle.layers)
+    assert kinds["head"].startswith("Linear (weight tied to 'emb'")
+    if sketch is None:  # the rows are the per-example gradients, both uses of the tied weight summed
+        tied = "head.weight" if variant.get("head_first") else "emb.weight"  # the first module's name
+        order = [tied, "mid.weight", "mid.bias"] + (["head.bias"] if variant.get("head_bias") else [])
+        assert_rows(rows, flat({n: grads[n] for n in order}, 4))
+    handle.remove()
+    # Left out by either layer's name, the tied weight is left out of both; leaving out the embedding
+    # while the head's own bias stays would split the head, which is refused.
+    for name in ("emb", "head"):
+        sampler = GraBSampler(n=8)
+        if variant.get("head_bias") and name == "emb":
+            with pytest.raises(UnsupportedInputError, match="exclude="):
+                sampler.watch(model, sketch=sketch, exclude=[name])
+            no_hooks(model)
+        else:
+            handle = sampler.watch(model, sketch=sketch, exclude=[name])
+            assert [n for n, _, _ in handle.layers] == ["mid"]
+            handle.remove()
+
+
+class SharedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # shared weight, own biases
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_weight_shared_by_two_linear_layers_is_refused():
+    model = SharedLinear()
+    sampler = GraBSampler(n=8)
+    with pytest.raises(UnsupportedModelError, match="belongs to both 'a' and 'b'"):
+        sampler.watch(model)
+    no_hooks(model)
+    assert sampler._watchers == []
+
+
+def test_watching_the_same_model_again_replaces_the_handle_and_another_model_is_refused():
+    # A notebook cell run twice: two handles fed every step's rows twice (a ShapeError, or rows matched
+    # to the wrong examples).
+    model = _mlp()
+    sampler, first, spy = watched(model, sketch=4)
+    x, y = _data((6,), "class", b=5)
+    ce(model(x), y).backward()  # gathered by the first handle, not yet fed
+    second = sampler.watch(model, sketch=4)
+    assert first.removed and not second.removed and sampler._watchers == [second]
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 2  # the second handle's alone
+    assert [r.shape[0] for r in spy.rows] == [5]  # the first handle fed its step as it left
+    ce(model(x), y).backward()
+    second.flush()
+    assert [r.shape[0] for r in spy.rows] == [5, 5] and sampler.pending == 64 - 10
+    other = _mlp(seed=1)
+    with pytest.raises(UnsupportedInputError, match="another model"):
+        sampler.watch(other)
+    no_hooks(other)
+    assert sampler._watchers == [second]
+    # A refused second watch() of the same model leaves the first handle attached.
+    with pytest.raises(UnsupportedInputError):
+        sampler.watch(model, sketch=0)
+    assert sampler._watchers == [second] and not second.removed
+    # A new sampler (the cell that builds it run again) takes the model over: the old sampler's handle
+    # is removed, with a warning, and its unfed rows are dropped instead of fed to a sampler left behind.
+    ce(model(x), y).backward()
+    fresh = GraBSampler(n=64, ordering="grab", seed=0)
+    it = iter(fresh)
+    for _ in range(64):
+        next(it)
+    fresh_spy = Spy(fresh)
+    with pytest.warns(RuntimeWarning, match="another sampler"):
+        third = fresh.watch(model, sketch=4)
+    assert second.removed and sampler._watchers == [] and fresh._watchers == [third]
+    assert [r.shape[0] for r in spy.rows] == [5, 5]  # the dropped step never reached the old sampler
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 2
+    ce(model(x), y).backward()
+    third.flush()
+    assert [r.shape[0] for r in fresh_spy.rows] == [5]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -1186,7 +1297,8 @@ def test_bf16_autocast_rows_match_float32_rows():
     # output gradients and sketch them in float32, so the rows are float32 rows up to bfloat16 rounding.
     model = _mlp()
     x, y = _data((6,), "class", b=8)
-    rows32, _, _, _ = one_step(model, x, y, ce, 4)
+    rows32, _, _, handle32 = one_step(model, x, y, ce, 4)
+    handle32.remove()
     sampler, handle, spy = watched(model, sketch=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = ce(model(x), y)

@@ -617,10 +617,19 @@ class GraBSampler(Sampler[int]):
         :meth:`state_dict`, :meth:`synchronize`, or ``handle.flush()``; forwards in eval mode or under
         ``no_grad`` are ignored, recomputed forwards of gradient checkpointing are not counted twice, and
         a module called several times in a forward contributes the sum. Returns a handle;
-        ``handle.remove()`` (or leaving a ``with`` block) detaches it.
+        ``handle.remove()`` (or leaving a ``with`` block) detaches it. Watching the same model again (a
+        notebook cell run twice) replaces the earlier handle, which feeds what it gathered and detaches;
+        a sampler takes one model's rows, so watching another model while one is watched is refused.
         """
         from torchgrab.capture.watch import WatchHandle
 
+        others = [w for w in self._watchers if w.model is not model]
+        if others:
+            raise UnsupportedInputError(
+                f"this sampler is already fed by watch() on another model ({type(others[0].model).__name__}): "
+                "each example would get a row from each model. Call remove() on the handle watch() returned "
+                "for it first"
+            )
         return WatchHandle(
             self,
             model,

@@ -130,6 +130,10 @@ class LayerSketch:
         never grouped). watch() lets a layer with no such sibling skip the grouping machinery."""
         return None
 
+    def add_rows(self, step: Any, pieces: List[torch.Tensor]) -> None:
+        """Add one call's pieces (from ``rows``) to the step's blocks: this layer's own columns."""
+        step.add(self.offset, pieces)
+
     def rows_into(
         self, module: nn.Module, saved: Any, g: torch.Tensor, out: np.ndarray, scale: float, accumulate: bool
     ) -> Optional[bool]:
@@ -450,6 +454,53 @@ class EmbeddingSketch(LayerSketch):
         out = torch.zeros(w.shape[0], self.vocab.k, w.shape[-1], dtype=w.dtype, device=w.device)
         out.index_add_(1, buckets, w * signs.view(1, -1, 1))
         return [out.reshape(w.shape[0], -1)]
+
+
+class TiedLinearSketch(LayerSketch):
+    """A Linear layer whose weight is an Embedding's (a tied output layer, as in GPT-2 and BERT's masked-LM
+    head). The tied parameter's per-example gradient is the sum of both uses, so this layer's part,
+    sum_t g_t a_t^T ([V, d], vocabulary by feature, as the table is), goes through the embedding's own
+    projection (its vocabulary count sketch and feature factor) into the embedding's columns, where the
+    two parts add up. Its own bias, if trainable, gets columns of its own, count-sketched the same way."""
+
+    def __init__(self, name: str, module: nn.Linear, embedding: "EmbeddingSketch") -> None:
+        super().__init__(name, module, None, 0)
+        self.embedding = embedding
+        self.train_w = True
+        self.width = embedding.vocab.k * self.train_b
+
+    def covered(self, module: nn.Module) -> List[str]:
+        return ["weight"] + (["bias"] if self.train_b else [])
+
+    def _vocab(self, g: torch.Tensor) -> torch.Tensor:
+        """The embedding's vocabulary count sketch applied to the last dimension (V -> k_v)."""
+        vocab = self.embedding.vocab
+        if vocab.identity:
+            return g
+        buckets, signs = vocab.tables(g.device)
+        out = g.new_zeros(*g.shape[:-1], vocab.k)
+        return out.index_add_(g.dim() - 1, buckets, g * signs.to(g.dtype))
+
+    def save(self, module: nn.Module, x: torch.Tensor) -> Any:
+        a = _f32(x.detach())
+        return self.embedding.p_out(a.reshape(a.shape[0], -1, a.shape[-1]))  # [B, T, k_d]
+
+    def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
+        b = g.shape[0]
+        gp = self._vocab(_f32(g).reshape(b, -1, g.shape[-1]))  # [B, T, k_v]
+        out = [torch.bmm(gp.transpose(1, 2), saved).reshape(b, -1)]  # [B, k_v k_d], the table's layout
+        if self.train_b:
+            out.append(gp.sum(1))
+        return out
+
+    def add_rows(self, step: Any, pieces: List[torch.Tensor]) -> None:
+        step.add(self.embedding.offset, pieces[:1])
+        if self.train_b:
+            step.add(self.offset, pieces[1:])
+
+    def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        # The weight's whole per-example gradient (both uses) is projected by the embedding's sketch.
+        return [self._vocab(_f32(grads["bias"]))] if self.train_b else []
 
 
 class _AffineNormSketch(LayerSketch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections import Counter, deque
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from torchgrab.capture.layers import LayerSketch, sketch_class
+from torchgrab.capture.layers import EmbeddingSketch, LayerSketch, TiedLinearSketch, sketch_class
 from torchgrab.capture.projection import FoldSketch
 from torchgrab.errors import ShapeError, UnsupportedInputError, UnsupportedModelError
 
@@ -30,6 +31,10 @@ DEFAULT_BUDGET = 0.25  # a layer's sketch may cost this fraction of its forward;
 # Steps whose rows go to the sampler together: one host transfer and one sampler.step per 8 steps
 # instead of per step (the kernels take rows in order, so the orders are the same).
 FEED_EVERY = 8
+
+
+# The handle watching each model (by the module its hooks are on): one at a time, see WatchHandle._replace.
+_WATCHED: "weakref.WeakKeyDictionary[nn.Module, WatchHandle]" = weakref.WeakKeyDictionary()
 
 
 def _in_backward() -> bool:
@@ -168,10 +173,14 @@ class WatchHandle:
             self.exchange = RowExchange()
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
-        unknown = [e for e in exclude if not any(_under(n, e) for n, _ in named)]
+        # Every name of a shared parameter (a tied output layer's weight is also the embedding's): leaving
+        # out either layer leaves out the parameter.
+        aliases = [(n, p) for n, p in inner.named_parameters(remove_duplicate=False) if p.requires_grad]
+        unknown = [e for e in exclude if not any(_under(n, e) for n, _ in aliases)]
         if unknown:
             raise UnsupportedInputError(f"exclude names no trainable parameter or module of the model: {unknown}")
-        kept = {n for n, _ in named if not any(_under(n, e) for e in exclude)}
+        excluded = {id(p) for n, p in aliases if any(_under(n, e) for e in exclude)}
+        kept = {n for n, p in named if id(p) not in excluded}
         if not kept:
             raise UnsupportedModelError(
                 "the model has no trainable parameter left to watch (requires_grad=True, not excluded)"
@@ -197,12 +206,20 @@ class WatchHandle:
             # weight included: out_proj's own hooks never run, and its rows would be zeros. No layer inside
             # one is sketched; their parameters are refused below unless left out.
             attention = [n for n, m in inner.named_modules() if isinstance(m, nn.MultiheadAttention)]
+            # A parameter shared by several modules has one name (named_parameters' first); a module's own
+            # parameters go by that name, so a second use is seen as one (a tied output layer).
+            canon = {id(t): n for n, t in inner.named_parameters(remove_duplicate=True)}
+            embeddings = {id(m.weight): m for m in inner.modules() if isinstance(m, nn.Embedding)}
+            owner: Dict[str, str] = {}  # parameter name -> the layer whose sketch covers it
+            tied: List[Tuple[str, nn.Module]] = []  # Linear layers whose weight is an Embedding's
             for name, module in inner.named_modules():
-                prefix = f"{name}." if name else ""
-                own = [prefix + p for p, t in module._parameters.items() if t is not None and t.requires_grad]
-                if not any(p in kept for p in own):
+                own = {p: canon[id(t)] for p, t in module._parameters.items() if t is not None and t.requires_grad}
+                if not any(n in kept for n in own.values()):
                     continue
                 if any(name != a and _within(name, a) for a in attention):
+                    continue
+                if isinstance(module, nn.Linear) and id(module.weight) in embeddings and "weight" in own:
+                    tied.append((name, module))  # after the loop, once the embedding's sketch exists
                     continue
                 cls = sketch_class(module)
                 if cls is None:
@@ -214,21 +231,27 @@ class WatchHandle:
                 else:
                     lk = k
                 sk = cls(name, module, lk, self.seed)
-                covered = {prefix + p for p in sk.covered(module)}
-                left_out = [p for p in own if p in covered and p not in kept]
-                if left_out and len(left_out) < len([p for p in own if p in covered]):
-                    raise UnsupportedInputError(
-                        f"exclude= leaves out {left_out} but not the rest of layer {name!r}: a layer's sketch "
-                        f"covers all its parameters; exclude the layer ({name!r}) or freeze the parameter "
-                        "(requires_grad=False)"
+                if self._admit(sk, module, own, kept, owner):
+                    uncovered -= {own[p] for p in sk.covered(module)}
+            for name, module in tied:
+                emb_sketch = self._sketches.get(embeddings[id(module.weight)])
+                own = {p: canon[id(t)] for p, t in module._parameters.items() if t is not None and t.requires_grad}
+                if own["weight"] not in kept:  # the tied weight excluded (by either layer's name)
+                    if any(n in kept for n in own.values()):
+                        raise UnsupportedInputError(
+                            f"exclude= leaves out {own['weight']!r} but not the rest of layer {name!r}: a layer's "
+                            f"sketch covers all its parameters; exclude the layer ({name!r}) too"
+                        )
+                    continue
+                if emb_sketch is None or not isinstance(emb_sketch, EmbeddingSketch) or emb_sketch.dropped:
+                    raise UnsupportedModelError(
+                        f"watch(): the weight of {name!r} is an embedding's ({own['weight']!r}, tied), and that "
+                        "embedding is not sketched, so this layer's part of the shared gradient has nowhere to "
+                        f"go; exclude= both layers, or neither"
                     )
-                if left_out:
-                    continue  # the whole layer excluded
-                uncovered -= covered
-                if sk.width:  # a bias-free convolution whose weight the budget leaves out has no columns
-                    self._sketches[module] = sk
-                else:
-                    self._left_out.append(sk)
+                sk = TiedLinearSketch(name, module, emb_sketch)
+                if self._admit(sk, module, own, kept, owner):
+                    uncovered -= {own[p] for p in sk.covered(module)}
             # A sequence-first transformer layer (batch_first=False, torch's default) hands its Linear and
             # norm layers [T, B, E]: their rows would be one per position, not per example, and nothing at
             # a step would tell (every layer inside agrees on T).
@@ -311,19 +334,61 @@ class WatchHandle:
             self._hooks.append(p.register_hook(self._param_hook(i)))
         self.removed = False
         sampler._watchers.append(self)
+        self._inner = inner
+        self._replace(_WATCHED.get(inner))
+        _WATCHED[inner] = self
+
+    def _replace(self, previous: Optional["WatchHandle"]) -> None:
+        """Detach the handle that watched this model before (a notebook cell run again): two handles
+        would each feed their sampler every step. Its rows go to its sampler when that is this one;
+        another sampler's are dropped, with a warning, since that sampler has been left behind."""
+        if previous is None or previous.removed or previous is self:
+            return
+        if previous.sampler is not self.sampler:
+            warnings.warn(
+                "watch(): this model was watched for another sampler; that handle is removed and the rows it "
+                "had not fed yet are dropped (one handle per model)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            previous.discard()
+        previous.remove()
+
+    def _admit(
+        self, sk: LayerSketch, module: nn.Module, own: Dict[str, str], kept: Set[str], owner: Dict[str, str]
+    ) -> bool:
+        """Take a layer's sketch (False: the layer is excluded). ``own``: its parameters' names."""
+        covered = [own[p] for p in sk.covered(module)]
+        left_out = [n for n in covered if n not in kept]
+        if left_out and len(left_out) < len(covered):
+            raise UnsupportedInputError(
+                f"exclude= leaves out {left_out} but not the rest of layer {sk.name!r}: a layer's sketch "
+                f"covers all its parameters; exclude the layer ({sk.name!r}) or freeze the parameter "
+                "(requires_grad=False)"
+            )
+        if left_out:
+            return False  # the whole layer excluded
+        tied = isinstance(sk, TiedLinearSketch)
+        shared = [n for n in covered if n in owner and not (tied and n == own["weight"])]
+        if shared:
+            raise UnsupportedModelError(
+                f"watch(): {shared} belong{'s' if len(shared) == 1 else ''} to both {owner[shared[0]]!r} and "
+                f"{sk.name!r}. A parameter shared by two layers is sketched only as an embedding tied to a "
+                "Linear output layer; exclude= one of these layers and the other, or untie them"
+            )
+        for n in covered:
+            owner.setdefault(n, sk.name)
+        if sk.width or tied:  # a bias-free tied output layer adds to its embedding's columns only
+            self._sketches[module] = sk
+        else:  # a bias-free convolution whose weight the budget leaves out has no columns
+            self._left_out.append(sk)
+        return True
 
     # ------------------------------------------------------------------ public
     @property
     def layers(self) -> List[Tuple[str, str, int]]:
         """(module or parameter name, kind, columns) for every block of the rows."""
-        out = [
-            (
-                sk.name,
-                type(sk).__name__.replace("Sketch", "") + (" (weight left out: budget)" if sk.dropped else ""),
-                sk.width,
-            )
-            for sk in self._sketches.values()
-        ]
+        out = [(sk.name, _kind(sk), sk.width) for sk in self._sketches.values()]
         out += [
             (sk.name, type(sk).__name__.replace("Sketch", "") + " (weight left out: budget)", 0)
             for sk in self._left_out
@@ -337,11 +402,12 @@ class WatchHandle:
         hooks form equal it (in exact arithmetic; BatchNorm's are contributions, not gradients); for
         tests and for measuring what a sketch keeps."""
         inner = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
-        names = {m: n for n, m in inner.named_modules()}
+        canon = {id(t): n for n, t in inner.named_parameters()}  # a shared parameter's one name
         pieces: List[torch.Tensor] = []
         for module, sk in self._sketches.items():
-            prefix = f"{names[module]}." if names[module] else ""
-            own = {p: grads[prefix + p] for p in sk.params if prefix + p in grads}
+            own = {
+                p: grads[canon[id(t)]] for p, t in module._parameters.items() if t is not None and canon[id(t)] in grads
+            }
             pieces += sk.project(module, own)
         for n, _, fs in self._params:
             g = grads[n]
@@ -369,6 +435,8 @@ class WatchHandle:
             self.removed = True
             if self in self.sampler._watchers:
                 self.sampler._watchers.remove(self)
+            if _WATCHED.get(self._inner) is self:
+                del _WATCHED[self._inner]
 
     def discard(self) -> None:
         """Drop what is gathered and not yet fed (the sampler's state was replaced by a load)."""
@@ -464,7 +532,7 @@ class WatchHandle:
         if key is None:
             if not self._write_direct(step, sk, module, saved, g):
                 with torch.no_grad():
-                    step.add(sk.offset, sk.rows(module, saved, g))
+                    sk.add_rows(step, sk.rows(module, saved, g))
         else:
             if not step.deferred:
                 try:  # runs when this backward (graph task) ends; a nested (reentrant) one queues its own
@@ -513,11 +581,11 @@ class WatchHandle:
             for members in groups.values():
                 if len(members) == 1:
                     sk, module, saved, g = members[0]
-                    step.add(sk.offset, sk.rows(module, saved, g))
+                    sk.add_rows(step, sk.rows(module, saved, g))
                     continue
                 results = type(members[0][0]).rows_grouped([(sk, saved, g) for sk, _, saved, g in members])
                 for (sk, _, _, _), pieces in zip(members, results):
-                    step.add(sk.offset, pieces)
+                    sk.add_rows(step, pieces)
 
     def _param_hook(self, i: int) -> Any:
         _, _, fs = self._params[i]
@@ -744,6 +812,13 @@ class WatchHandle:
         if self.granularity == "batch":
             return b * self.sampler.unit_size if self.sampler.unit_size > 1 else b
         return b
+
+
+def _kind(sk: LayerSketch) -> str:
+    """A layer's kind as ``WatchHandle.layers`` shows it."""
+    if isinstance(sk, TiedLinearSketch):
+        return f"Linear (weight tied to {sk.embedding.name!r}: added into its columns)"
+    return type(sk).__name__.replace("Sketch", "") + (" (weight left out: budget)" if sk.dropped else "")
 
 
 def _sequence_first(module: nn.Module) -> bool:
