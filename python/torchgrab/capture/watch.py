@@ -247,7 +247,7 @@ class WatchHandle:
                     raise UnsupportedModelError(
                         f"watch(): the weight of {name!r} is an embedding's ({own['weight']!r}, tied), and that "
                         "embedding is not sketched, so this layer's part of the shared gradient has nowhere to "
-                        f"go; exclude= both layers, or neither"
+                        "go; exclude= both layers, or neither"
                     )
                 sk = TiedLinearSketch(name, module, emb_sketch)
                 if self._admit(sk, module, own, kept, owner):
