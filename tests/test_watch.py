@@ -851,12 +851,18 @@ class SharedLinear(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-def test_a_weight_shared_by_two_linear_layers_is_refused():
+def test_a_weight_shared_by_two_linear_layers_or_an_unsketched_embedding_is_refused():
     model = SharedLinear()
     sampler = GraBSampler(n=8)
     with pytest.raises(UnsupportedModelError, match="belongs to both 'a' and 'b'"):
         sampler.watch(model)
     no_hooks(model)
+    assert sampler._watchers == []
+    tied = TiedLM()
+    tied.emb.max_norm = 1.0  # an embedding watch() cannot sketch (it rewrites its weight in the forward)
+    with pytest.raises(UnsupportedModelError, match="embedding is not sketched"):
+        sampler.watch(tied)
+    no_hooks(tied)
     assert sampler._watchers == []
 
 
