@@ -1541,3 +1541,44 @@ def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(fo
     assert frames[-1] == frames[1], f"compiled again after the first steps: {frames}"
     for got, want in zip(compiled_rows, eager_rows):
         assert_rows(got, want)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func over attention
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_bert_masked_lm_head_tied_to_the_word_embeddings(sketch):
+    # Hugging Face's BertForMaskedLM: the decoder's weight is the word embeddings' (tied), and its bias
+    # is a parameter of the head module as well (registered twice). Rows against torch.func.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=8,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+
+    class MLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.BertForMaskedLM(cfg)
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).logits
+
+    def token_loss(out, y, reduction="mean"):
+        per = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
+        per = per.reshape(y.shape).mean(1)  # each sentence's mean over its tokens
+        return per.mean() if reduction == "mean" else per.sum()
+
+    model = MLM().train()
+    ids = torch.randint(0, 40, (3, 6), generator=torch.Generator().manual_seed(1))
+    rows, expected, _, handle = one_step(model, ids, ids, token_loss, sketch)
+    kinds = dict((n, kind) for n, kind, _ in handle.layers)
+    assert kinds["m.cls.predictions.decoder"].startswith("Linear (weight tied to 'm.bert.embeddings.word_embeddings'")
+    assert_rows(rows, expected)
+    handle.remove()
