@@ -866,6 +866,26 @@ def test_a_weight_shared_by_two_linear_layers_or_an_unsketched_embedding_is_refu
     assert sampler._watchers == []
 
 
+def test_data_parallel_over_several_devices_is_refused_and_on_one_is_the_model():
+    # DataParallel's forward copies the model to each GPU and runs the copies in threads; the hooks would
+    # meet copies they do not know (a KeyError inside the forward). On no or one device it runs the model.
+    model = _mlp()
+    dp = nn.DataParallel(model)  # no CUDA here: no devices, the module runs as it is
+    x, y = _data((6,), "class", b=5)
+    sampler, handle, spy = watched(dp, sketch=4)
+    ce(dp(x), y).backward()
+    handle.flush()
+    expected, _ = exact_rows(handle, model, ce, x, y)  # torch.func on the module DataParallel holds
+    assert_rows(spy.rows[0], expected)
+    handle.remove()
+    dp.device_ids = [0, 1]  # what DataParallel over two GPUs holds
+    sampler = GraBSampler(n=8)
+    with pytest.raises(UnsupportedModelError, match="DataParallel over 2 devices"):
+        sampler.watch(dp)
+    no_hooks(dp)
+    assert sampler._watchers == []
+
+
 def test_watching_the_same_model_again_replaces_the_handle_and_another_model_is_refused():
     # A notebook cell run twice: two handles fed every step's rows twice (a ShapeError, or rows matched
     # to the wrong examples).

@@ -171,7 +171,7 @@ class WatchHandle:
             from torchgrab.integrations._ranks import RowExchange
 
             self.exchange = RowExchange()
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        inner = _unwrapped(model)
         named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
         # Every name of a shared parameter (a tied output layer's weight is also the embedding's): leaving
         # out either layer leaves out the parameter.
@@ -401,7 +401,7 @@ class WatchHandle:
         [B, *shape]}, as :func:`torchgrab.gradients.per_example_gradients` returns them). The rows the
         hooks form equal it (in exact arithmetic; BatchNorm's are contributions, not gradients); for
         tests and for measuring what a sketch keeps."""
-        inner = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+        inner = _unwrapped(self.model)
         canon = {id(t): n for n, t in inner.named_parameters()}  # a shared parameter's one name
         pieces: List[torch.Tensor] = []
         for module, sk in self._sketches.items():
@@ -812,6 +812,23 @@ class WatchHandle:
         if self.granularity == "batch":
             return b * self.sampler.unit_size if self.sampler.unit_size > 1 else b
         return b
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module whose layers are hooked: DistributedDataParallel's, or DataParallel's on one device."""
+    if isinstance(model, nn.DataParallel):
+        if len(model.device_ids) > 1:
+            # Each forward copies the model to every GPU and runs the copies in threads: the layers that
+            # run are copies made at that forward, which no hook registered here can tell apart.
+            raise UnsupportedModelError(
+                f"watch() does not follow nn.DataParallel over {len(model.device_ids)} devices (it runs fresh "
+                "copies of the model in threads at every forward); use DistributedDataParallel, which watch() "
+                "supports, or watch the model on one device"
+            )
+        return model.module
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
 
 
 def _kind(sk: LayerSketch) -> str:
