@@ -457,8 +457,8 @@ class EmbeddingSketch(LayerSketch):
 
 
 class TiedLinearSketch(LayerSketch):
-    """A Linear layer whose weight is an Embedding's (a tied output layer, as in GPT-2 and BERT's masked-LM
-    head). The tied parameter's per-example gradient is the sum of both uses, so this layer's part,
+    """A Linear layer whose weight is an Embedding's (a tied output layer, as BERT's masked-LM head and
+    many language models have). The tied parameter's per-example gradient is the sum of both uses, so this layer's part,
     sum_t g_t a_t^T ([V, d], vocabulary by feature, as the table is), goes through the embedding's own
     projection (its vocabulary count sketch and feature factor) into the embedding's columns, where the
     two parts add up. Its own bias, if trainable, gets columns of its own, count-sketched the same way."""
