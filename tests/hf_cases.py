@@ -69,11 +69,11 @@ class SentenceSet(torch.utils.data.Dataset):
         }
 
 
-def tiny_bert(seed: int = 0) -> torch.nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
+def tiny_bert_config(**overrides: Any) -> Any:
+    """A BertConfig small enough for a test, dropout off (deterministic); ``overrides`` change any field."""
+    from transformers import BertConfig
 
-    torch.manual_seed(seed)
-    cfg = BertConfig(
+    fields: Dict[str, Any] = dict(
         vocab_size=VOCAB,
         hidden_size=16,
         num_hidden_layers=1,
@@ -84,7 +84,15 @@ def tiny_bert(seed: int = 0) -> torch.nn.Module:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return BertForSequenceClassification(cfg)
+    fields.update(overrides)
+    return BertConfig(**fields)
+
+
+def tiny_bert(seed: int = 0) -> torch.nn.Module:
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config())
 
 
 def per_example_grads(model: torch.nn.Module, ds: SentenceSet, indices: List[int]) -> Dict[str, torch.Tensor]:

@@ -240,17 +240,9 @@ def test_embedding_options_hooks_cannot_follow_are_refused():
 def test_hooks_on_a_padded_bert_batch_equal_unpadded_one_example_passes():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(6)
-    cfg = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=2,
-    )
+    from hf_cases import tiny_bert_config
+
+    cfg = tiny_bert_config(vocab_size=40, num_hidden_layers=2, intermediate_size=24, max_position_embeddings=16)
     cfg._attn_implementation = "eager"  # as examples/glue_finetune.py loads it
     model = transformers.BertForSequenceClassification(cfg)
     lengths = [7, 3, 5, 7]

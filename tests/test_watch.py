@@ -1569,18 +1569,11 @@ def test_bert_masked_lm_head_tied_to_the_word_embeddings(sketch):
     # Hugging Face's BertForMaskedLM: the decoder's weight is the word embeddings' (tied), and its bias
     # is a parameter of the head module as well (registered twice). Rows against torch.func.
     transformers = pytest.importorskip("transformers")
+    from hf_cases import tiny_bert_config
+
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=8,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        attn_implementation="eager",
-    )
+    cfg = tiny_bert_config(vocab_size=40, hidden_size=8, intermediate_size=16, max_position_embeddings=8)
+    cfg._attn_implementation = "eager"  # as examples/glue_finetune.py loads it
 
     class MLM(nn.Module):
         def __init__(self):
