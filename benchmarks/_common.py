@@ -3,7 +3,6 @@ and the shims that let the reference `grab-sampler` 0.1.3 import and construct u
 
 from __future__ import annotations
 
-import csv
 import os
 import platform
 import shlex
@@ -147,15 +146,21 @@ class Out:
             f.write("\n".join(self.lines) + "\n")
 
 
+_EXAMPLES_COMMON: List[types.ModuleType] = []
+
+
+def examples_common() -> types.ModuleType:
+    """examples/_common.py (data loading, the MiniLM path, CSV writing), loaded once by path."""
+    if not _EXAMPLES_COMMON:
+        here = os.path.dirname(os.path.abspath(__file__))
+        _EXAMPLES_COMMON.append(load_module("examples_common", os.path.join(here, "..", "examples", "_common.py")))
+    return _EXAMPLES_COMMON[0]
+
+
 def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
-    """Rows as CSV; the columns are every key of any row, in order of first appearance."""
-    keys: List[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    """Rows as CSV (examples/_common.write_csv): the columns are every key of any row, in order of first
+    appearance."""
+    examples_common().write_csv(rows, path)
 
 
 def provenance() -> List[str]:

@@ -47,13 +47,8 @@ def bert_row(data, batch=16, max_len=48):
     one-sentence-at-a-time loop the example used against the hooks capture of the batch, padded to its
     longest sentence (vmap cannot trace Hugging Face's BERT)."""
     try:
-        import importlib.util
-
         # examples/_common.py (this directory has its own _common): where the encoder's package keeps it.
-        where = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "_common.py")
-        spec = importlib.util.spec_from_file_location("examples_common", where)
-        examples_common = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(examples_common)
+        examples_common = _common.examples_common()
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
