@@ -91,6 +91,18 @@ def no_hooks(model):
         assert not p._backward_hooks, p.shape
 
 
+def refused(model, error, match, sampler=None, **kwargs):
+    """watch(model, **kwargs) raises ``error`` (its message matching ``match``), leaves no hook on the
+    model and no new handle on the sampler; returns the message."""
+    sampler = GraBSampler(n=8) if sampler is None else sampler
+    before = list(sampler._watchers)
+    with pytest.raises(error, match=match) as err:
+        sampler.watch(model, **kwargs)
+    no_hooks(model)
+    assert sampler._watchers == before
+    return str(err.value)
+
+
 def one_step(model, x, y, loss_fn, sketch, reduction="mean", **kwargs):
     """One watched training step; returns (rows the sampler got, exact projected rows, grads, handle)."""
     sampler, handle, spy = watched(model, sketch=sketch, loss_reduction=reduction, **kwargs)
@@ -757,29 +769,21 @@ def test_multihead_attention_and_sequence_first_layers_are_refused_and_the_rest_
     model = Encoder()
     attn = "block.self_attn"
     for exclude in ([], [f"{attn}.in_proj_weight", f"{attn}.in_proj_bias"]):
-        sampler = GraBSampler(n=8)
-        with pytest.raises(UnsupportedModelError, match="out_proj.weight") as err:
-            sampler.watch(model, sketch=sketch, exclude=exclude)
-        assert "nn.MultiheadAttention" in str(err.value)
-        assert f"exclude=['{attn}']" in str(err.value)
-        no_hooks(model)
-        assert sampler._watchers == []
+        message = refused(model, UnsupportedModelError, "out_proj.weight", sketch=sketch, exclude=exclude)
+        assert "nn.MultiheadAttention" in message
+        assert f"exclude=['{attn}']" in message
     # The model itself an attention module: its out_proj is refused too, and no exclude= is advised
     # (leaving out the model would leave nothing).
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
-    with pytest.raises(UnsupportedModelError, match="out_proj.weight") as err:
-        GraBSampler(n=8).watch(mha, sketch=sketch, exclude=["in_proj_weight", "in_proj_bias"])
-    assert "exclude=" not in str(err.value) and "<the model itself>" in str(err.value)
-    no_hooks(mha)
+    message = refused(
+        mha, UnsupportedModelError, "out_proj.weight", sketch=sketch, exclude=["in_proj_weight", "in_proj_bias"]
+    )
+    assert "exclude=" not in message and "<the model itself>" in message
     # torch's default layout, batch_first=False: the Linear and norm layers inside see [T, B, E], so
     # their rows would be per position; refused, whatever is excluded inside the layer.
     seq_first = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
     for exclude in ([], ["self_attn"]):
-        sampler = GraBSampler(n=8)
-        with pytest.raises(UnsupportedModelError, match="batch_first=False"):
-            sampler.watch(seq_first, sketch=sketch, exclude=exclude)
-        no_hooks(seq_first)
-        assert sampler._watchers == []
+        refused(seq_first, UnsupportedModelError, "batch_first=False", sketch=sketch, exclude=exclude)
     ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 2, 1, 2])
     rows, expected, grads, handle = one_step(model, ids, y, ce, sketch, exclude=[attn])
@@ -829,13 +833,10 @@ def test_a_tied_output_layer_adds_its_part_into_the_embeddings_columns(variant, 
     # Left out by either layer's name, the tied weight is left out of both; leaving out the embedding
     # while the head's own bias stays would split the head, which is refused.
     for name in ("emb", "head"):
-        sampler = GraBSampler(n=8)
         if variant.get("head_bias") and name == "emb":
-            with pytest.raises(UnsupportedInputError, match="exclude="):
-                sampler.watch(model, sketch=sketch, exclude=[name])
-            no_hooks(model)
+            refused(model, UnsupportedInputError, "exclude=", sketch=sketch, exclude=[name])
         else:
-            handle = sampler.watch(model, sketch=sketch, exclude=[name])
+            handle = GraBSampler(n=8).watch(model, sketch=sketch, exclude=[name])
             assert [n for n, _, _ in handle.layers] == ["mid"]
             handle.remove()
 
@@ -852,18 +853,10 @@ class SharedLinear(nn.Module):
 
 
 def test_a_weight_shared_by_two_linear_layers_or_an_unsketched_embedding_is_refused():
-    model = SharedLinear()
-    sampler = GraBSampler(n=8)
-    with pytest.raises(UnsupportedModelError, match="belongs to both 'a' and 'b'"):
-        sampler.watch(model)
-    no_hooks(model)
-    assert sampler._watchers == []
+    refused(SharedLinear(), UnsupportedModelError, "belongs to both 'a' and 'b'")
     tied = TiedLM()
     tied.emb.max_norm = 1.0  # an embedding watch() cannot sketch (it rewrites its weight in the forward)
-    with pytest.raises(UnsupportedModelError, match="embedding is not sketched"):
-        sampler.watch(tied)
-    no_hooks(tied)
-    assert sampler._watchers == []
+    refused(tied, UnsupportedModelError, "embedding is not sketched")
 
 
 def test_data_parallel_over_several_devices_is_refused_and_on_one_is_the_model():
@@ -879,11 +872,7 @@ def test_data_parallel_over_several_devices_is_refused_and_on_one_is_the_model()
     assert_rows(spy.rows[0], expected)
     handle.remove()
     dp.device_ids = [0, 1]  # what DataParallel over two GPUs holds
-    sampler = GraBSampler(n=8)
-    with pytest.raises(UnsupportedModelError, match="DataParallel over 2 devices"):
-        sampler.watch(dp)
-    no_hooks(dp)
-    assert sampler._watchers == []
+    refused(dp, UnsupportedModelError, "DataParallel over 2 devices")
 
 
 def test_watching_the_same_model_again_replaces_the_handle_and_another_model_is_refused():
@@ -900,10 +889,7 @@ def test_watching_the_same_model_again_replaces_the_handle_and_another_model_is_
     ce(model(x), y).backward()
     second.flush()
     assert [r.shape[0] for r in spy.rows] == [5, 5] and sampler.pending == 64 - 10
-    other = _mlp(seed=1)
-    with pytest.raises(UnsupportedInputError, match="another model"):
-        sampler.watch(other)
-    no_hooks(other)
+    refused(_mlp(seed=1), UnsupportedInputError, "another model", sampler=sampler)
     assert sampler._watchers == [second]
     # A refused second watch() of the same model leaves the first handle attached.
     with pytest.raises(UnsupportedInputError):
