@@ -236,12 +236,7 @@ class WatchHandle:
             for name, module in tied:
                 emb_sketch = self._sketches.get(embeddings[id(module.weight)])
                 own = {p: canon[id(t)] for p, t in module._parameters.items() if t is not None and t.requires_grad}
-                if own["weight"] not in kept:  # the tied weight excluded (by either layer's name)
-                    if any(n in kept for n in own.values()):
-                        raise UnsupportedInputError(
-                            f"exclude= leaves out {own['weight']!r} but not the rest of layer {name!r}: a layer's "
-                            f"sketch covers all its parameters; exclude the layer ({name!r}) too"
-                        )
+                if _excluded(name, list(own.values()), kept):  # the tied weight too, by either layer's name
                     continue
                 if emb_sketch is None or not isinstance(emb_sketch, EmbeddingSketch) or emb_sketch.dropped:
                     raise UnsupportedModelError(
@@ -359,15 +354,8 @@ class WatchHandle:
     ) -> bool:
         """Take a layer's sketch (False: the layer is excluded). ``own``: its parameters' names."""
         covered = [own[p] for p in sk.covered(module)]
-        left_out = [n for n in covered if n not in kept]
-        if left_out and len(left_out) < len(covered):
-            raise UnsupportedInputError(
-                f"exclude= leaves out {left_out} but not the rest of layer {sk.name!r}: a layer's sketch "
-                f"covers all its parameters; exclude the layer ({sk.name!r}) or freeze the parameter "
-                "(requires_grad=False)"
-            )
-        if left_out:
-            return False  # the whole layer excluded
+        if _excluded(sk.name, covered, kept):
+            return False
         tied = isinstance(sk, TiedLinearSketch)
         shared = [n for n in covered if n in owner and not (tied and n == own["weight"])]
         if shared:
@@ -829,6 +817,17 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module
     return model
+
+
+def _excluded(layer: str, covered: List[str], kept: Set[str]) -> bool:
+    """Whether exclude= leaves out the whole layer (its parameters ``covered``); a part of it is refused."""
+    left_out = [n for n in covered if n not in kept]
+    if left_out and len(left_out) < len(covered):
+        raise UnsupportedInputError(
+            f"exclude= leaves out {left_out} but not the rest of layer {layer!r}: a layer's sketch covers all "
+            f"its parameters; exclude the layer ({layer!r}) or freeze the parameter (requires_grad=False)"
+        )
+    return bool(left_out)
 
 
 def _kind(sk: LayerSketch) -> str:
