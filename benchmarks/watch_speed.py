@@ -81,7 +81,7 @@ class Arm:
         elif kind != "rr":
             self.sampler = torchgrab.GraBSampler(n=len(x), ordering="grab", seed=seed)
             if kind.startswith("watch"):
-                sketch = None if kind == "watch exact" else torchgrab.capture.DEFAULT_SKETCH
+                sketch = {"watch exact": None, GHOST: "ghost"}.get(kind, torchgrab.capture.DEFAULT_SKETCH)
                 extra = {"budget": _budget(kind)} if kind.startswith(BUDGET_ARM) else {}
                 if kind in NON_BLOCKING:
                     extra["non_blocking"] = NON_BLOCKING[kind]
@@ -148,7 +148,9 @@ RR_SAMPLER = "rr via sampler"
 NO_BALANCING = "watch no balancing"
 # watch() balances in the background only when a core is free for it (non_blocking=None); these force it.
 NON_BLOCKING = {"watch background": True, "watch blocking": False}
-ARMS = ["rr", "watch", "watch torch ops", "watch exact", "backward(hooks)", EMPTY_HOOKS, *NON_BLOCKING]
+# watch(sketch="ghost"): Linear layers exact from their factors (B x B Gram products), the rest exact rows.
+GHOST = "watch ghost"
+ARMS = ["rr", "watch", "watch torch ops", "watch exact", GHOST, "backward(hooks)", EMPTY_HOOKS, *NON_BLOCKING]
 ARMS += [RR_SAMPLER, NO_BALANCING]
 
 
@@ -192,6 +194,7 @@ NAMES = {
     "watch": "grab, watch()",
     "watch torch ops": "grab, watch(), torch ops",
     "watch exact": "grab, watch(sketch=None)",
+    GHOST: "grab, watch(sketch='ghost')",
     "watch background": "grab, non_blocking=True",
     "watch blocking": "grab, non_blocking=False",
     EMPTY_HOOKS: EMPTY_HOOKS,

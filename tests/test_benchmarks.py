@@ -216,3 +216,20 @@ by_hand = torch.einsum("bon,ok,nj->bkj", grads["0.weight"], u_out, u_in).reshape
 assert torch.allclose(rows[:, : by_hand.shape[1]], by_hand, atol=1e-6)
 print("ok")
 """
+
+
+@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="no ../shared/data")
+def test_watch_ghost_runs(tmp_path):
+    """benchmarks/watch_ghost.py --quick: an MLP 784-64-64-10 on 2,048 MNIST images, RR against watch()
+    sketched, ghost and exact, for grab and pair."""
+    stdout = run(
+        ["benchmarks/watch_ghost.py", "--data", str(DATA), "--quick", "--no-reference", "--out", str(tmp_path)]
+    )
+    for line in (
+        "## grab: MLP 784-64-64-10 (d = 55,050)",
+        "## pair: MLP",
+        'watch(sketch="ghost")',
+        "watch(sketch=None)",
+    ):
+        assert line in stdout
+    assert "memory read bandwidth" in stdout

@@ -20,7 +20,7 @@ dense kernel wherever no inner product sits within rounding distance of 0 (teste
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -70,6 +70,109 @@ def _to_host(u: torch.Tensor, gram: torch.Tensor) -> Any:
     return np.ascontiguousarray(both[0]), np.ascontiguousarray(both[1:])
 
 
+class Factored:
+    """A Linear layer's per-example weight gradients, held as their factors and never formed: row r is
+    vec(sum_t G_t[r] A_t[r]^T), an out x in matrix (the ghost form of ../shared/design/SKETCH.md). ``terms``:
+    ``(G [R, out], A [R, in])`` per call of the layer in the step (a layer called twice sums two outer
+    products per example). Every product the balancing needs comes from B x B Gram matrices of the
+    factors and products the size of the weight, in float64:
+
+    - X s = sum_t rowdot(G_t, A_t S^T), with S the running sum viewed as out x in;
+    - X Y^T = sum_{t, t'} (G_t H_t'^T) o (A_t C_t'^T) for the rows of another Factored Y = (H, C);
+    - X^T c = sum_t G_t^T diag(c) A_t (a weight-gradient-sized product, accumulated into the state).
+    """
+
+    def __init__(self, terms: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        terms = [(g.detach(), a.detach()) for g, a in terms]
+        if not terms:
+            raise ShapeError("a factored gradient needs at least one (G, A) term")
+        r, out_f, in_f = terms[0][0].shape[0], terms[0][0].shape[1], terms[0][1].shape[1]
+        for g, a in terms:
+            if g.dim() != 2 or a.dim() != 2 or g.shape != (r, out_f) or a.shape != (r, in_f):
+                raise ShapeError(
+                    f"factored gradient terms must be G [{r}, {out_f}] and A [{r}, {in_f}], got "
+                    f"{tuple(g.shape)} and {tuple(a.shape)}"
+                )
+        self.terms = terms
+        self.out, self.inp = int(out_f), int(in_f)
+        self.dtype = torch.float64  # the precision of the products (set by the balancer: its state's)
+        self._cast: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+
+    def cast(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """The terms in ``dtype``, converted once per step (every product below reads them)."""
+        if self._cast is None or self._cast[0][0].dtype != self.dtype:
+            self._cast = [(g.to(self.dtype), a.to(self.dtype)) for g, a in self.terms]
+        return self._cast
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return (int(self.terms[0][0].shape[0]), self.out * self.inp)
+
+    @property
+    def device(self) -> torch.device:
+        return self.terms[0][0].device
+
+    def rows(self, sl: slice) -> "Factored":
+        return Factored([(g[sl], a[sl]) for g, a in self.terms])
+
+    def cat(self, other: "Factored") -> "Factored":
+        """These rows, then ``other``'s (a layer called a different number of times in the two: the
+        missing calls are zero terms)."""
+        mine, theirs = list(self.terms), list(other.terms)
+        while len(mine) < len(theirs):
+            mine.append((mine[0][0].new_zeros(mine[0][0].shape), mine[0][1].new_zeros(mine[0][1].shape)))
+        while len(theirs) < len(mine):
+            theirs.append((theirs[0][0].new_zeros(theirs[0][0].shape), theirs[0][1].new_zeros(theirs[0][1].shape)))
+        return Factored([(torch.cat([g, h]), torch.cat([a, c])) for (g, a), (h, c) in zip(mine, theirs)])
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(g).all()) and bool(torch.isfinite(a).all()) for g, a in self.terms)
+
+    def encode(self) -> torch.Tensor:
+        """One row as one flat tensor (a pair's waiting first member, in a state dict): [G_t; A_t] per term."""
+        return torch.cat([torch.cat([g[0], a[0]]) for g, a in self.terms])
+
+    @staticmethod
+    def decode(flat: torch.Tensor, out_f: int, in_f: int) -> "Factored":
+        per = out_f + in_f
+        if flat.dim() != 1 or flat.numel() == 0 or flat.numel() % per:
+            raise ShapeError(
+                f"a factored row of {out_f} x {in_f} must have a multiple of {per} numbers, got {flat.numel()}"
+            )
+        terms = flat.view(-1, per)
+        return Factored([(t[:out_f].unsqueeze(0), t[out_f:].unsqueeze(0)) for t in terms])
+
+    def dot(self, *vs: torch.Tensor) -> torch.Tensor:
+        """X v for each flat out*in vector v: [len(vs), R] float64."""
+        # rowdot(G, A V^T) per v: the inner dimension is the (long) input side.
+        mats = [v.to(self.dtype).view(self.out, self.inp) for v in vs]
+        total = None
+        for g, a in self.cast():
+            t = torch.stack([((a @ m.T) * g).sum(1) for m in mats])
+            total = t if total is None else total + t
+        return total.double()  # type: ignore[union-attr]
+
+    def gram(self, other: "Factored") -> torch.Tensor:
+        """X Y^T, [R, R'] float64."""
+        total = None
+        for g, a in self.cast():
+            for h, c in other.cast():
+                k = (g @ h.T).mul_(a @ c.T)
+                total = k if total is None else total.add_(k)
+        return total.double()  # type: ignore[union-attr]
+
+    def add_to(self, target: torch.Tensor, coef: Optional[torch.Tensor] = None, alpha: float = 1.0) -> None:
+        """target += alpha X^T coef (coef None: all ones), for a flat out*in ``target`` in ``dtype``: one
+        in-place product per term, accumulated into the state (no out x in temporary)."""
+        mat = target.view(self.out, self.inp)
+        for g, a in self.cast():
+            gc = g if coef is None else g * coef.to(g.dtype).unsqueeze(1)
+            mat.addmm_(gc.T, a, alpha=alpha)
+
+
+Segment = Union[torch.Tensor, Factored]
+
+
 class OnDeviceBalancer:
     """The device half of ``grab`` / ``pair`` balancing. ``native`` is the sampler's ``NativeSampler``."""
 
@@ -82,6 +185,8 @@ class OnDeviceBalancer:
         self.block_bytes = block_bytes
         self.split_cols = DEFAULT_SPLIT_COLS
         self.widths: Optional[List[int]] = None
+        # (out, in) of each segment that is a Factored Linear gradient, None for a dense one.
+        self.factors: Optional[List[Optional[Tuple[int, int]]]] = None
         self.s: List[torch.Tensor] = []
         self.m: List[torch.Tensor] = []
         self.m_next: List[torch.Tensor] = []
@@ -90,11 +195,12 @@ class OnDeviceBalancer:
         self.pending_grad: List[torch.Tensor] = []
 
     # ------------------------------------------------------------------ state
-    def _ensure(self, segs: Sequence[torch.Tensor]) -> None:
+    def _ensure(self, segs: Sequence[Segment]) -> None:
         widths = [int(t.shape[1]) for t in segs]
+        factors = [(t.out, t.inp) if isinstance(t, Factored) else None for t in segs]
         device = segs[0].device
         if self.widths is None:
-            self.widths = widths
+            self.widths, self.factors = widths, factors
             zeros = lambda: [torch.zeros(w, dtype=self.dtype, device=device) for w in widths]  # noqa: E731
             self.s = zeros()
             if self.ordering == "grab":
@@ -103,6 +209,12 @@ class OnDeviceBalancer:
         if widths != self.widths:
             raise ShapeError(
                 f"expected gradient segments of widths {self.widths} (fixed by the first step), got {widths}"
+            )
+        if self.factors is None:
+            self.factors = factors  # restored from a state dict written before factored segments existed
+        if factors != self.factors:
+            raise ShapeError(
+                f"expected gradient segments factored as {self.factors} (fixed by the first step), got {factors}"
             )
         if self.s[0].device != device:
             # Sums restored from a checkpoint live on the CPU until the gradients show where they belong.
@@ -136,6 +248,7 @@ class OnDeviceBalancer:
         return {
             "ordering": self.ordering,
             "widths": list(self.widths) if self.widths is not None else None,
+            "factors": None if self.factors is None else [None if f is None else list(f) for f in self.factors],
             "s": cpu(self.s),
             "m": cpu(self.m),
             "m_next": cpu(self.m_next),
@@ -154,6 +267,9 @@ class OnDeviceBalancer:
             lists = {k: list(state[k]) for k in ("s", "m", "m_next", "pending_grad")}
             seen = int(state["seen"])
             pending = state["pending_index"]
+            factors = state.get("factors")  # absent before factored segments existed: all dense
+            if factors is not None:
+                factors = [None if f is None else (int(f[0]), int(f[1])) for f in factors]
         except (KeyError, TypeError, ValueError) as e:
             raise StateDictError(f"malformed on-device state: {e}") from None
         if widths is not None:
@@ -162,7 +278,12 @@ class OnDeviceBalancer:
                     raise StateDictError(f"on-device state {k!r} does not match widths {widths}")
                 if any(t.dtype != self.dtype for t in lists[k]):
                     raise StateDictError(f"on-device state {k!r} is not {self.dtype}")
+        if factors is not None and (widths is None or len(factors) != len(widths)):
+            raise StateDictError(f"on-device state 'factors' {factors} does not match widths {widths}")
+        if factors is not None and any(f is not None and f[0] * f[1] != w for f, w in zip(factors, widths)):
+            raise StateDictError(f"on-device state 'factors' {factors} does not match widths {widths}")
         self.widths = list(widths) if widths is not None else None
+        self.factors = factors
         self.s, self.m, self.m_next = (
             [t.detach().clone() for t in lists["s"]],
             [t.detach().clone() for t in lists["m"]],
@@ -181,12 +302,44 @@ class OnDeviceBalancer:
         u = torch.zeros(r, dtype=torch.float64, device=device)
         gram = torch.zeros(r, r, dtype=torch.float64, device=device)
         for k, w in enumerate(self.widths):
+            if isinstance(rows[0][k], Factored):
+                uk, gk = self._factored_products(rows, k, center)
+                u += uk
+                gram += gk
+                continue
             for blk in _blocks(w, r, self.block_bytes):
                 z = self._block(rows, k, blk, center)
                 uk, gk = _products(z, self.s[k][blk].double(), self.split_cols)
                 u += uk
                 gram += gk
         return u, gram
+
+    def _factored_products(
+        self, rows: List[List[Any]], k: int, center: Optional[List[torch.Tensor]]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """u and Z Z^T of segment k from its factors. Pairs: Z = A - B, so Z Z^T = AA^T - AB^T - BA^T +
+        BB^T. grab: Z = X - 1 m^T, centered analytically (the factors cannot be centered without forming
+        the rows): u = X s - <m, s>, Z Z^T = X X^T - (X m) 1^T - 1 (X m)^T + ||m||^2, in float64."""
+        s = self.s[k]
+        for r in rows:
+            # Products of factors in the state's precision (float64 state, float64 products). The dense
+            # blocks are float64 either way; theirs are not what a step costs.
+            r[k].dtype = self.dtype
+        if len(rows) == 2:
+            a, b = rows[0][k], rows[1][k]
+            ab = a.gram(b)
+            return a.dot(s)[0] - b.dot(s)[0], a.gram(a) - ab - ab.T + b.gram(b)
+        x = rows[0][k]
+        gram = x.gram(x)
+        if center is None:
+            return x.dot(s)[0], gram
+        # The d-long vectors stay in the state's dtype: converting a wide layer's s and m to float64
+        # every step cost more than its products.
+        m = center[k]
+        xs, xm = x.dot(s, m)
+        gram -= xm.unsqueeze(1)
+        gram -= xm.unsqueeze(0)
+        return xs - float(torch.dot(m, s)), gram + float(torch.dot(m, m))
 
     @staticmethod
     def _block(
@@ -201,18 +354,32 @@ class OnDeviceBalancer:
             z = z - center[k][blk].double()
         return z
 
-    def _update(self, rows: List[List[torch.Tensor]], center: Optional[List[torch.Tensor]], coef: torch.Tensor) -> None:
+    def _update(
+        self, rows: List[List[Any]], center: Optional[List[torch.Tensor]], coef: torch.Tensor, inv_n: float = 0.0
+    ) -> None:
+        """s += Z^T coef; for grab (``inv_n`` = 1/n) a factored segment's m_next too, from the same products."""
         assert self.widths is not None
         r = coef.shape[0]
         for k, w in enumerate(self.widths):
+            if isinstance(rows[0][k], Factored):
+                s = self.s[k]  # updated in place in its own dtype (a wide layer's: see _factored_products)
+                rows[0][k].add_to(s, coef)
+                if inv_n:
+                    rows[0][k].add_to(self.m_next[k], alpha=inv_n)
+                if len(rows) == 2:
+                    rows[1][k].add_to(s, coef, alpha=-1.0)
+                elif center is not None:
+                    s.add_(center[k], alpha=-float(coef.sum()))
+                continue
             for blk in _blocks(w, r, self.block_bytes):
                 z = self._block(rows, k, blk, center)
                 s = self.s[k][blk]
                 s.copy_((s.double() + coef @ z).to(self.dtype))
 
-    def step(self, native: Any, segments: Sequence[torch.Tensor], idx: np.ndarray) -> None:
-        """Balance one step. ``segments`` are (B, ...) tensors on one device; ``idx`` uint32 units."""
-        segs = [t.detach().reshape(t.shape[0], -1) for t in segments]
+    def step(self, native: Any, segments: Sequence[Segment], idx: np.ndarray) -> None:
+        """Balance one step. ``segments`` are (B, ...) tensors or :class:`Factored` gradients on one
+        device; ``idx`` uint32 units."""
+        segs: List[Segment] = [t if isinstance(t, Factored) else t.detach().reshape(t.shape[0], -1) for t in segments]
         devices = {t.device for t in segs}
         if len(devices) > 1:
             raise ShapeError(f"all gradient segments must be on one device, got {sorted(map(str, devices))}")
@@ -225,20 +392,22 @@ class OnDeviceBalancer:
             else:
                 self._step_pair(native, segs, idx, b, d)
 
-    def _step_grab(self, native: Any, segs: List[torch.Tensor], idx: np.ndarray, b: int, d: int) -> None:
+    def _step_grab(self, native: Any, segs: List[Segment], idx: np.ndarray, b: int, d: int) -> None:
         rows = [segs]
         u, gram = self._gram(rows, self.m)
         u_h, gram_h = _to_host(u, gram)
         coef_h = native.step_gram(idx, u_h, gram_h, d, np.zeros(0, np.uint32))
         coef = torch.from_numpy(coef_h).to(segs[0].device)
-        self._update(rows, self.m, coef)
         inv_n = 1.0 / self.n
+        self._update(rows, self.m, coef, inv_n)  # (and a factored segment's m_next)
         for k, g in enumerate(segs):
+            if isinstance(g, Factored):
+                continue
             mn = self.m_next[k]
             mn.copy_((mn.double() + g.double().sum(0) * inv_n).to(self.dtype))
         self.seen += b
 
-    def _step_pair(self, native: Any, segs: List[torch.Tensor], idx: np.ndarray, b: int, d: int) -> None:
+    def _step_pair(self, native: Any, segs: List[Segment], idx: np.ndarray, b: int, d: int) -> None:
         units = [int(i) for i in idx]
         if self.pending_index is not None and self.pending_index in units:
             raise UnitIndexError(
@@ -255,15 +424,25 @@ class OnDeviceBalancer:
         # A (first members) and B (second members) per segment, as (P, w) tensors.
         a_rows, b_rows = [], []
         for k, g in enumerate(segs):
-            a = g[start : start + 2 * npairs_in : 2]
-            bb = g[start + 1 : start + 2 * npairs_in : 2]
-            if start:
-                a = torch.cat([self.pending_grad[k].unsqueeze(0), a])
-                bb = torch.cat([g[:1], bb])
+            if isinstance(g, Factored):
+                a, bb = (
+                    g.rows(slice(start, start + 2 * npairs_in, 2)),
+                    g.rows(slice(start + 1, start + 2 * npairs_in, 2)),
+                )
+                if start:
+                    a = Factored.decode(self.pending_grad[k], g.out, g.inp).cat(a)
+                    bb = g.rows(slice(0, 1)).cat(bb)
+            else:
+                a = g[start : start + 2 * npairs_in : 2]
+                bb = g[start + 1 : start + 2 * npairs_in : 2]
+                if start:
+                    a = torch.cat([self.pending_grad[k].unsqueeze(0), a])
+                    bb = torch.cat([g[:1], bb])
             a_rows.append(a)
             b_rows.append(bb)
         hold = np.array([units[-1]] if leftover else [], dtype=np.uint32)
-        if leftover and not all(bool(torch.isfinite(g[-1]).all()) for g in segs):
+        last = [g.rows(slice(b - 1, b)) if isinstance(g, Factored) else g[-1] for g in segs]
+        if leftover and not all(t.finite() if isinstance(t, Factored) else bool(torch.isfinite(t).all()) for t in last):
             raise NonFiniteGradientError(
                 f"the gradient of unit {units[-1]} (row {b - 1} of this step) contains NaN or Inf; the step was refused and nothing changed"
             )
@@ -278,7 +457,7 @@ class OnDeviceBalancer:
             native.step_gram(np.zeros(0, np.uint32), np.zeros(0), np.zeros((0, 0)), d, hold)
         if leftover:
             self.pending_index = units[-1]
-            self.pending_grad = [g[-1].clone() for g in segs]
+            self.pending_grad = [t.encode() if isinstance(t, Factored) else t.clone() for t in last]
         elif npairs:
             self.pending_index = None
             self.pending_grad = []

@@ -8,7 +8,7 @@ how far it has been stepped, so DataLoader prefetching (``num_workers > 0``) nee
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Sized, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Sized, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torchgrab._units import UnitMap
 from torchgrab.capture.watch import DEFAULT_BUDGET, DEFAULT_SKETCH
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
 from torchgrab.gradients import batch_size, call_model, capture
-from torchgrab.ondevice import OnDeviceBalancer
+from torchgrab.ondevice import Factored, OnDeviceBalancer
 
 if TYPE_CHECKING:
     from torchgrab.capture.watch import WatchHandle
@@ -477,6 +477,15 @@ class GraBSampler(Sampler[int]):
 
     def _wants_device_path(self, grads: Any) -> bool:
         """Which path a step takes (see ``device_path``); one sampler never mixes the two."""
+        if self.balances and any(isinstance(g, Factored) for g in gradient_items(grads)):
+            if self.device_path == "never" or not self._device_capable or self._dense_used:
+                raise UnsupportedInputError(
+                    "factored gradients (a Linear layer's, balanced by their Gram products) need ordering "
+                    "'grab' or 'pair' without projection or unit_size, device_path other than 'never', and a "
+                    f"sampler that has not balanced dense rows with the Rust kernel this run (ordering "
+                    f"{self.ordering!r}, device_path {self.device_path!r})"
+                )
+            return True
         if not self.balances or self.device_path == "never" or not self._device_capable:
             return False  # device tensors then get the Rust kernel's clear refusal
         if self._ondevice is not None:
@@ -484,7 +493,8 @@ class GraBSampler(Sampler[int]):
         items = gradient_items(grads)
         first = items[0] if items else None
         on_device = isinstance(first, torch.Tensor) and first.device.type != "cpu"
-        wants = self.device_path == "always" or on_device
+        # A factored gradient (a Linear layer's, never formed) is balanced by its Gram products only.
+        wants = self.device_path == "always" or on_device or any(isinstance(g, Factored) for g in items)
         if wants and self._dense_used:
             raise UnsupportedInputError(
                 "this sampler has balanced CPU gradients with the Rust kernel this run; gradients on "
@@ -499,6 +509,9 @@ class GraBSampler(Sampler[int]):
             raise ShapeError("step() got an empty collection of gradients")
         tensors = []
         for k, g in enumerate(items):
+            if isinstance(g, Factored):
+                tensors.append(g)
+                continue
             if isinstance(g, np.ndarray):
                 g = torch.from_numpy(g)  # shares memory
             if not isinstance(g, torch.Tensor):
@@ -522,7 +535,8 @@ class GraBSampler(Sampler[int]):
         b = rows.pop()
         if b == 0:
             raise ShapeError("step() got a batch of 0 rows; a step needs at least one example")
-        tensors = [t for t in tensors if t[0].numel() > 0]
+        # Zero-width segments hold nothing to balance (a Factored one is out x in, never empty).
+        tensors = [t for t in tensors if isinstance(t, Factored) or t[0].numel() > 0]
         if not tensors:
             raise ShapeError("the gradients have width d = 0; there is nothing to balance")
         return tensors, b
@@ -552,7 +566,7 @@ class GraBSampler(Sampler[int]):
         self,
         model: torch.nn.Module,
         *,
-        sketch: Optional[int] = DEFAULT_SKETCH,
+        sketch: Union[int, str, None] = DEFAULT_SKETCH,
         per_layer: Optional[Dict[str, Any]] = None,
         budget: Optional[float] = DEFAULT_BUDGET,
         loss_reduction: str = "mean",
@@ -579,10 +593,18 @@ class GraBSampler(Sampler[int]):
         BatchNorm in training mode gives each example's contribution to the batch gradient (they add up
         to it exactly), a proxy for the undefined per-example gradient.
 
+        ``sketch="ghost"`` balances exactly without forming anything per example: each ``nn.Linear``
+        layer on ``[B, in]`` inputs goes to the sampler as the factors of its per-example weight
+        gradients g_b a_b^T, whose inner products are (g_b . g_c)(a_b . a_c) (the ghost form; B x B numbers
+        per step, and products the size of the weight), every other layer as exact rows. It needs
+        ordering ``grab`` or ``pair`` (balanced one step at a time on the sampler's on-device path, on
+        the CPU too) and pays where a layer's out x in is large against B (in + out): wide MLPs.
+
         Args:
-            sketch: the per-factor sketch size k (None: exact).
+            sketch: the per-factor sketch size k; None: exact rows; ``"ghost"``: exact, Linear layers from
+                their factors (see above).
             per_layer: sketch sizes for named modules, overriding ``sketch``: an int or None for both
-                factors, or a ``(k_out, k_in)`` pair.
+                factors, a ``(k_out, k_in)`` pair, or ``"ghost"`` for a Linear layer.
             budget: per Linear or convolution layer, the sketch may cost at most this fraction of the
                 layer's own forward pass per position (Linear layers: plus 2^17 multiply-adds); a layer
                 over it gets a smaller input-side k (a net's first convolutions: few output channels,

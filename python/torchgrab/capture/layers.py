@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from torchgrab import _native
 from torchgrab.capture.projection import CountSketch, Factor, cpu_kernel_input, derived_seed
+from torchgrab.errors import UnsupportedModelError
 from torchgrab.gradients import im2col
 
 _REGISTRY: Dict[Type[nn.Module], Type["LayerSketch"]] = {}
@@ -82,6 +83,8 @@ class LayerSketch:
     """Base class: ``width`` columns of the rows, for the module's trainable ``weight`` and ``bias``."""
 
     params = ("weight", "bias")
+    ghost = False  # balanced from factors instead of rows (GhostLinearSketch)
+    ghost_width = 0  # the coordinates it balances so (beyond its columns of the rows)
 
     @staticmethod
     def fit(module: nn.Module, k: Optional[int], budget: float) -> Any:
@@ -501,6 +504,41 @@ class TiedLinearSketch(LayerSketch):
     def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         # The weight's whole per-example gradient (both uses) is projected by the embedding's sketch.
         return [self._vocab(_f32(grads["bias"]))] if self.train_b else []
+
+
+class GhostLinearSketch(LayerSketch):
+    """A Linear layer balanced exactly without forming its per-example weight gradients (``sketch="ghost"``,
+    or ``per_layer={name: "ghost"}``): its weight part goes to the sampler as the factors (G, A) of
+    g_b a_b^T, whose inner products are (g_b . g_c)(a_b . a_c), B x B numbers per step
+    (:class:`torchgrab.ondevice.Factored`, ../shared/design/SKETCH.md's ghost form). Its bias gradient g_b is
+    small and goes into the rows as it is. Inputs must be [B, in]: with tokens the Gram products cost
+    O(B^2 T^2 (in + out)), where a sketch is the better buy."""
+
+    ghost = True
+
+    def __init__(self, name: str, module: nn.Linear, k: Any, seed: int) -> None:
+        super().__init__(name, module, None, seed)
+        self.out_f, self.in_f = (int(n) for n in module.weight.shape)
+        self.width = self.out_f * self.train_b
+        self.ghost_width = self.out_f * self.in_f * self.train_w
+
+    def save(self, module: nn.Module, x: torch.Tensor) -> Any:
+        if x.dim() != 2:
+            raise UnsupportedModelError(
+                f"watch(): the ghost form of {self.name!r} needs inputs [batch, {self.in_f}], got "
+                f"{tuple(x.shape)}; with a sequence dimension sketch this layer instead (per_layer={{{self.name!r}: 32}})"
+            )
+        a = x.detach()
+        # The input stays referenced until the step is balanced: its version says whether it was written
+        # in place meanwhile (a reused input buffer), which would change the rows after the fact.
+        return (a, a._version)
+
+    def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
+        return [_f32(g)] if self.train_b else []
+
+    def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        # The rows hold the bias part only; the weight part is balanced from its factors.
+        return [_f32(grads["bias"])] if self.train_b else []
 
 
 class _AffineNormSketch(LayerSketch):

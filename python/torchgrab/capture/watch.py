@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from torchgrab.capture.layers import EmbeddingSketch, LayerSketch, TiedLinearSketch, sketch_class
+from torchgrab.capture.layers import EmbeddingSketch, GhostLinearSketch, LayerSketch, TiedLinearSketch, sketch_class
 from torchgrab.capture.projection import FoldSketch
-from torchgrab.errors import ShapeError, UnsupportedInputError, UnsupportedModelError
+from torchgrab.errors import NonFiniteGradientError, ShapeError, UnsupportedInputError, UnsupportedModelError
+from torchgrab.ondevice import Factored
 
 DEFAULT_SKETCH = 32  # per-factor sketch size k; see docs (Capturing gradients) for how it was chosen
 DEFAULT_BUDGET = 0.25  # a layer's sketch may cost this fraction of its forward; see docs for why
@@ -62,6 +63,7 @@ class _Step:
         "slot",
         "written",
         "finite",
+        "ghost",
     )
 
     def __init__(self) -> None:
@@ -86,6 +88,8 @@ class _Step:
         self.slot: Optional[np.ndarray] = None  # rows' NumPy view: the kernels' output, sliced cheaply
         self.written: Set[int] = set()
         self.finite = True  # every direct write said its values were finite
+        # A ghost layer's calls this step: (output gradient, input, the input's version when saved).
+        self.ghost: Dict[LayerSketch, List[Tuple[torch.Tensor, torch.Tensor, int]]] = {}
 
     def add(self, offset: int, pieces: List[torch.Tensor]) -> None:
         have = self.blocks.get(offset)
@@ -112,7 +116,7 @@ class WatchHandle:
         sampler: Any,
         model: nn.Module,
         *,
-        sketch: Optional[int] = DEFAULT_SKETCH,
+        sketch: Any = DEFAULT_SKETCH,
         per_layer: Optional[Dict[str, Any]] = None,
         budget: Optional[float] = DEFAULT_BUDGET,
         loss_reduction: str = "mean",
@@ -125,9 +129,14 @@ class WatchHandle:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UnsupportedModelError(f"watch() takes an nn.Module, got {type(model).__name__}")
-        if sketch is not None and (not isinstance(sketch, (int, np.integer)) or isinstance(sketch, bool) or sketch < 1):
+        ghost_all = isinstance(sketch, str) and sketch == "ghost"
+        if (
+            sketch is not None
+            and not ghost_all
+            and (not isinstance(sketch, (int, np.integer)) or isinstance(sketch, bool) or sketch < 1)
+        ):
             raise UnsupportedInputError(
-                f"sketch must be a positive integer (the per-factor size k) or None, got {sketch!r}"
+                f"sketch must be a positive integer (the per-factor size k), None or 'ghost', got {sketch!r}"
             )
         if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget <= 0):
             raise UnsupportedInputError(f"budget must be a positive number or None, got {budget!r}")
@@ -146,7 +155,8 @@ class WatchHandle:
             raise UnsupportedInputError("scaler must be a torch.amp.GradScaler")
         self.sampler = sampler
         self.model = model
-        self.k = None if sketch is None else int(sketch)
+        # sketch="ghost": Linear layers on [B, in] inputs exact from their factors, every other layer exact.
+        self.k = None if sketch is None or ghost_all else int(sketch)
         self.seed = int(seed)
         self.loss_reduction = loss_reduction
         self.granularity = granularity
@@ -192,9 +202,12 @@ class WatchHandle:
         per_layer = dict(per_layer or {})
         for name, v in per_layer.items():
             parts = v if isinstance(v, tuple) else (v,)
+            if isinstance(v, str) and v == "ghost":
+                continue
             if len(parts) not in (1, 2) or not all(p is None or (isinstance(p, int) and p >= 1) for p in parts):
                 raise UnsupportedInputError(
-                    f"per_layer[{name!r}] must be a positive int, None, or a (k_out, k_in) pair of them; got {v!r}"
+                    f"per_layer[{name!r}] must be a positive int, None, 'ghost', or a (k_out, k_in) pair of "
+                    f"ints or None; got {v!r}"
                 )
         modules = dict(inner.named_modules())
         unknown_layers = [n for n in per_layer if n not in modules]
@@ -218,9 +231,24 @@ class WatchHandle:
                     continue
                 if any(name != a and _within(name, a) for a in attention):
                     continue
+                wants_ghost = per_layer[name] == "ghost" if name in per_layer else ghost_all
                 if isinstance(module, nn.Linear) and id(module.weight) in embeddings and "weight" in own:
+                    if name in per_layer and wants_ghost:
+                        raise UnsupportedInputError(
+                            f"per_layer[{name!r}] = 'ghost': its weight is an embedding's (tied), which is "
+                            "sketched with the embedding; give it no per_layer entry"
+                        )
                     tied.append((name, module))  # after the loop, once the embedding's sketch exists
                     continue
+                if wants_ghost and isinstance(module, nn.Linear):
+                    sk = GhostLinearSketch(name, module, None, self.seed)
+                    if self._admit(sk, module, own, kept, owner):
+                        uncovered -= {own[p] for p in sk.covered(module)}
+                    continue
+                if name in per_layer and wants_ghost:
+                    raise UnsupportedInputError(
+                        f"per_layer[{name!r}] = 'ghost' is for nn.Linear layers; {name!r} is a {type(module).__name__}"
+                    )
                 cls = sketch_class(module)
                 if cls is None:
                     continue
@@ -281,6 +309,8 @@ class WatchHandle:
                     "balance the whole batch gradient of every parameter."
                 )
         else:
+            if ghost_all or "ghost" in per_layer.values():
+                raise UnsupportedInputError("the ghost form is per example: granularity='batch' has no layers")
             fold = max(1, (k or 0) ** 2) if k is not None else None
             for n, p in named:
                 if n in kept:
@@ -297,7 +327,11 @@ class WatchHandle:
         for _, _, fs in self._params:
             self._param_offsets.append(offset)
             offset += fs.k
-        self.width = offset
+        self._row_width = offset  # the columns of the rows; ghost layers' weights are balanced beside them
+        self._ghosts = [sk for sk in self._sketches.values() if sk.ghost_width]
+        self.width = offset + sum(sk.ghost_width for sk in self._ghosts)
+        if self._ghosts:
+            self._check_ghost_sampler(sampler, all_ranks)
         # (offset, width) of every block in column order: how a step's pieces are laid out.
         self._blocks = [(sk.offset, sk.width) for sk in self._sketches.values() if sk.width]
         self._blocks += [(o, fs.k) for o, (_, _, fs) in zip(self._param_offsets, self._params)]
@@ -333,6 +367,24 @@ class WatchHandle:
         self._replace(_WATCHED.get(inner))
         _WATCHED[inner] = self
 
+    @staticmethod
+    def _check_ghost_sampler(sampler: Any, all_ranks: bool) -> None:
+        """Ghost layers are balanced by their Gram products on the sampler's on-device path (any device,
+        the CPU included), which balances ``grab`` and ``pair`` one step at a time."""
+        if not sampler.balances:
+            return  # rr, so, ...: nothing is balanced; the hooks only count examples
+        why = None
+        if not sampler._device_capable:
+            why = f"ordering 'grab' or 'pair' without projection or unit_size (this sampler: {sampler.ordering!r})"
+        elif sampler.device_path == "never":
+            why = "a sampler whose device_path is not 'never'"
+        elif sampler._dense_used:
+            why = "a sampler that has not balanced dense rows with the Rust kernel this run"
+        elif all_ranks:
+            why = "one process (all_ranks=True exchanges rows, and ghost layers have none)"
+        if why:
+            raise UnsupportedInputError(f"watch(): the ghost form (sketch='ghost' or per_layer 'ghost') needs {why}")
+
     def _replace(self, previous: Optional["WatchHandle"]) -> None:
         """Detach the handle that watched this model before (a notebook cell run again): two handles
         would each feed their sampler every step. Its rows go to its sampler when that is this one;
@@ -366,7 +418,7 @@ class WatchHandle:
             )
         for n in covered:
             owner.setdefault(n, sk.name)
-        if sk.width or tied:  # a bias-free tied output layer adds to its embedding's columns only
+        if sk.width or sk.ghost_width or tied:  # a bias-free tied output layer adds to its embedding's columns only
             self._sketches[module] = sk
         else:  # a bias-free convolution whose weight the budget leaves out has no columns
             self._left_out.append(sk)
@@ -516,6 +568,14 @@ class WatchHandle:
         if step.grads == 0:
             self._first_grad(step)
         step.grads += 1
+        if sk.ghost:
+            a, version = saved
+            if sk.ghost_width:
+                step.ghost.setdefault(sk, []).append((g.detach(), a, version))
+            if sk.width:
+                with torch.no_grad():
+                    sk.add_rows(step, sk.rows(module, saved, g))
+            return
         key = None if self._alone[sk] else sk.group_key(saved, g)
         if key is None:
             if not self._write_direct(step, sk, module, saved, g):
@@ -532,8 +592,8 @@ class WatchHandle:
     def _write_direct(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> bool:
         """Let the layer write its rows straight into the step's slot of the block buffer, scaled as
         _end_step would scale them (False: the layer has no direct kernel for this call)."""
-        if not g.is_cpu or isinstance(step.factor, torch.Tensor) or g.dim() == 0:
-            return False
+        if not g.is_cpu or isinstance(step.factor, torch.Tensor) or g.dim() == 0 or self._ghosts:
+            return False  # (with ghost layers every step is balanced on its own, from its pieces)
         b = int(g.shape[0])
         slot, rows = step.slot, step.rows
         if slot is None:
@@ -608,6 +668,9 @@ class WatchHandle:
         step, self._step = self._step, _Step()
         if step.deferred:
             self._run_deferred(step)
+        if self._ghosts and self.sampler.balances:
+            self._feed_ghost(step)
+            return
         if step.rows is not None:
             # Known finite when every block was written by a kernel that said so, and nothing divides them.
             known = step.finite and self._all_direct(step)
@@ -639,6 +702,65 @@ class WatchHandle:
             self._ready.append((rows, b, False))
         if len(self._ready) >= FEED_EVERY:
             self._ship()
+
+    def _feed_ghost(self, step: _Step) -> None:
+        """Balance one step with ghost layers now: its rows (the other layers' columns) and each ghost
+        layer's factors, scaled as rows are, go to the sampler's on-device path together, one sign scan."""
+        first = next((calls[0][0] for calls in step.ghost.values()), None)
+        if first is None:
+            first = next((p for pieces in step.blocks.values() for p in pieces), None)
+        if first is None:
+            return  # no hook saw a gradient: nothing to balance
+        b = int(first.shape[0])
+        for sk, calls in step.ghost.items():
+            for _, a, version in calls:
+                if a._version != version:
+                    raise UnsupportedInputError(
+                        f"watch(): the input of ghost layer {sk.name!r} was written in place between its forward "
+                        "and the end of its step (a reused input buffer?), so its gradient can no longer be "
+                        "read from it; feed a new tensor each step, or sketch this layer"
+                    )
+        mult = self._multiplier(step, b)
+        scale = step.scale.to(first.device) if step.scale is not None else None
+        factor = step.factor.to(first.device) if isinstance(step.factor, torch.Tensor) else None
+
+        def scaled(t: torch.Tensor) -> torch.Tensor:
+            t = t.float() * mult
+            if scale is not None:
+                t = t / scale
+            return t * factor if factor is not None else t
+
+        segments: List[Any] = []
+        if self._row_width:
+            pieces: List[torch.Tensor] = []
+            for offset, width in self._blocks:
+                have = step.blocks.get(offset)
+                if have is None:  # a layer whose output got no gradient: its gradient is zero
+                    pieces.append(torch.zeros(b, width, dtype=torch.float32, device=first.device))
+                else:
+                    pieces += [p.float() for p in have]
+            segments.append(scaled(torch.cat(pieces, dim=1)))
+        for sk in self._ghosts:
+            calls = step.ghost.get(sk)
+            if not calls:  # not called this step: a zero gradient
+                z = first.new_zeros(b, 1, dtype=torch.float32)
+                segments.append(Factored([(z.expand(b, sk.out_f), z.expand(b, sk.in_f))]))
+            else:
+                segments.append(Factored([(scaled(g), a) for g, a, _ in calls]))
+        try:
+            # The sign scan refuses non-finite inner products before changing anything, and any NaN or
+            # Inf in a row or a factor makes its Gram diagonal non-finite: no separate scan here.
+            self.sampler.step(segments)
+        except NonFiniteGradientError:
+            self.sampler.skip(b)  # its units get no row and go to the middle of the next order
+            self.skipped_steps += 1
+            if self.scaler is None:
+                warnings.warn(
+                    "watch(): a step's gradients were not finite; its examples were left unbalanced "
+                    "(pass scaler= when training with a GradScaler)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def _multiplier(self, step: _Step, b: int) -> float:
         """What a step's rows are multiplied by, but for a loss factor held as a tensor: with a mean loss
@@ -700,7 +822,7 @@ class WatchHandle:
                 if spare.shape[0] >= n:
                     return self._spare.pop(i)
             del self._spare[:]  # too small for this block size: let them go
-        return torch.empty(n, self.width, dtype=torch.float32, device=device)
+        return torch.empty(n, self._row_width, dtype=torch.float32, device=device)
 
     def _ship(self) -> None:
         """Send the ready steps' rows to the host as one [sum B, K] block (asynchronously from a GPU)."""
@@ -834,6 +956,8 @@ def _kind(sk: LayerSketch) -> str:
     """A layer's kind as ``WatchHandle.layers`` shows it."""
     if isinstance(sk, TiedLinearSketch):
         return f"Linear (weight tied to {sk.embedding.name!r}: added into its columns)"
+    if sk.ghost and sk.ghost_width:
+        return f"Linear (ghost: the weight's {sk.ghost_width} coordinates exact from its factors, not in the rows)"
     return type(sk).__name__.replace("Sketch", "") + (" (weight left out: budget)" if sk.dropped else "")
 
 
