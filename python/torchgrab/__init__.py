@@ -68,6 +68,10 @@ def __getattr__(name: str) -> Any:
         from torchgrab.capture.watch import WatchHandle
 
         return WatchHandle
+    if name == "Factored":
+        from torchgrab.ondevice import Factored
+
+        return Factored
     if name in ("DistributedGraBSampler", "CollectiveError"):
         from torchgrab import distributed
 
@@ -78,6 +82,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "GraBSampler",
     "WatchHandle",
+    "Factored",
     "DistributedGraBSampler",
     "CollectiveError",
     "Discrepancy",
