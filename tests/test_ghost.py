@@ -310,3 +310,70 @@ def test_factored_products_equal_the_explicit_ones():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.array_equal(x.rows(slice(0, 2)).cat(x.rows(slice(2, 4))).gram(x).numpy(), (rows @ rows.T).numpy())
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        torch.manual_seed(1)
+        self.reentrant = reentrant
+        self.inp = nn.Linear(12, 8)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if self.reentrant is not None:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.reentrant)
+        else:
+            h = self.block(h)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("loop", ["plain", "grad scaler", "accumulation", "checkpoint", "reentrant checkpoint"])
+def test_watch_ghost_under_the_loops_users_have(loop):
+    # Weights fixed (lr 0): after one epoch grab's stale mean on every ghost layer must be the gradient of
+    # the mean loss over the whole set, whatever the loop does: a GradScaler's scale divided out, an
+    # accumulated micro-batch counted once, a checkpointed (recomputed) forward counted once.
+    x, y = _data()
+    reentrant = {"checkpoint": False, "reentrant checkpoint": True}.get(loop)
+    model = _Checkpointed(reentrant)
+    scaler = None
+    if loop == "grad scaler":
+        try:
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
+            scaler.scale(torch.ones((), requires_grad=True))
+        except Exception as e:  # pragma: no cover - depends on the torch build
+            pytest.skip(f"torch.amp.GradScaler('cpu') unavailable: {e}")
+    s = torchgrab.GraBSampler(n=N, ordering="grab", seed=3, dtype=torch.float64)
+    h = s.watch(model, sketch="ghost", scaler=scaler)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    order = list(s)
+    for lo in range(0, N, BATCH):
+        i = order[lo : lo + BATCH]
+        if loop == "accumulation":  # two micro-batches per optimizer step, each loss halved
+            for part in (i[: BATCH // 2], i[BATCH // 2 :]):
+                (nn.functional.cross_entropy(model(x[part]), y[part]) / 2).backward()
+        elif scaler is not None:
+            scaler.scale(nn.functional.cross_entropy(model(x[i]), y[i])).backward()
+        else:
+            nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()  # the scale doubles after each step: rows use their own backward's
+        else:
+            opt.step()
+        opt.zero_grad()
+    h.flush()
+    list(s)  # the epoch ends: its mean becomes the stale mean
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    m = s._ondevice.m
+    layers = [model.inp, model.block[0], model.block[2], model.head]
+    assert s._ondevice.factors[1:] == [(8, 12), (8, 8), (8, 8), (4, 8)]
+    # Halved losses: each micro-batch's rows are half its examples' gradients (the sign rule is
+    # scale-free); the mean is then half the full gradient.
+    factor = 0.5 if loop == "accumulation" else 1.0
+    for seg, layer in zip(m[1:], layers):
+        want = layer.weight.grad.double() * factor
+        assert torch.allclose(seg.view_as(want), want, atol=1e-6), loop
