@@ -6,7 +6,9 @@ Z Z^T (B x B numbers). Here the d-dimensional work runs with torch wherever the 
 device, or the CPU when forced): u and Z Z^T are accumulated per parameter segment (never concatenated),
 in float64, column block by column block (so the float64 temporaries stay bounded by ``block_bytes``);
 only those B + B^2 numbers cross to the host, where the Rust scan decides the signs and places the units
-(``NativeSampler.step_gram``); then s += Z^T (eps * scale) is applied on the device.
+(``NativeSampler.step_gram``); then s += Z^T (eps * scale) is applied on the device. A segment may also be
+a :class:`Factored` Linear gradient (the ghost form): its rows are never formed, and its part of u and
+Z Z^T comes from B x B products of its factors (see the class).
 
 Why explicit centering instead of folding m in analytically (u = G s0 - <m, s0>, Z Z^T = G G^T - ...):
 the column block is converted to float64 anyway (for exact-enough products), so subtracting m from it
@@ -75,7 +77,7 @@ class Factored:
     vec(sum_t G_t[r] A_t[r]^T), an out x in matrix (the ghost form of ../shared/design/SKETCH.md). ``terms``:
     ``(G [R, out], A [R, in])`` per call of the layer in the step (a layer called twice sums two outer
     products per example). Every product the balancing needs comes from B x B Gram matrices of the
-    factors and products the size of the weight, in float64:
+    factors and products the size of the weight, in the precision of the sampler's state:
 
     - X s = sum_t rowdot(G_t, A_t S^T), with S the running sum viewed as out x in;
     - X Y^T = sum_{t, t'} (G_t H_t'^T) o (A_t C_t'^T) for the rows of another Factored Y = (H, C);
@@ -357,7 +359,8 @@ class OnDeviceBalancer:
     def _update(
         self, rows: List[List[Any]], center: Optional[List[torch.Tensor]], coef: torch.Tensor, inv_n: float = 0.0
     ) -> None:
-        """s += Z^T coef; for grab (``inv_n`` = 1/n) a factored segment's m_next too, from the same products."""
+        """s += Z^T coef; for grab (``inv_n`` = 1/n) a factored segment's m_next too (the caller moves the
+        dense segments' m_next)."""
         assert self.widths is not None
         r = coef.shape[0]
         for k, w in enumerate(self.widths):

@@ -364,7 +364,8 @@ class GraBSampler(Sampler[int]):
     def step(
         self, grads: Any, indices: Optional[Any] = None, *, per_unit: bool = False, non_blocking: bool = False
     ) -> None:
-        """Feed per-example gradients: a tensor/array [B, ...] or a dict/list of per-parameter [B, ...].
+        """Feed per-example gradients: a tensor/array [B, ...] or a dict/list of per-parameter [B, ...]
+        (where a Linear layer's may be a :class:`torchgrab.Factored`, its factors: ``grab`` and ``pair``).
 
         Row r belongs to the r-th pending index (first in, first out), unless ``indices`` says otherwise.
         With ``unit_size > 1``, rows are per example and averaged per unit (``indices``, if given, are
@@ -477,6 +478,7 @@ class GraBSampler(Sampler[int]):
 
     def _wants_device_path(self, grads: Any) -> bool:
         """Which path a step takes (see ``device_path``); one sampler never mixes the two."""
+        # A factored gradient (a Linear layer's, never formed) is balanced by its Gram products only.
         if self.balances and any(isinstance(g, Factored) for g in gradient_items(grads)):
             if self.device_path == "never" or not self._device_capable or self._dense_used:
                 raise UnsupportedInputError(
@@ -493,8 +495,7 @@ class GraBSampler(Sampler[int]):
         items = gradient_items(grads)
         first = items[0] if items else None
         on_device = isinstance(first, torch.Tensor) and first.device.type != "cpu"
-        # A factored gradient (a Linear layer's, never formed) is balanced by its Gram products only.
-        wants = self.device_path == "always" or on_device or any(isinstance(g, Factored) for g in items)
+        wants = self.device_path == "always" or on_device
         if wants and self._dense_used:
             raise UnsupportedInputError(
                 "this sampler has balanced CPU gradients with the Rust kernel this run; gradients on "

@@ -437,7 +437,8 @@ class WatchHandle:
         return out
 
     def project(self, grads: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, K]: this handle's projection applied to given per-example gradients ({parameter name:
+        """[B, columns of the rows] (K less the ghost layers' weights, which have no columns): this handle's
+        projection applied to given per-example gradients ({parameter name:
         [B, *shape]}, as :func:`torchgrab.gradients.per_example_gradients` returns them). The rows the
         hooks form equal it (in exact arithmetic; BatchNorm's are contributions, not gradients); for
         tests and for measuring what a sketch keeps."""
