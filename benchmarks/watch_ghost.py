@@ -3,8 +3,8 @@
 B x B Gram products of the factors, and the running sums are updated by weight-sized products) against the
 other ways to balance the same training loop, on this CPU.
 
-    .venv/bin/python benchmarks/watch_ghost.py [--hidden 1024] [--steps 100] [--rounds 5] [--orderings grab,pair]
-        [--threads 1] [--no-reference] [--quick]
+    .venv/bin/python benchmarks/watch_ghost.py [--part cost|loss] [--hidden 1024] [--steps 100] [--rounds 5]
+        [--orderings grab,pair] [--threads 1] [--no-reference] [--epochs 4] [--seeds 3] [--quick]
 
 Model: MNIST (60,000 images), an MLP 784-H-H-10 with ReLU, batch 64, SGD lr 0.01 momentum 0.9, torch on
 --threads threads. Arms, all the same loop (`loss.backward()`, `opt.step()`), only the sampler and the watch
@@ -21,6 +21,11 @@ Paired rounds: each round runs --steps steps of every arm, in alternating order,
 the rr time of the same round; medians and quartiles over rounds. The per-step memory each arm adds is
 computed, not measured: B x K or B x d rows, or B + B^2 inner products and the factors, which autograd holds
 anyway. The machine's memory read bandwidth is printed, since the exact rows are bound by it.
+
+Part "loss" (--part loss): what exactness buys over the sketch on this model. rr, grab with watch() (the
+sketch) and grab with watch(sketch="ghost") (exact) train side by side from the same initial weights,
+--epochs epochs of all 60,000 images, --seeds seeds; the full training loss after each epoch, and per
+seed and epoch the share of exact GraB's gain over rr that the sketch keeps, (rr - sketch) / (rr - ghost).
 """
 
 from __future__ import annotations
@@ -52,15 +57,15 @@ def make_model(hidden, seed=0):
 
 
 class Arm:
-    def __init__(self, name, ordering, x, y, hidden, grabsampler=None):
+    def __init__(self, name, ordering, x, y, hidden, grabsampler=None, seed=0):
         self.name, self.x, self.y = name, x, y
-        self.model = make_model(hidden)
+        self.model = make_model(hidden, seed)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self.gen = torch.Generator().manual_seed(0)
+        self.gen = torch.Generator().manual_seed(seed)
         self.sampler = self.handle = self.ref = None
         self.order: list = []
         if name in SKETCHES:
-            self.sampler = torchgrab.GraBSampler(n=len(x), ordering=ordering, seed=0)
+            self.sampler = torchgrab.GraBSampler(n=len(x), ordering=ordering, seed=seed)
             self.handle = self.sampler.watch(self.model, sketch=SKETCHES[name])
         elif name == REFERENCE:
             self._reference(grabsampler)
@@ -122,6 +127,58 @@ def added_bytes(name, handle, d):
     return 4 * BATCH * handle.width
 
 
+def full_loss(model, x, y):
+    with torch.no_grad():
+        return sum(
+            float(nn.functional.cross_entropy(model(x[k : k + 4096]), y[k : k + 4096], reduction="sum"))
+            for k in range(0, len(x), 4096)
+        ) / len(x)
+
+
+def part_loss(x, y, args, out):
+    arms = ["rr", "watch()", 'watch(sketch="ghost")']
+    steps = len(x) // BATCH
+    losses = {}  # (arm, seed) -> full training loss after each epoch
+    for seed in range(args.seeds):
+        # Every arm of a seed starts from the seed's weights; the two grab arms share their first order.
+        runs = {a: Arm(a, "grab", x, y, args.hidden, seed=seed) for a in arms}
+        for e in tqdm(range(args.epochs), desc=f"seed {seed}", leave=False, file=sys.stderr):
+            for a in arms if e % 2 == 0 else arms[::-1]:
+                runs[a].run(steps)
+                losses.setdefault((a, seed), []).append(full_loss(runs[a].model, x, y))
+    out.line(
+        f"\n## Full training loss after each epoch: MLP 784-{args.hidden}-{args.hidden}-10, {len(x):,} images, "
+        f"batch {BATCH}, SGD lr 0.01 momentum 0.9, {args.seeds} seeds, load {_common.load_average()}"
+    )
+    out.line(f"{'epoch':>5} " + " ".join(f"{a:>22}" for a in arms) + f" {'kept by the sketch, per seed':>32}")
+    kept_all = []
+    for e in range(args.epochs):
+        means = [np.mean([losses[(a, s)][e] for s in range(args.seeds)]) for a in arms]
+        kept = []
+        for s in range(args.seeds):
+            rr, sk, gh = (losses[(a, s)][e] for a in arms)
+            kept.append((rr - sk) / (rr - gh) if rr != gh else float("nan"))
+        kept_all += kept[:] if e >= 1 else []
+        out.line(f"{e + 1:>5} " + " ".join(f"{m:>22.5f}" for m in means) + f" {' '.join(f'{k:.2f}' for k in kept):>32}")
+    out.line(
+        "grab (ghost, exact) - rr after the last epoch, per seed: "
+        + ", ".join(f"{losses[(arms[2], s)][-1] - losses[('rr', s)][-1]:+.5f}" for s in range(args.seeds))
+    )
+    out.line(
+        "grab (sketch) - rr after the last epoch, per seed: "
+        + ", ".join(f"{losses[(arms[1], s)][-1] - losses[('rr', s)][-1]:+.5f}" for s in range(args.seeds))
+    )
+    if kept_all:
+        out.line(
+            f"kept by the sketch from epoch 2 on: median {np.nanmedian(kept_all):.2f}, min {np.nanmin(kept_all):.2f}"
+        )
+    if not args.quick:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "watch_ghost_loss.txt")
+        out.save(path)
+        print(f"# written: {path}")
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,11 +189,14 @@ def main():
     ap.add_argument("--orderings", default="grab,pair")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-reference", action="store_true", help="leave out the grab-sampler 0.1.3 arm")
+    ap.add_argument("--part", choices=["cost", "loss"], default="cost")
+    ap.add_argument("--epochs", type=int, default=4, help="part loss: epochs")
+    ap.add_argument("--seeds", type=int, default=3, help="part loss: seeds")
     ap.add_argument("--quick", action="store_true", help="hidden 64, 3 steps, 2 rounds: a smoke run")
     ap.add_argument("--out", default=os.path.join(here, "out"))
     args = ap.parse_args()
     if args.quick:
-        args.hidden, args.steps, args.rounds = 64, 3, 2
+        args.hidden, args.steps, args.rounds, args.epochs, args.seeds = 64, 3, 2, 2, 2
     torch.set_num_threads(args.threads)
     out = _common.Out()
     for line in _common.provenance():
@@ -147,6 +207,9 @@ def main():
     x, y = load_mnist(args.data)
     if args.quick:
         x, y = x[:2048], y[:2048]
+    if args.part == "loss":
+        part_loss(x, y, args, out)
+        return
     grabsampler = None
     if not args.no_reference:
         try:

@@ -221,7 +221,7 @@ print("ok")
 @pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="no ../shared/data")
 def test_watch_ghost_runs(tmp_path):
     """benchmarks/watch_ghost.py --quick: an MLP 784-64-64-10 on 2,048 MNIST images, RR against watch()
-    sketched, ghost and exact, for grab and pair."""
+    sketched, ghost and exact, for grab and pair; part loss: the training loss of the three side by side."""
     stdout = run(
         ["benchmarks/watch_ghost.py", "--data", str(DATA), "--quick", "--no-reference", "--out", str(tmp_path)]
     )
@@ -233,3 +233,8 @@ def test_watch_ghost_runs(tmp_path):
     ):
         assert line in stdout
     assert "memory read bandwidth" in stdout
+    stdout = run(
+        ["benchmarks/watch_ghost.py", "--data", str(DATA), "--quick", "--part", "loss", "--out", str(tmp_path)]
+    )
+    for line in ("Full training loss after each epoch: MLP 784-64-64-10", "kept by the sketch from epoch 2 on"):
+        assert line in stdout
