@@ -142,9 +142,9 @@ def _mlp():
     return nn.Sequential(nn.Linear(12, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 4))
 
 
-def _train(ordering, path="always", epochs=3, reduction="mean", lr=0.05, **watch):
+def _train(ordering, path="always", epochs=3, reduction="mean", lr=0.05, make=_mlp, **watch):
     x, y = _data()
-    model = _mlp()
+    model = make()
     s = torchgrab.GraBSampler(n=N, ordering=ordering, device_path=path, seed=3, dtype=torch.float64)
     h = s.watch(model, loss_reduction=reduction, **watch)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -269,25 +269,11 @@ def test_watch_ghost_a_layer_called_twice_sums_its_calls():
         def forward(self, x):
             return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
 
-    x, y = _data()
-    res = []
-    for sketch in (None, "ghost"):
+    def make():
         torch.manual_seed(5)
-        model = Twice()
-        s = torchgrab.GraBSampler(n=N, ordering="pair", device_path="always", seed=2, dtype=torch.float64)
-        h = s.watch(model, sketch=sketch)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        orders = []
-        for _ in range(3):
-            order = list(s)
-            orders.append(order)
-            for lo in range(0, N, BATCH):
-                i = order[lo : lo + BATCH]
-                nn.functional.cross_entropy(model(x[i]), y[i]).backward()
-                opt.step()
-                opt.zero_grad()
-            h.flush()
-        res.append(orders)
+        return Twice()
+
+    res = [_train("pair", sketch=sketch, make=make)[0] for sketch in (None, "ghost")]
     assert res[0] == res[1]
 
 

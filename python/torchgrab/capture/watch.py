@@ -682,16 +682,9 @@ class WatchHandle:
         else:
             first = next(p for pieces in step.blocks.values() for p in pieces)
             b = first.shape[0]
-            pieces: List[torch.Tensor] = []
-            for offset, width in self._blocks:
-                have = step.blocks.get(offset)
-                if have is None:  # a layer whose output got no gradient: its gradient is zero
-                    pieces.append(torch.zeros(b, width, dtype=torch.float32, device=first.device))
-                else:
-                    pieces += have
             rows = self._rows_out(b, first.device)
             # One op into the block: a copy, so no piece (some are views of autograd's gradients) is written.
-            torch.cat(pieces, dim=1, out=rows)
+            torch.cat(self._pieces(step, b, first.device), dim=1, out=rows)
             # Scaled here, on rows just written, with the loss factor in the same op.
             mult = self._multiplier(step, b)
             if step.scale is not None:
@@ -733,14 +726,7 @@ class WatchHandle:
 
         segments: List[Any] = []
         if self._row_width:
-            pieces: List[torch.Tensor] = []
-            for offset, width in self._blocks:
-                have = step.blocks.get(offset)
-                if have is None:  # a layer whose output got no gradient: its gradient is zero
-                    pieces.append(torch.zeros(b, width, dtype=torch.float32, device=first.device))
-                else:
-                    pieces += [p.float() for p in have]
-            segments.append(scaled(torch.cat(pieces, dim=1)))
+            segments.append(scaled(torch.cat(self._pieces(step, b, first.device), dim=1)))
         for sk in self._ghosts:
             calls = step.ghost.get(sk)
             if not calls:  # not called this step: a zero gradient
@@ -753,15 +739,32 @@ class WatchHandle:
             # Inf in a row or a factor makes its Gram diagonal non-finite: no separate scan here.
             self.sampler.step(segments)
         except NonFiniteGradientError:
-            self.sampler.skip(b)  # its units get no row and go to the middle of the next order
-            self.skipped_steps += 1
-            if self.scaler is None:
-                warnings.warn(
-                    "watch(): a step's gradients were not finite; its examples were left unbalanced "
-                    "(pass scaler= when training with a GradScaler)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            self._skip_non_finite(b)
+
+    def _pieces(self, step: _Step, b: int, device: torch.device) -> List[torch.Tensor]:
+        """The step's [b, w] pieces in column order, zeros for a layer whose output got no gradient (its
+        gradient is zero)."""
+        pieces: List[torch.Tensor] = []
+        for offset, width in self._blocks:
+            have = step.blocks.get(offset)
+            if have is None:
+                pieces.append(torch.zeros(b, width, dtype=torch.float32, device=device))
+            else:
+                pieces += have
+        return pieces
+
+    def _skip_non_finite(self, b: int) -> None:
+        """A step whose gradients were not finite (a GradScaler step skipped for inf/NaN, or a diverging
+        run): its units get no row and go to the middle of the next order, as unseen ones do."""
+        self.sampler.skip(self._units_of(b))
+        self.skipped_steps += 1
+        if self.scaler is None:
+            warnings.warn(
+                "watch(): a step's gradients were not finite; its examples were left unbalanced "
+                "(pass scaler= when training with a GradScaler)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _multiplier(self, step: _Step, b: int) -> float:
         """What a step's rows are multiplied by, but for a loss factor held as a tensor: with a mean loss
@@ -886,18 +889,8 @@ class WatchHandle:
             seg = rows[at : at + b]
             if not (np.isfinite(seg.sum()) or np.isfinite(seg).all()):
                 self._feed_rows(rows[run_start:at])
-                # A GradScaler step skipped for inf/NaN (or a diverging run): these units get no row
-                # and go to the middle of the next order, as unseen ones do.
-                s.skip(self._units_of(b))
-                self.skipped_steps += 1
+                self._skip_non_finite(b)
                 run_start = at + b
-                if self.scaler is None:
-                    warnings.warn(
-                        "watch(): a step's gradients were not finite; its examples were left unbalanced "
-                        "(pass scaler= when training with a GradScaler)",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
             at += b
         self._feed_rows(rows[run_start:])
 
