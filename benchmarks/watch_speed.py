@@ -49,6 +49,7 @@ import torchgrab  # noqa: E402
 import torchgrab.capture  # noqa: E402
 from end_to_end import LeNet, load_cifar10, load_mnist  # noqa: E402
 from torchgrab.capture import projection  # noqa: E402
+from torchgrab.capture.watch import FEED_EVERY  # noqa: E402
 
 BATCH = 64
 loss_fn = nn.CrossEntropyLoss()
@@ -76,6 +77,9 @@ class Arm:
         self.sampler = None
         if kind == EMPTY_HOOKS:
             _empty_hooks(self.model)
+        elif kind == BARE:
+            self.sampler = torchgrab.GraBSampler(n=len(x), ordering="grab", seed=seed)
+            self.bare = BareCapture(self.model, self.sampler, x[:2])
         elif kind == RR_SAMPLER:
             self.sampler = torchgrab.GraBSampler(n=len(x), ordering="rr", seed=seed)
         elif kind != "rr":
@@ -125,6 +129,8 @@ class Arm:
             else:
                 loss_fn(model(xb), yb).backward()
             opt.step()
+        if self.kind == BARE:
+            self.bare.flush()
         if self.sampler is not None:
             self.sampler.synchronize()  # the last step's rows fed and balanced: part of the epoch
         dt = time.perf_counter() - t0
@@ -151,7 +157,9 @@ NON_BLOCKING = {"watch background": True, "watch blocking": False}
 # watch(sketch="ghost"): Linear layers exact from their factors (B x B Gram products), the rest exact rows.
 GHOST = "watch ghost"
 ARMS = ["rr", "watch", "watch torch ops", "watch exact", GHOST, "backward(hooks)", EMPTY_HOOKS, *NON_BLOCKING]
-ARMS += [RR_SAMPLER, NO_BALANCING]
+# The floor of watch()'s design on MNIST: its kernels and hooks without its bookkeeping (BareCapture).
+BARE = "bare capture"
+ARMS += [RR_SAMPLER, NO_BALANCING, BARE]
 
 
 def _empty_hooks(model):
@@ -168,6 +176,57 @@ def _empty_hooks(model):
 
     for m in layers:
         m.register_forward_hook(on_forward)
+
+
+class BareCapture:
+    """The floor of watch()'s design on one nn.Linear (MNIST logistic regression): the same two Rust
+    kernels, the count sketch of the input in a forward hook and the scaled rows written by a pre-hook
+    on the output's autograd node, into two preallocated blocks of rows fed to the sampler every
+    FEED_EVERY steps (in the background when a core is free, as watch() does), and nothing else. None
+    of watch()'s bookkeeping: no step boundaries from the model's pre-hook, no checks of the loop
+    (accumulation, scalers, checkpointing, evaluation forwards, non-finite rows), no other layer kinds,
+    no refusals. Not a usable capture: its cost over RR is what the kernels and hooks themselves cost,
+    and watch()'s cost over it is that bookkeeping."""
+
+    def __init__(self, model, sampler, sample):
+        if type(model) is not nn.Linear:
+            raise ValueError("the bare capture takes a single nn.Linear (MNIST logistic regression)")
+        # watch()'s own sketch of this layer (seeded by the sampler's seed, as watch() seeds it).
+        handle = torchgrab.GraBSampler(n=1, seed=sampler.seed).watch(model)
+        sk = handle._sketches[model]
+        handle.remove()
+        sk.save(model, sample)  # builds the count sketch's tables
+        self.tables, width = sk.p_in._np_tables, sk.width
+        assert self.tables is not None and sk.p_out.identity and sk.train_b
+        self.blocks = [np.empty((FEED_EVERY * BATCH, width), np.float32) for _ in range(2)]
+        self.k = self.used = 0
+        self.sampler = sampler
+        self.background = torch.get_num_threads() < len(os.sched_getaffinity(0))
+        model.register_forward_pre_hook(self._pre)
+        model.register_forward_hook(self._forward)
+
+    def _pre(self, module, args):
+        if self.used + BATCH > len(self.blocks[self.k]):
+            self.flush()
+
+    def flush(self):
+        if self.used:
+            # In the background the other block is written meanwhile; each call waits for the step before.
+            self.sampler.step(self.blocks[self.k][: self.used], non_blocking=self.background)
+            self.k ^= 1
+            self.used = 0
+
+    def _forward(self, module, args, out):
+        a = torchgrab._native.count_sketch(args[0].numpy(), *self.tables)
+        i = out.output_nr
+
+        def rows(grads):
+            g = grads[i]
+            b, u = g.shape[0], self.used
+            self.used = u + b
+            torchgrab._native.outer_rows(g.numpy(), a, float(b), True, False, self.blocks[self.k][u : u + b])
+
+        out.grad_fn.register_prehook(rows)
 
 
 # "watch budget=B" (B a fraction, or none): watch(budget=B), e.g. on LeNet, where the budget decides whether
@@ -200,14 +259,16 @@ NAMES = {
     EMPTY_HOOKS: EMPTY_HOOKS,
     RR_SAMPLER: RR_SAMPLER,
     NO_BALANCING: "grab, watch(), no balancing",
+    BARE: "grab, bare capture",
 }
 
 
 def part_cost(tasks, args):
-    arms = ["rr"] + [a for a in args.arms.split(",") if a != "rr"]
     for threads in args.threads:
         torch.set_num_threads(threads)
         for task, (x, y) in tasks.items():
+            # The bare capture is built for one Linear layer: MNIST only.
+            arms = ["rr"] + [a for a in args.arms.split(",") if a != "rr" and (a != BARE or task == "mnist")]
             for loader in [False, True] if task == "mnist" else [False]:
                 ratios = {a: [] for a in arms[1:]}
                 secs = {a: [] for a in arms}

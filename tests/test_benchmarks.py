@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torchgrab
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -238,3 +240,29 @@ def test_watch_ghost_runs(tmp_path):
     )
     for line in ("Full training loss after each epoch: MLP 784-64-64-10", "kept by the sketch from epoch 2 on"):
         assert line in stdout
+
+
+@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="no ../shared/data")
+def test_bare_capture_feeds_watchs_rows():
+    """benchmarks/watch_speed.py's "bare capture" arm (the floor of watch()'s design: its kernels without its
+    bookkeeping) does the work watch() does: with the weights held still (lr 0), one epoch fed either way
+    gives the sampler the same next order. Also its refusal of a model that is not one Linear layer."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import watch_speed as ws
+    finally:
+        sys.path.pop(0)
+    x, y = ws.load_mnist(str(DATA))
+    x, y = x[:1000], y[:1000]  # 15 full batches and one of 40: blocks fed mid-epoch and at its end
+    orders = []
+    for kind in ("watch", ws.BARE):
+        arm = ws.Arm("mnist", x, y, kind)
+        for group in arm.opt.param_groups:
+            group["lr"] = 0.0
+        arm.epoch()
+        orders.append(np.fromiter(iter(arm.sampler), dtype=np.int64, count=len(x)))
+    assert sorted(orders[0]) == list(range(len(x)))
+    assert not np.array_equal(orders[0], np.arange(len(x)))
+    np.testing.assert_array_equal(orders[0], orders[1])
+    with pytest.raises(ValueError, match="single nn.Linear"):
+        ws.BareCapture(ws.make_model("lenet"), torchgrab.GraBSampler(n=10), x[:2])

@@ -15,7 +15,7 @@ import os
 import warnings
 import weakref
 from collections import Counter, deque
-from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -59,7 +59,6 @@ class _Step:
         "grads",
         "noted",
         "deferred",
-        "rows",
         "slot",
         "written",
         "finite",
@@ -82,10 +81,10 @@ class _Step:
         # Hook calls whose sketch waits for the end of the backward, to be formed in groups of equally
         # shaped layers: (LayerSketch.group_key, sketch, module, saved input, output gradient).
         self.deferred: List[Tuple[Any, LayerSketch, nn.Module, Any, torch.Tensor]] = []
-        # The step's slot in the block buffer once a layer has written its rows there directly
-        # (LayerSketch.rows_into), and the offsets of the blocks written so (already scaled).
-        self.rows: Optional[torch.Tensor] = None
-        self.slot: Optional[np.ndarray] = None  # rows' NumPy view: the kernels' output, sliced cheaply
+        # The step's slot in the CPU block buffer once a layer has written its rows there directly
+        # (LayerSketch.rows_into), as a NumPy view (the kernels' output, sliced cheaply), and the
+        # offsets of the blocks written so (already scaled).
+        self.slot: Optional[np.ndarray] = None
         self.written: Set[int] = set()
         self.finite = True  # every direct write said its values were finite
         # A ghost layer's calls this step: (output gradient, input, the input's version when saved).
@@ -345,12 +344,15 @@ class WatchHandle:
         self._step = _Step()
         self._recording = False
         # Ended steps not yet shipped: (rows, B, whether the rows are known to be finite already).
-        self._ready: List[Tuple[Optional[torch.Tensor], int, bool]] = []
+        # Steps whose rows are in the block: (rows, or True when written into their slot directly, or
+        # None for a step without rows; B; whether the rows are known finite).
+        self._ready: List[Tuple[Any, int, bool]] = []
         # The ready steps' rows live in one block buffer, written by torch.cat(out=) step by step, so a
         # block ships without another copy. On the CPU, blocks the sampler is done with are reused: a
         # fresh block's first writes fault its pages in, a cost a small model's step notices
         # (benchmarks/out/watch_speed_mnist_blocks.txt).
         self._block: Optional[torch.Tensor] = None
+        self._block_np: Any = None  # the CPU block's NumPy view (see _slot_out)
         self._block_used = 0
         self._lent: Deque[torch.Tensor] = deque()  # CPU blocks handed to the sampler, oldest first
         self._spare: List[torch.Tensor] = []  # CPU blocks free to reuse
@@ -539,7 +541,7 @@ class WatchHandle:
         if not self.sampler.balances:
             # rr, so, ...: no sketch, only the number of examples, so that the sampler's cursor moves.
             if step.noted is None and x.dim() > 0:
-                out.register_hook(lambda g: self._note(step, g.shape[0]))
+                _on_output_grad(out, lambda g: self._note(step, g.shape[0]))
             return None
         b = step.batch
         lead = int(x.shape[0]) if x.dim() > 0 else 0
@@ -560,7 +562,7 @@ class WatchHandle:
                     "(exclude= the layer, or granularity='batch' when a step is one unit)"
                 )
         saved = sk.save(module, x)
-        out.register_hook(lambda g: self._on_grad(step, sk, module, saved, g))
+        _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, g))
         return replaced
 
     def _on_grad(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> None:
@@ -596,10 +598,9 @@ class WatchHandle:
         if not g.is_cpu or isinstance(step.factor, torch.Tensor) or g.dim() == 0 or self._ghosts:
             return False  # (with ghost layers every step is balanced on its own, from its pieces)
         b = int(g.shape[0])
-        slot, rows = step.slot, step.rows
+        slot = step.slot
         if slot is None:
-            rows = self._rows_out(b, g.device)
-            slot = rows.numpy()
+            slot = self._slot_out(b)
         elif slot.shape[0] != b:
             return False
         # NumPy slicing: a torch slice costs about a microsecond, a tenth of a small model's kernel.
@@ -615,7 +616,7 @@ class WatchHandle:
             if step.slot is None:
                 self._block_used -= b  # the slot just taken goes back (nothing was written to it)
             return False
-        step.rows, step.slot = rows, slot
+        step.slot = slot
         step.written.add(sk.offset)
         step.finite = step.finite and finite
         return True
@@ -672,10 +673,11 @@ class WatchHandle:
         if self._ghosts and self.sampler.balances:
             self._feed_ghost(step)
             return
-        if step.rows is not None:
+        if step.slot is not None:
             # Known finite when every block was written by a kernel that said so, and nothing divides them.
             known = step.finite and self._all_direct(step)
-            self._ready.append((self._finish_direct(step), step.rows.shape[0], known))
+            self._finish_direct(step)
+            self._ready.append((True, step.slot.shape[0], known))
         elif not step.blocks:
             if step.noted is not None:
                 self._ready.append((None, step.noted, False))
@@ -779,13 +781,14 @@ class WatchHandle:
         """Every block of the step was written by a kernel, scaled already, with nothing to add or divide."""
         return not step.blocks and step.scale is None and len(step.written) == len(self._blocks)
 
-    def _finish_direct(self, step: _Step) -> torch.Tensor:
-        """The rows of a step some of whose layers wrote into its slot directly (scaled already): the
-        other layers' pieces are copied into their columns and scaled, blocks without any are zeroed."""
-        rows = step.rows
-        assert rows is not None
+    def _finish_direct(self, step: _Step) -> None:
+        """Complete the rows of a step some of whose layers wrote into its slot directly (scaled
+        already): the other layers' pieces are copied into their columns and scaled, blocks without any
+        are zeroed."""
+        assert step.slot is not None
         if self._all_direct(step):
-            return rows  # a small model's every step
+            return  # a small model's every step
+        rows = torch.from_numpy(step.slot)
         mult = self._multiplier(step, rows.shape[0])  # a tensor factor never writes directly
         for offset, width in self._blocks:
             have = step.blocks.get(offset)
@@ -801,7 +804,6 @@ class WatchHandle:
                 torch.mul(add, mult, out=dst)
         if step.scale is not None:
             rows.div_(step.scale.to(rows.device))
-        return rows
 
     def _rows_out(self, b: int, device: torch.device) -> torch.Tensor:
         """The next ``b`` rows of the block buffer, shipping the block first when they do not fit."""
@@ -810,10 +812,22 @@ class WatchHandle:
             if self._ready:
                 self._ship()
             block = self._block = self._new_block(max(b, FEED_EVERY * b), device)
+            self._block_np = block.numpy() if block.is_cpu else None
             self._block_used = 0
         rows = block[self._block_used : self._block_used + b]
         self._block_used += b
         return rows
+
+    def _slot_out(self, b: int) -> np.ndarray:
+        """``_rows_out`` on the CPU as a NumPy view: a torch slice and its ``numpy()`` cost a few
+        microseconds of a small model's step, a NumPy slice of the block's view a fraction of one."""
+        block = self._block
+        if block is None or not block.is_cpu or self._block_used + b > block.shape[0]:
+            self._rows_out(b, torch.device("cpu"))  # a new block; its first b rows taken
+            return self._block_np[:b]
+        used = self._block_used
+        self._block_used = used + b
+        return self._block_np[used : used + b]
 
     def _new_block(self, n: int, device: torch.device) -> torch.Tensor:
         if device.type == "cpu":
@@ -961,6 +975,26 @@ def _sequence_first(module: nn.Module) -> bool:
         return False
     attn = getattr(module, "self_attn", None)
     return not getattr(attn, "batch_first", True)
+
+
+def _on_output_grad(out: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> None:
+    """Have ``hook`` called with the gradient of ``out`` during the backward: a pre-hook on the node that
+    made ``out``, given that node's output gradients, which is where ``out.register_hook`` puts its hook
+    too (and so the same gradient, also when ``out`` is later written in place). Registered directly it
+    costs about half as much: ``Tensor.register_hook``'s Python bookkeeping (a hooks dict and a removable
+    handle per tensor) is a visible part of a small model's step."""
+    node = out.grad_fn
+    if node is None:  # a leaf (a module that returns a parameter): no node to hook
+        out.register_hook(hook)
+        return
+    i = out.output_nr
+
+    def pre(grads: Tuple[Optional[torch.Tensor], ...]) -> None:
+        g = grads[i]
+        if g is not None:  # this output got no gradient: its tensor hook would not run either
+            hook(g)
+
+    node.register_prehook(pre)
 
 
 def _eager(hook: Any) -> Any:
