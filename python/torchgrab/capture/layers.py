@@ -528,10 +528,7 @@ class GhostLinearSketch(LayerSketch):
                 f"watch(): the ghost form of {self.name!r} needs inputs [batch, {self.in_f}], got "
                 f"{tuple(x.shape)}; with a sequence dimension sketch this layer instead (per_layer={{{self.name!r}: 32}})"
             )
-        a = x.detach()
-        # The input stays referenced until the step is balanced: its version says whether it was written
-        # in place meanwhile (a reused input buffer), which would change the rows after the fact.
-        return (a, a._version)
+        return x.detach()  # copied in the backward (WatchHandle._on_grad), where autograd holds it intact
 
     def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
         return [_f32(g)] if self.train_b else []

@@ -87,8 +87,8 @@ class _Step:
         self.slot: Optional[np.ndarray] = None
         self.written: Set[int] = set()
         self.finite = True  # every direct write said its values were finite
-        # A ghost layer's calls this step: (output gradient, input, the input's version when saved).
-        self.ghost: Dict[LayerSketch, List[Tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        # A ghost layer's calls this step: (output gradient, a copy of the input).
+        self.ghost: Dict[LayerSketch, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def add(self, offset: int, pieces: List[torch.Tensor]) -> None:
         have = self.blocks.get(offset)
@@ -572,9 +572,12 @@ class WatchHandle:
             self._first_grad(step)
         step.grads += 1
         if sk.ghost:
-            a, version = saved
             if sk.ghost_width:
-                step.ghost.setdefault(sk, []).append((g.detach(), a, version))
+                # The input is copied now, while autograd still holds it intact for this layer's weight
+                # gradient: the loop may write it (a reused input buffer) after the backward, before the
+                # step is balanced at the next forward. B x in numbers, against the B x out x in of the
+                # layer's products; and the copy, not the input, is what the step keeps.
+                step.ghost.setdefault(sk, []).append((g.detach(), saved.clone()))
             if sk.width:
                 with torch.no_grad():
                     sk.add_rows(step, sk.rows(module, saved, g))
@@ -708,14 +711,6 @@ class WatchHandle:
         if first is None:
             return  # no hook saw a gradient: nothing to balance
         b = int(first.shape[0])
-        for sk, calls in step.ghost.items():
-            for _, a, version in calls:
-                if a._version != version:
-                    raise UnsupportedInputError(
-                        f"watch(): the input of ghost layer {sk.name!r} was written in place between its forward "
-                        "and the end of its step (a reused input buffer?), so its gradient can no longer be "
-                        "read from it; feed a new tensor each step, or sketch this layer"
-                    )
         mult = self._multiplier(step, b)
         scale = step.scale.to(first.device) if step.scale is not None else None
         factor = step.factor.to(first.device) if isinstance(step.factor, torch.Tensor) else None
@@ -735,7 +730,7 @@ class WatchHandle:
                 z = first.new_zeros(b, 1, dtype=torch.float32)
                 segments.append(Factored([(z.expand(b, sk.out_f), z.expand(b, sk.in_f))]))
             else:
-                segments.append(Factored([(scaled(g), a) for g, a, _ in calls]))
+                segments.append(Factored([(scaled(g), a) for g, a in calls]))
         try:
             # The sign scan refuses non-finite inner products before changing anything, and any NaN or
             # Inf in a row or a factor makes its Gram diagonal non-finite: no separate scan here.
