@@ -19,8 +19,9 @@ differ:
 
 Paired rounds: each round runs --steps steps of every arm, in alternating order, and each arm's time over
 the rr time of the same round; medians and quartiles over rounds. The per-step memory each arm adds is
-computed, not measured: B x K or B x d rows, or B + B^2 inner products and the factors, which autograd holds
-anyway. The machine's memory read bandwidth is printed, since the exact rows are bound by it.
+computed, not measured: B x K or B x d rows, or B + B^2 inner products, the bias rows and the factors
+(each ghost layer's output gradients and a copy of its input, held from the backward to the next
+forward). The machine's memory read bandwidth is printed, since the exact rows are bound by it.
 
 Part "loss" (--part loss): what exactness buys over the sketch on this model. rr, grab with watch() (the
 sketch) and grab with watch(sketch="ghost") (exact) train side by side from the same initial weights,
@@ -121,7 +122,10 @@ def added_bytes(name, handle, d):
     if name == "rr":
         return 0
     if name == 'watch(sketch="ghost")':
-        return 8 * (BATCH + BATCH * BATCH) + 4 * BATCH * handle._row_width  # inner products; bias rows
+        # Inner products; bias rows; each ghost layer's factors G and A (a copy of its input), held from the
+        # backward until the step is balanced at the next forward.
+        factors = sum(sk.in_f + sk.out_f for sk in handle._ghosts)
+        return 8 * (BATCH + BATCH * BATCH) + 4 * BATCH * (handle._row_width + factors)
     if name == REFERENCE:
         return 4 * BATCH * d
     return 4 * BATCH * handle.width
