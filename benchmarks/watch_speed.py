@@ -49,7 +49,7 @@ import torchgrab  # noqa: E402
 import torchgrab.capture  # noqa: E402
 from end_to_end import LeNet, load_cifar10, load_mnist  # noqa: E402
 from torchgrab.capture import projection  # noqa: E402
-from torchgrab.capture.watch import FEED_EVERY  # noqa: E402
+from torchgrab.capture.feed import FEED_EVERY  # noqa: E402
 
 BATCH = 64
 loss_fn = nn.CrossEntropyLoss()
@@ -94,7 +94,7 @@ class Arm:
                     # The rows are formed as always and handed to no kernel: their examples are skipped
                     # (unseen), which keeps the sampler's cursor where balancing would have put it.
                     handle, sampler = self.handle, self.sampler
-                    handle._feed_rows = lambda rows: sampler.skip(len(rows))
+                    handle._feeder._feed_rows = lambda rows: sampler.skip(len(rows))
         self.seconds = 0.0
         if loader:
             ds = torch.utils.data.TensorDataset(x, y)

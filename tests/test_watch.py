@@ -1232,16 +1232,16 @@ def test_non_blocking_by_default_only_when_a_core_is_free(monkeypatch, core_free
     model = _mlp()
     sampler, handle, spy = watched(model, sketch=4)
     assert handle.non_blocking is None
-    monkeypatch.setattr(handle, "_cores", torch.get_num_threads() + (1 if core_free else 0))
+    monkeypatch.setattr(handle._feeder, "_cores", torch.get_num_threads() + (1 if core_free else 0))
     ce(model(x), y).backward()
     handle.flush()
     assert spy.kwargs == [{"non_blocking": core_free}]
-    handle._cpu_rows = False  # rows formed on a GPU: the host's cores are free for the balancing
-    assert handle._background()
+    handle._feeder._cpu_rows = False  # rows formed on a GPU: the host's cores are free for the balancing
+    assert handle._feeder._background()
     for asked in (True, False):  # as asked, whatever the threads
         model = _mlp()
         sampler, handle, spy = watched(model, sketch=4, non_blocking=asked)
-        monkeypatch.setattr(handle, "_cores", torch.get_num_threads() + (1 if core_free else 0))
+        monkeypatch.setattr(handle._feeder, "_cores", torch.get_num_threads() + (1 if core_free else 0))
         ce(model(x), y).backward()
         handle.flush()
         assert spy.kwargs == [{"non_blocking": asked}]
@@ -1367,17 +1367,17 @@ def test_blocks_still_in_flight_are_fed_in_order(monkeypatch):
     # Rows from a GPU wait in flight until their copy is done; several blocks may wait at once. Feeding
     # one must not feed the later ones before it (a sampler call inside the step once did: the check of
     # the pending count fed the rest first, and their rows went to the wrong indices).
-    import torchgrab.capture.watch as watch_module
+    import torchgrab.capture.feed as feed_module
 
-    monkeypatch.setattr(watch_module, "FEED_EVERY", 1)  # every step shipped at once
+    monkeypatch.setattr(feed_module, "FEED_EVERY", 1)  # every step shipped at once
     model = _mlp()
     sampler, handle, spy = watched(model, n=24, sketch=4)
-    feed = handle._feed
-    handle._feed = lambda block: feed(block) if block else None  # copies "not done" until a blocking wait
+    feed = handle._feeder.feed
+    handle._feeder.feed = lambda block: feed(block) if block else None  # copies "not done" until a blocking wait
     for k, b in enumerate((4, 3, 5)):
         x, y = _data((6,), "class", b=b, seed=20 + k)
         ce(model(x), y).backward()
-    handle._feed = feed
+    handle._feeder.feed = feed
     handle.flush()
     assert [r.shape[0] for r in spy.rows] == [4, 3, 5]
     twin = GraBSampler(n=24, ordering="grab", seed=0)
@@ -1396,16 +1396,18 @@ def test_reused_row_blocks_leave_every_ordering_as_fed_copies_would(monkeypatch,
     # with it (the background step of the block before the last one has always finished). An ordering
     # that kept reading a reused buffer (one storing the epoch's rows, a step still running) would build
     # another order than a twin fed copies of the same rows.
-    import torchgrab.capture.watch as watch_module
+    import torchgrab.capture.feed as feed_module
     import torchgrab.sampler as sampler_module
 
-    monkeypatch.setattr(watch_module, "FEED_EVERY", 2)
+    monkeypatch.setattr(feed_module, "FEED_EVERY", 2)
     monkeypatch.setattr(sampler_module, "_BACKGROUND_MIN_ELEMENTS", 0)  # every step in the background
     model = _mlp()
     sampler, handle, spy = watched(model, n=48, sketch=4, ordering=ordering)
     pointers = []
-    new_block = handle._new_block
-    handle._new_block = lambda n, device: (lambda t: (pointers.append(t.data_ptr()), t)[1])(new_block(n, device))
+    new_block = handle._feeder._new_block
+    handle._feeder._new_block = lambda n, device: (lambda t: (pointers.append(t.data_ptr()), t)[1])(
+        new_block(n, device)
+    )
     for k in range(12):
         x, y = _data((6,), "class", b=4, seed=40 + k)
         ce(model(x), y).backward()

@@ -11,17 +11,17 @@ gradient). Rows on a GPU travel to the host asynchronously; they are fed once th
 
 from __future__ import annotations
 
-import os
 import warnings
 import weakref
-from collections import Counter, deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from collections import Counter
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from torchgrab.capture.feed import RowFeeder
 from torchgrab.capture.layers import EmbeddingSketch, GhostLinearSketch, LayerSketch, TiedLinearSketch, sketch_class
 from torchgrab.capture.projection import FoldSketch
 from torchgrab.errors import NonFiniteGradientError, ShapeError, UnsupportedInputError, UnsupportedModelError
@@ -29,9 +29,6 @@ from torchgrab.ondevice import Factored
 
 DEFAULT_SKETCH = 32  # per-factor sketch size k; see docs (Capturing gradients) for how it was chosen
 DEFAULT_BUDGET = 0.25  # a layer's sketch may cost this fraction of its forward; see docs for why
-# Steps whose rows go to the sampler together: one host transfer and one sampler.step per 8 steps
-# instead of per step (the kernels take rows in order, so the orders are the same).
-FEED_EVERY = 8
 
 
 # The handle watching each model (by the module its hooks are on): one at a time, see WatchHandle._replace.
@@ -163,23 +160,20 @@ class WatchHandle:
         if non_blocking is not None and not isinstance(non_blocking, bool):
             raise UnsupportedInputError(f"non_blocking must be True, False or None, got {non_blocking!r}")
         self.non_blocking = non_blocking
-        self._cores = _cores()
-        self._cpu_rows = True  # the last block shipped was formed on the CPU
         if not isinstance(all_ranks, bool):
             raise UnsupportedInputError(f"all_ranks must be True or False, got {all_ranks!r}")
         if all_ranks and (granularity != "example" or sampler.unit_size != 1):
             raise UnsupportedInputError("all_ranks=True supports granularity='example' with unit_size=1")
-        self.skipped_steps = 0  # steps whose rows were not finite (GradScaler overflow): units left unseen
         # Set by integrations (not public): a callable giving, while a backward runs, the number the
         # framework divided that step's loss by beyond loss_reduction's rule (gradient accumulation
         # steps, or the token count of num_items_in_batch), so rows stay each example's own gradient
         # when it changes from step to step. The RowExchange of all_ranks=True.
         self.loss_factor: Optional[Any] = None
-        self.exchange: Optional[Any] = None
+        exchange = None
         if all_ranks:
             from torchgrab.integrations._ranks import RowExchange
 
-            self.exchange = RowExchange()
+            exchange = RowExchange()
         inner = _unwrapped(model)
         named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
         # Every name of a shared parameter (a tied output layer's weight is also the embedding's): leaving
@@ -343,20 +337,9 @@ class WatchHandle:
             )
         self._step = _Step()
         self._recording = False
-        # Ended steps not yet shipped: (rows, B, whether the rows are known to be finite already).
-        # Steps whose rows are in the block: (rows, or True when written into their slot directly, or
-        # None for a step without rows; B; whether the rows are known finite).
-        self._ready: List[Tuple[Any, int, bool]] = []
-        # The ready steps' rows live in one block buffer, written by torch.cat(out=) step by step, so a
-        # block ships without another copy. On the CPU, blocks the sampler is done with are reused: a
-        # fresh block's first writes fault its pages in, a cost a small model's step notices
-        # (benchmarks/out/watch_speed_mnist_blocks.txt).
-        self._block: Optional[torch.Tensor] = None
-        self._block_np: Any = None  # the CPU block's NumPy view (see _slot_out)
-        self._block_used = 0
-        self._lent: Deque[torch.Tensor] = deque()  # CPU blocks handed to the sampler, oldest first
-        self._spare: List[torch.Tensor] = []  # CPU blocks free to reuse
-        self._inflight: Deque[Tuple[Any, Optional[torch.Tensor], List[int], bool]] = deque()
+        # Where the rows go: a block buffer of consecutive steps, fed to the sampler every few steps.
+        self._feeder = RowFeeder(sampler, self._row_width, granularity, non_blocking, scaler)
+        self._feeder.exchange = exchange
         self._hooks: List[Any] = [model.register_forward_pre_hook(_eager(self._on_step_begins), with_kwargs=True)]
         on_forward = _eager(self._on_forward)
         for module in self._sketches:
@@ -438,6 +421,11 @@ class WatchHandle:
         out += [(n, "batch gradient", fs.k) for n, _, fs in self._params]
         return out
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose rows were not finite (a ``GradScaler`` overflow): their examples got no row."""
+        return self._feeder.skipped_steps
+
     def project(self, grads: Dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, columns of the rows] (K less the ghost layers' weights, which have no columns): this handle's
         projection applied to given per-example gradients ({parameter name:
@@ -462,8 +450,7 @@ class WatchHandle:
         GPU). A step whose forward has run but whose backward has not stays open."""
         if self._step.grads or self._step.noted is not None:
             self._end_step()
-        self._ship()
-        self._feed(block=True)
+        self._feeder.flush()
 
     def remove(self) -> None:
         """Feed what is gathered, then detach every hook; the sampler is then fed by hand again."""
@@ -484,9 +471,7 @@ class WatchHandle:
     def discard(self) -> None:
         """Drop what is gathered and not yet fed (the sampler's state was replaced by a load)."""
         self._step = _Step()
-        self._ready = []
-        self._inflight.clear()
-        self._block, self._block_used = None, 0
+        self._feeder.discard()
 
     def __enter__(self) -> "WatchHandle":
         return self
@@ -519,8 +504,8 @@ class WatchHandle:
             return
         else:
             self._step = _Step()  # nothing reached the previous step's hooks: an evaluation forward
-        if self._inflight:
-            self._feed(block=False)
+        if self._feeder.inflight:
+            self._feeder.feed(block=False)
         self._recording = module.training and torch.is_grad_enabled()
         if self._recording:
             self._step.batch = _batch_of(args, kwargs)
@@ -603,7 +588,7 @@ class WatchHandle:
         b = int(g.shape[0])
         slot = step.slot
         if slot is None:
-            slot = self._slot_out(b)
+            slot = self._feeder.slot_out(b)
         elif slot.shape[0] != b:
             return False
         # NumPy slicing: a torch slice costs about a microsecond, a tenth of a small model's kernel.
@@ -617,7 +602,7 @@ class WatchHandle:
         )
         if finite is None:
             if step.slot is None:
-                self._block_used -= b  # the slot just taken goes back (nothing was written to it)
+                self._feeder.give_back(b)  # the slot just taken goes back (nothing was written to it)
             return False
         step.slot = slot
         step.written.add(sk.offset)
@@ -680,14 +665,14 @@ class WatchHandle:
             # Known finite when every block was written by a kernel that said so, and nothing divides them.
             known = step.finite and self._all_direct(step)
             self._finish_direct(step)
-            self._ready.append((True, step.slot.shape[0], known))
+            self._feeder.add(True, step.slot.shape[0], known)
         elif not step.blocks:
             if step.noted is not None:
-                self._ready.append((None, step.noted, False))
+                self._feeder.add(None, step.noted, False)
         else:
             first = next(p for pieces in step.blocks.values() for p in pieces)
             b = first.shape[0]
-            rows = self._rows_out(b, first.device)
+            rows = self._feeder.rows_out(b, first.device)
             # One op into the block: a copy, so no piece (some are views of autograd's gradients) is written.
             torch.cat(self._pieces(step, b, first.device), dim=1, out=rows)
             # Scaled here, on rows just written, with the loss factor in the same op.
@@ -698,9 +683,7 @@ class WatchHandle:
                 rows.mul_(step.factor.to(rows.device, rows.dtype) * mult)
             elif mult != 1.0:
                 rows.mul_(mult)
-            self._ready.append((rows, b, False))
-        if len(self._ready) >= FEED_EVERY:
-            self._ship()
+            self._feeder.add(rows, b, False)
 
     def _feed_ghost(self, step: _Step) -> None:
         """Balance one step with ghost layers now: its rows (the other layers' columns) and each ghost
@@ -736,7 +719,7 @@ class WatchHandle:
             # Inf in a row or a factor makes its Gram diagonal non-finite: no separate scan here.
             self.sampler.step(segments)
         except NonFiniteGradientError:
-            self._skip_non_finite(b)
+            self._feeder.skip_non_finite(b)
 
     def _pieces(self, step: _Step, b: int, device: torch.device) -> List[torch.Tensor]:
         """The step's [b, w] pieces in column order, zeros for a layer whose output got no gradient (its
@@ -749,19 +732,6 @@ class WatchHandle:
             else:
                 pieces += have
         return pieces
-
-    def _skip_non_finite(self, b: int) -> None:
-        """A step whose gradients were not finite (a GradScaler step skipped for inf/NaN, or a diverging
-        run): its units get no row and go to the middle of the next order, as unseen ones do."""
-        self.sampler.skip(self._units_of(b))
-        self.skipped_steps += 1
-        if self.scaler is None:
-            warnings.warn(
-                "watch(): a step's gradients were not finite; its examples were left unbalanced "
-                "(pass scaler= when training with a GradScaler)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
 
     def _multiplier(self, step: _Step, b: int) -> float:
         """What a step's rows are multiplied by, but for a loss factor held as a tensor: with a mean loss
@@ -799,132 +769,6 @@ class WatchHandle:
                 torch.mul(add, mult, out=dst)
         if step.scale is not None:
             rows.div_(step.scale.to(rows.device))
-
-    def _rows_out(self, b: int, device: torch.device) -> torch.Tensor:
-        """The next ``b`` rows of the block buffer, shipping the block first when they do not fit."""
-        block = self._block
-        if block is None or block.device != device or self._block_used + b > block.shape[0]:
-            if self._ready:
-                self._ship()
-            block = self._block = self._new_block(max(b, FEED_EVERY * b), device)
-            self._block_np = block.numpy() if block.is_cpu else None
-            self._block_used = 0
-        rows = block[self._block_used : self._block_used + b]
-        self._block_used += b
-        return rows
-
-    def _slot_out(self, b: int) -> np.ndarray:
-        """``_rows_out`` on the CPU as a NumPy view: a torch slice and its ``numpy()`` cost a few
-        microseconds of a small model's step, a NumPy slice of the block's view a fraction of one."""
-        block = self._block
-        if block is None or not block.is_cpu or self._block_used + b > block.shape[0]:
-            self._rows_out(b, torch.device("cpu"))  # a new block; its first b rows taken
-            return self._block_np[:b]
-        used = self._block_used
-        self._block_used = used + b
-        return self._block_np[used : used + b]
-
-    def _new_block(self, n: int, device: torch.device) -> torch.Tensor:
-        if device.type == "cpu":
-            # A block lent to the sampler is free once its step is done: every step but the last one
-            # started has finished (each waits for the one before), and the last one when none is running.
-            keep = 1 if self.sampler._lock.busy else 0
-            while len(self._lent) > keep:
-                self._spare.append(self._lent.popleft())
-            for i, spare in enumerate(self._spare):
-                if spare.shape[0] >= n:
-                    return self._spare.pop(i)
-            del self._spare[:]  # too small for this block size: let them go
-        return torch.empty(n, self._row_width, dtype=torch.float32, device=device)
-
-    def _ship(self) -> None:
-        """Send the ready steps' rows to the host as one [sum B, K] block (asynchronously from a GPU)."""
-        ready, self._ready = self._ready, []
-        if not ready:
-            return
-        sizes = [b for _, b, _ in ready]
-        finite = all(known for _, _, known in ready)
-        if ready[0][0] is None:
-            self._inflight.append((None, None, sizes, False))
-            return
-        # The ready rows are consecutive rows of the block buffer: the block is shipped as it is.
-        assert self._block is not None and self._block_used == sum(sizes)
-        rows = self._block[: self._block_used]
-        self._block, self._block_used = None, 0
-        self._cpu_rows = rows.device.type == "cpu"
-        if self._cpu_rows:
-            self._inflight.append((None, rows, sizes, finite))
-            return
-        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=torch.cuda.is_available())
-        host.copy_(rows, non_blocking=True)
-        event = torch.cuda.Event() if rows.device.type == "cuda" else None
-        if event is not None:
-            event.record()
-        self._inflight.append((event, host, sizes, finite))
-
-    def _feed(self, block: bool) -> None:
-        while self._inflight:
-            event, host, sizes, finite = self._inflight[0]
-            if event is not None:
-                if not event.query():  # query() never waits: no device synchronization per step
-                    if not block and self.exchange is None:  # ranks must feed at the same points
-                        return
-                    event.synchronize()
-            self._inflight.popleft()
-            self._step_sampler(None if host is None else host.numpy(), sizes, finite)
-            if event is None and host is not None:  # a CPU block: reusable once the sampler is done with it
-                self._lent.append(host if host._base is None else host._base)
-
-    def _step_sampler(self, rows: Optional[np.ndarray], sizes: List[int], finite: bool = False) -> None:
-        """Feed the steps of one block in order: runs of finite steps in one ``step`` call each (the
-        kernels process rows in order, so this equals one call per step), non-finite steps skipped.
-        ``finite``: the kernels that wrote every row said they are finite; no scan is needed."""
-        s = self.sampler
-        if self.exchange is not None:
-            # Every rank runs this sampler: every rank's rows, in the order the sampler yielded them.
-            rows, sizes = self.exchange.combine(rows, sizes, s)
-            finite = False  # other ranks' rows: not known here
-            if not sizes:
-                return
-        if rows is None or not s.balances:
-            s.skip(sum(self._units_of(b) for b in sizes))
-            return
-        if finite or np.isfinite(rows.sum()):  # the common case: no scan, or one pass over the block
-            self._feed_rows(rows)
-            return
-        run_start = 0  # first row of the current run of finite steps
-        at = 0
-        for b in sizes:
-            seg = rows[at : at + b]
-            if not (np.isfinite(seg.sum()) or np.isfinite(seg).all()):
-                self._feed_rows(rows[run_start:at])
-                self._skip_non_finite(b)
-                run_start = at + b
-            at += b
-        self._feed_rows(rows[run_start:])
-
-    def _feed_rows(self, rows: np.ndarray) -> None:
-        if not len(rows):
-            return
-        s = self.sampler
-        if self.granularity == "batch" and s.unit_size > 1:
-            s.step(rows, per_unit=True)
-        else:
-            s.step(rows, non_blocking=self._background())
-
-    def _background(self) -> bool:
-        """Whether to balance in the background: as asked, or (None) when a core is free for it. With
-        torch's threads on every core, a background step competes with them (their OpenMP threads wait
-        spinning between ops) and costs more than it saves (docs: Performance, the arms "watch
-        background" and "watch blocking" of benchmarks/watch_speed.py)."""
-        if self.non_blocking is not None:
-            return self.non_blocking
-        return not self._cpu_rows or torch.get_num_threads() < self._cores
-
-    def _units_of(self, b: int) -> int:
-        if self.granularity == "batch":
-            return b * self.sampler.unit_size if self.sampler.unit_size > 1 else b
-        return b
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -1003,14 +847,6 @@ def _eager(hook: Any) -> Any:
     compiler = getattr(torch, "compiler", None)
     disable = getattr(compiler, "disable", None)
     return hook if disable is None else disable(hook)
-
-
-def _cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _batch_of(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[int]:
