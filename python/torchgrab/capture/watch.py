@@ -167,9 +167,9 @@ class WatchHandle:
         # Set by integrations (not public): a callable giving, while a backward runs, the number the
         # framework divided that step's loss by beyond loss_reduction's rule (gradient accumulation
         # steps, or the token count of num_items_in_batch), so rows stay each example's own gradient
-        # when it changes from step to step. The RowExchange of all_ranks=True.
+        # when it changes from step to step.
         self.loss_factor: Optional[Any] = None
-        exchange = None
+        exchange = None  # all_ranks=True: every rank's rows to every replica of the sampler (the feeder's)
         if all_ranks:
             from torchgrab.integrations._ranks import RowExchange
 
