@@ -9,9 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torchgrab
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -242,27 +240,36 @@ def test_watch_ghost_runs(tmp_path):
         assert line in stdout
 
 
+BARE_CHECK = """
+import sys
+import numpy as np
+import pytest
+import torchgrab
+sys.path.insert(0, "benchmarks")
+import watch_speed as ws
+x, y = ws.load_mnist(sys.argv[1])
+x, y = x[:1000], y[:1000]  # 15 full batches and one of 40: blocks fed mid-epoch and at its end
+orders = []
+for kind in ("watch", ws.BARE):
+    arm = ws.Arm("mnist", x, y, kind)
+    for group in arm.opt.param_groups:
+        group["lr"] = 0.0
+    arm.epoch()
+    orders.append(np.fromiter(iter(arm.sampler), dtype=np.int64, count=len(x)))
+assert sorted(orders[0]) == list(range(len(x)))
+assert not np.array_equal(orders[0], np.arange(len(x)))
+np.testing.assert_array_equal(orders[0], orders[1])
+with pytest.raises(ValueError, match="single nn.Linear"):
+    ws.BareCapture(ws.make_model("lenet"), torchgrab.GraBSampler(n=10), x[:2])
+print("same orders")
+"""
+
+
 @pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="no ../shared/data")
 def test_bare_capture_feeds_watchs_rows():
     """benchmarks/watch_speed.py's "bare capture" arm (the floor of watch()'s design: its kernels without its
     bookkeeping) does the work watch() does: with the weights held still (lr 0), one epoch fed either way
-    gives the sampler the same next order. Also its refusal of a model that is not one Linear layer."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import watch_speed as ws
-    finally:
-        sys.path.pop(0)
-    x, y = ws.load_mnist(str(DATA))
-    x, y = x[:1000], y[:1000]  # 15 full batches and one of 40: blocks fed mid-epoch and at its end
-    orders = []
-    for kind in ("watch", ws.BARE):
-        arm = ws.Arm("mnist", x, y, kind)
-        for group in arm.opt.param_groups:
-            group["lr"] = 0.0
-        arm.epoch()
-        orders.append(np.fromiter(iter(arm.sampler), dtype=np.int64, count=len(x)))
-    assert sorted(orders[0]) == list(range(len(x)))
-    assert not np.array_equal(orders[0], np.arange(len(x)))
-    np.testing.assert_array_equal(orders[0], orders[1])
-    with pytest.raises(ValueError, match="single nn.Linear"):
-        ws.BareCapture(ws.make_model("lenet"), torchgrab.GraBSampler(n=10), x[:2])
+    gives the sampler the same next order. Also its refusal of a model that is not one Linear layer. In a
+    subprocess: the script puts benchmarks/ on sys.path, where its kernels.py would shadow the `kernels`
+    package transformers looks for in this process's later tests."""
+    assert run(["-c", BARE_CHECK, str(DATA)]).strip().endswith("same orders")
