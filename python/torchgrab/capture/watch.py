@@ -820,7 +820,7 @@ def _on_output_grad(out: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> 
     """Have ``hook`` called with the gradient of ``out`` during the backward: a pre-hook on the node that
     made ``out``, given that node's output gradients, which is where ``out.register_hook`` puts its hook
     too (and so the same gradient, also when ``out`` is later written in place). Registered directly it
-    costs about half as much: ``Tensor.register_hook``'s Python bookkeeping (a hooks dict and a removable
+    costs less: ``Tensor.register_hook``'s Python bookkeeping (a hooks dict and a removable
     handle per tensor) is a visible part of a small model's step."""
     node = out.grad_fn
     if node is None:  # a leaf (a module that returns a parameter): no node to hook
