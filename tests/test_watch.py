@@ -302,6 +302,28 @@ def test_mean_and_sum_reduction_give_each_examples_own_gradient(sketch, reductio
     assert_rows(rows, expected)
 
 
+class InPlaceAfter(nn.Module):
+    """Watched layers whose outputs are written in place afterwards (ReLU(inplace=True), an in-place scale):
+    the hooks must see the gradient of each layer's output as the layer produced it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x))).mul_(2.0)
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_outputs_written_in_place_after_a_watched_layer(sketch):
+    torch.manual_seed(0)
+    model = InPlaceAfter()
+    x, y = _data((6,), "class", b=7)
+    rows, expected, _, _ = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+
+
 def test_wrong_reduction_is_off_by_the_batch_size():
     # Guards the comparison itself: a sum-reduced loss declared as "mean" is B times too large.
     model = _mlp()
