@@ -162,7 +162,8 @@ def part_loss(x, y, args, out):
         for s in range(args.seeds):
             rr, sk, gh = (losses[(a, s)][e] for a in arms)
             kept.append((rr - sk) / (rr - gh) if rr != gh else float("nan"))
-        kept_all += kept[:] if e >= 1 else []
+        if e >= 1:  # from epoch 2 on
+            kept_all += kept
         out.line(f"{e + 1:>5} " + " ".join(f"{m:>22.5f}" for m in means) + f" {' '.join(f'{k:.2f}' for k in kept):>32}")
     out.line(
         "grab (ghost, exact) - rr after the last epoch, per seed: "

@@ -159,7 +159,6 @@ class WatchHandle:
         self.scaler = scaler
         if non_blocking is not None and not isinstance(non_blocking, bool):
             raise UnsupportedInputError(f"non_blocking must be True, False or None, got {non_blocking!r}")
-        self.non_blocking = non_blocking
         if not isinstance(all_ranks, bool):
             raise UnsupportedInputError(f"all_ranks must be True or False, got {all_ranks!r}")
         if all_ranks and (granularity != "example" or sampler.unit_size != 1):
@@ -420,6 +419,11 @@ class WatchHandle:
         ]
         out += [(n, "batch gradient", fs.k) for n, _, fs in self._params]
         return out
+
+    @property
+    def non_blocking(self) -> Optional[bool]:
+        """Whether steps are balanced in the background: as asked to watch(), None for when a core is free."""
+        return self._feeder.non_blocking
 
     @property
     def skipped_steps(self) -> int:
