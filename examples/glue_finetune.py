@@ -20,6 +20,10 @@ CPU, where it measured faster on SST-2's varied lengths (batch padded 3x; ``benc
 and hooks on a GPU, where one batched pass should beat 16 small sequential ones (not yet measured).
 ``watch``: no per-example gradients at all, ``sampler.watch(model)`` sketches them inside a plain
 ``loss.backward()`` of the padded batch (the fast path).
+An ordering written ``grab+adam`` (or ``pair+adam``, ...) balances Adam's preconditioned per-example
+directions instead of the raw gradients: with ``--capture loop``, each sentence's gradient divided
+elementwise by ``sqrt(v_hat) + eps`` from the AdamW state of the moment (raw before the first step), which
+is the direction AdamW moves each example's share in; the optimizer itself still gets the raw mean.
 Orderings that ignore gradients take an ordinary padded batch backward pass (the same mean gradient).
 Because a CPU cannot fine-tune on all of SST-2 (67k sentences) for 18 runs, the script
 uses a class-balanced random subset of the training split (``--train-size``, 0 for all of it) and of the
@@ -65,6 +69,19 @@ def balanced_subset(y: np.ndarray, size: int, seed: int = 1234) -> np.ndarray:
     return np.sort(keep)
 
 
+def adam_direction(opt: torch.optim.Optimizer, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients ``g`` ([B, *q.shape]) divided elementwise by Adam's denominator for ``q``,
+    sqrt(v_hat) + eps from ``opt``'s state now: the direction Adam (AdamW) moves each example's share in,
+    momentum aside. ``g`` itself before the first step, when there is no v yet."""
+    state = opt.state.get(q, {})
+    if "exp_avg_sq" not in state:
+        return g
+    group = next(gr for gr in opt.param_groups if any(x is q for x in gr["params"]))
+    beta2, eps = group["betas"][1], group["eps"]
+    v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
+    return g / (v_hat.sqrt() + eps)
+
+
 def main(argv=None):
     p = C.base_parser(__doc__, epochs=3, out="out/glue_finetune", capture=False)
     p.add_argument("--task", default="SST-2", choices=list(C.GLUE_TASKS))
@@ -84,6 +101,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.train_size, args.dev_size, args.epochs = 32, 32, min(args.epochs, 1)
+    capture = args.capture if args.capture != "auto" else ("hooks" if args.device.startswith("cuda") else "loop")
+    # "grab+adam": the arm balances Adam-preconditioned gradients (see the module docstring).
+    requested = args.orderings.split(",")
+    for o in requested:
+        suffix = o.partition("+")[2]
+        if suffix not in ("", "adam"):
+            p.error(f"ordering {o!r}: the only suffix is '+adam' (Adam-preconditioned rows)")
+        if suffix and capture != "loop":
+            p.error(f"ordering {o!r} needs exact per-example gradients to precondition: use --capture loop")
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # what fine-tuning on a GPU uses; the CPU ignores it
@@ -158,8 +184,6 @@ def main(argv=None):
             "metric": metric,
         }
 
-    capture = args.capture if args.capture != "auto" else ("hooks" if args.device.startswith("cuda") else "loop")
-
     def backward(sampler, model, loss_fn, x, y):
         if not sampler.balances:
             loss = loss_fn(model(**x), y)
@@ -182,23 +206,38 @@ def main(argv=None):
             for (k, _), g in zip(params, grads):
                 per_example[k].append(g)
         stacked = {k: torch.stack(v) for k, v in per_example.items()}
-        sampler.step(stacked)
+        if adam_rows:
+            opt = current["opt"]
+            sampler.step({k: adam_direction(opt, q, stacked[k]) for k, q in params})
+        else:
+            sampler.step(stacked)
         for k, q in params:
             q.grad = stacked[k].mean(0)
         return None
 
     probe = make_model()
-    orderings = C.select_orderings(args.orderings.split(","), len(train_set), C.n_params(probe))
+    bases = C.select_orderings([o.partition("+")[0] for o in requested], len(train_set), C.n_params(probe))
+    orderings = [o for o in requested if o.partition("+")[0] in bases]
     del probe
+    current = {}  # the optimizer of the run in progress (the loop preconditions by its state)
+
+    def make_optimizer(m):
+        current["opt"] = torch.optim.AdamW(
+            [q for q in m.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.01
+        )
+        return current["opt"]
+
+    adam_rows = False
 
     def train_one(ordering, seed):
+        nonlocal adam_rows
+        base, _, suffix = ordering.partition("+")
+        adam_rows = suffix == "adam"
         return C.train_supervised(
-            ordering,
+            base,
             seed,
             make_model=make_model,
-            make_optimizer=lambda m: torch.optim.AdamW(
-                [q for q in m.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.01
-            ),
+            make_optimizer=make_optimizer,
             train_set=train_set,
             loss_fn=loss_fn,
             evaluate=evaluate,

@@ -201,3 +201,45 @@ def test_glue_subset_of_a_regression_task_is_a_plain_random_subset():
     assert (balanced_subset(y, 0) == np.arange(100)).all()
     yc = np.array([0] * 30 + [1] * 70)
     assert np.bincount(yc[balanced_subset(yc, 20)]).tolist() == [10, 10]
+
+
+def test_adam_direction_is_the_step_adamw_takes():
+    """The rows of a ``grab+adam`` arm: with beta1 = 0 and no weight decay, AdamW moves a parameter by
+    exactly -lr times the batch mean of the preconditioned per-example gradients (bias correction and
+    eps included); before the first step the gradients pass unchanged."""
+    import torch
+    from glue_finetune import adam_direction
+
+    torch.manual_seed(0)
+    q = torch.nn.Parameter(torch.randn(3, 4))
+    other = torch.nn.Parameter(torch.randn(2))  # a second group: the lookup must find q's own settings
+    opt = torch.optim.AdamW(
+        [{"params": [other], "eps": 0.5}, {"params": [q], "betas": (0.0, 0.9), "eps": 1e-3}], lr=0.1, weight_decay=0.0
+    )
+    g = torch.randn(5, 3, 4)
+    assert adam_direction(opt, q, g) is g
+    for _ in range(3):  # a few steps, so that the bias correction is not the first step's
+        q.grad, other.grad = torch.randn(3, 4), torch.randn(2)
+        opt.step()
+    q.grad = g.mean(0)
+    before = q.detach().clone()
+    opt.step()
+    moved = q.detach() - before
+    torch.testing.assert_close(moved, -0.1 * adam_direction(opt, q, g).mean(0), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(moved, -0.1 * g.mean(0), rtol=1e-2)  # preconditioning changed something
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--orderings", "rr,grab+adam", "--capture", "watch"], "use --capture loop"),
+        (["--orderings", "grab+sgd", "--capture", "loop"], "the only suffix is '+adam'"),
+    ],
+)
+def test_glue_finetune_refuses_adam_rows_it_cannot_form(argv, says, capsys):
+    pytest.importorskip("transformers")
+    import glue_finetune
+
+    with pytest.raises(SystemExit):
+        glue_finetune.main(argv + ["--quick"])
+    assert says in capsys.readouterr().err
