@@ -103,9 +103,10 @@ def main(argv=None):
         args.train_size, args.dev_size, args.epochs = 32, 32, min(args.epochs, 1)
     capture = args.capture if args.capture != "auto" else ("hooks" if args.device.startswith("cuda") else "loop")
     # "grab+adam": the arm balances Adam-preconditioned gradients (see the module docstring).
-    requested = args.orderings.split(",")
-    for o in requested:
-        suffix = o.partition("+")[2]
+    arms = {}  # label -> (ordering, whether its rows are Adam-preconditioned), parsed once
+    for o in args.orderings.split(","):
+        base, _, suffix = o.partition("+")
+        arms[o] = (base, suffix == "adam")
         if suffix not in ("", "adam"):
             p.error(f"ordering {o!r}: the only suffix is '+adam' (Adam-preconditioned rows)")
         if suffix and capture != "loop":
@@ -206,8 +207,8 @@ def main(argv=None):
             for (k, _), g in zip(params, grads):
                 per_example[k].append(g)
         stacked = {k: torch.stack(v) for k, v in per_example.items()}
-        if adam_rows:
-            opt = current["opt"]
+        if run["adam"]:
+            opt = run["opt"]
             sampler.step({k: adam_direction(opt, q, stacked[k]) for k, q in params})
         else:
             sampler.step(stacked)
@@ -216,23 +217,17 @@ def main(argv=None):
         return None
 
     probe = make_model()
-    bases = C.select_orderings([o.partition("+")[0] for o in requested], len(train_set), C.n_params(probe))
-    orderings = [o for o in requested if o.partition("+")[0] in bases]
+    bases = C.select_orderings([base for base, _ in arms.values()], len(train_set), C.n_params(probe))
+    orderings = [o for o, (base, _) in arms.items() if base in bases]
     del probe
-    current = {}  # the optimizer of the run in progress (the loop preconditions by its state)
+    run = {"opt": None, "adam": False}  # the run in progress: its optimizer, and whether it preconditions
 
     def make_optimizer(m):
-        current["opt"] = torch.optim.AdamW(
-            [q for q in m.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.01
-        )
-        return current["opt"]
-
-    adam_rows = False
+        run["opt"] = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.01)
+        return run["opt"]
 
     def train_one(ordering, seed):
-        nonlocal adam_rows
-        base, _, suffix = ordering.partition("+")
-        adam_rows = suffix == "adam"
+        base, run["adam"] = arms[ordering]
         return C.train_supervised(
             base,
             seed,
