@@ -508,6 +508,33 @@ def test_gradient_checkpointing_counts_each_layer_once(reentrant, sketch):
 
 
 @pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpoint_recompute_does_no_sketch_work_twice(reentrant, sketch):
+    # The recomputed forward inside the backward must not project a layer's input again: under
+    # non-reentrant checkpointing its outputs' hooks never fire, so the rows above stay right, but the
+    # projection would cost a second forward's sketch work and hold its input until the step ends.
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant)
+    x, y = _data((6,), "class", b=5)
+    _, handle, _ = watched(model, sketch=sketch)
+    calls = {}
+    for sk in handle._sketches.values():
+
+        def counted(mod, inp, _save=sk.save, _name=sk.name):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _save(mod, inp)
+
+        sk.save = counted
+    per_use = []
+    for use in (False, True):
+        calls.clear()
+        model.use_checkpoint = use
+        ce(model(x), y).backward()
+        per_use.append(dict(calls))
+    assert per_use[0] and per_use[1] == per_use[0]
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
 def test_no_grad_and_eval_forwards_are_ignored(sketch):
     model = _mlp()
     x, y = _data((6,), "class", b=4)
