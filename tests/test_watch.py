@@ -800,39 +800,195 @@ class Encoder(nn.Module):
         return self.out(self.block(self.emb(ids)).mean(1))
 
 
+class Attention(nn.Module):
+    """Features -> nn.MultiheadAttention -> mean -> classes, in each way torch applies the packed projection:
+    self-attention (one call), a separate key/value input (two calls), three distinct inputs (three)."""
+
+    def __init__(self, mode="self", batch_first=True, mask=None, need_weights=False, dropout=0.0, bias=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode, self.batch_first, self.mask, self.need_weights = mode, batch_first, mask, need_weights
+        self.inp = nn.Linear(6, 8)
+        self.mem = nn.Linear(8, 8)
+        self.val = nn.Linear(8, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, dropout=dropout, bias=bias)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))  # [B, T, 8]
+        q = k = v = h
+        if self.mode != "self":
+            k = v = torch.tanh(self.mem(h[:, :3]))  # memory of another length (S = 3)
+        if self.mode == "qkv":
+            v = torch.tanh(self.val(h[:, :3]))
+        b, t, s = h.shape[0], h.shape[1], k.shape[1]
+        kpm = am = None
+        # Masks from the data, not the batch position (torch.func's reference sees one example at a time).
+        if self.mask == "padding":  # a bool mask: keys padded where x is large, never the first key
+            kpm = torch.cat([torch.zeros(b, 1, dtype=torch.bool), x[:, 1:s, 0] > 0.5], dim=1)
+        if self.mask == "float":  # an additive float mask, one per example and head ([B H, T, S])
+            am = (-x[:, :t, :s].abs()).repeat_interleave(2, dim=0)
+        if self.mask == "causal":
+            am = nn.Transformer.generate_square_subsequent_mask(t)
+        if not self.batch_first:
+            q, k, v = (z.transpose(0, 1) for z in (q, k, v)) if self.mode == "qkv" else (q.transpose(0, 1), None, None)
+            if self.mode == "self":
+                k = v = q
+            elif self.mode == "cross":
+                k = v = torch.tanh(self.mem(h[:, :3])).transpose(0, 1)
+        o, w = self.mha(
+            q, k, v, key_padding_mask=kpm, attn_mask=am, need_weights=self.need_weights, is_causal=self.mask == "causal"
+        )
+        if not self.batch_first:
+            o = o.transpose(0, 1)
+        if self.need_weights:  # the weights take part in the loss: their gradient reaches q and k
+            o = o * (1 + w.sum(-1, keepdim=True).reshape(b, -1, 1)[:, : o.shape[1]])
+        return self.out(o.mean(1))
+
+
+ATTENTION_CASES = [
+    {},
+    {"batch_first": False},
+    {"mask": "padding"},
+    {"mask": "causal"},
+    {"mask": "causal", "need_weights": True},
+    {"mask": "float", "need_weights": True},
+    {"mode": "cross", "mask": "padding"},
+    {"mode": "cross", "batch_first": False, "need_weights": True},
+    {"mode": "qkv", "bias": False},
+]
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func over attention
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "self")
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_multihead_attention_projections_are_sketched_and_its_outputs_unchanged(case, sketch):
+    # nn.MultiheadAttention applies in_proj and out_proj as functions inside its forward: no hook sees
+    # them, and out_proj's own hooks never run (its rows were zeros while its weight trained, before
+    # such modules were refused). While watched it runs the same ops with the projections recorded: the
+    # rows equal the exact per-example gradients through the same projection, and the outputs are
+    # torch's own, bit for bit.
+    model = Attention(**case)
+    x, y = _data((5, 6), "class", b=4)
+    before = model(x)
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    names = [n for n, _, _ in handle.layers]
+    assert "mha.in_proj" in names and "mha.out_proj" in names
+    assert torch.equal(model(x), before)  # the step's optimizer did not run: same weights, same outputs
+    if sketch is None:  # the rows are the per-example gradients of every parameter
+        assert_rows(rows, flat(grads, 4))
+    handle.remove()
+    assert "forward" not in model.mha.__dict__  # torch's forward again
+    no_hooks(model)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_with_dropout_draws_the_same_masks_as_torch(need_weights):
+    model = Attention(dropout=0.5, need_weights=need_weights)
+    x, _ = _data((5, 6), "class", b=4)
+    torch.manual_seed(3)
+    before = model(x)
+    _, handle, _ = watched(model, sketch=4)
+    torch.manual_seed(3)
+    assert torch.equal(model(x), before)
+    model.eval()  # eval mode runs torch's own forward (its fast path under no_grad): the same outputs
+    with torch.no_grad():
+        watched_eval = model(x)
+        handle.remove()
+        assert torch.equal(model(x), watched_eval)
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func over attention
 @pytest.mark.parametrize("sketch", SKETCHES)
-def test_multihead_attention_and_sequence_first_layers_are_refused_and_the_rest_is_exact(sketch):
-    # nn.MultiheadAttention applies out_proj's weight with F.linear inside its forward: the hooks of
-    # out_proj (an nn.Linear) never run, so its rows were zeros while its weight trained. Nothing inside
-    # an attention module is sketched now; its parameters, out_proj's too, are refused, with the advice
-    # to leave out the attention module.
-    model = Encoder()
-    attn = "block.self_attn"
-    for exclude in ([], [f"{attn}.in_proj_weight", f"{attn}.in_proj_bias"]):
-        message = refused(model, UnsupportedModelError, "out_proj.weight", sketch=sketch, exclude=exclude)
-        assert "nn.MultiheadAttention" in message
-        assert f"exclude=['{attn}']" in message
-    # The model itself an attention module: its out_proj is refused too, and no exclude= is advised
-    # (leaving out the model would leave nothing).
-    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+def test_unsupported_attention_and_sequence_first_layers_are_refused_and_the_rest_is_exact(sketch):
+    # Separate q/k/v weights (kdim, vdim), add_bias_kv and add_zero_attn are not recorded: such a module's
+    # parameters, out_proj's too, are refused, with the advice to leave out the attention module.
+    attn = "mha"
+    for kwargs in ({"kdim": 5, "vdim": 5}, {"add_bias_kv": True}, {"add_zero_attn": True}):
+        model = Attention()
+        model.mha = nn.MultiheadAttention(8, 2, batch_first=True, **kwargs)
+        for exclude in ([], [f"{attn}.out_proj"]):
+            message = refused(model, UnsupportedModelError, "nn.MultiheadAttention", sketch=sketch, exclude=exclude)
+            assert f"exclude=['{attn}']" in message
+        if "kdim" not in kwargs:  # the rest of the model, exact (kdim's forward needs other inputs)
+            x, y = _data((5, 6), "class", b=4)
+            rows, expected, _, handle = one_step(model, x, y, ce, sketch, exclude=[attn])
+            assert not any(n.startswith(attn) for n, _, _ in handle.layers)
+            assert_rows(rows, expected)
+    # The model itself an unsupported attention module: no exclude= is advised (it would leave nothing).
     message = refused(
-        mha, UnsupportedModelError, "out_proj.weight", sketch=sketch, exclude=["in_proj_weight", "in_proj_bias"]
+        nn.MultiheadAttention(8, 2, batch_first=True, add_zero_attn=True), UnsupportedModelError, "out_proj"
     )
     assert "exclude=" not in message and "<the model itself>" in message
+    # A supported one as the model itself: its layers are named without a prefix.
+    handle = GraBSampler(n=8).watch(nn.MultiheadAttention(8, 2, batch_first=True), sketch=sketch)
+    assert [n for n, _, _ in handle.layers] == ["in_proj", "out_proj"]
+    # The ghost form needs [batch, in] inputs; attention projects tokens.
+    refused(Attention(), UnsupportedInputError, "attention projects tokens", per_layer={attn: "ghost"})
     # torch's default layout, batch_first=False: the Linear and norm layers inside see [T, B, E], so
     # their rows would be per position; refused, whatever is excluded inside the layer.
     seq_first = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
     for exclude in ([], ["self_attn"]):
         refused(seq_first, UnsupportedModelError, "batch_first=False", sketch=sketch, exclude=exclude)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func over attention
+def test_a_transformer_encoder_layer_is_watched_whole_and_rewatching_it_replaces_the_forward():
+    model = Encoder()
     ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 2, 1, 2])
-    rows, expected, grads, handle = one_step(model, ids, y, ce, sketch, exclude=[attn])
-    assert not any(n.startswith(attn) for n, _, _ in handle.layers)
+    sampler, first, _ = watched(model, sketch=4, per_layer={"block.self_attn": 3})
+    assert dict((n, w) for n, _, w in first.layers)["block.self_attn.in_proj"] == 3 * 3 + 3  # per_layer applies
+    second = sampler.watch(model, sketch=4)  # a notebook cell run again: the first handle leaves
+    assert first.removed and model.block.self_attn.__dict__["forward"]._torchgrab_owner is second
+    spy = Spy(sampler)
+    ce(model(ids), y).backward()
+    second.flush()
+    expected, _ = exact_rows(second, model, ce, ids, y)
+    assert_rows(spy.rows[0], expected)
+    # Another sampler watching another model that shares this attention module is refused, and nothing
+    # of either handle changes.
+    other = nn.Sequential(model.block)
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in other.modules()]
+    another = GraBSampler(n=8)
+    with pytest.raises(UnsupportedModelError, match="already runs another forward"):
+        another.watch(other, sketch=4)
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in other.modules()] == hooks
+    assert another._watchers == [] and sampler._watchers == [second]
+    assert model.block.self_attn.__dict__["forward"]._torchgrab_owner is second
+    second.remove()
+    no_hooks(model)
+
+
+class Seq2Seq(nn.Module):
+    """nn.Transformer (batch first): encoder self-attention, causal decoder self-attention, cross-attention."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 8)
+        self.tr = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        mask = nn.Transformer.generate_square_subsequent_mask(3)
+        return self.out(self.tr(h, h[:, :3], tgt_mask=mask, tgt_is_causal=True).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func over attention
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")  # nn.Transformer's own notice
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_a_whole_nn_transformer_is_watched(sketch):
+    model = Seq2Seq()
+    x, y = _data((5, 6), "class", b=4)
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
     assert_rows(rows, expected)
-    if sketch is None:  # the rows are the per-example gradients of every parameter outside attention
-        kept = {n: g for n, g in grads.items() if not n.startswith(attn)}
-        assert_rows(rows, flat(kept, 4))
+    attention = [n for n, _, _ in handle.layers if n.endswith("attn.in_proj")]
+    assert len(attention) == 3  # encoder self, decoder self, decoder cross
+    if sketch is None:
+        assert_rows(rows, flat(grads, 4))
 
 
 class TiedLM(nn.Module):
@@ -1545,9 +1701,10 @@ class _SmallConvNet(nn.Module):
         return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
 
 
+@pytest.mark.parametrize("net", ["conv", "attention"])
 @pytest.mark.parametrize("form", ["torch.compile(model)", "model.compile()"])
 @pytest.mark.parametrize("sketch", SKETCHES)
-def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(form, sketch):
+def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(form, sketch, net):
     # torch.compile traced the hooks and guarded on the handle's state (the rows gathered so far), so the
     # model was compiled again at every step until dynamo's recompile limit. The hooks now run outside
     # the graph: a compiled model is compiled in its first steps, then never again, and gives the rows
@@ -1561,9 +1718,9 @@ def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(fo
     dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    eager = _SmallConvNet()
+    eager = _SmallConvNet() if net == "conv" else Attention(mask="padding")
     compiled_model = copy.deepcopy(eager)
-    x_all = torch.randn(64, 2, 5, 5)
+    x_all = torch.randn(64, 2, 5, 5) if net == "conv" else torch.randn(64, 5, 6)
     y_all = torch.randint(0, 3, (64,))
     runs = []
     for model in (eager, compiled_model):

@@ -591,8 +591,10 @@ class GraBSampler(Sampler[int]):
         per-example gradients are never formed), and the rows go to :meth:`step`, matched to the yielded
         indices first in first out. A factor no larger than ``sketch`` stays exact, so small layers lose
         nothing; ``sketch=None`` makes every factor exact (the rows are then the per-example gradients).
-        BatchNorm in training mode gives each example's contribution to the batch gradient (they add up
-        to it exactly), a proxy for the undefined per-example gradient.
+        ``nn.MultiheadAttention`` (packed weights) runs, while watched, the same ops as torch's with its
+        two projections recorded as Linear layers (``<name>.in_proj`` and ``out_proj``). BatchNorm in
+        training mode gives each example's contribution to the batch gradient (they add up to it
+        exactly), a proxy for the undefined per-example gradient.
 
         ``sketch="ghost"`` balances exactly without forming anything per example: each ``nn.Linear``
         layer on ``[B, in]`` inputs goes to the sampler as the factors of its per-example weight

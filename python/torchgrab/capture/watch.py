@@ -21,8 +21,16 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from torchgrab.capture import attention as attn
 from torchgrab.capture.feed import RowFeeder
-from torchgrab.capture.layers import EmbeddingSketch, GhostLinearSketch, LayerSketch, TiedLinearSketch, sketch_class
+from torchgrab.capture.layers import (
+    EmbeddingSketch,
+    GhostLinearSketch,
+    LayerSketch,
+    LinearSketch,
+    TiedLinearSketch,
+    sketch_class,
+)
 from torchgrab.capture.projection import FoldSketch
 from torchgrab.errors import NonFiniteGradientError, ShapeError, UnsupportedInputError, UnsupportedModelError
 from torchgrab.ondevice import Factored
@@ -205,12 +213,18 @@ class WatchHandle:
         unknown_layers = [n for n in per_layer if n not in modules]
         if unknown_layers:
             raise UnsupportedInputError(f"per_layer names no module of the model: {unknown_layers}")
+        # nn.MultiheadAttention modules whose projections watch() records by running its own forward for
+        # theirs (capture/attention.py): attention module -> its packed in-projection as a Linear layer.
+        self._attention: Dict[nn.Module, nn.Module] = {}
         if granularity == "example":
             uncovered = set(kept)
             # nn.MultiheadAttention applies its projections as functions inside its forward, out_proj's
-            # weight included: out_proj's own hooks never run, and its rows would be zeros. No layer inside
-            # one is sketched; their parameters are refused below unless left out.
-            attention = [n for n, m in inner.named_modules() if isinstance(m, nn.MultiheadAttention)]
+            # weight included: out_proj's own hooks never run. A supported one is recorded by its own
+            # forward (below); no layer inside any other is sketched, and their parameters are refused
+            # below unless left out.
+            attention = [
+                n for n, m in inner.named_modules() if isinstance(m, nn.MultiheadAttention) and not attn.supported(m)
+            ]
             # A parameter shared by several modules has one name (named_parameters' first); a module's own
             # parameters go by that name, so a second use is seen as one (a tied output layer).
             canon = {id(t): n for n, t in inner.named_parameters(remove_duplicate=True)}
@@ -224,6 +238,24 @@ class WatchHandle:
                 if any(name != a and _within(name, a) for a in attention):
                     continue
                 wants_ghost = per_layer[name] == "ghost" if name in per_layer else ghost_all
+                if isinstance(module, nn.MultiheadAttention) and name not in attention:
+                    if name in per_layer and wants_ghost:
+                        raise UnsupportedInputError(
+                            f"per_layer[{name!r}] = 'ghost': the ghost form needs [batch, in] inputs, and attention "
+                            "projects tokens; give it a sketch size"
+                        )
+                    proj = attn.InProjection(module)
+                    lk = per_layer.get(name, k)
+                    if name not in per_layer and budget is not None and k is not None:
+                        lk = LinearSketch.fit(proj, k, budget)
+                    sk = LinearSketch(f"{name}.in_proj" if name else "in_proj", proj, lk, self.seed)
+                    proj_own = {
+                        p: canon[id(t)] for p, t in proj._parameters.items() if t is not None and t.requires_grad
+                    }
+                    if self._admit(sk, proj, proj_own, kept, owner):
+                        uncovered -= {proj_own[p] for p in sk.covered(proj)}
+                    self._attention[module] = proj
+                    continue
                 if isinstance(module, nn.Linear) and id(module.weight) in embeddings and "weight" in own:
                     if name in per_layer and wants_ghost:
                         raise UnsupportedInputError(
@@ -334,6 +366,12 @@ class WatchHandle:
                 f"checkpoint), but watch() with these settings gives K = {self.width}: use the sketch, "
                 "per_layer, budget, exclude and granularity of the run that made that state"
             )
+        for a in self._attention:
+            if attn.installed_by(a) not in (None, _WATCHED.get(inner)):
+                raise UnsupportedModelError(
+                    f"watch(): the nn.MultiheadAttention {_module_name(inner, a)!r} already runs another forward "
+                    "(it is watched for another model, or patched); exclude= it"
+                )
         self._step = _Step()
         self._recording = False
         # Where the rows go: a block buffer of consecutive steps, fed to the sampler every few steps.
@@ -341,8 +379,10 @@ class WatchHandle:
         self._feeder.exchange = exchange
         self._hooks: List[Any] = [model.register_forward_pre_hook(_eager(self._on_step_begins), with_kwargs=True)]
         on_forward = _eager(self._on_forward)
+        by_attention = {m for a, proj in self._attention.items() for m in (proj, a.out_proj)}
         for module in self._sketches:
-            self._hooks.append(module.register_forward_hook(on_forward))
+            if module not in by_attention:  # the attention's own forward records these
+                self._hooks.append(module.register_forward_hook(on_forward))
         for i, (_, p, _) in enumerate(self._params):
             self._hooks.append(p.register_hook(self._param_hook(i)))
         self.removed = False
@@ -350,6 +390,15 @@ class WatchHandle:
         self._inner = inner
         self._replace(_WATCHED.get(inner))
         _WATCHED[inner] = self
+        # After _replace: a handle watching this model before takes its attention forwards with it.
+        record = _eager(self._record)
+        try:
+            for a, proj in self._attention.items():
+                if proj in self._sketches or a.out_proj in self._sketches:
+                    self._hooks.append(attn.install(a, self, self._records, record, proj))
+        except BaseException:
+            self.remove()
+            raise
 
     @staticmethod
     def _check_ghost_sampler(sampler: Any, all_ranks: bool) -> None:
@@ -514,10 +563,23 @@ class WatchHandle:
         if self._recording:
             self._step.batch = _batch_of(args, kwargs)
 
+    def _records(self) -> bool:
+        """Whether a training forward now would be recorded (the attention forwards ask)."""
+        return self._recording and not _in_transform()
+
     def _on_forward(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
+        if not args:
+            return None
+        return self._record(module, args[0], out)
+
+    def _record(
+        self, module: nn.Module, x: Any, out: Any, grad_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    ) -> Any:
+        """Record one call of a watched layer: its input ``x`` (batch first) and its output ``out``, whose
+        gradient reaches the sketch batch first through ``grad_view`` (None: as it is)."""
         if not self._recording or not module.training or not torch.is_grad_enabled() or _in_transform():
             return None
-        if not isinstance(out, torch.Tensor) or not out.requires_grad or not args:
+        if not isinstance(out, torch.Tensor) or not out.requires_grad or module not in self._sketches:
             return None
         step = self._step
         if _in_backward():
@@ -526,11 +588,11 @@ class WatchHandle:
         else:
             step.forwards[module] = step.forwards.get(module, 0) + 1
         sk = self._sketches[module]
-        x = args[0]
+        view = _as_is if grad_view is None else grad_view
         if not self.sampler.balances:
             # rr, so, ...: no sketch, only the number of examples, so that the sampler's cursor moves.
             if step.noted is None and x.dim() > 0:
-                _on_output_grad(out, lambda g: self._note(step, g.shape[0]))
+                _on_output_grad(out, lambda g: self._note(step, view(g).shape[0]))
             return None
         b = step.batch
         lead = int(x.shape[0]) if x.dim() > 0 else 0
@@ -551,7 +613,7 @@ class WatchHandle:
                     "(exclude= the layer, or granularity='batch' when a step is one unit)"
                 )
         saved = sk.save(module, x)
-        _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, g))
+        _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, view(g)))
         return replaced
 
     def _on_grad(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> None:
@@ -838,6 +900,14 @@ def _on_output_grad(out: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> 
             hook(g)
 
     node.register_prehook(pre)
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module), "?")
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _eager(hook: Any) -> Any:
