@@ -961,6 +961,19 @@ def test_a_transformer_encoder_layer_is_watched_whole_and_rewatching_it_replaces
     no_hooks(model)
 
 
+def test_an_attention_module_with_its_own_forward_is_refused_unless_left_out():
+    # A forward someone else put on the instance (a user's patch) is never replaced: watch() refuses the
+    # module, and leaves it as it is when the module is left out.
+    model = Attention()
+    patched = model.mha.forward  # a bound method stored on the instance, as a patch would be
+    model.mha.forward = patched
+    refused(model, UnsupportedModelError, "'mha' already runs another forward", sketch=4)
+    handle = GraBSampler(n=8).watch(model, sketch=4, exclude=["mha"])
+    assert model.mha.__dict__["forward"] is patched
+    handle.remove()
+    assert model.mha.__dict__["forward"] is patched
+
+
 class Seq2Seq(nn.Module):
     """nn.Transformer (batch first): encoder self-attention, causal decoder self-attention, cross-attention."""
 

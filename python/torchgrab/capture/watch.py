@@ -394,8 +394,7 @@ class WatchHandle:
         record = _eager(self._record)
         try:
             for a, proj in self._attention.items():
-                if proj in self._sketches or a.out_proj in self._sketches:
-                    self._hooks.append(attn.install(a, self, self._records, record, proj))
+                self._hooks.append(attn.install(a, self, self._records, record, proj))
         except BaseException:
             self.remove()
             raise
