@@ -9,6 +9,7 @@ factors, count sketches). Models are tiny: the whole file runs in seconds on two
 import copy
 import socket
 import warnings
+from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -972,6 +973,70 @@ def test_an_attention_module_with_its_own_forward_is_refused_unless_left_out():
     assert model.mha.__dict__["forward"] is patched
     handle.remove()
     assert model.mha.__dict__["forward"] is patched
+
+
+class SequenceFirst(nn.Module):
+    """PyTorch's language-modeling tutorial layout: [T, B] ids in, torch's default transformer layers
+    (batch_first=False), [T, B, V] logits out; or, as a classifier, mean over T, a norm and a head on [B, E]."""
+
+    def __init__(self, kind="lm"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.emb = nn.Embedding(11, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(8)
+        self.dec = nn.Linear(8, 11 if kind == "lm" else 3)
+
+    def forward(self, src):
+        t = src.shape[0]
+        h = self.enc(self.emb(src), mask=nn.Transformer.generate_square_subsequent_mask(t), is_causal=True)
+        return self.dec(h if self.kind == "lm" else self.norm(h.mean(0)))
+
+
+def _seq_loss(out, y, reduction="mean"):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction=reduction)
+
+
+@pytest.mark.parametrize("kind", ["lm", "classifier"])
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_a_sequence_first_model_is_watched_with_batch_first_false(kind, sketch):
+    # torch's transformer layers default to batch_first=False, and its language-modeling tutorial feeds
+    # [T, B] ids throughout. With watch(batch_first=False) every layer's input has the batch in dim 1
+    # (2-D inputs, pooled, in dim 0); the rows equal each example's own gradient (one backward per
+    # example, through the same projection).
+    model = SequenceFirst(kind)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 11, (6, 4), generator=g)
+    y = torch.randint(0, 11, (6, 4), generator=g) if kind == "lm" else torch.tensor([0, 2, 1, 2])
+    sampler, handle, spy = watched(model, sketch=sketch, batch_first=False)
+    _seq_loss(model(x), y).backward()
+    handle.flush()
+    assert sampler.pending == 64 - 4
+    grads: Dict[str, List[torch.Tensor]] = {n: [] for n, _ in model.named_parameters()}
+    for b in range(4):
+        model.zero_grad()
+        _seq_loss(model(x[:, b : b + 1]), y[:, b : b + 1] if kind == "lm" else y[b : b + 1]).backward()
+        for n, p in model.named_parameters():
+            grads[n].append(torch.zeros_like(p) if p.grad is None else p.grad.clone())  # lm: norm unused
+    per_example = {n: torch.stack(gs) for n, gs in grads.items()}
+    assert_rows(spy.rows[0], handle.project(per_example))
+    if sketch is None:
+        assert_rows(spy.rows[0], flat(per_example, 4))
+
+
+def test_batch_first_false_refusals():
+    refused(SequenceFirst(), UnsupportedInputError, "batch_first must be True or False", batch_first=1)
+    # The default, batch_first=True, on a sequence-first model: refused, with the way out named.
+    message = refused(SequenceFirst(), UnsupportedModelError, "sequence-first transformer layers")
+    assert "watch(model, batch_first=False)" in message
+    assert "self_attn" not in message.split("inside")[1]  # attention is recorded batch first in either layout
+    # Layers whose batch dimension is not 1 in a sequence model (a convolution), and transformer layers
+    # built batch first, under batch_first=False.
+    refused(_SmallConvNet(), UnsupportedModelError, r"\['conv', 'norm'\] are not such layers", batch_first=False)
+    refused(Encoder(), UnsupportedModelError, "built with batch_first=True", batch_first=False)
+    refused(Encoder(), UnsupportedModelError, "built with batch_first=True", batch_first=False, exclude=["out"])
 
 
 class Seq2Seq(nn.Module):

@@ -577,6 +577,7 @@ class GraBSampler(Sampler[int]):
         seed: Optional[int] = None,
         non_blocking: Optional[bool] = None,
         all_ranks: bool = False,
+        batch_first: bool = True,
     ) -> "WatchHandle":
         """Feed this sampler from an ordinary ``loss.backward()``: layer hooks sketch each example's gradient.
 
@@ -637,6 +638,12 @@ class GraBSampler(Sampler[int]):
                 the same points, and every copy is fed all of them in the order it yielded them, so all
                 copies build the same next order; rows of repeats that pad the epoch's last round are
                 dropped.
+            batch_first: False for a sequence model that takes ``[T, B, ...]`` inputs throughout (torch's
+                transformer layers with their default ``batch_first=False``, the layout of PyTorch's
+                language-modeling tutorial): the batch is then dimension 1 of the model's first input, of
+                an embedding's ids and of a Linear or norm layer's inputs of 3 or more dimensions (2-D
+                inputs, pooled, are taken as ``[B, features]``). Linear, Embedding, LayerNorm, RMSNorm and
+                attention layers only.
 
         Rows of a step are fed when the model's next forward begins, when the sampler begins an epoch, on
         :meth:`state_dict`, :meth:`synchronize`, or ``handle.flush()``; forwards in eval mode or under
@@ -668,6 +675,7 @@ class GraBSampler(Sampler[int]):
             seed=seed,
             non_blocking=non_blocking,
             all_ranks=all_ranks,
+            batch_first=batch_first,
         )
 
     def backward(

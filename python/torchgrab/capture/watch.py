@@ -130,9 +130,13 @@ class WatchHandle:
         seed: Optional[int] = None,
         non_blocking: Optional[bool] = None,
         all_ranks: bool = False,
+        batch_first: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UnsupportedModelError(f"watch() takes an nn.Module, got {type(model).__name__}")
+        if not isinstance(batch_first, bool):
+            raise UnsupportedInputError(f"batch_first must be True or False, got {batch_first!r}")
+        self.batch_first = batch_first
         ghost_all = isinstance(sketch, str) and sketch == "ghost"
         if (
             sketch is not None
@@ -299,19 +303,42 @@ class WatchHandle:
                 sk = TiedLinearSketch(name, module, emb_sketch)
                 if self._admit(sk, module, own, kept, owner):
                     uncovered -= {own[p] for p in sk.covered(module)}
-            # A sequence-first transformer layer (batch_first=False, torch's default) hands its Linear and
-            # norm layers [T, B, E]: their rows would be one per position, not per example, and nothing at
-            # a step would tell (every layer inside agrees on T).
-            seq_first = [n for n, m in inner.named_modules() if _sequence_first(m)]
-            inside_seq = [sk.name for sk in self._sketches.values() if any(_within(sk.name, n) for n in seq_first)]
-            if inside_seq:
+            # A transformer layer built with the other layout than watch()'s hands its Linear and norm
+            # layers [T, B, E] (batch_first=False, torch's default) or [B, T, E]: their rows would be one per
+            # position, not per example, and nothing at a step would tell (every layer inside agrees on T).
+            other = [n for n, m in inner.named_modules() if _layer_batch_first(m) is (not batch_first)]
+            # (Attention hands its projections over batch first in either layout: not counted.)
+            recorded = {id(m) for a, p in self._attention.items() for m in (a.out_proj, p)}
+            inside = [
+                sk.name
+                for m, sk in self._sketches.items()
+                if id(m) not in recorded and any(_within(sk.name, n) for n in other)
+            ]
+            if inside and batch_first:
                 raise UnsupportedModelError(
-                    f"watch(): {_shown(seq_first[:8])} {'is a' if len(seq_first) == 1 else 'are'} sequence-first "
-                    f"transformer layer{'' if len(seq_first) == 1 else 's'} (batch_first=False): the layers inside "
-                    f"({inside_seq[:4]}{' ...' if len(inside_seq) > 4 else ''}) see [sequence, batch, ...] "
+                    f"watch(): {_shown(other[:8])} {'is a' if len(other) == 1 else 'are'} sequence-first "
+                    f"transformer layer{'' if len(other) == 1 else 's'} (batch_first=False): the layers inside "
+                    f"({inside[:4]}{' ...' if len(inside) > 4 else ''}) see [sequence, batch, ...] "
                     "inputs, so their rows would be one per position, not per example. Build the layers with "
-                    "batch_first=True (and feed [batch, sequence, ...] inputs), or exclude= them."
+                    "batch_first=True (and feed [batch, sequence, ...] inputs), watch(model, batch_first=False) "
+                    "when the whole model takes [sequence, batch, ...] inputs, or exclude= them."
                 )
+            if inside:
+                raise UnsupportedModelError(
+                    f"watch(batch_first=False): {_shown(other[:8])} {'is a' if len(other) == 1 else 'are'} "
+                    f"transformer layer{'' if len(other) == 1 else 's'} built with batch_first=True: the layers "
+                    f"inside ({inside[:4]}{' ...' if len(inside) > 4 else ''}) see [batch, sequence, ...] inputs. "
+                    "Watch such a model with batch_first=True, or exclude= them."
+                )
+            if not batch_first:
+                kinds = [sk.name for m, sk in self._sketches.items() if not isinstance(m, _SEQUENCE_LAYERS)]
+                if kinds:
+                    raise UnsupportedModelError(
+                        f"watch(batch_first=False) is for sequence models (Linear, Embedding, LayerNorm, RMSNorm "
+                        f"and attention layers, with the batch in dimension 1 of their inputs); {kinds[:8]} "
+                        f"{'is' if len(kinds) == 1 else 'are'} not such layers. exclude= them, or watch a "
+                        "batch-first model"
+                    )
             if uncovered:
                 names = sorted(uncovered)
                 inside = sorted({a for a in attention for n in names if _within(n, a)})
@@ -378,7 +405,7 @@ class WatchHandle:
         self._feeder = RowFeeder(sampler, self._row_width, granularity, non_blocking, scaler)
         self._feeder.exchange = exchange
         self._hooks: List[Any] = [model.register_forward_pre_hook(_eager(self._on_step_begins), with_kwargs=True)]
-        on_forward = _eager(self._on_forward)
+        on_forward = _eager(self._on_forward if batch_first else self._on_forward_seq_first)
         by_attention = {m for a, proj in self._attention.items() for m in (proj, a.out_proj)}
         for module in self._sketches:
             if module not in by_attention:  # the attention's own forward records these
@@ -560,7 +587,7 @@ class WatchHandle:
             self._feeder.feed(block=False)
         self._recording = module.training and torch.is_grad_enabled()
         if self._recording:
-            self._step.batch = _batch_of(args, kwargs)
+            self._step.batch = _batch_of(args, kwargs, self.batch_first)
 
     def _records(self) -> bool:
         """Whether a training forward now would be recorded (the attention forwards ask)."""
@@ -570,6 +597,17 @@ class WatchHandle:
         if not args:
             return None
         return self._record(module, args[0], out)
+
+    def _on_forward_seq_first(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
+        """``_on_forward`` for a model whose sequences are [T, B, ...] (``watch(batch_first=False)``): a
+        Linear or norm layer's input of 3 or more dimensions, and an embedding's ids of 2 or more, have the
+        batch in dimension 1 (fewer dimensions: pooled, batch first)."""
+        if not args:
+            return None
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.dim() < (2 if isinstance(module, nn.Embedding) else 3):
+            return self._record(module, x, out)
+        return self._record(module, x.transpose(0, 1), out, _swap01)
 
     def _record(
         self, module: nn.Module, x: Any, out: Any, grad_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
@@ -873,12 +911,23 @@ def _kind(sk: LayerSketch) -> str:
     return type(sk).__name__.replace("Sketch", "") + (" (weight left out: budget)" if sk.dropped else "")
 
 
-def _sequence_first(module: nn.Module) -> bool:
-    """A transformer encoder or decoder layer built with batch_first=False (its inputs are [T, B, E])."""
+def _layer_batch_first(module: nn.Module) -> Optional[bool]:
+    """A transformer encoder or decoder layer's layout (False: its inputs are [T, B, E]); None for
+    other modules."""
     if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        return False
-    attn = getattr(module, "self_attn", None)
-    return not getattr(attn, "batch_first", True)
+        return None
+    return bool(getattr(getattr(module, "self_attn", None), "batch_first", True))
+
+
+# The layers watch(batch_first=False) can read [T, B, ...] inputs of (and attention, which hands its
+# projections batch first itself).
+_SEQUENCE_LAYERS: Tuple[type, ...] = (nn.Linear, nn.Embedding, nn.LayerNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
+
+
+def _swap01(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(0, 1)
 
 
 def _on_output_grad(out: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> None:
@@ -922,13 +971,16 @@ def _eager(hook: Any) -> Any:
     return hook if disable is None else disable(hook)
 
 
-def _batch_of(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[int]:
-    """The leading dimension of the model's first tensor input (the batch, for batch-first inputs)."""
+def _batch_of(args: Tuple[Any, ...], kwargs: Dict[str, Any], batch_first: bool = True) -> Optional[int]:
+    """The batch size from the model's first tensor input: its leading dimension, or its second for a
+    sequence-first model (a [T, B, ...] input)."""
     first = args[0] if args else None
     if not isinstance(first, torch.Tensor):
         leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         first = leaves[0] if leaves else None
-    return int(first.shape[0]) if first is not None and first.dim() > 0 else None
+    if first is None or first.dim() == 0:
+        return None
+    return int(first.shape[1] if not batch_first and first.dim() > 1 else first.shape[0])
 
 
 def _under(name: str, prefix: str) -> bool:
