@@ -172,6 +172,30 @@ def test_wikitext_quick_with_watch_feeds_the_sampler(tmp_path, monkeypatch):
     assert all(v < float(rows[0]["train_loss"]) for v in last.values())
 
 
+@pytest.mark.skipif(not (DATA / "wikitext-2").is_dir(), reason="no ../shared/data/wikitext-2")
+def test_wikitext_transformer_quick_feeds_every_chunk_from_a_sequence_first_model(tmp_path, monkeypatch):
+    """The tutorial's [T, B] transformer under watch(batch_first=False): one row per chunk reaches grab."""
+    import wikitext2_transformer
+    from torchgrab import GraBSampler
+
+    fed = []
+    step = GraBSampler.step
+
+    def spy(self, grads, **kw):
+        fed.append(len(grads))
+        return step(self, grads, **kw)
+
+    monkeypatch.setattr(GraBSampler, "step", spy)
+    out = tmp_path / "wtt"
+    argv = ["--quick", "--orderings", "rr,grab", "--seeds", "1", "--data", str(DATA), "--out", str(out)]
+    wikitext2_transformer.main(argv)
+    rows = _rows(str(out) + ".csv")
+    assert [r["epoch"] for r in rows if r["ordering"] == "grab"] == ["0", "1", "2"]
+    assert sum(fed) == 2 * 200  # 200 chunks of 35 tokens, 2 epochs: every chunk's row reached the sampler
+    start = float(rows[0]["train_loss"])
+    assert all(float(r["train_loss"]) < start - 1 for r in rows if r["epoch"] == "2")  # from ln(33,278) = 10.4
+
+
 @pytest.mark.skipif(not (DATA / "glue" / "STS-B").is_dir(), reason="no ../shared/data/glue/STS-B")
 def test_glue_finetune_regression_task_with_watch(tmp_path):
     """STS-B: a 1-output regression head with the mean squared error, Pearson's r on dev."""
