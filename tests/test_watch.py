@@ -962,6 +962,25 @@ def test_a_transformer_encoder_layer_is_watched_whole_and_rewatching_it_replaces
     no_hooks(model)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func over attention
+@pytest.mark.parametrize("frozen", ["mha.in_proj", "mha.out_proj", "mha"])
+def test_attention_with_a_frozen_projection_records_the_other(frozen):
+    # out_proj is a child Linear whose own hooks never run: with the in-projection frozen it must still
+    # be recorded by the attention's forward (its rows were zeros); all frozen: torch's forward stays.
+    model = Attention()
+    for n, p in model.named_parameters():
+        if n.startswith(frozen):
+            p.requires_grad_(False)
+    x, y = _data((5, 6), "class", b=4)
+    rows, expected, grads, handle = one_step(model, x, y, ce, None)
+    assert_rows(rows, expected)
+    assert_rows(rows, flat(grads, 4))
+    names = [n for n, _, _ in handle.layers]
+    assert ("mha.in_proj" in names) == (frozen == "mha.out_proj")
+    assert ("mha.out_proj" in names) == (frozen == "mha.in_proj")
+    assert ("forward" in model.mha.__dict__) == (frozen != "mha")
+
+
 def test_an_attention_module_with_its_own_forward_is_refused_unless_left_out():
     # A forward someone else put on the instance (a user's patch) is never replaced: watch() refuses the
     # module, and leaves it as it is when the module is left out.

@@ -236,30 +236,19 @@ class WatchHandle:
             owner: Dict[str, str] = {}  # parameter name -> the layer whose sketch covers it
             tied: List[Tuple[str, nn.Module]] = []  # Linear layers whose weight is an Embedding's
             for name, module in inner.named_modules():
+                if isinstance(module, nn.MultiheadAttention) and name not in attention:
+                    # Its out_proj is sketched below as the Linear layer it is; both projections are
+                    # recorded by the attention's forward, also when only one of them trains.
+                    proj, covered = self._attention_in_proj(name, module, per_layer, k, budget, kept, owner, canon)
+                    self._attention[module] = proj
+                    uncovered -= set(covered)
+                    continue
                 own = {p: canon[id(t)] for p, t in module._parameters.items() if t is not None and t.requires_grad}
                 if not any(n in kept for n in own.values()):
                     continue
                 if any(name != a and _within(name, a) for a in attention):
                     continue
                 wants_ghost = per_layer[name] == "ghost" if name in per_layer else ghost_all
-                if isinstance(module, nn.MultiheadAttention) and name not in attention:
-                    if name in per_layer and wants_ghost:
-                        raise UnsupportedInputError(
-                            f"per_layer[{name!r}] = 'ghost': the ghost form needs [batch, in] inputs, and attention "
-                            "projects tokens; give it a sketch size"
-                        )
-                    proj = attn.InProjection(module)
-                    lk = per_layer.get(name, k)
-                    if name not in per_layer and budget is not None and k is not None:
-                        lk = LinearSketch.fit(proj, k, budget)
-                    sk = LinearSketch(f"{name}.in_proj" if name else "in_proj", proj, lk, self.seed)
-                    proj_own = {
-                        p: canon[id(t)] for p, t in proj._parameters.items() if t is not None and t.requires_grad
-                    }
-                    if self._admit(sk, proj, proj_own, kept, owner):
-                        uncovered -= {proj_own[p] for p in sk.covered(proj)}
-                    self._attention[module] = proj
-                    continue
                 if isinstance(module, nn.Linear) and id(module.weight) in embeddings and "weight" in own:
                     if name in per_layer and wants_ghost:
                         raise UnsupportedInputError(
@@ -303,6 +292,11 @@ class WatchHandle:
                 sk = TiedLinearSketch(name, module, emb_sketch)
                 if self._admit(sk, module, own, kept, owner):
                     uncovered -= {own[p] for p in sk.covered(module)}
+            # Only attention with a sketched projection runs the recording forward (a frozen or left-out one
+            # keeps torch's).
+            self._attention = {
+                a: p for a, p in self._attention.items() if p in self._sketches or a.out_proj in self._sketches
+            }
             # A transformer layer built with the other layout than watch()'s hands its Linear and norm
             # layers [T, B, E] (batch_first=False, torch's default) or [B, T, E]: their rows would be one per
             # position, not per example, and nothing at a step would tell (every layer inside agrees on T).
@@ -459,6 +453,36 @@ class WatchHandle:
             )
             previous.discard()
         previous.remove()
+
+    def _attention_in_proj(
+        self,
+        name: str,
+        module: nn.MultiheadAttention,
+        per_layer: Dict[str, Any],
+        k: Optional[int],
+        budget: Optional[float],
+        kept: Set[str],
+        owner: Dict[str, str],
+        canon: Dict[int, str],
+    ) -> Tuple[nn.Module, List[str]]:
+        """The packed in-projection of a supported attention module as a Linear layer, sketched (admitted
+        into the rows) when its parameters train and are not left out; and the names of those it covers."""
+        if per_layer.get(name) == "ghost":
+            raise UnsupportedInputError(
+                f"per_layer[{name!r}] = 'ghost': the ghost form needs [batch, in] inputs, and attention "
+                "projects tokens; give it a sketch size"
+            )
+        proj = attn.InProjection(module)
+        own = {p: canon[id(t)] for p, t in proj._parameters.items() if t is not None and t.requires_grad}
+        if not any(n in kept for n in own.values()):
+            return proj, []
+        lk = per_layer.get(name, k)
+        if name not in per_layer and budget is not None and k is not None:
+            lk = LinearSketch.fit(proj, k, budget)
+        sk = LinearSketch(f"{name}.in_proj" if name else "in_proj", proj, lk, self.seed)
+        if self._admit(sk, proj, own, kept, owner):
+            return proj, [own[p] for p in sk.covered(proj)]
+        return proj, []
 
     def _admit(
         self, sk: LayerSketch, module: nn.Module, own: Dict[str, str], kept: Set[str], owner: Dict[str, str]
