@@ -168,13 +168,7 @@ def attention_forward(
     # F.multi_head_attention_forward from here.
     tgt_len, bsz, embed_dim = query.shape
     num_heads = mha.num_heads
-    key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask,
-        mask_name="key_padding_mask",
-        other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask",
-        target_type=query.dtype,
-    )
+    # (torch canonicalizes both masks again here: a no-op on masks canonicalized above, so not repeated.)
     if is_causal and attn_mask is None:
         raise RuntimeError(
             "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
@@ -182,17 +176,8 @@ def attention_forward(
         )
     if is_causal and key_padding_mask is None and not need_weights:
         attn_mask = None  # the is_causal hint goes to scaled_dot_product_attention
-    else:
-        attn_mask = F._canonical_mask(
-            mask=attn_mask,
-            mask_name="attn_mask",
-            other_type=None,
-            other_name="",
-            target_type=query.dtype,
-            check_other=False,
-        )
-        if key_padding_mask is not None:
-            is_causal = False  # the merged mask is no longer causal
+    elif key_padding_mask is not None:
+        is_causal = False  # the merged mask is no longer causal
     if embed_dim != mha.embed_dim:
         raise AssertionError(f"was expecting embedding dimension of {mha.embed_dim}, but got {embed_dim}")
     head_dim = embed_dim // num_heads
