@@ -19,6 +19,7 @@ from conftest import assert_same_state
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchgrab import GraBSampler, ShapeError, StateDictError, UnsupportedInputError, UnsupportedModelError
+from torchgrab.capture.layers import COUNT_OUT, LinearSketch
 from torchgrab.capture.projection import FoldSketch
 from torchgrab.gradients import per_example_gradients
 
@@ -994,6 +995,39 @@ def test_an_attention_module_with_its_own_forward_is_refused_unless_left_out():
     assert model.mha.__dict__["forward"] is patched
 
 
+class _BitFit(nn.Module):
+    """Token inputs through Linear layers whose weights are frozen (BitFit: only the biases train): two
+    of one shape (sketched as a group) and one alone, then a trained head on the mean over tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.up = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 9)
+        self.head = nn.Linear(9, 3)
+        for m in (self.a, self.b, self.up):
+            m.weight.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)) + torch.tanh(self.b(x * 0.5))
+        return self.head(torch.tanh(self.up(h)).mean(1))
+
+
+@pytest.mark.parametrize("sketch", [None, 4])
+def test_frozen_weights_on_token_inputs_give_bias_rows_summed_over_positions(sketch):
+    # A bias alone is projected once per example from its positions' summed gradient, in a group of
+    # equally shaped layers or alone; the rows are the projected per-example bias gradients.
+    torch.manual_seed(0)
+    model = _BitFit()
+    x, y = _data((5, 6), "class", b=4)
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    widths = {n: w for n, _, w in handle.layers}
+    k = sketch or 9
+    assert widths["a"] == widths["b"] == min(6, k) and widths["up"] == min(9, k)
+    assert not handle._alone[handle._sketches[model.a]]  # a and b go through the grouped path
+    if sketch is None:
+        assert_rows(rows, flat(grads, 4))
+
+
 class SequenceFirst(nn.Module):
     """PyTorch's language-modeling tutorial layout: [T, B] ids in, torch's default transformer layers
     (batch_first=False), [T, B, V] logits out; or, as a classifier, mean over T, a norm and a head on [B, E]."""
@@ -1632,6 +1666,45 @@ def test_a_layer_left_without_columns_by_the_budget_is_not_hooked():
     assert sum(r.shape[0] for r in spy.rows) == 16 and sampler.pending == 0
 
 
+class _WideDecoderLM(nn.Module):
+    """Token ids -> logits over a vocabulary wide enough that a Gaussian output side costs more than the
+    default budget allows (out * 32 per token against a quarter of in * out, plus 2^17)."""
+
+    def __init__(self, vocab=6000, dim=16):
+        super().__init__()
+        self.emb = nn.Embedding(50, dim)
+        self.decoder = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        return self.decoder(torch.tanh(self.emb(ids)))
+
+
+def test_a_decoder_too_wide_for_a_gaussian_output_side_is_count_sketched_not_left_out():
+    # A language model's decoder over its vocabulary holds half its parameters; under the budget its
+    # Gaussian output side alone costs too much, so its weight used to be left out of the rows. Its output
+    # side is count-sketched instead (out per token): the weight stays in, with the budget's k.
+    torch.manual_seed(0)
+    model = _WideDecoderLM()
+    ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 6000, (3, 5), generator=torch.Generator().manual_seed(2))
+    rows, expected, _, handle = one_step(model, ids, y, _lm_loss, 32, budget=0.25)
+    sk = handle._sketches[model.decoder]
+    assert not sk.dropped and sk.p_out.count and not sk.p_in.count
+    assert ("decoder", "Linear", 32 * 16 + 32) in handle.layers  # k_out 32, the 16 inputs exact, the bias
+    assert_rows(rows, expected)
+    # The decoder's block of the rows is the count sketch of each example's weight gradient, built here
+    # from the tables alone: bucket h(i) of output i collects s(i) g_bi a_b^T.
+    grads, _ = per_example_gradients(model, _lm_loss, ids, y)
+    buckets, signs = sk.p_out._count_tables(torch.device("cpu"), torch.float32)
+    w = grads["decoder.weight"] * signs[None, :, None]  # [B, vocab, 16]
+    want = torch.zeros(3, 32, 16).index_add_(1, buckets, w).reshape(3, -1)
+    start = sum(c for name, _, c in handle.layers[: [x[0] for x in handle.layers].index("decoder")])
+    assert_rows(rows[:, start : start + 32 * 16], want)
+    assert LinearSketch.fit(model.decoder, 32, 0.25) == (32, 16, COUNT_OUT)
+    # A decoder whose Gaussian output side fits the budget keeps it (the rows of such models unchanged).
+    assert LinearSketch.fit(nn.Linear(16, 3000), 32, 0.25) == (32, 16)
+
+
 def test_resuming_with_other_sketch_settings_is_refused_before_anything_changes():
     model = _mlp()
     x, y = _data((6,), "class", b=8)
@@ -1776,7 +1849,13 @@ def test_native_count_sketch_equals_index_add_bit_for_bit():
     f = Factor(300, 64, 7, "layer", "in", count=True)
     buckets, signs = f._count_tables(torch.device("cpu"), torch.float32)
     base = torch.randn(5, 4, 600, generator=torch.Generator().manual_seed(2))
-    for x in (base[:, 0, :300], base[:, :, ::2], base[:, 1, 300:].contiguous()):  # 2-D, strided 3-D, contiguous
+    # 2-D, strided 3-D, contiguous, and a [T, B, n] seen batch first (projected without a copy)
+    for x in (
+        base[:, 0, :300],
+        base[:, :, ::2],
+        base[:, 1, 300:].contiguous(),
+        base[..., :300].contiguous().transpose(0, 1),
+    ):
         want = x.new_zeros(*x.shape[:-1], 64).index_add_(x.dim() - 1, buckets, x * signs)
         assert torch.equal(f(x), want)
     # Other dtypes and tensors that need a gradient take torch's index_add_ path, with the same tables.

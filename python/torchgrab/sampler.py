@@ -612,7 +612,8 @@ class GraBSampler(Sampler[int]):
             budget: per Linear or convolution layer, the sketch may cost at most this fraction of the
                 layer's own forward pass per position (Linear layers: plus 2^17 multiply-adds); a layer
                 over it gets a smaller input-side k (a net's first convolutions: few output channels,
-                many positions). None: ``sketch`` everywhere.
+                many positions), and a Linear layer whose Gaussian output side alone is over it (a
+                decoder over a vocabulary) a count sketch on that side. None: ``sketch`` everywhere.
             loss_reduction: how the batch loss was reduced over examples, ``"mean"`` or ``"sum"``
                 (Opacus's name), so each row is its example's own gradient. A loss further divided by a
                 constant (gradient accumulation) changes no order: the sign rule is scale-free.

@@ -25,6 +25,8 @@ _REGISTRY: Dict[Type[nn.Module], Type["LayerSketch"]] = {}
 # A Linear layer's input side is count-sketched (not Gaussian) when it is at least this many times wider
 # than its sketch and the sketch has at least 64 columns (see LinearSketch).
 COUNT_SKETCH_RATIO = 4
+# A third entry of a fitted (k_out, k_in): the output side is count-sketched (LinearSketch.fit).
+COUNT_OUT = "count-out"
 
 
 def register_sketch(*kinds: Type[nn.Module]) -> Callable[[Type["LayerSketch"]], Type["LayerSketch"]]:
@@ -164,17 +166,27 @@ class LinearSketch(LayerSketch):
         k_out, k_max = split_k(k, out_f)
         k_out = out_f if k_out is None or out_f <= k_out else k_out
 
-        def cost(k_in: int) -> int:
-            return (in_f * k_in if k_in < in_f else 0) + (out_f * k_out if k_out < out_f else 0) + k_out * k_in
+        def cost(k_in: int, count_out: bool = False) -> int:
+            out_side = 0 if k_out >= out_f else out_f if count_out else out_f * k_out
+            return (in_f * k_in if k_in < in_f else 0) + out_side + k_out * k_in
 
-        return _largest(k_max, in_f, lambda k_in: cost(k_in) <= budget * in_f * out_f + (1 << 17), k_out)
+        limit = budget * in_f * out_f + (1 << 17)
+        fitted = _largest(k_max, in_f, lambda k_in: cost(k_in) <= limit, k_out)
+        if fitted[1] == 0 and out_f >= COUNT_SKETCH_RATIO * k_out:
+            # The Gaussian output side alone costs more than the budget (a language model's decoder over
+            # its vocabulary: out_f * k_out per token against in_f * out_f for the layer). A count sketch
+            # costs out_f per token: the weight, half of such a model's parameters, stays in the rows.
+            k_out, k_in = _largest(k_max, in_f, lambda k_in: cost(k_in, True) <= limit, k_out)
+            if k_in:
+                return (k_out, k_in, COUNT_OUT)
+        return fitted
 
     def __init__(self, name: str, module: nn.Linear, k: Optional[int], seed: int) -> None:
         super().__init__(name, module, k, seed)
         out_f, in_f = module.weight.shape
         k_out, k_in = split_k(k, out_f)
         self._stacks: Dict[Any, torch.Tensor] = {}  # stacked P_out^T of groups led by this layer
-        self.p_out = Factor(out_f, k_out, seed, name, "out")
+        self.p_out = Factor(out_f, k_out, seed, name, "out", count=isinstance(k, tuple) and COUNT_OUT in k[2:])
         # A wide input sketched to many columns (MNIST's 784 pixels to 102) is count-sketched: its
         # Gaussian product cost more than the layer itself, the index_add_ costs O(in).
         wide = k_in is not None and in_f >= COUNT_SKETCH_RATIO * k_in and k_in >= 64
@@ -200,14 +212,19 @@ class LinearSketch(LayerSketch):
             if self.train_b:
                 out.append(gp)
             return out
+        if not self.train_w:
+            # The bias alone (a frozen or left-out weight): P_out is linear, so sum the positions first,
+            # one projection per example instead of one per position.
+            return [self.p_out(g.reshape(b, -1, g.shape[-1]).sum(1))]
         gp = self.p_out(g.reshape(b, -1, g.shape[-1]))  # [B, T, k_out]
-        if self.train_w:
-            out.append(torch.bmm(gp.transpose(1, 2), saved).reshape(b, -1))
+        out.append(torch.bmm(gp.transpose(1, 2), saved).reshape(b, -1))
         if self.train_b:
             out.append(gp.sum(1))
         return out
 
     def static_key(self) -> Any:
+        if self.p_out.count:  # grouped layers share one batched product with dense output factors
+            return None
         return (LinearSketch, self.p_out.n, self.p_out.k, self.p_in.k, self.p_out.identity, self.train_w, self.train_b)
 
     def rows_into(
@@ -229,6 +246,8 @@ class LinearSketch(LayerSketch):
         # Layers of one shape (a transformer's q, k, v, o of every block) are sketched by a few batched
         # products instead of a few small ones each: on a GPU the cost of a watched step is the number
         # of ops dispatched from Python, not their arithmetic.
+        if self.p_out.count:
+            return None
         tokens = g.numel() // (g.shape[0] * g.shape[-1])
         return (
             LinearSketch,
@@ -251,6 +270,8 @@ class LinearSketch(LayerSketch):
         n, b = len(members), members[0][2].shape[0]
         out_f = members[0][2].shape[-1]
         gs = torch.stack([_f32(g).reshape(b, -1, out_f) for _, _, g in members])  # [L, B, T, out]
+        if not first.train_w:
+            gs = gs.sum(2, keepdim=True)  # biases alone: the positions summed before projecting (rows())
         t = gs.shape[2]
         if first.p_out.identity:
             gp = gs

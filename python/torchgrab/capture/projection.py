@@ -88,6 +88,11 @@ class Factor:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.identity:
             return x
+        if x.dim() >= 3 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
+            # A sequence-first layer's [T, B, n] seen batch first (watch(batch_first=False)): flattening the
+            # view would copy all of it (a decoder's output gradient over its vocabulary: more time than
+            # the sketch itself); the projection acts on the last dimension alone, so project in place.
+            return self(x.transpose(0, 1)).transpose(0, 1)
         if self.count:
             if cpu_kernel_input(x):
                 # One pass in Rust: torch's index_add_ along the last dimension dispatches one small add per
