@@ -240,6 +240,19 @@ def test_watch_ghost_runs(tmp_path):
         assert line in stdout
 
 
+@pytest.mark.skipif(not (DATA / "wikitext-2").is_dir(), reason="no ../shared/data/wikitext-2")
+def test_watch_transformer_runs(tmp_path):
+    """benchmarks/watch_transformer.py --quick: the tutorial transformer LM, RR against watch(batch_first=
+    False) sketched and exact; with the full vocabulary its decoder's weight is in the rows (count-sketched
+    output side), not left out by the budget."""
+    stdout = run(["benchmarks/watch_transformer.py", "--data", str(DATA), "--quick", "--arms", "watch,exact"])
+    for line in ("vocabulary 33,278 (d = 4,359,806)", "rr (plain, shuffle=True)", "grab, watch(sketch=None)"):
+        assert line in stdout
+    decoder = next(line.split() for line in stdout.splitlines() if line.strip().startswith("decoder "))
+    assert decoder == ["decoder", "Linear", "1056"]
+    assert "encoder.layers.1.self_attn.in_proj" in stdout and "memory read bandwidth" in stdout
+
+
 BARE_CHECK = """
 import sys
 import numpy as np
