@@ -995,6 +995,49 @@ def test_an_attention_module_with_its_own_forward_is_refused_unless_left_out():
     assert model.mha.__dict__["forward"] is patched
 
 
+class _TinyGPT2(nn.Module):
+    """A 2-layer GPT-2 of Hugging Face's (built from a local config, nothing downloaded) returning its
+    logits: its attention and MLP projections are ``transformers``' Conv1D, its output layer is tied to
+    the token embedding, and its position embedding takes ids of batch 1."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            vocab_size=40, n_positions=8, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+        )  # fmt: skip
+        torch.manual_seed(0)
+        self.m = GPT2LMHeadModel(cfg)
+
+    def forward(self, ids):
+        return self.m(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_hugging_face_conv1d_layers_of_gpt2_are_sketched_as_linear_layers(sketch):
+    # GPT-2's projections are transformers' Conv1D (x @ W + b, W stored [in, out]), no nn.Linear: watch()
+    # refused every one of them. They are sketched as the Linear layers they are, matched here against
+    # torch.func's per-example gradients of the whole model (the tied output layer and the embeddings too).
+    pytest.importorskip("transformers")
+    model = _TinyGPT2().train()
+    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+    rows, expected, grads, handle = one_step(model, ids[:, :-1], ids[:, 1:], _lm_loss, sketch)
+    assert_rows(rows, expected)
+    if sketch is None:  # each Conv1D block in the Linear layout, [out, in]: its weight's gradient transposed
+        conv1d = [n + ".weight" for n, kind, _ in handle.layers if kind == "HFConv1D"]
+        assert len(conv1d) == 8
+        want = {n: g.transpose(1, 2) if n in conv1d else g for n, g in grads.items()}
+        assert_rows(rows, flat(want, 3))
+    kinds = {n: kind for n, kind, _ in handle.layers}
+    assert kinds["m.transformer.h.0.attn.c_attn"] == "HFConv1D" and kinds["m.transformer.h.1.mlp.c_proj"] == "HFConv1D"
+    c_attn = model.m.transformer.h[0].attn.c_attn
+    assert tuple(c_attn.weight.shape) == (16, 48)  # [in, out]: the layout the rows must not depend on
+    widths = {n: w for n, _, w in handle.layers}
+    assert widths["m.transformer.h.0.attn.c_attn"] == {None: 48 * 16 + 48, 4: 4 * 4 + 4}[sketch]  # 48 outputs
+
+
 class _BitFit(nn.Module):
     """Token inputs through Linear layers whose weights are frozen (BitFit: only the biases train): two
     of one shape (sketched as a group) and one alone, then a trained head on the mean over tokens."""

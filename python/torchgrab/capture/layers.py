@@ -22,6 +22,7 @@ from torchgrab.errors import UnsupportedModelError
 from torchgrab.gradients import im2col
 
 _REGISTRY: Dict[Type[nn.Module], Type["LayerSketch"]] = {}
+_REGISTRY_BY_NAME: Dict[str, Type["LayerSketch"]] = {}  # "module.QualName" of classes not imported here
 # A Linear layer's input side is count-sketched (not Gaussian) when it is at least this many times wider
 # than its sketch and the sketch has at least 64 columns (see LinearSketch).
 COUNT_SKETCH_RATIO = 4
@@ -40,11 +41,23 @@ def register_sketch(*kinds: Type[nn.Module]) -> Callable[[Type["LayerSketch"]], 
     return deco
 
 
+def register_sketch_by_name(*names: str) -> Callable[[Type["LayerSketch"]], Type["LayerSketch"]]:
+    """Class decorator: the sketch for modules of the classes named ``module.QualName`` (subclasses
+    included), for layers of libraries torchgrab does not import (Hugging Face's ``Conv1D``)."""
+
+    def deco(cls: Type["LayerSketch"]) -> Type["LayerSketch"]:
+        for n in names:
+            _REGISTRY_BY_NAME[n] = cls
+        return cls
+
+    return deco
+
+
 def sketch_class(module: nn.Module) -> Optional[Type["LayerSketch"]]:
     """The registered sketch for ``module`` (most derived registered type), or None."""
     for kind in type(module).__mro__:
-        if kind in _REGISTRY:
-            cls = _REGISTRY[kind]
+        cls = _REGISTRY.get(kind) or _REGISTRY_BY_NAME.get(f"{kind.__module__}.{kind.__qualname__}")
+        if cls is not None:
             return cls if cls.supports(module) else None
     return None
 
@@ -159,10 +172,16 @@ class LinearSketch(LayerSketch):
     (the Kronecker projection P_out (x) P_in); the bias part is sum_t P_out g_bt."""
 
     @staticmethod
-    def fit(module: nn.Module, k: Optional[int], budget: float) -> Any:
+    def shape(module: nn.Module) -> "tuple[int, int]":
+        """(out features, in features)."""
+        out_f, in_f = module.weight.shape
+        return int(out_f), int(in_f)
+
+    @classmethod
+    def fit(cls, module: nn.Module, k: Optional[int], budget: float) -> Any:  # type: ignore[override]
         """The largest k_in <= k whose sketch costs at most ``budget`` times the layer's forward per
         position, plus a constant (2^17 multiply-adds: a small layer's sketch costs its Python calls)."""
-        out_f, in_f = module.weight.shape
+        out_f, in_f = cls.shape(module)
         k_out, k_max = split_k(k, out_f)
         k_out = out_f if k_out is None or out_f <= k_out else k_out
 
@@ -183,7 +202,7 @@ class LinearSketch(LayerSketch):
 
     def __init__(self, name: str, module: nn.Linear, k: Optional[int], seed: int) -> None:
         super().__init__(name, module, k, seed)
-        out_f, in_f = module.weight.shape
+        out_f, in_f = self.shape(module)
         k_out, k_in = split_k(k, out_f)
         self._stacks: Dict[Any, torch.Tensor] = {}  # stacked P_out^T of groups led by this layer
         self.p_out = Factor(out_f, k_out, seed, name, "out", count=isinstance(k, tuple) and COUNT_OUT in k[2:])
@@ -306,6 +325,23 @@ class LinearSketch(LayerSketch):
         if self.train_b:
             out.append(self.p_out(_f32(grads["bias"])))
         return out
+
+
+@register_sketch_by_name("transformers.pytorch_utils.Conv1D")
+class HFConv1DSketch(LinearSketch):
+    """Hugging Face's ``Conv1D`` (GPT-2's attention and MLP projections): a Linear layer whose weight is
+    stored transposed, ``[in, out]``, applied as ``x @ W + b``. The rows are those of the Linear layer it
+    is, with the same block layout (k_out x k_in); only the parameter's own layout differs."""
+
+    @staticmethod
+    def shape(module: nn.Module) -> "tuple[int, int]":
+        in_f, out_f = module.weight.shape
+        return int(out_f), int(in_f)
+
+    def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        if self.train_w:
+            grads = {**grads, "weight": grads["weight"].transpose(1, 2)}  # [B, in, out] -> [B, out, in]
+        return super().project(module, grads)
 
 
 @register_sketch(nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -349,7 +349,7 @@ class WatchHandle:
                 raise UnsupportedModelError(
                     f"watch() cannot sketch these trainable parameters per example: {names[:8]}"
                     f"{' ...' if len(names) > 8 else ''} (they belong to no nn.Linear, Conv1d/2d/3d, Embedding, "
-                    f"LayerNorm, RMSNorm, GroupNorm or BatchNorm layer).{why}{leave_out} each backward holds one "
+                    f"LayerNorm, RMSNorm, GroupNorm, BatchNorm or Hugging Face Conv1D layer).{why}{leave_out} each backward holds one "
                     "unit (a batch of one, or unit_size equal to the batch size), pass granularity='batch' to "
                     "balance the whole batch gradient of every parameter."
                 )
