@@ -1038,6 +1038,97 @@ def test_hugging_face_conv1d_layers_of_gpt2_are_sketched_as_linear_layers(sketch
     assert widths["m.transformer.h.0.attn.c_attn"] == {None: 48 * 16 + 48, 4: 4 * 4 + 4}[sketch]  # 48 outputs
 
 
+class _TinyLlama(nn.Module):
+    """A 2-layer Llama of Hugging Face's (local config) returning its logits: Linear projections, rotary
+    positions, grouped key/value heads, and LlamaRMSNorm, a norm class of its own (not nn.RMSNorm)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=16, attn_implementation="eager", bos_token_id=0,
+            eos_token_id=0, pad_token_id=0,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        self.m = LlamaForCausalLM(cfg)
+        with torch.no_grad():  # norms away from their initial ones, so that their gradients depend on them
+            for n, p in self.m.named_parameters():
+                if "norm" in n:
+                    p.uniform_(0.5, 1.5)
+
+    def forward(self, ids):
+        return self.m(input_ids=ids).logits
+
+
+class _ScaleShift(nn.Module):
+    """A user's own layer: y = x * w + tanh(x) * s, two parameters of its own."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, n))
+        self.s = nn.Parameter(torch.linspace(-1.0, 1.0, n))
+
+    def forward(self, x, factor=1.0):
+        return (x * self.w + torch.tanh(x) * self.s) * factor
+
+
+class _WithScaleShift(nn.Module):
+    def __init__(self, n=6, calls=lambda layer, h: layer(h)):
+        super().__init__()
+        self.lin, self.scale, self.head = nn.Linear(n, n), _ScaleShift(n), nn.Linear(n, 3)
+        self.calls = calls
+
+    def forward(self, x):
+        return self.head(self.calls(self.scale, torch.tanh(self.lin(x))))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_a_layer_class_of_its_own_is_sketched_by_torch_func_over_that_layer(sketch):
+    # Llama's LlamaRMSNorm (and Mistral's, Qwen's, Gemma's, T5's) is no nn.RMSNorm: watch() refused every
+    # Llama. A small leaf layer of a class outside torch now gets each example's gradient of its own
+    # parameters by torch.func over that layer alone, projected like a norm's.
+    pytest.importorskip("transformers")
+    model = _TinyLlama().train()
+    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+    rows, expected, grads, handle = one_step(model, ids[:, :-1], ids[:, 1:], _lm_loss, sketch)
+    assert_rows(rows, expected)
+    if sketch is None:
+        assert_rows(rows, flat(grads, 3))
+    kinds = {n: kind for n, kind, _ in handle.layers}
+    assert kinds["m.model.norm"] == "LlamaRMSNorm (per example by torch.func)"
+    assert sum("torch.func" in k for k in kinds.values()) == 5  # two per block and the final norm
+    # A user's layer with two parameters, in a batch-first token model and in a plain one.
+    for shape in [(6,), (4, 6)]:
+        torch.manual_seed(0)
+        model = _WithScaleShift()
+        x, y = _data(shape, "class", b=5)
+        loss = ce if len(shape) == 1 else (lambda out, y, reduction="mean": ce(out.mean(1), y, reduction=reduction))
+        rows, expected, grads, handle = one_step(model, x, y, loss, sketch)
+        assert_rows(rows, expected)
+        widths = {n: w for n, _, w in handle.layers}
+        assert widths["scale"] == 2 * min(6, sketch or 6)
+        if sketch is None:
+            assert_rows(rows, flat(grads, 5))
+
+
+def test_a_layer_of_its_own_called_with_more_than_one_tensor_is_refused_at_its_call():
+    # Its forward is replayed on each example with one tensor: a call with more (or with keywords)
+    # cannot be, and says so instead of giving rows of another function.
+    x, y = _data((6,), "class", b=4)
+    for calls in (lambda layer, h: layer(h, 2.0), lambda layer, h: layer(h, factor=2.0)):
+        model = _WithScaleShift(calls=calls)
+        sampler, handle, spy = watched(model, sketch=4)
+        with pytest.raises(UnsupportedModelError, match=r"'scale' \(_ScaleShift\) is sketched by replaying"):
+            ce(model(x), y).backward()
+        handle.remove()
+    # Too large for per-example gradients of its own: refused at watch() as before, with the advice.
+    refused(nn.Sequential(nn.Linear(3, 40_000), _ScaleShift(40_000)), UnsupportedModelError, r"exclude=\['1'\]")
+    # Torch's own layers without a sketch (an LSTM) are not taken by this route.
+    refused(nn.Sequential(nn.LSTM(3, 4)), UnsupportedModelError, "0.weight_ih_l0")
+
+
 class _BitFit(nn.Module):
     """Token inputs through Linear layers whose weights are frozen (BitFit: only the biases train): two
     of one shape (sketched as a group) and one alone, then a trained head on the mean over tokens."""

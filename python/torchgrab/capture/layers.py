@@ -595,6 +595,56 @@ class GhostLinearSketch(LayerSketch):
         return [_f32(grads["bias"])] if self.train_b else []
 
 
+class FunctionalSketch(LayerSketch):
+    """A layer of a class torch does not ship and torchgrab has no sketch for (the custom RMSNorm
+    classes of Llama, Mistral, Qwen, Gemma and T5 in Hugging Face's models; a user's own scale layer),
+    when its trainable parameters are its own and few: each example's gradient of them by torch.func
+    over this layer alone (the vector-Jacobian product of its forward on that example's input with that
+    example's output gradient; Opacus computes such layers' per-sample gradients the same way), then
+    each parameter projected to k numbers, exact up to k, as a norm's are. The layer must take one
+    batch-first tensor and treat the examples independently; its cost is a second forward and backward
+    of the layer, and B times its parameters of memory, hence the size limit."""
+
+    MAX_PARAMS = 1 << 16
+
+    @classmethod
+    def applies(cls, module: nn.Module) -> bool:
+        """A leaf module of a class outside torch with 1..MAX_PARAMS trainable parameters of its own."""
+        own = [p for p in module._parameters.values() if p is not None and p.requires_grad]
+        return (
+            bool(own)
+            and not type(module).__module__.startswith("torch.")
+            and next(iter(module.children()), None) is None
+            and sum(p.numel() for p in own) <= cls.MAX_PARAMS
+        )
+
+    def __init__(self, name: str, module: nn.Module, k: Any, seed: int) -> None:
+        super().__init__(name, module, None, seed)
+        k = k[0] if isinstance(k, tuple) else k
+        self.layer_class = type(module).__name__
+        self.names = [n for n, p in module._parameters.items() if p is not None and p.requires_grad]
+        self.factors = {n: Factor(module._parameters[n].numel(), k, seed, name, n) for n in self.names}
+        self.width = sum(f.k for f in self.factors.values())
+
+    def covered(self, module: nn.Module) -> List[str]:
+        return list(self.names)
+
+    def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
+        params = {n: module._parameters[n].detach() for n in self.names}
+
+        def loss(p: Dict[str, torch.Tensor], x: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
+            out = torch.func.functional_call(module, p, (x.unsqueeze(0),))
+            return (out * gb.unsqueeze(0).to(out.dtype)).sum()
+
+        # torch.func.grad differentiates also under the no_grad the rows are formed in; the layer's own
+        # forward hooks (watch()'s included) see a functorch transform and record nothing.
+        grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, saved, g.detach())
+        return self.project(module, grads)
+
+    def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        return [self.factors[n](_f32(grads[n]).reshape(grads[n].shape[0], -1)) for n in self.names]
+
+
 class _AffineNormSketch(LayerSketch):
     """y = x_hat * weight + bias per feature: grad weight_b = sum g * x_hat, grad bias_b = sum g over the
     positions that share a feature; exact when there are at most k features, projected otherwise."""

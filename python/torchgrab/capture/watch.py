@@ -25,6 +25,7 @@ from torchgrab.capture import attention as attn
 from torchgrab.capture.feed import RowFeeder
 from torchgrab.capture.layers import (
     EmbeddingSketch,
+    FunctionalSketch,
     GhostLinearSketch,
     LayerSketch,
     LinearSketch,
@@ -267,6 +268,8 @@ class WatchHandle:
                         f"per_layer[{name!r}] = 'ghost' is for nn.Linear layers; {name!r} is a {type(module).__name__}"
                     )
                 cls = sketch_class(module)
+                if cls is None and FunctionalSketch.applies(module):
+                    cls = FunctionalSketch
                 if cls is None:
                     continue
                 if name in per_layer:
@@ -349,7 +352,8 @@ class WatchHandle:
                 raise UnsupportedModelError(
                     f"watch() cannot sketch these trainable parameters per example: {names[:8]}"
                     f"{' ...' if len(names) > 8 else ''} (they belong to no nn.Linear, Conv1d/2d/3d, Embedding, "
-                    f"LayerNorm, RMSNorm, GroupNorm, BatchNorm or Hugging Face Conv1D layer).{why}{leave_out} each backward holds one "
+                    f"LayerNorm, RMSNorm, GroupNorm, BatchNorm or Hugging Face Conv1D layer, nor to a layer of a class "
+                    f"outside torch with at most {FunctionalSketch.MAX_PARAMS:,} parameters of its own and no sublayers).{why}{leave_out} each backward holds one "
                     "unit (a batch of one, or unit_size equal to the batch size), pass granularity='batch' to "
                     "balance the whole batch gradient of every parameter."
                 )
@@ -401,8 +405,11 @@ class WatchHandle:
         self._hooks: List[Any] = [model.register_forward_pre_hook(_eager(self._on_step_begins), with_kwargs=True)]
         on_forward = _eager(self._on_forward if batch_first else self._on_forward_seq_first)
         by_attention = {m for a, proj in self._attention.items() for m in (proj, a.out_proj)}
-        for module in self._sketches:
-            if module not in by_attention:  # the attention's own forward records these
+        on_functional = _eager(self._on_forward_functional)
+        for module, sk in self._sketches.items():
+            if isinstance(sk, FunctionalSketch):  # sees the call's keyword arguments too
+                self._hooks.append(module.register_forward_hook(on_functional, with_kwargs=True))
+            elif module not in by_attention:  # the attention's own forward records these
                 self._hooks.append(module.register_forward_hook(on_forward))
         for i, (_, p, _) in enumerate(self._params):
             self._hooks.append(p.register_hook(self._param_hook(i)))
@@ -621,6 +628,19 @@ class WatchHandle:
         if not args:
             return None
         return self._record(module, args[0], out)
+
+    def _on_forward_functional(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> Any:
+        """``_on_forward`` for a layer sketched by torch.func (FunctionalSketch), which replays the call
+        on each example: only a call with one tensor and nothing else can be replayed so."""
+        if self._recording and module.training and torch.is_grad_enabled() and not _in_transform():
+            if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+                name = self._sketches[module].name
+                raise UnsupportedModelError(
+                    f"watch(): {name!r} ({type(module).__name__}) is sketched by replaying its forward on each "
+                    f"example, which needs one tensor argument; it got {len(args)} positional argument(s) and "
+                    f"keywords {sorted(kwargs)}. exclude= it"
+                )
+        return self._on_forward(module, args, out)
 
     def _on_forward_seq_first(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
         """``_on_forward`` for a model whose sequences are [T, B, ...] (``watch(batch_first=False)``): a
@@ -930,6 +950,8 @@ def _kind(sk: LayerSketch) -> str:
     """A layer's kind as ``WatchHandle.layers`` shows it."""
     if isinstance(sk, TiedLinearSketch):
         return f"Linear (weight tied to {sk.embedding.name!r}: added into its columns)"
+    if isinstance(sk, FunctionalSketch):
+        return f"{sk.layer_class} (per example by torch.func)"
     if sk.ghost and sk.ghost_width:
         return f"Linear (ghost: the weight's {sk.ghost_width} coordinates exact from its factors, not in the rows)"
     return type(sk).__name__.replace("Sketch", "") + (" (weight left out: budget)" if sk.dropped else "")
