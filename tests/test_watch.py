@@ -1122,11 +1122,44 @@ def test_a_layer_of_its_own_called_with_more_than_one_tensor_is_refused_at_its_c
         sampler, handle, spy = watched(model, sketch=4)
         with pytest.raises(UnsupportedModelError, match=r"'scale' \(_ScaleShift\) is sketched by replaying"):
             ce(model(x), y).backward()
+        # The refused forward leaves no open step: a corrected call, of another batch, is a step of its own.
+        model.calls = lambda layer, h: layer(h)
+        rows_before = len(spy.rows)
+        ce(model(x[:3]), y[:3]).backward()
+        handle.flush()
+        assert len(spy.rows) == rows_before + 1 and spy.rows[-1].shape == (3, handle.width)
+        assert sampler.pending == 64 - 3
         handle.remove()
     # Too large for per-example gradients of its own: refused at watch() as before, with the advice.
     refused(nn.Sequential(nn.Linear(3, 40_000), _ScaleShift(40_000)), UnsupportedModelError, r"exclude=\['1'\]")
     # Torch's own layers without a sketch (an LSTM) are not taken by this route.
     refused(nn.Sequential(nn.LSTM(3, 4)), UnsupportedModelError, "0.weight_ih_l0")
+
+
+class _Slicing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 4), nn.Linear(4, 3)
+        self.bad = True
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h[:1] if self.bad else h)  # bad: a layer sees one example of a batch of four
+
+
+def test_a_layer_input_of_another_batch_is_refused_and_the_next_step_is_its_own():
+    model = _Slicing()
+    sampler, handle, spy = watched(model, sketch=4)
+    x, y = _data((6,), "class", b=4)
+    with pytest.raises(
+        UnsupportedModelError, match=r"module 'b' got an input of shape \(1, 4\) in a step whose batch has 4"
+    ):
+        model(x)
+    assert sampler.pending == 64 and spy.rows == []
+    model.bad = False
+    ce(model(x[:3]), y[:3]).backward()  # a batch of three: the refused forward left no open step
+    handle.flush()
+    assert len(spy.rows) == 1 and spy.rows[0].shape == (3, handle.width) and sampler.pending == 61
 
 
 class _BitFit(nn.Module):

@@ -635,6 +635,7 @@ class WatchHandle:
         if self._recording and module.training and torch.is_grad_enabled() and not _in_transform():
             if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
                 name = self._sketches[module].name
+                self._step, self._recording = _Step(), False  # this forward will have no backward
                 raise UnsupportedModelError(
                     f"watch(): {name!r} ({type(module).__name__}) is sketched by replaying its forward on each "
                     f"example, which needs one tensor argument; it got {len(args)} positional argument(s) and "
@@ -688,6 +689,7 @@ class WatchHandle:
                 x = x.expand(b, *x.shape[1:])
                 out = replaced = out.expand(b, *out.shape[1:])
             else:
+                self._step, self._recording = _Step(), False  # this forward will have no backward
                 raise UnsupportedModelError(
                     f"watch(): module {sk.name!r} got an input of shape {tuple(x.shape)} in a step whose batch "
                     f"has {b} examples; per-example rows need batch-first inputs to every watched layer "
