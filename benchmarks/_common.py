@@ -163,6 +163,18 @@ def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
     examples_common().write_csv(rows, path)
 
 
+def begin_result(title: str) -> "Out":
+    """The opening of a benchmark's .txt result: its provenance lines, the printed header, and this
+    machine's memory read bandwidth (what exact rows are bound by), measured now."""
+    out = Out()
+    for line in provenance():
+        out.line(line)
+    header(title)
+    bw = memory_read_bandwidth()
+    out.line(f"# memory read bandwidth: {', '.join(f'{k} {v:.1f} GB/s' for k, v in bw.items())}")
+    return out
+
+
 def provenance() -> List[str]:
     """Header lines for a result file: the exact command, the commit (and any uncommitted change under
     python/), and where torchgrab was imported from."""

@@ -203,12 +203,7 @@ def main():
     if args.quick:
         args.hidden, args.steps, args.rounds, args.epochs, args.seeds = 64, 3, 2, 2, 2
     torch.set_num_threads(args.threads)
-    out = _common.Out()
-    for line in _common.provenance():
-        out.line(line)
-    _common.header("watch(sketch='ghost'): exact GraB from the factors, against sketched and exact rows")
-    bw = _common.memory_read_bandwidth()
-    out.line(f"# memory read bandwidth: {', '.join(f'{k} {v:.1f} GB/s' for k, v in bw.items())}")
+    out = _common.begin_result("watch(sketch='ghost'): exact GraB from the factors, against sketched and exact rows")
     x, y = load_mnist(args.data)
     if args.quick:
         x, y = x[:2048], y[:2048]

@@ -149,12 +149,7 @@ def main():
         args.tokens, args.rounds = 1_400, 2
     torch.set_num_threads(args.threads)
 
-    out = _common.Out()
-    for line in _common.provenance():
-        out.line(line)
-    _common.header("watch() on a transformer language model: one epoch's time over RR's")
-    bw = _common.memory_read_bandwidth()
-    out.line(f"# memory read bandwidth: {', '.join(f'{k} {v:.1f} GB/s' for k, v in bw.items())}")
+    out = _common.begin_result("watch() on a transformer language model: one epoch's time over RR's")
     ids, ntokens = load_ids(args.data, args.tokens, args.vocab)
     chunks = EX.Chunks(ids, args.bptt)
 

@@ -995,24 +995,37 @@ def test_an_attention_module_with_its_own_forward_is_refused_unless_left_out():
     assert model.mha.__dict__["forward"] is patched
 
 
-class _TinyGPT2(nn.Module):
-    """A 2-layer GPT-2 of Hugging Face's (built from a local config, nothing downloaded) returning its
-    logits: its attention and MLP projections are ``transformers``' Conv1D, its output layer is tied to
-    the token embedding, and its position embedding takes ids of batch 1."""
+class _Logits(nn.Module):
+    """A Hugging Face causal LM (built from a local config, nothing downloaded) returning its logits."""
 
-    def __init__(self):
+    def __init__(self, make):
         super().__init__()
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        cfg = GPT2Config(
-            vocab_size=40, n_positions=8, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
-        )  # fmt: skip
         torch.manual_seed(0)
-        self.m = GPT2LMHeadModel(cfg)
+        self.m = make()
 
     def forward(self, ids):
         return self.m(input_ids=ids).logits
+
+
+def _tiny_gpt2():
+    """A 2-layer GPT-2: its attention and MLP projections are ``transformers``' Conv1D, its output layer is
+    tied to the token embedding, and its position embedding takes ids of batch 1."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=40, n_positions=8, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+    )  # fmt: skip
+    return _Logits(lambda: GPT2LMHeadModel(cfg))
+
+
+def _lm_step(model, sketch):
+    """One watched step of a tiny LM on 3 sequences of 6 tokens; its rows checked against torch.func's
+    per-example gradients through the same projection. Returns (rows, grads, handle)."""
+    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+    rows, expected, grads, handle = one_step(model.train(), ids[:, :-1], ids[:, 1:], _lm_loss, sketch)
+    assert_rows(rows, expected)
+    return rows, grads, handle
 
 
 @pytest.mark.parametrize("sketch", SKETCHES)
@@ -1021,10 +1034,8 @@ def test_hugging_face_conv1d_layers_of_gpt2_are_sketched_as_linear_layers(sketch
     # refused every one of them. They are sketched as the Linear layers they are, matched here against
     # torch.func's per-example gradients of the whole model (the tied output layer and the embeddings too).
     pytest.importorskip("transformers")
-    model = _TinyGPT2().train()
-    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(5))
-    rows, expected, grads, handle = one_step(model, ids[:, :-1], ids[:, 1:], _lm_loss, sketch)
-    assert_rows(rows, expected)
+    model = _tiny_gpt2()
+    rows, grads, handle = _lm_step(model, sketch)
     if sketch is None:  # each Conv1D block in the Linear layout, [out, in]: its weight's gradient transposed
         conv1d = [n + ".weight" for n, kind, _ in handle.layers if kind == "HFConv1D"]
         assert len(conv1d) == 8
@@ -1038,28 +1049,22 @@ def test_hugging_face_conv1d_layers_of_gpt2_are_sketched_as_linear_layers(sketch
     assert widths["m.transformer.h.0.attn.c_attn"] == {None: 48 * 16 + 48, 4: 4 * 4 + 4}[sketch]  # 48 outputs
 
 
-class _TinyLlama(nn.Module):
-    """A 2-layer Llama of Hugging Face's (local config) returning its logits: Linear projections, rotary
-    positions, grouped key/value heads, and LlamaRMSNorm, a norm class of its own (not nn.RMSNorm)."""
+def _tiny_llama():
+    """A 2-layer Llama: Linear projections, rotary positions, grouped key/value heads, and LlamaRMSNorm, a
+    norm class of its own (not nn.RMSNorm), its weights moved off 1 so that their gradients depend on them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    def __init__(self):
-        super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        cfg = LlamaConfig(
-            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=16, attn_implementation="eager", bos_token_id=0,
-            eos_token_id=0, pad_token_id=0,
-        )  # fmt: skip
-        torch.manual_seed(0)
-        self.m = LlamaForCausalLM(cfg)
-        with torch.no_grad():  # norms away from their initial ones, so that their gradients depend on them
-            for n, p in self.m.named_parameters():
-                if "norm" in n:
-                    p.uniform_(0.5, 1.5)
-
-    def forward(self, ids):
-        return self.m(input_ids=ids).logits
+    cfg = LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16, attn_implementation="eager", bos_token_id=0,
+        eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    model = _Logits(lambda: LlamaForCausalLM(cfg))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model
 
 
 class _ScaleShift(nn.Module):
@@ -1090,10 +1095,7 @@ def test_a_layer_class_of_its_own_is_sketched_by_torch_func_over_that_layer(sket
     # Llama. A small leaf layer of a class outside torch now gets each example's gradient of its own
     # parameters by torch.func over that layer alone, projected like a norm's.
     pytest.importorskip("transformers")
-    model = _TinyLlama().train()
-    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(5))
-    rows, expected, grads, handle = one_step(model, ids[:, :-1], ids[:, 1:], _lm_loss, sketch)
-    assert_rows(rows, expected)
+    rows, grads, handle = _lm_step(_tiny_llama(), sketch)
     if sketch is None:
         assert_rows(rows, flat(grads, 3))
     kinds = {n: kind for n, kind, _ in handle.layers}
