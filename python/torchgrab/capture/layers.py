@@ -626,20 +626,21 @@ class FunctionalSketch(LayerSketch):
         self.factors = {n: Factor(module._parameters[n].numel(), k, seed, name, n) for n in self.names}
         self.width = sum(f.k for f in self.factors.values())
 
+        def loss(p: Dict[str, torch.Tensor], x: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
+            out = torch.func.functional_call(module, p, (x.unsqueeze(0),))
+            return (out * gb.unsqueeze(0).to(out.dtype)).sum()
+
+        # Built once: {parameter: [B, *shape]} from (parameters, inputs [B, ...], output gradients [B, ...]).
+        # torch.func.grad differentiates also under the no_grad the rows are formed in; the layer's own
+        # forward hooks (watch()'s included) see a functorch transform and record nothing.
+        self._per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
+
     def covered(self, module: nn.Module) -> List[str]:
         return list(self.names)
 
     def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
         params = {n: module._parameters[n].detach() for n in self.names}
-
-        def loss(p: Dict[str, torch.Tensor], x: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
-            out = torch.func.functional_call(module, p, (x.unsqueeze(0),))
-            return (out * gb.unsqueeze(0).to(out.dtype)).sum()
-
-        # torch.func.grad differentiates also under the no_grad the rows are formed in; the layer's own
-        # forward hooks (watch()'s included) see a functorch transform and record nothing.
-        grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, saved, g.detach())
-        return self.project(module, grads)
+        return self.project(module, self._per_example(params, saved, g.detach()))
 
     def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         return [self.factors[n](_f32(grads[n]).reshape(grads[n].shape[0], -1)) for n in self.names]
