@@ -12,13 +12,20 @@ within a round; each arm's epoch time over RR's in the same round, median and qu
 
 - watch: `grab` with the default sketch;
 - pair: `pair` with the default sketch;
-- exact: `grab` with `watch(sketch=None)`, exact per-example rows (d numbers per chunk) from the same hooks.
+- exact: `grab` with `watch(sketch=None)`, exact per-example rows (d numbers per chunk) from the same hooks;
+- watch-no-own: `grab` with the default sketch and the layers of classes outside torch (Llama's RMSNorm,
+  sketched by torch.func per example) left out with `exclude=`: what those layers cost.
 
 Where the time goes: the layers `watch()` hooks, with how each is captured (`handle.layers`), and the
 model's parameters by layer, so a reader can see which layer dominates (at the tutorial's vocabulary of
 33,278 words the decoder and the embedding hold almost all of d). `--vocab V` keeps the V most frequent
 words of the training tokens and maps the rest to one id: a model whose encoder, with its attention, holds
 a larger share of the work. Memory read bandwidth is printed, since exact rows are bound by it.
+
+`--model llama`: Hugging Face's `LlamaForCausalLM` instead, built from a local config of the same sizes
+(--emsize hidden, --nhid intermediate, --nlayers, --nhead heads; untied output layer), batch first, so
+`watch(model)`: its Linear projections, its embedding and decoder, and its `LlamaRMSNorm` layers, a class
+of its own whose rows come from torch.func over each norm (`FunctionalSketch`).
 """
 
 from __future__ import annotations
@@ -35,12 +42,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 import _common  # noqa: E402
 import torchgrab  # noqa: E402
+from torchgrab.capture.layers import FunctionalSketch  # noqa: E402
+
+# Then off sys.path again (benchmarks/watch_gpu.py does the same): benchmarks/kernels.py would shadow the
+# `kernels` package that transformers imports (--model llama).
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 
 REPO = Path(__file__).resolve().parent.parent
-ARMS = {"watch": ("grab", "default"), "pair": ("pair", "default"), "exact": ("grab", None)}
+ARMS = {
+    "watch": ("grab", "default"),
+    "pair": ("pair", "default"),
+    "exact": ("grab", None),
+    "watch-no-own": ("grab", "default"),  # layers of a class outside torch left out (exclude=)
+}
 
 
 @contextmanager
@@ -83,10 +101,15 @@ class Arm:
     def __init__(self, name, chunks, ntokens, args, seed=0):
         self.name, self.ntokens, self.clip = name, ntokens, args.clip
         torch.manual_seed(seed)
-        self.model = EX.TransformerModel(ntokens, args.emsize, args.nhead, args.nhid, args.nlayers)
+        llama = args.model == "llama"
+        self.model = (
+            make_llama(ntokens, args)
+            if llama
+            else EX.TransformerModel(ntokens, args.emsize, args.nhead, args.nhid, args.nlayers)
+        )
         self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr)
         self.handle = self.sampler = None
-        kw = {"batch_size": args.batch_size, "collate_fn": EX.sequence_first}
+        kw = {"batch_size": args.batch_size, "collate_fn": None if llama else EX.sequence_first}
         if name == "rr":
             gen = torch.Generator().manual_seed(seed)
             self.loader = torch.utils.data.DataLoader(chunks, shuffle=True, generator=gen, **kw)
@@ -94,7 +117,9 @@ class Arm:
             ordering, sketch = ARMS[name]
             self.sampler = torchgrab.GraBSampler(n=len(chunks), ordering=ordering, seed=seed)
             extra = {} if sketch == "default" else {"sketch": sketch}
-            self.handle = self.sampler.watch(self.model, batch_first=False, **extra)
+            if name == "watch-no-own":
+                extra["exclude"] = [n for n, m in self.model.named_modules() if FunctionalSketch.applies(m)]
+            self.handle = self.sampler.watch(self.model, batch_first=llama, **extra)
             self.loader = torch.utils.data.DataLoader(chunks, sampler=self.sampler, **kw)
         self.crit = nn.CrossEntropyLoss()
 
@@ -113,11 +138,34 @@ class Arm:
         return time.perf_counter() - t0
 
 
+class _Logits(nn.Module):
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids).logits
+
+
+def make_llama(ntokens, args):
+    """Hugging Face's Llama at the tutorial model's sizes, returning [B, T, V] logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=ntokens, hidden_size=args.emsize, intermediate_size=args.nhid, num_hidden_layers=args.nlayers,
+        num_attention_heads=args.nhead, num_key_value_heads=args.nhead, max_position_embeddings=args.bptt,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+    return _Logits(LlamaForCausalLM(cfg))
+
+
 def params_by_layer(model):
-    """Trainable parameters per top-level block: where d lives."""
+    """Trainable parameters per block (a numbered transformer layer, else the module owning them): where d
+    lives."""
     sizes = {}
     for name, p in model.named_parameters():
-        top = name.split(".")[0] if not name.startswith("encoder.layers.") else ".".join(name.split(".")[:3])
+        parts = name.split(".")
+        top = ".".join(parts[: parts.index("layers") + 2] if "layers" in parts else parts[:-1])
         sizes[top] = sizes.get(top, 0) + p.numel()
     return sizes
 
@@ -130,6 +178,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--arms", default="watch,pair,exact", help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--vocab", type=int, default=0, help="0: the full vocabulary (33,278 words)")
+    ap.add_argument("--model", choices=["tutorial", "llama"], default="tutorial")
     ap.add_argument("--emsize", type=int, default=64)
     ap.add_argument("--nhead", type=int, default=2)
     ap.add_argument("--nhid", type=int, default=128)
@@ -165,7 +214,7 @@ def main():
     model = runs["rr"].model
     d = sum(p.numel() for p in model.parameters())
     out.line(
-        f"\n## {args.nlayers}-layer transformer LM, d_model {args.emsize}, {args.nhead} heads, feed-forward "
+        f"\n## {args.nlayers}-layer {'Llama (Hugging Face)' if args.model == 'llama' else 'transformer'} LM, d_model {args.emsize}, {args.nhead} heads, feed-forward "
         f"{args.nhid}, vocabulary {ntokens:,} (d = {d:,}); {len(chunks)} chunks of {args.bptt} tokens, batch "
         f"{args.batch_size}; {args.threads} torch thread(s), {args.rounds} paired rounds, load {_common.load_average()}"
     )
@@ -178,6 +227,7 @@ def main():
         q1, q2, q3 = np.percentile(t / rr, [25, 50, 75])
         ordering, sketch = ARMS[a]
         label = f"{ordering}, watch({'' if sketch == 'default' else 'sketch=None'})"
+        label += ", own classes out" if a == "watch-no-own" else ""
         out.line(f"{label:<34} {runs[a].handle.width:>10,} {np.median(t):>9.3f} {q2:>12.3f} {f'{q1:.3f}-{q3:.3f}':>15}")
     handle = next((runs[a].handle for a in arms if ARMS[a][1] == "default"), None)
     if handle is not None:

@@ -251,6 +251,14 @@ def test_watch_transformer_runs(tmp_path):
     decoder = next(line.split() for line in stdout.splitlines() if line.strip().startswith("decoder "))
     assert decoder == ["decoder", "Linear", "1056"]
     assert "encoder.layers.1.self_attn.in_proj" in stdout and "memory read bandwidth" in stdout
+    # Hugging Face's Llama at the same sizes, batch first: its RMSNorm layers by torch.func, and left out.
+    pytest.importorskip("transformers")
+    stdout = run(
+        ["benchmarks/watch_transformer.py", "--data", str(DATA), "--quick", "--model", "llama", "--vocab", "500",
+         "--arms", "watch,watch-no-own"]
+    )  # fmt: skip
+    assert "2-layer Llama (Hugging Face) LM" in stdout and "grab, watch(), own classes out" in stdout
+    assert "lm.model.norm                            LlamaRMSNorm (per example by torch.func)" in stdout
 
 
 BARE_CHECK = """
