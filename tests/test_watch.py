@@ -1138,6 +1138,165 @@ def test_a_layer_of_its_own_called_with_more_than_one_tensor_is_refused_at_its_c
     refused(nn.Sequential(nn.LSTM(3, 4)), UnsupportedModelError, "0.weight_ih_l0")
 
 
+class _ScaledLookup(nn.Embedding):
+    """Gemma's, XGLM's and M2M100's scaled word embeddings: nn.Embedding's lookup times a constant."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 3.0
+
+
+class _ShiftedPositions(nn.Embedding):
+    """BART's and OPT's learned positions: rows looked up at ids computed from the ones given."""
+
+    def forward(self, ids):
+        return super().forward(ids + 2)
+
+
+class _MatmulLinear(nn.Linear):
+    """Falcon's FalconLinear: nn.Linear's function written as a matrix product."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _OffsetNorm(nn.LayerNorm):
+    """A LayerNorm subclass with a forward of its own (y = 2 LN(x) + 1)."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0 + 1.0
+
+
+class _ReplacedForwards(nn.Module):
+    def __init__(self, tok=_ScaledLookup, lin=_MatmulLinear):
+        super().__init__()
+        self.tok, self.pos = tok(20, 6, padding_idx=0), _ShiftedPositions(10, 6)
+        self.norm, self.lin, self.head = _OffsetNorm(6), lin(6, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]).expand_as(ids))
+        return self.head(torch.tanh(self.lin(self.norm(h))).mean(1))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_a_layer_class_that_replaces_its_kinds_forward_is_sketched_from_what_its_forward_does(sketch):
+    # Gemma's and XGLM's word embeddings scale the lookup and BART's positions look up shifted ids: an
+    # nn.Embedding's sketch from their input and output gave rows of another function (Gemma's silently).
+    # Their own lookups are recorded; Falcon's x @ W.T + b is found to be nn.Linear's function; a small
+    # norm subclass goes to torch.func.
+    torch.manual_seed(0)
+    model = _ReplacedForwards()
+    ids = torch.randint(0, 20, (5, 4), generator=torch.Generator().manual_seed(2))
+    rows, expected, grads, handle = one_step(model, ids, torch.tensor([0, 1, 2, 0, 1]), ce, sketch)
+    assert_rows(rows, expected)
+    if sketch is None:
+        assert_rows(rows, flat(grads, 5))
+    kinds = {n: kind for n, kind, _ in handle.layers}
+    assert kinds == {
+        "tok": "Embedding", "pos": "Embedding", "lin": "Linear", "head": "Linear",
+        "norm": "_OffsetNorm (per example by torch.func)",
+    }  # fmt: skip
+    # Later steps record the same way (the first one decided how), in accumulation too.
+    handle.remove()
+    sampler, handle, spy = watched(model, sketch=sketch)
+    for part in (ids[:2], ids[2:]):
+        ce(model(part), torch.zeros(len(part), dtype=torch.long), reduction="sum").backward()
+    handle.flush()
+    want = torch.cat(
+        [exact_rows(handle, model, ce, p, torch.zeros(len(p), dtype=torch.long))[0] for p in (ids[:2], ids[2:])]
+    )
+    assert_rows(spy.rows[0], want * torch.tensor([2.0] * 2 + [3.0] * 3)[:, None])
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_hugging_face_scaled_embeddings_and_learned_positions_give_their_own_gradients(sketch):
+    # The tiny Gemma (scaled word embedding tied to the output layer, GemmaRMSNorm with weights 1 + w) and
+    # BART's decoder (learned positions at ids + 2), against torch.func over the whole model.
+    pytest.importorskip("transformers")
+    from transformers import BartConfig, BartForCausalLM, GemmaConfig, GemmaForCausalLM
+
+    gemma = GemmaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=16, attn_implementation="eager",
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    bart = BartConfig(
+        vocab_size=40, d_model=16, decoder_layers=2, decoder_attention_heads=2, decoder_ffn_dim=32, encoder_layers=2,
+        encoder_attention_heads=2, encoder_ffn_dim=32, max_position_embeddings=16, dropout=0.0,
+        attn_implementation="eager", bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    for make in (lambda: GemmaForCausalLM(gemma), lambda: BartForCausalLM(bart)):
+        model = _Logits(make)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "norm" in n:
+                    p.uniform_(0.5, 1.5)
+        rows, grads, handle = _lm_step(model, sketch)
+        if sketch is None:
+            assert_rows(rows, flat(grads, 3))
+
+
+class _TwoLookups(nn.Module):
+    """An encoder and a decoder embedding over one table (T5's and BART's ``shared``), the second one
+    scaling its lookup, and an output layer tied to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Embedding(20, 6, padding_idx=0), _ScaledLookup(20, 6)
+        self.dec.weight = self.enc.weight
+        self.out = nn.Linear(6, 20)
+        self.out.weight = self.enc.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.enc(ids).mean(1, keepdim=True) + self.dec(ids.flip(1))))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_embeddings_that_share_one_table_add_their_lookups_into_its_block(sketch):
+    # A second Embedding module over the same table was refused ("belongs to both"), so every T5 and BART
+    # was. Each lookup (with its own padding_idx and forward) adds into the table's one block of rows.
+    torch.manual_seed(0)
+    model = _TwoLookups()
+    ids = torch.randint(0, 20, (5, 4), generator=torch.Generator().manual_seed(3))
+    rows, expected, grads, handle = one_step(model, ids, ids, _lm_loss, sketch)
+    assert_rows(rows, expected)
+    if sketch is None:
+        assert_rows(rows, flat(grads, 5))
+    kinds = {n: kind for n, kind, _ in handle.layers}
+    assert kinds["dec"] == "Embedding (table of 'enc': added into its columns)"
+    handle.remove()
+    # Leaving out either lookup leaves out the table, so the other uses with it.
+    refused(model, UnsupportedModelError, "no trainable parameter left", exclude=["dec", "out.bias"])
+
+
+def test_a_layer_class_that_uses_its_weight_otherwise_is_refused_at_its_first_call():
+    # A forward that changes the weight before using it, or uses it beside its kind's function, is neither
+    # its kind's function nor a set of its calls: refused at the call, naming what it found, and the step
+    # the refused forward opened is dropped.
+    class _DoubledWeight(nn.Linear):
+        def forward(self, x):
+            return F.linear(x, self.weight * 2.0, self.bias)
+
+    class _PlusMean(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) + self.weight.mean()
+
+    ids = torch.randint(1, 20, (4, 3), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0])
+    for model, match in [
+        (_ReplacedForwards(lin=_DoubledWeight), r"'lin' is a _DoubledWeight, whose forward replaces Linear's, and it gives its parameters to"),
+        (_ReplacedForwards(tok=_PlusMean), r"'tok' is a _PlusMean, whose forward replaces Embedding's, and it gives its parameters to"),
+    ]:  # fmt: skip
+        sampler, handle, spy = watched(model, sketch=4)
+        with pytest.raises(UnsupportedModelError, match=match):
+            ce(model(ids), y).backward()
+        assert handle._step.forwards == {} and not handle._recording
+        handle.remove()
+        sampler, handle, spy = watched(model, sketch=4, exclude=[match.split("'")[1]])
+        ce(model(ids[:3]), y[:3]).backward()
+        handle.flush()
+        assert spy.rows[-1].shape == (3, handle.width) and sampler.pending == 64 - 3
+
+
 class _Slicing(nn.Module):
     def __init__(self):
         super().__init__()

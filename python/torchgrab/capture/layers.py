@@ -53,13 +53,22 @@ def register_sketch_by_name(*names: str) -> Callable[[Type["LayerSketch"]], Type
     return deco
 
 
+def _registered(kind: type) -> Optional[Type["LayerSketch"]]:
+    return _REGISTRY.get(kind) or _REGISTRY_BY_NAME.get(f"{kind.__module__}.{kind.__qualname__}")
+
+
+def registered_kind(module: nn.Module) -> Optional[type]:
+    """The most derived type of ``module``'s classes that has a registered sketch, or None."""
+    return next((kind for kind in type(module).__mro__ if _registered(kind) is not None), None)
+
+
 def sketch_class(module: nn.Module) -> Optional[Type["LayerSketch"]]:
     """The registered sketch for ``module`` (most derived registered type), or None."""
-    for kind in type(module).__mro__:
-        cls = _REGISTRY.get(kind) or _REGISTRY_BY_NAME.get(f"{kind.__module__}.{kind.__qualname__}")
-        if cls is not None:
-            return cls if cls.supports(module) else None
-    return None
+    kind = registered_kind(module)
+    if kind is None:
+        return None
+    cls = _registered(kind)
+    return cls if cls is not None and cls.supports(module) else None
 
 
 def split_k(k: Any, n_out: int) -> "tuple[Optional[int], Optional[int]]":
@@ -514,6 +523,27 @@ class EmbeddingSketch(LayerSketch):
         out = torch.zeros(w.shape[0], self.vocab.k, w.shape[-1], dtype=w.dtype, device=w.device)
         out.index_add_(1, buckets, w * signs.view(1, -1, 1))
         return [out.reshape(w.shape[0], -1)]
+
+
+class SharedEmbeddingSketch(LayerSketch):
+    """An Embedding whose table is another Embedding's (T5's encoder and decoder look up the model's one
+    ``shared`` table; so do BART's). The table's per-example gradient is the sum over its uses, so this
+    layer's lookups go through that embedding's own projection into its columns, where they add up."""
+
+    params = ("weight",)
+
+    def __init__(self, name: str, module: nn.Embedding, embedding: "EmbeddingSketch") -> None:
+        super().__init__(name, module, None, 0)
+        self.embedding = embedding
+
+    def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
+        return self.embedding.rows(module, saved, g)  # this layer's padding_idx
+
+    def add_rows(self, step: Any, pieces: List[torch.Tensor]) -> None:
+        step.add(self.embedding.offset, pieces)
+
+    def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        return []  # the whole gradient of the table (every use) is projected by the embedding's sketch
 
 
 class TiedLinearSketch(LayerSketch):

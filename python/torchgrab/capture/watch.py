@@ -23,12 +23,14 @@ from torch.utils._pytree import tree_leaves
 
 from torchgrab.capture import attention as attn
 from torchgrab.capture.feed import RowFeeder
+from torchgrab.capture.inner import InnerCalls, has_inner_function, replaced_forward, same_as_kind
 from torchgrab.capture.layers import (
     EmbeddingSketch,
     FunctionalSketch,
     GhostLinearSketch,
     LayerSketch,
     LinearSketch,
+    SharedEmbeddingSketch,
     TiedLinearSketch,
     sketch_class,
 )
@@ -233,7 +235,11 @@ class WatchHandle:
             # A parameter shared by several modules has one name (named_parameters' first); a module's own
             # parameters go by that name, so a second use is seen as one (a tied output layer).
             canon = {id(t): n for n, t in inner.named_parameters(remove_duplicate=True)}
-            embeddings = {id(m.weight): m for m in inner.modules() if isinstance(m, nn.Embedding)}
+            # The first Embedding module holding each table (named_modules order): the one that sketches it.
+            embeddings: Dict[int, nn.Module] = {}
+            for m in inner.modules():
+                if isinstance(m, nn.Embedding):
+                    embeddings.setdefault(id(m.weight), m)
             owner: Dict[str, str] = {}  # parameter name -> the layer whose sketch covers it
             tied: List[Tuple[str, nn.Module]] = []  # Linear layers whose weight is an Embedding's
             for name, module in inner.named_modules():
@@ -258,6 +264,9 @@ class WatchHandle:
                         )
                     tied.append((name, module))  # after the loop, once the embedding's sketch exists
                     continue
+                if isinstance(module, nn.Embedding) and embeddings[id(module.weight)] is not module and "weight" in own:
+                    tied.append((name, module))  # another lookup of a table an earlier Embedding holds
+                    continue
                 if wants_ghost and isinstance(module, nn.Linear):
                     sk = GhostLinearSketch(name, module, None, self.seed)
                     if self._admit(sk, module, own, kept, owner):
@@ -268,7 +277,11 @@ class WatchHandle:
                         f"per_layer[{name!r}] = 'ghost' is for nn.Linear layers; {name!r} is a {type(module).__name__}"
                     )
                 cls = sketch_class(module)
-                if cls is None and FunctionalSketch.applies(module):
+                if FunctionalSketch.applies(module) and (
+                    cls is None or (replaced_forward(module) is not None and not has_inner_function(module))
+                ):
+                    # A small layer of its own class, or one whose class replaces a norm's or convolution's
+                    # forward: torch.func differentiates whatever its forward does.
                     cls = FunctionalSketch
                 if cls is None:
                     continue
@@ -292,7 +305,15 @@ class WatchHandle:
                         "embedding is not sketched, so this layer's part of the shared gradient has nowhere to "
                         "go; exclude= both layers, or neither"
                     )
-                sk = TiedLinearSketch(name, module, emb_sketch)
+                if isinstance(module, nn.Embedding):
+                    if not EmbeddingSketch.supports(module):
+                        raise UnsupportedModelError(
+                            f"watch(): {name!r} looks up the table of {emb_sketch.name!r} with max_norm, "
+                            "scale_grad_by_freq or sparse, which no per-example sketch describes; exclude= both"
+                        )
+                    sk = SharedEmbeddingSketch(name, module, emb_sketch)
+                else:
+                    sk = TiedLinearSketch(name, module, emb_sketch)
                 if self._admit(sk, module, own, kept, owner):
                     uncovered -= {own[p] for p in sk.covered(module)}
             # Only attention with a sketched projection runs the recording forward (a frozen or left-out one
@@ -406,10 +427,22 @@ class WatchHandle:
         on_forward = _eager(self._on_forward if batch_first else self._on_forward_seq_first)
         by_attention = {m for a, proj in self._attention.items() for m in (proj, a.out_proj)}
         on_functional = _eager(self._on_forward_functional)
+        # Layers whose class replaces its kind's forward -> that kind (capture/inner.py); how each turned out
+        # to compute it, once its first recorded forward has run: "calls" (the kind's function, recorded call
+        # by call) or "kind" (the kind's forward in another form, recorded as the layer's input and output).
+        self._replaced: Dict[nn.Module, type] = {}
+        self._verdict: Dict[nn.Module, str] = {}
+        self._modes: Dict[nn.Module, List[InnerCalls]] = {}
         for module, sk in self._sketches.items():
             if isinstance(sk, FunctionalSketch):  # sees the call's keyword arguments too
                 self._hooks.append(module.register_forward_hook(on_functional, with_kwargs=True))
-            elif module not in by_attention:  # the attention's own forward records these
+            elif module in by_attention:  # the attention's own forward records these
+                continue
+            elif replaced_forward(module) is not None:
+                self._replaced[module] = replaced_forward(module)
+                self._hooks.append(module.register_forward_pre_hook(_eager(self._on_replaced_begins)))
+                self._hooks.append(module.register_forward_hook(_eager(self._on_replaced), always_call=True))
+            else:
                 self._hooks.append(module.register_forward_hook(on_forward))
         for i, (_, p, _) in enumerate(self._params):
             self._hooks.append(p.register_hook(self._param_hook(i)))
@@ -498,7 +531,7 @@ class WatchHandle:
         covered = [own[p] for p in sk.covered(module)]
         if _excluded(sk.name, covered, kept):
             return False
-        tied = isinstance(sk, TiedLinearSketch)
+        tied = isinstance(sk, (TiedLinearSketch, SharedEmbeddingSketch))
         shared = [n for n in covered if n in owner and not (tied and n == own["weight"])]
         if shared:
             raise UnsupportedModelError(
@@ -642,6 +675,54 @@ class WatchHandle:
                     f"keywords {sorted(kwargs)}. exclude= it"
                 )
         return self._on_forward(module, args, out)
+
+    def _on_replaced_begins(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        """Forward pre-hook of a layer whose class replaces its kind's forward: watch the calls its forward
+        makes (capture/inner.py), unless it is known to compute its kind's function in another form."""
+        if self._verdict.get(module) == "kind" or not has_inner_function(module):
+            return
+        if self._recording and module.training and torch.is_grad_enabled() and not _in_transform():
+            on_forward = self._on_forward if self.batch_first else self._on_forward_seq_first
+            mode = InnerCalls(module, lambda m, x, out: on_forward(m, (x,), out))
+            mode.__enter__()
+            self._modes.setdefault(module, []).append(mode)
+
+    def _on_replaced(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
+        """Forward hook (always called) of a layer whose class replaces its kind's forward: end the watch of
+        its calls; at its first recorded forward, find how it computes its kind's function, or refuse it."""
+        stack = self._modes.get(module)
+        mode = stack.pop() if stack else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+        if out is None or not self._recording or not module.training or not torch.is_grad_enabled():
+            return None  # the forward raised (this hook runs anyway), or it is not recorded
+        if _in_transform():
+            return None
+        verdict = self._verdict.get(module)
+        on_forward = self._on_forward if self.batch_first else self._on_forward_seq_first
+        if verdict == "kind":
+            return on_forward(module, args, out)
+        if mode is not None and mode.calls and mode.other is None:
+            self._verdict[module] = "calls"  # recorded call by call, as they ran
+            return None
+        kind = self._replaced[module]
+        if verdict is None and (mode is None or not mode.calls) and len(args) == 1:
+            if same_as_kind(module, kind, args[0], out):
+                self._verdict[module] = "kind"
+                return on_forward(module, args, out)
+        name = self._sketches[module].name
+        self._step, self._recording = _Step(), False  # this forward will have no backward
+        fn = {nn.Linear: "F.linear", nn.Embedding: "F.embedding"}.get(kind, f"{kind.__name__}'s function")
+        if mode is not None and mode.other is not None:
+            found = f"it gives its parameters to {mode.other}"
+        elif mode is not None and not mode.calls:
+            found = f"it makes no {fn} call with its own {'table' if kind is nn.Embedding else 'weight'}"
+        else:
+            found = f"its output is not {kind.__name__}'s forward on its input"
+        raise UnsupportedModelError(
+            f"watch(): {name!r} is a {type(module).__name__}, whose forward replaces {kind.__name__}'s, and {found}: "
+            f"the rows of a {kind.__name__} would not be its gradient's. exclude= it"
+        )
 
     def _on_forward_seq_first(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
         """``_on_forward`` for a model whose sequences are [T, B, ...] (``watch(batch_first=False)``): a
@@ -952,6 +1033,8 @@ def _kind(sk: LayerSketch) -> str:
     """A layer's kind as ``WatchHandle.layers`` shows it."""
     if isinstance(sk, TiedLinearSketch):
         return f"Linear (weight tied to {sk.embedding.name!r}: added into its columns)"
+    if isinstance(sk, SharedEmbeddingSketch):
+        return f"Embedding (table of {sk.embedding.name!r}: added into its columns)"
     if isinstance(sk, FunctionalSketch):
         return f"{sk.layer_class} (per example by torch.func)"
     if sk.ghost and sk.ghost_width:

@@ -1,0 +1,138 @@
+"""watch() on the model families people fine-tune with Hugging Face ``transformers``: a tiny model of each
+(built from a local config, nothing downloaded), one watched step, and the rows against torch.func's
+per-example gradients of the whole model (``sketch=None``: exact). Each family brings layers of its own:
+RMSNorm classes (Llama's, Gemma's 1 + w, T5's), scaled word embeddings (Gemma, XGLM, BART), learned
+positions at shifted ids (BART, BioGPT), a Linear written as a matrix product (Falcon), one embedding
+table shared by encoder, decoder and output layer (T5, BART)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_watch import _lm_loss, _lm_step, _Logits, assert_rows, flat, one_step, watched
+from torch import nn
+from torchgrab import UnsupportedModelError
+
+transformers = pytest.importorskip("transformers")
+
+_DECODER = dict(
+    vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, max_position_embeddings=16, attn_implementation="eager", bos_token_id=0,
+    eos_token_id=0, pad_token_id=0,
+)  # fmt: skip
+_BART = dict(
+    d_model=16, decoder_layers=2, decoder_attention_heads=2, decoder_ffn_dim=32, encoder_layers=2,
+    encoder_attention_heads=2, encoder_ffn_dim=32, dropout=0.0,
+)  # fmt: skip
+
+# family: (config class, causal LM class, config fields beyond _DECODER)
+FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", {}),
+    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", {"num_layers": 2, "attention_types": [[["global"], 2]]}),
+    "bart": ("BartConfig", "BartForCausalLM", _BART),
+    "mbart": ("MBartConfig", "MBartForCausalLM", {**_BART, "scale_embedding": True}),
+    "biogpt": ("BioGptConfig", "BioGptForCausalLM", {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}),
+    "xglm": (
+        "XGLMConfig",
+        "XGLMForCausalLM",
+        {
+            "d_model": 16,
+            "num_layers": 2,
+            "ffn_dim": 32,
+            "dropout": 0.0,
+            "attention_dropout": 0.0,
+            "activation_dropout": 0.0,
+        },
+    ),
+}
+
+
+def _off_one(model: nn.Module) -> nn.Module:
+    # Norm weights moved off their initial values (1, or 0 for Gemma's 1 + w), so that their gradients and
+    # the layers after them depend on them.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or ".ln" in n:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _causal(family: str) -> nn.Module:
+    cfg_class, model_class, extra = FAMILIES[family]
+    cfg = getattr(transformers, cfg_class)(**{**_DECODER, **extra})
+    return _off_one(_Logits(lambda: getattr(transformers, model_class)(cfg)))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_of_causal_language_models_gives_exact_rows(family):
+    rows, grads, handle = _lm_step(_causal(family), None)
+    assert_rows(rows, flat(grads, 3))  # every parameter, by its exact per-example gradient
+    assert handle.width == sum(g[0].numel() for g in grads.values())
+
+
+class _Seq2Seq(nn.Module):
+    """An encoder-decoder model returning its logits, the decoder fed the same ids (a test, not a task)."""
+
+    def __init__(self, make):
+        super().__init__()
+        torch.manual_seed(0)
+        self.m = make()
+
+    def forward(self, ids):
+        return self.m(input_ids=ids, decoder_input_ids=ids).logits
+
+
+def test_encoder_decoder_models_share_one_table_between_encoder_decoder_and_output_layer():
+    # T5 and BART look up one `shared` table in the encoder, in the decoder and (tied) in the output layer:
+    # its per-example gradient is the sum of the three uses, added up in the table's one block of rows.
+    # T5's relative position bias is looked up with [query, key] ids that no example owns, shared by all:
+    # refused with its name, and watched without it.
+    t5 = transformers.T5Config(
+        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=True, attn_implementation="eager",
+    )  # fmt: skip
+    bart = transformers.BartConfig(
+        vocab_size=40, max_position_embeddings=16, pad_token_id=0, attn_implementation="eager", **_BART
+    )
+    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+    for make, shared in [
+        (lambda: transformers.T5ForConditionalGeneration(t5), "m.shared"),
+        (lambda: transformers.BartForConditionalGeneration(bart), "m.model.shared"),
+    ]:
+        model = _off_one(_Seq2Seq(make)).train()
+        bias = [n for n, _ in model.named_modules() if n.endswith("relative_attention_bias")]
+        if bias:
+            sampler, handle, _ = watched(model, sketch=None)
+            with pytest.raises(UnsupportedModelError, match="relative_attention_bias' got an input of shape"):
+                _lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+            handle.remove()
+        rows, expected, grads, handle = one_step(model, ids[:, :-1], ids[:, 1:], _lm_loss, None, exclude=bias)
+        assert_rows(rows, expected)
+        kinds = {n: kind for n, kind, _ in handle.layers}
+        uses = [n for n, kind in kinds.items() if kind == f"Embedding (table of {shared!r}: added into its columns)"]
+        assert len(uses) == 2  # the encoder's and the decoder's lookups
+        assert sum("tied to" in kind for kind in kinds.values()) == 1
+
+
+def test_a_model_that_flattens_its_tokens_before_a_layer_is_refused_with_the_layers_name():
+    # OPT's decoder layers reshape [B, T, E] to [B * T, E] before their MLP: those rows would be per token.
+    opt = transformers.OPTConfig(**{**_DECODER, "ffn_dim": 32, "word_embed_proj_dim": 16})
+    model = _off_one(_Logits(lambda: transformers.OPTForCausalLM(opt)))
+    with pytest.raises(
+        UnsupportedModelError, match=r"'m.model.decoder.layers.0.final_layer_norm' got an input of shape \(18, 16\)"
+    ):
+        _lm_step(model, None)
