@@ -19,7 +19,7 @@ from conftest import assert_same_state
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchgrab import GraBSampler, ShapeError, StateDictError, UnsupportedInputError, UnsupportedModelError
-from torchgrab.capture.layers import COUNT_OUT, LinearSketch
+from torchgrab.capture.layers import COUNT_OUT, FunctionalSketch, LinearSketch
 from torchgrab.capture.projection import FoldSketch
 from torchgrab.gradients import per_example_gradients
 
@@ -1113,6 +1113,48 @@ def test_a_layer_class_of_its_own_is_sketched_by_torch_func_over_that_layer(sket
         assert widths["scale"] == 2 * min(6, sketch or 6)
         if sketch is None:
             assert_rows(rows, flat(grads, 5))
+
+
+class _Squash(nn.Module):
+    """y = tanh(x * w): a vector over the features, but not linear in it."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x):
+        return torch.tanh(x * self.w)
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_a_feature_wise_linear_layer_of_its_own_takes_two_plain_forwards_once_torch_func_agrees(sketch):
+    # A norm's weight (y = h(x) * w, Gemma's h(x) * (1 + w), a bias) enters its output linearly, feature by
+    # feature: each example's gradient is sum_t g * (y(w = 1) - y(w = 0)). The first call computes it both
+    # ways and keeps torch.func's; later calls take the plain forwards only where the two agreed.
+    x, y = _data((4, 6), "class", b=5)
+    loss = lambda out, y, reduction="mean": ce(out.mean(1), y, reduction=reduction)  # noqa: E731
+    for layer, featurewise in [(_ScaleShift, True), (_Squash, False)]:
+        torch.manual_seed(0)
+        model = _WithScaleShift()
+        model.scale = layer(6)
+        sampler, handle, spy = watched(model, sketch=sketch)
+        for part in (slice(0, 3), slice(3, 5)):
+            loss(model(x[part]), y[part]).backward()
+            handle.flush()
+            assert_rows(spy.rows[-1], exact_rows(handle, model, loss, x[part], y[part])[0])
+            assert handle._sketches[model.scale].featurewise is featurewise
+        handle.remove()
+    # A Llama's norms (LlamaRMSNorm, on [batch, tokens, features]) agree, and so do their later rows.
+    pytest.importorskip("transformers")
+    model = _tiny_llama().train()
+    sampler, handle, spy = watched(model, sketch=sketch)
+    ids = torch.randint(0, 40, (5, 7), generator=torch.Generator().manual_seed(5))
+    for part in (slice(0, 3), slice(3, 5)):
+        _lm_loss(model(ids[part, :-1]), ids[part, 1:]).backward()
+        handle.flush()
+        assert_rows(spy.rows[-1], exact_rows(handle, model, _lm_loss, ids[part, :-1], ids[part, 1:])[0])
+    norms = [sk for sk in handle._sketches.values() if isinstance(sk, FunctionalSketch)]
+    assert len(norms) == 5 and all(sk.featurewise for sk in norms)
 
 
 def test_a_layer_of_its_own_called_with_more_than_one_tensor_is_refused_at_its_call():

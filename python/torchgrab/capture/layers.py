@@ -170,6 +170,13 @@ class LayerSketch:
         return None
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to the rounding of the layer's precision (float32 and wider, or half precisions)."""
+    tol = 1e-4 if b.dtype in (torch.float32, torch.float64) else 2e-2
+    a, b = a.double(), b.double()
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max().clamp_min(1e-30))))
+
+
 def _trainable(module: nn.Module, pname: str) -> bool:
     p = module._parameters.get(pname)
     return p is not None and p.requires_grad
@@ -665,12 +672,54 @@ class FunctionalSketch(LayerSketch):
         # forward hooks (watch()'s included) see a functorch transform and record nothing.
         self._per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
 
+        # Whether the layer is feature-wise linear in its parameters (see _featurewise): None until its
+        # first call's gradients, computed both ways, say.
+        self.featurewise: Optional[bool] = None
+
     def covered(self, module: nn.Module) -> List[str]:
         return list(self.names)
 
     def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
-        params = {n: module._parameters[n].detach() for n in self.names}
-        return self.project(module, self._per_example(params, saved, g.detach()))
+        g = g.detach()
+        grads = self._featurewise(module, saved, g) if self.featurewise is not False else None
+        if grads is None or self.featurewise is None:
+            params = {n: module._parameters[n].detach() for n in self.names}
+            exact = self._per_example(params, saved, g)
+            if self.featurewise is None:
+                self.featurewise = grads is not None and all(_close(grads[n], exact[n]) for n in self.names)
+            grads = exact
+        return self.project(module, grads)
+
+    def _featurewise(self, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Optional[Dict[str, torch.Tensor]]:
+        """Each example's gradient of each parameter, when every parameter is a vector over the output's
+        last dimension and the output is linear in it feature by feature: y = h(x) * w + b (an RMSNorm's
+        or LayerNorm's weight and bias; Gemma's h(x) * (1 + w)). Then dy/dp = y(p = 1) - y(p = 0), two
+        plain forwards of the layer per parameter instead of torch.func's vmap of its forward and backward
+        (about a third of the time for Llama's norms). None when the parameters have other shapes."""
+        n = g.shape[-1]
+        if any(module._parameters[p].dim() != 1 or module._parameters[p].numel() != n for p in self.names):
+            return None
+        out = {}
+        gf = _f32(g)
+        for p in self.names:
+            w = module._parameters[p]
+            d = self._forward_with(module, x, p, torch.ones_like(w)) - self._forward_with(
+                module, x, p, torch.zeros_like(w)
+            )
+            out[p] = (gf * _f32(d)).reshape(g.shape[0], -1, n).sum(1)
+        return out
+
+    @staticmethod
+    def _forward_with(module: nn.Module, x: torch.Tensor, name: str, value: torch.Tensor) -> torch.Tensor:
+        """The layer's forward with one parameter replaced by ``value``, its hooks not run (so watch()'s
+        own do not see a call). Called under no_grad, in the backward, when the layer's forward is not
+        running."""
+        saved = module._parameters[name]
+        module._parameters[name] = value  # type: ignore[assignment]
+        try:
+            return type(module).forward(module, x)
+        finally:
+            module._parameters[name] = saved
 
     def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         return [self.factors[n](_f32(grads[n]).reshape(grads[n].shape[0], -1)) for n in self.names]
