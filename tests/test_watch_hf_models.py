@@ -136,3 +136,23 @@ def test_a_model_that_flattens_its_tokens_before_a_layer_is_refused_with_the_lay
         UnsupportedModelError, match=r"'m.model.decoder.layers.0.final_layer_norm' got an input of shape \(18, 16\)"
     ):
         _lm_step(model, None)
+
+
+@pytest.mark.parametrize("sketch", [None, 4])
+def test_lora_adapters_of_peft_are_watched_as_the_linear_layers_they_are(sketch):
+    # LoRA fine-tuning trains only the adapters: peft wraps each target Linear layer in a module whose
+    # lora_A and lora_B are nn.Linear layers (the base layer frozen), so those are the watched layers and
+    # the rows are the adapters' per-example gradients. init_lora_weights=False: lora_B starts nonzero, so
+    # lora_A's gradients are not all zero.
+    peft = pytest.importorskip("peft")
+    cfg = transformers.LlamaConfig(**_DECODER)
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0, init_lora_weights=False
+    )
+    model = _off_one(_Logits(lambda: peft.get_peft_model(transformers.LlamaForCausalLM(cfg), lora)))
+    rows, grads, handle = _lm_step(model, sketch)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 12 and all(".lora_" in n for n in trainable)  # 3 targets x 2 layers x (A, B)
+    assert len(handle.layers) == 12 and {kind for _, kind, _ in handle.layers} == {"Linear"}
+    if sketch is None:
+        assert_rows(rows, flat(grads, 3))
