@@ -128,14 +128,55 @@ def test_encoder_decoder_models_share_one_table_between_encoder_decoder_and_outp
         assert sum("tied to" in kind for kind in kinds.values()) == 1
 
 
-def test_a_model_that_flattens_its_tokens_before_a_layer_is_refused_with_the_layers_name():
-    # OPT's decoder layers reshape [B, T, E] to [B * T, E] before their MLP: those rows would be per token.
-    opt = transformers.OPTConfig(**{**_DECODER, "ffn_dim": 32, "word_embed_proj_dim": 16})
-    model = _off_one(_Logits(lambda: transformers.OPTForCausalLM(opt)))
-    with pytest.raises(
-        UnsupportedModelError, match=r"'m.model.decoder.layers.0.final_layer_norm' got an input of shape \(18, 16\)"
-    ):
-        _lm_step(model, None)
+class _Classify(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        torch.manual_seed(0)
+        self.m = make()
+
+    def forward(self, ids):
+        return self.m(input_ids=ids).logits
+
+
+_ENCODER = dict(
+    vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    max_position_embeddings=20, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    pad_token_id=0, attn_implementation="eager",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "make, layer, shape",
+    [
+        # OPT's decoder layers reshape [B, T, E] to [B * T, E] before their MLP: rows would be per token.
+        (
+            lambda: _Logits(lambda: transformers.OPTForCausalLM(transformers.OPTConfig(**{**_DECODER, "ffn_dim": 32, "word_embed_proj_dim": 16}))),
+            "m.model.decoder.layers.0.final_layer_norm", (18, 16),
+        ),
+        # DeBERTa projects its relative-position table, one [1, 2k, E] tensor for the whole batch, by a Linear
+        # layer: each example's share of that call's gradient is summed before any hook sees it.
+        (
+            lambda: _Classify(lambda: transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+                **_ENCODER, relative_attention=True, position_buckets=8, max_relative_positions=16,
+                pos_att_type=["p2c", "c2p"], pooler_dropout=0.0, pooler_hidden_size=16,
+            ))),
+            "m.deberta.encoder.layer.0.attention.self.pos_key_proj", (1, 16, 16),
+        ),
+        # MPNet's relative attention bias: a lookup with [query, key] ids that belong to no example.
+        (
+            lambda: _Classify(lambda: transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**_ENCODER))),
+            "m.mpnet.encoder.relative_attention_bias", (6, 6),
+        ),
+    ],
+    ids=["opt", "deberta_v2", "mpnet"],
+)  # fmt: skip
+def test_a_layer_whose_input_is_not_one_row_per_example_is_refused_with_its_name(make, layer, shape):
+    model = _off_one(make()).train()
+    ids = torch.randint(1, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+    sampler, handle, _ = watched(model, sketch=None)
+    with pytest.raises(UnsupportedModelError, match=rf"{layer!r} got an input of shape \({shape[0]}, {shape[1]}"):
+        model(ids[:, :6]).sum().backward()
+    handle.remove()
 
 
 @pytest.mark.parametrize("sketch", [None, 4])
