@@ -159,7 +159,7 @@ def test_refusals(tmp_path):
 
     # A model watch() cannot sketch per example: refused before the Trainer is changed.
     trainer, _ = hf_cases.make_trainer(str(tmp_path), n=16)
-    trainer.model.extra = torch.nn.Parameter(torch.zeros(3))
+    trainer.model.extra = torch.nn.Bilinear(2, 2, 2)  # a torch layer with no sketch (and not called)
     before = trainer._get_train_sampler
     with pytest.raises(Exception, match="extra"):
         enable_grab(trainer)

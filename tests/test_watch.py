@@ -1339,6 +1339,94 @@ def test_a_layer_class_that_uses_its_weight_otherwise_is_refused_at_its_first_ca
         assert spy.rows[-1].shape == (3, handle.width) and sampler.pending == 64 - 3
 
 
+class _Tokens(nn.Module):
+    """A ViT's embeddings: a class token expanded over the batch, position embeddings added, both
+    parameters of this module (which has a sublayer), no layer of their own."""
+
+    def __init__(self, slicing=False):
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6))
+        self.pos = nn.Parameter(torch.randn(1, 6, 6))
+        self.slicing = slicing
+
+    def forward(self, x):
+        # The class token twice (expand broadcasts its dimension 1 too): its gradient sums both copies.
+        h = torch.cat([self.cls.expand(x.shape[0], 2, -1), self.proj(x)], 1)
+        return h + (self.pos[:, : h.shape[1]] if self.slicing else self.pos)
+
+
+class _TokenModel(nn.Module):
+    def __init__(self, slicing=False, peek=False):
+        super().__init__()
+        self.emb, self.head = _Tokens(slicing), nn.Linear(6, 3)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 6))  # a layer scale, [features] times [B, T, features]
+        self.peek = peek
+
+    def forward(self, x):
+        h = torch.tanh(self.emb(x)) * self.scale
+        if self.peek:  # the embeddings' parameter used outside the forward of the module holding it
+            h = h + self.emb.pos.sum()
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_parameters_of_no_layer_broadcast_over_the_batch_give_per_example_rows(sketch):
+    # A ViT's class token and position embeddings, a layer scale: parameters of modules with sublayers,
+    # used by expand, + and *, were refused (every Hugging Face vision transformer was). Each example's
+    # gradient is its slice of the broadcast.
+    torch.manual_seed(0)
+    model = _TokenModel()
+    x, y = torch.randn(5, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1])
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    kinds = {n: kind for n, kind, _ in handle.layers}
+    assert {kinds[n] for n in ("emb.cls", "emb.pos", "scale")} == {
+        "parameter of no layer (per example where broadcast over the batch)"
+    }
+    if sketch is None:
+        want = {n: grads[n] for n in ("emb.proj.weight", "emb.proj.bias", "head.weight", "head.bias")}
+        want.update({n: grads[n] for n in ("scale", "emb.cls", "emb.pos")})
+        assert_rows(rows, flat(want, 5))
+    handle.remove()
+    # Gradient accumulation over two micro-batches, and a second step (the check of the parts has run).
+    sampler, handle, spy = watched(model, sketch=sketch)
+    for part in (slice(0, 2), slice(2, 5), slice(0, 3)):
+        ce(model(x[part]), y[part], reduction="sum").backward()
+        if part.stop == 5:
+            handle.flush()
+    handle.flush()
+    want = [exact_rows(handle, model, ce, x[p], y[p])[0] for p in (slice(0, 2), slice(2, 5), slice(0, 3))]
+    assert_rows(spy.rows[0], torch.cat(want[:2]) * torch.tensor([2.0] * 2 + [3.0] * 3)[:, None])
+    assert_rows(spy.rows[1], want[2] * 3.0)
+    handle.remove()
+    # An ordering without gradients only counts the examples.
+    sampler, handle, spy = watched(model, sketch=sketch, ordering="rr")
+    ce(model(x), y).backward()
+    handle.flush()
+    assert sampler.pending == 64 - 5
+
+
+def test_a_parameter_of_no_layer_used_otherwise_is_refused():
+    # Sliced in its module's forward: refused at that operation. Used by another module's forward: the
+    # parts watch() saw do not add up to its gradient, refused at the first backward.
+    x, y = torch.randn(4, 4, 4), torch.tensor([0, 1, 2, 0])
+    for model, match in [
+        (_TokenModel(slicing=True), r"'emb.pos' belongs to no layer; .* and TensorBase.__getitem__ takes it otherwise"),
+        (_TokenModel(peek=True), r"'emb.pos' belongs to no layer, and its gradient is not the sum"),
+    ]:
+        sampler, handle, spy = watched(model, sketch=4)
+        with pytest.raises(UnsupportedModelError, match=match):
+            ce(model(x), y).backward()
+        assert handle._step.forwards == {} and not handle._recording
+        handle.remove()
+        sampler, handle, spy = watched(model, sketch=4, exclude=["emb.pos"])
+        ce(model(x[:3]), y[:3]).backward()
+        handle.flush()
+        assert spy.rows[-1].shape == (3, handle.width) and sampler.pending == 64 - 3
+        handle.remove()
+
+
 class _Slicing(nn.Module):
     def __init__(self):
         super().__init__()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_watch import _lm_loss, _lm_step, _Logits, assert_rows, flat, one_step, watched
+from test_watch import ce as _ce
 from torch import nn
 from torchgrab import UnsupportedModelError
 
@@ -126,6 +127,48 @@ def test_encoder_decoder_models_share_one_table_between_encoder_decoder_and_outp
         uses = [n for n, kind in kinds.items() if kind == f"Embedding (table of {shared!r}: added into its columns)"]
         assert len(uses) == 2  # the encoder's and the decoder's lookups
         assert sum("tied to" in kind for kind in kinds.values()) == 1
+
+
+class _Images(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        torch.manual_seed(0)
+        self.m = make()
+
+    def forward(self, x):
+        return self.m(pixel_values=x).logits
+
+
+_VISION = dict(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_labels=3,
+    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, image_size=8, patch_size=4, num_channels=3,
+    attn_implementation="eager",
+)  # fmt: skip
+VISION = {
+    "vit": ("ViTConfig", "ViTForImageClassification", {}),
+    "deit": ("DeiTConfig", "DeiTForImageClassification", {}),
+    "beit": ("BeitConfig", "BeitForImageClassification", {"drop_path_rate": 0.0, "layer_scale_init_value": 0.5}),
+    "dinov2": ("Dinov2Config", "Dinov2ForImageClassification", {"layerscale_value": 0.5}),
+    "convnext": (
+        "ConvNextConfig", "ConvNextForImageClassification",
+        {"hidden_sizes": [8, 16], "depths": [1, 1], "num_stages": 2, "patch_size": 2, "layer_scale_init_value": 0.5},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(VISION))
+def test_vision_transformers_class_tokens_position_embeddings_and_layer_scales_give_exact_rows(family):
+    # Their class and distillation tokens, position embeddings (ViT, DeiT, BEiT, DINOv2) and layer scales
+    # (BEiT's lambdas, ConvNeXt's) are parameters of modules with sublayers, broadcast over the batch.
+    cfg_class, model_class, extra = VISION[family]
+    cfg = getattr(transformers, cfg_class)(**{**_VISION, **extra})
+    model = _Images(lambda: getattr(transformers, model_class)(cfg)).train()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    rows, expected, grads, handle = one_step(model, x, torch.tensor([0, 1, 2]), _ce, None)
+    assert_rows(rows, expected)
+    direct = [n for n, kind, _ in handle.layers if kind.startswith("parameter of no layer")]
+    assert direct and all(n in grads for n in direct)
+    assert handle.width == sum(g[0].numel() for g in grads.values())  # every parameter, exactly
 
 
 class _Classify(nn.Module):

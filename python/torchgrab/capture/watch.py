@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from torchgrab.capture import attention as attn
+from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, ParamSlot, per_example
 from torchgrab.capture.feed import RowFeeder
 from torchgrab.capture.inner import InnerCalls, has_inner_function, replaced_forward, same_as_kind
 from torchgrab.capture.layers import (
@@ -71,6 +72,7 @@ class _Step:
         "written",
         "finite",
         "ghost",
+        "direct",
     )
 
     def __init__(self) -> None:
@@ -97,6 +99,9 @@ class _Step:
         self.finite = True  # every direct write said its values were finite
         # A ghost layer's calls this step: (output gradient, a copy of the input).
         self.ghost: Dict[LayerSketch, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        # Parameters of no layer whose per-example parts are not checked yet (capture/direct.py): the sum
+        # of the parts seen in this backward, per parameter, for the check at its gradient's hook.
+        self.direct: Dict[LayerSketch, torch.Tensor] = {}
 
     def add(self, offset: int, pieces: List[torch.Tensor]) -> None:
         have = self.blocks.get(offset)
@@ -203,6 +208,8 @@ class WatchHandle:
                 "the model has no trainable parameter left to watch (requires_grad=True, not excluded)"
             )
         self._sketches: Dict[nn.Module, LayerSketch] = {}
+        # Modules holding watched parameters of no layer -> {id(parameter): (its sketch, the parameter)}.
+        self._direct: Dict[nn.Module, Dict[int, Tuple[DirectParamSketch, torch.Tensor]]] = {}
         self._left_out: List[LayerSketch] = []  # layers with no columns under the budget (not hooked)
         self._params: List[Tuple[str, torch.Tensor, FoldSketch]] = []
         k = self.k
@@ -316,6 +323,22 @@ class WatchHandle:
                     sk = TiedLinearSketch(name, module, emb_sketch)
                 if self._admit(sk, module, own, kept, owner):
                     uncovered -= {own[p] for p in sk.covered(module)}
+            # Parameters of a module with sublayers, used by plain tensor operations in its forward (a ViT's
+            # class token and position embeddings, layer scales): per example where the forward broadcasts
+            # them over the batch (capture/direct.py). Leaf modules' (an LSTM's) stay refused below.
+            for mname, m in inner.named_modules():
+                if next(m.children(), None) is None or isinstance(m, nn.MultiheadAttention):
+                    continue
+                if any(_within(mname, a) for a in attention):
+                    continue
+                for t in m._parameters.values():
+                    if t is None or not t.requires_grad or t.dim() == 0 or canon[id(t)] not in uncovered:
+                        continue
+                    slot = ParamSlot(t)
+                    sk = DirectParamSketch(canon[id(t)], slot, k, self.seed)
+                    if self._admit(sk, slot, {"weight": canon[id(t)]}, kept, owner):
+                        uncovered.discard(canon[id(t)])
+                        self._direct.setdefault(m, {})[id(t)] = (sk, t)
             # Only attention with a sketched projection runs the recording forward (a frozen or left-out one
             # keeps torch's).
             self._attention = {
@@ -434,6 +457,8 @@ class WatchHandle:
         self._verdict: Dict[nn.Module, str] = {}
         self._modes: Dict[nn.Module, List[InnerCalls]] = {}
         for module, sk in self._sketches.items():
+            if isinstance(sk, DirectParamSketch):  # recorded by the forward of the module holding it
+                continue
             if isinstance(sk, FunctionalSketch):  # sees the call's keyword arguments too
                 self._hooks.append(module.register_forward_hook(on_functional, with_kwargs=True))
             elif module in by_attention:  # the attention's own forward records these
@@ -446,6 +471,12 @@ class WatchHandle:
                 self._hooks.append(module.register_forward_hook(on_forward))
         for i, (_, p, _) in enumerate(self._params):
             self._hooks.append(p.register_hook(self._param_hook(i)))
+        for holder, params in self._direct.items():
+            self._hooks.append(holder.register_forward_pre_hook(_eager(self._on_direct_begins)))
+            self._hooks.append(holder.register_forward_hook(_eager(self._on_direct_ends), always_call=True))
+            for dsk, t in params.values():
+                self._hooks.append(t.register_hook(self._direct_check(dsk)))
+        self._unchecked = {dsk for params in self._direct.values() for dsk, _ in params.values()}
         self.removed = False
         sampler._watchers.append(self)
         self._inner = inner
@@ -675,6 +706,78 @@ class WatchHandle:
                     f"keywords {sorted(kwargs)}. exclude= it"
                 )
         return self._on_forward(module, args, out)
+
+    def _on_direct_begins(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        """Forward pre-hook of a module holding watched parameters of no layer: watch the operations
+        that take them (capture/direct.py) while its forward runs."""
+        mode = None
+        step = self._step
+        if self._recording and module.training and torch.is_grad_enabled() and not _in_transform():
+            recompute = _in_backward() and step.forwards.get(module, 0)  # a checkpointed call, seen already
+            if self.sampler.balances and not recompute:
+                if not _in_backward():
+                    step.forwards[module] = step.forwards.get(module, 0) + 1
+                for dsk, _ in self._direct[module].values():
+                    if dsk in self._unchecked:
+                        step.direct.setdefault(dsk, torch.zeros(dsk.shape))
+                mode = BroadcastUses(
+                    self._direct[module],
+                    self._direct_batch,
+                    lambda sk, t: self._direct_record(step, sk, t),
+                    self._direct_refuse,
+                )
+                mode.__enter__()
+        self._modes.setdefault(module, []).append(mode)
+
+    def _on_direct_ends(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
+        stack = self._modes.get(module)
+        mode = stack.pop() if stack else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    def _direct_batch(self, b: int) -> int:
+        if self._step.batch is None:
+            self._step.batch = b
+        return self._step.batch
+
+    def _direct_record(self, step: _Step, sk: DirectParamSketch, t: torch.Tensor) -> None:
+        def on_grad(g: torch.Tensor) -> None:
+            part = per_example(g, sk.shape)
+            if step is self._step and sk in step.direct:
+                step.direct[sk] = step.direct[sk].to(part.device, part.dtype) + part.detach().sum(0)
+            self._on_grad(step, sk, sk.slot, None, part)
+
+        _on_output_grad(t, on_grad)
+
+    def _direct_refuse(self, sk: DirectParamSketch, what: str) -> None:
+        self._step, self._recording = _Step(), False  # this forward will have no backward
+        raise UnsupportedModelError(
+            f"watch(): {sk.name!r} belongs to no layer; its per-example gradient is taken where the forward "
+            f"broadcasts it over the batch (expand, +, *), and {what} takes it otherwise. exclude= it"
+        )
+
+    def _direct_check(self, sk: DirectParamSketch) -> Callable[[torch.Tensor], None]:
+        """A hook on a parameter of no layer: at its first recorded backward, the per-example parts seen
+        must add up to the gradient autograd gives it (nothing used it where watch() did not look)."""
+
+        def hook(total: torch.Tensor) -> None:
+            seen = self._step.direct.pop(sk, None)
+            if seen is None or sk not in self._unchecked:
+                return
+            total = total.detach().double()
+            seen = seen.to(total.device, total.dtype).reshape(total.shape)
+            scale = float(total.abs().max())
+            if not torch.allclose(seen, total, rtol=1e-3, atol=1e-4 * scale):
+                self._step, self._recording = _Step(), False
+                raise UnsupportedModelError(
+                    f"watch(): {sk.name!r} belongs to no layer, and its gradient is not the sum of the per-example "
+                    "parts watch() saw where the forward of the module holding it broadcasts it over the batch: "
+                    "something else uses it (another module's forward, or an operation watch() does not follow). "
+                    "exclude= it"
+                )
+            self._unchecked.discard(sk)
+
+        return hook
 
     def _on_replaced_begins(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         """Forward pre-hook of a layer whose class replaces its kind's forward: watch the calls its forward
@@ -1037,6 +1140,8 @@ def _kind(sk: LayerSketch) -> str:
         return f"Embedding (table of {sk.embedding.name!r}: added into its columns)"
     if isinstance(sk, FunctionalSketch):
         return f"{sk.layer_class} (per example by torch.func)"
+    if isinstance(sk, DirectParamSketch):
+        return "parameter of no layer (per example where broadcast over the batch)"
     if sk.ghost and sk.ghost_width:
         return f"Linear (ghost: the weight's {sk.ghost_width} coordinates exact from its factors, not in the rows)"
     return type(sk).__name__.replace("Sketch", "") + (" (weight left out: budget)" if sk.dropped else "")
