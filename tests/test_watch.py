@@ -1357,14 +1357,16 @@ class _Tokens(nn.Module):
 
 
 class _TokenModel(nn.Module):
-    def __init__(self, slicing=False, peek=False):
+    def __init__(self, slicing=False, peek=False, reentrant=None):
         super().__init__()
         self.emb, self.head = _Tokens(slicing), nn.Linear(6, 3)
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 6))  # a layer scale, [features] times [B, T, features]
         self.peek = peek
+        self.reentrant = reentrant  # None: no checkpointing
 
     def forward(self, x):
-        h = torch.tanh(self.emb(x)) * self.scale
+        h = self.emb(x) if self.reentrant is None else checkpoint(self.emb, x, use_reentrant=self.reentrant)
+        h = torch.tanh(h) * self.scale
         if self.peek:  # the embeddings' parameter used outside the forward of the module holding it
             h = h + self.emb.pos.sum()
         return self.head(h).mean(1)
@@ -1400,6 +1402,19 @@ def test_parameters_of_no_layer_broadcast_over_the_batch_give_per_example_rows(s
     assert_rows(spy.rows[0], torch.cat(want[:2]) * torch.tensor([2.0] * 2 + [3.0] * 3)[:, None])
     assert_rows(spy.rows[1], want[2] * 3.0)
     handle.remove()
+    # The embeddings checkpointed: their forward runs again inside the backward (reentrant: the first run
+    # without gradients), and each use is seen once.
+    expected, _ = exact_rows(handle, model, ce, x, y)
+    handle.remove()
+    for reentrant in (False, True):
+        model.reentrant = reentrant
+        sampler, handle, spy = watched(model, sketch=sketch)
+        ce(model(x.requires_grad_(reentrant)), y).backward()  # reentrant: an input that needs gradients
+        handle.flush()
+        assert_rows(spy.rows[0], expected)
+        handle.remove()
+    model.reentrant = None
+    x = x.detach().requires_grad_(False)
     # An ordering without gradients only counts the examples.
     sampler, handle, spy = watched(model, sketch=sketch, ordering="rr")
     ce(model(x), y).backward()

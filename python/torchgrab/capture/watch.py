@@ -455,7 +455,9 @@ class WatchHandle:
         # by call) or "kind" (the kind's forward in another form, recorded as the layer's input and output).
         self._replaced: Dict[nn.Module, type] = {}
         self._verdict: Dict[nn.Module, str] = {}
-        self._modes: Dict[nn.Module, List[InnerCalls]] = {}
+        # The TorchFunctionModes entered by a module's forward pre-hook (None where it entered none), left by
+        # its forward hook: InnerCalls for those layers, BroadcastUses for modules holding parameters of no layer.
+        self._modes: Dict[nn.Module, List[Optional[Any]]] = {}
         for module, sk in self._sketches.items():
             if isinstance(sk, DirectParamSketch):  # recorded by the forward of the module holding it
                 continue
@@ -782,13 +784,13 @@ class WatchHandle:
     def _on_replaced_begins(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         """Forward pre-hook of a layer whose class replaces its kind's forward: watch the calls its forward
         makes (capture/inner.py), unless it is known to compute its kind's function in another form."""
-        if self._verdict.get(module) == "kind" or not has_inner_function(module):
-            return
-        if self._recording and module.training and torch.is_grad_enabled() and not _in_transform():
+        mode = None
+        looks = self._verdict.get(module) != "kind" and has_inner_function(module)
+        if looks and self._recording and module.training and torch.is_grad_enabled() and not _in_transform():
             on_forward = self._on_forward if self.batch_first else self._on_forward_seq_first
             mode = InnerCalls(module, lambda m, x, out: on_forward(m, (x,), out))
             mode.__enter__()
-            self._modes.setdefault(module, []).append(mode)
+        self._modes.setdefault(module, []).append(mode)
 
     def _on_replaced(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
         """Forward hook (always called) of a layer whose class replaces its kind's forward: end the watch of
