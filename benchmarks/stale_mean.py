@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,9 +161,6 @@ def run_mnist(args):
 
 def run_minilm(args):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # benchmarks/kernels.py would shadow the `kernels` package transformers imports when it is installed.
-    here = str(Path(__file__).resolve().parent)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -24,14 +24,10 @@ import torch
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/kernels.py would shadow
-# the `kernels` package that transformers imports.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 
 
 def _module(name, path):
-    # By path, not sys.path: benchmarks/kernels.py would shadow the `kernels` package transformers imports,
-    # and examples/_common.py shares its name with benchmarks/_common.py.
+    # By path, not sys.path: examples/_common.py shares its name with benchmarks/_common.py.
     spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, path))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

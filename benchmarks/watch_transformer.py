@@ -48,10 +48,6 @@ import _common  # noqa: E402
 import torchgrab  # noqa: E402
 from torchgrab.capture.layers import FunctionalSketch  # noqa: E402
 
-# Then off sys.path again (benchmarks/watch_gpu.py does the same): benchmarks/kernels.py would shadow the
-# `kernels` package that transformers imports (--model llama).
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-
 REPO = Path(__file__).resolve().parent.parent
 ARMS = {
     "watch": ("grab", "default"),

@@ -32,7 +32,7 @@ def run(args):
     "args,expect",
     [
         (["benchmarks/capture.py", "--quick"], "per-example cross-entropy"),
-        (["benchmarks/kernels.py", "--quick", "--no-reference", "--out", "{tmp}"], "grab"),
+        (["benchmarks/kernel_throughput.py", "--quick", "--no-reference", "--out", "{tmp}"], "grab"),
         (["benchmarks/discrepancy.py", "--quick"], "grab"),
         (["benchmarks/state_dict_cost.py", "--quick"], "grab"),
         (["benchmarks/memory.py", "--d", "100000", "--n", "64", "--epochs", "3", "--batch", "8"], "grab"),
@@ -291,6 +291,6 @@ def test_bare_capture_feeds_watchs_rows():
     """benchmarks/watch_speed.py's "bare capture" arm (the floor of watch()'s design: its kernels without its
     bookkeeping) does the work watch() does: with the weights held still (lr 0), one epoch fed either way
     gives the sampler the same next order. Also its refusal of a model that is not one Linear layer. In a
-    subprocess: the script puts benchmarks/ on sys.path, where its kernels.py would shadow the `kernels`
-    package transformers looks for in this process's later tests."""
+    subprocess: the script puts benchmarks/ on sys.path, whose _common.py shares its name with the one of
+    examples/ that later tests import."""
     assert run(["-c", BARE_CHECK, str(DATA)]).strip().endswith("same orders")

@@ -1,7 +1,7 @@
 """Kernel throughput: GraBSampler.step (float32 gradients) against the machine's memory read bandwidth
 and against the reference implementation (`grab-sampler` 0.1.3, PyPI), all measured in the same run.
 
-    .venv/bin/python benchmarks/kernels.py [--quick] [--out benchmarks/out]
+    .venv/bin/python benchmarks/kernel_throughput.py [--quick] [--out benchmarks/out]
 
 Gradients are taken from a pool larger than the last-level cache, so every step reads its (B, d) block
 from main memory, as the bandwidth reference does. Wall-clock time, best of several trials.
