@@ -261,6 +261,19 @@ def test_watch_transformer_runs(tmp_path):
     assert "lm.model.norm                            LlamaRMSNorm (per example by torch.func)" in stdout
 
 
+@pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data/cifar10")
+def test_watch_vit_runs():
+    """benchmarks/watch_vit.py --quick: Hugging Face's ViT on CIFAR-10 images, RR against watch() with and
+    without its class token and position embeddings (parameters of no layer); BEiT's layer scales too."""
+    pytest.importorskip("transformers")
+    stdout = run(["benchmarks/watch_vit.py", "--data", str(DATA), "--quick", "--arms", "watch,watch-no-direct"])
+    for line in ("rr (randperm, nothing watched)", "grab, watch(), no-layer params out", "256 CIFAR-10 images"):
+        assert line in stdout
+    assert "m.vit.embeddings.position_embeddings             parameter of no layer" in stdout
+    stdout = run(["benchmarks/watch_vit.py", "--data", str(DATA), "--quick", "--model", "beit", "--arms", "watch"])
+    assert "m.beit.layers.1.lambda_2" in stdout and "beit: 2 layers, width 64" in stdout
+
+
 BARE_CHECK = """
 import sys
 import numpy as np

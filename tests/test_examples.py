@@ -196,6 +196,32 @@ def test_wikitext_transformer_quick_feeds_every_chunk_from_a_sequence_first_mode
     assert all(float(r["train_loss"]) < start - 1 for r in rows if r["epoch"] == "2")  # from ln(33,278) = 10.4
 
 
+@pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data/cifar10")
+def test_cifar10_vit_quick_feeds_every_image_under_watch(tmp_path, monkeypatch):
+    """Hugging Face's ViT under watch() (its class token and position embeddings per example): one row per
+    image reaches grab, and the training loss falls."""
+    pytest.importorskip("transformers")
+    import cifar10_vit
+    from torchgrab import GraBSampler
+
+    fed = []
+    step = GraBSampler.step
+
+    def spy(self, grads, **kw):
+        fed.append(len(grads))
+        return step(self, grads, **kw)
+
+    monkeypatch.setattr(GraBSampler, "step", spy)
+    out = tmp_path / "vit"
+    argv = ["--quick", "--orderings", "rr,grab", "--seeds", "1", "--data", str(DATA), "--out", str(out)]
+    cifar10_vit.main(argv)
+    rows = _rows(str(out) + ".csv")
+    assert [r["epoch"] for r in rows if r["ordering"] == "grab"] == ["0", "1", "2"]
+    assert sum(fed) == 2 * 500  # 500 images, 2 epochs
+    start = float(rows[0]["train_loss"])
+    assert all(float(r["train_loss"]) < start for r in rows if r["epoch"] == "2")
+
+
 @pytest.mark.skipif(not (DATA / "glue" / "STS-B").is_dir(), reason="no ../shared/data/glue/STS-B")
 def test_glue_finetune_regression_task_with_watch(tmp_path):
     """STS-B: a 1-output regression head with the mean squared error, Pearson's r on dev."""

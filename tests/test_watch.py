@@ -1501,6 +1501,33 @@ def test_frozen_weights_on_token_inputs_give_bias_rows_summed_over_positions(ske
         assert_rows(rows, flat(grads, 4))
 
 
+class _TwoOfAShape(nn.Module):
+    def __init__(self, n=16):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(n, n), nn.Linear(n, n), nn.Linear(n, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))).mean(1))
+
+
+@pytest.mark.parametrize("tokens", [4, 2100])
+def test_on_a_cpu_equally_shaped_layers_are_grouped_only_while_their_gradients_are_small(tokens, monkeypatch):
+    # Grouping stacks the layers' output gradients (a copy) to save ops: on a CPU, past CPU_GROUP_MAX
+    # elements the copy costs more than the ops (a tenth of a small ViT's step), so each goes alone.
+    from torchgrab.capture import layers
+
+    calls = []
+    grouped = LinearSketch.rows_grouped
+    monkeypatch.setattr(LinearSketch, "rows_grouped", staticmethod(lambda m: calls.append(len(m)) or grouped(m)))
+    torch.manual_seed(0)
+    model = _TwoOfAShape()
+    x, y = torch.randn(2, tokens, 16), torch.tensor([0, 2])
+    rows, expected, _, handle = one_step(model, x, y, ce, 4)
+    assert_rows(rows, expected)
+    assert (2 * tokens * 16 > layers.CPU_GROUP_MAX) == (calls == [])
+    assert calls in ([], [2])
+
+
 class SequenceFirst(nn.Module):
     """PyTorch's language-modeling tutorial layout: [T, B] ids in, torch's default transformer layers
     (batch_first=False), [T, B, V] logits out; or, as a classifier, mean over T, a norm and a head on [B, E]."""

@@ -26,6 +26,9 @@ _REGISTRY_BY_NAME: Dict[str, Type["LayerSketch"]] = {}  # "module.QualName" of c
 # A Linear layer's input side is count-sketched (not Gaussian) when it is at least this many times wider
 # than its sketch and the sketch has at least 64 columns (see LinearSketch).
 COUNT_SKETCH_RATIO = 4
+# On a CPU, a Linear layer's call whose output gradient has more elements than this is sketched alone, not
+# with the equally shaped layers of its model (LinearSketch.group_key).
+CPU_GROUP_MAX = 1 << 15
 # A third entry of a fitted (k_out, k_in): the output side is count-sketched (LinearSketch.fit).
 COUNT_OUT = "count-out"
 
@@ -282,6 +285,11 @@ class LinearSketch(LayerSketch):
         # products instead of a few small ones each: on a GPU the cost of a watched step is the number
         # of ops dispatched from Python, not their arithmetic.
         if self.p_out.count:
+            return None
+        if g.device.type == "cpu" and g.numel() > CPU_GROUP_MAX:
+            # On a CPU a torch op's dispatch costs microseconds, and stacking a group's output gradients
+            # copies each of them: past this size the copy costs more than the ops a group saves (a ViT
+            # of width 192 on 64 images: a tenth of a plain step), so such a call is sketched alone.
             return None
         tokens = g.numel() // (g.shape[0] * g.shape[-1])
         return (
