@@ -107,6 +107,7 @@ class BroadcastUses(TorchFunctionMode):
         if not hits:
             return func(*args, **kwargs)
         sk, p = self.params[id(args[hits[0]])] if hits[0] >= 0 else next(iter(self.params.values()))
+        out = None
         if hits == [0] and func in _EXPAND:
             out = func(*args, **kwargs)
             if p.dim() >= 1 and p.shape[0] == 1 and out.dim() == p.dim() and out.shape[0] == self.batch(out.shape[0]):
@@ -125,7 +126,8 @@ class BroadcastUses(TorchFunctionMode):
                     swapped = list(args)
                     swapped[hits[0]] = expanded
                     return func(*swapped, **kwargs)
-        out = func(*args, **kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and out.requires_grad:  # a use that carries gradient, unseen
             name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
             self.refuse(sk, name)
