@@ -878,8 +878,9 @@ class WatchHandle:
                 self._step, self._recording = _Step(), False  # this forward will have no backward
                 raise UnsupportedModelError(
                     f"watch(): module {sk.name!r} got an input of shape {tuple(x.shape)} in a step whose batch "
-                    f"has {b} examples; per-example rows need batch-first inputs to every watched layer "
-                    "(exclude= the layer, or granularity='batch' when a step is one unit)"
+                    f"has {b} examples; per-example rows need batch-first inputs to every watched layer, and a "
+                    "tensor shared by the whole batch (T5's relative position bias, DeBERTa's relative positions) "
+                    "has none (exclude= the layer, or granularity='batch' when a step is one unit)"
                 )
         saved = sk.save(module, x)
         _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, view(g)))
