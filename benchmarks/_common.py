@@ -163,6 +163,22 @@ def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
     examples_common().write_csv(rows, path)
 
 
+def paired_epochs(runs: Dict[str, Any], rounds: int) -> Dict[str, List[float]]:
+    """Seconds of ``runs[a].epoch()`` for every arm, ``rounds`` paired rounds after one warm-up epoch each
+    (allocator, projections, the first epoch's order): the arms alternate in order from round to round,
+    so drift on this shared machine falls on all of them alike."""
+    from tqdm import tqdm
+
+    names = list(runs)
+    for a in names:
+        runs[a].epoch()
+    secs: Dict[str, List[float]] = {a: [] for a in names}
+    for r in tqdm(range(rounds), desc="rounds", leave=False, file=sys.stderr):
+        for a in names if r % 2 == 0 else names[::-1]:
+            secs[a].append(runs[a].epoch())
+    return secs
+
+
 def begin_result(title: str) -> "Out":
     """The opening of a benchmark's .txt result: its provenance lines, the printed header, and this
     machine's memory read bandwidth (what exact rows are bound by), measured now."""

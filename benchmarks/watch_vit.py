@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -147,12 +146,7 @@ def main():
     x, y = load_cifar10(args.data, args.n)
     names = ["rr", *arms]
     runs = {a: Arm(a, x, y, args) for a in names}
-    for a in names:  # warm-up epoch each: allocator, projections, the first epoch's order
-        runs[a].epoch()
-    secs = {a: [] for a in names}
-    for r in tqdm(range(args.rounds), desc="rounds", leave=False, file=sys.stderr):
-        for a in names if r % 2 == 0 else names[::-1]:
-            secs[a].append(runs[a].epoch())
+    secs = _common.paired_epochs(runs, args.rounds)
 
     d = sum(p.numel() for p in runs["rr"].model.parameters())
     out.line(

@@ -378,6 +378,26 @@ def load_cifar10(root: Path, cache: Optional[Path] = None):
     return (a.data, np.array(a.targets)), (b.data, np.array(b.targets))
 
 
+def cifar10_tensors(root: Path, cache: Optional[Path], subset: int, test_size: int = 0):
+    """(x_train, y_train, x_test, y_test) as float [N, 3, 32, 32] normalized by the CIFAR-10 channel mean and
+    std: ``subset`` (0 = all 50,000) keeps the first subset/10 training images of every class (the archive
+    groups them by class); ``test_size`` (0 = all 10,000) the first test images."""
+    (xtr, ytr), (xte, yte) = load_cifar10(root, cache=cache)
+    if test_size:
+        xte, yte = xte[:test_size], yte[:test_size]
+    if subset:
+        per = subset // 10
+        keep = np.concatenate([np.flatnonzero(ytr == c)[:per] for c in range(10)])
+        xtr, ytr = xtr[keep], ytr[keep]
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+
+    def norm(a: np.ndarray) -> torch.Tensor:
+        return (torch.tensor(a).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+    return norm(xtr), torch.tensor(ytr), norm(xte), torch.tensor(yte)
+
+
 def load_wikitext2_lines(root: Path, split: str) -> List[str]:
     """Lines of WikiText-2 (v1, tokenized) ``split`` in {train, valid, test}: ``root/wikitext-2/<split>.txt``
     (or .txt.gz), the pytorch/examples layout; else the Hugging Face ``wikitext-2-v1`` (downloads)."""

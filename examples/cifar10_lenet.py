@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import _common as C
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -57,16 +56,7 @@ def main(argv=None):
         args.subset, args.epochs = 1000, min(args.epochs, 2)
     torch.set_num_threads(args.threads)
 
-    (xtr, ytr), (xte, yte) = C.load_cifar10(C.data_root(args.data), cache=Path(args.cache))
-    if args.subset:
-        # the archive groups images by class: take the first subset/10 of every class
-        per = args.subset // 10
-        keep = np.concatenate([np.flatnonzero(ytr == c)[:per] for c in range(10)])
-        xtr, ytr = xtr[keep], ytr[keep]
-    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
-    norm = lambda a: (torch.tensor(a).permute(0, 3, 1, 2).float() / 255.0 - mean) / std  # noqa: E731
-    xtr_t, ytr_t, xte_t, yte_t = norm(xtr), torch.tensor(ytr), norm(xte), torch.tensor(yte)
+    xtr_t, ytr_t, xte_t, yte_t = C.cifar10_tensors(C.data_root(args.data), Path(args.cache), args.subset)
     train_set = TensorDataset(xtr_t, ytr_t)
     loss_fn = nn.CrossEntropyLoss()
 

@@ -22,6 +22,21 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+def _fed_rows(monkeypatch):
+    """A list that gets the number of rows of every GraBSampler.step call from now on."""
+    from torchgrab import GraBSampler
+
+    fed = []
+    step = GraBSampler.step
+
+    def spy(self, grads, **kw):
+        fed.append(len(grads) if not isinstance(grads, dict) else next(iter(grads.values())).shape[0])
+        return step(self, grads, **kw)
+
+    monkeypatch.setattr(GraBSampler, "step", spy)
+    return fed
+
+
 @pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="no ../shared/data/mnist")
 def test_mnist_quick_runs_every_ordering_from_one_init(tmp_path):
     import mnist_logreg
@@ -152,16 +167,8 @@ def test_first_seed_runs_exactly_that_seed(tmp_path):
 def test_wikitext_quick_with_watch_feeds_the_sampler(tmp_path, monkeypatch):
     """--capture watch: the plain loss.backward() feeds grab one row per chunk (granularity="batch")."""
     import wikitext2_lstm
-    from torchgrab import GraBSampler
 
-    fed = []
-    step = GraBSampler.step
-
-    def spy(self, grads, **kw):
-        fed.append(len(grads) if not isinstance(grads, dict) else next(iter(grads.values())).shape[0])
-        return step(self, grads, **kw)
-
-    monkeypatch.setattr(GraBSampler, "step", spy)
+    fed = _fed_rows(monkeypatch)
     out = tmp_path / "wt"
     argv = ["--quick", "--capture", "watch", "--orderings", "rr,grab", "--seeds", "1", "--data", str(DATA)]
     wikitext2_lstm.main(argv + ["--out", str(out)])
@@ -176,16 +183,8 @@ def test_wikitext_quick_with_watch_feeds_the_sampler(tmp_path, monkeypatch):
 def test_wikitext_transformer_quick_feeds_every_chunk_from_a_sequence_first_model(tmp_path, monkeypatch):
     """The tutorial's [T, B] transformer under watch(batch_first=False): one row per chunk reaches grab."""
     import wikitext2_transformer
-    from torchgrab import GraBSampler
 
-    fed = []
-    step = GraBSampler.step
-
-    def spy(self, grads, **kw):
-        fed.append(len(grads))
-        return step(self, grads, **kw)
-
-    monkeypatch.setattr(GraBSampler, "step", spy)
+    fed = _fed_rows(monkeypatch)
     out = tmp_path / "wtt"
     argv = ["--quick", "--orderings", "rr,grab", "--seeds", "1", "--data", str(DATA), "--out", str(out)]
     wikitext2_transformer.main(argv)
@@ -202,16 +201,8 @@ def test_cifar10_vit_quick_feeds_every_image_under_watch(tmp_path, monkeypatch):
     image reaches grab, and the training loss falls."""
     pytest.importorskip("transformers")
     import cifar10_vit
-    from torchgrab import GraBSampler
 
-    fed = []
-    step = GraBSampler.step
-
-    def spy(self, grads, **kw):
-        fed.append(len(grads))
-        return step(self, grads, **kw)
-
-    monkeypatch.setattr(GraBSampler, "step", spy)
+    fed = _fed_rows(monkeypatch)
     out = tmp_path / "vit"
     argv = ["--quick", "--orderings", "rr,grab", "--seeds", "1", "--data", str(DATA), "--out", str(out)]
     cifar10_vit.main(argv)

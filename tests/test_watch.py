@@ -996,15 +996,17 @@ def test_an_attention_module_with_its_own_forward_is_refused_unless_left_out():
 
 
 class _Logits(nn.Module):
-    """A Hugging Face causal LM (built from a local config, nothing downloaded) returning its logits."""
+    """A Hugging Face model (built from a local config, nothing downloaded) returning its logits: its input
+    goes in as ``key`` (and as the decoder's ids too, for an encoder-decoder: a test, not a task)."""
 
-    def __init__(self, make):
+    def __init__(self, make, key="input_ids", decoder=False):
         super().__init__()
         torch.manual_seed(0)
         self.m = make()
+        self.key, self.decoder = key, decoder
 
-    def forward(self, ids):
-        return self.m(input_ids=ids).logits
+    def forward(self, x):
+        return self.m(**{self.key: x}, **({"decoder_input_ids": x} if self.decoder else {})).logits
 
 
 def _tiny_gpt2():

@@ -85,18 +85,6 @@ def test_each_family_of_causal_language_models_gives_exact_rows(family):
     assert handle.width == sum(g[0].numel() for g in grads.values())
 
 
-class _Seq2Seq(nn.Module):
-    """An encoder-decoder model returning its logits, the decoder fed the same ids (a test, not a task)."""
-
-    def __init__(self, make):
-        super().__init__()
-        torch.manual_seed(0)
-        self.m = make()
-
-    def forward(self, ids):
-        return self.m(input_ids=ids, decoder_input_ids=ids).logits
-
-
 def test_encoder_decoder_models_share_one_table_between_encoder_decoder_and_output_layer():
     # T5 and BART look up one `shared` table in the encoder, in the decoder and (tied) in the output layer:
     # its per-example gradient is the sum of the three uses, added up in the table's one block of rows.
@@ -114,7 +102,7 @@ def test_encoder_decoder_models_share_one_table_between_encoder_decoder_and_outp
         (lambda: transformers.T5ForConditionalGeneration(t5), "m.shared"),
         (lambda: transformers.BartForConditionalGeneration(bart), "m.model.shared"),
     ]:
-        model = _off_one(_Seq2Seq(make)).train()
+        model = _off_one(_Logits(make, decoder=True)).train()
         bias = [n for n, _ in model.named_modules() if n.endswith("relative_attention_bias")]
         if bias:
             sampler, handle, _ = watched(model, sketch=None)
@@ -127,16 +115,6 @@ def test_encoder_decoder_models_share_one_table_between_encoder_decoder_and_outp
         uses = [n for n, kind in kinds.items() if kind == f"Embedding (table of {shared!r}: added into its columns)"]
         assert len(uses) == 2  # the encoder's and the decoder's lookups
         assert sum("tied to" in kind for kind in kinds.values()) == 1
-
-
-class _Images(nn.Module):
-    def __init__(self, make):
-        super().__init__()
-        torch.manual_seed(0)
-        self.m = make()
-
-    def forward(self, x):
-        return self.m(pixel_values=x).logits
 
 
 _VISION = dict(
@@ -162,23 +140,13 @@ def test_vision_transformers_class_tokens_position_embeddings_and_layer_scales_g
     # (BEiT's lambdas, ConvNeXt's) are parameters of modules with sublayers, broadcast over the batch.
     cfg_class, model_class, extra = VISION[family]
     cfg = getattr(transformers, cfg_class)(**{**_VISION, **extra})
-    model = _Images(lambda: getattr(transformers, model_class)(cfg)).train()
+    model = _Logits(lambda: getattr(transformers, model_class)(cfg), key="pixel_values").train()
     x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     rows, expected, grads, handle = one_step(model, x, torch.tensor([0, 1, 2]), _ce, None)
     assert_rows(rows, expected)
     direct = [n for n, kind, _ in handle.layers if kind.startswith("parameter of no layer")]
     assert direct and all(n in grads for n in direct)
     assert handle.width == sum(g[0].numel() for g in grads.values())  # every parameter, exactly
-
-
-class _Classify(nn.Module):
-    def __init__(self, make):
-        super().__init__()
-        torch.manual_seed(0)
-        self.m = make()
-
-    def forward(self, ids):
-        return self.m(input_ids=ids).logits
 
 
 _ENCODER = dict(
@@ -199,7 +167,7 @@ _ENCODER = dict(
         # DeBERTa projects its relative-position table, one [1, 2k, E] tensor for the whole batch, by a Linear
         # layer: each example's share of that call's gradient is summed before any hook sees it.
         (
-            lambda: _Classify(lambda: transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+            lambda: _Logits(lambda: transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
                 **_ENCODER, relative_attention=True, position_buckets=8, max_relative_positions=16,
                 pos_att_type=["p2c", "c2p"], pooler_dropout=0.0, pooler_hidden_size=16,
             ))),
@@ -207,7 +175,7 @@ _ENCODER = dict(
         ),
         # MPNet's relative attention bias: a lookup with [query, key] ids that belong to no example.
         (
-            lambda: _Classify(lambda: transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**_ENCODER))),
+            lambda: _Logits(lambda: transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**_ENCODER))),
             "m.mpnet.encoder.relative_attention_bias", (6, 6),
         ),
     ],

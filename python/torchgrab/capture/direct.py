@@ -45,11 +45,10 @@ class DirectParamSketch(LayerSketch):
 
     params = ("weight",)
 
-    def __init__(self, name: str, module: ParamSlot, k: Any, seed: int) -> None:
+    def __init__(self, name: str, module: ParamSlot, k: Optional[int], seed: int) -> None:
         super().__init__(name, module, None, seed)
         self.slot = module
-        k = k[0] * k[1] if isinstance(k, tuple) and None not in k else (None if isinstance(k, tuple) else k)
-        cols = None if k is None else k * k
+        cols = None if k is None else int(k) ** 2
         n = module.weight.numel()
         self.shape = tuple(module.weight.shape)
         self.p = Factor(n, cols, seed, name, "param", count=cols is not None and n >= COUNT_SKETCH_RATIO * cols)

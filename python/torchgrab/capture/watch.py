@@ -447,7 +447,9 @@ class WatchHandle:
         self._feeder = RowFeeder(sampler, self._row_width, granularity, non_blocking, scaler)
         self._feeder.exchange = exchange
         self._hooks: List[Any] = [model.register_forward_pre_hook(_eager(self._on_step_begins), with_kwargs=True)]
-        on_forward = _eager(self._on_forward if batch_first else self._on_forward_seq_first)
+        # A layer's call recorded from its (args, output), by the model's layout.
+        self._record_call = self._on_forward if batch_first else self._on_forward_seq_first
+        on_forward = _eager(self._record_call)
         by_attention = {m for a, proj in self._attention.items() for m in (proj, a.out_proj)}
         on_functional = _eager(self._on_forward_functional)
         # Layers whose class replaces its kind's forward -> that kind (capture/inner.py); how each turned out
@@ -459,14 +461,15 @@ class WatchHandle:
         # its forward hook: InnerCalls for those layers, BroadcastUses for modules holding parameters of no layer.
         self._modes: Dict[nn.Module, List[Optional[Any]]] = {}
         for module, sk in self._sketches.items():
+            kind = replaced_forward(module)
             if isinstance(sk, DirectParamSketch):  # recorded by the forward of the module holding it
                 continue
             if isinstance(sk, FunctionalSketch):  # sees the call's keyword arguments too
                 self._hooks.append(module.register_forward_hook(on_functional, with_kwargs=True))
             elif module in by_attention:  # the attention's own forward records these
                 continue
-            elif replaced_forward(module) is not None:
-                self._replaced[module] = replaced_forward(module)
+            elif kind is not None:
+                self._replaced[module] = kind
                 self._hooks.append(module.register_forward_pre_hook(_eager(self._on_replaced_begins)))
                 self._hooks.append(module.register_forward_hook(_eager(self._on_replaced), always_call=True))
             else:
@@ -720,8 +723,8 @@ class WatchHandle:
                 if not _in_backward():
                     step.forwards[module] = step.forwards.get(module, 0) + 1
                 for dsk, _ in self._direct[module].values():
-                    if dsk in self._unchecked:
-                        step.direct.setdefault(dsk, torch.zeros(dsk.shape))
+                    if dsk in self._unchecked and dsk not in step.direct:
+                        step.direct[dsk] = torch.zeros(dsk.shape)
                 mode = BroadcastUses(
                     self._direct[module],
                     self._direct_batch,
@@ -732,10 +735,15 @@ class WatchHandle:
         self._modes.setdefault(module, []).append(mode)
 
     def _on_direct_ends(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
+        self._leave_mode(module)
+
+    def _leave_mode(self, module: nn.Module) -> Optional[Any]:
+        """Leave the TorchFunctionMode the module's forward pre-hook entered (if it entered one); return it."""
         stack = self._modes.get(module)
         mode = stack.pop() if stack else None
         if mode is not None:
             mode.__exit__(None, None, None)
+        return mode
 
     def _direct_batch(self, b: int) -> int:
         if self._step.batch is None:
@@ -787,26 +795,21 @@ class WatchHandle:
         mode = None
         looks = self._verdict.get(module) != "kind" and has_inner_function(module)
         if looks and self._recording and module.training and torch.is_grad_enabled() and not _in_transform():
-            on_forward = self._on_forward if self.batch_first else self._on_forward_seq_first
-            mode = InnerCalls(module, lambda m, x, out: on_forward(m, (x,), out))
+            mode = InnerCalls(module, lambda m, x, out: self._record_call(m, (x,), out))
             mode.__enter__()
         self._modes.setdefault(module, []).append(mode)
 
     def _on_replaced(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
         """Forward hook (always called) of a layer whose class replaces its kind's forward: end the watch of
         its calls; at its first recorded forward, find how it computes its kind's function, or refuse it."""
-        stack = self._modes.get(module)
-        mode = stack.pop() if stack else None
-        if mode is not None:
-            mode.__exit__(None, None, None)
+        mode = self._leave_mode(module)
         if out is None or not self._recording or not module.training or not torch.is_grad_enabled():
             return None  # the forward raised (this hook runs anyway), or it is not recorded
         if _in_transform():
             return None
         verdict = self._verdict.get(module)
-        on_forward = self._on_forward if self.batch_first else self._on_forward_seq_first
         if verdict == "kind":
-            return on_forward(module, args, out)
+            return self._record_call(module, args, out)
         if mode is not None and mode.calls and mode.other is None:
             self._verdict[module] = "calls"  # recorded call by call, as they ran
             return None
@@ -814,7 +817,7 @@ class WatchHandle:
         if verdict is None and (mode is None or not mode.calls) and len(args) == 1:
             if same_as_kind(module, kind, args[0], out):
                 self._verdict[module] = "kind"
-                return on_forward(module, args, out)
+                return self._record_call(module, args, out)
         name = self._sketches[module].name
         self._step, self._recording = _Step(), False  # this forward will have no backward
         fn = {nn.Linear: "F.linear", nn.Embedding: "F.embedding"}.get(kind, f"{kind.__name__}'s function")
