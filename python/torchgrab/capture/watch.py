@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -22,20 +22,16 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from torchgrab.capture import attention as attn
-from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, ParamSlot, per_example
+from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example
 from torchgrab.capture.feed import RowFeeder
 from torchgrab.capture.inner import InnerCalls, has_inner_function, replaced_forward, same_as_kind
 from torchgrab.capture.layers import (
-    EmbeddingSketch,
     FunctionalSketch,
-    GhostLinearSketch,
     LayerSketch,
-    LinearSketch,
     SharedEmbeddingSketch,
     TiedLinearSketch,
-    sketch_class,
 )
-from torchgrab.capture.projection import FoldSketch
+from torchgrab.capture.plan import LayerPlan
 from torchgrab.errors import NonFiniteGradientError, ShapeError, UnsupportedInputError, UnsupportedModelError
 from torchgrab.ondevice import Factored
 
@@ -194,220 +190,24 @@ class WatchHandle:
 
             exchange = RowExchange()
         inner = _unwrapped(model)
-        named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
-        # Every name of a shared parameter (a tied output layer's weight is also the embedding's): leaving
-        # out either layer leaves out the parameter.
-        aliases = [(n, p) for n, p in inner.named_parameters(remove_duplicate=False) if p.requires_grad]
-        unknown = [e for e in exclude if not any(_under(n, e) for n, _ in aliases)]
-        if unknown:
-            raise UnsupportedInputError(f"exclude names no trainable parameter or module of the model: {unknown}")
-        excluded = {id(p) for n, p in aliases if any(_under(n, e) for e in exclude)}
-        kept = {n for n, p in named if id(p) not in excluded}
-        if not kept:
-            raise UnsupportedModelError(
-                "the model has no trainable parameter left to watch (requires_grad=True, not excluded)"
-            )
-        self._sketches: Dict[nn.Module, LayerSketch] = {}
+        plan = LayerPlan(
+            inner,
+            k=self.k,
+            ghost_all=ghost_all,
+            per_layer=dict(per_layer or {}),
+            budget=budget,
+            granularity=granularity,
+            exclude=exclude,
+            seed=self.seed,
+            batch_first=batch_first,
+        )
+        self._sketches = plan.sketches
         # Modules holding watched parameters of no layer -> {id(parameter): (its sketch, the parameter)}.
-        self._direct: Dict[nn.Module, Dict[int, Tuple[DirectParamSketch, torch.Tensor]]] = {}
-        self._left_out: List[LayerSketch] = []  # layers with no columns under the budget (not hooked)
-        self._params: List[Tuple[str, torch.Tensor, FoldSketch]] = []
-        k = self.k
-        per_layer = dict(per_layer or {})
-        for name, v in per_layer.items():
-            parts = v if isinstance(v, tuple) else (v,)
-            if isinstance(v, str) and v == "ghost":
-                continue
-            if len(parts) not in (1, 2) or not all(p is None or (isinstance(p, int) and p >= 1) for p in parts):
-                raise UnsupportedInputError(
-                    f"per_layer[{name!r}] must be a positive int, None, 'ghost', or a (k_out, k_in) pair of "
-                    f"ints or None; got {v!r}"
-                )
-        modules = dict(inner.named_modules())
-        unknown_layers = [n for n in per_layer if n not in modules]
-        if unknown_layers:
-            raise UnsupportedInputError(f"per_layer names no module of the model: {unknown_layers}")
-        # nn.MultiheadAttention modules whose projections watch() records by running its own forward for
-        # theirs (capture/attention.py): attention module -> its packed in-projection as a Linear layer.
-        self._attention: Dict[nn.Module, nn.Module] = {}
-        if granularity == "example":
-            uncovered = set(kept)
-            # nn.MultiheadAttention applies its projections as functions inside its forward, out_proj's
-            # weight included: out_proj's own hooks never run. A supported one is recorded by its own
-            # forward (below); no layer inside any other is sketched, and their parameters are refused
-            # below unless left out.
-            attention = [
-                n for n, m in inner.named_modules() if isinstance(m, nn.MultiheadAttention) and not attn.supported(m)
-            ]
-            # A parameter shared by several modules has one name (named_parameters' first); a module's own
-            # parameters go by that name, so a second use is seen as one (a tied output layer).
-            canon = {id(t): n for n, t in inner.named_parameters(remove_duplicate=True)}
-            # The first Embedding module holding each table (named_modules order): the one that sketches it.
-            embeddings: Dict[int, nn.Module] = {}
-            for m in inner.modules():
-                if isinstance(m, nn.Embedding):
-                    embeddings.setdefault(id(m.weight), m)
-            owner: Dict[str, str] = {}  # parameter name -> the layer whose sketch covers it
-            tied: List[Tuple[str, nn.Module]] = []  # Linear layers whose weight is an Embedding's
-            for name, module in inner.named_modules():
-                if isinstance(module, nn.MultiheadAttention) and name not in attention:
-                    # Its out_proj is sketched below as the Linear layer it is; both projections are
-                    # recorded by the attention's forward, also when only one of them trains.
-                    proj, covered = self._attention_in_proj(name, module, per_layer, k, budget, kept, owner, canon)
-                    self._attention[module] = proj
-                    uncovered -= set(covered)
-                    continue
-                own = {p: canon[id(t)] for p, t in module._parameters.items() if t is not None and t.requires_grad}
-                if not any(n in kept for n in own.values()):
-                    continue
-                if any(name != a and _within(name, a) for a in attention):
-                    continue
-                wants_ghost = per_layer[name] == "ghost" if name in per_layer else ghost_all
-                if isinstance(module, nn.Linear) and id(module.weight) in embeddings and "weight" in own:
-                    if name in per_layer and wants_ghost:
-                        raise UnsupportedInputError(
-                            f"per_layer[{name!r}] = 'ghost': its weight is an embedding's (tied), which is "
-                            "sketched with the embedding; give it no per_layer entry"
-                        )
-                    tied.append((name, module))  # after the loop, once the embedding's sketch exists
-                    continue
-                if isinstance(module, nn.Embedding) and embeddings[id(module.weight)] is not module and "weight" in own:
-                    tied.append((name, module))  # another lookup of a table an earlier Embedding holds
-                    continue
-                if wants_ghost and isinstance(module, nn.Linear):
-                    sk = GhostLinearSketch(name, module, None, self.seed)
-                    if self._admit(sk, module, own, kept, owner):
-                        uncovered -= {own[p] for p in sk.covered(module)}
-                    continue
-                if name in per_layer and wants_ghost:
-                    raise UnsupportedInputError(
-                        f"per_layer[{name!r}] = 'ghost' is for nn.Linear layers; {name!r} is a {type(module).__name__}"
-                    )
-                cls = sketch_class(module)
-                if FunctionalSketch.applies(module) and (
-                    cls is None or (replaced_forward(module) is not None and not has_inner_function(module))
-                ):
-                    # A small layer of its own class, or one whose class replaces a norm's or convolution's
-                    # forward: torch.func differentiates whatever its forward does.
-                    cls = FunctionalSketch
-                if cls is None:
-                    continue
-                if name in per_layer:
-                    lk = per_layer[name]
-                elif budget is not None and k is not None:
-                    lk = cls.fit(module, k, budget)
-                else:
-                    lk = k
-                sk = cls(name, module, lk, self.seed)
-                if self._admit(sk, module, own, kept, owner):
-                    uncovered -= {own[p] for p in sk.covered(module)}
-            for name, module in tied:
-                emb_sketch = self._sketches.get(embeddings[id(module.weight)])
-                own = {p: canon[id(t)] for p, t in module._parameters.items() if t is not None and t.requires_grad}
-                if _excluded(name, list(own.values()), kept):  # the tied weight too, by either layer's name
-                    continue
-                if emb_sketch is None or not isinstance(emb_sketch, EmbeddingSketch) or emb_sketch.dropped:
-                    raise UnsupportedModelError(
-                        f"watch(): the weight of {name!r} is an embedding's ({own['weight']!r}, tied), and that "
-                        "embedding is not sketched, so this layer's part of the shared gradient has nowhere to "
-                        "go; exclude= both layers, or neither"
-                    )
-                if isinstance(module, nn.Embedding):
-                    if not EmbeddingSketch.supports(module):
-                        raise UnsupportedModelError(
-                            f"watch(): {name!r} looks up the table of {emb_sketch.name!r} with max_norm, "
-                            "scale_grad_by_freq or sparse, which no per-example sketch describes; exclude= both"
-                        )
-                    sk = SharedEmbeddingSketch(name, module, emb_sketch)
-                else:
-                    sk = TiedLinearSketch(name, module, emb_sketch)
-                if self._admit(sk, module, own, kept, owner):
-                    uncovered -= {own[p] for p in sk.covered(module)}
-            # Parameters of a module with sublayers, used by plain tensor operations in its forward (a ViT's
-            # class token and position embeddings, layer scales): per example where the forward broadcasts
-            # them over the batch (capture/direct.py). Leaf modules' (an LSTM's) stay refused below.
-            for mname, m in inner.named_modules():
-                if next(m.children(), None) is None or isinstance(m, nn.MultiheadAttention):
-                    continue
-                if any(_within(mname, a) for a in attention):
-                    continue
-                for t in m._parameters.values():
-                    if t is None or not t.requires_grad or t.dim() == 0 or canon[id(t)] not in uncovered:
-                        continue
-                    slot = ParamSlot(t)
-                    sk = DirectParamSketch(canon[id(t)], slot, k, self.seed)
-                    if self._admit(sk, slot, {"weight": canon[id(t)]}, kept, owner):
-                        uncovered.discard(canon[id(t)])
-                        self._direct.setdefault(m, {})[id(t)] = (sk, t)
-            # Only attention with a sketched projection runs the recording forward (a frozen or left-out one
-            # keeps torch's).
-            self._attention = {
-                a: p for a, p in self._attention.items() if p in self._sketches or a.out_proj in self._sketches
-            }
-            # A transformer layer built with the other layout than watch()'s hands its Linear and norm
-            # layers [T, B, E] (batch_first=False, torch's default) or [B, T, E]: their rows would be one per
-            # position, not per example, and nothing at a step would tell (every layer inside agrees on T).
-            other = [n for n, m in inner.named_modules() if _layer_batch_first(m) is (not batch_first)]
-            # (Attention hands its projections over batch first in either layout: not counted.)
-            recorded = {id(m) for a, p in self._attention.items() for m in (a.out_proj, p)}
-            inside = [
-                sk.name
-                for m, sk in self._sketches.items()
-                if id(m) not in recorded and any(_within(sk.name, n) for n in other)
-            ]
-            if inside and batch_first:
-                raise UnsupportedModelError(
-                    f"watch(): {_shown(other[:8])} {'is a' if len(other) == 1 else 'are'} sequence-first "
-                    f"transformer layer{'' if len(other) == 1 else 's'} (batch_first=False): the layers inside "
-                    f"({inside[:4]}{' ...' if len(inside) > 4 else ''}) see [sequence, batch, ...] "
-                    "inputs, so their rows would be one per position, not per example. Build the layers with "
-                    "batch_first=True (and feed [batch, sequence, ...] inputs), watch(model, batch_first=False) "
-                    "when the whole model takes [sequence, batch, ...] inputs, or exclude= them."
-                )
-            if inside:
-                raise UnsupportedModelError(
-                    f"watch(batch_first=False): {_shown(other[:8])} {'is a' if len(other) == 1 else 'are'} "
-                    f"transformer layer{'' if len(other) == 1 else 's'} built with batch_first=True: the layers "
-                    f"inside ({inside[:4]}{' ...' if len(inside) > 4 else ''}) see [batch, sequence, ...] inputs. "
-                    "Watch such a model with batch_first=True, or exclude= them."
-                )
-            if not batch_first:
-                kinds = [sk.name for m, sk in self._sketches.items() if not isinstance(m, _SEQUENCE_LAYERS)]
-                if kinds:
-                    raise UnsupportedModelError(
-                        f"watch(batch_first=False) is for sequence models (Linear, Embedding, LayerNorm, RMSNorm "
-                        f"and attention layers, with the batch in dimension 1 of their inputs); {kinds[:8]} "
-                        f"{'is' if len(kinds) == 1 else 'are'} not such layers. exclude= them, or watch a "
-                        "batch-first model"
-                    )
-            if uncovered:
-                names = sorted(uncovered)
-                inside = sorted({a for a in attention for n in names if _within(n, a)})
-                why = (
-                    f" {_shown(inside[:8])} {'is an' if len(inside) == 1 else 'are'} nn.MultiheadAttention, which runs "
-                    "its projections (out_proj too) as functions no layer hook sees."
-                    if inside
-                    else ""
-                )
-                # The attention modules whole (the layers inside them are never sketched), the rest by module;
-                # none when the model itself is one (excluding it would leave nothing).
-                advice = [a for a in inside if a] + _short([n for n in names if not any(_within(n, a) for a in inside)])
-                leave_out = f" Leave them out of the balancing with exclude={advice!r}, or, if" if advice else " If"
-                raise UnsupportedModelError(
-                    f"watch() cannot sketch these trainable parameters per example: {names[:8]}"
-                    f"{' ...' if len(names) > 8 else ''} (they belong to no nn.Linear, Conv1d/2d/3d, Embedding, "
-                    f"LayerNorm, RMSNorm, GroupNorm, BatchNorm or Hugging Face Conv1D layer, nor to a layer of a class "
-                    f"outside torch with at most {FunctionalSketch.MAX_PARAMS:,} parameters of its own and no sublayers).{why}{leave_out} each backward holds one "
-                    "unit (a batch of one, or unit_size equal to the batch size), pass granularity='batch' to "
-                    "balance the whole batch gradient of every parameter."
-                )
-        else:
-            if ghost_all or "ghost" in per_layer.values():
-                raise UnsupportedInputError("the ghost form is per example: granularity='batch' has no layers")
-            fold = max(1, (k or 0) ** 2) if k is not None else None
-            for n, p in named:
-                if n in kept:
-                    self._params.append((n, p, FoldSketch(p.numel(), fold or p.numel(), self.seed, n)))
+        self._direct = plan.direct
+        self._left_out = plan.left_out  # layers with no columns under the budget (not hooked)
+        self._params = plan.params
+        # Supported nn.MultiheadAttention -> its packed in-projection, recorded by the attention's forward.
+        self._attention = plan.attention
         offset = 0
         for sk in self._sketches.values():
             sk.offset = offset
@@ -529,59 +329,6 @@ class WatchHandle:
             )
             previous.discard()
         previous.remove()
-
-    def _attention_in_proj(
-        self,
-        name: str,
-        module: nn.MultiheadAttention,
-        per_layer: Dict[str, Any],
-        k: Optional[int],
-        budget: Optional[float],
-        kept: Set[str],
-        owner: Dict[str, str],
-        canon: Dict[int, str],
-    ) -> Tuple[nn.Module, List[str]]:
-        """The packed in-projection of a supported attention module as a Linear layer, sketched (admitted
-        into the rows) when its parameters train and are not left out; and the names of those it covers."""
-        if per_layer.get(name) == "ghost":
-            raise UnsupportedInputError(
-                f"per_layer[{name!r}] = 'ghost': the ghost form needs [batch, in] inputs, and attention "
-                "projects tokens; give it a sketch size"
-            )
-        proj = attn.InProjection(module)
-        own = {p: canon[id(t)] for p, t in proj._parameters.items() if t is not None and t.requires_grad}
-        if not any(n in kept for n in own.values()):
-            return proj, []
-        lk = per_layer.get(name, k)
-        if name not in per_layer and budget is not None and k is not None:
-            lk = LinearSketch.fit(proj, k, budget)
-        sk = LinearSketch(f"{name}.in_proj" if name else "in_proj", proj, lk, self.seed)
-        if self._admit(sk, proj, own, kept, owner):
-            return proj, [own[p] for p in sk.covered(proj)]
-        return proj, []
-
-    def _admit(
-        self, sk: LayerSketch, module: nn.Module, own: Dict[str, str], kept: Set[str], owner: Dict[str, str]
-    ) -> bool:
-        """Take a layer's sketch (False: the layer is excluded). ``own``: its parameters' names."""
-        covered = [own[p] for p in sk.covered(module)]
-        if _excluded(sk.name, covered, kept):
-            return False
-        tied = isinstance(sk, (TiedLinearSketch, SharedEmbeddingSketch))
-        shared = [n for n in covered if n in owner and not (tied and n == own["weight"])]
-        if shared:
-            raise UnsupportedModelError(
-                f"watch(): {shared} belong{'s' if len(shared) == 1 else ''} to both {owner[shared[0]]!r} and "
-                f"{sk.name!r}. A parameter shared by two layers is sketched only as an embedding tied to a "
-                "Linear output layer; exclude= one of these layers and the other, or untie them"
-            )
-        for n in covered:
-            owner.setdefault(n, sk.name)
-        if sk.width or sk.ghost_width or tied:  # a bias-free tied output layer adds to its embedding's columns only
-            self._sketches[module] = sk
-        else:  # a bias-free convolution whose weight the budget leaves out has no columns
-            self._left_out.append(sk)
-        return True
 
     # ------------------------------------------------------------------ public
     @property
@@ -1127,17 +874,6 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model
 
 
-def _excluded(layer: str, covered: List[str], kept: Set[str]) -> bool:
-    """Whether exclude= leaves out the whole layer (its parameters ``covered``); a part of it is refused."""
-    left_out = [n for n in covered if n not in kept]
-    if left_out and len(left_out) < len(covered):
-        raise UnsupportedInputError(
-            f"exclude= leaves out {left_out} but not the rest of layer {layer!r}: a layer's sketch covers all "
-            f"its parameters; exclude the layer ({layer!r}) or freeze the parameter (requires_grad=False)"
-        )
-    return bool(left_out)
-
-
 def _kind(sk: LayerSketch) -> str:
     """A layer's kind as ``WatchHandle.layers`` shows it."""
     if isinstance(sk, TiedLinearSketch):
@@ -1151,21 +887,6 @@ def _kind(sk: LayerSketch) -> str:
     if sk.ghost and sk.ghost_width:
         return f"Linear (ghost: the weight's {sk.ghost_width} coordinates exact from its factors, not in the rows)"
     return type(sk).__name__.replace("Sketch", "") + (" (weight left out: budget)" if sk.dropped else "")
-
-
-def _layer_batch_first(module: nn.Module) -> Optional[bool]:
-    """A transformer encoder or decoder layer's layout (False: its inputs are [T, B, E]); None for
-    other modules."""
-    if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        return None
-    return bool(getattr(getattr(module, "self_attn", None), "batch_first", True))
-
-
-# The layers watch(batch_first=False) can read [T, B, ...] inputs of (and attention, which hands its
-# projections batch first itself).
-_SEQUENCE_LAYERS: Tuple[type, ...] = (nn.Linear, nn.Embedding, nn.LayerNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-)
 
 
 def _swap01(t: torch.Tensor) -> torch.Tensor:
@@ -1223,22 +944,3 @@ def _batch_of(args: Tuple[Any, ...], kwargs: Dict[str, Any], batch_first: bool =
     if first is None or first.dim() == 0:
         return None
     return int(first.shape[1] if not batch_first and first.dim() > 1 else first.shape[0])
-
-
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def _within(name: str, prefix: str) -> bool:
-    """``name`` is ``prefix`` or inside it; everything is inside the model itself (prefix "")."""
-    return prefix == "" or _under(name, prefix)
-
-
-def _shown(names: Sequence[str]) -> List[str]:
-    return [n or "<the model itself>" for n in names]
-
-
-def _short(names: Sequence[str]) -> List[str]:
-    """Module names that cover ``names`` (what a user would pass to exclude=)."""
-    mods = sorted({n.rsplit(".", 1)[0] if "." in n else n for n in names})
-    return mods[:8]
