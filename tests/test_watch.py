@@ -2379,7 +2379,7 @@ class _SmallConvNet(nn.Module):
         return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
 
 
-@pytest.mark.parametrize("net", ["conv", "attention"])
+@pytest.mark.parametrize("net", ["conv", "attention", "tokens", "replaced"])
 @pytest.mark.parametrize("form", ["torch.compile(model)", "model.compile()"])
 @pytest.mark.parametrize("sketch", SKETCHES)
 def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(form, sketch, net):
@@ -2396,9 +2396,15 @@ def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(fo
     dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    eager = _SmallConvNet() if net == "conv" else Attention(mask="padding")
+    # "tokens": parameters of no layer (the TorchFunctionMode of capture/direct.py, entered by a hook that
+    # runs outside the graph); "replaced": layers whose class replaces its kind's forward (capture/inner.py).
+    eager, x_all = {
+        "conv": lambda: (_SmallConvNet(), torch.randn(64, 2, 5, 5)),
+        "attention": lambda: (Attention(mask="padding"), torch.randn(64, 5, 6)),
+        "tokens": lambda: (_TokenModel(), torch.randn(64, 4, 4)),
+        "replaced": lambda: (_ReplacedForwards(), torch.randint(0, 20, (64, 4))),
+    }[net]()
     compiled_model = copy.deepcopy(eager)
-    x_all = torch.randn(64, 2, 5, 5) if net == "conv" else torch.randn(64, 5, 6)
     y_all = torch.randint(0, 3, (64,))
     runs = []
     for model in (eager, compiled_model):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from torchgrab.capture.eager import eager
 from torchgrab.capture.layers import COUNT_SKETCH_RATIO, LayerSketch, _f32
 from torchgrab.capture.projection import Factor
 
@@ -100,6 +101,7 @@ class BroadcastUses(TorchFunctionMode):
             hits.append(-1)
         return hits
 
+    @eager  # traced by torch.compile, dynamo failed building its guards
     def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         hits = self._watched(args, kwargs)

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from torchgrab.capture.eager import eager
 from torchgrab.capture.layers import registered_kind
 
 
@@ -85,6 +86,7 @@ class InnerCalls(TorchFunctionMode):
         self.calls = 0
         self.other: Optional[str] = None  # the name of the first other function given a parameter
 
+    @eager  # it calls watch()'s record function, which reads and writes the handle's state
     def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)

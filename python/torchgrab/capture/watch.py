@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 from torchgrab.capture import attention as attn
 from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example
+from torchgrab.capture.eager import eager
 from torchgrab.capture.feed import RowFeeder
 from torchgrab.capture.inner import InnerCalls, has_inner_function, replaced_forward, same_as_kind
 from torchgrab.capture.layers import (
@@ -246,12 +247,12 @@ class WatchHandle:
         # Where the rows go: a block buffer of consecutive steps, fed to the sampler every few steps.
         self._feeder = RowFeeder(sampler, self._row_width, granularity, non_blocking, scaler)
         self._feeder.exchange = exchange
-        self._hooks: List[Any] = [model.register_forward_pre_hook(_eager(self._on_step_begins), with_kwargs=True)]
+        self._hooks: List[Any] = [model.register_forward_pre_hook(eager(self._on_step_begins), with_kwargs=True)]
         # A layer's call recorded from its (args, output), by the model's layout.
         self._record_call = self._on_forward if batch_first else self._on_forward_seq_first
-        on_forward = _eager(self._record_call)
+        on_forward = eager(self._record_call)
         by_attention = {m for a, proj in self._attention.items() for m in (proj, a.out_proj)}
-        on_functional = _eager(self._on_forward_functional)
+        on_functional = eager(self._on_forward_functional)
         # Layers whose class replaces its kind's forward -> that kind (capture/inner.py); how each turned out
         # to compute it, once its first recorded forward has run: "calls" (the kind's function, recorded call
         # by call) or "kind" (the kind's forward in another form, recorded as the layer's input and output).
@@ -270,15 +271,15 @@ class WatchHandle:
                 continue
             elif kind is not None:
                 self._replaced[module] = kind
-                self._hooks.append(module.register_forward_pre_hook(_eager(self._on_replaced_begins)))
-                self._hooks.append(module.register_forward_hook(_eager(self._on_replaced), always_call=True))
+                self._hooks.append(module.register_forward_pre_hook(eager(self._on_replaced_begins)))
+                self._hooks.append(module.register_forward_hook(eager(self._on_replaced), always_call=True))
             else:
                 self._hooks.append(module.register_forward_hook(on_forward))
         for i, (_, p, _) in enumerate(self._params):
             self._hooks.append(p.register_hook(self._param_hook(i)))
         for holder, params in self._direct.items():
-            self._hooks.append(holder.register_forward_pre_hook(_eager(self._on_direct_begins)))
-            self._hooks.append(holder.register_forward_hook(_eager(self._on_direct_ends), always_call=True))
+            self._hooks.append(holder.register_forward_pre_hook(eager(self._on_direct_begins)))
+            self._hooks.append(holder.register_forward_hook(eager(self._on_direct_ends), always_call=True))
             for dsk, t in params.values():
                 self._hooks.append(t.register_hook(self._direct_check(dsk)))
         self._unchecked = {dsk for params in self._direct.values() for dsk, _ in params.values()}
@@ -288,7 +289,7 @@ class WatchHandle:
         self._replace(_WATCHED.get(inner))
         _WATCHED[inner] = self
         # After _replace: a handle watching this model before takes its attention forwards with it.
-        record = _eager(self._record)
+        record = eager(self._record)
         try:
             for a, proj in self._attention.items():
                 self._hooks.append(attn.install(a, self, self._records, record, proj))
@@ -919,19 +920,6 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 
 def _as_is(t: torch.Tensor) -> torch.Tensor:
     return t
-
-
-def _eager(hook: Any) -> Any:
-    """``hook``, run as it is when the model runs under ``torch.compile``, not traced into the graph.
-
-    Traced, the hooks' reads of the handle's state (the rows gathered so far, the step's counters) become
-    guards that fail at the next step, so the model was compiled again at every step until dynamo's
-    recompile limit. Left out of the graph, each watched layer's hook is one graph break instead, and the
-    rows are those of the eager model (tests/test_watch.py, torch.compile). Uncompiled, the wrapper adds
-    one Python call per hook call."""
-    compiler = getattr(torch, "compiler", None)
-    disable = getattr(compiler, "disable", None)
-    return hook if disable is None else disable(hook)
 
 
 def _batch_of(args: Tuple[Any, ...], kwargs: Dict[str, Any], batch_first: bool = True) -> Optional[int]:
