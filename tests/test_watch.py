@@ -78,6 +78,21 @@ def assert_rows(actual, expected, rtol=1e-4):
     scale = float(expected.abs().max())
     assert scale > 0, "a test whose expected rows are all zero cannot fail"
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+    # Column by column too: a layer whose gradients are small beside another's (the attention projections
+    # of a model at initialization) has columns the tolerance above lets be anything, zero included. Each
+    # column is held to a tenth of a percent of its own scale (float32 rounding of sums that cancel stays
+    # below that), columns below 1e-4 of the largest to that floor.
+    if expected.dim() == 2:
+        cols = expected.abs().amax(0).clamp_min(1e-4 * scale)
+        err = (actual - expected).abs() - rtol * expected.abs()
+        bad = (err > 1e-3 * cols).any(0)
+        if bool(bad.any()):
+            j = bad.nonzero().flatten()
+            raise AssertionError(
+                f"{len(j)} of {expected.shape[1]} columns (first {j[:8].tolist()}) differ by more than 0.1% of "
+                f"their own scale ({float(cols[j].min()):.3g} to {float(cols[j].max()):.3g}; the largest column "
+                f"{scale:.3g}): actual up to {float(actual[:, j].abs().max()):.3g}"
+            )
 
 
 def flat(grads, b):
