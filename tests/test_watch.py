@@ -1459,6 +1459,71 @@ def test_a_parameter_of_no_layer_used_otherwise_is_refused():
         handle.remove()
 
 
+class _FunctionalQKV(nn.Module):
+    """timm's BEiT and EVA attention: the qkv layer's weight passed to F.linear with a bias assembled from
+    other parameters; the qkv module itself is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        bias = torch.cat([self.q_bias, torch.zeros(8)])
+        return self.head(torch.tanh(F.linear(x, self.qkv.weight, bias)))
+
+
+@pytest.mark.parametrize("sketch", [None, 4])
+def test_a_layer_whose_weight_gets_a_gradient_without_being_called_is_refused(sketch):
+    # Its weight's gradient reached no hook: the layer's rows were zero and nothing said so (timm's BEiT,
+    # with q_bias left out, gave rows that matched torch.func's only within the tolerance of the largest
+    # column). Refused at the first backward, and watched once the layer is left out too.
+    torch.manual_seed(0)
+    model = _FunctionalQKV()
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
+    sampler, handle, spy = watched(model, sketch=sketch, exclude=["q_bias"])
+    with pytest.raises(
+        UnsupportedModelError, match=r"a parameter of qkv got a gradient in a step where the layer was never called"
+    ):
+        ce(model(x), y).backward()
+    assert handle._step.forwards == {} and not handle._recording
+    model.zero_grad()
+    handle.flush()
+    assert spy.rows == [] and sampler.pending == 64
+    handle.remove()
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch, exclude=["q_bias", "qkv"])
+    assert_rows(rows, expected)
+    assert [n for n, _, _ in handle.layers] == ["head"] and handle._audit == []
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_a_layer_in_eval_mode_inside_a_training_model_gets_rows(sketch):
+    # BatchNorm frozen in eval mode (its running statistics), its affine parameters still trained: per-example
+    # gradients are defined and the layer gets them. Its forward was skipped (the layer's own mode was
+    # checked, not the model's), so its rows were zero.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+    model.train()
+    model[1].eval()
+    x, y = _data((6,), "class", b=4)
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    if sketch is None:
+        assert_rows(rows, flat(grads, 4))
+    assert any(n == "1" and kind == "BatchNorm" for n, kind, _ in handle.layers)
+    # nn.MultiheadAttention in eval mode (dropout off) in a training model: recorded by its forward as well.
+    model = Attention(dropout=0.5).train()
+    model.mha.eval()
+    x, y = _data((5, 6), "class", b=4)
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+
+
 class _Slicing(nn.Module):
     def __init__(self):
         super().__init__()

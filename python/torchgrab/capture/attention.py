@@ -81,7 +81,7 @@ def install(
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if not (mha.training and torch.is_grad_enabled() and active()):
+        if not (torch.is_grad_enabled() and active()):  # active(): a training forward of the watched model
             return original(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )

@@ -70,6 +70,7 @@ class _Step:
         "finite",
         "ghost",
         "direct",
+        "recorded",
     )
 
     def __init__(self) -> None:
@@ -99,6 +100,8 @@ class _Step:
         # Parameters of no layer whose per-example parts are not checked yet (capture/direct.py): the sum
         # of the parts seen in this backward, per parameter, for the check at its gradient's hook.
         self.direct: Dict[LayerSketch, torch.Tensor] = {}
+        # Layers with a call recorded this step, forward or recomputed (kept while WatchHandle._audit runs).
+        self.recorded: Set[nn.Module] = set()
 
     def add(self, offset: int, pieces: List[torch.Tensor]) -> None:
         have = self.blocks.get(offset)
@@ -283,6 +286,21 @@ class WatchHandle:
             for dsk, t in params.values():
                 self._hooks.append(t.register_hook(self._direct_check(dsk)))
         self._unchecked = {dsk for params in self._direct.values() for dsk, _ in params.values()}
+        # Until a step has been recorded, a hook on each parameter of a sketched layer: a gradient that
+        # reaches it in a step where no forward of its layer was recorded comes from a use of the weight
+        # outside the layer (timm's BEiT and EVA attention run F.linear(x, self.qkv.weight, ...) and never
+        # call self.qkv), which no row would hold. Removed once the first step ends (_end_step).
+        self._audit: List[Any] = []
+        owners: Dict[int, Tuple[torch.Tensor, List[nn.Module]]] = {}
+        for module, sk in self._sketches.items():
+            if isinstance(sk, DirectParamSketch):  # checked by _direct_check
+                continue
+            for pname in sk.covered(module):
+                t = module._parameters[pname]
+                owners.setdefault(id(t), (t, []))[1].append(module)
+        for t, mods in owners.values():
+            self._audit.append(t.register_hook(self._unrecorded_check(mods)))
+        self._hooks += self._audit
         self.removed = False
         sampler._watchers.append(self)
         self._inner = inner
@@ -422,8 +440,8 @@ class WatchHandle:
             self._end_step()  # the open step's backward has run: this forward begins the next step
         elif self._step.forwards:
             # The open step has had a forward but no backward yet. A forward in eval mode or under
-            # no_grad (validation, pseudo-labels) leaves it alone: its layers are skipped (_on_forward
-            # checks grad mode and module.training), and _recording stays on for a reentrant
+            # no_grad (validation, pseudo-labels) leaves it alone: its layers are skipped (_record
+            # checks grad mode and the model's training mode), and _recording stays on for a reentrant
             # checkpoint's recompute inside the coming backward. A second training forward joins it
             # (siamese and contrastive losses: one backward through two forwards of the same batch).
             if module.training and torch.is_grad_enabled():
@@ -439,7 +457,7 @@ class WatchHandle:
 
     def _records(self) -> bool:
         """Whether a training forward now would be recorded (the attention forwards ask)."""
-        return self._recording and not _in_transform()
+        return self._recording and self.model.training and not _in_transform()
 
     def _on_forward(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
         if not args:
@@ -449,7 +467,7 @@ class WatchHandle:
     def _on_forward_functional(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> Any:
         """``_on_forward`` for a layer sketched by torch.func (FunctionalSketch), which replays the call
         on each example: only a call with one tensor and nothing else can be replayed so."""
-        if self._recording and module.training and torch.is_grad_enabled() and not _in_transform():
+        if self._recording and self.model.training and torch.is_grad_enabled() and not _in_transform():
             if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
                 name = self._sketches[module].name
                 self._step, self._recording = _Step(), False  # this forward will have no backward
@@ -465,7 +483,7 @@ class WatchHandle:
         that take them (capture/direct.py) while its forward runs."""
         mode = None
         step = self._step
-        if self._recording and module.training and torch.is_grad_enabled() and not _in_transform():
+        if self._recording and self.model.training and torch.is_grad_enabled() and not _in_transform():
             recompute = _in_backward() and step.forwards.get(module, 0)  # a checkpointed call, seen already
             if self.sampler.balances and not recompute:
                 if not _in_backward():
@@ -537,12 +555,31 @@ class WatchHandle:
 
         return hook
 
+    def _unrecorded_check(self, modules: List[nn.Module]) -> Callable[[torch.Tensor], None]:
+        """A hook on a parameter of the layers ``modules`` (two for a tied weight) for the first recorded
+        step: refuse its gradient when none of them had a forward recorded in that step."""
+
+        def hook(g: torch.Tensor) -> None:
+            step = self._step
+            if not self._recording or _in_transform() or any(m in step.recorded for m in modules):
+                return
+            names = [self._sketches[m].name for m in modules]
+            self._step, self._recording = _Step(), False  # this backward's rows are not fed
+            raise UnsupportedModelError(
+                f"watch(): a parameter of {names[0] if len(names) == 1 else names} got a gradient in a step where "
+                "the layer was never called: the model uses its weight outside the layer's forward (as timm's "
+                "BEiT and EVA attention pass self.qkv.weight to F.linear), so per-example rows would miss that "
+                "gradient. exclude= the layer"
+            )
+
+        return hook
+
     def _on_replaced_begins(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         """Forward pre-hook of a layer whose class replaces its kind's forward: watch the calls its forward
         makes (capture/inner.py), unless it is known to compute its kind's function in another form."""
         mode = None
         looks = self._verdict.get(module) != "kind" and has_inner_function(module)
-        if looks and self._recording and module.training and torch.is_grad_enabled() and not _in_transform():
+        if looks and self._recording and self.model.training and torch.is_grad_enabled() and not _in_transform():
             mode = InnerCalls(module, lambda m, x, out: self._record_call(m, (x,), out))
             mode.__enter__()
         self._modes.setdefault(module, []).append(mode)
@@ -551,7 +588,7 @@ class WatchHandle:
         """Forward hook (always called) of a layer whose class replaces its kind's forward: end the watch of
         its calls; at its first recorded forward, find how it computes its kind's function, or refuse it."""
         mode = self._leave_mode(module)
-        if out is None or not self._recording or not module.training or not torch.is_grad_enabled():
+        if out is None or not self._recording or not self.model.training or not torch.is_grad_enabled():
             return None  # the forward raised (this hook runs anyway), or it is not recorded
         if _in_transform():
             return None
@@ -596,7 +633,10 @@ class WatchHandle:
     ) -> Any:
         """Record one call of a watched layer: its input ``x`` (batch first) and its output ``out``, whose
         gradient reaches the sketch batch first through ``grad_view`` (None: as it is)."""
-        if not self._recording or not module.training or not torch.is_grad_enabled() or _in_transform():
+        # The model's mode, not the layer's: a layer put in eval mode in a training model (BatchNorm with
+        # frozen statistics and trainable affine parameters) gets gradients, and rows, like any other; a
+        # forward of the whole model in eval mode (validation, also with grad enabled) is no step.
+        if not self._recording or not self.model.training or not torch.is_grad_enabled() or _in_transform():
             return None
         if not isinstance(out, torch.Tensor) or not out.requires_grad or module not in self._sketches:
             return None
@@ -606,6 +646,8 @@ class WatchHandle:
                 return None  # non-reentrant checkpointing recomputes a call whose output is hooked already
         else:
             step.forwards[module] = step.forwards.get(module, 0) + 1
+        if self._audit:
+            step.recorded.add(module)
         sk = self._sketches[module]
         view = _as_is if grad_view is None else grad_view
         if not self.sampler.balances:
@@ -743,6 +785,10 @@ class WatchHandle:
     # ------------------------------------------------------------------ feeding the sampler
     def _end_step(self) -> None:
         step, self._step = self._step, _Step()
+        if self._audit and (step.grads or step.noted is not None):
+            for h in self._audit:  # a step was recorded and nothing was refused: the audit is done
+                h.remove()
+            self._audit = []
         if step.deferred:
             self._run_deferred(step)
         if self._ghosts and self.sampler.balances:
