@@ -1524,6 +1524,28 @@ def test_a_layer_in_eval_mode_inside_a_training_model_gets_rows(sketch):
     assert_rows(rows, expected)
 
 
+class _OneTokenTwoWays(nn.Module):
+    """CaiT's class attention: equally shaped Linear layers, one called on [B, 1, E], one on [B, E]."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x[:, None, :])[:, 0]) + torch.tanh(self.b(x)))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_equally_shaped_layers_called_with_and_without_a_token_dimension_are_grouped(sketch):
+    # Their group keys are equal (one token each); stacking their saved inputs crashed in the backward.
+    torch.manual_seed(0)
+    model = _OneTokenTwoWays()
+    x, y = _data((6,), "class", b=4)
+    rows, expected, _, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    assert not handle._alone[handle._sketches[model.a]]  # the two are grouped
+
+
 class _Slicing(nn.Module):
     def __init__(self):
         super().__init__()

@@ -327,7 +327,9 @@ class LinearSketch(LayerSketch):
         k_out = gp.shape[-1]
         pieces: List[List[torch.Tensor]] = [[] for _ in members]
         if first.train_w:
-            ap = torch.stack([saved for _, saved, _ in members]).reshape(n * b, t, -1)  # [L B, T, k_in]
+            # Each call's saved input as [B, T, k_in]: calls with one token each may come as [B, k_in] and
+            # [B, 1, k_in] (CaiT's class-attention layers), whose keys are equal.
+            ap = torch.stack([saved.reshape(b, t, -1) for _, saved, _ in members]).reshape(n * b, t, -1)
             if t == 1:
                 w = gp.reshape(n * b, k_out, 1) * ap
             else:
