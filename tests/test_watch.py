@@ -9,6 +9,7 @@ factors, count sketches). Models are tiny: the whole file runs in seconds on two
 import copy
 import socket
 import warnings
+from collections import OrderedDict
 from typing import Dict, List
 
 import numpy as np
@@ -316,6 +317,54 @@ def test_batchnorm_contributions_add_up_to_the_batch_gradient(sketch, reduction)
         assert_rows(rows[:, start : start + cols].sum(0, dtype=np.float64), bn_grads * factor)
     else:
         assert_rows(rows[:, start : start + cols].sum(0, dtype=np.float64), projected[start : start + cols] * factor)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: BatchNorm's own F.batch_norm call and an activation, in one forward."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        bn_training = self.training or self.running_mean is None
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, bn_training, self.momentum, self.eps
+        )
+        return self.act(x)
+
+
+def _conv_bn(act_class):
+    torch.manual_seed(0)
+    bn = [("bn", _BatchNormAct(5))] if act_class else [("bn", nn.BatchNorm2d(5)), ("act", nn.ReLU())]
+    layers = [("conv", nn.Conv2d(2, 5, 3)), *bn, ("flat", nn.Flatten()), ("head", nn.Linear(20, 3))]
+    model = nn.Sequential(OrderedDict(layers))  # the same names, so the same sketches
+    with torch.no_grad():
+        model.bn.weight.uniform_(0.5, 1.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_a_batchnorm_class_with_an_activation_in_its_forward_gives_batchnorms_rows(sketch):
+    # timm's BatchNormAct2d (EfficientNet, MobileNetV3, RegNet) was refused: its output is not BatchNorm's
+    # forward. Its F.batch_norm call is recorded: in training mode the same contributions as BatchNorm2d
+    # then ReLU, in eval mode each example's gradient; the running statistics are updated once.
+    x, y = _data((2, 4, 4), "class", b=6)
+    runs = {}
+    for act_class in (False, True):
+        model = _conv_bn(act_class).train()
+        sampler, handle, spy = watched(model, sketch=sketch)
+        ce(model(x), y).backward()
+        handle.flush()
+        runs[act_class] = (spy.rows[0], model.bn.running_mean.clone(), [k for _, k, _ in handle.layers])
+    assert_rows(runs[True][0], runs[False][0])
+    assert torch.equal(runs[True][1], runs[False][1])
+    assert runs[True][2] == runs[False][2] and runs[True][2][1:] == ["BatchNorm", "Linear"]
+    model = _conv_bn(True).train()
+    model.bn.eval()
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
 
 
 # ---------------------------------------------------------------------------------------------- reductions
@@ -1442,10 +1491,19 @@ def test_parameters_of_no_layer_broadcast_over_the_batch_give_per_example_rows(s
 def test_a_parameter_of_no_layer_used_otherwise_is_refused():
     # Sliced in its module's forward: refused at that operation. Used by another module's forward: the
     # parts watch() saw do not add up to its gradient, refused at the first backward.
-    x, y = torch.randn(4, 4, 4), torch.tensor([0, 1, 2, 0])
-    for model, match in [
-        (_TokenModel(slicing=True), r"'emb.pos' belongs to no layer; .* and TensorBase.__getitem__ takes it otherwise"),
-        (_TokenModel(peek=True), r"'emb.pos' belongs to no layer, and its gradient is not the sum"),
+    y = torch.tensor([0, 1, 2, 0])
+    for model, x, match in [
+        # 3 tokens and the class token's 2: the first 5 of 6 positions (all 6 would be the parameter itself)
+        (
+            _TokenModel(slicing=True),
+            torch.randn(4, 3, 4),
+            r"'emb.pos' belongs to no layer; .* and TensorBase.__getitem__ takes it otherwise",
+        ),
+        (
+            _TokenModel(peek=True),
+            torch.randn(4, 4, 4),
+            r"'emb.pos' belongs to no layer, and its gradient is not the sum",
+        ),
     ]:
         sampler, handle, spy = watched(model, sketch=4)
         with pytest.raises(UnsupportedModelError, match=match):
@@ -1544,6 +1602,44 @@ def test_equally_shaped_layers_called_with_and_without_a_token_dimension_are_gro
     rows, expected, _, handle = one_step(model, x, y, ce, sketch)
     assert_rows(rows, expected)
     assert not handle._alone[handle._sketches[model.a]]  # the two are grouped
+
+
+class _Gamma(nn.Module):
+    """ConvNeXt's layer scale as timm writes it: gamma reshaped (or indexed with None) to [1, C, 1, 1],
+    then multiplied; a parameter of a module with a sublayer."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 4, 3), nn.Linear(16, 3)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+        self.how = how
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        if self.how == "reshape":
+            h = h.mul(self.gamma.reshape(1, -1, 1, 1))
+        elif self.how == "index":
+            h = self.gamma[:, None, None] * h
+        else:  # a view that reorders the elements: refused
+            h = h * self.gamma.reshape(2, 2).t().reshape(1, 4, 1, 1)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("how", ["reshape", "index"])
+def test_a_parameter_of_no_layer_reshaped_before_it_is_broadcast_gives_per_example_rows(how, sketch):
+    torch.manual_seed(0)
+    model = _Gamma(how)
+    x, y = _data((2, 4, 4), "class", b=5)
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    assert ("gamma", "parameter of no layer (per example where broadcast over the batch)", 4) in handle.layers
+    if how == "reshape":
+        refused_model = _Gamma("reordered")
+        sampler, handle, spy = watched(refused_model, sketch=sketch)
+        with pytest.raises(UnsupportedModelError, match=r"'gamma' belongs to no layer; .* and TensorBase.t takes it"):
+            ce(refused_model(x), y).backward()
+        handle.remove()
 
 
 class _Slicing(nn.Module):

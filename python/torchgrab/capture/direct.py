@@ -25,6 +25,12 @@ from torchgrab.capture.layers import COUNT_SKETCH_RATIO, LayerSketch, _f32
 from torchgrab.capture.projection import Factor
 
 _EXPAND = {torch.Tensor.expand, torch.Tensor.expand_as}
+# Views that keep every element in its order (ConvNeXt's gamma.reshape(1, -1, 1, 1), gamma[:, None, None]):
+# their result is followed as the parameter itself, in its own shape.
+_VIEWS = {
+    torch.Tensor.reshape, torch.reshape, torch.Tensor.view, torch.Tensor.view_as, torch.Tensor.unsqueeze,
+    torch.unsqueeze, torch.Tensor.__getitem__,
+}  # fmt: skip
 _BINARY = {
     torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__,
     torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__imul__,
@@ -76,18 +82,21 @@ def per_example(g: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
 class BroadcastUses(TorchFunctionMode):
     """Active inside one forward of a module that holds watched parameters (``params``: id -> (its
     sketch, the parameter)). ``batch(b)`` gives the step's batch size (``b`` when the step has none yet);
-    ``record(sketch, t)`` hooks ``t``, a [B, ...] tensor whose gradient, summed by ``per_example``, is
-    each example's part; ``refuse(sketch, what)`` raises."""
+    ``record(sketch, t, shape)`` hooks ``t``, a [B, ...] tensor broadcast from a tensor of ``shape`` (the
+    parameter, or a view of it in another shape), whose gradient, summed by ``per_example``, is each
+    example's part; ``refuse(sketch, what)`` raises."""
 
     def __init__(
         self,
         params: Dict[int, Tuple[DirectParamSketch, nn.Parameter]],
         batch: Callable[[Optional[int]], int],
-        record: Callable[[DirectParamSketch, torch.Tensor], None],
+        record: Callable[[DirectParamSketch, torch.Tensor, Tuple[int, ...]], None],
         refuse: Callable[[DirectParamSketch, str], Any],
     ) -> None:
         super().__init__()
-        self.params = params
+        self.params = dict(
+            params
+        )  # this forward's views of the parameters join it (each held, so its id stays its own)
         self.batch = batch
         self.record = record
         self.refuse = refuse
@@ -109,11 +118,16 @@ class BroadcastUses(TorchFunctionMode):
             return func(*args, **kwargs)
         sk, p = self.params[id(args[hits[0]])] if hits[0] >= 0 else next(iter(self.params.values()))
         out = None
-        if hits == [0] and func in _EXPAND:
+        if hits == [0] and func in _VIEWS:
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and _same_elements(p, out):
+                self.params[id(out)] = (sk, out)
+                return out
+        elif hits == [0] and func in _EXPAND:
             out = func(*args, **kwargs)
             if p.dim() >= 1 and p.shape[0] == 1 and out.dim() == p.dim() and out.shape[0] == self.batch(out.shape[0]):
                 if out.requires_grad:
-                    self.record(sk, out)
+                    self.record(sk, out, tuple(p.shape))
                 return out
         elif len(hits) == 1 and hits[0] in (0, 1) and func in _BINARY and len(args) >= 2:
             other = args[1 - hits[0]]
@@ -123,7 +137,7 @@ class BroadcastUses(TorchFunctionMode):
                 if view[0] == 1 and other.shape[0] == b:
                     expanded = p.view(view).expand(b, *view[1:])
                     if expanded.requires_grad:
-                        self.record(sk, expanded)
+                        self.record(sk, expanded, tuple(p.shape))
                     swapped = list(args)
                     swapped[hits[0]] = expanded
                     return func(*swapped, **kwargs)
@@ -133,3 +147,14 @@ class BroadcastUses(TorchFunctionMode):
             name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
             self.refuse(sk, name)
         return out
+
+
+def _same_elements(p: torch.Tensor, view: torch.Tensor) -> bool:
+    """``view`` holds every element of ``p`` in the same order (a reshape of a contiguous tensor)."""
+    return (
+        view.numel() == p.numel()
+        and view.dtype == p.dtype
+        and p.is_contiguous()
+        and view.is_contiguous()
+        and view.data_ptr() == p.data_ptr()
+    )

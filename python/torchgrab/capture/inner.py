@@ -1,9 +1,10 @@
 """Layers whose class replaces the forward of the kind watch() has a sketch for.
 
 A sketch describes its kind's function: nn.Embedding's rows are those of ``F.embedding(ids, W)``, and
-nn.Linear's those of ``F.linear(x, W, b)``. A subclass from outside torch may compute something else
+nn.Linear's those of ``F.linear(x, W, b)``, BatchNorm's those of ``F.batch_norm`` with its weight and bias. A subclass from outside torch may compute something else
 with the same weight: Gemma's scaled word embedding multiplies the lookup by sqrt(d); BART's and OPT's
-learned positions look up shifted ids computed from what the layer was given. Sketched from the layer's
+learned positions look up shifted ids computed from what the layer was given; timm's BatchNormAct2d
+applies an activation after the normalization. Sketched from the layer's
 input and output, such a layer's rows would be wrong, and nothing would say so.
 
 So, inside the forward of such a layer, watch() looks at the calls themselves (a
@@ -40,9 +41,12 @@ def replaced_forward(module: nn.Module) -> Optional[type]:
     return kind
 
 
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
 def has_inner_function(module: nn.Module) -> bool:
     """Whether the calls of the module's kind's function can be picked out of its forward."""
-    return isinstance(module, (nn.Linear, nn.Embedding))
+    return isinstance(module, (nn.Linear, nn.Embedding, _BatchNorm))
 
 
 def _arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], i: int, name: str, default: Any = None) -> Any:
@@ -66,6 +70,20 @@ def inner_input(module: nn.Module, func: Callable[..., Any], args: Tuple[Any, ..
             and _arg(args, kwargs, 3, "max_norm") is None
             and not _arg(args, kwargs, 5, "scale_grad_by_freq", False)
             and not _arg(args, kwargs, 6, "sparse", False)
+        )
+        if same:
+            return _arg(args, kwargs, 0, "input")
+    elif isinstance(module, _BatchNorm) and func is F.batch_norm:
+        # timm's BatchNormAct2d: _BatchNorm's own call, then an activation. The sketch normalizes as the
+        # layer's mode says (batch statistics in training or without running ones, else the running ones).
+        batch_stats = module.training or module.running_mean is None
+        same = (
+            _arg(args, kwargs, 3, "weight") is module.weight
+            and _arg(args, kwargs, 4, "bias") is module.bias
+            and float(_arg(args, kwargs, 7, "eps", 1e-5)) == float(module.eps)
+            and bool(_arg(args, kwargs, 5, "training", False)) == batch_stats
+            and (batch_stats or _arg(args, kwargs, 1, "running_mean") is module.running_mean)
+            and (batch_stats or _arg(args, kwargs, 2, "running_var") is module.running_var)
         )
         if same:
             return _arg(args, kwargs, 0, "input")
@@ -106,6 +124,8 @@ def same_as_kind(module: nn.Module, kind: type, x: Any, out: Any) -> bool:
     nn.Linear's function in another form), to float32 rounding."""
     if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
         return False
+    if isinstance(module, _BatchNorm):
+        return False  # its forward in training mode updates the running statistics: not run twice
     with torch.no_grad():
         ref = kind.forward(module, x)
     if not isinstance(ref, torch.Tensor) or ref.shape != out.shape:

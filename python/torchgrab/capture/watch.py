@@ -494,7 +494,7 @@ class WatchHandle:
                 mode = BroadcastUses(
                     self._direct[module],
                     self._direct_batch,
-                    lambda sk, t: self._direct_record(step, sk, t),
+                    lambda sk, t, shape: self._direct_record(step, sk, t, shape),
                     self._direct_refuse,
                 )
                 mode.__enter__()
@@ -516,9 +516,9 @@ class WatchHandle:
             self._step.batch = b
         return self._step.batch
 
-    def _direct_record(self, step: _Step, sk: DirectParamSketch, t: torch.Tensor) -> None:
+    def _direct_record(self, step: _Step, sk: DirectParamSketch, t: torch.Tensor, shape: Tuple[int, ...]) -> None:
         def on_grad(g: torch.Tensor) -> None:
-            part = per_example(g, sk.shape)
+            part = per_example(g, shape).reshape(g.shape[0], *sk.shape)
             if step is self._step and sk in step.direct:
                 step.direct[sk] = step.direct[sk].to(part.device, part.dtype) + part.detach().sum(0)
             self._on_grad(step, sk, sk.slot, None, part)
@@ -605,7 +605,9 @@ class WatchHandle:
                 return self._record_call(module, args, out)
         name = self._sketches[module].name
         self._step, self._recording = _Step(), False  # this forward will have no backward
-        fn = {nn.Linear: "F.linear", nn.Embedding: "F.embedding"}.get(kind, f"{kind.__name__}'s function")
+        fn = {nn.Linear: "F.linear", nn.Embedding: "F.embedding", nn.modules.batchnorm._BatchNorm: "F.batch_norm"}.get(
+            kind, f"{kind.__name__}'s function"
+        )
         if mode is not None and mode.other is not None:
             found = f"it gives its parameters to {mode.other}"
         elif mode is not None and not mode.calls:
