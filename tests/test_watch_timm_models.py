@@ -1,0 +1,147 @@
+"""watch() on timm's vision models: a small model of each family (built from its config, nothing downloaded),
+one watched step, and the rows against torch.func's per-example gradients of the whole model, or, where
+BatchNorm trains on batch statistics (per-example gradients undefined), the rows' sum against the batch
+gradient. Each family brings something of its own: class, distillation and register tokens held by the
+model itself (ViT, DeiT), layer scales as modules (DeiT III) or reshaped parameters (ConvNeXt), class
+attention on one token (CaiT), BatchNorm with an activation in its forward (EfficientNet, MobileNetV3,
+RegNet), affine layers and norms of timm's own (ResMLP, PoolFormer, EdgeNeXt). What cannot have per-example
+rows is refused with its name: attention over windows or patches of several examples' tokens flattened
+together (Swin, MobileViT), a qkv weight passed to F.linear with a bias assembled from other parameters
+(BEiT, EVA), a relative-position module whose method is called instead of the module (CoAtNet)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from test_watch import assert_rows, ce, one_step, watched
+from torch import nn
+from torchgrab import UnsupportedModelError
+
+timm = pytest.importorskip("timm")
+
+_VIT = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
+# family: (timm architecture, keyword arguments that make it small)
+EXACT = {
+    "vit": ("vit_tiny_patch16_224", _VIT),
+    "vit_registers": ("vit_small_patch16_224", {**_VIT, "reg_tokens": 2, "init_values": 0.5}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", _VIT),
+    "deit3": ("deit3_small_patch16_224", {**_VIT, "init_values": 0.5}),
+    "convnext": ("convnext_atto", {"dims": (8, 16, 16, 16), "depths": (1, 1, 1, 1), "ls_init_value": 0.5}),
+    "cait": ("cait_xxs24_224", {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}),
+    "mixer": ("mixer", {}),
+    "resmlp": ("resmlp", {}),
+    "poolformer": ("poolformer", {}),
+    "edgenext": ("edgenext_xx_small", {"depths": (1, 1, 1, 1), "dims": (8, 16, 16, 16), "heads": (2, 2, 2, 2)}),
+}
+BATCHNORM = {
+    "resnet": "resnet10t",
+    "efficientnet": "efficientnet_b0",
+    "mobilenetv3": "mobilenetv3_small_050",
+    "regnet": "regnetx_002",
+}
+
+
+def _create(arch: str, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    # Their registered sizes fix the depth and widths: built from the class with the registered layers.
+    if arch in ("mixer", "resmlp"):
+        from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
+
+        small = dict(num_classes=3, img_size=32, patch_size=8, num_blocks=2, embed_dim=16)
+        if arch == "resmlp":
+            small.update(block_layer=partial(ResBlock, init_values=0.5), norm_layer=Affine, mlp_ratio=4)
+        model = MlpMixer(**small)
+    elif arch == "poolformer":  # poolformerv2_s12's layers
+        from timm.models.metaformer import GroupNorm1NoBias, MetaFormer
+
+        model = MetaFormer(
+            num_classes=3, depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), norm_layers=GroupNorm1NoBias, use_mlp_head=False
+        )
+    else:
+        model = timm.create_model(arch, pretrained=False, num_classes=3, **kw)
+    with torch.no_grad():  # norm weights and layer scales off their initial values
+        for n, p in model.named_parameters():
+            if p.dim() == 1 and any(s in n for s in ("norm", "bn", "gamma", "ls", "alpha", "beta")):
+                p.uniform_(0.5, 1.5)
+    return model.train()
+
+
+def _images(size: int, b: int = 3) -> torch.Tensor:
+    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's reference over attention
+@pytest.mark.parametrize("sketch", [None, 8])
+@pytest.mark.parametrize("family", sorted(EXACT))
+def test_each_family_gives_the_per_example_gradients_rows(family, sketch):
+    arch, kw = EXACT[family]
+    model = _create(arch, **kw)
+    x = _images(kw.get("img_size", 32))
+    rows, expected, grads, handle = one_step(model, x, torch.tensor([0, 1, 2]), ce, sketch)
+    assert_rows(rows, expected)
+    if sketch is None:
+        assert handle.width == sum(g[0].numel() for g in grads.values())  # every parameter, exactly
+
+
+@pytest.mark.parametrize("family", sorted(BATCHNORM))
+def test_batchnorm_networks_give_contributions_that_add_up_to_the_batch_gradient(family):
+    # In training mode each example's BatchNorm rows are its contribution; all rows add up to the batch
+    # gradient (times B: a mean loss). With BatchNorm in eval mode they are each example's gradient.
+    model = _create(BATCHNORM[family])
+    x, y = _images(32, b=4), torch.tensor([0, 1, 2, 0])
+    sampler, handle, spy = watched(model, sketch=8)
+    ce(model(x), y).backward()
+    handle.flush()
+    rows = np.asarray(spy.rows[0], dtype=np.float64)
+    batch = {n: p.grad[None] for n, p in model.named_parameters() if p.grad is not None}
+    assert_rows(rows.sum(0), handle.project(batch)[0] * 4)
+    assert "BatchNorm" in {kind for _, kind, _ in handle.layers}
+    handle.remove()
+    if family == "mobilenetv3":
+        model = _create(BATCHNORM[family])
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        rows, expected, _, _ = one_step(model, x[:3], y[:3], ce, 8)
+        assert_rows(rows, expected)
+
+
+@pytest.mark.parametrize(
+    "arch, kw, exclude, match",
+    [
+        # Windows of several examples' tokens flattened into one batch of windows.
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(img_size=16, patch_size=2, window_size=4, embed_dim=8, depths=(1, 1), num_heads=(1, 2)),
+            [],
+            r"'layers.0.blocks.0.attn.qkv' got an input of shape \(12, 16, 8\)",
+        ),
+        # q_bias and v_bias concatenated into the bias of F.linear(x, self.qkv.weight, ...); left out, the qkv
+        # layer's weight still gets a gradient that no row holds, since self.qkv is never called.
+        ("beit_base_patch16_224", {**_VIT, "init_values": 0.5}, [], r"'blocks.0.attn.q_bias' belongs to no layer"),
+        (
+            "eva02_tiny_patch14_224",
+            _VIT,
+            ["q_bias", "v_bias"],
+            r"a parameter of blocks\.\d\.attn\.qkv got a gradient in a step where the layer was never called",
+        ),
+        (
+            "coatnet_nano_rw_224",
+            dict(img_size=32),
+            [],
+            r"a parameter of stages.3.blocks.2.attn.rel_pos got a gradient in a step where the layer was never called",
+        ),
+    ],
+    ids=["swin", "beit", "eva", "coatnet"],
+)
+def test_what_has_no_per_example_rows_is_refused_with_its_name(arch, kw, exclude, match):
+    model = _create(arch, **kw)
+    leave_out = [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in exclude]
+    sampler, handle, spy = watched(model, sketch=8, exclude=leave_out)
+    with pytest.raises(UnsupportedModelError, match=match):
+        ce(model(_images(kw.get("img_size", 32))), torch.tensor([0, 1, 2])).backward()
+    handle.flush()
+    assert spy.rows == [] and sampler.pending == 64
