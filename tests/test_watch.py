@@ -1642,6 +1642,55 @@ def test_a_parameter_of_no_layer_reshaped_before_it_is_broadcast_gives_per_examp
         handle.remove()
 
 
+class _AddPositions(nn.Module):
+    def forward(self, h, pos=None):
+        return h + (self.kept if pos is None else pos)
+
+
+class _HoldsForSublayers(nn.Module):
+    """Position embeddings held by the model, used inside a sublayer: given to it as an argument, or (a
+    reference the sublayer keeps, not registered) read by it."""
+
+    def __init__(self, passed):
+        super().__init__()
+        self.lin, self.add, self.head = nn.Linear(4, 6), _AddPositions(), nn.Linear(6, 3)
+        self.deep = nn.Sequential(*[nn.Tanh() for _ in range(8)])
+        self.pos = nn.Parameter(torch.randn(1, 4, 6))
+        self.passed = passed
+        if not passed:
+            object.__setattr__(self.add, "kept", self.pos)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h = self.add(h, self.pos) if self.passed else self.add(h)
+        return self.head(self.deep(h).mean(1))
+
+
+def test_sublayers_of_a_module_holding_parameters_of_no_layer_run_without_its_mode(monkeypatch):
+    # The mode that follows the holder's parameters costs a Python call per op; a timm ViT holds its class
+    # token in the model itself, so every op of the model ran under it. A sublayer's forward now runs
+    # without it, unless the sublayer is given one of the parameters; one that reads a parameter otherwise
+    # is caught at the first backward.
+    from torchgrab.capture.direct import BroadcastUses
+
+    seen = []
+    watched_ops = BroadcastUses._watched
+    monkeypatch.setattr(BroadcastUses, "_watched", lambda self, a, k: seen.append(1) or watched_ops(self, a, k))
+    x, y = torch.randn(5, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+    torch.manual_seed(0)
+    model = _HoldsForSublayers(passed=True)
+    rows, expected, _, handle = one_step(model, x, y, ce, None)
+    assert_rows(rows, expected)  # the sublayer given the parameter kept the mode: its + was followed
+    # The holder's own ops (mean, and the calls of its sublayers); none of the 8 Tanh layers' ops.
+    assert 0 < len(seen) < 8, len(seen)
+    model = _HoldsForSublayers(passed=False)
+    sampler, handle, spy = watched(model, sketch=None)
+    with pytest.raises(UnsupportedModelError, match=r"'pos' belongs to no layer, and its gradient is not the sum"):
+        ce(model(x), y).backward()
+    handle.remove()
+    assert torch._C._len_torch_function_stack() == 0
+
+
 class _Slicing(nn.Module):
     def __init__(self):
         super().__init__()

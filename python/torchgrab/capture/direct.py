@@ -101,6 +101,10 @@ class BroadcastUses(TorchFunctionMode):
         self.record = record
         self.refuse = refuse
 
+    def takes(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+        """Whether a call's arguments hold one of the parameters (or a view of one) directly."""
+        return bool(self._watched(args, kwargs))
+
     def _watched(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[int]:
         hits = [i for i, a in enumerate(args) if id(a) in self.params]
         for a in args:

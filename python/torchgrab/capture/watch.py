@@ -286,6 +286,17 @@ class WatchHandle:
             for dsk, t in params.values():
                 self._hooks.append(t.register_hook(self._direct_check(dsk)))
         self._unchecked = {dsk for params in self._direct.values() for dsk, _ in params.values()}
+        # A holder's mode sees every op of its forward, its sublayers' too: each op under a mode is a Python
+        # call (about 4 microseconds here), and a timm ViT holds its class token in the model itself. The
+        # forward of a sublayer not given one of the holder's parameters runs without the mode (a use it
+        # makes of one otherwise is caught by _direct_check). Registered after every holder's own hooks, and
+        # the pre-hook first: a sublayer that is itself a holder enters and leaves its mode inside.
+        self._suspended: Dict[Tuple[nn.Module, nn.Module], List[Optional[Any]]] = {}
+        for holder in self._direct:
+            for child in holder.children():
+                pre = eager(self._suspend(holder))
+                self._hooks.append(child.register_forward_pre_hook(pre, prepend=True, with_kwargs=True))
+                self._hooks.append(child.register_forward_hook(eager(self._resume(holder)), always_call=True))
         # Until a step has been recorded, a hook on each parameter of a sketched layer: a gradient that
         # reaches it in a step where no forward of its layer was recorded comes from a use of the weight
         # outside the layer (timm's BEiT and EVA attention run F.linear(x, self.qkv.weight, ...) and never
@@ -510,6 +521,27 @@ class WatchHandle:
         if mode is not None:
             mode.__exit__(None, None, None)
         return mode
+
+    def _suspend(self, holder: nn.Module) -> Callable[..., None]:
+        def pre(child: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+            stack = self._modes.get(holder)
+            mode = stack[-1] if stack else None
+            if mode is not None and (_top_mode() is not mode or mode.takes(args, kwargs)):
+                mode = None  # another mode above it, or the sublayer is given a parameter: left as it is
+            if mode is not None:
+                mode.__exit__(None, None, None)
+            self._suspended.setdefault((holder, child), []).append(mode)
+
+        return pre
+
+    def _resume(self, holder: nn.Module) -> Callable[..., None]:
+        def post(child: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
+            stack = self._suspended.get((holder, child))
+            mode = stack.pop() if stack else None
+            if mode is not None:
+                mode.__enter__()
+
+        return post
 
     def _direct_batch(self, b: int) -> int:
         if self._step.batch is None:
@@ -936,6 +968,12 @@ def _kind(sk: LayerSketch) -> str:
     if sk.ghost and sk.ghost_width:
         return f"Linear (ghost: the weight's {sk.ghost_width} coordinates exact from its factors, not in the rows)"
     return type(sk).__name__.replace("Sketch", "") + (" (weight left out: budget)" if sk.dropped else "")
+
+
+def _top_mode() -> Optional[Any]:
+    """The innermost TorchFunctionMode now active (None: none)."""
+    n = torch._C._len_torch_function_stack()
+    return torch._C._get_function_stack_at(n - 1) if n else None
 
 
 def _swap01(t: torch.Tensor) -> torch.Tensor:
