@@ -1,5 +1,6 @@
 """What `sampler.watch(model)` costs on a vision transformer, on this CPU: Hugging Face's ViT (or BEiT, or
-ConvNeXt) built from a local config, trained from scratch on CIFAR-10 images from ../shared/data.
+ConvNeXt), or timm's ViT (`--model timm-vit`, whose class token and position embeddings are parameters of
+the model itself), built from a local config, trained from scratch on CIFAR-10 images from ../shared/data.
 
     .venv/bin/python benchmarks/watch_vit.py [--model vit] [--n 2000] [--rounds 6] [--threads 1]
         [--arms watch,watch-no-direct,exact] [--width 64] [--layers 4] [--quick]
@@ -14,6 +15,8 @@ quartiles over rounds. Arms:
   position embeddings, BEiT's and ConvNeXt's layer scales, which `watch()` takes where the forward of the
   module holding them broadcasts them over the batch, watching that module's operations while it runs
   (python/torchgrab/capture/direct.py). The difference is what they cost;
+- watch-mode-everywhere: `watch` with the sublayers of the modules holding those parameters run under the
+  same operation watch as the module's own forward (what `watch()` did before it left them out of it);
 - exact: `grab` with `watch(sketch=None)`, exact per-example rows (d numbers per image).
 
 The layers `watch()` hooks are printed with how each is captured (`handle.layers`).
@@ -41,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 ARMS = {
     "watch": "default",
     "watch-no-direct": "default",  # parameters of no layer left out (exclude=)
+    "watch-mode-everywhere": "default",  # their modules' sublayers under the operation watch too
     "exact": None,
 }
 
@@ -55,7 +59,14 @@ class _Images(nn.Module):
 
 
 def make_model(args):
-    """A Hugging Face image classifier for 32 x 32 images and 10 classes, dropout and drop-path off."""
+    """A Hugging Face (or timm) image classifier for 32 x 32 images and 10 classes, dropout and drop-path off."""
+    if args.model == "timm-vit":
+        import timm
+
+        return timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=4,
+            embed_dim=args.width, depth=args.layers, num_heads=args.heads,
+        )  # fmt: skip
     import transformers as tf
 
     common = dict(num_labels=10, image_size=32, num_channels=3)
@@ -97,7 +108,11 @@ class Arm:
                 probe = torchgrab.GraBSampler(n=len(x)).watch(self.model)
                 extra["exclude"] = direct_params(probe)
                 probe.remove()
+            from torchgrab.capture import watch as watch_module
+
+            watch_module._SUBLAYERS_WITHOUT_MODE = name != "watch-mode-everywhere"
             self.handle = self.sampler.watch(self.model, **extra)
+            watch_module._SUBLAYERS_WITHOUT_MODE = True
         self.crit = nn.CrossEntropyLoss()
 
     def epoch(self):
@@ -119,7 +134,7 @@ class Arm:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="data root (../shared/data)")
-    ap.add_argument("--model", choices=["vit", "beit", "convnext"], default="vit")
+    ap.add_argument("--model", choices=["vit", "beit", "convnext", "timm-vit"], default="vit")
     ap.add_argument("--n", type=int, default=2000, help="CIFAR-10 training images per epoch")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
@@ -160,6 +175,7 @@ def main():
     labels = {
         "watch": "grab, watch()",
         "watch-no-direct": "grab, watch(), no-layer params out",
+        "watch-mode-everywhere": "grab, watch(), mode in sublayers",
         "exact": "grab, watch(sketch=None)",
     }
     for a in arms:

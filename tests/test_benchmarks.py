@@ -4,6 +4,7 @@ prints its table."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -272,6 +273,10 @@ def test_watch_vit_runs():
     assert "m.vit.embeddings.position_embeddings             parameter of no layer" in stdout
     stdout = run(["benchmarks/watch_vit.py", "--data", str(DATA), "--quick", "--model", "beit", "--arms", "watch"])
     assert "m.beit.layers.1.lambda_2" in stdout and "beit: 2 layers, width 64" in stdout
+    if importlib.util.find_spec("timm") is not None:  # timm's ViT holds its class token in the model itself
+        arms = "watch,watch-mode-everywhere"
+        stdout = run(["benchmarks/watch_vit.py", "--data", str(DATA), "--quick", "--model", "timm-vit", "--arms", arms])
+        assert "cls_token" in stdout and "grab, watch(), mode in sublayers" in stdout
 
 
 BARE_CHECK = """

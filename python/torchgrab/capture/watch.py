@@ -38,6 +38,9 @@ from torchgrab.ondevice import Factored
 
 DEFAULT_SKETCH = 32  # per-factor sketch size k; see docs (Capturing gradients) for how it was chosen
 DEFAULT_BUDGET = 0.25  # a layer's sketch may cost this fraction of its forward; see docs for why
+# Whether the sublayers of a module holding parameters of no layer run without its TorchFunctionMode (see
+# WatchHandle.__init__). False only to measure what that saves (benchmarks/watch_vit.py).
+_SUBLAYERS_WITHOUT_MODE = True
 
 
 # The handle watching each model (by the module its hooks are on): one at a time, see WatchHandle._replace.
@@ -292,7 +295,7 @@ class WatchHandle:
         # makes of one otherwise is caught by _direct_check). Registered after every holder's own hooks, and
         # the pre-hook first: a sublayer that is itself a holder enters and leaves its mode inside.
         self._suspended: Dict[Tuple[nn.Module, nn.Module], List[Optional[Any]]] = {}
-        for holder in self._direct:
+        for holder in self._direct if _SUBLAYERS_WITHOUT_MODE else ():
             for child in holder.children():
                 pre = eager(self._suspend(holder))
                 self._hooks.append(child.register_forward_pre_hook(pre, prepend=True, with_kwargs=True))
