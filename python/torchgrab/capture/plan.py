@@ -164,8 +164,9 @@ class LayerPlan:
         if FunctionalSketch.applies(module) and (
             cls is None or (replaced_forward(module) is not None and not has_inner_function(module))
         ):
-            # A small layer of its own class, or one whose class replaces a norm's or convolution's forward:
-            # torch.func differentiates whatever its forward does.
+            # A small layer of its own class, or one whose class replaces the forward of a LayerNorm, GroupNorm
+            # or convolution (kinds whose calls capture/inner.py does not pick out): torch.func differentiates
+            # whatever its forward does.
             cls = FunctionalSketch
         if cls is None:
             return None
