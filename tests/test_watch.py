@@ -1691,6 +1691,45 @@ def test_sublayers_of_a_module_holding_parameters_of_no_layer_run_without_its_mo
     assert torch._C._len_torch_function_stack() == 0
 
 
+class _Probes(nn.Module):
+    """CLIP's class embedding ([E] expanded to [B, 1, E]) and SigLIP's pooling probe ([1, 1, E] repeated
+    over the batch), parameters of a module with a sublayer."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.cls = nn.Parameter(torch.randn(6) if how == "expand" else torch.randn(1, 1, 6))
+        self.how = how
+
+    def forward(self, x):
+        b = x.shape[0]
+        if self.how == "expand":
+            token = self.cls.expand(b, 1, -1)
+        elif self.how == "repeat":
+            token = self.cls.repeat(b, 1, 1)
+        else:  # repeats a dimension of size 6: not a broadcast, refused
+            token = self.cls.repeat(b, 1, 2)[:, :, :6]
+        return self.head(torch.tanh(torch.cat([token, self.proj(x)], 1)).mean(1))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("how", ["expand", "repeat"])
+def test_a_parameter_broadcast_over_a_new_batch_dimension_or_repeated_gives_per_example_rows(how, sketch):
+    torch.manual_seed(0)
+    model = _Probes(how)
+    x, y = torch.randn(5, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    if how == "repeat":
+        refused_model = _Probes("tiled")
+        sampler, handle, spy = watched(refused_model, sketch=sketch)
+        with pytest.raises(
+            UnsupportedModelError, match=r"'cls' belongs to no layer; .* and TensorBase.repeat takes it"
+        ):
+            ce(refused_model(x), y).backward()
+        handle.remove()
+
+
 class _Slicing(nn.Module):
     def __init__(self):
         super().__init__()

@@ -149,6 +149,27 @@ def test_vision_transformers_class_tokens_position_embeddings_and_layer_scales_g
     assert handle.width == sum(g[0].numel() for g in grads.values())  # every parameter, exactly
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's reference over attention
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_clip_and_siglip_image_towers_give_exact_rows(family):
+    # CLIP's class embedding is one [E] vector expanded to [B, 1, E]; SigLIP's attention-pooling head
+    # repeats its [1, 1, E] probe over the batch: both were refused at that call.
+    tower = dict(image_size=8, patch_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=2, attention_dropout=0.0)  # fmt: skip
+    text = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config, model_class = {"clip": ("CLIPConfig", "CLIPForImageClassification"),
+                           "siglip": ("SiglipConfig", "SiglipForImageClassification")}[family]  # fmt: skip
+    cfg = getattr(transformers, config)(vision_config=tower, text_config=text, num_labels=3)
+    model = _off_one(_Logits(lambda: getattr(transformers, model_class)(cfg), key="pixel_values")).train()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    rows, expected, grads, handle = one_step(model, x, torch.tensor([0, 1, 2]), _ce, None)
+    assert_rows(rows, expected)
+    direct = {n for n, kind, _ in handle.layers if kind.startswith("parameter of no layer")}
+    assert {"clip": "m.vision_model.embeddings.class_embedding", "siglip": "m.vision_model.head.probe"}[
+        family
+    ] in direct
+
+
 _ENCODER = dict(
     vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
     max_position_embeddings=20, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,

@@ -24,7 +24,9 @@ from torchgrab.capture.eager import eager
 from torchgrab.capture.layers import COUNT_SKETCH_RATIO, LayerSketch, _f32
 from torchgrab.capture.projection import Factor
 
-_EXPAND = {torch.Tensor.expand, torch.Tensor.expand_as}
+# Broadcasts over the batch: expand (a view), and repeat (a copy) where it repeats only dimensions of size
+# one, which is expand's result in new memory (SigLIP's probe.repeat(B, 1, 1)).
+_EXPAND = {torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.repeat}
 # Views that keep every element in its order (ConvNeXt's gamma.reshape(1, -1, 1, 1), gamma[:, None, None]):
 # their result is followed as the parameter itself, in its own shape.
 _VIEWS = {
@@ -129,7 +131,7 @@ class BroadcastUses(TorchFunctionMode):
                 return out
         elif hits == [0] and func in _EXPAND:
             out = func(*args, **kwargs)
-            if p.dim() >= 1 and p.shape[0] == 1 and out.dim() == p.dim() and out.shape[0] == self.batch(out.shape[0]):
+            if _broadcast(p, out) and out.shape[0] == self.batch(out.shape[0]):
                 if out.requires_grad:
                     self.record(sk, out, tuple(p.shape))
                 return out
@@ -151,6 +153,16 @@ class BroadcastUses(TorchFunctionMode):
             name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
             self.refuse(sk, name)
         return out
+
+
+def _broadcast(p: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out`` is ``p`` broadcast over a new or size-one dimension 0 (the batch), and perhaps over other
+    dimensions of size one: right-aligned, every dimension of ``p`` is ``out``'s or is one. A class token of
+    [1, 1, E] expanded to [B, 1, E], and CLIP's of [E] expanded to [B, 1, E]."""
+    lead = out.dim() - p.dim()
+    if p.dim() < 1 or lead < 0 or (lead == 0 and p.shape[0] != 1):
+        return False
+    return all(n == 1 or n == out.shape[lead + i] for i, n in enumerate(p.shape))
 
 
 def _same_elements(p: torch.Tensor, view: torch.Tensor) -> bool:
