@@ -1730,6 +1730,22 @@ def test_a_parameter_broadcast_over_a_new_batch_dimension_or_repeated_gives_per_
         handle.remove()
 
 
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_a_layer_with_a_parametrized_weight_is_refused_by_its_name_before_training(sketch):
+    # weight_norm (Wav2Vec2's positional convolution): the layer computes its weight from two originals
+    # under layer.parametrizations, parameters of a module with sublayers. They were taken as parameters
+    # of no layer and refused at the first forward, at _weight_norm, with advice to leave out one original.
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), weight_norm(nn.Linear(6, 6)), nn.Linear(6, 3))
+    message = refused(model, UnsupportedModelError, r"exclude=\['2'\]", sketch=sketch)
+    assert "['2'] computes its weight from a parametrization" in message
+    rows, expected, _, handle = one_step(model, *_data((4,), "class", b=5), ce, sketch, exclude=["2"])
+    assert_rows(rows, expected)
+    assert [n for n, _, _ in handle.layers] == ["0", "3"]
+
+
 class _Slicing(nn.Module):
     def __init__(self):
         super().__init__()

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from torchgrab.capture import attention as attn
 from torchgrab.capture.direct import DirectParamSketch, ParamSlot
@@ -247,8 +248,8 @@ class LayerPlan:
         over the batch (capture/direct.py). Leaf modules' (an LSTM's) stay uncovered, and refused."""
         covered: Set[str] = set()
         for mname, m in self.inner.named_modules():
-            if next(m.children(), None) is None or isinstance(m, nn.MultiheadAttention):
-                continue
+            if next(m.children(), None) is None or isinstance(m, (nn.MultiheadAttention, ParametrizationList)):
+                continue  # (a parametrized weight's originals, weight_norm's: refused below, by their layer)
             if any(_within(mname, a) for a in self._unsupported_attention):
                 continue
             for t in m._parameters.values():
@@ -313,9 +314,19 @@ class LayerPlan:
             if inside
             else ""
         )
+        # A parametrized weight (weight_norm, spectral_norm: the layer computes its weight from originals
+        # under layer.parametrizations) has no sketch: the layer is what to leave out.
+        layers = sorted({n.split(".parametrizations.")[0] for n in names if ".parametrizations." in n})
+        if layers:
+            why += (
+                f" {_shown(layers[:8])} {'computes its' if len(layers) == 1 else 'compute their'} weight from a "
+                "parametrization (weight_norm, spectral_norm), whose originals no sketch follows."
+            )
+        names_left = [n for n in names if ".parametrizations." not in n]
         # The attention modules whole (the layers inside them are never sketched), the rest by module;
         # none when the model itself is one (excluding it would leave nothing).
-        advice = [a for a in inside if a] + _short([n for n in names if not any(_within(n, a) for a in inside)])
+        advice = [a for a in inside if a] + layers
+        advice += _short([n for n in names_left if not any(_within(n, a) for a in inside)])
         leave_out = f" Leave them out of the balancing with exclude={advice!r}, or, if" if advice else " If"
         raise UnsupportedModelError(
             f"watch() cannot sketch these trainable parameters per example: {names[:8]}"
