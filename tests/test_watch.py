@@ -367,6 +367,45 @@ def test_a_batchnorm_class_with_an_activation_in_its_forward_gives_batchnorms_ro
     assert_rows(rows, expected)
 
 
+class _GroupNormAct(nn.GroupNorm):
+    """timm's GroupNormAct (BiT's ResNetV2): F.group_norm with its own weight, then an activation module."""
+
+    def __init__(self, groups, c):
+        super().__init__(groups, c)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class _LayerNormAct2d(nn.LayerNorm):
+    """timm's LayerNormAct2d: channels moved last, F.layer_norm over them, moved back, then an activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return self.act(x.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_norm_classes_with_an_activation_in_their_forward_give_their_norms_rows(sketch):
+    # With a sublayer, torch.func cannot take such a layer on its own, and its output is not its kind's
+    # forward: it was refused. Its F.group_norm or F.layer_norm call is recorded.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), _GroupNormAct(2, 4), _LayerNormAct2d(4), nn.Flatten(), nn.Linear(16, 3))
+    with torch.no_grad():
+        for m in (model[1], model[2]):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+    x, y = _data((2, 4, 4), "class", b=5)
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    assert [kind for _, kind, _ in handle.layers][1:3] == ["GroupNorm", "LayerNorm"]
+
+
 # ---------------------------------------------------------------------------------------------- reductions
 def _mlp(seed=0):
     torch.manual_seed(seed)

@@ -1,10 +1,10 @@
 """Layers whose class replaces the forward of the kind watch() has a sketch for.
 
 A sketch describes its kind's function: nn.Embedding's rows are those of ``F.embedding(ids, W)``, and
-nn.Linear's those of ``F.linear(x, W, b)``, BatchNorm's those of ``F.batch_norm`` with its weight and bias. A subclass from outside torch may compute something else
+nn.Linear's those of ``F.linear(x, W, b)``, BatchNorm's, LayerNorm's and GroupNorm's those of ``F.batch_norm``, ``F.layer_norm`` and ``F.group_norm`` with their weight and bias. A subclass from outside torch may compute something else
 with the same weight: Gemma's scaled word embedding multiplies the lookup by sqrt(d); BART's and OPT's
-learned positions look up shifted ids computed from what the layer was given; timm's BatchNormAct2d
-applies an activation after the normalization. Sketched from the layer's
+learned positions look up shifted ids computed from what the layer was given; timm's BatchNormAct2d and
+GroupNormAct apply an activation after the normalization. Sketched from the layer's
 input and output, such a layer's rows would be wrong, and nothing would say so.
 
 So, inside the forward of such a layer, watch() looks at the calls themselves (a
@@ -46,6 +46,14 @@ _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 def has_inner_function(module: nn.Module) -> bool:
     """Whether the calls of the module's kind's function can be picked out of its forward."""
+    return isinstance(module, (nn.Linear, nn.Embedding, _BatchNorm, nn.LayerNorm, nn.GroupNorm))
+
+
+def prefers_inner(module: nn.Module) -> bool:
+    """Whether a layer of this kind whose class replaces its forward is recorded from its calls even where
+    torch.func could differentiate it (FunctionalSketch): a LayerNorm or GroupNorm class of no sublayers
+    goes to torch.func, which takes whatever its forward does; with sublayers (timm's GroupNormAct adds an
+    activation) torch.func cannot, and its calls are recorded."""
     return isinstance(module, (nn.Linear, nn.Embedding, _BatchNorm))
 
 
@@ -84,6 +92,26 @@ def inner_input(module: nn.Module, func: Callable[..., Any], args: Tuple[Any, ..
             and bool(_arg(args, kwargs, 5, "training", False)) == batch_stats
             and (batch_stats or _arg(args, kwargs, 1, "running_mean") is module.running_mean)
             and (batch_stats or _arg(args, kwargs, 2, "running_var") is module.running_var)
+        )
+        if same:
+            return _arg(args, kwargs, 0, "input")
+    elif isinstance(module, nn.LayerNorm) and func is F.layer_norm:
+        shape = _arg(args, kwargs, 1, "normalized_shape")
+        same = (
+            shape is not None
+            and tuple(shape) == tuple(module.normalized_shape)
+            and _arg(args, kwargs, 2, "weight") is module.weight
+            and _arg(args, kwargs, 3, "bias") is module.bias
+            and float(_arg(args, kwargs, 4, "eps", 1e-5)) == float(module.eps)
+        )
+        if same:
+            return _arg(args, kwargs, 0, "input")
+    elif isinstance(module, nn.GroupNorm) and func is F.group_norm:
+        same = (
+            _arg(args, kwargs, 1, "num_groups") == module.num_groups
+            and _arg(args, kwargs, 2, "weight") is module.weight
+            and _arg(args, kwargs, 3, "bias") is module.bias
+            and float(_arg(args, kwargs, 4, "eps", 1e-5)) == float(module.eps)
         )
         if same:
             return _arg(args, kwargs, 0, "input")

@@ -17,7 +17,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 
 from torchgrab.capture import attention as attn
 from torchgrab.capture.direct import DirectParamSketch, ParamSlot
-from torchgrab.capture.inner import has_inner_function, replaced_forward
+from torchgrab.capture.inner import prefers_inner, replaced_forward
 from torchgrab.capture.layers import (
     EmbeddingSketch,
     FunctionalSketch,
@@ -163,11 +163,11 @@ class LayerPlan:
             )
         cls = sketch_class(module)
         if FunctionalSketch.applies(module) and (
-            cls is None or (replaced_forward(module) is not None and not has_inner_function(module))
+            cls is None or (replaced_forward(module) is not None and not prefers_inner(module))
         ):
-            # A small layer of its own class, or one whose class replaces the forward of a LayerNorm, GroupNorm
-            # or convolution (kinds whose calls capture/inner.py does not pick out): torch.func differentiates
-            # whatever its forward does.
+            # A small layer of its own class, or one whose class replaces the forward of a convolution, or of a
+            # LayerNorm or GroupNorm with no sublayers (capture/inner.py, prefers_inner): torch.func
+            # differentiates whatever its forward does.
             cls = FunctionalSketch
         if cls is None:
             return None

@@ -640,9 +640,13 @@ class WatchHandle:
                 return self._record_call(module, args, out)
         name = self._sketches[module].name
         self._step, self._recording = _Step(), False  # this forward will have no backward
-        fn = {nn.Linear: "F.linear", nn.Embedding: "F.embedding", nn.modules.batchnorm._BatchNorm: "F.batch_norm"}.get(
-            kind, f"{kind.__name__}'s function"
-        )
+        fn = {
+            nn.Linear: "F.linear",
+            nn.Embedding: "F.embedding",
+            nn.modules.batchnorm._BatchNorm: "F.batch_norm",
+            nn.LayerNorm: "F.layer_norm",
+            nn.GroupNorm: "F.group_norm",
+        }.get(kind, f"{kind.__name__}'s function")
         if mode is not None and mode.other is not None:
             found = f"it gives its parameters to {mode.other}"
         elif mode is not None and not mode.calls:
