@@ -7,9 +7,12 @@ Such a parameter is almost always broadcast over the batch: ``cls_token.expand(B
 gradient of its own slice of the broadcast: inside the forward of the module that holds it, watch()
 looks at the operations that take it (:class:`BroadcastUses`, a ``TorchFunctionMode``), runs ``+`` and
 ``*`` with the parameter expanded over the batch (a view: same values, same result) and takes the
-gradient of that view, or of ``expand``'s output, per example. Any other operation that takes the
-parameter is refused, naming both. At a parameter's first backward, watch() also checks that the
-example parts it saw add up to the gradient autograd gives the parameter (nothing used it unseen).
+gradient of that view, or of ``expand``'s (or a size-one ``repeat``'s) output, per example. A reshape or
+view that keeps the parameter's elements in order (``gamma.reshape(1, -1, 1, 1)``) is followed as the
+parameter. The module's sublayers run without the mode (watch.py), unless given one of the parameters.
+Any other operation that takes the parameter is refused, naming both. At a parameter's first backward,
+watch() also checks that the example parts it saw add up to the gradient autograd gives the parameter
+(nothing used it unseen).
 """
 
 from __future__ import annotations
@@ -96,9 +99,8 @@ class BroadcastUses(TorchFunctionMode):
         refuse: Callable[[DirectParamSketch, str], Any],
     ) -> None:
         super().__init__()
-        self.params = dict(
-            params
-        )  # this forward's views of the parameters join it (each held, so its id stays its own)
+        # A copy: this forward's views of the parameters join it (each held there, so its id stays its own).
+        self.params = dict(params)
         self.batch = batch
         self.record = record
         self.refuse = refuse
