@@ -1,11 +1,12 @@
 """Layers whose class replaces the forward of the kind watch() has a sketch for.
 
-A sketch describes its kind's function: nn.Embedding's rows are those of ``F.embedding(ids, W)``, and
-nn.Linear's those of ``F.linear(x, W, b)``, BatchNorm's, LayerNorm's and GroupNorm's those of ``F.batch_norm``, ``F.layer_norm`` and ``F.group_norm`` with their weight and bias. A subclass from outside torch may compute something else
-with the same weight: Gemma's scaled word embedding multiplies the lookup by sqrt(d); BART's and OPT's
-learned positions look up shifted ids computed from what the layer was given; timm's BatchNormAct2d and
-GroupNormAct apply an activation after the normalization. Sketched from the layer's
-input and output, such a layer's rows would be wrong, and nothing would say so.
+A sketch describes its kind's function: nn.Embedding's rows are those of ``F.embedding(ids, W)``,
+nn.Linear's those of ``F.linear(x, W, b)``, and BatchNorm's, LayerNorm's and GroupNorm's those of
+``F.batch_norm``, ``F.layer_norm`` and ``F.group_norm`` with the layer's weight and bias. A subclass from
+outside torch may compute something else with the same weight: Gemma's scaled word embedding multiplies
+the lookup by sqrt(d); BART's and OPT's learned positions look up shifted ids computed from what the
+layer was given; timm's BatchNormAct2d and GroupNormAct apply an activation after the normalization.
+Sketched from the layer's input and output, such a layer's rows would be wrong, and nothing would say so.
 
 So, inside the forward of such a layer, watch() looks at the calls themselves (a
 ``TorchFunctionMode``, :class:`InnerCalls`): each call of the kind's function with the layer's own
