@@ -1,5 +1,5 @@
-"""The helper scripts of the experiments: merging per-process result CSVs, and packing the MiniLM model
-losslessly for a machine without it."""
+"""The helper scripts of the experiments: merging per-process result CSVs, packing the MiniLM model
+losslessly for a machine without it, and checking which models watch() takes."""
 
 from __future__ import annotations
 
@@ -92,3 +92,18 @@ def test_pack_refuses_an_unknown_task_before_writing_anything(tmp_path):
     )
     assert res.returncode != 0 and "unknown GLUE task(s) ['FOO']" in res.stderr
     assert not out.exists()
+
+
+def test_watch_zoo_checks_each_model_named_and_prints_a_table():
+    """scripts/watch_zoo.py: a BatchNorm network by the batch gradient, a Hugging Face encoder against
+    torch.func, a sequence-first model refused with its layer's name; exit 0 (no crash, no wrong row)."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    out = subprocess.run(
+        [sys.executable, "scripts/watch_zoo.py", "--timm", "resnet10t", "--hf", "bert", "xlnet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[1]: line.split()[2] for line in out.stdout.splitlines()[1:]}
+    assert rows == {"resnet10t": "sum", "bert": "exact", "xlnet": "refused"}
+    assert "m.transformer.word_embedding' got an input of shape (7, 3)" in out.stdout
