@@ -4,8 +4,8 @@ checked, a table printed.
     .venv/bin/python scripts/watch_zoo.py [--timm ARCH ...] [--hf NAME ...] [--sketch 8]
 
 Each timm architecture is built by `timm.create_model(ARCH, pretrained=False, num_classes=3)` at its
-default size (nothing downloaded) and fed 2 random images of 64 x 64 pixels (224 where the model needs its
-own size); each Hugging Face name is one of the tiny configs below, fed 3 random sequences of 7 tokens.
+default size (nothing downloaded) and fed 2 random images of 64 x 64 pixels (of its default size where it
+needs that: vision transformers with fixed positions, Inception); each Hugging Face name is one of the tiny configs below, fed 3 random sequences of 7 tokens.
 The check, printed per model:
 
 - "exact": without BatchNorm in training mode, rows at `sketch=None` equal torch.func's per-example
@@ -195,7 +195,10 @@ def main() -> int:
         model = make().train()
         if lib == "timm":
             size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-            fixed = any(k in name for k in ("vit", "xcit", "efficientformer", "pvt", "twins", "davit", "maxvit", "sam"))
+            fixed = any(
+                k in name
+                for k in ("vit", "xcit", "efficientformer", "pvt", "twins", "davit", "maxvit", "sam", "inception")
+            )
             size = size if fixed else 64
             x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
         elif name in _HF_INPUTS:
