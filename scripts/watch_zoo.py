@@ -23,13 +23,11 @@ import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
-
-REPO = Path(__file__).resolve().parent.parent
 
 TIMM = [
     "convnextv2_atto", "convnext_atto_ols", "efficientnetv2_rw_t", "tf_efficientnetv2_b0", "tf_efficientnet_b0",
@@ -115,50 +113,47 @@ class _Logits(nn.Module):
         return self.m(**{self.key: x}).logits
 
 
-def _check(model: nn.Module, x: torch.Tensor, sketch: int) -> tuple:
-    """(check, K) for one watched step of `model` on `x`, or raises."""
+def _watched_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sketch: Optional[int]) -> tuple:
+    """One training step of `model` under `watch(sketch=...)`: (the rows it fed, in order, as [B, K] float64;
+    the handle, removed). The model keeps the step's gradients in `.grad`."""
     import torchgrab
-    from torchgrab.gradients import per_example_gradients
 
-    ce = nn.functional.cross_entropy
-    y = torch.arange(x.shape[0]) % 3
-    training_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
-    if not training_bn:
-        sampler = torchgrab.GraBSampler(n=x.shape[0])
-        list(iter(sampler))  # the indices the rows are matched to
-        handle = sampler.watch(model, sketch=None)
-        rows = []
-        sampler.step = lambda g, *a, **k: rows.append(np.asarray(g, dtype=np.float64).copy())  # type: ignore
-        try:
-            ce(model(x), y).backward()
-            handle.flush()
-            try:
-                grads, _ = per_example_gradients(model, lambda o, t: ce(o, t), x, y)
-            except Exception:  # torch.func cannot trace it (data-dependent pooling): the sum check below
-                grads = None
-            if grads is not None:
-                want = handle.project(grads).double().numpy()
-                got = np.concatenate(rows)
-                cols = np.maximum(np.abs(want).max(0), 1e-4 * np.abs(want).max())
-                if not np.all(np.abs(got - want) <= 1e-3 * cols + 1e-4 * np.abs(want)):
-                    raise AssertionError("rows differ from torch.func's per-example gradients")
-                return "exact", handle.width
-        finally:
-            handle.remove()
-            model.zero_grad(set_to_none=True)
     sampler = torchgrab.GraBSampler(n=x.shape[0])
-    list(iter(sampler))
+    list(iter(sampler))  # the indices the rows are matched to
     handle = sampler.watch(model, sketch=sketch)
     rows = []
     sampler.step = lambda g, *a, **k: rows.append(np.asarray(g, dtype=np.float64).copy())  # type: ignore
-    ce(model(x), y).backward()
-    handle.flush()
+    try:
+        nn.functional.cross_entropy(model(x), y).backward()
+        handle.flush()
+    finally:
+        handle.remove()
+    return np.concatenate(rows), handle
+
+
+def _check(model: nn.Module, x: torch.Tensor, sketch: int) -> tuple:
+    """(check, K) for one watched step of `model` on `x`, or raises."""
+    from torchgrab.gradients import per_example_gradients
+
+    y = torch.arange(x.shape[0]) % 3
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        rows, handle = _watched_step(model, x, y, None)
+        model.zero_grad(set_to_none=True)
+        try:
+            grads, _ = per_example_gradients(model, nn.functional.cross_entropy, x, y)
+        except Exception:  # torch.func cannot trace it (data-dependent pooling): the sum check below
+            grads = None
+        if grads is not None:
+            want = handle.project(grads).double().numpy()
+            cols = np.maximum(np.abs(want).max(0), 1e-4 * np.abs(want).max())
+            if not np.all(np.abs(rows - want) <= 1e-3 * cols + 1e-4 * np.abs(want)):
+                raise AssertionError("rows differ from torch.func's per-example gradients")
+            return "exact", handle.width
+    rows, handle = _watched_step(model, x, y, sketch)
     batch = {n: p.grad[None] for n, p in model.named_parameters() if p.grad is not None}
     want = handle.project(batch)[0].double().numpy() * x.shape[0]
-    got = np.concatenate(rows).sum(0)
-    if not np.allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max()):
+    if not np.allclose(rows.sum(0), want, rtol=1e-3, atol=1e-4 * np.abs(want).max()):
         raise AssertionError("rows do not add up to the batch gradient")
-    handle.remove()
     return "sum", handle.width
 
 

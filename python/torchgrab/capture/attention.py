@@ -81,7 +81,7 @@ def install(
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if not (torch.is_grad_enabled() and active()):  # active(): a training forward of the watched model
+        if not active():  # a recorded forward: grad enabled, the watched model training
             return original(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )

@@ -65,58 +65,46 @@ def _arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], i: int, name: str, defau
 def inner_input(module: nn.Module, func: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
     """The input of ``func(*args, **kwargs)`` when it is the call the module's kind makes, with the module's
     own parameters and settings (what its sketch describes); None otherwise."""
+
+    def arg(i: int, name: str, default: Any = None) -> Any:
+        return _arg(args, kwargs, i, name, default)
+
+    def affine(w: int, eps: Optional[int] = None) -> bool:
+        """The layer's own weight and bias at positions w and w + 1 (and its eps at ``eps``)."""
+        own = arg(w, "weight") is module.weight and arg(w + 1, "bias") is module.bias
+        return own and (eps is None or float(arg(eps, "eps", 1e-5)) == float(module.eps))
+
     if isinstance(module, nn.Linear) and func is F.linear:
-        if _arg(args, kwargs, 1, "weight") is module.weight and _arg(args, kwargs, 2, "bias") is module.bias:
-            return _arg(args, kwargs, 0, "input")
+        same = affine(1)
     elif isinstance(module, nn.Embedding) and func is F.embedding:
-        table = _arg(args, kwargs, 1, "weight")
-        pad = _arg(args, kwargs, 2, "padding_idx")
+        pad = arg(2, "padding_idx")
         if pad is not None and pad < 0:
             pad += int(module.weight.shape[0])
         same = (
-            table is module.weight
+            arg(1, "weight") is module.weight
             and pad == module.padding_idx
-            and _arg(args, kwargs, 3, "max_norm") is None
-            and not _arg(args, kwargs, 5, "scale_grad_by_freq", False)
-            and not _arg(args, kwargs, 6, "sparse", False)
+            and arg(3, "max_norm") is None
+            and not arg(5, "scale_grad_by_freq", False)
+            and not arg(6, "sparse", False)
         )
-        if same:
-            return _arg(args, kwargs, 0, "input")
     elif isinstance(module, _BatchNorm) and func is F.batch_norm:
         # timm's BatchNormAct2d: _BatchNorm's own call, then an activation. The sketch normalizes as the
         # layer's mode says (batch statistics in training or without running ones, else the running ones).
         batch_stats = module.training or module.running_mean is None
         same = (
-            _arg(args, kwargs, 3, "weight") is module.weight
-            and _arg(args, kwargs, 4, "bias") is module.bias
-            and float(_arg(args, kwargs, 7, "eps", 1e-5)) == float(module.eps)
-            and bool(_arg(args, kwargs, 5, "training", False)) == batch_stats
-            and (batch_stats or _arg(args, kwargs, 1, "running_mean") is module.running_mean)
-            and (batch_stats or _arg(args, kwargs, 2, "running_var") is module.running_var)
+            affine(3, eps=7)
+            and bool(arg(5, "training", False)) == batch_stats
+            and (batch_stats or arg(1, "running_mean") is module.running_mean)
+            and (batch_stats or arg(2, "running_var") is module.running_var)
         )
-        if same:
-            return _arg(args, kwargs, 0, "input")
     elif isinstance(module, nn.LayerNorm) and func is F.layer_norm:
-        shape = _arg(args, kwargs, 1, "normalized_shape")
-        same = (
-            shape is not None
-            and tuple(shape) == tuple(module.normalized_shape)
-            and _arg(args, kwargs, 2, "weight") is module.weight
-            and _arg(args, kwargs, 3, "bias") is module.bias
-            and float(_arg(args, kwargs, 4, "eps", 1e-5)) == float(module.eps)
-        )
-        if same:
-            return _arg(args, kwargs, 0, "input")
+        shape = arg(1, "normalized_shape")
+        same = shape is not None and tuple(shape) == tuple(module.normalized_shape) and affine(2, eps=4)
     elif isinstance(module, nn.GroupNorm) and func is F.group_norm:
-        same = (
-            _arg(args, kwargs, 1, "num_groups") == module.num_groups
-            and _arg(args, kwargs, 2, "weight") is module.weight
-            and _arg(args, kwargs, 3, "bias") is module.bias
-            and float(_arg(args, kwargs, 4, "eps", 1e-5)) == float(module.eps)
-        )
-        if same:
-            return _arg(args, kwargs, 0, "input")
-    return None
+        same = arg(1, "num_groups") == module.num_groups and affine(2, eps=4)
+    else:
+        same = False
+    return arg(0, "input") if same else None
 
 
 class InnerCalls(TorchFunctionMode):

@@ -145,12 +145,12 @@ class LayerPlan:
                 tied.append((name, module))  # another lookup of a table an earlier Embedding holds
                 continue
             sk = self._layer_sketch(name, module, wants_ghost)
-            if sk is not None and self._admit(sk, module, own):
-                covered |= {own[p] for p in sk.covered(module)}
+            if sk is not None:
+                covered |= set(self._admit(sk, module, own))
         for name, module in tied:
             sk = self._tied_sketch(name, module, self.sketches.get(embeddings[id(module.weight)]))
-            if sk is not None and self._admit(sk, module, self._own(module)):
-                covered |= {self._own(module)[p] for p in sk.covered(module)}
+            if sk is not None:
+                covered |= set(self._admit(sk, module, self._own(module)))
         return covered
 
     def _layer_sketch(self, name: str, module: nn.Module, wants_ghost: bool) -> Optional[LayerSketch]:
@@ -216,15 +216,14 @@ class LayerPlan:
         if name not in self.per_layer and self.budget is not None and self.k is not None:
             lk = LinearSketch.fit(proj, self.k, self.budget)
         sk = LinearSketch(f"{name}.in_proj" if name else "in_proj", proj, lk, self.seed)
-        if self._admit(sk, proj, own):
-            return proj, [own[p] for p in sk.covered(proj)]
-        return proj, []
+        return proj, self._admit(sk, proj, own)
 
-    def _admit(self, sk: LayerSketch, module: nn.Module, own: Dict[str, str]) -> bool:
-        """Take a layer's sketch (False: the layer is excluded). ``own``: its parameters' names."""
+    def _admit(self, sk: LayerSketch, module: nn.Module, own: Dict[str, str]) -> List[str]:
+        """Take a layer's sketch; the names of the parameters it covers (none: the layer is excluded).
+        ``own``: its parameters' names."""
         covered = [own[p] for p in sk.covered(module)]
         if _excluded(sk.name, covered, self.kept):
-            return False
+            return []
         tied = isinstance(sk, (TiedLinearSketch, SharedEmbeddingSketch))
         shared = [n for n in covered if n in self._owner and not (tied and n == own["weight"])]
         if shared:
@@ -239,7 +238,7 @@ class LayerPlan:
             self.sketches[module] = sk
         else:  # a bias-free convolution whose weight the budget leaves out has no columns
             self.left_out.append(sk)
-        return True
+        return covered
 
     # ------------------------------------------------------------------ parameters of no layer
     def _plan_direct(self, uncovered: Set[str]) -> Set[str]:

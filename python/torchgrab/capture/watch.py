@@ -470,8 +470,11 @@ class WatchHandle:
             self._step.batch = _batch_of(args, kwargs, self.batch_first)
 
     def _records(self) -> bool:
-        """Whether a training forward now would be recorded (the attention forwards ask)."""
-        return self._recording and self.model.training and not _in_transform()
+        """Whether a layer's call now is recorded: a step is open, grad is enabled and the watched model is
+        in training mode. The model's mode, not the layer's: a layer put in eval mode in a training model
+        (BatchNorm with frozen statistics and trainable affine parameters) gets gradients, and rows, like
+        any other; a forward of the whole model in eval mode (validation, also with grad) is no step."""
+        return self._recording and self.model.training and torch.is_grad_enabled() and not _in_transform()
 
     def _on_forward(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
         if not args:
@@ -481,7 +484,7 @@ class WatchHandle:
     def _on_forward_functional(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> Any:
         """``_on_forward`` for a layer sketched by torch.func (FunctionalSketch), which replays the call
         on each example: only a call with one tensor and nothing else can be replayed so."""
-        if self._recording and self.model.training and torch.is_grad_enabled() and not _in_transform():
+        if self._records():
             if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
                 name = self._sketches[module].name
                 self._step, self._recording = _Step(), False  # this forward will have no backward
@@ -497,7 +500,7 @@ class WatchHandle:
         that take them (capture/direct.py) while its forward runs."""
         mode = None
         step = self._step
-        if self._recording and self.model.training and torch.is_grad_enabled() and not _in_transform():
+        if self._records():
             recompute = _in_backward() and step.forwards.get(module, 0)  # a checkpointed call, seen already
             if self.sampler.balances and not recompute:
                 if not _in_backward():
@@ -614,7 +617,7 @@ class WatchHandle:
         makes (capture/inner.py), unless it is known to compute its kind's function in another form."""
         mode = None
         looks = self._verdict.get(module) != "kind" and has_inner_function(module)
-        if looks and self._recording and self.model.training and torch.is_grad_enabled() and not _in_transform():
+        if looks and self._records():
             mode = InnerCalls(module, lambda m, x, out: self._record_call(m, (x,), out))
             mode.__enter__()
         self._modes.setdefault(module, []).append(mode)
@@ -623,10 +626,8 @@ class WatchHandle:
         """Forward hook (always called) of a layer whose class replaces its kind's forward: end the watch of
         its calls; at its first recorded forward, find how it computes its kind's function, or refuse it."""
         mode = self._leave_mode(module)
-        if out is None or not self._recording or not self.model.training or not torch.is_grad_enabled():
+        if out is None or not self._records():
             return None  # the forward raised (this hook runs anyway), or it is not recorded
-        if _in_transform():
-            return None
         verdict = self._verdict.get(module)
         if verdict == "kind":
             return self._record_call(module, args, out)
@@ -674,10 +675,7 @@ class WatchHandle:
     ) -> Any:
         """Record one call of a watched layer: its input ``x`` (batch first) and its output ``out``, whose
         gradient reaches the sketch batch first through ``grad_view`` (None: as it is)."""
-        # The model's mode, not the layer's: a layer put in eval mode in a training model (BatchNorm with
-        # frozen statistics and trainable affine parameters) gets gradients, and rows, like any other; a
-        # forward of the whole model in eval mode (validation, also with grad enabled) is no step.
-        if not self._recording or not self.model.training or not torch.is_grad_enabled() or _in_transform():
+        if not self._records():
             return None
         if not isinstance(out, torch.Tensor) or not out.requires_grad or module not in self._sketches:
             return None
