@@ -20,6 +20,7 @@ from conftest import assert_same_state
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchgrab import GraBSampler, ShapeError, StateDictError, UnsupportedInputError, UnsupportedModelError
+from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.layers import COUNT_OUT, FunctionalSketch, LinearSketch
 from torchgrab.capture.projection import FoldSketch
 from torchgrab.gradients import per_example_gradients
@@ -1572,26 +1573,111 @@ class _FunctionalQKV(nn.Module):
 
 
 @pytest.mark.parametrize("sketch", [None, 4])
-def test_a_layer_whose_weight_gets_a_gradient_without_being_called_is_refused(sketch):
+@pytest.mark.parametrize("by", ["graph", "gradient"])
+def test_a_layer_whose_weight_gets_a_gradient_without_being_called_is_refused(sketch, by):
     # Its weight's gradient reached no hook: the layer's rows were zero and nothing said so (timm's BEiT,
     # with q_bias left out, gave rows that matched torch.func's only within the tolerance of the largest
-    # column). Refused at the first backward, and watched once the layer is left out too.
+    # column). Refused at the end of the first forward, where the graph shows the use (capture/audit.py),
+    # or, where no watched layer was called to walk the graph from (head left out too), at the first
+    # backward, by the hook on the weight; watched once the layer is left out too.
     torch.manual_seed(0)
     model = _FunctionalQKV()
     x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
-    sampler, handle, spy = watched(model, sketch=sketch, exclude=["q_bias"])
-    with pytest.raises(
-        UnsupportedModelError, match=r"a parameter of qkv got a gradient in a step where the layer was never called"
-    ):
+    left_out = ["q_bias"] + (["head"] if by == "gradient" else [])
+    sampler, handle, spy = watched(model, sketch=sketch, exclude=left_out)
+    match = {
+        "graph": r"the parameter 'qkv.weight' of 'qkv' is used, but the layer was never called",
+        "gradient": r"a parameter of qkv got a gradient in a step where the layer was never called",
+    }[by]
+    with pytest.raises(UnsupportedModelError, match=match):
         ce(model(x), y).backward()
     assert handle._step.forwards == {} and not handle._recording
     model.zero_grad()
     handle.flush()
     assert spy.rows == [] and sampler.pending == 64
     handle.remove()
-    rows, expected, grads, handle = one_step(model, x, y, ce, sketch, exclude=["q_bias", "qkv"])
+    if by == "graph":
+        rows, expected, grads, handle = one_step(model, x, y, ce, sketch, exclude=["q_bias", "qkv"])
+        assert_rows(rows, expected)
+        assert [n for n, _, _ in handle.layers] == ["head"] and handle._audit == []
+
+
+class _TiedByFunction(nn.Module):
+    """A language model whose output projection is the embedding's table passed to F.linear, with no
+    module of its own (``tied=False``: an nn.Linear whose weight is the table, which watch() takes)."""
+
+    def __init__(self, by_module=False):
+        super().__init__()
+        self.wte = nn.Embedding(11, 6)
+        self.fc = nn.Linear(6, 6)
+        self.lm_head = None
+        if by_module:
+            self.lm_head = nn.Linear(6, 11, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        h = torch.tanh(self.fc(self.wte(ids)))
+        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.wte.weight)
+
+
+def _lm_loss(out, y, reduction="mean"):
+    return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction=reduction)
+
+
+@pytest.mark.parametrize("sketch", [None, 4])
+def test_a_weight_used_by_its_layer_and_outside_it_is_refused(sketch):
+    # The table's gradient from F.linear(h, wte.weight) reached no row: the rows held the lookups' part
+    # alone, silently. Refused at the end of the first forward, nothing fed; an nn.Linear tied to the
+    # table is the way to write it, and gets the whole gradient.
+    torch.manual_seed(0)
+    model = _TiedByFunction()
+    ids, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (4, 5))
+    sampler, handle, spy = watched(model, sketch=sketch)
+    with pytest.raises(UnsupportedModelError, match=r"'wte.weight' of 'wte' is also used outside the layer's calls"):
+        model(ids)
+    assert handle._step.forwards == {} and not handle._recording
+    handle.flush()
+    assert spy.rows == [] and sampler.pending == 64
+    handle.remove()
+    tied = _TiedByFunction(by_module=True)
+    tied.load_state_dict(model.state_dict(), strict=False)
+    rows, expected, _, handle = one_step(tied, ids, y, _lm_loss, sketch)
     assert_rows(rows, expected)
-    assert [n for n, _, _ in handle.layers] == ["head"] and handle._audit == []
+    assert handle._outside is None  # checked once, and found nothing
+
+
+def test_a_calls_nodes_begin_after_its_input_also_when_the_sketch_sees_a_view_made_later():
+    # A sequence-first layer is recorded with x.transpose(0, 1), made after the call: its node is newer
+    # than the call's own, and taken as the floor it would leave the call no nodes (every use of its
+    # weight refused as outside it). The floor is the input the view is of.
+    lin = nn.Linear(4, 3)
+    x = torch.randn(5, 2, 4, requires_grad=True) * 1.0  # [T, B, in], made before the call
+    out = lin(x)
+    audit = OutsideUses({id(lin.weight): ("weight", [lin])})
+    audit.add(lin, x.transpose(0, 1), out)
+    audit.add(lin, torch.randn(2, 5, 4), out)  # an input with no graph: no floor
+    assert [c[2] for c in audit.calls] == [x.grad_fn._sequence_nr(), -1]
+    assert audit.find(out.sum()) is None
+    used = out.sum() + F.linear(x, lin.weight).sum()  # the weight again, outside the call
+    assert audit.find(used)[:2] == ("weight", [lin])
+
+
+def test_a_weight_used_in_the_loss_is_not_refused():
+    # An L2 penalty added to the loss is outside the model's forward: its part of the gradient is the
+    # same for every example of the step, and the rows are those of the data term.
+    torch.manual_seed(0)
+    model = _mlp()
+    x, y = _data((6,), "class", b=5)
+
+    def penalized(out, y):
+        return ce(out, y) + 0.1 * sum((p**2).sum() for p in model.parameters())
+
+    sampler, handle, spy = watched(model, sketch=None)
+    penalized(model(x), y).backward()
+    handle.flush()
+    expected, _ = exact_rows(handle, model, ce, x, y)
+    assert len(spy.rows) == 1 and handle._outside is None
+    assert_rows(spy.rows[0], expected)
 
 
 @pytest.mark.parametrize("sketch", SKETCHES)
@@ -2055,7 +2141,8 @@ def test_watching_the_same_model_again_replaces_the_handle_and_another_model_is_
     ce(model(x), y).backward()  # gathered by the first handle, not yet fed
     second = sampler.watch(model, sketch=4)
     assert first.removed and not second.removed and sampler._watchers == [second]
-    assert sum(len(m._forward_hooks) for m in model.modules()) == 2  # the second handle's alone
+    # The second handle's alone: one on each Linear layer, one on the model (capture/audit.py).
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 3
     assert [r.shape[0] for r in spy.rows] == [5]  # the first handle fed its step as it left
     ce(model(x), y).backward()
     second.flush()
@@ -2078,7 +2165,7 @@ def test_watching_the_same_model_again_replaces_the_handle_and_another_model_is_
         third = fresh.watch(model, sketch=4)
     assert second.removed and sampler._watchers == [] and fresh._watchers == [third]
     assert [r.shape[0] for r in spy.rows] == [5, 5]  # the dropped step never reached the old sampler
-    assert sum(len(m._forward_hooks) for m in model.modules()) == 2
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 3
     ce(model(x), y).backward()
     third.flush()
     assert [r.shape[0] for r in fresh_spy.rows] == [5]

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from torchgrab.capture import attention as attn
+from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example
 from torchgrab.capture.eager import eager
 from torchgrab.capture.feed import RowFeeder
@@ -315,6 +316,14 @@ class WatchHandle:
         for t, mods in owners.values():
             self._audit.append(t.register_hook(self._unrecorded_check(mods)))
         self._hooks += self._audit
+        # And at the end of the first recorded forward, a walk of its graph: a layer that is called and
+        # whose weight is used besides, in the model's own forward (capture/audit.py). The hook stays (a
+        # hook removed after one step would make torch.compile recompile the model); it returns at once.
+        canon = {id(t): n for n, t in inner.named_parameters()}
+        self._outside: Optional[OutsideUses] = OutsideUses(
+            {key: (canon.get(key, "?"), mods) for key, (_, mods) in owners.items()}
+        )
+        self._hooks.append(model.register_forward_hook(eager(self._on_model_output)))
         self.removed = False
         sampler._watchers.append(self)
         self._inner = inner
@@ -450,6 +459,8 @@ class WatchHandle:
     def _on_step_begins(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         if _in_backward() or _in_transform():
             return  # a checkpointed model recomputing its forward; a torch.func transform
+        if self._outside is not None:
+            self._outside.calls = []  # those of a forward that raised before its end
         if self._step.grads or self._step.noted is not None:
             self._end_step()  # the open step's backward has run: this forward begins the next step
         elif self._step.forwards:
@@ -468,6 +479,28 @@ class WatchHandle:
         self._recording = module.training and torch.is_grad_enabled()
         if self._recording:
             self._step.batch = _batch_of(args, kwargs, self.batch_first)
+
+    def _on_model_output(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
+        """Forward hook of the watched model: at its first recorded forward, refuse a watched layer's
+        parameter that the forward also uses outside that layer's calls (capture/audit.py)."""
+        audit = self._outside
+        if audit is None or not audit.calls or not self._records():
+            return
+        found = audit.find(out)
+        audit.calls = []
+        if found is None:
+            self._outside = None  # checked: no other forward is walked
+            return
+        pname, mods, node, called = found
+        layers = " and ".join(repr(self._sketches[m].name) for m in mods)
+        how = "is also used outside the layer's calls" if called else "is used, but the layer was never called"
+        self._step, self._recording = _Step(), False  # this forward will have no backward
+        raise UnsupportedModelError(
+            f"watch(): the parameter {pname!r} of {layers} {how} in the model's forward (autograd node {node}), "
+            "so per-example rows would miss that part of its gradient. A tied output projection written as "
+            "F.linear(h, embedding.weight) is such a use (an nn.Linear whose weight is the embedding's is taken "
+            "whole), and so is timm's BEiT attention passing self.qkv.weight to F.linear. exclude= the layer"
+        )
 
     def _records(self) -> bool:
         """Whether a layer's call now is recorded: a step is open, grad is enabled and the watched model is
@@ -687,6 +720,8 @@ class WatchHandle:
             step.forwards[module] = step.forwards.get(module, 0) + 1
         if self._audit:
             step.recorded.add(module)
+        if self._outside is not None:
+            self._outside.add(module, x, out)
         sk = self._sketches[module]
         view = _as_is if grad_view is None else grad_view
         if not self.sampler.balances:
