@@ -7,10 +7,11 @@ factors, count sketches). Models are tiny: the whole file runs in seconds on two
 """
 
 import copy
+import dataclasses
 import socket
 import warnings
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import numpy as np
 import pytest
@@ -1646,6 +1647,11 @@ def test_a_weight_used_by_its_layer_and_outside_it_is_refused(sketch):
     assert handle._outside is None  # checked once, and found nothing
 
 
+@dataclasses.dataclass
+class _Out:
+    logits: Any
+
+
 def test_a_calls_nodes_begin_after_its_input_also_when_the_sketch_sees_a_view_made_later():
     # A sequence-first layer is recorded with x.transpose(0, 1), made after the call: its node is newer
     # than the call's own, and taken as the floor it would leave the call no nodes (every use of its
@@ -1660,6 +1666,9 @@ def test_a_calls_nodes_begin_after_its_input_also_when_the_sketch_sees_a_view_ma
     assert audit.find(out.sum()) is None
     used = out.sum() + F.linear(x, lin.weight).sum()  # the weight again, outside the call
     assert audit.find(used)[:2] == ("weight", [lin])
+    # Found in what a forward returns: tuples, lists, dicts and dataclasses.
+    assert audit.find({"a": [(1, _Out(logits=used))]})[:2] == ("weight", [lin])
+    assert audit.find(_Out(logits=None)) is None  # no tensor: nothing to walk
 
 
 def test_a_weight_used_in_the_loss_is_not_refused():

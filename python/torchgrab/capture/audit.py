@@ -20,12 +20,13 @@ Graphs this cannot read (a torch.compile'd region is one node) are not judged: n
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
-# Autograd gives the gradient accumulators of leaf tensors the largest sequence number.
+# The node that adds a gradient into a leaf tensor's .grad (numbered above every other node: matched by name).
 _ACCUMULATOR = "torch::autograd::AccumulateGrad"
 
 
@@ -34,7 +35,8 @@ def _seq(node: Any) -> int:
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """The tensors in a forward's output: tuples, lists, dicts and Hugging Face's ModelOutput."""
+    """The tensors in a forward's output: tuples, lists, dicts (Hugging Face's ModelOutput is one) and
+    dataclasses."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (tuple, list)):
@@ -43,6 +45,9 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, dict):
         for o in obj.values():
             yield from _tensors(o)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name))
 
 
 class OutsideUses:
