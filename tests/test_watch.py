@@ -1621,10 +1621,6 @@ class _TiedByFunction(nn.Module):
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.wte.weight)
 
 
-def _lm_loss(out, y, reduction="mean"):
-    return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction=reduction)
-
-
 @pytest.mark.parametrize("sketch", [None, 4])
 def test_a_weight_used_by_its_layer_and_outside_it_is_refused(sketch):
     # The table's gradient from F.linear(h, wte.weight) reached no row: the rows held the lookups' part

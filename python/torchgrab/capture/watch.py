@@ -26,12 +26,16 @@ from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example
 from torchgrab.capture.eager import eager
 from torchgrab.capture.feed import RowFeeder
+from torchgrab.capture.flatten import flattened_batch
 from torchgrab.capture.inner import InnerCalls, has_inner_function, replaced_forward, same_as_kind
 from torchgrab.capture.layers import (
+    EmbeddingSketch,
     FunctionalSketch,
     LayerSketch,
+    LinearSketch,
     SharedEmbeddingSketch,
     TiedLinearSketch,
+    _FeatureNormSketch,
 )
 from torchgrab.capture.plan import LayerPlan
 from torchgrab.errors import NonFiniteGradientError, ShapeError, UnsupportedInputError, UnsupportedModelError
@@ -42,6 +46,9 @@ DEFAULT_BUDGET = 0.25  # a layer's sketch may cost this fraction of its forward;
 # Whether the sublayers of a module holding parameters of no layer run without its TorchFunctionMode (see
 # WatchHandle.__init__). False only to measure what that saves (benchmarks/watch_vit.py).
 _SUBLAYERS_WITHOUT_MODE = True
+# The sketches that take a layer's input [B, T, ...] as a sequence of T per example, as they take flattened
+# rows once regrouped (capture/flatten.py).
+_SEQUENCE_SKETCHES = (LinearSketch, _FeatureNormSketch, EmbeddingSketch, SharedEmbeddingSketch, TiedLinearSketch)
 
 
 # The handle watching each model (by the module its hooks are on): one at a time, see WatchHandle._replace.
@@ -725,9 +732,12 @@ class WatchHandle:
         sk = self._sketches[module]
         view = _as_is if grad_view is None else grad_view
         if not self.sampler.balances:
-            # rr, so, ...: no sketch, only the number of examples, so that the sampler's cursor moves.
+            # rr, so, ...: no sketch, only the number of examples, so that the sampler's cursor moves: the
+            # model's batch where its input shows one (a layer's leading dimension may be B * T rows, or 1),
+            # counted at the first gradient, so that a forward with no backward counts nothing.
             if step.noted is None and x.dim() > 0:
-                _on_output_grad(out, lambda g: self._note(step, view(g).shape[0]))
+                n = step.batch
+                _on_output_grad(out, lambda g: self._note(step, view(g).shape[0] if n is None else n))
             return None
         b = step.batch
         lead = int(x.shape[0]) if x.dim() > 0 else 0
@@ -741,6 +751,11 @@ class WatchHandle:
                 # its gradient stays per example; values and broadcast are unchanged.
                 x = x.expand(b, *x.shape[1:])
                 out = replaced = out.expand(b, *out.shape[1:])
+            elif (m := self._flattened(sk, x, b)) is not None:
+                # Rows made example after example from a [B, ...] tensor (OPT's [B * T, E] MLP inputs;
+                # capture/flatten.py): the layer on [B, m, ...], as on a sequence.
+                x, by_rows = x.unflatten(0, (b, m)), view
+                view = lambda g: by_rows(g).unflatten(0, (b, m))  # noqa: E731
             else:
                 self._step, self._recording = _Step(), False  # this forward will have no backward
                 raise UnsupportedModelError(
@@ -752,6 +767,13 @@ class WatchHandle:
         saved = sk.save(module, x)
         _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, view(g)))
         return replaced
+
+    def _flattened(self, sk: LayerSketch, x: torch.Tensor, b: int) -> Optional[int]:
+        """m when the layer's input holds the batch's examples as b runs of m rows (capture/flatten.py) and
+        its sketch takes a sequence of m; None otherwise."""
+        if not self.batch_first or sk.ghost or not isinstance(sk, _SEQUENCE_SKETCHES):
+            return None
+        return flattened_batch(x, b)
 
     def _on_grad(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> None:
         if step is not self._step:
