@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from test_watch import assert_rows, ce, one_step, watched
 from torch import nn
+from torchgrab import UnsupportedModelError
 from torchgrab.capture.flatten import flattened_batch
 
 B, T, C = 3, 4, 5
@@ -88,3 +89,26 @@ def test_an_ordering_without_rows_counts_the_models_batch_not_a_layers_rows(orde
         _tag_loss(model(ids), y).backward()
     handle.flush()
     assert sampler.pending == 64 - 2 * B
+
+
+class _FlattensItsInput(nn.Module):
+    """Flattens the data it is given: the rows have no history to show where they came from."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(C, 3)
+
+    def forward(self, x):
+        return self.fc(x.reshape(-1, C)).view(x.shape[0], -1, 3)
+
+
+def test_flattened_rows_with_no_history_are_refused_with_the_reason():
+    model = _FlattensItsInput()
+    x, y = torch.randn(B, T, C), torch.randint(0, 3, (B, T))
+    sampler, handle, spy = watched(model, sketch=4)
+    with pytest.raises(
+        UnsupportedModelError, match=r"'fc' got an input of shape \(12, 5\).*Rows that flatten the batch"
+    ):
+        _tag_loss(model(x), y).backward()
+    handle.flush()
+    assert spy.rows == [] and sampler.pending == 64

@@ -758,11 +758,18 @@ class WatchHandle:
                 view = lambda g: by_rows(g).unflatten(0, (b, m))  # noqa: E731
             else:
                 self._step, self._recording = _Step(), False  # this forward will have no backward
+                flat = (
+                    " Rows that flatten the batch are taken where the input's history shows each example's rows "
+                    "consecutive (a reshape of a batch-first tensor, then operations that keep rows apart; not "
+                    "through a torch.compile'd region or attention windows)."
+                    if lead > b and lead % b == 0
+                    else ""
+                )
                 raise UnsupportedModelError(
                     f"watch(): module {sk.name!r} got an input of shape {tuple(x.shape)} in a step whose batch "
                     f"has {b} examples; per-example rows need batch-first inputs to every watched layer, and a "
                     "tensor shared by the whole batch (T5's relative position bias, DeBERTa's relative positions) "
-                    "has none (exclude= the layer, or granularity='batch' when a step is one unit)"
+                    f"has none (exclude= the layer, or granularity='batch' when a step is one unit).{flat}"
                 )
         saved = sk.save(module, x)
         _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, view(g)))
