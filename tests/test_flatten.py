@@ -35,6 +35,8 @@ def test_rows_that_are_not_the_batchs_examples_in_runs_are_not():
     h = _hidden(t=B)  # T == B: shapes alone cannot tell the two flattenings apart
     assert flattened_batch(h.transpose(0, 1).reshape(-1, C), B) is None  # [T, B, C] flattened: interleaved
     assert flattened_batch(h.permute(1, 0, 2).contiguous().view(-1, C), B) is None
+    assert flattened_batch(torch.tanh(h.transpose(-3, -2) * 2.0).reshape(-1, C), B) is None  # behind others
+    assert flattened_batch(h.transpose(1, 2).transpose(1, 2).reshape(-1, C), B) == B  # dimension 0 kept
     flat = _hidden().reshape(-1, C)
     assert flattened_batch(flat - flat.mean(0), B) is None  # an operation that mixes the rows
     assert flattened_batch(F.layer_norm(flat, (B * T, C)), B) is None  # normalized over the rows too

@@ -9,8 +9,11 @@ tensor flattened ``[T, B, E] -> [T * B, E]`` interleaves examples).
 
 So the input's history is read back through operations that keep each row apart (elementwise ones,
 LayerNorm, Linear layers, dropout) to the reshape that made the rows, which must have taken a tensor of
-leading dimension B, as every layer's input is taken to be batch first, and not a transposed one.
-Anything else (an input with no history, an operation that mixes rows) proves nothing: the caller refuses.
+leading dimension B, as every layer's input is taken to be batch first, whose own history, read back the
+same way, moved no dimension 0 by a transpose or permutation (``_moves_batch``). Anything else (an input
+with no history, an operation that mixes rows) proves nothing: the caller refuses. What the reading
+cannot see past (a sequence-first tensor with T equal to B, made by operations it does not follow) it
+cannot tell, as for any layer's input.
 """
 
 from __future__ import annotations
@@ -65,6 +68,28 @@ def _constant(node: Any) -> bool:
     return node is None or node.name() == _ACCUMULATOR
 
 
+def _moves_batch(node: Any, depth: int) -> bool:
+    """Whether the history of the tensor ``node`` made, read back through the operations that keep rows
+    apart, has a transpose or permutation that moved dimension 0 (or one whose dimensions are counted
+    from the end, which may have). A sequence-first tensor [T, B, E] made batch-first-looking by one, with
+    T equal to B, would otherwise pass for the batch; where the history leaves those operations, nothing
+    more is known, as for any layer's input."""
+    if node is None or depth > _DEPTH:
+        return False
+    name = node.name()
+    if name in _REORDERS:
+        if name == "PermuteBackward0":
+            moved = node._saved_dims[0] != 0
+        else:
+            dims = (node._saved_dim0, node._saved_dim1)
+            moved = any(d == 0 or d >= 1 << 63 for d in dims)  # a dimension from the end: maybe 0
+        return moved or _moves_batch(node.next_functions[0][0], depth + 1)
+    if name in _VIEWS or name == "AddmmBackward0" or name == "MmBackward0" or name in _ROWWISE:
+        follow = [n for n, _ in node.next_functions if not _constant(n)]
+        return any(_moves_batch(n, depth + 1) for n in follow)
+    return False
+
+
 def _from_batch(node: Any, rows: int, b: int, depth: int) -> bool:
     """Whether the tensor ``node`` made, of ``rows`` leading rows, has example i in rows
     ``i * rows / b ...`` by its history."""
@@ -78,10 +103,7 @@ def _from_batch(node: Any, rows: int, b: int, depth: int) -> bool:
             return _from_batch(nxt[0], rows, b, depth + 1)  # the rows kept as they were
         if not sizes or sizes[0] != b or math.prod(sizes) % rows:
             return False
-        src = nxt[0]
-        while src is not None and src.name() in ("CloneBackward0", "ToCopyBackward0"):
-            src = src.next_functions[0][0]
-        return src is None or src.name() not in _REORDERS
+        return not _moves_batch(nxt[0], 0)
     if name == "AddmmBackward0":  # bias + x @ W.T
         return _constant(nxt[0]) and _constant(nxt[2]) and _from_batch(nxt[1], rows, b, depth + 1)
     if name == "MmBackward0":  # x @ W.T
