@@ -26,12 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-# The node that adds a gradient into a leaf tensor's .grad (numbered above every other node: matched by name).
-_ACCUMULATOR = "torch::autograd::AccumulateGrad"
-
-
-def _seq(node: Any) -> int:
-    return int(node._sequence_nr())
+from torchgrab.capture.graph import accumulates, sequence_nr
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -66,11 +61,11 @@ class OutsideUses:
         node = out.grad_fn
         if node is None:
             return
-        top = _seq(node)
+        top = sequence_nr(node)
         inp = x.grad_fn if isinstance(x, torch.Tensor) else None
-        while inp is not None and _seq(inp) >= top and inp.next_functions:
+        while inp is not None and sequence_nr(inp) >= top and inp.next_functions:
             inp = inp.next_functions[0][0]  # a view of the input made after the call: the input itself
-        self.calls.append((module, node, -1 if inp is None or _seq(inp) >= top else _seq(inp)))
+        self.calls.append((module, node, -1 if inp is None or sequence_nr(inp) >= top else sequence_nr(inp)))
 
     def _segments(self) -> Dict[nn.Module, Set[Any]]:
         """Each layer's nodes: those reachable from its calls' outputs, made after the call's input."""
@@ -80,7 +75,7 @@ class OutsideUses:
             todo = [node]
             while todo:
                 n = todo.pop()
-                if n is None or n in nodes or n.name() == _ACCUMULATOR or _seq(n) <= floor:
+                if n is None or n in nodes or accumulates(n) or sequence_nr(n) <= floor:
                     continue
                 nodes.add(n)
                 todo.extend(m for m, _ in n.next_functions)
@@ -107,7 +102,7 @@ class OutsideUses:
             for child, _ in n.next_functions:
                 if child is None:
                     continue
-                if child.name() == _ACCUMULATOR:
+                if accumulates(child):
                     owner = self.owners.get(id(child.variable))
                     if found is None and owner is not None and not any(n in segments.get(m, ()) for m in owner[1]):
                         called = any(m in segments for m in owner[1])

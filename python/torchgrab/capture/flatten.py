@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from torchgrab.capture.graph import accumulates
+
 # One gradient input, each output row from the same row of it.
 _ROWWISE = {
     "ReluBackward0",
@@ -56,7 +58,6 @@ _ROWWISE = {
 _ELEMENTWISE2 = {"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"}
 _VIEWS = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"}
 _REORDERS = {"TransposeBackward0", "TransposeBackward1", "PermuteBackward0"}
-_ACCUMULATOR = "torch::autograd::AccumulateGrad"
 _DEPTH = 64
 
 
@@ -65,7 +66,7 @@ def _constant(node: Any) -> bool:
     through a transpose (a Linear layer's weight)."""
     while node is not None and node.name() in ("TBackward0", "ToCopyBackward0"):
         node = node.next_functions[0][0]
-    return node is None or node.name() == _ACCUMULATOR
+    return node is None or accumulates(node)
 
 
 def _moves_batch(node: Any, depth: int) -> bool:
