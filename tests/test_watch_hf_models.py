@@ -157,6 +157,43 @@ def test_vision_transformers_class_tokens_position_embeddings_and_layer_scales_g
     assert handle.width == sum(g[0].numel() for g in grads.values())  # every parameter, exactly
 
 
+def _swin():
+    cfg = transformers.SwinConfig(
+        image_size=16, patch_size=2, embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=4, num_labels=3,
+        drop_path_rate=0.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.SwinForImageClassification(cfg), 16
+
+
+def _mobilevit():
+    cfg = transformers.MobileViTConfig(
+        image_size=32, num_labels=3, hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16],
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.MobileViTForImageClassification(cfg), 32
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's reference over attention
+@pytest.mark.parametrize("sketch", [None, 8])
+@pytest.mark.parametrize("family", ["swin", "mobilevit"])
+def test_attention_over_windows_or_patches_of_every_example_stacked_gives_exact_rows(family, sketch):
+    # Swin stacks every example's (shifted) windows into one batch for its attention, MobileViT every
+    # example's patches: those layers get B * windows rows, regrouped by example from their history
+    # (capture/flatten.py). Swin's relative-position tables, indexed and broadcast over the windows, are
+    # left out; MobileViT's BatchNorm layers are put in eval mode, for per-example gradients to compare with.
+    net, size = {"swin": _swin, "mobilevit": _mobilevit}[family]()
+    model = _off_one(_Logits(lambda: net, key="pixel_values")).train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    left_out = [n for n, _ in model.named_parameters() if "relative_position_bias_table" in n]
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    rows, expected, grads, handle = one_step(model, x, torch.tensor([0, 1, 2]), _ce, sketch, exclude=left_out)
+    assert_rows(rows, expected)
+    if sketch is None:  # every parameter not left out, exactly: the layers on windows and patches included
+        assert handle.width == sum(g[0].numel() for n, g in grads.items() if n not in left_out)
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's reference over attention
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_clip_and_siglip_image_towers_give_exact_rows(family):

@@ -1,32 +1,38 @@
 """Layer inputs whose examples were flattened into the leading dimension, found from the autograd graph.
 
-OPT's decoder layers reshape their ``[B, T, E]`` hidden states to ``[B * T, E]`` before the MLP, and
-many hand-written heads do the same (``self.fc(h.view(-1, E))``). Such a layer gets ``B * T`` rows, not
-``B``. Reshaping keeps the logical (row-major) order, so example b is rows ``b * T ... (b + 1) * T - 1``,
-and the layer can be sketched as a sequence layer on ``[B, T, E]`` — provided the rows really came so.
-A leading dimension that is a multiple of B proves nothing (Swin stacks windows; a sequence-first
-tensor flattened ``[T, B, E] -> [T * B, E]`` interleaves examples).
+OPT's decoder layers reshape their ``[B, T, E]`` hidden states to ``[B * T, E]`` before the MLP, many
+hand-written heads do the same (``self.fc(h.view(-1, E))``), and Swin cuts each image into windows and
+stacks all the batch's windows into one ``[B * W, N, E]`` batch for its attention. Such a layer gets
+``B * m`` rows, not ``B``. Reshaping keeps the logical (row-major) order, so when the rows were made by
+merging a batch-first tensor's leading dimension with others, example b is rows ``b * m ... (b + 1) * m - 1``
+and the layer can be sketched as a sequence layer on ``[B, m, ...]``. A leading dimension that is a
+multiple of B proves nothing by itself (a sequence-first tensor flattened ``[T, B, E] -> [T * B, E]``
+interleaves the examples).
 
-So the input's history is read back through operations that keep each row apart (elementwise ones,
-LayerNorm, Linear layers, dropout) to the reshape that made the rows, which must have taken a tensor of
-leading dimension B, as every layer's input is taken to be batch first, whose own history, read back the
-same way, moved no dimension 0 by a transpose or permutation (``_moves_batch``). Anything else (an input
-with no history, an operation that mixes rows) proves nothing: the caller refuses. What the reading
-cannot see past (a sequence-first tensor with T equal to B, made by operations it does not follow) it
-cannot tell, as for any layer's input.
+So the input's history is read back, following the dimension that holds the rows through each operation
+(shapes from autograd's metadata), through operations that keep rows apart along it: elementwise ones
+(a broadcast operand carries no rows), LayerNorm and softmax over other dimensions, Linear layers,
+batched matrix products and attention, transposes and permutations (the rows move to another
+dimension), reshapes that keep the rows' dimension whole, select, unbind, split, slice, roll and pad
+along other dimensions. It must reach the reshape that made the rows from a tensor whose leading
+dimension is the batch, as every layer's input is taken to be batch first, and whose own history moved
+no dimension 0 by a transpose or permutation (``_moves_batch``). Anything else (an input with no
+history, an operation that mixes rows) proves nothing: the caller refuses. What the reading cannot see
+past (a sequence-first tensor with T equal to B, made by operations it does not follow) it cannot tell,
+as for any layer's input.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from torchgrab.capture.graph import accumulates
 
-# One gradient input, each output row from the same row of it.
-_ROWWISE = {
+# Each output element from the elements at the same position of its operands (broadcast aligned).
+_ELEMENTWISE = {
     "ReluBackward0",
     "GeluBackward0",
     "TanhBackward0",
@@ -43,6 +49,8 @@ _ROWWISE = {
     "ToCopyBackward0",
     "NegBackward0",
     "ExpBackward0",
+    "SqrtBackward0",
+    "RsqrtBackward0",
     "PowBackward0",
     "AddBackward0",
     "AddBackward1",
@@ -52,70 +60,206 @@ _ROWWISE = {
     "MulBackward1",
     "DivBackward0",
     "DivBackward1",
-    "NativeLayerNormBackward0",  # over trailing dimensions, not the rows (checked)
 }
-# Elementwise with two inputs: each path that carries the rows must carry them the same way.
-_ELEMENTWISE2 = {"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"}
 _VIEWS = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"}
 _REORDERS = {"TransposeBackward0", "TransposeBackward1", "PermuteBackward0"}
-_DEPTH = 64
+_BIG = 1 << 63  # dimensions counted from the end are saved as unsigned: 2^64 - k
+_MAX_STEPS = 512  # operations read back per input, at most (then nothing is shown)
+_MAX_SOURCE = 64  # operations read back from the reshape's source, at most
 
 
-def _constant(node: Any) -> bool:
-    """A path with no example in it: nothing (a tensor that needs no gradient) or a parameter, seen
-    through a transpose (a Linear layer's weight)."""
-    while node is not None and node.name() in ("TBackward0", "ToCopyBackward0"):
-        node = node.next_functions[0][0]
-    return node is None or accumulates(node)
+def _dim(d: int, n: int) -> int:
+    """A saved dimension (2^64 - k for -k) as a position among n."""
+    return d - (1 << 64) + n if d >= _BIG else d
 
 
-def _moves_batch(node: Any, depth: int) -> bool:
-    """Whether the history of the tensor ``node`` made, read back through the operations that keep rows
-    apart, has a transpose or permutation that moved dimension 0 (or one whose dimensions are counted
-    from the end, which may have). A sequence-first tensor [T, B, E] made batch-first-looking by one, with
-    T equal to B, would otherwise pass for the batch; where the history leaves those operations, nothing
-    more is known, as for any layer's input."""
-    if node is None or depth > _DEPTH:
+def _shape(node: Any, k: int) -> Optional[List[int]]:
+    """The shape of output k of the node (the forward tensor it made)."""
+    meta = node._input_metadata
+    return list(meta[k].shape) if k < len(meta) else None
+
+
+# Operations that only rearrange, select or combine elementwise what they are given: a tensor made by
+# them from parameters and constants alone holds no example (a relative-position table indexed by a
+# buffer of positions and added to a mask).
+_REARRANGE = (
+    _VIEWS
+    | _REORDERS
+    | {
+        "TBackward0",
+        "UnsqueezeBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "ExpandBackward0",
+        "RepeatBackward0",
+        "IndexBackward0",
+        "SliceBackward0",
+        "SelectBackward0",
+        "CatBackward0",
+        "StackBackward0",
+    }
+)
+
+
+def _constant(node: Any, seen: Optional[Dict[Any, bool]] = None) -> bool:
+    """A path taken to hold no example: nothing (a tensor that needs no gradient), a parameter, or what
+    rearranging and elementwise operations make of those alone. (An embedding's lookup is not one of
+    those operations: its output holds the examples' tokens, though its only input is the table.) A tensor
+    that needs no gradient may still be data (a mask, or an input the model scales): combined elementwise
+    with the rows it is taken as given, as a BatchNorm's statistics are, which reading the graph cannot
+    tell apart."""
+    if node is None or accumulates(node):
+        return True
+    seen = {} if seen is None else seen
+    if node not in seen:
+        seen[node] = False
+        name = node.name()
+        if (name in _REARRANGE or name in _ELEMENTWISE) and len(seen) <= _MAX_SOURCE:
+            seen[node] = all(_constant(n, seen) for n, _ in node.next_functions)
+    return seen[node]
+
+
+class _Reading:
+    """One input's history read back for batch b: ``rows(node, k, d, inner)`` says whether output k of
+    ``node`` holds the batch's examples as runs of consecutive rows along dimension d, each row ``inner``
+    consecutive entries of it (more than one where a reshape split the rows' dimension: a Linear layer
+    on [B * W, N, E] works on [B * W * N, E])."""
+
+    def __init__(self, b: int) -> None:
+        self.b = b
+        self.steps = 0
+        self.seen: Dict[Tuple[Any, int, int, int], bool] = {}
+
+    def rows(self, node: Any, k: int, d: int, inner: int) -> bool:
+        key = (node, k, d, inner)
+        if key in self.seen:
+            return self.seen[key]
+        self.steps += 1
+        ok = self.steps <= _MAX_STEPS and self._rows(node, k, d, inner)
+        self.seen[key] = ok
+        return ok
+
+    def _along(self, child: Any, ci: int, d: int, inner: int) -> bool:
+        """The rows along dimension d of the child's output."""
+        return child is not None and not accumulates(child) and self.rows(child, ci, d, inner)
+
+    def _rows(self, node: Any, k: int, d: int, inner: int) -> bool:
+        name = node.name()
+        out = _shape(node, k)
+        if out is None or d >= len(out):
+            return False
+        nxt = list(node.next_functions)
+        if name in _VIEWS:
+            return self._view(node, out, d, inner)
+        if name in _ELEMENTWISE:
+            carried = False
+            for child, ci in nxt:
+                if _constant(child):
+                    continue  # nothing, or a parameter: no example in it
+                shape = _shape(child, ci)
+                cd = d - (len(out) - len(shape)) if shape is not None else -1
+                if shape is None or cd < 0 or shape[cd] != out[d]:
+                    if shape is not None and (cd < 0 or shape[cd] == 1):
+                        continue  # broadcast along the rows: shared by all of them
+                    return False
+                if not self._along(child, ci, cd, inner):
+                    return False
+                carried = True
+            return carried
+        if name == "NativeLayerNormBackward0":
+            return d < len(out) - len(node._saved_normalized_shape) and self._along(*nxt[0], d, inner)
+        if name in ("SoftmaxBackward0", "LogSoftmaxBackward0", "SafeSoftmaxBackward0"):
+            return _dim(node._saved_dim, len(out)) != d and self._along(*nxt[0], d, inner)
+        if name == "AddmmBackward0":  # bias + x @ W.T
+            return d == 0 and _constant(nxt[0][0]) and _constant(nxt[2][0]) and self._along(*nxt[1], 0, inner)
+        if name == "MmBackward0":  # x @ W.T
+            return d == 0 and _constant(nxt[1][0]) and self._along(*nxt[0], 0, inner)
+        if name == "BmmBackward0":  # batched over dimension 0; with a constant right factor, rows of the left
+            carry = [c for c in nxt if not _constant(c[0])]
+            if d == 1:
+                return len(carry) == 1 and carry[0] is nxt[0] and self._along(*nxt[0], 1, inner)
+            return d == 0 and bool(carry) and all(self._along(c, ci, 0, inner) for c, ci in carry)
+        if name.startswith("ScaledDotProduct"):  # q, k, v batched over all but their last two dimensions
+            carry = [c for c in nxt[:3] if not _constant(c[0])]
+            return d < len(out) - 2 and bool(carry) and all(self._along(c, ci, d, inner) for c, ci in carry)
+        if name == "PermuteBackward0":
+            return self._along(*nxt[0], _dim(node._saved_dims[d], len(out)), inner)
+        if name in ("TransposeBackward0", "TransposeBackward1"):
+            a, b = _dim(node._saved_dim0, len(out)), _dim(node._saved_dim1, len(out))
+            return self._along(*nxt[0], b if d == a else a if d == b else d, inner)
+        if name == "UnsqueezeBackward0":
+            u = _dim(node._saved_dim, len(out))
+            return d != u and self._along(*nxt[0], d - (d > u), inner)
+        if name in ("SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2"):
+            sizes = [int(v) for v in node._saved_self_sym_sizes]
+            saved = getattr(node, "_saved_dim", None)
+            gone = range(len(sizes)) if saved is None else saved if isinstance(saved, tuple) else (saved,)
+            gone = {_dim(g, len(sizes)) for g in gone if sizes[_dim(g, len(sizes))] == 1}
+            kept = [i for i in range(len(sizes)) if i not in gone]
+            return len(kept) == len(out) and self._along(*nxt[0], kept[d], inner)
+        if name in ("UnbindBackward0", "SelectBackward0"):
+            u = _dim(node._saved_dim, len(out) + 1)
+            return self._along(*nxt[0], d + (d >= u), inner)
+        if name in ("SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0", "CatBackward0"):
+            if _dim(node._saved_dim, len(out)) == d:
+                return False  # cut or joined along the rows
+            carry = [c for c in nxt if not _constant(c[0])]
+            return bool(carry) and all(self._along(c, ci, d, inner) for c, ci in carry)
+        if name == "RollBackward0":
+            return all(_dim(r, len(out)) != d for r in node._saved_dims) and self._along(*nxt[0], d, inner)
+        if name == "ConstantPadNdBackward0":
+            padded = {len(out) - 1 - i // 2 for i, p in enumerate(node._saved_pad) if p}
+            return d not in padded and self._along(*nxt[0], d, inner)
+        if name == "ExpandBackward0":
+            shape = _shape(*nxt[0]) if nxt[0][0] is not None else None
+            cd = d - (len(out) - len(shape)) if shape is not None else -1
+            return shape is not None and cd >= 0 and shape[cd] == out[d] and self._along(*nxt[0], cd, inner)
         return False
+
+    def _view(self, node: Any, out: List[int], d: int, inner: int) -> bool:
+        """A reshape (row-major: the same elements in the same order). The rows' dimension d of the output
+        is one input dimension, part of one (the rows get longer: the rest of it is in each), or several
+        merged: led by the batch's own dimension 0, the rows were made from the batch there, example
+        after example."""
+        sizes = [int(s) for s in node._saved_self_sym_sizes]
+        before = math.prod(out[:d])
+        i0 = next((i for i in range(len(sizes)) if math.prod(sizes[:i]) == before and sizes[i] != 1), None)
+        if i0 is None:
+            return False
+        child, ci = node.next_functions[0]
+        if sizes[i0] >= out[d]:  # dimension i0 is output dimensions d ... j
+            j = next((j for j in range(d, len(out)) if math.prod(out[d : j + 1]) == sizes[i0]), None)
+            return j is not None and self._along(child, ci, i0, inner * math.prod(out[d + 1 : j + 1]))
+        i1 = next((i for i in range(i0 + 1, len(sizes) + 1) if math.prod(sizes[i0:i]) == out[d]), None)
+        if i1 is None:
+            return False
+        q = math.prod(sizes[i0 + 1 : i1])  # entries of the merged dimension per entry of dimension i0
+        if inner % q == 0:
+            return self._along(child, ci, i0, inner // q)  # each row whole entries of dimension i0
+        if q % inner or i0 != 0 or sizes[0] != self.b:
+            return False  # rows inside the entries of a dimension other than the batch's
+        return not _moves_batch(child, set())
+
+
+def _moves_batch(node: Any, seen: set) -> bool:
+    """Whether the history of the tensor ``node`` made, read back through reshapes, elementwise
+    operations and Linear layers, has a transpose or permutation that moved dimension 0 (or one whose
+    dimensions are counted from the end, which may have). A sequence-first tensor [T, B, E] made
+    batch-first-looking by one, with T equal to B, would otherwise pass for the batch; where the history
+    leaves those operations, or after _MAX_SOURCE of them, nothing more is known."""
+    if node is None or node in seen or len(seen) >= _MAX_SOURCE:
+        return False
+    seen.add(node)
     name = node.name()
     if name in _REORDERS:
         if name == "PermuteBackward0":
             moved = node._saved_dims[0] != 0
         else:
-            dims = (node._saved_dim0, node._saved_dim1)
-            moved = any(d == 0 or d >= 1 << 63 for d in dims)  # a dimension from the end: maybe 0
-        return moved or _moves_batch(node.next_functions[0][0], depth + 1)
-    if name in _VIEWS or name == "AddmmBackward0" or name == "MmBackward0" or name in _ROWWISE:
-        follow = [n for n, _ in node.next_functions if not _constant(n)]
-        return any(_moves_batch(n, depth + 1) for n in follow)
-    return False
-
-
-def _from_batch(node: Any, rows: int, b: int, depth: int) -> bool:
-    """Whether the tensor ``node`` made, of ``rows`` leading rows, has example i in rows
-    ``i * rows / b ...`` by its history."""
-    if node is None or depth > _DEPTH:
-        return False
-    name = node.name()
-    nxt = [n for n, _ in node.next_functions]
-    if name in _VIEWS:
-        sizes = tuple(int(s) for s in node._saved_self_sym_sizes)
-        if sizes and sizes[0] == rows:
-            return _from_batch(nxt[0], rows, b, depth + 1)  # the rows kept as they were
-        if not sizes or sizes[0] != b or math.prod(sizes) % rows:
-            return False
-        return not _moves_batch(nxt[0], 0)
-    if name == "AddmmBackward0":  # bias + x @ W.T
-        return _constant(nxt[0]) and _constant(nxt[2]) and _from_batch(nxt[1], rows, b, depth + 1)
-    if name == "MmBackward0":  # x @ W.T
-        return _constant(nxt[1]) and _from_batch(nxt[0], rows, b, depth + 1)
-    if name == "NativeLayerNormBackward0" and len(node._saved_normalized_shape) >= node._saved_input.dim():
-        return False  # normalized over the rows too
-    if name in _ROWWISE:
-        carried = [n for n in nxt if not _constant(n)]
-        if len(carried) > 1 and name not in _ELEMENTWISE2:
-            return False  # (LayerNorm's weight and bias are parameters: _constant)
-        return bool(carried) and all(_from_batch(n, rows, b, depth + 1) for n in carried)
+            moved = any(d == 0 or d >= _BIG for d in (node._saved_dim0, node._saved_dim1))
+        return moved or _moves_batch(node.next_functions[0][0], seen)
+    if name in _VIEWS or name in _ELEMENTWISE or name in ("AddmmBackward0", "MmBackward0", "NativeLayerNormBackward0"):
+        return any(_moves_batch(n, seen) for n, _ in node.next_functions if n is not None and not accumulates(n))
     return False
 
 
@@ -125,4 +269,4 @@ def flattened_batch(x: torch.Tensor, b: int) -> Optional[int]:
     if x.dim() < 2 or x.shape[0] <= b or x.shape[0] % b or x.grad_fn is None:
         return None
     rows = int(x.shape[0])
-    return rows // b if _from_batch(x.grad_fn, rows, b, 0) else None
+    return rows // b if _Reading(b).rows(x.grad_fn, x.output_nr, 0, 1) else None

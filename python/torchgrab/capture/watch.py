@@ -258,6 +258,9 @@ class WatchHandle:
                 )
         self._step = _Step()
         self._recording = False
+        # (sketch, input shape, batch, input's node) -> rows per example, for layers given the batch
+        # flattened into their rows (capture/flatten.py), as read at their first such call.
+        self._flat: Dict[Tuple[Any, ...], int] = {}
         # Where the rows go: a block buffer of consecutive steps, fed to the sampler every few steps.
         self._feeder = RowFeeder(sampler, self._row_width, granularity, non_blocking, scaler)
         self._feeder.exchange = exchange
@@ -777,10 +780,18 @@ class WatchHandle:
 
     def _flattened(self, sk: LayerSketch, x: torch.Tensor, b: int) -> Optional[int]:
         """m when the layer's input holds the batch's examples as b runs of m rows (capture/flatten.py) and
-        its sketch takes a sequence of m; None otherwise."""
-        if not self.batch_first or sk.ghost or not isinstance(sk, _SEQUENCE_SKETCHES):
+        its sketch takes a sequence of m; None otherwise. Read from the graph at the first call of each
+        layer, input shape and batch, then remembered: the reading is a walk in Python over the call's
+        history, every step, and a forward does not change its layout from one step to the next."""
+        if not self.batch_first or sk.ghost or not isinstance(sk, _SEQUENCE_SKETCHES) or x.grad_fn is None:
             return None
-        return flattened_batch(x, b)
+        key = (sk, tuple(x.shape), b, x.grad_fn.name())
+        m = self._flat.get(key)
+        if m is None:
+            m = flattened_batch(x, b)
+            if m is not None:
+                self._flat[key] = m
+        return m
 
     def _on_grad(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> None:
         if step is not self._step:
