@@ -893,6 +893,24 @@ def test_uncovered_parameters_are_refused_and_can_be_excluded(sketch):
     assert [n for n, _, _ in handle.layers] == ["emb", "out"]
 
 
+def test_exclude_takes_shell_patterns_of_parameter_and_module_names():
+    # Swin has one relative-position table per block: one pattern, "*.relative_position_bias_table",
+    # leaves them all out, as its refusal suggests, instead of one name per refusal.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)))
+    layers = {}
+    for pattern in ("*.1", "2.?", "[02].0"):
+        handle = GraBSampler(n=8).watch(model, exclude=[pattern])
+        layers[pattern] = [n for n, _, _ in handle.layers]
+        handle.remove()
+    assert layers == {"*.1": ["0", "2.0"], "2.?": ["0"], "[02].0": ["0", "2.1"]}  # a whole name: not "0"
+    with pytest.raises(UnsupportedInputError, match=r"exclude names no trainable parameter .*\['\*.nothing'\]"):
+        GraBSampler(n=8).watch(model, exclude=["*.nothing"])
+    with pytest.raises(UnsupportedInputError, match="leaves out .* but not the rest of layer"):
+        GraBSampler(n=8).watch(model, exclude=["*.bias"])
+    no_hooks(model)
+
+
 class Encoder(nn.Module):
     """Tokens -> a transformer encoder layer (nn.MultiheadAttention inside) -> mean -> classes."""
 

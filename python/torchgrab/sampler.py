@@ -622,7 +622,8 @@ class GraBSampler(Sampler[int]):
                 gradients (any model), for loops where a step is one unit (a batch of one, or
                 ``unit_size`` equal to the batch size); not checked: a backward of B > 1 examples with
                 ``unit_size=1`` would take one index instead of B.
-            exclude: module or parameter names whose gradients are left out of the rows.
+            exclude: module or parameter names whose gradients are left out of the rows, or shell-style
+                patterns of them (``"*.relative_position_bias_table"``: every block's table).
             scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop: rows are unscaled, and a step
                 it skips for inf/NaN gives no rows (its examples count as unseen).
             seed: seeds the projections (default: the sampler's seed); a resumed run must use the same.

@@ -9,6 +9,7 @@ a refused ``watch()`` leaves both as they were.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -343,10 +344,10 @@ def _kept(inner: nn.Module, named: List[Tuple[str, torch.Tensor]], exclude: List
     # Every name of a shared parameter (a tied output layer's weight is also the embedding's): leaving out
     # either layer leaves out the parameter.
     aliases = [(n, p) for n, p in inner.named_parameters(remove_duplicate=False) if p.requires_grad]
-    unknown = [e for e in exclude if not any(_under(n, e) for n, _ in aliases)]
+    unknown = [e for e in exclude if not any(_named_by(n, e) for n, _ in aliases)]
     if unknown:
         raise UnsupportedInputError(f"exclude names no trainable parameter or module of the model: {unknown}")
-    excluded = {id(p) for n, p in aliases if any(_under(n, e) for e in exclude)}
+    excluded = {id(p) for n, p in aliases if any(_named_by(n, e) for e in exclude)}
     kept = {n for n, p in named if id(p) not in excluded}
     if not kept:
         raise UnsupportedModelError(
@@ -392,6 +393,21 @@ def _layer_batch_first(module: nn.Module) -> Optional[bool]:
 
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
+
+
+def _named_by(name: str, entry: str) -> bool:
+    """Whether an exclude= entry names the parameter ``name``: the parameter or a module holding it, by
+    name, or by a shell-style pattern (``"*.relative_position_bias_table"``: every block's table) that
+    matches the parameter's name or a module's."""
+    if not any(c in entry for c in "*?["):
+        return _under(name, entry)
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), entry) for i in range(1, len(parts) + 1))
+
+
+def every_like(name: str) -> str:
+    """The exclude= pattern for every parameter or module named as the last part of ``name``."""
+    return "*." + name.rsplit(".", 1)[-1] if "." in name else name
 
 
 def _within(name: str, prefix: str) -> bool:

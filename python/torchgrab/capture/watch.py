@@ -37,7 +37,7 @@ from torchgrab.capture.layers import (
     TiedLinearSketch,
     _FeatureNormSketch,
 )
-from torchgrab.capture.plan import LayerPlan
+from torchgrab.capture.plan import LayerPlan, every_like
 from torchgrab.errors import NonFiniteGradientError, ShapeError, UnsupportedInputError, UnsupportedModelError
 from torchgrab.ondevice import Factored
 
@@ -509,7 +509,8 @@ class WatchHandle:
             f"watch(): the parameter {pname!r} of {layers} {how} in the model's forward (autograd node {node}), "
             "so per-example rows would miss that part of its gradient. A tied output projection written as "
             "F.linear(h, embedding.weight) is such a use (an nn.Linear whose weight is the embedding's is taken "
-            "whole), and so is timm's BEiT attention passing self.qkv.weight to F.linear. exclude= the layer"
+            "whole), and so is timm's BEiT attention passing self.qkv.weight to F.linear. exclude= the layer, "
+            f"or {every_like(self._sketches[mods[0]].name)!r} for every layer of that name"
         )
 
     def _records(self) -> bool:
@@ -610,7 +611,8 @@ class WatchHandle:
         self._step, self._recording = _Step(), False  # this forward will have no backward
         raise UnsupportedModelError(
             f"watch(): {sk.name!r} belongs to no layer; its per-example gradient is taken where the forward "
-            f"broadcasts it over the batch (expand, +, *), and {what} takes it otherwise. exclude= it"
+            f"broadcasts it over the batch (expand, +, *), and {what} takes it otherwise. exclude= it, or "
+            f"{every_like(sk.name)!r} for every parameter of that name"
         )
 
     def _direct_check(self, sk: DirectParamSketch) -> Callable[[torch.Tensor], None]:
@@ -650,7 +652,7 @@ class WatchHandle:
                 f"watch(): a parameter of {names[0] if len(names) == 1 else names} got a gradient in a step where "
                 "the layer was never called: the model uses its weight outside the layer's forward (as timm's "
                 "BEiT and EVA attention pass self.qkv.weight to F.linear), so per-example rows would miss that "
-                "gradient. exclude= the layer"
+                f"gradient. exclude= the layer, or {every_like(names[0])!r} for every layer of that name"
             )
 
         return hook
