@@ -762,29 +762,34 @@ class WatchHandle:
                 x, by_rows = x.unflatten(0, (b, m)), view
                 view = lambda g: by_rows(g).unflatten(0, (b, m))  # noqa: E731
             else:
-                self._step, self._recording = _Step(), False  # this forward will have no backward
-                flat = (
-                    " Rows that flatten the batch are taken where the input's history shows each example's rows "
-                    "consecutive (a reshape of a batch-first tensor, then operations that keep rows apart; not "
-                    "through a torch.compile'd region or attention windows)."
-                    if lead > b and lead % b == 0
-                    else ""
-                )
-                raise UnsupportedModelError(
-                    f"watch(): module {sk.name!r} got an input of shape {tuple(x.shape)} in a step whose batch "
-                    f"has {b} examples; per-example rows need batch-first inputs to every watched layer, and a "
-                    "tensor shared by the whole batch (T5's relative position bias, DeBERTa's relative positions) "
-                    f"has none (exclude= the layer, or granularity='batch' when a step is one unit).{flat}"
-                )
+                self._refuse_layout(sk, x, b)
         saved = sk.save(module, x)
         _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, view(g)))
         return replaced
 
+    def _refuse_layout(self, sk: LayerSketch, x: torch.Tensor, b: int) -> None:
+        """Refuse a layer's input whose leading dimension is not the step's batch."""
+        self._step, self._recording = _Step(), False  # this forward will have no backward
+        lead = int(x.shape[0])
+        flat = (
+            " Rows that flatten the batch are taken where the input's history shows each example's rows "
+            "consecutive (a reshape of a batch-first tensor, then operations that keep rows apart; not through "
+            "a torch.compile'd region)."
+            if lead > b and lead % b == 0
+            else ""
+        )
+        raise UnsupportedModelError(
+            f"watch(): module {sk.name!r} got an input of shape {tuple(x.shape)} in a step whose batch "
+            f"has {b} examples; per-example rows need batch-first inputs to every watched layer, and a "
+            "tensor shared by the whole batch (T5's relative position bias, DeBERTa's relative positions) "
+            f"has none (exclude= the layer, or granularity='batch' when a step is one unit).{flat}"
+        )
+
     def _flattened(self, sk: LayerSketch, x: torch.Tensor, b: int) -> Optional[int]:
         """m when the layer's input holds the batch's examples as b runs of m rows (capture/flatten.py) and
         its sketch takes a sequence of m; None otherwise. Read from the graph at the first call of each
-        layer, input shape and batch, then remembered: the reading is a walk in Python over the call's
-        history, every step, and a forward does not change its layout from one step to the next."""
+        layer, input shape and batch, then remembered (the reading walks the call's history in Python; a
+        forward does not change its layout from one step to the next)."""
         if not self.batch_first or sk.ghost or not isinstance(sk, _SEQUENCE_SKETCHES) or x.grad_fn is None:
             return None
         key = (sk, tuple(x.shape), b, x.grad_fn.name())
