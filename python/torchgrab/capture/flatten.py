@@ -224,7 +224,8 @@ class _Reading:
         after example."""
         sizes = [int(s) for s in node._saved_self_sym_sizes]
         before = math.prod(out[:d])
-        i0 = next((i for i in range(len(sizes)) if math.prod(sizes[:i]) == before and sizes[i] != 1), None)
+        # (A batch of one is a leading dimension of size one, merged with the rest: not stepped over.)
+        i0 = next((i for i in range(len(sizes)) if math.prod(sizes[:i]) == before), None)
         if i0 is None:
             return False
         child, ci = node.next_functions[0]
