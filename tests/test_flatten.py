@@ -46,7 +46,6 @@ def test_rows_that_are_not_the_batchs_examples_in_runs_are_not():
     flat = _hidden().reshape(-1, C)
     assert flattened_batch(flat.transpose(0, 1).softmax(0).transpose(0, 1), B) == T  # over the features
     assert flattened_batch(flat.transpose(0, 1).softmax(1).transpose(0, 1), B) is None  # over the rows
-    flat = _hidden().reshape(-1, C)
     assert flattened_batch(flat.cumsum(0), B) is None  # operations that mix the rows
     assert flattened_batch(torch.tanh(flat @ flat.t()) @ flat, B) is None
     assert flattened_batch(F.layer_norm(flat, (B * T, C)), B) is None  # normalized over the rows too
