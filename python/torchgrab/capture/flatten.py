@@ -224,8 +224,7 @@ class _Reading:
         after example."""
         sizes = [int(s) for s in node._saved_self_sym_sizes]
         before = math.prod(out[:d])
-        # (A batch of one is a leading dimension of size one, merged with the rest: not stepped over.)
-        i0 = next((i for i in range(len(sizes)) if math.prod(sizes[:i]) == before), None)
+        i0 = next((i for i in range(len(sizes)) if math.prod(sizes[:i]) == before and sizes[i] != 1), None)
         if i0 is None:
             return False
         child, ci = node.next_functions[0]
@@ -270,4 +269,6 @@ def flattened_batch(x: torch.Tensor, b: int) -> Optional[int]:
     if x.dim() < 2 or x.shape[0] <= b or x.shape[0] % b or x.grad_fn is None:
         return None
     rows = int(x.shape[0])
+    if b == 1:
+        return rows  # a batch of one (an epoch's last): every row is that example's, whatever made them
     return rows // b if _Reading(b).rows(x.grad_fn, x.output_nr, 0, 1) else None
