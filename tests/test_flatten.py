@@ -47,6 +47,10 @@ def test_rows_that_are_not_the_batchs_examples_in_runs_are_not():
     assert flattened_batch(flat.transpose(0, 1).softmax(0).transpose(0, 1), B) == T  # over the features
     assert flattened_batch(flat.transpose(0, 1).softmax(1).transpose(0, 1), B) is None  # over the rows
     assert flattened_batch(flat.cumsum(0), B) is None  # operations that mix the rows
+    assert flattened_batch(torch.roll(flat, 1, dims=0), B) is None
+    assert flattened_batch(F.pad(flat, (0, 0, 0, B)), B) is None  # B padding rows: B * (T + 1), not theirs
+    seq = flat.view(1, 1, B * T, C)  # the rows as the positions attention mixes
+    assert flattened_batch(F.scaled_dot_product_attention(seq, seq, seq).view(B * T, C), B) is None
     assert flattened_batch(torch.tanh(flat @ flat.t()) @ flat, B) is None
     assert flattened_batch(F.layer_norm(flat, (B * T, C)), B) is None  # normalized over the rows too
     assert flattened_batch(flat + flat.flip(0), B) is None  # one path carries them reversed
@@ -66,8 +70,11 @@ def test_what_holds_no_example_is_taken_as_shared_by_the_rows():
     bias = table[torch.arange(C) % 7].view(1, C) + torch.zeros(B * T, C)
     assert flattened_batch(flat + bias, B) == T
     assert flattened_batch(flat @ torch.randn(C, 4, requires_grad=True), B) == T
+    assert flattened_batch(flat * _made(1, C), B) == T  # broadcast over the rows: one row shared by all
     looked_up = nn.Embedding(10, 4)(torch.randint(0, 10, (C,)))
     assert flattened_batch(flat @ looked_up, B) is None
+    assert flattened_batch(torch.addmm(torch.zeros(4), flat, torch.randn(C, 4, requires_grad=True)), B) == T
+    assert flattened_batch(torch.addmm(torch.zeros(4), flat, looked_up), B) is None
     # The rows in the middle of a batched product whose right factor holds no example (SAM's relative
     # positions, by einsum).
     w = torch.randn(1, C, 4, requires_grad=True)
