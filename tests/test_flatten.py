@@ -35,6 +35,10 @@ def test_rows_reshaped_from_the_batch_and_carried_row_by_row_are_found():
     assert flattened_batch(x, B) == T
     assert flattened_batch(x.view(B * T, C, 1), B) == T  # a view that keeps the rows
     assert flattened_batch(h.reshape(B * T * C, 1), B) == T * C  # any whole number of rows per example
+    # The tokens cut into windows and the windows merged with the batch, [B, 4, C] -> [2B, 2, C]: the merge
+    # takes the leading part of the tokens' dimension, and each example is still 2 consecutive rows.
+    assert flattened_batch(torch.tanh(h).reshape(B * 2, 2, C), B) == 2
+    assert flattened_batch(_made(B, 6, 2).reshape(B * 2, 6), B) == 2
 
 
 def test_rows_that_are_not_the_batchs_examples_in_runs_are_not():

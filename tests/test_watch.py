@@ -1468,23 +1468,27 @@ class _Tokens(nn.Module):
     """A ViT's embeddings: a class token expanded over the batch, position embeddings added, both
     parameters of this module (which has a sublayer), no layer of their own."""
 
-    def __init__(self, slicing=False):
+    def __init__(self, pos="whole"):
         super().__init__()
         self.proj = nn.Linear(4, 6)
         self.cls = nn.Parameter(torch.randn(1, 1, 6))
         self.pos = nn.Parameter(torch.randn(1, 6, 6))
-        self.slicing = slicing
+        self.how = pos
 
     def forward(self, x):
         # The class token twice (expand broadcasts its dimension 1 too): its gradient sums both copies.
         h = torch.cat([self.cls.expand(x.shape[0], 2, -1), self.proj(x)], 1)
-        return h + (self.pos[:, : h.shape[1]] if self.slicing else self.pos)
+        if self.how == "slice":  # as many positions as tokens: a slice of the parameter, then broadcast
+            return h + self.pos[:, : h.shape[1]]
+        if self.how == "sigmoid":  # not linear in the parameter: refused
+            return h + self.pos.sigmoid()
+        return h + self.pos
 
 
 class _TokenModel(nn.Module):
-    def __init__(self, slicing=False, peek=False, reentrant=None):
+    def __init__(self, pos="whole", peek=False, reentrant=None):
         super().__init__()
-        self.emb, self.head = _Tokens(slicing), nn.Linear(6, 3)
+        self.emb, self.head = _Tokens(pos), nn.Linear(6, 3)
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 6))  # a layer scale, [features] times [B, T, features]
         self.peek = peek
         self.reentrant = reentrant  # None: no checkpointing
@@ -1547,16 +1551,27 @@ def test_parameters_of_no_layer_broadcast_over_the_batch_give_per_example_rows(s
     assert sampler.pending == 64 - 5
 
 
+def test_a_parameter_of_no_layer_sliced_before_it_is_broadcast_gives_per_example_rows():
+    # 3 tokens and the class token's 2: the first 5 of 6 positions, a slice (not a view of every element)
+    # followed to the broadcast; each example's part is pulled back through the slice (zero at position 6).
+    torch.manual_seed(0)
+    model = _TokenModel(pos="slice")
+    x, y = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
+    rows, expected, grads, handle = one_step(model, x, y, ce, None)
+    assert_rows(rows, expected)
+    assert float(grads["emb.pos"][:, :, 5:].abs().max()) == 0.0 and float(grads["emb.pos"].abs().max()) > 0
+
+
 def test_a_parameter_of_no_layer_used_otherwise_is_refused():
-    # Sliced in its module's forward: refused at that operation. Used by another module's forward: the
-    # parts watch() saw do not add up to its gradient, refused at the first backward.
+    # Taken by an operation that is not linear in it (a sigmoid) in its module's forward: refused at that
+    # operation. Used by another module's forward: the parts watch() saw do not add up to its gradient,
+    # refused at the first backward.
     y = torch.tensor([0, 1, 2, 0])
     for model, x, match in [
-        # 3 tokens and the class token's 2: the first 5 of 6 positions (all 6 would be the parameter itself)
         (
-            _TokenModel(slicing=True),
-            torch.randn(4, 3, 4),
-            r"'emb.pos' belongs to no layer; .* and TensorBase.__getitem__ takes it otherwise",
+            _TokenModel(pos="sigmoid"),
+            torch.randn(4, 4, 4),
+            r"'emb.pos' belongs to no layer; .* and TensorBase.sigmoid takes it otherwise",
         ),
         (
             _TokenModel(peek=True),
@@ -1768,13 +1783,15 @@ class _Gamma(nn.Module):
             h = h.mul(self.gamma.reshape(1, -1, 1, 1))
         elif self.how == "index":
             h = self.gamma[:, None, None] * h
-        else:  # a view that reorders the elements: refused
+        elif self.how == "reordered":  # a view that reorders the elements, followed as a rearrangement
             h = h * self.gamma.reshape(2, 2).t().reshape(1, 4, 1, 1)
+        else:  # an einsum with the batch (SAM's relative positions multiply the queries so): refused
+            h = torch.einsum("bchw,c->bchw", h, self.gamma)
         return self.head(h.flatten(1))
 
 
 @pytest.mark.parametrize("sketch", SKETCHES)
-@pytest.mark.parametrize("how", ["reshape", "index"])
+@pytest.mark.parametrize("how", ["reshape", "index", "reordered"])
 def test_a_parameter_of_no_layer_reshaped_before_it_is_broadcast_gives_per_example_rows(how, sketch):
     torch.manual_seed(0)
     model = _Gamma(how)
@@ -1783,11 +1800,97 @@ def test_a_parameter_of_no_layer_reshaped_before_it_is_broadcast_gives_per_examp
     assert_rows(rows, expected)
     assert ("gamma", "parameter of no layer (per example where broadcast over the batch)", 4) in handle.layers
     if how == "reshape":
-        refused_model = _Gamma("reordered")
+        refused_model = _Gamma("einsum")
         sampler, handle, spy = watched(refused_model, sketch=sketch)
-        with pytest.raises(UnsupportedModelError, match=r"'gamma' belongs to no layer; .* and TensorBase.t takes it"):
+        with pytest.raises(UnsupportedModelError, match=r"'gamma' belongs to no layer; .* and einsum takes it"):
             ce(refused_model(x), y).backward()
         handle.remove()
+
+
+class _RelativeBias(nn.Module):
+    """A module that makes the bias from its own table, called with no input (as Hugging Face's Swin
+    writes it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(7, 2))
+        i = torch.arange(4)
+        self.register_buffer("index", i[:, None] - i[None, :] + 3)
+
+    def forward(self):
+        return self.table[self.index.view(-1)].view(4, 4, 2).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+class _WindowTable(nn.Module):
+    """Swin's window attention in small: each example's 8 tokens cut into 2 windows of 4, every example's
+    windows stacked into one batch of 2B windows; a relative-position table of 7 offsets by 2 heads,
+    gathered by an index into a [1, heads, 4, 4] bias broadcast over all windows. The attention written out
+    (the bias added to the logits) or fused (the bias as scaled_dot_product_attention's mask), with or
+    without a shift mask, a tensor of 2B windows with no history, added to the bias first. The table is
+    the model's own, or that of a sublayer that makes the bias (``maker``)."""
+
+    def __init__(self, fused, masked, maker=False, misuse=False):
+        super().__init__()
+        self.embed, self.qkv, self.head = nn.Linear(3, 4), nn.Linear(4, 12), nn.Linear(4, 3)
+        self.rel = _RelativeBias() if maker else None
+        self.table = nn.Parameter(torch.randn(7, 2)) if not maker else None
+        i = torch.arange(4)
+        self.register_buffer("index", i[:, None] - i[None, :] + 3)
+        self.register_buffer("shift", torch.tensor([0.0, -1.0]).repeat_interleave(8).reshape(2, 1, 4, 2)[..., :1])
+        self.fused, self.masked, self.misuse = fused, masked, misuse
+
+    def forward(self, x):
+        b = x.shape[0]
+        w = self.embed(x).reshape(b * 2, 4, 4)  # [B, 8, 4] -> [2B windows, 4 tokens, 4]
+        q, k, v = self.qkv(w).reshape(b * 2, 4, 3, 2, 2).permute(2, 0, 3, 1, 4).unbind(0)  # [2B, heads, 4, 2]
+        if self.rel is not None:
+            bias = self.rel()
+        else:
+            bias = self.table[self.index.view(-1)].view(4, 4, 2).permute(2, 0, 1).contiguous().unsqueeze(0)
+        if self.masked:  # each window's mask, the same for every example: [2B, heads, 4, 4], no history
+            mask = self.shift.expand(2, 2, 4, 4)[None].expand(b, -1, -1, -1, -1).reshape(b * 2, 2, 4, 4)
+            bias = bias + mask
+            if self.misuse:  # the bias with the mask taken by something that shows nothing of its rows
+                bias = bias.softmax(-1)
+        if self.fused:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            o = ((q @ k.transpose(-2, -1)) * 0.7 + bias).softmax(-1) @ v
+        return self.head(o.transpose(1, 2).reshape(b, 8, 4).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's reference over attention
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize(
+    "fused, masked, maker",
+    [(False, False, False), (False, True, False), (True, False, False), (True, True, False), (False, False, True),
+     (True, True, True)],
+)  # fmt: skip
+def test_a_table_gathered_into_a_bias_over_every_examples_windows_gives_per_example_rows(fused, masked, maker, sketch):
+    # Each example's gradient of the table: its windows' gradients of the bias, summed, pulled back
+    # through the gather. The windows' rows are shown to be example after example by the logits' (or the
+    # query's) history; a mask with no history leaves that to the attention that takes it. A sublayer that
+    # makes the bias from its table runs under its parent's watch of the table.
+    torch.manual_seed(0)
+    model = _WindowTable(fused, masked, maker)
+    x, y = torch.randn(5, 8, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1])
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    name = "rel.table" if maker else "table"
+    assert (name, "parameter of no layer (per example where broadcast over the batch)", 14) in handle.layers
+    if sketch is None:
+        assert handle.width == sum(g[0].numel() for g in grads.values())  # the table's 14 numbers included
+    handle.remove()
+    if fused and masked:  # the masked bias taken by an operation that shows no rows: refused, and left out
+        model.misuse = True
+        sampler, handle, spy = watched(model, sketch=sketch)
+        with pytest.raises(UnsupportedModelError, match=rf"'{name}' belongs to no layer; .*softmax takes it"):
+            ce(model(x), y).backward()
+        handle.remove()
+        sampler, handle, spy = watched(model, sketch=sketch, exclude=[name])
+        ce(model(x), y).backward()
+        handle.flush()
+        assert spy.rows[-1].shape == (5, handle.width) and sampler.pending == 64 - 5
 
 
 class _AddPositions(nn.Module):

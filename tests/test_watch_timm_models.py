@@ -5,8 +5,9 @@ gradient. Each family brings something of its own: class, distillation and regis
 model itself (ViT, DeiT), layer scales as modules (DeiT III) or reshaped parameters (ConvNeXt), class
 attention on one token (CaiT), BatchNorm with an activation in its forward (EfficientNet, MobileNetV3,
 RegNet), affine layers and norms of timm's own (ResMLP, PoolFormer, EdgeNeXt), attention over windows of
-every example stacked into one batch (Swin, DaViT, MaxViT). What cannot have per-example rows is refused
-with its name: a relative-position table broadcast over a batch of windows (Swin's), a qkv weight passed
+every example stacked into one batch (Swin, DaViT, MaxViT), relative-position tables gathered into a
+bias over those windows (Swin) or over the batch (EfficientFormer, BatchNorm in eval mode). What cannot have per-example rows is
+refused with its name: relative-position tables multiplied with the queries (SAM's), a qkv weight passed
 to F.linear with a bias assembled from other parameters (BEiT, EVA), a relative-position module whose
 method is called instead of the module (CoAtNet)."""
 
@@ -39,7 +40,8 @@ EXACT = {
     "edgenext": ("edgenext_xx_small", {"depths": (1, 1, 1, 1), "dims": (8, 16, 16, 16), "heads": (2, 2, 2, 2)}),
     # Windows: every example's windows stacked into one batch of windows for the attention, shifted windows
     # with their mask in the second block (Swin), and DaViT's channel attention beside its windows. The
-    # rows of the layers on windows are regrouped by example (capture/flatten.py).
+    # rows of the layers on windows are regrouped by example (capture/flatten.py); so are the parts of
+    # Swin's relative-position tables, gathered into a bias over every window (capture/direct.py).
     "swin": ("swin_tiny_patch4_window7_224", {**_SWIN, "depths": (2, 2), "drop_path_rate": 0.0}),
     "davit": (
         "davit_tiny",
@@ -52,12 +54,10 @@ EXACT = {
         dict(img_size=64, patch_size=8, embed_dim=16, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,)),
     ),
 }
-# Parameters left out, per family: Swin's relative-position tables are indexed, then broadcast over the
-# windows, which no per-example rows are taken from (refused by name when watched).
+# Parameters left out, per family:
 # MaxViT's relative-position modules are not called (their get_bias method is): refused by name otherwise.
-# SAM's relative-position tables are resized and indexed before their product with the queries.
+# SAM's relative-position tables are indexed, then multiplied with the queries (einsum).
 LEFT_OUT = {
-    "swin": ("relative_position_bias_table",),
     "maxvit": ("relative_position_bias_table",),
     "sam": ("rel_pos_h", "rel_pos_w"),
 }
@@ -75,6 +75,11 @@ BATCHNORM = {
     "regnet": ("regnetx_002", {}),
     # MaxViT: block and grid attention, each over windows of every example stacked into one batch.
     "maxvit": ("maxvit_nano_rw_256", {"img_size": 64, "drop_path_rate": 0.0}),
+    # EfficientFormer: attention biases gathered from a table of offsets, added to each example's logits.
+    "efficientformer": (
+        "efficientformer_l1",
+        {"img_size": 224, "depths": (1, 1, 1, 2), "embed_dims": (8, 8, 8, 16), "num_vit": 1, "drop_path_rate": 0.0},
+    ),
 }
 
 
@@ -137,7 +142,7 @@ def test_batchnorm_networks_give_contributions_that_add_up_to_the_batch_gradient
     assert_rows(rows.sum(0), handle.project(batch)[0] * 4)
     assert "BatchNorm" in {kind for _, kind, _ in handle.layers}
     handle.remove()
-    if family in ("mobilenetv3", "maxvit"):  # (MaxViT: the sum above cannot tell how rows were grouped)
+    if family in ("mobilenetv3", "maxvit", "efficientformer"):  # (the sum cannot tell how rows were grouped)
         model = _create(arch, **kw)
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -149,13 +154,13 @@ def test_batchnorm_networks_give_contributions_that_add_up_to_the_batch_gradient
 @pytest.mark.parametrize(
     "arch, kw, exclude, match",
     [
-        # Swin's relative-position table: indexed, then broadcast over a batch of windows, not of examples.
+        # SAM's relative-position tables: indexed, then multiplied with the queries by an einsum.
         (
-            "swin_tiny_patch4_window7_224",
-            _SWIN,
+            "samvit_base_patch16",
+            EXACT["sam"][1],
             [],
-            r"'layers.0.blocks.0.attn.relative_position_bias_table' belongs to no layer.*exclude= it, or "
-            r"'\*.relative_position_bias_table' for every parameter of that name",
+            r"'blocks.0.attn.rel_pos_h' belongs to no layer.*einsum takes it otherwise.*exclude= it, or "
+            r"'\*.rel_pos_h' for every parameter of that name",
         ),
         # q_bias and v_bias concatenated into the bias of F.linear(x, self.qkv.weight, ...); left out, the qkv
         # layer's weight still gets a gradient that no row holds, since self.qkv is never called.
@@ -173,7 +178,7 @@ def test_batchnorm_networks_give_contributions_that_add_up_to_the_batch_gradient
             r"stages\.\d\.blocks\.\d\.attn\.rel_pos.* the layer was never called",
         ),
     ],
-    ids=["swin", "beit", "eva", "coatnet"],
+    ids=["sam", "beit", "eva", "coatnet"],
 )
 def test_what_has_no_per_example_rows_is_refused_with_its_name(arch, kw, exclude, match):
     model = _create(arch, **kw)

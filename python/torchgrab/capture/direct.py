@@ -13,6 +13,16 @@ parameter. The module's sublayers run without the mode (watch.py), unless given 
 Any other operation that takes the parameter is refused, naming both. At a parameter's first backward,
 watch() also checks that the example parts it saw add up to the gradient autograd gives the parameter
 (nothing used it unseen).
+
+A parameter may first be rearranged into the tensor that is broadcast: Swin's relative-position table
+is gathered by an index, viewed, permuted and made contiguous into a ``[1, heads, N, N]`` bias
+(``_REARRANGE``, ops linear in the parameter taking nothing else that carries a gradient). Such a tensor
+is followed with the function that makes it from the parameter; each example's gradient of it is pulled
+back through that function (``torch.func.vjp``, vectorized over the batch). And the tensor it is
+broadcast against may hold ``B * m`` rows, example after example (Swin's windows): then each example's
+part sums its m rows, where the other operand's history proves that layout (capture/flatten.py), or,
+for an operand with no history (Swin's shift mask), where the result becomes the ``attn_mask`` of an
+attention whose query proves it.
 """
 
 from __future__ import annotations
@@ -74,9 +84,12 @@ class DirectParamSketch(LayerSketch):
         return [self.p(_f32(g).reshape(g.shape[0], -1))]
 
 
-def per_example(g: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
-    """The gradient of a batch-expanded view [B, ...] summed over the dimensions the expansion broadcast
-    (where the parameter, right-aligned, has size 1), as [B, *shape]."""
+def per_example(g: torch.Tensor, shape: Tuple[int, ...], m: int = 1) -> torch.Tensor:
+    """The gradient of a batch-expanded view [B * m, ...] summed over each example's m rows and over the
+    dimensions the expansion broadcast (where the tensor of ``shape``, right-aligned, has size 1), as
+    [B, *shape]."""
+    if m > 1:
+        g = g.unflatten(0, (g.shape[0] // m, m)).sum(1)
     lead = g.dim() - len(shape)  # dims in front of the parameter's own (0: the parameter's dim 0 is 1)
     dims = [d for d in range(1, g.dim()) if d < lead or (shape[d - lead] == 1 and g.shape[d] != 1)]
     if dims:
@@ -84,39 +97,105 @@ def per_example(g: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
     return g.reshape(g.shape[0], *shape)
 
 
+def pulled_back(make: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """Each example's gradient of the parameter ``p`` from its gradient of ``make(p)`` ([B, *make(p).shape]):
+    ``make`` is linear (gathers, views, permutations), so this is one pull-back, vectorized over B."""
+    out, vjp = torch.func.vjp(make, p.detach())
+    return torch.func.vmap(lambda c: vjp(c)[0])(parts.to(out.dtype))
+
+
+# Operations linear in their first argument that gather or rearrange its elements (Swin's
+# table[index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()): taking nothing else that carries
+# a gradient, their result is followed with the function that makes it from the parameter.
+_REARRANGE = _VIEWS | {
+    torch.Tensor.permute, torch.permute, torch.Tensor.transpose, torch.transpose, torch.Tensor.contiguous,
+    torch.Tensor.flatten, torch.flatten, torch.Tensor.squeeze, torch.squeeze, torch.Tensor.index_select,
+    torch.index_select, torch.Tensor.clone, torch.clone, torch.Tensor.t, torch.Tensor.to, torch.Tensor.float,
+}  # fmt: skip
+_ATTENTION = {torch.nn.functional.scaled_dot_product_attention}
+
+# A followed tensor: its parameter's sketch, the tensor, and the function that makes it from the parameter
+# (None: it holds the parameter's elements in their order, a view of it).
+_Followed = Tuple[DirectParamSketch, torch.Tensor, Optional[Callable[[torch.Tensor], torch.Tensor]]]
+
+
+def _then(before: _Followed, func: Any, rest: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Callable[..., Any]:
+    _, t, make = before
+    if make is None:
+        shape = tuple(t.shape)
+        make = lambda w: w.reshape(shape)  # noqa: E731
+    return lambda w: func(make(w), *rest, **kwargs)
+
+
+def _carries(args: Any, kwargs: Dict[str, Any]) -> bool:
+    """Whether any tensor among the arguments carries a gradient."""
+    leaves = list(args) + list(kwargs.values())
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in leaves)
+
+
 class BroadcastUses(TorchFunctionMode):
     """Active inside one forward of a module that holds watched parameters (``params``: id -> (its
     sketch, the parameter)). ``batch(b)`` gives the step's batch size (``b`` when the step has none yet);
-    ``record(sketch, t, shape)`` hooks ``t``, a [B, ...] tensor broadcast from a tensor of ``shape`` (the
-    parameter, or a view of it in another shape), whose gradient, summed by ``per_example``, is each
-    example's part; ``refuse(sketch, what)`` raises."""
+    ``rows(x, b)`` gives m when the rows of ``x`` are b examples' runs of m rows by its history (None when
+    that cannot be shown); ``record(sketch, t, shape, m, make)`` hooks ``t``, a [B * m, ...] tensor
+    broadcast from a tensor of ``shape`` (the parameter, a view of it in another shape, or ``make(p)``),
+    whose gradient, summed by ``per_example`` (and pulled back through ``make``), is each example's part;
+    ``refuse(sketch, what)`` raises."""
 
     def __init__(
         self,
         params: Dict[int, Tuple[DirectParamSketch, nn.Parameter]],
-        batch: Callable[[Optional[int]], int],
-        record: Callable[[DirectParamSketch, torch.Tensor, Tuple[int, ...]], None],
+        batch: Callable[[int], int],
+        rows: Callable[[torch.Tensor, int], Optional[int]],
+        record: Callable[..., None],
         refuse: Callable[[DirectParamSketch, str], Any],
     ) -> None:
         super().__init__()
-        # A copy: this forward's views of the parameters join it (each held there, so its id stays its own).
-        self.params = dict(params)
+        # This forward's followed tensors (each held here, so its id stays its own): the parameters first.
+        self.params: Dict[int, _Followed] = {i: (sk, p, None) for i, (sk, p) in params.items()}
+        # Results of broadcasting a followed tensor against an operand of B * m rows with no history (Swin's
+        # shift mask), whose layout the attention taking them as its mask proves: id -> (the followed
+        # tensor, the result, the expanded view hooked once proven).
+        self.pending: Dict[int, Tuple[_Followed, torch.Tensor, torch.Tensor]] = {}
         self.batch = batch
+        self.rows = rows
         self.record = record
         self.refuse = refuse
 
     def takes(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
-        """Whether a call's arguments hold one of the parameters (or a view of one) directly."""
+        """Whether a call's arguments hold one of the parameters (or a tensor made from one) directly."""
         return bool(self._watched(args, kwargs))
 
+    def holds(self, module: nn.Module) -> bool:
+        """Whether one of the module's own parameters is followed here (a sublayer that makes a tensor from
+        its parameters: its forward runs under this mode)."""
+        return any(id(t) in self.params for t in module._parameters.values())
+
+    def _is(self, a: Any) -> bool:
+        return id(a) in self.params or id(a) in self.pending
+
     def _watched(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[int]:
-        hits = [i for i, a in enumerate(args) if id(a) in self.params]
+        hits = [i for i, a in enumerate(args) if self._is(a)]
         for a in args:
-            if isinstance(a, (list, tuple)) and any(id(t) in self.params for t in a):
+            if isinstance(a, (list, tuple)) and any(self._is(t) for t in a):
                 hits.append(-1)
-        if any(id(v) in self.params for v in kwargs.values()):
+        if any(self._is(v) for v in kwargs.values()):
             hits.append(-1)
         return hits
+
+    def _sketch_in(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], hits: List[int]) -> DirectParamSketch:
+        for a in [args[hits[0]]] if hits[0] >= 0 else [*args, *kwargs.values()]:
+            for t in a if isinstance(a, (list, tuple)) else [a]:
+                if id(t) in self.params:
+                    return self.params[id(t)][0]
+                if id(t) in self.pending:
+                    return self.pending[id(t)][0][0]
+        return next(iter(self.params.values()))[0]
+
+    def _rows_of(self, x: torch.Tensor, b: int) -> Optional[int]:
+        """m when ``x``'s leading dimension holds the batch's b examples, m rows each (1: batch first)."""
+        n = int(x.shape[0]) if x.dim() else 0
+        return 1 if n == b else self.rows(x, b)
 
     @eager  # traced by torch.compile, dynamo failed building its guards
     def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
@@ -124,37 +203,108 @@ class BroadcastUses(TorchFunctionMode):
         hits = self._watched(args, kwargs)
         if not hits:
             return func(*args, **kwargs)
-        sk, p = self.params[id(args[hits[0]])] if hits[0] >= 0 else next(iter(self.params.values()))
-        out = None
-        if hits == [0] and func in _VIEWS:
-            out = func(*args, **kwargs)
-            if isinstance(out, torch.Tensor) and _same_elements(p, out):
-                self.params[id(out)] = (sk, out)
+        if func in _ATTENTION:
+            out = self._attention(func, args, kwargs, hits)
+            if out is not None:
                 return out
-        elif hits == [0] and func in _EXPAND:
+        elif hits[0] >= 0 and id(args[hits[0]]) in self.params:
+            out = self._use(func, args, kwargs, hits)
+            if out is not None:
+                return out
+        elif len(hits) == 1 and hits[0] in (0, 1) and func in _BINARY and len(args) >= 2:
+            # A pending result added to (or multiplying) attention logits whose history proves the rows.
+            other = args[1 - hits[0]]
+            if isinstance(other, torch.Tensor) and other.requires_grad and self._prove(args[hits[0]], other):
+                return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.requires_grad:  # a use that carries gradient, unseen
+            name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+            self.refuse(self._sketch_in(args, kwargs, hits), name)
+        return out
+
+    def _use(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], hits: List[int]) -> Optional[Any]:
+        """A followed tensor's view, rearrangement, broadcast or product with the batch; None for any other use."""
+        followed = sk, p, make = self.params[id(args[hits[0]])]
+        if hits == [0] and func in _REARRANGE and not _carries(args[1:], kwargs):
+            out = func(*args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                return None
+            if make is None and func in _VIEWS and _same_elements(p, out):
+                self.params[id(out)] = (sk, out, None)
+            else:
+                self.params[id(out)] = (sk, out, _then(followed, func, args[1:], kwargs))
+            return out
+        if hits == [0] and func in _EXPAND:
             out = func(*args, **kwargs)
             if _broadcast(p, out) and out.shape[0] == self.batch(out.shape[0]):
                 if out.requires_grad:
-                    self.record(sk, out, tuple(p.shape))
+                    self.record(sk, out, tuple(p.shape), 1, make)
                 return out
-        elif len(hits) == 1 and hits[0] in (0, 1) and func in _BINARY and len(args) >= 2:
+            return None  # refused by the caller (out is computed again: a view or a copy, no state)
+        if len(hits) == 1 and hits[0] in (0, 1) and func in _BINARY and len(args) >= 2:
             other = args[1 - hits[0]]
-            if isinstance(other, torch.Tensor) and other.dim() >= p.dim() and other.dim() >= 1:
-                view = (1,) * (other.dim() - p.dim()) + tuple(p.shape)
-                b = self.batch(other.shape[0])
-                if view[0] == 1 and other.shape[0] == b:
-                    expanded = p.view(view).expand(b, *view[1:])
-                    if expanded.requires_grad:
-                        self.record(sk, expanded, tuple(p.shape))
-                    swapped = list(args)
-                    swapped[hits[0]] = expanded
-                    return func(*swapped, **kwargs)
-        if out is None:
-            out = func(*args, **kwargs)
-        if isinstance(out, torch.Tensor) and out.requires_grad:  # a use that carries gradient, unseen
-            name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
-            self.refuse(sk, name)
-        return out
+            if not isinstance(other, torch.Tensor) or other.dim() < max(p.dim(), 1):
+                return None
+            view = (1,) * (other.dim() - p.dim()) + tuple(p.shape)
+            n = int(other.shape[0])
+            b = self.batch(n)
+            if view[0] != 1 or n % b:
+                return None
+            m = self._rows_of(other, b)
+            if m is None and other.requires_grad:
+                return None  # rows of B * m that their history does not show to be example after example
+            expanded = p.reshape(view).expand(n, *view[1:])
+            swapped = list(args)
+            swapped[hits[0]] = expanded
+            out = func(*swapped, **kwargs)
+            if expanded.requires_grad:
+                if m is not None:
+                    self.record(sk, expanded, tuple(p.shape), m, make)
+                else:  # an operand with no history: the attention that takes the result may prove its rows
+                    self.pending[id(out)] = (followed, out, expanded)
+            return out
+        return None
+
+    def _prove(self, result: torch.Tensor, rows: torch.Tensor) -> bool:
+        """Hook a pending result's expanded view once ``rows``, a tensor with as many rows and a history,
+        shows them to be the batch's examples' runs; False (still pending) when it does not."""
+        (sk, p, make), out, expanded = self.pending[id(result)]
+        n = int(rows.shape[0]) if rows.dim() else 0
+        b = self.batch(n)
+        m = self._rows_of(rows, b) if n == out.shape[0] and n % b == 0 else None
+        if m is None:
+            return False
+        del self.pending[id(result)]
+        self.record(sk, expanded, tuple(p.shape), m, make)
+        return True
+
+    def _attention(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], hits: List[int]) -> Optional[Any]:
+        """``F.scaled_dot_product_attention(q, k, v, attn_mask=followed)``: the mask broadcast over the query's
+        rows, which must be the batch's examples (or their runs of m rows, by the query's history)."""
+        in_args = len(args) > 3 and self._is(args[3])
+        mask = args[3] if in_args else kwargs.get("attn_mask")
+        q = args[0] if args else kwargs.get("query")
+        if hits != ([3] if in_args else [-1]) or not self._is(mask) or not isinstance(q, torch.Tensor) or q.dim() < 3:
+            return None
+        n = int(q.shape[0])
+        b = self.batch(n)
+        m = self._rows_of(q, b) if n % b == 0 else None
+        if m is None:
+            return None
+        if id(mask) in self.pending:
+            return func(*args, **kwargs) if self._prove(mask, q) else None
+        sk, p, make = self.params[id(mask)]
+        view = (1,) * (q.dim() - p.dim()) + tuple(p.shape)
+        if p.dim() > q.dim() or view[0] != 1:
+            return None
+        expanded = p.reshape(view).expand(n, *view[1:])
+        if expanded.requires_grad:
+            self.record(sk, expanded, tuple(p.shape), m, make)
+        if in_args:
+            args = (*args[:3], expanded, *args[4:])
+        else:
+            kwargs = {**kwargs, "attn_mask": expanded}
+        return func(*args, **kwargs)
 
 
 def _broadcast(p: torch.Tensor, out: torch.Tensor) -> bool:

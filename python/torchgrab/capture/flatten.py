@@ -231,10 +231,12 @@ class _Reading:
         if sizes[i0] >= out[d]:  # dimension i0 is output dimensions d ... j
             j = next((j for j in range(d, len(out)) if math.prod(out[d : j + 1]) == sizes[i0]), None)
             return j is not None and self._along(child, ci, i0, inner * math.prod(out[d + 1 : j + 1]))
-        i1 = next((i for i in range(i0 + 1, len(sizes) + 1) if math.prod(sizes[i0:i]) == out[d]), None)
-        if i1 is None:
+        # Merged: dimension i0 and what follows it (whole dimensions, or the leading part of one, as a
+        # [B, 8, E] -> [2B, 4, E] reshape cuts 8 tokens into 2 windows). Row-major, each entry of dimension
+        # i0 is q consecutive entries of dimension d, whatever the cut.
+        if out[d] % sizes[i0]:
             return False
-        q = math.prod(sizes[i0 + 1 : i1])  # entries of the merged dimension per entry of dimension i0
+        q = out[d] // sizes[i0]  # entries of the merged dimension per entry of dimension i0
         if inner % q == 0:
             return self._along(child, ci, i0, inner // q)  # each row whole entries of dimension i0
         if q % inner or i0 != 0 or sizes[0] != self.b:

@@ -10,6 +10,7 @@ a refused ``watch()`` leaves both as they were.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -131,6 +132,8 @@ class LayerPlan:
             own = self._own(module)
             if not any(n in self.kept for n in own.values()):
                 continue
+            if makes_from_own(module):
+                continue  # its output is followed by its parent's forward (_plan_direct)
             if any(name != a and _within(name, a) for a in self._unsupported_attention):
                 continue
             wants_ghost = self.per_layer[name] == "ghost" if name in self.per_layer else self.ghost_all
@@ -244,15 +247,17 @@ class LayerPlan:
     # ------------------------------------------------------------------ parameters of no layer
     def _plan_direct(self, uncovered: Set[str]) -> Set[str]:
         """Parameters of a module with sublayers, used by plain tensor operations in its forward (a ViT's
-        class token and position embeddings, layer scales): per example where the forward broadcasts them
-        over the batch (capture/direct.py). Leaf modules' (an LSTM's) stay uncovered, and refused."""
+        class token and position embeddings, layer scales), and those of its sublayers that make a tensor
+        from their own parameters alone (``makes_from_own``): per example where the forward broadcasts them
+        over the batch (capture/direct.py). Other leaf modules' (an LSTM's) stay uncovered, and refused."""
         covered: Set[str] = set()
         for mname, m in self.inner.named_modules():
             if next(m.children(), None) is None or isinstance(m, (nn.MultiheadAttention, ParametrizationList)):
                 continue  # (a parametrized weight's originals, weight_norm's: refused below, by their layer)
             if any(_within(mname, a) for a in self._unsupported_attention):
                 continue
-            for t in m._parameters.values():
+            makers = [c for c in m.children() if makes_from_own(c)]
+            for t in [*m._parameters.values(), *(t for c in makers for t in c._parameters.values())]:
                 if t is None or not t.requires_grad or t.dim() == 0:
                     continue
                 name = self._canon[id(t)]
@@ -423,3 +428,20 @@ def _short(names: Sequence[str]) -> List[str]:
     """Module names that cover ``names`` (what a user would pass to exclude=)."""
     mods = sorted({n.rsplit(".", 1)[0] if "." in n else n for n in names})
     return mods[:8]
+
+
+def makes_from_own(module: nn.Module) -> bool:
+    """A leaf module of a class outside torch, with trainable parameters, whose forward takes no input:
+    it makes a tensor from its own parameters (Hugging Face Swin's SwinRelativePositionBias gathers its
+    table into the attention's bias). No example passes through it: its parameters are followed as
+    parameters of its parent's forward, where that tensor meets the batch (capture/direct.py)."""
+    if next(module.children(), None) is not None or type(module).__module__.startswith("torch."):
+        return False
+    if not any(p is not None and p.requires_grad for p in module._parameters.values()):
+        return False
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return not any(p.kind in kinds and p.default is inspect.Parameter.empty for p in sig.parameters.values())

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 from torchgrab.capture import attention as attn
 from torchgrab.capture.audit import OutsideUses
-from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example
+from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example, pulled_back
 from torchgrab.capture.eager import eager
 from torchgrab.capture.feed import RowFeeder
 from torchgrab.capture.flatten import flattened_batch
@@ -555,7 +555,8 @@ class WatchHandle:
                 mode = BroadcastUses(
                     self._direct[module],
                     self._direct_batch,
-                    lambda sk, t, shape: self._direct_record(step, sk, t, shape),
+                    self._direct_rows,
+                    lambda sk, t, shape, m, make: self._direct_record(step, sk, t, shape, m, make),
                     self._direct_refuse,
                 )
                 mode.__enter__()
@@ -576,8 +577,10 @@ class WatchHandle:
         def pre(child: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
             stack = self._modes.get(holder)
             mode = stack[-1] if stack else None
-            if mode is not None and (_top_mode() is not mode or mode.takes(args, kwargs)):
-                mode = None  # another mode above it, or the sublayer is given a parameter: left as it is
+            if mode is not None and (_top_mode() is not mode or mode.takes(args, kwargs) or mode.holds(child)):
+                # another mode above it, or the sublayer is given a parameter or makes a tensor from its own
+                # (plan.makes_from_own): left as it is
+                mode = None
             if mode is not None:
                 mode.__exit__(None, None, None)
             self._suspended.setdefault((holder, child), []).append(mode)
@@ -598,9 +601,35 @@ class WatchHandle:
             self._step.batch = b
         return self._step.batch
 
-    def _direct_record(self, step: _Step, sk: DirectParamSketch, t: torch.Tensor, shape: Tuple[int, ...]) -> None:
+    def _direct_rows(self, x: torch.Tensor, b: int) -> Optional[int]:
+        """m when the rows of ``x``, an operand a parameter of no layer is broadcast against, are b runs of m
+        rows, one per example (capture/flatten.py); remembered per shape, batch and making node, as for a
+        layer's input."""
+        if not self.batch_first or x.grad_fn is None:
+            return None
+        key = ("direct", tuple(x.shape), b, x.grad_fn.name())
+        m = self._flat.get(key)
+        if m is None:
+            m = flattened_batch(x, b)
+            if m is not None:
+                self._flat[key] = m
+        return m
+
+    def _direct_record(
+        self,
+        step: _Step,
+        sk: DirectParamSketch,
+        t: torch.Tensor,
+        shape: Tuple[int, ...],
+        m: int,
+        make: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    ) -> None:
         def on_grad(g: torch.Tensor) -> None:
-            part = per_example(g, shape).reshape(g.shape[0], *sk.shape)
+            part = per_example(g, shape, m)
+            if make is None:
+                part = part.reshape(part.shape[0], *sk.shape)
+            else:  # made from the parameter by gathers and rearrangements: pulled back through them
+                part = pulled_back(make, sk.slot.weight, part)
             if step is self._step and sk in step.direct:
                 step.direct[sk] = step.direct[sk].to(part.device, part.dtype) + part.detach().sum(0)
             self._on_grad(step, sk, sk.slot, None, part)
@@ -611,7 +640,8 @@ class WatchHandle:
         self._step, self._recording = _Step(), False  # this forward will have no backward
         raise UnsupportedModelError(
             f"watch(): {sk.name!r} belongs to no layer; its per-example gradient is taken where the forward "
-            f"broadcasts it over the batch (expand, +, *), and {what} takes it otherwise. exclude= it, or "
+            "broadcasts it, or what gathers and rearrangements make of it, over the batch (expand, +, *, an "
+            f"attention's mask), and {what} takes it otherwise. exclude= it, or "
             f"{every_like(sk.name)!r} for every parameter of that name"
         )
 
