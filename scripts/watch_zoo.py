@@ -35,7 +35,7 @@ TIMM = [
     "twins_pcpvt_small", "dla34", "inception_v3", "rexnet_100", "mixnet_s", "lcnet_050", "res2net50_14w_8s",
     "seresnext26d_32x4d", "ese_vovnet19b_dw", "cspresnet50", "vit_small_patch16_rope_224", "flexivit_small",
     "vit_base_patch16_siglip_224", "maxvit_nano_rw_256", "davit_tiny", "samvit_base_patch16", "xcit_nano_12_p16_224",
-    "efficientformer_l1", "resnetv2_50x1_bit", "nfnet_l0",
+    "efficientformer_l1", "resnetv2_50x1_bit", "nfnet_l0", "swin_tiny_patch4_window7_224",
 ]  # fmt: skip
 
 _ENC = dict(
@@ -192,7 +192,18 @@ def main() -> int:
             size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
             fixed = any(
                 k in name
-                for k in ("vit", "xcit", "efficientformer", "pvt", "twins", "davit", "maxvit", "sam", "inception")
+                for k in (
+                    "vit",
+                    "xcit",
+                    "efficientformer",
+                    "pvt",
+                    "twins",
+                    "davit",
+                    "maxvit",
+                    "sam",
+                    "inception",
+                    "swin",
+                )
             )
             size = size if fixed else 64
             x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
