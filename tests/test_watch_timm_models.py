@@ -6,10 +6,10 @@ model itself (ViT, DeiT), layer scales as modules (DeiT III) or reshaped paramet
 attention on one token (CaiT), BatchNorm with an activation in its forward (EfficientNet, MobileNetV3,
 RegNet), affine layers and norms of timm's own (ResMLP, PoolFormer, EdgeNeXt), attention over windows of
 every example stacked into one batch (Swin, DaViT, MaxViT), relative-position tables gathered into a
-bias over those windows (Swin) or over the batch (EfficientFormer, BatchNorm in eval mode). What cannot have per-example rows is
-refused with its name: relative-position tables multiplied with the queries (SAM's), a qkv weight passed
-to F.linear with a bias assembled from other parameters (BEiT, EVA), a relative-position module whose
-method is called instead of the module (CoAtNet)."""
+bias over those windows (Swin; MaxViT and CoAtNet, whose tables are held by a module of their own) or
+over the batch (EfficientFormer), the last three with BatchNorm in eval mode. What cannot have
+per-example rows is refused with its name: relative-position tables multiplied with the queries (SAM's),
+a qkv weight passed to F.linear with a bias assembled from other parameters (BEiT, EVA)."""
 
 from __future__ import annotations
 
@@ -54,11 +54,9 @@ EXACT = {
         dict(img_size=64, patch_size=8, embed_dim=16, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,)),
     ),
 }
-# Parameters left out, per family:
-# MaxViT's relative-position modules are not called (their get_bias method is): refused by name otherwise.
-# SAM's relative-position tables are indexed, then multiplied with the queries (einsum).
+# Parameters left out, per family: SAM's relative-position tables are indexed, then multiplied with the
+# queries (einsum), refused by name otherwise.
 LEFT_OUT = {
-    "maxvit": ("relative_position_bias_table",),
     "sam": ("rel_pos_h", "rel_pos_w"),
 }
 
@@ -73,8 +71,11 @@ BATCHNORM = {
     "efficientnet": ("efficientnet_b0", {}),
     "mobilenetv3": ("mobilenetv3_small_050", {}),
     "regnet": ("regnetx_002", {}),
-    # MaxViT: block and grid attention, each over windows of every example stacked into one batch.
+    # MaxViT: block and grid attention, each over windows of every example stacked into one batch, with a
+    # relative-position module whose forward adds its gathered table to the logits, and whose get_bias
+    # the fused attention calls instead; CoAtNet's the same, over each example's whole image.
     "maxvit": ("maxvit_nano_rw_256", {"img_size": 64, "drop_path_rate": 0.0}),
+    "coatnet": ("coatnet_nano_rw_224", {"img_size": 32, "drop_path_rate": 0.0}),
     # EfficientFormer: attention biases gathered from a table of offsets, added to each example's logits.
     "efficientformer": (
         "efficientformer_l1",
@@ -142,7 +143,7 @@ def test_batchnorm_networks_give_contributions_that_add_up_to_the_batch_gradient
     assert_rows(rows.sum(0), handle.project(batch)[0] * 4)
     assert "BatchNorm" in {kind for _, kind, _ in handle.layers}
     handle.remove()
-    if family in ("mobilenetv3", "maxvit", "efficientformer"):  # (the sum cannot tell how rows were grouped)
+    if family in ("mobilenetv3", "maxvit", "coatnet", "efficientformer"):  # (the sum cannot tell their grouping)
         model = _create(arch, **kw)
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -171,14 +172,8 @@ def test_batchnorm_networks_give_contributions_that_add_up_to_the_batch_gradient
             ["q_bias", "v_bias"],
             r"blocks\.\d\.attn\.qkv.* the layer was never called",
         ),
-        (
-            "coatnet_nano_rw_224",
-            dict(img_size=32),
-            [],
-            r"stages\.\d\.blocks\.\d\.attn\.rel_pos.* the layer was never called",
-        ),
     ],
-    ids=["sam", "beit", "eva", "coatnet"],
+    ids=["sam", "beit", "eva"],
 )
 def test_what_has_no_per_example_rows_is_refused_with_its_name(arch, kw, exclude, match):
     model = _create(arch, **kw)

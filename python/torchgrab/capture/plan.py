@@ -431,14 +431,20 @@ def _short(names: Sequence[str]) -> List[str]:
 
 
 def makes_from_own(module: nn.Module) -> bool:
-    """A leaf module of a class outside torch, with trainable parameters, whose forward takes no input:
-    it makes a tensor from its own parameters (Hugging Face Swin's SwinRelativePositionBias gathers its
-    table into the attention's bias). No example passes through it: its parameters are followed as
-    parameters of its parent's forward, where that tensor meets the batch (capture/direct.py)."""
+    """A leaf module of a class outside torch, with trainable parameters, that makes a tensor from its own
+    parameters, no example passing through them: its forward takes no input (Hugging Face Swin's
+    SwinRelativePositionBias gathers its table into the attention's bias), or it holds an integer buffer,
+    an index into its parameters (timm's RelPosBias, whose forward adds the gathered table to the logits it
+    is given, and whose get_bias method MaxViT's fused attention calls instead of the module). Its
+    parameters are followed as parameters of its parent's forward, where that tensor meets the batch
+    (capture/direct.py); a layer replayed per example (FunctionalSketch) would get the logits of B * m
+    windows, or no call at all."""
     if next(module.children(), None) is not None or type(module).__module__.startswith("torch."):
         return False
     if not any(p is not None and p.requires_grad for p in module._parameters.values()):
         return False
+    if any(b is not None and not (b.is_floating_point() or b.is_complex()) for b in module._buffers.values()):
+        return True
     try:
         sig = inspect.signature(module.forward)
     except (TypeError, ValueError):
