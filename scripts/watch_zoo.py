@@ -36,6 +36,7 @@ TIMM = [
     "seresnext26d_32x4d", "ese_vovnet19b_dw", "cspresnet50", "vit_small_patch16_rope_224", "flexivit_small",
     "vit_base_patch16_siglip_224", "maxvit_nano_rw_256", "davit_tiny", "samvit_base_patch16", "xcit_nano_12_p16_224",
     "efficientformer_l1", "resnetv2_50x1_bit", "nfnet_l0", "swin_tiny_patch4_window7_224", "coatnet_nano_rw_224",
+    "beit_base_patch16_224", "eva02_tiny_patch14_224", "swinv2_tiny_window8_256",
 ]  # fmt: skip
 
 _ENC = dict(
@@ -209,6 +210,8 @@ def main() -> int:
                     "inception",
                     "swin",
                     "coatnet",
+                    "beit",
+                    "eva",
                 )
             )
             size = size if fixed else 64

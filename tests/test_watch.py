@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchgrab.capture.watch as watch_module
 from conftest import assert_same_state
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -1480,8 +1481,10 @@ class _Tokens(nn.Module):
         h = torch.cat([self.cls.expand(x.shape[0], 2, -1), self.proj(x)], 1)
         if self.how == "slice":  # as many positions as tokens: a slice of the parameter, then broadcast
             return h + self.pos[:, : h.shape[1]]
-        if self.how == "sigmoid":  # not linear in the parameter: refused
-            return h + self.pos.sigmoid()
+        if self.how == "sigmoid":  # a function of the parameter alone, then broadcast
+            return h + 2.0 * self.pos.sigmoid()
+        if self.how == "dropout":  # random: a replay of it from the parameter would draw another mask
+            return h + F.dropout(self.pos, 0.5, training=True)
         return h + self.pos
 
 
@@ -1551,27 +1554,31 @@ def test_parameters_of_no_layer_broadcast_over_the_batch_give_per_example_rows(s
     assert sampler.pending == 64 - 5
 
 
-def test_a_parameter_of_no_layer_sliced_before_it_is_broadcast_gives_per_example_rows():
-    # 3 tokens and the class token's 2: the first 5 of 6 positions, a slice (not a view of every element)
-    # followed to the broadcast; each example's part is pulled back through the slice (zero at position 6).
+@pytest.mark.parametrize("how", ["slice", "sigmoid"])
+def test_a_function_of_a_parameter_of_no_layer_broadcast_gives_per_example_rows(how):
+    # A slice (3 tokens and the class token's 2: the first 5 of 6 positions), or a sigmoid scaled: a
+    # function of the parameter alone, followed to the broadcast; each example's part is pulled back
+    # through it (through the slice: zero at position 6).
     torch.manual_seed(0)
-    model = _TokenModel(pos="slice")
-    x, y = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
+    model = _TokenModel(pos=how)
+    t = 3 if how == "slice" else 4
+    x, y = torch.randn(4, t, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0])
     rows, expected, grads, handle = one_step(model, x, y, ce, None)
     assert_rows(rows, expected)
-    assert float(grads["emb.pos"][:, :, 5:].abs().max()) == 0.0 and float(grads["emb.pos"].abs().max()) > 0
+    if how == "slice":
+        assert float(grads["emb.pos"][:, :, 5:].abs().max()) == 0.0 and float(grads["emb.pos"].abs().max()) > 0
 
 
 def test_a_parameter_of_no_layer_used_otherwise_is_refused():
-    # Taken by an operation that is not linear in it (a sigmoid) in its module's forward: refused at that
-    # operation. Used by another module's forward: the parts watch() saw do not add up to its gradient,
-    # refused at the first backward.
+    # Taken by a random operation (dropout) in its module's forward: refused at that operation. Used by
+    # another module's forward: the parts watch() saw do not add up to its gradient, refused at the first
+    # backward.
     y = torch.tensor([0, 1, 2, 0])
     for model, x, match in [
         (
-            _TokenModel(pos="sigmoid"),
+            _TokenModel(pos="dropout"),
             torch.randn(4, 4, 4),
-            r"'emb.pos' belongs to no layer; .* and TensorBase.sigmoid takes it otherwise",
+            r"'emb.pos' belongs to no layer; .* and dropout takes it otherwise",
         ),
         (
             _TokenModel(peek=True),
@@ -1634,6 +1641,65 @@ def test_a_layer_whose_weight_gets_a_gradient_without_being_called_is_refused(sk
         rows, expected, grads, handle = one_step(model, x, y, ce, sketch, exclude=["q_bias", "qkv"])
         assert_rows(rows, expected)
         assert [n for n, _, _ in handle.layers] == ["head"] and handle._audit == []
+
+
+class _BeitAttention(nn.Module):
+    """timm's BEiT attention in small: F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias)), the qkv
+    layer never called, k_bias a buffer of zeros; ``own_bias``: the qkv layer's own bias passed instead, in
+    a module that holds a layer scale (a holder: its forward is watched)."""
+
+    def __init__(self, own_bias=False):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(6, 18, bias=own_bias), nn.Linear(6, 6)
+        if own_bias:
+            self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        else:
+            self.q_bias, self.v_bias = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6))
+            self.register_buffer("k_bias", torch.zeros(6))
+        self.own_bias = own_bias
+
+    def forward(self, x):
+        bias = self.qkv.bias if self.own_bias else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        q, k, v = F.linear(x, self.qkv.weight, bias).reshape(*x.shape[:2], 3, 6).unbind(2)
+        out = self.proj(F.scaled_dot_product_attention(q, k, v))
+        return self.gamma * out if self.own_bias else out
+
+
+class _Beit(nn.Module):
+    """The blocks a ModuleList of the model, which holds a class token: its mode stays off inside them."""
+
+    def __init__(self, own_bias=False):
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6))
+        self.blocks = nn.ModuleList([_BeitAttention(own_bias) for _ in range(2)])
+
+    def forward(self, x):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], 1)
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return self.head(h[:, 0])
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("own_bias", [False, True])
+def test_a_layer_called_as_f_linear_with_its_weight_by_a_holder_gives_per_example_rows(own_bias, sketch, monkeypatch):
+    # Refused before as never called (timm's BEiT and EVA). Inside the forward of a module holding
+    # parameters of no layer, F.linear with a watched Linear layer's weight is a call of that layer, and the
+    # bias concatenated from q_bias, zeros and v_bias is followed from both parameters to where it is added.
+    torch.manual_seed(0)
+    model = _Beit(own_bias)
+    x, y = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1])
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    names = [n for n, _, _ in handle.layers]
+    assert "blocks.0.qkv" in names and ("blocks.1.v_bias" in names) != own_bias
+    handle.remove()
+    # With the holders' modes left on inside their sublayers (a measuring switch), each Linear layer's own
+    # forward calls F.linear under a mode: recorded once, not once by the mode and once by its hook.
+    monkeypatch.setattr(watch_module, "_SUBLAYERS_WITHOUT_MODE", False)
+    rows, expected, _, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
 
 
 class _TiedByFunction(nn.Module):
@@ -1902,10 +1968,12 @@ class _HoldsForSublayers(nn.Module):
     """Position embeddings held by the model, used inside a sublayer: given to it as an argument, or (a
     reference the sublayer keeps, not registered) read by it."""
 
-    def __init__(self, passed):
+    def __init__(self, passed, listed=False):
         super().__init__()
         self.lin, self.add, self.head = nn.Linear(4, 6), _AddPositions(), nn.Linear(6, 3)
-        self.deep = nn.Sequential(*[nn.Tanh() for _ in range(8)])
+        tanh = [nn.Tanh() for _ in range(8)]
+        # A ModuleList (BEiT's blocks) is never called itself: its layers are, one by one.
+        self.deep = nn.ModuleList(tanh) if listed else nn.Sequential(*tanh)
         self.pos = nn.Parameter(torch.randn(1, 4, 6))
         self.passed = passed
         if not passed:
@@ -1914,10 +1982,15 @@ class _HoldsForSublayers(nn.Module):
     def forward(self, x):
         h = self.lin(x)
         h = self.add(h, self.pos) if self.passed else self.add(h)
+        if isinstance(self.deep, nn.ModuleList):
+            for layer in self.deep:
+                h = layer(h)
+            return self.head(h.mean(1))
         return self.head(self.deep(h).mean(1))
 
 
-def test_sublayers_of_a_module_holding_parameters_of_no_layer_run_without_its_mode(monkeypatch):
+@pytest.mark.parametrize("listed", [False, True])
+def test_sublayers_of_a_module_holding_parameters_of_no_layer_run_without_its_mode(monkeypatch, listed):
     # The mode that follows the holder's parameters costs a Python call per op; a timm ViT holds its class
     # token in the model itself, so every op of the model ran under it. A sublayer's forward now runs
     # without it, unless the sublayer is given one of the parameters; one that reads a parameter otherwise
@@ -1925,11 +1998,13 @@ def test_sublayers_of_a_module_holding_parameters_of_no_layer_run_without_its_mo
     from torchgrab.capture.direct import BroadcastUses
 
     seen = []
-    watched_ops = BroadcastUses._watched
-    monkeypatch.setattr(BroadcastUses, "_watched", lambda self, a, k: seen.append(1) or watched_ops(self, a, k))
+    on_op = BroadcastUses.__torch_function__
+    monkeypatch.setattr(
+        BroadcastUses, "__torch_function__", lambda self, *a, **k: seen.append(1) or on_op(self, *a, **k)
+    )
     x, y = torch.randn(5, 4, 4), torch.tensor([0, 1, 2, 0, 1])
     torch.manual_seed(0)
-    model = _HoldsForSublayers(passed=True)
+    model = _HoldsForSublayers(passed=True, listed=listed)
     rows, expected, _, handle = one_step(model, x, y, ce, None)
     assert_rows(rows, expected)  # the sublayer given the parameter kept the mode: its + was followed
     # The holder's own ops (mean, and the calls of its sublayers); none of the 8 Tanh layers' ops.
@@ -1958,7 +2033,7 @@ class _Probes(nn.Module):
             token = self.cls.expand(b, 1, -1)
         elif self.how == "repeat":
             token = self.cls.repeat(b, 1, 1)
-        else:  # repeats a dimension of size 6: not a broadcast, refused
+        else:  # repeats a dimension of size 6: not a broadcast; followed, then refused where it meets the batch
             token = self.cls.repeat(b, 1, 2)[:, :, :6]
         return self.head(torch.tanh(torch.cat([token, self.proj(x)], 1)).mean(1))
 
@@ -1975,7 +2050,7 @@ def test_a_parameter_broadcast_over_a_new_batch_dimension_or_repeated_gives_per_
         refused_model = _Probes("tiled")
         sampler, handle, spy = watched(refused_model, sketch=sketch)
         with pytest.raises(
-            UnsupportedModelError, match=r"'cls' belongs to no layer; .* and TensorBase.repeat takes it"
+            UnsupportedModelError, match=r"'cls' belongs to no layer; .* and _VariableFunctionsClass.cat takes it"
         ):
             ce(refused_model(x), y).backward()
         handle.remove()

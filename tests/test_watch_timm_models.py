@@ -7,9 +7,11 @@ attention on one token (CaiT), BatchNorm with an activation in its forward (Effi
 RegNet), affine layers and norms of timm's own (ResMLP, PoolFormer, EdgeNeXt), attention over windows of
 every example stacked into one batch (Swin, DaViT, MaxViT), relative-position tables gathered into a
 bias over those windows (Swin; MaxViT and CoAtNet, whose tables are held by a module of their own) or
-over the batch (EfficientFormer), the last three with BatchNorm in eval mode. What cannot have
+over the batch (EfficientFormer), the last three with BatchNorm in eval mode; a qkv layer's weight passed
+to F.linear with a bias concatenated from parameters of no layer (BEiT, EVA). What cannot have
 per-example rows is refused with its name: relative-position tables multiplied with the queries (SAM's),
-a qkv weight passed to F.linear with a bias assembled from other parameters (BEiT, EVA)."""
+a logit scale clamped and exponentiated, then multiplied with cosine attention logits whose rows' history
+is not read (Swin v2)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ EXACT = {
     "resmlp": ("resmlp", {}),
     "poolformer": ("poolformer", {}),
     "edgenext": ("edgenext_xx_small", {"depths": (1, 1, 1, 1), "dims": (8, 16, 16, 16), "heads": (2, 2, 2, 2)}),
+    # F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias))) in the attention's
+    # forward, the qkv layer never called; the biases are parameters of no layer, k_bias a buffer of zeros.
+    # BEiT's blocks are a ModuleList of the model, which holds the class token. EVA-02 adds rotary positions.
+    "beit": ("beit_base_patch16_224", {**_VIT, "init_values": 0.5}),
+    "eva": ("eva02_tiny_patch14_224", _VIT),
     # Windows: every example's windows stacked into one batch of windows for the attention, shifted windows
     # with their mask in the second block (Swin), and DaViT's channel attention beside its windows. The
     # rows of the layers on windows are regrouped by example (capture/flatten.py); so are the parts of
@@ -163,17 +170,24 @@ def test_batchnorm_networks_give_contributions_that_add_up_to_the_batch_gradient
             r"'blocks.0.attn.rel_pos_h' belongs to no layer.*einsum takes it otherwise.*exclude= it, or "
             r"'\*.rel_pos_h' for every parameter of that name",
         ),
-        # q_bias and v_bias concatenated into the bias of F.linear(x, self.qkv.weight, ...); left out, the qkv
-        # layer's weight still gets a gradient that no row holds, since self.qkv is never called.
-        ("beit_base_patch16_224", {**_VIT, "init_values": 0.5}, [], r"'blocks.0.attn.q_bias' belongs to no layer"),
+        # With q_bias and v_bias left out, the attention holds no parameter of no layer: nothing watches its
+        # forward, and the qkv layer's weight gets a gradient from F.linear that no row holds.
         (
             "eva02_tiny_patch14_224",
             _VIT,
             ["q_bias", "v_bias"],
             r"blocks\.\d\.attn\.qkv.* the layer was never called",
         ),
+        # Swin v2: the logit scale, clamped and exponentiated, multiplies cosine attention logits (F.normalize
+        # of q and k, a norm whose history the reading of rows does not follow).
+        (
+            "swinv2_tiny_window8_256",
+            {**_SWIN, "depths": (1, 1)},
+            [],
+            r"'layers.0.blocks.0.attn.logit_scale' belongs to no layer.*mul takes it",
+        ),
     ],
-    ids=["sam", "beit", "eva"],
+    ids=["sam", "eva", "swinv2"],
 )
 def test_what_has_no_per_example_rows_is_refused_with_its_name(arch, kw, exclude, match):
     model = _create(arch, **kw)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from torchgrab.capture.eager import eager
@@ -99,38 +100,38 @@ def per_example(g: torch.Tensor, shape: Tuple[int, ...], m: int = 1) -> torch.Te
 
 def pulled_back(make: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
     """Each example's gradient of the parameter ``p`` from its gradient of ``make(p)`` ([B, *make(p).shape]):
-    ``make`` is linear (gathers, views, permutations), so this is one pull-back, vectorized over B."""
+    the vector-Jacobian product of ``make`` at ``p`` (which the step does not change before its backward
+    ends), one per example, vectorized over B."""
     out, vjp = torch.func.vjp(make, p.detach())
     return torch.func.vmap(lambda c: vjp(c)[0])(parts.to(out.dtype))
 
 
-# Operations linear in their first argument that gather or rearrange its elements (Swin's
-# table[index.view(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()): taking nothing else that carries
-# a gradient, their result is followed with the function that makes it from the parameter.
-_REARRANGE = _VIEWS | {
-    torch.Tensor.permute, torch.permute, torch.Tensor.transpose, torch.transpose, torch.Tensor.contiguous,
-    torch.Tensor.flatten, torch.flatten, torch.Tensor.squeeze, torch.squeeze, torch.Tensor.index_select,
-    torch.index_select, torch.Tensor.clone, torch.clone, torch.Tensor.t, torch.Tensor.to, torch.Tensor.float,
-}  # fmt: skip
-_ATTENTION = {torch.nn.functional.scaled_dot_product_attention}
+_ATTENTION = {F.scaled_dot_product_attention}
+# Writes into a tensor: never followed (a followed tensor is replayed from the parameter).
+_IN_PLACE = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ior__", "__iand__"}
+# Functions that draw random numbers: a replay would draw others.
+_RANDOM = ("dropout", "rand", "bernoulli", "normal", "multinomial", "poisson", "uniform", "exponential", "cauchy")
 
-# A followed tensor: its parameter's sketch, the tensor, and the function that makes it from the parameter
-# (None: it holds the parameter's elements in their order, a view of it).
-_Followed = Tuple[DirectParamSketch, torch.Tensor, Optional[Callable[[torch.Tensor], torch.Tensor]]]
+# A followed tensor's sources: for each parameter it is made from, that parameter's sketch and the function
+# that makes the tensor from the parameter, the others held at their values (None: the tensor holds the
+# parameter's elements in their order, a view of it).
+_Source = Tuple[DirectParamSketch, Optional[Callable[[torch.Tensor], torch.Tensor]]]
+_Followed = Tuple[torch.Tensor, List[_Source]]
 
 
-def _then(before: _Followed, func: Any, rest: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Callable[..., Any]:
-    _, t, make = before
-    if make is None:
-        shape = tuple(t.shape)
-        make = lambda w: w.reshape(shape)  # noqa: E731
-    return lambda w: func(make(w), *rest, **kwargs)
+def _replayable(func: Any) -> bool:
+    name = getattr(func, "__name__", "") or ""
+    if name in _IN_PLACE or (name.endswith("_") and not name.endswith("__")):
+        return False
+    return not any(r in name.lower() for r in _RANDOM)
 
 
-def _carries(args: Any, kwargs: Dict[str, Any]) -> bool:
-    """Whether any tensor among the arguments carries a gradient."""
-    leaves = list(args) + list(kwargs.values())
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in leaves)
+def _name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+
+
+def _arg(args: Tuple[Any, ...], kwargs: Dict[str, Any], i: int, name: str) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name)
 
 
 class BroadcastUses(TorchFunctionMode):
@@ -140,7 +141,9 @@ class BroadcastUses(TorchFunctionMode):
     that cannot be shown); ``record(sketch, t, shape, m, make)`` hooks ``t``, a [B * m, ...] tensor
     broadcast from a tensor of ``shape`` (the parameter, a view of it in another shape, or ``make(p)``),
     whose gradient, summed by ``per_example`` (and pulled back through ``make``), is each example's part;
-    ``refuse(sketch, what)`` raises."""
+    ``refuse(sketch, what)`` raises. ``layers`` maps the weight of each watched Linear layer inside the
+    module to the layer, and ``call(layer, x, out)`` records a call of it (``F.linear(x, layer.weight,
+    bias)``, timm's BEiT and EVA attention with a bias assembled from parameters of no layer)."""
 
     def __init__(
         self,
@@ -149,10 +152,12 @@ class BroadcastUses(TorchFunctionMode):
         rows: Callable[[torch.Tensor, int], Optional[int]],
         record: Callable[..., None],
         refuse: Callable[[DirectParamSketch, str], Any],
+        layers: Optional[Dict[int, nn.Module]] = None,
+        call: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]] = None,
     ) -> None:
         super().__init__()
         # This forward's followed tensors (each held here, so its id stays its own): the parameters first.
-        self.params: Dict[int, _Followed] = {i: (sk, p, None) for i, (sk, p) in params.items()}
+        self.params: Dict[int, _Followed] = {i: (p, [(sk, None)]) for i, (sk, p) in params.items()}
         # Results of broadcasting a followed tensor against an operand of B * m rows with no history (Swin's
         # shift mask), whose layout the attention taking them as its mask proves: id -> (the followed
         # tensor, the result, the expanded view hooked once proven).
@@ -161,6 +166,8 @@ class BroadcastUses(TorchFunctionMode):
         self.rows = rows
         self.record = record
         self.refuse = refuse
+        self.layers = layers or {}
+        self.call = call
 
     def takes(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
         """Whether a call's arguments hold one of the parameters (or a tensor made from one) directly."""
@@ -183,99 +190,133 @@ class BroadcastUses(TorchFunctionMode):
             hits.append(-1)
         return hits
 
-    def _sketch_in(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], hits: List[int]) -> DirectParamSketch:
-        for a in [args[hits[0]]] if hits[0] >= 0 else [*args, *kwargs.values()]:
+    def _sketch_in(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> DirectParamSketch:
+        for a in [*args, *kwargs.values()]:
             for t in a if isinstance(a, (list, tuple)) else [a]:
                 if id(t) in self.params:
-                    return self.params[id(t)][0]
+                    return self.params[id(t)][1][0][0]
                 if id(t) in self.pending:
-                    return self.pending[id(t)][0][0]
-        return next(iter(self.params.values()))[0]
+                    return self.pending[id(t)][0][1][0][0]
+        return next(iter(self.params.values()))[1][0][0]
 
     def _rows_of(self, x: torch.Tensor, b: int) -> Optional[int]:
         """m when ``x``'s leading dimension holds the batch's b examples, m rows each (1: batch first)."""
         n = int(x.shape[0]) if x.dim() else 0
         return 1 if n == b else self.rows(x, b)
 
+    def _hook(self, followed: _Followed, expanded: torch.Tensor, m: int) -> None:
+        """Hook the [B * m, ...] broadcast of a followed tensor for each parameter it is made from."""
+        t, sources = followed
+        if expanded.requires_grad:
+            for sk, make in sources:
+                self.record(sk, expanded, tuple(t.shape), m, make)
+
     @eager  # traced by torch.compile, dynamo failed building its guards
     def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is F.linear and self.layers:
+            out = self._linear(args, kwargs)
+            if out is not None:
+                return out
         hits = self._watched(args, kwargs)
         if not hits:
             return func(*args, **kwargs)
         if func in _ATTENTION:
             out = self._attention(func, args, kwargs, hits)
-            if out is not None:
-                return out
-        elif hits[0] >= 0 and id(args[hits[0]]) in self.params:
-            out = self._use(func, args, kwargs, hits)
-            if out is not None:
-                return out
-        elif len(hits) == 1 and hits[0] in (0, 1) and func in _BINARY and len(args) >= 2:
-            # A pending result added to (or multiplying) attention logits whose history proves the rows.
-            other = args[1 - hits[0]]
-            if isinstance(other, torch.Tensor) and other.requires_grad and self._prove(args[hits[0]], other):
-                return func(*args, **kwargs)
+        elif func in _EXPAND and hits == [0] and id(args[0]) in self.params:
+            out = self._expand(func, args, kwargs)
+        elif func in _BINARY and len(hits) == 1 and hits[0] in (0, 1) and len(args) >= 2:
+            out = self._binary(func, args, kwargs, hits[0])
+        else:
+            out = None
+        if out is None:
+            out = self._made(func, args, kwargs)
+        if out is not None:
+            return out
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and out.requires_grad:  # a use that carries gradient, unseen
-            name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
-            self.refuse(self._sketch_in(args, kwargs, hits), name)
+            self.refuse(self._sketch_in(args, kwargs), _name(func))
         return out
 
-    def _use(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], hits: List[int]) -> Optional[Any]:
-        """A followed tensor's view, rearrangement, broadcast or product with the batch; None for any other use."""
-        followed = sk, p, make = self.params[id(args[hits[0]])]
-        if hits == [0] and func in _REARRANGE and not _carries(args[1:], kwargs):
-            out = func(*args, **kwargs)
-            if not isinstance(out, torch.Tensor):
-                return None
-            if make is None and func in _VIEWS and _same_elements(p, out):
-                self.params[id(out)] = (sk, out, None)
-            else:
-                self.params[id(out)] = (sk, out, _then(followed, func, args[1:], kwargs))
+    def _made(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Any]:
+        """A function of followed tensors and of nothing else that carries a gradient (Swin's table gathered
+        by an index, permuted and made contiguous; BEiT's q and v biases concatenated with zeros between;
+        Swin v2's clamped and exponentiated logit scale): its result is followed, made from each parameter
+        by replaying the call. None where something else carries a gradient, or the call cannot be replayed."""
+        leaves = [t for a in [*args, *kwargs.values()] for t in (a if isinstance(a, (list, tuple)) else [a])]
+        if any(isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in self.params for t in leaves):
+            return None
+        if not _replayable(func):
+            return None
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            return None if any(isinstance(t, torch.Tensor) and t.requires_grad for t in _flat(out)) else out
+        if not out.requires_grad:
             return out
-        if hits == [0] and func in _EXPAND:
-            out = func(*args, **kwargs)
-            if _broadcast(p, out) and out.shape[0] == self.batch(out.shape[0]):
-                if out.requires_grad:
-                    self.record(sk, out, tuple(p.shape), 1, make)
+        inputs = [self.params[id(t)] for t in leaves if isinstance(t, torch.Tensor) and id(t) in self.params]
+        if len(inputs) == 1 and len(inputs[0][1]) == 1 and inputs[0][1][0][1] is None and func in _VIEWS:
+            t, [(sk, _)] = inputs[0]
+            if _same_elements(t, out):
+                self.params[id(out)] = (out, [(sk, None)])
                 return out
-            return None  # refused by the caller (out is computed again: a view or a copy, no state)
-        if len(hits) == 1 and hits[0] in (0, 1) and func in _BINARY and len(args) >= 2:
-            other = args[1 - hits[0]]
-            if not isinstance(other, torch.Tensor) or other.dim() < max(p.dim(), 1):
-                return None
-            view = (1,) * (other.dim() - p.dim()) + tuple(p.shape)
-            n = int(other.shape[0])
-            b = self.batch(n)
-            if view[0] != 1 or n % b:
-                return None
-            m = self._rows_of(other, b)
-            if m is None and other.requires_grad:
-                return None  # rows of B * m that their history does not show to be example after example
-            expanded = p.reshape(view).expand(n, *view[1:])
-            swapped = list(args)
-            swapped[hits[0]] = expanded
-            out = func(*swapped, **kwargs)
-            if expanded.requires_grad:
-                if m is not None:
-                    self.record(sk, expanded, tuple(p.shape), m, make)
-                else:  # an operand with no history: the attention that takes the result may prove its rows
-                    self.pending[id(out)] = (followed, out, expanded)
-            return out
-        return None
+        sketches: List[DirectParamSketch] = []
+        for _, sources in inputs:
+            sketches += [sk for sk, _ in sources if sk not in sketches]
+        self.params[id(out)] = (out, [(sk, _replay(func, args, kwargs, self.params, sk)) for sk in sketches])
+        return out
+
+    def _expand(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Any]:
+        """``expand`` (or a size-one ``repeat``) of a followed tensor over the batch."""
+        followed = self.params[id(args[0])]
+        out = func(*args, **kwargs)
+        if not (_broadcast(followed[0], out) and out.shape[0] == self.batch(out.shape[0])):
+            return None  # another expand: followed as any function of the parameters
+        self._hook(followed, out, 1)
+        return out
+
+    def _binary(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], h: int) -> Optional[Any]:
+        """``+`` or ``*`` of a followed tensor and the batch's rows: the followed tensor expanded over the
+        rows (a view: same values, same result), hooked where the rows are shown to be examples' runs."""
+        other = args[1 - h]
+        if id(args[h]) in self.pending:  # added to (or multiplying) logits whose history proves the rows
+            if isinstance(other, torch.Tensor) and other.requires_grad and self._prove(args[h], other):
+                return func(*args, **kwargs)
+            return None
+        followed = self.params[id(args[h])]
+        p = followed[0]
+        if not isinstance(other, torch.Tensor) or other.dim() < max(p.dim(), 1):
+            return None
+        view = (1,) * (other.dim() - p.dim()) + tuple(p.shape)
+        n = int(other.shape[0])
+        if not other.requires_grad and (view[0] != 1 or n % self.batch(n)):
+            return None  # a constant the followed tensor is combined with, as any function of the parameters
+        b = self.batch(n)
+        if view[0] != 1 or n % b:
+            return None
+        m = self._rows_of(other, b)
+        if m is None and other.requires_grad:
+            return None  # rows of B * m that their history does not show to be example after example
+        expanded = p.reshape(view).expand(n, *view[1:])
+        swapped = list(args)
+        swapped[h] = expanded
+        out = func(*swapped, **kwargs)
+        if m is not None:
+            self._hook(followed, expanded, m)
+        elif expanded.requires_grad:  # an operand with no history: what takes the result may prove its rows
+            self.pending[id(out)] = (followed, out, expanded)
+        return out
 
     def _prove(self, result: torch.Tensor, rows: torch.Tensor) -> bool:
         """Hook a pending result's expanded view once ``rows``, a tensor with as many rows and a history,
         shows them to be the batch's examples' runs; False (still pending) when it does not."""
-        (sk, p, make), out, expanded = self.pending[id(result)]
+        followed, out, expanded = self.pending[id(result)]
         n = int(rows.shape[0]) if rows.dim() else 0
         b = self.batch(n)
         m = self._rows_of(rows, b) if n == out.shape[0] and n % b == 0 else None
         if m is None:
             return False
         del self.pending[id(result)]
-        self.record(sk, expanded, tuple(p.shape), m, make)
+        self._hook(followed, expanded, m)
         return True
 
     def _attention(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], hits: List[int]) -> Optional[Any]:
@@ -286,25 +327,72 @@ class BroadcastUses(TorchFunctionMode):
         q = args[0] if args else kwargs.get("query")
         if hits != ([3] if in_args else [-1]) or not self._is(mask) or not isinstance(q, torch.Tensor) or q.dim() < 3:
             return None
+        if id(mask) in self.pending:
+            return func(*args, **kwargs) if self._prove(mask, q) else None
         n = int(q.shape[0])
         b = self.batch(n)
         m = self._rows_of(q, b) if n % b == 0 else None
-        if m is None:
-            return None
-        if id(mask) in self.pending:
-            return func(*args, **kwargs) if self._prove(mask, q) else None
-        sk, p, make = self.params[id(mask)]
+        followed = self.params[id(mask)]
+        p = followed[0]
         view = (1,) * (q.dim() - p.dim()) + tuple(p.shape)
-        if p.dim() > q.dim() or view[0] != 1:
+        if m is None or p.dim() > q.dim() or view[0] != 1:
             return None
         expanded = p.reshape(view).expand(n, *view[1:])
-        if expanded.requires_grad:
-            self.record(sk, expanded, tuple(p.shape), m, make)
+        self._hook(followed, expanded, m)
         if in_args:
             args = (*args[:3], expanded, *args[4:])
         else:
             kwargs = {**kwargs, "attn_mask": expanded}
         return func(*args, **kwargs)
+
+    def _linear(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Any]:
+        """``F.linear(x, layer.weight, bias)`` with a watched Linear layer's weight, outside the layer's own
+        forward: a call of the layer, recorded so (``call``), with its own bias or none; a followed bias
+        (BEiT's cat of q_bias, zeros and v_bias) is then added as ``+`` adds it. None for any other call."""
+        x, w, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+        layer = self.layers.get(id(w))
+        if layer is None or self.call is None or not isinstance(x, torch.Tensor) or self._is(x):
+            return None
+        if bias is not None and bias is not layer.bias and not (id(bias) in self.params and layer.bias is None):
+            return None
+        out = F.linear(x, w, bias if bias is layer.bias else None)
+        replaced = self.call(layer, x, out)
+        out = out if replaced is None else replaced
+        if bias is None or bias is layer.bias:
+            return out
+        return self._binary(torch.Tensor.__add__, (out, bias), {}, 1)
+
+
+def _flat(out: Any) -> List[Any]:
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat(o)]
+    return [out]
+
+
+def _replay(
+    func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], followed: Dict[int, _Followed], sk: DirectParamSketch
+) -> Callable[[torch.Tensor], Any]:
+    """The call as a function of the parameter of ``sk``: each followed argument made from it is made again
+    from the given tensor; every other (followed tensors made from other parameters included) is held at
+    its value."""
+    makes: Dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for i, (t, sources) in followed.items():
+        for s, make in sources:
+            if s is sk:
+                shape = tuple(t.shape)
+                makes[i] = make if make is not None else (lambda w, shape=shape: w.reshape(shape))
+
+    def held(a: Any, w: torch.Tensor) -> Any:
+        if isinstance(a, torch.Tensor):
+            make = makes.get(id(a))
+            return make(w) if make is not None else a.detach()
+        if isinstance(a, (list, tuple)):
+            return type(a)(held(t, w) for t in a)
+        return a
+
+    made = {id(a) for a in [*args, *kwargs.values()] for a in (a if isinstance(a, (list, tuple)) else [a])}
+    makes = {i: f for i, f in makes.items() if i in made}  # only what this call takes: the rest is not held
+    return lambda w: func(*(held(a, w) for a in args), **{k: held(v, w) for k, v in kwargs.items()})
 
 
 def _broadcast(p: torch.Tensor, out: torch.Tensor) -> bool:

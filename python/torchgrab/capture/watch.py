@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -300,6 +300,10 @@ class WatchHandle:
             for dsk, t in params.values():
                 self._hooks.append(t.register_hook(self._direct_check(dsk)))
         self._unchecked = {dsk for params in self._direct.values() for dsk, _ in params.values()}
+        # A holder's forward may call a watched Linear layer as F.linear(x, layer.weight, bias) (timm's BEiT
+        # and EVA attention, with a bias assembled from parameters of no layer): recorded as the layer's call.
+        self._linear_weights = {id(m.weight): m for m in self._sketches if isinstance(m, nn.Linear)}
+        self._linear_out: Optional[Callable[[], Optional[torch.Tensor]]] = None  # the last such call's output
         # A holder's mode sees every op of its forward, its sublayers' too: each op under a mode is a Python
         # call, and a timm ViT holds its class token in the model itself (benchmarks/watch_vit.py). The
         # forward of a sublayer not given one of the holder's parameters runs without the mode (a use it
@@ -307,7 +311,7 @@ class WatchHandle:
         # the pre-hook first: a sublayer that is itself a holder enters and leaves its mode inside.
         self._suspended: Dict[Tuple[nn.Module, nn.Module], List[Optional[Any]]] = {}
         for holder in self._direct if _SUBLAYERS_WITHOUT_MODE else ():
-            for child in holder.children():
+            for child in _called_children(holder):
                 pre = eager(self._suspend(holder))
                 self._hooks.append(child.register_forward_pre_hook(pre, prepend=True, with_kwargs=True))
                 self._hooks.append(child.register_forward_hook(eager(self._resume(holder)), always_call=True))
@@ -521,9 +525,17 @@ class WatchHandle:
         return self._recording and self.model.training and torch.is_grad_enabled() and not _in_transform()
 
     def _on_forward(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> Any:
-        if not args:
+        if not args or (self._linear_out is not None and out is self._linear_out()):
+            # (the output of the F.linear call a holder's mode recorded inside this layer's own forward: a
+            # mode left on there, under a mode of the user's, records it once)
             return None
         return self._record(module, args[0], out)
+
+    def _linear_call(self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Any:
+        """Record ``F.linear(x, layer.weight, ...)`` made by a holder's forward as a call of the layer."""
+        replaced = self._record_call(layer, (x,), out)
+        self._linear_out = weakref.ref(out if replaced is None else replaced)
+        return replaced
 
     def _on_forward_functional(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> Any:
         """``_on_forward`` for a layer sketched by torch.func (FunctionalSketch), which replays the call
@@ -558,6 +570,8 @@ class WatchHandle:
                     self._direct_rows,
                     lambda sk, t, shape, m, make: self._direct_record(step, sk, t, shape, m, make),
                     self._direct_refuse,
+                    self._linear_weights,
+                    self._linear_call,
                 )
                 mode.__enter__()
         self._modes.setdefault(module, []).append(mode)
@@ -1123,6 +1137,17 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 
 def _as_is(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _called_children(module: nn.Module) -> Iterator[nn.Module]:
+    """The sublayers a module's forward calls: its children, and for a container that is never called
+    itself (nn.ModuleList, nn.ModuleDict: BEiT's blocks, called one by one from the model's forward) the
+    children of that container, recursively."""
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            yield from _called_children(child)
+        else:
+            yield child
 
 
 def _batch_of(args: Tuple[Any, ...], kwargs: Dict[str, Any], batch_first: bool = True) -> Optional[int]:
