@@ -14,15 +14,19 @@ Any other operation that takes the parameter is refused, naming both. At a param
 watch() also checks that the example parts it saw add up to the gradient autograd gives the parameter
 (nothing used it unseen).
 
-A parameter may first be rearranged into the tensor that is broadcast: Swin's relative-position table
-is gathered by an index, viewed, permuted and made contiguous into a ``[1, heads, N, N]`` bias
-(``_REARRANGE``, ops linear in the parameter taking nothing else that carries a gradient). Such a tensor
-is followed with the function that makes it from the parameter; each example's gradient of it is pulled
-back through that function (``torch.func.vjp``, vectorized over the batch). And the tensor it is
-broadcast against may hold ``B * m`` rows, example after example (Swin's windows): then each example's
-part sums its m rows, where the other operand's history proves that layout (capture/flatten.py), or,
-for an operand with no history (Swin's shift mask), where the result becomes the ``attn_mask`` of an
-attention whose query proves it.
+A parameter may first be made into the tensor that is broadcast by a function of the parameters alone:
+Swin's relative-position table is gathered by an index, viewed, permuted and made contiguous into a
+``[1, heads, N, N]`` bias; BEiT's q and v biases are concatenated around a buffer of zeros. Such a tensor
+is followed with, for each parameter it is made from, the function that makes it from that parameter
+(the call replayed, the other parameters held at their values); each example's gradient of it is pulled
+back through that function (``torch.func.vjp``, vectorized over the batch). Random functions (a replay
+would draw other numbers) and writes in place are not followed. The tensor may be broadcast against
+``B * m`` rows, example after example (Swin's windows): then each example's part sums its m rows, where
+the other operand's history proves that layout (capture/flatten.py), or, for an operand with no history
+(Swin's shift mask), where the result becomes the ``attn_mask`` of an attention whose query proves it.
+And the module's forward may call a watched Linear layer as ``F.linear(x, layer.weight, bias)`` (timm's
+BEiT and EVA attention never call their qkv layer): that is recorded as a call of the layer, and a
+followed bias is added as ``+`` adds it.
 """
 
 from __future__ import annotations

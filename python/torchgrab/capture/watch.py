@@ -317,8 +317,8 @@ class WatchHandle:
                 self._hooks.append(child.register_forward_hook(eager(self._resume(holder)), always_call=True))
         # Until a step has been recorded, a hook on each parameter of a sketched layer: a gradient that
         # reaches it in a step where no forward of its layer was recorded comes from a use of the weight
-        # outside the layer (timm's BEiT and EVA attention run F.linear(x, self.qkv.weight, ...) and never
-        # call self.qkv), which no row would hold. Removed once the first step ends (_end_step).
+        # outside the layer (F.linear(x, self.qkv.weight, ...) in a module whose forward is not watched, as
+        # timm's EVA attention with its q and v biases left out), which no row would hold. Removed once the first step ends (_end_step).
         self._audit: List[Any] = []
         owners: Dict[int, Tuple[torch.Tensor, List[nn.Module]]] = {}
         for module, sk in self._sketches.items():
@@ -513,7 +513,8 @@ class WatchHandle:
             f"watch(): the parameter {pname!r} of {layers} {how} in the model's forward (autograd node {node}), "
             "so per-example rows would miss that part of its gradient. A tied output projection written as "
             "F.linear(h, embedding.weight) is such a use (an nn.Linear whose weight is the embedding's is taken "
-            "whole), and so is timm's BEiT attention passing self.qkv.weight to F.linear. exclude= the layer, "
+            "whole), and so is F.linear(x, self.qkv.weight, ...) in a module that holds no parameter of no layer "
+            "(timm's EVA attention with its q and v biases left out). exclude= the layer, "
             f"or {every_like(self._sketches[mods[0]].name)!r} for every layer of that name"
         )
 
@@ -695,7 +696,8 @@ class WatchHandle:
             raise UnsupportedModelError(
                 f"watch(): a parameter of {names[0] if len(names) == 1 else names} got a gradient in a step where "
                 "the layer was never called: the model uses its weight outside the layer's forward (as timm's "
-                "BEiT and EVA attention pass self.qkv.weight to F.linear), so per-example rows would miss that "
+                "EVA attention, its q and v biases left out, passes self.qkv.weight to F.linear), so "
+                "per-example rows would miss that "
                 f"gradient. exclude= the layer, or {every_like(names[0])!r} for every layer of that name"
             )
 
