@@ -39,6 +39,15 @@ def test_rows_reshaped_from_the_batch_and_carried_row_by_row_are_found():
     # takes the leading part of the tokens' dimension, and each example is still 2 consecutive rows.
     assert flattened_batch(torch.tanh(h).reshape(B * 2, 2, C), B) == 2
     assert flattened_batch(_made(B, 6, 2).reshape(B * 2, 6), B) == 2
+    # SAM's attention: qkv [B, N, 3 * heads * C] split, permuted to [3, B, heads, N, C] and reshaped to
+    # [3, B * heads, N, C]: the batch merged with the heads at dimension 1, then unbound.
+    heads, n = 2, 5
+    qkv = _made(B, n, 3 * heads * 4).view(B, n, 3, heads, 4).permute(2, 0, 3, 1, 4)
+    q = qkv.reshape(3, B * heads, n, 4).unbind(0)[0]
+    assert flattened_batch(q, B) == heads
+    # The heads first, then the batch: each head's rows hold every example, interleaved.
+    by_head = _made(B, n, heads * 4).view(B, n, heads, 4).permute(2, 0, 1, 3).reshape(heads * B, n, 4)
+    assert flattened_batch(by_head, B) is None
 
 
 def test_rows_that_are_not_the_batchs_examples_in_runs_are_not():

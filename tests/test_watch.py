@@ -1851,13 +1851,15 @@ class _Gamma(nn.Module):
             h = self.gamma[:, None, None] * h
         elif self.how == "reordered":  # a view that reorders the elements, followed as a rearrangement
             h = h * self.gamma.reshape(2, 2).t().reshape(1, 4, 1, 1)
-        else:  # an einsum with the batch (SAM's relative positions multiply the queries so): refused
+        elif self.how == "einsum":  # an einsum with the batch, the parameter expanded over its rows
             h = torch.einsum("bchw,c->bchw", h, self.gamma)
+        else:  # a convolution with the batch, the parameter its weight: refused
+            h = F.conv2d(h, self.gamma.view(4, 1, 1, 1), groups=4)
         return self.head(h.flatten(1))
 
 
 @pytest.mark.parametrize("sketch", SKETCHES)
-@pytest.mark.parametrize("how", ["reshape", "index", "reordered"])
+@pytest.mark.parametrize("how", ["reshape", "index", "reordered", "einsum"])
 def test_a_parameter_of_no_layer_reshaped_before_it_is_broadcast_gives_per_example_rows(how, sketch):
     torch.manual_seed(0)
     model = _Gamma(how)
@@ -1866,9 +1868,9 @@ def test_a_parameter_of_no_layer_reshaped_before_it_is_broadcast_gives_per_examp
     assert_rows(rows, expected)
     assert ("gamma", "parameter of no layer (per example where broadcast over the batch)", 4) in handle.layers
     if how == "reshape":
-        refused_model = _Gamma("einsum")
+        refused_model = _Gamma("conv")
         sampler, handle, spy = watched(refused_model, sketch=sketch)
-        with pytest.raises(UnsupportedModelError, match=r"'gamma' belongs to no layer; .* and einsum takes it"):
+        with pytest.raises(UnsupportedModelError, match=r"'gamma' belongs to no layer; .*conv2d takes it"):
             ce(refused_model(x), y).backward()
         handle.remove()
 
@@ -1957,6 +1959,48 @@ def test_a_table_gathered_into_a_bias_over_every_examples_windows_gives_per_exam
         ce(model(x), y).backward()
         handle.flush()
         assert spy.rows[-1].shape == (5, handle.width) and sampler.pending == 64 - 5
+
+
+class _RawWeight(nn.Module):
+    """A layer written by hand with a raw parameter (a parameter of the model, no layer of its own): x @ W
+    on [B, T, 4], [B, 4] or [B, 2, 2, 4], W @ x, an einsum, and an einsum over each example's 2 windows
+    stacked."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.w = nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(2)) * 0.5)
+        self.how = how
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))  # [B, 4 tokens, 4]
+        b = h.shape[0]
+        if self.how == "matmul":
+            h = h @ self.w
+        elif self.how == "rows":
+            h = (h.mean(1) @ self.w)[:, None]
+        elif self.how == "heads":  # [B, 2, 2, 4] @ W
+            h = (h.reshape(b, 2, 2, 4) @ self.w).reshape(b, 4, 4)
+        elif self.how == "left":
+            h = torch.matmul(self.w, h.transpose(1, 2)).transpose(1, 2)
+        elif self.how == "einsum":
+            h = torch.einsum("btd,ed->bte", h, self.w)
+        else:  # windows
+            h = torch.einsum("bnd,de->bne", h.reshape(b * 2, 2, 4), self.w).reshape(b, 4, 4)
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("how", ["matmul", "rows", "heads", "left", "einsum", "windows"])
+def test_a_raw_weight_multiplied_with_the_batch_gives_per_example_rows(how, sketch):
+    # Refused before (matmul and einsum take it with the batch). The weight is expanded over the rows, one
+    # copy per row (the same values and result), and each example's gradient is its rows' copies' summed.
+    torch.manual_seed(0)
+    model = _RawWeight(how)
+    x, y = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1])
+    rows, expected, grads, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    assert ("w", "parameter of no layer (per example where broadcast over the batch)", 16) in handle.layers
 
 
 class _AddPositions(nn.Module):

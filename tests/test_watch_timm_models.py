@@ -9,8 +9,7 @@ every example stacked into one batch (Swin, DaViT, MaxViT), relative-position ta
 bias over those windows (Swin; MaxViT and CoAtNet, whose tables are held by a module of their own) or
 over the batch (EfficientFormer), the last three with BatchNorm in eval mode; a qkv layer's weight passed
 to F.linear with a bias concatenated from parameters of no layer (BEiT, EVA). What cannot have
-per-example rows is refused with its name: relative-position tables multiplied with the queries (SAM's),
-a logit scale clamped and exponentiated, then multiplied with cosine attention logits whose rows' history
+per-example rows is refused with its name: a logit scale clamped and exponentiated, then multiplied with cosine attention logits whose rows' history
 is not read (Swin v2)."""
 
 from __future__ import annotations
@@ -55,24 +54,12 @@ EXACT = {
         {"embed_dims": (8, 16, 16, 16), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1), "drop_path_rate": 0.0},
     ),
     # SAM's image encoder: windows padded and stacked, then a global block; its decomposed relative
-    # positions multiply the queries by tables (einsum) with the batch in the middle of a batched product.
+    # positions multiply the queries (every example's windows and heads stacked) by tables (einsum).
     "sam": (
         "samvit_base_patch16",
         dict(img_size=64, patch_size=8, embed_dim=16, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,)),
     ),
 }
-# Parameters left out, per family: SAM's relative-position tables are indexed, then multiplied with the
-# queries (einsum), refused by name otherwise.
-LEFT_OUT = {
-    "sam": ("rel_pos_h", "rel_pos_w"),
-}
-
-
-def _left_out(model: nn.Module, family: str) -> list:
-    """exclude= by pattern, as the refusals suggest: every block's parameter of that name."""
-    return [f"*.{name}" for name in LEFT_OUT.get(family, ())]
-
-
 BATCHNORM = {
     "resnet": ("resnet10t", {}),
     "efficientnet": ("efficientnet_b0", {}),
@@ -127,12 +114,10 @@ def test_each_family_gives_the_per_example_gradients_rows(family, sketch):
     arch, kw = EXACT[family]
     model = _create(arch, **kw)
     x = _images(kw.get("img_size", 32))
-    left_out = _left_out(model, family)
-    rows, expected, grads, handle = one_step(model, x, torch.tensor([0, 1, 2]), ce, sketch, exclude=left_out)
+    rows, expected, grads, handle = one_step(model, x, torch.tensor([0, 1, 2]), ce, sketch)
     assert_rows(rows, expected)
-    if sketch is None:  # every parameter not left out, exactly
-        kept = [n for n in grads if n.rsplit(".", 1)[-1] not in LEFT_OUT.get(family, ())]
-        assert handle.width == sum(grads[n][0].numel() for n in kept)
+    if sketch is None:  # every parameter, exactly
+        assert handle.width == sum(g[0].numel() for g in grads.values())
 
 
 @pytest.mark.parametrize("family", sorted(BATCHNORM))
@@ -142,7 +127,7 @@ def test_batchnorm_networks_give_contributions_that_add_up_to_the_batch_gradient
     arch, kw = BATCHNORM[family]
     model = _create(arch, **kw)
     x, y = _images(kw.get("img_size", 32), b=4), torch.tensor([0, 1, 2, 0])
-    sampler, handle, spy = watched(model, sketch=8, exclude=_left_out(model, family))
+    sampler, handle, spy = watched(model, sketch=8)
     ce(model(x), y).backward()
     handle.flush()
     rows = np.asarray(spy.rows[0], dtype=np.float64)
@@ -155,21 +140,13 @@ def test_batchnorm_networks_give_contributions_that_add_up_to_the_batch_gradient
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-        rows, expected, _, _ = one_step(model, x[:3], y[:3], ce, 8, exclude=_left_out(model, family))
+        rows, expected, _, _ = one_step(model, x[:3], y[:3], ce, 8)
         assert_rows(rows, expected)
 
 
 @pytest.mark.parametrize(
     "arch, kw, exclude, match",
     [
-        # SAM's relative-position tables: indexed, then multiplied with the queries by an einsum.
-        (
-            "samvit_base_patch16",
-            EXACT["sam"][1],
-            [],
-            r"'blocks.0.attn.rel_pos_h' belongs to no layer.*einsum takes it otherwise.*exclude= it, or "
-            r"'\*.rel_pos_h' for every parameter of that name",
-        ),
         # With q_bias and v_bias left out, the attention holds no parameter of no layer: nothing watches its
         # forward, and the qkv layer's weight gets a gradient from F.linear that no row holds.
         (
@@ -187,7 +164,7 @@ def test_batchnorm_networks_give_contributions_that_add_up_to_the_batch_gradient
             r"'layers.0.blocks.0.attn.logit_scale' belongs to no layer.*mul takes it",
         ),
     ],
-    ids=["sam", "eva", "swinv2"],
+    ids=["eva", "swinv2"],
 )
 def test_what_has_no_per_example_rows_is_refused_with_its_name(arch, kw, exclude, match):
     model = _create(arch, **kw)

@@ -111,6 +111,9 @@ def pulled_back(make: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor, p
 
 
 _ATTENTION = {F.scaled_dot_product_attention}
+# Products of a followed tensor with the batch's rows: the followed tensor expanded over the rows, one
+# copy per row (a hand-written layer's weight, SAM's relative positions multiplied with the queries).
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
 # Writes into a tensor: never followed (a followed tensor is replayed from the parameter).
 _IN_PLACE = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ior__", "__iand__"}
 # Functions that draw random numbers: a replay would draw others.
@@ -231,6 +234,10 @@ class BroadcastUses(TorchFunctionMode):
             out = self._expand(func, args, kwargs)
         elif func in _BINARY and len(hits) == 1 and hits[0] in (0, 1) and len(args) >= 2:
             out = self._binary(func, args, kwargs, hits[0])
+        elif func is torch.einsum:
+            out = self._einsum(args, kwargs)
+        elif func in _MATMUL and len(hits) == 1 and hits[0] in (0, 1) and len(args) == 2 and not kwargs:
+            out = self._matmul(func, args, hits[0])
         else:
             out = None
         if out is None:
@@ -308,6 +315,63 @@ class BroadcastUses(TorchFunctionMode):
             self._hook(followed, expanded, m)
         elif expanded.requires_grad:  # an operand with no history: what takes the result may prove its rows
             self.pending[id(out)] = (followed, out, expanded)
+        return out
+
+    def _rows_for(self, x: Any) -> Optional[Tuple[int, int]]:
+        """(rows, m) when ``x`` holds the batch's rows in its leading dimension, example after example."""
+        if not isinstance(x, torch.Tensor) or self._is(x) or x.dim() < 2:
+            return None
+        n = int(x.shape[0])
+        b = self.batch(n)
+        m = self._rows_of(x, b) if n % b == 0 else None
+        return None if m is None else (n, m)
+
+    def _einsum(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Any]:
+        """``torch.einsum`` of a followed tensor and a tensor whose first index runs over the batch's rows
+        (SAM's ``einsum("bhwc,hkc->bhwk", r_q, Rh)``): the followed tensor given that index too, expanded
+        over the rows (one copy each: the same values and result), and hooked there."""
+        if kwargs or len(args) < 2 or not isinstance(args[0], str):
+            return None
+        ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        eq = args[0].replace(" ", "")
+        if len(ops) != 2 or "..." in eq or "->" not in eq:
+            return None
+        ins, result = eq.split("->")
+        subs = ins.split(",")
+        mine = [i for i, t in enumerate(ops) if id(t) in self.params]
+        if len(subs) != 2 or len(mine) != 1 or any(id(t) in self.pending for t in ops):
+            return None
+        i = mine[0]
+        rows = self._rows_for(ops[1 - i])
+        if rows is None or len(subs[1 - i]) != ops[1 - i].dim() or subs[1 - i][0] in subs[i]:
+            return None
+        followed = self.params[id(ops[i])]
+        expanded = followed[0].unsqueeze(0).expand(rows[0], *followed[0].shape)
+        subs[i] = subs[1 - i][0] + subs[i]
+        ops[i] = expanded
+        out = torch.einsum(",".join(subs) + "->" + result, *ops)
+        self._hook(followed, expanded, rows[1])
+        return out
+
+    def _matmul(self, func: Any, args: Tuple[Any, ...], h: int) -> Optional[Any]:
+        """``x @ w`` or ``w @ x`` of a followed matrix ``w`` and a tensor ``x`` whose leading dimension holds
+        the batch's rows (a hand-written layer): ``w`` expanded over the rows, one copy each."""
+        if func is torch.Tensor.__rmatmul__:  # w.__rmatmul__(x) is x @ w
+            args, h = (args[1], args[0]), 1 - h
+        followed = self.params[id(args[h])]
+        w, x = followed[0], args[1 - h]
+        rows = self._rows_for(x)
+        if rows is None or w.dim() != 2 or (h == 0 and x.dim() < 3):
+            return None
+        n, m = rows
+        expanded = w.unsqueeze(0).expand(n, *w.shape)
+        if x.dim() == 2:  # [rows, d] @ [d, k]: one row per matrix
+            out = (x.unsqueeze(1) @ expanded).squeeze(1)
+        else:
+            lead = (n, *(1,) * (x.dim() - 3))
+            wide = expanded.reshape(*lead, *w.shape)
+            out = x @ wide if h == 1 else wide @ x
+        self._hook(followed, expanded, m)
         return out
 
     def _prove(self, result: torch.Tensor, rows: torch.Tensor) -> bool:

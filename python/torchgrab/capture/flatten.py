@@ -150,6 +150,10 @@ class _Reading:
         if out is None or d >= len(out):
             return False
         nxt = list(node.next_functions)
+        if d == 0 and inner == 1 and out[0] == self.b and not _moves_batch(node, set()):
+            # A batch-first tensor's own dimension 0, one example per row (SAM's [3, B, heads, N, C], after
+            # a permutation moved the batch to dimension 1, merged with the heads: read back to here).
+            return True
         if name in _VIEWS:
             return self._view(node, out, d, inner)
         if name in _ELEMENTWISE:
@@ -239,9 +243,13 @@ class _Reading:
         q = out[d] // sizes[i0]  # entries of the merged dimension per entry of dimension i0
         if inner % q == 0:
             return self._along(child, ci, i0, inner // q)  # each row whole entries of dimension i0
-        if q % inner or i0 != 0 or sizes[0] != self.b:
-            return False  # rows inside the entries of a dimension other than the batch's
-        return not _moves_batch(child, set())
+        if q % inner:
+            return False  # rows that straddle entries of dimension i0
+        if i0 == 0 and sizes[0] == self.b:
+            return not _moves_batch(child, set())  # made from the batch's own dimension
+        # Each row inside one entry of dimension i0 (SAM's [3, B, heads, N, C] -> [3, B * heads, N, C]):
+        # the rows are the examples' where those entries are, each entry whole.
+        return self._along(child, ci, i0, 1)
 
 
 def _moves_batch(node: Any, seen: set) -> bool:

@@ -643,7 +643,7 @@ class WatchHandle:
             part = per_example(g, shape, m)
             if make is None:
                 part = part.reshape(part.shape[0], *sk.shape)
-            else:  # made from the parameter by gathers and rearrangements: pulled back through them
+            else:  # made from the parameter by a function of it (a gather, a cat): pulled back through it
                 part = pulled_back(make, sk.slot.weight, part)
             if step is self._step and sk in step.direct:
                 step.direct[sk] = step.direct[sk].to(part.device, part.dtype) + part.detach().sum(0)
@@ -655,8 +655,8 @@ class WatchHandle:
         self._step, self._recording = _Step(), False  # this forward will have no backward
         raise UnsupportedModelError(
             f"watch(): {sk.name!r} belongs to no layer; its per-example gradient is taken where the forward "
-            "broadcasts it, or what gathers and rearrangements make of it, over the batch (expand, +, *, an "
-            f"attention's mask), and {what} takes it otherwise. exclude= it, or "
+            "combines it, or what a function of the parameters alone makes of it, with the batch's rows "
+            f"(expand, +, *, @, einsum, an attention's mask), and {what} takes it otherwise. exclude= it, or "
             f"{every_like(sk.name)!r} for every parameter of that name"
         )
 
@@ -675,7 +675,7 @@ class WatchHandle:
                 self._step, self._recording = _Step(), False
                 raise UnsupportedModelError(
                     f"watch(): {sk.name!r} belongs to no layer, and its gradient is not the sum of the per-example "
-                    "parts watch() saw where the forward of the module holding it broadcasts it over the batch: "
+                    "parts watch() saw where the forward of the module holding it combines it with the batch: "
                     "something else uses it (another module's forward, or an operation watch() does not follow). "
                     "exclude= it"
                 )
