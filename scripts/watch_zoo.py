@@ -4,7 +4,8 @@ checked, a table printed.
     .venv/bin/python scripts/watch_zoo.py [--timm ARCH ...] [--hf NAME ...] [--sketch 8]
 
 Each timm architecture is built by `timm.create_model(ARCH, pretrained=False, num_classes=3)` at its
-default size (nothing downloaded), dropout and stochastic depth off, and fed 2 random images of 64 x 64 pixels (of its default size where it
+default size (SAM's encoder at 256 pixels: `_TIMM_SIZE`; nothing downloaded), dropout and stochastic depth off,
+and fed 2 random images of 64 x 64 pixels (of its default size where it
 needs that: vision transformers with fixed positions, Inception); each Hugging Face name is one of the tiny configs below, fed 3 random sequences of 7 tokens.
 The check, printed per model:
 
@@ -38,6 +39,10 @@ TIMM = [
     "efficientformer_l1", "resnetv2_50x1_bit", "nfnet_l0", "swin_tiny_patch4_window7_224", "coatnet_nano_rw_224",
     "beit_base_patch16_224", "eva02_tiny_patch14_224", "swinv2_tiny_window8_256",
 ]  # fmt: skip
+
+# Built smaller than registered: SAM's image encoder at 1024 pixels, with torch.func's per-example
+# gradients of its 90 M parameters beside it, did not fit this machine's 24 GiB (killed for memory).
+_TIMM_SIZE = {"samvit_base_patch16": {"img_size": 256}}
 
 _ENC = dict(
     vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -174,7 +179,8 @@ def main() -> int:
         import timm
 
         for arch in TIMM if args.timm is None or not args.timm else args.timm:
-            jobs.append(("timm", arch, lambda a=arch: timm.create_model(a, pretrained=False, num_classes=3)))
+            kw = _TIMM_SIZE.get(arch, {})
+            jobs.append(("timm", arch, lambda a=arch, k=kw: timm.create_model(a, pretrained=False, num_classes=3, **k)))
     if args.hf is not None or both_default:
         hf = _hf_models()
         unknown = [n for n in (args.hf or []) if n not in hf]
@@ -195,7 +201,7 @@ def main() -> int:
             if "Drop" in type(m).__name__:
                 m.eval()
         if lib == "timm":
-            size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+            size = _TIMM_SIZE.get(name, {}).get("img_size", model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
             fixed = any(
                 k in name
                 for k in (
