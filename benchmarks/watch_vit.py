@@ -1,6 +1,8 @@
 """What `sampler.watch(model)` costs on a vision transformer, on this CPU: Hugging Face's ViT (or BEiT, or
-ConvNeXt), or timm's ViT (`--model timm-vit`, whose class token and position embeddings are parameters of
-the model itself), built from a local config, trained from scratch on CIFAR-10 images from ../shared/data.
+ConvNeXt), timm's ViT (`--model timm-vit`, whose class token and position embeddings are parameters of
+the model itself) or timm's Swin (`--model timm-swin`: every image's 16 windows of 4 x 4 patches stacked
+for the attention, relative-position tables gathered into a bias over all windows), built from a local
+config, trained from scratch on CIFAR-10 images from ../shared/data.
 
     .venv/bin/python benchmarks/watch_vit.py [--model vit] [--n 2000] [--rounds 6] [--threads 1]
         [--arms watch,watch-no-direct,exact] [--width 64] [--layers 4] [--quick]
@@ -12,7 +14,8 @@ quartiles over rounds. Arms:
 
 - watch: `grab` with the default sketch;
 - watch-no-direct: the same with the parameters of no layer left out (`exclude=`): a ViT's class token and
-  position embeddings, BEiT's and ConvNeXt's layer scales, which `watch()` takes where the forward of the
+  position embeddings, BEiT's and ConvNeXt's layer scales, Swin's relative-position tables (each example's
+  part pulled back through the gather that makes the bias), which `watch()` takes where the forward of the
   module holding them broadcasts them over the batch, watching that module's operations while it runs
   (python/torchgrab/capture/direct.py). The difference is what they cost;
 - watch-mode-everywhere: `watch` with the sublayers of the modules holding those parameters run under the
@@ -60,6 +63,14 @@ class _Images(nn.Module):
 
 def make_model(args):
     """A Hugging Face (or timm) image classifier for 32 x 32 images and 10 classes, dropout and drop-path off."""
+    if args.model == "timm-swin":
+        import timm
+
+        return timm.create_model(
+            "swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=32, patch_size=2,
+            window_size=4, embed_dim=args.width // 2, depths=(args.layers // 2, args.layers - args.layers // 2),
+            num_heads=(args.heads // 2, args.heads), drop_path_rate=0.0,
+        )  # fmt: skip
     if args.model == "timm-vit":
         import timm
 
@@ -134,7 +145,7 @@ class Arm:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="data root (../shared/data)")
-    ap.add_argument("--model", choices=["vit", "beit", "convnext", "timm-vit"], default="vit")
+    ap.add_argument("--model", choices=["vit", "beit", "convnext", "timm-vit", "timm-swin"], default="vit")
     ap.add_argument("--n", type=int, default=2000, help="CIFAR-10 training images per epoch")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)

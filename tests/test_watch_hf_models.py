@@ -253,6 +253,24 @@ def test_a_layer_whose_input_is_not_one_row_per_example_is_refused_with_its_name
 
 
 @pytest.mark.parametrize("sketch", [None, 4])
+def test_funnels_relative_position_kernel_multiplied_with_the_queries_gives_exact_rows(sketch):
+    # Funnel's attention multiplies its position encodings (no example in them) by r_kernel, a parameter of
+    # no layer, then takes einsum products of the result with the queries: followed to those products and
+    # expanded over the batch's rows there (capture/direct.py). Refused before.
+    cfg = transformers.FunnelConfig(
+        vocab_size=40, d_model=16, n_head=2, d_head=8, d_inner=32, block_sizes=[1, 1], num_labels=3,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = _off_one(_Logits(lambda: transformers.FunnelForSequenceClassification(cfg))).train()
+    ids = torch.randint(1, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+    rows, expected, grads, handle = one_step(model, ids, torch.tensor([0, 1, 2]), _ce, sketch)
+    assert_rows(rows, expected)
+    direct = [n for n, kind, _ in handle.layers if kind.startswith("parameter of no layer")]
+    assert any(n.endswith("r_kernel") for n in direct) and any(n.endswith("r_w_bias") for n in direct)
+
+
+@pytest.mark.parametrize("sketch", [None, 4])
 def test_lora_adapters_of_peft_are_watched_as_the_linear_layers_they_are(sketch):
     # LoRA fine-tuning trains only the adapters: peft wraps each target Linear layer in a module whose
     # lora_A and lora_B are nn.Linear layers (the base layer frozen), so those are the watched layers and

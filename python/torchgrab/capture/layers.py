@@ -769,7 +769,7 @@ class _AffineNormSketch(LayerSketch):
         return [self.p(_f32(grads[p]).reshape(grads[p].shape[0], -1)) for p in self.params if _trainable(module, p)]
 
 
-class _FeatureNormSketch(_AffineNormSketch):
+class FeatureNormSketch(_AffineNormSketch):
     """Norms over trailing features (``normalized_shape``), affine when ``elementwise_affine``."""
 
     @classmethod
@@ -781,7 +781,7 @@ class _FeatureNormSketch(_AffineNormSketch):
 
 
 @register_sketch(nn.LayerNorm)
-class LayerNormSketch(_FeatureNormSketch):
+class LayerNormSketch(FeatureNormSketch):
     def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, tuple(module.normalized_shape), None, None, module.eps)
 
@@ -789,7 +789,7 @@ class LayerNormSketch(_FeatureNormSketch):
 if hasattr(nn, "RMSNorm"):
 
     @register_sketch(nn.RMSNorm)
-    class RMSNormSketch(_FeatureNormSketch):
+    class RMSNormSketch(FeatureNormSketch):
         params = ("weight",)
 
         def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:

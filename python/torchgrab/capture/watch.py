@@ -30,12 +30,12 @@ from torchgrab.capture.flatten import flattened_batch
 from torchgrab.capture.inner import InnerCalls, has_inner_function, replaced_forward, same_as_kind
 from torchgrab.capture.layers import (
     EmbeddingSketch,
+    FeatureNormSketch,
     FunctionalSketch,
     LayerSketch,
     LinearSketch,
     SharedEmbeddingSketch,
     TiedLinearSketch,
-    _FeatureNormSketch,
 )
 from torchgrab.capture.plan import LayerPlan, every_like
 from torchgrab.errors import NonFiniteGradientError, ShapeError, UnsupportedInputError, UnsupportedModelError
@@ -48,7 +48,7 @@ DEFAULT_BUDGET = 0.25  # a layer's sketch may cost this fraction of its forward;
 _SUBLAYERS_WITHOUT_MODE = True
 # The sketches that take a layer's input [B, T, ...] as a sequence of T per example, as they take flattened
 # rows once regrouped (capture/flatten.py).
-_SEQUENCE_SKETCHES = (LinearSketch, _FeatureNormSketch, EmbeddingSketch, SharedEmbeddingSketch, TiedLinearSketch)
+_SEQUENCE_SKETCHES = (LinearSketch, FeatureNormSketch, EmbeddingSketch, SharedEmbeddingSketch, TiedLinearSketch)
 
 
 # The handle watching each model (by the module its hooks are on): one at a time, see WatchHandle._replace.
