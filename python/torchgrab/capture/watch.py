@@ -828,7 +828,8 @@ class WatchHandle:
             f"watch(): module {sk.name!r} got an input of shape {tuple(x.shape)} in a step whose batch "
             f"has {b} examples; per-example rows need batch-first inputs to every watched layer, and a "
             "tensor shared by the whole batch (T5's relative position bias, DeBERTa's relative positions) "
-            f"has none (exclude= the layer, or granularity='batch' when a step is one unit).{flat}"
+            f"has none (exclude= the layer, or {every_like(sk.name)!r} for every layer of that name, or "
+            f"granularity='batch' when a step is one unit).{flat}"
         )
 
     def _flattened(self, sk: LayerSketch, x: torch.Tensor, b: int) -> Optional[int]:
