@@ -1889,6 +1889,52 @@ class _RelativeBias(nn.Module):
         return self.table[self.index.view(-1)].view(4, 4, 2).permute(2, 0, 1).contiguous().unsqueeze(0)
 
 
+class _NoInputBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(3, 2))
+
+    def forward(self):
+        return self.table.t()
+
+
+class _IndexedBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(7, 2))
+        self.register_buffer("index", torch.arange(4))
+
+    def forward(self, attn):
+        return attn + self.table[self.index]
+
+
+class _IdsEmbedding(nn.Embedding):
+    def __init__(self):
+        super().__init__(5, 3)
+        self.register_buffer("ids", torch.arange(5))
+
+
+class _Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.register_buffer("eps", torch.tensor(1e-6))
+
+    def forward(self, x):
+        return x * self.w + self.eps
+
+
+def test_which_leaf_modules_make_a_tensor_from_their_own_parameters():
+    # Followed in their parent's forward: a module whose forward takes no input, or one that holds an
+    # integer buffer indexing its parameters (timm's RelPosBias). Not: an nn.Embedding subclass holding
+    # ids (a layer watch() sketches), nor a module of its own taking an input (replayed per example).
+    from torchgrab.capture.plan import makes_from_own
+
+    assert makes_from_own(_NoInputBias()) and makes_from_own(_IndexedBias()) and makes_from_own(_RelativeBias())
+    assert not makes_from_own(_IdsEmbedding()) and not makes_from_own(_Scale())
+    assert not makes_from_own(_WindowTable(False, False))  # sublayers: a holder itself, not a leaf
+
+
 class _WindowTable(nn.Module):
     """Swin's window attention in small: each example's 8 tokens cut into 2 windows of 4, every example's
     windows stacked into one batch of 2B windows; a relative-position table of 7 offsets by 2 heads,

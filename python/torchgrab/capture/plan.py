@@ -441,6 +441,8 @@ def makes_from_own(module: nn.Module) -> bool:
     windows, or no call at all."""
     if next(module.children(), None) is not None or type(module).__module__.startswith("torch."):
         return False
+    if sketch_class(module) is not None:
+        return False  # a layer of a kind watch() sketches (an nn.Embedding subclass with a buffer of ids)
     if not any(p is not None and p.requires_grad for p in module._parameters.values()):
         return False
     if any(b is not None and not (b.is_floating_point() or b.is_complex()) for b in module._buffers.values()):
