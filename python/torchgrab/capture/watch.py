@@ -622,7 +622,13 @@ class WatchHandle:
         layer's input."""
         if not self.batch_first or x.grad_fn is None:
             return None
-        key = ("direct", tuple(x.shape), b, x.grad_fn.name())
+        return self._read_rows("direct", x, b)
+
+    def _read_rows(self, owner: Any, x: torch.Tensor, b: int) -> Optional[int]:
+        """flattened_batch(x, b), read at the first call of each owner (a layer's sketch, or "direct"), input
+        shape, batch and making node, then remembered (the reading walks the history in Python; a forward
+        does not change its layout from one step to the next). A failed reading is read again next time."""
+        key = (owner, tuple(x.shape), b, x.grad_fn.name())
         m = self._flat.get(key)
         if m is None:
             m = flattened_batch(x, b)
@@ -834,18 +840,10 @@ class WatchHandle:
 
     def _flattened(self, sk: LayerSketch, x: torch.Tensor, b: int) -> Optional[int]:
         """m when the layer's input holds the batch's examples as b runs of m rows (capture/flatten.py) and
-        its sketch takes a sequence of m; None otherwise. Read from the graph at the first call of each
-        layer, input shape and batch, then remembered (the reading walks the call's history in Python; a
-        forward does not change its layout from one step to the next)."""
+        its sketch takes a sequence of m; None otherwise (``_read_rows``)."""
         if not self.batch_first or sk.ghost or not isinstance(sk, _SEQUENCE_SKETCHES) or x.grad_fn is None:
             return None
-        key = (sk, tuple(x.shape), b, x.grad_fn.name())
-        m = self._flat.get(key)
-        if m is None:
-            m = flattened_batch(x, b)
-            if m is not None:
-                self._flat[key] = m
-        return m
+        return self._read_rows(sk, x, b)
 
     def _on_grad(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> None:
         if step is not self._step:
