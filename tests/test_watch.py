@@ -1485,6 +1485,10 @@ class _Tokens(nn.Module):
             return h + 2.0 * self.pos.sigmoid()
         if self.how == "dropout":  # random: a replay of it from the parameter would draw another mask
             return h + F.dropout(self.pos, 0.5, training=True)
+        if self.how == "written":  # a write into what a function of the parameter made: a replay misses it
+            pos = self.pos * 2.0
+            pos[:, 0] = 0.0
+            return h + pos
         return h + self.pos
 
 
@@ -1579,6 +1583,11 @@ def test_a_parameter_of_no_layer_used_otherwise_is_refused():
             _TokenModel(pos="dropout"),
             torch.randn(4, 4, 4),
             r"'emb.pos' belongs to no layer; .* and dropout takes it otherwise",
+        ),
+        (
+            _TokenModel(pos="written"),
+            torch.randn(4, 4, 4),
+            r"'emb.pos' belongs to no layer; .*__setitem__ takes it otherwise",
         ),
         (
             _TokenModel(peek=True),

@@ -244,6 +244,9 @@ class BroadcastUses(TorchFunctionMode):
             out = self._made(func, args, kwargs)
         if out is not None:
             return out
+        if getattr(func, "__name__", "") == "__setitem__" and hits[0] == 0:
+            # A write into a followed tensor (bias[0] = 0): its remaking from the parameter would miss it.
+            self.refuse(self._sketch_in(args, kwargs), _name(func))
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and out.requires_grad:  # a use that carries gradient, unseen
             self.refuse(self._sketch_in(args, kwargs), _name(func))
