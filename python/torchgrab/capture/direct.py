@@ -257,7 +257,7 @@ class BroadcastUses(TorchFunctionMode):
         by an index, permuted and made contiguous; BEiT's q and v biases concatenated with zeros between;
         Swin v2's clamped and exponentiated logit scale): its result is followed, made from each parameter
         by replaying the call. None where something else carries a gradient, or the call cannot be replayed."""
-        leaves = [t for a in [*args, *kwargs.values()] for t in (a if isinstance(a, (list, tuple)) else [a])]
+        leaves = _flat([*args, *kwargs.values()])
         if any(isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in self.params for t in leaves):
             return None
         if not _replayable(func):
@@ -302,11 +302,9 @@ class BroadcastUses(TorchFunctionMode):
             return None
         view = (1,) * (other.dim() - p.dim()) + tuple(p.shape)
         n = int(other.shape[0])
-        if not other.requires_grad and (view[0] != 1 or n % self.batch(n)):
-            return None  # a constant the followed tensor is combined with, as any function of the parameters
         b = self.batch(n)
         if view[0] != 1 or n % b:
-            return None
+            return None  # not over rows (with a constant: followed as any function of the parameters)
         m = self._rows_of(other, b)
         if m is None and other.requires_grad:
             return None  # rows of B * m that their history does not show to be example after example
@@ -381,13 +379,11 @@ class BroadcastUses(TorchFunctionMode):
         """Hook a pending result's expanded view once ``rows``, a tensor with as many rows and a history,
         shows them to be the batch's examples' runs; False (still pending) when it does not."""
         followed, out, expanded = self.pending[id(result)]
-        n = int(rows.shape[0]) if rows.dim() else 0
-        b = self.batch(n)
-        m = self._rows_of(rows, b) if n == out.shape[0] and n % b == 0 else None
-        if m is None:
+        found = self._rows_for(rows)
+        if found is None or found[0] != out.shape[0]:
             return False
         del self.pending[id(result)]
-        self._hook(followed, expanded, m)
+        self._hook(followed, expanded, found[1])
         return True
 
     def _attention(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], hits: List[int]) -> Optional[Any]:
@@ -400,16 +396,14 @@ class BroadcastUses(TorchFunctionMode):
             return None
         if id(mask) in self.pending:
             return func(*args, **kwargs) if self._prove(mask, q) else None
-        n = int(q.shape[0])
-        b = self.batch(n)
-        m = self._rows_of(q, b) if n % b == 0 else None
+        found = self._rows_for(q)
         followed = self.params[id(mask)]
         p = followed[0]
         view = (1,) * (q.dim() - p.dim()) + tuple(p.shape)
-        if m is None or p.dim() > q.dim() or view[0] != 1:
+        if found is None or p.dim() > q.dim() or view[0] != 1:
             return None
-        expanded = p.reshape(view).expand(n, *view[1:])
-        self._hook(followed, expanded, m)
+        expanded = p.reshape(view).expand(found[0], *view[1:])
+        self._hook(followed, expanded, found[1])
         if in_args:
             args = (*args[:3], expanded, *args[4:])
         else:
@@ -447,11 +441,12 @@ def _replay(
     from the given tensor; every other (followed tensors made from other parameters included) is held at
     its value."""
     makes: Dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
-    for i, (t, sources) in followed.items():
+    for a in _flat([*args, *kwargs.values()]):  # the followed arguments of this call made from sk's parameter
+        t, sources = followed.get(id(a), (None, []))
         for s, make in sources:
-            if s is sk:
+            if s is sk and t is not None:
                 shape = tuple(t.shape)
-                makes[i] = make if make is not None else (lambda w, shape=shape: w.reshape(shape))
+                makes[id(a)] = make if make is not None else (lambda w, shape=shape: w.reshape(shape))
 
     def held(a: Any, w: torch.Tensor) -> Any:
         if isinstance(a, torch.Tensor):
@@ -461,8 +456,6 @@ def _replay(
             return type(a)(held(t, w) for t in a)
         return a
 
-    made = {id(a) for a in [*args, *kwargs.values()] for a in (a if isinstance(a, (list, tuple)) else [a])}
-    makes = {i: f for i, f in makes.items() if i in made}  # only what this call takes: the rest is not held
     return lambda w: func(*(held(a, w) for a in args), **{k: held(v, w) for k, v in kwargs.items()})
 
 

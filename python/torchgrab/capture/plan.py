@@ -332,13 +332,13 @@ class LayerPlan:
         # none when the model itself is one (excluding it would leave nothing).
         advice = [a for a in inside if a] + layers
         advice += _short([n for n in names_left if not any(_within(n, a) for a in inside)])
-        leave_out = f" Leave them out of the balancing with exclude={advice!r}, or, if" if advice else " If"
+        remedy = f" Leave them out of the balancing with exclude={advice!r}, or, if" if advice else " If"
         raise UnsupportedModelError(
             f"watch() cannot sketch these trainable parameters per example: {names[:8]}"
             f"{' ...' if len(names) > 8 else ''} (they belong to no nn.Linear, Conv1d/2d/3d, Embedding, "
             f"LayerNorm, RMSNorm, GroupNorm, BatchNorm or Hugging Face Conv1D layer, nor to a layer of a class "
             f"outside torch with at most {FunctionalSketch.MAX_PARAMS:,} parameters of its own and no "
-            f"sublayers).{why}{leave_out} each backward holds one "
+            f"sublayers).{why}{remedy} each backward holds one "
             "unit (a batch of one, or unit_size equal to the batch size), pass granularity='batch' to "
             "balance the whole batch gradient of every parameter."
         )
@@ -413,6 +413,11 @@ def _named_by(name: str, entry: str) -> bool:
 def every_like(name: str) -> str:
     """The exclude= pattern for every parameter or module named as the last part of ``name``."""
     return "*." + name.rsplit(".", 1)[-1] if "." in name else name
+
+
+def leave_out(name: str, what: str = "layer", it: str = "the layer") -> str:
+    """What a refusal suggests: leave out ``it``, or every ``what`` of that name by one pattern."""
+    return f"exclude= {it}, or {every_like(name)!r} for every {what} of that name"
 
 
 def _within(name: str, prefix: str) -> bool:

@@ -37,7 +37,7 @@ from torchgrab.capture.layers import (
     SharedEmbeddingSketch,
     TiedLinearSketch,
 )
-from torchgrab.capture.plan import LayerPlan, every_like
+from torchgrab.capture.plan import LayerPlan, leave_out
 from torchgrab.errors import NonFiniteGradientError, ShapeError, UnsupportedInputError, UnsupportedModelError
 from torchgrab.ondevice import Factored
 
@@ -318,7 +318,8 @@ class WatchHandle:
         # Until a step has been recorded, a hook on each parameter of a sketched layer: a gradient that
         # reaches it in a step where no forward of its layer was recorded comes from a use of the weight
         # outside the layer (F.linear(x, self.qkv.weight, ...) in a module whose forward is not watched, as
-        # timm's EVA attention with its q and v biases left out), which no row would hold. Removed once the first step ends (_end_step).
+        # timm's EVA attention with its q and v biases left out), which no row would hold. Removed once the
+        # first step ends (_end_step).
         self._audit: List[Any] = []
         owners: Dict[int, Tuple[torch.Tensor, List[nn.Module]]] = {}
         for module, sk in self._sketches.items():
@@ -514,8 +515,7 @@ class WatchHandle:
             "so per-example rows would miss that part of its gradient. A tied output projection written as "
             "F.linear(h, embedding.weight) is such a use (an nn.Linear whose weight is the embedding's is taken "
             "whole), and so is F.linear(x, self.qkv.weight, ...) in a module that holds no parameter of no layer "
-            "(timm's EVA attention with its q and v biases left out). exclude= the layer, "
-            f"or {every_like(self._sketches[mods[0]].name)!r} for every layer of that name"
+            f"(timm's EVA attention with its q and v biases left out). {leave_out(self._sketches[mods[0]].name)}"
         )
 
     def _records(self) -> bool:
@@ -662,8 +662,8 @@ class WatchHandle:
         raise UnsupportedModelError(
             f"watch(): {sk.name!r} belongs to no layer; its per-example gradient is taken where the forward "
             "combines it, or what a function of the parameters alone makes of it, with the batch's rows "
-            f"(expand, +, *, @, einsum, an attention's mask), and {what} takes it otherwise. exclude= it, or "
-            f"{every_like(sk.name)!r} for every parameter of that name"
+            f"(expand, +, *, @, einsum, an attention's mask), and {what} takes it otherwise. "
+            f"{leave_out(sk.name, 'parameter', 'it')}"
         )
 
     def _direct_check(self, sk: DirectParamSketch) -> Callable[[torch.Tensor], None]:
@@ -703,8 +703,7 @@ class WatchHandle:
                 f"watch(): a parameter of {names[0] if len(names) == 1 else names} got a gradient in a step where "
                 "the layer was never called: the model uses its weight outside the layer's forward (as timm's "
                 "EVA attention, its q and v biases left out, passes self.qkv.weight to F.linear), so "
-                "per-example rows would miss that "
-                f"gradient. exclude= the layer, or {every_like(names[0])!r} for every layer of that name"
+                f"per-example rows would miss that gradient. {leave_out(names[0])}"
             )
 
         return hook
@@ -834,8 +833,7 @@ class WatchHandle:
             f"watch(): module {sk.name!r} got an input of shape {tuple(x.shape)} in a step whose batch "
             f"has {b} examples; per-example rows need batch-first inputs to every watched layer, and a "
             "tensor shared by the whole batch (T5's relative position bias, DeBERTa's relative positions) "
-            f"has none (exclude= the layer, or {every_like(sk.name)!r} for every layer of that name, or "
-            f"granularity='batch' when a step is one unit).{flat}"
+            f"has none ({leave_out(sk.name)}, or granularity='batch' when a step is one unit).{flat}"
         )
 
     def _flattened(self, sk: LayerSketch, x: torch.Tensor, b: int) -> Optional[int]:
