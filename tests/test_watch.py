@@ -6,9 +6,11 @@ sketch=None (the rows are the per-example gradients themselves) and a small sket
 factors, count sketches). Models are tiny: the whole file runs in seconds on two cores.
 """
 
+import contextlib
 import copy
 import dataclasses
 import socket
+import types
 import warnings
 from collections import OrderedDict
 from typing import Any, Dict, List
@@ -626,13 +628,13 @@ def test_a_checkpoint_recompute_does_no_sketch_work_twice(reentrant, sketch):
     x, y = _data((6,), "class", b=5)
     _, handle, _ = watched(model, sketch=sketch)
     calls = {}
-    for sk in handle._sketches.values():
+    save = handle._save  # projects the input now, or holds it for the backward's grouped projection
 
-        def counted(mod, inp, _save=sk.save, _name=sk.name):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _save(mod, inp)
+    def counted(step, sk, mod, inp):
+        calls[sk.name] = calls.get(sk.name, 0) + 1
+        return save(step, sk, mod, inp)
 
-        sk.save = counted
+    handle._save = counted
     per_use = []
     for use in (False, True):
         calls.clear()
@@ -2255,6 +2257,112 @@ def test_on_a_cpu_equally_shaped_layers_are_grouped_only_while_their_gradients_a
     assert_rows(rows, expected)
     assert (2 * tokens * 16 > layers.CPU_GROUP_MAX) == (calls == [])
     assert calls in ([], [2])
+
+
+class _Blocks(nn.Module):
+    """Three post-norm blocks of one width over tokens: Linear layers of one input shape (q, k and v
+    share their input) and norms of one shape, the layout a transformer's grouped sketches are for."""
+
+    def __init__(self, n=8, norm=nn.LayerNorm):
+        super().__init__()
+        self.q, self.k, self.v = (nn.ModuleList(nn.Linear(n, n) for _ in range(3)) for _ in range(3))
+        self.norms = nn.ModuleList(norm(n) for _ in range(3))
+        self.head = nn.Linear(n, 3)
+
+    def forward(self, x):
+        for q, k, v, norm in zip(self.q, self.k, self.v, self.norms):
+            x = norm(x + torch.tanh(q(x)) * torch.sigmoid(k(x)) + v(x))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("chunks", [False, True])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("sketch", [None, 4])
+def test_equally_shaped_norms_and_linear_inputs_are_sketched_in_groups(norm, sketch, chunks, monkeypatch):
+    # A transformer's norms go through one grouped sketch, and its Linear layers' inputs are projected in
+    # one batched product at the backward's first gradient: on a GPU a step costs the ops it dispatches.
+    # A group larger than GROUP_STACK_MAX elements is formed in chunks (here of two calls).
+    from torchgrab.capture import layers
+    from torchgrab.capture.layers import FeatureNormSketch
+    from torchgrab.capture.watch import WatchHandle
+
+    if chunks:
+        monkeypatch.setattr(layers, "GROUP_STACK_MAX", 2 * 4 * 5 * 8)  # two calls' [4, 5, 8] tensors
+
+    norms, inputs = [], []
+    grouped = FeatureNormSketch.rows_grouped
+    monkeypatch.setattr(FeatureNormSketch, "rows_grouped", staticmethod(lambda m: norms.append(len(m)) or grouped(m)))
+    project = WatchHandle._project_inputs
+    monkeypatch.setattr(
+        WatchHandle, "_project_inputs", lambda h, step: inputs.append(len(step.pending)) or project(h, step)
+    )
+    torch.manual_seed(0)
+    model = _Blocks(norm={"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}[norm])
+    x, y = _data((5, 8), "class", b=4)
+    rows, expected, _, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    assert norms == ([2] if chunks else [3])  # in chunks: two together, the third alone (rows())
+    # With sketch=4 the nine Linear layers' inputs (width 8) wait for the backward, projected together;
+    # exact (sketch=None) they are the identity and nothing waits.
+    assert inputs == ([9] if sketch else [])
+
+
+def test_calls_wait_for_their_group_only_while_small_and_groups_are_stacked_in_chunks(monkeypatch):
+    # On a GPU a large model's calls go alone: their kernels dwarf a launch, and holding every layer's
+    # output gradient to the backward's end, then stacking them, would cost gigabytes.
+    from torchgrab.capture import layers
+
+    cpu, gpu = layers.CPU_GROUP_MAX, layers.GPU_GROUP_MAX
+    assert gpu > cpu
+    assert layers.groupable(torch.empty(cpu)) and not layers.groupable(torch.empty(cpu + 1))
+    meta = torch.empty(gpu, device="meta")  # not a CPU tensor: a GPU's limit
+    assert layers.groupable(meta) and not layers.groupable(torch.empty(gpu + 1, device="meta"))
+    monkeypatch.setattr(layers, "GROUP_STACK_MAX", 10)
+    assert layers.chunked([4, 6, 3, 20, 1], lambda n: n) == [[4, 6], [3], [20], [1]]
+    assert layers.chunked([], lambda n: n) == []
+
+
+def test_inputs_are_projected_in_the_forward_under_checkpointing_and_saved_tensor_hooks():
+    # Holding a layer's input until the backward costs nothing where autograd holds it anyway; under
+    # checkpointing or saved-tensor hooks (offloading) it does not, so the input is projected at once.
+    torch.manual_seed(0)
+    model = _Blocks()
+    x, y = _data((5, 8), "class", b=4)
+    sampler, handle, spy = watched(model, sketch=4)
+    pending = []
+    for ctx in (contextlib.nullcontext, lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
+        with ctx():
+            loss = ce(model(x), y)
+        pending.append(len(handle._step.pending))
+        loss.backward()
+    handle.flush()
+    assert pending == [9, 0]
+    expected, _ = exact_rows(handle, model, ce, x, y)
+    for got in spy.steps([4, 4]):
+        assert_rows(got, expected)
+
+
+def test_a_linear_input_written_in_place_after_its_forward_is_refused_and_the_step_dropped():
+    class WritesItsInput(_Blocks):
+        def forward(self, x):
+            x = x * 1.0
+            h = self.q[0](x) + self.q[1](x)
+            x.mul_(2.0)  # autograd refuses this backward too: q's weight gradients need x as it was
+            return self.head((h + x).mean(1))
+
+    torch.manual_seed(0)
+    model = WritesItsInput()
+    x, y = _data((5, 8), "class", b=4)
+    sampler, handle, spy = watched(model, sketch=4)
+    with pytest.raises(RuntimeError, match="modified by an in-place operation"):
+        ce(model(x), y).backward()
+    handle.flush()
+    assert spy.rows == [] and sampler.pending == 64
+    model.forward = types.MethodType(_Blocks.forward, model)  # the next step goes as usual
+    ce(model(x), y).backward()
+    handle.flush()
+    assert sampler.pending == 60
+    assert_rows(spy.steps([4])[0], exact_rows(handle, model, ce, x, y)[0])
 
 
 class SequenceFirst(nn.Module):

@@ -29,6 +29,32 @@ COUNT_SKETCH_RATIO = 4
 # On a CPU, a Linear layer's call whose output gradient has more elements than this is sketched alone, not
 # with the equally shaped layers of its model (LinearSketch.group_key).
 CPU_GROUP_MAX = 1 << 15
+# The same on a GPU, where grouping saves kernel launches: past 4M elements a kernel's own time dwarfs its
+# launch, and a large model's gradients, held to the backward's end and stacked, would cost gigabytes.
+GPU_GROUP_MAX = 1 << 22
+# At most this many elements are stacked at once: a group larger than that is formed in chunks.
+GROUP_STACK_MAX = 1 << 26
+
+
+def groupable(t: torch.Tensor) -> bool:
+    """Whether a call with this output gradient (or input) may wait to be sketched with its group."""
+    return t.numel() <= (CPU_GROUP_MAX if t.is_cpu else GPU_GROUP_MAX)
+
+
+def chunked(items: List[Any], numel: Callable[[Any], int]) -> List[List[Any]]:
+    """``items`` in consecutive chunks of at most GROUP_STACK_MAX elements each (at least one item)."""
+    out: List[List[Any]] = []
+    total = 0
+    for item in items:
+        n = numel(item)
+        if not out or total + n > GROUP_STACK_MAX:
+            out.append([])
+            total = 0
+        out[-1].append(item)
+        total += n
+    return out
+
+
 # A third entry of a fitted (k_out, k_in): the output side is count-sketched (LinearSketch.fit).
 COUNT_OUT = "count-out"
 
@@ -286,10 +312,10 @@ class LinearSketch(LayerSketch):
         # of ops dispatched from Python, not their arithmetic.
         if self.p_out.count:
             return None
-        if g.device.type == "cpu" and g.numel() > CPU_GROUP_MAX:
+        if not groupable(g):
             # On a CPU a torch op's dispatch costs microseconds, and stacking a group's output gradients
-            # copies each of them: past this size the copy costs more than the ops a group saves (a ViT
-            # of width 192 on 64 images: a tenth of a plain step), so such a call is sketched alone.
+            # copies each of them: past CPU_GROUP_MAX the copy costs more than the ops a group saves (a
+            # ViT of width 192 on 64 images: a tenth of a plain step), so such a call is sketched alone.
             return None
         tokens = g.numel() // (g.shape[0] * g.shape[-1])
         return (
@@ -770,7 +796,16 @@ class _AffineNormSketch(LayerSketch):
 
 
 class FeatureNormSketch(_AffineNormSketch):
-    """Norms over trailing features (``normalized_shape``), affine when ``elementwise_affine``."""
+    """Norms over trailing features (``normalized_shape``), affine when ``elementwise_affine``.
+
+    A transformer's norms (two a block, all of one shape) are sketched together, as its Linear layers
+    are: on a GPU a watched step costs the ops it dispatches, and one norm alone takes five."""
+
+    def __init__(self, name: str, module: nn.Module, k: Optional[int], seed: int) -> None:
+        super().__init__(name, module, k, seed)
+        # What normalized() reads from the module, for the grouped rows (which see no module).
+        self.norm_args = (tuple(module.normalized_shape), module.eps)
+        self._stacks: Dict[Any, torch.Tensor] = {}  # stacked P^T of groups led by this layer
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -779,11 +814,49 @@ class FeatureNormSketch(_AffineNormSketch):
     def per_feature(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], -1, self.p.n).sum(1)
 
+    def static_key(self) -> Any:
+        return (type(self), self.p.n, self.p.k, self.p.identity, self.train_w, self.train_b, self.norm_args)
+
+    def group_key(self, saved: Any, g: torch.Tensor) -> Any:
+        if not groupable(g):
+            return None  # stacking copies the inputs and gradients (LinearSketch.group_key)
+        return (self.static_key(), tuple(g.shape), g.dtype, g.device, tuple(saved.shape), saved.dtype)
+
+    @staticmethod
+    def rows_grouped(members: List["tuple[FeatureNormSketch, Any, torch.Tensor]"]) -> List[List[torch.Tensor]]:
+        """``rows`` of several calls of equally shaped norms: one normalization, one product, one
+        projection for all of them."""
+        first = members[0][0]
+        n, b, f = len(members), members[0][2].shape[0], first.p.n
+        gs = torch.stack([_f32(g) for _, _, g in members]).reshape(n, b, -1, f)
+        sums = []
+        if first.train_w:
+            xs = torch.stack([_f32(x) for _, x, _ in members])
+            sums.append((gs * first.normalize(xs).reshape(n, b, -1, f)).sum(2))
+        if first.train_b:
+            sums.append(gs.sum(2))
+        s = torch.cat(sums, 1) if len(sums) > 1 else sums[0]  # [L, parts * B, features]
+        if not first.p.identity:
+            key = (tuple(id(sk) for sk, _, _ in members), s.device, s.dtype)
+            p = first._stacks.get(key)
+            if p is None:
+                p = first._stacks[key] = torch.stack([sk.p.matrix_t(s.device, s.dtype) for sk, _, _ in members])
+            s = torch.bmm(s, p)
+        return [list(s[i].split(b)) for i in range(n)]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm without its affine part, over the trailing ``normalized_shape``."""
+        raise NotImplementedError
+
+    def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x)
+
 
 @register_sketch(nn.LayerNorm)
 class LayerNormSketch(FeatureNormSketch):
-    def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, tuple(module.normalized_shape), None, None, module.eps)
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        shape, eps = self.norm_args
+        return F.layer_norm(x, shape, None, None, eps)
 
 
 if hasattr(nn, "RMSNorm"):
@@ -792,8 +865,9 @@ if hasattr(nn, "RMSNorm"):
     class RMSNormSketch(FeatureNormSketch):
         params = ("weight",)
 
-        def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return F.rms_norm(x, tuple(module.normalized_shape), None, module.eps)
+        def normalize(self, x: torch.Tensor) -> torch.Tensor:
+            shape, eps = self.norm_args
+            return F.rms_norm(x, shape, None, eps)
 
 
 class _ChannelNormSketch(_AffineNormSketch):

@@ -36,6 +36,8 @@ from torchgrab.capture.layers import (
     LinearSketch,
     SharedEmbeddingSketch,
     TiedLinearSketch,
+    chunked,
+    groupable,
 )
 from torchgrab.capture.plan import LayerPlan, leave_out
 from torchgrab.errors import NonFiniteGradientError, ShapeError, UnsupportedInputError, UnsupportedModelError
@@ -59,9 +61,37 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (non-reentrant checkpointing, offloading) take what autograd saves; True
+    where this torch cannot say."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True
+    try:
+        return top(False) is not None
+    except TypeError:  # a torch whose function takes no argument
+        return top() is not None
+
+
 def _in_transform() -> bool:
     # torch.func (vmap, grad) running the model: per-example gradients computed by other means.
     return torch._C._are_functorch_transforms_active()
+
+
+class _PendingInput:
+    """A Linear layer's input A, recorded in the forward, whose projection A P_in^T is made when the
+    step's first gradient arrives, in one batched product with the other layers' of its shape: on a GPU a
+    watched step costs the ops it dispatches, and a transformer has dozens of such layers. Autograd holds
+    A until then anyway (the layer's weight gradient needs it), so holding it costs no memory; where
+    autograd does not (checkpointing, saved-tensor hooks) the input is projected in the forward instead."""
+
+    __slots__ = ("sk", "x", "version", "value")
+
+    def __init__(self, sk: LinearSketch, x: torch.Tensor) -> None:
+        self.sk = sk
+        self.x: Optional[torch.Tensor] = x.detach()
+        self.version = x._version
+        self.value: Any = None
 
 
 class _Step:
@@ -76,6 +106,7 @@ class _Step:
         "grads",
         "noted",
         "deferred",
+        "pending",
         "slot",
         "written",
         "finite",
@@ -100,6 +131,9 @@ class _Step:
         # Hook calls whose sketch waits for the end of the backward, to be formed in groups of equally
         # shaped layers: (LayerSketch.group_key, sketch, module, saved input, output gradient).
         self.deferred: List[Tuple[Any, LayerSketch, nn.Module, Any, torch.Tensor]] = []
+        # Linear layers' inputs recorded in the forward whose projections wait for the backward's first
+        # gradient, to be made in groups (WatchHandle._project_inputs).
+        self.pending: List[_PendingInput] = []
         # The step's slot in the CPU block buffer once a layer has written its rows there directly
         # (LayerSketch.rows_into), as a NumPy view (the kernels' output, sliced cheaply), and the
         # offsets of the blocks written so (already scaled).
@@ -231,6 +265,21 @@ class WatchHandle:
         keys = {sk: sk.static_key() for sk in self._sketches.values()}
         siblings = Counter(k for k in keys.values() if k is not None)
         self._alone = {sk: k is None or siblings[k] == 1 for sk, k in keys.items()}
+        # Linear layers whose inputs are projected together (_PendingInput): a dense Gaussian input side
+        # shared in shape with another layer's.
+        sides = {
+            sk: (sk.p_in.n, sk.p_in.k)
+            for sk in self._sketches.values()
+            if isinstance(sk, LinearSketch)
+            and sk.train_w
+            and not sk.ghost
+            and not sk.p_in.identity
+            and not sk.p_in.count
+            and type(sk).save is LinearSketch.save
+        }
+        shared = Counter(sides.values())
+        self._grouped_inputs = {sk for sk, side in sides.items() if shared[side] > 1}
+        self._input_stacks: Dict[Any, torch.Tensor] = {}  # stacked P_in^T of groups of inputs
         self._param_offsets = []
         for _, _, fs in self._params:
             self._param_offsets.append(offset)
@@ -814,9 +863,62 @@ class WatchHandle:
                 view = lambda g: by_rows(g).unflatten(0, (b, m))  # noqa: E731
             else:
                 self._refuse_layout(sk, x, b)
-        saved = sk.save(module, x)
+        saved = self._save(step, sk, module, x)
         _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, view(g)))
         return replaced
+
+    def _save(self, step: _Step, sk: LayerSketch, module: nn.Module, x: torch.Tensor) -> Any:
+        """What the layer's sketch keeps of its input: its projection now, or a _PendingInput."""
+        if (
+            sk not in self._grouped_inputs
+            or _in_backward()
+            or not groupable(x)  # stacking the inputs would cost more than it saves (LinearSketch.group_key)
+            # Autograd's saved input is then a view of x itself, so a write into x after the forward is
+            # one that autograd refuses too (a non-contiguous input is saved as a copy).
+            or not x.is_contiguous()
+            or _saved_tensor_hooks_active()
+        ):
+            return sk.save(module, x)
+        pending = _PendingInput(sk, x)  # type: ignore[arg-type]
+        step.pending.append(pending)
+        return pending
+
+    def _project_inputs(self, step: _Step) -> None:
+        """Project the step's pending inputs, those of equally shaped layers and inputs in one product."""
+        items, step.pending = step.pending, []
+        groups: Dict[Any, List[_PendingInput]] = {}
+        for item in items:
+            x = item.x
+            assert x is not None
+            if x._version != item.version:
+                self._step, self._recording = _Step(), False  # the step is dropped: no rows, none fed
+                raise RuntimeError(
+                    f"watch(): the input of layer {item.sk.name!r} was modified by an in-place operation after "
+                    "the layer's forward; the layer's weight gradient needs that input as it was (autograd "
+                    "refuses such a backward as well)"
+                )
+            groups.setdefault((item.sk.p_in.n, item.sk.p_in.k, x.shape, x.dtype, x.device), []).append(item)
+        with torch.no_grad():
+            for members in (c for group in groups.values() for c in chunked(group, lambda m: m.x.numel())):
+                if len(members) == 1:
+                    item = members[0]
+                    item.value, item.x = item.sk.save(None, item.x), None  # type: ignore[arg-type]
+                    continue
+                x = members[0].x
+                assert x is not None
+                key = (tuple(id(m.sk) for m in members), x.device)
+                p = self._input_stacks.get(key)
+                if p is None:
+                    if len(self._input_stacks) > 64:
+                        self._input_stacks.clear()  # calls that vary from step to step: keep few
+                    p = self._input_stacks[key] = torch.stack(
+                        [m.sk.p_in.matrix_t(x.device, torch.float32) for m in members]
+                    )
+                a = torch.stack([m.x.float() for m in members])  # type: ignore[union-attr]
+                ap = torch.bmm(a.reshape(len(members), -1, x.shape[-1]), p)  # [L, B * T, k_in]
+                lead = (x.shape[0],) if x.dim() == 2 else (x.shape[0], -1)
+                for m, v in zip(members, ap):
+                    m.value, m.x = v.reshape(*lead, v.shape[-1]), None
 
     def _refuse_layout(self, sk: LayerSketch, x: torch.Tensor, b: int) -> None:
         """Refuse a layer's input whose leading dimension is not the step's batch."""
@@ -849,6 +951,10 @@ class WatchHandle:
         if step.grads == 0:
             self._first_grad(step)
         step.grads += 1
+        if step.pending:
+            self._project_inputs(step)
+        if type(saved) is _PendingInput:
+            saved = saved.value
         if sk.ghost:
             if sk.ghost_width:
                 # The input is copied now, while autograd still holds it intact for this layer's weight
@@ -909,7 +1015,7 @@ class WatchHandle:
         for key, *item in items:
             groups.setdefault(key, []).append(tuple(item))
         with torch.no_grad():
-            for members in groups.values():
+            for members in (c for group in groups.values() for c in chunked(group, lambda m: m[3].numel())):
                 if len(members) == 1:
                     sk, module, saved, g = members[0]
                     sk.add_rows(step, sk.rows(module, saved, g))
@@ -1051,19 +1157,33 @@ class WatchHandle:
         if self._all_direct(step):
             return  # a small model's every step
         rows = torch.from_numpy(step.slot)
-        mult = self._multiplier(step, rows.shape[0])  # a tensor factor never writes directly
+        b = rows.shape[0]
+        mult = self._multiplier(step, b)  # a tensor factor never writes directly
+        # Adjacent blocks that no kernel wrote are copied as one run, one concatenation and one scaling
+        # each: a transformer's fifty blocks beside its classifier's direct one were a hundred ops a step.
+        run: List[torch.Tensor] = []
+        start = end = 0
+
+        def close_run() -> None:
+            if run:
+                torch.mul(torch.cat(run, dim=1) if len(run) > 1 else run[0], mult, out=rows[:, start:end])
+                run.clear()
+
         for offset, width in self._blocks:
             have = step.blocks.get(offset)
-            dst = rows[:, offset : offset + width]
-            if have is None:
-                if offset not in step.written:  # a layer whose output got no gradient: its gradient is zero
-                    dst.zero_()
-                continue
-            add = torch.cat(have, dim=1) if len(have) > 1 else have[0]
             if offset in step.written:
-                dst.add_(add, alpha=mult)
-            else:
-                torch.mul(add, mult, out=dst)
+                close_run()
+                if have is not None:  # a second call of a layer that wrote its first call's rows
+                    add = torch.cat(have, dim=1) if len(have) > 1 else have[0]
+                    rows[:, offset : offset + width].add_(add, alpha=mult)
+                continue
+            if not run or offset != end:
+                close_run()
+                start = offset
+            # A layer whose output got no gradient: its gradient is zero.
+            run += have if have is not None else [torch.zeros(b, width, dtype=rows.dtype)]
+            end = offset + width
+        close_run()
         if step.scale is not None:
             rows.div_(step.scale.to(rows.device))
 
