@@ -213,6 +213,9 @@ def provenance() -> List[str]:
         pass
     where = os.path.dirname(torchgrab.__file__)
     if not where.startswith(repo):
-        where += " (not this checkout's python/)"
+        # Another checkout (PYTHONPATH; a run of an earlier commit for comparison): say which commit.
+        other = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        at = f", at commit {other.stdout.strip()}" if other.returncode == 0 else ""
+        where += f" (not this checkout's python/{at})"
     lines.append(f"# torchgrab {torchgrab.__version__} imported from {where}")
     return lines
