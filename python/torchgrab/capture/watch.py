@@ -892,7 +892,7 @@ class WatchHandle:
             assert x is not None
             if x._version != item.version:
                 self._step, self._recording = _Step(), False  # the step is dropped: no rows, none fed
-                raise RuntimeError(
+                raise UnsupportedModelError(
                     f"watch(): the input of layer {item.sk.name!r} was modified by an in-place operation after "
                     "the layer's forward; the layer's weight gradient needs that input as it was (autograd "
                     "refuses such a backward as well)"
