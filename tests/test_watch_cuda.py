@@ -30,6 +30,26 @@ def _wide_model():
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
 
 
+class _Tokens(nn.Module):
+    """Images as tokens through three blocks of equally shaped Linear layers and LayerNorms: the layers
+    whose inputs are projected together at the backward's first gradient, and the norms sketched as one
+    group (on a GPU nothing keeps them apart: no CPU size limit)."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(3, width)
+        self.q, self.k, self.v = (nn.ModuleList(nn.Linear(width, width) for _ in range(3)) for _ in range(3))
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(3))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        h = self.embed(x.flatten(2).transpose(1, 2))  # [B, side * side, width]
+        for q, k, v, norm in zip(self.q, self.k, self.v, self.norms):
+            h = norm(h + torch.tanh(q(h)) * torch.sigmoid(k(h)) + v(h))
+        return self.head(h.mean(1))
+
+
 def _rows(device, steps=4, sketch=8, make=_model, side=8):
     model = make().to(device)
     x = torch.randn(64, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
@@ -49,7 +69,9 @@ def _rows(device, steps=4, sketch=8, make=_model, side=8):
     return np.concatenate(got), s.state_dict()["native"]
 
 
-@pytest.mark.parametrize("make, side, sketch", [(_model, 8, 8), (_wide_model, 16, 32)], ids=["conv-mlp", "count"])
+@pytest.mark.parametrize(
+    "make, side, sketch", [(_model, 8, 8), (_wide_model, 16, 32), (_Tokens, 4, 8)], ids=["conv-mlp", "count", "tokens"]
+)
 def test_rows_on_cuda_equal_the_cpu_rows(make, side, sketch):
     cpu, _ = _rows("cpu", make=make, side=side, sketch=sketch)
     gpu, _ = _rows("cuda", make=make, side=side, sketch=sketch)
@@ -57,10 +79,11 @@ def test_rows_on_cuda_equal_the_cpu_rows(make, side, sketch):
     np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4 * np.abs(cpu).max())
 
 
-def test_training_steps_do_not_synchronize_the_device():
-    model = _model().cuda()
+@pytest.mark.parametrize("make, side", [(_model, 8), (_Tokens, 4)], ids=["conv-mlp", "tokens"])
+def test_training_steps_do_not_synchronize_the_device(make, side):
+    model = make().cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x = torch.randn(512, 3, 8, 8, device="cuda")
+    x = torch.randn(512, 3, side, side, device="cuda")
     y = torch.randint(0, 10, (512,), device="cuda")
     s = GraBSampler(n=512, ordering="grab", seed=0)
     h = s.watch(model)
