@@ -3215,7 +3215,7 @@ class _SmallConvNet(nn.Module):
         return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
 
 
-@pytest.mark.parametrize("net", ["conv", "attention", "tokens", "replaced", "beit"])
+@pytest.mark.parametrize("net", ["conv", "attention", "tokens", "replaced", "beit", "blocks"])
 @pytest.mark.parametrize("form", ["torch.compile(model)", "model.compile()"])
 @pytest.mark.parametrize("sketch", SKETCHES)
 def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(form, sketch, net):
@@ -3234,13 +3234,15 @@ def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(fo
     torch.manual_seed(0)
     # "tokens": parameters of no layer (the TorchFunctionMode of capture/direct.py, entered by a hook that
     # runs outside the graph); "replaced": layers whose class replaces its kind's forward (capture/inner.py);
-    # "beit": a layer called as F.linear in such a mode, with a bias followed from two parameters.
+    # "beit": a layer called as F.linear in such a mode, with a bias followed from two parameters;
+    # "blocks": Linear inputs held for the backward's grouped projection, and norms sketched as a group.
     eager, x_all = {
         "conv": lambda: (_SmallConvNet(), torch.randn(64, 2, 5, 5)),
         "attention": lambda: (Attention(mask="padding"), torch.randn(64, 5, 6)),
         "tokens": lambda: (_TokenModel(), torch.randn(64, 4, 4)),
         "replaced": lambda: (_ReplacedForwards(), torch.randint(0, 20, (64, 4))),
         "beit": lambda: (_Beit(), torch.randn(64, 3, 4)),
+        "blocks": lambda: (_Blocks(), torch.randn(64, 5, 8)),  # inputs projected together, norms grouped
     }[net]()
     compiled_model = copy.deepcopy(eager)
     y_all = torch.randint(0, 3, (64,))
