@@ -540,6 +540,20 @@ class EmbeddingSketch(LayerSketch):
         self.vocab = CountSketch(v, k_v if k_v is not None else v, seed, name, "vocab")
         self.p_out = Factor(d, k_d, seed, name, "dim")
         self.width = self.vocab.k * self.p_out.k * self.train_w
+        self._padded: Dict[Any, "tuple[torch.Tensor, torch.Tensor]"] = {}
+
+    def _tables(self, module: nn.Module, device: torch.device) -> "tuple[torch.Tensor, torch.Tensor]":
+        """The vocabulary's buckets and signs, the padding id's sign zero (it adds nothing): made once,
+        so that a step looks up the signs alone, without masking the padding (two ops fewer)."""
+        key = (device, module.padding_idx)  # a table shared by modules with other padding ids (T5)
+        t = self._padded.get(key)
+        if t is None:
+            buckets, signs = self.vocab.tables(device)
+            if module.padding_idx is not None:
+                signs = signs.clone()
+                signs[module.padding_idx] = 0.0
+            t = self._padded[key] = (buckets, signs)
+        return t
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -551,11 +565,8 @@ class EmbeddingSketch(LayerSketch):
         b = g.shape[0]
         ids = saved.reshape(b, -1)
         gp = self.p_out(_f32(g).reshape(b, ids.shape[1], -1))  # [B, T, k_d]
-        buckets, signs = self.vocab.tables(ids.device)
-        w = signs[ids]
-        if module.padding_idx is not None:
-            w = w.masked_fill(ids == module.padding_idx, 0.0)
-        gp = gp * w.unsqueeze(-1).to(gp.dtype)
+        buckets, signs = self._tables(module, ids.device)
+        gp = gp * signs[ids].unsqueeze(-1).to(gp.dtype)
         out = torch.zeros(b, self.vocab.k, gp.shape[-1], dtype=gp.dtype, device=gp.device)
         out.scatter_add_(1, buckets[ids].unsqueeze(-1).expand(-1, -1, gp.shape[-1]), gp)
         return [out.reshape(b, -1)]
