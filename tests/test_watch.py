@@ -2280,7 +2280,7 @@ class _Blocks(nn.Module):
 @pytest.mark.parametrize("sketch", [None, 4])
 def test_equally_shaped_norms_and_linear_inputs_are_sketched_in_groups(norm, sketch, chunks, monkeypatch):
     # A transformer's norms go through one grouped sketch, and its Linear layers' inputs are projected in
-    # one batched product at the backward's first gradient: on a GPU a step costs the ops it dispatches.
+    # one batched product at the end of the forward: on a GPU a step costs the ops it dispatches.
     # A group larger than GROUP_STACK_MAX elements is formed in chunks (here of two calls).
     from torchgrab.capture import layers
     from torchgrab.capture.layers import FeatureNormSketch
@@ -2302,7 +2302,7 @@ def test_equally_shaped_norms_and_linear_inputs_are_sketched_in_groups(norm, ske
     rows, expected, _, handle = one_step(model, x, y, ce, sketch)
     assert_rows(rows, expected)
     assert norms == ([2] if chunks else [3])  # in chunks: two together, the third alone (rows())
-    # With sketch=4 the nine Linear layers' inputs (width 8) wait for the backward, projected together;
+    # With sketch=4 the nine Linear layers' inputs (width 8) wait for the forward's end, projected together;
     # exact (sketch=None) they are the identity and nothing waits.
     assert inputs == ([9] if sketch else [])
 
@@ -2322,24 +2322,68 @@ def test_calls_wait_for_their_group_only_while_small_and_groups_are_stacked_in_c
     assert layers.chunked([], lambda n: n) == []
 
 
-def test_inputs_are_projected_in_the_forward_under_checkpointing_and_saved_tensor_hooks():
-    # Holding a layer's input until the backward costs nothing where autograd holds it anyway; under
+def _count_projections(monkeypatch):
+    """The number of held inputs at each grouped projection (WatchHandle._project_inputs)."""
+    from torchgrab.capture.watch import WatchHandle
+
+    calls = []
+    project = WatchHandle._project_inputs
+    monkeypatch.setattr(
+        WatchHandle, "_project_inputs", lambda h, step: calls.append(len(step.pending)) or project(h, step)
+    )
+    return calls
+
+
+def test_inputs_are_projected_in_the_forward_under_checkpointing_and_saved_tensor_hooks(monkeypatch):
+    # Holding a layer's input to the forward's end costs nothing where autograd holds it anyway; under
     # checkpointing or saved-tensor hooks (offloading) it does not, so the input is projected at once.
+    calls = _count_projections(monkeypatch)
     torch.manual_seed(0)
     model = _Blocks()
     x, y = _data((5, 8), "class", b=4)
     sampler, handle, spy = watched(model, sketch=4)
-    pending = []
     for ctx in (contextlib.nullcontext, lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
         with ctx():
             loss = ce(model(x), y)
-        pending.append(len(handle._step.pending))
+        assert handle._step.pending == []  # nothing is held past the forward
         loss.backward()
     handle.flush()
-    assert pending == [9, 0]
+    assert calls == [9]  # the plain forward's nine inputs, at its end; none under the hooks
     expected, _ = exact_rows(handle, model, ce, x, y)
     for got in spy.steps([4, 4]):
         assert_rows(got, expected)
+
+
+def test_a_layer_called_after_the_models_forward_is_projected_at_the_first_gradient(monkeypatch):
+    # Calls in the model's forward are projected at its end; a call after it, in the same step, waits for
+    # the backward's first gradient. Either way the rows are those of projecting at each call.
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _Blocks()
+
+        def forward(self, x):
+            return self.inner(x) + self.inner.head(torch.tanh(self.inner.q[0](x)).mean(1))
+
+    x, y = _data((5, 8), "class", b=4)
+
+    def rows(hold):
+        torch.manual_seed(0)
+        outer = Outer()
+        _, handle, spy = watched(outer.inner, sketch=4)
+        if not hold:
+            handle._grouped_inputs = set()  # every input projected at its call
+        ce(outer(x), y).backward()
+        handle.flush()
+        return spy.steps([4])[0]
+
+    calls = _count_projections(monkeypatch)
+    held = rows(True)
+    assert calls == [9, 1]
+    calls.clear()
+    at_call = rows(False)
+    assert calls == []
+    np.testing.assert_allclose(held, at_call, rtol=1e-5, atol=1e-6 * np.abs(at_call).max())
 
 
 def test_a_linear_input_written_in_place_after_its_forward_is_refused_and_the_step_dropped():

@@ -32,7 +32,7 @@ def _wide_model():
 
 class _Tokens(nn.Module):
     """Images as tokens through three blocks of equally shaped Linear layers and LayerNorms: the layers
-    whose inputs are projected together at the backward's first gradient, and the norms sketched as one
+    whose inputs are projected together at the end of the forward, and the norms sketched as one
     group (on a GPU nothing keeps them apart: no CPU size limit)."""
 
     def __init__(self, width=16):

@@ -79,11 +79,12 @@ def _in_transform() -> bool:
 
 
 class _PendingInput:
-    """A Linear layer's input A, recorded in the forward, whose projection A P_in^T is made when the
-    step's first gradient arrives, in one batched product with the other layers' of its shape: on a GPU a
-    watched step costs the ops it dispatches, and a transformer has dozens of such layers. Autograd holds
-    A until then anyway (the layer's weight gradient needs it), so holding it costs no memory; where
-    autograd does not (checkpointing, saved-tensor hooks) the input is projected in the forward instead."""
+    """A Linear layer's input A, recorded in the forward, whose projection A P_in^T is made at the end of
+    the model's forward (or, for a layer called outside it, at the step's first gradient), in one batched
+    product with the other layers' of its shape: on a GPU a watched step costs the ops it dispatches, and
+    a transformer has dozens of such layers. Autograd holds A until then anyway (the layer's weight
+    gradient needs it), so holding it costs no memory; where autograd does not (checkpointing, saved-tensor
+    hooks) the input is projected at the layer's call instead."""
 
     __slots__ = ("sk", "x", "version", "value")
 
@@ -131,8 +132,8 @@ class _Step:
         # Hook calls whose sketch waits for the end of the backward, to be formed in groups of equally
         # shaped layers: (LayerSketch.group_key, sketch, module, saved input, output gradient).
         self.deferred: List[Tuple[Any, LayerSketch, nn.Module, Any, torch.Tensor]] = []
-        # Linear layers' inputs recorded in the forward whose projections wait for the backward's first
-        # gradient, to be made in groups (WatchHandle._project_inputs).
+        # Linear layers' inputs recorded in the forward whose projections wait for the forward's end (or
+        # the backward's first gradient), to be made in groups (WatchHandle._project_inputs).
         self.pending: List[_PendingInput] = []
         # The step's slot in the CPU block buffer once a layer has written its rows there directly
         # (LayerSketch.rows_into), as a NumPy view (the kernels' output, sliced cheaply), and the
@@ -546,7 +547,10 @@ class WatchHandle:
 
     def _on_model_output(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
         """Forward hook of the watched model: at its first recorded forward, refuse a watched layer's
-        parameter that the forward also uses outside that layer's calls (capture/audit.py)."""
+        parameter that the forward also uses outside that layer's calls (capture/audit.py). And the end
+        of the forward that held Linear inputs for a grouped projection: they are projected now."""
+        if self._step.pending and not _in_backward():
+            self._project_inputs(self._step)
         audit = self._outside
         if audit is None or not audit.calls or not self._records():
             return
