@@ -2286,6 +2286,11 @@ def test_equally_shaped_norms_and_linear_inputs_are_sketched_in_groups(norm, ske
     from torchgrab.capture.layers import FeatureNormSketch
     from torchgrab.capture.watch import WatchHandle
 
+    held = []  # elements of output gradients held for a group, after each deferred call
+    defer = WatchHandle._defer
+    monkeypatch.setattr(
+        WatchHandle, "_defer", lambda h, st, key, item: held.append(defer(h, st, key, item) or st.held[key])
+    )
     if chunks:
         monkeypatch.setattr(layers, "GROUP_STACK_MAX", 2 * 4 * 5 * 8)  # two calls' [4, 5, 8] tensors
 
@@ -2302,6 +2307,8 @@ def test_equally_shaped_norms_and_linear_inputs_are_sketched_in_groups(norm, ske
     rows, expected, _, handle = one_step(model, x, y, ce, sketch)
     assert_rows(rows, expected)
     assert norms == ([2] if chunks else [3])  # in chunks: two together, the third alone (rows())
+    # Nine q, k, v calls and three norms held: a group is formed early rather than hold more than the limit.
+    assert max(held) == (2 * 4 * 5 * 8 if chunks else 9 * 4 * 5 * 8)
     # With sketch=4 the nine Linear layers' inputs (width 8) wait for the forward's end, projected together;
     # exact (sketch=None) they are the identity and nothing waits.
     assert inputs == ([9] if sketch else [])

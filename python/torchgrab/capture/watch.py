@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from torchgrab.capture import attention as attn
+from torchgrab.capture import layers
 from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example, pulled_back
 from torchgrab.capture.eager import eager
@@ -107,6 +108,7 @@ class _Step:
         "grads",
         "noted",
         "deferred",
+        "held",
         "pending",
         "slot",
         "written",
@@ -130,8 +132,10 @@ class _Step:
         self.grads = 0  # hooks that have fired
         self.noted: Optional[int] = None  # rows of a step that needs no sketch (an ordering without gradients)
         # Hook calls whose sketch waits for the end of the backward, to be formed in groups of equally
-        # shaped layers: (LayerSketch.group_key, sketch, module, saved input, output gradient).
-        self.deferred: List[Tuple[Any, LayerSketch, nn.Module, Any, torch.Tensor]] = []
+        # shaped layers, by LayerSketch.group_key: (sketch, module, saved input, output gradient), and the
+        # elements of the output gradients held so (at most GROUP_STACK_MAX a key: _defer).
+        self.deferred: Dict[Any, List[Tuple[LayerSketch, nn.Module, Any, torch.Tensor]]] = {}
+        self.held: Dict[Any, int] = {}
         # Linear layers' inputs recorded in the forward whose projections wait for the forward's end (or
         # the backward's first gradient), to be made in groups (WatchHandle._project_inputs).
         self.pending: List[_PendingInput] = []
@@ -976,12 +980,7 @@ class WatchHandle:
                 with torch.no_grad():
                     sk.add_rows(step, sk.rows(module, saved, g))
         else:
-            if not step.deferred:
-                try:  # runs when this backward (graph task) ends; a nested (reentrant) one queues its own
-                    torch.autograd.Variable._execution_engine.queue_callback(lambda: self._run_deferred(step))
-                except RuntimeError:
-                    pass  # not inside an engine run: _end_step forms them
-            step.deferred.append((key, sk, module, saved, g))
+            self._defer(step, key, (sk, module, saved, g))
 
     def _write_direct(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> bool:
         """Let the layer write its rows straight into the step's slot of the block buffer, scaled as
@@ -1012,21 +1011,42 @@ class WatchHandle:
         step.finite = step.finite and finite
         return True
 
+    def _defer(self, step: _Step, key: Any, item: Tuple[LayerSketch, nn.Module, Any, torch.Tensor]) -> None:
+        """Hold a call for its group, formed when the backward ends, or now, for the calls held so far,
+        when this one would hold more than GROUP_STACK_MAX elements of that key's output gradients (which
+        autograd would have freed): what a backward holds so is bounded whatever the model's depth."""
+        if not step.deferred:
+            try:  # runs when this backward (graph task) ends; a nested (reentrant) one queues its own
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: self._run_deferred(step))
+            except RuntimeError:
+                pass  # not inside an engine run: _end_step forms them
+        members = step.deferred.setdefault(key, [])
+        held = step.held.get(key, 0) + item[3].numel()
+        if members and held > layers.GROUP_STACK_MAX:
+            self._form(step, members)
+            members.clear()
+            held = item[3].numel()
+        members.append(item)
+        step.held[key] = held
+
     def _run_deferred(self, step: _Step) -> None:
         """Form the deferred sketches of a step, equally shaped layers together."""
-        items, step.deferred = step.deferred, []
-        groups: Dict[Any, List[Tuple[LayerSketch, nn.Module, Any, torch.Tensor]]] = {}
-        for key, *item in items:
-            groups.setdefault(key, []).append(tuple(item))
+        groups, step.deferred, step.held = step.deferred, {}, {}
+        for members in groups.values():
+            if members:
+                self._form(step, members)
+
+    @staticmethod
+    def _form(step: _Step, members: List[Tuple[LayerSketch, nn.Module, Any, torch.Tensor]]) -> None:
+        """The rows of one group's calls, added to the step."""
         with torch.no_grad():
-            for members in (c for group in groups.values() for c in chunked(group, lambda m: m[3].numel())):
-                if len(members) == 1:
-                    sk, module, saved, g = members[0]
-                    sk.add_rows(step, sk.rows(module, saved, g))
-                    continue
-                results = type(members[0][0]).rows_grouped([(sk, saved, g) for sk, _, saved, g in members])
-                for (sk, _, _, _), pieces in zip(members, results):
-                    sk.add_rows(step, pieces)
+            if len(members) == 1:
+                sk, module, saved, g = members[0]
+                sk.add_rows(step, sk.rows(module, saved, g))
+                return
+            results = type(members[0][0]).rows_grouped([(sk, saved, g) for sk, _, saved, g in members])
+            for (sk, _, _, _), pieces in zip(members, results):
+                sk.add_rows(step, pieces)
 
     def _param_hook(self, i: int) -> Any:
         _, _, fs = self._params[i]
