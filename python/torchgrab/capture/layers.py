@@ -32,7 +32,7 @@ CPU_GROUP_MAX = 1 << 15
 # The same on a GPU, where grouping saves kernel launches: past 4M elements a kernel's own time dwarfs its
 # launch, and a large model's gradients, held to the backward's end and stacked, would cost gigabytes.
 GPU_GROUP_MAX = 1 << 22
-# At most this many elements are stacked at once: a group larger than that is formed in chunks.
+# At most this many elements are held or stacked for one group at once: a larger group is formed in chunks.
 GROUP_STACK_MAX = 1 << 26
 
 
@@ -810,7 +810,7 @@ class FeatureNormSketch(_AffineNormSketch):
     """Norms over trailing features (``normalized_shape``), affine when ``elementwise_affine``.
 
     A transformer's norms (two a block, all of one shape) are sketched together, as its Linear layers
-    are: on a GPU a watched step costs the ops it dispatches, and one norm alone takes five."""
+    are: on a GPU a watched step costs the ops it dispatches, and one norm alone takes six."""
 
     def __init__(self, name: str, module: nn.Module, k: Optional[int], seed: int) -> None:
         super().__init__(name, module, k, seed)
