@@ -10,7 +10,8 @@ needs that: vision transformers with fixed positions, Inception); each Hugging F
 The check, printed per model:
 
 - "exact": without BatchNorm in training mode, rows at `sketch=None` equal torch.func's per-example
-  gradients of the whole model (through `handle.project`, column by column);
+  gradients of the whole model (through `handle.project`, column by column), and so do the rows at
+  `--sketch`, through that handle's projections (the sketched paths: grouped layers and inputs);
 - "sum": otherwise, or where torch.func cannot trace the model, the rows at `--sketch` add up to the
   batch gradient (times the batch size: a mean loss), which also holds for BatchNorm's contributions;
 - "refused": `watch()` or the step raised UnsupportedModelError; its message says what and why.
@@ -150,11 +151,16 @@ def _check(model: nn.Module, x: torch.Tensor, sketch: int) -> tuple:
         except Exception:  # torch.func cannot trace it (data-dependent pooling): the sum check below
             grads = None
         if grads is not None:
-            want = handle.project(grads).double().numpy()
-            cols = np.maximum(np.abs(want).max(0), 1e-4 * np.abs(want).max())
-            if not np.all(np.abs(rows - want) <= 1e-3 * cols + 1e-4 * np.abs(want)):
-                raise AssertionError("rows differ from torch.func's per-example gradients")
-            return "exact", handle.width
+            width = handle.width  # K of the exact rows, the one printed
+            for sk in (None, sketch):
+                if sk is not None:
+                    rows, handle = _watched_step(model, x, y, sk)
+                    model.zero_grad(set_to_none=True)
+                want = handle.project(grads).double().numpy()
+                cols = np.maximum(np.abs(want).max(0), 1e-4 * np.abs(want).max())
+                if not np.all(np.abs(rows - want) <= 1e-3 * cols + 1e-4 * np.abs(want)):
+                    raise AssertionError(f"rows at sketch={sk} differ from torch.func's per-example gradients")
+            return "exact", width
     rows, handle = _watched_step(model, x, y, sketch)
     batch = {n: p.grad[None] for n, p in model.named_parameters() if p.grad is not None}
     want = handle.project(batch)[0].double().numpy() * x.shape[0]
