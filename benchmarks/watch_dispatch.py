@@ -140,40 +140,34 @@ class Run:
             return torch.randperm(self.n, generator=self.gen)
         return torch.from_numpy(np.fromiter(iter(self.sampler), dtype=np.int64, count=self.n))
 
-    def steps(self, k=None):
+    def step(self, i):
+        loss = self.ce(self.model(**{key: v[i] for key, v in self.x.items()}).logits, self.y[i])
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def epoch(self, counter=None, counted=0):
+        """One epoch, timed; its first ``counted`` steps run under ``counter`` (a CountOps)."""
         order = self.order()
         t = time.perf_counter()
-        for s in range(0, self.n if k is None else k * self.bs, self.bs):
+        for k, s in enumerate(range(0, self.n, self.bs)):
             i = order[s : s + self.bs]
-            loss = self.ce(self.model(**{key: v[i] for key, v in self.x.items()}).logits, self.y[i])
-            loss.backward()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            if k < counted:
+                with counter:
+                    self.step(i)
+            else:
+                self.step(i)
         if self.sampler is not None:
             self.sampler.synchronize()
         return time.perf_counter() - t
 
-    epoch = steps
-
 
 def count(run, steps=4):
-    """Non-view ops per step over ``steps`` steps of one epoch (the epoch's other steps run uncounted)."""
-    order = run.order()
-    bs = run.bs
-    with CountOps() as c:
-        for s in range(0, steps * bs, bs):
-            i = order[s : s + bs]
-            loss = run.ce(run.model(**{key: v[i] for key, v in run.x.items()}).logits, run.y[i])
-            loss.backward()
-            run.opt.step()
-            run.opt.zero_grad(set_to_none=True)
-    for s in range(steps * bs, run.n, bs):  # finish the epoch, so the sampler's next one starts clean
-        i = order[s : s + bs]
-        run.ce(run.model(**{key: v[i] for key, v in run.x.items()}).logits, run.y[i]).backward()
-        run.opt.zero_grad(set_to_none=True)
-    if run.sampler is not None:
-        run.sampler.synchronize()
-    return {k: v / steps for k, v in c.by_where.items()}
+    """Non-view ops per step over the first ``steps`` steps of an epoch (the rest of it runs uncounted, so
+    the sampler's next epoch starts clean)."""
+    counter = CountOps()
+    run.epoch(counter, steps)
+    return {k: v / steps for k, v in counter.by_where.items()}
 
 
 def main():
@@ -201,7 +195,7 @@ def main():
     runs = {"rr": Run(make_model, x, y, "rr", args), "grab, watch()": Run(make_model, x, y, "grab", args)}
     out.line(f"# watch() rows K = {runs['grab, watch()'].handle.width}")
     for r in runs.values():
-        r.steps()  # a first epoch: the projections are made and cached, the sampler's order is GraB's
+        r.epoch()  # a first epoch: the projections are made and cached, the sampler's order is GraB's
     counts = {a: count(r) for a, r in runs.items()}
     totals = {a: sum(c.values()) for a, c in counts.items()}
     out.line("\n## ops per step (not views)")

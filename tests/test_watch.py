@@ -630,9 +630,9 @@ def test_a_checkpoint_recompute_does_no_sketch_work_twice(reentrant, sketch):
     calls = {}
     save = handle._save  # projects the input now, or holds it for the backward's grouped projection
 
-    def counted(step, sk, mod, inp):
+    def counted(step, sk, mod, inp, in_backward):
         calls[sk.name] = calls.get(sk.name, 0) + 1
-        return save(step, sk, mod, inp)
+        return save(step, sk, mod, inp, in_backward)
 
     handle._save = counted
     per_use = []
@@ -2275,6 +2275,18 @@ class _Blocks(nn.Module):
         return self.head(x.mean(1))
 
 
+def _count_projections(monkeypatch):
+    """The number of held inputs at each grouped projection (WatchHandle._project_inputs)."""
+    from torchgrab.capture.watch import WatchHandle
+
+    calls = []
+    project = WatchHandle._project_inputs
+    monkeypatch.setattr(
+        WatchHandle, "_project_inputs", lambda h, step: calls.append(len(step.pending)) or project(h, step)
+    )
+    return calls
+
+
 @pytest.mark.parametrize("chunks", [False, True])
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("sketch", [None, 4])
@@ -2294,13 +2306,10 @@ def test_equally_shaped_norms_and_linear_inputs_are_sketched_in_groups(norm, ske
     if chunks:
         monkeypatch.setattr(layers, "GROUP_STACK_MAX", 2 * 4 * 5 * 8)  # two calls' [4, 5, 8] tensors
 
-    norms, inputs = [], []
+    norms = []
     grouped = FeatureNormSketch.rows_grouped
     monkeypatch.setattr(FeatureNormSketch, "rows_grouped", staticmethod(lambda m: norms.append(len(m)) or grouped(m)))
-    project = WatchHandle._project_inputs
-    monkeypatch.setattr(
-        WatchHandle, "_project_inputs", lambda h, step: inputs.append(len(step.pending)) or project(h, step)
-    )
+    inputs = _count_projections(monkeypatch)
     torch.manual_seed(0)
     model = _Blocks(norm={"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}[norm])
     x, y = _data((5, 8), "class", b=4)
@@ -2327,18 +2336,6 @@ def test_calls_wait_for_their_group_only_while_small_and_groups_are_stacked_in_c
     monkeypatch.setattr(layers, "GROUP_STACK_MAX", 10)
     assert layers.chunked([4, 6, 3, 20, 1], lambda n: n) == [[4, 6], [3], [20], [1]]
     assert layers.chunked([], lambda n: n) == []
-
-
-def _count_projections(monkeypatch):
-    """The number of held inputs at each grouped projection (WatchHandle._project_inputs)."""
-    from torchgrab.capture.watch import WatchHandle
-
-    calls = []
-    project = WatchHandle._project_inputs
-    monkeypatch.setattr(
-        WatchHandle, "_project_inputs", lambda h, step: calls.append(len(step.pending)) or project(h, step)
-    )
-    return calls
 
 
 def test_inputs_are_projected_in_the_forward_under_checkpointing_and_saved_tensor_hooks(monkeypatch):

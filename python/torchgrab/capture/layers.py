@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchgrab import _native
-from torchgrab.capture.projection import CountSketch, Factor, cpu_kernel_input, derived_seed
+from torchgrab.capture.projection import CountSketch, Factor, cpu_kernel_input, derived_seed, stacked_t
 from torchgrab.errors import UnsupportedModelError
 from torchgrab.gradients import im2col
 
@@ -345,10 +345,7 @@ class LinearSketch(LayerSketch):
         if first.p_out.identity:
             gp = gs
         else:
-            key = (tuple(id(sk) for sk, _, _ in members), gs.device, gs.dtype)
-            p = first._stacks.get(key)
-            if p is None:
-                p = first._stacks[key] = torch.stack([sk.p_out.matrix_t(gs.device, gs.dtype) for sk, _, _ in members])
+            p = stacked_t(first._stacks, [sk.p_out for sk, _, _ in members], gs.device, gs.dtype)
             gp = torch.bmm(gs.view(n, b * t, out_f), p).view(n, b, t, -1)  # [L, B, T, k_out]
         k_out = gp.shape[-1]
         pieces: List[List[torch.Tensor]] = [[] for _ in members]
@@ -848,11 +845,7 @@ class FeatureNormSketch(_AffineNormSketch):
             sums.append(gs.sum(2))
         s = torch.cat(sums, 1) if len(sums) > 1 else sums[0]  # [L, parts * B, features]
         if not first.p.identity:
-            key = (tuple(id(sk) for sk, _, _ in members), s.device, s.dtype)
-            p = first._stacks.get(key)
-            if p is None:
-                p = first._stacks[key] = torch.stack([sk.p.matrix_t(s.device, s.dtype) for sk, _, _ in members])
-            s = torch.bmm(s, p)
+            s = torch.bmm(s, stacked_t(first._stacks, [sk.p for sk, _, _ in members], s.device, s.dtype))
         return [list(s[i].split(b)) for i in range(n)]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

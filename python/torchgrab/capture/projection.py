@@ -111,6 +111,21 @@ class Factor:
         return torch.matmul(x, self.matrix_t(x.device, x.dtype))
 
 
+def stacked_t(
+    cache: Dict[object, torch.Tensor], factors: "list[Factor]", device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The factors' P^T stacked, [L, n, k], for one batched product over a group of layers; made once per
+    (factors, device, dtype) into ``cache``, which is emptied past 64 entries (groups that vary from step
+    to step)."""
+    key = (tuple(id(f) for f in factors), device, dtype)
+    p = cache.get(key)
+    if p is None:
+        if len(cache) > 64:
+            cache.clear()
+        p = cache[key] = torch.stack([f.matrix_t(device, dtype) for f in factors])
+    return p
+
+
 class CountSketch:
     """``i -> (bucket h(i), sign s(i))`` for ids in [0, n): E<Sx, Sy> = <x, y>, with no n x k matrix.
     The identity (bucket i, sign +1) when ``n <= k``."""

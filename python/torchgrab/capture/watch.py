@@ -41,6 +41,7 @@ from torchgrab.capture.layers import (
     groupable,
 )
 from torchgrab.capture.plan import LayerPlan, leave_out
+from torchgrab.capture.projection import stacked_t
 from torchgrab.errors import NonFiniteGradientError, ShapeError, UnsupportedInputError, UnsupportedModelError
 from torchgrab.ondevice import Factored
 
@@ -62,16 +63,18 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+_TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def _saved_tensor_hooks_active() -> bool:
     """Whether saved-tensor hooks (non-reentrant checkpointing, offloading) take what autograd saves; True
     where this torch cannot say."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:
+    if _TOP_SAVED_TENSOR_HOOKS is None:
         return True
     try:
-        return top(False) is not None
+        return _TOP_SAVED_TENSOR_HOOKS(False) is not None
     except TypeError:  # a torch whose function takes no argument
-        return top() is not None
+        return _TOP_SAVED_TENSOR_HOOKS() is not None
 
 
 def _in_transform() -> bool:
@@ -833,7 +836,8 @@ class WatchHandle:
         if not isinstance(out, torch.Tensor) or not out.requires_grad or module not in self._sketches:
             return None
         step = self._step
-        if _in_backward():
+        in_backward = _in_backward()
+        if in_backward:
             if step.forwards.get(module, 0):
                 return None  # non-reentrant checkpointing recomputes a call whose output is hooked already
         else:
@@ -871,15 +875,15 @@ class WatchHandle:
                 view = lambda g: by_rows(g).unflatten(0, (b, m))  # noqa: E731
             else:
                 self._refuse_layout(sk, x, b)
-        saved = self._save(step, sk, module, x)
+        saved = self._save(step, sk, module, x, in_backward)
         _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, view(g)))
         return replaced
 
-    def _save(self, step: _Step, sk: LayerSketch, module: nn.Module, x: torch.Tensor) -> Any:
+    def _save(self, step: _Step, sk: LayerSketch, module: nn.Module, x: torch.Tensor, in_backward: bool) -> Any:
         """What the layer's sketch keeps of its input: its projection now, or a _PendingInput."""
         if (
             sk not in self._grouped_inputs
-            or _in_backward()
+            or in_backward  # a reentrant checkpoint's recompute: its gradient comes right after
             or not groupable(x)  # stacking the inputs would cost more than it saves (LinearSketch.group_key)
             # Autograd's saved input is then a view of x itself, so a write into x after the forward is
             # one that autograd refuses too (a non-contiguous input is saved as a copy).
@@ -914,14 +918,7 @@ class WatchHandle:
                     continue
                 x = members[0].x
                 assert x is not None
-                key = (tuple(id(m.sk) for m in members), x.device)
-                p = self._input_stacks.get(key)
-                if p is None:
-                    if len(self._input_stacks) > 64:
-                        self._input_stacks.clear()  # calls that vary from step to step: keep few
-                    p = self._input_stacks[key] = torch.stack(
-                        [m.sk.p_in.matrix_t(x.device, torch.float32) for m in members]
-                    )
+                p = stacked_t(self._input_stacks, [m.sk.p_in for m in members], x.device, torch.float32)
                 a = torch.stack([m.x.float() for m in members])  # type: ignore[union-attr]
                 ap = torch.bmm(a.reshape(len(members), -1, x.shape[-1]), p)  # [L, B * T, k_in]
                 lead = (x.shape[0],) if x.dim() == 2 else (x.shape[0], -1)
