@@ -3229,6 +3229,77 @@ def test_direct_cpu_kernels_give_the_torch_paths_rows(monkeypatch, frozen, reduc
         np.testing.assert_allclose(d, t, rtol=1e-6, atol=1e-6 * np.abs(t).max())
 
 
+class _BiasConvs(nn.Module):
+    """Convolutions whose weights are frozen (their biases alone are sketched, exactly, as LeNet's under the
+    budget), one grouped, one called twice in a forward, and a Linear head written by its Rust kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 6, 3, groups=2)
+        self.head = nn.Linear(6 * 3 * 3, 3)
+        for conv in (self.c1, self.c2):
+            conv.weight.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        h = torch.tanh(self.c1(h[:, :2])) + h  # c1 called twice: its rows add up
+        return self.head(torch.tanh(self.c2(h)).flatten(1))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_conv_bias_rows_are_written_directly(monkeypatch, reduction):
+    # A convolution whose bias alone is sketched (exact channel sums) writes its rows into the step's
+    # slot of the row buffer, as a Linear layer's kernel does: with every block written so, the step's
+    # rows are complete as they stand (no pieces copied in, no scan for non-finite values). The rows
+    # must be the torch path's, and both the exact per-example gradients, scaled by the loss's factor.
+    from torchgrab.capture.layers import ConvSketch
+    from torchgrab.capture.watch import WatchHandle
+
+    x, y = _data((2, 5, 5), "class", b=6, seed=4)
+    all_direct = []
+    real = WatchHandle._all_direct
+    monkeypatch.setattr(
+        WatchHandle, "_all_direct", lambda self, step: all_direct.append(real(self, step)) or all_direct[-1]
+    )
+    got = {}
+    for path in ("direct", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(ConvSketch, "rows_into", lambda self, *a: None)
+        all_direct.clear()
+        torch.manual_seed(0)
+        model = _BiasConvs()
+        sampler, handle, spy = watched(model, sketch=4, loss_reduction=reduction)
+        assert handle.layers[:2] == [("c1", "Conv", 4), ("c2", "Conv", 6)]  # the biases' channels alone
+        handle.loss_factor = lambda: 0.5
+        for k in range(2):  # two steps: the second writes into the slot after the first's
+            xk, yk = x[3 * k : 3 * k + 3], y[3 * k : 3 * k + 3]
+            ce(model(xk), yk, reduction=reduction).backward()
+        handle.flush()
+        got[path] = spy.steps([3, 3])
+        assert all_direct and all(all_direct) == (path == "direct")
+        expected = exact_rows(handle, model, ce, x[3:], y[3:])[0] * 0.5
+        assert_rows(got[path][1], expected)
+    for d, t in zip(got["direct"], got["torch"]):
+        np.testing.assert_allclose(d, t, rtol=1e-6, atol=1e-6 * np.abs(t).max())
+
+
+def test_conv_bias_direct_rows_say_whether_they_are_finite():
+    # What rows_into returns decides whether a step's rows are scanned for inf/NaN before balancing.
+    model = _BiasConvs()
+    _, handle, _ = watched(model, sketch=4)
+    sk = handle._sketches[model.c1]
+    out = np.zeros((2, 4), np.float32)
+    g = torch.ones(2, 4, 5, 5)
+    assert sk.rows_into(model.c1, None, g, out, 2.0, False) is True
+    assert np.all(out == 50.0)  # 25 positions, times 2
+    assert sk.rows_into(model.c1, None, g, out, 1.0, True) is True and np.all(out == 75.0)
+    g[1, 3, 0, 0] = float("inf")
+    assert sk.rows_into(model.c1, None, g, out, 2.0, False) is False
+    assert sk.rows_into(model.c1, None, g.double(), out, 2.0, False) is None  # not a kernel input: torch path
+    assert sk.rows_into(model.c1, None, g[0], out, 2.0, False) is None  # an unbatched call: torch path
+
+
 def test_native_count_sketch_equals_index_add_bit_for_bit():
     from torchgrab.capture.projection import Factor
 

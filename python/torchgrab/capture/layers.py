@@ -256,6 +256,13 @@ class LinearSketch(LayerSketch):
         wide = k_in is not None and in_f >= COUNT_SKETCH_RATIO * k_in and k_in >= 64
         self.p_in = Factor(in_f, k_in, seed, name, "in", count=wide)
         self.width = self.p_out.k * self.p_in.k * self.train_w + self.p_out.k * self.train_b
+        # Made once: group_key, which holds it, runs at every call of a grouped layer. Grouped layers share
+        # one batched product with dense output factors, so a count-sketched output side is never grouped.
+        self._static_key = (
+            None
+            if self.p_out.count
+            else (LinearSketch, out_f, self.p_out.k, self.p_in.k, self.p_out.identity, self.train_w, self.train_b)
+        )
 
     def save(self, module: nn.Module, x: torch.Tensor) -> Any:
         if not self.train_w:
@@ -286,11 +293,6 @@ class LinearSketch(LayerSketch):
             out.append(gp.sum(1))
         return out
 
-    def static_key(self) -> Any:
-        if self.p_out.count:  # grouped layers share one batched product with dense output factors
-            return None
-        return (LinearSketch, self.p_out.n, self.p_out.k, self.p_in.k, self.p_out.identity, self.train_w, self.train_b)
-
     def rows_into(
         self, module: nn.Module, saved: Any, g: torch.Tensor, out: np.ndarray, scale: float, accumulate: bool
     ) -> Optional[bool]:
@@ -310,27 +312,17 @@ class LinearSketch(LayerSketch):
         # Layers of one shape (a transformer's q, k, v, o of every block) are sketched by a few batched
         # products instead of a few small ones each: on a GPU the cost of a watched step is the number
         # of ops dispatched from Python, not their arithmetic.
-        if self.p_out.count:
-            return None
-        if not groupable(g):
+        static = self._static_key
+        if static is None or not groupable(g):
             # On a CPU a torch op's dispatch costs microseconds, and stacking a group's output gradients
             # copies each of them: past CPU_GROUP_MAX the copy costs more than the ops a group saves (a
             # ViT of width 192 on 64 images: a tenth of a plain step), so such a call is sketched alone.
             return None
-        tokens = g.numel() // (g.shape[0] * g.shape[-1])
-        return (
-            LinearSketch,
-            tuple(g.shape[:1]),
-            tokens,
-            g.shape[-1],
-            g.dtype,
-            g.device,
-            self.p_out.k,
-            self.p_in.k,
-            self.p_out.identity,
-            self.train_w,
-            self.train_b,
-        )
+        b = g.shape[0]
+        return (static, b, g.numel() // (b * g.shape[-1]), g.dtype, g.device)
+
+    def static_key(self) -> Any:
+        return self._static_key
 
     @staticmethod
     def rows_grouped(members: List["tuple[LinearSketch, Any, torch.Tensor]"]) -> List[List[torch.Tensor]]:
@@ -357,13 +349,12 @@ class LinearSketch(LayerSketch):
                 w = gp.reshape(n * b, k_out, 1) * ap
             else:
                 w = torch.bmm(gp.reshape(n * b, t, k_out).transpose(1, 2), ap)
-            w = w.reshape(n, b, -1)
-            for i in range(n):
-                pieces[i].append(w[i])
+            # unbind: one op makes every member's view, where w[i] was one op each.
+            for piece, w_i in zip(pieces, w.reshape(n, b, -1).unbind(0)):
+                piece.append(w_i)
         if first.train_b:
-            bias = gp.sum(2)
-            for i in range(n):
-                pieces[i].append(bias[i])
+            for piece, bias_i in zip(pieces, gp.sum(2).unbind(0)):
+                piece.append(bias_i)
         return pieces
 
     def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
@@ -507,6 +498,23 @@ class ConvSketch(LayerSketch):
             if self.train_b:
                 out.append(gp.sum(2).reshape(b, -1))
         return out
+
+    def rows_into(
+        self, module: nn.Module, saved: Any, g: torch.Tensor, out: np.ndarray, scale: float, accumulate: bool
+    ) -> Optional[bool]:
+        # The bias alone, exact (a net's first convolutions, their weights left out under the budget: LeNet's
+        # two): each example's channel sums, written into the step's rows scaled. With every block of a step
+        # written so, the step needs neither the copy of its pieces nor a scan for non-finite values.
+        g = g.detach()
+        if self.train_w or not self.p_out.identity or g.dim() != len(self.kernel) + 2 or not cpu_kernel_input(g):
+            return None  # (an unbatched call takes the torch path: its rows are not [B, C] of this slot)
+        sums = g.reshape(g.shape[0], self.width, -1).sum(2)  # [B, C]: channel c of group c // (C / G)
+        dst = torch.from_numpy(out)
+        if accumulate:
+            dst.add_(sums, alpha=scale)
+        else:
+            torch.mul(sums, scale, out=dst)
+        return bool(np.isfinite(out).all())
 
     def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         out = []
@@ -846,7 +854,7 @@ class FeatureNormSketch(_AffineNormSketch):
         s = torch.cat(sums, 1) if len(sums) > 1 else sums[0]  # [L, parts * B, features]
         if not first.p.identity:
             s = torch.bmm(s, stacked_t(first._stacks, [sk.p for sk, _, _ in members], s.device, s.dtype))
-        return [list(s[i].split(b)) for i in range(n)]
+        return [list(s_i.split(b)) for s_i in s.unbind(0)]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The norm without its affine part, over the trailing ``normalized_shape``."""

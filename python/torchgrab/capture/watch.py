@@ -831,7 +831,8 @@ class WatchHandle:
     ) -> Any:
         """Record one call of a watched layer: its input ``x`` (batch first) and its output ``out``, whose
         gradient reaches the sketch batch first through ``grad_view`` (None: as it is)."""
-        if not self._records():
+        # _records(), inlined: this runs at every call of every watched layer.
+        if not (self._recording and self.model.training and torch.is_grad_enabled()) or _in_transform():
             return None
         if not isinstance(out, torch.Tensor) or not out.requires_grad or module not in self._sketches:
             return None
@@ -876,7 +877,10 @@ class WatchHandle:
             else:
                 self._refuse_layout(sk, x, b)
         saved = self._save(step, sk, module, x, in_backward)
-        _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, view(g)))
+        if view is _as_is:
+            _on_output_grad(out, self._on_grad, step, sk, module, saved)
+        else:
+            _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, view(g)))
         return replaced
 
     def _save(self, step: _Step, sk: LayerSketch, module: nn.Module, x: torch.Tensor, in_backward: bool) -> Any:
@@ -922,8 +926,8 @@ class WatchHandle:
                 a = torch.stack([m.x.float() for m in members])  # type: ignore[union-attr]
                 ap = torch.bmm(a.reshape(len(members), -1, x.shape[-1]), p)  # [L, B * T, k_in]
                 lead = (x.shape[0],) if x.dim() == 2 else (x.shape[0], -1)
-                for m, v in zip(members, ap):
-                    m.value, m.x = v.reshape(*lead, v.shape[-1]), None
+                for m, v in zip(members, ap.view(len(members), *lead, ap.shape[-1]).unbind(0)):
+                    m.value, m.x = v, None
 
     def _refuse_layout(self, sk: LayerSketch, x: torch.Tensor, b: int) -> None:
         """Refuse a layer's input whose leading dimension is not the step's batch."""
@@ -1251,22 +1255,23 @@ def _swap01(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1)
 
 
-def _on_output_grad(out: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> None:
-    """Have ``hook`` called with the gradient of ``out`` during the backward: a pre-hook on the node that
-    made ``out``, given that node's output gradients, which is where ``out.register_hook`` puts its hook
-    too (and so the same gradient, also when ``out`` is later written in place). Registered directly it
-    costs less: ``Tensor.register_hook``'s Python bookkeeping (a hooks dict and a removable
-    handle per tensor) is a visible part of a small model's step."""
+def _on_output_grad(out: torch.Tensor, hook: Callable[..., None], *args: Any) -> None:
+    """Have ``hook(*args, g)`` called with the gradient ``g`` of ``out`` during the backward: a pre-hook on
+    the node that made ``out``, given that node's output gradients, which is where ``out.register_hook``
+    puts its hook too (and so the same gradient, also when ``out`` is later written in place). Registered
+    directly it costs less: ``Tensor.register_hook``'s Python bookkeeping (a hooks dict and a removable
+    handle per tensor) is a visible part of a small model's step. The arguments are bound here, not in a
+    closure of the caller's, so a layer's call makes one Python function and its gradient calls two."""
     node = out.grad_fn
     if node is None:  # a leaf (a module that returns a parameter): no node to hook
-        out.register_hook(hook)
+        out.register_hook(lambda g: hook(*args, g))
         return
     i = out.output_nr
 
     def pre(grads: Tuple[Optional[torch.Tensor], ...]) -> None:
         g = grads[i]
         if g is not None:  # this output got no gradient: its tensor hook would not run either
-            hook(g)
+            hook(*args, g)
 
     node.register_prehook(pre)
 
