@@ -326,3 +326,12 @@ def test_watch_dispatch_runs(tmp_path):
         assert line in stdout
     assert not re.search(r"bmm +layers\.py:rows$", stdout, re.M)  # a Linear layer sketched alone
     assert (tmp_path / "o.txt").read_text().count("\n") > 20
+
+
+def test_hook_floor_runs(tmp_path):
+    """benchmarks/hook_floor.py --quick: every arm timed against the plain step, watch()'s rows formed."""
+    stdout = run(["benchmarks/hook_floor.py", "--quick", "--out", str(tmp_path / "o.txt")])
+    for arm in ("plain", "empty forward hook", "forward hook + node pre-hook", "forward hook + retain_grad", "watch()"):
+        assert re.search(rf"^{re.escape(arm)} +\d+\.\d+ +\d+\.\d+ ", stdout, re.M), arm
+    assert re.search(r"watch\(\) rows K = \d+, K = \d+ at sketch=4", stdout)
+    assert (tmp_path / "o.txt").read_text().count("\n") > 8
