@@ -3300,6 +3300,25 @@ def test_conv_bias_direct_rows_say_whether_they_are_finite():
     assert sk.rows_into(model.c1, None, g[0], out, 2.0, False) is None  # an unbatched call: torch path
 
 
+def test_on_output_grad_calls_the_hook_with_its_arguments_and_the_gradient():
+    # The one way every watched call gets its output's gradient: on the node that made the output (also
+    # when the output is later written in place: the gradient of the layer's output, not of the write),
+    # or on a leaf's own tensor hook (a module returning a parameter).
+    from torchgrab.capture.watch import _on_output_grad
+
+    seen = []
+    w = torch.randn(3, requires_grad=True)
+    out = w * 2.0
+    _on_output_grad(out, lambda *a: seen.append(a), "node", 1)
+    out.mul_(5.0)  # in place after the call: the hook still sees d loss / d (w * 2)
+    _on_output_grad(w, lambda *a: seen.append(a), "leaf", 2)
+    (out * torch.arange(3.0)).sum().backward()
+    by = {a[0]: a for a in seen}
+    assert sorted(by) == ["leaf", "node"] and by["node"][1] == 1 and by["leaf"][1] == 2
+    torch.testing.assert_close(by["node"][2], 5.0 * torch.arange(3.0))
+    torch.testing.assert_close(by["leaf"][2], 10.0 * torch.arange(3.0))
+
+
 def test_native_count_sketch_equals_index_add_bit_for_bit():
     from torchgrab.capture.projection import Factor
 
