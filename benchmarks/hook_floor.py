@@ -2,7 +2,7 @@
 from module hooks, against what `watch()` adds on the same model.
 
     .venv/bin/python benchmarks/hook_floor.py [--layers 48] [--width 64] [--batch-size 8] [--tokens 16]
-        [--steps 40] [--rounds 9] [--threads 1] [--quick]
+        [--steps 40] [--rounds 9] [--threads 1] [--device cpu] [--quick]
 
 A stack of --layers Linear layers (--width wide, tanh between them) on [batch, tokens, width] inputs and a
 3-way head on the first token, cross-entropy, `loss.backward()`, no optimizer: at these sizes a step is
@@ -20,7 +20,10 @@ of --steps steps, arms alternating in order from round to round:
   backward (the gradient is stored in the output's `.grad`, read after the backward);
 - watch(sketch=4), watch(): `GraBSampler(ordering="grab").watch(model)`, the rows formed and balanced.
 
-Each arm's step time, x plain (median and quartiles over rounds), and what it adds per layer.
+Each arm's step time, x plain (median and quartiles over rounds), and what it adds per layer. With
+--device cuda (`scripts/gpu_watch.sh` runs it so) the model and the batch are on the GPU, and a run's time
+ends when the device and the sampler are done: there a small model's step is the CPU's dispatch, and the
+floor of the hooks is most of what `watch()` can cost.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def _with_pre_hook(module, args, out):
 class Arm:
     def __init__(self, kind: str, args, x: torch.Tensor, y: torch.Tensor) -> None:
         torch.manual_seed(0)
-        self.model = Stack(args.layers, args.width)
+        self.model = Stack(args.layers, args.width).to(x.device)
         self.x, self.y, self.steps, self.kept = x, y, args.steps, []
         self.sampler = None
         if kind == "empty forward hook":
@@ -105,6 +108,8 @@ class Arm:
             self.kept.clear()  # (retain_grad's outputs and their .grad, read here by a capture)
         if self.sampler is not None:
             self.sampler.synchronize()
+        if self.x.is_cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - t
 
 
@@ -127,6 +132,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="steps per timed run")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is lent")
     ap.add_argument("--quick", action="store_true", help="4 layers, 4 steps, 2 rounds: a smoke run")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "hook_floor.txt"))
     args = ap.parse_args()
@@ -135,13 +141,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = B.begin_result("the floor of hooks: what a layer's hooks cost before they do anything")
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, args.tokens, args.width, generator=g)
-    y = torch.randint(0, 3, (args.batch_size,), generator=g)
+    x = torch.randn(args.batch_size, args.tokens, args.width, generator=g).to(args.device)
+    y = torch.randint(0, 3, (args.batch_size,), generator=g).to(args.device)
     runs = {kind: Arm(kind, args, x, y) for kind in ARMS}
     hooked = args.layers + 1  # the head too
     out.line(
         f"# {args.layers} Linear layers of width {args.width} and a head; batch {args.batch_size} x "
-        f"{args.tokens} tokens; {args.threads} torch thread(s); watch() rows K = {runs['watch()'].handle.width}, "
+        f"{args.tokens} tokens; {args.device}, {args.threads} torch thread(s); watch() rows K = {runs['watch()'].handle.width}, "
         f"K = {runs['watch(sketch=4)'].handle.width} at sketch=4"
     )
     secs = B.paired_epochs(runs, args.rounds)

@@ -23,4 +23,8 @@ timeout "${TEST_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_wat
 echo "== benchmarks/watch_gpu.py" | tee -a "$OUT/gpu_watch.log"
 TORCHGRAB_MINILM=/tmp/minilm timeout "${BENCH_S:-300}" python3 benchmarks/watch_gpu.py --device cuda \
   --data .dev/data --train-size 4096 --dev-size 872 "$@" 2>&1 | grep -v "it/s\]" | tee "$OUT/watch_gpu.txt"
+
+echo "== benchmarks/hook_floor.py" | tee -a "$OUT/gpu_watch.log"
+timeout "${FLOOR_S:-90}" python3 benchmarks/hook_floor.py --device cuda --rounds 5 --out "$OUT/hook_floor.txt" \
+  2>&1 | grep -v "it/s\]" | tee -a "$OUT/gpu_watch.log"
 date -u | tee -a "$OUT/gpu_watch.log"
