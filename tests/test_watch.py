@@ -263,14 +263,26 @@ class Bag(nn.Module):
         return self.out(torch.tanh(self.emb(ids)).mean(1))
 
 
+def _embedding_path(monkeypatch, path):
+    """An embedding's rows by its dense table of signed one-hot rows (the default at these sizes) or by the
+    scatter-add it takes past ONEHOT_TABLE_MAX: both must be the same projection of the gradient."""
+    from torchgrab.capture import layers
+
+    if path == "scatter":
+        monkeypatch.setattr(layers, "ONEHOT_TABLE_MAX", 0)
+
+
+@pytest.mark.parametrize("path", ["table", "scatter"])
 @pytest.mark.parametrize("sketch", SKETCHES)
-def test_embedding_with_padding_idx(sketch):
+def test_embedding_with_padding_idx(sketch, path, monkeypatch):
+    _embedding_path(monkeypatch, path)
     torch.manual_seed(0)
     model = Bag()
     ids = torch.tensor([[0, 3, 3, 9], [1, 2, 0, 0], [5, 5, 5, 5], [8, 0, 7, 6]])
     y = torch.tensor([0, 1, 2, 1])
     rows, expected, grads, handle = one_step(model, ids, y, ce, sketch)
     assert_rows(rows, expected)
+    assert bool(handle._sketches[model.emb]._onehots) == (path == "table")
     vocab_cols = dict((n, c) for n, _, c in handle.layers)["emb"]
     if sketch is None:
         assert_rows(rows, flat(grads, 4))
@@ -281,9 +293,11 @@ def test_embedding_with_padding_idx(sketch):
         assert vocab_cols == 4 * 4  # count sketch of the vocabulary (10 > 4) x projected features
 
 
-def test_embedding_count_sketch_is_not_the_identity():
+@pytest.mark.parametrize("path", ["table", "scatter"])
+def test_embedding_count_sketch_is_not_the_identity(path, monkeypatch):
     # The count sketch sums buckets with signs: two examples that use different ids can collide, but the
     # rows must still be the same linear map as project(), and not the identity on the first k ids.
+    _embedding_path(monkeypatch, path)
     torch.manual_seed(0)
     model = Bag(vocab=50, dim=3, padding_idx=None)
     ids = torch.randint(0, 50, (6, 5), generator=torch.Generator().manual_seed(3))

@@ -55,6 +55,12 @@ def chunked(items: List[Any], numel: Callable[[Any], int]) -> List[List[Any]]:
     return out
 
 
+# An embedding's count sketch of its vocabulary is applied as a dense [V, k_v] table of signed one-hot rows
+# (a lookup and one batched product per call) up to this many elements (16 MB in float32: a BERT's 30,522
+# words at k_v = 32 take a million) and k_v; beyond either, as a scatter-add of the signed rows.
+ONEHOT_TABLE_MAX = 1 << 22
+ONEHOT_K_MAX = 128
+
 # A third entry of a fitted (k_out, k_in): the output side is count-sketched (LinearSketch.fit).
 COUNT_OUT = "count-out"
 
@@ -546,6 +552,7 @@ class EmbeddingSketch(LayerSketch):
         self.p_out = Factor(d, k_d, seed, name, "dim")
         self.width = self.vocab.k * self.p_out.k * self.train_w
         self._padded: Dict[Any, "tuple[torch.Tensor, torch.Tensor]"] = {}
+        self._onehots: Dict[Any, torch.Tensor] = {}
 
     def _tables(self, module: nn.Module, device: torch.device) -> "tuple[torch.Tensor, torch.Tensor]":
         """The vocabulary's buckets and signs, the padding id's sign zero (it adds nothing): made once,
@@ -566,10 +573,29 @@ class EmbeddingSketch(LayerSketch):
         # whole batch, which is not any one example's gradient.
         return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
 
+    def _signed_onehots(self, module: nn.Module, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """[V, k_v]: each id's row of the count sketch as a dense matrix, sign s(i) in column h(i) (zero for
+        the padding id); None where that table would be large (ONEHOT_TABLE_MAX) or its product wasteful."""
+        key = (device, dtype, module.padding_idx)
+        t = self._onehots.get(key)
+        if t is None:
+            if self.vocab.n * self.vocab.k > ONEHOT_TABLE_MAX or self.vocab.k > ONEHOT_K_MAX:
+                return None
+            buckets, signs = self._tables(module, device)
+            t = torch.zeros(self.vocab.n, self.vocab.k, device=device, dtype=dtype)
+            t[torch.arange(self.vocab.n, device=device), buckets] = signs.to(dtype)
+            self._onehots[key] = t
+        return t
+
     def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
         b = g.shape[0]
         ids = saved.reshape(b, -1)
         gp = self.p_out(_f32(g).reshape(b, ids.shape[1], -1))  # [B, T, k_d]
+        table = self._signed_onehots(module, ids.device, gp.dtype)
+        if table is not None:
+            # Two ops, a lookup and a product, where the scatter below takes five: on a GPU a watched
+            # transformer's step costs the ops it dispatches, and its embeddings were two fifths of them.
+            return [torch.bmm(table[ids].transpose(1, 2), gp).reshape(b, -1)]
         buckets, signs = self._tables(module, ids.device)
         gp = gp * signs[ids].unsqueeze(-1).to(gp.dtype)
         out = torch.zeros(b, self.vocab.k, gp.shape[-1], dtype=gp.dtype, device=gp.device)
