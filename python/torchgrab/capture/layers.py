@@ -56,9 +56,10 @@ def chunked(items: List[Any], numel: Callable[[Any], int]) -> List[List[Any]]:
 
 
 # An embedding's count sketch of its vocabulary is applied as a dense [V, k_v] table of signed one-hot rows
-# (a lookup and one batched product per call) up to this many elements (16 MB in float32: a BERT's 30,522
-# words at k_v = 32 take a million) and k_v; beyond either, as a scatter-add of the signed rows.
-ONEHOT_TABLE_MAX = 1 << 22
+# (a lookup and one batched product per call) up to this many elements and k_v; beyond either, as a
+# scatter-add of the signed rows. 2M elements, 8 MB in float32 on the rows' device: GPT-2's 50,257 words
+# at k_v = 32 take 1.6M; a 128K vocabulary, or a recommender's many large tables, keep the scatter.
+ONEHOT_TABLE_MAX = 1 << 21
 ONEHOT_K_MAX = 128
 
 # A third entry of a fitted (k_out, k_in): the output side is count-sketched (LinearSketch.fit).
