@@ -831,8 +831,7 @@ class WatchHandle:
     ) -> Any:
         """Record one call of a watched layer: its input ``x`` (batch first) and its output ``out``, whose
         gradient reaches the sketch batch first through ``grad_view`` (None: as it is)."""
-        # _records(), inlined: this runs at every call of every watched layer.
-        if not (self._recording and self.model.training and torch.is_grad_enabled()) or _in_transform():
+        if not self._records():
             return None
         if not isinstance(out, torch.Tensor) or not out.requires_grad or module not in self._sketches:
             return None
