@@ -18,7 +18,7 @@ use half::{bf16, f16};
 use ndarray::ArrayView2;
 use numpy::{
     Element, IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
-    PyUntypedArrayMethods,
+    PyReadonlyArrayDyn, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -1073,6 +1073,38 @@ fn outer_rows<'py>(
         .map_err(to_py)
 }
 
+/// Write (or, with `accumulate`, add) `scale` times each example's channel sums of `g` (float32, C-contiguous,
+/// [rows, channels, ...]: a convolution's output gradient) into `out` ([rows, channels], any strides): a
+/// convolution's exact bias rows (`sketch_rows::channel_sums`). Returns whether every value the rows hold
+/// afterwards is finite.
+#[pyfunction]
+#[pyo3(signature = (g, scale, accumulate, out))]
+fn channel_sums<'py>(
+    py: Python<'py>,
+    g: PyReadonlyArrayDyn<'py, f32>,
+    scale: f32,
+    accumulate: bool,
+    out: &Bound<'py, PyArray2<f32>>,
+) -> PyResult<bool> {
+    let shape = g.shape();
+    if shape.len() < 2 {
+        return Err(ShapeError::new_err(format!(
+            "channel sums: g must be [rows, channels, ...], got {} dimension(s)",
+            shape.len()
+        )));
+    }
+    let (rows, c) = (shape[0], shape[1]);
+    let values = g
+        .as_slice()
+        .map_err(|_| UnsupportedInputError::new_err("g must be C-contiguous"))?;
+    let mut rw = out
+        .try_readwrite()
+        .map_err(|e| UnsupportedInputError::new_err(format!("out is not writable: {e}")))?;
+    let ov = rw.as_array_mut();
+    py.detach(|| crate::sketch_rows::channel_sums(values, rows, c, scale, accumulate, ov))
+        .map_err(to_py)
+}
+
 /// The names of the available orderings.
 #[pyfunction]
 fn orderings() -> Vec<&'static str> {
@@ -1109,6 +1141,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sign_scan, m)?)?;
     m.add_function(wrap_pyfunction!(count_sketch, m)?)?;
     m.add_function(wrap_pyfunction!(outer_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(channel_sums, m)?)?;
     m.add("GraBError", py.get_type::<GraBError>())?;
     m.add("ShapeError", py.get_type::<ShapeError>())?;
     m.add(

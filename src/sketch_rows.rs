@@ -218,6 +218,47 @@ pub fn outer_rows(
     Ok(if accumulate { finite } else { fresh_finite })
 }
 
+/// Row r of `out` (rows x c) gets `scale` times the sum of the values of channel j of example r in `g`
+/// (rows x c x positions, C-contiguous, as `g.len()` says): a convolution's exact bias rows, its output
+/// gradient summed over positions. With `accumulate` these are added to what `out` holds (a layer called
+/// twice in one step). Returns whether every value the rows hold afterwards is finite.
+pub fn channel_sums(
+    g: &[f32],
+    rows: usize,
+    c: usize,
+    scale: f32,
+    accumulate: bool,
+    mut out: ArrayViewMut2<'_, f32>,
+) -> Result<bool> {
+    if out.nrows() != rows
+        || out.ncols() != c
+        || (rows * c > 0 && !g.len().is_multiple_of(rows * c))
+    {
+        return Err(GrabError::shape(format!(
+            "channel sums: g has {} values for {rows} x {c} channels, out is {} x {} (expected {rows} x {c})",
+            g.len(),
+            out.nrows(),
+            out.ncols()
+        )));
+    }
+    if rows * c == 0 {
+        return Ok(true);
+    }
+    let positions = g.len() / (rows * c);
+    let isa = crate::kernels::isa();
+    let mut finite = true;
+    for (r, mut or) in out.outer_iter_mut().enumerate() {
+        for (j, o) in or.iter_mut().enumerate() {
+            let start = (r * c + j) * positions;
+            // (no positions at all, an empty output: each sum is 0)
+            let v = scale * wide_sum(isa, &g[start..start + positions]);
+            *o = if accumulate { *o + v } else { v };
+            finite &= o.is_finite();
+        }
+    }
+    Ok(finite)
+}
+
 /// The sum of absolute values of every element (in eight lanes where the view is contiguous).
 fn abs_sum(v: ArrayView2<'_, f32>) -> f32 {
     match v.as_slice() {
@@ -255,6 +296,33 @@ fn write_row(
 mod simd {
     use super::{gather8, transpose8_scalar, Buckets};
     use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn wide_sum_avx2(v: &[f32]) -> f32 {
+        let whole = v.len() / 32 * 32;
+        let p = v.as_ptr();
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let mut i = 0;
+        while i < whole {
+            // SAFETY: i + 32 <= whole <= v.len().
+            a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p.add(i)));
+            a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p.add(i + 8)));
+            a2 = _mm256_add_ps(a2, _mm256_loadu_ps(p.add(i + 16)));
+            a3 = _mm256_add_ps(a3, _mm256_loadu_ps(p.add(i + 24)));
+            i += 32;
+        }
+        let h = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), a2), a3);
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), h);
+        super::lanes_and_rest(lanes, &v[whole..])
+    }
 
     /// # Safety
     /// The CPU must support AVX2 (checked by `has_avx2()`).
@@ -371,6 +439,49 @@ fn write_row_body(o: &mut [f32], gs: &[f32], a: &[f32], bias: bool, accumulate: 
     } else {
         0.0
     }
+}
+
+/// A sum in 32 lanes (four vectors of eight), added up in a fixed order: a convolution's output gradient
+/// is read once per step, and a single vector of lanes is one chain of dependent adds, a quarter of
+/// what a core can issue. The AVX2 form makes the same additions in the same order: the same bits.
+fn wide_sum(isa: crate::kernels::Isa, v: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::Isa;
+        if matches!(isa, Isa::Avx512 | Isa::Avx2) {
+            // SAFETY: isa() reported AVX2 (AVX-512 machines have it too).
+            return unsafe { simd::wide_sum_avx2(v) };
+        }
+    }
+    let _ = isa;
+    let mut acc = [[0f32; 8]; 4];
+    let chunks = v.chunks_exact(32);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (k, vector) in acc.iter_mut().enumerate() {
+            for (a, &x) in vector.iter_mut().zip(&c[8 * k..8 * k + 8]) {
+                *a += x;
+            }
+        }
+    }
+    let mut lanes = [0f32; 8];
+    for (j, l) in lanes.iter_mut().enumerate() {
+        *l = ((acc[0][j] + acc[1][j]) + acc[2][j]) + acc[3][j];
+    }
+    lanes_and_rest(lanes, rest)
+}
+
+/// The last step of `wide_sum`, shared by its forms: the eight lanes, then the values past the last
+/// whole 32, in order.
+fn lanes_and_rest(lanes: [f32; 8], rest: &[f32]) -> f32 {
+    let mut sum = 0f32;
+    for &l in &lanes {
+        sum += l;
+    }
+    for &x in rest {
+        sum += x;
+    }
+    sum
 }
 
 /// A sum of f(x) in eight independent lanes (vectorized; a plain fold is one long chain of dependent
@@ -617,5 +728,67 @@ mod tests {
         out.fill(0.0);
         out[[1, 3]] = f32::INFINITY;
         assert!(!outer_rows(g.view(), a.view(), 1.0, true, true, out.view_mut()).unwrap());
+    }
+
+    #[test]
+    fn wide_sum_is_the_same_bits_with_every_instruction_set() {
+        // Values of mixed signs and scales, so that the order of the additions shows in the bits.
+        let v: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919 % 1013) as f32 - 500.0) * 1.37f32.powi(i % 23))
+            .collect();
+        for n in [0, 1, 7, 31, 32, 33, 64, 95, 1000] {
+            let scalar = wide_sum(crate::kernels::Isa::Scalar, &v[..n]);
+            assert_eq!(
+                scalar.to_bits(),
+                wide_sum(crate::kernels::isa(), &v[..n]).to_bits(),
+                "n = {n}"
+            );
+            let exact: f64 = v[..n].iter().map(|&x| x as f64).sum();
+            assert!(
+                (scalar as f64 - exact).abs()
+                    <= 1e-5 * v[..n].iter().map(|&x| x.abs() as f64).sum::<f64>()
+            );
+        }
+    }
+
+    #[test]
+    fn channel_sums_by_hand_into_a_strided_slot() {
+        // 2 examples, 2 channels, 3 positions: row r, column j = scale * sum of g[r, j, :].
+        let g = [
+            1.0f32, 2.0, 3.0, -1.0, 0.5, 0.5, 10.0, 0.0, 0.0, 4.0, 4.0, -4.0,
+        ];
+        let mut buf = Array2::<f32>::from_elem((2, 5), 7.0);
+        assert!(channel_sums(&g, 2, 2, 2.0, false, buf.slice_mut(s![.., 1..3])).unwrap());
+        assert_eq!(
+            buf,
+            array![[7.0, 12.0, 0.0, 7.0, 7.0], [7.0, 20.0, 8.0, 7.0, 7.0]]
+        );
+        assert!(channel_sums(&g, 2, 2, 1.0, true, buf.slice_mut(s![.., 1..3])).unwrap());
+        assert_eq!(
+            buf,
+            array![[7.0, 18.0, 0.0, 7.0, 7.0], [7.0, 30.0, 12.0, 7.0, 7.0]]
+        );
+    }
+
+    #[test]
+    fn channel_sums_say_whether_they_are_finite_and_check_shapes() {
+        let mut g = vec![1.0f32; 2 * 3 * 17]; // 17 positions: eight lanes and a remainder
+        let mut out = Array2::<f32>::zeros((2, 3));
+        assert!(channel_sums(&g, 2, 3, 0.5, false, out.view_mut()).unwrap());
+        assert!(out.iter().all(|&v| v == 8.5));
+        g[40] = f32::NAN;
+        assert!(!channel_sums(&g, 2, 3, 0.5, false, out.view_mut()).unwrap());
+        g[40] = 3e38;
+        g[41] = 3e38; // finite values whose sum overflows
+        assert!(!channel_sums(&g, 2, 3, 1.0, false, out.view_mut()).unwrap());
+        // accumulate: the sum held afterwards decides
+        out.fill(f32::INFINITY);
+        assert!(!channel_sums(&g[..6], 2, 3, 1.0, true, out.view_mut()).unwrap());
+        assert!(channel_sums(&[], 2, 3, 1.0, false, out.view_mut()).unwrap()); // no positions: zeros
+        assert!(out.iter().all(|&v| v == 0.0));
+        assert!(channel_sums(&g[..7], 2, 3, 1.0, false, out.view_mut()).is_err()); // 7 % 6 != 0
+        assert!(channel_sums(&g, 2, 2, 1.0, false, out.view_mut()).is_err()); // out has 3 channels
+        let mut empty = Array2::<f32>::zeros((0, 3));
+        assert!(channel_sums(&[], 0, 3, 1.0, false, empty.view_mut()).unwrap());
     }
 }

@@ -3312,6 +3312,31 @@ def test_conv_bias_direct_rows_say_whether_they_are_finite():
     assert sk.rows_into(model.c1, None, g, out, 2.0, False) is False
     assert sk.rows_into(model.c1, None, g.double(), out, 2.0, False) is None  # not a kernel input: torch path
     assert sk.rows_into(model.c1, None, g[0], out, 2.0, False) is None  # an unbatched call: torch path
+    channels_last = torch.ones(2, 4, 5, 5).to(memory_format=torch.channels_last)
+    assert sk.rows_into(model.c1, None, channels_last, out, 2.0, False) is None  # the torch path sums it
+
+
+def test_channel_sums_kernel_refuses_bad_input_and_writes_nothing():
+    # The Rust kernel behind a convolution's direct bias rows: each example's channel sums, scaled. What it
+    # refuses it refuses before writing, with the library's errors (no panic reaches Python).
+    from torchgrab import _native
+    from torchgrab.errors import ShapeError, UnsupportedInputError
+
+    g = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 2, 2)
+    out = np.full((2, 5), 7.0, np.float32)
+    assert _native.channel_sums(g, 0.5, False, out[:, 1:4]) is True  # a strided slot of the row buffer
+    np.testing.assert_array_equal(out[:, 1:4], 0.5 * g.reshape(2, 3, 4).sum(2))
+    assert np.all(out[:, [0, 4]] == 7.0)
+    before = out.copy()
+    with pytest.raises(ShapeError):
+        _native.channel_sums(g[0, 0, 0], 1.0, False, out[:, 1:4])  # one dimension: no channels
+    with pytest.raises(ShapeError):
+        _native.channel_sums(g, 1.0, False, out[:, 1:3])  # 3 channels into 2 columns
+    with pytest.raises(UnsupportedInputError):
+        _native.channel_sums(g[..., ::-1], 1.0, False, out[:, 1:4])  # not C-contiguous
+    with pytest.raises(TypeError):
+        _native.channel_sums(g.astype(np.float64), 1.0, False, out[:, 1:4])
+    np.testing.assert_array_equal(out, before)
 
 
 def test_on_output_grad_calls_the_hook_with_its_arguments_and_the_gradient():

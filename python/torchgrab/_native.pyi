@@ -113,3 +113,19 @@ class NativeCoordinated:
     def dim(self) -> Optional[int]: ...
     @property
     def epochs_begun(self) -> int: ...
+
+def count_sketch(
+    x: npt.NDArray[np.float32],
+    order: npt.NDArray[np.uint32],
+    starts: npt.NDArray[np.uint32],
+    signs: npt.NDArray[np.float32],
+) -> npt.NDArray[np.float32]: ...
+def outer_rows(
+    g: npt.NDArray[np.float32],
+    a: npt.NDArray[np.float32],
+    scale: float,
+    bias: bool,
+    accumulate: bool,
+    out: npt.NDArray[np.float32],
+) -> bool: ...
+def channel_sums(g: npt.NDArray[np.float32], scale: float, accumulate: bool, out: npt.NDArray[np.float32]) -> bool: ...

@@ -511,17 +511,16 @@ class ConvSketch(LayerSketch):
     ) -> Optional[bool]:
         # The bias alone, exact (a net's first convolutions, their weights left out under the budget: LeNet's
         # two): each example's channel sums, written into the step's rows scaled. With every block of a step
-        # written so, the step needs neither the copy of its pieces nor a scan for non-finite values.
+        # written so, the step needs neither the copy of its pieces nor a scan for non-finite values. One
+        # Rust call (src/sketch_rows.rs): in a training step each torch or NumPy call here starts with cold
+        # caches (the layer's backward ran just before) and cost 15-35 microseconds, several times its cost
+        # in a loop of its own, so the four calls of torch's form cost more than the sum.
         g = g.detach()
         if self.train_w or not self.p_out.identity or g.dim() != len(self.kernel) + 2 or not cpu_kernel_input(g):
             return None  # (an unbatched call takes the torch path: its rows are not [B, C] of this slot)
-        sums = g.reshape(g.shape[0], self.width, -1).sum(2)  # [B, C]: channel c of group c // (C / G)
-        dst = torch.from_numpy(out)
-        if accumulate:
-            dst.add_(sums, alpha=scale)
-        else:
-            torch.mul(sums, scale, out=dst)
-        return bool(np.isfinite(out).all())
+        if not g.is_contiguous():
+            return None  # (channels last: the torch path sums it as it is)
+        return _native.channel_sums(g.numpy(), float(scale), accumulate, out)
 
     def project(self, module: nn.Module, grads: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         out = []
