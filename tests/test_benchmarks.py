@@ -331,6 +331,16 @@ def test_watch_dispatch_runs(tmp_path):
     assert (tmp_path / "o.txt").read_text().count("\n") > 20
 
 
+def test_watch_breakdown_runs():
+    """benchmarks/watch_breakdown.py --quick: watch()'s hooks and kernels timed inside a LeNet loop."""
+    stdout = run(["benchmarks/watch_breakdown.py", "--quick"])
+    assert re.search(r"x RR \d+\.\d+\): watch\(\) adds -?\d+ us a step", stdout)
+    # every layer's call recorded and its rows written by a kernel: 5 layers, 2 convolutions, 3 Linear
+    assert re.search(r"^handle: a layer's call recorded \(forward\) +\d+\.\d+ +5\.00$", stdout, re.M)
+    assert re.search(r"^  Rust channel_sums +\d+\.\d+ +2\.00$", stdout, re.M)
+    assert re.search(r"^  Rust outer_rows +\d+\.\d+ +3\.00$", stdout, re.M)
+
+
 def test_hook_floor_runs(tmp_path):
     """benchmarks/hook_floor.py --quick: every arm timed against the plain step, watch()'s rows formed."""
     stdout = run(["benchmarks/hook_floor.py", "--quick", "--out", str(tmp_path / "o.txt")])
