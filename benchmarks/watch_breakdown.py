@@ -1,7 +1,8 @@
 """Where a watched step's time goes: each of `watch()`'s hooks, kernels and feeding steps timed inside a real
 training loop, per step.
 
-    .venv/bin/python benchmarks/watch_breakdown.py [--task lenet|mnist] [--threads 1] [--epochs 2] [--quick]
+    .venv/bin/python benchmarks/watch_breakdown.py [--task lenet|mnist] [--threads 1] [--epochs 2]
+        [--feed-every 8] [--quick]
 
 The loop of `benchmarks/watch_speed.py` (LeNet-5 on 10,000 CIFAR-10 images or logistic regression on all
 60,000 MNIST images, batch 64, SGD, data in memory): one `watch()` arm and one RR arm, a warm-up epoch each,
@@ -88,11 +89,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--cifar-n", type=int, default=10000)
+    ap.add_argument(
+        "--feed-every", type=int, default=feed.FEED_EVERY, help="steps whose rows the sampler gets together"
+    )
     ap.add_argument("--quick", action="store_true", help="256 images, 1 epoch: a smoke run")
     args = ap.parse_args()
     if args.quick:
         args.epochs, args.cifar_n = 1, 256
     torch.set_num_threads(args.threads)
+    feed.FEED_EVERY = args.feed_every
     _common.header(f"watch(): where a step's time goes, {args.task}, batch {ws.BATCH}")
     if args.task == "lenet":
         x, y = load_cifar10(args.data, args.cifar_n)
@@ -113,7 +118,8 @@ def main() -> None:
     per = steps / args.epochs
     extra = (np.median(secs["watch"]) - np.median(secs["rr"])) / per * 1e6
     print(
-        f"\n{len(x)} examples, {args.threads} torch thread(s), K = {runs['watch'].handle.width}, load "
+        f"\n{len(x)} examples, {args.threads} torch thread(s), K = {runs['watch'].handle.width}, rows fed every "
+        f"{feed.FEED_EVERY} steps, load "
         f"{_common.load_average()}: epoch watch() {np.median(secs['watch']):.3f} s, RR {np.median(secs['rr']):.3f} s "
         f"(x RR {np.median(secs['watch']) / np.median(secs['rr']):.3f}): watch() adds {extra:.0f} us a step"
     )
