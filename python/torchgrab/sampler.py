@@ -19,7 +19,7 @@ from torchgrab._background import StepLock
 from torchgrab._cursor import Yielded
 from torchgrab._segments import as_segments, gradient_items
 from torchgrab._units import UnitMap
-from torchgrab.capture.watch import DEFAULT_BUDGET, DEFAULT_SKETCH
+from torchgrab.capture.defaults import DEFAULT_BUDGET, DEFAULT_SKETCH
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
 from torchgrab.gradients import batch_size, call_model, capture
 from torchgrab.ondevice import Factored, OnDeviceBalancer

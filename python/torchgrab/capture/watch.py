@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 from torchgrab.capture import attention as attn
 from torchgrab.capture import layers
 from torchgrab.capture.audit import OutsideUses
+from torchgrab.capture.defaults import DEFAULT_BUDGET, DEFAULT_SKETCH
 from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example, pulled_back
 from torchgrab.capture.eager import eager
 from torchgrab.capture.feed import RowFeeder
@@ -45,8 +46,6 @@ from torchgrab.capture.projection import stacked_t
 from torchgrab.errors import NonFiniteGradientError, ShapeError, UnsupportedInputError, UnsupportedModelError
 from torchgrab.ondevice import Factored
 
-DEFAULT_SKETCH = 32  # per-factor sketch size k; see docs (Capturing gradients) for how it was chosen
-DEFAULT_BUDGET = 0.25  # a layer's sketch may cost this fraction of its forward; see docs for why
 # Whether the sublayers of a module holding parameters of no layer run without its TorchFunctionMode (see
 # WatchHandle.__init__). False only to measure what that saves (benchmarks/watch_vit.py).
 _SUBLAYERS_WITHOUT_MODE = True
