@@ -42,12 +42,41 @@ def load_average() -> str:
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its L2 and L3 sizes (Linux; empty where unknown). The development machine
+    has been more than one host type over time, and a small model's step ratios moved with it (docs:
+    Performance), so every header names the host it ran on."""
+    parts = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+        if model:
+            parts.append(model)
+    except OSError:
+        pass
+    caches = {}
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in sorted(os.listdir(base)):
+            with open(os.path.join(base, index, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(base, index, "size")) as f:
+                caches.setdefault(f"L{level}", f.read().strip())
+    except OSError:
+        pass
+    parts += [f"{name} {caches[name]}" for name in ("L2", "L3") if name in caches]
+    return ", ".join(parts)
+
+
 def header(title: str) -> None:
     print(f"# {title}")
     print(
         f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}"
     )
+    cpu = cpu_description()
+    if cpu:
+        print(f"# cpu: {cpu}")
     print(f"# load average at start (1/5/15 min): {load_average()}  (2-core machine shared with other jobs)")
 
 

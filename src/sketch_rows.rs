@@ -245,13 +245,13 @@ pub fn channel_sums(
         return Ok(true);
     }
     let positions = g.len() / (rows * c);
-    let isa = crate::kernels::isa();
+    let avx2 = has_avx2();
     let mut finite = true;
     for (r, mut or) in out.outer_iter_mut().enumerate() {
         for (j, o) in or.iter_mut().enumerate() {
             let start = (r * c + j) * positions;
             // (no positions at all, an empty output: each sum is 0)
-            let v = scale * wide_sum(isa, &g[start..start + positions]);
+            let v = scale * wide_sum(avx2, &g[start..start + positions]);
             *o = if accumulate { *o + v } else { v };
             finite &= o.is_finite();
         }
@@ -298,7 +298,7 @@ mod simd {
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// The CPU must support AVX2.
+    /// The CPU must support AVX2 (checked by `has_avx2()`).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn wide_sum_avx2(v: &[f32]) -> f32 {
         let whole = v.len() / 32 * 32;
@@ -444,16 +444,13 @@ fn write_row_body(o: &mut [f32], gs: &[f32], a: &[f32], bias: bool, accumulate: 
 /// A sum in 32 lanes (four vectors of eight), added up in a fixed order: a convolution's output gradient
 /// is read once per step, and a single vector of lanes is one chain of dependent adds, a quarter of
 /// what a core can issue. The AVX2 form makes the same additions in the same order: the same bits.
-fn wide_sum(isa: crate::kernels::Isa, v: &[f32]) -> f32 {
+fn wide_sum(avx2: bool, v: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    {
-        use crate::kernels::Isa;
-        if matches!(isa, Isa::Avx512 | Isa::Avx2) {
-            // SAFETY: isa() reported AVX2 (AVX-512 machines have it too).
-            return unsafe { simd::wide_sum_avx2(v) };
-        }
+    if avx2 {
+        // SAFETY: the caller passes has_avx2().
+        return unsafe { simd::wide_sum_avx2(v) };
     }
-    let _ = isa;
+    let _ = avx2;
     let mut acc = [[0f32; 8]; 4];
     let chunks = v.chunks_exact(32);
     let rest = chunks.remainder();
@@ -737,10 +734,10 @@ mod tests {
             .map(|i| ((i * 7919 % 1013) as f32 - 500.0) * 1.37f32.powi(i % 23))
             .collect();
         for n in [0, 1, 7, 31, 32, 33, 64, 95, 1000] {
-            let scalar = wide_sum(crate::kernels::Isa::Scalar, &v[..n]);
+            let scalar = wide_sum(false, &v[..n]);
             assert_eq!(
                 scalar.to_bits(),
-                wide_sum(crate::kernels::isa(), &v[..n]).to_bits(),
+                wide_sum(has_avx2(), &v[..n]).to_bits(),
                 "n = {n}"
             );
             let exact: f64 = v[..n].iter().map(|&x| x as f64).sum();
