@@ -513,8 +513,9 @@ class ConvSketch(LayerSketch):
         # two): each example's channel sums, written into the step's rows scaled. With every block of a step
         # written so, the step needs neither the copy of its pieces nor a scan for non-finite values. One
         # Rust call (src/sketch_rows.rs): in a training step each torch or NumPy call here starts with cold
-        # caches (the layer's backward ran just before) and cost 15-35 microseconds, several times its cost
-        # in a loop of its own, so the four calls of torch's form cost more than the sum.
+        # caches (the layer's backward ran just before) and costs several times what it costs in a loop of
+        # its own, so the four calls of torch's form cost more than the sum (benchmarks/watch_breakdown.py
+        # times them in the loop).
         g = g.detach()
         if self.train_w or not self.p_out.identity or g.dim() != len(self.kernel) + 2 or not cpu_kernel_input(g):
             return None  # (an unbatched call takes the torch path: its rows are not [B, C] of this slot)
