@@ -39,3 +39,20 @@ def test_watch_loads_the_capture_code_when_called():
         "print(type(handle) is WatchHandle, DEFAULT_SKETCH, 'torch._dynamo' in sys.modules)\n"
     )
     assert out.split() == ["True", "32", "True"]
+
+
+def test_the_stub_file_names_every_name_of_the_extension():
+    # python/torchgrab/_native.pyi is what type checkers and editors see of the Rust module; two kernels
+    # were missing from it until a test compared the two (__version__ is set by the module, not stubbed).
+    import ast
+    import os
+
+    from torchgrab import _native
+
+    stub = os.path.join(os.path.dirname(_native.__file__), "_native.pyi")
+    with open(stub) as f:
+        tree = ast.parse(f.read())
+    stubbed = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    public = {name for name in dir(_native) if not name.startswith("_")}
+    assert public - stubbed == set(), "names of _native without a stub"
+    assert stubbed - public == set(), "stubs of names _native does not have"
