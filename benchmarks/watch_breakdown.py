@@ -114,9 +114,9 @@ def main() -> None:
             timers.on = name == "watch"
             secs[name].append(runs[name].epoch())
             timers.on = False
-    steps = args.epochs * -(-len(x) // ws.BATCH)
-    per = steps / args.epochs
-    extra = (np.median(secs["watch"]) - np.median(secs["rr"])) / per * 1e6
+    per_epoch = -(-len(x) // ws.BATCH)
+    steps = args.epochs * per_epoch  # the timed watch() steps, over which the table's totals are spread
+    extra = (np.median(secs["watch"]) - np.median(secs["rr"])) / per_epoch * 1e6
     print(
         f"\n{len(x)} examples, {args.threads} torch thread(s), K = {runs['watch'].handle.width}, rows fed every "
         f"{feed.FEED_EVERY} steps, load "
