@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -94,6 +95,9 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="256 images, 1 epoch: a smoke run")
     args = ap.parse_args()
+    for name in ("threads", "epochs", "cifar_n", "feed_every"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.quick:
         args.epochs, args.cifar_n = 1, 256
     torch.set_num_threads(args.threads)
@@ -109,7 +113,7 @@ def main() -> None:
     for run in runs.values():
         run.epoch()  # warm-up (allocator, projections, first-epoch checks)
     secs: Dict[str, list] = {"watch": [], "rr": []}
-    for e in range(args.epochs):
+    for e in tqdm(range(args.epochs), desc=f"{args.task}, watch() and RR epochs", leave=False, file=sys.stderr):
         for name in ("watch", "rr") if e % 2 == 0 else ("rr", "watch"):
             timers.on = name == "watch"
             secs[name].append(runs[name].epoch())

@@ -341,6 +341,20 @@ def test_watch_breakdown_runs():
     assert re.search(r"^  Rust outer_rows +\d+\.\d+ +3\.00$", stdout, re.M)
 
 
+@pytest.mark.parametrize("flag", ["--feed-every", "--epochs", "--threads", "--cifar-n"])
+def test_watch_breakdown_refuses_a_count_below_one(flag):
+    """A count below 1 is refused by name, before any data is read."""
+    out = subprocess.run(
+        [sys.executable, "benchmarks/watch_breakdown.py", flag, "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert f"{flag} must be at least 1, got 0" in out.stderr
+
+
 def test_hook_floor_runs(tmp_path):
     """benchmarks/hook_floor.py --quick: every arm timed against the plain step, watch()'s rows formed."""
     stdout = run(["benchmarks/hook_floor.py", "--quick", "--out", str(tmp_path / "o.txt")])
