@@ -1073,6 +1073,39 @@ fn outer_rows<'py>(
         .map_err(to_py)
 }
 
+/// `outer_rows` with `a` the count sketch of `x` (float32, rows x n) by the bucket-grouped tables of
+/// `count_sketch`, in one call (`sketch_rows::count_outer_rows`): a lone Linear layer's wide input,
+/// sketched in its backward. Returns whether every value written is finite.
+#[pyfunction]
+#[pyo3(signature = (g, x, order, starts, signs, scale, bias, accumulate, out))]
+#[allow(clippy::too_many_arguments)]
+fn count_outer_rows<'py>(
+    py: Python<'py>,
+    g: PyReadonlyArray2<'py, f32>,
+    x: PyReadonlyArray2<'py, f32>,
+    order: PyReadonlyArray1<'py, u32>,
+    starts: PyReadonlyArray1<'py, u32>,
+    signs: PyReadonlyArray1<'py, f32>,
+    scale: f32,
+    bias: bool,
+    accumulate: bool,
+    out: &Bound<'py, PyArray2<f32>>,
+) -> PyResult<bool> {
+    let contiguous =
+        |what: &str| UnsupportedInputError::new_err(format!("{what} must be contiguous"));
+    let tables = crate::sketch_rows::Buckets {
+        order: order.as_slice().map_err(|_| contiguous("order"))?,
+        starts: starts.as_slice().map_err(|_| contiguous("starts"))?,
+        signs: signs.as_slice().map_err(|_| contiguous("signs"))?,
+    };
+    let mut rw = out
+        .try_readwrite()
+        .map_err(|e| UnsupportedInputError::new_err(format!("out is not writable: {e}")))?;
+    let (gv, xv, ov) = (g.as_array(), x.as_array(), rw.as_array_mut());
+    py.detach(|| crate::sketch_rows::count_outer_rows(gv, xv, &tables, scale, bias, accumulate, ov))
+        .map_err(to_py)
+}
+
 /// Write (or, with `accumulate`, add) `scale` times each example's channel sums of `g` (float32, C-contiguous,
 /// [rows, channels, ...]: a convolution's output gradient) into `out` ([rows, channels], any strides): a
 /// convolution's exact bias rows (`sketch_rows::channel_sums`). Returns whether every value the rows hold
@@ -1140,6 +1173,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(herding_discrepancy, m)?)?;
     m.add_function(wrap_pyfunction!(sign_scan, m)?)?;
     m.add_function(wrap_pyfunction!(count_sketch, m)?)?;
+    m.add_function(wrap_pyfunction!(count_outer_rows, m)?)?;
     m.add_function(wrap_pyfunction!(outer_rows, m)?)?;
     m.add_function(wrap_pyfunction!(channel_sums, m)?)?;
     m.add("GraBError", py.get_type::<GraBError>())?;

@@ -218,6 +218,31 @@ pub fn outer_rows(
     Ok(if accumulate { finite } else { fresh_finite })
 }
 
+/// [`outer_rows`] with `a` the [`count_sketch`] of `x` (rows x n), in one call: a lone Linear layer's
+/// wide input is sketched in its backward, where its rows are written, instead of in its forward, which
+/// spares a step one call from Python and the sketch's array. The same bits as the two calls. Refuses
+/// `x` with another number of rows than `g` before anything is written.
+#[allow(clippy::too_many_arguments)]
+pub fn count_outer_rows(
+    g: ArrayView2<'_, f32>,
+    x: ArrayView2<'_, f32>,
+    tables: &Buckets<'_>,
+    scale: f32,
+    bias: bool,
+    accumulate: bool,
+    out: ArrayViewMut2<'_, f32>,
+) -> Result<bool> {
+    if x.nrows() != g.nrows() {
+        return Err(GrabError::shape(format!(
+            "count outer rows: g has {} rows, x has {}",
+            g.nrows(),
+            x.nrows()
+        )));
+    }
+    let a = count_sketch(x, tables)?;
+    outer_rows(g, a.view(), scale, bias, accumulate, out)
+}
+
 /// Row r of `out` (rows x c) gets `scale` times the sum of the values of channel j of example r in `g`
 /// (rows x c x positions, C-contiguous, as `g.len()` says): a convolution's exact bias rows, its output
 /// gradient summed over positions. With `accumulate` these are added to what `out` holds (a layer called
@@ -657,6 +682,112 @@ mod tests {
         assert_eq!(buf[[1, 8]], -3.0);
         assert_eq!(buf[[0, 0]], 7.0);
         assert_eq!(buf[[1, 9]], 7.0);
+    }
+
+    #[test]
+    fn count_outer_rows_equals_the_two_calls_bit_for_bit() {
+        let (rows, n, k, p) = (11, 37, 5, 3); // 11 rows: a tile of eight and three more
+        let x = Array2::from_shape_fn((rows, n), |(r, c)| {
+            ((r * 31 + c * 7) % 13) as f32 * 0.37 - 2.1
+        });
+        let g = Array2::from_shape_fn((rows, p), |(r, j)| ((r + 3 * j) % 5) as f32 * 0.9 - 1.3);
+        let h: Vec<u32> = (0..n as u32).map(|c| (c * 3 + 1) % k as u32).collect();
+        let sg: Vec<f32> = (0..n)
+            .map(|c| if c % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let (order, starts, signs) = grouped(&h, &sg, k);
+        let tables = Buckets {
+            order: &order,
+            starts: &starts,
+            signs: &signs,
+        };
+        for (bias, accumulate) in [(true, false), (false, false), (true, true)] {
+            let start = Array2::from_shape_fn((rows, p * k + p + 2), |(r, c)| (r + c) as f32 * 0.5);
+            let width = p * k + if bias { p } else { 0 };
+            let mut want = start.clone();
+            let a = count_sketch(x.view(), &tables).unwrap();
+            let want_finite = outer_rows(
+                g.view(),
+                a.view(),
+                -1.5,
+                bias,
+                accumulate,
+                want.slice_mut(s![.., 1..1 + width]),
+            )
+            .unwrap();
+            let mut got = start.clone();
+            let finite = count_outer_rows(
+                g.view(),
+                x.view(),
+                &tables,
+                -1.5,
+                bias,
+                accumulate,
+                got.slice_mut(s![.., 1..1 + width]),
+            )
+            .unwrap();
+            assert_eq!(got, want);
+            assert_eq!(finite, want_finite);
+        }
+    }
+
+    #[test]
+    fn count_outer_rows_refuses_bad_input_and_writes_nothing() {
+        let x = array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]];
+        let g = array![[1.0f32], [2.0]];
+        let (order, starts, signs) = grouped(&[0, 1, 0], &[1.0, -1.0, 1.0], 2);
+        let tables = Buckets {
+            order: &order,
+            starts: &starts,
+            signs: &signs,
+        };
+        let mut out = Array2::<f32>::from_elem((2, 3), 9.0);
+        // x with other rows than g; a column beyond x; out of the wrong width
+        let short = array![[1.0f32, 2.0, 3.0]];
+        assert!(count_outer_rows(
+            g.view(),
+            short.view(),
+            &tables,
+            1.0,
+            true,
+            false,
+            out.view_mut()
+        )
+        .is_err());
+        let narrow = array![[1.0f32, 2.0], [3.0, 4.0]];
+        assert!(count_outer_rows(
+            g.view(),
+            narrow.view(),
+            &tables,
+            1.0,
+            true,
+            false,
+            out.view_mut()
+        )
+        .is_err());
+        assert!(count_outer_rows(
+            g.view(),
+            x.view(),
+            &tables,
+            1.0,
+            false,
+            false,
+            out.view_mut()
+        )
+        .is_err());
+        assert_eq!(out, Array2::<f32>::from_elem((2, 3), 9.0));
+        // and by hand: a = [1 + 3, -2] = [4, -2] and [4 + 6, -5] = [10, -5]
+        count_outer_rows(
+            g.view(),
+            x.view(),
+            &tables,
+            1.0,
+            true,
+            false,
+            out.view_mut(),
+        )
+        .unwrap();
+        assert_eq!(out, array![[4.0f32, -2.0, 1.0], [20.0, -10.0, 2.0]]);
     }
 
     #[test]

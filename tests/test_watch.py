@@ -3482,3 +3482,123 @@ def test_bert_masked_lm_head_tied_to_the_word_embeddings(sketch):
     assert kinds["m.cls.predictions.decoder"].startswith("Linear (weight tied to 'm.bert.embeddings.word_embeddings'")
     assert_rows(rows, expected)
     handle.remove()
+
+
+class _WideHead(nn.Module):
+    """A wide Linear whose input is count-sketched, held to the backward (layers.HeldInput), then a Linear
+    head; ``write`` writes the wide layer's input in place after its forward; ``ckpt`` runs the wide
+    layer under non-reentrant checkpointing (autograd keeps no input: it is projected at the call)."""
+
+    def __init__(self, write=False, ckpt=False):
+        super().__init__()
+        self.wide = nn.Linear(400, 5)
+        self.head = nn.Linear(5, 3)
+        self.write, self.ckpt = write, ckpt
+
+    def forward(self, x):
+        x = x * 1.0
+        h = checkpoint(self.wide, x, use_reentrant=False) if self.ckpt else self.wide(x)
+        if self.write:
+            x.mul_(2.0)  # autograd refuses this backward too: the wide weight's gradient needs x as it was
+        return self.head(torch.tanh(h))
+
+
+def _count_outer_calls(monkeypatch):
+    from torchgrab import _native
+
+    calls = []
+    kernel = _native.count_outer_rows
+
+    def counted(*args):
+        calls.append(args[1].shape)
+        return kernel(*args)
+
+    monkeypatch.setattr(_native, "count_outer_rows", counted)
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_held_wide_input_gives_the_rows_of_its_projection_at_the_call_bit_for_bit(monkeypatch, reduction):
+    # A lone Linear layer's count-sketched input is kept to the backward, where one Rust call sketches
+    # it and writes the rows (_native.count_outer_rows). The rows are the very bits of the projection at
+    # the layer's call followed by the rows kernel, and the projected exact per-example gradients.
+    x, y = _data((400,), "class", b=6, seed=3)
+    calls = _count_outer_calls(monkeypatch)
+    got = {}
+    for held in (True, False):
+        torch.manual_seed(0)
+        model = _WideHead()
+        sampler, handle, spy = watched(model, sketch=4, per_layer={"wide": (5, 64)}, loss_reduction=reduction)
+        assert handle._held_inputs == {handle._sketches[model.wide]}
+        if not held:
+            handle._held_inputs = set()
+        for k in range(2):  # the second step writes into the block after the first
+            ce(model(x[3 * k : 3 * k + 3]), y[3 * k : 3 * k + 3], reduction=reduction).backward()
+        handle.flush()
+        got[held] = spy.steps([3, 3])
+        assert_rows(got[held][1], exact_rows(handle, model, ce, x[3:], y[3:])[0])
+        assert len(calls) == 2, calls  # two steps held, and none more without holding
+    for a, b in zip(got[True], got[False]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_held_input_written_in_place_is_refused_at_the_backward_and_the_step_dropped():
+    torch.manual_seed(0)
+    model = _WideHead(write=True)
+    x, y = _data((400,), "class", b=4, seed=2)
+    sampler, handle, spy = watched(model, sketch=4, per_layer={"wide": (5, 64)})
+    with pytest.raises(UnsupportedModelError, match="modified by an in-place operation"):
+        ce(model(x), y).backward()  # the head's rows were written into the step's slot before the refusal
+    handle.flush()
+    assert spy.rows == [] and sampler.pending == 64
+    model.write = False  # the next steps go as usual, into the slot given back
+    for _ in range(2):
+        ce(model(x), y).backward()
+    handle.flush()
+    assert sampler.pending == 56
+    for rows in spy.steps([4, 4]):
+        assert_rows(rows, exact_rows(handle, model, ce, x, y)[0])
+
+
+def test_a_checkpointed_wide_layer_projects_its_input_at_the_call(monkeypatch):
+    calls = _count_outer_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = _WideHead(ckpt=True)
+    x, y = _data((400,), "class", b=4, seed=2)
+    sampler, handle, spy = watched(model, sketch=4, per_layer={"wide": (5, 64)})
+    ce(model(x), y).backward()
+    handle.flush()
+    assert calls == []  # nothing held: under saved-tensor hooks autograd keeps no input to hold
+    model.ckpt = False  # (torch.func takes no saved-tensor hooks; the same function without them)
+    assert_rows(spy.steps([4])[0], exact_rows(handle, model, ce, x, y)[0])
+
+
+def test_count_outer_rows_kernel_refuses_bad_input_and_writes_nothing():
+    # The Rust call behind a held input: the count sketch of x and the rows, the bits of count_sketch
+    # then outer_rows; what it refuses it refuses before writing, with the library's errors.
+    from torchgrab import _native
+    from torchgrab.errors import GraBError, ShapeError
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 9)).astype(np.float32)
+    g = rng.standard_normal((5, 2)).astype(np.float32)
+    b = np.array([2, 0, 1, 2, 0, 1, 1, 0, 2])  # bucket of each column
+    order = np.argsort(b, kind="stable").astype(np.uint32)
+    starts = np.array([0, 3, 6, 9], np.uint32)
+    signs = np.where(np.arange(9) % 2 == 0, 1.0, -1.0).astype(np.float32)[order]
+    out = np.full((5, 10), 7.0, np.float32)
+    want = out.copy()
+    a = _native.count_sketch(x, order, starts, signs)
+    assert _native.outer_rows(g, a, 0.5, True, False, want[:, 1:9]) is True
+    assert _native.count_outer_rows(g, x, order, starts, signs, 0.5, True, False, out[:, 1:9]) is True
+    np.testing.assert_array_equal(out, want)  # a strided slot of the row buffer, columns outside untouched
+    before = out.copy()
+    with pytest.raises(ShapeError):
+        _native.count_outer_rows(g[:4], x, order, starts, signs, 1.0, True, False, out[:4, 1:9])  # 4 rows of g, 5 of x
+    with pytest.raises(GraBError):
+        _native.count_outer_rows(g, x[:, :8], order, starts, signs, 1.0, True, False, out[:, 1:9])  # column 8 of 8
+    with pytest.raises(ShapeError):
+        _native.count_outer_rows(g, x, order, starts, signs, 1.0, False, False, out[:, 1:9])  # 8 columns, 6 wanted
+    with pytest.raises(TypeError):
+        _native.count_outer_rows(g, x.astype(np.float64), order, starts, signs, 1.0, True, False, out[:, 1:9])
+    np.testing.assert_array_equal(out, before)

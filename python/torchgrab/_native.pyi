@@ -128,4 +128,15 @@ def outer_rows(
     accumulate: bool,
     out: npt.NDArray[np.float32],
 ) -> bool: ...
+def count_outer_rows(
+    g: npt.NDArray[np.float32],
+    x: npt.NDArray[np.float32],
+    order: npt.NDArray[np.uint32],
+    starts: npt.NDArray[np.uint32],
+    signs: npt.NDArray[np.float32],
+    scale: float,
+    bias: bool,
+    accumulate: bool,
+    out: npt.NDArray[np.float32],
+) -> bool: ...
 def channel_sums(g: npt.NDArray[np.float32], scale: float, accumulate: bool, out: npt.NDArray[np.float32]) -> bool: ...

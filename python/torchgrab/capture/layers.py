@@ -218,6 +218,23 @@ def _trainable(module: nn.Module, pname: str) -> bool:
     return p is not None and p.requires_grad
 
 
+class HeldInput:
+    """A Linear layer's input kept from its forward for its backward, where one Rust call forms its count
+    sketch together with the rows (``_native.count_outer_rows``): one call from Python per step instead
+    of two, and no sketch array. Autograd holds the input until then anyway (the layer's weight gradient
+    needs it), so holding it costs no memory; its version, taken now, tells whether it was written in
+    place since (autograd refuses that backward too, after the layer's hook has run)."""
+
+    __slots__ = ("x", "version")
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self.version = x._version
+
+    def changed(self) -> bool:
+        return self.x._version != self.version
+
+
 @register_sketch(nn.Linear)
 class LinearSketch(LayerSketch):
     """grad W_b = sum_t g_bt a_bt^T, sketched as (G_b P_out^T)^T (A_b P_in^T), a k_out x k_in block
@@ -279,7 +296,17 @@ class LinearSketch(LayerSketch):
             return self.p_in(a)  # [B, k_in]: projected in the forward (a checkpointed layer keeps no A)
         return self.p_in(a.reshape(a.shape[0], -1, a.shape[-1]))  # [B, T, k_in]
 
+    def hold(self, x: torch.Tensor) -> Optional["HeldInput"]:
+        """The input of a call whose count sketch the backward kernel forms with the rows
+        (``rows_into``), or None when that kernel cannot read it (watch() then projects it now)."""
+        a = x.detach()
+        if not (self.train_w and self.p_in.count and a.dim() == 2 and a.is_contiguous() and cpu_kernel_input(a)):
+            return None
+        return HeldInput(a)
+
     def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
+        if type(saved) is HeldInput:  # the kernel did not apply to this gradient: the input projected now
+            saved = self.p_in(saved.x)
         b = g.shape[0]
         g = _f32(g)
         out = []
@@ -309,6 +336,11 @@ class LinearSketch(LayerSketch):
         g = g.detach()
         if g.dim() != 2 or not cpu_kernel_input(g):
             return None
+        if type(saved) is HeldInput:
+            # The input's count sketch and the rows in one call (a lone layer's wide input; hold()).
+            x, (order, starts, signs) = saved.x.numpy(), self.p_in.count_tables()
+            gp = self.p_out(g).numpy()
+            return _native.count_outer_rows(gp, x, order, starts, signs, float(scale), self.train_b, accumulate, out)
         if self.train_w and (saved.dim() != 2 or not cpu_kernel_input(saved)):
             return None
         gp = self.p_out(g)

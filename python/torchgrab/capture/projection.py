@@ -72,6 +72,16 @@ class Factor:
             t = self._tables[key] = (buckets.to(device), signs.to(device=device, dtype=dtype))
         return t
 
+    def count_tables(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A count sketch's tables for the Rust kernels (``_native.count_sketch``): the columns grouped by
+        bucket, the buckets' starts and the columns' signs (made once)."""
+        if self._np_tables is None:
+            b, sg = (t.numpy() for t in _buckets_and_signs(self._seed, self.n, self.k))
+            order = np.argsort(b, kind="stable")  # increasing columns within a bucket
+            starts = np.concatenate([[0], np.cumsum(np.bincount(b, minlength=self.k))])
+            self._np_tables = (order.astype(np.uint32), starts.astype(np.uint32), sg[order].copy())
+        return self._np_tables
+
     def matrix_t(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """P^T, [n, k], on ``device`` (made once per device and dtype)."""
         key = (device, dtype)
@@ -97,13 +107,8 @@ class Factor:
             if cpu_kernel_input(x):
                 # One pass in Rust: torch's index_add_ along the last dimension dispatches one small add per
                 # input column, most of a small model's sketch cost (src/sketch_rows.rs).
-                if self._np_tables is None:
-                    b, sg = (t.numpy() for t in _buckets_and_signs(self._seed, self.n, self.k))
-                    order = np.argsort(b, kind="stable")  # increasing columns within a bucket
-                    starts = np.concatenate([[0], np.cumsum(np.bincount(b, minlength=self.k))])
-                    self._np_tables = (order.astype(np.uint32), starts.astype(np.uint32), sg[order].copy())
                 flat = x.reshape(-1, self.n) if x.dim() != 2 else x
-                out = torch.from_numpy(_native.count_sketch(flat.numpy(), *self._np_tables))
+                out = torch.from_numpy(_native.count_sketch(flat.numpy(), *self.count_tables()))
                 return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.k)
             buckets, signs = self._count_tables(x.device, x.dtype)
             out = x.new_zeros(*x.shape[:-1], self.k)

@@ -34,6 +34,7 @@ from torchgrab.capture.layers import (
     EmbeddingSketch,
     FeatureNormSketch,
     FunctionalSketch,
+    HeldInput,
     LayerSketch,
     LinearSketch,
     SharedEmbeddingSketch,
@@ -287,6 +288,13 @@ class WatchHandle:
         shared = Counter(sides.values())
         self._grouped_inputs = {sk for sk, side in sides.items() if shared[side] > 1}
         self._input_stacks: Dict[Any, torch.Tensor] = {}  # stacked P_in^T of groups of inputs
+        # Lone Linear layers with a count-sketched input (MNIST's 784 pixels): the input is held to the
+        # backward, where one kernel sketches it and writes the rows (layers.HeldInput).
+        self._held_inputs = {
+            sk
+            for sk in self._sketches.values()
+            if type(sk) is LinearSketch and sk.train_w and sk.p_in.count and not sk.ghost and self._alone[sk]
+        }
         self._param_offsets = []
         for _, _, fs in self._params:
             self._param_offsets.append(offset)
@@ -882,7 +890,12 @@ class WatchHandle:
         return replaced
 
     def _save(self, step: _Step, sk: LayerSketch, module: nn.Module, x: torch.Tensor, in_backward: bool) -> Any:
-        """What the layer's sketch keeps of its input: its projection now, or a _PendingInput."""
+        """What the layer's sketch keeps of its input: its projection now, a _PendingInput, or a HeldInput."""
+        if sk in self._held_inputs and not in_backward and not _saved_tensor_hooks_active():
+            # (a checkpointed layer keeps no input: it is projected now, as below)
+            held = sk.hold(x)  # type: ignore[attr-defined]
+            if held is not None:
+                return held
         if (
             sk not in self._grouped_inputs
             or in_backward  # a reentrant checkpoint's recompute: its gradient comes right after
@@ -962,6 +975,15 @@ class WatchHandle:
             self._project_inputs(step)
         if type(saved) is _PendingInput:
             saved = saved.value
+        elif type(saved) is HeldInput and saved.changed():
+            if step.slot is not None:
+                self._feeder.give_back(step.slot.shape[0])  # the step's rows are dropped, its slot with them
+            self._step, self._recording = _Step(), False
+            raise UnsupportedModelError(
+                f"watch(): the input of layer {sk.name!r} was modified by an in-place operation after the layer's "
+                "forward; the layer's weight gradient needs that input as it was (autograd refuses such a "
+                "backward as well)"
+            )
         if sk.ghost:
             if sk.ghost_width:
                 # The input is copied now, while autograd still holds it intact for this layer's weight
