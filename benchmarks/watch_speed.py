@@ -90,6 +90,8 @@ class Arm:
                 if kind in NON_BLOCKING:
                     extra["non_blocking"] = NON_BLOCKING[kind]
                 self.handle = self.sampler.watch(self.model, sketch=sketch, **extra)
+                if kind == AT_CALL:
+                    self.handle._held_inputs = set()
                 if kind == NO_BALANCING:
                     # The rows are formed as always and handed to no kernel: their examples are skipped
                     # (unseen), which keeps the sampler's cursor where balancing would have put it.
@@ -159,7 +161,10 @@ GHOST = "watch ghost"
 ARMS = ["rr", "watch", "watch torch ops", "watch exact", GHOST, "backward(hooks)", EMPTY_HOOKS, *NON_BLOCKING]
 # The floor of watch()'s design on MNIST: its kernels and hooks without its bookkeeping (BareCapture).
 BARE = "bare capture"
-ARMS += [RR_SAMPLER, NO_BALANCING, BARE]
+# watch() with a wide Linear input count-sketched at the layer's call, as before layers.HeldInput (held to
+# the backward and sketched there by the rows kernel, _native.count_outer_rows).
+AT_CALL = "watch input at call"
+ARMS += [RR_SAMPLER, NO_BALANCING, BARE, AT_CALL]
 
 
 def _empty_hooks(model):
@@ -259,6 +264,7 @@ NAMES = {
     EMPTY_HOOKS: EMPTY_HOOKS,
     RR_SAMPLER: RR_SAMPLER,
     NO_BALANCING: "grab, watch(), no balancing",
+    AT_CALL: "grab, watch(), input at call",
     BARE: "grab, bare capture",
 }
 

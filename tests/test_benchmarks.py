@@ -315,6 +315,18 @@ def test_bare_capture_feeds_watchs_rows():
     assert run(["-c", BARE_CHECK, str(DATA)]).strip().endswith("same orders")
 
 
+@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="no ../shared/data")
+def test_watch_speed_compares_the_held_input_with_the_input_sketched_at_the_call(tmp_path):
+    """benchmarks/watch_speed.py --quick on MNIST with the arm "watch input at call": watch() whose wide
+    Linear input is count-sketched in the forward, as before the input was held to the backward."""
+    stdout = run(
+        ["benchmarks/watch_speed.py", "--data", str(DATA), "--quick", "--part", "cost", "--tasks", "mnist"]
+        + ["--arms", "watch,watch input at call", "--out", str(tmp_path)]
+    )
+    for name in ("grab, watch()", "grab, watch(), input at call"):
+        assert len(re.findall(rf"\n{re.escape(name)} +\d+\.\d+ +\d+\.\d+ ", stdout)) == 2  # in memory, DataLoader
+
+
 @pytest.mark.skipif(not (DATA / "glue").is_dir(), reason="no ../shared/data/glue")
 def test_watch_dispatch_runs(tmp_path):
     """benchmarks/watch_dispatch.py --quick: the ops a watched step of a BERT of MiniLM's layout dispatches,
