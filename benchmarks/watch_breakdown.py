@@ -55,6 +55,7 @@ TIMED = [
     (_native, "outer_rows", "  Rust outer_rows"),
     (_native, "channel_sums", "  Rust channel_sums"),
     (_native, "count_sketch", "  Rust count_sketch"),
+    (_native, "count_outer_rows", "  Rust count_outer_rows"),
 ]
 
 
