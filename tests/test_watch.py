@@ -3392,7 +3392,7 @@ class _SmallConvNet(nn.Module):
         return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
 
 
-@pytest.mark.parametrize("net", ["conv", "attention", "tokens", "replaced", "beit", "blocks"])
+@pytest.mark.parametrize("net", ["conv", "attention", "tokens", "replaced", "beit", "blocks", "wide"])
 @pytest.mark.parametrize("form", ["torch.compile(model)", "model.compile()"])
 @pytest.mark.parametrize("sketch", SKETCHES)
 def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(form, sketch, net):
@@ -3412,7 +3412,8 @@ def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(fo
     # "tokens": parameters of no layer (the TorchFunctionMode of capture/direct.py, entered by a hook that
     # runs outside the graph); "replaced": layers whose class replaces its kind's forward (capture/inner.py);
     # "beit": a layer called as F.linear in such a mode, with a bias followed from two parameters;
-    # "blocks": Linear inputs held for the backward's grouped projection, and norms sketched as a group.
+    # "blocks": Linear inputs held for the backward's grouped projection, and norms sketched as a group;
+    # "wide": a count-sketched Linear input held to the backward and sketched there (layers.HeldInput).
     eager, x_all = {
         "conv": lambda: (_SmallConvNet(), torch.randn(64, 2, 5, 5)),
         "attention": lambda: (Attention(mask="padding"), torch.randn(64, 5, 6)),
@@ -3420,12 +3421,15 @@ def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(fo
         "replaced": lambda: (_ReplacedForwards(), torch.randint(0, 20, (64, 4))),
         "beit": lambda: (_Beit(), torch.randn(64, 3, 4)),
         "blocks": lambda: (_Blocks(), torch.randn(64, 5, 8)),  # inputs projected together, norms grouped
+        "wide": lambda: (_WideHead(), torch.randn(64, 400)),  # a count-sketched input held to the backward
     }[net]()
     compiled_model = copy.deepcopy(eager)
     y_all = torch.randint(0, 3, (64,))
     runs = []
+    per_layer = {"wide": (5, 64)} if net == "wide" and sketch else None
     for model in (eager, compiled_model):
-        sampler, handle, spy = watched(model, sketch=sketch)
+        sampler, handle, spy = watched(model, sketch=sketch, per_layer=per_layer)
+        assert bool(handle._held_inputs) == (per_layer is not None)
         if model is eager:
             call = model
         elif form == "model.compile()":
