@@ -18,7 +18,7 @@ use half::{bf16, f16};
 use ndarray::ArrayView2;
 use numpy::{
     Element, IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
-    PyReadonlyArrayDyn, PyUntypedArrayMethods,
+    PyReadonlyArrayDyn, PyReadwriteArray2, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -1027,6 +1027,27 @@ fn sign_scan<'py>(
         .into_pyarray(py))
 }
 
+/// A count sketch's bucket-grouped tables, as the kernels of `sketch_rows` read them.
+fn buckets<'a>(
+    order: &'a PyReadonlyArray1<'_, u32>,
+    starts: &'a PyReadonlyArray1<'_, u32>,
+    signs: &'a PyReadonlyArray1<'_, f32>,
+) -> PyResult<crate::sketch_rows::Buckets<'a>> {
+    let contiguous =
+        |what: &str| UnsupportedInputError::new_err(format!("{what} must be contiguous"));
+    Ok(crate::sketch_rows::Buckets {
+        order: order.as_slice().map_err(|_| contiguous("order"))?,
+        starts: starts.as_slice().map_err(|_| contiguous("starts"))?,
+        signs: signs.as_slice().map_err(|_| contiguous("signs"))?,
+    })
+}
+
+/// The caller's row slot, borrowed for writing (refused, with nothing written, when NumPy says no).
+fn writable<'py>(out: &Bound<'py, PyArray2<f32>>) -> PyResult<PyReadwriteArray2<'py, f32>> {
+    out.try_readwrite()
+        .map_err(|e| UnsupportedInputError::new_err(format!("out is not writable: {e}")))
+}
+
 /// Count sketch of the rows of `x` (float32, rows x n): a new rows x k array, k = len(starts) - 1, from
 /// the bucket-grouped tables (`sketch_rows::count_sketch`; watch()'s wide Linear inputs on the CPU).
 #[pyfunction]
@@ -1037,14 +1058,8 @@ fn count_sketch<'py>(
     starts: PyReadonlyArray1<'py, u32>,
     signs: PyReadonlyArray1<'py, f32>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    let contiguous =
-        |what: &str| UnsupportedInputError::new_err(format!("{what} must be contiguous"));
     let xv = x.as_array();
-    let tables = crate::sketch_rows::Buckets {
-        order: order.as_slice().map_err(|_| contiguous("order"))?,
-        starts: starts.as_slice().map_err(|_| contiguous("starts"))?,
-        signs: signs.as_slice().map_err(|_| contiguous("signs"))?,
-    };
+    let tables = buckets(&order, &starts, &signs)?;
     let out = py
         .detach(|| crate::sketch_rows::count_sketch(xv, &tables))
         .map_err(to_py)?;
@@ -1065,9 +1080,7 @@ fn outer_rows<'py>(
     accumulate: bool,
     out: &Bound<'py, PyArray2<f32>>,
 ) -> PyResult<bool> {
-    let mut rw = out
-        .try_readwrite()
-        .map_err(|e| UnsupportedInputError::new_err(format!("out is not writable: {e}")))?;
+    let mut rw = writable(out)?;
     let (gv, av, ov) = (g.as_array(), a.as_array(), rw.as_array_mut());
     py.detach(|| crate::sketch_rows::outer_rows(gv, av, scale, bias, accumulate, ov))
         .map_err(to_py)
@@ -1091,16 +1104,8 @@ fn count_outer_rows<'py>(
     accumulate: bool,
     out: &Bound<'py, PyArray2<f32>>,
 ) -> PyResult<bool> {
-    let contiguous =
-        |what: &str| UnsupportedInputError::new_err(format!("{what} must be contiguous"));
-    let tables = crate::sketch_rows::Buckets {
-        order: order.as_slice().map_err(|_| contiguous("order"))?,
-        starts: starts.as_slice().map_err(|_| contiguous("starts"))?,
-        signs: signs.as_slice().map_err(|_| contiguous("signs"))?,
-    };
-    let mut rw = out
-        .try_readwrite()
-        .map_err(|e| UnsupportedInputError::new_err(format!("out is not writable: {e}")))?;
+    let tables = buckets(&order, &starts, &signs)?;
+    let mut rw = writable(out)?;
     let (gv, xv, ov) = (g.as_array(), x.as_array(), rw.as_array_mut());
     py.detach(|| crate::sketch_rows::count_outer_rows(gv, xv, &tables, scale, bias, accumulate, ov))
         .map_err(to_py)
@@ -1130,9 +1135,7 @@ fn channel_sums<'py>(
     let values = g
         .as_slice()
         .map_err(|_| UnsupportedInputError::new_err("g must be C-contiguous"))?;
-    let mut rw = out
-        .try_readwrite()
-        .map_err(|e| UnsupportedInputError::new_err(format!("out is not writable: {e}")))?;
+    let mut rw = writable(out)?;
     let ov = rw.as_array_mut();
     py.detach(|| crate::sketch_rows::channel_sums(values, rows, c, scale, accumulate, ov))
         .map_err(to_py)

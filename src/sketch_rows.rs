@@ -742,39 +742,13 @@ mod tests {
             signs: &signs,
         };
         let mut out = Array2::<f32>::from_elem((2, 3), 9.0);
+        let mut refused = |x: ArrayView2<'_, f32>, bias: bool| {
+            count_outer_rows(g.view(), x, &tables, 1.0, bias, false, out.view_mut()).is_err()
+        };
         // x with other rows than g; a column beyond x; out of the wrong width
-        let short = array![[1.0f32, 2.0, 3.0]];
-        assert!(count_outer_rows(
-            g.view(),
-            short.view(),
-            &tables,
-            1.0,
-            true,
-            false,
-            out.view_mut()
-        )
-        .is_err());
-        let narrow = array![[1.0f32, 2.0], [3.0, 4.0]];
-        assert!(count_outer_rows(
-            g.view(),
-            narrow.view(),
-            &tables,
-            1.0,
-            true,
-            false,
-            out.view_mut()
-        )
-        .is_err());
-        assert!(count_outer_rows(
-            g.view(),
-            x.view(),
-            &tables,
-            1.0,
-            false,
-            false,
-            out.view_mut()
-        )
-        .is_err());
+        assert!(refused(array![[1.0f32, 2.0, 3.0]].view(), true));
+        assert!(refused(array![[1.0f32, 2.0], [3.0, 4.0]].view(), true));
+        assert!(refused(x.view(), false));
         assert_eq!(out, Array2::<f32>::from_elem((2, 3), 9.0));
         // and by hand: a = [1 + 3, -2] = [4, -2] and [4 + 6, -5] = [10, -5]
         count_outer_rows(

@@ -298,9 +298,10 @@ class LinearSketch(LayerSketch):
 
     def hold(self, x: torch.Tensor) -> Optional["HeldInput"]:
         """The input of a call whose count sketch the backward kernel forms with the rows
-        (``rows_into``), or None when that kernel cannot read it (watch() then projects it now)."""
+        (``rows_into``), or None when that kernel cannot read it (watch() then projects it now). For
+        layers with a trained weight and a count-sketched input (watch()'s ``_held_inputs``)."""
         a = x.detach()
-        if not (self.train_w and self.p_in.count and a.dim() == 2 and a.is_contiguous() and cpu_kernel_input(a)):
+        if not (a.dim() == 2 and a.is_contiguous() and cpu_kernel_input(a)):
             return None
         return HeldInput(a)
 
