@@ -50,12 +50,14 @@ TIMED = [
     (feed.RowFeeder, "feed", "feeder: rows handed to the sampler"),
     (layers.LinearSketch, "save", "Linear: input projected"),
     (layers.LinearSketch, "rows_into", "Linear: rows_into"),
+    (layers.LinearSketch, "factors_into", "Linear: factors_into"),
     (layers.ConvSketch, "save", "Conv: input kept"),
     (layers.ConvSketch, "rows_into", "Conv: rows_into"),
     (_native, "outer_rows", "  Rust outer_rows"),
     (_native, "channel_sums", "  Rust channel_sums"),
     (_native, "count_sketch", "  Rust count_sketch"),
     (_native, "count_outer_rows", "  Rust count_outer_rows"),
+    (_native, "count_factors", "  Rust count_factors"),
 ]
 
 

@@ -92,11 +92,14 @@ class Arm:
                 self.handle = self.sampler.watch(self.model, sketch=sketch, **extra)
                 if kind == AT_CALL:
                     self.handle._held_inputs = set()
+                    self.handle._outer = None  # (a layer not held hands rows)
+                if kind == ROWS:
+                    self.handle._outer = None
                 if kind == NO_BALANCING:
                     # The rows are formed as always and handed to no kernel: their examples are skipped
                     # (unseen), which keeps the sampler's cursor where balancing would have put it.
                     handle, sampler = self.handle, self.sampler
-                    handle._feeder._feed_rows = lambda rows: sampler.skip(len(rows))
+                    handle._feeder._feed_rows = lambda rows, outer=None: sampler.skip(len(rows))
         self.seconds = 0.0
         if loader:
             ds = torch.utils.data.TensorDataset(x, y)
@@ -164,7 +167,10 @@ BARE = "bare capture"
 # watch() with a wide Linear input count-sketched at the layer's call, as before layers.HeldInput (held to
 # the backward and sketched there by the rows kernel, _native.count_outer_rows).
 AT_CALL = "watch input at call"
-ARMS += [RR_SAMPLER, NO_BALANCING, BARE, AT_CALL]
+# watch() whose lone Linear layer writes its rows into the block, as before the sampler took their factors
+# (_segments.OuterRows: [B, k_out + k_in] a step, the rows formed where they are balanced).
+ROWS = "watch rows"
+ARMS += [RR_SAMPLER, NO_BALANCING, BARE, AT_CALL, ROWS]
 
 
 def _empty_hooks(model):
@@ -265,6 +271,7 @@ NAMES = {
     RR_SAMPLER: RR_SAMPLER,
     NO_BALANCING: "grab, watch(), no balancing",
     AT_CALL: "grab, watch(), input at call",
+    ROWS: "grab, watch(), rows written out",
     BARE: "grab, bare capture",
 }
 

@@ -60,6 +60,27 @@ impl FrontBack {
         Ok(())
     }
 
+    /// The front and back pointers: with [`FrontBack::take_back`], undoes the placements made since.
+    pub fn ends(&self) -> (usize, usize) {
+        (self.front, self.back)
+    }
+
+    /// Undo the placements of `placed` made since `ends()` returned `ends`: their marks are cleared, the
+    /// pointers put back and the slots between zeroed, as they were (a slot is written once an epoch,
+    /// when its unit is placed; unplaced slots hold zero, in a new buffer and in `buffer_from_blocks`).
+    pub fn take_back(&mut self, ends: (usize, usize), placed: &[u32]) {
+        for &i in placed {
+            self.taken[(i / 64) as usize] &= !(1 << (i % 64));
+        }
+        let n = self.next.len();
+        let (front, back) = ends;
+        if front <= self.front && back <= self.back {
+            self.next[front..self.front].fill(0);
+            self.next[n - self.back..n - back].fill(0);
+        }
+        (self.front, self.back) = ends;
+    }
+
     pub fn place(&mut self, i: u32, eps: f64) {
         self.mark(i);
         if eps > 0.0 {

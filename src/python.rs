@@ -180,23 +180,15 @@ fn background_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// Run one step of `raw` in the background; the sampler and the result come back through the receiver.
-fn lend<G: GradElem>(
+/// Run `work` (a step) on the sampler in the background; the sampler and the result come back through
+/// the receiver.
+fn lend(
     mut sampler: Box<AnySampler>,
-    raw: RawBatch<G>,
-    indices: Vec<u32>,
+    work: impl FnOnce(&mut AnySampler) -> Result<(), GrabError> + Send + 'static,
 ) -> Receiver<Returned> {
     let (tx, rx) = sync_channel(1);
     let job = move || {
-        // SAFETY: the arrays are kept alive by `Lent::keep` until this result is received
-        // (`NativeSampler::sampler`; `Drop` waits for it too), and the caller does not write to them
-        // until then.
-        let views = unsafe { raw.views() };
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            let batch = Batch::from_views(&views)?;
-            with_sampler!(&mut *sampler, s => s.step(&batch, &indices))
-        }))
-        .unwrap_or_else(|_| {
+        let result = catch_unwind(AssertUnwindSafe(|| work(&mut sampler))).unwrap_or_else(|_| {
             Err(GrabError::new(
                 ErrorKind::State,
                 "internal error: the background step panicked; the sampler's state may be inconsistent, load a checkpoint",
@@ -347,6 +339,52 @@ impl NativeSampler {
         indices: PyReadonlyArray1<'_, u32>,
     ) -> PyResult<()> {
         self.step_with(py, &segments, dtype, &indices, true)
+    }
+
+    /// `step` on the rows whose factors are `factors` (float32, C-contiguous, rows x (p + q)): row r is
+    /// vec(f[r, :p] f[r, p:]^T), then f[r, :p] with `bias` (`Sampler::step_outer`: formed a few rows at
+    /// a time where they are balanced; watch()'s lone Linear layer). `background`: as `step_start`.
+    #[pyo3(signature = (factors, p, bias, indices, background=false))]
+    fn step_outer(
+        &mut self,
+        py: Python<'_>,
+        factors: Bound<'_, PyAny>,
+        p: usize,
+        bias: bool,
+        indices: PyReadonlyArray1<'_, u32>,
+        background: bool,
+    ) -> PyResult<()> {
+        if with_sampler!(&*self.sampler(py)?, s => s.config().kind.balances()) {
+            self.mutations += 1;
+        }
+        let idx = indices.as_slice().map_err(|_| {
+            UnsupportedInputError::new_err("indices must be a contiguous uint32 array")
+        })?;
+        let keep = [factors];
+        let arrays = extract_segments::<f32>(&keep, "float32")?;
+        let view = arrays[0].as_array();
+        if !background {
+            let sampler = self.sampler(py)?;
+            return with_sampler!(sampler, s => py.detach(|| s.step_outer(view, p, bias, idx)))
+                .map_err(to_py);
+        }
+        self.sampler(py)?;
+        // Checked here, so that a malformed call raises now and lends nothing.
+        let raw = RawBatch::of(&[view]).map_err(to_py)?;
+        if p == 0 || p > view.ncols() || idx.len() != view.nrows() {
+            return Err(ShapeError::new_err(format!(
+                "step_outer: {} x {} factors split after column {p}, {} indices",
+                view.nrows(),
+                view.ncols(),
+                idx.len()
+            )));
+        }
+        let indices = idx.to_vec();
+        self.lend_step(&keep, move |s| {
+            // SAFETY: as in `run_step`: `Lent::keep` holds the array until the result is received.
+            let views = unsafe { raw.views() };
+            with_sampler!(s, s => s.step_outer(views[0].view(), p, bias, &indices))
+        })
     }
 
     /// Wait for a step started by `step_start`, if any; raise its error if the kernel refused it
@@ -549,6 +587,23 @@ impl NativeSampler {
         }
         self.sampler(py)?;
         let raw = RawBatch::of(views).map_err(to_py)?;
+        let indices = indices.to_vec();
+        self.lend_step(keep, move |s| {
+            // SAFETY: the arrays are kept alive by `Lent::keep` until this result is received
+            // (`NativeSampler::sampler`; `Drop` waits for it too), and the caller does not write to them
+            // until then.
+            let views = unsafe { raw.views() };
+            let batch = Batch::from_views(&views)?;
+            with_sampler!(s, s => s.step(&batch, &indices))
+        })
+    }
+
+    /// Hand the sampler to a worker running `work`, keeping `keep` (the arrays it reads) alive meanwhile.
+    fn lend_step(
+        &mut self,
+        keep: &[Bound<'_, PyAny>],
+        work: impl FnOnce(&mut AnySampler) -> Result<(), GrabError> + Send + 'static,
+    ) -> PyResult<()> {
         let sampler = match std::mem::replace(&mut self.slot, Slot::Gone) {
             Slot::Here(s) => s,
             other => {
@@ -556,7 +611,7 @@ impl NativeSampler {
                 return Err(lost());
             }
         };
-        let done = Mutex::new(lend(sampler, raw, indices.to_vec()));
+        let done = Mutex::new(lend(sampler, work));
         let keep = keep.iter().map(|a| a.clone().unbind()).collect();
         self.slot = Slot::Lent(Lent { done, keep });
         Ok(())
@@ -1111,6 +1166,58 @@ fn count_outer_rows<'py>(
         .map_err(to_py)
 }
 
+/// The factors of `count_outer_rows`'s rows, written into `out` (float32, rows x (p + k), any strides):
+/// `scale * g[r]` then the count sketch of `x[r]` (`sketch_rows::count_factors`; `NativeSampler.step_outer`
+/// balances the rows they stand for). Returns whether every value of those rows is finite.
+#[pyfunction]
+#[pyo3(signature = (g, x, order, starts, signs, scale, out))]
+#[allow(clippy::too_many_arguments)]
+fn count_factors<'py>(
+    py: Python<'py>,
+    g: PyReadonlyArray2<'py, f32>,
+    x: PyReadonlyArray2<'py, f32>,
+    order: PyReadonlyArray1<'py, u32>,
+    starts: PyReadonlyArray1<'py, u32>,
+    signs: PyReadonlyArray1<'py, f32>,
+    scale: f32,
+    out: &Bound<'py, PyArray2<f32>>,
+) -> PyResult<bool> {
+    let tables = buckets(&order, &starts, &signs)?;
+    let mut rw = writable(out)?;
+    let (gv, xv, ov) = (g.as_array(), x.as_array(), rw.as_array_mut());
+    py.detach(|| crate::sketch_rows::count_factors(gv, xv, &tables, scale, ov))
+        .map_err(to_py)
+}
+
+/// The rows that factors (float32, C-contiguous, rows x (p + q)) stand for, as a new array: row r is
+/// vec(f[r, :p] f[r, p:]^T), then f[r, :p] with `bias` (`sketch_rows::expand_outer`): for the paths
+/// that take rows, not factors (a scan for non-finite values, rows sent to other ranks).
+#[pyfunction]
+fn expand_outer<'py>(
+    py: Python<'py>,
+    factors: PyReadonlyArray2<'py, f32>,
+    p: usize,
+    bias: bool,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let fv = factors.as_array();
+    let (rows, cols) = fv.dim();
+    let flat = fv
+        .to_slice()
+        .ok_or_else(|| UnsupportedInputError::new_err("factors must be C-contiguous"))?;
+    if p == 0 || p > cols {
+        return Err(ShapeError::new_err(format!(
+            "expand_outer: factors {cols} wide split after column {p} (need 1 <= p <= {cols})"
+        )));
+    }
+    let width = crate::sketch_rows::outer_width(p, cols - p, bias);
+    let mut buf = crate::sampler::zeros(rows, width).map_err(to_py)?;
+    py.detach(|| crate::sketch_rows::expand_outer(flat, cols, p, bias, &mut buf))
+        .map_err(to_py)?;
+    let out = ndarray::Array2::from_shape_vec((rows, width), buf)
+        .map_err(|e| ShapeError::new_err(e.to_string()))?;
+    Ok(out.into_pyarray(py))
+}
+
 /// Write (or, with `accumulate`, add) `scale` times each example's channel sums of `g` (float32, C-contiguous,
 /// [rows, channels, ...]: a convolution's output gradient) into `out` ([rows, channels], any strides): a
 /// convolution's exact bias rows (`sketch_rows::channel_sums`). Returns whether every value the rows hold
@@ -1177,6 +1284,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sign_scan, m)?)?;
     m.add_function(wrap_pyfunction!(count_sketch, m)?)?;
     m.add_function(wrap_pyfunction!(count_outer_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(count_factors, m)?)?;
+    m.add_function(wrap_pyfunction!(expand_outer, m)?)?;
     m.add_function(wrap_pyfunction!(outer_rows, m)?)?;
     m.add_function(wrap_pyfunction!(channel_sums, m)?)?;
     m.add("GraBError", py.get_type::<GraBError>())?;

@@ -285,6 +285,82 @@ pub fn channel_sums(
 }
 
 /// The sum of absolute values of every element (in eight lanes where the view is contiguous).
+/// The factors of [`count_outer_rows`]'s rows instead of the rows: row r of `out` (rows x (p + k))
+/// gets `scale * g[r]` (p values) followed by the count sketch of `x[r]` (k values), from which
+/// [`expand_outer`] writes the rows, the same bits as `count_outer_rows` writes. p + k numbers an example
+/// instead of p k + p (MNIST: 112 instead of 1,030), so a lone Linear layer's step hands the balancing
+/// its factors and the rows are formed where they are balanced, a few at a time in cache. Returns what
+/// `count_outer_rows` (fresh, not accumulated) returns: whether every value of the rows is finite.
+/// Refuses bad shapes or tables before anything is written.
+pub fn count_factors(
+    g: ArrayView2<'_, f32>,
+    x: ArrayView2<'_, f32>,
+    tables: &Buckets<'_>,
+    scale: f32,
+    mut out: ArrayViewMut2<'_, f32>,
+) -> Result<bool> {
+    let (rows, p) = g.dim();
+    let k = tables.check(x.ncols())?;
+    if x.nrows() != rows || out.nrows() != rows || out.ncols() != p + k {
+        return Err(GrabError::shape(format!(
+            "count factors: g is {rows} x {p}, x has {} rows, out is {} x {} (expected {rows} x {})",
+            x.nrows(),
+            out.nrows(),
+            out.ncols(),
+            p + k
+        )));
+    }
+    let a = count_sketch(x, tables)?;
+    // outer_rows' bound on its fresh rows, from the same sums: the same answer.
+    let bg = abs_sum(g) * scale.abs();
+    let ba = abs_sum(a.view());
+    let finite = bg.is_finite() && (2.0 * bg * ba).is_finite();
+    for ((gr, ar), mut or) in g.outer_iter().zip(a.outer_iter()).zip(out.outer_iter_mut()) {
+        for (d, &v) in or.iter_mut().zip(gr.iter()) {
+            *d = scale * v; // outer_rows' gs: the same product
+        }
+        for (d, &v) in or.iter_mut().skip(p).zip(ar.iter()) {
+            *d = v;
+        }
+    }
+    Ok(finite)
+}
+
+/// The width of the rows whose factors are `p + q` wide (see [`expand_outer`]).
+pub fn outer_width(p: usize, q: usize, bias: bool) -> usize {
+    // Saturating: a width past memory is refused by the callers' length checks, never wrapped.
+    p.saturating_mul(q).saturating_add(if bias { p } else { 0 })
+}
+
+/// Row r of `out` (rows x [`outer_width`]) gets `vec(gs a^T)` followed, with `bias`, by `gs`, where
+/// `gs` and `a` are row r of `f` (rows x `cols`, cols = p + q) split after column p: what
+/// [`outer_rows`] writes from `g` scaled into `gs` (the same multiplications, the same bits).
+pub fn expand_outer(f: &[f32], cols: usize, p: usize, bias: bool, out: &mut [f32]) -> Result<()> {
+    if p == 0 || p > cols || !f.len().is_multiple_of(cols) {
+        return Err(GrabError::shape(format!(
+            "outer rows from factors: {} values of rows {cols} wide, split after column {p} (need 1 <= p <= {cols})",
+            f.len()
+        )));
+    }
+    let rows = f.len() / cols;
+    let width = outer_width(p, cols - p, bias);
+    if rows.checked_mul(width) != Some(out.len()) {
+        return Err(GrabError::shape(format!(
+            "outer rows from factors: {rows} rows of {width} values, the buffer has {}",
+            out.len()
+        )));
+    }
+    if width == 0 {
+        return Ok(()); // nothing to write (and chunks_exact_mut(0) would panic)
+    }
+    let isa = crate::kernels::isa();
+    for (fr, or) in f.chunks_exact(cols).zip(out.chunks_exact_mut(width)) {
+        let (gs, a) = fr.split_at(p);
+        write_row(isa, or, gs, a, bias, false);
+    }
+    Ok(())
+}
+
 fn abs_sum(v: ArrayView2<'_, f32>) -> f32 {
     match v.as_slice() {
         Some(x) => lane_sum_by(x, f32::abs),
@@ -729,6 +805,106 @@ mod tests {
             assert_eq!(got, want);
             assert_eq!(finite, want_finite);
         }
+    }
+
+    #[test]
+    fn count_factors_then_expand_outer_equal_count_outer_rows_bit_for_bit() {
+        let (rows, n, k, p) = (11, 37, 5, 3);
+        let x = Array2::from_shape_fn((rows, n), |(r, c)| {
+            ((r * 29 + c * 5) % 17) as f32 * 0.41 - 3.3
+        });
+        let g = Array2::from_shape_fn((rows, p), |(r, j)| ((r + 2 * j) % 7) as f32 * 0.7 - 2.1);
+        let h: Vec<u32> = (0..n as u32).map(|c| (c * 2 + 3) % k as u32).collect();
+        let sg: Vec<f32> = (0..n)
+            .map(|c| if c % 4 == 1 { -1.0 } else { 1.0 })
+            .collect();
+        let (order, starts, signs) = grouped(&h, &sg, k);
+        let tables = Buckets {
+            order: &order,
+            starts: &starts,
+            signs: &signs,
+        };
+        for bias in [true, false] {
+            for scale in [1.0f32, -2.5, 64.0] {
+                let width = outer_width(p, k, bias);
+                let mut want = Array2::<f32>::zeros((rows, width));
+                let want_finite = count_outer_rows(
+                    g.view(),
+                    x.view(),
+                    &tables,
+                    scale,
+                    bias,
+                    false,
+                    want.view_mut(),
+                )
+                .unwrap();
+                // Factors into a strided slot of a wider buffer, as watch()'s block hands them out.
+                let mut buf = Array2::<f32>::from_elem((rows, p + k + 2), 9.0);
+                let finite = count_factors(
+                    g.view(),
+                    x.view(),
+                    &tables,
+                    scale,
+                    buf.slice_mut(s![.., 1..1 + p + k]),
+                )
+                .unwrap();
+                assert_eq!(finite, want_finite);
+                assert!(buf
+                    .column(0)
+                    .iter()
+                    .chain(buf.column(p + k + 1))
+                    .all(|&v| v == 9.0));
+                let f = buf.slice(s![.., 1..1 + p + k]).to_owned();
+                let mut got = vec![0f32; rows * width];
+                expand_outer(f.as_slice().unwrap(), p + k, p, bias, &mut got).unwrap();
+                assert_eq!(got, want.as_slice().unwrap(), "bias {bias}, scale {scale}");
+            }
+        }
+        // The finite flag is count_outer_rows' for values past f32 too.
+        let huge = Array2::from_elem((rows, p), 1e30f32);
+        let mut f = Array2::<f32>::zeros((rows, p + k));
+        let mut r = Array2::<f32>::zeros((rows, outer_width(p, k, true)));
+        assert_eq!(
+            count_factors(huge.view(), x.view(), &tables, 1e9, f.view_mut()).unwrap(),
+            count_outer_rows(
+                huge.view(),
+                x.view(),
+                &tables,
+                1e9,
+                true,
+                false,
+                r.view_mut()
+            )
+            .unwrap()
+        );
+    }
+
+    #[test]
+    fn count_factors_and_expand_outer_refuse_bad_shapes() {
+        let x = array![[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]];
+        let g = array![[1.0f32], [2.0]];
+        let (order, starts, signs) = grouped(&[0, 1, 0], &[1.0, -1.0, 1.0], 2);
+        let tables = Buckets {
+            order: &order,
+            starts: &starts,
+            signs: &signs,
+        };
+        let mut out = Array2::<f32>::from_elem((2, 4), 7.0); // p + k = 3, not 4
+        assert!(count_factors(g.view(), x.view(), &tables, 1.0, out.view_mut()).is_err());
+        let one_row = array![[1.0f32]];
+        let mut out = Array2::<f32>::from_elem((2, 3), 7.0);
+        assert!(count_factors(one_row.view(), x.view(), &tables, 1.0, out.view_mut()).is_err());
+        assert!(out.iter().all(|&v| v == 7.0));
+        let f = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]; // two rows of 3
+        let mut rows = vec![0f32; 2 * outer_width(1, 2, true)];
+        assert!(expand_outer(&f, 3, 0, true, &mut rows).is_err());
+        assert!(expand_outer(&f, 3, 4, true, &mut rows).is_err());
+        assert!(expand_outer(&f, 4, 1, true, &mut rows).is_err());
+        assert!(expand_outer(&f, 3, 1, true, &mut rows[1..]).is_err());
+        expand_outer(&f, 3, 1, true, &mut rows).unwrap();
+        assert_eq!(rows, [2.0, 3.0, 1.0, 20.0, 24.0, 4.0]);
+        let mut none: Vec<f32> = vec![];
+        expand_outer(&[1.0, 2.0], 1, 1, false, &mut none).unwrap(); // width 0: nothing to write
     }
 
     #[test]

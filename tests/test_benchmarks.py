@@ -317,13 +317,14 @@ def test_bare_capture_feeds_watchs_rows():
 
 @pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="no ../shared/data")
 def test_watch_speed_compares_the_held_input_with_the_input_sketched_at_the_call(tmp_path):
-    """benchmarks/watch_speed.py --quick on MNIST with the arm "watch input at call": watch() whose wide
-    Linear input is count-sketched in the forward, as before the input was held to the backward."""
+    """benchmarks/watch_speed.py --quick on MNIST with the arms "watch input at call" (watch() whose wide
+    Linear input is count-sketched in the forward, as before the input was held to the backward) and
+    "watch rows" (the rows written out, as before the sampler took their factors)."""
     stdout = run(
         ["benchmarks/watch_speed.py", "--data", str(DATA), "--quick", "--part", "cost", "--tasks", "mnist"]
-        + ["--arms", "watch,watch input at call", "--out", str(tmp_path)]
+        + ["--arms", "watch,watch input at call,watch rows", "--out", str(tmp_path)]
     )
-    for name in ("grab, watch()", "grab, watch(), input at call"):
+    for name in ("grab, watch()", "grab, watch(), input at call", "grab, watch(), rows written out"):
         assert len(re.findall(rf"\n{re.escape(name)} +\d+\.\d+ +\d+\.\d+ ", stdout)) == 2  # in memory, DataLoader
 
 

@@ -24,6 +24,7 @@ from conftest import assert_same_state
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchgrab import GraBSampler, ShapeError, StateDictError, UnsupportedInputError, UnsupportedModelError
+from torchgrab._segments import OuterRows
 from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.layers import COUNT_OUT, FunctionalSketch, LinearSketch
 from torchgrab.capture.projection import FoldSketch
@@ -38,12 +39,16 @@ class Spy:
 
     def __init__(self, sampler):
         self.rows = []
+        self.factored = []  # per step() call: the rows came as OuterRows
         self.skips = []
         self.kwargs = []
         step, skip = sampler.step, sampler.skip
 
         def spy_step(grads, *args, **kwargs):
-            self.rows.append(np.array(grads, dtype=np.float32, copy=True))
+            # Rows handed over by their factors (a lone Linear layer's) are recorded as the rows they are.
+            self.factored.append(isinstance(grads, OuterRows))
+            rows = grads.expand() if isinstance(grads, OuterRows) else grads
+            self.rows.append(np.array(rows, dtype=np.float32, copy=True))
             self.kwargs.append(kwargs)
             return step(grads, *args, **kwargs)
 
@@ -3172,8 +3177,8 @@ def test_reused_row_blocks_leave_every_ordering_as_fed_copies_would(monkeypatch,
     sampler, handle, spy = watched(model, n=48, sketch=4, ordering=ordering)
     pointers = []
     new_block = handle._feeder._new_block
-    handle._feeder._new_block = lambda n, device: (lambda t: (pointers.append(t.data_ptr()), t)[1])(
-        new_block(n, device)
+    handle._feeder._new_block = lambda n, device, width: (lambda t: (pointers.append(t.data_ptr()), t)[1])(
+        new_block(n, device, width)
     )
     for k in range(12):
         x, y = _data((6,), "class", b=4, seed=40 + k)
@@ -3606,3 +3611,181 @@ def test_count_outer_rows_kernel_refuses_bad_input_and_writes_nothing():
     with pytest.raises(TypeError):
         _native.count_outer_rows(g, x.astype(np.float64), order, starts, signs, 1.0, True, False, out[:, 1:9])
     np.testing.assert_array_equal(out, before)
+
+
+# ---------------------------------------------------------------------------------------------- rows by their factors
+class _Probe(nn.Module):
+    """One wide Linear layer and nothing else watched (logistic regression, a linear probe): its steps
+    hand the sampler the rows' factors (layers.LinearSketch.factors_into, _segments.OuterRows).
+    ``twice`` calls it twice in a step (its rows are then a sum of outer products)."""
+
+    def __init__(self, bias=True, twice=False):
+        super().__init__()
+        self.wide = nn.Linear(400, 5, bias=bias)
+        self.twice = twice
+
+    def forward(self, x):
+        x = x * 1.0
+        out = self.wide(x)
+        return out + self.wide(torch.tanh(x)) if self.twice else out
+
+
+def _twins(make, steps, ordering="grab", **kwargs):
+    """Run ``steps`` ((x, y) or a callable(model, x, y) per step) on two identical models and samplers,
+    one handing rows by their factors, one forced to hand rows; returns both (sampler, handle, spy)."""
+    runs = []
+    for factored in (True, False):
+        torch.manual_seed(0)
+        model = make()
+        sampler, handle, spy = watched(model, sketch=4, ordering=ordering, per_layer={"wide": (5, 64)}, **kwargs)
+        assert handle._outer is handle._sketches[model.wide]
+        if not factored:
+            handle._outer = None
+        for step in steps:
+            step(model)
+        handle.flush()
+        runs.append((sampler, handle, spy))
+    (s1, h1, spy1), (s2, h2, spy2) = runs
+    assert not any(spy2.factored)
+    assert_same_state(s1.state_dict()["native"], s2.state_dict()["native"])  # bit for bit
+    # (blocks may split otherwise: a step of rows ships a block of factors, and the other way round)
+    np.testing.assert_array_equal(np.concatenate(spy1.rows), np.concatenate(spy2.rows))
+    assert s1.pending == s2.pending
+    runs = [(s, h, spy, s.pending) for s, h, spy in runs]
+    assert list(s1) == list(s2)  # (begins the next epoch)
+    return runs
+
+
+def _plain_step(x, y, reduction="mean"):
+    return lambda model: ce(model(x), y, reduction=reduction).backward()
+
+
+@pytest.mark.parametrize("ordering", ["grab", "pair", "herding", "recursive"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_lone_linear_layer_hands_its_rows_by_their_factors_with_the_same_bits(monkeypatch, ordering, reduction, bias):
+    # Four steps of odd and even sizes (a pair waits across steps), fed two steps a block, balanced in the
+    # background, blocks reused: the same state, bit for bit, as the rows written out, and the rows are
+    # the projected exact per-example gradients.
+    import torchgrab.capture.feed as feed_module
+    import torchgrab.sampler as sampler_module
+
+    monkeypatch.setattr(feed_module, "FEED_EVERY", 2)
+    monkeypatch.setattr(sampler_module, "_BACKGROUND_MIN_ELEMENTS", 0)
+    batches = [_data((400,), "class", b=b, seed=10 + b) for b in (5, 6, 3, 7)]
+    steps = [_plain_step(x, y, reduction) for x, y in batches]
+    runs = _twins(lambda: _Probe(bias=bias), steps, ordering=ordering, loss_reduction=reduction, non_blocking=True)
+    sampler, handle, spy, pending = runs[0]
+    assert len(spy.factored) == 3 and all(spy.factored)  # blocks [5], [6, 3], [7], each by its factors
+    assert pending == 64 - 21
+    torch.manual_seed(0)
+    model = _Probe(bias=bias)
+    x, y = batches[-1]
+    want = exact_rows(handle, model, lambda o, t: ce(o, t, reduction=reduction), x, y)[0]
+    assert_rows(spy.steps([5, 6, 3, 7])[-1], want)
+
+
+def test_a_lone_layer_called_twice_in_a_step_hands_that_step_as_rows():
+    # The second call's rows are added to the first's: no longer one outer product. The step's factors
+    # become rows (RowFeeder.densify), the steps around it keep their factors, each block of one kind.
+    batches = [_data((400,), "class", b=4, seed=s) for s in (1, 2, 3, 4)]
+
+    def step(k, x, y):
+        def run(model):
+            model.twice = k == 2
+            ce(model(x), y).backward()
+
+        return run
+
+    runs = _twins(_Probe, [step(k, x, y) for k, (x, y) in enumerate(batches)])
+    spy = runs[0][2]
+    assert True in spy.factored and False in spy.factored
+    torch.manual_seed(0)
+    model = _Probe(twice=True)
+    x, y = batches[2]
+    assert_rows(spy.steps([4, 4, 4, 4])[2], exact_rows(runs[0][1], model, ce, x, y)[0])
+
+
+def test_factored_steps_with_a_grad_scaler_and_a_non_finite_step_match_the_rows():
+    # Under a GradScaler the rows are divided by the scale: the step hands rows. Without one, a step
+    # whose rows are not finite is skipped, whether it came by its factors or not.
+    scaler = _scaler(init_scale=2.0**10, growth_interval=1)
+    batches = [_data((400,), "class", b=4, seed=s) for s in (5, 6, 7)]
+    bad_x = batches[1][0].clone()
+    bad_x[0, 3] = float("inf")
+
+    def scaled(x, y):
+        return lambda model: scaler.scale(ce(model(x), y)).backward()
+
+    runs = _twins(_Probe, [scaled(x, y) for x, y in batches], scaler=scaler)
+    assert not any(runs[0][2].factored)
+    steps = [_plain_step(*batches[0]), _plain_step(bad_x, batches[1][1]), _plain_step(*batches[2])]
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        runs = _twins(_Probe, steps)
+    for _, handle, spy, pending in runs:
+        assert handle.skipped_steps == 1 and spy.skips == [4] and pending == 64 - 12
+
+
+def test_a_step_whose_input_the_kernel_cannot_hold_hands_rows_between_factored_ones():
+    # A non-contiguous input is projected at the call (LinearSketch.hold): that step writes rows, which
+    # ships the block of factors before it; the next step starts a block of factors again.
+    batches = [_data((400,), "class", b=4, seed=s) for s in (8, 9, 10)]
+    odd_x = torch.randn(400, 4).t()  # not contiguous
+    steps = [_plain_step(*batches[0]), _plain_step(odd_x, batches[1][1]), _plain_step(*batches[2])]
+    runs = _twins(_Probe, steps)
+    assert runs[0][2].factored == [True, False, True]
+
+
+def test_step_outer_and_its_kernels_refuse_bad_input_and_change_nothing():
+    from torchgrab import _native
+    from torchgrab.errors import NonFiniteGradientError
+
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((40, 2 + 6)).astype(np.float32)  # p = 2 outputs, 6 sketched inputs
+    for background in (False, True):
+        sampler = GraBSampler(n=40, ordering="grab", seed=0)
+        order = list(sampler)
+        before = sampler.state_dict()
+        with pytest.raises(ShapeError):
+            sampler.step(OuterRows(f, 0, True))  # p = 0
+        with pytest.raises(ShapeError):
+            sampler.step(OuterRows(f, 9, True))  # p past the factors
+        with pytest.raises(ShapeError, match="C-contiguous"):
+            sampler.step(OuterRows(np.asfortranarray(f), 2, True))
+        bad = f.copy()
+        bad[37, 1] = np.nan  # the last chunk: earlier ones are balanced before the kernel meets it
+        with pytest.raises(NonFiniteGradientError):
+            sampler.step(OuterRows(bad, 2, True), non_blocking=background)
+            sampler.synchronize()
+        assert_same_state(sampler.state_dict(), before)
+        sampler.step(OuterRows(f, 2, True), non_blocking=background)
+        twin = GraBSampler(n=40, ordering="grab", seed=0)
+        assert list(twin) == order
+        twin.step(OuterRows(f, 2, True).expand())
+        assert_same_state(sampler.state_dict()["native"], twin.state_dict()["native"])
+    with pytest.raises(ShapeError):
+        _native.expand_outer(f, 9, True)
+    rows = _native.expand_outer(f[:3], 2, True)
+    want = np.concatenate([(f[:3, :2, None] * f[:3, None, 2:]).reshape(3, -1), f[:3, :2]], axis=1)
+    np.testing.assert_array_equal(rows, want)
+    x = rng.standard_normal((3, 9)).astype(np.float32)
+    order_t = np.arange(9, dtype=np.uint32)
+    starts = np.array([0, 3, 6, 9], np.uint32)
+    signs = np.ones(9, np.float32)
+    out = np.full((3, 6), 7.0, np.float32)  # p + k = 2 + 3 = 5 columns wanted
+    with pytest.raises(ShapeError):
+        _native.count_factors(f[:3, :2].copy(), x, order_t, starts, signs, 1.0, out)
+    assert (out == 7.0).all()
+
+
+def test_outer_rows_reach_unit_samplers_as_rows():
+    # A sampler of units of two examples takes rows per example and averages them: factors are expanded.
+    f = np.random.default_rng(2).standard_normal((4, 2 + 3)).astype(np.float32)
+    a, b = (
+        GraBSampler(n=8, ordering="grab", seed=0, unit_size=2),
+        GraBSampler(n=8, ordering="grab", seed=0, unit_size=2),
+    )
+    list(a), list(b)
+    a.step(OuterRows(f, 2, False))
+    b.step(OuterRows(f, 2, False).expand())
+    assert_same_state(a.state_dict()["native"], b.state_dict()["native"])

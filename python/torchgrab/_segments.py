@@ -68,6 +68,49 @@ def _numpy_segment(a: np.ndarray, k: int) -> Tuple[np.ndarray, str]:
     return a, kind
 
 
+class OuterRows:
+    """A batch of rows given by their factors (watch()'s lone Linear layer, capture/feed.py): row r is
+    vec(f[r, :p] f[r, p:]^T) followed, with ``bias``, by f[r, :p], where f is ``factors`` (float32,
+    C-contiguous, rows x (p + q)): a Linear layer's scaled output gradient and sketched input. The Rust
+    kernel forms the rows a few at a time where it balances them, so the block of rows, p q + p numbers
+    an example against p + q, is never written out."""
+
+    __slots__ = ("factors", "p", "bias")
+
+    def __init__(self, factors: np.ndarray, p: int, bias: bool) -> None:
+        self.factors, self.p, self.bias = factors, p, bias
+
+    @property
+    def rows(self) -> int:
+        return int(self.factors.shape[0])
+
+    @property
+    def width(self) -> int:
+        """The rows' width: p q, plus p with the bias."""
+        q = self.factors.shape[1] - self.p
+        return self.p * q + (self.p if self.bias else 0)
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """The rows' shape, as an array of them would have it."""
+        return (self.rows, self.width)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def expand(self) -> np.ndarray:
+        """The rows themselves (a new [rows, width] array), for the paths that take rows."""
+        from torchgrab import _native
+
+        return _native.expand_outer(self.factors, self.p, self.bias)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        # np.asarray(rows) gives the rows: code that looks at what reaches sampler.step (a spy, a
+        # benchmark's probe) sees the rows it would have seen, not their factors.
+        rows = self.expand()
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+
+
 def gradient_items(grads: Any) -> List[Any]:
     """The per-parameter pieces of what ``step`` received: a dict's values, a list/tuple, or one buffer."""
     if isinstance(grads, dict):

@@ -17,7 +17,7 @@ from torch.utils.data import Sampler
 from torchgrab import _native
 from torchgrab._background import StepLock
 from torchgrab._cursor import Yielded
-from torchgrab._segments import as_segments, gradient_items
+from torchgrab._segments import OuterRows, as_segments, gradient_items
 from torchgrab._units import UnitMap
 from torchgrab.capture.defaults import DEFAULT_BUDGET, DEFAULT_SKETCH
 from torchgrab.errors import CallOrderError, ShapeError, StateDictError, UnitIndexError, UnsupportedInputError
@@ -385,13 +385,15 @@ class GraBSampler(Sampler[int]):
         """
         if not isinstance(non_blocking, bool):
             raise UnsupportedInputError(f"non_blocking must be True or False, got {non_blocking!r}")
+        if isinstance(grads, OuterRows) and (self._units is not None or self._ondevice is not None):
+            grads = grads.expand()  # (watch()'s rows by their factors) these paths take the rows
         if self._units is not None:
             with self._lock:
                 return self._step_units(grads, indices, per_unit)
         if per_unit:
             raise UnsupportedInputError("per_unit=True needs unit_size > 1")
         with self._lock:
-            if self._wants_device_path(grads):
+            if not isinstance(grads, OuterRows) and self._wants_device_path(grads):
                 tensors, rows = self._device_segments(grads)
                 idx = self._take(rows, indices)
                 if self._ondevice is None:
@@ -407,17 +409,25 @@ class GraBSampler(Sampler[int]):
 
     def _step_dense(self, grads: Any, indices: Optional[Any], background: bool) -> None:
         """The Rust kernel's step (lock held); ``background``: started on a rayon worker, see _background."""
-        segments, kind, rows = as_segments(grads)
-        idx = self._take(rows, indices)
-        if background and rows * sum(seg.shape[1] for seg in segments) < _BACKGROUND_MIN_ELEMENTS:
-            background = False
-        if not background:
-            self._native.step(segments, kind, idx)
+        outer = grads if isinstance(grads, OuterRows) else None
+        if outer is not None:
+            rows, width = outer.rows, outer.width
         else:
-            native, dense_used = self._native, self._dense_used
-            # Checked now (a refusal raises here and lends nothing); the Rust side keeps the arrays
-            # alive and copies the indices, the caller promises not to write the arrays meanwhile.
+            segments, kind, rows = as_segments(grads)
+            width = sum(seg.shape[1] for seg in segments)
+        idx = self._take(rows, indices)
+        if background and rows * width < _BACKGROUND_MIN_ELEMENTS:
+            background = False
+        native, dense_used = self._native, self._dense_used
+        # In the background: checked now (a refusal raises here and lends nothing); the Rust side keeps
+        # the arrays alive and copies the indices, the caller promises not to write the arrays meanwhile.
+        if outer is not None:
+            native.step_outer(outer.factors, outer.p, outer.bias, idx, background)
+        elif not background:
+            native.step(segments, kind, idx)
+        else:
             native.step_start(segments, kind, idx)
+        if background:
 
             def undo() -> None:  # the kernel refused the step: take back the bookkeeping below
                 self._dense_used = dense_used

@@ -348,6 +348,24 @@ class LinearSketch(LayerSketch):
         a = saved if self.train_w else gp.new_empty(gp.shape[0], 0)
         return _native.outer_rows(gp.numpy(), a.numpy(), float(scale), self.train_b, accumulate, out)
 
+    @property
+    def factor_width(self) -> int:
+        """The columns of this layer's factors (``factors_into``): k_out + k_in."""
+        return self.p_out.k + self.p_in.k
+
+    def factors_into(self, saved: Any, g: torch.Tensor, out: np.ndarray, scale: float) -> Optional[bool]:
+        """Write this call's factors into ``out`` ([B, k_out + k_in] float32, a NumPy view of the step's
+        slot): ``scale`` times the projected output gradient, then the held input's count sketch. The
+        layer's rows (``rows_into``) are their outer products, followed by the first factor as the bias
+        block; the sampler's kernel forms them where it balances them (``_segments.OuterRows``). Says
+        whether those rows are finite; None (nothing written) where the kernel does not apply, as for
+        ``rows_into``. For a lone Linear layer with a held input and a trained bias, or none."""
+        g = g.detach()
+        if type(saved) is not HeldInput or g.dim() != 2 or not cpu_kernel_input(g):
+            return None
+        x, (order, starts, signs) = saved.x.numpy(), self.p_in.count_tables()
+        return _native.count_factors(self.p_out(g).numpy(), x, order, starts, signs, float(scale), out)
+
     def group_key(self, saved: Any, g: torch.Tensor) -> Any:
         # Layers of one shape (a transformer's q, k, v, o of every block) are sketched by a few batched
         # products instead of a few small ones each: on a GPU the cost of a watched step is the number

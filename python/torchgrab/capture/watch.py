@@ -114,6 +114,7 @@ class _Step:
         "held",
         "pending",
         "slot",
+        "outer",
         "written",
         "finite",
         "ghost",
@@ -146,6 +147,7 @@ class _Step:
         # (LayerSketch.rows_into), as a NumPy view (the kernels' output, sliced cheaply), and the
         # offsets of the blocks written so (already scaled).
         self.slot: Optional[np.ndarray] = None
+        self.outer = False  # the slot holds the factors of the rows (WatchHandle._outer), not the rows
         self.written: Set[int] = set()
         self.finite = True  # every direct write said its values were finite
         # A ghost layer's calls this step: (output gradient, a copy of the input).
@@ -295,6 +297,11 @@ class WatchHandle:
             for sk in self._sketches.values()
             if type(sk) is LinearSketch and sk.train_w and sk.p_in.count and not sk.ghost and self._alone[sk]
         }
+        # A model whose whole row is one held Linear layer's (logistic regression on MNIST, a linear probe):
+        # its steps hand the sampler the rows' factors, [B, k_out + k_in] (MNIST: 112 numbers an example
+        # against 1,030), and the sampler's kernel forms the rows a few at a time where it balances them
+        # (LinearSketch.factors_into, _segments.OuterRows). Set below, once the row's columns are known.
+        self._outer: Optional[LinearSketch] = None
         self._param_offsets = []
         for _, _, fs in self._params:
             self._param_offsets.append(offset)
@@ -328,6 +335,16 @@ class WatchHandle:
         # Where the rows go: a block buffer of consecutive steps, fed to the sampler every few steps.
         self._feeder = RowFeeder(sampler, self._row_width, granularity, non_blocking, scaler)
         self._feeder.exchange = exchange
+        only = list(self._sketches.values())
+        if (
+            len(only) == 1
+            and only[0] in self._held_inputs
+            and only[0].width == self.width  # no parameters of no layer, no ghost columns beside it
+            and not self._direct
+            and not self._attention
+            and exchange is None  # rows sent to other ranks are rows
+        ):
+            self._outer = only[0]  # type: ignore[assignment]
         self._hooks: List[Any] = [model.register_forward_pre_hook(eager(self._on_step_begins), with_kwargs=True)]
         # A layer's call recorded from its (args, output), by the model's layout.
         self._record_call = self._on_forward if batch_first else self._on_forward_seq_first
@@ -1010,10 +1027,26 @@ class WatchHandle:
             return False  # (with ghost layers every step is balanced on its own, from its pieces)
         b = int(g.shape[0])
         slot = step.slot
+        if slot is None and sk is self._outer and self.sampler.balances:
+            # The rows' factors, not the rows (see _outer); a second call of the layer in this step
+            # makes them rows again (below), and a layer the kernel does not apply to writes rows.
+            out = self._outer
+            slot = self._feeder.slot_out(b, (out.p_out.k, out.train_b), out.factor_width)
+            finite = out.factors_into(saved, g, slot, self._multiplier(step, b))
+            if finite is not None:
+                step.slot, step.outer, step.finite = slot, True, finite
+                step.written.add(sk.offset)
+                return True
+            self._feeder.give_back(b)
+            slot = None
         if slot is None:
             slot = self._feeder.slot_out(b)
-        elif slot.shape[0] != b:
-            return False
+        else:
+            if step.outer:  # the layer called again in this step: its rows are a sum of outer products
+                slot = step.slot = self._feeder.densify(slot)
+                step.outer = False
+            if slot.shape[0] != b:
+                return False
         # NumPy slicing: a torch slice costs about a microsecond, a tenth of a small model's kernel.
         finite = sk.rows_into(
             module,
@@ -1110,6 +1143,8 @@ class WatchHandle:
             self._feed_ghost(step)
             return
         if step.slot is not None:
+            if step.outer and not self._all_direct(step):  # rows to scale, or pieces to add: rows, then
+                step.slot, step.outer = self._feeder.densify(step.slot), False
             # Known finite when every block was written by a kernel that said so, and nothing divides them.
             known = step.finite and self._all_direct(step)
             self._finish_direct(step)
