@@ -303,12 +303,13 @@ def part_cost(tasks, args):
                     f"n = {len(x)}, d = {d}, K = {k} (sketch {torchgrab.capture.DEFAULT_SKETCH}), "
                     f"{args.rounds} paired rounds, load {_common.load_average()}"
                 )
-                print(f"{'arm':<28} {'median epoch s':>15} {'x RR median':>12} {'x RR quartiles':>16}")
-                print(f"{'rr (plain)':<28} {np.median(secs['rr']):>15.3f} {1.0:>12.3f} {'':>16}")
+                w = max([28] + [len(NAMES.get(a, f"grab, {a}")) for a in arms[1:]])
+                print(f"{'arm':<{w}} {'median epoch s':>15} {'x RR median':>12} {'x RR quartiles':>16}")
+                print(f"{'rr (plain)':<{w}} {np.median(secs['rr']):>15.3f} {1.0:>12.3f} {'':>16}")
                 for a in arms[1:]:
                     q1, q2, q3 = np.percentile(ratios[a], [25, 50, 75])
                     name = NAMES.get(a, f"grab, {a}")
-                    print(f"{name:<28} {np.median(secs[a]):>15.3f} {q2:>12.3f} {f'{q1:.3f}-{q3:.3f}':>16}")
+                    print(f"{name:<{w}} {np.median(secs[a]):>15.3f} {q2:>12.3f} {f'{q1:.3f}-{q3:.3f}':>16}")
                 for a in arms[1:]:
                     if a.startswith(BUDGET_ARM):
                         h = runs[a].handle
