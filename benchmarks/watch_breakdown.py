@@ -58,6 +58,7 @@ TIMED = [
     (_native, "count_sketch", "  Rust count_sketch"),
     (_native, "count_outer_rows", "  Rust count_outer_rows"),
     (_native, "count_factors", "  Rust count_factors"),
+    (_native, "outer_factors", "  Rust outer_factors"),
 ]
 
 

@@ -1166,6 +1166,24 @@ fn count_outer_rows<'py>(
         .map_err(to_py)
 }
 
+/// The factors of `outer_rows`'s rows, written into `out` (float32, rows x (p + q), any strides):
+/// `scale * g[r]` then `a[r]` (`sketch_rows::outer_factors`; `NativeSampler.step_outer` balances the rows
+/// they stand for). Returns whether every value of those rows is finite.
+#[pyfunction]
+#[pyo3(signature = (g, a, scale, out))]
+fn outer_factors<'py>(
+    py: Python<'py>,
+    g: PyReadonlyArray2<'py, f32>,
+    a: PyReadonlyArray2<'py, f32>,
+    scale: f32,
+    out: &Bound<'py, PyArray2<f32>>,
+) -> PyResult<bool> {
+    let mut rw = writable(out)?;
+    let (gv, av, ov) = (g.as_array(), a.as_array(), rw.as_array_mut());
+    py.detach(|| crate::sketch_rows::outer_factors(gv, av, scale, ov))
+        .map_err(to_py)
+}
+
 /// The factors of `count_outer_rows`'s rows, written into `out` (float32, rows x (p + k), any strides):
 /// `scale * g[r]` then the count sketch of `x[r]` (`sketch_rows::count_factors`; `NativeSampler.step_outer`
 /// balances the rows they stand for). Returns whether every value of those rows is finite.
@@ -1285,6 +1303,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(count_sketch, m)?)?;
     m.add_function(wrap_pyfunction!(count_outer_rows, m)?)?;
     m.add_function(wrap_pyfunction!(count_factors, m)?)?;
+    m.add_function(wrap_pyfunction!(outer_factors, m)?)?;
     m.add_function(wrap_pyfunction!(expand_outer, m)?)?;
     m.add_function(wrap_pyfunction!(outer_rows, m)?)?;
     m.add_function(wrap_pyfunction!(channel_sums, m)?)?;

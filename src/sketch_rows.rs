@@ -285,36 +285,33 @@ pub fn channel_sums(
 }
 
 /// The sum of absolute values of every element (in eight lanes where the view is contiguous).
-/// The factors of [`count_outer_rows`]'s rows instead of the rows: row r of `out` (rows x (p + k))
-/// gets `scale * g[r]` (p values) followed by the count sketch of `x[r]` (k values), from which
-/// [`expand_outer`] writes the rows, the same bits as `count_outer_rows` writes. p + k numbers an example
-/// instead of p k + p (MNIST: 112 instead of 1,030), so a lone Linear layer's step hands the balancing
-/// its factors and the rows are formed where they are balanced, a few at a time in cache. Returns what
-/// `count_outer_rows` (fresh, not accumulated) returns: whether every value of the rows is finite.
-/// Refuses bad shapes or tables before anything is written.
-pub fn count_factors(
+/// The factors of [`outer_rows`]'s fresh rows instead of the rows: row r of `out` (rows x (p + q)) gets
+/// `scale * g[r]` (p values) followed by `a[r]` (q values), from which [`expand_outer`] writes the rows,
+/// the same bits as `outer_rows` writes. p + q numbers an example instead of p q + p (MNIST: 112 instead
+/// of 1,030), so a lone Linear layer's step hands the balancing its factors and the rows are formed where
+/// they are balanced, a few at a time in cache. Returns what `outer_rows` (not accumulating) returns:
+/// whether every value of the rows is finite. Refuses bad shapes before anything is written.
+pub fn outer_factors(
     g: ArrayView2<'_, f32>,
-    x: ArrayView2<'_, f32>,
-    tables: &Buckets<'_>,
+    a: ArrayView2<'_, f32>,
     scale: f32,
     mut out: ArrayViewMut2<'_, f32>,
 ) -> Result<bool> {
     let (rows, p) = g.dim();
-    let k = tables.check(x.ncols())?;
-    if x.nrows() != rows || out.nrows() != rows || out.ncols() != p + k {
+    let q = a.ncols();
+    if a.nrows() != rows || out.nrows() != rows || out.ncols() != p + q {
         return Err(GrabError::shape(format!(
-            "count factors: g is {rows} x {p}, x has {} rows, out is {} x {} (expected {rows} x {})",
-            x.nrows(),
+            "outer factors: g is {rows} x {p}, a is {} x {q}, out is {} x {} (expected {rows} x {})",
+            a.nrows(),
             out.nrows(),
             out.ncols(),
-            p + k
+            p + q
         )));
     }
-    let a = count_sketch(x, tables)?;
     // outer_rows' bound on its fresh rows, from the same sums: the same answer.
     let bg = abs_sum(g) * scale.abs();
-    let ba = abs_sum(a.view());
-    let finite = bg.is_finite() && (2.0 * bg * ba).is_finite();
+    let ba = abs_sum(a);
+    let finite = bg.is_finite() && (q == 0 || (2.0 * bg * ba).is_finite());
     for ((gr, ar), mut or) in g.outer_iter().zip(a.outer_iter()).zip(out.outer_iter_mut()) {
         for (d, &v) in or.iter_mut().zip(gr.iter()) {
             *d = scale * v; // outer_rows' gs: the same product
@@ -324,6 +321,31 @@ pub fn count_factors(
         }
     }
     Ok(finite)
+}
+
+/// [`outer_factors`] with `a` the [`count_sketch`] of `x` (rows x n): the factors of
+/// [`count_outer_rows`]'s rows, in one call. Refuses bad shapes or tables before anything is written.
+pub fn count_factors(
+    g: ArrayView2<'_, f32>,
+    x: ArrayView2<'_, f32>,
+    tables: &Buckets<'_>,
+    scale: f32,
+    out: ArrayViewMut2<'_, f32>,
+) -> Result<bool> {
+    let k = tables.check(x.ncols())?;
+    let rows = g.nrows();
+    if x.nrows() != rows || out.nrows() != rows || out.ncols() != g.ncols() + k {
+        return Err(GrabError::shape(format!(
+            "count factors: g is {rows} x {}, x has {} rows, out is {} x {} (expected {rows} x {})",
+            g.ncols(),
+            x.nrows(),
+            out.nrows(),
+            out.ncols(),
+            g.ncols() + k
+        )));
+    }
+    let a = count_sketch(x, tables)?;
+    outer_factors(g, a.view(), scale, out)
 }
 
 /// The width of the rows whose factors are `p + q` wide (see [`expand_outer`]).
@@ -877,6 +899,35 @@ mod tests {
             )
             .unwrap()
         );
+    }
+
+    #[test]
+    fn outer_factors_then_expand_outer_equal_outer_rows_bit_for_bit() {
+        let (rows, p) = (9, 4);
+        let g = Array2::from_shape_fn((rows, p), |(r, j)| ((r * 3 + j) % 7) as f32 * 0.31 - 0.9);
+        for q in [0, 1, 6] {
+            // `a` a strided view (every other column of a wider array), as a projection may be.
+            let wide = Array2::from_shape_fn((rows, 2 * q), |(r, c)| {
+                ((r + 5 * c) % 11) as f32 * 0.7 - 3.0
+            });
+            let a = wide.slice(s![.., ..;2]);
+            for bias in [true, false] {
+                let mut want = Array2::<f32>::zeros((rows, outer_width(p, q, bias)));
+                let want_finite =
+                    outer_rows(g.view(), a, 3.5, bias, false, want.view_mut()).unwrap();
+                let mut f = Array2::<f32>::zeros((rows, p + q));
+                assert_eq!(
+                    outer_factors(g.view(), a, 3.5, f.view_mut()).unwrap(),
+                    want_finite
+                );
+                let mut got = vec![0f32; want.len()];
+                expand_outer(f.as_slice().unwrap(), p + q, p, bias, &mut got).unwrap();
+                assert_eq!(got, want.as_slice().unwrap(), "q {q}, bias {bias}");
+            }
+        }
+        let mut bad = Array2::<f32>::from_elem((rows, p + 2), 7.0);
+        assert!(outer_factors(g.view(), g.view(), 1.0, bad.view_mut()).is_err()); // p + q = 8, not 6
+        assert!(bad.iter().all(|&v| v == 7.0));
     }
 
     #[test]

@@ -3631,13 +3631,15 @@ class _Probe(nn.Module):
 
 
 def _twins(make, steps, ordering="grab", **kwargs):
-    """Run ``steps`` ((x, y) or a callable(model, x, y) per step) on two identical models and samplers,
-    one handing rows by their factors, one forced to hand rows; returns both (sampler, handle, spy)."""
+    """Run ``steps`` (a callable(model) per step) on two identical models and samplers, one handing rows
+    by their factors, one forced to hand rows; returns both (sampler, handle, spy, pending before the
+    next epoch). The wide layer's input is count-sketched unless ``kwargs`` say otherwise."""
     runs = []
+    kwargs = {"sketch": 4, "per_layer": {"wide": (5, 64)}, **kwargs}
     for factored in (True, False):
         torch.manual_seed(0)
         model = make()
-        sampler, handle, spy = watched(model, sketch=4, ordering=ordering, per_layer={"wide": (5, 64)}, **kwargs)
+        sampler, handle, spy = watched(model, ordering=ordering, **kwargs)
         assert handle._outer is handle._sketches[model.wide]
         if not factored:
             handle._outer = None
@@ -3685,6 +3687,30 @@ def test_a_lone_linear_layer_hands_its_rows_by_their_factors_with_the_same_bits(
     assert_rows(spy.steps([5, 6, 3, 7])[-1], want)
 
 
+@pytest.mark.parametrize("sketch", [None, 4])
+def test_a_lone_linear_layer_with_an_exact_or_gaussian_input_side_hands_factors_too(sketch):
+    # Linear(30, 5): exact (sketch=None: the factors are the output gradient and the input itself) or its
+    # input projected at the call by a Gaussian factor (sketch=4), the factors then that projection.
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wide = nn.Linear(30, 5)
+
+        def forward(self, x):
+            return self.wide(x)
+
+    batches = [_data((30,), "class", b=b, seed=20 + b) for b in (4, 7, 5)]
+    runs = _twins(Small, [_plain_step(x, y) for x, y in batches], sketch=sketch, per_layer={})
+    sampler, handle, spy, _ = runs[0]
+    (sk,) = handle._sketches.values()
+    assert sk.p_in.identity == (sketch is None) and not sk.p_in.count
+    assert spy.factored == [True]
+    torch.manual_seed(0)
+    model = Small()
+    x, y = batches[0]
+    assert_rows(spy.steps([4, 7, 5])[0], exact_rows(handle, model, ce, x, y)[0])
+
+
 def test_a_lone_layer_called_twice_in_a_step_hands_that_step_as_rows():
     # The second call's rows are added to the first's: no longer one outer product. The step's factors
     # become rows (RowFeeder.densify), the steps around it keep their factors, each block of one kind.
@@ -3726,14 +3752,25 @@ def test_factored_steps_with_a_grad_scaler_and_a_non_finite_step_match_the_rows(
         assert handle.skipped_steps == 1 and spy.skips == [4] and pending == 64 - 12
 
 
-def test_a_step_whose_input_the_kernel_cannot_hold_hands_rows_between_factored_ones():
-    # A non-contiguous input is projected at the call (LinearSketch.hold): that step writes rows, which
-    # ships the block of factors before it; the next step starts a block of factors again.
+def test_a_step_of_sequences_hands_rows_between_factored_ones():
+    # A step whose input is [B, T, in] (rows summed over positions: not one outer product) writes rows,
+    # which ships the block of factors before it; the next step, whose non-contiguous input is projected
+    # at the call (LinearSketch.hold keeps no such input), hands the factors of that projection.
     batches = [_data((400,), "class", b=4, seed=s) for s in (8, 9, 10)]
+    seq_x = torch.randn(4, 3, 400)
     odd_x = torch.randn(400, 4).t()  # not contiguous
-    steps = [_plain_step(*batches[0]), _plain_step(odd_x, batches[1][1]), _plain_step(*batches[2])]
+
+    def sequence_step(model):
+        ce(model(seq_x).mean(1), batches[1][1]).backward()
+
+    steps = [_plain_step(*batches[0]), sequence_step, _plain_step(odd_x, batches[2][1])]
     runs = _twins(_Probe, steps)
-    assert runs[0][2].factored == [True, False, True]
+    spy = runs[0][2]
+    assert spy.factored == [True, False, True]
+    torch.manual_seed(0)
+    model = _Probe()
+    handle = runs[0][1]
+    assert_rows(spy.steps([4, 4, 4])[2], exact_rows(handle, model, ce, odd_x, batches[2][1])[0])
 
 
 def test_step_outer_and_its_kernels_refuse_bad_input_and_change_nothing():

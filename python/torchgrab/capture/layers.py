@@ -355,16 +355,20 @@ class LinearSketch(LayerSketch):
 
     def factors_into(self, saved: Any, g: torch.Tensor, out: np.ndarray, scale: float) -> Optional[bool]:
         """Write this call's factors into ``out`` ([B, k_out + k_in] float32, a NumPy view of the step's
-        slot): ``scale`` times the projected output gradient, then the held input's count sketch. The
-        layer's rows (``rows_into``) are their outer products, followed by the first factor as the bias
-        block; the sampler's kernel forms them where it balances them (``_segments.OuterRows``). Says
-        whether those rows are finite; None (nothing written) where the kernel does not apply, as for
-        ``rows_into``. For a lone Linear layer with a held input and a trained bias, or none."""
+        slot): ``scale`` times the projected output gradient, then the projected input (a held input's
+        count sketch formed now). The layer's rows (``rows_into``) are their outer products, followed by
+        the first factor as the bias block; the sampler's kernel forms them where it balances them
+        (``_segments.OuterRows``). Says whether those rows are finite; None (nothing written) where no
+        kernel applies, as for ``rows_into``. For a lone Linear layer with a trained weight."""
         g = g.detach()
-        if type(saved) is not HeldInput or g.dim() != 2 or not cpu_kernel_input(g):
+        if g.dim() != 2 or not cpu_kernel_input(g):
             return None
-        x, (order, starts, signs) = saved.x.numpy(), self.p_in.count_tables()
-        return _native.count_factors(self.p_out(g).numpy(), x, order, starts, signs, float(scale), out)
+        if type(saved) is HeldInput:
+            x, (order, starts, signs) = saved.x.numpy(), self.p_in.count_tables()
+            return _native.count_factors(self.p_out(g).numpy(), x, order, starts, signs, float(scale), out)
+        if saved.dim() != 2 or not cpu_kernel_input(saved):
+            return None
+        return _native.outer_factors(self.p_out(g).numpy(), saved.numpy(), float(scale), out)
 
     def group_key(self, saved: Any, g: torch.Tensor) -> Any:
         # Layers of one shape (a transformer's q, k, v, o of every block) are sketched by a few batched

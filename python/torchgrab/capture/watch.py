@@ -297,9 +297,9 @@ class WatchHandle:
             for sk in self._sketches.values()
             if type(sk) is LinearSketch and sk.train_w and sk.p_in.count and not sk.ghost and self._alone[sk]
         }
-        # A model whose whole row is one held Linear layer's (logistic regression on MNIST, a linear probe):
-        # its steps hand the sampler the rows' factors, [B, k_out + k_in] (MNIST: 112 numbers an example
-        # against 1,030), and the sampler's kernel forms the rows a few at a time where it balances them
+        # A model whose whole row is one Linear layer's (logistic regression, a linear probe): its steps
+        # hand the sampler the rows' factors, [B, k_out + k_in] (MNIST: 112 numbers an example against
+        # 1,030), and the sampler's kernel forms the rows a few at a time where it balances them
         # (LinearSketch.factors_into, _segments.OuterRows). Set below, once the row's columns are known.
         self._outer: Optional[LinearSketch] = None
         self._param_offsets = []
@@ -338,7 +338,9 @@ class WatchHandle:
         only = list(self._sketches.values())
         if (
             len(only) == 1
-            and only[0] in self._held_inputs
+            and type(only[0]) is LinearSketch
+            and only[0].train_w
+            and not only[0].ghost
             and only[0].width == self.width  # no parameters of no layer, no ghost columns beside it
             and not self._direct
             and not self._attention
