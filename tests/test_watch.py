@@ -3815,6 +3815,23 @@ def test_step_outer_and_its_kernels_refuse_bad_input_and_change_nothing():
     assert (out == 7.0).all()
 
 
+@pytest.mark.parametrize("device_path", ["always", "never"])
+def test_outer_rows_take_the_path_their_rows_would(device_path):
+    # A sampler on the on-device path (device_path="always", here on the CPU) balances rows by their
+    # Gram products: factors are expanded for it, and later steps of rows find the path they expect.
+    f = np.random.default_rng(3).standard_normal((6, 2 + 3)).astype(np.float32)
+    a = GraBSampler(n=12, ordering="grab", seed=0, device_path=device_path)
+    b = GraBSampler(n=12, ordering="grab", seed=0, device_path=device_path)
+    list(a), list(b)
+    a.step(OuterRows(f, 2, True))
+    a.step(OuterRows(f, 2, True).expand())  # rows after factors: the same path
+    rows = OuterRows(f, 2, True).expand()
+    b.step(rows)
+    b.step(rows.copy())
+    assert (a._ondevice is not None) == (device_path == "always")
+    assert_same_state(a.state_dict(), b.state_dict())
+
+
 def test_outer_rows_reach_unit_samplers_as_rows():
     # A sampler of units of two examples takes rows per example and averages them: factors are expanded.
     f = np.random.default_rng(2).standard_normal((4, 2 + 3)).astype(np.float32)

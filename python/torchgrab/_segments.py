@@ -71,7 +71,7 @@ def _numpy_segment(a: np.ndarray, k: int) -> Tuple[np.ndarray, str]:
 class OuterRows:
     """A batch of rows given by their factors (watch()'s lone Linear layer, capture/feed.py): row r is
     vec(f[r, :p] f[r, p:]^T) followed, with ``bias``, by f[r, :p], where f is ``factors`` (float32,
-    C-contiguous, rows x (p + q)): a Linear layer's scaled output gradient and sketched input. The Rust
+    C-contiguous, rows x (p + q)): a Linear layer's scaled output gradient and projected input. The Rust
     kernel forms the rows a few at a time where it balances them, so the block of rows, p q + p numbers
     an example against p + q, is never written out."""
 

@@ -385,15 +385,21 @@ class GraBSampler(Sampler[int]):
         """
         if not isinstance(non_blocking, bool):
             raise UnsupportedInputError(f"non_blocking must be True or False, got {non_blocking!r}")
-        if isinstance(grads, OuterRows) and (self._units is not None or self._ondevice is not None):
-            grads = grads.expand()  # (watch()'s rows by their factors) these paths take the rows
+        if isinstance(grads, OuterRows) and self._units is not None:
+            grads = grads.expand()  # (watch()'s rows by their factors) units are averaged from rows
         if self._units is not None:
             with self._lock:
                 return self._step_units(grads, indices, per_unit)
         if per_unit:
             raise UnsupportedInputError("per_unit=True needs unit_size > 1")
         with self._lock:
-            if not isinstance(grads, OuterRows) and self._wants_device_path(grads):
+            if isinstance(grads, OuterRows):
+                # The on-device path takes rows; where the factors' host array would go there, so do they.
+                device = self._wants_device_path(grads.factors)
+                grads = grads.expand() if device else grads
+            else:
+                device = self._wants_device_path(grads)
+            if device:
                 tensors, rows = self._device_segments(grads)
                 idx = self._take(rows, indices)
                 if self._ondevice is None:
