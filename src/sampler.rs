@@ -400,6 +400,11 @@ impl<S: StateElem> Sampler<S> {
         if !self.check_step(batch.rows(), batch.dim(), indices)? || batch.rows() == 0 {
             return Ok(());
         }
+        self.step_checked(batch, indices)
+    }
+
+    /// `step` once `check_step` has passed on these rows (at least one): the balancing itself.
+    fn step_checked<G: GradElem>(&mut self, batch: &Batch<G>, indices: &[u32]) -> Result<()> {
         let d = batch.dim();
         let asm = self
             .assembler
@@ -529,7 +534,7 @@ impl<S: StateElem> Sampler<S> {
         if !chunked || rows <= OUTER_CHUNK {
             let mut buf = zeros(rows, width)?;
             crate::sketch_rows::expand_outer(flat, cols, p, bias, &mut buf)?;
-            return self.step(&Batch::from_slice(&buf, rows, width)?, indices);
+            return self.step_checked(&Batch::from_slice(&buf, rows, width)?, indices);
         }
         // What the chunks change, to put back if a later one is refused: the balance (d-sized sums for
         // these two orderings), the sign rule and the assembly's pointers and marks.
@@ -557,15 +562,10 @@ impl<S: StateElem> Sampler<S> {
                 out,
             )
             .and_then(|()| {
-                let batch = Batch::from_slice(out, take, width)?;
-                let asm = self
-                    .assembler
-                    .as_mut()
-                    .expect("check_step found an epoch running");
-                let (cfg, balance, rule) = (&self.cfg, &mut self.balance, &mut self.rule);
-                on_workers(width, || {
-                    balance_rows(cfg, balance, rule, asm, &batch, &indices[done..done + take])
-                })
+                self.step_checked(
+                    &Batch::from_slice(out, take, width)?,
+                    &indices[done..done + take],
+                )
             });
             if let Err(e) = result {
                 self.rule = saved_rule;

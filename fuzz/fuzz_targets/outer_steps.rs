@@ -9,22 +9,8 @@ use ndarray::ArrayView2;
 use torchgrab::batch::Batch;
 use torchgrab::sampler::{Config, OrderingKind, Sampler, ORDERING_NAMES};
 
-struct Bytes<'a>(&'a [u8]);
-
-impl Bytes<'_> {
-    fn u8(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((&b, rest)) => {
-                self.0 = rest;
-                b
-            }
-            None => 0,
-        }
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-}
+mod bytes;
+use bytes::Bytes;
 
 /// The rows by their definition: g_j a_c at column j q + c, then g_j with `bias`.
 fn rows_of(f: &[f32], p: usize, q: usize, bias: bool) -> Vec<f32> {

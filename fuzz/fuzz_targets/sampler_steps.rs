@@ -10,22 +10,8 @@ use torchgrab::batch::Batch;
 use torchgrab::elem::GradElem;
 use torchgrab::sampler::{check_permutation, Config, OrderingKind, Sampler, ORDERING_NAMES};
 
-struct Bytes<'a>(&'a [u8]);
-
-impl Bytes<'_> {
-    fn u8(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((&b, rest)) => {
-                self.0 = rest;
-                b
-            }
-            None => 0,
-        }
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-}
+mod bytes;
+use bytes::Bytes;
 
 /// Feed `rows` (row-major, width `widths.iter().sum()`) as one segment to `one` and as `widths`
 /// segments to `split`; both must agree on success and on state.

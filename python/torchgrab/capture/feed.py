@@ -102,13 +102,7 @@ class RowFeeder:
         holds the other kind: rows, or factors of ``outer`` = (p, bias), ``width`` wide)."""
         block = self._block
         width = self.width if width is None else width
-        if (
-            block is None
-            or block.device != device
-            or self._block_used + b > block.shape[0]
-            or self._outer != outer
-            or block.shape[1] != width
-        ):
+        if block is None or block.device != device or not self._takes(block, b, outer, width):
             if self.ready:
                 self.ship()
             block = self._block = self._new_block(max(b, FEED_EVERY * b), device, width)
@@ -126,15 +120,17 @@ class RowFeeder:
         if (
             block is None
             or not block.is_cpu
-            or self._block_used + b > block.shape[0]
-            or self._outer != outer
-            or block.shape[1] != (self.width if width is None else width)
+            or not self._takes(block, b, outer, self.width if width is None else width)
         ):
             self.rows_out(b, torch.device("cpu"), outer, width)  # a new block; its first b rows taken
             return self._block_np[:b]
         used = self._block_used
         self._block_used = used + b
         return self._block_np[used : used + b]
+
+    def _takes(self, block: torch.Tensor, b: int, outer: Optional[Tuple[int, bool]], width: int) -> bool:
+        """The current block has room for ``b`` more rows of this kind (rows, or factors of ``outer``)."""
+        return self._block_used + b <= block.shape[0] and self._outer == outer and block.shape[1] == width
 
     def densify(self, slot: np.ndarray) -> np.ndarray:
         """The open step's slot of factors (the last slot taken) as a slot of rows, the rows written: for

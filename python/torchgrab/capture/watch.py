@@ -302,6 +302,7 @@ class WatchHandle:
         # 1,030), and the sampler's kernel forms the rows a few at a time where it balances them
         # (LinearSketch.factors_into, _segments.OuterRows). Set below, once the row's columns are known.
         self._outer: Optional[LinearSketch] = None
+        self._outer_kind: Tuple[int, bool] = (0, False)  # its factors' (p, bias) as OuterRows takes them
         self._param_offsets = []
         for _, _, fs in self._params:
             self._param_offsets.append(offset)
@@ -347,6 +348,7 @@ class WatchHandle:
             and exchange is None  # rows sent to other ranks are rows
         ):
             self._outer = only[0]  # type: ignore[assignment]
+            self._outer_kind = (only[0].p_out.k, only[0].train_b)  # type: ignore[attr-defined]
         self._hooks: List[Any] = [model.register_forward_pre_hook(eager(self._on_step_begins), with_kwargs=True)]
         # A layer's call recorded from its (args, output), by the model's layout.
         self._record_call = self._on_forward if batch_first else self._on_forward_seq_first
@@ -1033,7 +1035,7 @@ class WatchHandle:
             # The rows' factors, not the rows (see _outer); a second call of the layer in this step
             # makes them rows again (below), and a layer the kernel does not apply to writes rows.
             out = self._outer
-            slot = self._feeder.slot_out(b, (out.p_out.k, out.train_b), out.factor_width)
+            slot = self._feeder.slot_out(b, self._outer_kind, out.factor_width)
             finite = out.factors_into(saved, g, slot, self._multiplier(step, b))
             if finite is not None:
                 step.slot, step.outer, step.finite = slot, True, finite
