@@ -396,14 +396,14 @@ def part_loss(tasks, args, plt):
             target = hist["rr"][-1][1]
             t_rr = hist["rr"][-1][0]
             t_g = _time_to(hist["grab"], target)
-            ratio = t_g / t_rr if t_g is not None else float("nan")
+            # GraB never reaching RR's final loss counts as slower than any time it could have taken (inf),
+            # so the median still says something when one seed never gets there.
+            ratio = t_g / t_rr if t_g is not None else float("inf")
             ratios.append(ratio)
             curves[(task, seed)] = hist
-            print(
-                f"{seed:>4} {target:>14.5f} {t_rr:>8.1f} {t_g if t_g is not None else float('nan'):>13.1f} "
-                f"{ratio:>7.3f} {hist['grab'][-1][1]:>11.5f}"
-            )
-        print(f"median ratio (GraB time to RR's final loss / RR time): {np.median(ratios):.3f}")
+            reached = f"{t_g:>13.1f} {ratio:>7.3f}" if t_g is not None else f"{'never':>13} {'-':>7}"
+            print(f"{seed:>4} {target:>14.5f} {t_rr:>8.1f} {reached} {hist['grab'][-1][1]:>11.5f}")
+        print(f"median ratio (GraB time to RR's final loss / RR time; never = inf): {np.median(ratios):.3f}")
     if plt is not None:
         fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False)
         for j, task in enumerate(tasks):
