@@ -72,7 +72,7 @@ def header(title: str) -> None:
     print(f"# {title}")
     print(
         f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}"
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads at start), numpy {np.__version__}"
     )
     cpu = cpu_description()
     if cpu:
