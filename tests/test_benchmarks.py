@@ -344,6 +344,7 @@ def test_watch_dispatch_runs(tmp_path):
     assert (tmp_path / "o.txt").read_text().count("\n") > 20
 
 
+@pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data/cifar10")
 def test_watch_breakdown_runs():
     """benchmarks/watch_breakdown.py --quick: watch()'s hooks and kernels timed inside a LeNet loop."""
     stdout = run(["benchmarks/watch_breakdown.py", "--quick"])
