@@ -232,15 +232,26 @@ pub fn count_outer_rows(
     accumulate: bool,
     out: ArrayViewMut2<'_, f32>,
 ) -> Result<bool> {
+    let a = sketch_beside("count outer rows", g, x, tables)?;
+    outer_rows(g, a.view(), scale, bias, accumulate, out)
+}
+
+/// The [`count_sketch`] of `x` for the rows of `g` in a fused kernel (`what`): an `x` with another number
+/// of rows is refused before the sketch is formed.
+fn sketch_beside(
+    what: &str,
+    g: ArrayView2<'_, f32>,
+    x: ArrayView2<'_, f32>,
+    tables: &Buckets<'_>,
+) -> Result<Array2<f32>> {
     if x.nrows() != g.nrows() {
         return Err(GrabError::shape(format!(
-            "count outer rows: g has {} rows, x has {}",
+            "{what}: g has {} rows, x has {}",
             g.nrows(),
             x.nrows()
         )));
     }
-    let a = count_sketch(x, tables)?;
-    outer_rows(g, a.view(), scale, bias, accumulate, out)
+    count_sketch(x, tables)
 }
 
 /// Row r of `out` (rows x c) gets `scale` times the sum of the values of channel j of example r in `g`
@@ -284,7 +295,6 @@ pub fn channel_sums(
     Ok(finite)
 }
 
-/// The sum of absolute values of every element (in eight lanes where the view is contiguous).
 /// The factors of [`outer_rows`]'s fresh rows instead of the rows: row r of `out` (rows x (p + q)) gets
 /// `scale * g[r]` (p values) followed by `a[r]` (q values), from which [`expand_outer`] writes the rows,
 /// the same bits as `outer_rows` writes. p + q numbers an example instead of p q + p (MNIST: 112 instead
@@ -332,14 +342,7 @@ pub fn count_factors(
     scale: f32,
     out: ArrayViewMut2<'_, f32>,
 ) -> Result<bool> {
-    if x.nrows() != g.nrows() {
-        return Err(GrabError::shape(format!(
-            "count factors: g has {} rows, x has {}",
-            g.nrows(),
-            x.nrows()
-        )));
-    }
-    let a = count_sketch(x, tables)?;
+    let a = sketch_beside("count factors", g, x, tables)?;
     outer_factors(g, a.view(), scale, out)
 }
 
@@ -378,6 +381,7 @@ pub fn expand_outer(f: &[f32], cols: usize, p: usize, bias: bool, out: &mut [f32
     Ok(())
 }
 
+/// The sum of absolute values of every element (in eight lanes where the view is contiguous).
 fn abs_sum(v: ArrayView2<'_, f32>) -> f32 {
     match v.as_slice() {
         Some(x) => lane_sum_by(x, f32::abs),
