@@ -12,7 +12,9 @@ Model: a ResNet-8 (conv3x3 16 + BN + ReLU; three stages of one BasicBlock each, 
 stages, 1x1 conv + BN shortcut where the shape changes; global average pool; Linear to 10), no bias in the
 convolutions (BN follows each). Data: a seeded random subset of the CIFAR-10 training JPEGs of ../shared/data
 (`--n`, default 5,000) and a seeded random 2,000 of the test images, channel mean/std normalized, no augmentation.
-SGD lr 0.05 momentum 0.9 weight decay 5e-4, batch 64, constant learning rate.
+SGD lr 0.05 momentum 0.9 weight decay 5e-4, batch 64, constant learning rate by default; `--schedule cosine` decays it
+per step along half a cosine to 0 at the last step (every arm the same schedule), which quiets the epoch-to-epoch
+swings of the loss that a constant rate leaves (the run at 862da54 could not tell the orders apart through them).
 
 Arms, per seed from the same initial weights and the same first-epoch permutation (every arm is a GraBSampler with
 that seed; its first epoch is a seeded random permutation, the same for every ordering):
@@ -141,6 +143,12 @@ class Arm:
         torch.manual_seed(seed)
         self.model = ResNet8()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
+        self.sched = None
+        if args.schedule == "cosine":
+            total = args.epochs * math.ceil(n / args.batch)
+            self.sched = torch.optim.lr_scheduler.LambdaLR(
+                self.opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+            )
         self.sampler = GraBSampler(n=n, ordering=name, seed=seed)
         self.handle = None
         if name != "rr":
@@ -158,6 +166,8 @@ class Arm:
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
+            if self.sched is not None:
+                self.sched.step()
         self.sampler.synchronize()  # the last steps' rows fed and balanced: part of the epoch
         return time.perf_counter() - t0
 
@@ -207,6 +217,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--wd", type=float, default=5e-4)
+    ap.add_argument(
+        "--schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="learning rate: constant, or per-step cosine decay to 0 at the last step",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     ap.add_argument(
         "--exclude-empty",
@@ -240,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     d = sum(p.numel() for p in probe.parameters())
     title = (
         f"CIFAR-10 ResNet-8 with BatchNorm (d = {d:,}), {len(x):,} training / {len(xte):,} test images, "
-        f"SGD lr {args.lr} m 0.9 wd {args.wd}, batch {args.batch}, {args.epochs} epochs, {args.seeds} seeds"
+        f"SGD lr {args.lr}{' cosine to 0' if args.schedule == 'cosine' else ''} m 0.9 wd {args.wd}, batch {args.batch}, {args.epochs} epochs, {args.seeds} seeds"
     )
     out.line(f"# {title}")
     out.line(
