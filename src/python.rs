@@ -1266,6 +1266,63 @@ fn channel_sums<'py>(
         .map_err(to_py)
 }
 
+/// Write (or, with `accumulate`, add) `scale` times a BatchNorm's exact per-example contributions into
+/// `out` ([rows, width], any strides): per channel the sum of `g * x_hat` (with `weight`) then the sum of
+/// `g` (with `bias`), from its input `x` and output gradient `g` (float32, C-contiguous, the same
+/// [rows, channels, ...] shape), normalized by the batch's statistics or by `running_mean` and
+/// `running_var` when given (`sketch_rows::norm_sums`). Returns whether every value the rows hold
+/// afterwards is finite.
+#[pyfunction]
+#[pyo3(signature = (x, g, eps, running_mean, running_var, weight, bias, scale, accumulate, out))]
+#[allow(clippy::too_many_arguments)]
+fn norm_sums<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArrayDyn<'py, f32>,
+    g: PyReadonlyArrayDyn<'py, f32>,
+    eps: f64,
+    running_mean: Option<PyReadonlyArray1<'py, f32>>,
+    running_var: Option<PyReadonlyArray1<'py, f32>>,
+    weight: bool,
+    bias: bool,
+    scale: f32,
+    accumulate: bool,
+    out: &Bound<'py, PyArray2<f32>>,
+) -> PyResult<bool> {
+    let shape = g.shape();
+    if shape.len() < 2 || x.shape() != shape {
+        return Err(ShapeError::new_err(format!(
+            "norm sums: x and g must be [rows, channels, ...] of one shape, got {:?} and {:?}",
+            x.shape(),
+            shape
+        )));
+    }
+    let (rows, c) = (shape[0], shape[1]);
+    let contiguous =
+        |name: &str| UnsupportedInputError::new_err(format!("{name} must be C-contiguous"));
+    let xs = x.as_slice().map_err(|_| contiguous("x"))?;
+    let gs = g.as_slice().map_err(|_| contiguous("g"))?;
+    let running = match (&running_mean, &running_var) {
+        (Some(m), Some(v)) => Some((
+            m.as_slice().map_err(|_| contiguous("running_mean"))?,
+            v.as_slice().map_err(|_| contiguous("running_var"))?,
+        )),
+        (None, None) => None,
+        _ => {
+            return Err(ShapeError::new_err(
+                "norm sums: running_mean and running_var go together (both or neither)",
+            ))
+        }
+    };
+    let mut rw = writable(out)?;
+    let ov = rw.as_array_mut();
+    py.detach(|| {
+        crate::sketch_rows::norm_sums(
+            xs, gs, rows, c, eps, running, weight, bias, scale, accumulate, ov,
+        )
+    })
+    .map_err(to_py)
+}
+
 /// The names of the available orderings.
 #[pyfunction]
 fn orderings() -> Vec<&'static str> {
@@ -1307,6 +1364,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(expand_outer, m)?)?;
     m.add_function(wrap_pyfunction!(outer_rows, m)?)?;
     m.add_function(wrap_pyfunction!(channel_sums, m)?)?;
+    m.add_function(wrap_pyfunction!(norm_sums, m)?)?;
     m.add("GraBError", py.get_type::<GraBError>())?;
     m.add("ShapeError", py.get_type::<ShapeError>())?;
     m.add(

@@ -295,6 +295,189 @@ pub fn channel_sums(
     Ok(finite)
 }
 
+/// A BatchNorm's exact per-example contributions, in one pass over its input `x` and output gradient `g`
+/// (both rows x c x positions, C-contiguous, the same length): row r of `out` gets `scale` times the sum
+/// over positions of `g * x_hat` for each channel (the weight's columns, with `weight`) followed by the
+/// sum of `g` (the bias's, with `bias`). `x_hat = (x - mean) / sqrt(var + eps)` per channel, with the
+/// batch's own biased statistics over rows and positions (training mode), or with `running` = (mean,
+/// var) given (eval mode). torch's form normalizes the whole input again, multiplies and sums twice:
+/// five passes over the feature map in each BN layer's backward, most of a ResNet's watched step; this
+/// reads `x` and `g` once. Since `sum g x_hat = (sum g x - mean sum g) / sqrt(var + eps)`, one pass
+/// gathers the four sums per example and channel (in f64: the difference cancels when the mean is
+/// large against the spread). With `accumulate` the values are added to what `out` holds (a layer
+/// called twice in a step). Returns whether every value the rows hold afterwards is finite; refuses bad
+/// shapes before anything is written.
+#[allow(clippy::too_many_arguments)]
+pub fn norm_sums(
+    x: &[f32],
+    g: &[f32],
+    rows: usize,
+    c: usize,
+    eps: f64,
+    running: Option<(&[f32], &[f32])>,
+    weight: bool,
+    bias: bool,
+    scale: f32,
+    accumulate: bool,
+    mut out: ArrayViewMut2<'_, f32>,
+) -> Result<bool> {
+    let width = c * (weight as usize + bias as usize);
+    if x.len() != g.len()
+        || out.nrows() != rows
+        || out.ncols() != width
+        || (rows * c > 0 && !g.len().is_multiple_of(rows * c))
+        || running.is_some_and(|(m, v)| m.len() != c || v.len() != c)
+    {
+        return Err(GrabError::shape(format!(
+            "norm sums: x has {} values and g {} for {rows} x {c} channels, out is {} x {} (expected {rows} x \
+             {width}), running statistics {:?} (expected {c} each)",
+            x.len(),
+            g.len(),
+            out.nrows(),
+            out.ncols(),
+            running.map(|(m, v)| (m.len(), v.len()))
+        )));
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(GrabError::shape(format!(
+            "norm sums: eps must be finite and >= 0, got {eps}"
+        )));
+    }
+    if rows * c == 0 {
+        return Ok(true);
+    }
+    let positions = g.len() / (rows * c);
+    let avx2 = has_avx2();
+    let sums: Vec<Slab> = (0..rows * c)
+        .map(|i| {
+            let span = i * positions..(i + 1) * positions;
+            Slab::of(avx2, &x[span.clone()], &g[span])
+        })
+        .collect();
+    let p = positions as f64;
+    let mut finite = true;
+    for j in 0..c {
+        let (mean, var) = match running {
+            Some((m, v)) => (m[j] as f64, v[j] as f64),
+            None if positions == 0 => (0.0, 0.0),
+            None => {
+                // Chan et al.'s combination of each example's mean and squared deviations: no
+                // difference of two large sums.
+                let n = rows as f64 * p;
+                let mean = (0..rows).map(|r| sums[r * c + j].mean(p)).sum::<f64>() * p / n;
+                let m2: f64 = (0..rows)
+                    .map(|r| {
+                        let s = &sums[r * c + j];
+                        let d = s.mean(p) - mean;
+                        s.m2(p) + p * d * d
+                    })
+                    .sum();
+                (mean, m2 / n)
+            }
+        };
+        let inv = 1.0 / (var + eps).sqrt();
+        for r in 0..rows {
+            let s = &sums[r * c + j];
+            let mut col = j;
+            let mut put = |v: f64, col: usize| {
+                let o = &mut out[(r, col)];
+                let v = scale * v as f32;
+                *o = if accumulate { *o + v } else { v };
+                finite &= o.is_finite();
+            };
+            if weight {
+                // sum g (x - mean) = sum g (x - k) + (k - mean) sum g
+                put((s.gd + (s.k - mean) * s.g) * inv, col);
+                col += c;
+            }
+            if bias {
+                put(s.g, col);
+            }
+        }
+    }
+    Ok(finite)
+}
+
+/// One example's channel of a BatchNorm (`norm_sums`): its values shifted by the first, `d = x - k`,
+/// so the sums are of numbers of the size of the spread, not of the mean (float32 sums of `x` and `x^2`
+/// would cancel to nothing under a large mean): `g` = sum g, `gd` = sum g d, `d` = sum d, `dd` = sum d^2.
+struct Slab {
+    k: f64,
+    g: f64,
+    gd: f64,
+    d: f64,
+    dd: f64,
+}
+
+impl Slab {
+    fn of(avx2: bool, x: &[f32], g: &[f32]) -> Slab {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the caller passes has_avx2().
+            return unsafe { simd::slab_avx2(x, g) };
+        }
+        let _ = avx2;
+        slab_sums(x, g)
+    }
+
+    fn mean(&self, p: f64) -> f64 {
+        if p > 0.0 {
+            self.k + self.d / p
+        } else {
+            0.0
+        }
+    }
+
+    /// The sum of squared deviations from the example's own mean.
+    fn m2(&self, p: f64) -> f64 {
+        if p > 0.0 {
+            (self.dd - self.d * self.d / p).max(0.0)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The four sums of a [`Slab`] in eight float32 lanes each, then the lanes and the values past the last
+/// whole eight in float64, in a fixed order ([`slab_finish`]; the AVX2 form makes the same operations in
+/// the same order: the same bits).
+fn slab_sums(x: &[f32], g: &[f32]) -> Slab {
+    let k = x.first().copied().unwrap_or(0.0);
+    let mut acc = [[0f32; 8]; 4];
+    for (xv, gv) in x.chunks_exact(8).zip(g.chunks_exact(8)) {
+        for l in 0..8 {
+            let (d, b) = (xv[l] - k, gv[l]);
+            acc[0][l] += b;
+            acc[1][l] += b * d;
+            acc[2][l] += d;
+            acc[3][l] += d * d;
+        }
+    }
+    slab_finish(k, acc, x, g)
+}
+
+fn slab_finish(k: f32, acc: [[f32; 8]; 4], x: &[f32], g: &[f32]) -> Slab {
+    let mut t = [0f64; 4];
+    for (t, lanes) in t.iter_mut().zip(&acc) {
+        *t = lanes.iter().map(|&v| v as f64).sum();
+    }
+    let whole = x.len() / 8 * 8;
+    for (&a, &b) in x[whole..].iter().zip(&g[whole..]) {
+        let (d, b) = ((a - k) as f64, b as f64);
+        t[0] += b;
+        t[1] += b * d;
+        t[2] += d;
+        t[3] += d * d;
+    }
+    Slab {
+        k: k as f64,
+        g: t[0],
+        gd: t[1],
+        d: t[2],
+        dd: t[3],
+    }
+}
+
 /// The factors of [`outer_rows`]'s fresh rows instead of the rows: row r of `out` (rows x (p + q)) gets
 /// `scale * g[r]` (p values) followed by `a[r]` (q values), from which [`expand_outer`] writes the rows,
 /// the same bits as `outer_rows` writes. p + q numbers an example instead of p q + p (MNIST: 112 instead
@@ -416,8 +599,42 @@ fn write_row(
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{gather8, transpose8_scalar, Buckets};
+    use super::{gather8, slab_finish, transpose8_scalar, Buckets, Slab};
     use std::arch::x86_64::*;
+
+    /// `slab_sums` with its eight lanes in one register each (mul then add, no FMA: the same bits).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 (checked by `has_avx2()`); `x` and `g` have the same length.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn slab_avx2(x: &[f32], g: &[f32]) -> Slab {
+        let n = x.len().min(g.len()) / 8 * 8;
+        let k = x.first().copied().unwrap_or(0.0);
+        let kv = _mm256_set1_ps(k);
+        let (mut s0, mut s1, mut s2, mut s3) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let (px, pg) = (x.as_ptr(), g.as_ptr());
+        let mut i = 0;
+        while i < n {
+            // SAFETY: i + 8 <= n <= x.len(), g.len(); unaligned loads.
+            let d = _mm256_sub_ps(_mm256_loadu_ps(px.add(i)), kv);
+            let b = _mm256_loadu_ps(pg.add(i));
+            s0 = _mm256_add_ps(s0, b);
+            s1 = _mm256_add_ps(s1, _mm256_mul_ps(b, d));
+            s2 = _mm256_add_ps(s2, d);
+            s3 = _mm256_add_ps(s3, _mm256_mul_ps(d, d));
+            i += 8;
+        }
+        let mut acc = [[0f32; 8]; 4];
+        for (a, v) in acc.iter_mut().zip([s0, s1, s2, s3]) {
+            _mm256_storeu_ps(a.as_mut_ptr(), v);
+        }
+        slab_finish(k, acc, x, g)
+    }
 
     /// # Safety
     /// The CPU must support AVX2 (checked by `has_avx2()`).
@@ -1122,5 +1339,242 @@ mod tests {
         assert!(channel_sums(&g, 2, 2, 1.0, false, out.view_mut()).is_err()); // out has 3 channels
         let mut empty = Array2::<f32>::zeros((0, 3));
         assert!(channel_sums(&[], 0, 3, 1.0, false, empty.view_mut()).unwrap());
+    }
+
+    #[test]
+    fn norm_sums_by_hand() {
+        // 2 examples, 1 channel, 2 positions: x = [[1, 3], [5, 7]] -> batch mean 4, var 5;
+        // g = [[1, -1], [2, 0.5]]. eps = 0 keeps the numbers round.
+        let x = [1.0f32, 3.0, 5.0, 7.0];
+        let g = [1.0f32, -1.0, 2.0, 0.5];
+        let s5 = 5f64.sqrt();
+        let mut out = Array2::<f32>::zeros((2, 2));
+        assert!(norm_sums(
+            &x,
+            &g,
+            2,
+            1,
+            0.0,
+            None,
+            true,
+            true,
+            2.0,
+            false,
+            out.view_mut()
+        )
+        .unwrap());
+        // row 0: sum g x_hat = (1 * -3 + -1 * -1) / sqrt 5 = -2 / sqrt 5; sum g = 0
+        // row 1: (2 * 1 + 0.5 * 3) / sqrt 5 = 3.5 / sqrt 5; sum g = 2.5
+        let want = [[2.0 * -2.0 / s5, 0.0], [2.0 * 3.5 / s5, 5.0]];
+        for r in 0..2 {
+            for k in 0..2 {
+                assert!((out[(r, k)] as f64 - want[r][k]).abs() < 1e-6, "{out:?}");
+            }
+        }
+        // running statistics (mean 2, var 4 - eps 0.5): x_hat = (x - 2) / 2
+        let mut w = Array2::<f32>::from_elem((2, 1), 1.0);
+        let run: (&[f32], &[f32]) = (&[2.0], &[3.5]);
+        assert!(norm_sums(
+            &x,
+            &g,
+            2,
+            1,
+            0.5,
+            Some(run),
+            true,
+            false,
+            1.0,
+            true,
+            w.view_mut()
+        )
+        .unwrap());
+        // row 0: (1 * -0.5 + -1 * 0.5) = -1, plus the 1 held; row 1: 2 * 1.5 + 0.5 * 2.5 = 4.25, plus 1
+        assert_eq!(w, array![[0.0], [5.25]]);
+        // the bias alone
+        let mut b = Array2::<f32>::zeros((2, 1));
+        assert!(norm_sums(
+            &x,
+            &g,
+            2,
+            1,
+            1e-5,
+            None,
+            false,
+            true,
+            1.0,
+            false,
+            b.view_mut()
+        )
+        .unwrap());
+        assert_eq!(b, array![[0.0], [2.5]]);
+    }
+
+    #[test]
+    fn norm_slab_sums_are_the_same_bits_with_avx2() {
+        let x: Vec<f32> = (0..37)
+            .map(|i| 50.0 + (i * 13 % 17) as f32 * 0.37)
+            .collect();
+        let g: Vec<f32> = (0..37)
+            .map(|i| ((i * 7 % 11) as f32) * 0.21 - 1.0)
+            .collect();
+        let (a, b) = (slab_sums(&x, &g), Slab::of(has_avx2(), &x, &g));
+        assert_eq!([a.k, a.g, a.gd, a.d, a.dd], [b.k, b.g, b.gd, b.d, b.dd]);
+        assert_eq!(a.k, 50.0);
+    }
+
+    #[test]
+    fn norm_sums_match_the_definition_and_check_shapes() {
+        // 3 examples, 2 channels, 19 positions (two lanes of eight and a remainder), a large mean
+        let (rows, c, p) = (3usize, 2usize, 19usize);
+        let x: Vec<f32> = (0..rows * c * p)
+            .map(|i| 100.0 + ((i * 37 % 23) as f32) * 0.25)
+            .collect();
+        let g: Vec<f32> = (0..rows * c * p)
+            .map(|i| ((i * 11 % 7) as f32) - 3.0)
+            .collect();
+        let mut out = Array2::<f32>::zeros((rows, 2 * c));
+        assert!(norm_sums(
+            &x,
+            &g,
+            rows,
+            c,
+            1e-5,
+            None,
+            true,
+            true,
+            1.0,
+            false,
+            out.view_mut()
+        )
+        .unwrap());
+        for j in 0..c {
+            let vals: Vec<f64> = (0..rows)
+                .flat_map(|r| {
+                    x[(r * c + j) * p..(r * c + j + 1) * p]
+                        .iter()
+                        .map(|&v| v as f64)
+                })
+                .collect();
+            let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+            let var = vals.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / vals.len() as f64;
+            for r in 0..rows {
+                let span = (r * c + j) * p..(r * c + j + 1) * p;
+                let gx: f64 = x[span.clone()]
+                    .iter()
+                    .zip(&g[span.clone()])
+                    .map(|(&a, &b)| b as f64 * (a as f64 - mean) / (var + 1e-5).sqrt())
+                    .sum();
+                let gs: f64 = g[span].iter().map(|&b| b as f64).sum();
+                assert!(
+                    (out[(r, j)] as f64 - gx).abs() < 1e-4 * (1.0 + gx.abs()),
+                    "{gx} {out:?}"
+                );
+                assert_eq!(out[(r, c + j)] as f64, gs);
+            }
+        }
+        let mut bad = Array2::<f32>::zeros((rows, c));
+        assert!(norm_sums(
+            &x,
+            &g,
+            rows,
+            c,
+            1e-5,
+            None,
+            true,
+            true,
+            1.0,
+            false,
+            bad.view_mut()
+        )
+        .is_err());
+        assert!(norm_sums(
+            &x[1..],
+            &g[1..],
+            rows,
+            c,
+            1e-5,
+            None,
+            true,
+            false,
+            1.0,
+            false,
+            bad.view_mut()
+        )
+        .is_err());
+        assert!(norm_sums(
+            &x,
+            &g[1..],
+            rows,
+            c,
+            1e-5,
+            None,
+            true,
+            false,
+            1.0,
+            false,
+            bad.view_mut()
+        )
+        .is_err());
+        let short: (&[f32], &[f32]) = (&[0.0], &[1.0, 1.0]);
+        assert!(norm_sums(
+            &x,
+            &g,
+            rows,
+            c,
+            1e-5,
+            Some(short),
+            true,
+            false,
+            1.0,
+            false,
+            bad.view_mut()
+        )
+        .is_err());
+        assert!(norm_sums(
+            &x,
+            &g,
+            rows,
+            c,
+            f64::NAN,
+            None,
+            true,
+            false,
+            1.0,
+            false,
+            bad.view_mut()
+        )
+        .is_err());
+        assert!(bad.iter().all(|&v| v == 0.0)); // refused: nothing written
+        let mut inf = g.clone();
+        inf[5] = f32::INFINITY;
+        assert!(!norm_sums(
+            &x,
+            &inf,
+            rows,
+            c,
+            1e-5,
+            None,
+            false,
+            true,
+            1.0,
+            false,
+            bad.view_mut()
+        )
+        .unwrap());
+        let mut empty = Array2::<f32>::zeros((0, 2 * c));
+        assert!(norm_sums(
+            &[],
+            &[],
+            0,
+            c,
+            1e-5,
+            None,
+            true,
+            true,
+            1.0,
+            false,
+            empty.view_mut()
+        )
+        .unwrap());
     }
 }

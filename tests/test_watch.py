@@ -3344,6 +3344,137 @@ def test_channel_sums_kernel_refuses_bad_input_and_writes_nothing():
     np.testing.assert_array_equal(out, before)
 
 
+class _BatchNorms(nn.Module):
+    """A BatchNorm2d called twice in a step (its rows add up), then a BatchNorm1d on [B, C]."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 6, 3, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.bn1 = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 3)
+        with torch.no_grad():  # statistics and affine parameters away from their defaults
+            for bn in (self.bn, self.bn1):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h = self.bn(torch.relu(self.bn(self.c(x)) + 3.0))  # a large mean: the kernel's sums must not cancel
+        return self.head(torch.tanh(self.bn1(h.mean((2, 3)))))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)  # exact: rows_into the slot; 4 < 6 channels: projected by rows()
+@pytest.mark.parametrize("frozen", [False, True])
+def test_batchnorm_rows_by_the_kernel_are_the_torch_paths(monkeypatch, sketch, frozen):
+    # BatchNorm's contributions (g * x_hat and g summed per channel) come from one Rust pass over its input
+    # and output gradient (_native.norm_sums) where torch's form normalizes the input again, multiplies
+    # and sums. The rows must be the torch path's: with the batch's statistics (training), and with the
+    # running ones (a BatchNorm frozen in eval mode inside a training model, where they are the exact
+    # per-example gradients).
+    from torchgrab import _native
+    from torchgrab.capture.layers import BatchNormSketch
+
+    x, y = _data((2, 5, 5), "class", b=6, seed=5)
+    calls = []
+    kernel = _native.norm_sums
+    monkeypatch.setattr(_native, "norm_sums", lambda *a: calls.append(a[5:7]) or kernel(*a))
+    got = {}
+    for path in ("kernel", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(BatchNormSketch, "_sums", lambda self, *a: None)
+        calls.clear()
+        torch.manual_seed(0)
+        model = _BatchNorms().train()
+        if frozen:
+            model.bn.eval()
+            model.bn1.eval()
+        if frozen:
+            rows, expected, _, handle = one_step(model, x, y, ce, sketch)
+            assert_rows(rows, expected)
+        else:  # (no exact per-example gradients to compare with: the batch's statistics couple the examples)
+            _, handle, spy = watched(model, sketch=sketch)
+            ce(model(x), y).backward()
+            handle.flush()
+            rows = spy.rows[0]
+        kinds = {name: kind for name, kind, _ in handle.layers}
+        assert kinds["bn"] == kinds["bn1"] == "BatchNorm"
+        got[path] = rows
+        assert len(calls) == (3 if path == "kernel" else 0)  # bn twice, bn1 once; weight and bias each time
+        assert all(c == (True, True) for c in calls)
+    np.testing.assert_allclose(got["kernel"], got["torch"], rtol=1e-5, atol=1e-5 * np.abs(got["torch"]).max())
+
+
+def test_batchnorm_rows_by_the_kernel_for_a_weight_or_a_bias_alone(monkeypatch):
+    # One trainable affine parameter: the kernel writes that part's columns alone.
+    from torchgrab import _native
+
+    x, y = _data((2, 5, 5), "class", b=6, seed=5)
+    calls = []
+    kernel = _native.norm_sums
+    monkeypatch.setattr(_native, "norm_sums", lambda *a: calls.append(a[5:7]) or kernel(*a))
+    for frozen in ("weight", "bias"):
+        calls.clear()
+        torch.manual_seed(0)
+        model = _BatchNorms().train()
+        for bn in (model.bn, model.bn1):
+            bn.eval()  # the running statistics: exact per-example gradients to compare with
+            getattr(bn, frozen).requires_grad_(False)
+        rows, expected, grads, handle = one_step(model, x, y, ce, None)
+        widths = {n: w for n, _, w in handle.layers}
+        assert widths["bn"] == widths["bn1"] == 6
+        assert_rows(rows, expected)
+        assert calls == [(frozen == "bias", frozen == "weight")] * 3
+
+
+def test_batchnorm_kernel_falls_back_to_torch_where_it_does_not_apply():
+    model = _BatchNorms().train()
+    _, handle, _ = watched(model, sketch=None)
+    sk = handle._sketches[model.bn]
+    out = np.zeros((2, 12), np.float32)
+    x, g = torch.randn(2, 6, 3, 3), torch.randn(2, 6, 3, 3)
+    assert sk.rows_into(model.bn, x, g, out, 1.0, False) is True
+    assert sk.rows_into(model.bn, x.double(), g.double(), out, 1.0, False) is None  # not float32
+    last = x.to(memory_format=torch.channels_last)
+    assert sk.rows_into(model.bn, last, g, out, 1.0, False) is None  # channels last: the torch path
+    assert sk.rows_into(model.bn, x[0], g[0], out, 1.0, False) is None  # an unbatched call
+    g[1, 2, 0, 0] = float("nan")
+    assert sk.rows_into(model.bn, x, g, out, 1.0, False) is False  # says the rows are not finite
+
+
+def test_norm_sums_kernel_refuses_bad_input_and_writes_nothing():
+    from torchgrab import _native
+    from torchgrab.errors import ShapeError, UnsupportedInputError
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)
+    g = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)
+    out = np.full((3, 6), 7.0, np.float32)
+    assert _native.norm_sums(x, g, 1e-5, None, None, True, True, 0.5, False, out[:, 1:5]) is True
+    xt = torch.from_numpy(x).double()
+    xh = torch.nn.functional.batch_norm(xt, None, None, training=True, eps=1e-5).numpy()
+    np.testing.assert_allclose(out[:, 1:3], 0.5 * (g * xh).sum((2, 3)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[:, 3:5], 0.5 * g.sum((2, 3)), rtol=1e-6, atol=1e-6)
+    assert np.all(out[:, [0, 5]] == 7.0)
+    before = out.copy()
+    mean, var = np.zeros(2, np.float32), np.ones(2, np.float32)
+    bad = [
+        (ShapeError, (x, g[:2], 1e-5, None, None, True, True, 1.0, False, out[:, 1:5])),  # shapes differ
+        (ShapeError, (x[0, 0, 0], g[0, 0, 0], 1e-5, None, None, True, True, 1.0, False, out[:, 1:5])),  # 1-d
+        (ShapeError, (x, g, 1e-5, None, None, True, True, 1.0, False, out[:, 1:4])),  # 4 columns needed
+        (ShapeError, (x, g, 1e-5, mean, None, True, True, 1.0, False, out[:, 1:5])),  # mean without var
+        (ShapeError, (x, g, 1e-5, mean[:1], var[:1], True, True, 1.0, False, out[:, 1:5])),  # 1 of 2 channels
+        (ShapeError, (x, g, float("nan"), None, None, True, True, 1.0, False, out[:, 1:5])),
+        (UnsupportedInputError, (x[..., ::-1], g, 1e-5, None, None, True, True, 1.0, False, out[:, 1:5])),
+        (TypeError, (x.astype(np.float64), g, 1e-5, None, None, True, True, 1.0, False, out[:, 1:5])),
+    ]
+    for error, args in bad:
+        with pytest.raises(error):
+            _native.norm_sums(*args)
+    np.testing.assert_array_equal(out, before)
+
+
 def test_on_output_grad_calls_the_hook_with_its_arguments_and_the_gradient():
     # The one way every watched call gets its output's gradient: on the node that made the output (also
     # when the output is later written in place: the gradient of the layer's output, not of the write),

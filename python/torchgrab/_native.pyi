@@ -161,3 +161,15 @@ def outer_factors(
 ) -> bool: ...
 def expand_outer(factors: npt.NDArray[np.float32], p: int, bias: bool) -> npt.NDArray[np.float32]: ...
 def channel_sums(g: npt.NDArray[np.float32], scale: float, accumulate: bool, out: npt.NDArray[np.float32]) -> bool: ...
+def norm_sums(
+    x: npt.NDArray[np.float32],
+    g: npt.NDArray[np.float32],
+    eps: float,
+    running_mean: Optional[npt.NDArray[np.float32]],
+    running_var: Optional[npt.NDArray[np.float32]],
+    weight: bool,
+    bias: bool,
+    scale: float,
+    accumulate: bool,
+    out: npt.NDArray[np.float32],
+) -> bool: ...

@@ -992,7 +992,63 @@ class BatchNormSketch(_ChannelNormSketch):
         return module.affine
 
     def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        batch_stats = module.training or module.running_mean is None
-        if batch_stats:
+        if self._batch_stats(module):
             return F.batch_norm(x, None, None, training=True, eps=module.eps)
         return F.batch_norm(x, module.running_mean.float(), module.running_var.float(), training=False, eps=module.eps)
+
+    @staticmethod
+    def _batch_stats(module: nn.Module) -> bool:
+        return module.training or module.running_mean is None
+
+    def _sums(
+        self, module: nn.Module, x: Any, g: torch.Tensor, out: np.ndarray, scale: float, accumulate: bool
+    ) -> Optional[bool]:
+        """The exact contributions (g * x_hat and g summed per channel) of float32 CPU tensors, written into
+        ``out`` by one Rust pass over the input and the gradient (``_native.norm_sums``): torch's form
+        normalizes the feature map again, multiplies and sums, five passes in each BN layer's backward,
+        most of what watch() added to a ResNet's step (``benchmarks/watch_batchnorm.py --part cost``).
+        None where the kernel does not apply (another dtype or device, channels last, the torch path)."""
+        if not (
+            isinstance(x, torch.Tensor)
+            and x.shape == g.shape
+            and x.dim() >= 2
+            and x.shape[1] == self.p.n
+            and cpu_kernel_input(x)
+            and cpu_kernel_input(g)
+            and x.is_contiguous()
+            and g.is_contiguous()
+        ):
+            return None
+        mean = var = None
+        if not self._batch_stats(module):
+            mean = module.running_mean.detach().float().contiguous().numpy()
+            var = module.running_var.detach().float().contiguous().numpy()
+        return _native.norm_sums(
+            x.numpy(),
+            g.numpy(),
+            float(module.eps),
+            mean,
+            var,
+            self.train_w,
+            self.train_b,
+            float(scale),
+            accumulate,
+            out,
+        )
+
+    def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
+        g = g.detach()
+        b, c, parts = int(g.shape[0]) if g.dim() else 0, self.p.n, self.train_w + self.train_b
+        buf = np.empty((b, c * parts), dtype=np.float32)
+        if b == 0 or self._sums(module, saved, g, buf, 1.0, False) is None:
+            return super().rows(module, saved, g)
+        sums = torch.from_numpy(buf)
+        return [self.p(s) for s in sums.split(c, dim=1)] if parts > 1 else [self.p(sums)]
+
+    def rows_into(
+        self, module: nn.Module, saved: Any, g: torch.Tensor, out: np.ndarray, scale: float, accumulate: bool
+    ) -> Optional[bool]:
+        # Exact (no more channels than the sketch size): the sums are the rows, written into the step's slot.
+        if not self.p.identity:
+            return None
+        return self._sums(module, saved, g.detach(), out, scale, accumulate)
