@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/watch_batchnorm.py                 # out/watch_batchnorm.{txt,csv,png}
     .venv/bin/python benchmarks/watch_batchnorm.py --n 2500 --epochs 6
     .venv/bin/python benchmarks/watch_batchnorm.py --quick         # a smoke run of a few seconds
+    .venv/bin/python benchmarks/watch_batchnorm.py --part cost     # out/watch_batchnorm_cost.txt: a watched epoch / RR's
 
 For BatchNorm in training mode per-example gradients are not defined (the batch statistics couple the examples);
 watch() hands the sampler each example's *contribution* g_b * x_hat_b instead (BN's coupling inside g_b), which
@@ -32,6 +33,12 @@ With watch()'s defaults the budget leaves the weights of the bias-free convoluti
 columns). At commit 862da54, where benchmarks/out/watch_batchnorm.txt was made, such a layer broke a step
 (IndexError, fixed in e8da525), so that run passed those layers as watch(exclude=...), which gives the same
 rows; `--exclude-empty` repeats it. By default the script now calls plain watch(model).
+
+`--part cost` times what watch() adds to an epoch instead: RR, GraB through watch(), and GraB through watch()
+with the BatchNorm rows formed by torch ops (normalize again, multiply, sum: what watch() did before the Rust
+pass `_native.norm_sums`), `--cost-n` images a timed epoch, `--rounds` paired rounds in alternating order after a
+warm-up epoch each, one seed; it prints each arm's epoch over RR's (median and quartiles over the rounds) and
+writes OUT/watch_batchnorm_cost.txt.
 
 Writes OUT/watch_batchnorm.txt (the printed tables, the command line at the top), OUT/watch_batchnorm.csv (one row
 per arm, seed and epoch) and OUT/watch_batchnorm.png (loss against epochs and against training seconds).
@@ -138,8 +145,9 @@ def zero_width_layers(model: nn.Module) -> List[str]:
 
 # --------------------------------------------------------------------------- training
 class Arm:
-    def __init__(self, name: str, seed: int, n: int, args, exclude: List[str]) -> None:
+    def __init__(self, name: str, seed: int, n: int, args, exclude: List[str], bn_torch_ops: bool = False) -> None:
         self.name = name
+        self.bn_torch_ops = bn_torch_ops  # part cost: BatchNorm's rows by torch ops, not the Rust pass
         torch.manual_seed(seed)
         self.model = ResNet8()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
@@ -157,6 +165,12 @@ class Arm:
         self.batch = args.batch
 
     def epoch(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        if self.bn_torch_ops:
+            with torch_ops_for_batchnorm():
+                return self._epoch(x, y)
+        return self._epoch(x, y)
+
+    def _epoch(self, x: torch.Tensor, y: torch.Tensor) -> float:
         model, opt = self.model, self.opt
         model.train()
         t0 = time.perf_counter()
@@ -170,6 +184,75 @@ class Arm:
                 self.sched.step()
         self.sampler.synchronize()  # the last steps' rows fed and balanced: part of the epoch
         return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def torch_ops_for_batchnorm():
+    """watch()'s BatchNorm rows by torch ops (the kernel declines every call, so the torch path runs)."""
+    from torchgrab.capture.layers import BatchNormSketch
+
+    kernel = BatchNormSketch._sums
+    BatchNormSketch._sums = lambda self, *a: None
+    try:
+        yield
+    finally:
+        BatchNormSketch._sums = kernel
+
+
+COST_ARMS = {"rr": ("rr", False), "grab": ("grab", False), "grab, BN rows by torch ops": ("grab", True)}
+
+
+def cost(args, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Part 'cost': paired epochs of RR and of GraB through watch(), with and without the Rust BN pass."""
+    out = _common.begin_result("watch() on a BatchNorm ResNet: what a watched epoch costs against RR")
+    x, y = x[: args.cost_n], y[: args.cost_n]
+    out.line(
+        f"# CIFAR-10 ResNet-8 with BatchNorm, {len(x):,} images a timed epoch (batch {args.batch}, "
+        f"{math.ceil(len(x) / args.batch)} steps), {args.rounds} paired rounds after a warm-up epoch each, "
+        f"{args.threads} torch thread(s), SGD lr {args.lr} m 0.9 wd {args.wd}"
+    )
+
+    class Timed:
+        def __init__(self, arm: Arm) -> None:
+            self.arm = arm
+
+        def epoch(self) -> float:
+            return self.arm.epoch(x, y)
+
+    runs = {a: Timed(Arm(o, 0, len(x), args, [], bn_torch_ops=t)) for a, (o, t) in COST_ARMS.items()}
+    out.line(f"# grab: K = {runs['grab'].arm.width:,} columns per example")
+    secs = _common.paired_epochs(runs, args.rounds)
+    out.line(f"\n{'arm':<28} {'epoch s (median)':>16} {'x RR (median)':>14} {'quartiles':>13}")
+    for a in runs:
+        ratio = np.array(secs[a]) / np.array(secs["rr"])
+        q1, med, q3 = np.percentile(ratio, [25, 50, 75])
+        out.line(f"{a:<28} {np.median(secs[a]):>16.3f} {med:>14.3f} {q1:>6.3f}-{q3:.3f}")
+    out.line("\nper round, seconds: " + "; ".join(f"{a}: {', '.join(f'{v:.2f}' for v in secs[a])}" for a in runs))
+    # Untimed: one more epoch of each watched arm, counting the Rust pass's calls (the torch-ops arm makes none).
+    from torchgrab import _native
+
+    kernel, calls = _native.norm_sums, [0]
+
+    def counted(*a):
+        calls[0] += 1
+        return kernel(*a)
+
+    _native.norm_sums = counted
+    try:
+        counts = {}
+        for a in list(runs)[1:]:
+            calls[0] = 0
+            runs[a].epoch()
+            counts[a] = calls[0]
+    finally:
+        _native.norm_sums = kernel
+    out.line(
+        "check, BatchNorm rows through the Rust pass in one more epoch: "
+        + ", ".join(f"{a} {n} calls" for a, n in counts.items())
+    )
+    out.line(f"\n# load average now {_common.load_average()}")
+    out.save(os.path.join(args.out, "watch_batchnorm_cost.txt"))
+    print(f"# wrote {args.out}/watch_batchnorm_cost.txt")
 
 
 def binom_tail(k: int, n: int) -> float:
@@ -229,11 +312,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         action="store_true",
         help="pass the layers the budget leaves without columns as exclude= (what the run at 862da54 did; same rows)",
     )
+    ap.add_argument(
+        "--part", choices=("train", "cost"), default="train", help="the loss study, or the cost of an epoch"
+    )
+    ap.add_argument("--rounds", type=int, default=8, help="part cost: paired rounds")
+    ap.add_argument("--cost-n", type=int, default=2560, help="part cost: images a timed epoch")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/out; with --quick a temp folder)")
     ap.add_argument("--quick", action="store_true", help="a few hundred images, 1 epoch, 1 seed: a smoke run")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.test_n, args.epochs, args.seeds = 320, 200, 1, 1
+        args.rounds, args.cost_n = 2, 256
     if args.out is None:
         args.out = tempfile.mkdtemp(prefix="watch_batchnorm_") if args.quick else os.path.join(here, "out")
     os.makedirs(args.out, exist_ok=True)
@@ -242,6 +331,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         ap.error("--arms must start with rr (the differences are taken against it)")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    if args.part == "cost":
+        x, y, _, _ = load_data(EX.data_root(args.data), max(args.n, args.cost_n), args.test_n, args.subset_seed)
+        cost(args, x, y)
+        return
 
     out = _common.Out()
     buf = io.StringIO()

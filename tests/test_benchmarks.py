@@ -102,6 +102,26 @@ def test_watch_batchnorm_runs(tmp_path):
     assert (tmp_path / "watch_batchnorm.png").exists() or "matplotlib missing" in stdout
 
 
+@pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
+def test_watch_batchnorm_cost_runs(tmp_path):
+    """benchmarks/watch_batchnorm.py --part cost --quick: RR, watch() and watch() with BatchNorm's rows by torch
+    ops, paired epochs of 256 images; the torch-ops arm really takes the torch path (its BN kernel declines)."""
+    stdout = run(
+        ["benchmarks/watch_batchnorm.py", "--data", str(DATA), "--quick", "--part", "cost", "--out", str(tmp_path)]
+    )
+    arms = {}
+    for line in stdout.splitlines():
+        m = re.match(r"^(rr|grab|grab, BN rows by torch ops) +(\d+\.\d+) +(\d+\.\d+) +\d", line)
+        if m:
+            arms[m.group(1)] = float(m.group(3))
+    assert set(arms) == {"rr", "grab", "grab, BN rows by torch ops"} and arms["rr"] == 1.0
+    # 4 steps x 9 BatchNorm calls through the kernel; none in the arm that measures the torch path
+    assert "check, BatchNorm rows through the Rust pass in one more epoch: grab 36 calls, " in stdout
+    assert "grab, BN rows by torch ops 0 calls" in stdout
+    assert "memory read bandwidth" in stdout
+    assert (tmp_path / "watch_batchnorm_cost.txt").exists()
+
+
 @pytest.mark.skipif(not (DATA / "glue").is_dir() or not (DATA / "mnist").is_dir(), reason="no ../shared/data")
 def test_stale_mean_runs(tmp_path):
     """benchmarks/stale_mean.py --quick: the fine-tuning staleness analysis on 2,000 MNIST images and 32
