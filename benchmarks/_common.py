@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import types
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -206,6 +206,17 @@ def paired_epochs(runs: Dict[str, Any], rounds: int) -> Dict[str, List[float]]:
         for a in names if r % 2 == 0 else names[::-1]:
             secs[a].append(runs[a].epoch())
     return secs
+
+
+def time_to(hist: List[Tuple[float, float]], target: float) -> Optional[float]:
+    """First time a run's loss reaches ``target``, from its (seconds, loss) points after each epoch,
+    interpolating linearly in time between epochs; None if it never does."""
+    if hist and hist[0][1] <= target:
+        return hist[0][0]
+    for (t0, l0), (t1, l1) in zip(hist, hist[1:]):
+        if l1 <= target:  # (l0 > target: the points before did not reach it)
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
 
 
 def begin_result(title: str) -> "Out":

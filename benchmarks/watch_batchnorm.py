@@ -456,6 +456,20 @@ def main(argv: Optional[List[str]] = None) -> None:
         out.line(
             f"  {a} / rr, same seed and epoch: median {np.median(ratio):.2f}x (range {ratio.min():.2f}-{ratio.max():.2f})"
         )
+    out.line(
+        "\nTime to RR's final training loss, from each run's training seconds (interpolated between epochs; "
+        "arms in rotation, so a slow spell falls on all; 'never': not reached in the run):"
+    )
+    for a in others:
+        ratios = []
+        cells = []
+        for s in range(args.seeds):
+            target = loss["rr"][s, E]
+            t_rr = secs["rr"][s, 1:].sum()
+            t_a = _common.time_to(list(zip(np.cumsum(secs[a][s]), loss[a][s])), target)
+            ratios.append(t_a / t_rr if t_a is not None else float("inf"))
+            cells.append(f"{ratios[-1]:.3f}" if t_a is not None else "never")
+        out.line(f"  {a} / rr: seeds {' / '.join(cells)}; median {np.median(ratios):.3f}")
     first = min(3, E)
     out.line(f"\nSummary, (seed, epoch) pairs from epoch {first} on:")
     verdicts = {}

@@ -395,7 +395,7 @@ def part_loss(tasks, args, plt):
                     hist[a].append((arms[a].seconds, arms[a].full_loss()))
             target = hist["rr"][-1][1]
             t_rr = hist["rr"][-1][0]
-            t_g = _time_to(hist["grab"], target)
+            t_g = _common.time_to(hist["grab"], target)
             # GraB never reaching RR's final loss counts as slower than any time it could have taken (inf),
             # so the median still says something when one seed never gets there.
             ratio = t_g / t_rr if t_g is not None else float("inf")
@@ -424,16 +424,6 @@ def part_loss(tasks, args, plt):
             )
             axes[0][j].legend()
         _common.save_plot(fig, args.out, "watch_speed.png")
-
-
-def _time_to(hist, target):
-    """First time the loss reaches `target`, interpolating linearly in time between epochs."""
-    for (t0, l0), (t1, l1) in zip(hist, hist[1:]):
-        if l1 <= target:
-            if l0 <= target:
-                return t0
-            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
-    return None
 
 
 def main():

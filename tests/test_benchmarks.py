@@ -96,6 +96,7 @@ def test_watch_batchnorm_runs(tmp_path):
         "epoch 0 and epoch 1 losses equal in every arm of a seed (same init, same first order): True",
         "grab - rr, full training loss, paired by seed",
         "-> grab (K = ",
+        "Time to RR's final training loss",
     ):
         assert line in stdout
     assert (tmp_path / "watch_batchnorm.txt").exists()
@@ -396,3 +397,18 @@ def test_hook_floor_runs(tmp_path):
         assert re.search(rf"^{re.escape(arm)} +\d+\.\d+ +\d+\.\d+ ", stdout, re.M), arm
     assert re.search(r"watch\(\) rows K = \d+, K = \d+ at sketch=4", stdout)
     assert (tmp_path / "o.txt").read_text().count("\n") > 8
+
+
+def test_time_to_interpolates_between_epochs_by_hand():
+    # benchmarks/_common.time_to: the first time a run's loss reaches a target, linear in time between the
+    # (seconds, loss) points after each epoch. Used by watch_speed.py and watch_batchnorm.py.
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks" / "_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    hist = [(0.0, 2.0), (10.0, 1.0), (30.0, 0.5)]
+    assert common.time_to(hist, 2.0) == 0.0  # reached at the start
+    assert common.time_to(hist, 1.0) == 10.0  # at an epoch's end
+    assert common.time_to(hist, 0.75) == 20.0  # halfway down the second epoch, halfway in its time
+    assert common.time_to(hist, 1.5) == 5.0
+    assert common.time_to(hist, 0.4) is None  # never
+    assert common.time_to([(0.0, 1.0), (5.0, 2.0), (9.0, 0.0)], 1.0) == 0.0  # first time, not the last
