@@ -1,5 +1,5 @@
-//! CPU kernels for `watch()`'s Linear-layer rows (python/torchgrab/capture/layers.py), where a small
-//! model's step is short enough that a few torch ops per step are most of the sketch's cost:
+//! CPU kernels for `watch()`'s rows (python/torchgrab/capture/layers.py), where a small model's step is
+//! short enough that a few torch ops per step are most of the sketch's cost:
 //!
 //! - [`count_sketch`]: `out[r, h(i)] += s(i) x[r, i]`, a count sketch of each row of `x`. torch's
 //!   `index_add_` along the last dimension dispatches one small add per input column (784 for MNIST);
@@ -7,10 +7,12 @@
 //! - [`outer_rows`]: row r of `out` gets `scale * vec(g_r a_r^T)` followed by `scale * g_r` (the weight
 //!   and bias blocks of a Linear layer's sketched per-example gradient), written straight into the
 //!   caller's row buffer instead of an outer-product tensor, a concatenation and a multiplication.
+//! - [`channel_sums`] and [`norm_sums`]: a convolution's bias rows and a BatchNorm's rows (per channel
+//!   `sum g x_hat` and `sum g`), each one pass over the layer's feature maps.
 //!
-//! Both are exactly the sequential definitions (each output element is the same sum in the same
-//! order as the loop written out), checked against them in the tests below and in tests/test_watch.py
-//! against the torch path.
+//! The first two are exactly the sequential definitions (each output element is the same sum in the
+//! same order as the loop written out); the sums are checked against their definitions in the tests
+//! below, and every kernel against the torch path in tests/test_watch.py.
 
 use crate::error::{GrabError, Result};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
