@@ -3428,6 +3428,29 @@ def test_batchnorm_rows_by_the_kernel_for_a_weight_or_a_bias_alone(monkeypatch):
         assert calls == [(frozen == "bias", frozen == "weight")] * 3
 
 
+def test_batchnorm_kernel_without_running_statistics_uses_the_batchs(monkeypatch):
+    # track_running_stats=False: in eval mode too BatchNorm normalizes by the batch's statistics, and so
+    # must the rows (the kernel's path and the torch path agree, and neither reads running statistics).
+    from torchgrab.capture.layers import BatchNormSketch
+
+    x, y = _data((2, 5, 5), "class", b=6, seed=5)
+    got = {}
+    for path in ("kernel", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(BatchNormSketch, "_sums", lambda self, *a: None)
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.Linear(36, 3)
+        )
+        model.train()
+        model[1].eval()
+        _, handle, spy = watched(model, sketch=None)
+        ce(model(x), y).backward()
+        handle.flush()
+        got[path] = spy.rows[0]
+    np.testing.assert_allclose(got["kernel"], got["torch"], rtol=1e-5, atol=1e-5 * np.abs(got["torch"]).max())
+
+
 def test_batchnorm_kernel_falls_back_to_torch_where_it_does_not_apply():
     model = _BatchNorms().train()
     _, handle, _ = watched(model, sketch=None)
