@@ -1475,77 +1475,31 @@ mod tests {
             }
         }
         let mut bad = Array2::<f32>::zeros((rows, c));
-        assert!(norm_sums(
-            &x,
-            &g,
-            rows,
-            c,
-            1e-5,
-            None,
-            true,
-            true,
-            1.0,
-            false,
-            bad.view_mut()
-        )
-        .is_err());
-        assert!(norm_sums(
-            &x[1..],
-            &g[1..],
-            rows,
-            c,
-            1e-5,
-            None,
-            true,
-            false,
-            1.0,
-            false,
-            bad.view_mut()
-        )
-        .is_err());
-        assert!(norm_sums(
-            &x,
-            &g[1..],
-            rows,
-            c,
-            1e-5,
-            None,
-            true,
-            false,
-            1.0,
-            false,
-            bad.view_mut()
-        )
-        .is_err());
-        let short: (&[f32], &[f32]) = (&[0.0], &[1.0, 1.0]);
-        assert!(norm_sums(
-            &x,
-            &g,
-            rows,
-            c,
-            1e-5,
-            Some(short),
-            true,
-            false,
-            1.0,
-            false,
-            bad.view_mut()
-        )
-        .is_err());
-        assert!(norm_sums(
-            &x,
-            &g,
-            rows,
-            c,
-            f64::NAN,
-            None,
-            true,
-            false,
-            1.0,
-            false,
-            bad.view_mut()
-        )
-        .is_err());
+        {
+            type Running<'a> = Option<(&'a [f32], &'a [f32])>;
+            let mut refused = |x: &[f32], g: &[f32], eps: f64, running: Running<'_>, bias: bool| {
+                norm_sums(
+                    x,
+                    g,
+                    rows,
+                    c,
+                    eps,
+                    running,
+                    true,
+                    bias,
+                    1.0,
+                    false,
+                    bad.view_mut(),
+                )
+                .is_err()
+            };
+            assert!(refused(&x, &g, 1e-5, None, true)); // weight and bias: 2c columns, out has c
+            assert!(refused(&x[1..], &g[1..], 1e-5, None, false)); // not a multiple of rows x c
+            assert!(refused(&x, &g[1..], 1e-5, None, false)); // x and g differ in length
+            let short: (&[f32], &[f32]) = (&[0.0], &[1.0, 1.0]);
+            assert!(refused(&x, &g, 1e-5, Some(short), false)); // 1 and 2 running values for 2 channels
+            assert!(refused(&x, &g, f64::NAN, None, false));
+        }
         assert!(bad.iter().all(|&v| v == 0.0)); // refused: nothing written
         let mut inf = g.clone();
         inf[5] = f32::INFINITY;
