@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/watch_batchnorm.py --n 2500 --epochs 6
     .venv/bin/python benchmarks/watch_batchnorm.py --quick         # a smoke run of a few seconds
     .venv/bin/python benchmarks/watch_batchnorm.py --part cost     # out/watch_batchnorm_cost.txt: a watched epoch / RR's
+    .venv/bin/python benchmarks/watch_batchnorm.py --part cost --norm group   # out/watch_groupnorm_cost.txt
 
 For BatchNorm in training mode per-example gradients are not defined (the batch statistics couple the examples);
 watch() hands the sampler each example's *contribution* g_b * x_hat_b instead (BN's coupling inside g_b), which
@@ -39,6 +40,11 @@ with the BatchNorm rows formed by torch ops (normalize again, multiply, sum: wha
 pass `_native.norm_sums`), `--cost-n` images a timed epoch, `--rounds` paired rounds in alternating order after a
 warm-up epoch each, one seed; it prints each arm's epoch over RR's (median and quartiles over the rounds) and
 writes OUT/watch_batchnorm_cost.txt.
+
+`--norm group` puts a GroupNorm (4 groups) where each BatchNorm was, in either part, and writes
+OUT/watch_groupnorm*.  GroupNorm normalizes each example by its own statistics, so its rows are the exact
+per-example gradients; the Rust pass takes it too (`norm_sums` with groups), and the cost part's third arm forms
+its rows by torch ops instead.
 
 Writes OUT/watch_batchnorm.txt (the printed tables, the command line at the top), OUT/watch_batchnorm.csv (one row
 per arm, seed and epoch) and OUT/watch_batchnorm.png (loss against epochs and against training seconds).
@@ -76,16 +82,24 @@ EX = _common.load_module("torchgrab_examples_common", REPO / "examples" / "_comm
 
 
 # --------------------------------------------------------------------------- model and data
+GROUPS = 4  # --norm group: GroupNorm(4, c) for every BatchNorm2d(c) (16, 32 and 64 channels)
+NORMS = {"batch": "BatchNorm", "group": "GroupNorm"}
+
+
+def norm_layer(norm: str, c: int) -> nn.Module:
+    return nn.BatchNorm2d(c) if norm == "batch" else nn.GroupNorm(GROUPS, c)
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = norm_layer(norm, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = norm_layer(norm, cout)
         self.shortcut = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(norm, cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
@@ -93,13 +107,13 @@ class BasicBlock(nn.Module):
 
 
 class ResNet8(nn.Module):
-    def __init__(self, classes: int = 10) -> None:
+    def __init__(self, classes: int = 10, norm: str = "batch") -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
-        self.layer1 = BasicBlock(16, 16, 1)
-        self.layer2 = BasicBlock(16, 32, 2)
-        self.layer3 = BasicBlock(32, 64, 2)
+        self.bn = norm_layer(norm, 16)
+        self.layer1 = BasicBlock(16, 16, 1, norm)
+        self.layer2 = BasicBlock(16, 32, 2, norm)
+        self.layer3 = BasicBlock(32, 64, 2, norm)
         self.fc = nn.Linear(64, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,9 +161,9 @@ def zero_width_layers(model: nn.Module) -> List[str]:
 class Arm:
     def __init__(self, name: str, seed: int, n: int, args, exclude: List[str], bn_torch_ops: bool = False) -> None:
         self.name = name
-        self.bn_torch_ops = bn_torch_ops  # part cost: BatchNorm's rows by torch ops, not the Rust pass
+        self.bn_torch_ops = bn_torch_ops  # part cost: the norms' rows by torch ops, not the Rust pass
         torch.manual_seed(seed)
-        self.model = ResNet8()
+        self.model = ResNet8(norm=args.norm)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
         self.sched = None
         if args.schedule == "cosine":
@@ -166,7 +180,7 @@ class Arm:
 
     def epoch(self, x: torch.Tensor, y: torch.Tensor) -> float:
         if self.bn_torch_ops:
-            with torch_ops_for_batchnorm():
+            with torch_ops_for_norms():
                 return self._epoch(x, y)
         return self._epoch(x, y)
 
@@ -187,27 +201,35 @@ class Arm:
 
 
 @contextlib.contextmanager
-def torch_ops_for_batchnorm():
-    """watch()'s BatchNorm rows by torch ops (the kernel declines every call, so the torch path runs)."""
-    from torchgrab.capture.layers import BatchNormSketch
+def torch_ops_for_norms():
+    """watch()'s BatchNorm and GroupNorm rows by torch ops (the kernel declines every call, so the torch path runs)."""
+    from torchgrab.capture.layers import _ChannelNormSketch
 
-    kernel = BatchNormSketch._sums
-    BatchNormSketch._sums = lambda self, *a: None
+    kernel = _ChannelNormSketch._sums
+    _ChannelNormSketch._sums = lambda self, *a: None
     try:
         yield
     finally:
-        BatchNormSketch._sums = kernel
+        _ChannelNormSketch._sums = kernel
 
 
-COST_ARMS = {"rr": ("rr", False), "grab": ("grab", False), "grab, BN rows by torch ops": ("grab", True)}
+def cost_arms(norm: str) -> Dict[str, tuple]:
+    short = "BN" if norm == "batch" else "GN"
+    return {"rr": ("rr", False), "grab": ("grab", False), f"grab, {short} rows by torch ops": ("grab", True)}
+
+
+def stem(norm: str) -> str:
+    """Output file names: watch_batchnorm* or watch_groupnorm*."""
+    return f"watch_{norm}norm"
 
 
 def cost(args, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Part 'cost': paired epochs of RR and of GraB through watch(), with and without the Rust BN pass."""
-    out = _common.begin_result("watch() on a BatchNorm ResNet: what a watched epoch costs against RR")
+    """Part 'cost': paired epochs of RR and of GraB through watch(), with and without the Rust norm pass."""
+    kind = NORMS[args.norm]
+    out = _common.begin_result(f"watch() on a {kind} ResNet: what a watched epoch costs against RR")
     x, y = x[: args.cost_n], y[: args.cost_n]
     out.line(
-        f"# CIFAR-10 ResNet-8 with BatchNorm, {len(x):,} images a timed epoch (batch {args.batch}, "
+        f"# CIFAR-10 ResNet-8 with {kind}{f' ({GROUPS} groups)' if args.norm == 'group' else ''}, {len(x):,} images a timed epoch (batch {args.batch}, "
         f"{math.ceil(len(x) / args.batch)} steps), {args.rounds} paired rounds after a warm-up epoch each, "
         f"{args.threads} torch thread(s), SGD lr {args.lr} m 0.9 wd {args.wd}"
     )
@@ -219,7 +241,7 @@ def cost(args, x: torch.Tensor, y: torch.Tensor) -> None:
         def epoch(self) -> float:
             return self.arm.epoch(x, y)
 
-    runs = {a: Timed(Arm(o, 0, len(x), args, [], bn_torch_ops=t)) for a, (o, t) in COST_ARMS.items()}
+    runs = {a: Timed(Arm(o, 0, len(x), args, [], bn_torch_ops=t)) for a, (o, t) in cost_arms(args.norm).items()}
     out.line(f"# grab: K = {runs['grab'].arm.width:,} columns per example")
     secs = _common.paired_epochs(runs, args.rounds)
     out.line(f"\n{'arm':<28} {'epoch s (median)':>16} {'x RR (median)':>14} {'quartiles':>13}")
@@ -247,12 +269,12 @@ def cost(args, x: torch.Tensor, y: torch.Tensor) -> None:
     finally:
         _native.norm_sums = kernel
     out.line(
-        "check, BatchNorm rows through the Rust pass in one more epoch: "
+        f"check, {kind} rows through the Rust pass in one more epoch: "
         + ", ".join(f"{a} {n} calls" for a, n in counts.items())
     )
     out.line(f"\n# load average now {_common.load_average()}")
-    out.save(os.path.join(args.out, "watch_batchnorm_cost.txt"))
-    print(f"# wrote {args.out}/watch_batchnorm_cost.txt")
+    out.save(os.path.join(args.out, f"{stem(args.norm)}_cost.txt"))
+    print(f"# wrote {args.out}/{stem(args.norm)}_cost.txt")
 
 
 def binom_tail(k: int, n: int) -> float:
@@ -261,7 +283,7 @@ def binom_tail(k: int, n: int) -> float:
 
 
 # --------------------------------------------------------------------------- output
-def plot(out_dir: str, arms: List[str], loss: Dict, secs: Dict, acc: Dict, title: str) -> None:
+def plot(out_dir: str, arms: List[str], loss: Dict, secs: Dict, acc: Dict, title: str, name: str) -> None:
     plt = _common.pyplot()
     if plt is None:
         return
@@ -284,7 +306,7 @@ def plot(out_dir: str, arms: List[str], loss: Dict, secs: Dict, acc: Dict, title
     for ax in (ax_e, ax_t, ax_a):
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    _common.save_plot(fig, out_dir, "watch_batchnorm.png")
+    _common.save_plot(fig, out_dir, f"{name}.png")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -307,6 +329,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         help="learning rate: constant, or per-step cosine decay to 0 at the last step",
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    ap.add_argument(
+        "--norm",
+        choices=tuple(NORMS),
+        default="batch",
+        help=f"the ResNet's norm layers: BatchNorm2d, or GroupNorm with {GROUPS} groups (outputs watch_groupnorm*)",
+    )
     ap.add_argument(
         "--exclude-empty",
         action="store_true",
@@ -339,16 +367,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     out = _common.Out()
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        _common.header("watch() on a BatchNorm ResNet: does the BN-contribution order beat RR? (issue 14, point 3)")
+        _common.header(
+            "watch() on a BatchNorm ResNet: does the BN-contribution order beat RR? (issue 14, point 3)"
+            if args.norm == "batch"
+            else f"watch() on a GroupNorm ResNet ({GROUPS} groups): does the order beat RR?"
+        )
     for ln in _common.provenance() + buf.getvalue().splitlines():
         out.line(ln)
 
     x, y, xte, yte = load_data(EX.data_root(args.data), args.n, args.test_n, args.subset_seed)
-    probe = ResNet8()
+    probe = ResNet8(norm=args.norm)
     exclude = zero_width_layers(probe) if args.exclude_empty else []
     d = sum(p.numel() for p in probe.parameters())
     title = (
-        f"CIFAR-10 ResNet-8 with BatchNorm (d = {d:,}), {len(x):,} training / {len(xte):,} test images, "
+        f"CIFAR-10 ResNet-8 with {NORMS[args.norm]} (d = {d:,}), {len(x):,} training / {len(xte):,} test images, "
         f"SGD lr {args.lr}{' cosine to 0' if args.schedule == 'cosine' else ''} m 0.9 wd {args.wd}, batch {args.batch}, {args.epochs} epochs, {args.seeds} seeds"
     )
     out.line(f"# {title}")
@@ -499,10 +531,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         out.line(f"  -> {a} (K = {widths[a]:,}): {verdicts[a]}")
     out.line(f"\n# total {time.perf_counter() - t_start:.0f} s, load average now {_common.load_average()}")
 
-    out.save(os.path.join(args.out, "watch_batchnorm.txt"))
-    _common.write_csv(os.path.join(args.out, "watch_batchnorm.csv"), rows)
-    plot(args.out, arms, loss, secs, acc, title)
-    print(f"# wrote {args.out}/watch_batchnorm.txt, .csv and .png")
+    name = stem(args.norm)
+    out.save(os.path.join(args.out, f"{name}.txt"))
+    _common.write_csv(os.path.join(args.out, f"{name}.csv"), rows)
+    plot(args.out, arms, loss, secs, acc, title, name)
+    print(f"# wrote {args.out}/{name}.txt, .csv and .png")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ use crate::recursive_pair::RecursivePairBalance;
 use crate::sampler::{
     Balance, Config, OrderingKind, Sampler, SamplerState, StateParts, ORDERING_NAMES,
 };
+use crate::sketch_rows::NormStats;
 use crate::stored_gradients::StoredGradients;
 use half::{bf16, f16};
 use ndarray::ArrayView2;
@@ -1266,14 +1267,15 @@ fn channel_sums<'py>(
         .map_err(to_py)
 }
 
-/// Write (or, with `accumulate`, add) `scale` times a BatchNorm's exact per-example contributions into
-/// `out` ([rows, width], any strides): per channel the sum of `g * x_hat` (with `weight`) then the sum of
-/// `g` (with `bias`), from its input `x` and output gradient `g` (float32, C-contiguous, the same
-/// [rows, channels, ...] shape), normalized by the batch's statistics or by `running_mean` and
-/// `running_var` when given (`sketch_rows::norm_sums`). Returns whether every value the rows hold
-/// afterwards is finite.
+/// Write (or, with `accumulate`, add) `scale` times a BatchNorm's or GroupNorm's exact per-example
+/// contributions into `out` ([rows, width], any strides): per channel the sum of `g * x_hat` (with
+/// `weight`) then the sum of `g` (with `bias`), from its input `x` and output gradient `g` (float32,
+/// C-contiguous, the same [rows, channels, ...] shape), normalized by the batch's statistics, by
+/// `running_mean` and `running_var` when given, or with `groups` > 0 by each example's own statistics
+/// over that many groups of channels (`sketch_rows::norm_sums`). Returns whether every value the rows
+/// hold afterwards is finite.
 #[pyfunction]
-#[pyo3(signature = (x, g, eps, running_mean, running_var, weight, bias, scale, accumulate, out))]
+#[pyo3(signature = (x, g, eps, running_mean, running_var, weight, bias, scale, accumulate, out, groups=0))]
 #[allow(clippy::too_many_arguments)]
 fn norm_sums<'py>(
     py: Python<'py>,
@@ -1287,6 +1289,7 @@ fn norm_sums<'py>(
     scale: f32,
     accumulate: bool,
     out: &Bound<'py, PyArray2<f32>>,
+    groups: usize,
 ) -> PyResult<bool> {
     let shape = g.shape();
     if shape.len() < 2 || x.shape() != shape {
@@ -1301,12 +1304,18 @@ fn norm_sums<'py>(
         |name: &str| UnsupportedInputError::new_err(format!("{name} must be C-contiguous"));
     let xs = x.as_slice().map_err(|_| contiguous("x"))?;
     let gs = g.as_slice().map_err(|_| contiguous("g"))?;
-    let running = match (&running_mean, &running_var) {
-        (Some(m), Some(v)) => Some((
+    let stats = match (&running_mean, &running_var, groups) {
+        (Some(m), Some(v), 0) => NormStats::Running(
             m.as_slice().map_err(|_| contiguous("running_mean"))?,
             v.as_slice().map_err(|_| contiguous("running_var"))?,
-        )),
-        (None, None) => None,
+        ),
+        (None, None, 0) => NormStats::Batch,
+        (None, None, groups) => NormStats::Groups(groups),
+        (Some(_), Some(_), _) => {
+            return Err(ShapeError::new_err(
+                "norm sums: running statistics or groups, not both",
+            ))
+        }
         _ => {
             return Err(ShapeError::new_err(
                 "norm sums: running_mean and running_var go together (both or neither)",
@@ -1317,7 +1326,7 @@ fn norm_sums<'py>(
     let ov = rw.as_array_mut();
     py.detach(|| {
         crate::sketch_rows::norm_sums(
-            xs, gs, rows, c, eps, running, weight, bias, scale, accumulate, ov,
+            xs, gs, rows, c, eps, stats, weight, bias, scale, accumulate, ov,
         )
     })
     .map_err(to_py)

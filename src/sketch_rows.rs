@@ -7,8 +7,8 @@
 //! - [`outer_rows`]: row r of `out` gets `scale * vec(g_r a_r^T)` followed by `scale * g_r` (the weight
 //!   and bias blocks of a Linear layer's sketched per-example gradient), written straight into the
 //!   caller's row buffer instead of an outer-product tensor, a concatenation and a multiplication.
-//! - [`channel_sums`] and [`norm_sums`]: a convolution's bias rows and a BatchNorm's rows (per channel
-//!   `sum g x_hat` and `sum g`), each one pass over the layer's feature maps.
+//! - [`channel_sums`] and [`norm_sums`]: a convolution's bias rows and a BatchNorm's or GroupNorm's rows
+//!   (per channel `sum g x_hat` and `sum g`), each one pass over the layer's feature maps.
 //!
 //! The first two are exactly the sequential definitions (each output element is the same sum in the
 //! same order as the loop written out); the sums are checked against their definitions in the tests
@@ -297,18 +297,29 @@ pub fn channel_sums(
     Ok(finite)
 }
 
-/// A BatchNorm's exact per-example contributions, in one pass over its input `x` and output gradient `g`
-/// (both rows x c x positions, C-contiguous, the same length): row r of `out` gets `scale` times the sum
-/// over positions of `g * x_hat` for each channel (the weight's columns, with `weight`) followed by the
-/// sum of `g` (the bias's, with `bias`). `x_hat = (x - mean) / sqrt(var + eps)` per channel, with the
-/// batch's own biased statistics over rows and positions (training mode), or with `running` = (mean,
-/// var) given (eval mode). torch's form normalizes the whole input again, multiplies and sums twice:
-/// five passes over the feature map in each BN layer's backward, most of a ResNet's watched step; this
-/// reads `x` and `g` once. Since `sum g x_hat = (sum g x - mean sum g) / sqrt(var + eps)`, one pass
-/// gathers the four sums per example and channel (in f64: the difference cancels when the mean is
-/// large against the spread). With `accumulate` the values are added to what `out` holds (a layer
-/// called twice in a step). Returns whether every value the rows hold afterwards is finite; refuses bad
-/// shapes before anything is written.
+/// Which statistics normalize the input of [`norm_sums`].
+#[derive(Clone, Copy, Debug)]
+pub enum NormStats<'a> {
+    /// BatchNorm in training mode: per channel, the batch's biased statistics over rows and positions.
+    Batch,
+    /// Per channel, the given mean and variance (BatchNorm's running statistics, in eval mode).
+    Running(&'a [f32], &'a [f32]),
+    /// GroupNorm: per row, its own biased statistics over each of this many equal groups of channels
+    /// and their positions.
+    Groups(usize),
+}
+
+/// A BatchNorm's or GroupNorm's exact per-example contributions, in one pass over its input `x` and
+/// output gradient `g` (both rows x c x positions, C-contiguous, the same length): row r of `out` gets
+/// `scale` times the sum over positions of `g * x_hat` for each channel (the weight's columns, with
+/// `weight`) followed by the sum of `g` (the bias's, with `bias`). `x_hat = (x - mean) / sqrt(var +
+/// eps)` with the statistics `stats` names. torch's form normalizes the whole input again, multiplies
+/// and sums twice: five passes over the feature map in each norm layer's backward, most of a ResNet's
+/// watched step; this reads `x` and `g` once. Since `sum g x_hat = (sum g x - mean sum g) / sqrt(var +
+/// eps)`, one pass gathers four sums per example and channel ([`Slab`]), and the statistics are
+/// combined from them (Chan's form, in f64: no difference of two large sums). With `accumulate` the
+/// values are added to what `out` holds (a layer called twice in a step). Returns whether every value
+/// the rows hold afterwards is finite; refuses bad shapes before anything is written.
 #[allow(clippy::too_many_arguments)]
 pub fn norm_sums(
     x: &[f32],
@@ -316,7 +327,7 @@ pub fn norm_sums(
     rows: usize,
     c: usize,
     eps: f64,
-    running: Option<(&[f32], &[f32])>,
+    stats: NormStats<'_>,
     weight: bool,
     bias: bool,
     scale: f32,
@@ -324,20 +335,33 @@ pub fn norm_sums(
     mut out: ArrayViewMut2<'_, f32>,
 ) -> Result<bool> {
     let width = c * (weight as usize + bias as usize);
+    let stats_fit = match stats {
+        NormStats::Batch => true,
+        NormStats::Running(m, v) => m.len() == c && v.len() == c,
+        NormStats::Groups(groups) => groups > 0 && c.is_multiple_of(groups),
+    };
     if x.len() != g.len()
         || out.nrows() != rows
         || out.ncols() != width
         || (rows * c > 0 && !g.len().is_multiple_of(rows * c))
-        || running.is_some_and(|(m, v)| m.len() != c || v.len() != c)
+        || !stats_fit
     {
+        let stats = match stats {
+            NormStats::Running(m, v) => format!(
+                "running statistics ({}, {}) (expected {c} each)",
+                m.len(),
+                v.len()
+            ),
+            NormStats::Groups(groups) => format!("{groups} groups (expected a divisor of {c})"),
+            NormStats::Batch => "the batch's statistics".to_string(),
+        };
         return Err(GrabError::shape(format!(
             "norm sums: x has {} values and g {} for {rows} x {c} channels, out is {} x {} (expected {rows} x \
-             {width}), running statistics {:?} (expected {c} each)",
+             {width}), {stats}",
             x.len(),
             g.len(),
             out.nrows(),
             out.ncols(),
-            running.map(|(m, v)| (m.len(), v.len()))
         )));
     }
     if !(eps.is_finite() && eps >= 0.0) {
@@ -357,30 +381,34 @@ pub fn norm_sums(
         })
         .collect();
     let p = positions as f64;
-    let mut finite = true;
-    for j in 0..c {
-        let (mean, var) = match running {
-            Some((m, v)) => (m[j] as f64, v[j] as f64),
-            None if positions == 0 => (0.0, 0.0),
-            None => {
-                // Chan et al.'s combination of each example's mean and squared deviations: no
-                // difference of two large sums.
-                let n = rows as f64 * p;
-                let mean = (0..rows).map(|r| sums[r * c + j].mean(p)).sum::<f64>() * p / n;
-                let m2: f64 = (0..rows)
-                    .map(|r| {
-                        let s = &sums[r * c + j];
-                        let d = s.mean(p) - mean;
-                        s.m2(p) + p * d * d
-                    })
-                    .sum();
-                (mean, m2 / n)
+    // (mean, 1 / sqrt(var + eps)) of each example's channel
+    let norm = |(mean, var): (f64, f64)| (mean, 1.0 / (var + eps).sqrt());
+    let mut stat = vec![(0.0, 0.0); rows * c];
+    match stats {
+        NormStats::Running(m, v) => {
+            for (i, s) in stat.iter_mut().enumerate() {
+                *s = norm((m[i % c] as f64, v[i % c] as f64));
             }
-        };
-        let inv = 1.0 / (var + eps).sqrt();
-        for r in 0..rows {
-            let s = &sums[r * c + j];
-            let mut col = j;
+        }
+        NormStats::Batch => {
+            for j in 0..c {
+                let pooled = norm(pooled(rows, |r| &sums[r * c + j], p));
+                for r in 0..rows {
+                    stat[r * c + j] = pooled;
+                }
+            }
+        }
+        NormStats::Groups(groups) => {
+            let per = c / groups;
+            for (i, chunk) in stat.chunks_mut(per).enumerate() {
+                chunk.fill(norm(pooled(per, |k| &sums[i * per + k], p)));
+            }
+        }
+    }
+    let mut finite = true;
+    for r in 0..rows {
+        for j in 0..c {
+            let (s, (mean, inv)) = (&sums[r * c + j], stat[r * c + j]);
             let mut put = |v: f64, col: usize| {
                 let o = &mut out[(r, col)];
                 let v = scale * v as f32;
@@ -389,18 +417,36 @@ pub fn norm_sums(
             };
             if weight {
                 // sum g (x - mean) = sum g (x - k) + (k - mean) sum g
-                put((s.gd + (s.k - mean) * s.g) * inv, col);
-                col += c;
+                put((s.gd + (s.k - mean) * s.g) * inv, j);
             }
             if bias {
-                put(s.g, col);
+                put(s.g, if weight { c + j } else { j });
             }
         }
     }
     Ok(finite)
 }
 
-/// One example's channel of a BatchNorm (`norm_sums`): its values shifted by the first, `d = x - k`,
+/// The biased mean and variance of the values of `count` slabs of `p` positions each, `at(0..count)`:
+/// Chan et al.'s combination of each slab's mean and squared deviations, with no difference of two
+/// large sums. (0, 0) when there are no values.
+fn pooled<'s>(count: usize, at: impl Fn(usize) -> &'s Slab, p: f64) -> (f64, f64) {
+    let n = count as f64 * p;
+    if n == 0.0 {
+        return (0.0, 0.0);
+    }
+    let mean = (0..count).map(|i| at(i).mean(p)).sum::<f64>() * p / n;
+    let m2: f64 = (0..count)
+        .map(|i| {
+            let s = at(i);
+            let d = s.mean(p) - mean;
+            s.m2(p) + p * d * d
+        })
+        .sum();
+    (mean, m2 / n)
+}
+
+/// One example's channel of a BatchNorm or GroupNorm (`norm_sums`): its values shifted by the first, `d = x - k`,
 /// so the sums are of numbers of the size of the spread, not of the mean (float32 sums of `x` and `x^2`
 /// would cancel to nothing under a large mean): `g` = sum g, `gd` = sum g d, `d` = sum d, `dd` = sum d^2.
 struct Slab {
@@ -1357,7 +1403,7 @@ mod tests {
             2,
             1,
             0.0,
-            None,
+            NormStats::Batch,
             true,
             true,
             2.0,
@@ -1382,7 +1428,7 @@ mod tests {
             2,
             1,
             0.5,
-            Some(run),
+            NormStats::Running(run.0, run.1),
             true,
             false,
             1.0,
@@ -1400,7 +1446,7 @@ mod tests {
             2,
             1,
             1e-5,
-            None,
+            NormStats::Batch,
             false,
             true,
             1.0,
@@ -1409,6 +1455,129 @@ mod tests {
         )
         .unwrap());
         assert_eq!(b, array![[0.0], [2.5]]);
+    }
+
+    #[test]
+    fn norm_sums_of_groups_by_hand() {
+        // GroupNorm: each example's own statistics over a group of channels. 1 example, 2 channels, 2
+        // positions: x = [[1, 3], [5, 7]], g = [[1, -1], [2, 0.5]], eps = 0.
+        let x = [1.0f32, 3.0, 5.0, 7.0];
+        let g = [1.0f32, -1.0, 2.0, 0.5];
+        let s5 = 5f64.sqrt();
+        let mut one = Array2::<f32>::zeros((1, 4));
+        let stats = NormStats::Groups(1);
+        assert!(norm_sums(
+            &x,
+            &g,
+            1,
+            2,
+            0.0,
+            stats,
+            true,
+            true,
+            1.0,
+            false,
+            one.view_mut()
+        )
+        .unwrap());
+        // one group: mean 4, var 5; channel 0: (1 * -3 + -1 * -1) / sqrt 5, channel 1: (2 * 1 + 0.5 * 3) / sqrt 5
+        let want = [-2.0 / s5, 3.5 / s5, 0.0, 2.5];
+        for (k, w) in want.iter().enumerate() {
+            assert!((one[(0, k)] as f64 - w).abs() < 1e-6, "{one:?}");
+        }
+        // a group a channel: means 2 and 6, variances 1: x_hat = [-1, 1] in both
+        let mut two = Array2::<f32>::zeros((1, 2));
+        let stats = NormStats::Groups(2);
+        assert!(norm_sums(
+            &x,
+            &g,
+            1,
+            2,
+            0.0,
+            stats,
+            true,
+            false,
+            1.0,
+            false,
+            two.view_mut()
+        )
+        .unwrap());
+        assert_eq!(two, array![[-2.0, -1.5]]);
+    }
+
+    #[test]
+    fn norm_sums_of_groups_match_the_definition_and_check_groups() {
+        // 3 examples, 4 channels in 2 groups, 19 positions, a large mean
+        let (rows, c, groups, p) = (3usize, 4usize, 2usize, 19usize);
+        let x: Vec<f32> = (0..rows * c * p)
+            .map(|i| 100.0 + ((i * 37 % 23) as f32) * 0.25)
+            .collect();
+        let g: Vec<f32> = (0..rows * c * p)
+            .map(|i| ((i * 11 % 7) as f32) - 3.0)
+            .collect();
+        let stats = NormStats::Groups(groups);
+        let mut out = Array2::<f32>::zeros((rows, 2 * c));
+        assert!(norm_sums(
+            &x,
+            &g,
+            rows,
+            c,
+            1e-5,
+            stats,
+            true,
+            true,
+            1.0,
+            false,
+            out.view_mut()
+        )
+        .unwrap());
+        let per = c / groups;
+        for r in 0..rows {
+            for q in 0..groups {
+                let span = (r * c + q * per) * p..(r * c + (q + 1) * per) * p;
+                let n = span.len() as f64;
+                let mean = x[span.clone()].iter().map(|&v| v as f64).sum::<f64>() / n;
+                let var = x[span]
+                    .iter()
+                    .map(|&v| (v as f64 - mean).powi(2))
+                    .sum::<f64>()
+                    / n;
+                for j in q * per..(q + 1) * per {
+                    let span = (r * c + j) * p..(r * c + j + 1) * p;
+                    let gx: f64 = x[span.clone()]
+                        .iter()
+                        .zip(&g[span.clone()])
+                        .map(|(&a, &b)| b as f64 * (a as f64 - mean) / (var + 1e-5).sqrt())
+                        .sum();
+                    let gs: f64 = g[span].iter().map(|&b| b as f64).sum();
+                    assert!(
+                        (out[(r, j)] as f64 - gx).abs() < 1e-4 * (1.0 + gx.abs()),
+                        "{gx} {out:?}"
+                    );
+                    assert_eq!(out[(r, c + j)] as f64, gs);
+                }
+            }
+        }
+        let before = out.clone();
+        for groups in [0, 3, 8] {
+            // none, 3 and 8 do not divide 4 channels
+            let stats = NormStats::Groups(groups);
+            assert!(norm_sums(
+                &x,
+                &g,
+                rows,
+                c,
+                1e-5,
+                stats,
+                true,
+                true,
+                1.0,
+                true,
+                out.view_mut()
+            )
+            .is_err());
+        }
+        assert_eq!(out, before); // refused: nothing written
     }
 
     #[test]
@@ -1441,7 +1610,7 @@ mod tests {
             rows,
             c,
             1e-5,
-            None,
+            NormStats::Batch,
             true,
             true,
             1.0,
@@ -1476,15 +1645,14 @@ mod tests {
         }
         let mut bad = Array2::<f32>::zeros((rows, c));
         {
-            type Running<'a> = Option<(&'a [f32], &'a [f32])>;
-            let mut refused = |x: &[f32], g: &[f32], eps: f64, running: Running<'_>, bias: bool| {
+            let mut refused = |x: &[f32], g: &[f32], eps: f64, stats: NormStats<'_>, bias: bool| {
                 norm_sums(
                     x,
                     g,
                     rows,
                     c,
                     eps,
-                    running,
+                    stats,
                     true,
                     bias,
                     1.0,
@@ -1493,12 +1661,18 @@ mod tests {
                 )
                 .is_err()
             };
-            assert!(refused(&x, &g, 1e-5, None, true)); // weight and bias: 2c columns, out has c
-            assert!(refused(&x[1..], &g[1..], 1e-5, None, false)); // not a multiple of rows x c
-            assert!(refused(&x, &g[1..], 1e-5, None, false)); // x and g differ in length
+            assert!(refused(&x, &g, 1e-5, NormStats::Batch, true)); // weight and bias: 2c columns, out has c
+            assert!(refused(&x[1..], &g[1..], 1e-5, NormStats::Batch, false)); // not a multiple of rows x c
+            assert!(refused(&x, &g[1..], 1e-5, NormStats::Batch, false)); // x and g differ in length
             let short: (&[f32], &[f32]) = (&[0.0], &[1.0, 1.0]);
-            assert!(refused(&x, &g, 1e-5, Some(short), false)); // 1 and 2 running values for 2 channels
-            assert!(refused(&x, &g, f64::NAN, None, false));
+            assert!(refused(
+                &x,
+                &g,
+                1e-5,
+                NormStats::Running(short.0, short.1),
+                false
+            )); // 1 and 2 running values for 2 channels
+            assert!(refused(&x, &g, f64::NAN, NormStats::Batch, false));
         }
         assert!(bad.iter().all(|&v| v == 0.0)); // refused: nothing written
         let mut inf = g.clone();
@@ -1509,7 +1683,7 @@ mod tests {
             rows,
             c,
             1e-5,
-            None,
+            NormStats::Batch,
             false,
             true,
             1.0,
@@ -1524,7 +1698,7 @@ mod tests {
             0,
             c,
             1e-5,
-            None,
+            NormStats::Batch,
             true,
             true,
             1.0,

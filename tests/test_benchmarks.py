@@ -104,23 +104,28 @@ def test_watch_batchnorm_runs(tmp_path):
 
 
 @pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
-def test_watch_batchnorm_cost_runs(tmp_path):
-    """benchmarks/watch_batchnorm.py --part cost --quick: RR, watch() and watch() with BatchNorm's rows by torch
-    ops, paired epochs of 256 images; the torch-ops arm really takes the torch path (its BN kernel declines)."""
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_watch_batchnorm_cost_runs(tmp_path, norm):
+    """benchmarks/watch_batchnorm.py --part cost --quick: RR, watch() and watch() with the norms' rows by torch
+    ops, paired epochs of 256 images; the torch-ops arm really takes the torch path (its kernel declines)."""
     stdout = run(
-        ["benchmarks/watch_batchnorm.py", "--data", str(DATA), "--quick", "--part", "cost", "--out", str(tmp_path)]
+        ["benchmarks/watch_batchnorm.py", "--data", str(DATA), "--quick", "--part", "cost", "--norm", norm]
+        + ["--out", str(tmp_path)]
     )
+    kind, short = ("BatchNorm", "BN") if norm == "batch" else ("GroupNorm", "GN")
+    torch_ops = f"grab, {short} rows by torch ops"
+    assert f"CIFAR-10 ResNet-8 with {kind}" in stdout
     arms = {}
     for line in stdout.splitlines():
-        m = re.match(r"^(rr|grab|grab, BN rows by torch ops) +(\d+\.\d+) +(\d+\.\d+) +\d", line)
+        m = re.match(rf"^(rr|grab|{torch_ops}) +(\d+\.\d+) +(\d+\.\d+) +\d", line)
         if m:
             arms[m.group(1)] = float(m.group(3))
-    assert set(arms) == {"rr", "grab", "grab, BN rows by torch ops"} and arms["rr"] == 1.0
-    # 4 steps x 9 BatchNorm calls through the kernel; none in the arm that measures the torch path
-    assert "check, BatchNorm rows through the Rust pass in one more epoch: grab 36 calls, " in stdout
-    assert "grab, BN rows by torch ops 0 calls" in stdout
+    assert set(arms) == {"rr", "grab", torch_ops} and arms["rr"] == 1.0
+    # 4 steps x 9 norm calls through the kernel; none in the arm that measures the torch path
+    assert f"check, {kind} rows through the Rust pass in one more epoch: grab 36 calls, " in stdout
+    assert f"{torch_ops} 0 calls" in stdout
     assert "memory read bandwidth" in stdout
-    assert (tmp_path / "watch_batchnorm_cost.txt").exists()
+    assert (tmp_path / f"watch_{norm}norm_cost.txt").exists()
 
 
 @pytest.mark.skipif(not (DATA / "glue").is_dir() or not (DATA / "mnist").is_dir(), reason="no ../shared/data")

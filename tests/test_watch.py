@@ -3451,19 +3451,65 @@ def test_batchnorm_kernel_without_running_statistics_uses_the_batchs(monkeypatch
     np.testing.assert_allclose(got["kernel"], got["torch"], rtol=1e-5, atol=1e-5 * np.abs(got["torch"]).max())
 
 
-def test_batchnorm_kernel_falls_back_to_torch_where_it_does_not_apply():
-    model = _BatchNorms().train()
+class _GroupNorms(nn.Module):
+    """A GroupNorm called twice in a step on a feature map with a large mean, then one on [B, C]."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 6, 3, bias=False)
+        self.gn = nn.GroupNorm(2, 6)
+        self.gn1 = nn.GroupNorm(3, 6)
+        self.head = nn.Linear(6, 3)
+        with torch.no_grad():  # affine parameters away from their defaults
+            for gn in (self.gn, self.gn1):
+                gn.weight.uniform_(0.5, 1.5)
+                gn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h = self.gn(torch.relu(self.gn(self.c(x)) + 3.0))
+        return self.head(torch.tanh(self.gn1(h.mean((2, 3)))))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)  # exact: rows_into the slot; 4 < 6 channels: projected by rows()
+@pytest.mark.parametrize("frozen", [None, "weight", "bias"])
+def test_groupnorm_rows_by_the_kernel_are_the_exact_per_example_gradients(monkeypatch, sketch, frozen):
+    # GroupNorm normalizes each example by its own statistics over a group of channels: its per-example
+    # gradients are defined, and the kernel's rows (_native.norm_sums with groups) must be torch.func's
+    # through the same projection, for the weight and the bias together or alone.
+    from torchgrab import _native
+
+    x, y = _data((2, 5, 5), "class", b=6, seed=5)
+    calls = []
+    kernel = _native.norm_sums
+    monkeypatch.setattr(_native, "norm_sums", lambda *a: calls.append(a[5:7] + a[10:]) or kernel(*a))
+    torch.manual_seed(0)
+    model = _GroupNorms().train()
+    if frozen:
+        for gn in (model.gn, model.gn1):
+            getattr(gn, frozen).requires_grad_(False)
+    rows, expected, _, handle = one_step(model, x, y, ce, sketch)
+    assert_rows(rows, expected)
+    kinds = {name: kind for name, kind, _ in handle.layers}
+    assert kinds["gn"] == kinds["gn1"] == "GroupNorm"
+    parts = (frozen != "weight", frozen != "bias")
+    assert calls == [parts + (3,), parts + (2,), parts + (2,)]  # in backward order: gn1, then gn twice
+
+
+@pytest.mark.parametrize("kind", ["BatchNorm", "GroupNorm"])
+def test_norm_kernel_falls_back_to_torch_where_it_does_not_apply(kind):
+    model = (_BatchNorms() if kind == "BatchNorm" else _GroupNorms()).train()
     _, handle, _ = watched(model, sketch=None)
-    sk = handle._sketches[model.bn]
+    layer = model.bn if kind == "BatchNorm" else model.gn
+    sk = handle._sketches[layer]
     out = np.zeros((2, 12), np.float32)
     x, g = torch.randn(2, 6, 3, 3), torch.randn(2, 6, 3, 3)
-    assert sk.rows_into(model.bn, x, g, out, 1.0, False) is True
-    assert sk.rows_into(model.bn, x.double(), g.double(), out, 1.0, False) is None  # not float32
+    assert sk.rows_into(layer, x, g, out, 1.0, False) is True
+    assert sk.rows_into(layer, x.double(), g.double(), out, 1.0, False) is None  # not float32
     last = x.to(memory_format=torch.channels_last)
-    assert sk.rows_into(model.bn, last, g, out, 1.0, False) is None  # channels last: the torch path
-    assert sk.rows_into(model.bn, x[0], g[0], out, 1.0, False) is None  # an unbatched call
+    assert sk.rows_into(layer, last, g, out, 1.0, False) is None  # channels last: the torch path
+    assert sk.rows_into(layer, x[0], g[0], out, 1.0, False) is None  # an unbatched call
     g[1, 2, 0, 0] = float("nan")
-    assert sk.rows_into(model.bn, x, g, out, 1.0, False) is False  # says the rows are not finite
+    assert sk.rows_into(layer, x, g, out, 1.0, False) is False  # says the rows are not finite
 
 
 def test_norm_sums_kernel_refuses_bad_input_and_writes_nothing():
@@ -3480,6 +3526,10 @@ def test_norm_sums_kernel_refuses_bad_input_and_writes_nothing():
     np.testing.assert_allclose(out[:, 1:3], 0.5 * (g * xh).sum((2, 3)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out[:, 3:5], 0.5 * g.sum((2, 3)), rtol=1e-6, atol=1e-6)
     assert np.all(out[:, [0, 5]] == 7.0)
+    for groups in (1, 2):  # each example's own statistics over its group of channels
+        assert _native.norm_sums(x, g, 1e-5, None, None, True, False, 1.0, False, out[:, 1:3], groups) is True
+        xh = torch.nn.functional.group_norm(xt, groups, eps=1e-5).numpy()
+        np.testing.assert_allclose(out[:, 1:3], (g * xh).sum((2, 3)), rtol=1e-5, atol=1e-5)
     before = out.copy()
     mean, var = np.zeros(2, np.float32), np.ones(2, np.float32)
     bad = [
@@ -3489,6 +3539,9 @@ def test_norm_sums_kernel_refuses_bad_input_and_writes_nothing():
         (ShapeError, (x, g, 1e-5, mean, None, True, True, 1.0, False, out[:, 1:5])),  # mean without var
         (ShapeError, (x, g, 1e-5, mean[:1], var[:1], True, True, 1.0, False, out[:, 1:5])),  # 1 of 2 channels
         (ShapeError, (x, g, float("nan"), None, None, True, True, 1.0, False, out[:, 1:5])),
+        (ShapeError, (x, g, 1e-5, mean, var, True, True, 1.0, False, out[:, 1:5], 2)),  # running and groups
+        (ShapeError, (x, g, 1e-5, None, None, True, True, 1.0, False, out[:, 1:5], 3)),  # 3 groups of 2 channels
+        (OverflowError, (x, g, 1e-5, None, None, True, True, 1.0, False, out[:, 1:5], -1)),
         (UnsupportedInputError, (x[..., ::-1], g, 1e-5, None, None, True, True, 1.0, False, out[:, 1:5])),
         (TypeError, (x.astype(np.float64), g, 1e-5, None, None, True, True, 1.0, False, out[:, 1:5])),
     ]

@@ -172,4 +172,5 @@ def norm_sums(
     scale: float,
     accumulate: bool,
     out: npt.NDArray[np.float32],
+    groups: int = 0,
 ) -> bool: ...

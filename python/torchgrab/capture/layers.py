@@ -9,7 +9,7 @@ the per-example gradients' inner products (exactly, where every factor is the id
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -965,10 +965,69 @@ if hasattr(nn, "RMSNorm"):
 
 
 class _ChannelNormSketch(_AffineNormSketch):
-    """Norms with one weight per channel (dimension 1 of a [B, C, ...] input)."""
+    """Norms with one weight per channel (dimension 1 of a [B, C, ...] input): BatchNorm and GroupNorm.
+
+    Their rows (g * x_hat and g summed per channel) come from one Rust pass over the input and the output
+    gradient (``_native.norm_sums``) for float32 CPU tensors: torch's form normalizes the feature map
+    again, multiplies and sums, five passes in each norm layer's backward, most of what watch() added
+    to a ResNet's step (``benchmarks/watch_batchnorm.py --part cost``). Other dtypes and devices,
+    channels last and unbatched calls take the torch path (``normalized``)."""
 
     def per_feature(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], t.shape[1], -1).sum(2)
+
+    def _stats(self, module: nn.Module) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], int]:
+        """What normalizes the input, as ``_native.norm_sums`` takes it: (running mean, running var,
+        groups), (None, None, 0) for the batch's statistics."""
+        raise NotImplementedError
+
+    def _sums(
+        self, module: nn.Module, x: Any, g: torch.Tensor, out: np.ndarray, scale: float, accumulate: bool
+    ) -> Optional[bool]:
+        """The exact contributions of float32 CPU tensors written into ``out`` by the kernel; None where it
+        does not apply."""
+        if not (
+            isinstance(x, torch.Tensor)
+            and x.shape == g.shape
+            and x.dim() >= 2
+            and x.shape[1] == self.p.n
+            and cpu_kernel_input(x)
+            and cpu_kernel_input(g)
+            and x.is_contiguous()
+            and g.is_contiguous()
+        ):
+            return None
+        mean, var, groups = self._stats(module)
+        return _native.norm_sums(
+            x.numpy(),
+            g.numpy(),
+            float(module.eps),
+            mean,
+            var,
+            self.train_w,
+            self.train_b,
+            float(scale),
+            accumulate,
+            out,
+            groups,
+        )
+
+    def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
+        g = g.detach()
+        b, c, parts = int(g.shape[0]) if g.dim() else 0, self.p.n, self.train_w + self.train_b
+        buf = np.empty((b, c * parts), dtype=np.float32)
+        if b == 0 or self._sums(module, saved, g, buf, 1.0, False) is None:
+            return super().rows(module, saved, g)
+        sums = torch.from_numpy(buf)
+        return [self.p(s) for s in sums.split(c, dim=1)] if parts > 1 else [self.p(sums)]
+
+    def rows_into(
+        self, module: nn.Module, saved: Any, g: torch.Tensor, out: np.ndarray, scale: float, accumulate: bool
+    ) -> Optional[bool]:
+        # Exact (no more channels than the sketch size): the sums are the rows, written into the step's slot.
+        if not self.p.identity:
+            return None
+        return self._sums(module, saved, g.detach(), out, scale, accumulate)
 
 
 @register_sketch(nn.GroupNorm)
@@ -979,6 +1038,9 @@ class GroupNormSketch(_ChannelNormSketch):
 
     def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(x, module.num_groups, None, None, module.eps)
+
+    def _stats(self, module: nn.Module) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], int]:
+        return None, None, int(module.num_groups)
 
 
 @register_sketch(nn.modules.batchnorm._BatchNorm)
@@ -1000,55 +1062,9 @@ class BatchNormSketch(_ChannelNormSketch):
     def _batch_stats(module: nn.Module) -> bool:
         return module.training or module.running_mean is None
 
-    def _sums(
-        self, module: nn.Module, x: Any, g: torch.Tensor, out: np.ndarray, scale: float, accumulate: bool
-    ) -> Optional[bool]:
-        """The exact contributions (g * x_hat and g summed per channel) of float32 CPU tensors, written into
-        ``out`` by one Rust pass over the input and the gradient (``_native.norm_sums``): torch's form
-        normalizes the feature map again, multiplies and sums, five passes in each BN layer's backward,
-        most of what watch() added to a ResNet's step (``benchmarks/watch_batchnorm.py --part cost``).
-        None where the kernel does not apply (another dtype or device, channels last, the torch path)."""
-        if not (
-            isinstance(x, torch.Tensor)
-            and x.shape == g.shape
-            and x.dim() >= 2
-            and x.shape[1] == self.p.n
-            and cpu_kernel_input(x)
-            and cpu_kernel_input(g)
-            and x.is_contiguous()
-            and g.is_contiguous()
-        ):
-            return None
-        mean = var = None
-        if not self._batch_stats(module):
-            mean = module.running_mean.detach().float().contiguous().numpy()
-            var = module.running_var.detach().float().contiguous().numpy()
-        return _native.norm_sums(
-            x.numpy(),
-            g.numpy(),
-            float(module.eps),
-            mean,
-            var,
-            self.train_w,
-            self.train_b,
-            float(scale),
-            accumulate,
-            out,
-        )
-
-    def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
-        g = g.detach()
-        b, c, parts = int(g.shape[0]) if g.dim() else 0, self.p.n, self.train_w + self.train_b
-        buf = np.empty((b, c * parts), dtype=np.float32)
-        if b == 0 or self._sums(module, saved, g, buf, 1.0, False) is None:
-            return super().rows(module, saved, g)
-        sums = torch.from_numpy(buf)
-        return [self.p(s) for s in sums.split(c, dim=1)] if parts > 1 else [self.p(sums)]
-
-    def rows_into(
-        self, module: nn.Module, saved: Any, g: torch.Tensor, out: np.ndarray, scale: float, accumulate: bool
-    ) -> Optional[bool]:
-        # Exact (no more channels than the sketch size): the sums are the rows, written into the step's slot.
-        if not self.p.identity:
-            return None
-        return self._sums(module, saved, g.detach(), out, scale, accumulate)
+    def _stats(self, module: nn.Module) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], int]:
+        if self._batch_stats(module):
+            return None, None, 0
+        mean = module.running_mean.detach().float().contiguous().numpy()
+        var = module.running_var.detach().float().contiguous().numpy()
+        return mean, var, 0
