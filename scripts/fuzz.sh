@@ -10,7 +10,7 @@ secs="${1:-120}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(state_from_bytes sampler_steps sign_scan coordinated_from_bytes outer_steps)
+  targets=(state_from_bytes sampler_steps sign_scan coordinated_from_bytes outer_steps norm_sums)
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
 export RUSTC_BOOTSTRAP=1
