@@ -218,6 +218,22 @@ LAYER_CASES = {
         (2, 4, 4),
         "class",
     ),
+    "instancenorm2d": (
+        # (no bias in the convolution: the norm removes each channel's shift, so its gradient is zero, and
+        # torch.func's float32 noise there fails the column check)
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 6, 2, bias=False), nn.InstanceNorm2d(6, affine=True), nn.Flatten(), nn.Linear(54, 3)
+        ),
+        (2, 4, 4),
+        "class",
+    ),
+    "instancenorm1d": (
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 6, 2, bias=False), nn.InstanceNorm1d(6, affine=True), nn.Flatten(), nn.Linear(30, 3)
+        ),
+        (2, 6),
+        "class",
+    ),
 }
 
 
@@ -3510,6 +3526,97 @@ def test_norm_kernel_falls_back_to_torch_where_it_does_not_apply(kind):
     assert sk.rows_into(layer, x[0], g[0], out, 1.0, False) is None  # an unbatched call
     g[1, 2, 0, 0] = float("nan")
     assert sk.rows_into(layer, x, g, out, 1.0, False) is False  # says the rows are not finite
+
+
+class _InstanceNorms(nn.Module):
+    """An InstanceNorm2d with running statistics on a feature map with a large mean, then an InstanceNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 6, 3, bias=False)
+        self.norm = nn.InstanceNorm2d(6, affine=True, track_running_stats=True)
+        self.norm1 = nn.InstanceNorm1d(6, affine=True)
+        self.head = nn.Linear(6, 3)
+        with torch.no_grad():  # statistics and affine parameters away from their defaults
+            self.norm.running_mean.uniform_(2.5, 3.5)
+            self.norm.running_var.uniform_(0.5, 2.0)
+            for m in (self.norm, self.norm1):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h = self.norm(self.c(x) + 3.0).flatten(2)  # [B, 6, 9] for InstanceNorm1d
+        return self.head(torch.tanh(self.norm1(h)).mean(2))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_instancenorm_rows_are_the_per_example_gradients(monkeypatch, sketch, frozen, path):
+    # InstanceNorm normalizes each example by its own statistics per channel in training (also with running
+    # statistics, which it then only updates), by the running ones in eval mode: both give per-example
+    # gradients, here each example's gradient from a batch of one, through the kernel (groups = channels,
+    # or the running statistics) and through the torch path (F.instance_norm) where the kernel declines.
+    from torchgrab import _native
+    from torchgrab.capture.layers import InstanceNormSketch
+
+    if path == "torch":
+        monkeypatch.setattr(InstanceNormSketch, "_sums", lambda self, *a: None)
+
+    x, y = _data((2, 5, 5), "class", b=4, seed=5)
+    calls = []
+    kernel = _native.norm_sums
+    monkeypatch.setattr(_native, "norm_sums", lambda *a: calls.append((a[3] is not None,) + a[10:]) or kernel(*a))
+    torch.manual_seed(0)
+    model = _InstanceNorms().train()
+    if frozen:
+        model.norm.eval()
+    ref = copy.deepcopy(model)
+    _, handle, spy = watched(model, sketch=sketch)
+    ce(model(x), y).backward()
+    handle.flush()
+    kinds = {name: kind for name, kind, _ in handle.layers}
+    assert kinds["norm"] == kinds["norm1"] == "InstanceNorm"
+    # in backward order: norm1 by its input statistics, then norm by its input or running statistics
+    assert calls == ([(False, 6), (True, 0) if frozen else (False, 6)] if path == "kernel" else [])
+    state = copy.deepcopy(ref.state_dict())
+    grads = {n: [] for n, _ in ref.named_parameters()}
+    for b in range(len(x)):  # each example alone: the statistics it has in the batch
+        ref.load_state_dict(state)
+        ref.zero_grad()
+        ce(ref(x[b : b + 1]), y[b : b + 1]).backward()
+        for n, p in ref.named_parameters():
+            grads[n].append(p.grad.clone())
+    assert_rows(spy.rows[0], handle.project({n: torch.stack(g) for n, g in grads.items()}))
+
+
+class _UnbatchedInstanceNorm(nn.Module):
+    """A batch of one whose InstanceNorm1d is called on the example without its batch dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(2, 4, 2, bias=False)
+        self.norm = nn.InstanceNorm1d(4, affine=True)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h = self.norm(self.c(x)[0])  # [4, L]: unbatched
+        return self.head(torch.tanh(h).mean(1))[None]
+
+
+def test_instancenorm_unbatched_call_is_refused_naming_the_layer():
+    # InstanceNorm takes an input without its batch dimension; watch() needs batch-first inputs to every
+    # watched layer (the rows are per example), so the call is refused when it is recorded.
+    x, y = _data((2, 7), "class", b=1, seed=3)
+    torch.manual_seed(0)
+    model = _UnbatchedInstanceNorm()
+    _, handle, spy = watched(model)
+    with pytest.raises(UnsupportedModelError, match=r"module 'norm' got an input of shape \(4, 6\)"):
+        model(x)
+    assert spy.rows == []
 
 
 def test_norm_sums_kernel_refuses_bad_input_and_writes_nothing():

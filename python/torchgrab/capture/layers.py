@@ -1068,3 +1068,32 @@ class BatchNormSketch(_ChannelNormSketch):
         mean = module.running_mean.detach().float().contiguous().numpy()
         var = module.running_var.detach().float().contiguous().numpy()
         return mean, var, 0
+
+
+@register_sketch(nn.modules.instancenorm._InstanceNorm)
+class InstanceNormSketch(_ChannelNormSketch):
+    """InstanceNorm1d/2d/3d: each example normalized by its own statistics per channel (a GroupNorm with a
+    group a channel), or, in eval mode with ``track_running_stats``, by the running ones; either way the
+    rows are the exact per-example gradients. (An unbatched call is refused, as for every layer, when the
+    step records it: its input is not batch-first.)"""
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return module.affine
+
+    @staticmethod
+    def _input_stats(module: nn.Module) -> bool:
+        return module.training or not module.track_running_stats
+
+    def normalized(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self._input_stats(module):
+            return F.instance_norm(x, use_input_stats=True, eps=module.eps)
+        mean, var = module.running_mean.float(), module.running_var.float()
+        return F.instance_norm(x, mean, var, use_input_stats=False, eps=module.eps)
+
+    def _stats(self, module: nn.Module) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], int]:
+        if self._input_stats(module):
+            return None, None, self.p.n
+        mean = module.running_mean.detach().float().contiguous().numpy()
+        var = module.running_var.detach().float().contiguous().numpy()
+        return mean, var, 0
