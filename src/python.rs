@@ -1267,8 +1267,8 @@ fn channel_sums<'py>(
         .map_err(to_py)
 }
 
-/// Write (or, with `accumulate`, add) `scale` times a BatchNorm's or GroupNorm's exact per-example
-/// contributions into `out` ([rows, width], any strides): per channel the sum of `g * x_hat` (with
+/// Write (or, with `accumulate`, add) `scale` times a BatchNorm's, GroupNorm's or InstanceNorm's exact
+/// per-example contributions into `out` ([rows, width], any strides): per channel the sum of `g * x_hat` (with
 /// `weight`) then the sum of `g` (with `bias`), from its input `x` and output gradient `g` (float32,
 /// C-contiguous, the same [rows, channels, ...] shape), normalized by the batch's statistics, by
 /// `running_mean` and `running_var` when given, or with `groups` > 0 by each example's own statistics

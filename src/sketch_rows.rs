@@ -7,8 +7,9 @@
 //! - [`outer_rows`]: row r of `out` gets `scale * vec(g_r a_r^T)` followed by `scale * g_r` (the weight
 //!   and bias blocks of a Linear layer's sketched per-example gradient), written straight into the
 //!   caller's row buffer instead of an outer-product tensor, a concatenation and a multiplication.
-//! - [`channel_sums`] and [`norm_sums`]: a convolution's bias rows and a BatchNorm's or GroupNorm's rows
-//!   (per channel `sum g x_hat` and `sum g`), each one pass over the layer's feature maps.
+//! - [`channel_sums`] and [`norm_sums`]: a convolution's bias rows and a BatchNorm's, GroupNorm's or
+//!   InstanceNorm's rows (per channel `sum g x_hat` and `sum g`), each one pass over the layer's feature
+//!   maps.
 //!
 //! The first two are exactly the sequential definitions (each output element is the same sum in the
 //! same order as the loop written out); the sums are checked against their definitions in the tests
@@ -302,14 +303,15 @@ pub fn channel_sums(
 pub enum NormStats<'a> {
     /// BatchNorm in training mode: per channel, the batch's biased statistics over rows and positions.
     Batch,
-    /// Per channel, the given mean and variance (BatchNorm's running statistics, in eval mode).
+    /// Per channel, the given mean and variance (BatchNorm's and InstanceNorm's running statistics, in
+    /// eval mode).
     Running(&'a [f32], &'a [f32]),
     /// GroupNorm: per row, its own biased statistics over each of this many equal groups of channels
-    /// and their positions.
+    /// and their positions (InstanceNorm: as many groups as channels).
     Groups(usize),
 }
 
-/// A BatchNorm's or GroupNorm's exact per-example contributions, in one pass over its input `x` and
+/// A BatchNorm's, GroupNorm's or InstanceNorm's exact per-example contributions, in one pass over its input `x` and
 /// output gradient `g` (both rows x c x positions, C-contiguous, the same length): row r of `out` gets
 /// `scale` times the sum over positions of `g * x_hat` for each channel (the weight's columns, with
 /// `weight`) followed by the sum of `g` (the bias's, with `bias`). `x_hat = (x - mean) / sqrt(var +
@@ -446,7 +448,7 @@ fn pooled<'s>(count: usize, at: impl Fn(usize) -> &'s Slab, p: f64) -> (f64, f64
     (mean, m2 / n)
 }
 
-/// One example's channel of a BatchNorm or GroupNorm (`norm_sums`): its values shifted by the first, `d = x - k`,
+/// One example's channel of a norm layer (`norm_sums`): its values shifted by the first, `d = x - k`,
 /// so the sums are of numbers of the size of the spread, not of the mean (float32 sums of `x` and `x^2`
 /// would cancel to nothing under a large mean): `g` = sum g, `gd` = sum g d, `d` = sum d, `dd` = sum d^2.
 struct Slab {

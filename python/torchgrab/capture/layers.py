@@ -965,7 +965,8 @@ if hasattr(nn, "RMSNorm"):
 
 
 class _ChannelNormSketch(_AffineNormSketch):
-    """Norms with one weight per channel (dimension 1 of a [B, C, ...] input): BatchNorm and GroupNorm.
+    """Norms with one weight per channel (dimension 1 of a [B, C, ...] input): BatchNorm, GroupNorm and
+    InstanceNorm.
 
     Their rows (g * x_hat and g summed per channel) come from one Rust pass over the input and the output
     gradient (``_native.norm_sums``) for float32 CPU tensors: torch's form normalizes the feature map
