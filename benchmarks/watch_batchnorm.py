@@ -159,9 +159,9 @@ def zero_width_layers(model: nn.Module) -> List[str]:
 
 # --------------------------------------------------------------------------- training
 class Arm:
-    def __init__(self, name: str, seed: int, n: int, args, exclude: List[str], bn_torch_ops: bool = False) -> None:
+    def __init__(self, name: str, seed: int, n: int, args, exclude: List[str], norm_torch_ops: bool = False) -> None:
         self.name = name
-        self.bn_torch_ops = bn_torch_ops  # part cost: the norms' rows by torch ops, not the Rust pass
+        self.norm_torch_ops = norm_torch_ops  # part cost: the norms' rows by torch ops, not the Rust pass
         torch.manual_seed(seed)
         self.model = ResNet8(norm=args.norm)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
@@ -179,7 +179,7 @@ class Arm:
         self.batch = args.batch
 
     def epoch(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        if self.bn_torch_ops:
+        if self.norm_torch_ops:
             with torch_ops_for_norms():
                 return self._epoch(x, y)
         return self._epoch(x, y)
@@ -241,7 +241,7 @@ def cost(args, x: torch.Tensor, y: torch.Tensor) -> None:
         def epoch(self) -> float:
             return self.arm.epoch(x, y)
 
-    runs = {a: Timed(Arm(o, 0, len(x), args, [], bn_torch_ops=t)) for a, (o, t) in cost_arms(args.norm).items()}
+    runs = {a: Timed(Arm(o, 0, len(x), args, [], norm_torch_ops=t)) for a, (o, t) in cost_arms(args.norm).items()}
     out.line(f"# grab: K = {runs['grab'].arm.width:,} columns per example")
     secs = _common.paired_epochs(runs, args.rounds)
     out.line(f"\n{'arm':<28} {'epoch s (median)':>16} {'x RR (median)':>14} {'quartiles':>13}")
