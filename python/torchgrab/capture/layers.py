@@ -971,8 +971,8 @@ class _ChannelNormSketch(_AffineNormSketch):
     Their rows (g * x_hat and g summed per channel) come from one Rust pass over the input and the output
     gradient (``_native.norm_sums``) for float32 CPU tensors: torch's form normalizes the feature map
     again, multiplies and sums, five passes in each norm layer's backward, most of what watch() added
-    to a ResNet's step (``benchmarks/watch_batchnorm.py --part cost``). Other dtypes and devices,
-    channels last and unbatched calls take the torch path (``normalized``)."""
+    to a ResNet's step (``benchmarks/watch_batchnorm.py --part cost``). Other dtypes and devices, and
+    channels-last inputs, take the torch path (``normalized``)."""
 
     def per_feature(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], t.shape[1], -1).sum(2)
