@@ -87,11 +87,15 @@ def test_data_benchmark_runs(script, args, expect, tmp_path):
 
 
 @pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
-def test_watch_batchnorm_runs(tmp_path):
-    """benchmarks/watch_batchnorm.py --quick: watch() on a BatchNorm ResNet-8 against RR, 320 CIFAR-10 images."""
-    stdout = run(["benchmarks/watch_batchnorm.py", "--data", str(DATA), "--quick", "--out", str(tmp_path)])
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_watch_batchnorm_runs(tmp_path, norm):
+    """benchmarks/watch_batchnorm.py --quick: watch() on a BatchNorm (or GroupNorm) ResNet-8 against RR, 320
+    CIFAR-10 images."""
+    stdout = run(
+        ["benchmarks/watch_batchnorm.py", "--data", str(DATA), "--quick", "--norm", norm, "--out", str(tmp_path)]
+    )
     for line in (
-        "CIFAR-10 ResNet-8 with BatchNorm",
+        f"CIFAR-10 ResNet-8 with {'BatchNorm' if norm == 'batch' else 'GroupNorm'}",
         "grab: K = ",
         "epoch 0 and epoch 1 losses equal in every arm of a seed (same init, same first order): True",
         "grab - rr, full training loss, paired by seed",
@@ -99,8 +103,8 @@ def test_watch_batchnorm_runs(tmp_path):
         "Time to RR's final training loss",
     ):
         assert line in stdout
-    assert (tmp_path / "watch_batchnorm.txt").exists()
-    assert (tmp_path / "watch_batchnorm.png").exists() or "matplotlib missing" in stdout
+    assert (tmp_path / f"watch_{norm}norm.txt").exists()
+    assert (tmp_path / f"watch_{norm}norm.png").exists() or "matplotlib missing" in stdout
 
 
 @pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
