@@ -1391,6 +1391,38 @@ mod tests {
         assert!(channel_sums(&[], 0, 3, 1.0, false, empty.view_mut()).unwrap());
     }
 
+    /// `n` values with a large mean (the sums must not cancel) and `n` gradients, for the definition tests.
+    fn norm_case(n: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..n)
+            .map(|i| 100.0 + ((i * 37 % 23) as f32) * 0.25)
+            .collect();
+        let g = (0..n).map(|i| ((i * 11 % 7) as f32) - 3.0).collect();
+        (x, g)
+    }
+
+    /// Row r's channel j of `norm_sums`' output (weight and bias columns, eps 1e-5) against the definition
+    /// with the given statistics, in f64.
+    fn assert_norm_cell(
+        x: &[f32],
+        g: &[f32],
+        out: &Array2<f32>,
+        (r, j, c, p): (usize, usize, usize, usize),
+        (mean, var): (f64, f64),
+    ) {
+        let span = (r * c + j) * p..(r * c + j + 1) * p;
+        let gx: f64 = x[span.clone()]
+            .iter()
+            .zip(&g[span.clone()])
+            .map(|(&a, &b)| b as f64 * (a as f64 - mean) / (var + 1e-5).sqrt())
+            .sum();
+        let gs: f64 = g[span].iter().map(|&b| b as f64).sum();
+        assert!(
+            (out[(r, j)] as f64 - gx).abs() < 1e-4 * (1.0 + gx.abs()),
+            "{gx} {out:?}"
+        );
+        assert_eq!(out[(r, c + j)] as f64, gs);
+    }
+
     #[test]
     fn norm_sums_by_hand() {
         // 2 examples, 1 channel, 2 positions: x = [[1, 3], [5, 7]] -> batch mean 4, var 5;
@@ -1511,12 +1543,7 @@ mod tests {
     fn norm_sums_of_groups_match_the_definition_and_check_groups() {
         // 3 examples, 4 channels in 2 groups, 19 positions, a large mean
         let (rows, c, groups, p) = (3usize, 4usize, 2usize, 19usize);
-        let x: Vec<f32> = (0..rows * c * p)
-            .map(|i| 100.0 + ((i * 37 % 23) as f32) * 0.25)
-            .collect();
-        let g: Vec<f32> = (0..rows * c * p)
-            .map(|i| ((i * 11 % 7) as f32) - 3.0)
-            .collect();
+        let (x, g) = norm_case(rows * c * p);
         let stats = NormStats::Groups(groups);
         let mut out = Array2::<f32>::zeros((rows, 2 * c));
         assert!(norm_sums(
@@ -1545,18 +1572,7 @@ mod tests {
                     .sum::<f64>()
                     / n;
                 for j in q * per..(q + 1) * per {
-                    let span = (r * c + j) * p..(r * c + j + 1) * p;
-                    let gx: f64 = x[span.clone()]
-                        .iter()
-                        .zip(&g[span.clone()])
-                        .map(|(&a, &b)| b as f64 * (a as f64 - mean) / (var + 1e-5).sqrt())
-                        .sum();
-                    let gs: f64 = g[span].iter().map(|&b| b as f64).sum();
-                    assert!(
-                        (out[(r, j)] as f64 - gx).abs() < 1e-4 * (1.0 + gx.abs()),
-                        "{gx} {out:?}"
-                    );
-                    assert_eq!(out[(r, c + j)] as f64, gs);
+                    assert_norm_cell(&x, &g, &out, (r, j, c, p), (mean, var));
                 }
             }
         }
@@ -1599,12 +1615,7 @@ mod tests {
     fn norm_sums_match_the_definition_and_check_shapes() {
         // 3 examples, 2 channels, 19 positions (two lanes of eight and a remainder), a large mean
         let (rows, c, p) = (3usize, 2usize, 19usize);
-        let x: Vec<f32> = (0..rows * c * p)
-            .map(|i| 100.0 + ((i * 37 % 23) as f32) * 0.25)
-            .collect();
-        let g: Vec<f32> = (0..rows * c * p)
-            .map(|i| ((i * 11 % 7) as f32) - 3.0)
-            .collect();
+        let (x, g) = norm_case(rows * c * p);
         let mut out = Array2::<f32>::zeros((rows, 2 * c));
         assert!(norm_sums(
             &x,
@@ -1631,18 +1642,7 @@ mod tests {
             let mean = vals.iter().sum::<f64>() / vals.len() as f64;
             let var = vals.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / vals.len() as f64;
             for r in 0..rows {
-                let span = (r * c + j) * p..(r * c + j + 1) * p;
-                let gx: f64 = x[span.clone()]
-                    .iter()
-                    .zip(&g[span.clone()])
-                    .map(|(&a, &b)| b as f64 * (a as f64 - mean) / (var + 1e-5).sqrt())
-                    .sum();
-                let gs: f64 = g[span].iter().map(|&b| b as f64).sum();
-                assert!(
-                    (out[(r, j)] as f64 - gx).abs() < 1e-4 * (1.0 + gx.abs()),
-                    "{gx} {out:?}"
-                );
-                assert_eq!(out[(r, c + j)] as f64, gs);
+                assert_norm_cell(&x, &g, &out, (r, j, c, p), (mean, var));
             }
         }
         let mut bad = Array2::<f32>::zeros((rows, c));

@@ -3360,6 +3360,15 @@ def test_channel_sums_kernel_refuses_bad_input_and_writes_nothing():
     np.testing.assert_array_equal(out, before)
 
 
+def _norm_kernel_calls(monkeypatch, pick):
+    """The calls of _native.norm_sums from now on, each recorded as ``pick(args)``."""
+    from torchgrab import _native
+
+    calls, kernel = [], _native.norm_sums
+    monkeypatch.setattr(_native, "norm_sums", lambda *a: calls.append(pick(a)) or kernel(*a))
+    return calls
+
+
 class _BatchNorms(nn.Module):
     """A BatchNorm2d called twice in a step (its rows add up), then a BatchNorm1d on [B, C]."""
 
@@ -3389,13 +3398,10 @@ def test_batchnorm_rows_by_the_kernel_are_the_torch_paths(monkeypatch, sketch, f
     # and sums. The rows must be the torch path's: with the batch's statistics (training), and with the
     # running ones (a BatchNorm frozen in eval mode inside a training model, where they are the exact
     # per-example gradients).
-    from torchgrab import _native
     from torchgrab.capture.layers import BatchNormSketch
 
     x, y = _data((2, 5, 5), "class", b=6, seed=5)
-    calls = []
-    kernel = _native.norm_sums
-    monkeypatch.setattr(_native, "norm_sums", lambda *a: calls.append(a[5:7]) or kernel(*a))
+    calls = _norm_kernel_calls(monkeypatch, lambda a: a[5:7])
     got = {}
     for path in ("kernel", "torch"):
         if path == "torch":
@@ -3424,12 +3430,8 @@ def test_batchnorm_rows_by_the_kernel_are_the_torch_paths(monkeypatch, sketch, f
 
 def test_batchnorm_rows_by_the_kernel_for_a_weight_or_a_bias_alone(monkeypatch):
     # One trainable affine parameter: the kernel writes that part's columns alone.
-    from torchgrab import _native
-
     x, y = _data((2, 5, 5), "class", b=6, seed=5)
-    calls = []
-    kernel = _native.norm_sums
-    monkeypatch.setattr(_native, "norm_sums", lambda *a: calls.append(a[5:7]) or kernel(*a))
+    calls = _norm_kernel_calls(monkeypatch, lambda a: a[5:7])
     for frozen in ("weight", "bias"):
         calls.clear()
         torch.manual_seed(0)
@@ -3494,15 +3496,12 @@ def test_groupnorm_rows_are_the_exact_per_example_gradients(monkeypatch, sketch,
     # gradients are defined, and the kernel's rows (_native.norm_sums with groups) must be torch.func's
     # through the same projection, for the weight and the bias together or alone; so must the torch
     # path's (F.group_norm), where the kernel declines.
-    from torchgrab import _native
     from torchgrab.capture.layers import GroupNormSketch
 
     if path == "torch":
         monkeypatch.setattr(GroupNormSketch, "_sums", lambda self, *a: None)
     x, y = _data((2, 5, 5), "class", b=6, seed=5)
-    calls = []
-    kernel = _native.norm_sums
-    monkeypatch.setattr(_native, "norm_sums", lambda *a: calls.append(a[5:7] + a[10:]) or kernel(*a))
+    calls = _norm_kernel_calls(monkeypatch, lambda a: a[5:7] + a[10:])
     torch.manual_seed(0)
     model = _GroupNorms().train()
     if frozen:
@@ -3563,16 +3562,13 @@ def test_instancenorm_rows_are_the_per_example_gradients(monkeypatch, sketch, fr
     # statistics, which it then only updates), by the running ones in eval mode: both give per-example
     # gradients, here each example's gradient from a batch of one, through the kernel (groups = channels,
     # or the running statistics) and through the torch path (F.instance_norm) where the kernel declines.
-    from torchgrab import _native
     from torchgrab.capture.layers import InstanceNormSketch
 
     if path == "torch":
         monkeypatch.setattr(InstanceNormSketch, "_sums", lambda self, *a: None)
 
     x, y = _data((2, 5, 5), "class", b=4, seed=5)
-    calls = []
-    kernel = _native.norm_sums
-    monkeypatch.setattr(_native, "norm_sums", lambda *a: calls.append((a[3] is not None,) + a[10:]) or kernel(*a))
+    calls = _norm_kernel_calls(monkeypatch, lambda a: (a[3] is not None,) + a[10:])
     torch.manual_seed(0)
     model = _InstanceNorms().train()
     if frozen:

@@ -982,6 +982,13 @@ class _ChannelNormSketch(_AffineNormSketch):
         groups), (None, None, 0) for the batch's statistics."""
         raise NotImplementedError
 
+    @staticmethod
+    def _running(module: nn.Module) -> Tuple[np.ndarray, np.ndarray, int]:
+        """The module's running statistics, as ``_stats`` gives them."""
+        mean = module.running_mean.detach().float().contiguous().numpy()
+        var = module.running_var.detach().float().contiguous().numpy()
+        return mean, var, 0
+
     def _sums(
         self, module: nn.Module, x: Any, g: torch.Tensor, out: np.ndarray, scale: float, accumulate: bool
     ) -> Optional[bool]:
@@ -1064,11 +1071,7 @@ class BatchNormSketch(_ChannelNormSketch):
         return module.training or module.running_mean is None
 
     def _stats(self, module: nn.Module) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], int]:
-        if self._batch_stats(module):
-            return None, None, 0
-        mean = module.running_mean.detach().float().contiguous().numpy()
-        var = module.running_var.detach().float().contiguous().numpy()
-        return mean, var, 0
+        return (None, None, 0) if self._batch_stats(module) else self._running(module)
 
 
 @register_sketch(nn.modules.instancenorm._InstanceNorm)
@@ -1093,8 +1096,4 @@ class InstanceNormSketch(_ChannelNormSketch):
         return F.instance_norm(x, mean, var, use_input_stats=False, eps=module.eps)
 
     def _stats(self, module: nn.Module) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], int]:
-        if self._input_stats(module):
-            return None, None, self.p.n
-        mean = module.running_mean.detach().float().contiguous().numpy()
-        var = module.running_var.detach().float().contiguous().numpy()
-        return mean, var, 0
+        return (None, None, self.p.n) if self._input_stats(module) else self._running(module)
