@@ -68,16 +68,22 @@ def cpu_description() -> str:
     return ", ".join(parts)
 
 
-def header(title: str) -> None:
-    print(f"# {title}")
-    print(
+def header_lines(title: str) -> List[str]:
+    """A result's opening: its title, the date, the machine and torch, the CPU, the load average now."""
+    lines = [
+        f"# {title}",
         f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads at start), numpy {np.__version__}"
-    )
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads at start), numpy {np.__version__}",
+    ]
     cpu = cpu_description()
     if cpu:
-        print(f"# cpu: {cpu}")
-    print(f"# load average at start (1/5/15 min): {load_average()}  (2-core machine shared with other jobs)")
+        lines.append(f"# cpu: {cpu}")
+    lines.append(f"# load average at start (1/5/15 min): {load_average()}  (2-core machine shared with other jobs)")
+    return lines
+
+
+def header(title: str) -> None:
+    print("\n".join(header_lines(title)))
 
 
 def best_of(fn: Callable[[], None], reps: int) -> float:
@@ -223,9 +229,8 @@ def begin_result(title: str) -> "Out":
     """The opening of a benchmark's .txt result: its provenance lines, the printed header, and this
     machine's memory read bandwidth (what exact rows are bound by), measured now."""
     out = Out()
-    for line in provenance():
+    for line in provenance() + header_lines(title):
         out.line(line)
-    header(title)
     bw = memory_read_bandwidth()
     out.line(f"# memory read bandwidth: {', '.join(f'{k} {v:.1f} GB/s' for k, v in bw.items())}")
     return out

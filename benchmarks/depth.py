@@ -28,8 +28,6 @@ discrepancy.py's `run`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import sys
 import tempfile
@@ -143,10 +141,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     e = args.epochs
 
     out = _common.Out()
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        _common.header("Depth of recursive and recursive-pair: herding discrepancy against rr (issue 17, item 3)")
-    for ln in _common.provenance() + buf.getvalue().splitlines():
+    title = "Depth of recursive and recursive-pair: herding discrepancy against rr (issue 17, item 3)"
+    for ln in _common.provenance() + _common.header_lines(title):
         out.line(ln)
     out.line(
         f"# B = {args.batch} rows per step, {e} epochs, seeds 0..{args.seeds - 1}; cells: discrepancy of the order "

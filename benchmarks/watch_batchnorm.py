@@ -42,7 +42,7 @@ warm-up epoch each, one seed; it prints each arm's epoch over RR's (median and q
 writes OUT/watch_batchnorm_cost.txt.
 
 `--norm group` puts a GroupNorm (4 groups) where each BatchNorm was, in either part, and writes
-OUT/watch_groupnorm*.  GroupNorm normalizes each example by its own statistics, so its rows are the exact
+OUT/watch_groupnorm*. GroupNorm normalizes each example by its own statistics, so its rows are the exact
 per-example gradients; the Rust pass takes it too (`norm_sums` with groups), and the cost part's third arm forms
 its rows by torch ops instead.
 
@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import math
 import os
 import sys
@@ -365,14 +364,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
 
     out = _common.Out()
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        _common.header(
-            "watch() on a BatchNorm ResNet: does the BN-contribution order beat RR? (issue 14, point 3)"
-            if args.norm == "batch"
-            else f"watch() on a GroupNorm ResNet ({GROUPS} groups): does the order beat RR?"
-        )
-    for ln in _common.provenance() + buf.getvalue().splitlines():
+    heading = (
+        "watch() on a BatchNorm ResNet: does the BN-contribution order beat RR? (issue 14, point 3)"
+        if args.norm == "batch"
+        else f"watch() on a GroupNorm ResNet ({GROUPS} groups): does the order beat RR?"
+    )
+    for ln in _common.provenance() + _common.header_lines(heading):
         out.line(ln)
 
     x, y, xte, yte = load_data(EX.data_root(args.data), args.n, args.test_n, args.subset_seed)

@@ -37,9 +37,7 @@ OUT/watch_quality.png (from every OUT/watch_quality_<task>.csv present, so tasks
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import io
 import os
 import sys
 import tempfile
@@ -529,10 +527,7 @@ def main(argv=None) -> None:
     for name in args.tasks:
         t_task = time.perf_counter()
         out = _common.Out()
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            _common.header(f"watch(): what the sketch keeps of GraB, task {name}")
-        for ln in pre + buf.getvalue().splitlines():
+        for ln in pre + _common.header_lines(f"watch(): what the sketch keeps of GraB, task {name}"):
             out.line(ln)
         if name == "mnist":
             task = mnist_task(root, args.mnist_n, args.mnist_batch, args.mnist_lr)

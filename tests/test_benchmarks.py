@@ -129,7 +129,8 @@ def test_watch_batchnorm_cost_runs(tmp_path, norm):
     assert f"check, {kind} rows through the Rust pass in one more epoch: grab 36 calls, " in stdout
     assert f"{torch_ops} 0 calls" in stdout
     assert "memory read bandwidth" in stdout
-    assert (tmp_path / f"watch_{norm}norm_cost.txt").exists()
+    txt = (tmp_path / f"watch_{norm}norm_cost.txt").read_text()
+    assert "# load average at start" in txt  # begin_result keeps the header in the result file
 
 
 @pytest.mark.skipif(not (DATA / "glue").is_dir() or not (DATA / "mnist").is_dir(), reason="no ../shared/data")
