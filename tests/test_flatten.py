@@ -133,6 +133,18 @@ def test_windows_of_every_example_stacked_are_found_through_the_attention(fused)
     assert flattened_batch(torch.cat([xw[6:], xw[:6]]), B) is None  # joined along the rows, out of order
 
 
+def test_a_slice_that_keeps_the_rows_whole_is_read_through_and_one_that_cuts_them_is_not():
+    # Older torch records x[:, :8] as a slice x[:] along the rows, then the cut along dimension 1; the
+    # first keeps every row and their order, so the rows are read through it. aten.slice records it here.
+    xw = _windows(F.layer_norm(_made(B, 8, 8, 4), (4,)), 4)
+    whole = torch.ops.aten.slice(xw, 0, 0, 2**63 - 1)
+    assert whole.grad_fn.name() == "SliceBackward0"
+    assert flattened_batch(whole[:, :8], B) == 4
+    assert flattened_batch(torch.ops.aten.slice(xw, 0, 0, xw.shape[0], 1)[:, :8], B) == 4  # end = size
+    assert flattened_batch(torch.ops.aten.slice(xw, 0, 0, xw.shape[0] - 4), B) is None  # an example cut off
+    assert flattened_batch(torch.ops.aten.slice(xw, 0, 0, xw.shape[0], 2), B) is None  # every other row
+
+
 def test_windows_stacked_window_by_window_are_not():
     # The same windows stacked window-major: rows of the three examples interleaved. With as many windows
     # down as examples (2 x 2 windows of 4 x 4, B = 2), the reshape's shapes alone look like the batch's.

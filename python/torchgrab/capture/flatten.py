@@ -74,9 +74,20 @@ def _dim(d: int, n: int) -> int:
 
 
 def _shape(node: Any, k: int) -> Optional[List[int]]:
-    """The shape of output k of the node (the forward tensor it made)."""
-    meta = node._input_metadata
-    return list(meta[k].shape) if k < len(meta) else None
+    """The shape of output k of the node (the forward tensor it made); None where torch does not say
+    (``Node._input_metadata`` came with torch 2.5): nothing is read back through it then."""
+    meta = getattr(node, "_input_metadata", None)
+    return list(meta[k].shape) if meta is not None and k < len(meta) else None
+
+
+def _whole_slice(node: Any) -> bool:
+    """A SliceBackward0 node whose slice keeps its dimension whole, in order (``x[:]``)."""
+    sizes = [int(v) for v in node._saved_self_sym_sizes]
+    start, end, step = node._saved_start, node._saved_end, node._saved_step
+    if start is None:
+        start = 0
+    size = sizes[_dim(node._saved_dim, len(sizes))]
+    return start == 0 and step == 1 and (end is None or end >= size)
 
 
 # Operations that only rearrange, select or combine elementwise what they are given: a tensor made by
@@ -205,6 +216,8 @@ class _Reading:
         if name in ("UnbindBackward0", "SelectBackward0"):
             u = _dim(node._saved_dim, len(out) + 1)
             return self._along(*nxt[0], d + (d >= u), inner)
+        if name == "SliceBackward0" and _whole_slice(node):
+            return self._along(*nxt[0], d, inner)  # older torch records x[:, :8] as x[:] then [:, :8]: no cut
         if name in ("SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0", "CatBackward0"):
             if _dim(node._saved_dim, len(out)) == d:
                 return False  # cut or joined along the rows

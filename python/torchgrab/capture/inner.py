@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
+from torchgrab.capture._compat import tree_leaves
 from torchgrab.capture.eager import eager
 from torchgrab.capture.layers import registered_kind
 

@@ -19,10 +19,10 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set,
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from torchgrab.capture import attention as attn
 from torchgrab.capture import layers
+from torchgrab.capture._compat import check_watch_torch, tree_leaves
 from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.defaults import DEFAULT_BUDGET, DEFAULT_SKETCH
 from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example, pulled_back
@@ -195,6 +195,7 @@ class WatchHandle:
         all_ranks: bool = False,
         batch_first: bool = True,
     ) -> None:
+        check_watch_torch()
         if not isinstance(model, nn.Module):
             raise UnsupportedModelError(f"watch() takes an nn.Module, got {type(model).__name__}")
         if not isinstance(batch_first, bool):
