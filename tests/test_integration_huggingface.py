@@ -151,7 +151,18 @@ def test_refusals(tmp_path):
     with pytest.raises(UnsupportedInputError, match="length"):
         enable_grab(trainer)
 
-    trainer, _ = hf_cases.make_trainer(str(tmp_path), n=16, train_sampling_strategy="group_by_length")
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    # transformers 5.0 spells it group_by_length=True; later releases train_sampling_strategy.
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    by_length = (
+        {"train_sampling_strategy": "group_by_length"}
+        if "train_sampling_strategy" in fields
+        else {"group_by_length": True}
+    )
+    trainer, _ = hf_cases.make_trainer(str(tmp_path), n=16, **by_length)
     with pytest.raises(UnsupportedInputError, match="group_by_length"):
         enable_grab(trainer)
     trainer, _ = hf_cases.make_trainer(str(tmp_path), n=16, data_seed=7)
