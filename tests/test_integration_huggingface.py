@@ -177,6 +177,21 @@ def test_refusals(tmp_path):
     assert trainer._get_train_sampler == before and not hasattr(trainer, "_torchgrab_sampler")
 
 
+def test_an_untested_transformers_is_warned_about(tmp_path, monkeypatch):
+    import warnings
+
+    import transformers
+
+    trainer, _ = hf_cases.make_trainer(str(tmp_path), n=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the installed release is tested: no warning
+        enable_grab(trainer)
+    monkeypatch.setattr(transformers, "__version__", "4.50.3")
+    trainer, _ = hf_cases.make_trainer(str(tmp_path), n=16)
+    with pytest.warns(RuntimeWarning, match=r"tested with transformers 4\.51 or newer \(this process has 4\.50\.3\)"):
+        enable_grab(trainer)
+
+
 def test_forwards_after_training_feed_nothing(tmp_path):
     trainer, ds = hf_cases.make_trainer(str(tmp_path), n=16, epochs=1)
     sampler = enable_grab(trainer)

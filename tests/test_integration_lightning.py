@@ -31,6 +31,15 @@ pytestmark = [
 N, D, CLASSES, B = 70, 8, 3, 16  # 70 = 4 x 16 + 6: the last batch is smaller
 
 
+def test_an_untested_lightning_is_warned_about(monkeypatch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the installed release is tested: no warning
+        GraBCallback()
+    monkeypatch.setattr(pl, "__version__", "2.4.0")
+    with pytest.warns(RuntimeWarning, match=r"tested with Lightning 2\.5 or newer \(this process has 2\.4\.0\)"):
+        GraBCallback()
+
+
 def dataset(n=N):
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randn(n, D, generator=g), torch.randint(0, CLASSES, (n,), generator=g), torch.arange(n))

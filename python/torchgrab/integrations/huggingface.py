@@ -38,6 +38,11 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
 SAMPLER_FILE = "torchgrab_sampler.pt"
 
 
+# The oldest transformers a test runs (tests/test_integration_huggingface.py, test_transformers_before_4_52;
+# docs/integrations.md, "Versions").
+TESTED_TRANSFORMERS = (4, 51)
+
+
 def enable_grab(trainer: Any, *, watch: Optional[Dict[str, Any]] = None, **sampler_kwargs: Any) -> GraBSampler:
     """Train ``trainer`` with GraB orders; call before ``trainer.train()``. Returns the sampler.
 
@@ -51,6 +56,11 @@ def enable_grab(trainer: Any, *, watch: Optional[Dict[str, Any]] = None, **sampl
     Every process of a multi-process run calls it the same way. Resuming with
     ``trainer.train(resume_from_checkpoint=...)`` continues the exact order of the interrupted run.
     """
+    import transformers
+
+    from torchgrab.capture._compat import warn_if_untested
+
+    warn_if_untested("transformers", transformers.__version__, TESTED_TRANSFORMERS, "enable_grab()")
     if getattr(trainer, "_torchgrab_sampler", None) is not None:
         raise UnsupportedInputError("enable_grab() was already called on this Trainer")
     dataset = trainer.train_dataset
