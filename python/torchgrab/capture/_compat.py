@@ -9,12 +9,11 @@ torch 2.1 and newer. ``scripts/test_torch_floor.sh`` runs the tests on the oldes
 
 from __future__ import annotations
 
-import re
-import warnings
 from typing import Any, List, Optional, Tuple
 
 import torch
 
+from torchgrab._versions import major_minor
 from torchgrab.errors import UnsupportedInputError
 
 try:
@@ -30,31 +29,9 @@ except ImportError:  # torch < 2.3: only tree_flatten
 WATCH_MIN_TORCH = (2, 5)
 
 
-def major_minor(version: str) -> Tuple[int, int]:
-    """(major, minor) of a version string ("2.5.1+cu124", "2.11.0a0+git1234": (2, 5), (2, 11))."""
-    m = re.match(r"(\d+)\.(\d+)", str(version))
-    if m is None:  # a build that does not say: taken as new enough
-        return (99, 0)
-    return int(m.group(1)), int(m.group(2))
-
-
 def torch_version(version: Optional[str] = None) -> Tuple[int, int]:
     """(major, minor) of a torch version string; this process's torch by default."""
     return major_minor(str(torch.__version__ if version is None else version))
-
-
-def warn_if_untested(package: str, version: str, oldest: Tuple[int, int], what: str) -> None:
-    """Warn that ``what`` runs with a release of ``package`` older than any it is tested with (an
-    integration: the framework internals it relies on move between releases)."""
-    if major_minor(version) < oldest:
-        need = ".".join(map(str, oldest))
-        warnings.warn(
-            f"{what} is tested with {package} {need} or newer (this process has {version}), and some of its "
-            f"tests fail with older releases. Upgrade {package} (pip install 'torchgrab[huggingface]' or "
-            "'torchgrab[lightning]' asks for tested versions)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
 
 def check_watch_torch(version: Optional[str] = None) -> None:
@@ -71,4 +48,4 @@ def check_watch_torch(version: Optional[str] = None) -> None:
         )
 
 
-__all__ = ["tree_leaves", "major_minor", "torch_version", "check_watch_torch", "warn_if_untested", "WATCH_MIN_TORCH"]
+__all__ = ["tree_leaves", "torch_version", "check_watch_torch", "WATCH_MIN_TORCH"]

@@ -58,7 +58,7 @@ def enable_grab(trainer: Any, *, watch: Optional[Dict[str, Any]] = None, **sampl
     """
     import transformers
 
-    from torchgrab.capture._compat import warn_if_untested
+    from torchgrab._versions import warn_if_untested
 
     warn_if_untested("transformers", transformers.__version__, TESTED_TRANSFORMERS, "enable_grab()")
     if getattr(trainer, "_torchgrab_sampler", None) is not None:

@@ -48,7 +48,7 @@ _data = importlib.import_module(f"{pl.__name__}.utilities.data")
 _states = importlib.import_module(f"{pl.__name__}.trainer.states")
 
 
-# The oldest Lightning whose tests pass (docs/integrations.md): with 2.0.9 resume and GradScaler tests fail.
+# The oldest Lightning whose tests pass (docs/integrations.md): with 2.0.9 its resume tests fail.
 TESTED_LIGHTNING = (2, 5)
 
 
@@ -66,7 +66,7 @@ class GraBCallback(pl.Callback):
     """
 
     def __init__(self, watch: Optional[Dict[str, Any]] = None, **sampler_kwargs: Any) -> None:
-        from torchgrab.capture._compat import warn_if_untested
+        from torchgrab._versions import warn_if_untested
 
         warn_if_untested("Lightning", pl.__version__, TESTED_LIGHTNING, "GraBCallback")
         for name in ("data_source", "n"):
