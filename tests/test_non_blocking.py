@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -103,6 +104,25 @@ def test_step_skip_and_set_epoch_see_the_background_step_first():
         s.backward(model, nn.functional.cross_entropy, x[order[10:15]], y[order[10:15]], non_blocking=nb)
         s.set_epoch(7)
     assert_same_tree(sync.state_dict(), background.state_dict())
+
+
+def test_the_background_note_reaches_the_error_before_python_311_too():
+    # BaseException.add_note is Python 3.11+; the package supports 3.9. Before 3.11 the note goes into
+    # __notes__ and the message. A stand-in without add_note takes the path older Pythons take.
+    from torchgrab._background import add_note
+
+    class Old(Exception):
+        add_note = property(lambda self: (_ for _ in ()).throw(AttributeError("add_note")))
+
+    error = Old("the step was refused")
+    assert not hasattr(error, "add_note")
+    add_note(error, "(from the background)")
+    add_note(error, "(again)")
+    assert error.__notes__ == ["(from the background)", "(again)"]
+    assert str(error) == "the step was refused (from the background) (again)"
+    new = ValueError("x")
+    add_note(new, "(n)")
+    assert new.__notes__ == ["(n)"] and (str(new) == "x" or sys.version_info < (3, 11))
 
 
 def test_a_refused_background_step_raises_at_the_next_call_and_changes_nothing():

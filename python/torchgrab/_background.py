@@ -59,9 +59,23 @@ class StepLock:
                 native.wait_step()  # releases the GIL while it waits
             except BaseException as error:
                 undo()
-                error.add_note(
+                add_note(
+                    error,
                     "(raised by an earlier step that ran in the background, non_blocking=True; that step "
                     "changed nothing in the sampler, but a backward() had already handed its batch's mean "
-                    "gradient to the model)"
+                    "gradient to the model)",
                 )
                 raise
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` (PEP 678, Python 3.11+). Before 3.11 the note goes into ``__notes__`` as
+    well, where code that reads notes looks, and at the end of the message, since tracebacks print no
+    notes there; the exception keeps its type, which is what callers catch."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+        return
+    notes = getattr(error, "__notes__", None)
+    error.__notes__ = [*(notes or []), note]  # type: ignore[attr-defined]
+    if error.args and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]} {note}", *error.args[1:])
