@@ -225,12 +225,14 @@ def time_to(hist: List[Tuple[float, float]], target: float) -> Optional[float]:
     return None
 
 
-def begin_result(title: str) -> "Out":
-    """The opening of a benchmark's .txt result: its provenance lines, the printed header, and this
-    machine's memory read bandwidth (what exact rows are bound by), measured now."""
+def begin_result(title: str, bandwidth: bool = True) -> "Out":
+    """The opening of a benchmark's .txt result: its provenance lines, the printed header, and (with
+    ``bandwidth``) this machine's memory read bandwidth (what exact rows are bound by), measured now."""
     out = Out()
     for line in provenance() + header_lines(title):
         out.line(line)
+    if not bandwidth:
+        return out
     bw = memory_read_bandwidth()
     out.line(f"# memory read bandwidth: {', '.join(f'{k} {v:.1f} GB/s' for k, v in bw.items())}")
     return out

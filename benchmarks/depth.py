@@ -140,10 +140,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     runs = arms(depths)
     e = args.epochs
 
-    out = _common.Out()
-    title = "Depth of recursive and recursive-pair: herding discrepancy against rr (issue 17, item 3)"
-    for ln in _common.provenance() + _common.header_lines(title):
-        out.line(ln)
+    out = _common.begin_result(
+        "Depth of recursive and recursive-pair: herding discrepancy against rr (issue 17, item 3)", bandwidth=False
+    )
     out.line(
         f"# B = {args.batch} rows per step, {e} epochs, seeds 0..{args.seeds - 1}; cells: discrepancy of the order "
         f"built after epoch 1 (e1) and after epoch {e} (e{e}) / rr's (same seed), median [min, max]"

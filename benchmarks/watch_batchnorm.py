@@ -363,14 +363,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         cost(args, x, y)
         return
 
-    out = _common.Out()
     heading = (
         "watch() on a BatchNorm ResNet: does the BN-contribution order beat RR? (issue 14, point 3)"
         if args.norm == "batch"
         else f"watch() on a GroupNorm ResNet ({GROUPS} groups): does the order beat RR?"
     )
-    for ln in _common.provenance() + _common.header_lines(heading):
-        out.line(ln)
+    out = _common.begin_result(heading, bandwidth=False)
 
     x, y, xte, yte = load_data(EX.data_root(args.data), args.n, args.test_n, args.subset_seed)
     probe = ResNet8(norm=args.norm)

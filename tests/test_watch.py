@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchgrab import GraBSampler, ShapeError, StateDictError, UnsupportedInputError, UnsupportedModelError
 from torchgrab._segments import OuterRows
+from torchgrab.capture._compat import torch_version
 from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.layers import COUNT_OUT, FunctionalSketch, LinearSketch
 from torchgrab.capture.projection import FoldSketch
@@ -923,13 +924,13 @@ def test_torch_older_than_watchs_floor_is_refused_up_front_and_nothing_is_attach
     _compat.check_watch_torch("3.0.0")
     monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    before = _hook_counts(model)
     sampler = GraBSampler(range(20), ordering="grab", seed=0)
     state = sampler.state_dict()
     with pytest.raises(UnsupportedInputError, match=r"torch 2\.5 or newer \(this process has torch 2\.4\.1\+cu121\)"):
         sampler.watch(model)
     assert sampler._watchers == []
-    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == before
+    assert _hook_counts(model) == before
     assert_same_state(sampler.state_dict(), state)
     monkeypatch.setattr(torch, "__version__", "2.5.0")
     sampler.watch(model).remove()  # the floor itself is taken
@@ -3047,8 +3048,6 @@ def test_fsdp2_sharded_model_gives_the_unsharded_rows(sketch):
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 (fully_shard)")
-    from torchgrab.capture._compat import torch_version
-
     if torch_version() < (2, 7):
         pytest.skip("torch < 2.7: FSDP2's fully_shard on CPU tensors fails in torch itself (Stream.record_event)")
     model = _mlp()
@@ -3762,7 +3761,6 @@ def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(fo
     # without generating code, so the test needs no C++ compiler.
     dynamo = pytest.importorskip("torch._dynamo")
     from torch._dynamo.utils import counters
-    from torchgrab.capture._compat import torch_version
 
     if net in ("tokens", "replaced", "beit") and torch_version() < (2, 6):
         # torch 2.5's dynamo does not hand those operations to the function mode a hook enters, and

@@ -38,7 +38,7 @@ def check_watch_torch(version: Optional[str] = None) -> None:
     """Refuse ``watch()`` on a torch older than WATCH_MIN_TORCH (this process's by default), naming both
     versions and what still works."""
     version = str(torch.__version__ if version is None else version)
-    if torch_version(version) < WATCH_MIN_TORCH:
+    if major_minor(version) < WATCH_MIN_TORCH:
         need = ".".join(map(str, WATCH_MIN_TORCH))
         raise UnsupportedInputError(
             f"watch() needs torch {need} or newer (this process has torch {version}): it reads the forward's "

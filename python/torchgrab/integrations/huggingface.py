@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from torchgrab._versions import warn_if_untested
 from torchgrab.errors import StateDictError, UnsupportedInputError
 from torchgrab.integrations._ranks import world
 from torchgrab.sampler import GraBSampler
@@ -56,9 +57,7 @@ def enable_grab(trainer: Any, *, watch: Optional[Dict[str, Any]] = None, **sampl
     Every process of a multi-process run calls it the same way. Resuming with
     ``trainer.train(resume_from_checkpoint=...)`` continues the exact order of the interrupted run.
     """
-    import transformers
-
-    from torchgrab._versions import warn_if_untested
+    import transformers  # here: transformers replaces its lazy module in sys.modules after the first import
 
     warn_if_untested("transformers", transformers.__version__, TESTED_TRANSFORMERS, "enable_grab()")
     if getattr(trainer, "_torchgrab_sampler", None) is not None:

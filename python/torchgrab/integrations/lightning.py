@@ -30,6 +30,7 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
+from torchgrab._versions import warn_if_untested
 from torchgrab.errors import StateDictError, UnsupportedInputError
 from torchgrab.integrations._ranks import RankShard, world
 from torchgrab.sampler import GraBSampler
@@ -66,8 +67,6 @@ class GraBCallback(pl.Callback):
     """
 
     def __init__(self, watch: Optional[Dict[str, Any]] = None, **sampler_kwargs: Any) -> None:
-        from torchgrab._versions import warn_if_untested
-
         warn_if_untested("Lightning", pl.__version__, TESTED_LIGHTNING, "GraBCallback")
         for name in ("data_source", "n"):
             if name in sampler_kwargs:
