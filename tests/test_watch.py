@@ -9,6 +9,7 @@ factors, count sketches). Models are tiny: the whole file runs in seconds on two
 import contextlib
 import copy
 import dataclasses
+import re
 import socket
 import types
 import warnings
@@ -922,17 +923,22 @@ def test_torch_older_than_watchs_floor_is_refused_up_front_and_nothing_is_attach
     assert _compat.torch_version("nightly") == (99, 0)  # a build that does not say: taken as new enough
     _compat.check_watch_torch("2.5.0")
     _compat.check_watch_torch("3.0.0")
-    monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
+    with pytest.raises(UnsupportedInputError, match=r"torch 2\.5 or newer \(this process has torch 2\.4\.1\+cu121\)"):
+        _compat.check_watch_torch("2.4.1+cu121")
+    # This torch made to fall below the floor by raising the floor, not by patching torch.__version__,
+    # which other libraries read and cache (a later torch.compile test recompiled after it).
+    monkeypatch.setattr(_compat, "WATCH_MIN_TORCH", (99, 0))
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
     before = _hook_counts(model)
     sampler = GraBSampler(range(20), ordering="grab", seed=0)
     state = sampler.state_dict()
-    with pytest.raises(UnsupportedInputError, match=r"torch 2\.5 or newer \(this process has torch 2\.4\.1\+cu121\)"):
+    mine = re.escape(str(torch.__version__))
+    with pytest.raises(UnsupportedInputError, match=rf"torch 99\.0 or newer \(this process has torch {mine}\)"):
         sampler.watch(model)
     assert sampler._watchers == []
     assert _hook_counts(model) == before
     assert_same_state(sampler.state_dict(), state)
-    monkeypatch.setattr(torch, "__version__", "2.5.0")
+    monkeypatch.setattr(_compat, "WATCH_MIN_TORCH", torch_version())
     sampler.watch(model).remove()  # the floor itself is taken
 
 
