@@ -205,6 +205,35 @@ def test_one_device_rows_are_each_examples_gradient_and_orders_are_graBs(accumul
     assert grab.sampler._native.epoch == 2  # numbered as the Trainer's epochs (set_epoch 0, 1, 2)
 
 
+class SequenceNet(Net):
+    """Net over each example's D features read as a sequence of one position, with a LayerNorm: with
+    sketch=4 the first layer's input is projected in its forward hook (a 3-d input, its factors wider
+    than 4)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Unflatten(1, (1, D)), nn.Linear(D, 6), nn.LayerNorm(6), nn.Tanh(), nn.Flatten(), nn.Linear(6, CLASSES)
+        )
+
+
+def test_bf16_mixed_precision_rows_are_float32_sketches():
+    # precision="bf16-mixed" runs training_step under torch.autocast, the forward hooks with it: the
+    # projections made there came out in bfloat16, and the backward's float32 product refused it.
+    grab = GraBCallback(watch={"sketch": 4}, seed=3)
+    rec = Recorder(grab)
+    model = SequenceNet(lr=0.0)
+    fit(model, [grab, rec], epochs=1, precision="bf16-mixed")
+    ((idx, rows),) = per_epoch(rec.steps).values()
+    assert sorted(idx) == list(range(N)) and rows.dtype == np.float32
+    expected, _ = exact_rows(grab.handle, model, idx)  # float32 gradients at the same (unchanged) weights
+    expected = expected.numpy()
+    cos = (rows * expected).sum(1) / np.linalg.norm(rows, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() > 0.99, cos
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), np.linalg.norm(expected, axis=1), rtol=0.05)
+
+
 def _tagging_collate(items):
     x, y, idx = (torch.stack(t) for t in zip(*items))
     return x, y, idx

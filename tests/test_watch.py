@@ -3115,6 +3115,53 @@ def test_bf16_autocast_rows_match_float32_rows():
     assert not np.array_equal(got, rows32)  # bfloat16 really ran
 
 
+@pytest.mark.parametrize("where", ["forward", "forward and backward", "saved-tensor hooks"])
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_rows_under_autocast_are_float32_sketches_of_its_gradients(case, sketch, where):
+    # The hooks run inside the user's torch.autocast: a projection made in the forward hook ran in
+    # bfloat16 there and met a float32 product at the backward (RuntimeError: a 3-d Linear's or a
+    # LayerNorm's sketch; a Trainer(bf16=True) on MiniLM). Also a backward called inside the autocast
+    # block (a common slip), and saved-tensor hooks on (every input then projected in the forward).
+    make, shape, target = LAYER_CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    x, y = _data(shape, target)
+    model(x[:1])
+    loss_fn = ce if target == "class" else mse
+    sampler, handle, spy = watched(model, sketch=sketch)
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    with hooks if where == "saved-tensor hooks" else contextlib.nullcontext():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(model(x), y)
+            if where == "forward and backward":
+                loss.backward()
+        if where != "forward and backward":
+            loss.backward()
+    handle.flush()
+    got = spy.rows[0]
+    # The float32 gradients of the same model, projected: bfloat16's forward moves them by its rounding.
+    expected, _ = exact_rows(handle, model, loss_fn, x, y)
+    expected = np.asarray(expected)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    cos = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() > 0.99, cos
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(expected, axis=1), rtol=0.05)
+
+
+def test_full_precision_turns_autocast_off_only_where_it_is_on():
+    from torchgrab.capture._compat import full_precision
+
+    with full_precision():
+        assert not torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with full_precision():
+            assert not torch.is_autocast_enabled("cpu")
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu")  # back on after it
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
 def test_a_layer_left_without_columns_by_the_budget_is_not_hooked():
     # A bias-free convolution whose weight the budget leaves out has no columns at all: it must not
     # break a step (it used to raise IndexError when its empty block came first).

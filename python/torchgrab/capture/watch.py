@@ -22,7 +22,7 @@ from torch import nn
 
 from torchgrab.capture import attention as attn
 from torchgrab.capture import layers
-from torchgrab.capture._compat import check_watch_torch, tree_leaves
+from torchgrab.capture._compat import check_watch_torch, in_full_precision, tree_leaves
 from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.defaults import DEFAULT_BUDGET, DEFAULT_SKETCH
 from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example, pulled_back
@@ -911,6 +911,7 @@ class WatchHandle:
             _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, view(g)))
         return replaced
 
+    @in_full_precision
     def _save(self, step: _Step, sk: LayerSketch, module: nn.Module, x: torch.Tensor, in_backward: bool) -> Any:
         """What the layer's sketch keeps of its input: its projection now, a _PendingInput, or a HeldInput."""
         if sk in self._held_inputs and not in_backward and not _saved_tensor_hooks_active():
@@ -987,6 +988,7 @@ class WatchHandle:
             return None
         return self._read_rows(sk, x, b)
 
+    @in_full_precision
     def _on_grad(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> None:
         if step is not self._step:
             return  # a backward through a step already handed over (retain_graph): not this step's
@@ -1088,6 +1090,7 @@ class WatchHandle:
         members.append(item)
         step.held[key] = held
 
+    @in_full_precision
     def _run_deferred(self, step: _Step) -> None:
         """Form the deferred sketches of a step, equally shaped layers together."""
         groups, step.deferred, step.held = step.deferred, {}, {}
@@ -1136,6 +1139,7 @@ class WatchHandle:
             step.scale = self.scaler._scale.detach().clone()
 
     # ------------------------------------------------------------------ feeding the sampler
+    @in_full_precision
     def _end_step(self) -> None:
         step, self._step = self._step, _Step()
         if self._audit and (step.grads or step.noted is not None):
