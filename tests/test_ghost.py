@@ -363,3 +363,39 @@ def test_watch_ghost_under_the_loops_users_have(loop):
     for seg, layer in zip(m[1:], layers):
         want = layer.weight.grad.double() * factor
         assert torch.allclose(seg.view_as(want), want, atol=1e-6), loop
+
+
+@pytest.mark.parametrize("ordering", ["grab", "pair"])
+def test_a_factored_step_inside_autocast_balances_as_outside(ordering, monkeypatch):
+    # watch(sketch="ghost") balances at the next forward, inside the user's torch.autocast block, and
+    # sampler.step may be called there too: the factors' products for a float32 state ran in bfloat16
+    # there (Z Z^T off by 0.4%, signs decided from them). They are formed with autocast off: the products
+    # the sign scan reads, the orders and the state are bit for bit those of steps outside.
+    n, b = 64, 16
+    g = torch.randn(n, 16, generator=torch.Generator().manual_seed(1))
+    a = torch.randn(n, 256, generator=torch.Generator().manual_seed(2))
+    to_host = torchgrab.ondevice._to_host
+
+    def run(autocast):
+        products = []
+        monkeypatch.setattr(
+            torchgrab.ondevice, "_to_host", lambda u, gram: (products.append((u, gram)), to_host(u, gram))[1]
+        )
+        s = torchgrab.GraBSampler(n=n, ordering=ordering, device_path="always", seed=3, dtype=torch.float32)
+        orders = []
+        for _ in range(3):
+            order = list(s)
+            orders.append(order)
+            for lo in range(0, n, b):
+                i = order[lo : lo + b]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    s.step(Factored([(g[i], a[i])]))
+        return orders, s._ondevice.state(), products
+
+    (plain, state, products), (inside, state_inside, products_inside) = run(False), run(True)
+    assert len(products) == len(products_inside) > 0
+    for (u, gram), (u_in, gram_in) in zip(products, products_inside):
+        assert torch.equal(u, u_in) and torch.equal(gram, gram_in)
+    assert plain == inside
+    for key in ("s", "m", "m_next"):
+        assert all(torch.equal(x, y) for x, y in zip(state[key], state_inside[key])), key

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 import torchgrab.capture.watch as watch_module
 from conftest import assert_same_state
+from test_watch_cuda import _model as _cuda_model
+from test_watch_cuda import _Tokens as _CudaTokens
+from test_watch_cuda import autocast_rows_and_gradients
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchgrab import GraBSampler, ShapeError, StateDictError, UnsupportedInputError, UnsupportedModelError
@@ -3149,8 +3152,23 @@ def test_rows_under_autocast_are_float32_sketches_of_its_gradients(case, sketch,
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(expected, axis=1), rtol=0.05)
 
 
+@pytest.mark.parametrize("sketch", [None, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("make, side", [(_cuda_model, 8), (_CudaTokens, 4)], ids=["conv-mlp", "tokens"])
+def test_rows_under_autocast_sum_to_its_batch_gradient_in_float32(make, side, dtype, sketch):
+    # tests/test_watch_cuda.py's test on the CPU. With sketch=8 the tokens model's inputs are projected at
+    # the end of the forward, inside the autocast block (a dtype error before, at the grouped product);
+    # its rows' mean is ten times closer to the float32 model's gradient than autocast's own (whose
+    # weight-gradient sums over 256 positions ran in bfloat16 on this CPU).
+    rows, autocast_grad, f32 = autocast_rows_and_gradients(make, side, "cpu", dtype, sketch)
+    assert rows.dtype == np.float32 and np.isfinite(rows).all()
+    scale = np.abs(f32).max()
+    assert np.abs(rows.mean(0) - autocast_grad).max() < 0.05 * scale
+    assert np.abs(rows.mean(0) - f32).max() <= 1.1 * np.abs(autocast_grad - f32).max() + 1e-4 * scale
+
+
 def test_full_precision_turns_autocast_off_only_where_it_is_on():
-    from torchgrab.capture._compat import full_precision
+    from torchgrab._autocast import full_precision
 
     with full_precision():
         assert not torch.is_autocast_enabled("cpu")

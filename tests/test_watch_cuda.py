@@ -79,6 +79,48 @@ def test_rows_on_cuda_equal_the_cpu_rows(make, side, sketch):
     np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4 * np.abs(cpu).max())
 
 
+def autocast_rows_and_gradients(make, side, device, dtype, sketch):
+    """One watched step under torch.autocast: (its rows, autocast's own batch gradient, the float32
+    model's), the two gradients projected as the rows are (the sketch is linear: the rows' mean is the
+    projection of the batch gradient they sum to)."""
+    model = make().to(device)
+    x = torch.randn(16, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2)).to(device)
+    s = GraBSampler(n=16, seed=0)
+    got = []
+    step = s.step
+    s.step = lambda rows, **kw: (got.append(np.array(rows)), step(rows, **kw))[1]
+    h = s.watch(model, sketch=sketch, budget=None)
+    list(iter(s))
+    with torch.autocast(device, dtype=dtype):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    h.flush()
+
+    def batch_gradient():
+        return h.project({n: p.grad[None] for n, p in model.named_parameters()}).cpu().numpy()[0]
+
+    rows, autocast_grad = np.concatenate(got), batch_gradient()
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    return rows, autocast_grad, batch_gradient()
+
+
+@pytest.mark.parametrize("sketch", [None, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("make, side", [(_model, 8), (_Tokens, 4)], ids=["conv-mlp", "tokens"])
+def test_rows_under_cuda_autocast_are_float32_sums_of_its_gradients(make, side, dtype, sketch):
+    # The hooks form the rows with autocast off (torchgrab/_autocast.py): float32 products of the
+    # half-precision inputs and output gradients autocast's forward and backward made. Their mean is the
+    # batch gradient autocast made, up to its own rounding of the weight-gradient products, and no farther
+    # from the float32 model's gradient than autocast's is.
+    rows, autocast_grad, f32 = autocast_rows_and_gradients(make, side, "cuda", dtype, sketch)
+    assert rows.dtype == np.float32 and np.isfinite(rows).all()
+    scale = np.abs(f32).max()
+    assert np.abs(rows.mean(0) - autocast_grad).max() < 0.05 * scale
+    assert np.abs(rows.mean(0) - f32).max() <= 1.1 * np.abs(autocast_grad - f32).max() + 1e-4 * scale
+
+
 @pytest.mark.parametrize("make, side", [(_model, 8), (_Tokens, 4)], ids=["conv-mlp", "tokens"])
 def test_training_steps_do_not_synchronize_the_device(make, side):
     model = make().cuda()

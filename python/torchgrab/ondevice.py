@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from torchgrab._autocast import full_precision
 from torchgrab.errors import NonFiniteGradientError, ShapeError, StateDictError, UnitIndexError
 
 DEFAULT_BLOCK_BYTES = 64 << 20
@@ -387,7 +388,7 @@ class OnDeviceBalancer:
         if len(devices) > 1:
             raise ShapeError(f"all gradient segments must be on one device, got {sorted(map(str, devices))}")
         b = int(segs[0].shape[0])
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():  # (called inside an autocast block, its products were half)
             self._ensure(segs)
             d = sum(self.widths or [])
             if self.ordering == "grab":

@@ -9,9 +9,7 @@ torch 2.1 and newer. ``scripts/test_torch_floor.sh`` runs the tests on the oldes
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from typing import Any, Callable, ContextManager, List, Optional, Tuple, TypeVar
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -29,43 +27,6 @@ except ImportError:  # torch < 2.3: only tree_flatten
 
 
 WATCH_MIN_TORCH = (2, 5)
-F = TypeVar("F", bound=Callable[..., Any])
-
-# Device types torch.autocast may be on for (the check below skips any this torch does not know).
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
-_NOTHING = contextlib.nullcontext()
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
-
-
-def full_precision() -> ContextManager[Any]:
-    """A context with torch.autocast off wherever it is on now. The sketches are formed in the hooks, and a
-    forward hook runs inside the user's ``with torch.autocast(...)`` (as does a backward called in it): there
-    a projection's matmul ran in bfloat16 or float16 and handed its half-precision result to a float32
-    product at the backward (a dtype error), or rounded the rows. Off everywhere, the rows are the float32
-    sketch of the gradients autocast's forward made. Where autocast is on nowhere (the usual case) this is
-    one C call and a shared no-op context."""
-    if _any_autocast is not None and not _any_autocast():
-        return _NOTHING
-    stack = contextlib.ExitStack()
-    for device_type in _AUTOCAST_DEVICES:
-        try:
-            on = torch.is_autocast_enabled(device_type)
-        except RuntimeError:  # a device type this build does not know
-            continue
-        if on:
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-    return stack
-
-
-def in_full_precision(fn: F) -> F:
-    """``fn`` run under ``full_precision()``: for the hooks' entry points that form or balance rows."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with full_precision():
-            return fn(*args, **kwargs)
-
-    return run  # type: ignore[return-value]
 
 
 def torch_version(version: Optional[str] = None) -> Tuple[int, int]:
@@ -91,7 +52,5 @@ __all__ = [
     "tree_leaves",
     "torch_version",
     "check_watch_torch",
-    "full_precision",
-    "in_full_precision",
     "WATCH_MIN_TORCH",
 ]

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchgrab._autocast import in_full_precision
 from torchgrab.capture import attention as attn
 from torchgrab.capture import layers
-from torchgrab.capture._compat import check_watch_torch, in_full_precision, tree_leaves
+from torchgrab.capture._compat import check_watch_torch, tree_leaves
 from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.defaults import DEFAULT_BUDGET, DEFAULT_SKETCH
 from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example, pulled_back
@@ -514,6 +515,7 @@ class WatchHandle:
             pieces.append(torch.stack([fs(r.reshape(-1).float()) for r in g]))
         return torch.cat(pieces, dim=1)
 
+    @in_full_precision
     def flush(self) -> None:
         """Hand the rows of the steps so far to the sampler now (waits for rows still on their way from a
         GPU). A step whose forward has run but whose backward has not stays open."""
@@ -557,6 +559,7 @@ class WatchHandle:
         )
 
     # ------------------------------------------------------------------ hooks
+    @in_full_precision
     def _on_step_begins(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         if _in_backward() or _in_transform():
             return  # a checkpointed model recomputing its forward; a torch.func transform
@@ -933,6 +936,7 @@ class WatchHandle:
         step.pending.append(pending)
         return pending
 
+    @in_full_precision
     def _project_inputs(self, step: _Step) -> None:
         """Project the step's pending inputs, those of equally shaped layers and inputs in one product."""
         items, step.pending = step.pending, []
