@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import assert_same_state
 from torch import nn
 from torchgrab import GraBSampler, UnsupportedModelError
 
@@ -125,3 +126,54 @@ def test_rr_backward_is_a_plain_backward():
     model.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     assert torch.allclose(g, model.weight.grad) and sampler.pending == 0 and loss.ndim == 0
+
+
+def _sequence_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "sequence", "conv"])
+def test_hooks_under_autocast_give_float32_rows_of_its_gradients(kind):
+    # sampler.backward inside the user's torch.autocast block: the layers' inputs and output gradients are
+    # bfloat16 beside float32 weights, and the per-example products raised a dtype error; the identity
+    # check against autocast's (half-precision) batch gradient then refused every model.
+    torch.manual_seed(0)
+    model, shape = {
+        "mlp": (nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), (6,)),
+        "sequence": (_sequence_model(), (4, 6)),
+        "conv": (nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(64, 3)), (2, 6, 6)),
+    }[kind]
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(8, *shape), torch.randint(0, 3, (8,))
+    per = reference_grads(model, loss_fn, x, y)  # float32
+    sampler = GraBSampler(n=8, ordering="grab")
+    list(iter(sampler))
+    got = []
+    step = sampler.step
+    sampler.step = lambda g, **kw: (got.append({k: v.clone() for k, v in g.items()}), step(g, **kw))[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sampler.backward(model, loss_fn, x, y, method="hooks")
+    (rows,) = got
+    for k, p in model.named_parameters():
+        assert rows[k].dtype == p.grad.dtype == torch.float32
+        exact = torch.stack([g[k] for g in per]).reshape(8, -1)
+        mine = rows[k].reshape(8, -1)
+        cos = nn.functional.cosine_similarity(mine, exact, dim=1)
+        assert cos.min() > 0.98, (k, cos)
+        torch.testing.assert_close(p.grad, rows[k].mean(0))  # the training gradient is the rows' mean
+
+
+def test_vmap_that_torch_func_cannot_run_under_autocast_is_refused_and_changes_nothing():
+    model = _sequence_model()
+    x, y = torch.randn(8, 4, 6), torch.randint(0, 3, (8,))
+    sampler = GraBSampler(n=8, ordering="grab")
+    list(iter(sampler))
+    before = sampler.state_dict()
+    with pytest.raises(UnsupportedModelError, match=r"method='vmap' failed under torch.autocast.*method='hooks'"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sampler.backward(model, nn.CrossEntropyLoss(), x, y)
+    assert_same_state(sampler.state_dict(), before)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    sampler.backward(model, nn.CrossEntropyLoss(), x, y)  # outside autocast: the same call works

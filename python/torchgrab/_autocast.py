@@ -23,6 +23,20 @@ _NOTHING = contextlib.nullcontext()
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
+def autocast_on() -> bool:
+    """Whether torch.autocast is on now for any device type."""
+    if _any_autocast is not None:
+        return bool(_any_autocast())
+    return any(_enabled(d) for d in _AUTOCAST_DEVICES)
+
+
+def _enabled(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except RuntimeError:  # a device type this build does not know
+        return False
+
+
 def full_precision() -> ContextManager[Any]:
     """A context with torch.autocast off wherever it is on now: the rows are then the float32 sketch of the
     gradients autocast's forward made. Where autocast is on nowhere (the usual case) this is one C call
@@ -31,11 +45,7 @@ def full_precision() -> ContextManager[Any]:
         return _NOTHING
     stack = contextlib.ExitStack()
     for device_type in _AUTOCAST_DEVICES:
-        try:
-            on = torch.is_autocast_enabled(device_type)
-        except RuntimeError:  # a device type this build does not know
-            continue
-        if on:
+        if _enabled(device_type):
             stack.enter_context(torch.autocast(device_type, enabled=False))
     return stack
 
@@ -51,4 +61,4 @@ def in_full_precision(fn: F) -> F:
     return run  # type: ignore[return-value]
 
 
-__all__ = ["full_precision", "in_full_precision"]
+__all__ = ["autocast_on", "full_precision", "in_full_precision"]
