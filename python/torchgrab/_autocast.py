@@ -55,6 +55,8 @@ def in_full_precision(fn: F) -> F:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        if _any_autocast is not None and not _any_autocast():
+            return fn(*args, **kwargs)  # the usual case, without entering a context (half the cost per call)
         with full_precision():
             return fn(*args, **kwargs)
 
