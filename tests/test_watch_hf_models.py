@@ -7,6 +7,7 @@ table shared by encoder, decoder and output layer (T5, BART)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_watch import _lm_loss, _lm_step, _Logits, assert_rows, flat, one_step, watched
@@ -291,3 +292,43 @@ def test_lora_adapters_of_peft_are_watched_as_the_linear_layers_they_are(sketch)
     assert len(handle.layers) == 12 and {kind for _, kind, _ in handle.layers} == {"Linear"}
     if sketch is None:
         assert_rows(rows, flat(grads, 3))
+
+
+def _vision(family: str) -> nn.Module:
+    cfg_class, model_class, extra = VISION[family]
+    cfg = getattr(transformers, cfg_class)(**{**_VISION, **extra})
+    return _Logits(lambda: getattr(transformers, model_class)(cfg), key="pixel_values")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "opt", "bart", "vit", "dinov2"])
+def test_under_bf16_autocast_the_rows_sum_to_the_gradient_in_float32(family):
+    # Mixed-precision fine-tuning: the forward (and the forward hooks) under torch.autocast. The rows are
+    # float32 sketches of autocast's half-precision inputs and output gradients, so their sum is the batch
+    # gradient autocast made up to its own rounding, and no farther from the float32 model's gradient than
+    # autocast's is (here as close or closer; the bounds leave room for another CPU's bfloat16 kernels).
+    if family in VISION:
+        make, x, y, loss_fn = lambda: _vision(family), torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2]), _ce
+    else:
+        ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+        make, x, y, loss_fn = lambda: _causal(family), ids[:, :-1], ids[:, 1:], _lm_loss
+    model = make().train()
+    sampler, handle, spy = watched(model, sketch=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(model(x), y)
+    loss.backward()
+    handle.flush()
+    rows = spy.rows[0]
+    assert rows.dtype == np.float32 and np.isfinite(rows).all()
+
+    def projected():
+        grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad)[None] for n, p in model.named_parameters()}
+        return handle.project(grads).numpy()[0]
+
+    mixed = projected()
+    model.zero_grad()
+    loss_fn(model(x), y).backward()
+    full = projected()
+    scale = np.abs(full).max()
+    mean = rows.mean(0)
+    assert np.abs(mean - mixed).max() < 0.15 * scale
+    assert np.abs(mean - full).max() <= 1.5 * np.abs(mixed - full).max() + 1e-3 * scale
