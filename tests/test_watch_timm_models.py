@@ -174,3 +174,35 @@ def test_what_has_no_per_example_rows_is_refused_with_its_name(arch, kw, exclude
         ce(model(_images(kw.get("img_size", 32))), torch.tensor([0, 1, 2])).backward()
     handle.flush()
     assert spy.rows == [] and sampler.pending == 64
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("family", ["vit", "beit", "swin", "sam", "resnet"])
+def test_under_bf16_autocast_the_rows_sum_to_the_gradient_in_float32(family):
+    # Mixed precision (tests/test_watch_hf_models.py has the same test): float32 rows whose sum is the
+    # batch gradient autocast made, up to its own rounding, and no farther from the float32 model's than
+    # autocast's is. ResNet's BatchNorm in bfloat16 over 3 images moves autocast's gradient far from the
+    # float32 model's; the rows follow autocast's.
+    arch, kw = {**EXACT, **BATCHNORM}[family]
+    model = _create(arch, **kw)
+    x, y = _images(kw.get("img_size", 32)), torch.tensor([0, 1, 2])
+    sampler, handle, spy = watched(model, sketch=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ce(model(x), y)
+    loss.backward()
+    handle.flush()
+    rows = spy.rows[0]
+    assert rows.dtype == np.float32 and np.isfinite(rows).all()
+
+    def projected():
+        grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad)[None] for n, p in model.named_parameters()}
+        return handle.project(grads).numpy()[0]
+
+    mixed = projected()
+    model.zero_grad()
+    ce(model(x), y).backward()
+    full = projected()
+    scale = np.abs(full).max()
+    mean = rows.mean(0)
+    assert np.abs(mean - mixed).max() < 0.15 * scale
+    assert np.abs(mean - full).max() <= 1.5 * np.abs(mixed - full).max() + 1e-3 * scale
