@@ -361,9 +361,10 @@ def hooks_capture(
 def _widened(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """A layer's input or output gradient in at least its weight's precision (under torch.autocast they
     are bfloat16 or float16 beside a float32 weight); integer ids (an Embedding's input) as they are."""
-    if not t.is_floating_point():
+    weight = getattr(module, "weight", None)
+    if not t.is_floating_point() or weight is None:
         return t
-    return t.to(torch.promote_types(t.dtype, module.weight.dtype))
+    return t.to(torch.promote_types(t.dtype, weight.dtype))
 
 
 def _layer_rows(
@@ -410,9 +411,9 @@ def _check_hooks_identity(
     missed use would silently drop out of every example's gradient.
 
     ``mixed``: the batch ran under torch.autocast, whose weight gradients are half-precision products
-    (off by up to a few percent of the largest entry from the float32 sums here, 5% measured for a
-    bfloat16 sum over 256 positions on the CPU): compared by their relative distance instead, within
-    10%, which a missed use (a whole term of the gradient) still exceeds.
+    (off by a few percent of the largest entry from the float32 sums here where a bfloat16 product sums
+    over a sequence's positions): compared by their relative distance instead, within 10%, which a
+    missed use (a whole term of the gradient) still exceeds.
     """
     for name, rows in per_example.items():
         want = batch.get(name)

@@ -48,9 +48,4 @@ def check_watch_torch(version: Optional[str] = None) -> None:
         )
 
 
-__all__ = [
-    "tree_leaves",
-    "torch_version",
-    "check_watch_torch",
-    "WATCH_MIN_TORCH",
-]
+__all__ = ["tree_leaves", "torch_version", "check_watch_torch", "WATCH_MIN_TORCH"]
