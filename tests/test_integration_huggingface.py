@@ -63,16 +63,6 @@ def twin_orders(result, epochs):
     return orders, np.array(twin._native.current_order())
 
 
-@pytest.fixture(autouse=True)
-def _environment_restored():
-    # transformers before 5 writes TrainingArguments into os.environ (ACCELERATE_MIXED_PRECISION=bf16 from
-    # bf16=True): every later Trainer of the process, and every subprocess, then ran under bf16 autocast.
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 @pytest.fixture(scope="module")
 def rows_run(tmp_path_factory):
     return hf_cases.run_case("rows", str(tmp_path_factory.mktemp("rows")))

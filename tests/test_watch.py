@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchgrab.capture.watch as watch_module
-from conftest import assert_same_state
+from conftest import assert_rows_follow_autocast, assert_same_state
 from test_watch_cuda import _model as _cuda_model
 from test_watch_cuda import _Tokens as _CudaTokens
 from test_watch_cuda import autocast_rows_and_gradients
@@ -3160,11 +3160,8 @@ def test_rows_under_autocast_sum_to_its_batch_gradient_in_float32(make, side, dt
     # the end of the forward, inside the autocast block (a dtype error before, at the grouped product);
     # its rows' mean is ten times closer to the float32 model's gradient than autocast's own (whose
     # weight-gradient sums over 256 positions ran in bfloat16 on this CPU).
-    rows, autocast_grad, f32 = autocast_rows_and_gradients(make, side, "cpu", dtype, sketch)
-    assert rows.dtype == np.float32 and np.isfinite(rows).all()
-    scale = np.abs(f32).max()
-    assert np.abs(rows.mean(0) - autocast_grad).max() < 0.05 * scale
-    assert np.abs(rows.mean(0) - f32).max() <= 1.1 * np.abs(autocast_grad - f32).max() + 1e-4 * scale
+    rows, mixed, full = autocast_rows_and_gradients(make, side, "cpu", dtype, sketch)
+    assert_rows_follow_autocast(rows, mixed, full, within=0.05, farther=1.1, slack=1e-4)
 
 
 def test_full_precision_turns_autocast_off_only_where_it_is_on():

@@ -4,6 +4,7 @@ the sketches stay on the device, the rows equal the CPU's, and a training step n
 import numpy as np
 import pytest
 import torch
+from conftest import assert_rows_follow_autocast, autocast_step
 from torch import nn
 from torchgrab import GraBSampler
 
@@ -80,30 +81,11 @@ def test_rows_on_cuda_equal_the_cpu_rows(make, side, sketch):
 
 
 def autocast_rows_and_gradients(make, side, device, dtype, sketch):
-    """One watched step under torch.autocast: (its rows, autocast's own batch gradient, the float32
-    model's), the two gradients projected as the rows are (the sketch is linear: the rows' mean is the
-    projection of the batch gradient they sum to)."""
+    """conftest.autocast_step on one batch of 16 images of ``side`` pixels through ``make()``."""
     model = make().to(device)
     x = torch.randn(16, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
     y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2)).to(device)
-    s = GraBSampler(n=16, seed=0)
-    got = []
-    step = s.step
-    s.step = lambda rows, **kw: (got.append(np.array(rows)), step(rows, **kw))[1]
-    h = s.watch(model, sketch=sketch, budget=None)
-    list(iter(s))
-    with torch.autocast(device, dtype=dtype):
-        loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    h.flush()
-
-    def batch_gradient():
-        return h.project({n: p.grad[None] for n, p in model.named_parameters()}).cpu().numpy()[0]
-
-    rows, autocast_grad = np.concatenate(got), batch_gradient()
-    model.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    return rows, autocast_grad, batch_gradient()
+    return autocast_step(model, x, y, nn.functional.cross_entropy, sketch, device, dtype, n=16, budget=None)
 
 
 @pytest.mark.parametrize("sketch", [None, 8])
@@ -114,11 +96,8 @@ def test_rows_under_cuda_autocast_are_float32_sums_of_its_gradients(make, side, 
     # half-precision inputs and output gradients autocast's forward and backward made. Their mean is the
     # batch gradient autocast made, up to its own rounding of the weight-gradient products, and no farther
     # from the float32 model's gradient than autocast's is.
-    rows, autocast_grad, f32 = autocast_rows_and_gradients(make, side, "cuda", dtype, sketch)
-    assert rows.dtype == np.float32 and np.isfinite(rows).all()
-    scale = np.abs(f32).max()
-    assert np.abs(rows.mean(0) - autocast_grad).max() < 0.05 * scale
-    assert np.abs(rows.mean(0) - f32).max() <= 1.1 * np.abs(autocast_grad - f32).max() + 1e-4 * scale
+    rows, mixed, full = autocast_rows_and_gradients(make, side, "cuda", dtype, sketch)
+    assert_rows_follow_autocast(rows, mixed, full, within=0.05, farther=1.1, slack=1e-4)
 
 
 @pytest.mark.parametrize("make, side", [(_model, 8), (_Tokens, 4)], ids=["conv-mlp", "tokens"])

@@ -7,9 +7,9 @@ table shared by encoder, decoder and output layer (T5, BART)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from conftest import assert_rows_follow_autocast, autocast_step
 from test_watch import _lm_loss, _lm_step, _Logits, assert_rows, flat, one_step, watched
 from test_watch import ce as _ce
 from torch import nn
@@ -311,24 +311,5 @@ def test_under_bf16_autocast_the_rows_sum_to_the_gradient_in_float32(family):
     else:
         ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(5))
         make, x, y, loss_fn = lambda: _causal(family), ids[:, :-1], ids[:, 1:], _lm_loss
-    model = make().train()
-    sampler, handle, spy = watched(model, sketch=8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = loss_fn(model(x), y)
-    loss.backward()
-    handle.flush()
-    rows = spy.rows[0]
-    assert rows.dtype == np.float32 and np.isfinite(rows).all()
-
-    def projected():
-        grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad)[None] for n, p in model.named_parameters()}
-        return handle.project(grads).numpy()[0]
-
-    mixed = projected()
-    model.zero_grad()
-    loss_fn(model(x), y).backward()
-    full = projected()
-    scale = np.abs(full).max()
-    mean = rows.mean(0)
-    assert np.abs(mean - mixed).max() < 0.15 * scale
-    assert np.abs(mean - full).max() <= 1.5 * np.abs(mixed - full).max() + 1e-3 * scale
+    rows, mixed, full = autocast_step(make().train(), x, y, loss_fn, 8)
+    assert_rows_follow_autocast(rows, mixed, full, within=0.15, farther=1.5, slack=1e-3)

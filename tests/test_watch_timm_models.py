@@ -19,6 +19,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from conftest import assert_rows_follow_autocast, autocast_step
 from test_watch import assert_rows, ce, one_step, watched
 from torch import nn
 from torchgrab import UnsupportedModelError
@@ -186,23 +187,5 @@ def test_under_bf16_autocast_the_rows_sum_to_the_gradient_in_float32(family):
     arch, kw = {**EXACT, **BATCHNORM}[family]
     model = _create(arch, **kw)
     x, y = _images(kw.get("img_size", 32)), torch.tensor([0, 1, 2])
-    sampler, handle, spy = watched(model, sketch=8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = ce(model(x), y)
-    loss.backward()
-    handle.flush()
-    rows = spy.rows[0]
-    assert rows.dtype == np.float32 and np.isfinite(rows).all()
-
-    def projected():
-        grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad)[None] for n, p in model.named_parameters()}
-        return handle.project(grads).numpy()[0]
-
-    mixed = projected()
-    model.zero_grad()
-    ce(model(x), y).backward()
-    full = projected()
-    scale = np.abs(full).max()
-    mean = rows.mean(0)
-    assert np.abs(mean - mixed).max() < 0.15 * scale
-    assert np.abs(mean - full).max() <= 1.5 * np.abs(mixed - full).max() + 1e-3 * scale
+    rows, mixed, full = autocast_step(model, x, y, ce, 8)
+    assert_rows_follow_autocast(rows, mixed, full, within=0.15, farther=1.5, slack=1e-3)

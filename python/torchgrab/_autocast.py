@@ -41,7 +41,7 @@ def full_precision() -> ContextManager[Any]:
     """A context with torch.autocast off wherever it is on now: the rows are then the float32 sketch of the
     gradients autocast's forward made. Where autocast is on nowhere (the usual case) this is one C call
     and a shared no-op context."""
-    if _any_autocast is not None and not _any_autocast():
+    if not autocast_on():
         return _NOTHING
     stack = contextlib.ExitStack()
     for device_type in _AUTOCAST_DEVICES:
