@@ -27,7 +27,14 @@ from test_watch_cuda import _Tokens as _CudaTokens
 from test_watch_cuda import autocast_rows_and_gradients
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchgrab import GraBSampler, ShapeError, StateDictError, UnsupportedInputError, UnsupportedModelError
+from torchgrab import (
+    CallOrderError,
+    GraBSampler,
+    ShapeError,
+    StateDictError,
+    UnsupportedInputError,
+    UnsupportedModelError,
+)
 from torchgrab._segments import OuterRows
 from torchgrab.capture._compat import torch_version
 from torchgrab.capture.audit import OutsideUses
@@ -791,6 +798,138 @@ def test_two_forwards_before_one_backward_give_the_summed_rows(sketch):
     assert len(spy.rows) == 1 and spy.rows[0].shape[0] == 4
     assert_rows(spy.rows[0], expected)
     assert sampler.pending == 60
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_a_training_forward_left_for_one_of_another_batch_size_begins_the_next_step(sketch):
+    # A training forward whose graph is dropped before any backward (a loss computed for logging with
+    # grad on and the model in training mode): the next training forward of another batch size begins a
+    # step of its own, whose rows are its examples' own. (Joined, its layers' inputs were refused as not
+    # the step's batch.) It takes nothing from the sampler: it may be of other data.
+    model = _mlp()
+    x, y = _data((6,), "class", b=4)
+    sampler, handle, spy = watched(model, sketch=sketch)
+    ce(model(torch.randn(7, 6)), torch.zeros(7, dtype=torch.long)).item()
+    for _ in range(2):  # and the step after it too
+        ce(model(x), y).backward()
+        handle.flush()
+        assert_rows(spy.rows[-1], exact_rows(handle, model, ce, x, y)[0])
+    assert len(spy.rows) == 2 and spy.skips == [] and sampler.pending == 56
+
+
+class _Failing(nn.Module):
+    """An MLP that raises in its forward, after its first layer, or in its backward, after its last
+    layer's gradient, while ``fail`` says so (a batch that runs out of memory, caught by the loop). A
+    ``fail`` of "loss" is for the loss (``_failing_loss``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net, self.fail = _mlp(), None
+
+    def forward(self, x):
+        h = torch.tanh(self.net[0](x))
+        if self.fail == "forward":
+            raise RuntimeError("out of memory")
+        if self.fail == "backward":
+            h.register_hook(self._raise)
+        return self.net[2](h)
+
+    @staticmethod
+    def _raise(g):
+        raise RuntimeError("out of memory")
+
+
+def _failing_loss(model, x, y):
+    out = model(x)
+    if model.fail == "loss":
+        raise RuntimeError("out of memory")
+    return ce(out, y)
+
+
+@pytest.mark.parametrize("ordering", ["grab", "rr"])
+@pytest.mark.parametrize(
+    "where,tell", [("forward", False), ("backward", False), ("forward", True), ("backward", True), ("loss", True)]
+)
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_a_batch_skipped_after_an_error_counts_as_unseen_and_the_next_keep_their_indices(sketch, where, tell, ordering):
+    # The loop catches an error in a batch's forward or backward (out of memory) and goes on with the
+    # next batch. That batch gets no rows: its examples count as unseen (skip), and every later batch's
+    # rows are its own examples' (before, after an error in the forward they were matched to the
+    # skipped batch's indices, one batch off for the rest of the epoch; after one in the backward the
+    # batch's partial rows were fed). A twin fed by hand with the exact rows and the skip agrees. An
+    # error in the loss, between the forward and the backward, needs the loop to say so (drop_step());
+    # said after an error in the forward or the backward too, it drops that step once.
+    torch.manual_seed(0)
+    model = _Failing()
+    data = torch.randn(20, 6)
+    labels = torch.randint(0, 3, (20,))
+    sampler = GraBSampler(n=20, ordering=ordering, seed=3)
+    handle = sampler.watch(model, sketch=sketch)
+    spy = Spy(sampler)
+    twin = GraBSampler(n=20, ordering=ordering, seed=3)
+    expected = []
+    for epoch in range(2):
+        order = list(iter(sampler))  # the epoch's order, then its batches of 4 through the model
+        assert order == list(iter(twin)) and sorted(order) == list(range(20))
+        for k in range(5):
+            idx = order[4 * k : 4 * k + 4]
+            x, y = data[idx], labels[idx]
+            model.fail = where if (epoch, k) == (0, 1) else None
+            try:
+                _failing_loss(model, x, y).backward()
+            except RuntimeError as e:
+                assert "out of memory" in str(e) and model.fail
+                if tell:
+                    handle.drop_step()
+                    handle.drop_step()  # nothing open now: no effect
+                twin.skip(4)
+            else:
+                rows = exact_rows(handle, model, ce, x, y)[0].numpy()
+                twin.step(rows) if twin.balances else twin.skip(4)
+                expected.append(rows)
+            model.zero_grad()
+        handle.flush()
+    if sampler.balances:
+        assert spy.skips == [4]
+        assert_rows(np.concatenate(spy.rows), np.concatenate(expected))  # 9 batches' rows, in order
+    else:
+        assert spy.rows == [] and sum(spy.skips) == 40
+    # (under rr a backward that raised had its batch counted already, at its first gradient)
+    assert handle.dropped_steps == (0 if where == "backward" and not sampler.balances and not tell else 1)
+    assert list(iter(sampler)) == list(iter(twin))
+
+
+def test_drop_step_inside_a_backward_is_refused_and_the_step_kept():
+    model = _mlp()
+    x, y = _data((6,), "class", b=4)
+    sampler, handle, spy = watched(model, sketch=4)
+    out = model(x)
+    out.register_hook(lambda g: handle.drop_step())
+    with pytest.raises(CallOrderError, match="inside a backward"):
+        ce(out, y).backward()
+    assert handle.dropped_steps == 0 and sampler.pending == 64
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_one_backward_through_forwards_of_two_batch_sizes_is_refused_and_nothing_is_fed(sketch):
+    # A loss over forwards of two batch sizes has no per-example rows: the second forward begins a new
+    # step (see above), and the backward that reaches the first one's calls after all is refused, with
+    # no rows fed and the sampler as it was. The next step is its own.
+    model = _mlp()
+    x, y = _data((6,), "class", b=4)
+    sampler, handle, spy = watched(model, sketch=sketch)
+    state = sampler.state_dict()
+    loss = ce(model(x), y) + ce(model(x[:2]), y[:2])
+    with pytest.raises(UnsupportedModelError, match="one backward went through training forwards of 4 and 2 examples"):
+        loss.backward()
+    handle.flush()
+    assert spy.rows == [] and sampler.pending == 64
+    assert_same_state(sampler.state_dict(), state)
+    model.zero_grad()
+    ce(model(x), y).backward()
+    handle.flush()
+    assert len(spy.rows) == 1 and sampler.pending == 60
+    assert_rows(spy.rows[0], exact_rows(handle, model, ce, x, y)[0])
 
 
 class Twice(nn.Module):

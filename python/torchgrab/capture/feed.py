@@ -32,6 +32,7 @@ class RowFeeder:
         inflight: shipped blocks not yet fed: (CUDA event or None, host rows or None, step sizes, finite).
         exchange: the RowExchange of ``all_ranks=True`` (every rank's rows to every replica), or None.
         skipped_steps: steps whose rows were not finite; their units got no row.
+        dropped_steps: steps whose forward or backward raised (the loop went on); their units got no row.
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class RowFeeder:
         self.scaler = scaler
         self.exchange: Optional[Any] = None
         self.skipped_steps = 0
+        self.dropped_steps = 0
         self._cores = _cores()
         self._cpu_rows = True  # the last block shipped was formed on the CPU
         self.ready: List[Tuple[Any, int, bool]] = []
@@ -81,6 +83,13 @@ class RowFeeder:
         self.ready = []
         self.inflight.clear()
         self._block, self._block_used, self._outer = None, 0, None
+
+    def drop(self, b: int) -> None:
+        """A step whose forward or backward raised and that the loop went past: its units get no row and
+        go to the middle of the next order, as unseen ones do, fed in their place among the steps."""
+        self.ship()
+        self.inflight.append((None, None, [b], False, None))
+        self.dropped_steps += 1
 
     def skip_non_finite(self, b: int) -> None:
         """A step whose gradients were not finite (a GradScaler step skipped for inf/NaN, or a diverging

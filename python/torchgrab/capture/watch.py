@@ -11,6 +11,7 @@ gradient). Rows on a GPU travel to the host asynchronously; they are fed once th
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from collections import Counter
@@ -45,7 +46,13 @@ from torchgrab.capture.layers import (
 )
 from torchgrab.capture.plan import LayerPlan, leave_out
 from torchgrab.capture.projection import stacked_t
-from torchgrab.errors import NonFiniteGradientError, ShapeError, UnsupportedInputError, UnsupportedModelError
+from torchgrab.errors import (
+    CallOrderError,
+    NonFiniteGradientError,
+    ShapeError,
+    UnsupportedInputError,
+    UnsupportedModelError,
+)
 from torchgrab.ondevice import Factored
 
 # Whether the sublayers of a module holding parameters of no layer run without its TorchFunctionMode (see
@@ -62,6 +69,13 @@ _WATCHED: "weakref.WeakKeyDictionary[nn.Module, WatchHandle]" = weakref.WeakKeyD
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
+
+
+def _in_compiled_autograd() -> bool:
+    """Whether this backward is run by compiled autograd (never when its module was not imported)."""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    region = getattr(ca, "in_compiled_autograd_region", False)  # a flag; a function in some releases
+    return bool(region() if callable(region) else region)
 
 
 _TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
@@ -121,6 +135,9 @@ class _Step:
         "ghost",
         "direct",
         "recorded",
+        "abandoned",
+        "running",
+        "finished",
     )
 
     def __init__(self) -> None:
@@ -158,6 +175,21 @@ class _Step:
         self.direct: Dict[LayerSketch, torch.Tensor] = {}
         # Layers with a call recorded this step, forward or recomputed (kept while WatchHandle._audit runs).
         self.recorded: Set[nn.Module] = set()
+        # Left by a training forward of another batch size before any backward reached it (_on_step_begins):
+        # a gradient that reaches its calls after all is refused (_on_grad).
+        self.abandoned = False
+        # A training forward of the model has begun and not ended: still so at the next forward, it raised.
+        self.running = False
+        # The backward that reached the step's first hook has completed (a callback queued there, which
+        # autograd runs only when the whole backward succeeds): not so at the next forward, it raised.
+        self.finished = False
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def failed(self) -> bool:
+        """Its forward or its backward raised, and the loop went on (WatchHandle._drop)."""
+        return self.running or (self.grads > 0 and not self.finished)
 
     def add(self, offset: int, pieces: List[torch.Tensor]) -> None:
         have = self.blocks.get(offset)
@@ -177,6 +209,8 @@ class WatchHandle:
         layers: ``(name, kind, columns)`` of every block of the rows, in column order.
         skipped_steps: steps whose rows were not finite (a ``GradScaler`` overflow); their examples got
             no row and count as unseen.
+        dropped_steps: steps whose forward or backward raised and that the loop went past (a batch
+            skipped after running out of memory); their examples got no row and count as unseen.
     """
 
     def __init__(
@@ -496,6 +530,11 @@ class WatchHandle:
         """Steps whose rows were not finite (a ``GradScaler`` overflow): their examples got no row."""
         return self._feeder.skipped_steps
 
+    @property
+    def dropped_steps(self) -> int:
+        """Steps whose forward or backward raised and that the loop went past: their examples got no row."""
+        return self._feeder.dropped_steps
+
     def project(self, grads: Dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, columns of the rows] (K less the ghost layers' weights, which have no columns): this handle's
         projection applied to given per-example gradients ({parameter name:
@@ -519,9 +558,24 @@ class WatchHandle:
     def flush(self) -> None:
         """Hand the rows of the steps so far to the sampler now (waits for rows still on their way from a
         GPU). A step whose forward has run but whose backward has not stays open."""
-        if self._step.grads or self._step.noted is not None:
+        if self._step.grads and not self._step.finished and not _in_backward():
+            self._drop(self._step)  # its backward raised
+        elif self._step.grads or self._step.noted is not None:
             self._end_step()
         self._feeder.flush()
+
+    def drop_step(self) -> None:
+        """Drop the open step: call it where the loop catches an error in a batch and goes on with the
+        next batch. The batch gets no rows, its examples count as unseen, and the next batches' rows
+        meet their own indices (``dropped_steps`` counts such steps). An error in the model's forward or
+        in the backward needs no call (the step is dropped at the next forward, and a call then finds
+        nothing open); one between them, in the loss, does, since a forward whose graph is dropped is
+        also what a loss logged with grad on looks like, and that takes nothing from the sampler."""
+        if _in_backward():
+            raise CallOrderError("drop_step() was called inside a backward; call it after the backward has raised")
+        step = self._step
+        if step.batch is not None or step.grads or step.noted is not None:
+            self._drop(step)
 
     def remove(self) -> None:
         """Feed what is gathered, then detach every hook; the sampler is then fed by hand again."""
@@ -565,29 +619,57 @@ class WatchHandle:
             return  # a checkpointed model recomputing its forward; a torch.func transform
         if self._outside is not None:
             self._outside.calls = []  # those of a forward that raised before its end
-        if self._step.grads or self._step.noted is not None:
+        if self._step.failed():
+            self._drop(self._step)  # a batch the loop skipped after an error (out of memory): no rows
+        elif self._step.grads or self._step.noted is not None:
             self._end_step()  # the open step's backward has run: this forward begins the next step
-        elif self._step.forwards:
+        elif self._step.forwards and not self._abandons(args, kwargs, module):
             # The open step has had a forward but no backward yet. A forward in eval mode or under
             # no_grad (validation, pseudo-labels) leaves it alone: its layers are skipped (_record
             # checks grad mode and the model's training mode), and _recording stays on for a reentrant
-            # checkpoint's recompute inside the coming backward. A second training forward joins it
-            # (siamese and contrastive losses: one backward through two forwards of the same batch).
+            # checkpoint's recompute inside the coming backward. A second training forward of the same
+            # batch size joins it (siamese and contrastive losses: one backward through two forwards).
             if module.training and torch.is_grad_enabled():
-                self._recording = True
+                self._recording = self._step.running = True
             return
         else:
-            self._step = _Step()  # nothing reached the previous step's hooks: an evaluation forward
+            # Nothing reached the previous step's hooks (an evaluation forward), or its forward was left
+            # for one of another batch size (_abandons).
+            self._step = _Step()
         if self._feeder.inflight:
             self._feeder.feed(block=False)
         self._recording = module.training and torch.is_grad_enabled()
         if self._recording:
             self._step.batch = _batch_of(args, kwargs, self.batch_first)
+            self._step.running = True
+
+    def _begin_batch(self, module: nn.Module, batch: Any) -> None:
+        """Begin a step at a batch's start for a framework whose training step may not call the watched
+        model itself (Lightning's ``on_train_batch_start``): as the model's forward pre-hook does, with
+        no forward running (one that begins joins the step)."""
+        self._on_step_begins(module, (batch,), {})
+        self._step.running = False
+
+    def _abandons(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], module: nn.Module) -> bool:
+        """Whether a forward of the model leaves the open step, which has had a training forward and no
+        backward: it is a training forward of another batch size. Joined, its layers' inputs would not
+        be the step's examples, and no backward can take per-example rows through both. So the open
+        forward's graph was dropped (a loss computed for logging with grad on and the model in training
+        mode), and this forward begins the next step; a gradient that reaches the left step's calls after
+        all is refused (_on_grad). (A forward that raised is dropped before: _Step.failed.)"""
+        if not (module.training and torch.is_grad_enabled()) or self._step.batch is None:
+            return False
+        b = _batch_of(args, kwargs, self.batch_first)
+        if b is None or b == self._step.batch:
+            return False
+        self._step.abandoned = True
+        return True
 
     def _on_model_output(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
         """Forward hook of the watched model: at its first recorded forward, refuse a watched layer's
         parameter that the forward also uses outside that layer's calls (capture/audit.py). And the end
         of the forward that held Linear inputs for a grouped projection: they are projected now."""
+        self._step.running = False
         if self._step.pending and not _in_backward():
             self._project_inputs(self._step)
         audit = self._outside
@@ -985,6 +1067,21 @@ class WatchHandle:
             f"has none ({leave_out(sk.name)}, or granularity='batch' when a step is one unit).{flat}"
         )
 
+    def _refuse_abandoned(self, left: _Step) -> None:
+        """A backward reached the calls of a forward that a forward of another batch size left
+        (_abandons): one loss through forwards of two batch sizes has no per-example rows. The step
+        open now is dropped with the refusal (no rows, none fed)."""
+        step = self._step
+        if step.slot is not None:
+            self._feeder.give_back(step.slot.shape[0])  # the step's rows are dropped, its slot with them
+        self._step, self._recording = _Step(), False
+        raise UnsupportedModelError(
+            f"watch(): one backward went through training forwards of {left.batch} and {step.batch} examples; "
+            "per-example rows need every forward of a step to take the step's batch. Compute what is not "
+            "trained on (a loss for logging, another batch) under torch.no_grad() or in eval mode, or use "
+            "granularity='batch' when a step is one unit"
+        )
+
     def _flattened(self, sk: LayerSketch, x: torch.Tensor, b: int) -> Optional[int]:
         """m when the layer's input holds the batch's examples as b runs of m rows (capture/flatten.py) and
         its sketch takes a sequence of m; None otherwise (``_read_rows``)."""
@@ -995,6 +1092,8 @@ class WatchHandle:
     @in_full_precision
     def _on_grad(self, step: _Step, sk: LayerSketch, module: nn.Module, saved: Any, g: torch.Tensor) -> None:
         if step is not self._step:
+            if step.abandoned:
+                self._refuse_abandoned(step)
             return  # a backward through a step already handed over (retain_graph): not this step's
         if step.grads == 0:
             self._first_grad(step)
@@ -1136,6 +1235,10 @@ class WatchHandle:
             step.noted = b
 
     def _first_grad(self, step: _Step) -> None:
+        if _in_backward() and not _in_compiled_autograd():
+            torch.autograd.Variable._execution_engine.queue_callback(step.finish)
+        else:  # (no callback to queue, or compiled autograd's own: a failed backward is not told apart)
+            step.finished = True
         if self.loss_factor is not None:
             step.factor = self.loss_factor()
         if self.scaler is not None and self.scaler.is_enabled() and self.scaler._scale is not None:
@@ -1143,6 +1246,18 @@ class WatchHandle:
             step.scale = self.scaler._scale.detach().clone()
 
     # ------------------------------------------------------------------ feeding the sampler
+    def _drop(self, step: _Step) -> None:
+        """A step whose forward or backward raised and that the loop went past (an out-of-memory batch
+        skipped, a bad batch caught): no rows, and its examples count as unseen, in their place among the
+        steps, so that the next steps' rows still meet their own indices. A step that watch() refused
+        itself is no such step: a refusal leaves no open step and the sampler as it was."""
+        if step.slot is not None:
+            self._feeder.give_back(step.slot.shape[0])  # the step's rows are dropped, its slot with them
+        self._step = _Step()
+        b = 1 if self.granularity == "batch" else step.batch  # (a step is one row at batch granularity)
+        if b:
+            self._feeder.drop(b)
+
     @in_full_precision
     def _end_step(self) -> None:
         step, self._step = self._step, _Step()

@@ -217,7 +217,7 @@ class GraBCallback(pl.Callback):
         if self.handle is not None and not self.handle.removed:
             # Each batch is a step even when training_step never calls the module itself (self.net(x)),
             # so the watch's forward pre-hook would not fire; a call of self(x) then joins this step.
-            self.handle._on_step_begins(pl_module, (batch,), {})
+            self.handle._begin_batch(pl_module, batch)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         handle = self.handle
