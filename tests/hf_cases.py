@@ -190,6 +190,30 @@ def run_case(
         trainer.train()
         ref = per_example_grads(trainer.model, ds, list(range(len(ds))))
         return _rows_result(sampler, rec, ref, trainer.model)
+    if case == "auto_batch":
+        # auto_find_batch_size: the Trainer catches an out-of-memory error and starts its training loop
+        # again with a smaller batch. Here the classifier "runs out of memory" on a training batch of more
+        # than 8 (after the encoder's layers have recorded their calls), so batches of 16, then 14, 12, 10
+        # and 9 fail in their forward, and 8 trains. Learning rate 0: rows checked as in "rows".
+        trainer, ds = make_trainer(out_dir, n=n, lr=0.0, auto_find_batch_size=True, per_device_train_batch_size=16)
+        sampler = enable_grab(trainer, watch=watch or {"sketch": None})
+        rec = Recorder(sampler)
+        model = trainer.model
+        tried: List[int] = []
+
+        def out_of_memory(module: Any, inputs: Any) -> None:
+            if model.training and torch.is_grad_enabled():
+                tried.append(int(inputs[0].shape[0]))
+                if inputs[0].shape[0] > 8:
+                    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        model.classifier.register_forward_pre_hook(out_of_memory)
+        trainer.train()
+        result_tried = list(tried)  # (the exact gradients below call the model too)
+        ref = per_example_grads(model, ds, list(range(len(ds))))
+        result = _rows_result(sampler, rec, ref, model)
+        result["tried"] = result_tried
+        return result
     if case in ("resume_full", "resume_from"):
         save = int(os.environ.get("HF_CASE_SAVE_STEP", "4"))
         trainer, ds = make_trainer(

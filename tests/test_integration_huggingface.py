@@ -90,6 +90,18 @@ def test_orders_are_those_a_sampler_builds_from_the_same_rows(rows_run):
     assert not np.array_equal(orders[0], orders[1])
 
 
+def test_auto_find_batch_size_retries_after_out_of_memory_and_rows_stay_exact(tmp_path):
+    # Each batch that ran out of memory in its forward is dropped (its examples unseen in an epoch
+    # the Trainer then begins again); the batches of the size that fits are rows of their own examples.
+    # Before, the retry's first forward joined the failed one's step and was refused ("got an input of
+    # shape (14, 12) in a step whose batch has 16 examples").
+    result = hf_cases.run_case("auto_batch", str(tmp_path))
+    assert result["tried"] == [16, 14, 12, 10, 9] + [8, 8, 8, 8, 4] * 2
+    assert max(relative_errors(result)) < 1e-5
+    assert all(sorted(v) == list(range(36)) for v in stepped_per_epoch(result).values())
+    assert sorted(stepped_per_epoch(result)) == [0, 1]
+
+
 def test_bf16_autocast_on_the_cpu(tmp_path, rows_run):
     result = hf_cases.run_case("rows", str(tmp_path), bf16=True)
     assert all(sorted(v) == list(range(36)) for v in stepped_per_epoch(result).values())

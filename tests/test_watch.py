@@ -850,15 +850,19 @@ def _failing_loss(model, x, y):
 @pytest.mark.parametrize(
     "where,tell", [("forward", False), ("backward", False), ("forward", True), ("backward", True), ("loss", True)]
 )
+@pytest.mark.parametrize("at", [1, 4])
 @pytest.mark.parametrize("sketch", SKETCHES)
-def test_a_batch_skipped_after_an_error_counts_as_unseen_and_the_next_keep_their_indices(sketch, where, tell, ordering):
+def test_a_batch_skipped_after_an_error_counts_as_unseen_and_the_next_keep_their_indices(
+    sketch, at, where, tell, ordering
+):
     # The loop catches an error in a batch's forward or backward (out of memory) and goes on with the
     # next batch. That batch gets no rows: its examples count as unseen (skip), and every later batch's
     # rows are its own examples' (before, after an error in the forward they were matched to the
     # skipped batch's indices, one batch off for the rest of the epoch; after one in the backward the
     # batch's partial rows were fed). A twin fed by hand with the exact rows and the skip agrees. An
     # error in the loss, between the forward and the backward, needs the loop to say so (drop_step());
-    # said after an error in the forward or the backward too, it drops that step once.
+    # said after an error in the forward or the backward too, it drops that step once. At the epoch's
+    # last batch (at=4) the step is dropped in that epoch, when the next one begins.
     torch.manual_seed(0)
     model = _Failing()
     data = torch.randn(20, 6)
@@ -874,7 +878,7 @@ def test_a_batch_skipped_after_an_error_counts_as_unseen_and_the_next_keep_their
         for k in range(5):
             idx = order[4 * k : 4 * k + 4]
             x, y = data[idx], labels[idx]
-            model.fail = where if (epoch, k) == (0, 1) else None
+            model.fail = where if (epoch, k) == (0, at) else None
             try:
                 _failing_loss(model, x, y).backward()
             except RuntimeError as e:

@@ -558,8 +558,8 @@ class WatchHandle:
     def flush(self) -> None:
         """Hand the rows of the steps so far to the sampler now (waits for rows still on their way from a
         GPU). A step whose forward has run but whose backward has not stays open."""
-        if self._step.grads and not self._step.finished and not _in_backward():
-            self._drop(self._step)  # its backward raised
+        if self._step.failed() and not _in_backward():
+            self._drop(self._step)  # its forward or backward raised (at an epoch's end: dropped in that epoch)
         elif self._step.grads or self._step.noted is not None:
             self._end_step()
         self._feeder.flush()
