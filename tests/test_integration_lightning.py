@@ -265,6 +265,43 @@ def test_the_modules_own_loader_keeps_its_settings_and_workers_change_no_matchin
     assert sorted(rec.orders[1]) == list(range(N))
 
 
+class OutOfMemoryAbove8(Net):
+    """A module whose forward "runs out of memory" on a batch of more than 8, after its first layer, and
+    whose train_dataloader takes ``batch_size`` from it (what BatchSizeFinder scales)."""
+
+    def __init__(self):
+        super().__init__(call_self=True)
+        self.batch_size = 4
+
+    def train_dataloader(self):
+        return DataLoader(dataset(), batch_size=self.batch_size, shuffle=True)
+
+    def forward(self, x):
+        h = self.net[0](x)
+        if len(x) > 8:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.net[2](self.net[1](h))
+
+
+def test_batch_size_finder_runs_out_of_memory_and_the_fit_after_it_has_exact_rows(tmp_path):
+    # BatchSizeFinder tries batches of 4, 8 and 16 (which runs out of memory in its forward, caught by
+    # Lightning) and restores the states of before its trials, the sampler's too. The dropped step of
+    # the failed batch leaves every later row its own example's. Before, the next trial's first forward
+    # joined the failed one's step and was refused ("got an input of shape (8, 8) in a step whose batch
+    # has 16 examples").
+    grab = GraBCallback(watch={"sketch": None}, seed=3)
+    rec = Recorder(grab)
+    model = OutOfMemoryAbove8()
+    finder = pl.callbacks.BatchSizeFinder(mode="power", init_val=4, max_trials=4, steps_per_trial=2)
+    fit(model, [finder, grab, rec], loader=False, epochs=2, default_root_dir=str(tmp_path))
+    assert model.batch_size == 8
+    epochs = per_epoch(rec.steps)
+    assert len(epochs) == 2  # the fit's two epochs (the trials stepped no full epoch)
+    for idx, rows in epochs.values():
+        assert sorted(idx) == list(range(N))
+        assert_rows(rows, exact_rows(grab.handle, model, idx)[0])
+
+
 class SkipsABatch(Net):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
