@@ -28,7 +28,6 @@ from test_watch_cuda import autocast_rows_and_gradients
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchgrab import (
-    CallOrderError,
     GraBSampler,
     ShapeError,
     StateDictError,
@@ -61,7 +60,7 @@ class Spy:
         self.factored = []  # per step() call: the rows came as OuterRows
         self.skips = []
         self.kwargs = []
-        step, skip = sampler.step, sampler.skip
+        step, skip = sampler.step, sampler._skip
 
         def spy_step(grads, *args, **kwargs):
             # Rows handed over by their factors (a lone Linear layer's) are recorded as the rows they are.
@@ -76,7 +75,7 @@ class Spy:
             return skip(rows)
 
         sampler.step = spy_step  # instance attributes: the handle calls sampler.step(...) through them
-        sampler.skip = spy_skip
+        sampler._skip = spy_skip  # (sampler.skip goes through it too)
 
     def steps(self, sizes):
         """The rows split into consecutive steps of these sizes (the handle may feed several steps in
@@ -848,7 +847,8 @@ def _failing_loss(model, x, y):
 
 @pytest.mark.parametrize("ordering", ["grab", "rr"])
 @pytest.mark.parametrize(
-    "where,tell", [("forward", False), ("backward", False), ("forward", True), ("backward", True), ("loss", True)]
+    "where,tell",
+    [("forward", False), ("backward", False), ("forward", True), ("backward", True), ("loss", True), ("before", True)],
 )
 @pytest.mark.parametrize("at", [1, 4])
 @pytest.mark.parametrize("sketch", SKETCHES)
@@ -860,9 +860,10 @@ def test_a_batch_skipped_after_an_error_counts_as_unseen_and_the_next_keep_their
     # rows are its own examples' (before, after an error in the forward they were matched to the
     # skipped batch's indices, one batch off for the rest of the epoch; after one in the backward the
     # batch's partial rows were fed). A twin fed by hand with the exact rows and the skip agrees. An
-    # error in the loss, between the forward and the backward, needs the loop to say so (drop_step());
-    # said after an error in the forward or the backward too, it drops that step once. At the epoch's
-    # last batch (at=4) the step is dropped in that epoch, when the next one begins.
+    # error in the loss, between the forward and the backward, needs the loop to say so
+    # (sampler.skip(len(y))); said after an error in the forward or the backward too, it drops that
+    # step once; and a batch given up before its forward ("before") is skipped after the rows gathered
+    # so far. At the epoch's last batch (at=4) the step is dropped in that epoch, when the next begins.
     torch.manual_seed(0)
     model = _Failing()
     data = torch.randn(20, 6)
@@ -880,12 +881,13 @@ def test_a_batch_skipped_after_an_error_counts_as_unseen_and_the_next_keep_their
             x, y = data[idx], labels[idx]
             model.fail = where if (epoch, k) == (0, at) else None
             try:
+                if model.fail == "before":
+                    raise RuntimeError("out of memory")  # (collating the batch, say)
                 _failing_loss(model, x, y).backward()
             except RuntimeError as e:
                 assert "out of memory" in str(e) and model.fail
                 if tell:
-                    handle.drop_step()
-                    handle.drop_step()  # nothing open now: no effect
+                    sampler.skip(len(y))
                 twin.skip(4)
             else:
                 rows = exact_rows(handle, model, ce, x, y)[0].numpy()
@@ -898,20 +900,8 @@ def test_a_batch_skipped_after_an_error_counts_as_unseen_and_the_next_keep_their
         assert_rows(np.concatenate(spy.rows), np.concatenate(expected))  # 9 batches' rows, in order
     else:
         assert spy.rows == [] and sum(spy.skips) == 40
-    # (under rr a backward that raised had its batch counted already, at its first gradient)
-    assert handle.dropped_steps == (0 if where == "backward" and not sampler.balances and not tell else 1)
+    assert handle.dropped_steps == (0 if where == "before" else 1)
     assert list(iter(sampler)) == list(iter(twin))
-
-
-def test_drop_step_inside_a_backward_is_refused_and_the_step_kept():
-    model = _mlp()
-    x, y = _data((6,), "class", b=4)
-    sampler, handle, spy = watched(model, sketch=4)
-    out = model(x)
-    out.register_hook(lambda g: handle.drop_step())
-    with pytest.raises(CallOrderError, match="inside a backward"):
-        ce(out, y).backward()
-    assert handle.dropped_steps == 0 and sampler.pending == 64
 
 
 @pytest.mark.parametrize("sketch", SKETCHES)

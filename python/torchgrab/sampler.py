@@ -572,7 +572,24 @@ class GraBSampler(Sampler[int]):
             w.flush()
 
     def skip(self, rows: int) -> None:
-        """Mark ``rows`` pending indices as consumed without gradients (they go to the middle of the next order)."""
+        """Mark ``rows`` pending indices as consumed without gradients (they go to the middle of the next order).
+
+        With :meth:`watch`, this is the call for a batch the loop gives up on, ``sampler.skip(len(y))``:
+        one never given to the model (after the rows gathered so far, so that they keep their indices),
+        or one whose forward, loss or backward raised (its step is dropped, and skipped once). An error
+        in the model's forward or backward needs no call: such a step is dropped at the next forward;
+        one in the loss does, since a forward whose graph is dropped on purpose (a loss logged with grad
+        on) looks the same and takes nothing from the sampler.
+        """
+        watchers = getattr(self, "_watchers", ())
+        if watchers:
+            if any(w._gives_up(rows) for w in watchers):
+                return
+            self._drain_watchers()
+        self._skip(rows)
+
+    def _skip(self, rows: int) -> None:
+        """``skip`` without feeding watch() rows first (the feeder's own skips, in their place)."""
         with self._lock:
             examples = self._take(rows, None)
             if self._units is not None:

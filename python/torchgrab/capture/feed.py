@@ -94,7 +94,7 @@ class RowFeeder:
     def skip_non_finite(self, b: int) -> None:
         """A step whose gradients were not finite (a GradScaler step skipped for inf/NaN, or a diverging
         run): its units get no row and go to the middle of the next order, as unseen ones do."""
-        self.sampler.skip(self.units_of(b))
+        self.sampler._skip(self.units_of(b))
         self.skipped_steps += 1
         if self.scaler is None:
             warnings.warn(
@@ -230,7 +230,7 @@ class RowFeeder:
             if not sizes:
                 return
         if rows is None or not s.balances:
-            s.skip(sum(self.units_of(b) for b in sizes))
+            s._skip(sum(self.units_of(b) for b in sizes))
             return
         if finite or np.isfinite(rows.sum()):  # the common case: no scan, or one pass over the block
             self._feed_rows(rows)

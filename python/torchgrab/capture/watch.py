@@ -47,7 +47,6 @@ from torchgrab.capture.layers import (
 from torchgrab.capture.plan import LayerPlan, leave_out
 from torchgrab.capture.projection import stacked_t
 from torchgrab.errors import (
-    CallOrderError,
     NonFiniteGradientError,
     ShapeError,
     UnsupportedInputError,
@@ -76,6 +75,16 @@ def _in_compiled_autograd() -> bool:
     ca = sys.modules.get("torch._dynamo.compiled_autograd")
     region = getattr(ca, "in_compiled_autograd_region", False)  # a flag; a function in some releases
     return bool(region() if callable(region) else region)
+
+
+def _when_backward_completes(step: _Step) -> None:
+    """Mark the step finished when the backward running now completes: autograd runs a queued callback
+    only when the whole backward succeeds, so a step left unfinished at the next forward had its
+    backward raise (_Step.failed)."""
+    if _in_backward() and not _in_compiled_autograd():
+        torch.autograd.Variable._execution_engine.queue_callback(step.finish)
+    else:  # (no callback to queue, or compiled autograd's own: a failed backward is not told apart)
+        step.finished = True
 
 
 _TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
@@ -187,9 +196,17 @@ class _Step:
     def finish(self) -> None:
         self.finished = True
 
+    def reached(self) -> bool:
+        """A backward has reached the step's hooks (rows, or the count of an ordering without gradients)."""
+        return self.grads > 0 or self.noted is not None
+
+    def complete(self) -> bool:
+        """A backward reached the step and completed."""
+        return self.finished and self.reached()
+
     def failed(self) -> bool:
         """Its forward or its backward raised, and the loop went on (WatchHandle._drop)."""
-        return self.running or (self.grads > 0 and not self.finished)
+        return self.running or (self.reached() and not self.finished)
 
     def add(self, offset: int, pieces: List[torch.Tensor]) -> None:
         have = self.blocks.get(offset)
@@ -564,18 +581,18 @@ class WatchHandle:
             self._end_step()
         self._feeder.flush()
 
-    def drop_step(self) -> None:
-        """Drop the open step: call it where the loop catches an error in a batch and goes on with the
-        next batch. The batch gets no rows, its examples count as unseen, and the next batches' rows
-        meet their own indices (``dropped_steps`` counts such steps). An error in the model's forward or
-        in the backward needs no call (the step is dropped at the next forward, and a call then finds
-        nothing open); one between them, in the loss, does, since a forward whose graph is dropped is
-        also what a loss logged with grad on looks like, and that takes nothing from the sampler."""
-        if _in_backward():
-            raise CallOrderError("drop_step() was called inside a backward; call it after the backward has raised")
+    def _gives_up(self, n: int) -> bool:
+        """``sampler.skip(n)`` called by the loop for a batch it gives up on: where the open step is a
+        batch of ``n`` examples whose backward has not completed (its forward, its loss or its backward
+        raised), that step is dropped instead (True), so the batch is skipped once. Otherwise (False)
+        the skip is of a batch never given to the model, after the steps gathered so far."""
         step = self._step
-        if step.batch is not None or step.grads or step.noted is not None:
-            self._drop(step)
+        if step.batch is None or step.complete() or _in_backward():
+            return False
+        if self._feeder.units_of(1 if self.granularity == "batch" else step.batch) != n:
+            return False
+        self._drop(step)
+        return True
 
     def remove(self) -> None:
         """Feed what is gathered, then detach every hook; the sampler is then fed by hand again."""
@@ -1233,12 +1250,10 @@ class WatchHandle:
     def _note(self, step: _Step, b: int) -> None:
         if step is self._step and step.noted is None:
             step.noted = b
+            _when_backward_completes(step)
 
     def _first_grad(self, step: _Step) -> None:
-        if _in_backward() and not _in_compiled_autograd():
-            torch.autograd.Variable._execution_engine.queue_callback(step.finish)
-        else:  # (no callback to queue, or compiled autograd's own: a failed backward is not told apart)
-            step.finished = True
+        _when_backward_completes(step)
         if self.loss_factor is not None:
             step.factor = self.loss_factor()
         if self.scaler is not None and self.scaler.is_enabled() and self.scaler._scale is not None:

@@ -233,7 +233,7 @@ class GraBCallback(pl.Callback):
                 )
             handle.flush()
             handle._step = type(step)()
-            self.sampler.skip(step.batch)
+            self.sampler._skip(step.batch)
         elif self._size > 1:
             # Every rank feeds here, after each batch, so the all-gather of rows happens at one point all
             # ranks reach together, never inside a forward that only some ranks run (a rank-zero callback).
