@@ -9,6 +9,7 @@ factors, count sketches). Models are tiny: the whole file runs in seconds on two
 import contextlib
 import copy
 import dataclasses
+import io
 import re
 import socket
 import types
@@ -36,7 +37,9 @@ from torchgrab import (
 )
 from torchgrab._segments import OuterRows
 from torchgrab.capture._compat import torch_version
+from torchgrab.capture.attention import _WatchedForward
 from torchgrab.capture.audit import OutsideUses
+from torchgrab.capture.eager import _nothing
 from torchgrab.capture.layers import COUNT_OUT, FunctionalSketch, LinearSketch
 from torchgrab.capture.projection import FoldSketch
 from torchgrab.gradients import per_example_gradients
@@ -924,6 +927,61 @@ def test_one_backward_through_forwards_of_two_batch_sizes_is_refused_and_nothing
     handle.flush()
     assert len(spy.rows) == 1 and sampler.pending == 60
     assert_rows(spy.rows[0], exact_rows(handle, model, ce, x, y)[0])
+
+
+@pytest.mark.parametrize("copy_how", ["torch.save", "deepcopy", "AveragedModel"])
+def test_a_copy_of_a_watched_model_is_not_watched_and_the_watch_goes_on(copy_how):
+    # torch.save(model) pickles the module whole (its hooks and a replaced forward too), copy.deepcopy
+    # and AveragedModel (EMA, SWA) deep-copy it. The copy holds hooks that do nothing and the class
+    # forward: it computes what the model computes, and its steps feed nothing. Before, torch.save of a
+    # watched model raised a PicklingError and a deep copy shared the watch's hooks.
+    torch.manual_seed(0)
+    model = _Copied()
+    x, y = torch.randn(4, 5, 6), torch.randint(0, 3, (4,))
+    sampler, handle, spy = watched(model, sketch=4)
+    ce(model(x), y).backward()
+    if copy_how == "torch.save":
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no "backward hook ... will not be serialized" either)
+            torch.save(model, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    elif copy_how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        twin = torch.optim.swa_utils.AveragedModel(model).module
+    assert not isinstance(twin.attn.__dict__.get("forward"), _WatchedForward)
+    hooks = [h for m in twin.modules() for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values()]
+    assert hooks and all(h is _nothing for h in hooks)  # (the model's own: one per watched layer and more)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(twin.eval()(x), model(x))
+        model.train()
+    twin.train()
+    ce(twin(x), y).backward()  # the copy's steps feed nothing
+    ce(twin(x), y).backward()
+    handle.flush()
+    assert len(spy.rows) == 1 and sampler.pending == 60
+    ce(model(x), y).backward()  # and the watch goes on
+    handle.flush()
+    assert len(spy.rows) == 2 and sampler.pending == 56
+    assert_rows(spy.rows[-1], exact_rows(handle, model, ce, x, y)[0])
+
+
+class _Copied(nn.Module):
+    """A Linear layer, an nn.MultiheadAttention (whose forward watch() replaces) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head((h + a).mean(1))
 
 
 class Twice(nn.Module):

@@ -21,6 +21,7 @@ supported: watch() refuses such a module's parameters unless they are left out.
 from __future__ import annotations
 
 import math
+import types
 from typing import Any, Callable, Optional, Tuple
 
 import torch
@@ -69,9 +70,25 @@ def install(
             "watch(): an nn.MultiheadAttention of this model already runs another forward (it is watched "
             "for another model, or patched); exclude= it"
         )
-    original = mha.forward
+    forward = _WatchedForward(mha, owner, active, record, in_proj)
+    mha.forward = forward
+    return _Installed(mha, forward)
 
-    def forward(
+
+class _WatchedForward:
+    """The forward ``install`` gives an ``nn.MultiheadAttention``: its class forward, or while ``active()``
+    :func:`attention_forward`. Pickled or deep-copied with the module (``torch.save(model)``,
+    ``copy.deepcopy``), it becomes the class forward of the copy: the copy is not watched."""
+
+    def __init__(
+        self, mha: nn.MultiheadAttention, owner: Any, active: Callable[[], bool], record: Record, in_proj: nn.Module
+    ) -> None:
+        self.mha, self.active, self.record, self.in_proj = mha, active, record, in_proj
+        self.original = mha.forward
+        self._torchgrab_owner = owner
+
+    def __call__(
+        self,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
@@ -81,14 +98,14 @@ def install(
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if not active():  # a recorded forward: grad enabled, the watched model training
-            return original(
+        if not self.active():  # a recorded forward: grad enabled, the watched model training
+            return self.original(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )
         return attention_forward(
-            mha,
-            record,
-            in_proj,
+            self.mha,
+            self.record,
+            self.in_proj,
             query,
             key,
             value,
@@ -99,9 +116,12 @@ def install(
             is_causal,
         )
 
-    forward._torchgrab_owner = owner  # type: ignore[attr-defined]
-    mha.forward = forward
-    return _Installed(mha, forward)
+    def __reduce__(self) -> Any:
+        return (_class_forward, (self.mha,))
+
+
+def _class_forward(mha: nn.Module) -> Any:
+    return types.MethodType(type(mha).forward, mha)
 
 
 class _Installed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -20,3 +21,27 @@ def eager(fn: Any) -> Any:
     compiler = getattr(torch, "compiler", None)
     disable = getattr(compiler, "disable", None)
     return fn if disable is None else disable(fn)
+
+
+class _ModuleHook(functools.partial):  # type: ignore[type-arg]
+    """A hook on one of the user's modules. Pickled (``torch.save(model)``) or deep-copied with its module
+    (``copy.deepcopy``, ``AveragedModel``), it becomes a hook that does nothing: the copy is not watched,
+    and neither the handle nor its sampler is copied (they hold locks and buffers: before, saving a
+    watched model whole raised a PicklingError). A ``partial``: called as it is, by C, with no Python
+    frame of its own."""
+
+    def __reduce__(self) -> Any:
+        return (_unwatched, ())
+
+
+def _unwatched() -> Any:
+    return _nothing
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def module_hook(fn: Any) -> Any:
+    """``eager(fn)`` to register on a module: a copy of the module holds a hook that does nothing."""
+    return _ModuleHook(eager(fn))

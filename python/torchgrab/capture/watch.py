@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set,
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import unserializable_hook
 
 from torchgrab._autocast import in_full_precision
 from torchgrab.capture import attention as attn
@@ -28,7 +29,7 @@ from torchgrab.capture._compat import check_watch_torch, tree_leaves
 from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.defaults import DEFAULT_BUDGET, DEFAULT_SKETCH
 from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example, pulled_back
-from torchgrab.capture.eager import eager
+from torchgrab.capture.eager import eager, module_hook
 from torchgrab.capture.feed import RowFeeder
 from torchgrab.capture.flatten import flattened_batch
 from torchgrab.capture.inner import InnerCalls, has_inner_function, replaced_forward, same_as_kind
@@ -402,12 +403,12 @@ class WatchHandle:
         ):
             self._outer = only[0]  # type: ignore[assignment]
             self._outer_kind = (only[0].p_out.k, only[0].train_b)  # type: ignore[attr-defined]
-        self._hooks: List[Any] = [model.register_forward_pre_hook(eager(self._on_step_begins), with_kwargs=True)]
+        self._hooks: List[Any] = [model.register_forward_pre_hook(module_hook(self._on_step_begins), with_kwargs=True)]
         # A layer's call recorded from its (args, output), by the model's layout.
         self._record_call = self._on_forward if batch_first else self._on_forward_seq_first
-        on_forward = eager(self._record_call)
+        on_forward = module_hook(self._record_call)
         by_attention = {m for a, proj in self._attention.items() for m in (proj, a.out_proj)}
-        on_functional = eager(self._on_forward_functional)
+        on_functional = module_hook(self._on_forward_functional)
         # Layers whose class replaces its kind's forward -> that kind (capture/inner.py); how each turned out
         # to compute it, once its first recorded forward has run: "calls" (the kind's function, recorded call
         # by call) or "kind" (the kind's forward in another form, recorded as the layer's input and output).
@@ -426,17 +427,17 @@ class WatchHandle:
                 continue
             elif kind is not None:
                 self._replaced[module] = kind
-                self._hooks.append(module.register_forward_pre_hook(eager(self._on_replaced_begins)))
-                self._hooks.append(module.register_forward_hook(eager(self._on_replaced), always_call=True))
+                self._hooks.append(module.register_forward_pre_hook(module_hook(self._on_replaced_begins)))
+                self._hooks.append(module.register_forward_hook(module_hook(self._on_replaced), always_call=True))
             else:
                 self._hooks.append(module.register_forward_hook(on_forward))
         for i, (_, p, _) in enumerate(self._params):
-            self._hooks.append(p.register_hook(self._param_hook(i)))
+            self._hooks.append(p.register_hook(unserializable_hook(self._param_hook(i))))
         for holder, params in self._direct.items():
-            self._hooks.append(holder.register_forward_pre_hook(eager(self._on_direct_begins)))
-            self._hooks.append(holder.register_forward_hook(eager(self._on_direct_ends), always_call=True))
+            self._hooks.append(holder.register_forward_pre_hook(module_hook(self._on_direct_begins)))
+            self._hooks.append(holder.register_forward_hook(module_hook(self._on_direct_ends), always_call=True))
             for dsk, t in params.values():
-                self._hooks.append(t.register_hook(self._direct_check(dsk)))
+                self._hooks.append(t.register_hook(unserializable_hook(self._direct_check(dsk))))
         self._unchecked = {dsk for params in self._direct.values() for dsk, _ in params.values()}
         # A holder's forward may call a watched Linear layer as F.linear(x, layer.weight, bias) (timm's BEiT
         # and EVA attention, with a bias assembled from parameters of no layer): recorded as the layer's call.
@@ -450,9 +451,9 @@ class WatchHandle:
         self._suspended: Dict[Tuple[nn.Module, nn.Module], List[Optional[Any]]] = {}
         for holder in self._direct if _SUBLAYERS_WITHOUT_MODE else ():
             for child in _called_children(holder):
-                pre = eager(self._suspend(holder))
+                pre = module_hook(self._suspend(holder))
                 self._hooks.append(child.register_forward_pre_hook(pre, prepend=True, with_kwargs=True))
-                self._hooks.append(child.register_forward_hook(eager(self._resume(holder)), always_call=True))
+                self._hooks.append(child.register_forward_hook(module_hook(self._resume(holder)), always_call=True))
         # Until a step has been recorded, a hook on each parameter of a sketched layer: a gradient that
         # reaches it in a step where no forward of its layer was recorded comes from a use of the weight
         # outside the layer (F.linear(x, self.qkv.weight, ...) in a module whose forward is not watched, as
@@ -467,7 +468,7 @@ class WatchHandle:
                 t = module._parameters[pname]
                 owners.setdefault(id(t), (t, []))[1].append(module)
         for t, mods in owners.values():
-            self._audit.append(t.register_hook(self._unrecorded_check(mods)))
+            self._audit.append(t.register_hook(unserializable_hook(self._unrecorded_check(mods))))
         self._hooks += self._audit
         # And at the end of the first recorded forward, a walk of its graph: a layer that is called and
         # whose weight is used besides, in the model's own forward (capture/audit.py). The hook stays (a
@@ -476,7 +477,7 @@ class WatchHandle:
         self._outside: Optional[OutsideUses] = OutsideUses(
             {key: (canon.get(key, "?"), mods) for key, (_, mods) in owners.items()}
         )
-        self._hooks.append(model.register_forward_hook(eager(self._on_model_output)))
+        self._hooks.append(model.register_forward_hook(module_hook(self._on_model_output)))
         self.removed = False
         sampler._watchers.append(self)
         self._inner = inner
