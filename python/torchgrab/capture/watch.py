@@ -575,7 +575,8 @@ class WatchHandle:
     @in_full_precision
     def flush(self) -> None:
         """Hand the rows of the steps so far to the sampler now (waits for rows still on their way from a
-        GPU). A step whose forward has run but whose backward has not stays open."""
+        GPU). A step whose forward has run but whose backward has not stays open; one whose forward or
+        backward raised is dropped (its examples count as unseen)."""
         if self._step.failed() and not _in_backward():
             self._drop(self._step)  # its forward or backward raised (at an epoch's end: dropped in that epoch)
         elif self._step.grads or self._step.noted is not None:
