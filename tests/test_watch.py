@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchgrab.capture.watch as watch_module
-from conftest import assert_rows_follow_autocast, assert_same_state
+from conftest import assert_rows_follow_autocast, assert_same_state, save_load
 from test_watch_cuda import _model as _cuda_model
 from test_watch_cuda import _Tokens as _CudaTokens
 from test_watch_cuda import autocast_rows_and_gradients
@@ -905,6 +905,32 @@ def test_a_batch_skipped_after_an_error_counts_as_unseen_and_the_next_keep_their
         assert spy.rows == [] and sum(spy.skips) == 40
     assert handle.dropped_steps == (0 if where == "before" else 1)
     assert list(iter(sampler)) == list(iter(twin))
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_checkpoint_taken_after_a_batch_raised_keeps_that_batch_to_train_on_resume(where):
+    # Lightning's on-exception checkpoint, or a loop that saves before it exits: the batch whose forward
+    # or backward raised is neither fed nor skipped in the saved state, so the resumed run trains it
+    # again (the weights never had its update), as the uninterrupted run would have.
+    torch.manual_seed(0)
+    model = _Failing()
+    data, labels = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    sampler = GraBSampler(n=20, seed=3)
+    handle = sampler.watch(model, sketch=4)
+    it = iter(sampler)
+    batches = [[next(it) for _ in range(4)] for _ in range(2)]
+    ce(model(data[batches[0]]), labels[batches[0]]).backward()
+    model.fail = where
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _failing_loss(model, data[batches[1]], labels[batches[1]]).backward()
+    state = save_load(sampler.state_dict())
+    assert sampler.pending == 4 and handle.dropped_steps == 0
+    resumed = GraBSampler(n=20, seed=3)
+    resumed.load_state_dict(state)
+    assert list(iter(resumed))[:4] == batches[1]
+    model.fail = None  # and the run that goes on instead drops the batch at its next forward
+    _failing_loss(model, data[:4], labels[:4]).backward()
+    assert handle.dropped_steps == 1
 
 
 @pytest.mark.parametrize("sketch", SKETCHES)

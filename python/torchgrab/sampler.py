@@ -567,8 +567,10 @@ class GraBSampler(Sampler[int]):
         with self._lock:
             pass
 
-    def _drain_watchers(self) -> None:
+    def _drain_watchers(self, epoch_ends: bool = False) -> None:
         for w in list(getattr(self, "_watchers", ())):
+            if epoch_ends:
+                w._drop_failed()  # a batch of this epoch that raised and was given up on is this epoch's
             w.flush()
 
     def skip(self, rows: int) -> None:
@@ -984,7 +986,7 @@ def _chunks(st: _IterState) -> Iterator[Iterator[int]]:
 def _next_chunk(st: _IterState) -> Optional[Iterator[int]]:
     s = st.sampler
     if st.generation is None:
-        s._drain_watchers()  # the last step of the previous epoch belongs to that epoch
+        s._drain_watchers(epoch_ends=True)  # the last step of the previous epoch belongs to that epoch
         with s._lock:
             st.generation = s._start(st.continue_saved)
     with s._lock:

@@ -575,13 +575,22 @@ class WatchHandle:
     @in_full_precision
     def flush(self) -> None:
         """Hand the rows of the steps so far to the sampler now (waits for rows still on their way from a
-        GPU). A step whose forward has run but whose backward has not stays open; one whose forward or
-        backward raised is dropped (its examples count as unseen)."""
-        if self._step.failed() and not _in_backward():
-            self._drop(self._step)  # its forward or backward raised (at an epoch's end: dropped in that epoch)
-        elif self._step.grads or self._step.noted is not None:
+        GPU). A step whose backward has not completed stays open: one whose forward or backward raised
+        is not fed (a checkpoint taken after the error, Lightning's on exception, keeps its batch to
+        train again on resume), and is dropped at the next forward or when the epoch ends."""
+        step = self._step
+        if step.failed() and not _in_backward():
+            if step.slot is not None:  # its partial rows leave the block shipped now: they are never fed
+                self._feeder.give_back(step.slot.shape[0])
+                step.slot, step.written, step.outer = None, set(), False
+        elif step.reached():
             self._end_step()
         self._feeder.flush()
+
+    def _drop_failed(self) -> None:
+        """At an epoch's end: a step whose forward or backward raised is dropped in that epoch (see flush)."""
+        if self._step.failed() and not _in_backward():
+            self._drop(self._step)
 
     def _gives_up(self, n: int) -> bool:
         """``sampler.skip(n)`` called by the loop for a batch it gives up on: where the open step is a
