@@ -188,6 +188,10 @@ def test_wrong_call_orders():
     with pytest.raises(ShapeError, match="only 1 indices are pending"):
         s.skip(2)
     assert snapshot(s) == before
+    for bad in (-1, 1.0, "1", True, None):  # before, skip(-1) was taken and stepped the cursor back
+        with pytest.raises(UnsupportedInputError, match="non-negative integer"):
+            s.skip(bad)
+        assert snapshot(s) == before
     with pytest.raises(UnsupportedInputError, match="non-negative"):
         s.set_epoch(-1)
     # An iterator made stale by a load ends; it never yields from the loaded epoch.

@@ -583,6 +583,14 @@ class GraBSampler(Sampler[int]):
         one in the loss does, since a forward whose graph is dropped on purpose (a loss logged with grad
         on) looks the same and takes nothing from the sampler.
         """
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 0:
+            raise UnsupportedInputError(f"skip(rows): rows must be a non-negative integer, got {rows!r}")
+        rows = int(rows)
+        if self._order is not None and rows > self._unstepped:  # (before feeding anything: refused as it is)
+            raise ShapeError(
+                f"skip({rows}): only {self._unstepped} indices are pending "
+                f"(yielded {self._yielded}, stepped {self._stepped} this epoch)"
+            )
         watchers = getattr(self, "_watchers", ())
         if watchers:
             if any(w._gives_up(rows) for w in watchers):
