@@ -580,9 +580,7 @@ class WatchHandle:
         train again on resume), and is dropped at the next forward or when the epoch ends."""
         step = self._step
         if step.failed() and not _in_backward():
-            if step.slot is not None:  # its partial rows leave the block shipped now: they are never fed
-                self._feeder.give_back(step.slot.shape[0])
-                step.slot, step.written, step.outer = None, set(), False
+            self._release_slot(step)  # its partial rows leave the block shipped now: they are never fed
         elif step.reached():
             self._end_step()
         self._feeder.flush()
@@ -1100,8 +1098,7 @@ class WatchHandle:
         (_abandons): one loss through forwards of two batch sizes has no per-example rows. The step
         open now is dropped with the refusal (no rows, none fed)."""
         step = self._step
-        if step.slot is not None:
-            self._feeder.give_back(step.slot.shape[0])  # the step's rows are dropped, its slot with them
+        self._release_slot(step)
         self._step, self._recording = _Step(), False
         raise UnsupportedModelError(
             f"watch(): one backward went through training forwards of {left.batch} and {step.batch} examples; "
@@ -1131,8 +1128,7 @@ class WatchHandle:
         if type(saved) is _PendingInput:
             saved = saved.value
         elif type(saved) is HeldInput and saved.changed():
-            if step.slot is not None:
-                self._feeder.give_back(step.slot.shape[0])  # the step's rows are dropped, its slot with them
+            self._release_slot(step)
             self._step, self._recording = _Step(), False
             raise UnsupportedModelError(
                 f"watch(): the input of layer {sk.name!r} was modified by an in-place operation after the layer's "
@@ -1272,13 +1268,18 @@ class WatchHandle:
             step.scale = self.scaler._scale.detach().clone()
 
     # ------------------------------------------------------------------ feeding the sampler
+    def _release_slot(self, step: _Step) -> None:
+        """The step's rows are dropped: its slot in the block buffer (the last one taken) goes back."""
+        if step.slot is not None:
+            self._feeder.give_back(step.slot.shape[0])
+            step.slot, step.written, step.outer = None, set(), False
+
     def _drop(self, step: _Step) -> None:
         """A step whose forward or backward raised and that the loop went past (an out-of-memory batch
         skipped, a bad batch caught): no rows, and its examples count as unseen, in their place among the
         steps, so that the next steps' rows still meet their own indices. A step that watch() refused
         itself is no such step: a refusal leaves no open step and the sampler as it was."""
-        if step.slot is not None:
-            self._feeder.give_back(step.slot.shape[0])  # the step's rows are dropped, its slot with them
+        self._release_slot(step)
         self._step = _Step()
         b = 1 if self.granularity == "batch" else step.batch  # (a step is one row at batch granularity)
         if b:
