@@ -36,7 +36,7 @@ from torchgrab import (
     UnsupportedModelError,
 )
 from torchgrab._segments import OuterRows
-from torchgrab.capture._compat import torch_version
+from torchgrab.capture._compat import top_saved_tensor_hooks, torch_version
 from torchgrab.capture.attention import _WatchedForward
 from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.eager import _nothing
@@ -194,6 +194,27 @@ def _conv2d(**kw):
     return make
 
 
+def _conv_transpose(dims, c_in=4, c_out=6, **kw):
+    conv = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+
+    def make():
+        return nn.Sequential(conv(c_in, c_out, 3, **kw), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+
+    return make
+
+
+class UpTo(nn.Module):
+    """A transposed convolution called with output_size= (a U-Net's decoder matching its skip's size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.up(x, output_size=(8, 8))).flatten(1))
+
+
 class InPlaceAfter(nn.Module):
     """Watched layers whose outputs are written in place afterwards (ReLU(inplace=True), an in-place scale):
     the hooks must see the gradient of each layer's output as the layer produced it."""
@@ -230,6 +251,25 @@ LAYER_CASES = {
     "conv3d": (
         lambda: nn.Sequential(nn.Conv3d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(24, 3)),
         (2, 3, 3, 3),
+        "class",
+    ),
+    "conv_transpose1d": (_conv_transpose(1, stride=2, output_padding=1), (4, 5), "class"),
+    # groups, dilation, padding, an output_padding: the gradient side's patches at the input's positions
+    "conv_transpose2d_geometry": (
+        _conv_transpose(2, stride=2, padding=1, dilation=2, groups=2, output_padding=1),
+        (4, 4, 5),
+        "class",
+    ),
+    # an output_padding past the stride (allowed below the dilation): the adjoint reaches past the input
+    "conv_transpose2d_padding_past_stride": (_conv_transpose(2, dilation=3, output_padding=2), (4, 3, 3), "class"),
+    # many input channels: with sketch=4 the output gradient is projected by a convolution (sketch first)
+    "conv_transpose2d_wide": (_conv_transpose(2, c_in=16, c_out=2, stride=2, bias=False), (16, 3, 3), "class"),
+    "conv_transpose2d_output_size": (UpTo, (3, 4, 4), "class"),
+    "conv_transpose3d": (_conv_transpose(3, c_in=2, c_out=3, stride=(1, 2, 1)), (2, 2, 3, 2), "class"),
+    "prelu": (lambda: nn.Sequential(nn.Linear(6, 5), nn.PReLU(), nn.Linear(5, 3)), (6,), "class"),
+    "prelu_channels": (
+        lambda: nn.Sequential(nn.Conv2d(2, 4, 2), nn.PReLU(4), nn.Flatten(), nn.Linear(36, 3)),
+        (2, 4, 4),
         "class",
     ),
     "layernorm": (lambda: nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3)), (4, 6), (4, 3)),
@@ -285,6 +325,32 @@ def test_layer_rows_equal_projected_per_example_gradients(case, sketch):
         assert handle.width == sum(p.numel() for p in model.parameters() if p.requires_grad)
     else:
         assert handle.width < sum(p.numel() for p in model.parameters() if p.requires_grad) or case == "linear_no_bias"
+
+
+@pytest.mark.parametrize(
+    "case,sketch,gradient_first",
+    [
+        ("conv_transpose2d_wide", None, True),
+        ("conv_transpose2d_wide", 4, False),
+        ("conv_transpose2d_geometry", 4, True),
+        ("conv_transpose2d_padding_past_stride", 4, False),
+        ("conv_transpose3d", 4, True),
+    ],
+)
+def test_transposed_convolution_weights_sketched_both_ways(case, sketch, gradient_first):
+    # Under the default budget these small layers' weights are left out at sketch=4 (as a convolution's
+    # are); without it, both ways of forming the block: the output gradient's patches times the input,
+    # then projected (narrow layers), or the output gradient's convolution with P_in (wide ones).
+    make, shape, _ = LAYER_CASES[case]
+    torch.manual_seed(0)
+    model = make()
+    x, y = _data(shape, "class")
+    model(x[:1])
+    rows, expected, _, handle = one_step(model, x, y, ce, sketch, budget=None)
+    sk = handle._sketches[model[0]]
+    assert sk.train_w and sk.gradient_first is gradient_first
+    assert (sk.k_in < sk.m) is (sketch is not None)
+    assert_rows(rows, expected)
 
 
 def test_frozen_weight_gives_bias_columns_only():
@@ -1534,6 +1600,40 @@ def test_a_layer_class_of_its_own_is_sketched_by_torch_func_over_that_layer(sket
         assert widths["scale"] == 2 * min(6, sketch or 6)
         if sketch is None:
             assert_rows(rows, flat(grads, 5))
+
+
+class _TorchFuncLayers(nn.Module):
+    """Rows that torch.func forms: a user's own layer, a PReLU, and a parameter used through a function of
+    it (its part pulled back by torch.func.vjp)."""
+
+    def __init__(self, n=6):
+        super().__init__()
+        self.lin, self.scale, self.act, self.head = nn.Linear(n, n), _ScaleShift(n), nn.PReLU(n), nn.Linear(n, 3)
+        self.shift = nn.Parameter(torch.linspace(-0.5, 0.5, n))
+
+    def forward(self, x):
+        return self.head(self.act(self.scale(self.lin(x))) + self.shift.tanh())
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_torch_func_rows_from_a_backward_inside_saved_tensor_hooks(sketch):
+    # `with save_on_cpu(): loss = ...; loss.backward()` runs watch()'s hooks under saved-tensor hooks, where
+    # torch.func refuses to run ("don't yet support saved tensor hooks"): training stopped at the first
+    # backward of a model with a layer of its own, a PReLU, or a parameter used through a function. The
+    # hooks are taken off autograd's stack while torch.func runs, and put back.
+    torch.manual_seed(0)
+    model = _TorchFuncLayers()
+    x, y = _data((6,), "class")
+    _, handle, spy = watched(model, sketch=sketch)
+    kinds = {n: kind for n, kind, _ in handle.layers}
+    assert "torch.func" in kinds["scale"] and "torch.func" in kinds["act"]
+    with torch.autograd.graph.save_on_cpu():
+        ce(model(x), y).backward()
+        assert top_saved_tensor_hooks() is not None  # still there for the rest of the block
+    assert top_saved_tensor_hooks() is None
+    handle.flush()
+    expected, _ = exact_rows(handle, model, ce, x, y)
+    assert_rows(spy.rows[0], expected)
 
 
 class _Squash(nn.Module):

@@ -9,7 +9,8 @@ torch 2.1 and newer. ``scripts/test_torch_floor.sh`` runs the tests on the oldes
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+import contextlib
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -48,4 +49,43 @@ def check_watch_torch(version: Optional[str] = None) -> None:
         )
 
 
-__all__ = ["tree_leaves", "torch_version", "check_watch_torch", "WATCH_MIN_TORCH"]
+_AUTOGRAD = torch._C._autograd
+_TOP_HOOKS = getattr(_AUTOGRAD, "_top_saved_tensors_default_hooks", None)
+
+
+def top_saved_tensor_hooks() -> Any:
+    """The innermost saved-tensor hooks on this thread (``(pack, unpack)``), or None; ``...`` where this
+    torch cannot say."""
+    if _TOP_HOOKS is None:
+        return ...
+    try:
+        return _TOP_HOOKS(False)
+    except TypeError:  # a torch whose function takes no argument
+        return _TOP_HOOKS()
+
+
+@contextlib.contextmanager
+def without_saved_tensor_hooks() -> Iterator[None]:
+    """Saved-tensor hooks (``save_on_cpu``, a checkpoint's) taken off this thread's stack while torch.func
+    runs, and put back as they were: torch.func refuses to run under any ("don't yet support saved tensor
+    hooks"), and what it saves is its own, freed when it returns, nothing of the model's to offload or
+    recompute. A backward called inside ``with save_on_cpu():`` runs watch()'s hooks under them."""
+    taken = []
+    try:
+        while top_saved_tensor_hooks() not in (None, ...):
+            taken.append(top_saved_tensor_hooks())
+            _AUTOGRAD._pop_saved_tensors_default_hooks()
+        yield
+    finally:
+        for pack, unpack in reversed(taken):
+            _AUTOGRAD._push_saved_tensors_default_hooks(pack, unpack)
+
+
+__all__ = [
+    "tree_leaves",
+    "torch_version",
+    "check_watch_torch",
+    "WATCH_MIN_TORCH",
+    "top_saved_tensor_hooks",
+    "without_saved_tensor_hooks",
+]

@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from torchgrab.capture._compat import without_saved_tensor_hooks
 from torchgrab.capture.eager import eager
 from torchgrab.capture.layers import COUNT_SKETCH_RATIO, LayerSketch, _f32
 from torchgrab.capture.projection import Factor
@@ -106,8 +107,9 @@ def pulled_back(make: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor, p
     """Each example's gradient of the parameter ``p`` from its gradient of ``make(p)`` ([B, *make(p).shape]):
     the vector-Jacobian product of ``make`` at ``p`` (which the step does not change before its backward
     ends), one per example, vectorized over B."""
-    out, vjp = torch.func.vjp(make, p.detach())
-    return torch.func.vmap(lambda c: vjp(c)[0])(parts.to(out.dtype))
+    with without_saved_tensor_hooks():
+        out, vjp = torch.func.vjp(make, p.detach())
+        return torch.func.vmap(lambda c: vjp(c)[0])(parts.to(out.dtype))
 
 
 _ATTENTION = {F.scaled_dot_product_attention}

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torchgrab import _native
+from torchgrab.capture._compat import without_saved_tensor_hooks
 from torchgrab.capture.projection import CountSketch, Factor, cpu_kernel_input, derived_seed, stacked_t
 from torchgrab.errors import UnsupportedModelError
 from torchgrab.gradients import im2col
@@ -497,6 +498,7 @@ class ConvSketch(LayerSketch):
         sketch_first = self.k_in * m + (0 if self.p_out.identity else k_out * self.c_out_g) + k_out * self.k_in
         gradient_first = 2 * m + self.c_out_g * m
         self.gradient_first = gradient_first < sketch_first
+        self.p_bias = self.p_out  # a convolution's bias is per output channel, as the weight's rows are
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -572,7 +574,7 @@ class ConvSketch(LayerSketch):
         # its own, so the four calls of torch's form cost more than the sum (benchmarks/watch_breakdown.py
         # times them in the loop).
         g = g.detach()
-        if self.train_w or not self.p_out.identity or g.dim() != len(self.kernel) + 2 or not cpu_kernel_input(g):
+        if self.train_w or not self.p_bias.identity or g.dim() != len(self.kernel) + 2 or not cpu_kernel_input(g):
             return None  # (an unbatched call takes the torch path: its rows are not [B, C] of this slot)
         if not g.is_contiguous():
             return None  # (channels last: the torch path sums it as it is)
@@ -588,9 +590,78 @@ class ConvSketch(LayerSketch):
             wp = torch.matmul(w, p_in.t())  # [B, G, c_out/G, k_in]
             out.append(self.p_out(wp.transpose(2, 3)).transpose(2, 3).reshape(b, -1))
         if self.train_b:
-            bias = _f32(grads["bias"])
-            out.append(self.p_out(bias.reshape(bias.shape[0], self.groups, self.c_out_g)).reshape(bias.shape[0], -1))
+            out.append(self._bias_rows(_f32(grads["bias"])))
         return out
+
+    def _bias_rows(self, bias: torch.Tensor) -> torch.Tensor:
+        """[B, c_out] bias gradients (or the output gradient's channel sums) -> their block."""
+        return self.p_out(bias.reshape(bias.shape[0], self.groups, self.c_out_g)).reshape(bias.shape[0], -1)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@register_sketch(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+class ConvTransposeSketch(ConvSketch):
+    """A transposed convolution is the adjoint of the convolution with the same weight and geometry
+    (stride, padding, dilation, groups) that maps its output back to its input. So its weight's gradient
+    is that convolution's, with the roles swapped: grad W_b = sum_p x_bp v_bp^T over the layer's *input*
+    positions p, where v_bp is the patch of the output gradient that the kernel reaches from p. ConvSketch's
+    block, then, with the output gradient as the convolution's input and the layer's input as its output
+    gradient: the weight ``[c_in, c_out/G, *kernel]`` is laid out as that convolution's, so ``fit``, the
+    sizes and ``project`` are ConvSketch's. Both sides are known only in the backward, where the sketch is
+    formed (the input is held until then; autograd holds it anyway for the weight gradient). The bias is
+    per output channel, ``[c_out]``: its own factor."""
+
+    def __init__(self, name: str, module: nn.modules.conv._ConvNd, k: Optional[int], seed: int) -> None:
+        super().__init__(name, module, k, seed)
+        c_out = self.groups * self.cin_g
+        self.p_bias = Factor(c_out, split_k(k, c_out)[0], seed, name, "bias")
+        self.width = self.groups * self.p_out.k * self.k_in * self.train_w + self.p_bias.k * self.train_b
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return True
+
+    def save(self, module: nn.Module, x: torch.Tensor) -> Any:
+        return self._batched(x.detach()) if self.train_w else None
+
+    def _adjoint(self, module: nn.Module, g: torch.Tensor, kernel: torch.Tensor, positions: Any) -> torch.Tensor:
+        """The convolution of the output gradient with ``kernel`` in the layer's geometry, at the input's
+        positions: [B, channels, P]. (With an ``output_padding`` past the stride, possible where the
+        dilation is larger, it reaches positions past the input's; those meet no input and are cut.)"""
+        conv = _CONV[len(self.kernel)]
+        out = conv(g, kernel, None, module.stride, module.padding, module.dilation, self.groups)
+        for d, n in enumerate(positions):
+            out = out.narrow(2 + d, 0, n)
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+    def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
+        g = self._batched(_f32(g))
+        b = g.shape[0]
+        out = []
+        if self.train_w:
+            x = _f32(saved)
+            xx = x.reshape(b * self.groups, self.c_out_g, -1)  # [B G, c_in/G, P]: the adjoint's output side
+            if self.gradient_first:
+                eye = torch.eye(self.m, device=g.device, dtype=g.dtype).reshape(self.m, self.cin_g, *self.kernel)
+                taps = eye.repeat(self.groups, *([1] * (eye.dim() - 1)))
+                patches = self._adjoint(module, g, taps, x.shape[2:]).reshape(b * self.groups, self.m, -1)
+                w = torch.bmm(xx, patches.transpose(1, 2))  # [B G, c_in/G, m]
+                if self.k_in != self.m:
+                    w = torch.matmul(w, self._p_in(w.device, w.dtype)[: self.k_in].reshape(self.k_in, self.m).t())
+                out.append(self.p_out(w.transpose(1, 2)).transpose(1, 2).reshape(b, -1))
+            else:
+                gp = self._adjoint(module, g, self._p_in(g.device, g.dtype), x.shape[2:])  # [B, G k_in, P]
+                gp = gp.reshape(b * self.groups, self.k_in, -1).transpose(1, 2)  # [B G, P, k_in]
+                xp = self.p_out(xx.transpose(1, 2)).transpose(1, 2)  # [B G, k_out, P]
+                out.append(torch.bmm(xp, gp).reshape(b, -1))
+        if self.train_b:
+            out.append(self._bias_rows(g.reshape(b, g.shape[1], -1).sum(2)))
+        return out
+
+    def _bias_rows(self, bias: torch.Tensor) -> torch.Tensor:
+        return self.p_bias(bias.reshape(bias.shape[0], -1))
 
 
 @register_sketch(nn.Embedding)
@@ -777,14 +848,18 @@ class FunctionalSketch(LayerSketch):
     of the layer, and B times its parameters of memory, hence the size limit."""
 
     MAX_PARAMS = 1 << 16
+    # torch's own layers taken so too: one batch-first tensor in, each example on its own, and nothing
+    # cheaper to write for them (PReLU's slope, one or one per channel).
+    TORCH_KINDS: Tuple[Type[nn.Module], ...] = (nn.PReLU,)
 
     @classmethod
     def applies(cls, module: nn.Module) -> bool:
-        """A leaf module of a class outside torch with 1..MAX_PARAMS trainable parameters of its own."""
+        """A leaf module of a class outside torch (or of TORCH_KINDS) with 1..MAX_PARAMS trainable
+        parameters of its own."""
         own = [p for p in module._parameters.values() if p is not None and p.requires_grad]
         return (
             bool(own)
-            and not type(module).__module__.startswith("torch.")
+            and (not type(module).__module__.startswith("torch.") or isinstance(module, cls.TORCH_KINDS))
             and next(iter(module.children()), None) is None
             and sum(p.numel() for p in own) <= cls.MAX_PARAMS
         )
@@ -815,10 +890,20 @@ class FunctionalSketch(LayerSketch):
 
     def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
         g = g.detach()
+        # The layer is replayed in full precision, as every row is formed: an input that autocast made
+        # narrower than the parameters is widened to theirs (PReLU refuses mixed dtypes outside autocast).
+        wide = module._parameters[self.names[0]].dtype
+        if (
+            saved.is_floating_point()
+            and wide.is_floating_point
+            and torch.finfo(saved.dtype).bits < torch.finfo(wide).bits
+        ):
+            saved = saved.to(wide)
         grads = self._featurewise(module, saved, g) if self.featurewise is not False else None
         if grads is None or self.featurewise is None:
             params = {n: module._parameters[n].detach() for n in self.names}
-            exact = self._per_example(params, saved, g)
+            with without_saved_tensor_hooks():
+                exact = self._per_example(params, saved, g)
             if self.featurewise is None:
                 self.featurewise = grads is not None and all(_close(grads[n], exact[n]) for n in self.names)
             grads = exact

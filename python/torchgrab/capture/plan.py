@@ -335,8 +335,9 @@ class LayerPlan:
         remedy = f" Leave them out of the balancing with exclude={advice!r}, or, if" if advice else " If"
         raise UnsupportedModelError(
             f"watch() cannot sketch these trainable parameters per example: {names[:8]}"
-            f"{' ...' if len(names) > 8 else ''} (they belong to no nn.Linear, Conv1d/2d/3d, Embedding, "
-            "LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm or Hugging Face Conv1D layer, nor to a layer "
+            f"{' ...' if len(names) > 8 else ''} (they belong to no nn.Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
+            "Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm, PReLU or Hugging Face Conv1D layer, "
+            "nor to a layer "
             f"of a class outside torch with at most {FunctionalSketch.MAX_PARAMS:,} parameters of its own and no "
             f"sublayers).{why}{remedy} each backward holds one "
             "unit (a batch of one, or unit_size equal to the batch size), pass granularity='batch' to "

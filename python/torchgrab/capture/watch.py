@@ -25,7 +25,7 @@ from torch.utils.hooks import unserializable_hook
 from torchgrab._autocast import in_full_precision
 from torchgrab.capture import attention as attn
 from torchgrab.capture import layers
-from torchgrab.capture._compat import check_watch_torch, tree_leaves
+from torchgrab.capture._compat import check_watch_torch, top_saved_tensor_hooks, tree_leaves
 from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.defaults import DEFAULT_BUDGET, DEFAULT_SKETCH
 from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example, pulled_back
@@ -94,12 +94,7 @@ _TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_defaul
 def _saved_tensor_hooks_active() -> bool:
     """Whether saved-tensor hooks (non-reentrant checkpointing, offloading) take what autograd saves; True
     where this torch cannot say."""
-    if _TOP_SAVED_TENSOR_HOOKS is None:
-        return True
-    try:
-        return _TOP_SAVED_TENSOR_HOOKS(False) is not None
-    except TypeError:  # a torch whose function takes no argument
-        return _TOP_SAVED_TENSOR_HOOKS() is not None
+    return top_saved_tensor_hooks() is not None
 
 
 def _in_transform() -> bool:
