@@ -1,0 +1,243 @@
+"""GraB through `sampler.watch(model)` on a convolutional autoencoder: transposed convolutions in the loop.
+
+    .venv/bin/python benchmarks/watch_decoder.py                  # out/watch_decoder.{txt,csv,png}
+    .venv/bin/python benchmarks/watch_decoder.py --budget 1.0     # every weight sketched (out/watch_decoder_budget1.*)
+    .venv/bin/python benchmarks/watch_decoder.py --quick          # a smoke run of a few seconds
+
+A U-Net's or an autoencoder's decoder upsamples with `nn.ConvTranspose2d`, which `watch()` sketches as the
+block of the convolution it is the adjoint of (docs/capturing-gradients.md). This script trains such a model
+with each ordering and reports what a user would look at: the training loss per epoch and per second, what a
+watched epoch costs against an RR epoch, and the time GraB needs to reach RR's final loss.
+
+Model: encoder Conv2d(1, 16, 3, stride 2) + ReLU, Conv2d(16, 32, 3, stride 2) + ReLU (28x28 -> 7x7); decoder
+ConvTranspose2d(32, 16, 3, stride 2, output padding 1) + ReLU, ConvTranspose2d(16, 1, 3, stride 2, output
+padding 1) (7x7 -> 28x28), per-pixel logits. Loss: binary cross-entropy of the logits against the image's
+pixels (in [0, 1]), mean over pixels and batch. Data: the first `--n` MNIST training images of ../shared/data
+(default all 60,000). SGD lr `--lr` momentum 0.9, batch 64, the rate decayed per step along half a cosine to
+0 at the last step (`--schedule constant` keeps it), every arm the same schedule.
+
+Arms, per seed from the same initial weights and the same first-epoch permutation (every arm a GraBSampler
+with that seed): `rr` (ordering="rr", no hooks), `grab` and `pair` fed by `sampler.watch(model,
+budget=--budget)` (default: watch()'s own default budget). Every arm runs the same loop: the sampler's order
+in index slices of the in-memory images, `loss.backward()`, `opt.step()`; `sampler.synchronize()` ends the
+epoch (part of its timed seconds). Within a seed the arms take each epoch in turn, rotating who goes first,
+so a slow spell of this shared machine falls on all of them; each epoch's seconds over RR's same epoch is
+one paired ratio. After each epoch, untimed: the mean loss over all n training images.
+
+Writes OUT/watch_decoder.txt (the printed tables, with the command line at the top), OUT/watch_decoder.csv (one
+row per arm, seed and epoch) and OUT/watch_decoder.png (loss against epochs and against training seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+from torchgrab import GraBSampler  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+EX = _common.load_module("torchgrab_examples_common", REPO / "examples" / "_common.py")
+
+
+class ConvAutoencoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
+        self.dec = nn.Sequential(
+            nn.ConvTranspose2d(32, 16, 3, 2, 1, output_padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(16, 1, 3, 2, 1, output_padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.enc(x))
+
+
+def loss_fn(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, x)
+
+
+@torch.no_grad()
+def full_loss(model: nn.Module, x: torch.Tensor, batch: int = 2000) -> float:
+    total = sum(
+        float(F.binary_cross_entropy_with_logits(model(x[i : i + batch]), x[i : i + batch], reduction="sum"))
+        for i in range(0, len(x), batch)
+    )
+    return total / x.numel()
+
+
+class Arm:
+    def __init__(self, name: str, seed: int, n: int, args) -> None:
+        torch.manual_seed(seed)
+        self.model = ConvAutoencoder()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9)
+        self.sched = None
+        if args.schedule == "cosine":
+            total = args.epochs * math.ceil(n / args.batch)
+            self.sched = torch.optim.lr_scheduler.LambdaLR(
+                self.opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
+            )
+        self.sampler = GraBSampler(n=n, ordering=name, seed=seed)
+        self.handle = None
+        if name != "rr":
+            kw = {} if args.budget is None else {"budget": args.budget}
+            self.handle = self.sampler.watch(self.model, **kw)
+        self.batch = args.batch
+
+    def epoch(self, x: torch.Tensor) -> float:
+        model, opt = self.model, self.opt
+        t0 = time.perf_counter()
+        order = torch.as_tensor(np.fromiter(iter(self.sampler), dtype=np.int64, count=len(x)))
+        for i in range(0, len(order), self.batch):
+            b = x[order[i : i + self.batch]]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(b), b).backward()
+            opt.step()
+            if self.sched is not None:
+                self.sched.step()
+        self.sampler.synchronize()
+        return time.perf_counter() - t0
+
+
+def plot(out_dir: str, name: str, arms: List[str], loss: Dict, secs: Dict, title: str) -> None:
+    plt = _common.pyplot()
+    if plt is None:
+        return
+    fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for c, a in enumerate(arms):
+        ep = np.arange(loss[a].shape[1])
+        ax_e.plot(ep, loss[a].mean(0), color=f"C{c}", marker="o", label=a)
+        ax_t.plot(np.cumsum(secs[a], axis=1).mean(0), loss[a].mean(0), color=f"C{c}", marker="o", label=a)
+    ax_e.set(title="full training loss per epoch (mean over seeds)", xlabel="epoch", ylabel="per-pixel BCE")
+    ax_t.set(title="... against training seconds", xlabel="cumulative training seconds", ylabel="per-pixel BCE")
+    for ax in (ax_e, ax_t):
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _common.save_plot(fig, out_dir, f"{name}.png")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help=f"data root in the layout of ../shared/data ({EX.DEFAULT_DATA})")
+    ap.add_argument("--n", type=int, default=60000, help="training images (the first n)")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--arms", default="rr,grab,pair", help="comma-separated, rr first: rr, grab, pair")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument(
+        "--schedule",
+        choices=("cosine", "constant"),
+        default="cosine",
+        help="learning rate: per-step cosine decay to 0 at the last step (as the ResNet study), or constant",
+    )
+    ap.add_argument("--budget", type=float, default=None, help="watch(budget=...) (default: watch()'s own)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/out; with --quick a temp folder)")
+    ap.add_argument("--quick", action="store_true", help="512 images, 2 epochs, 1 seed: a smoke run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.epochs, args.seeds = 512, 2, 1
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="watch_decoder_") if args.quick else os.path.join(here, "out")
+    os.makedirs(args.out, exist_ok=True)
+    arms = [a for a in args.arms.split(",") if a]
+    if arms[0] != "rr" or len(arms) < 2:
+        ap.error("--arms must start with rr (ratios and differences are taken against it) and name another")
+    torch.set_num_threads(args.threads)
+    name = "watch_decoder" if args.budget is None else f"watch_decoder_budget{args.budget:g}"
+
+    out = _common.begin_result("watch() on a convolutional autoencoder (transposed convolutions): GraB against RR")
+    (xtr, _), _ = EX.load_mnist(EX.data_root(args.data))
+    x = torch.tensor(xtr[: args.n]).float().div(255.0).unsqueeze(1).contiguous()
+    d = sum(p.numel() for p in ConvAutoencoder().parameters())
+    title = (
+        f"MNIST conv autoencoder (d = {d:,}), {len(x):,} images, SGD lr {args.lr}"
+        f"{' cosine to 0' if args.schedule == 'cosine' else ''} m 0.9, batch {args.batch}, "
+        f"{args.epochs} epochs, {args.seeds} seeds, {args.threads} torch thread(s), "
+        f"budget {'default' if args.budget is None else args.budget}"
+    )
+    out.line(f"# {title}")
+    E, S = args.epochs, args.seeds
+    loss = {a: np.full((S, E + 1), np.nan) for a in arms}
+    secs = {a: np.zeros((S, E + 1)) for a in arms}
+    rows: List[Dict] = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=S * E * len(arms), desc="arm-epochs", file=sys.stderr, leave=False)
+    for s in range(S):
+        runs = {a: Arm(a, s, len(x), args) for a in arms}
+        if s == 0:
+            for a, r in runs.items():
+                if r.handle is not None:
+                    blocks = ", ".join(f"{nm} {kind} {w}" for nm, kind, w in r.handle.layers)
+                    out.line(f"# {a}: K = {r.handle.width:,} columns per example: {blocks}")
+        for a, r in runs.items():
+            loss[a][s, 0] = full_loss(r.model, x)
+        for e in range(1, E + 1):
+            rot = (e - 1) % len(arms)
+            for a in arms[rot:] + arms[:rot]:
+                secs[a][s, e] = runs[a].epoch(x)
+                loss[a][s, e] = full_loss(runs[a].model, x)
+                bar.update()
+        for a in arms:
+            for e in range(E + 1):
+                rows.append(
+                    dict(
+                        arm=a, seed=s, epoch=e, train_loss=f"{loss[a][s, e]:.6f}", epoch_seconds=f"{secs[a][s, e]:.3f}"
+                    )
+                )
+    bar.close()
+
+    others = arms[1:]
+    same = all(np.array_equal(loss[a][:, : min(1, E) + 1], loss["rr"][:, : min(1, E) + 1]) for a in others)
+    out.line(
+        f"\n# check: epoch 0 and epoch 1 losses equal in every arm of a seed (same init, same first order): {same}"
+    )
+    out.line("\nFull training loss (per-pixel binary cross-entropy over the n images), mean over seeds:")
+    out.line(f"{'epoch':>5} " + " ".join(f"{a:>9}" for a in arms) + "".join(f" {a + '-rr':>10}" for a in others))
+    for e in range(E + 1):
+        diffs = "".join(f" {(loss[a][:, e] - loss['rr'][:, e]).mean():>+10.6f}" for a in others)
+        out.line(f"{e:>5} " + " ".join(f"{loss[a][:, e].mean():>9.6f}" for a in arms) + diffs)
+    for a in others:
+        dd = loss[a][:, 2:] - loss["rr"][:, 2:]  # epochs 2..E: the first reordered epoch on
+        out.line(f"{a} - rr from epoch 2 on: lower in {int((dd < 0).sum())} of {dd.size} seed-epochs")
+    out.line("\nWhat an epoch costs, each epoch's seconds over RR's same epoch (seed and epoch paired):")
+    out.line(f"{'arm':<6} {'median':>7} {'quartiles':>13}")
+    for a in others:
+        ratio = (secs[a][:, 1:] / secs["rr"][:, 1:]).ravel()
+        q1, med, q3 = np.percentile(ratio, [25, 50, 75])
+        out.line(f"{a:<6} {med:>7.3f} {q1:>6.3f}-{q3:.3f}")
+    out.line("\nTime to RR's final loss (its seed's), over RR's time:")
+    for a in others:
+        got = []
+        for s in range(S):
+            hist = list(zip(np.cumsum(secs[a][s]), loss[a][s]))
+            t = _common.time_to(hist, loss["rr"][s, E])
+            got.append(float("inf") if t is None else t / secs["rr"][s].sum())
+        shown = ", ".join("never" if g == float("inf") else f"{g:.3f}" for g in got)
+        out.line(f"{a:<6} median {np.median(got):.3f} (seeds: {shown})")
+    out.line(f"\n# load average now {_common.load_average()}")
+    out.save(os.path.join(args.out, f"{name}.txt"))
+    _common.write_csv(os.path.join(args.out, f"{name}.csv"), rows)
+    plot(args.out, name, arms, loss, secs, title)
+    print(f"# wrote {args.out}/{name}.txt, .csv, .png")
+
+
+if __name__ == "__main__":
+    main()
