@@ -25,7 +25,8 @@ so a slow spell of this shared machine falls on all of them; each epoch's second
 one paired ratio. After each epoch, untimed: the mean loss over all n training images.
 
 Writes OUT/watch_decoder.txt (the printed tables, with the command line at the top), OUT/watch_decoder.csv (one
-row per arm, seed and epoch) and OUT/watch_decoder.png (loss against epochs and against training seconds).
+row per arm, seed and epoch) and OUT/watch_decoder.png (loss against epochs and against training seconds, and
+each arm's loss minus RR's); `--replot OUT/watch_decoder.csv` draws the plot again from a run's CSV.
 """
 
 from __future__ import annotations
@@ -113,21 +114,54 @@ class Arm:
 
 
 def plot(out_dir: str, name: str, arms: List[str], loss: Dict, secs: Dict, title: str) -> None:
+    """Loss against epochs and against seconds from epoch 1 on (epoch 0's loss, ten times higher, would flatten
+    the rest), and each arm's loss minus RR's, per seed and their mean."""
     plt = _common.pyplot()
     if plt is None:
         return
-    fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig, (ax_e, ax_t, ax_d) = plt.subplots(1, 3, figsize=(16, 4.6))
     for c, a in enumerate(arms):
         ep = np.arange(loss[a].shape[1])
-        ax_e.plot(ep, loss[a].mean(0), color=f"C{c}", marker="o", label=a)
-        ax_t.plot(np.cumsum(secs[a], axis=1).mean(0), loss[a].mean(0), color=f"C{c}", marker="o", label=a)
+        t = np.cumsum(secs[a], axis=1).mean(0)
+        ax_e.plot(ep[1:], loss[a].mean(0)[1:], color=f"C{c}", marker="o", label=a)
+        ax_t.plot(t[1:], loss[a].mean(0)[1:], color=f"C{c}", marker="o", label=a)
+        if a != "rr":
+            d = loss[a] - loss["rr"]
+            for s in range(d.shape[0]):
+                ax_d.plot(ep[1:], d[s, 1:], color=f"C{c}", alpha=0.3, lw=0.8)
+            ax_d.plot(ep[1:], d.mean(0)[1:], color=f"C{c}", marker="o", label=f"{a} - rr (mean; seeds thin)")
+    ax_d.axhline(0.0, color="k", lw=0.6)
     ax_e.set(title="full training loss per epoch (mean over seeds)", xlabel="epoch", ylabel="per-pixel BCE")
     ax_t.set(title="... against training seconds", xlabel="cumulative training seconds", ylabel="per-pixel BCE")
-    for ax in (ax_e, ax_t):
-        ax.set_yscale("log")
+    ax_d.set(title="loss minus RR's, paired by seed (< 0: lower)", xlabel="epoch", ylabel="difference")
+    for ax in (ax_e, ax_t, ax_d):
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     _common.save_plot(fig, out_dir, f"{name}.png")
+
+
+def replot(csv_path: str) -> None:
+    """The plot again from a run's CSV (next to it, same name): no training."""
+    import csv
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    seeds = 1 + max(int(r["seed"]) for r in rows)
+    epochs = 1 + max(int(r["epoch"]) for r in rows)
+    loss = {a: np.full((seeds, epochs), np.nan) for a in arms}
+    secs = {a: np.zeros((seeds, epochs)) for a in arms}
+    for r in rows:
+        loss[r["arm"]][int(r["seed"]), int(r["epoch"])] = float(r["train_loss"])
+        secs[r["arm"]][int(r["seed"]), int(r["epoch"])] = float(r["epoch_seconds"])
+    folder, base = os.path.split(os.path.abspath(csv_path))
+    name = os.path.splitext(base)[0]
+    title = f"{name}: {seeds} seeds, {epochs - 1} epochs"
+    txt = os.path.join(folder, f"{name}.txt")  # the run's settings line, when its .txt is there
+    if os.path.exists(txt):
+        with open(txt) as f:
+            title = next((ln[2:].strip() for ln in f if ln.startswith("# MNIST conv autoencoder")), title)
+    plot(folder, name, arms, loss, secs, title)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -150,7 +184,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/out; with --quick a temp folder)")
     ap.add_argument("--quick", action="store_true", help="512 images, 2 epochs, 1 seed: a smoke run")
+    ap.add_argument("--replot", metavar="CSV", help="only draw the plot again from a run's CSV, next to it")
     args = ap.parse_args(argv)
+    if args.replot:
+        replot(args.replot)
+        return
     if args.quick:
         args.n, args.epochs, args.seeds = 512, 2, 1
     if args.out is None:

@@ -107,6 +107,31 @@ def test_watch_batchnorm_runs(tmp_path, norm):
     assert (tmp_path / f"watch_{norm}norm.png").exists() or "matplotlib missing" in stdout
 
 
+@pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="no ../shared/data")
+def test_watch_decoder_runs(tmp_path):
+    """benchmarks/watch_decoder.py --quick --budget 1.0: a convolutional autoencoder whose transposed
+    convolutions' weights are sketched, grab and pair against RR on 512 MNIST images."""
+    stdout = run(
+        ["benchmarks/watch_decoder.py", "--data", str(DATA), "--quick", "--budget", "1.0", "--out", str(tmp_path)]
+    )
+    for line in (
+        "MNIST conv autoencoder",
+        "grab: K = ",
+        "dec.0 ConvTranspose ",
+        "epoch 0 and epoch 1 losses equal in every arm of a seed (same init, same first order): True",
+        "What an epoch costs",
+        "Time to RR's final loss",
+    ):
+        assert line in stdout
+    assert "weight left out" not in stdout  # with budget 1.0 every layer's weight has columns
+    assert (tmp_path / "watch_decoder_budget1.txt").exists() and (tmp_path / "watch_decoder_budget1.csv").exists()
+    png = tmp_path / "watch_decoder_budget1.png"
+    if png.exists():  # (matplotlib installed) drawn again from the CSV alone
+        png.unlink()
+        run(["benchmarks/watch_decoder.py", "--replot", str(tmp_path / "watch_decoder_budget1.csv")])
+        assert png.exists()
+
+
 @pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_watch_batchnorm_cost_runs(tmp_path, norm):
