@@ -1615,6 +1615,7 @@ class _TorchFuncLayers(nn.Module):
         return self.head(self.act(self.scale(self.lin(x))) + self.shift.tanh())
 
 
+@needs_hooks_query  # (torch < 2.8 cannot say which hooks are on, so they cannot be taken off and put back)
 @pytest.mark.parametrize("sketch", SKETCHES)
 def test_torch_func_rows_from_a_backward_inside_saved_tensor_hooks(sketch):
     # `with save_on_cpu(): loss = ...; loss.backward()` runs watch()'s hooks under saved-tensor hooks, where
@@ -3444,6 +3445,8 @@ def test_rows_under_autocast_are_float32_sketches_of_its_gradients(case, sketch,
     # LayerNorm's sketch; a Trainer(bf16=True) on MiniLM). Also a backward called inside the autocast
     # block (a common slip), and saved-tensor hooks on (every input then projected in the forward).
     make, shape, target = LAYER_CASES[case]
+    if where == "saved-tensor hooks" and case.startswith("prelu") and not HOOKS_QUERY:
+        pytest.skip("torch < 2.8: torch.func (PReLU's rows) cannot run in a backward inside saved-tensor hooks")
     torch.manual_seed(0)
     model = make()
     x, y = _data(shape, target)
