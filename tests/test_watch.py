@@ -4138,7 +4138,20 @@ class _SmallConvNet(nn.Module):
         return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
 
 
-@pytest.mark.parametrize("net", ["conv", "attention", "tokens", "replaced", "beit", "blocks", "wide"])
+class _SmallDecoder(nn.Module):
+    """A transposed convolution (called with output_size=) and a PReLU (rows by torch.func)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1)
+        self.act = nn.PReLU(3)
+        self.head = nn.Linear(3 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.up(x, output_size=(6, 6))).flatten(1))
+
+
+@pytest.mark.parametrize("net", ["conv", "attention", "tokens", "replaced", "beit", "blocks", "wide", "decoder"])
 @pytest.mark.parametrize("form", ["torch.compile(model)", "model.compile()"])
 @pytest.mark.parametrize("sketch", SKETCHES)
 def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(form, sketch, net):
@@ -4173,6 +4186,7 @@ def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(fo
         "beit": lambda: (_Beit(), torch.randn(64, 3, 4)),
         "blocks": lambda: (_Blocks(), torch.randn(64, 5, 8)),  # inputs projected together, norms grouped
         "wide": lambda: (_WideHead(), torch.randn(64, 400)),  # a count-sketched input held to the backward
+        "decoder": lambda: (_SmallDecoder(), torch.randn(64, 4, 3, 3)),  # a transposed convolution, a PReLU
     }[net]()
     compiled_model = copy.deepcopy(eager)
     y_all = torch.randint(0, 3, (64,))
