@@ -41,6 +41,22 @@ def test_hooks_equal_vmap(make):
     assert torch.allclose(gh[k][2], dict(model.named_parameters())[k].grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["vmap", "hooks"])
+def test_inputs_that_require_grad_give_plain_gradients(method):
+    # Adversarial training and input-gradient penalties hand over inputs that require grad. The vmap path
+    # returned gradients tied to a graph through them (requires_grad=True, kept alive with the gradients;
+    # .numpy() refused them); the hooks path never did. Both now give the same values as without.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    plain, _ = per_example_gradients(model, nn.CrossEntropyLoss(), x, y, method=method)
+    grads, losses = per_example_gradients(model, nn.CrossEntropyLoss(), x.clone().requires_grad_(), y, method=method)
+    for k, g in grads.items():
+        assert not g.requires_grad and g.grad_fn is None, k
+        assert torch.equal(g, plain[k]), k
+    assert not losses.requires_grad
+
+
 def test_shared_layer_sums_and_unsupported_layers_are_refused():
     torch.manual_seed(1)
     lin = nn.Linear(4, 4)

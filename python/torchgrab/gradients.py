@@ -141,6 +141,12 @@ def per_example_gradients(
     # plain tensors in place of the nn.Parameters afterwards (torch 2.x), which would silently cut the
     # optimizer off from the model. Put the original parameter objects back whatever happens.
     saved = [(m, k, p) for m in model.modules() for k, p in m._parameters.items()]
+    # Gradients of the parameters only: inputs that require grad (adversarial training, input-gradient
+    # penalties) would tie every returned gradient to a graph through them, alive as long as the gradients
+    # are (the hooks path returns plain tensors).
+    inputs, targets = (
+        tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, a) for a in (inputs, targets)
+    )
     try:
         grads, losses = per_example(trainable, inputs, targets)
     except RuntimeError as e:
