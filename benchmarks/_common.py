@@ -3,6 +3,7 @@ and the shims that let the reference `grab-sampler` 0.1.3 import and construct u
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shlex
@@ -212,6 +213,12 @@ def paired_epochs(runs: Dict[str, Any], rounds: int) -> Dict[str, List[float]]:
         for a in names if r % 2 == 0 else names[::-1]:
             secs[a].append(runs[a].epoch())
     return secs
+
+
+def cosine_to_zero(opt: Any, steps: int) -> Any:
+    """A per-step learning-rate schedule along half a cosine from the optimizer's rate to 0 at ``steps``
+    (held at 0 after), for every arm of a study alike."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, steps) / steps)))
 
 
 def time_to(hist: List[Tuple[float, float]], target: float) -> Optional[float]:

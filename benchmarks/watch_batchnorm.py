@@ -166,10 +166,7 @@ class Arm:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
         self.sched = None
         if args.schedule == "cosine":
-            total = args.epochs * math.ceil(n / args.batch)
-            self.sched = torch.optim.lr_scheduler.LambdaLR(
-                self.opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
-            )
+            self.sched = _common.cosine_to_zero(self.opt, args.epochs * math.ceil(n / args.batch))
         self.sampler = GraBSampler(n=n, ordering=name, seed=seed)
         self.handle = None
         if name != "rr":

@@ -87,10 +87,7 @@ class Arm:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9)
         self.sched = None
         if args.schedule == "cosine":
-            total = args.epochs * math.ceil(n / args.batch)
-            self.sched = torch.optim.lr_scheduler.LambdaLR(
-                self.opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
-            )
+            self.sched = _common.cosine_to_zero(self.opt, args.epochs * math.ceil(n / args.batch))
         self.sampler = GraBSampler(n=n, ordering=name, seed=seed)
         self.handle = None
         if name != "rr":
@@ -142,18 +139,15 @@ def plot(out_dir: str, name: str, arms: List[str], loss: Dict, secs: Dict, title
 
 def replot(csv_path: str) -> None:
     """The plot again from a run's CSV (next to it, same name): no training."""
-    import csv
-
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
+    rows = EX.read_csv(csv_path)  # (numbers parsed)
     arms = list(dict.fromkeys(r["arm"] for r in rows))
-    seeds = 1 + max(int(r["seed"]) for r in rows)
-    epochs = 1 + max(int(r["epoch"]) for r in rows)
+    seeds = 1 + max(r["seed"] for r in rows)
+    epochs = 1 + max(r["epoch"] for r in rows)
     loss = {a: np.full((seeds, epochs), np.nan) for a in arms}
     secs = {a: np.zeros((seeds, epochs)) for a in arms}
     for r in rows:
-        loss[r["arm"]][int(r["seed"]), int(r["epoch"])] = float(r["train_loss"])
-        secs[r["arm"]][int(r["seed"]), int(r["epoch"])] = float(r["epoch_seconds"])
+        loss[r["arm"]][r["seed"], r["epoch"]] = r["train_loss"]
+        secs[r["arm"]][r["seed"], r["epoch"]] = r["epoch_seconds"]
     folder, base = os.path.split(os.path.abspath(csv_path))
     name = os.path.splitext(base)[0]
     title = f"{name}: {seeds} seeds, {epochs - 1} epochs"

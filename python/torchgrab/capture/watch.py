@@ -15,7 +15,7 @@ import sys
 import warnings
 import weakref
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch.utils.hooks import unserializable_hook
 from torchgrab._autocast import in_full_precision
 from torchgrab.capture import attention as attn
 from torchgrab.capture import layers
-from torchgrab.capture._compat import check_watch_torch, top_saved_tensor_hooks, tree_leaves
+from torchgrab.capture._compat import _TOP_HOOKS, check_watch_torch, top_saved_tensor_hooks, tree_leaves
 from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.defaults import DEFAULT_BUDGET, DEFAULT_SKETCH
 from torchgrab.capture.direct import BroadcastUses, DirectParamSketch, per_example, pulled_back
@@ -88,7 +88,7 @@ def _when_backward_completes(step: _Step) -> None:
         step.finished = True
 
 
-_TOP_SAVED_TENSOR_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_TOP_SAVED_TENSOR_HOOKS = _TOP_HOOKS  # (None where this torch cannot say which hooks are on; tests read it)
 
 
 def _saved_tensor_hooks_active() -> bool:
@@ -642,7 +642,7 @@ class WatchHandle:
             self._outside.calls = []  # those of a forward that raised before its end
         if self._step.failed():
             self._drop(self._step)  # a batch the loop skipped after an error (out of memory): no rows
-        elif self._step.grads or self._step.noted is not None:
+        elif self._step.reached():
             self._end_step()  # the open step's backward has run: this forward begins the next step
         elif self._step.forwards and not self._abandons(args, kwargs, module):
             # The open step has had a forward but no backward yet. A forward in eval mode or under
@@ -1048,12 +1048,7 @@ class WatchHandle:
             x = item.x
             assert x is not None
             if x._version != item.version:
-                self._step, self._recording = _Step(), False  # the step is dropped: no rows, none fed
-                raise UnsupportedModelError(
-                    f"watch(): the input of layer {item.sk.name!r} was modified by an in-place operation after "
-                    "the layer's forward; the layer's weight gradient needs that input as it was (autograd "
-                    "refuses such a backward as well)"
-                )
+                self._refuse_modified_input(step, item.sk.name)
             groups.setdefault((item.sk.p_in.n, item.sk.p_in.k, x.shape, x.dtype, x.device), []).append(item)
         with torch.no_grad():
             for members in (c for group in groups.values() for c in chunked(group, lambda m: m.x.numel())):
@@ -1093,14 +1088,30 @@ class WatchHandle:
         (_abandons): one loss through forwards of two batch sizes has no per-example rows. The step
         open now is dropped with the refusal (no rows, none fed)."""
         step = self._step
-        self._release_slot(step)
-        self._step, self._recording = _Step(), False
-        raise UnsupportedModelError(
+        self._refuse(
+            step,
             f"watch(): one backward went through training forwards of {left.batch} and {step.batch} examples; "
             "per-example rows need every forward of a step to take the step's batch. Compute what is not "
             "trained on (a loss for logging, another batch) under torch.no_grad() or in eval mode, or use "
-            "granularity='batch' when a step is one unit"
+            "granularity='batch' when a step is one unit",
         )
+
+    def _refuse_modified_input(self, step: _Step, name: str) -> NoReturn:
+        """A watched layer's input was written in place after the layer's call (held, or pending for a
+        grouped projection): its weight gradient, and so its rows, need the input as it was."""
+        self._refuse(
+            step,
+            f"watch(): the input of layer {name!r} was modified by an in-place operation after the layer's "
+            "forward; the layer's weight gradient needs that input as it was (autograd refuses such a "
+            "backward as well)",
+        )
+
+    def _refuse(self, step: _Step, message: str) -> NoReturn:
+        """Refuse the open step inside its backward: its rows are dropped (the slot given back, none fed),
+        the next forward begins a new step, and the sampler is as it was."""
+        self._release_slot(step)
+        self._step, self._recording = _Step(), False
+        raise UnsupportedModelError(message)
 
     def _flattened(self, sk: LayerSketch, x: torch.Tensor, b: int) -> Optional[int]:
         """m when the layer's input holds the batch's examples as b runs of m rows (capture/flatten.py) and
@@ -1123,13 +1134,7 @@ class WatchHandle:
         if type(saved) is _PendingInput:
             saved = saved.value
         elif type(saved) is HeldInput and saved.changed():
-            self._release_slot(step)
-            self._step, self._recording = _Step(), False
-            raise UnsupportedModelError(
-                f"watch(): the input of layer {sk.name!r} was modified by an in-place operation after the layer's "
-                "forward; the layer's weight gradient needs that input as it was (autograd refuses such a "
-                "backward as well)"
-            )
+            self._refuse_modified_input(step, sk.name)
         if sk.ghost:
             if sk.ghost_width:
                 # The input is copied now, while autograd still holds it intact for this layer's weight
