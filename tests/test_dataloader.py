@@ -66,3 +66,50 @@ def test_len_is_exact_and_n_one_works():
     for _ in range(3):
         assert list(s) == [0]
         s.step(np.ones((1, 3)))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_set_epoch_naming_the_epoch_already_begun_keeps_the_next_ones_number(workers):
+    """A loader with workers fetches indices as soon as its iterator is made, and Lightning makes the first
+    (or a resumed) epoch's iterator before it calls set_epoch for that epoch. That late call names the
+    epoch already running: the next epoch must still be numbered after it, or RR repeats its order."""
+    ds = make_data(n=40)
+    late = GraBSampler(ds, ordering="rr", seed=3)
+    loader = DataLoader(ds, batch_size=8, sampler=late, num_workers=workers)
+    it = iter(loader)
+    first = next(it)[1].tolist()
+    late.set_epoch(0)  # late, as Lightning does with workers
+    late.set_epoch(0)  # and again (GraBCallback's on_train_epoch_start)
+    first += [i for _, idx in it for i in idx.tolist()]
+    assert late.state_dict()["epoch"] == 1
+    late.set_epoch(1)  # on time
+    second = [i for _, idx in loader for i in idx.tolist()]
+
+    on_time = GraBSampler(ds, ordering="rr", seed=3)
+    expected = []
+    for epoch in range(2):
+        on_time.set_epoch(epoch)
+        expected.append(list(on_time))
+    assert [first, second] == expected and first != second
+
+    # Without the second set_epoch the next epoch is numbered 2 by itself, after the late call as after none.
+    again = [i for _, idx in loader for i in idx.tolist()]
+    on_time.set_epoch(2)
+    assert again == list(on_time)
+    # Any other number, and the running epoch's own number once another was set, still take effect.
+    late.set_epoch(7)
+    late.set_epoch(2)
+    assert late.state_dict()["epoch"] == 2
+
+
+def test_set_epoch_naming_an_epoch_left_before_its_end_begins_it_again():
+    # A Trainer that retries an epoch (transformers' auto_find_batch_size after an out-of-memory batch)
+    # calls set_epoch(e) again and makes a new iterator: epoch e begins again, with the same RR order.
+    s = GraBSampler(n=20, ordering="rr", seed=3)
+    s.set_epoch(0)
+    it = iter(s)
+    left = [next(it) for _ in range(5)]
+    s.set_epoch(0)
+    again = list(s)
+    assert again[:5] == left and sorted(again) == list(range(20))
+    assert s.state_dict()["epoch"] == 1

@@ -450,6 +450,80 @@ def test_resume_mid_epoch_and_at_epoch_end_is_exact(tmp_path, loader_kind, worke
         assert_same_state(rgrab.sampler.state_dict(), final)
 
 
+class FailsAt(Net):
+    """Raises at its ``at``-th batch: in training_step (before the forward), in the optimizer step (after
+    the backward) or in on_train_batch_end (after the optimizer step)."""
+
+    def __init__(self, at, where, **kwargs):
+        super().__init__(**kwargs)
+        self.at, self.where, self.batches = at, where, 0
+
+    def training_step(self, batch, batch_idx):
+        self.batches += 1
+        if self.where == "training_step" and self.batches == self.at:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.where == "optimizer step" and self.batches == self.at:
+            raise RuntimeError("boom")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.where == "batch end" and self.batches == self.at:
+            raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(
+    "where,at,workers",
+    [
+        ("training_step", 8, 0),  # mid-epoch, the rows of the epoch's first two batches not fed yet
+        ("training_step", 11, 1),  # an epoch's first batch, its indices prefetched by a worker
+        ("optimizer step", 8, 0),  # the backward completed: its rows exist, and Lightning redoes the batch
+        ("batch end", 8, 1),  # the optimizer stepped: Lightning counts the batch done
+    ],
+)
+def test_an_on_exception_checkpoint_resumes_exactly(tmp_path, where, at, workers):
+    """OnExceptionCheckpoint saves when fit raises: the resumed fit trains exactly what the uninterrupted
+    one trained after the batches Lightning counts as done, and ends with the same weights and sampler."""
+
+    def loader():
+        return DataLoader(dataset(), batch_size=B, shuffle=True, num_workers=workers)
+
+    model, grab = Net(lr=0.5), GraBCallback(seed=5)
+    fit(model, [grab], loader=loader())
+    failing = FailsAt(at, where, lr=0.5)
+    saves = [
+        pl.callbacks.OnExceptionCheckpoint(dirpath=tmp_path),
+        pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "none", save_top_k=0),
+    ]
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(failing, [GraBCallback(seed=5), *saves], loader=loader())
+    done = len(failing.seen) - (where == "optimizer step")  # a batch whose optimizer step raised is redone
+    resumed, rgrab = Net(lr=0.5, seed=1), GraBCallback(seed=5)
+    fit(resumed, [rgrab], loader=loader(), ckpt_path=str(tmp_path / "on_exception.ckpt"))
+    assert resumed.seen == model.seen[done:]
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert_same_state(rgrab.sampler.state_dict(), grab.sampler.state_dict())
+
+
+def test_rr_with_workers_resumed_at_an_epochs_end_draws_the_next_epochs_order(tmp_path):
+    """With workers, Lightning makes the resumed (and the first) epoch's iterator, which begins the epoch,
+    before it calls set_epoch for it; the late call must not renumber the epoch after it."""
+
+    def loader():
+        return DataLoader(dataset(), batch_size=B, shuffle=True, num_workers=1)
+
+    model, grab = Net(lr=0.5), GraBCallback(seed=5, ordering="rr")
+    fit(model, [grab, pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)], loader=loader())
+    resumed, rgrab = Net(lr=0.5, seed=1), GraBCallback(seed=5, ordering="rr")
+    fit(resumed, [rgrab], loader=loader(), ckpt_path=str(tmp_path / "epoch=0-step=5.ckpt"))
+    assert resumed.seen == model.seen[5:]
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert_same_state(rgrab.sampler.state_dict(), grab.sampler.state_dict())
+
+
 # ---------------------------------------------------------------------------------------------- two processes
 W, BD = 2, 8  # rounds of 2 x 8 = 16 indices: 70 = 4 x 16 + 6, so the last round is padded
 

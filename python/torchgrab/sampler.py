@@ -248,6 +248,7 @@ class GraBSampler(Sampler[int]):
         self._epoch = 0
         self._reset_cursor(None)
         self._resume = self._resumable = self._epoch_set = False
+        self._late = False  # set_epoch numbered the running epoch (see _next_number)
         self.device_path = device_path
         # The on-device path implements grab and pair on raw gradients (no sketch, no unit averaging).
         self._device_capable = ordering in ("grab", "mean", "pair") and projection is None and unit_size == 1
@@ -259,11 +260,29 @@ class GraBSampler(Sampler[int]):
         return self.n
 
     def set_epoch(self, epoch: int) -> None:
-        """Number the next epoch (torch's convention). Without it, each ``__iter__`` advances by one."""
+        """Number the next epoch (torch's convention). Without it, each ``__iter__`` advances by one.
+
+        Called while an epoch runs with that epoch's own number (a loader with workers begins an epoch when
+        its iterator is made, and Lightning calls set_epoch after that), it numbers the running epoch: once
+        that epoch has been iterated to its end, the next is numbered after it. An epoch left before its end
+        and begun again (a Trainer retrying with a smaller batch) keeps the number."""
         if epoch < 0:
             raise UnsupportedInputError(f"epoch must be non-negative, got {epoch}")
-        self._epoch = int(epoch)
-        self._epoch_set = True
+        with self._lock:
+            self._late = (
+                self._native.epochs_begun > 0
+                and not self._resumable
+                and not self._finished
+                and epoch == self._native.epoch
+                and (self._epoch == epoch + 1 or (self._late and self._epoch == epoch))  # (or again)
+            )
+            self._epoch = int(epoch)
+            self._epoch_set = True
+
+    def _next_number(self) -> int:
+        """The number the next epoch begins with (without set_epoch): after a set_epoch that numbered the
+        running epoch, the one after it once that epoch was iterated to its end."""
+        return self._native.epoch + 1 if self._late and self._finished else self._epoch
 
     def __iter__(self) -> Iterator[int]:
         # The epoch begins on the first next(), not here: a loader that calls iter() and then
@@ -277,7 +296,8 @@ class GraBSampler(Sampler[int]):
             # After a load, set_epoch says which: the saved epoch's own number continues it (even if
             # nothing is left of it), any other number begins that epoch.
             resume = self._epoch == self._native.epoch
-        self._resume = self._resumable = self._epoch_set = False
+        self._epoch = self._next_number()
+        self._resume = self._resumable = self._epoch_set = self._late = False
         self._kept_over_loader = False
         if resume:
             # Resuming a checkpoint taken mid-epoch: continue after the last stepped index.
@@ -780,7 +800,7 @@ class GraBSampler(Sampler[int]):
                 self._native_cache = (mutations, _to_torch(self._native.state()))
             return {
                 "native": _copy_dicts(self._native_cache[1]),
-                "epoch": self._epoch,
+                "epoch": self._next_number(),
                 "in_epoch": self._order is not None,
                 "finished": self._finished,
                 "yielded": self._yielded,
@@ -884,7 +904,7 @@ class GraBSampler(Sampler[int]):
             self._native_cache = None
             self._ondevice = ondevice
             self._dense_used = ondevice is None and native_state.get("balance") is not None
-            self._epoch = epoch
+            self._epoch, self._late = epoch, False
             self._reset_cursor(order)
             self._generation += 1
             self._yielded, self._stepped = (yielded, stepped) if order is not None else (0, 0)
@@ -953,7 +973,7 @@ class GraBSampler(Sampler[int]):
         self._epoch = 0
         self._generation = 0
         self._reset_cursor(None)
-        self._resume = self._resumable = self._epoch_set = False
+        self._resume = self._resumable = self._epoch_set = self._late = False
         self.load_state_dict(data["state"])
 
     @property

@@ -671,6 +671,13 @@ class WatchHandle:
         self._on_step_begins(module, (batch,), {})
         self._step.running = False
 
+    def _retract_open_step(self) -> None:
+        """For a framework whose loop will train the open step's batch again (Lightning resumes a batch that
+        failed before its optimizer step, even one whose backward completed): its rows are dropped unfed
+        and its examples not counted, so the sampler's state, saved now, hands them out again."""
+        self._release_slot(self._step)
+        self._step = _Step()
+
     def _abandons(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], module: nn.Module) -> bool:
         """Whether a forward of the model leaves the open step, which has had a training forward and no
         backward: it is a training forward of another batch size. Joined, its layers' inputs would not

@@ -119,7 +119,16 @@ class GraBCallback(pl.Callback):
         # Lightning skips the teardown hooks when fit raises: leave neither hooks nor the wrapper behind.
         self._unwrap()
         if self.handle is not None and not self.handle.removed:
-            self.handle.discard()  # rows of a step that may not have finished; feeding could wait on ranks
+            if self._size > 1:
+                # Feeding would all-gather with ranks that may never get here; the rows of every finished
+                # batch were fed at its end (on_train_batch_end), so only the failed batch's are dropped.
+                self.handle.discard()
+            elif _batch_unprocessed(trainer):
+                # Lightning trains a batch that failed before its optimizer step again on resume, even one
+                # whose backward completed (the step itself raised): its rows are not fed.
+                self.handle._retract_open_step()
+            # remove() feeds the rows of the batches before, so that a checkpoint taken now
+            # (OnExceptionCheckpoint, whose hook runs after this one) resumes at the failed batch.
             self.handle.remove()
 
     def _unwrap(self) -> None:
@@ -286,6 +295,13 @@ class _WholeOrder(DistributedSampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.sampler.set_epoch(epoch)
+
+
+def _batch_unprocessed(trainer: Any) -> bool:
+    """Whether the training batch in flight began and has not passed its optimizer step: Lightning's batch
+    progress then says started > processed, and a resumed fit trains that batch again."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return int(progress.processed) < int(progress.started)
 
 
 def _epoch_length(state: Dict[str, Any]) -> int:
