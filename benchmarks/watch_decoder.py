@@ -110,7 +110,9 @@ class Arm:
         return time.perf_counter() - t0
 
 
-def plot(out_dir: str, name: str, arms: List[str], loss: Dict, secs: Dict, title: str) -> None:
+def plot(
+    out_dir: str, name: str, arms: List[str], loss: Dict, secs: Dict, title: str, ylabel: str = "per-pixel BCE"
+) -> None:
     """Loss against epochs and against seconds from epoch 1 on (epoch 0's loss, ten times higher, would flatten
     the rest), and each arm's loss minus RR's, per seed and their mean."""
     plt = _common.pyplot()
@@ -128,8 +130,8 @@ def plot(out_dir: str, name: str, arms: List[str], loss: Dict, secs: Dict, title
                 ax_d.plot(ep[1:], d[s, 1:], color=f"C{c}", alpha=0.3, lw=0.8)
             ax_d.plot(ep[1:], d.mean(0)[1:], color=f"C{c}", marker="o", label=f"{a} - rr (mean; seeds thin)")
     ax_d.axhline(0.0, color="k", lw=0.6)
-    ax_e.set(title="full training loss per epoch (mean over seeds)", xlabel="epoch", ylabel="per-pixel BCE")
-    ax_t.set(title="... against training seconds", xlabel="cumulative training seconds", ylabel="per-pixel BCE")
+    ax_e.set(title="full training loss per epoch (mean over seeds)", xlabel="epoch", ylabel=ylabel)
+    ax_t.set(title="... against training seconds", xlabel="cumulative training seconds", ylabel=ylabel)
     ax_d.set(title="loss minus RR's, paired by seed (< 0: lower)", xlabel="epoch", ylabel="difference")
     for ax in (ax_e, ax_t, ax_d):
         ax.legend(fontsize=8)

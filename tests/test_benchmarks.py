@@ -132,6 +132,24 @@ def test_watch_decoder_runs(tmp_path):
         assert png.exists()
 
 
+@pytest.mark.skipif(not (DATA / "glue").is_dir(), reason="no ../shared/data")
+def test_watch_textbag_runs(tmp_path):
+    """benchmarks/watch_textbag.py --quick: an EmbeddingBag text classifier called with offsets, grab and pair
+    against RR on 1,000 SST-2 sentences; the bag's rows are the layer's own block, one row per sentence."""
+    stdout = run(["benchmarks/watch_textbag.py", "--data", str(DATA), "--quick", "--out", str(tmp_path)])
+    for line in (
+        "SST-2 EmbeddingBag(mean) + Linear",
+        "1,000 sentences",
+        "grab: K = ",
+        "emb EmbeddingBag ",
+        "epoch 0 and epoch 1 losses equal in every arm of a seed (same init, same first order): True",
+        "What an epoch costs",
+        "Time to RR's final loss",
+    ):
+        assert line in stdout
+    assert (tmp_path / "watch_textbag.txt").exists() and (tmp_path / "watch_textbag.csv").exists()
+
+
 @pytest.mark.skipif(not (DATA / "cifar10").is_dir(), reason="no ../shared/data")
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_watch_batchnorm_cost_runs(tmp_path, norm):

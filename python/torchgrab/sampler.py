@@ -650,7 +650,8 @@ class GraBSampler(Sampler[int]):
                 loss = loss_fn(model(x), y); loss.backward(); opt.step(); opt.zero_grad()
 
         Hooks on the model's ``nn.Linear``, ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d``, ``Embedding``,
-        ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and ``BatchNorm`` layers form, inside the backward, a K-dimensional row per example
+        ``EmbeddingBag`` (``[B, L]`` ids, or ids end to end with ``offsets``: the batch is then the number of
+        bags), ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and ``BatchNorm`` layers form, inside the backward, a K-dimensional row per example
         from the layer's input and output gradient (a seeded Kronecker projection P_out (x) P_in per layer;
         per-example gradients are never formed), and the rows go to :meth:`step`, matched to the yielded
         indices first in first out. A factor no larger than ``sketch`` stays exact, so small layers lose

@@ -15,7 +15,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 import torch
 
 from torchgrab._versions import major_minor
-from torchgrab.errors import UnsupportedInputError
+from torchgrab.errors import UnsupportedInputError, UnsupportedModelError
 
 try:
     from torch.utils._pytree import tree_leaves
@@ -65,17 +65,30 @@ def top_saved_tensor_hooks() -> Any:
 
 
 @contextlib.contextmanager
-def without_saved_tensor_hooks() -> Iterator[None]:
+def without_saved_tensor_hooks(name: str) -> Iterator[None]:
     """Saved-tensor hooks (``save_on_cpu``, a checkpoint's) taken off this thread's stack while torch.func
     runs, and put back as they were: torch.func refuses to run under any ("don't yet support saved tensor
     hooks"), and what it saves is its own, freed when it returns, nothing of the model's to offload or
-    recompute. A backward called inside ``with save_on_cpu():`` runs watch()'s hooks under them."""
+    recompute. A backward called inside ``with save_on_cpu():`` runs watch()'s hooks under them.
+
+    A torch that cannot say which hooks are on (before 2.8) leaves them, and torch.func's refusal becomes
+    an UnsupportedModelError naming ``name`` (the layer or parameter whose rows torch.func forms) and the
+    ways around it."""
     taken = []
     try:
         while top_saved_tensor_hooks() not in (None, ...):
             taken.append(top_saved_tensor_hooks())
             _AUTOGRAD._pop_saved_tensors_default_hooks()
         yield
+    except RuntimeError as e:
+        if _TOP_HOOKS is not None or "saved tensor hooks" not in str(e):
+            raise
+        raise UnsupportedModelError(
+            f"watch(): the rows of {name!r} are formed by torch.func, which does not run inside saved-tensor "
+            f"hooks (save_on_cpu, a checkpoint's), and torch {torch.__version__} cannot take them off while it "
+            "runs: call loss.backward() after the `with` block (the hooks act on the forward), use torch 2.8 or "
+            "newer, or exclude= it"
+        ) from None
     finally:
         for pack, unpack in reversed(taken):
             _AUTOGRAD._push_saved_tensors_default_hooks(pack, unpack)

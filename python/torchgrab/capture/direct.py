@@ -103,11 +103,13 @@ def per_example(g: torch.Tensor, shape: Tuple[int, ...], m: int = 1) -> torch.Te
     return g.reshape(g.shape[0], *shape)
 
 
-def pulled_back(make: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
-    """Each example's gradient of the parameter ``p`` from its gradient of ``make(p)`` ([B, *make(p).shape]):
-    the vector-Jacobian product of ``make`` at ``p`` (which the step does not change before its backward
-    ends), one per example, vectorized over B."""
-    with without_saved_tensor_hooks():
+def pulled_back(
+    make: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor, parts: torch.Tensor, name: str
+) -> torch.Tensor:
+    """Each example's gradient of the parameter ``p`` (called ``name``) from its gradient of ``make(p)``
+    ([B, *make(p).shape]): the vector-Jacobian product of ``make`` at ``p`` (which the step does not change
+    before its backward ends), one per example, vectorized over B."""
+    with without_saved_tensor_hooks(name):
         out, vjp = torch.func.vjp(make, p.detach())
         return torch.func.vmap(lambda c: vjp(c)[0])(parts.to(out.dtype))
 

@@ -737,6 +737,95 @@ class EmbeddingSketch(LayerSketch):
         return [out.reshape(w.shape[0], -1)]
 
 
+@register_sketch(nn.EmbeddingBag)
+class EmbeddingBagSketch(EmbeddingSketch):
+    """An EmbeddingBag's output row b is a weighted sum of its bag's table rows, sum_t w_t W[x_t] (w_t = 1,
+    the token's per_sample_weight, or 1 / the bag's size under mode='mean'), so grad W_b = sum_t w_t
+    e_{x_t} g_b^T: Embedding's sketch with each token weighted and one output gradient per bag. The
+    vocabulary side, sum_t w_t s(x_t) e_{h(x_t)}, is taken in the forward (``bags``) by the layer's own
+    function over the table of signed one-hot rows, which weighs the tokens exactly as the layer does
+    (offsets, include_last_offset, per_sample_weights, padding_idx, empty bags); the backward multiplies
+    it by the projected output gradient."""
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        # mode='max' picks one row per feature, a gradient of another form; the rest as for Embedding. A
+        # subclass whose forward is its own may not compute the bags so.
+        return (
+            module.mode in ("sum", "mean")
+            and module.max_norm is None
+            and not module.scale_grad_by_freq
+            and not module.sparse
+            and type(module).forward is nn.EmbeddingBag.forward
+        )
+
+    def bags(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> torch.Tensor:
+        """[B, k_v]: each bag of this call through the vocabulary's count sketch, weighted as the layer
+        weighs its tokens (B is the number of bags)."""
+        names = ("input", "offsets", "per_sample_weights")
+        call = dict(zip(names, args))
+        call.update((k, v) for k, v in kwargs.items() if k in names)
+        ids, offsets, psw = call["input"], call.get("offsets"), call.get("per_sample_weights")
+        psw = None if psw is None else _f32(psw.detach())
+        table = self._signed_onehots(module, ids.device, torch.float32)
+        if table is not None:
+            return F.embedding_bag(
+                ids,
+                table,
+                offsets,
+                mode=module.mode,
+                per_sample_weights=psw,
+                include_last_offset=module.include_last_offset,
+                padding_idx=module.padding_idx,
+            )
+        ids, w = self._weighted(module, ids, offsets, psw)
+        buckets, signs = self._tables(module, ids.device)
+        v = torch.zeros(ids.shape[0], self.vocab.k, device=ids.device)
+        return v.scatter_add_(1, buckets[ids], w * signs[ids])
+
+    @staticmethod
+    def _weighted(
+        module: nn.Module, ids: torch.Tensor, offsets: Optional[torch.Tensor], psw: Optional[torch.Tensor]
+    ) -> "tuple[torch.Tensor, torch.Tensor]":
+        """[B, L] ids and float32 weights of each bag's tokens by nn.EmbeddingBag's rules (places past a
+        bag's end weigh 0): for a vocabulary too large for the table of signed one-hot rows."""
+        if ids.dim() == 2:
+            valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+            w = torch.ones(ids.shape, device=ids.device) if psw is None else psw
+        else:
+            assert offsets is not None  # (nn.EmbeddingBag refuses a 1-D input without offsets)
+            n = ids.shape[0]
+            starts = offsets[:-1] if module.include_last_offset else offsets
+            ends = offsets[1:] if module.include_last_offset else torch.cat([offsets[1:], offsets.new_tensor([n])])
+            lengths = (ends - starts).clamp_min(0)
+            b = starts.shape[0]
+            bag = torch.repeat_interleave(torch.arange(b, device=ids.device), lengths)
+            at = torch.arange(bag.shape[0], device=ids.device) - (torch.cumsum(lengths, 0) - lengths)[bag]
+            token = starts[bag] + at
+            width = int(lengths.max()) if b else 0
+            valid = torch.zeros(b, width, dtype=torch.bool, device=ids.device)
+            valid[bag, at] = True
+            dense = torch.zeros(b, width, dtype=ids.dtype, device=ids.device)
+            dense[bag, at] = ids[token]
+            w = torch.zeros(b, width, device=ids.device)
+            w[bag, at] = 1.0 if psw is None else psw[token]
+            ids = dense
+        if module.padding_idx is not None:
+            valid = valid & (ids != module.padding_idx)  # left out of the bag, and of its mean's count
+        w = w * valid
+        if module.mode == "mean":
+            w = w / valid.sum(1, keepdim=True).clamp_min(1)
+        return ids, w
+
+    def save(self, module: nn.Module, x: Any) -> Any:
+        return x  # the bags' vocabulary side, from bags()
+
+    def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
+        b = g.shape[0]
+        gp = self.p_out(_f32(g).reshape(b, -1))  # [B, k_d]
+        return [(saved.unsqueeze(2) * gp.unsqueeze(1)).reshape(b, -1)]
+
+
 class SharedEmbeddingSketch(LayerSketch):
     """An Embedding whose table is another Embedding's (T5's encoder and decoder look up the model's one
     ``shared`` table; so do BART's). The table's per-example gradient is the sum over its uses, so this
@@ -902,7 +991,7 @@ class FunctionalSketch(LayerSketch):
         grads = self._featurewise(module, saved, g) if self.featurewise is not False else None
         if grads is None or self.featurewise is None:
             params = {n: module._parameters[n].detach() for n in self.names}
-            with without_saved_tensor_hooks():
+            with without_saved_tensor_hooks(self.name):
                 exact = self._per_example(params, saved, g)
             if self.featurewise is None:
                 self.featurewise = grads is not None and all(_close(grads[n], exact[n]) for n in self.names)

@@ -34,6 +34,7 @@ from torchgrab.capture.feed import RowFeeder
 from torchgrab.capture.flatten import flattened_batch
 from torchgrab.capture.inner import InnerCalls, has_inner_function, replaced_forward, same_as_kind
 from torchgrab.capture.layers import (
+    EmbeddingBagSketch,
     EmbeddingSketch,
     FeatureNormSketch,
     FunctionalSketch,
@@ -420,6 +421,8 @@ class WatchHandle:
                 self._hooks.append(module.register_forward_hook(on_functional, with_kwargs=True))
             elif module in by_attention:  # the attention's own forward records these
                 continue
+            elif isinstance(sk, EmbeddingBagSketch):  # its bags may come as keyword arguments
+                self._hooks.append(module.register_forward_hook(module_hook(self._on_bags), with_kwargs=True))
             elif kind is not None:
                 self._replaced[module] = kind
                 self._hooks.append(module.register_forward_pre_hook(module_hook(self._on_replaced_begins)))
@@ -754,6 +757,25 @@ class WatchHandle:
                 )
         return self._on_forward(module, args, out)
 
+    @in_full_precision
+    def _on_bags(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> Any:
+        """Forward hook of an nn.EmbeddingBag: the vocabulary side of its bags' rows, [B, k_v], from a [B, L]
+        input or a 1-D one with offsets. With offsets the model's first input is the bags' tokens end to end
+        (the text classification tutorials' ``model(text, offsets)``), so a step whose batch was read from
+        it and that no layer has recorded yet takes its batch from the offsets instead."""
+        if not self._records() or not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return None
+        if self.sampler.balances:
+            with torch.no_grad():
+                bags = self._sketches[module].bags(module, args, kwargs)  # type: ignore[attr-defined]
+        else:
+            bags = out.detach()  # (an ordering without rows counts the examples: the number of bags)
+        step = self._step
+        tokens = args[0] if args else kwargs.get("input")
+        if tokens.dim() == 1 and not step.forwards and step.batch == tokens.shape[0]:
+            step.batch = int(bags.shape[0])
+        return self._record(module, bags, out, saved=bags)
+
     def _on_direct_begins(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         """Forward pre-hook of a module holding watched parameters of no layer: watch the operations
         that take them (capture/direct.py) while its forward runs."""
@@ -852,7 +874,10 @@ class WatchHandle:
             if make is None:
                 part = part.reshape(part.shape[0], *sk.shape)
             else:  # made from the parameter by a function of it (a gather, a cat): pulled back through it
-                part = pulled_back(make, sk.slot.weight, part)
+                try:
+                    part = pulled_back(make, sk.slot.weight, part, sk.name)
+                except UnsupportedModelError as e:  # torch.func inside saved-tensor hooks (torch < 2.8)
+                    self._refuse(step, str(e))
             if step is self._step and sk in step.direct:
                 step.direct[sk] = step.direct[sk].to(part.device, part.dtype) + part.detach().sum(0)
             self._on_grad(step, sk, sk.slot, None, part)
@@ -969,10 +994,16 @@ class WatchHandle:
         return self._record(module, x.transpose(0, 1), out, _swap01)
 
     def _record(
-        self, module: nn.Module, x: Any, out: Any, grad_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self,
+        module: nn.Module,
+        x: Any,
+        out: Any,
+        grad_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        saved: Any = None,
     ) -> Any:
         """Record one call of a watched layer: its input ``x`` (batch first) and its output ``out``, whose
-        gradient reaches the sketch batch first through ``grad_view`` (None: as it is)."""
+        gradient reaches the sketch batch first through ``grad_view`` (None: as it is); ``saved``, when
+        given, is what the sketch keeps of the call in place of ``x`` (an EmbeddingBag's bags)."""
         if not self._records():
             return None
         if not isinstance(out, torch.Tensor) or not out.requires_grad or module not in self._sketches:
@@ -1017,7 +1048,8 @@ class WatchHandle:
                 view = lambda g: by_rows(g).unflatten(0, (b, m))  # noqa: E731
             else:
                 self._refuse_layout(sk, x, b)
-        saved = self._save(step, sk, module, x, in_backward)
+        if saved is None:
+            saved = self._save(step, sk, module, x, in_backward)
         if view is _as_is:
             _on_output_grad(out, self._on_grad, step, sk, module, saved)
         else:
@@ -1157,7 +1189,11 @@ class WatchHandle:
         if key is None:
             if not self._write_direct(step, sk, module, saved, g):
                 with torch.no_grad():
-                    sk.add_rows(step, sk.rows(module, saved, g))
+                    try:
+                        rows = sk.rows(module, saved, g)
+                    except UnsupportedModelError as e:  # torch.func inside saved-tensor hooks (torch < 2.8)
+                        self._refuse(step, str(e))
+                    sk.add_rows(step, rows)
         else:
             self._defer(step, key, (sk, module, saved, g))
 

@@ -1,0 +1,228 @@
+"""GraB through `sampler.watch(model)` on a bag-of-words text classifier: `nn.EmbeddingBag` with offsets.
+
+    .venv/bin/python benchmarks/watch_textbag.py                  # out/watch_textbag.{txt,csv,png}
+    .venv/bin/python benchmarks/watch_textbag.py --sketch 128     # a larger sketch (out/watch_textbag_sketch128.*)
+    .venv/bin/python benchmarks/watch_textbag.py --quick          # a smoke run of a few seconds
+
+The model of PyTorch's text classification tutorial (and of fastText): each sentence's word vectors averaged
+by `nn.EmbeddingBag(mode="mean")`, the batch's sentences end to end cut by offsets (`model(text, offsets)`),
+then one Linear layer. `watch()` sketches the bag as Embedding's block with each token weighted, and takes the
+step's batch size from the offsets (docs/capturing-gradients.md). A step here is a fraction of a millisecond,
+the regime where what `watch()` adds per step weighs most (as MNIST logistic regression).
+
+Data: the SST-2 training sentences of ../shared/data (GLUE, 67,349; `--n` the first n), lowercased and split
+on whitespace, the vocabulary every word of them (unknown words never occur: the loss is the training
+loss). Model: EmbeddingBag(V, `--dim`, mode="mean") + Linear(`--dim`, 2), cross-entropy. SGD lr `--lr`
+momentum 0.9, batch 64, the rate decayed per step along half a cosine to 0 at the last step.
+
+Arms, per seed from the same initial weights and the same first-epoch permutation (every arm a GraBSampler
+with that seed): `rr` (no hooks), `grab` and `pair` fed by `sampler.watch(model)` (its defaults). Every arm runs
+the same loop: each batch's sentences gathered end to end with their offsets (vectorized, from one flat token
+tensor), `loss.backward()`, `opt.step()`; `sampler.synchronize()` ends the epoch (part of its timed seconds).
+The arms take each epoch in turn, rotating who goes first; each epoch's seconds over RR's same epoch is one
+paired ratio. After each epoch, untimed: the mean loss over all n training sentences.
+
+Writes OUT/watch_textbag.txt (the printed tables, with the command line at the top), OUT/watch_textbag.csv and
+OUT/watch_textbag.png (loss against epochs and against training seconds, and each arm's loss minus RR's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+import watch_decoder  # noqa: E402  (its plot: loss per epoch, per second, and minus RR's)
+from torchgrab import GraBSampler  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+EX = _common.load_module("torchgrab_examples_common", REPO / "examples" / "_common.py")
+
+
+class TextBag(nn.Module):
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(vocab, dim, mode="mean")
+        self.fc = nn.Linear(dim, 2)
+
+    def forward(self, text: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(text, offsets))
+
+
+class Corpus:
+    """Every sentence's token ids end to end in one tensor, with each sentence's start and length."""
+
+    def __init__(self, sentences: List[str]) -> None:
+        words = [s.lower().split() for s in sentences]
+        counts = Counter(w for ws in words for w in ws)
+        index = {w: i for i, (w, _) in enumerate(counts.most_common())}
+        self.vocab = len(index)
+        self.lengths = torch.tensor([len(ws) for ws in words])
+        self.starts = torch.cumsum(self.lengths, 0) - self.lengths
+        self.tokens = torch.tensor([index[w] for ws in words for w in ws])
+
+    def batch(self, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The sentences ``idx`` end to end, and their offsets (the tutorial's collate_fn, vectorized)."""
+        lengths = self.lengths[idx]
+        offsets = torch.cumsum(lengths, 0) - lengths
+        at = torch.repeat_interleave(self.starts[idx] - offsets, lengths)
+        return self.tokens[at + torch.arange(at.shape[0])], offsets
+
+
+@torch.no_grad()
+def full_loss(model: nn.Module, corpus: Corpus, y: torch.Tensor, batch: int = 4096) -> float:
+    total = 0.0
+    for i in range(0, len(y), batch):
+        idx = torch.arange(i, min(i + batch, len(y)))
+        total += float(F.cross_entropy(model(*corpus.batch(idx)), y[idx], reduction="sum"))
+    return total / len(y)
+
+
+class Arm:
+    def __init__(self, name: str, seed: int, corpus: Corpus, n: int, args) -> None:
+        torch.manual_seed(seed)
+        self.model = TextBag(corpus.vocab, args.dim)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9)
+        self.sched = _common.cosine_to_zero(self.opt, args.epochs * math.ceil(n / args.batch))
+        self.sampler = GraBSampler(n=n, ordering=name, seed=seed)
+        kw = {} if args.sketch is None else {"sketch": args.sketch}
+        self.handle = None if name == "rr" else self.sampler.watch(self.model, **kw)
+        self.batch = args.batch
+
+    def epoch(self, corpus: Corpus, y: torch.Tensor) -> float:
+        model, opt = self.model, self.opt
+        t0 = time.perf_counter()
+        order = torch.as_tensor(np.fromiter(iter(self.sampler), dtype=np.int64, count=len(y)))
+        for i in range(0, len(order), self.batch):
+            idx = order[i : i + self.batch]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(*corpus.batch(idx)), y[idx]).backward()
+            opt.step()
+            self.sched.step()
+        self.sampler.synchronize()
+        return time.perf_counter() - t0
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help=f"data root in the layout of ../shared/data ({EX.DEFAULT_DATA})")
+    ap.add_argument("--n", type=int, default=0, help="training sentences (the first n; 0: all 67,349)")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--arms", default="rr,grab,pair", help="comma-separated, rr first: rr, grab, pair")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--sketch", type=int, default=None, help="watch(sketch=...) (default: watch()'s own, 32)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/out; with --quick a temp folder)")
+    ap.add_argument("--quick", action="store_true", help="1,000 sentences, 2 epochs, 1 seed: a smoke run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.epochs, args.seeds = 1000, 2, 1
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="watch_textbag_") if args.quick else os.path.join(here, "out")
+    os.makedirs(args.out, exist_ok=True)
+    arms = [a for a in args.arms.split(",") if a]
+    if arms[0] != "rr" or len(arms) < 2:
+        ap.error("--arms must start with rr (ratios and differences are taken against it) and name another")
+    torch.set_num_threads(args.threads)
+    name = "watch_textbag" if args.sketch is None else f"watch_textbag_sketch{args.sketch}"
+
+    out = _common.begin_result("watch() on an EmbeddingBag text classifier (SST-2): GraB against RR")
+    texts, labels = EX.load_glue(EX.data_root(args.data), "SST-2", "train")
+    if args.n:
+        texts, labels = texts[: args.n], labels[: args.n]
+    corpus = Corpus([t[0] for t in texts])
+    y = torch.as_tensor(labels)
+    n = len(y)
+    d = sum(p.numel() for p in TextBag(corpus.vocab, args.dim).parameters())
+    title = (
+        f"SST-2 EmbeddingBag(mean) + Linear (vocabulary {corpus.vocab:,}, d = {d:,}), {n:,} sentences "
+        f"({int(corpus.lengths.sum()):,} tokens), SGD lr {args.lr} cosine to 0 m 0.9, batch {args.batch}, "
+        f"{args.epochs} epochs, {args.seeds} seeds, {args.threads} torch thread(s), "
+        f"sketch {'default' if args.sketch is None else args.sketch}"
+    )
+    out.line(f"# {title}")
+    E, S = args.epochs, args.seeds
+    loss = {a: np.full((S, E + 1), np.nan) for a in arms}
+    secs = {a: np.zeros((S, E + 1)) for a in arms}
+    rows: List[Dict] = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=S * E * len(arms), desc="arm-epochs", file=sys.stderr, leave=False)
+    for s in range(S):
+        runs = {a: Arm(a, s, corpus, n, args) for a in arms}
+        if s == 0:
+            for a, r in runs.items():
+                if r.handle is not None:
+                    blocks = ", ".join(f"{nm} {kind} {w}" for nm, kind, w in r.handle.layers)
+                    out.line(f"# {a}: K = {r.handle.width:,} columns per example: {blocks}")
+        for a, r in runs.items():
+            loss[a][s, 0] = full_loss(r.model, corpus, y)
+        for e in range(1, E + 1):
+            rot = (e - 1) % len(arms)
+            for a in arms[rot:] + arms[:rot]:
+                secs[a][s, e] = runs[a].epoch(corpus, y)
+                loss[a][s, e] = full_loss(runs[a].model, corpus, y)
+                bar.update()
+        for a in arms:
+            for e in range(E + 1):
+                rows.append(
+                    dict(
+                        arm=a, seed=s, epoch=e, train_loss=f"{loss[a][s, e]:.6f}", epoch_seconds=f"{secs[a][s, e]:.3f}"
+                    )
+                )
+    bar.close()
+
+    others = arms[1:]
+    same = all(np.array_equal(loss[a][:, : min(1, E) + 1], loss["rr"][:, : min(1, E) + 1]) for a in others)
+    out.line(
+        f"\n# check: epoch 0 and epoch 1 losses equal in every arm of a seed (same init, same first order): {same}"
+    )
+    out.line("\nFull training loss (cross-entropy over the n sentences), mean over seeds:")
+    out.line(f"{'epoch':>5} " + " ".join(f"{a:>9}" for a in arms) + "".join(f" {a + '-rr':>10}" for a in others))
+    for e in range(E + 1):
+        diffs = "".join(f" {(loss[a][:, e] - loss['rr'][:, e]).mean():>+10.5f}" for a in others)
+        out.line(f"{e:>5} " + " ".join(f"{loss[a][:, e].mean():>9.5f}" for a in arms) + diffs)
+    for a in others:
+        dd = loss[a][:, 2:] - loss["rr"][:, 2:]  # epochs 2..E: the first reordered epoch on
+        out.line(f"{a} - rr from epoch 2 on: lower in {int((dd < 0).sum())} of {dd.size} seed-epochs")
+    out.line("\nWhat an epoch costs, each epoch's seconds over RR's same epoch (seed and epoch paired):")
+    out.line(f"{'arm':<6} {'median':>7} {'quartiles':>13}")
+    for a in others:
+        ratio = (secs[a][:, 1:] / secs["rr"][:, 1:]).ravel()
+        q1, med, q3 = np.percentile(ratio, [25, 50, 75])
+        out.line(f"{a:<6} {med:>7.3f} {q1:>6.3f}-{q3:.3f}")
+    out.line("\nTime to RR's final loss (its seed's), over RR's time:")
+    for a in others:
+        got = []
+        for s in range(S):
+            hist = list(zip(np.cumsum(secs[a][s]), loss[a][s]))
+            t = _common.time_to(hist, loss["rr"][s, E])
+            got.append(float("inf") if t is None else t / secs["rr"][s].sum())
+        shown = ", ".join("never" if g == float("inf") else f"{g:.3f}" for g in got)
+        out.line(f"{a:<6} median {np.median(got):.3f} (seeds: {shown})")
+    out.line(f"\n# load average now {_common.load_average()}")
+    out.save(os.path.join(args.out, f"{name}.txt"))
+    _common.write_csv(os.path.join(args.out, f"{name}.csv"), rows)
+    watch_decoder.plot(args.out, name, arms, loss, secs, title, ylabel="cross-entropy")
+    print(f"# wrote {args.out}/{name}.txt, .csv, .png")
+
+
+if __name__ == "__main__":
+    main()
