@@ -13,7 +13,8 @@ the regime where what `watch()` adds per step weighs most (as MNIST logistic reg
 Data: the SST-2 training sentences of ../shared/data (GLUE, 67,349; `--n` the first n), lowercased and split
 on whitespace, the vocabulary every word of them (unknown words never occur: the loss is the training
 loss). Model: EmbeddingBag(V, `--dim`, mode="mean") + Linear(`--dim`, 2), cross-entropy. SGD lr `--lr`
-momentum 0.9, batch 64, the rate decayed per step along half a cosine to 0 at the last step.
+momentum 0.9, batch 64, the rate decayed per step along half a cosine to 0 at the last step (`--lr`,
+`--momentum`, `--schedule constant` change them; the output files then say so in their names).
 
 Arms, per seed from the same initial weights and the same first-epoch permutation (every arm a GraBSampler
 with that seed): `rr` (no hooks), `grab` and `pair` fed by `sampler.watch(model)` (its defaults). Every arm runs
@@ -95,8 +96,10 @@ class Arm:
     def __init__(self, name: str, seed: int, corpus: Corpus, n: int, args) -> None:
         torch.manual_seed(seed)
         self.model = TextBag(corpus.vocab, args.dim)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9)
-        self.sched = _common.cosine_to_zero(self.opt, args.epochs * math.ceil(n / args.batch))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum)
+        self.sched = None
+        if args.schedule == "cosine":
+            self.sched = _common.cosine_to_zero(self.opt, args.epochs * math.ceil(n / args.batch))
         self.sampler = GraBSampler(n=n, ordering=name, seed=seed)
         kw = {} if args.sketch is None else {"sketch": args.sketch}
         self.handle = None if name == "rr" else self.sampler.watch(self.model, **kw)
@@ -111,7 +114,8 @@ class Arm:
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(*corpus.batch(idx)), y[idx]).backward()
             opt.step()
-            self.sched.step()
+            if self.sched is not None:
+                self.sched.step()
         self.sampler.synchronize()
         return time.perf_counter() - t0
 
@@ -127,6 +131,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument(
+        "--schedule", choices=("cosine", "constant"), default="cosine", help="per-step cosine decay to 0, or constant"
+    )
     ap.add_argument("--sketch", type=int, default=None, help="watch(sketch=...) (default: watch()'s own, 32)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/out; with --quick a temp folder)")
@@ -141,7 +149,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     if arms[0] != "rr" or len(arms) < 2:
         ap.error("--arms must start with rr (ratios and differences are taken against it) and name another")
     torch.set_num_threads(args.threads)
-    name = "watch_textbag" if args.sketch is None else f"watch_textbag_sketch{args.sketch}"
+    name = "watch_textbag" + "".join(
+        f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}"
+        for k, v, default in (("sketch", args.sketch, None), ("momentum", args.momentum, 0.9), ("lr", args.lr, 0.5))
+        if v != default
+    )
+    name += "_constant" if args.schedule == "constant" else ""
 
     out = _common.begin_result("watch() on an EmbeddingBag text classifier (SST-2): GraB against RR")
     texts, labels = EX.load_glue(EX.data_root(args.data), "SST-2", "train")
@@ -153,7 +166,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     d = sum(p.numel() for p in TextBag(corpus.vocab, args.dim).parameters())
     title = (
         f"SST-2 EmbeddingBag(mean) + Linear (vocabulary {corpus.vocab:,}, d = {d:,}), {n:,} sentences "
-        f"({int(corpus.lengths.sum()):,} tokens), SGD lr {args.lr} cosine to 0 m 0.9, batch {args.batch}, "
+        f"({int(corpus.lengths.sum()):,} tokens), SGD lr {args.lr}{' cosine to 0' if args.schedule == 'cosine' else ''} "
+        f"m {args.momentum:g}, batch {args.batch}, "
         f"{args.epochs} epochs, {args.seeds} seeds, {args.threads} torch thread(s), "
         f"sketch {'default' if args.sketch is None else args.sketch}"
     )
