@@ -4751,6 +4751,27 @@ def test_embedding_bag_in_a_dataloader_loop_feeds_one_row_per_text(ordering):
         assert sorted(sampler._order.tolist()) == list(range(40))
 
 
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_an_embedding_bag_left_out_still_gives_the_steps_batch(mode):
+    # exclude= (to save its columns) or mode='max' (not sketched): the model's first input is still the
+    # tokens end to end, and the Linear layer after the bag must see a batch of texts, not of tokens.
+    torch.manual_seed(0)
+    model = _TextClassifier(mode)
+    batch, each, y = _bag_batch("offsets")
+    sampler, handle, spy = watched(model, exclude=["emb"])
+    assert [n for n, _, _ in handle.layers] == ["fc"]
+    ce(model(*batch), y).backward()
+    handle.flush()
+    assert sampler.pending == 64 - 4
+    grads = {n: [] for n, _ in model.named_parameters()}
+    for args, label in zip(each, y):
+        model.zero_grad()
+        ce(model(*args), label[None]).backward()
+        for n, p in model.named_parameters():
+            grads[n].append(p.grad.clone())
+    assert_rows(spy.rows[0], handle.project({n: torch.stack(g) for n, g in grads.items()}))
+
+
 def test_embedding_bag_max_is_refused_by_name():
     model = nn.Sequential(nn.EmbeddingBag(30, 6, mode="max"), nn.Linear(6, 3))
     with pytest.raises(UnsupportedModelError, match=r"\['0.weight'\].*EmbeddingBag \(mode 'sum' or 'mean'\)"):

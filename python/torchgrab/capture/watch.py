@@ -429,6 +429,11 @@ class WatchHandle:
                 self._hooks.append(module.register_forward_hook(module_hook(self._on_replaced), always_call=True))
             else:
                 self._hooks.append(module.register_forward_hook(on_forward))
+        for module in inner.modules():
+            if isinstance(module, nn.EmbeddingBag) and module not in self._sketches:
+                # Left out (exclude=, mode='max'), it still says how many examples its 1-D input holds.
+                hook = module_hook(self._on_bags_left_out)
+                self._hooks.append(module.register_forward_hook(hook, with_kwargs=True))
         for i, (_, p, _) in enumerate(self._params):
             self._hooks.append(p.register_hook(unserializable_hook(self._param_hook(i))))
         for holder, params in self._direct.items():
@@ -770,11 +775,22 @@ class WatchHandle:
                 bags = self._sketches[module].bags(module, args, kwargs)  # type: ignore[attr-defined]
         else:
             bags = out.detach()  # (an ordering without rows counts the examples: the number of bags)
+        self._batch_of_bags(args, kwargs, out)
+        return self._record(module, bags, out, saved=bags)
+
+    def _on_bags_left_out(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> None:
+        """Forward hook of an nn.EmbeddingBag that is not sketched: its bags are the step's examples too."""
+        if self._records() and isinstance(out, torch.Tensor):
+            self._batch_of_bags(args, kwargs, out)
+
+    def _batch_of_bags(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: torch.Tensor) -> None:
+        """An EmbeddingBag called with its bags' tokens end to end (a 1-D input), where the step's batch was
+        read from those tokens and no layer has recorded a call yet: the batch is its number of bags."""
         step = self._step
         tokens = args[0] if args else kwargs.get("input")
-        if tokens.dim() == 1 and not step.forwards and step.batch == tokens.shape[0]:
-            step.batch = int(bags.shape[0])
-        return self._record(module, bags, out, saved=bags)
+        if isinstance(tokens, torch.Tensor) and tokens.dim() == 1 and not step.forwards:
+            if step.batch == tokens.shape[0] and out.dim() > 0:
+                step.batch = int(out.shape[0])
 
     def _on_direct_begins(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
         """Forward pre-hook of a module holding watched parameters of no layer: watch the operations
