@@ -4182,7 +4182,7 @@ class _SmallDecoder(nn.Module):
         return self.head(self.act(self.up(x, output_size=(6, 6))).flatten(1))
 
 
-@pytest.mark.parametrize("net", ["conv", "attention", "tokens", "replaced", "beit", "blocks", "wide", "decoder"])
+@pytest.mark.parametrize("net", ["conv", "attention", "tokens", "replaced", "beit", "blocks", "wide", "decoder", "bag"])
 @pytest.mark.parametrize("form", ["torch.compile(model)", "model.compile()"])
 @pytest.mark.parametrize("sketch", SKETCHES)
 def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(form, sketch, net):
@@ -4218,6 +4218,7 @@ def test_under_torch_compile_rows_equal_the_eager_ones_and_nothing_recompiles(fo
         "blocks": lambda: (_Blocks(), torch.randn(64, 5, 8)),  # inputs projected together, norms grouped
         "wide": lambda: (_WideHead(), torch.randn(64, 400)),  # a count-sketched input held to the backward
         "decoder": lambda: (_SmallDecoder(), torch.randn(64, 4, 3, 3)),  # a transposed convolution, a PReLU
+        "bag": lambda: (_TextClassifier("mean", padding_idx=0), torch.randint(0, 30, (64, 5))),  # an EmbeddingBag
     }[net]()
     compiled_model = copy.deepcopy(eager)
     y_all = torch.randint(0, 3, (64,))

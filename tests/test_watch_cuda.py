@@ -51,6 +51,23 @@ class _Tokens(nn.Module):
         return self.head(h.mean(1))
 
 
+class _PixelBags(nn.Module):
+    """Each image's pixels quantized to 21 ids, pooled by an EmbeddingBag: as [B, L] ids, and end to end
+    with offsets (the text classification tutorials' call), then a Linear layer."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rows = nn.EmbeddingBag(21, width, mode="mean", padding_idx=0)
+        self.ends = nn.EmbeddingBag(21, width, mode="sum")
+        self.head = nn.Linear(2 * width, 10)
+
+    def forward(self, x):
+        ids = ((x.flatten(1).tanh() + 1) * 10).long()  # [B, L] in 0..20
+        offsets = torch.arange(ids.shape[0], device=ids.device) * ids.shape[1]
+        return self.head(torch.cat([self.rows(ids), self.ends(ids.flatten(), offsets)], dim=1))
+
+
 def _rows(device, steps=4, sketch=8, make=_model, side=8):
     model = make().to(device)
     x = torch.randn(64, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
@@ -71,7 +88,9 @@ def _rows(device, steps=4, sketch=8, make=_model, side=8):
 
 
 @pytest.mark.parametrize(
-    "make, side, sketch", [(_model, 8, 8), (_wide_model, 16, 32), (_Tokens, 4, 8)], ids=["conv-mlp", "count", "tokens"]
+    "make, side, sketch",
+    [(_model, 8, 8), (_wide_model, 16, 32), (_Tokens, 4, 8), (_PixelBags, 4, 8)],
+    ids=["conv-mlp", "count", "tokens", "bags"],
 )
 def test_rows_on_cuda_equal_the_cpu_rows(make, side, sketch):
     cpu, _ = _rows("cpu", make=make, side=side, sketch=sketch)
