@@ -219,7 +219,7 @@ def run_case(
         trainer, ds = make_trainer(
             out_dir, n=n, epochs=3, save_strategy="steps", save_steps=save, gradient_accumulation_steps=2, **args
         )
-        sampler = enable_grab(trainer)
+        sampler = enable_grab(trainer, ordering=os.environ.get("HF_CASE_ORDERING", "grab"))
         batches: List[List[int]] = []
         original = trainer.training_step
 

@@ -111,15 +111,23 @@ def test_bf16_autocast_on_the_cpu(tmp_path, rows_run):
         assert cos.min() > 0.98
 
 
-@pytest.mark.parametrize("save_step", [4, 3], ids=["mid-epoch", "epoch-end"])
-def test_resume_gives_the_same_batches_weights_and_order(tmp_path, monkeypatch, save_step):
-    # 3 updates per epoch: checkpoint-4 is one update into epoch 2, checkpoint-3 the end of epoch 1.
+@pytest.mark.parametrize(
+    "save_step,ordering,workers",
+    [(4, "grab", 0), (3, "grab", 0), (3, "rr", 2)],
+    ids=["mid-epoch", "epoch-end", "epoch-end-rr-workers"],
+)
+def test_resume_gives_the_same_batches_weights_and_order(tmp_path, monkeypatch, save_step, ordering, workers):
+    # 3 updates per epoch: checkpoint-4 is one update into epoch 2, checkpoint-3 the end of epoch 1. With
+    # rr the order is drawn from the epoch's number, which workers must not shift (the Trainer calls
+    # set_epoch before it makes the epoch's iterator; Lightning does not, see test_integration_lightning).
     monkeypatch.setenv("HF_CASE_SAVE_STEP", str(save_step))
-    full = hf_cases.run_case("resume_full", str(tmp_path / "full"))
+    monkeypatch.setenv("HF_CASE_ORDERING", ordering)
+    args = {"dataloader_num_workers": workers} if workers else {}
+    full = hf_cases.run_case("resume_full", str(tmp_path / "full"), **args)
     checkpoint = tmp_path / "full" / f"checkpoint-{save_step}"
     assert (checkpoint / SAMPLER_FILE).is_file()
     monkeypatch.setenv("HF_CASE_RESUME", str(checkpoint))
-    resumed = hf_cases.run_case("resume_from", str(tmp_path / "resumed"))
+    resumed = hf_cases.run_case("resume_from", str(tmp_path / "resumed"), **args)
     k = len(resumed["batches"])
     assert 0 < k < len(full["batches"])
     assert resumed["batches"] == full["batches"][-k:]
