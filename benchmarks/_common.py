@@ -215,6 +215,90 @@ def paired_epochs(runs: Dict[str, Any], rounds: int) -> Dict[str, List[float]]:
     return secs
 
 
+def train_in_rotation(
+    out: "Out",
+    arms: List[str],
+    seeds: int,
+    epochs: int,
+    make_runs: Callable[[int], Dict[str, Any]],
+    train_epoch: Callable[[Any], float],
+    full_loss: Callable[[Any], float],
+) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray], List[Dict[str, Any]]]:
+    """Train every arm of a seed side by side, epoch after epoch, the order of the arms rotating from epoch
+    to epoch so that a slow spell of this shared machine falls on all of them. ``make_runs(seed)`` gives
+    {arm: run} (a run's ``handle``, when not None, is its watch handle, whose columns are printed once),
+    ``train_epoch(run)`` trains one epoch and returns its seconds, ``full_loss(run)`` is the untimed loss
+    after it. Returns (loss, secs, csv rows); loss[a][s, e] and secs[a][s, e] for epochs 0..epochs (epoch 0:
+    the initial loss, no seconds)."""
+    from tqdm import tqdm
+
+    loss = {a: np.full((seeds, epochs + 1), np.nan) for a in arms}
+    secs = {a: np.zeros((seeds, epochs + 1)) for a in arms}
+    rows: List[Dict[str, Any]] = []
+    bar = tqdm(total=seeds * epochs * len(arms), desc="arm-epochs", file=sys.stderr, leave=False)
+    for s in range(seeds):
+        runs = make_runs(s)
+        if s == 0:
+            for a, r in runs.items():
+                if r.handle is not None:
+                    blocks = ", ".join(f"{nm} {kind} {w}" for nm, kind, w in r.handle.layers)
+                    out.line(f"# {a}: K = {r.handle.width:,} columns per example: {blocks}")
+        for a, r in runs.items():
+            loss[a][s, 0] = full_loss(r)
+        for e in range(1, epochs + 1):
+            rot = (e - 1) % len(arms)
+            for a in arms[rot:] + arms[:rot]:
+                secs[a][s, e] = train_epoch(runs[a])
+                loss[a][s, e] = full_loss(runs[a])
+                bar.update()
+        for a in arms:
+            for e in range(epochs + 1):
+                rows.append(
+                    dict(
+                        arm=a, seed=s, epoch=e, train_loss=f"{loss[a][s, e]:.6f}", epoch_seconds=f"{secs[a][s, e]:.3f}"
+                    )
+                )
+    bar.close()
+    return loss, secs, rows
+
+
+def report_against_rr(
+    out: "Out", arms: List[str], loss: Dict[str, np.ndarray], secs: Dict[str, np.ndarray], what: str, digits: int
+) -> None:
+    """The tables of a ``train_in_rotation`` study against its first arm, rr: the check that every arm of a
+    seed starts alike, the full training loss per epoch (``what`` it is, ``digits`` after the point) and
+    each arm's difference from RR's, what an epoch costs against RR's same epoch, and the time each arm
+    takes to reach RR's final loss over RR's time."""
+    others = arms[1:]
+    seeds, last = loss["rr"].shape[0], loss["rr"].shape[1] - 1
+    same = all(np.array_equal(loss[a][:, : min(1, last) + 1], loss["rr"][:, : min(1, last) + 1]) for a in others)
+    out.line(
+        f"\n# check: epoch 0 and epoch 1 losses equal in every arm of a seed (same init, same first order): {same}"
+    )
+    out.line(f"\nFull training loss ({what}), mean over seeds:")
+    out.line(f"{'epoch':>5} " + " ".join(f"{a:>9}" for a in arms) + "".join(f" {a + '-rr':>10}" for a in others))
+    for e in range(last + 1):
+        diffs = "".join(f" {(loss[a][:, e] - loss['rr'][:, e]).mean():>+10.{digits}f}" for a in others)
+        out.line(f"{e:>5} " + " ".join(f"{loss[a][:, e].mean():>9.{digits}f}" for a in arms) + diffs)
+    for a in others:
+        dd = loss[a][:, 2:] - loss["rr"][:, 2:]  # epochs 2..last: the first reordered epoch on
+        out.line(f"{a} - rr from epoch 2 on: lower in {int((dd < 0).sum())} of {dd.size} seed-epochs")
+    out.line("\nWhat an epoch costs, each epoch's seconds over RR's same epoch (seed and epoch paired):")
+    out.line(f"{'arm':<6} {'median':>7} {'quartiles':>13}")
+    for a in others:
+        ratio = (secs[a][:, 1:] / secs["rr"][:, 1:]).ravel()
+        q1, med, q3 = np.percentile(ratio, [25, 50, 75])
+        out.line(f"{a:<6} {med:>7.3f} {q1:>6.3f}-{q3:.3f}")
+    out.line("\nTime to RR's final loss (its seed's), over RR's time:")
+    for a in others:
+        got = []
+        for s in range(seeds):
+            t = time_to(list(zip(np.cumsum(secs[a][s]), loss[a][s])), loss["rr"][s, last])
+            got.append(float("inf") if t is None else t / secs["rr"][s].sum())
+        shown = ", ".join("never" if g == float("inf") else f"{g:.3f}" for g in got)
+        out.line(f"{a:<6} median {np.median(got):.3f} (seeds: {shown})")
+
+
 def cosine_to_zero(opt: Any, steps: int) -> Any:
     """A per-step learning-rate schedule along half a cosine from the optimizer's rate to 0 at ``steps``
     (held at 0 after), for every arm of a study alike."""

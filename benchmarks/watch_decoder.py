@@ -207,65 +207,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"budget {'default' if args.budget is None else args.budget}"
     )
     out.line(f"# {title}")
-    E, S = args.epochs, args.seeds
-    loss = {a: np.full((S, E + 1), np.nan) for a in arms}
-    secs = {a: np.zeros((S, E + 1)) for a in arms}
-    rows: List[Dict] = []
-    from tqdm import tqdm
-
-    bar = tqdm(total=S * E * len(arms), desc="arm-epochs", file=sys.stderr, leave=False)
-    for s in range(S):
-        runs = {a: Arm(a, s, len(x), args) for a in arms}
-        if s == 0:
-            for a, r in runs.items():
-                if r.handle is not None:
-                    blocks = ", ".join(f"{nm} {kind} {w}" for nm, kind, w in r.handle.layers)
-                    out.line(f"# {a}: K = {r.handle.width:,} columns per example: {blocks}")
-        for a, r in runs.items():
-            loss[a][s, 0] = full_loss(r.model, x)
-        for e in range(1, E + 1):
-            rot = (e - 1) % len(arms)
-            for a in arms[rot:] + arms[:rot]:
-                secs[a][s, e] = runs[a].epoch(x)
-                loss[a][s, e] = full_loss(runs[a].model, x)
-                bar.update()
-        for a in arms:
-            for e in range(E + 1):
-                rows.append(
-                    dict(
-                        arm=a, seed=s, epoch=e, train_loss=f"{loss[a][s, e]:.6f}", epoch_seconds=f"{secs[a][s, e]:.3f}"
-                    )
-                )
-    bar.close()
-
-    others = arms[1:]
-    same = all(np.array_equal(loss[a][:, : min(1, E) + 1], loss["rr"][:, : min(1, E) + 1]) for a in others)
-    out.line(
-        f"\n# check: epoch 0 and epoch 1 losses equal in every arm of a seed (same init, same first order): {same}"
+    loss, secs, rows = _common.train_in_rotation(
+        out,
+        arms,
+        args.seeds,
+        args.epochs,
+        lambda s: {a: Arm(a, s, len(x), args) for a in arms},
+        lambda r: r.epoch(x),
+        lambda r: full_loss(r.model, x),
     )
-    out.line("\nFull training loss (per-pixel binary cross-entropy over the n images), mean over seeds:")
-    out.line(f"{'epoch':>5} " + " ".join(f"{a:>9}" for a in arms) + "".join(f" {a + '-rr':>10}" for a in others))
-    for e in range(E + 1):
-        diffs = "".join(f" {(loss[a][:, e] - loss['rr'][:, e]).mean():>+10.6f}" for a in others)
-        out.line(f"{e:>5} " + " ".join(f"{loss[a][:, e].mean():>9.6f}" for a in arms) + diffs)
-    for a in others:
-        dd = loss[a][:, 2:] - loss["rr"][:, 2:]  # epochs 2..E: the first reordered epoch on
-        out.line(f"{a} - rr from epoch 2 on: lower in {int((dd < 0).sum())} of {dd.size} seed-epochs")
-    out.line("\nWhat an epoch costs, each epoch's seconds over RR's same epoch (seed and epoch paired):")
-    out.line(f"{'arm':<6} {'median':>7} {'quartiles':>13}")
-    for a in others:
-        ratio = (secs[a][:, 1:] / secs["rr"][:, 1:]).ravel()
-        q1, med, q3 = np.percentile(ratio, [25, 50, 75])
-        out.line(f"{a:<6} {med:>7.3f} {q1:>6.3f}-{q3:.3f}")
-    out.line("\nTime to RR's final loss (its seed's), over RR's time:")
-    for a in others:
-        got = []
-        for s in range(S):
-            hist = list(zip(np.cumsum(secs[a][s]), loss[a][s]))
-            t = _common.time_to(hist, loss["rr"][s, E])
-            got.append(float("inf") if t is None else t / secs["rr"][s].sum())
-        shown = ", ".join("never" if g == float("inf") else f"{g:.3f}" for g in got)
-        out.line(f"{a:<6} median {np.median(got):.3f} (seeds: {shown})")
+    _common.report_against_rr(out, arms, loss, secs, "per-pixel binary cross-entropy over the n images", digits=6)
     out.line(f"\n# load average now {_common.load_average()}")
     out.save(os.path.join(args.out, f"{name}.txt"))
     _common.write_csv(os.path.join(args.out, f"{name}.csv"), rows)

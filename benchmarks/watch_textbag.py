@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -172,65 +172,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"sketch {'default' if args.sketch is None else args.sketch}"
     )
     out.line(f"# {title}")
-    E, S = args.epochs, args.seeds
-    loss = {a: np.full((S, E + 1), np.nan) for a in arms}
-    secs = {a: np.zeros((S, E + 1)) for a in arms}
-    rows: List[Dict] = []
-    from tqdm import tqdm
-
-    bar = tqdm(total=S * E * len(arms), desc="arm-epochs", file=sys.stderr, leave=False)
-    for s in range(S):
-        runs = {a: Arm(a, s, corpus, n, args) for a in arms}
-        if s == 0:
-            for a, r in runs.items():
-                if r.handle is not None:
-                    blocks = ", ".join(f"{nm} {kind} {w}" for nm, kind, w in r.handle.layers)
-                    out.line(f"# {a}: K = {r.handle.width:,} columns per example: {blocks}")
-        for a, r in runs.items():
-            loss[a][s, 0] = full_loss(r.model, corpus, y)
-        for e in range(1, E + 1):
-            rot = (e - 1) % len(arms)
-            for a in arms[rot:] + arms[:rot]:
-                secs[a][s, e] = runs[a].epoch(corpus, y)
-                loss[a][s, e] = full_loss(runs[a].model, corpus, y)
-                bar.update()
-        for a in arms:
-            for e in range(E + 1):
-                rows.append(
-                    dict(
-                        arm=a, seed=s, epoch=e, train_loss=f"{loss[a][s, e]:.6f}", epoch_seconds=f"{secs[a][s, e]:.3f}"
-                    )
-                )
-    bar.close()
-
-    others = arms[1:]
-    same = all(np.array_equal(loss[a][:, : min(1, E) + 1], loss["rr"][:, : min(1, E) + 1]) for a in others)
-    out.line(
-        f"\n# check: epoch 0 and epoch 1 losses equal in every arm of a seed (same init, same first order): {same}"
+    loss, secs, rows = _common.train_in_rotation(
+        out,
+        arms,
+        args.seeds,
+        args.epochs,
+        lambda s: {a: Arm(a, s, corpus, n, args) for a in arms},
+        lambda r: r.epoch(corpus, y),
+        lambda r: full_loss(r.model, corpus, y),
     )
-    out.line("\nFull training loss (cross-entropy over the n sentences), mean over seeds:")
-    out.line(f"{'epoch':>5} " + " ".join(f"{a:>9}" for a in arms) + "".join(f" {a + '-rr':>10}" for a in others))
-    for e in range(E + 1):
-        diffs = "".join(f" {(loss[a][:, e] - loss['rr'][:, e]).mean():>+10.5f}" for a in others)
-        out.line(f"{e:>5} " + " ".join(f"{loss[a][:, e].mean():>9.5f}" for a in arms) + diffs)
-    for a in others:
-        dd = loss[a][:, 2:] - loss["rr"][:, 2:]  # epochs 2..E: the first reordered epoch on
-        out.line(f"{a} - rr from epoch 2 on: lower in {int((dd < 0).sum())} of {dd.size} seed-epochs")
-    out.line("\nWhat an epoch costs, each epoch's seconds over RR's same epoch (seed and epoch paired):")
-    out.line(f"{'arm':<6} {'median':>7} {'quartiles':>13}")
-    for a in others:
-        ratio = (secs[a][:, 1:] / secs["rr"][:, 1:]).ravel()
-        q1, med, q3 = np.percentile(ratio, [25, 50, 75])
-        out.line(f"{a:<6} {med:>7.3f} {q1:>6.3f}-{q3:.3f}")
-    out.line("\nTime to RR's final loss (its seed's), over RR's time:")
-    for a in others:
-        got = []
-        for s in range(S):
-            hist = list(zip(np.cumsum(secs[a][s]), loss[a][s]))
-            t = _common.time_to(hist, loss["rr"][s, E])
-            got.append(float("inf") if t is None else t / secs["rr"][s].sum())
-        shown = ", ".join("never" if g == float("inf") else f"{g:.3f}" for g in got)
-        out.line(f"{a:<6} median {np.median(got):.3f} (seeds: {shown})")
+    _common.report_against_rr(out, arms, loss, secs, "cross-entropy over the n sentences", digits=5)
     out.line(f"\n# load average now {_common.load_average()}")
     out.save(os.path.join(args.out, f"{name}.txt"))
     _common.write_csv(os.path.join(args.out, f"{name}.csv"), rows)

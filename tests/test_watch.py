@@ -4678,6 +4678,18 @@ def _bag_batch(form, include_last_offset=False, weights=False):
     return batch, each, y
 
 
+def _each_texts_gradients(model, each, y):
+    """{name: [B, *shape]}: each text's gradient by its own forward and backward, alone (``each`` holds
+    its arguments)."""
+    grads = {n: [] for n, _ in model.named_parameters()}
+    for args, label in zip(each, y):
+        model.zero_grad()
+        ce(model(*args), label[None]).backward()
+        for n, p in model.named_parameters():
+            grads[n].append(p.grad.clone())
+    return {n: torch.stack(g) for n, g in grads.items()}
+
+
 @pytest.mark.parametrize("path", ["table", "scatter"])
 @pytest.mark.parametrize("sketch", SKETCHES)
 @pytest.mark.parametrize(
@@ -4708,13 +4720,7 @@ def test_embedding_bag_rows_are_each_texts_gradient(
     assert bool(handle._sketches[model.emb]._onehots) == (path == "table")
     handle.flush()
     assert len(spy.rows) == 1 and sampler.pending == 64 - 4  # four examples, not the tokens' count
-    grads = {n: [] for n, _ in model.named_parameters()}
-    for args, label in zip(each, y):
-        model.zero_grad()
-        ce(model(*args), label[None]).backward()
-        for n, p in model.named_parameters():
-            grads[n].append(p.grad.clone())
-    grads = {n: torch.stack(g) for n, g in grads.items()}
+    grads = _each_texts_gradients(model, each, y)
     if form == "offsets":
         assert grads["emb.weight"][2].abs().max() == 0  # the empty text
     assert_rows(spy.rows[0], handle.project(grads))
@@ -4764,13 +4770,7 @@ def test_an_embedding_bag_left_out_still_gives_the_steps_batch(mode):
     ce(model(*batch), y).backward()
     handle.flush()
     assert sampler.pending == 64 - 4
-    grads = {n: [] for n, _ in model.named_parameters()}
-    for args, label in zip(each, y):
-        model.zero_grad()
-        ce(model(*args), label[None]).backward()
-        for n, p in model.named_parameters():
-            grads[n].append(p.grad.clone())
-    assert_rows(spy.rows[0], handle.project({n: torch.stack(g) for n, g in grads.items()}))
+    assert_rows(spy.rows[0], handle.project(_each_texts_gradients(model, each, y)))
 
 
 def test_embedding_bag_max_is_refused_by_name():
