@@ -465,3 +465,20 @@ def test_time_to_interpolates_between_epochs_by_hand():
     assert common.time_to(hist, 1.5) == 5.0
     assert common.time_to(hist, 0.4) is None  # never
     assert common.time_to([(0.0, 1.0), (5.0, 2.0), (9.0, 0.0)], 1.0) == 0.0  # first time, not the last
+
+
+@pytest.mark.skipif(not (DATA / "glue").is_dir(), reason="no ../shared/data")
+def test_watch_recurrent_runs(tmp_path):
+    """benchmarks/watch_recurrent.py --quick: an LSTM over packed SST-2 sentences, grab and pair against RR;
+    the LSTM's rows are its own block, replayed in the backward."""
+    stdout = run(["benchmarks/watch_recurrent.py", "--data", str(DATA), "--quick", "--out", str(tmp_path)])
+    for line in (
+        "SST-2 Embedding + LSTM(64, 64) + Linear",
+        "600 sentences",
+        "rnn LSTM (replayed step by step in the backward) ",
+        "epoch 0 and epoch 1 losses equal in every arm of a seed (same init, same first order): True",
+        "What an epoch costs",
+        "Time to RR's final loss",
+    ):
+        assert line in stdout
+    assert (tmp_path / "watch_recurrent.txt").exists() and (tmp_path / "watch_recurrent.csv").exists()

@@ -1116,10 +1116,10 @@ def test_torch_func_on_a_watched_model_has_no_effect():
 
 # ---------------------------------------------------------------------------------------------- granularity="batch"
 class LSTMModel(nn.Module):
-    def __init__(self):
+    def __init__(self, num_layers=1, dropout=0.0):
         super().__init__()
         self.emb = nn.Embedding(11, 4)
-        self.lstm = nn.LSTM(4, 5, batch_first=True)
+        self.lstm = nn.LSTM(4, 5, num_layers, batch_first=True, dropout=dropout)
         self.out = nn.Linear(5, 11)
 
     def forward(self, ids):
@@ -1135,8 +1135,6 @@ def _lm_loss(out, y, reduction="mean"):
 def test_batch_granularity_with_a_batch_of_one_on_an_lstm(sketch):
     torch.manual_seed(0)
     model = LSTMModel()
-    with pytest.raises(UnsupportedModelError, match="lstm.weight_ih_l0"):
-        GraBSampler(n=4).watch(model)
     sampler, handle, spy = watched(model, sketch=sketch, granularity="batch")
     g = torch.Generator().manual_seed(4)
     for _ in range(3):
@@ -1245,9 +1243,12 @@ def test_uncovered_parameters_are_refused_and_can_be_excluded(sketch):
     if sketch is None:
         assert_rows(rows, torch.cat([grads["lin.weight"].reshape(4, -1), grads["lin.bias"]], 1))
 
-    lstm = LSTMModel()
-    with pytest.raises(UnsupportedModelError, match="lstm"):
+    # A layer whose sketch refuses it (dropout between an LSTM's layers: drawn inside torch's kernel).
+    lstm = LSTMModel(num_layers=2, dropout=0.1)
+    with pytest.raises(UnsupportedModelError, match=r"'lstm' is an LSTM with dropout=0.1 between its 2 layers"):
         GraBSampler(n=8).watch(lstm)
+    no_hooks(lstm)
+    lstm.lstm.dropout = 0.0  # (the rows of the layers left in are compared with torch.func's, which draws other masks)
     ids = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(2))
     rows, expected, grads, handle = one_step(lstm, ids, y, _lm_loss, sketch, exclude="lstm")
@@ -1729,8 +1730,8 @@ def test_a_layer_of_its_own_called_with_more_than_one_tensor_is_refused_at_its_c
         handle.remove()
     # Too large for per-example gradients of its own: refused at watch() as before, with the advice.
     refused(nn.Sequential(nn.Linear(3, 40_000), _ScaleShift(40_000)), UnsupportedModelError, r"exclude=\['1'\]")
-    # Torch's own layers without a sketch (an LSTM) are not taken by this route.
-    refused(nn.Sequential(nn.LSTM(3, 4)), UnsupportedModelError, "0.weight_ih_l0")
+    # Torch's own layers without a sketch (an LSTMCell) are not taken by this route.
+    refused(nn.Sequential(nn.LSTMCell(3, 4)), UnsupportedModelError, "0.weight_ih")
 
 
 class _ScaledLookup(nn.Embedding):
@@ -4777,3 +4778,201 @@ def test_embedding_bag_max_is_refused_by_name():
     model = nn.Sequential(nn.EmbeddingBag(30, 6, mode="max"), nn.Linear(6, 3))
     with pytest.raises(UnsupportedModelError, match=r"\['0.weight'\].*EmbeddingBag \(mode 'sum' or 'mean'\)"):
         watched(model)
+
+
+# ---------------------------------------------------------------------------------------------- recurrent layers
+class _RecurrentClassifier(nn.Module):
+    """Token ids [B, T] (and their lengths, packed) -> Embedding -> LSTM, GRU or RNN -> Linear, read from the
+    last layer's final states ("state"), the outputs' mean over each text's tokens ("output"), or both
+    (with an LSTM's final cell states too): the loss reaches every output of the layer, or some. With
+    ``initial``, the initial state is computed from the text (a Linear layer) and given as ``hx=``."""
+
+    def __init__(self, kind, read="state", packed=False, initial=False, batch_first=True, **kw):
+        super().__init__()
+        self.kind, self.read, self.packed, self.initial, self.batch_first = kind, read, packed, initial, batch_first
+        self.emb = nn.Embedding(20, 5, padding_idx=0)
+        self.rnn = getattr(nn, kind)(5, 6, batch_first=batch_first, **kw)
+        self.dirs = 2 if kw.get("bidirectional") else 1
+        self.states = kw.get("num_layers", 1) * self.dirs
+        self.h_out = kw.get("proj_size") or 6
+        self.fc = nn.Linear(self.dirs * self.h_out, 3)
+        if initial:
+            self.init = nn.Linear(5, self.states * self.h_out)
+
+    def forward(self, ids, lengths=None):
+        b = ids.shape[0]
+        e = self.emb(ids)
+        x = e if self.batch_first else e.transpose(0, 1)
+        if self.packed:
+            x = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=self.batch_first, enforce_sorted=False)
+        if self.initial:
+            # (a sum over the tokens: padding ids embed to zero, so a text alone gets the same state)
+            h0 = torch.tanh(self.init(e.sum(1))).view(b, self.states, self.h_out).transpose(0, 1).contiguous()
+            c0 = h0.sum(-1, keepdim=True).expand(-1, -1, 6).contiguous()
+            out, state = self.rnn(x, hx=(h0, c0) if self.kind == "LSTM" else h0)
+        else:
+            out, state = self.rnn(x)
+        h_n = state[0] if isinstance(state, tuple) else state
+        feats = h_n[-self.dirs :].transpose(0, 1).reshape(b, -1)
+        if self.read != "state":
+            if self.packed:
+                o, n = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+                mean = o.sum(1) / n[:, None]
+            else:
+                mean = (out if self.batch_first else out.transpose(0, 1)).mean(1)
+            feats = mean if self.read == "output" else feats + mean
+        if self.read == "both" and isinstance(state, tuple):
+            feats = feats + state[1][-self.dirs :].transpose(0, 1).reshape(b, -1).sum(-1, keepdim=True)
+        return self.fc(feats)
+
+
+def _texts(b=4, t=6, seed=0):
+    """Padded ids [b, t] (id 0 after each text's end), their lengths (one text of full length), labels."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    lengths[1] = t
+    ids = torch.randint(1, 20, (b, t), generator=g) * (torch.arange(t) < lengths[:, None])
+    return ids, lengths, torch.randint(0, 3, (b,), generator=g)
+
+
+_RECURRENT_CASES = {
+    "lstm": ("LSTM", "state", {}),
+    "gru-both": ("GRU", "both", {}),
+    "rnn-relu-output": ("RNN", "output", {"nonlinearity": "relu"}),
+    "lstm-packed-bidirectional-2": ("LSTM", "both", {"packed": True, "bidirectional": True, "num_layers": 2}),
+    "gru-packed-seq-first-bidirectional": (
+        "GRU",
+        "both",
+        {"packed": True, "batch_first": False, "bidirectional": True},
+    ),
+    "lstm-proj-2-initial": ("LSTM", "both", {"proj_size": 4, "num_layers": 2, "initial": True}),
+    "rnn-packed-2-initial-no-bias": ("RNN", "both", {"packed": True, "num_layers": 2, "initial": True, "bias": False}),
+    "gru-seq-first-initial": ("GRU", "state", {"initial": True, "batch_first": False}),
+}
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("case", sorted(_RECURRENT_CASES))
+def test_recurrent_rows_are_each_examples_gradient(case, sketch):
+    # Each text's gradient by its own forward and backward, alone (a packed text without its padding).
+    kind, read, kw = _RECURRENT_CASES[case]
+    torch.manual_seed(0)
+    model = _RecurrentClassifier(kind, read, **kw)
+    ids, lengths, y = _texts()
+    sampler, handle, spy = watched(model, sketch=sketch)
+    assert ("rnn", f"{kind} (replayed step by step in the backward)") in [(n, k) for n, k, _ in handle.layers]
+    ce(model(ids, lengths), y).backward()
+    handle.flush()
+    assert len(spy.rows) == 1 and sampler.pending == 64 - 4
+    if kw.get("packed"):
+        each = [(ids[i : i + 1, : lengths[i]], lengths[i : i + 1]) for i in range(4)]
+    else:
+        each = [(ids[i : i + 1], lengths[i : i + 1]) for i in range(4)]
+    grads = _each_texts_gradients(model, each, y)
+    assert_rows(spy.rows[0], handle.project(grads))
+    if sketch is None:
+        assert_rows(spy.rows[0], flat(grads, 4))
+
+
+def test_recurrent_rows_with_sum_reduction_accumulation_and_checkpointing():
+    # Two micro-batches of a step under loss_reduction="sum", the recurrent layer checkpointed (its forward
+    # recomputed inside the backward is not a second call): each example's row is its own gradient's.
+    torch.manual_seed(0)
+    model = _RecurrentClassifier("LSTM", "both", packed=True)
+
+    class Checkpointed(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, *args):
+            return checkpoint(self.layer, *args, use_reentrant=False)
+
+    model.rnn = Checkpointed(model.rnn)
+    ids, lengths, y = _texts(b=6)
+    sampler, handle, spy = watched(model, sketch=None, loss_reduction="sum")
+    for part in (slice(0, 3), slice(3, 6)):
+        ce(model(ids[part], lengths[part]), y[part], reduction="sum").backward()
+    handle.flush()
+    assert sum(r.shape[0] for r in spy.rows) == 6 and sampler.pending == 64 - 6
+    each = [(ids[i : i + 1, : lengths[i]], lengths[i : i + 1]) for i in range(6)]
+    grads = _each_texts_gradients(model, each, y)
+    assert_rows(np.concatenate(spy.rows), flat(grads, 6))
+
+
+@pytest.mark.parametrize("ordering", ["grab", "rr"])
+def test_recurrent_classifier_in_a_dataloader_loop_feeds_one_row_per_text(ordering):
+    # Texts of different lengths padded by a collate_fn and packed by the model; rr counts the texts.
+    g = torch.Generator().manual_seed(0)
+    texts = [torch.randint(1, 20, (int(n),), generator=g) for n in torch.randint(1, 9, (40,), generator=g)]
+    data = list(zip(texts, torch.randint(0, 3, (40,), generator=g)))
+
+    def collate(items):
+        ids = nn.utils.rnn.pad_sequence([t for t, _ in items], batch_first=True)
+        return ids, torch.tensor([len(t) for t, _ in items]), torch.stack([y for _, y in items])
+
+    torch.manual_seed(0)
+    model = _RecurrentClassifier("GRU", "both", packed=True, bidirectional=True)
+    sampler = GraBSampler(data, ordering=ordering, seed=0)
+    sampler.watch(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler, collate_fn=collate)
+    orders = []
+    for _ in range(3):
+        for ids, lengths, y in loader:
+            ce(model(ids, lengths), y).backward()
+            opt.step()
+            opt.zero_grad()
+        sampler.synchronize()
+        assert sampler.state_dict()["stepped"] == 40
+        orders.append(sampler._order.tolist())
+        assert sorted(orders[-1]) == list(range(40))
+    assert orders[1] != orders[2]
+
+
+def test_a_recurrent_layer_fed_the_other_layout_is_refused_with_the_step_dropped():
+    # A sequence-first LSTM given [B, T, E]: it reads T as the batch. Refused at its call, naming it; the
+    # sampler is as it was and the next step is recorded.
+    torch.manual_seed(0)
+    model = _RecurrentClassifier("LSTM", batch_first=False)
+    ids, lengths, y = _texts()
+    sampler, handle, spy = watched(model)
+    state = sampler.state_dict()
+    model.batch_first = True  # the model's forward now hands the layer [B, T, E]
+    with pytest.raises(
+        UnsupportedModelError, match=r"'rnn' got an input of shape \(6, 4, 5\) in a step whose batch has 4"
+    ):
+        model(ids)
+    assert_same_state(sampler.state_dict(), state)
+    model.batch_first = False
+    ce(model(ids, lengths), y).backward()
+    handle.flush()
+    assert len(spy.rows) == 1 and sampler.pending == 64 - 4
+
+
+def test_watch_batch_first_false_takes_a_sequence_first_recurrent_model():
+    # The WikiText-2 example's layout: [T, B] ids, every layer sequence first; one row per column.
+    torch.manual_seed(0)
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn, self.out = nn.Embedding(20, 5), nn.LSTM(5, 6, 2), nn.Linear(6, 20)
+
+        def forward(self, ids):
+            return self.out(self.rnn(self.emb(ids))[0])
+
+    model = LM()
+    ids = torch.randint(0, 20, (7, 3), generator=torch.Generator().manual_seed(1))
+    sampler, handle, spy = watched(model, sketch=None, batch_first=False)
+    out = model(ids[:-1])
+    F.cross_entropy(out.reshape(-1, 20), ids[1:].reshape(-1)).backward()
+    handle.flush()
+    grads = {n: [] for n, _ in model.named_parameters()}
+    for j in range(3):
+        model.zero_grad()
+        o = model(ids[:-1, j : j + 1])
+        F.cross_entropy(o.reshape(-1, 20), ids[1:, j]).backward()  # the column's own mean loss
+        for n, p in model.named_parameters():
+            grads[n].append(p.grad.clone())
+    assert_rows(spy.rows[0], flat({n: torch.stack(g) for n, g in grads.items()}, 3))

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 
 from torchgrab.capture import attention as attn
+from torchgrab.capture import recurrent  # noqa: F401  (registers the sketch of LSTM, GRU and RNN layers)
 from torchgrab.capture.direct import DirectParamSketch, ParamSlot
 from torchgrab.capture.inner import prefers_inner, replaced_forward
 from torchgrab.capture.layers import (
@@ -35,7 +36,8 @@ from torchgrab.errors import UnsupportedInputError, UnsupportedModelError
 
 # The layers watch(batch_first=False) can read [T, B, ...] inputs of (and attention, which hands its
 # projections batch first itself).
-SEQUENCE_LAYERS: Tuple[type, ...] = (nn.Linear, nn.Embedding, nn.LayerNorm) + (
+# A recurrent layer reads its own batch_first.
+SEQUENCE_LAYERS: Tuple[type, ...] = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RNNBase) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 )
 
@@ -249,7 +251,7 @@ class LayerPlan:
         """Parameters of a module with sublayers, used by plain tensor operations in its forward (a ViT's
         class token and position embeddings, layer scales), and those of its sublayers that make a tensor
         from their own parameters alone (``makes_from_own``): per example where the forward broadcasts them
-        over the batch (capture/direct.py). Other leaf modules' (an LSTM's) stay uncovered, and refused."""
+        over the batch (capture/direct.py). Other leaf modules' (an nn.Bilinear's) stay uncovered, and refused."""
         covered: Set[str] = set()
         for mname, m in self.inner.named_modules():
             if next(m.children(), None) is None or isinstance(m, (nn.MultiheadAttention, ParametrizationList)):
@@ -304,7 +306,8 @@ class LayerPlan:
             if kinds:
                 raise UnsupportedModelError(
                     f"watch(batch_first=False) is for sequence models (Linear, Embedding, LayerNorm, RMSNorm "
-                    f"and attention layers, with the batch in dimension 1 of their inputs); {kinds[:8]} "
+                    f"and attention layers, with the batch in dimension 1 of their inputs, and recurrent "
+                    f"layers); {kinds[:8]} "
                     f"{'is' if len(kinds) == 1 else 'are'} not such layers. exclude= them, or watch a "
                     "batch-first model"
                 )
@@ -337,7 +340,7 @@ class LayerPlan:
             f"watch() cannot sketch these trainable parameters per example: {names[:8]}"
             f"{' ...' if len(names) > 8 else ''} (they belong to no nn.Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
             "Embedding, EmbeddingBag (mode 'sum' or 'mean'), LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm, "
-            "PReLU or Hugging Face Conv1D layer, "
+            "PReLU, LSTM, GRU, RNN or Hugging Face Conv1D layer, "
             "nor to a layer "
             f"of a class outside torch with at most {FunctionalSketch.MAX_PARAMS:,} parameters of its own and no "
             f"sublayers).{why}{remedy} each backward holds one "

@@ -11,6 +11,7 @@ gradient). Rows on a GPU travel to the host asynchronously; they are fed once th
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 import weakref
@@ -20,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, NoReturn, Opti
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import unserializable_hook
 
 from torchgrab._autocast import in_full_precision
@@ -48,6 +50,7 @@ from torchgrab.capture.layers import (
 )
 from torchgrab.capture.plan import LayerPlan, leave_out
 from torchgrab.capture.projection import stacked_t
+from torchgrab.capture.recurrent import RecurrentSketch, tap
 from torchgrab.errors import (
     NonFiniteGradientError,
     ShapeError,
@@ -423,6 +426,8 @@ class WatchHandle:
                 continue
             elif isinstance(sk, EmbeddingBagSketch):  # its bags may come as keyword arguments
                 self._hooks.append(module.register_forward_hook(module_hook(self._on_bags), with_kwargs=True))
+            elif isinstance(sk, RecurrentSketch):  # its initial state may come as a keyword argument
+                self._hooks.append(module.register_forward_hook(module_hook(self._on_recurrent), with_kwargs=True))
             elif kind is not None:
                 self._replaced[module] = kind
                 self._hooks.append(module.register_forward_pre_hook(module_hook(self._on_replaced_begins)))
@@ -778,6 +783,38 @@ class WatchHandle:
         self._batch_of_bags(args, kwargs, out)
         return self._record(module, bags, out, saved=bags)
 
+    def _on_recurrent(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> Any:
+        """Forward hook of an nn.LSTM, nn.GRU or nn.RNN (capture/recurrent.py): its input and initial state
+        are kept, and its outputs are returned through a tap whose backward has all their gradients at once
+        (a loss may use the output, the final states, or both)."""
+        if not self._records() or not isinstance(out, tuple) or len(out) != 2:
+            return None
+        inp = args[0] if args else kwargs.get("input")
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        output = out[0]
+        data = output.data if isinstance(output, PackedSequence) else output
+        if not isinstance(data, torch.Tensor) or not data.requires_grad:
+            return None
+        sk = self._sketches[module]
+        saved = sk.save(module, (inp, hx))
+        hooks: List[Tuple[Callable[..., None], Tuple[Any, ...]]] = []
+
+        def on_grads(g: torch.Tensor, state_grads: Tuple[Optional[torch.Tensor], ...]) -> None:
+            saved.state_grads = state_grads
+            for fn, fn_args in hooks:
+                fn(*fn_args, g)
+
+        new_out, b, tapped = tap(module, out, on_grads)
+        # The input batch first where it is a tensor (the graph audit reads its history); packed, its data.
+        if isinstance(inp, PackedSequence):
+            x = inp.data
+        elif inp.dim() == 2:
+            x = inp.unsqueeze(0)
+        else:
+            x = inp if module.batch_first else inp.transpose(0, 1)
+        self._record(module, x, tapped, saved=saved, on_grad=lambda fn, *a: hooks.append((fn, a)), lead=b)
+        return new_out
+
     def _on_bags_left_out(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> None:
         """Forward hook of an nn.EmbeddingBag that is not sketched: its bags are the step's examples too."""
         if self._records() and isinstance(out, torch.Tensor):
@@ -1016,10 +1053,15 @@ class WatchHandle:
         out: Any,
         grad_view: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         saved: Any = None,
+        on_grad: Optional[Callable[..., None]] = None,
+        lead: Optional[int] = None,
     ) -> Any:
         """Record one call of a watched layer: its input ``x`` (batch first) and its output ``out``, whose
         gradient reaches the sketch batch first through ``grad_view`` (None: as it is); ``saved``, when
-        given, is what the sketch keeps of the call in place of ``x`` (an EmbeddingBag's bags)."""
+        given, is what the sketch keeps of the call in place of ``x`` (an EmbeddingBag's bags). A layer
+        whose output gradient arrives otherwise than through ``out``'s node (a recurrent layer's tap)
+        gives ``on_grad(hook, *args)``, which has ``hook(*args, g)`` called with it, and its batch ``lead``
+        when ``x``'s leading dimension is not that (a packed sequence's data)."""
         if not self._records():
             return None
         if not isinstance(out, torch.Tensor) or not out.requires_grad or module not in self._sketches:
@@ -1037,16 +1079,18 @@ class WatchHandle:
             self._outside.add(module, x, out)
         sk = self._sketches[module]
         view = _as_is if grad_view is None else grad_view
+        listen = functools.partial(_on_output_grad, out) if on_grad is None else on_grad
         if not self.sampler.balances:
             # rr, so, ...: no sketch, only the number of examples, so that the sampler's cursor moves: the
             # model's batch where its input shows one (a layer's leading dimension may be B * T rows, or 1),
             # counted at the first gradient, so that a forward with no backward counts nothing.
             if step.noted is None and x.dim() > 0:
                 n = step.batch
-                _on_output_grad(out, lambda g: self._note(step, view(g).shape[0] if n is None else n))
+                listen(lambda g: self._note(step, view(g).shape[0] if n is None else n))
             return None
         b = step.batch
-        lead = int(x.shape[0]) if x.dim() > 0 else 0
+        if lead is None:
+            lead = int(x.shape[0]) if x.dim() > 0 else 0
         replaced = None
         if b is None:
             b = step.batch = lead
@@ -1067,9 +1111,9 @@ class WatchHandle:
         if saved is None:
             saved = self._save(step, sk, module, x, in_backward)
         if view is _as_is:
-            _on_output_grad(out, self._on_grad, step, sk, module, saved)
+            listen(self._on_grad, step, sk, module, saved)
         else:
-            _on_output_grad(out, lambda g: self._on_grad(step, sk, module, saved, view(g)))
+            listen(lambda g: self._on_grad(step, sk, module, saved, view(g)))
         return replaced
 
     @in_full_precision
@@ -1509,6 +1553,8 @@ def _kind(sk: LayerSketch) -> str:
         return f"{sk.layer_class} (per example by torch.func)"
     if isinstance(sk, DirectParamSketch):
         return "parameter of no layer (per example where broadcast over the batch)"
+    if isinstance(sk, RecurrentSketch):
+        return f"{sk.layer_class} (replayed step by step in the backward)"
     if sk.ghost and sk.ghost_width:
         return f"Linear (ghost: the weight's {sk.ghost_width} coordinates exact from its factors, not in the rows)"
     return type(sk).__name__.replace("Sketch", "") + (" (weight left out: budget)" if sk.dropped else "")

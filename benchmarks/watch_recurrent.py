@@ -1,0 +1,169 @@
+"""GraB through `sampler.watch(model)` on a recurrent text classifier: an LSTM (or GRU) over packed sentences.
+
+    .venv/bin/python benchmarks/watch_recurrent.py                 # out/watch_recurrent.{txt,csv,png}
+    .venv/bin/python benchmarks/watch_recurrent.py --kind GRU      # out/watch_recurrent_GRU.*
+    .venv/bin/python benchmarks/watch_recurrent.py --quick         # a smoke run of a few seconds
+
+The classic recurrent sentence classifier: word embeddings, a one-layer LSTM over each sentence (the batch
+padded to its longest sentence and packed with `pack_padded_sequence`, so padding is never read), and a
+Linear layer on the final hidden state. torch's recurrent kernels keep no per-step gradients and torch.func
+has no batching rule for them; `watch()` replays the layer step by step inside the backward to get each
+example's rows (capture/recurrent.py), so a GraB step costs about one more forward and backward of the
+recurrent layer. This script measures what that costs and what the order gains, against RR, in one run.
+
+Data: the SST-2 training sentences of ../shared/data (GLUE, 67,349; `--n` the first n), lowercased and split
+on whitespace, the vocabulary every word of them (the loss is the training loss). Model: Embedding(V, `--dim`,
+padding id 0) + `--kind`(`--dim`, `--hidden`) + Linear(`--hidden`, 2), cross-entropy. SGD lr `--lr` momentum
+0.9, batch 64, the rate decayed per step along half a cosine to 0 at the last step.
+
+Arms, per seed from the same initial weights and the same first-epoch permutation (every arm a GraBSampler
+with that seed): `rr` (no hooks), `grab` and `pair` fed by `sampler.watch(model)` (its defaults). The arms take
+each epoch in turn, rotating who goes first; each epoch's seconds over RR's same epoch is one paired ratio.
+After each epoch, untimed: the mean loss over all n training sentences.
+
+Writes OUT/watch_recurrent[_GRU].txt (the printed tables, with the command line at the top), .csv and .png
+(loss against epochs and against training seconds, and each arm's loss minus RR's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.rnn import pack_padded_sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+import watch_decoder  # noqa: E402  (its plot: loss per epoch, per second, and minus RR's)
+from torchgrab import GraBSampler  # noqa: E402
+from watch_textbag import EX, Corpus  # noqa: E402
+
+
+class RecurrentClassifier(nn.Module):
+    def __init__(self, kind: str, vocab: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab + 1, dim, padding_idx=0)
+        self.rnn = getattr(nn, kind)(dim, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, 2)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=False)
+        _, state = self.rnn(x)
+        h = state[0] if isinstance(state, tuple) else state
+        return self.fc(h[-1])
+
+
+def padded(corpus: Corpus, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The sentences ``idx`` as ids [B, longest] (word ids shifted by one; 0 pads) and their lengths."""
+    lengths = corpus.lengths[idx].clamp_min(1)  # (an empty sentence reads one padding id)
+    t = int(lengths.max())
+    at = corpus.starts[idx][:, None] + torch.arange(t)
+    inside = torch.arange(t) < corpus.lengths[idx][:, None]
+    ids = torch.where(inside, corpus.tokens[at.clamp_max(len(corpus.tokens) - 1)] + 1, 0)
+    return ids, lengths
+
+
+@torch.no_grad()
+def full_loss(model: nn.Module, corpus: Corpus, y: torch.Tensor, batch: int = 2048) -> float:
+    total = 0.0
+    for i in range(0, len(y), batch):
+        idx = torch.arange(i, min(i + batch, len(y)))
+        total += float(F.cross_entropy(model(*padded(corpus, idx)), y[idx], reduction="sum"))
+    return total / len(y)
+
+
+class Arm:
+    def __init__(self, name: str, seed: int, corpus: Corpus, n: int, args) -> None:
+        torch.manual_seed(seed)
+        self.model = RecurrentClassifier(args.kind, corpus.vocab, args.dim, args.hidden)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9)
+        self.sched = _common.cosine_to_zero(self.opt, args.epochs * math.ceil(n / args.batch))
+        self.sampler = GraBSampler(n=n, ordering=name, seed=seed)
+        self.handle = None if name == "rr" else self.sampler.watch(self.model)
+        self.batch = args.batch
+
+    def epoch(self, corpus: Corpus, y: torch.Tensor) -> float:
+        model, opt = self.model, self.opt
+        t0 = time.perf_counter()
+        order = torch.as_tensor(np.fromiter(iter(self.sampler), dtype=np.int64, count=len(y)))
+        for i in range(0, len(order), self.batch):
+            idx = order[i : i + self.batch]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(*padded(corpus, idx)), y[idx]).backward()
+            opt.step()
+            self.sched.step()
+        self.sampler.synchronize()
+        return time.perf_counter() - t0
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help=f"data root in the layout of ../shared/data ({EX.DEFAULT_DATA})")
+    ap.add_argument("--kind", choices=("LSTM", "GRU", "RNN"), default="LSTM")
+    ap.add_argument("--n", type=int, default=0, help="training sentences (the first n; 0: all 67,349)")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--arms", default="rr,grab,pair", help="comma-separated, rr first: rr, grab, pair")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/out; with --quick a temp folder)")
+    ap.add_argument("--quick", action="store_true", help="600 sentences, 2 epochs, 1 seed: a smoke run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.epochs, args.seeds = 600, 2, 1
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="watch_recurrent_") if args.quick else os.path.join(here, "out")
+    os.makedirs(args.out, exist_ok=True)
+    arms = [a for a in args.arms.split(",") if a]
+    if arms[0] != "rr" or len(arms) < 2:
+        ap.error("--arms must start with rr (ratios and differences are taken against it) and name another")
+    torch.set_num_threads(args.threads)
+    name = "watch_recurrent" + ("" if args.kind == "LSTM" else f"_{args.kind}")
+
+    out = _common.begin_result(f"watch() on a {args.kind} text classifier (SST-2): GraB against RR")
+    texts, labels = EX.load_glue(EX.data_root(args.data), "SST-2", "train")
+    if args.n:
+        texts, labels = texts[: args.n], labels[: args.n]
+    corpus = Corpus([t[0] for t in texts])
+    y = torch.as_tensor(labels)
+    n = len(y)
+    d = sum(p.numel() for p in RecurrentClassifier(args.kind, corpus.vocab, args.dim, args.hidden).parameters())
+    title = (
+        f"SST-2 Embedding + {args.kind}({args.dim}, {args.hidden}) + Linear (vocabulary {corpus.vocab:,}, "
+        f"d = {d:,}), {n:,} sentences (mean length {float(corpus.lengths.float().mean()):.1f} tokens, packed), "
+        f"SGD lr {args.lr} cosine to 0 m 0.9, batch {args.batch}, {args.epochs} epochs, {args.seeds} seeds, "
+        f"{args.threads} torch thread(s), watch() defaults"
+    )
+    out.line(f"# {title}")
+    loss, secs, rows = _common.train_in_rotation(
+        out,
+        arms,
+        args.seeds,
+        args.epochs,
+        lambda s: {a: Arm(a, s, corpus, n, args) for a in arms},
+        lambda r: r.epoch(corpus, y),
+        lambda r: full_loss(r.model, corpus, y),
+    )
+    _common.report_against_rr(out, arms, loss, secs, "cross-entropy over the n sentences", digits=5)
+    out.line(f"\n# load average now {_common.load_average()}")
+    out.save(os.path.join(args.out, f"{name}.txt"))
+    _common.write_csv(os.path.join(args.out, f"{name}.csv"), rows)
+    watch_decoder.plot(args.out, name, arms, loss, secs, title, ylabel="cross-entropy")
+    print(f"# wrote {args.out}/{name}.txt, .csv, .png")
+
+
+if __name__ == "__main__":
+    main()
