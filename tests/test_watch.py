@@ -4846,6 +4846,11 @@ _RECURRENT_CASES = {
         {"packed": True, "batch_first": False, "bidirectional": True},
     ),
     "lstm-proj-2-initial": ("LSTM", "both", {"proj_size": 4, "num_layers": 2, "initial": True}),
+    "lstm-proj-packed-bidirectional-initial": (
+        "LSTM",
+        "both",
+        {"proj_size": 4, "packed": True, "bidirectional": True, "initial": True},
+    ),
     "rnn-packed-2-initial-no-bias": ("RNN", "both", {"packed": True, "num_layers": 2, "initial": True, "bias": False}),
     "gru-seq-first-initial": ("GRU", "state", {"initial": True, "batch_first": False}),
 }
@@ -4976,3 +4981,26 @@ def test_watch_batch_first_false_takes_a_sequence_first_recurrent_model():
         for n, p in model.named_parameters():
             grads[n].append(p.grad.clone())
     assert_rows(spy.rows[0], flat({n: torch.stack(g) for n, g in grads.items()}, 3))
+
+
+def test_an_unbatched_recurrent_call_is_one_example():
+    # A model that runs one text at a time hands the layer [T, E] (no batch dimension): one row, the text's
+    # gradient, also for the final states' gradients given without a batch dimension.
+    torch.manual_seed(0)
+
+    class OneText(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn, self.fc = nn.Embedding(20, 5), nn.GRU(5, 6, bidirectional=True), nn.Linear(12, 3)
+
+        def forward(self, ids):
+            out, h = self.rnn(self.emb(ids)[0])  # [T, 5] in, [T, 12] and [2, 6] out
+            return self.fc((out.mean(0) + h.reshape(-1)).unsqueeze(0))
+
+    model = OneText()
+    ids, y = torch.randint(1, 20, (1, 6), generator=torch.Generator().manual_seed(0)), torch.tensor([2])
+    sampler, handle, spy = watched(model, sketch=None)
+    ce(model(ids), y).backward()
+    handle.flush()
+    assert sampler.pending == 63
+    assert_rows(spy.rows[0], flat({n: p.grad.unsqueeze(0) for n, p in model.named_parameters()}, 1))

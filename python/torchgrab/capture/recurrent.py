@@ -9,17 +9,19 @@ the weight's product at step t (a gate pre-activation's part) and ``a_t`` what i
 
 torch's fused kernels (cuDNN, oneDNN, ATen's own) keep neither: only the layer's output and final states
 come out of them, and torch.func has no batching rule for them (per-example gradients by vmap fell back
-to a loop, 500 times slower than the step). So when the layer's output gradients arrive, the layer's
-forward is replayed step by step from its saved input and initial state, in float32 with the weights
-held fixed, and differentiated with those output gradients (one ``torch.autograd.grad`` inside the
-backward): that gives every ``g_t``, example by example, and the ``a_t`` along with them. The training
-step's own gradients still come from torch's kernel, untouched. The cost is about one more forward and
-backward of the layer, run one time step at a time.
+to a loop, 500 times slower than the step). So when the layer's output gradients arrive, the layer is
+replayed from its saved input and initial state, in float32 with the weights held fixed: its forward
+step by step, keeping what each step's gradient needs, then back-propagation through time written out
+for each cell (no autograd graph), which gives every ``g_t`` example by example. The training step's
+own gradients still come from torch's kernel, untouched. The cost is about one more forward and backward
+of the layer.
 
-Padded sequences packed with ``pack_padded_sequence`` are replayed padded, each example's state held
-past its length and its outputs there zero: padding contributes nothing. Dropout between stacked
-layers is drawn inside torch's kernel, so its masks cannot be replayed: such a layer is refused while
-it trains (single-layer LSTMs with an ``nn.Dropout`` between them are watched).
+The replay runs in the layout of a packed sequence (time major, each step's examples those still inside
+their text, longest first), as torch's kernels do: a batch of padded texts packed with
+``pack_padded_sequence`` is replayed over its tokens only, and padding contributes nothing. A tensor
+input is the case where every text has every step. Dropout between stacked layers is drawn inside
+torch's kernel, so its masks cannot be replayed: such a layer is refused (single-layer recurrent layers
+with an ``nn.Dropout`` between them are watched).
 """
 
 from __future__ import annotations
@@ -36,16 +38,16 @@ from torchgrab.errors import UnsupportedModelError
 
 
 class RecurrentCall:
-    """What a recurrent layer's call keeps for its rows: its input (time first and padded, float32, or
-    the PackedSequence), its initial state, and, once the backward has reached the layer, the
-    gradients of its final states (the output's gradient is the hook's own argument)."""
+    """What a recurrent layer's call keeps for its rows: its input (a tensor or a PackedSequence,
+    detached) and initial state, and, once the backward has reached the layer, the gradients of its
+    outputs (output or its packed data, h_n, c_n; None for one the loss did not use)."""
 
-    __slots__ = ("x", "hx", "state_grads")
+    __slots__ = ("x", "hx", "grads")
 
     def __init__(self, x: Any, hx: Any) -> None:
         self.x = x
         self.hx = hx
-        self.state_grads: Tuple[Optional[torch.Tensor], ...] = ()
+        self.grads: Tuple[Optional[torch.Tensor], ...] = ()
 
 
 class _Tap(torch.autograd.Function):
@@ -68,40 +70,26 @@ class _Tap(torch.autograd.Function):
 def tap(module: nn.Module, out: Any, hook: Any) -> Tuple[Any, int, torch.Tensor]:
     """The layer's output ``out`` ((output, h_n) or (output, (h_n, c_n))) passed through the tap, with the
     same structure; the batch size of the call; and the tapped output tensor (the data of a packed one).
-    ``hook(output_grad [B, T, D * H] batch first, state_grads)`` runs in the backward."""
+    ``hook(grads)`` runs in the backward with the gradients of (output or its data, h_n[, c_n])."""
     output, state = out
     packed = isinstance(output, PackedSequence)
     data = output.data if packed else output
     states = list(state) if isinstance(state, tuple) else [state]
-    unbatched = not packed and data.dim() == 2
     if packed:
         b = int(output.batch_sizes[0])
-    elif unbatched:
+    elif data.dim() == 2:  # unbatched: one example
         b = 1
     else:
         b = int(data.shape[0] if module.batch_first else data.shape[1])
-
-    def on_grads(grads: Tuple[Optional[torch.Tensor], ...]) -> None:
-        g = grads[0]
-        if g is None:
-            g = torch.zeros_like(data)
-        if packed:
-            g = pad_packed_sequence(output._replace(data=g))[0].transpose(0, 1)
-        elif unbatched:
-            g = g.unsqueeze(0)
-        elif not module.batch_first:
-            g = g.transpose(0, 1)
-        hook(g, tuple(s if s is None or not unbatched else s.unsqueeze(1) for s in grads[1:]))
-
-    tapped = _Tap.apply(on_grads, data, *states)
+    tapped = _Tap.apply(hook, data, *states)
     new_out = output._replace(data=tapped[0]) if packed else tapped[0]
     new_state = tuple(tapped[1:]) if isinstance(state, tuple) else tapped[1]
     return (new_out, new_state), b, tapped[0]
 
 
 def _blocks(module: nn.Module) -> List[Tuple[str, Optional[str]]]:
-    """(weight, bias or None) of each Linear product of the layer, in column order: per layer and
-    direction, the input side, the hidden side, and an LSTM's projection."""
+    """(weight, bias or None) of each Linear product of the layer: per layer and direction, the input
+    side, the hidden side, and an LSTM's projection."""
     out: List[Tuple[str, Optional[str]]] = []
     for layer in range(module.num_layers):
         for sfx in ("", "_reverse")[: 2 if module.bidirectional else 1]:
@@ -110,6 +98,43 @@ def _blocks(module: nn.Module) -> List[Tuple[str, Optional[str]]]:
             if getattr(module, "proj_size", 0):
                 out.append((f"weight_hr_l{layer}{sfx}", None))
     return out
+
+
+class _Layout:
+    """A call's time steps in the packed layout: ``data`` rows [N, ...] step after step, step t holding
+    ``sizes[t]`` examples (longest texts first) from row ``starts[t]``; ``order`` the examples' original
+    indices in that order (None: as given)."""
+
+    def __init__(self, module: nn.Module, x: Any) -> None:
+        if isinstance(x, PackedSequence):
+            self.data = _f32(x.data)
+            self.sizes = [int(s) for s in x.batch_sizes]
+            self.order, self.unorder = x.sorted_indices, x.unsorted_indices
+            self.packed: Optional[PackedSequence] = x
+        else:
+            if x.dim() == 2:  # unbatched: one example
+                x = x.unsqueeze(1)
+            elif module.batch_first:
+                x = x.transpose(0, 1)
+            t_len, b = int(x.shape[0]), int(x.shape[1])
+            self.data = _f32(x).reshape(t_len * b, -1)
+            self.sizes = [b] * t_len
+            self.order = self.unorder = None
+            self.packed = None
+        self.b = self.sizes[0]
+        self.starts = [0] * len(self.sizes)
+        for t in range(1, len(self.sizes)):
+            self.starts[t] = self.starts[t - 1] + self.sizes[t - 1]
+
+    def sorted(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """``t`` (examples along ``dim``, in the caller's order) in the layout's order."""
+        return t if self.order is None else t.index_select(dim, self.order)
+
+    def batch_first(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows [N, w] in this layout as [B, T, w], the examples in the caller's order, zeros past an end."""
+        if self.packed is None:
+            return rows.reshape(len(self.sizes), self.b, -1).transpose(0, 1)
+        return pad_packed_sequence(self.packed._replace(data=rows), batch_first=True)[0]
 
 
 @register_sketch(nn.RNN, nn.LSTM, nn.GRU)
@@ -162,11 +187,14 @@ class RecurrentSketch(LayerSketch):
 
     # ------------------------------------------------------------------ rows
     def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
+        """The rows of a call whose gradients ``saved.grads`` holds (``g`` is not read: a recurrent layer's
+        output gradient is one of three, and comes in its packed layout)."""
+        lay = _Layout(module, saved.x)
         pieces: Dict[str, torch.Tensor] = {}
-        for (w, bname, p_out, p_in, tw, tb), (a, gy) in zip(self.products, self._replay(module, saved, g)):
-            gp = p_out(gy)  # [B, T, k_out]
+        for (w, bname, p_out, p_in, tw, tb), (a, gy) in zip(self.products, self._replay(module, saved, lay)):
+            gp = lay.batch_first(p_out(gy))  # [B, T, k_out], zeros past each text's end
             if tw:
-                pieces[w] = torch.bmm(gp.transpose(1, 2), p_in(a)).reshape(gy.shape[0], -1)
+                pieces[w] = torch.bmm(gp.transpose(1, 2), lay.batch_first(p_in(a))).reshape(gp.shape[0], -1)
             if tb:
                 pieces[bname] = gp.sum(1)  # type: ignore[index]
         return [pieces[n] for n in self.columns]
@@ -181,147 +209,259 @@ class RecurrentSketch(LayerSketch):
                 pieces[bname] = p_out(_f32(grads[bname]))  # type: ignore[index]
         return [pieces[n] for n in self.columns]
 
-    def _replay(
-        self, module: nn.Module, saved: RecurrentCall, g: torch.Tensor
-    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """(A [B, T, in], G [B, T, out]) of every product in ``products`` order: what each weight multiplied
-        at each time step, and the gradient of that product, from a step-by-step replay of the call."""
-        x, lengths = self._inputs(module, saved.x)  # [T, B, I]
-        t_len, b = x.shape[0], x.shape[1]
+    def _replay(self, module: nn.Module, saved: RecurrentCall, lay: _Layout) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(A [N, in], G [N, out]) in ``lay``'s layout for every product in ``products`` order: what each
+        weight multiplied at each time step, and the gradient of that product."""
         dirs = 2 if module.bidirectional else 1
-        lstm = self.mode == "LSTM"
-        gru = self.mode == "GRU"
-        proj = getattr(module, "proj_size", 0)
-        h_size = module.hidden_size
-        h_out = proj or h_size
-        h0, c0 = self._initial(module, saved.hx, b, dirs, h_out, h_size, x)
-        mask = None if lengths is None else (torch.arange(t_len, device=x.device)[:, None] < lengths[None, :])
+        h_out = getattr(module, "proj_size", 0) or module.hidden_size
+        n_states = module.num_layers * dirs
+        x = lay.data
+        h0, c0 = x.new_zeros(n_states, lay.b, h_out), x.new_zeros(n_states, lay.b, module.hidden_size)
+        if saved.hx is not None:
+            h, c = saved.hx if isinstance(saved.hx, tuple) else (saved.hx, None)
+            h0 = lay.sorted(_f32(h if h.dim() == 3 else h.unsqueeze(1)), 1)
+            c0 = c0 if c is None else lay.sorted(_f32(c if c.dim() == 3 else c.unsqueeze(1)), 1)
         wts = {n: _f32(p.detach()) for n, p in module._parameters.items() if p is not None}
-        # Per product: the tensors it multiplied (one per time step, or the whole sequence) and the
-        # products whose gradients are wanted, in the same order as those.
-        # (None: the same gradients as the product before).
-        recorded: List[Tuple[List[torch.Tensor], Optional[List[torch.Tensor]]]] = []
-        finals_h: List[torch.Tensor] = []
-        finals_c: List[torch.Tensor] = []
-        with torch.enable_grad():
-            inp = x
-            for layer in range(module.num_layers):
-                outs = []
-                for d in range(dirs):
-                    sfx = f"_l{layer}" + ("_reverse" if d else "")
-                    # The input side for the whole sequence at once; a leaf where nothing before it is
-                    # differentiated (the first layer), so that its gradient can be asked for.
-                    w_hh, b_ih, b_hh = wts["weight_hh" + sfx], wts.get("bias_ih" + sfx), wts.get("bias_hh" + sfx)
-                    if not gru and b_hh is not None:  # both biases add to the gates: one sum, added once
-                        b_ih = b_hh if b_ih is None else b_ih + b_hh
-                    gi = torch.nn.functional.linear(inp, wts["weight_ih" + sfx], b_ih)
-                    if not gi.requires_grad:
-                        gi.requires_grad_()
-                    recorded.append(([inp], [gi]))
-                    # Taken apart once: indexing gi[t] at each step would make autograd add T gradients of
-                    # gi's full size (a zeroed tensor each) instead of stacking T slices.
-                    gis = gi.unbind(0)
-                    hh_in: List[torch.Tensor] = []
-                    hh_out: List[torch.Tensor] = []
-                    hr_in: List[torch.Tensor] = []
-                    hr_out: List[torch.Tensor] = []
-                    h, c = h0[layer * dirs + d], c0[layer * dirs + d] if lstm else None
-                    ys: List[Optional[torch.Tensor]] = [None] * t_len
-                    steps = range(t_len - 1, -1, -1) if d else range(t_len)
-                    for t in steps:
-                        hh_in.append(h)
-                        if gru:
-                            gh = torch.nn.functional.linear(h, w_hh, b_hh)
-                            if not gh.requires_grad:
-                                gh.requires_grad_()
-                            hh_out.append(gh)
-                            h_new, c_new = self._cell(gis[t], gh, h, c)
-                        else:  # the gates in one product; the hidden side has their gradient, as the input side
-                            h_new, c_new = self._cell(torch.addmm(gis[t], h, w_hh.t()), None, h, c)
-                        if proj:
-                            hr_in.append(h_new)
-                            h_new = torch.nn.functional.linear(h_new, wts["weight_hr" + sfx])
-                            hr_out.append(h_new)
-                        # Past a packed text's end its state is held (and its final state is the one at its
-                        # end); its outputs there get zero gradients, so need no zeroing.
-                        ys[t] = h_new
-                        if mask is not None:
-                            m = mask[t][:, None]
-                            h = torch.where(m, h_new, h)
-                            c = torch.where(m, c_new, c) if lstm else None
-                        else:
-                            h, c = h_new, c_new
-                    if d:  # recorded in the order run: back to time order
-                        for lst in (hh_in, hh_out, hr_in, hr_out):
-                            lst.reverse()
-                    recorded.append((hh_in, hh_out if gru else None))
-                    if proj:
-                        recorded.append((hr_in, hr_out))
-                    outs.append(torch.stack(ys))  # type: ignore[arg-type]
-                    finals_h.append(h)
-                    if lstm:
-                        finals_c.append(c)  # type: ignore[arg-type]
-                inp = outs[0] if dirs == 1 else torch.cat(outs, -1)
-            outputs = [inp, torch.stack(finals_h)] + ([torch.stack(finals_c)] if lstm else [])
-            given = [_f32(g.detach()).transpose(0, 1)] + [
-                torch.zeros_like(o) if s is None else _f32(s.detach()) for o, s in zip(outputs[1:], saved.state_grads)
-            ]
-            wanted = [t for _, ys_ in recorded for t in ys_ or ()]
-            got = torch.autograd.grad(outputs, wanted, given, allow_unused=True)
-        pairs: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        i = 0
-        for xs, ys_ in recorded:
-            a = xs[0] if len(xs) == 1 and xs[0].dim() == 3 else torch.stack(xs)
-            if ys_ is None:  # the gradients of the product before (the same layer and direction's input side)
-                gy = pairs[-1][1]
-            else:
-                grads = [torch.zeros_like(y) if gr is None else gr for y, gr in zip(ys_, got[i : i + len(ys_)])]
-                i += len(ys_)
-                gy = (grads[0] if len(grads) == 1 and grads[0].dim() == 3 else torch.stack(grads)).transpose(0, 1)
-            pairs.append((a.detach().transpose(0, 1), gy))  # batch first
-        return pairs
-
-    def _cell(
-        self, gi: torch.Tensor, gh: Optional[torch.Tensor], h: torch.Tensor, c: Optional[torch.Tensor]
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """One time step of the layer's cell from the previous state and its two products, a GRU's apart,
-        an LSTM's or RNN's summed in ``gi``: the new (h, c) (c None but for an LSTM), as torch's
-        documentation of each layer defines them."""
-        if self.mode == "LSTM":
-            i, f, gg, o = gi.chunk(4, 1)  # (gi: the gates, both products summed)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
-            return torch.sigmoid(o) * torch.tanh(c), c
-        if self.mode == "GRU":
-            ir, iz, i_n = gi.chunk(3, 1)
-            hr, hz, h_n = gh.chunk(3, 1)
-            r = torch.sigmoid(ir + hr)
-            z = torch.sigmoid(iz + hz)
-            n = torch.tanh(i_n + r * h_n)
-            return (1 - z) * n + z * h, None
-        return (torch.tanh(gi) if self.mode == "RNN_TANH" else torch.relu(gi)), None
+        cell = _CELLS[self.mode]
+        # Forward, layer by layer: each direction's run keeps what its backward needs.
+        runs: List[Tuple[torch.Tensor, List[_Run]]] = []
+        for layer in range(module.num_layers):
+            got = []
+            for d in range(dirs):
+                run = _Run(wts, f"_l{layer}" + ("_reverse" if d else ""), self.mode, bool(d), lay)
+                cell.forward(run, x, h0[layer * dirs + d], c0[layer * dirs + d])
+                got.append(run)
+            runs.append((x, got))
+            x = got[0].y if dirs == 1 else torch.cat([r.y for r in got], -1)
+        # Backward, from the top layer down.
+        grads = list(saved.grads) + [None] * (3 - len(saved.grads))
+        d_out = torch.zeros_like(x) if grads[0] is None else self._output_grad(module, grads[0], lay)
+        d_state = [
+            torch.zeros_like(z)
+            if gz is None
+            else lay.sorted(_f32(gz.detach() if gz.dim() == 3 else gz.unsqueeze(1)), 1)
+            for z, gz in ((h0, grads[1]), (c0, grads[2]))
+        ]
+        by_run: Dict[Tuple[int, int], List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        for layer in range(module.num_layers - 1, -1, -1):
+            inp, got = runs[layer]
+            parts = d_out.split(h_out, -1) if dirs == 2 else (d_out,)
+            d_inp: Optional[torch.Tensor] = None
+            for d, run in enumerate(got):
+                i = layer * dirs + d
+                by_run[(layer, d)] = cell.backward(run, inp, parts[d], d_state[0][i].clone(), d_state[1][i].clone())
+                if layer:
+                    dx = run.d_in @ run.w("weight_ih")  # this layer's input is the layer below's output
+                    d_inp = dx if d_inp is None else d_inp + dx
+            if layer:
+                d_out = d_inp  # type: ignore[assignment]
+        return [pair for layer in range(module.num_layers) for d in range(dirs) for pair in by_run[(layer, d)]]
 
     @staticmethod
-    def _inputs(module: nn.Module, x: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The call's input as [T, B, I] float32 (padded), and each example's length when it was packed."""
-        if isinstance(x, PackedSequence):
-            padded, lengths = pad_packed_sequence(x)
-            return _f32(padded), lengths.to(padded.device)
-        if x.dim() == 2:  # unbatched: one example
-            return _f32(x).unsqueeze(1), None
-        return _f32(x.transpose(0, 1) if module.batch_first else x), None
+    def _output_grad(module: nn.Module, g: torch.Tensor, lay: _Layout) -> torch.Tensor:
+        """The output's gradient [N, D * H_out] in the layout (a packed output's data gradient is already)."""
+        g = _f32(g.detach())
+        if lay.packed is not None:
+            return g
+        if g.dim() == 2:  # unbatched
+            return g
+        if module.batch_first:
+            g = g.transpose(0, 1)
+        return g.reshape(-1, g.shape[-1])
+
+
+class _Run:
+    """One direction of one layer of a replayed call: its weights, the layout, and what its forward keeps
+    for its backward (rows in the layout, [N, ...])."""
+
+    def __init__(self, wts: Dict[str, torch.Tensor], sfx: str, mode: str, reverse: bool, lay: _Layout) -> None:
+        self.wts, self.sfx, self.mode, self.reverse, self.lay = wts, sfx, mode, reverse, lay
+        self.y: torch.Tensor  # the outputs [N, H_out]
+        self.d_in: torch.Tensor  # the input side's gradients [N, G], once the backward has run
+        self.saved: Dict[str, torch.Tensor] = {}
+
+    def w(self, name: str) -> torch.Tensor:
+        return self.wts[name + self.sfx]
+
+    def b(self, name: str) -> Optional[torch.Tensor]:
+        return self.wts.get(name + self.sfx)
+
+    def steps(self, backward: bool = False) -> List[Tuple[int, int]]:
+        """(first row, examples) of each time step, in the order the forward (or the backward) takes them."""
+        lay = self.lay
+        out = list(zip(lay.starts, lay.sizes))
+        return out[::-1] if self.reverse != backward else out
 
     @staticmethod
-    def _initial(
-        module: nn.Module, hx: Any, b: int, dirs: int, h_out: int, h_size: int, x: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(h0 [L * D, B, H_out], c0 [L * D, B, H]) as float32, zeros where the call was given none."""
-        n = module.num_layers * dirs
-        h0 = c0 = None
-        if hx is not None:
-            h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
-            if h0.dim() == 2:  # unbatched
-                h0 = h0.unsqueeze(1)
-                c0 = None if c0 is None else c0.unsqueeze(1)
-        h0 = x.new_zeros(n, b, h_out) if h0 is None else _f32(h0)
-        c0 = x.new_zeros(n, b, h_size) if c0 is None else _f32(c0)
-        return h0, c0
+    def state(h: torch.Tensor, h0: torch.Tensor, n: int) -> torch.Tensor:
+        """The state of the step's n examples: a prefix of the last step's (texts that ended dropped, going
+        forward) or that with the initial state of the texts that begin here (going backward in time)."""
+        if h.shape[0] >= n:
+            return h[:n]
+        return torch.cat((h, h0[h.shape[0] : n]))
+
+    def keep(self, **per_step: List[torch.Tensor]) -> None:
+        """Per-step tensors, recorded in the order run, stacked as rows of the layout (time order)."""
+        for k, v in per_step.items():
+            self.saved[k] = torch.cat(v[::-1] if self.reverse else v)
+
+
+def _biases(run: _Run) -> Optional[torch.Tensor]:
+    """b_ih + b_hh of a cell whose two products are summed (an LSTM's, an RNN's): added once."""
+    b_ih, b_hh = run.b("bias_ih"), run.b("bias_hh")
+    return b_hh if b_ih is None else b_ih if b_hh is None else b_ih + b_hh
+
+
+# Back-propagation through time, per cell. ``d_h`` and ``d_c`` hold the gradients reaching each example's
+# state (the final states' at first) for all B examples; a step updates the rows of its examples in place.
+class _LSTM:
+    """i, f, g, o = sigma, sigma, tanh, sigma of W_ih x + b_ih + W_hh h + b_hh; c' = f c + i g;
+    h' = o tanh(c') (times W_hr^T with proj_size)."""
+
+    @staticmethod
+    def forward(run: _Run, inp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor) -> None:
+        gi = torch.nn.functional.linear(inp, run.w("weight_ih"), _biases(run))
+        w_hh_t = run.w("weight_hh").t()
+        w_hr = run.wts.get("weight_hr" + run.sfx)
+        hsz = w_hh_t.shape[1] // 4
+        h, c = h0, c0
+        hs, cs, acts, tcs, raws, ys = [], [], [], [], [], []
+        for start, n in run.steps():
+            h, c = run.state(h, h0, n), run.state(c, c0, n)
+            gates = torch.addmm(gi[start : start + n], h, w_hh_t)
+            act = torch.sigmoid(gates)
+            act[:, 2 * hsz : 3 * hsz] = torch.tanh(gates[:, 2 * hsz : 3 * hsz])
+            i, f, gg, o = act.chunk(4, 1)
+            hs.append(h)
+            cs.append(c)
+            c = torch.addcmul(f * c, i, gg)
+            tc = torch.tanh(c)
+            raw = o * tc
+            h = raw if w_hr is None else raw @ w_hr.t()
+            acts.append(act)
+            tcs.append(tc)
+            raws.append(raw)
+            ys.append(h)
+        run.keep(h=hs, c=cs, act=acts, tc=tcs, y=ys, **({} if w_hr is None else {"raw": raws}))
+        run.y = run.saved.pop("y")
+
+    @staticmethod
+    def backward(
+        run: _Run, inp: torch.Tensor, d_y: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        s = run.saved
+        i, f, gg, o = s["act"].chunk(4, -1)
+        tc = s["tc"]
+        # d gates = [dc, dc, dc, d raw] * mult, where dc is the cell state's whole gradient at that step.
+        mult = torch.cat((gg * i * (1 - i), s["c"] * f * (1 - f), i * (1 - gg * gg), tc * o * (1 - o)), -1)
+        to_c = o * (1 - tc * tc)  # d c += d raw * to_c
+        w_hh = run.w("weight_hh")
+        w_hr = run.wts.get("weight_hr" + run.sfx)
+        d_gates = torch.empty_like(mult)
+        d_proj = torch.empty_like(d_y) if w_hr is not None else None
+        for start, n in run.steps(backward=True):
+            rows = slice(start, start + n)
+            dh = d_h[:n] + d_y[rows]
+            if d_proj is not None:
+                d_proj[rows] = dh
+                dh = dh @ w_hr
+            dc = torch.addcmul(d_c[:n], dh, to_c[rows])
+            dg = torch.cat((dc, dc, dc, dh), 1).mul_(mult[rows])
+            d_gates[rows] = dg
+            torch.mm(dg, w_hh, out=d_h[:n])
+            torch.mul(dc, f[rows], out=d_c[:n])
+        run.d_in = d_gates
+        out = [(inp, d_gates), (s["h"], d_gates)]  # the hidden side's product is summed into the same gates
+        if d_proj is not None:
+            out.append((s["raw"], d_proj))
+        return out
+
+
+class _GRU:
+    """r, z = sigma(W_ir x + b_ir + W_hr h + b_hr), sigma(...); n = tanh(W_in x + b_in + r (W_hn h + b_hn));
+    h' = (1 - z) n + z h."""
+
+    @staticmethod
+    def forward(run: _Run, inp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor) -> None:
+        gi = torch.nn.functional.linear(inp, run.w("weight_ih"), run.b("bias_ih"))
+        w_hh, b_hh = run.w("weight_hh"), run.b("bias_hh")
+        hsz = w_hh.shape[0] // 3
+        h = h0
+        hs, rs, zs, ns, ghs, ys = [], [], [], [], [], []
+        for start, n in run.steps():
+            h = run.state(h, h0, n)
+            gh = torch.nn.functional.linear(h, w_hh, b_hh)
+            g_in = gi[start : start + n]
+            r, z = torch.sigmoid(g_in[:, : 2 * hsz] + gh[:, : 2 * hsz]).chunk(2, 1)
+            gh_n = gh[:, 2 * hsz :]
+            new = torch.tanh(torch.addcmul(g_in[:, 2 * hsz :], r, gh_n))
+            hs.append(h)
+            h = torch.lerp(new, h, z)  # (1 - z) n + z h
+            rs.append(r)
+            zs.append(z)
+            ns.append(new)
+            ghs.append(gh_n)
+            ys.append(h)
+        run.keep(h=hs, r=rs, z=zs, n=ns, gh_n=ghs, y=ys)
+        run.y = run.saved.pop("y")
+
+    @staticmethod
+    def backward(
+        run: _Run, inp: torch.Tensor, d_y: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        s = run.saved
+        r, z, new = s["r"], s["z"], s["n"]
+        to_n = (1 - z) * (1 - new * new)  # d pre_n = dh' * to_n
+        to_z = (s["h"] - new) * z * (1 - z)  # d pre_z = dh' * to_z
+        to_r = s["gh_n"] * r * (1 - r)  # d pre_r = d pre_n * to_r
+        w_hh = run.w("weight_hh")
+        d_in = inp.new_empty(inp.shape[0], w_hh.shape[0])
+        d_hid = torch.empty_like(d_in)
+        for start, n in run.steps(backward=True):
+            rows = slice(start, start + n)
+            dh = d_h[:n] + d_y[rows]
+            dpn = dh * to_n[rows]
+            dpr = dpn * to_r[rows]
+            dpz = dh * to_z[rows]
+            d_in[rows] = torch.cat((dpr, dpz, dpn), 1)
+            d_hid[rows] = dg = torch.cat((dpr, dpz, dpn * r[rows]), 1)
+            torch.addmm(dh * z[rows], dg, w_hh, out=d_h[:n])
+        run.d_in = d_in
+        return [(inp, d_in), (s["h"], d_hid)]
+
+
+class _RNN:
+    """h' = tanh (or relu) of W_ih x + b_ih + W_hh h + b_hh."""
+
+    @staticmethod
+    def forward(run: _Run, inp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor) -> None:
+        gi = torch.nn.functional.linear(inp, run.w("weight_ih"), _biases(run))
+        w_hh_t = run.w("weight_hh").t()
+        act = torch.tanh if run.mode == "RNN_TANH" else torch.relu
+        h = h0
+        hs, ys = [], []
+        for start, n in run.steps():
+            h = run.state(h, h0, n)
+            hs.append(h)
+            h = act(torch.addmm(gi[start : start + n], h, w_hh_t))
+            ys.append(h)
+        run.keep(h=hs, y=ys)
+        run.y = run.saved.pop("y")
+
+    @staticmethod
+    def backward(
+        run: _Run, inp: torch.Tensor, d_y: torch.Tensor, d_h: torch.Tensor, d_c: torch.Tensor
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        y = run.y
+        slope = 1 - y * y if run.mode == "RNN_TANH" else (y > 0).to(y.dtype)
+        w_hh = run.w("weight_hh")
+        d_pre = torch.empty_like(y)
+        for start, n in run.steps(backward=True):
+            rows = slice(start, start + n)
+            dp = torch.mul(d_h[:n] + d_y[rows], slope[rows], out=d_pre[rows])
+            torch.mm(dp, w_hh, out=d_h[:n])
+        run.d_in = d_pre
+        return [(inp, d_pre), (run.saved["h"], d_pre)]
+
+
+_CELLS: Dict[str, Any] = {"LSTM": _LSTM, "GRU": _GRU, "RNN_TANH": _RNN, "RNN_RELU": _RNN}

@@ -799,12 +799,15 @@ class WatchHandle:
         saved = sk.save(module, (inp, hx))
         hooks: List[Tuple[Callable[..., None], Tuple[Any, ...]]] = []
 
-        def on_grads(g: torch.Tensor, state_grads: Tuple[Optional[torch.Tensor], ...]) -> None:
-            saved.state_grads = state_grads
+        def on_grads(grads: Tuple[Optional[torch.Tensor], ...]) -> None:
+            # The sketch reads the layer's gradients from what it saved; the hook's own argument only
+            # carries the batch ([B, 0]), as a layer's output gradient does.
+            saved.grads = grads
             for fn, fn_args in hooks:
-                fn(*fn_args, g)
+                fn(*fn_args, batch)
 
         new_out, b, tapped = tap(module, out, on_grads)
+        batch = tapped.new_zeros(b, 0)
         # The input batch first where it is a tensor (the graph audit reads its history); packed, its data.
         if isinstance(inp, PackedSequence):
             x = inp.data
