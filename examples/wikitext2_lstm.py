@@ -11,7 +11,7 @@ stream is cut into ``--batch-size`` columns and then into chunks of ``--bptt`` t
 SGD with lr 5, gradient-norm clip 0.25. GraB orders the chunks: after each step, the chunk's gradient
 (one row of d = #parameters) goes to ``sampler.step`` (``--capture exact``), or, with ``--capture watch``,
 ``sampler.watch(model, granularity="batch")`` reads it inside the plain ``loss.backward()`` and folds it
-to a short sketch (an LSTM has no per-example hooks, but here a backward is one unit). Because the chunks are visited out of order, the
+to a short sketch (a backward is one unit here: the chunk's [bptt, batch] tokens, as the paper orders them). Because the chunks are visited out of order, the
 LSTM state starts from zero at every training chunk (carrying it across shuffled chunks would feed the
 state of an unrelated chunk); validation runs in order with the state carried, as pytorch/examples does.
 Records per epoch the full-pass training loss (mean token cross-entropy over all training chunks),

@@ -1730,8 +1730,8 @@ def test_a_layer_of_its_own_called_with_more_than_one_tensor_is_refused_at_its_c
         handle.remove()
     # Too large for per-example gradients of its own: refused at watch() as before, with the advice.
     refused(nn.Sequential(nn.Linear(3, 40_000), _ScaleShift(40_000)), UnsupportedModelError, r"exclude=\['1'\]")
-    # Torch's own layers without a sketch (an LSTMCell) are not taken by this route.
-    refused(nn.Sequential(nn.LSTMCell(3, 4)), UnsupportedModelError, "0.weight_ih")
+    # Torch's own layers without a sketch (a Bilinear) are not taken by this route.
+    refused(nn.Sequential(nn.Bilinear(3, 3, 4)), UnsupportedModelError, r"\['0.bias', '0.weight'\]")
 
 
 class _ScaledLookup(nn.Embedding):
@@ -5004,3 +5004,55 @@ def test_an_unbatched_recurrent_call_is_one_example():
     handle.flush()
     assert sampler.pending == 63
     assert_rows(spy.rows[0], flat({n: p.grad.unsqueeze(0) for n, p in model.named_parameters()}, 1))
+
+
+class _CellLoop(nn.Module):
+    """A hand-written recurrence: Embedding, then an LSTMCell, GRUCell or RNNCell called once per time step by
+    the model's own loop (from a state computed from the text, or none), a Linear layer on the last state
+    (and an LSTM's last cell state)."""
+
+    def __init__(self, kind, initial=False, **kw):
+        super().__init__()
+        self.kind, self.initial = kind, initial
+        self.emb = nn.Embedding(20, 5)
+        self.cell = getattr(nn, kind)(5, 6, **kw)
+        self.fc = nn.Linear(6, 3)
+        if initial:
+            self.init = nn.Linear(5, 6)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        state = None
+        if self.initial:
+            h = torch.tanh(self.init(e.sum(1)))
+            state = (h, 0.5 * h) if self.kind == "LSTMCell" else h
+        for t in range(ids.shape[1]):
+            state = self.cell(e[:, t], state) if state is not None else self.cell(e[:, t])
+        h = state[0] + state[1] if isinstance(state, tuple) else state
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize(
+    "kind,initial,kw",
+    [
+        ("LSTMCell", False, {}),
+        ("GRUCell", True, {}),
+        ("RNNCell", True, {"nonlinearity": "relu"}),
+        ("LSTMCell", True, {}),
+    ],
+)
+def test_recurrent_cell_rows_are_each_examples_gradient(kind, initial, kw, sketch):
+    # The cell's calls of a forward add up; each call's state gradient already holds the later steps'.
+    torch.manual_seed(0)
+    model = _CellLoop(kind, initial, **kw)
+    ids, _, y = _texts()
+    sampler, handle, spy = watched(model, sketch=sketch)
+    assert ("cell", f"{kind} (each call replayed in the backward)") in [(n, k) for n, k, _ in handle.layers]
+    ce(model(ids), y).backward()
+    handle.flush()
+    assert len(spy.rows) == 1 and sampler.pending == 64 - 4
+    grads = _each_texts_gradients(model, [(ids[i : i + 1],) for i in range(4)], y)
+    assert_rows(spy.rows[0], handle.project(grads))
+    if sketch is None:
+        assert_rows(spy.rows[0], flat(grads, 4))

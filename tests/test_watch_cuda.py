@@ -68,6 +68,25 @@ class _PixelBags(nn.Module):
         return self.head(torch.cat([self.rows(ids), self.ends(ids.flatten(), offsets)], dim=1))
 
 
+class _PixelRows(nn.Module):
+    """Each image read row by row (``side`` steps of 3 * side numbers) by a 2-layer bidirectional LSTM, and
+    its first rows (a length per image, packed) by a GRU; then a Linear layer."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = nn.LSTM(12, width, 2, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(12, width, batch_first=True)
+        self.head = nn.Linear(3 * width, 10)
+
+    def forward(self, x):
+        seq = x.permute(0, 2, 1, 3).flatten(2)  # [B, side, 3 * side]
+        out, _ = self.lstm(seq)
+        lengths = 1 + torch.arange(seq.shape[0]) % seq.shape[1]  # (on the CPU, as packing wants them)
+        _, h = self.gru(nn.utils.rnn.pack_padded_sequence(seq, lengths, batch_first=True, enforce_sorted=False))
+        return self.head(torch.cat([out.mean(1), h[-1]], 1))
+
+
 def _rows(device, steps=4, sketch=8, make=_model, side=8):
     model = make().to(device)
     x = torch.randn(64, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
@@ -89,8 +108,8 @@ def _rows(device, steps=4, sketch=8, make=_model, side=8):
 
 @pytest.mark.parametrize(
     "make, side, sketch",
-    [(_model, 8, 8), (_wide_model, 16, 32), (_Tokens, 4, 8), (_PixelBags, 4, 8)],
-    ids=["conv-mlp", "count", "tokens", "bags"],
+    [(_model, 8, 8), (_wide_model, 16, 32), (_Tokens, 4, 8), (_PixelBags, 4, 8), (_PixelRows, 4, 8)],
+    ids=["conv-mlp", "count", "tokens", "bags", "recurrent"],
 )
 def test_rows_on_cuda_equal_the_cpu_rows(make, side, sketch):
     cpu, _ = _rows("cpu", make=make, side=side, sketch=sketch)
@@ -147,7 +166,7 @@ def test_training_steps_do_not_synchronize_the_device(make, side):
 
 
 class _LSTMLM(nn.Module):
-    """The WikiText-2 example's shape in small: an LSTM has no per-example hooks, so a backward is one unit."""
+    """The WikiText-2 example's shape in small: a backward is one unit (a chunk), balanced by its gradient."""
 
     def __init__(self):
         super().__init__()

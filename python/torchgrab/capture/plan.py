@@ -340,7 +340,7 @@ class LayerPlan:
             f"watch() cannot sketch these trainable parameters per example: {names[:8]}"
             f"{' ...' if len(names) > 8 else ''} (they belong to no nn.Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
             "Embedding, EmbeddingBag (mode 'sum' or 'mean'), LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm, "
-            "PReLU, LSTM, GRU, RNN or Hugging Face Conv1D layer, "
+            "PReLU, LSTM, GRU, RNN, their cells or Hugging Face Conv1D layer, "
             "nor to a layer "
             f"of a class outside torch with at most {FunctionalSketch.MAX_PARAMS:,} parameters of its own and no "
             f"sublayers).{why}{remedy} each backward holds one "

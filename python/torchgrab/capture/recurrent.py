@@ -67,24 +67,9 @@ class _Tap(torch.autograd.Function):
         return (None, *grads)
 
 
-def tap(module: nn.Module, out: Any, hook: Any) -> Tuple[Any, int, torch.Tensor]:
-    """The layer's output ``out`` ((output, h_n) or (output, (h_n, c_n))) passed through the tap, with the
-    same structure; the batch size of the call; and the tapped output tensor (the data of a packed one).
-    ``hook(grads)`` runs in the backward with the gradients of (output or its data, h_n[, c_n])."""
-    output, state = out
-    packed = isinstance(output, PackedSequence)
-    data = output.data if packed else output
-    states = list(state) if isinstance(state, tuple) else [state]
-    if packed:
-        b = int(output.batch_sizes[0])
-    elif data.dim() == 2:  # unbatched: one example
-        b = 1
-    else:
-        b = int(data.shape[0] if module.batch_first else data.shape[1])
-    tapped = _Tap.apply(hook, data, *states)
-    new_out = output._replace(data=tapped[0]) if packed else tapped[0]
-    new_state = tuple(tapped[1:]) if isinstance(state, tuple) else tapped[1]
-    return (new_out, new_state), b, tapped[0]
+def _tapped(hook: Any, tensors: List[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """``tensors`` through the tap (see _Tap)."""
+    return _Tap.apply(hook, *tensors)
 
 
 def _blocks(module: nn.Module) -> List[Tuple[str, Optional[str]]]:
@@ -105,7 +90,7 @@ class _Layout:
     ``sizes[t]`` examples (longest texts first) from row ``starts[t]``; ``order`` the examples' original
     indices in that order (None: as given)."""
 
-    def __init__(self, module: nn.Module, x: Any) -> None:
+    def __init__(self, x: Any, batch_first: bool) -> None:
         if isinstance(x, PackedSequence):
             self.data = _f32(x.data)
             self.sizes = [int(s) for s in x.batch_sizes]
@@ -114,7 +99,7 @@ class _Layout:
         else:
             if x.dim() == 2:  # unbatched: one example
                 x = x.unsqueeze(1)
-            elif module.batch_first:
+            elif batch_first:
                 x = x.transpose(0, 1)
             t_len, b = int(x.shape[0]), int(x.shape[1])
             self.data = _f32(x).reshape(t_len * b, -1)
@@ -144,6 +129,8 @@ class RecurrentSketch(LayerSketch):
     as a Linear layer over the sequence (a k_out x k_in block, exact where a side is no wider than k),
     each bias as that layer's bias part. See the module's docstring for how its gradients are had."""
 
+    replayed = "replayed step by step"  # how WatchHandle.layers describes it
+
     def __init__(self, name: str, module: nn.Module, k: Any, seed: int) -> None:
         super().__init__(name, module, None, seed)
         if module.dropout and module.num_layers > 1:
@@ -154,11 +141,16 @@ class RecurrentSketch(LayerSketch):
                 f"watched), build it with dropout=0, or exclude={name!r}"
             )
         self.mode = module.mode  # "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"
+        self._take_products(name, module, k, seed, _blocks(module))
+
+    def _take_products(
+        self, name: str, module: nn.Module, k: Any, seed: int, blocks: List[Tuple[str, Optional[str]]]
+    ) -> None:
         self.layer_class = type(module).__name__
         # (weight name, bias name or None, P_out, P_in, weight trained, bias trained) per product.
         self.products: List[Tuple[str, Optional[str], Factor, Factor, bool, bool]] = []
         width = 0
-        for w, bname in _blocks(module):
+        for w, bname in blocks:
             out_f, in_f = getattr(module, w).shape
             k_out, k_in = split_k(k, int(out_f))
             p_out = Factor(out_f, k_out, seed, name, w, "out")
@@ -175,6 +167,36 @@ class RecurrentSketch(LayerSketch):
     def covered(self, module: nn.Module) -> List[str]:
         return list(self.columns)
 
+    def tap(self, module: nn.Module, out: Any, hook: Any) -> Tuple[Any, int, torch.Tensor]:
+        """The call's output ``out`` ((output, h_n) or (output, (h_n, c_n))) passed through the tap, with the
+        same structure; the batch size of the call; and the tapped output tensor (the data of a packed one).
+        ``hook(grads)`` runs in the backward with the gradients of (output or its data, h_n[, c_n])."""
+        output, state = out
+        packed = isinstance(output, PackedSequence)
+        data = output.data if packed else output
+        states = list(state) if isinstance(state, tuple) else [state]
+        if packed:
+            b = int(output.batch_sizes[0])
+        elif data.dim() == 2:  # unbatched: one example
+            b = 1
+        else:
+            b = int(data.shape[0] if module.batch_first else data.shape[1])
+        tapped = _tapped(hook, [data, *states])
+        new_out = output._replace(data=tapped[0]) if packed else tapped[0]
+        new_state = tuple(tapped[1:]) if isinstance(state, tuple) else tapped[1]
+        return (new_out, new_state), b, tapped[0]
+
+    def batch_first(self, module: nn.Module, inp: Any) -> torch.Tensor:
+        """The call's input with the batch first (a view), or a packed one's data: what watch() records."""
+        if isinstance(inp, PackedSequence):
+            return inp.data
+        if inp.dim() == 2:  # unbatched
+            return inp.unsqueeze(0)
+        return inp if module.batch_first else inp.transpose(0, 1)
+
+    def layout(self, module: nn.Module, x: Any) -> "_Layout":
+        return _Layout(x, module.batch_first)
+
     def save(self, module: nn.Module, x: Any) -> Any:  # x: (input, hx)
         inp, hx = x
         if isinstance(inp, PackedSequence):
@@ -189,7 +211,7 @@ class RecurrentSketch(LayerSketch):
     def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
         """The rows of a call whose gradients ``saved.grads`` holds (``g`` is not read: a recurrent layer's
         output gradient is one of three, and comes in its packed layout)."""
-        lay = _Layout(module, saved.x)
+        lay = self.layout(module, saved.x)
         pieces: Dict[str, torch.Tensor] = {}
         for (w, bname, p_out, p_in, tw, tb), (a, gy) in zip(self.products, self._replay(module, saved, lay)):
             gp = lay.batch_first(p_out(gy))  # [B, T, k_out], zeros past each text's end
@@ -268,6 +290,56 @@ class RecurrentSketch(LayerSketch):
         if module.batch_first:
             g = g.transpose(0, 1)
         return g.reshape(-1, g.shape[-1])
+
+
+@register_sketch(nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+class RecurrentCellSketch(RecurrentSketch):
+    """Rows of an ``nn.LSTMCell``, ``nn.GRUCell`` or ``nn.RNNCell``, called once per time step by the model's
+    own loop: each call is one step of the layer's cell, replayed as a one-step layer from the call's input
+    and state with the gradients of its new state (which autograd has already summed over the later
+    steps), and the calls of a forward add up."""
+
+    replayed = "each call replayed"
+
+    def __init__(self, name: str, module: nn.Module, k: Any, seed: int) -> None:
+        LayerSketch.__init__(self, name, module, None, seed)
+        if isinstance(module, nn.RNNCell):
+            self.mode = "RNN_TANH" if module.nonlinearity == "tanh" else "RNN_RELU"
+        else:
+            self.mode = "LSTM" if isinstance(module, nn.LSTMCell) else "GRU"
+        self._take_products(name, module, k, seed, [("weight_ih", "bias_ih"), ("weight_hh", "bias_hh")])
+
+    def tap(self, module: nn.Module, out: Any, hook: Any) -> Tuple[Any, int, torch.Tensor]:
+        outs = list(out) if isinstance(out, tuple) else [out]  # (h', c') or h'
+        tapped = _tapped(hook, outs)
+        b = int(outs[0].shape[0]) if outs[0].dim() == 2 else 1
+        return (tuple(tapped) if isinstance(out, tuple) else tapped[0]), b, tapped[0]
+
+    def batch_first(self, module: nn.Module, inp: Any) -> torch.Tensor:
+        return inp if inp.dim() == 2 else inp.unsqueeze(0)
+
+    def layout(self, module: nn.Module, x: Any) -> "_Layout":
+        return _Layout(x.unsqueeze(0), False)  # one time step ([I] unbatched: one example)
+
+    def _replay(self, module: nn.Module, saved: RecurrentCall, lay: _Layout) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        x = lay.data
+        hx = saved.hx
+        h, c = hx if isinstance(hx, tuple) else (hx, None)
+        states = [
+            x.new_zeros(lay.b, module.hidden_size) if t is None else _f32(t if t.dim() == 2 else t.unsqueeze(0))
+            for t in (h, c)
+        ]
+        grads = list(saved.grads) + [None] * (2 - len(saved.grads))
+        d_state = [
+            torch.zeros_like(z) if gz is None else _f32(gz.detach() if gz.dim() == 2 else gz.unsqueeze(0))
+            for z, gz in zip(states, grads)
+        ]
+        wts = {n: _f32(p.detach()) for n, p in module._parameters.items() if p is not None}
+        run = _Run(wts, "", self.mode, False, lay)
+        cell = _CELLS[self.mode]
+        cell.forward(run, x, states[0], states[1])
+        # The new state is the call's only output: its gradient arrives as the final state's.
+        return cell.backward(run, x, torch.zeros_like(run.y), d_state[0].clone(), d_state[1].clone())
 
 
 class _Run:

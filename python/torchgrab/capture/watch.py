@@ -50,7 +50,7 @@ from torchgrab.capture.layers import (
 )
 from torchgrab.capture.plan import LayerPlan, leave_out
 from torchgrab.capture.projection import stacked_t
-from torchgrab.capture.recurrent import RecurrentSketch, tap
+from torchgrab.capture.recurrent import RecurrentSketch
 from torchgrab.errors import (
     NonFiniteGradientError,
     ShapeError,
@@ -784,14 +784,14 @@ class WatchHandle:
         return self._record(module, bags, out, saved=bags)
 
     def _on_recurrent(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], out: Any) -> Any:
-        """Forward hook of an nn.LSTM, nn.GRU or nn.RNN (capture/recurrent.py): its input and initial state
+        """Forward hook of an nn.LSTM, nn.GRU or nn.RNN, or of their cells (capture/recurrent.py): its input and state
         are kept, and its outputs are returned through a tap whose backward has all their gradients at once
         (a loss may use the output, the final states, or both)."""
-        if not self._records() or not isinstance(out, tuple) or len(out) != 2:
+        if not self._records():
             return None
         inp = args[0] if args else kwargs.get("input")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
-        output = out[0]
+        output = out[0] if isinstance(out, tuple) else out  # a layer's (output, state), a cell's h' or (h', c')
         data = output.data if isinstance(output, PackedSequence) else output
         if not isinstance(data, torch.Tensor) or not data.requires_grad:
             return None
@@ -806,15 +806,10 @@ class WatchHandle:
             for fn, fn_args in hooks:
                 fn(*fn_args, batch)
 
-        new_out, b, tapped = tap(module, out, on_grads)
+        new_out, b, tapped = sk.tap(module, out, on_grads)
         batch = tapped.new_zeros(b, 0)
         # The input batch first where it is a tensor (the graph audit reads its history); packed, its data.
-        if isinstance(inp, PackedSequence):
-            x = inp.data
-        elif inp.dim() == 2:
-            x = inp.unsqueeze(0)
-        else:
-            x = inp if module.batch_first else inp.transpose(0, 1)
+        x = sk.batch_first(module, inp)
         self._record(module, x, tapped, saved=saved, on_grad=lambda fn, *a: hooks.append((fn, a)), lead=b)
         return new_out
 
@@ -1082,14 +1077,17 @@ class WatchHandle:
             self._outside.add(module, x, out)
         sk = self._sketches[module]
         view = _as_is if grad_view is None else grad_view
-        listen = functools.partial(_on_output_grad, out) if on_grad is None else on_grad
         if not self.sampler.balances:
             # rr, so, ...: no sketch, only the number of examples, so that the sampler's cursor moves: the
             # model's batch where its input shows one (a layer's leading dimension may be B * T rows, or 1),
             # counted at the first gradient, so that a forward with no backward counts nothing.
             if step.noted is None and x.dim() > 0:
                 n = step.batch
-                listen(lambda g: self._note(step, view(g).shape[0] if n is None else n))
+                note = lambda g: self._note(step, view(g).shape[0] if n is None else n)  # noqa: E731
+                if on_grad is None:
+                    _on_output_grad(out, note)
+                else:
+                    on_grad(note)
             return None
         b = step.batch
         if lead is None:
@@ -1113,6 +1111,8 @@ class WatchHandle:
                 self._refuse_layout(sk, x, b)
         if saved is None:
             saved = self._save(step, sk, module, x, in_backward)
+        # (on ``out`` as it is now: a lookup shared by the batch was replaced by its expanded view above)
+        listen = functools.partial(_on_output_grad, out) if on_grad is None else on_grad
         if view is _as_is:
             listen(self._on_grad, step, sk, module, saved)
         else:
@@ -1557,7 +1557,7 @@ def _kind(sk: LayerSketch) -> str:
     if isinstance(sk, DirectParamSketch):
         return "parameter of no layer (per example where broadcast over the batch)"
     if isinstance(sk, RecurrentSketch):
-        return f"{sk.layer_class} (replayed step by step in the backward)"
+        return f"{sk.layer_class} ({sk.replayed} in the backward)"
     if sk.ghost and sk.ghost_width:
         return f"Linear (ghost: the weight's {sk.ghost_width} coordinates exact from its factors, not in the rows)"
     return type(sk).__name__.replace("Sketch", "") + (" (weight left out: budget)" if sk.dropped else "")
