@@ -1245,7 +1245,7 @@ def test_uncovered_parameters_are_refused_and_can_be_excluded(sketch):
 
     # A layer whose sketch refuses it (dropout between an LSTM's layers: drawn inside torch's kernel).
     lstm = LSTMModel(num_layers=2, dropout=0.1)
-    with pytest.raises(UnsupportedModelError, match=r"'lstm' is an LSTM with dropout=0.1 between its 2 layers"):
+    with pytest.raises(UnsupportedModelError, match=r"'lstm' is an nn.LSTM with dropout=0.1 between its 2 layers"):
         GraBSampler(n=8).watch(lstm)
     no_hooks(lstm)
     lstm.lstm.dropout = 0.0  # (the rows of the layers left in are compared with torch.func's, which draws other masks)

@@ -22,6 +22,10 @@ their text, longest first), as torch's kernels do: a batch of padded texts packe
 input is the case where every text has every step. Dropout between stacked layers is drawn inside
 torch's kernel, so its masks cannot be replayed: such a layer is refused (single-layer recurrent layers
 with an ``nn.Dropout`` between them are watched).
+
+The cells (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``), called by a model's own loop once per time
+step, are replayed call by call as a layer of one step: autograd has already summed the later steps'
+part into the gradient of each call's new state.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ class _Layout:
         if isinstance(x, PackedSequence):
             self.data = _f32(x.data)
             self.sizes = [int(s) for s in x.batch_sizes]
-            self.order, self.unorder = x.sorted_indices, x.unsorted_indices
+            self.order = x.sorted_indices
             self.packed: Optional[PackedSequence] = x
         else:
             if x.dim() == 2:  # unbatched: one example
@@ -104,7 +108,7 @@ class _Layout:
             t_len, b = int(x.shape[0]), int(x.shape[1])
             self.data = _f32(x).reshape(t_len * b, -1)
             self.sizes = [b] * t_len
-            self.order = self.unorder = None
+            self.order = None
             self.packed = None
         self.b = self.sizes[0]
         self.starts = [0] * len(self.sizes)
@@ -135,7 +139,7 @@ class RecurrentSketch(LayerSketch):
         super().__init__(name, module, None, seed)
         if module.dropout and module.num_layers > 1:
             raise UnsupportedModelError(
-                f"watch(): {name!r} is an {type(module).__name__} with dropout={module.dropout} between its "
+                f"watch(): {name!r} is an nn.{type(module).__name__} with dropout={module.dropout} between its "
                 f"{module.num_layers} layers. torch draws those masks inside its kernel, so no row could "
                 "replay them. Stack single-layer recurrent layers with an nn.Dropout between them (each is "
                 f"watched), build it with dropout=0, or exclude={name!r}"
