@@ -5056,3 +5056,32 @@ def test_recurrent_cell_rows_are_each_examples_gradient(kind, initial, kw, sketc
     assert_rows(spy.rows[0], handle.project(grads))
     if sketch is None:
         assert_rows(spy.rows[0], flat(grads, 4))
+
+
+def test_ddp_wrapped_recurrent_model_gives_the_unwrapped_rows():
+    # DistributedDataParallel's own autograd function on the outputs and the recurrent layer's tap: the
+    # rows of a DDP-wrapped packed bidirectional LSTM are those of the model unwrapped.
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    torch.manual_seed(0)
+    model = _RecurrentClassifier("LSTM", "both", packed=True, bidirectional=True)
+    plain = copy.deepcopy(model)
+    ids, lengths, y = _texts()
+    _, h_plain, spy_plain = watched(plain, sketch=4)
+    ce(plain(ids, lengths), y).backward()
+    h_plain.flush()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        sampler, handle, spy = watched(ddp, sketch=4)
+        for _ in range(2):
+            ce(ddp(ids, lengths), y).backward()
+        handle.flush()
+        first, _ = spy.steps([4, 4])
+        np.testing.assert_allclose(first, spy_plain.rows[0], rtol=1e-5, atol=1e-7)
+        assert sampler.pending == 64 - 8
+        handle.remove()
+        no_hooks(ddp)
+    finally:
+        dist.destroy_process_group()
