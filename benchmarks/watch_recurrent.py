@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/watch_recurrent.py                 # out/watch_recurrent.{txt,csv,png}
     .venv/bin/python benchmarks/watch_recurrent.py --kind GRU      # out/watch_recurrent_GRU.*
     .venv/bin/python benchmarks/watch_recurrent.py --quick         # a smoke run of a few seconds
+    .venv/bin/python benchmarks/watch_recurrent.py --layer         # the layer alone: out/watch_recurrent_layer.txt
 
 The classic recurrent sentence classifier: word embeddings, a one-layer LSTM over each sentence (the batch
 padded to its longest sentence and packed with `pack_padded_sequence`, so padding is never read), and a
@@ -20,6 +21,11 @@ Arms, per seed from the same initial weights and the same first-epoch permutatio
 with that seed): `rr` (no hooks), `grab` and `pair` fed by `sampler.watch(model)` (its defaults). The arms take
 each epoch in turn, rotating who goes first; each epoch's seconds over RR's same epoch is one paired ratio.
 After each epoch, untimed: the mean loss over all n training sentences.
+
+`--layer`: what the replay costs against the layer's own step, the recurrent layer alone (no model, no
+sampler): a forward and backward of `--kind` through torch's kernel, and the same with the layer's rows
+formed from its tap (the `watch()` sketch's own code, default sketch), for a few shapes of batch, length
+and width, unpacked and packed (lengths uniform from 1 to T), paired rounds alternating the two.
 
 Writes OUT/watch_recurrent[_GRU].txt (the printed tables, with the command line at the top), .csv and .png
 (loss against epochs and against training seconds, and each arm's loss minus RR's).
@@ -105,6 +111,50 @@ class Arm:
         return time.perf_counter() - t0
 
 
+def layer_costs(out: "_common.Out", kind: str, rounds: int) -> None:
+    """The layer's step with its rows over its plain step, per shape (see the docstring, ``--layer``)."""
+    from torchgrab.capture.recurrent import RecurrentSketch
+
+    out.line(f"\n{kind} alone: forward + backward with the rows formed over without, median of {rounds} paired rounds")
+    out.line(f"{'B':>4} {'T':>5} {'in':>5} {'hidden':>6} {'input':>8} {'plain ms':>9} {'with rows':>10}")
+    g = torch.Generator().manual_seed(0)
+    for b, t, d_in, hidden in ((64, 30, 64, 64), (32, 256, 128, 128), (32, 64, 256, 256)):
+        layer = getattr(nn, kind)(d_in, hidden, batch_first=True)
+        sk = RecurrentSketch("rnn", layer, 32, 0)
+        x = torch.randn(b, t, d_in, generator=g)
+        lengths = torch.randint(1, t + 1, (b,), generator=g)
+        for packed in (False, True):
+            inp = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False) if packed else x
+
+            def step(rows: bool) -> None:
+                res = layer(inp)
+                if rows:
+                    call = sk.save(layer, (inp, None))
+
+                    def hook(grads: Tuple[Optional[torch.Tensor], ...]) -> None:
+                        call.grads = grads
+                        with torch.no_grad():
+                            sk.rows(layer, call, None)
+
+                    res, _, _ = sk.tap(layer, res, hook)
+                y = res[0].data if packed else res[0]
+                (y.sum() + res[1][0].sum() if kind == "LSTM" else y.sum() + res[1].sum()).backward()
+
+            ratios, plain = [], []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                step(False)
+                t1 = time.perf_counter()
+                step(True)
+                t2 = time.perf_counter()
+                ratios.append((t2 - t1) / (t1 - t0))
+                plain.append(t1 - t0)
+            name = "packed" if packed else "tensor"
+            out.line(
+                f"{b:>4} {t:>5} {d_in:>5} {hidden:>6} {name:>8} {1e3 * np.median(plain):>9.1f} {np.median(ratios):>10.2f}"
+            )
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +171,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/out; with --quick a temp folder)")
     ap.add_argument("--quick", action="store_true", help="600 sentences, 2 epochs, 1 seed: a smoke run")
+    ap.add_argument("--layer", action="store_true", help="the layer alone: the replay's cost against its step")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.epochs, args.seeds = 600, 2, 1
@@ -132,6 +183,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         ap.error("--arms must start with rr (ratios and differences are taken against it) and name another")
     torch.set_num_threads(args.threads)
     name = "watch_recurrent" + ("" if args.kind == "LSTM" else f"_{args.kind}")
+    if args.layer:
+        out = _common.begin_result(f"watch() on a {args.kind} layer alone: the replay against the layer's step")
+        layer_costs(out, args.kind, 3 if args.quick else 15)
+        out.line(f"\n# load average now {_common.load_average()}")
+        out.save(os.path.join(args.out, f"{name}_layer.txt"))
+        print(f"# wrote {args.out}/{name}_layer.txt")
+        return
 
     out = _common.begin_result(f"watch() on a {args.kind} text classifier (SST-2): GraB against RR")
     texts, labels = EX.load_glue(EX.data_root(args.data), "SST-2", "train")
