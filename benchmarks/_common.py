@@ -9,6 +9,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -297,6 +298,72 @@ def report_against_rr(
             got.append(float("inf") if t is None else t / secs["rr"][s].sum())
         shown = ", ".join("never" if g == float("inf") else f"{g:.3f}" for g in got)
         out.line(f"{a:<6} median {np.median(got):.3f} (seeds: {shown})")
+
+
+def plot_against_rr(out_dir: str, name: str, arms: List[str], loss: Dict, secs: Dict, title: str, ylabel: str) -> None:
+    """The plot of a ``train_in_rotation`` study: loss against epochs and against seconds from epoch 1 on
+    (epoch 0's loss, ten times higher, would flatten the rest), and each arm's loss minus RR's, per seed and
+    their mean."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (ax_e, ax_t, ax_d) = plt.subplots(1, 3, figsize=(16, 4.6))
+    for c, a in enumerate(arms):
+        ep = np.arange(loss[a].shape[1])
+        t = np.cumsum(secs[a], axis=1).mean(0)
+        ax_e.plot(ep[1:], loss[a].mean(0)[1:], color=f"C{c}", marker="o", label=a)
+        ax_t.plot(t[1:], loss[a].mean(0)[1:], color=f"C{c}", marker="o", label=a)
+        if a != "rr":
+            d = loss[a] - loss["rr"]
+            for s in range(d.shape[0]):
+                ax_d.plot(ep[1:], d[s, 1:], color=f"C{c}", alpha=0.3, lw=0.8)
+            ax_d.plot(ep[1:], d.mean(0)[1:], color=f"C{c}", marker="o", label=f"{a} - rr (mean; seeds thin)")
+    ax_d.axhline(0.0, color="k", lw=0.6)
+    ax_e.set(title="full training loss per epoch (mean over seeds)", xlabel="epoch", ylabel=ylabel)
+    ax_t.set(title="... against training seconds", xlabel="cumulative training seconds", ylabel=ylabel)
+    ax_d.set(title="loss minus RR's, paired by seed (< 0: lower)", xlabel="epoch", ylabel="difference")
+    for ax in (ax_e, ax_t, ax_d):
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    save_plot(fig, out_dir, f"{name}.png")
+
+
+def rotation_setup(ap: Any, args: Any, prefix: str) -> List[str]:
+    """What a ``train_in_rotation`` study's options set up: the output folder (``--out``; a temporary one
+    with ``--quick``), the torch threads, and the arms of ``--arms`` (rr first, and at least one other)."""
+    if args.out is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        args.out = tempfile.mkdtemp(prefix=f"{prefix}_") if args.quick else os.path.join(here, "out")
+    os.makedirs(args.out, exist_ok=True)
+    arms = [a for a in args.arms.split(",") if a]
+    if arms[0] != "rr" or len(arms) < 2:
+        ap.error("--arms must start with rr (ratios and differences are taken against it) and name another")
+    torch.set_num_threads(args.threads)
+    return arms
+
+
+def rotation_study(
+    out: "Out",
+    args: Any,
+    arms: List[str],
+    name: str,
+    title: str,
+    runs: Tuple[Callable[[int], Dict[str, Any]], Callable[[Any], float], Callable[[Any], float]],
+    what: str,
+    digits: int,
+    ylabel: str,
+) -> None:
+    """A study against RR from its title line to its files: ``train_in_rotation`` with ``runs`` (make_runs,
+    train_epoch, full_loss), ``report_against_rr`` (the loss as ``what``), then ARGS.OUT/NAME.txt, .csv
+    and .png (``plot_against_rr``, the loss labelled ``ylabel``)."""
+    out.line(f"# {title}")
+    loss, secs, rows = train_in_rotation(out, arms, args.seeds, args.epochs, *runs)
+    report_against_rr(out, arms, loss, secs, what, digits=digits)
+    out.line(f"\n# load average now {load_average()}")
+    out.save(os.path.join(args.out, f"{name}.txt"))
+    write_csv(os.path.join(args.out, f"{name}.csv"), rows)
+    plot_against_rr(args.out, name, arms, loss, secs, title, ylabel)
+    print(f"# wrote {args.out}/{name}.txt, .csv, .png")
 
 
 def cosine_to_zero(opt: Any, steps: int) -> Any:

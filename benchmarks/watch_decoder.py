@@ -35,10 +35,9 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -50,6 +49,7 @@ import _common  # noqa: E402
 from torchgrab import GraBSampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+YLABEL = "per-pixel BCE"
 EX = _common.load_module("torchgrab_examples_common", REPO / "examples" / "_common.py")
 
 
@@ -110,35 +110,6 @@ class Arm:
         return time.perf_counter() - t0
 
 
-def plot(
-    out_dir: str, name: str, arms: List[str], loss: Dict, secs: Dict, title: str, ylabel: str = "per-pixel BCE"
-) -> None:
-    """Loss against epochs and against seconds from epoch 1 on (epoch 0's loss, ten times higher, would flatten
-    the rest), and each arm's loss minus RR's, per seed and their mean."""
-    plt = _common.pyplot()
-    if plt is None:
-        return
-    fig, (ax_e, ax_t, ax_d) = plt.subplots(1, 3, figsize=(16, 4.6))
-    for c, a in enumerate(arms):
-        ep = np.arange(loss[a].shape[1])
-        t = np.cumsum(secs[a], axis=1).mean(0)
-        ax_e.plot(ep[1:], loss[a].mean(0)[1:], color=f"C{c}", marker="o", label=a)
-        ax_t.plot(t[1:], loss[a].mean(0)[1:], color=f"C{c}", marker="o", label=a)
-        if a != "rr":
-            d = loss[a] - loss["rr"]
-            for s in range(d.shape[0]):
-                ax_d.plot(ep[1:], d[s, 1:], color=f"C{c}", alpha=0.3, lw=0.8)
-            ax_d.plot(ep[1:], d.mean(0)[1:], color=f"C{c}", marker="o", label=f"{a} - rr (mean; seeds thin)")
-    ax_d.axhline(0.0, color="k", lw=0.6)
-    ax_e.set(title="full training loss per epoch (mean over seeds)", xlabel="epoch", ylabel=ylabel)
-    ax_t.set(title="... against training seconds", xlabel="cumulative training seconds", ylabel=ylabel)
-    ax_d.set(title="loss minus RR's, paired by seed (< 0: lower)", xlabel="epoch", ylabel="difference")
-    for ax in (ax_e, ax_t, ax_d):
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    _common.save_plot(fig, out_dir, f"{name}.png")
-
-
 def replot(csv_path: str) -> None:
     """The plot again from a run's CSV (next to it, same name): no training."""
     rows = EX.read_csv(csv_path)  # (numbers parsed)
@@ -157,11 +128,10 @@ def replot(csv_path: str) -> None:
     if os.path.exists(txt):
         with open(txt) as f:
             title = next((ln[2:].strip() for ln in f if ln.startswith("# MNIST conv autoencoder")), title)
-    plot(folder, name, arms, loss, secs, title)
+    _common.plot_against_rr(folder, name, arms, loss, secs, title, YLABEL)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help=f"data root in the layout of ../shared/data ({EX.DEFAULT_DATA})")
     ap.add_argument("--n", type=int, default=60000, help="training images (the first n)")
@@ -187,13 +157,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     if args.quick:
         args.n, args.epochs, args.seeds = 512, 2, 1
-    if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="watch_decoder_") if args.quick else os.path.join(here, "out")
-    os.makedirs(args.out, exist_ok=True)
-    arms = [a for a in args.arms.split(",") if a]
-    if arms[0] != "rr" or len(arms) < 2:
-        ap.error("--arms must start with rr (ratios and differences are taken against it) and name another")
-    torch.set_num_threads(args.threads)
+    arms = _common.rotation_setup(ap, args, "watch_decoder")
     name = "watch_decoder" if args.budget is None else f"watch_decoder_budget{args.budget:g}"
 
     out = _common.begin_result("watch() on a convolutional autoencoder (transposed convolutions): GraB against RR")
@@ -206,22 +170,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"{args.epochs} epochs, {args.seeds} seeds, {args.threads} torch thread(s), "
         f"budget {'default' if args.budget is None else args.budget}"
     )
-    out.line(f"# {title}")
-    loss, secs, rows = _common.train_in_rotation(
-        out,
-        arms,
-        args.seeds,
-        args.epochs,
-        lambda s: {a: Arm(a, s, len(x), args) for a in arms},
-        lambda r: r.epoch(x),
-        lambda r: full_loss(r.model, x),
-    )
-    _common.report_against_rr(out, arms, loss, secs, "per-pixel binary cross-entropy over the n images", digits=6)
-    out.line(f"\n# load average now {_common.load_average()}")
-    out.save(os.path.join(args.out, f"{name}.txt"))
-    _common.write_csv(os.path.join(args.out, f"{name}.csv"), rows)
-    plot(args.out, name, arms, loss, secs, title)
-    print(f"# wrote {args.out}/{name}.txt, .csv, .png")
+    runs = (lambda s: {a: Arm(a, s, len(x), args) for a in arms}, lambda r: r.epoch(x), lambda r: full_loss(r.model, x))
+    what = "per-pixel binary cross-entropy over the n images"
+    _common.rotation_study(out, args, arms, name, title, runs, what, digits=6, ylabel=YLABEL)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import List, Optional, Tuple
 
@@ -49,9 +48,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-import watch_decoder  # noqa: E402  (its plot: loss per epoch, per second, and minus RR's)
 from torchgrab import GraBSampler  # noqa: E402
-from watch_textbag import EX, Corpus  # noqa: E402
+from watch_textbag import EX, Corpus, load_sst2  # noqa: E402
 
 
 class RecurrentClassifier(nn.Module):
@@ -156,7 +154,6 @@ def layer_costs(out: "_common.Out", kind: str, rounds: int) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help=f"data root in the layout of ../shared/data ({EX.DEFAULT_DATA})")
     ap.add_argument("--kind", choices=("LSTM", "GRU", "RNN"), default="LSTM")
@@ -175,13 +172,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.epochs, args.seeds = 600, 2, 1
-    if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="watch_recurrent_") if args.quick else os.path.join(here, "out")
-    os.makedirs(args.out, exist_ok=True)
-    arms = [a for a in args.arms.split(",") if a]
-    if arms[0] != "rr" or len(arms) < 2:
-        ap.error("--arms must start with rr (ratios and differences are taken against it) and name another")
-    torch.set_num_threads(args.threads)
+    arms = _common.rotation_setup(ap, args, "watch_recurrent")
     name = "watch_recurrent" + ("" if args.kind == "LSTM" else f"_{args.kind}")
     if args.layer:
         out = _common.begin_result(f"watch() on a {args.kind} layer alone: the replay against the layer's step")
@@ -192,11 +183,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
 
     out = _common.begin_result(f"watch() on a {args.kind} text classifier (SST-2): GraB against RR")
-    texts, labels = EX.load_glue(EX.data_root(args.data), "SST-2", "train")
-    if args.n:
-        texts, labels = texts[: args.n], labels[: args.n]
-    corpus = Corpus([t[0] for t in texts])
-    y = torch.as_tensor(labels)
+    corpus, y = load_sst2(args.data, args.n)
     n = len(y)
     d = sum(p.numel() for p in RecurrentClassifier(args.kind, corpus.vocab, args.dim, args.hidden).parameters())
     title = (
@@ -205,22 +192,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"SGD lr {args.lr} cosine to 0 m 0.9, batch {args.batch}, {args.epochs} epochs, {args.seeds} seeds, "
         f"{args.threads} torch thread(s), watch() defaults"
     )
-    out.line(f"# {title}")
-    loss, secs, rows = _common.train_in_rotation(
-        out,
-        arms,
-        args.seeds,
-        args.epochs,
+    runs = (
         lambda s: {a: Arm(a, s, corpus, n, args) for a in arms},
         lambda r: r.epoch(corpus, y),
         lambda r: full_loss(r.model, corpus, y),
     )
-    _common.report_against_rr(out, arms, loss, secs, "cross-entropy over the n sentences", digits=5)
-    out.line(f"\n# load average now {_common.load_average()}")
-    out.save(os.path.join(args.out, f"{name}.txt"))
-    _common.write_csv(os.path.join(args.out, f"{name}.csv"), rows)
-    watch_decoder.plot(args.out, name, arms, loss, secs, title, ylabel="cross-entropy")
-    print(f"# wrote {args.out}/{name}.txt, .csv, .png")
+    what = "cross-entropy over the n sentences"
+    _common.rotation_study(out, args, arms, name, title, runs, what, digits=5, ylabel="cross-entropy")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -46,7 +45,6 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-import watch_decoder  # noqa: E402  (its plot: loss per epoch, per second, and minus RR's)
 from torchgrab import GraBSampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,6 +79,14 @@ class Corpus:
         offsets = torch.cumsum(lengths, 0) - lengths
         at = torch.repeat_interleave(self.starts[idx] - offsets, lengths)
         return self.tokens[at + torch.arange(at.shape[0])], offsets
+
+
+def load_sst2(data: Optional[str], n: int) -> Tuple[Corpus, torch.Tensor]:
+    """The SST-2 training sentences of the data root (the first n; 0: all) as a Corpus, and their labels."""
+    texts, labels = EX.load_glue(EX.data_root(data), "SST-2", "train")
+    if n:
+        texts, labels = texts[:n], labels[:n]
+    return Corpus([t[0] for t in texts]), torch.as_tensor(labels)
 
 
 @torch.no_grad()
@@ -121,7 +127,6 @@ class Arm:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help=f"data root in the layout of ../shared/data ({EX.DEFAULT_DATA})")
     ap.add_argument("--n", type=int, default=0, help="training sentences (the first n; 0: all 67,349)")
@@ -142,13 +147,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.epochs, args.seeds = 1000, 2, 1
-    if args.out is None:
-        args.out = tempfile.mkdtemp(prefix="watch_textbag_") if args.quick else os.path.join(here, "out")
-    os.makedirs(args.out, exist_ok=True)
-    arms = [a for a in args.arms.split(",") if a]
-    if arms[0] != "rr" or len(arms) < 2:
-        ap.error("--arms must start with rr (ratios and differences are taken against it) and name another")
-    torch.set_num_threads(args.threads)
+    arms = _common.rotation_setup(ap, args, "watch_textbag")
     name = "watch_textbag" + "".join(
         f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}"
         for k, v, default in (("sketch", args.sketch, None), ("momentum", args.momentum, 0.9), ("lr", args.lr, 0.5))
@@ -157,11 +156,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     name += "_constant" if args.schedule == "constant" else ""
 
     out = _common.begin_result("watch() on an EmbeddingBag text classifier (SST-2): GraB against RR")
-    texts, labels = EX.load_glue(EX.data_root(args.data), "SST-2", "train")
-    if args.n:
-        texts, labels = texts[: args.n], labels[: args.n]
-    corpus = Corpus([t[0] for t in texts])
-    y = torch.as_tensor(labels)
+    corpus, y = load_sst2(args.data, args.n)
     n = len(y)
     d = sum(p.numel() for p in TextBag(corpus.vocab, args.dim).parameters())
     title = (
@@ -171,22 +166,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"{args.epochs} epochs, {args.seeds} seeds, {args.threads} torch thread(s), "
         f"sketch {'default' if args.sketch is None else args.sketch}"
     )
-    out.line(f"# {title}")
-    loss, secs, rows = _common.train_in_rotation(
-        out,
-        arms,
-        args.seeds,
-        args.epochs,
+    runs = (
         lambda s: {a: Arm(a, s, corpus, n, args) for a in arms},
         lambda r: r.epoch(corpus, y),
         lambda r: full_loss(r.model, corpus, y),
     )
-    _common.report_against_rr(out, arms, loss, secs, "cross-entropy over the n sentences", digits=5)
-    out.line(f"\n# load average now {_common.load_average()}")
-    out.save(os.path.join(args.out, f"{name}.txt"))
-    _common.write_csv(os.path.join(args.out, f"{name}.csv"), rows)
-    watch_decoder.plot(args.out, name, arms, loss, secs, title, ylabel="cross-entropy")
-    print(f"# wrote {args.out}/{name}.txt, .csv, .png")
+    what = "cross-entropy over the n sentences"
+    _common.rotation_study(out, args, arms, name, title, runs, what, digits=5, ylabel="cross-entropy")
 
 
 if __name__ == "__main__":

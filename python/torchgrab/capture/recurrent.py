@@ -376,10 +376,14 @@ class _Run:
             return h[:n]
         return torch.cat((h, h0[h.shape[0] : n]))
 
-    def keep(self, **per_step: List[torch.Tensor]) -> None:
-        """Per-step tensors, recorded in the order run, stacked as rows of the layout (time order)."""
-        for k, v in per_step.items():
-            self.saved[k] = torch.cat(v[::-1] if self.reverse else v)
+    def keep(self, ys: List[torch.Tensor], **per_step: List[torch.Tensor]) -> None:
+        """The outputs ``ys`` (as ``y``) and what the backward needs, per step in the order run: stacked as
+        rows of the layout (time order)."""
+        self.y = self._stacked(ys)
+        self.saved = {k: self._stacked(v) for k, v in per_step.items()}
+
+    def _stacked(self, per_step: List[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(per_step[::-1] if self.reverse else per_step)
 
 
 def _biases(run: _Run) -> Optional[torch.Tensor]:
@@ -418,8 +422,7 @@ class _LSTM:
             tcs.append(tc)
             raws.append(raw)
             ys.append(h)
-        run.keep(h=hs, c=cs, act=acts, tc=tcs, y=ys, **({} if w_hr is None else {"raw": raws}))
-        run.y = run.saved.pop("y")
+        run.keep(ys, h=hs, c=cs, act=acts, tc=tcs, **({} if w_hr is None else {"raw": raws}))
 
     @staticmethod
     def backward(
@@ -478,8 +481,7 @@ class _GRU:
             ns.append(new)
             ghs.append(gh_n)
             ys.append(h)
-        run.keep(h=hs, r=rs, z=zs, n=ns, gh_n=ghs, y=ys)
-        run.y = run.saved.pop("y")
+        run.keep(ys, h=hs, r=rs, z=zs, n=ns, gh_n=ghs)
 
     @staticmethod
     def backward(
@@ -521,8 +523,7 @@ class _RNN:
             hs.append(h)
             h = act(torch.addmm(gi[start : start + n], h, w_hh_t))
             ys.append(h)
-        run.keep(h=hs, y=ys)
-        run.y = run.saved.pop("y")
+        run.keep(ys, h=hs)
 
     @staticmethod
     def backward(

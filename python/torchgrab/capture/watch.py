@@ -11,7 +11,6 @@ gradient). Rows on a GPU travel to the host asynchronously; they are fed once th
 
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
 import weakref
@@ -1111,12 +1110,15 @@ class WatchHandle:
                 self._refuse_layout(sk, x, b)
         if saved is None:
             saved = self._save(step, sk, module, x, in_backward)
-        # (on ``out`` as it is now: a lookup shared by the batch was replaced by its expanded view above)
-        listen = functools.partial(_on_output_grad, out) if on_grad is None else on_grad
         if view is _as_is:
-            listen(self._on_grad, step, sk, module, saved)
+            hook, args = self._on_grad, (step, sk, module, saved)
         else:
-            listen(lambda g: self._on_grad(step, sk, module, saved, view(g)))
+            hook, args = (lambda g: self._on_grad(step, sk, module, saved, view(g))), ()
+        if on_grad is None:
+            # (on ``out`` as it is now: a lookup shared by the batch was replaced by its expanded view above)
+            _on_output_grad(out, hook, *args)
+        else:
+            on_grad(hook, *args)
         return replaced
 
     @in_full_precision
