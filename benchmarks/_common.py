@@ -328,13 +328,19 @@ def plot_against_rr(out_dir: str, name: str, arms: List[str], loss: Dict, secs: 
     save_plot(fig, out_dir, f"{name}.png")
 
 
-def rotation_setup(ap: Any, args: Any, prefix: str) -> List[str]:
-    """What a ``train_in_rotation`` study's options set up: the output folder (``--out``; a temporary one
-    with ``--quick``), the torch threads, and the arms of ``--arms`` (rr first, and at least one other)."""
+def out_folder(args: Any, prefix: str) -> str:
+    """``args.out``, made: benchmarks/out by default, a temporary folder for a ``--quick`` smoke run."""
     if args.out is None:
         here = os.path.dirname(os.path.abspath(__file__))
         args.out = tempfile.mkdtemp(prefix=f"{prefix}_") if args.quick else os.path.join(here, "out")
     os.makedirs(args.out, exist_ok=True)
+    return args.out
+
+
+def rotation_setup(ap: Any, args: Any, prefix: str) -> List[str]:
+    """What a ``train_in_rotation`` study's options set up: the output folder (``--out``; a temporary one
+    with ``--quick``), the torch threads, and the arms of ``--arms`` (rr first, and at least one other)."""
+    out_folder(args, prefix)
     arms = [a for a in args.arms.split(",") if a]
     if arms[0] != "rr" or len(arms) < 2:
         ap.error("--arms must start with rr (ratios and differences are taken against it) and name another")

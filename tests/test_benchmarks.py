@@ -485,3 +485,18 @@ def test_watch_recurrent_runs(tmp_path):
     stdout = run(["benchmarks/watch_recurrent.py", "--layer", "--quick", "--out", str(tmp_path)])
     assert "LSTM alone: forward + backward with the rows formed over without" in stdout
     assert stdout.count(" packed ") == 3 and stdout.count(" tensor ") == 3
+
+
+def test_watch_parametrized_runs(tmp_path):
+    """benchmarks/watch_parametrized.py --quick: weight_norm and spectral_norm layers alone, watched and not,
+    against the same layers unparametrized; and --model, a 2-layer Wav2Vec2 watched with and without its
+    positional convolution."""
+    stdout = run(["benchmarks/watch_parametrized.py", "--quick", "--out", str(tmp_path)])
+    for name in ("Wav2Vec2 pos. conv, 50 frames", "HiFi-GAN ConvTranspose1d", "spectral_norm Conv2d(64, 128, 4, s2)"):
+        assert re.search(rf"{re.escape(name)} +[\d,]+ +[\d.]+ +[\d.]+ \(", stdout), name
+    assert (tmp_path / "watch_parametrized.txt").exists()
+    pytest.importorskip("transformers")
+    stdout = run(["benchmarks/watch_parametrized.py", "--quick", "--model", "--out", str(tmp_path)])
+    for arm in ("no watch()", "watch(exclude=[pos. conv])", "watch()"):
+        assert re.search(rf"\n{re.escape(arm)} +[\d.]+ +[\d.]+ \(", stdout), arm
+    assert (tmp_path / "watch_parametrized_model.txt").exists()

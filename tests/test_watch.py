@@ -27,6 +27,7 @@ from test_watch_cuda import _model as _cuda_model
 from test_watch_cuda import _Tokens as _CudaTokens
 from test_watch_cuda import autocast_rows_and_gradients
 from torch import nn
+from torch.nn.utils.parametrizations import orthogonal, spectral_norm, weight_norm
 from torch.utils.checkpoint import checkpoint
 from torchgrab import (
     GraBSampler,
@@ -2583,17 +2584,144 @@ def test_a_parameter_broadcast_over_a_new_batch_dimension_or_repeated_gives_per_
         handle.remove()
 
 
-@pytest.mark.parametrize("sketch", SKETCHES)
-def test_a_layer_with_a_parametrized_weight_is_refused_by_its_name_before_training(sketch):
-    # weight_norm (Wav2Vec2's positional convolution): the layer computes its weight from two originals
-    # under layer.parametrizations, parameters of a module with sublayers. They were taken as parameters
-    # of no layer and refused at the first forward, at _weight_norm, with advice to leave out one original.
-    from torch.nn.utils.parametrizations import weight_norm
+# Layers whose weight a parametrization computes: weight_norm (any dim; Wav2Vec2's positional convolution
+# normalizes over its kernel taps, dim=2), spectral_norm, orthogonal, and the older hook-based weight_norm.
+_PARAMETRIZED = {
+    "linear_tokens": (lambda: weight_norm(nn.Linear(5, 6)), (3, 5)),
+    "linear_whole_norm": (lambda: weight_norm(nn.Linear(5, 6), dim=None), (5,)),
+    "linear_spectral": (lambda: spectral_norm(nn.Linear(5, 6)), (5,)),
+    "linear_orthogonal": (lambda: orthogonal(nn.Linear(6, 6)), (6,)),
+    "conv1d_groups_taps": (lambda: weight_norm(nn.Conv1d(4, 6, 5, padding=2, groups=2), dim=2), (4, 9)),
+    "conv1d_same_reflect": (lambda: weight_norm(nn.Conv1d(4, 6, 4, padding="same", padding_mode="reflect")), (4, 9)),
+    "conv2d_stride_dilation": (lambda: weight_norm(nn.Conv2d(3, 5, 3, stride=2, dilation=2, padding=1)), (3, 9, 9)),
+    "conv2d_spectral": (lambda: spectral_norm(nn.Conv2d(3, 5, 3, padding=1)), (3, 6, 6)),
+    "conv_transpose1d_groups": (
+        lambda: weight_norm(nn.ConvTranspose1d(4, 6, 4, stride=2, padding=1, groups=2)),
+        (4, 7),
+    ),
+    "conv_transpose2d_output_padding": (
+        lambda: weight_norm(nn.ConvTranspose2d(3, 4, 3, stride=2, output_padding=1)),
+        (3, 5, 5),
+    ),
+    "legacy_weight_norm": (lambda: legacy_weight_norm(nn.Conv1d(4, 6, 3), dim=None), (4, 9)),
+    "frozen_magnitude": (lambda: _frozen_magnitude(weight_norm(nn.Linear(5, 6))), (5,)),
+}
 
+
+def legacy_weight_norm(module, dim=0):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (deprecated, still in older models)
+        return torch.nn.utils.weight_norm(module, dim=dim)
+
+
+def _frozen_magnitude(layer):
+    layer.parametrizations.weight.original0.requires_grad_(False)
+    return layer
+
+
+class _Parametrized(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer, self.head = layer, nn.LazyLinear(3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer(x)).flatten(1))
+
+
+def _own_gradients(model, x, y, loss_fn=ce):
+    """Each example's gradient of its own loss, one backward each, with spectral_norm's power iteration
+    held where the batch's forward left it (the u and v that forward used; each example's forward would
+    otherwise advance it)."""
+    still = [(m, m.training) for m in model.modules() if type(m).__name__ == "_SpectralNorm"]
+    for m, _ in still:
+        m.eval()
+    grads = {}
+    try:
+        for b in range(x.shape[0]):
+            model.zero_grad()
+            loss_fn(model(x[b : b + 1]), y[b : b + 1]).backward()
+            for n, p in model.named_parameters():
+                if p.requires_grad:  # (a parameter the forward did not use: zeros)
+                    grads.setdefault(n, []).append(torch.zeros_like(p) if p.grad is None else p.grad.clone())
+    finally:
+        for m, mode in still:
+            m.train(mode)
+    return {n: torch.stack(g) for n, g in grads.items()}
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("case", sorted(_PARAMETRIZED))
+def test_parametrized_weight_rows_are_each_examples_gradient_of_the_originals(case, sketch):
+    make, shape = _PARAMETRIZED[case]
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), weight_norm(nn.Linear(6, 6)), nn.Linear(6, 3))
+    model = _Parametrized(make())
+    x, y = _data(shape, "class")
+    model(x[:1])
+    sampler, handle, spy = watched(model, sketch=sketch)
+    with warnings.catch_warnings():
+        # (vmap falling back to a loop over the examples would warn: the weight_norm here is batched.)
+        warnings.simplefilter("error", UserWarning)
+        ce(model(x), y).backward()
+    handle.flush()
+    assert_rows(spy.rows[0], handle.project(_own_gradients(model, x, y)))
+    name = {"linear_spectral": "spectral_norm", "conv2d_spectral": "spectral_norm"}.get(case, "weight_norm")
+    if case == "linear_orthogonal":
+        name = "orthogonal"
+    kind = "Conv" if "conv" in case or case == "legacy_weight_norm" else "Linear"
+    assert re.fullmatch(rf"{kind}\w* \(weight from {name}: per example through it\)", handle.layers[0][1])
+    if case == "frozen_magnitude":
+        assert "layer.parametrizations.weight.original0" not in _own_gradients(model, x, y)
+
+
+def test_a_wide_parametrized_layer_is_taken_in_chunks_of_examples(monkeypatch):
+    from torchgrab.capture import parametrized
+
+    monkeypatch.setattr(parametrized, "CHUNK_NUMBERS", 2 * 6 * 2 * 5)  # two examples' weight gradients
+    torch.manual_seed(0)
+    model = _Parametrized(weight_norm(nn.Conv1d(4, 6, 5, padding=2, groups=2), dim=2))
+    x, y = _data((4, 9), "class")
+    model(x[:1])
+    sampler, handle, spy = watched(model, sketch=4)
+    ce(model(x), y).backward()
+    handle.flush()
+    assert_rows(spy.rows[0], handle.project(_own_gradients(model, x, y)))
+
+
+def test_spectral_norm_advances_its_power_iteration_once_per_forward_when_watched():
+    # The rows evaluate the parametrization once more, in the backward: in eval mode, so the buffers u and
+    # v stay where the forward left them, and training is what it is without watch().
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Linear(5, 6)), nn.Tanh(), spectral_norm(nn.Linear(6, 3)))
+    twin = copy.deepcopy(model)
+    sampler, handle, spy = watched(model, sketch=4)
+    x = torch.randn(4, 5)
+    for _ in range(3):
+        for m in (model, twin):
+            m.zero_grad()
+            m(x).square().mean().backward()
+    handle.flush()
+    assert len(spy.steps([4, 4, 4])) == 3
+    for (n, b), (_, b2) in zip(model.named_buffers(), twin.named_buffers()):
+        assert torch.equal(b, b2), n
+    for (n, p), (_, p2) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(p.grad, p2.grad), n
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+def test_a_parametrization_watch_cannot_follow_is_refused_by_the_layers_name(sketch):
+    # An Embedding's weight_norm, and a parametrized bias: the layer is what to leave out.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), weight_norm(nn.Embedding(6, 6)), nn.Linear(6, 3))
     message = refused(model, UnsupportedModelError, r"exclude=\['2'\]", sketch=sketch)
     assert "['2'] computes its weight from a parametrization" in message
+    assert "follows for the weight of a Linear or convolution layer only" in message
+    biased = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    torch.nn.utils.parametrize.register_parametrization(biased[2], "bias", nn.Tanh())
+    refused(biased, UnsupportedModelError, r"exclude=\['2'\]", sketch=sketch)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), weight_norm(nn.Linear(6, 6)), nn.Linear(6, 3))
+    refused(
+        model, UnsupportedInputError, r"per_layer\['2'\] = 'ghost': '2' computes its weight", per_layer={"2": "ghost"}
+    )
     rows, expected, _, handle = one_step(model, *_data((4,), "class", b=5), ce, sketch, exclude=["2"])
     assert_rows(rows, expected)
     assert [n for n, _, _ in handle.layers] == ["0", "3"]

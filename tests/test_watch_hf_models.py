@@ -217,6 +217,46 @@ def test_clip_and_siglip_image_towers_give_exact_rows(family):
     ] in direct
 
 
+_SPEECH = dict(
+    hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+    conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+    num_labels=3, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+    layerdrop=0.0, mask_time_prob=0.0, final_dropout=0.0,
+)  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's reference over attention
+@pytest.mark.parametrize(
+    "config, model_class, extra",
+    [
+        ("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", {}),
+        ("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", {"do_stable_layer_norm": True, "feat_extract_norm": "layer"}),
+        ("Wav2Vec2Config", "Wav2Vec2ForCTC", {"vocab_size": 6}),
+        ("HubertConfig", "HubertForSequenceClassification", {}),
+        ("SEWConfig", "SEWForSequenceClassification", {"squeeze_factor": 2}),
+        ("UniSpeechSatConfig", "UniSpeechSatForSequenceClassification", {}),
+    ],
+    ids=["wav2vec2", "wav2vec2_stable_layer_norm", "wav2vec2_ctc", "hubert", "sew", "unispeech_sat"],
+)  # fmt: skip
+def test_speech_encoders_with_a_weight_normed_positional_convolution_give_exact_rows(config, model_class, extra):
+    # Their positional convolution (grouped, as wide as the model, normalized over its kernel taps: dim=2)
+    # computes its weight by weight_norm: it was refused, so these models needed exclude= to be watched.
+    cfg = getattr(transformers, config)(**_SPEECH, **extra)
+    model = _Logits(lambda: getattr(transformers, model_class)(cfg), key="input_values").train()
+    if model_class.endswith("CTC"):
+        model.m.freeze_feature_encoder()  # (as fine-tuning for speech recognition does)
+    x = torch.randn(3, 600, generator=torch.Generator().manual_seed(1))
+
+    def loss_fn(out, y, reduction="mean"):  # a loss over every frame, or over the pooled classes
+        return out.square().mean() if out.dim() == 3 else _ce(out, y, reduction=reduction)
+
+    rows, expected, grads, handle = one_step(model, x, torch.tensor([0, 1, 2]), loss_fn, None)
+    assert_rows(rows, expected)
+    conv = [kind for n, kind, _ in handle.layers if n.endswith("pos_conv_embed.conv")]
+    assert conv == ["Conv1d (weight from weight_norm: per example through it)"]
+    assert any(n.endswith("pos_conv_embed.conv.parametrizations.weight.original0") for n in grads)
+
+
 _ENCODER = dict(
     vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
     max_position_embeddings=20, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -241,8 +281,15 @@ _ENCODER = dict(
             lambda: _Logits(lambda: transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**_ENCODER))),
             "m.mpnet.encoder.relative_attention_bias", (6, 6),
         ),
+        # WavLM's relative position embedding: a lookup of [frames, frames] ids.
+        (
+            lambda: _Logits(lambda: transformers.WavLMForSequenceClassification(transformers.WavLMConfig(
+                **_SPEECH, num_buckets=8, max_bucket_distance=20,
+            )), key="input_values"),
+            "m.wavlm.encoder.layers.0.attention.rel_attn_embed", (59, 59),
+        ),
     ],
-    ids=["deberta_v2", "mpnet"],
+    ids=["deberta_v2", "mpnet", "wavlm"],
 )  # fmt: skip
 def test_a_layer_whose_input_is_not_one_row_per_example_is_refused_with_its_name(make, layer, shape):
     model = _off_one(make()).train()
@@ -252,7 +299,7 @@ def test_a_layer_whose_input_is_not_one_row_per_example_is_refused_with_its_name
     with pytest.raises(
         UnsupportedModelError, match=rf"{layer!r} got an input of shape \({shape[0]}, {shape[1]}.*{pattern}"
     ):
-        model(ids[:, :6]).sum().backward()
+        model(torch.randn(3, 600) if ".wavlm." in layer else ids[:, :6]).sum().backward()
     handle.remove()
 
 

@@ -31,6 +31,8 @@ from torchgrab.capture.layers import (
     TiedLinearSketch,
     sketch_class,
 )
+from torchgrab.capture.parametrized import ParametrizedSketch, is_parametrized, layer_parameters
+from torchgrab.capture.parametrized import supported as parametrization_supported
 from torchgrab.capture.projection import FoldSketch
 from torchgrab.errors import UnsupportedInputError, UnsupportedModelError
 
@@ -111,8 +113,9 @@ class LayerPlan:
 
     # ------------------------------------------------------------------ layers
     def _own(self, module: nn.Module) -> Dict[str, str]:
-        """A module's trainable parameters: attribute name -> the parameter's (canonical) name."""
-        return {p: self._canon[id(t)] for p, t in module._parameters.items() if t is not None and t.requires_grad}
+        """A module's trainable parameters: attribute name -> the parameter's (canonical) name (a parametrized
+        weight's originals by their names within the layer, ``parametrizations.weight.original0``)."""
+        return {p: self._canon[id(t)] for p, t in layer_parameters(module).items() if t.requires_grad}
 
     def _plan_layers(self) -> Set[str]:
         """Sketch every layer with trainable parameters kept; the names of the parameters covered."""
@@ -120,7 +123,7 @@ class LayerPlan:
         # The first Embedding module holding each table (named_modules order): the one that sketches it.
         embeddings: Dict[int, nn.Module] = {}
         for m in self.inner.modules():
-            if isinstance(m, nn.Embedding):
+            if isinstance(m, nn.Embedding) and not is_parametrized(m):  # (its weight is made at each read)
                 embeddings.setdefault(id(m.weight), m)
         tied: List[Tuple[str, nn.Module]] = []  # sketched after the loop, once the table's sketch exists
         for name, module in self.inner.named_modules():
@@ -131,6 +134,8 @@ class LayerPlan:
                 self.attention[module] = proj
                 covered |= set(by_proj)
                 continue
+            if isinstance(module, ParametrizationList):
+                continue  # its originals are its layer's (ParametrizedSketch)
             own = self._own(module)
             if not any(n in self.kept for n in own.values()):
                 continue
@@ -139,7 +144,7 @@ class LayerPlan:
             if any(name != a and _within(name, a) for a in self._unsupported_attention):
                 continue
             wants_ghost = self.per_layer[name] == "ghost" if name in self.per_layer else self.ghost_all
-            if isinstance(module, nn.Linear) and id(module.weight) in embeddings and "weight" in own:
+            if "weight" in own and isinstance(module, nn.Linear) and id(module.weight) in embeddings:
                 if name in self.per_layer and wants_ghost:
                     raise UnsupportedInputError(
                         f"per_layer[{name!r}] = 'ghost': its weight is an embedding's (tied), which is "
@@ -147,7 +152,7 @@ class LayerPlan:
                     )
                 tied.append((name, module))
                 continue
-            if isinstance(module, nn.Embedding) and embeddings[id(module.weight)] is not module and "weight" in own:
+            if "weight" in own and isinstance(module, nn.Embedding) and embeddings[id(module.weight)] is not module:
                 tied.append((name, module))  # another lookup of a table an earlier Embedding holds
                 continue
             sk = self._layer_sketch(name, module, wants_ghost)
@@ -161,6 +166,16 @@ class LayerPlan:
 
     def _layer_sketch(self, name: str, module: nn.Module, wants_ghost: bool) -> Optional[LayerSketch]:
         """The sketch of one layer (None: a module no sketch describes, refused later if it trains)."""
+        if is_parametrized(module):
+            # (Read before anything reads module.weight: evaluating spectral_norm in training mode advances it.)
+            if name in self.per_layer and wants_ghost:
+                raise UnsupportedInputError(
+                    f"per_layer[{name!r}] = 'ghost': {name!r} computes its weight from a parametrization, "
+                    "whose originals have no ghost form; give it a sketch size"
+                )
+            if not parametrization_supported(module):
+                return None  # refused by name (_refuse)
+            return ParametrizedSketch(name, module, self.per_layer.get(name, self.k), self.seed)
         if wants_ghost and isinstance(module, nn.Linear):
             return GhostLinearSketch(name, module, None, self.seed)
         if name in self.per_layer and wants_ghost:
@@ -323,12 +338,14 @@ class LayerPlan:
             else ""
         )
         # A parametrized weight (weight_norm, spectral_norm: the layer computes its weight from originals
-        # under layer.parametrizations) has no sketch: the layer is what to leave out.
+        # under layer.parametrizations) is followed for Linear and convolution layers only: other layers
+        # are what to leave out.
         layers = sorted({n.split(".parametrizations.")[0] for n in names if ".parametrizations." in n})
         if layers:
             why += (
                 f" {_shown(layers[:8])} {'computes its' if len(layers) == 1 else 'compute their'} weight from a "
-                "parametrization (weight_norm, spectral_norm), whose originals no sketch follows."
+                "parametrization (weight_norm, spectral_norm), which watch() follows for the weight of a Linear "
+                "or convolution layer only."
             )
         names_left = [n for n in names if ".parametrizations." not in n]
         # The attention modules whole (the layers inside them are never sketched), the rest by module;

@@ -47,6 +47,7 @@ from torchgrab.capture.layers import (
     chunked,
     groupable,
 )
+from torchgrab.capture.parametrized import ParametrizedSketch, is_parametrized, layer_parameters
 from torchgrab.capture.plan import LayerPlan, leave_out
 from torchgrab.capture.projection import stacked_t
 from torchgrab.capture.recurrent import RecurrentSketch
@@ -448,7 +449,9 @@ class WatchHandle:
         self._unchecked = {dsk for params in self._direct.values() for dsk, _ in params.values()}
         # A holder's forward may call a watched Linear layer as F.linear(x, layer.weight, bias) (timm's BEiT
         # and EVA attention, with a bias assembled from parameters of no layer): recorded as the layer's call.
-        self._linear_weights = {id(m.weight): m for m in self._sketches if isinstance(m, nn.Linear)}
+        self._linear_weights = {
+            id(m.weight): m for m in self._sketches if isinstance(m, nn.Linear) and not is_parametrized(m)
+        }
         self._linear_out: Optional[Callable[[], Optional[torch.Tensor]]] = None  # the last such call's output
         # A holder's mode sees every op of its forward, its sublayers' too: each op under a mode is a Python
         # call, and a timm ViT holds its class token in the model itself (benchmarks/watch_vit.py). The
@@ -471,8 +474,9 @@ class WatchHandle:
         for module, sk in self._sketches.items():
             if isinstance(sk, DirectParamSketch):  # checked by _direct_check
                 continue
+            params = layer_parameters(module)
             for pname in sk.covered(module):
-                t = module._parameters[pname]
+                t = params[pname]
                 owners.setdefault(id(t), (t, []))[1].append(module)
         for t, mods in owners.values():
             self._audit.append(t.register_hook(unserializable_hook(self._unrecorded_check(mods))))
@@ -570,9 +574,7 @@ class WatchHandle:
         canon = {id(t): n for n, t in inner.named_parameters()}  # a shared parameter's one name
         pieces: List[torch.Tensor] = []
         for module, sk in self._sketches.items():
-            own = {
-                p: grads[canon[id(t)]] for p, t in module._parameters.items() if t is not None and canon[id(t)] in grads
-            }
+            own = {p: grads[canon[id(t)]] for p, t in layer_parameters(module).items() if canon[id(t)] in grads}
             pieces += sk.project(module, own)
         for n, _, fs in self._params:
             g = grads[n]
@@ -1560,6 +1562,8 @@ def _kind(sk: LayerSketch) -> str:
         return "parameter of no layer (per example where broadcast over the batch)"
     if isinstance(sk, RecurrentSketch):
         return f"{sk.layer_class} ({sk.replayed} in the backward)"
+    if isinstance(sk, ParametrizedSketch):
+        return sk.kind()
     if sk.ghost and sk.ghost_width:
         return f"Linear (ghost: the weight's {sk.ghost_width} coordinates exact from its factors, not in the rows)"
     return type(sk).__name__.replace("Sketch", "") + (" (weight left out: budget)" if sk.dropped else "")
