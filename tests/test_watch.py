@@ -2584,6 +2584,61 @@ def test_a_parameter_broadcast_over_a_new_batch_dimension_or_repeated_gives_per_
         handle.remove()
 
 
+class _Masked(nn.Module):
+    """Wav2Vec2's and HuBERT's masked_spec_embed: a learned vector written over some frames of each example
+    (``hidden[mask] = embed``), the mask from the data here so that each example's own pass draws its own."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.embed = nn.Parameter(torch.randn(6))
+        self.how = how
+
+    def forward(self, x):
+        h = self.proj(x)  # [B, T, 6]
+        if self.how == "mask":
+            h[x[..., 0] > 0] = self.embed
+        elif self.how == "mask_to":  # (Wav2Vec2 writes masked_spec_embed.to(hidden_states.dtype))
+            h[x[..., 0] > 0] = self.embed.to(h.dtype)
+        elif self.how == "examples":  # whole examples: a mask over the batch alone
+            h[x[:, 0, 0] > 0] = self.embed
+        elif self.how == "zeroed":  # no parameter written: the Linear layer's own output, overwritten in place
+            h[x[..., 0] > 0] = 0.0
+        else:  # "index": the first frame of every example, by an integer index: not followed
+            h[:, 0] = self.embed
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("how", ["mask", "mask_to", "examples", "zeroed"])
+def test_a_parameter_written_at_masked_positions_of_each_example_gives_its_own_rows(how, sketch):
+    # "zeroed": torch before 2.6 or so makes a Linear layer's output on [B, T, in] a view of its 2-D product,
+    # and a write into that view sent the gradient around the hooked node: proj's rows were zeros.
+    torch.manual_seed(0)
+    model = _Masked(how)
+    x, y = torch.randn(5, 7, 4), torch.tensor([0, 1, 2, 0, 1])
+    x[3, :, 0] = -1.0  # an example with nothing masked: no part of embed's gradient
+    x[0, 0, 0] = 1.0  # and one with something masked in each case
+    sampler, handle, spy = watched(model, sketch=sketch)
+    ce(model(x), y).backward()
+    handle.flush()
+    grads = _own_gradients(model, x, y)
+    assert_rows(spy.rows[0], handle.project(grads))
+    if how == "zeroed":
+        assert float(np.abs(spy.rows[0][:, :30]).max()) > 0  # proj's block
+        return
+    assert float(grads["embed"][3].abs().max()) == 0.0 and float(grads["embed"].abs().max()) > 0
+    assert ("embed", "parameter of no layer (per example where broadcast over the batch)", 6) in handle.layers
+
+
+def test_a_parameter_written_by_an_integer_index_is_refused_at_the_first_backward():
+    model = _Masked("index")
+    sampler, handle, spy = watched(model, sketch=4)
+    with pytest.raises(UnsupportedModelError, match=r"'embed' belongs to no layer, and its gradient is not the sum"):
+        ce(model(torch.randn(5, 7, 4)), torch.tensor([0, 1, 2, 0, 1])).backward()
+    handle.remove()
+
+
 # Layers whose weight a parametrization computes: weight_norm (any dim; Wav2Vec2's positional convolution
 # normalizes over its kernel taps, dim=2), spectral_norm, orthogonal, and the older hook-based weight_norm.
 _PARAMETRIZED = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_rows_follow_autocast, autocast_step
-from test_watch import _lm_loss, _lm_step, _Logits, assert_rows, flat, one_step, watched
+from test_watch import _lm_loss, _lm_step, _Logits, _own_gradients, assert_rows, flat, one_step, watched
 from test_watch import ce as _ce
 from torch import nn
 from torchgrab import UnsupportedModelError
@@ -255,6 +255,41 @@ def test_speech_encoders_with_a_weight_normed_positional_convolution_give_exact_
     conv = [kind for n, kind, _ in handle.layers if n.endswith("pos_conv_embed.conv")]
     assert conv == ["Conv1d (weight from weight_norm: per example through it)"]
     assert any(n.endswith("pos_conv_embed.conv.parametrizations.weight.original0") for n in grads)
+
+
+class _MaskedSpeech(nn.Module):
+    """Wav2Vec2 pre-training's and fine-tuning's SpecAugment: the model writes its learned masked_spec_embed
+    over the masked frames. The frames here come from each clip itself (Hugging Face draws them with NumPy),
+    so that a clip's own pass masks the same frames as the batch's."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        cfg = transformers.Wav2Vec2Config(**{**_SPEECH, "mask_time_prob": 0.05})
+        self.m = transformers.Wav2Vec2Model(cfg)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        frames = int(self.m._get_feat_extract_output_lengths(x.shape[1]))
+        t = torch.arange(frames)
+        mask = (t + (x[:, :1] > 0).long()) % 3 == 0  # [B, frames]
+        return self.head(self.m(x, mask_time_indices=mask).last_hidden_state.mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("sketch", [None, 4])
+def test_wav2vec2s_masked_frames_give_each_example_its_own_part_of_the_mask_embedding(sketch):
+    # It was refused at the first backward ("masked_spec_embed belongs to no layer, and its gradient is not
+    # the sum of the per-example parts"): Wav2Vec2Config's default mask_time_prob is 0.05.
+    model = _MaskedSpeech().train()
+    x = torch.randn(3, 600, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2])
+    sampler, handle, spy = watched(model, sketch=sketch)
+    _ce(model(x), y).backward()
+    handle.flush()
+    grads = _own_gradients(model, x, y, _ce)
+    assert_rows(spy.rows[0], handle.project(grads))
+    assert float(grads["m.masked_spec_embed"].abs().min(1).values.min()) > 0  # every clip masks some frames
 
 
 _ENCODER = dict(

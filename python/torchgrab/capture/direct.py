@@ -242,6 +242,10 @@ class BroadcastUses(TorchFunctionMode):
             out = self._einsum(args, kwargs)
         elif func in _MATMUL and len(hits) == 1 and hits[0] in (0, 1) and len(args) == 2 and not kwargs:
             out = self._matmul(func, args, hits[0])
+        elif func is torch.Tensor.__setitem__ and hits == [2] and len(args) == 3 and not kwargs:
+            if self._setitem(args):
+                return None
+            out = None
         else:
             out = None
         if out is None:
@@ -321,6 +325,31 @@ class BroadcastUses(TorchFunctionMode):
         elif expanded.requires_grad:  # an operand with no history: what takes the result may prove its rows
             self.pending[id(out)] = (followed, out, expanded)
         return out
+
+    def _setitem(self, args: Tuple[Any, ...]) -> bool:
+        """``x[mask] = followed`` with a boolean ``mask`` over the leading dimensions of ``x``, whose first holds
+        the batch's rows (Wav2Vec2's and HuBERT's ``hidden_states[mask_time_indices] = masked_spec_embed``):
+        written as ``x[mask] = expanded[mask]``, the followed tensor expanded over all of ``x`` (the same
+        values at the same places), and hooked there, so each example's part is the gradient at its own
+        masked positions. False (nothing written) for any other such write."""
+        x, index, value = args
+        if not isinstance(index, torch.Tensor) or index.dtype != torch.bool or id(value) not in self.params:
+            return False
+        rows = self._rows_for(x)
+        k = index.dim()
+        if rows is None or k < 1 or k > x.dim() or tuple(index.shape) != tuple(x.shape[:k]):
+            return False
+        followed = self.params[id(value)]
+        p = followed[0]
+        if p.dim() > x.dim() - k:
+            return False  # (broadcast against the selected rows' own dimensions only)
+        try:
+            expanded = p.expand(x.shape)
+        except RuntimeError:
+            return False
+        x[index] = expanded[index]
+        self._hook(followed, expanded, rows[1])
+        return True
 
     def _rows_for(self, x: Any) -> Optional[Tuple[int, int]]:
         """(rows, m) when ``x`` holds the batch's rows in its leading dimension, example after example."""

@@ -1590,6 +1590,22 @@ def _on_output_grad(out: torch.Tensor, hook: Callable[..., None], *args: Any) ->
     if node is None:  # a leaf (a module that returns a parameter): no node to hook
         out.register_hook(lambda g: hook(*args, g))
         return
+    base = out._base
+    if base is not None and base.grad_fn is not None and _whole_view(out, base):
+        # The output is a view of all of a tensor the layer made (torch before 2.6 or so returns F.linear's
+        # output for [B, T, in] inputs as a view of its [B T, out] product). A later write in place into the
+        # view (Wav2Vec2's masked frames) sends the gradient around the view's node, through the base's,
+        # so a hook on the view's node never runs, nor its tensor hook, and the layer's rows were zeros.
+        # The base's node gets the gradient in either case, the view's values in the base's layout.
+        shape, node, i = out.shape, base.grad_fn, base.output_nr
+
+        def pre_base(grads: Tuple[Optional[torch.Tensor], ...]) -> None:
+            g = grads[i]
+            if g is not None:
+                hook(*args, g.reshape(shape))
+
+        node.register_prehook(pre_base)
+        return
     i = out.output_nr
 
     def pre(grads: Tuple[Optional[torch.Tensor], ...]) -> None:
@@ -1598,6 +1614,16 @@ def _on_output_grad(out: torch.Tensor, hook: Callable[..., None], *args: Any) ->
             hook(*args, g)
 
     node.register_prehook(pre)
+
+
+def _whole_view(out: torch.Tensor, base: torch.Tensor) -> bool:
+    """``out`` holds every element of ``base`` in its order: a reshape of it."""
+    return (
+        out.numel() == base.numel()
+        and out.storage_offset() == base.storage_offset()
+        and out.is_contiguous()
+        and base.is_contiguous()
+    )
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
