@@ -87,6 +87,21 @@ class _PixelRows(nn.Module):
         return self.head(torch.cat([out.mean(1), h[-1]], 1))
 
 
+class _Normed(nn.Module):
+    """Layers whose weight a parametrization computes: a convolution normalized over its kernel taps
+    (weight_norm dim=2, as Wav2Vec2's positional convolution), a spectral_norm Linear layer, a head."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, width, 3, padding=1), dim=2)
+        self.fc = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(width * 16, 16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(torch.tanh(self.conv(x)).flatten(1))))
+
+
 def _rows(device, steps=4, sketch=8, make=_model, side=8):
     model = make().to(device)
     x = torch.randn(64, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
@@ -108,8 +123,8 @@ def _rows(device, steps=4, sketch=8, make=_model, side=8):
 
 @pytest.mark.parametrize(
     "make, side, sketch",
-    [(_model, 8, 8), (_wide_model, 16, 32), (_Tokens, 4, 8), (_PixelBags, 4, 8), (_PixelRows, 4, 8)],
-    ids=["conv-mlp", "count", "tokens", "bags", "recurrent"],
+    [(_model, 8, 8), (_wide_model, 16, 32), (_Tokens, 4, 8), (_PixelBags, 4, 8), (_PixelRows, 4, 8), (_Normed, 4, 8)],
+    ids=["conv-mlp", "count", "tokens", "bags", "recurrent", "parametrized"],
 )
 def test_rows_on_cuda_equal_the_cpu_rows(make, side, sketch):
     cpu, _ = _rows("cpu", make=make, side=side, sketch=sketch)
