@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/watch_recurrent.py                 # out/watch_recurrent.{txt,csv,png}
     .venv/bin/python benchmarks/watch_recurrent.py --kind GRU      # out/watch_recurrent_GRU.*
+    .venv/bin/python benchmarks/watch_recurrent.py --layers 2 --dropout 0.5   # out/watch_recurrent_2layers.*
     .venv/bin/python benchmarks/watch_recurrent.py --quick         # a smoke run of a few seconds
     .venv/bin/python benchmarks/watch_recurrent.py --layer         # the layer alone: out/watch_recurrent_layer.txt
 
@@ -14,7 +15,8 @@ recurrent layer. This script measures what that costs and what the order gains, 
 
 Data: the SST-2 training sentences of ../shared/data (GLUE, 67,349; `--n` the first n), lowercased and split
 on whitespace, the vocabulary every word of them (the loss is the training loss). Model: Embedding(V, `--dim`,
-padding id 0) + `--kind`(`--dim`, `--hidden`) + Linear(`--hidden`, 2), cross-entropy. SGD lr `--lr` momentum
+padding id 0) + `--kind`(`--dim`, `--hidden`, `--layers` layers, `--dropout` between them) + Linear(`--hidden`,
+2) on the last layer's final state, cross-entropy (the losses after each epoch with dropout off). SGD lr `--lr` momentum
 0.9, batch 64, the rate decayed per step along half a cosine to 0 at the last step.
 
 Arms, per seed from the same initial weights and the same first-epoch permutation (every arm a GraBSampler
@@ -25,7 +27,9 @@ After each epoch, untimed: the mean loss over all n training sentences.
 `--layer`: what the replay costs against the layer's own step, the recurrent layer alone (no model, no
 sampler): a forward and backward of `--kind` through torch's kernel, and the same with the layer's rows
 formed from its tap (the `watch()` sketch's own code, default sketch), for a few shapes of batch, length
-and width, unpacked and packed (lengths uniform from 1 to T), paired rounds alternating the two.
+and width, unpacked and packed (lengths uniform from 1 to T), paired rounds alternating the two. The last
+shape has two layers with dropout 0.5 between them, which `watch()` runs one layer at a time to draw the
+dropout itself: its plain step is torch's two-layer kernel with its own dropout.
 
 Writes OUT/watch_recurrent[_GRU].txt (the printed tables, with the command line at the top), .csv and .png
 (loss against epochs and against training seconds, and each arm's loss minus RR's).
@@ -53,10 +57,10 @@ from watch_textbag import EX, Corpus, load_sst2  # noqa: E402
 
 
 class RecurrentClassifier(nn.Module):
-    def __init__(self, kind: str, vocab: int, dim: int, hidden: int) -> None:
+    def __init__(self, kind: str, vocab: int, dim: int, hidden: int, layers: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab + 1, dim, padding_idx=0)
-        self.rnn = getattr(nn, kind)(dim, hidden, batch_first=True)
+        self.rnn = getattr(nn, kind)(dim, hidden, layers, batch_first=True, dropout=dropout)
         self.fc = nn.Linear(hidden, 2)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -78,17 +82,19 @@ def padded(corpus: Corpus, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def full_loss(model: nn.Module, corpus: Corpus, y: torch.Tensor, batch: int = 2048) -> float:
+    model.eval()  # (dropout between stacked layers off)
     total = 0.0
     for i in range(0, len(y), batch):
         idx = torch.arange(i, min(i + batch, len(y)))
         total += float(F.cross_entropy(model(*padded(corpus, idx)), y[idx], reduction="sum"))
+    model.train()
     return total / len(y)
 
 
 class Arm:
     def __init__(self, name: str, seed: int, corpus: Corpus, n: int, args) -> None:
         torch.manual_seed(seed)
-        self.model = RecurrentClassifier(args.kind, corpus.vocab, args.dim, args.hidden)
+        self.model = RecurrentClassifier(args.kind, corpus.vocab, args.dim, args.hidden, args.layers, args.dropout)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9)
         self.sched = _common.cosine_to_zero(self.opt, args.epochs * math.ceil(n / args.batch))
         self.sampler = GraBSampler(n=n, ordering=name, seed=seed)
@@ -111,21 +117,26 @@ class Arm:
 
 def layer_costs(out: "_common.Out", kind: str, rounds: int) -> None:
     """The layer's step with its rows over its plain step, per shape (see the docstring, ``--layer``)."""
-    from torchgrab.capture.recurrent import RecurrentSketch
+    from torchgrab.capture.recurrent import RecurrentSketch, install_stacked
 
     out.line(f"\n{kind} alone: forward + backward with the rows formed over without, median of {rounds} paired rounds")
-    out.line(f"{'B':>4} {'T':>5} {'in':>5} {'hidden':>6} {'input':>8} {'plain ms':>9} {'with rows':>10}")
+    out.line(f"{'B':>4} {'T':>5} {'in':>5} {'hidden':>6} {'layers':>6} {'input':>8} {'plain ms':>9} {'with rows':>10}")
     g = torch.Generator().manual_seed(0)
-    for b, t, d_in, hidden in ((64, 30, 64, 64), (32, 256, 128, 128), (32, 64, 256, 256)):
-        layer = getattr(nn, kind)(d_in, hidden, batch_first=True)
+    shapes = ((64, 30, 64, 64, 1), (32, 256, 128, 128, 1), (32, 64, 256, 256, 1), (32, 64, 128, 128, 2))
+    for b, t, d_in, hidden, layers in shapes:
+        # Two layers: with dropout 0.5 between them, which watch() draws itself, running the layers one at a
+        # time (StackedDropoutForward); the plain step is torch's kernel with its own dropout.
+        layer = getattr(nn, kind)(d_in, hidden, layers, batch_first=True, dropout=0.5 if layers > 1 else 0.0)
         sk = RecurrentSketch("rnn", layer, 32, 0)
+        if layers > 1:
+            install_stacked(layer, None, lambda: True)
         x = torch.randn(b, t, d_in, generator=g)
         lengths = torch.randint(1, t + 1, (b,), generator=g)
         for packed in (False, True):
             inp = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False) if packed else x
 
             def step(rows: bool) -> None:
-                res = layer(inp)
+                res = layer(inp) if rows else type(layer).forward(layer, inp)
                 if rows:
                     call = sk.save(layer, (inp, None))
 
@@ -149,7 +160,8 @@ def layer_costs(out: "_common.Out", kind: str, rounds: int) -> None:
                 plain.append(t1 - t0)
             name = "packed" if packed else "tensor"
             out.line(
-                f"{b:>4} {t:>5} {d_in:>5} {hidden:>6} {name:>8} {1e3 * np.median(plain):>9.1f} {np.median(ratios):>10.2f}"
+                f"{b:>4} {t:>5} {d_in:>5} {hidden:>6} {layers:>6} {name:>8} {1e3 * np.median(plain):>9.1f} "
+                f"{np.median(ratios):>10.2f}"
             )
 
 
@@ -164,6 +176,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=1, help="stacked layers of the recurrent layer")
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout between the stacked layers")
     ap.add_argument("--lr", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/out; with --quick a temp folder)")
@@ -174,6 +188,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         args.n, args.epochs, args.seeds = 600, 2, 1
     arms = _common.rotation_setup(ap, args, "watch_recurrent")
     name = "watch_recurrent" + ("" if args.kind == "LSTM" else f"_{args.kind}")
+    if args.layers > 1 and not args.layer:
+        name += f"_{args.layers}layers"
     if args.layer:
         out = _common.begin_result(f"watch() on a {args.kind} layer alone: the replay against the layer's step")
         layer_costs(out, args.kind, 3 if args.quick else 15)
@@ -185,9 +201,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     out = _common.begin_result(f"watch() on a {args.kind} text classifier (SST-2): GraB against RR")
     corpus, y = load_sst2(args.data, args.n)
     n = len(y)
-    d = sum(p.numel() for p in RecurrentClassifier(args.kind, corpus.vocab, args.dim, args.hidden).parameters())
+    d = sum(
+        p.numel() for p in RecurrentClassifier(args.kind, corpus.vocab, args.dim, args.hidden, args.layers).parameters()
+    )
+    stack = f", {args.layers} layers, dropout {args.dropout:g} between" if args.layers > 1 else ""
     title = (
-        f"SST-2 Embedding + {args.kind}({args.dim}, {args.hidden}) + Linear (vocabulary {corpus.vocab:,}, "
+        f"SST-2 Embedding + {args.kind}({args.dim}, {args.hidden}{stack}) + Linear (vocabulary {corpus.vocab:,}, "
         f"d = {d:,}), {n:,} sentences (mean length {float(corpus.lengths.float().mean()):.1f} tokens, packed), "
         f"SGD lr {args.lr} cosine to 0 m 0.9, batch {args.batch}, {args.epochs} epochs, {args.seeds} seeds, "
         f"{args.threads} torch thread(s), watch() defaults"

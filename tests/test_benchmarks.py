@@ -484,7 +484,7 @@ def test_watch_recurrent_runs(tmp_path):
     assert (tmp_path / "watch_recurrent.txt").exists() and (tmp_path / "watch_recurrent.csv").exists()
     stdout = run(["benchmarks/watch_recurrent.py", "--layer", "--quick", "--out", str(tmp_path)])
     assert "LSTM alone: forward + backward with the rows formed over without" in stdout
-    assert stdout.count(" packed ") == 3 and stdout.count(" tensor ") == 3
+    assert stdout.count(" packed ") == 4 and stdout.count(" tensor ") == 4
 
 
 def test_watch_parametrized_runs(tmp_path):

@@ -43,6 +43,7 @@ from torchgrab.capture.audit import OutsideUses
 from torchgrab.capture.eager import _nothing
 from torchgrab.capture.layers import COUNT_OUT, FunctionalSketch, LinearSketch
 from torchgrab.capture.projection import FoldSketch
+from torchgrab.capture.recurrent import StackedDropoutForward, install_stacked
 from torchgrab.gradients import per_example_gradients
 
 SKETCHES = [None, 4]
@@ -1244,11 +1245,9 @@ def test_uncovered_parameters_are_refused_and_can_be_excluded(sketch):
     if sketch is None:
         assert_rows(rows, torch.cat([grads["lin.weight"].reshape(4, -1), grads["lin.bias"]], 1))
 
-    # A layer whose sketch refuses it (dropout between an LSTM's layers: drawn inside torch's kernel).
+    # A recurrent layer left out keeps its class forward (one with dropout between its layers is run
+    # layer by layer only while watched).
     lstm = LSTMModel(num_layers=2, dropout=0.1)
-    with pytest.raises(UnsupportedModelError, match=r"'lstm' is an nn.LSTM with dropout=0.1 between its 2 layers"):
-        GraBSampler(n=8).watch(lstm)
-    no_hooks(lstm)
     lstm.lstm.dropout = 0.0  # (the rows of the layers left in are compared with torch.func's, which draws other masks)
     ids = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(2))
@@ -5060,6 +5059,106 @@ def test_recurrent_rows_are_each_examples_gradient(case, sketch):
     assert_rows(spy.rows[0], handle.project(grads))
     if sketch is None:
         assert_rows(spy.rows[0], flat(grads, 4))
+
+
+_DROPOUT_CASES = {
+    "lstm-3": ("LSTM", "both", {"num_layers": 3}),
+    "lstm-packed-bidirectional": ("LSTM", "both", {"packed": True, "bidirectional": True, "num_layers": 2}),
+    "gru-seq-first-initial": ("GRU", "both", {"num_layers": 2, "batch_first": False, "initial": True}),
+    "rnn-packed-output": ("RNN", "output", {"packed": True, "num_layers": 2}),
+    "lstm-proj-initial": ("LSTM", "both", {"proj_size": 4, "num_layers": 2, "initial": True}),
+}
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("case", sorted(_DROPOUT_CASES))
+def test_recurrent_layers_with_dropout_between_them_give_each_examples_rows(case, sketch):
+    # nn.LSTM(..., num_layers=2, dropout=p) was refused: torch draws those masks inside its kernel. Watched,
+    # its layers run one at a time with the dropout drawn between them. The reference: a copy of the model
+    # running the same forward from the same random state (so the same masks), each text's loss
+    # differentiated on that copy's batch graph (the examples do not meet in the forward).
+    kind, read, kw = _DROPOUT_CASES[case]
+    torch.manual_seed(0)
+    model = _RecurrentClassifier(kind, read, dropout=0.5, **kw)
+    twin = copy.deepcopy(model)
+    ids, lengths, y = _texts()
+    sampler, handle, spy = watched(model, sketch=sketch)
+    assert "forward" in model.rnn.__dict__  # the watched forward, installed
+    kind_text = f"{kind} (its layers run one at a time with dropout between; replayed step by step in the backward)"
+    assert ("rnn", kind_text) in [(n, k) for n, k, _ in handle.layers]
+    with torch.random.fork_rng():
+        ce(model(ids, lengths), y).backward()
+    handle.flush()
+    install_stacked(twin.rnn, None, lambda: True)
+    losses = ce(twin(ids, lengths), y, reduction="none")
+    names = [n for n, _ in twin.named_parameters()]
+    per = [torch.autograd.grad(losses[i], list(twin.parameters()), retain_graph=True) for i in range(4)]
+    grads = {n: torch.stack([p[j] for p in per]) for j, n in enumerate(names)}
+    assert_rows(spy.rows[0], handle.project(grads))
+    # Each example got a mask between the layers, and it dropped something (p = 0.5).
+    masks = twin.rnn.forward.take_masks()
+    assert len(masks) == kw["num_layers"] - 1 and bool((masks[0] == 0).any())
+    handle.remove()
+    assert "forward" not in model.rnn.__dict__
+
+
+@pytest.mark.parametrize(
+    "kind, kw",
+    [
+        ("LSTM", {"num_layers": 3, "bidirectional": True}),
+        ("LSTM", {"num_layers": 2, "proj_size": 3, "batch_first": False}),
+        ("GRU", {"num_layers": 2}),
+        ("RNN", {"num_layers": 2, "nonlinearity": "relu", "bias": False}),
+    ],
+)
+@pytest.mark.parametrize("form", ["tensor", "packed", "unbatched", "initial"])
+def test_the_layer_by_layer_forward_is_the_layers_own_without_dropout(kind, kw, form):
+    # The watched forward with nothing dropped (p set to 0 after it was installed) against the class
+    # forward: outputs and final states equal, the initial state split by layer, a packed batch unsorted.
+    torch.manual_seed(0)
+    layer = getattr(nn, kind)(4, 5, dropout=0.3, **kw)
+    dirs = 2 if kw.get("bidirectional") else 1
+    h_out = kw.get("proj_size") or 5
+    bf = kw.get("batch_first", False)
+    x = torch.randn(3, 6, 4) if bf else torch.randn(6, 3, 4)
+    hx = None
+    if form == "packed":
+        x = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([4, 6, 2]), batch_first=bf, enforce_sorted=False)
+    elif form == "unbatched":
+        x = x[:, 0] if not bf else x[0]
+    elif form == "initial":
+        h0 = torch.randn(kw["num_layers"] * dirs, 3, h_out)
+        hx = (h0, torch.randn(kw["num_layers"] * dirs, 3, 5)) if kind == "LSTM" else h0
+    install_stacked(layer, None, lambda: True)
+    layer.dropout = 0.0
+    out, state = layer(x, hx)
+    assert layer.forward.take_masks() is not None  # (it ran layer by layer)
+    ref_out, ref_state = type(layer).forward(layer, x, hx)
+    data = (lambda o: o.data) if form == "packed" else (lambda o: o)
+    torch.testing.assert_close(data(out), data(ref_out))
+    for a, b in zip(
+        state if isinstance(state, tuple) else (state,), ref_state if isinstance(ref_state, tuple) else (ref_state,)
+    ):
+        torch.testing.assert_close(a, b)
+    layer.eval()  # in eval mode (or under no_grad) the class forward itself
+    layer(x, hx)
+    assert layer.forward.take_masks() is None
+
+
+def test_a_watched_layer_with_dropout_copies_and_pickles_with_its_class_forward():
+    torch.manual_seed(0)
+    model = _RecurrentClassifier("LSTM", "state", num_layers=2, dropout=0.5)
+    sampler, handle, spy = watched(model, sketch=4)
+    clone = copy.deepcopy(model)
+    assert not isinstance(clone.rnn.__dict__.get("forward"), StackedDropoutForward)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert not isinstance(loaded.rnn.__dict__.get("forward"), StackedDropoutForward)
+    ids, lengths, y = _texts()
+    ce(loaded(ids, lengths), y).backward()  # the copy trains with torch's own kernel, unwatched
+    assert spy.rows == []
 
 
 def test_recurrent_rows_with_sum_reduction_accumulation_and_checkpointing():

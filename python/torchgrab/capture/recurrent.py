@@ -19,9 +19,15 @@ of the layer.
 The replay runs in the layout of a packed sequence (time major, each step's examples those still inside
 their text, longest first), as torch's kernels do: a batch of padded texts packed with
 ``pack_padded_sequence`` is replayed over its tokens only, and padding contributes nothing. A tensor
-input is the case where every text has every step. Dropout between stacked layers is drawn inside
-torch's kernel, so its masks cannot be replayed: such a layer is refused (single-layer recurrent layers
-with an ``nn.Dropout`` between them are watched).
+input is the case where every text has every step.
+
+Dropout between stacked layers (``nn.LSTM(..., num_layers=2, dropout=0.5)``, PyTorch's word-language-model
+example) is drawn inside torch's kernel, where no replay can see its masks. So while such a layer is
+watched and training, it runs its layers one at a time (:class:`StackedDropoutForward`: torch's kernel for
+each, through one-layer twins that share the layer's parameters) and draws the dropout between them
+itself, as torch's kernel does (each layer's output but the last, elementwise, kept with probability
+1 - p and scaled by 1 / (1 - p)), keeping the masks for the replay. Training is the same in distribution;
+the random numbers drawn are not the kernel's.
 
 The cells (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``), called by a model's own loop once per time
 step, are replayed call by call as a layer of one step: autograd has already summed the later steps'
@@ -30,6 +36,7 @@ part into the gradient of each call's new state.
 
 from __future__ import annotations
 
+import types
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -46,12 +53,13 @@ class RecurrentCall:
     detached) and initial state, and, once the backward has reached the layer, the gradients of its
     outputs (output or its packed data, h_n, c_n; None for one the loss did not use)."""
 
-    __slots__ = ("x", "hx", "grads")
+    __slots__ = ("x", "hx", "grads", "masks")
 
-    def __init__(self, x: Any, hx: Any) -> None:
+    def __init__(self, x: Any, hx: Any, masks: Optional[List[torch.Tensor]] = None) -> None:
         self.x = x
         self.hx = hx
         self.grads: Tuple[Optional[torch.Tensor], ...] = ()
+        self.masks = masks  # the dropout between stacked layers (StackedDropoutForward), in the output's layout
 
 
 class _Tap(torch.autograd.Function):
@@ -137,13 +145,10 @@ class RecurrentSketch(LayerSketch):
 
     def __init__(self, name: str, module: nn.Module, k: Any, seed: int) -> None:
         super().__init__(name, module, None, seed)
-        if module.dropout and module.num_layers > 1:
-            raise UnsupportedModelError(
-                f"watch(): {name!r} is an nn.{type(module).__name__} with dropout={module.dropout} between its "
-                f"{module.num_layers} layers. torch draws those masks inside its kernel, so no row could "
-                "replay them. Stack single-layer recurrent layers with an nn.Dropout between them (each is "
-                f"watched), build it with dropout=0, or exclude={name!r}"
-            )
+        # Dropout between stacked layers: watch() runs the layers itself (StackedDropoutForward).
+        self.own_forward = bool(module.dropout) and module.num_layers > 1
+        if self.own_forward:
+            self.replayed = "its layers run one at a time with dropout between; replayed step by step"
         self.mode = module.mode  # "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"
         self._take_products(name, module, k, seed, _blocks(module))
 
@@ -209,7 +214,9 @@ class RecurrentSketch(LayerSketch):
             inp = inp.detach()
         if hx is not None:
             hx = tuple(h.detach() for h in hx) if isinstance(hx, tuple) else hx.detach()
-        return RecurrentCall(inp, hx)
+        forward = module.__dict__.get("forward")
+        masks = forward.take_masks() if isinstance(forward, StackedDropoutForward) else None
+        return RecurrentCall(inp, hx, masks)
 
     # ------------------------------------------------------------------ rows
     def rows(self, module: nn.Module, saved: Any, g: torch.Tensor) -> List[torch.Tensor]:
@@ -259,6 +266,8 @@ class RecurrentSketch(LayerSketch):
                 got.append(run)
             runs.append((x, got))
             x = got[0].y if dirs == 1 else torch.cat([r.y for r in got], -1)
+            if saved.masks and layer < module.num_layers - 1:
+                x = x * self._output_grad(module, saved.masks[layer], lay)  # the next layer's input
         # Backward, from the top layer down.
         grads = list(saved.grads) + [None] * (3 - len(saved.grads))
         d_out = torch.zeros_like(x) if grads[0] is None else self._output_grad(module, grads[0], lay)
@@ -281,6 +290,8 @@ class RecurrentSketch(LayerSketch):
                     d_inp = dx if d_inp is None else d_inp + dx
             if layer:
                 d_out = d_inp  # type: ignore[assignment]
+                if saved.masks:  # through the dropout between the two layers
+                    d_out = d_out * self._output_grad(module, saved.masks[layer - 1], lay)
         return [pair for layer in range(module.num_layers) for d in range(dirs) for pair in by_run[(layer, d)]]
 
     @staticmethod
@@ -294,6 +305,110 @@ class RecurrentSketch(LayerSketch):
         if module.batch_first:
             g = g.transpose(0, 1)
         return g.reshape(-1, g.shape[-1])
+
+
+class StackedDropoutForward:
+    """The forward ``watch()`` gives a multi-layer ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` with dropout between
+    its layers (see the module docstring): while ``active()`` and the layer trains, its layers run one at a
+    time, each through torch's kernel on a one-layer twin whose parameters are the layer's own objects, with
+    dropout drawn here between them and the masks kept for the call's replay (``take_masks``); otherwise the
+    class forward. Pickled or deep-copied with the module, it becomes the class forward of the copy."""
+
+    def __init__(self, module: nn.Module, owner: Any, active: Any) -> None:
+        self.module, self.active = module, active
+        self.original = types.MethodType(type(module).forward, module)
+        self.twins = [_twin(module, layer) for layer in range(module.num_layers)]
+        self.masks: Optional[List[torch.Tensor]] = None
+        self._torchgrab_owner = owner
+
+    def take_masks(self) -> Optional[List[torch.Tensor]]:
+        """The last call's masks (None when it ran the class forward), handed over once."""
+        masks, self.masks = self.masks, None
+        return masks
+
+    def __call__(self, input: Any, hx: Any = None) -> Any:
+        m = self.module
+        self.masks = None
+        if not (m.training and torch.is_grad_enabled() and self.active()):
+            return self.original(input, hx)
+        lstm = isinstance(m, nn.LSTM)
+        dirs = 2 if m.bidirectional else 1
+        p = float(m.dropout)
+        x, hs, cs, masks = input, [], [], []
+        for layer, twin in enumerate(self.twins):
+            state = None
+            if hx is not None:  # each layer's slice of the initial state ([L D, (B,) H]: along dimension 0)
+                part = slice(layer * dirs, (layer + 1) * dirs)
+                state = (hx[0][part], hx[1][part]) if lstm else hx[part]
+            y, s = twin(x, state)
+            hs.append(s[0] if lstm else s)
+            if lstm:
+                cs.append(s[1])
+            if layer == len(self.twins) - 1:
+                x = y
+                break
+            data = y.data if isinstance(y, PackedSequence) else y
+            # F.dropout's mask, as torch's kernel draws it for each layer's output but the last.
+            keep = torch.empty_like(data).bernoulli_(1.0 - p)
+            mask = keep.div_(1.0 - p) if p < 1.0 else keep
+            masks.append(mask)
+            x = y._replace(data=data * mask) if isinstance(y, PackedSequence) else data * mask
+        self.masks = masks
+        h_n = torch.cat(hs, 0)
+        return x, ((h_n, torch.cat(cs, 0)) if lstm else h_n)
+
+    def __reduce__(self) -> Any:
+        return (_class_forward, (self.module,))
+
+
+def _class_forward(module: nn.Module) -> Any:
+    return types.MethodType(type(module).forward, module)
+
+
+class _Installed:
+    """A removable handle, like a hook's: puts the layer's class forward back."""
+
+    def __init__(self, module: nn.Module, forward: Any) -> None:
+        self.module, self.forward = module, forward
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self.forward:
+            del self.module.forward
+
+
+def install_stacked(module: nn.Module, owner: Any, active: Any) -> _Installed:
+    """Have ``module`` run :class:`StackedDropoutForward` (``owner``: the watch handle)."""
+    forward = module.__dict__.get("forward")
+    if forward is not None and getattr(forward, "_torchgrab_owner", None) is None:
+        raise UnsupportedModelError(
+            f"watch(): this nn.{type(module).__name__} with dropout between its layers already runs another "
+            "forward (patched), and watch() must run its layers one at a time; exclude= it"
+        )
+    new = StackedDropoutForward(module, owner, active)
+    module.forward = new
+    return _Installed(module, new)
+
+
+def _twin(module: nn.Module, layer: int) -> nn.Module:
+    """A one-layer twin of ``module``'s layer ``layer``: torch's class of that kind, built on the meta device
+    (no memory), whose parameters are then that layer's own objects (so it follows every update, device
+    move and dtype change of the model's parameters)."""
+    kind = nn.LSTM if isinstance(module, nn.LSTM) else nn.GRU if isinstance(module, nn.GRU) else nn.RNN
+    dirs = 2 if module.bidirectional else 1
+    h_out = getattr(module, "proj_size", 0) or module.hidden_size
+    kwargs: Dict[str, Any] = dict(bias=module.bias, batch_first=module.batch_first, bidirectional=module.bidirectional)
+    if kind is nn.LSTM:
+        kwargs["proj_size"] = module.proj_size
+    if kind is nn.RNN:
+        kwargs["nonlinearity"] = module.nonlinearity
+    with torch.device("meta"):
+        twin = kind(module.input_size if layer == 0 else h_out * dirs, module.hidden_size, 1, **kwargs)
+    for sfx in ("", "_reverse")[:dirs]:
+        for base in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"):
+            p = module._parameters.get(f"{base}_l{layer}{sfx}")
+            if p is not None:
+                setattr(twin, f"{base}_l0{sfx}", p)
+    return twin
 
 
 @register_sketch(nn.LSTMCell, nn.GRUCell, nn.RNNCell)

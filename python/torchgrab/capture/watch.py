@@ -50,7 +50,7 @@ from torchgrab.capture.layers import (
 from torchgrab.capture.parametrized import ParametrizedSketch, is_parametrized, layer_parameters
 from torchgrab.capture.plan import LayerPlan, leave_out
 from torchgrab.capture.projection import stacked_t
-from torchgrab.capture.recurrent import RecurrentSketch
+from torchgrab.capture.recurrent import RecurrentSketch, install_stacked
 from torchgrab.errors import (
     NonFiniteGradientError,
     ShapeError,
@@ -499,6 +499,9 @@ class WatchHandle:
         try:
             for a, proj in self._attention.items():
                 self._hooks.append(attn.install(a, self, self._records, record, proj))
+            for module, sk in self._sketches.items():
+                if isinstance(sk, RecurrentSketch) and getattr(sk, "own_forward", False):
+                    self._hooks.append(install_stacked(module, self, self._records))
         except BaseException:
             self.remove()
             raise
