@@ -52,6 +52,16 @@ _ENC = dict(
 )  # fmt: skip
 
 
+# (Masked frames off: Hugging Face draws them with NumPy, so torch.func's replay of each example would
+# mask others; tests/test_watch_hf_models.py checks them with masks given.)
+_SPEECH = dict(
+    hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+    conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+    num_labels=3, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+    layerdrop=0.0, mask_time_prob=0.0, final_dropout=0.0,
+)  # fmt: skip
+
+
 def _hf_models():
     import transformers as tf
 
@@ -100,6 +110,39 @@ def _hf_models():
             num_conv_pos_embedding_groups=2, num_labels=3, classifier_proj_size=8, hidden_dropout=0.0,
             activation_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0,
             mask_time_prob=0.0, do_stable_layer_norm=True, feat_extract_norm="layer")),
+        "hubert": lambda: tf.HubertForSequenceClassification(tf.HubertConfig(**_SPEECH)),
+        "data2vec_audio": lambda: tf.Data2VecAudioForSequenceClassification(tf.Data2VecAudioConfig(
+            **{**_SPEECH, "num_conv_pos_embeddings": 3, "conv_pos_kernel_size": 3})),
+        "wavlm": lambda: tf.WavLMForSequenceClassification(tf.WavLMConfig(
+            **_SPEECH, num_buckets=8, max_bucket_distance=20)),
+        "ast": lambda: tf.ASTForAudioClassification(tf.ASTConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_mel_bins=16,
+            max_length=24, patch_size=8, frequency_stride=8, time_stride=8, num_labels=3, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0)),
+        "esm": lambda: tf.EsmForSequenceClassification(tf.EsmConfig(
+            **{**_ENC, "position_embedding_type": "rotary", "mask_token_id": 1})),
+        "gptj": lambda: tf.GPTJForSequenceClassification(tf.GPTJConfig(
+            vocab_size=40, n_embd=16, n_layer=2, n_head=2, rotary_dim=4, n_positions=20, num_labels=3,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)),
+        "bloom": lambda: tf.BloomForSequenceClassification(tf.BloomConfig(
+            vocab_size=40, hidden_size=16, n_layer=2, n_head=2, num_labels=3, hidden_dropout=0.0,
+            attention_dropout=0.0, pad_token_id=0)),
+        "deberta_v3": lambda: tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
+            **{**_ENC, "relative_attention": True, "position_buckets": 8, "max_relative_positions": 16,
+               "pos_att_type": ["p2c", "c2p"], "share_att_key": True, "norm_rel_ebd": "layer_norm",
+               "pooler_dropout": 0.0, "pooler_hidden_size": 16})),
+        "convbert": lambda: tf.ConvBertForSequenceClassification(tf.ConvBertConfig(
+            **{**_ENC, "embedding_size": 16, "conv_kernel_size": 3})),
+        "longformer": lambda: tf.LongformerForSequenceClassification(tf.LongformerConfig(
+            **{**_ENC, "attention_window": 4, "pad_token_id": 1})),
+        "mixtral": lambda: tf.MixtralForSequenceClassification(tf.MixtralConfig(
+            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, num_labels=3, pad_token_id=0,
+            attn_implementation="eager")),
+        "qwen2_moe": lambda: tf.Qwen2MoeForSequenceClassification(tf.Qwen2MoeConfig(
+            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+            shared_expert_intermediate_size=8, num_labels=3, pad_token_id=0, attn_implementation="eager")),
     }  # fmt: skip
 
 
@@ -108,6 +151,10 @@ _HF_INPUTS = {
     "whisper_encoder": ("input_features", lambda g: torch.randn(3, 8, 20, generator=g)),
     "segformer": ("pixel_values", lambda g: torch.randn(3, 3, 16, 16, generator=g)),
     "wav2vec2": ("input_values", lambda g: torch.randn(3, 400, generator=g)),
+    "hubert": ("input_values", lambda g: torch.randn(3, 600, generator=g)),
+    "data2vec_audio": ("input_values", lambda g: torch.randn(3, 600, generator=g)),
+    "wavlm": ("input_values", lambda g: torch.randn(3, 600, generator=g)),
+    "ast": ("input_values", lambda g: torch.randn(3, 24, 16, generator=g)),
 }
 
 
