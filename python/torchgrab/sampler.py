@@ -657,9 +657,14 @@ class GraBSampler(Sampler[int]):
         indices first in first out. A factor no larger than ``sketch`` stays exact, so small layers lose
         nothing; ``sketch=None`` makes every factor exact (the rows are then the per-example gradients).
         ``nn.MultiheadAttention`` (packed weights) runs, while watched, the same ops as torch's with its
-        two projections recorded as Linear layers (``<name>.in_proj`` and ``out_proj``). BatchNorm in
-        training mode gives each example's contribution to the batch gradient (they add up to it
-        exactly), a proxy for the undefined per-example gradient.
+        two projections recorded as Linear layers (``<name>.in_proj`` and ``out_proj``). ``nn.LSTM``,
+        ``nn.GRU``, ``nn.RNN`` and their cells are replayed step by step in the backward (one with dropout
+        between its stacked layers runs them one at a time while watched, drawing that dropout itself). A
+        Linear or convolution layer whose weight a parametrization computes (``weight_norm``,
+        ``spectral_norm``) gets its rows from each example's exact weight gradient, pulled back to the
+        originals. BatchNorm in training mode gives each example's contribution to the batch gradient
+        (they add up to it exactly), a proxy for the undefined per-example gradient. Anything else that
+        trains and has no per-example rows is refused by name (see docs/capturing-gradients.md).
 
         ``sketch="ghost"`` balances exactly without forming anything per example: each ``nn.Linear``
         layer on ``[B, in]`` inputs goes to the sampler as the factors of its per-example weight
