@@ -5145,6 +5145,21 @@ def test_the_layer_by_layer_forward_is_the_layers_own_without_dropout(kind, kw, 
     assert layer.forward.take_masks() is None
 
 
+def test_a_watched_layer_with_dropout_follows_its_parameters_when_they_are_replaced():
+    # load_state_dict(assign=True) (Hugging Face's loading of a model built on the meta device) puts new
+    # parameter objects in the layer: the watched forward must run with them, not with the old ones.
+    torch.manual_seed(0)
+    model = _RecurrentClassifier("LSTM", "state", num_layers=2, dropout=0.5)
+    sampler, handle, spy = watched(model, sketch=4)
+    new = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(new, assign=True)
+    ids, lengths, y = _texts()
+    ce(model(ids, lengths), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    handle.flush()
+    assert spy.rows[0].shape == (4, handle.width)
+
+
 def test_a_watched_layer_with_dropout_copies_and_pickles_with_its_class_forward():
     torch.manual_seed(0)
     model = _RecurrentClassifier("LSTM", "state", num_layers=2, dropout=0.5)

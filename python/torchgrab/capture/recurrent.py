@@ -336,6 +336,7 @@ class StackedDropoutForward:
         p = float(m.dropout)
         x, hs, cs, masks = input, [], [], []
         for layer, twin in enumerate(self.twins):
+            _bind(twin, m, layer)  # the layer's parameters now (load_state_dict(assign=True), FSDP swap them)
             state = None
             if hx is not None:  # each layer's slice of the initial state ([L D, (B,) H]: along dimension 0)
                 part = slice(layer * dirs, (layer + 1) * dirs)
@@ -391,8 +392,8 @@ def install_stacked(module: nn.Module, owner: Any, active: Any) -> _Installed:
 
 def _twin(module: nn.Module, layer: int) -> nn.Module:
     """A one-layer twin of ``module``'s layer ``layer``: torch's class of that kind, built on the meta device
-    (no memory), whose parameters are then that layer's own objects (so it follows every update, device
-    move and dtype change of the model's parameters)."""
+    (no memory), whose parameters are that layer's own objects (bound again at every call, so it follows
+    the model's parameters also where they are replaced, not updated in place)."""
     kind = nn.LSTM if isinstance(module, nn.LSTM) else nn.GRU if isinstance(module, nn.GRU) else nn.RNN
     dirs = 2 if module.bidirectional else 1
     h_out = getattr(module, "proj_size", 0) or module.hidden_size
@@ -403,12 +404,17 @@ def _twin(module: nn.Module, layer: int) -> nn.Module:
         kwargs["nonlinearity"] = module.nonlinearity
     with torch.device("meta"):
         twin = kind(module.input_size if layer == 0 else h_out * dirs, module.hidden_size, 1, **kwargs)
-    for sfx in ("", "_reverse")[:dirs]:
+    _bind(twin, module, layer)
+    return twin
+
+
+def _bind(twin: nn.Module, module: nn.Module, layer: int) -> None:
+    """Give ``twin`` the current parameter objects of ``module``'s layer ``layer``."""
+    for sfx in ("", "_reverse")[: 2 if module.bidirectional else 1]:
         for base in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"):
             p = module._parameters.get(f"{base}_l{layer}{sfx}")
-            if p is not None:
+            if p is not None and twin._parameters.get(f"{base}_l0{sfx}") is not p:
                 setattr(twin, f"{base}_l0{sfx}", p)
-    return twin
 
 
 @register_sketch(nn.LSTMCell, nn.GRUCell, nn.RNNCell)
