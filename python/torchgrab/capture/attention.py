@@ -21,13 +21,13 @@ supported: watch() refuses such a module's parameters unless they are left out.
 from __future__ import annotations
 
 import math
-import types
 from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from torchgrab.capture.forwards import Installed, class_forward, installed_by
 from torchgrab.errors import UnsupportedModelError
 
 # record(module, x_batch_first, out, grad_view): the handle's capture of one Linear call (see
@@ -54,16 +54,9 @@ class InProjection(nn.Linear):
         self.bias = mha.in_proj_bias
 
 
-def installed_by(mha: nn.Module) -> Any:
-    """The owner (a watch handle) of the forward installed on ``mha``; None when it runs its class's
-    forward; ``mha`` itself when someone else gave it an instance forward."""
-    forward = mha.__dict__.get("forward")
-    return None if forward is None else getattr(forward, "_torchgrab_owner", mha)
-
-
 def install(
     mha: nn.MultiheadAttention, owner: Any, active: Callable[[], bool], record: Record, in_proj: nn.Module
-) -> "_Installed":
+) -> Installed:
     """Have ``mha`` run :func:`attention_forward` while ``active()`` (``owner`` would record this forward)."""
     if installed_by(mha) is not None:
         raise UnsupportedModelError(
@@ -72,7 +65,7 @@ def install(
         )
     forward = _WatchedForward(mha, owner, active, record, in_proj)
     mha.forward = forward
-    return _Installed(mha, forward)
+    return Installed(mha, forward)
 
 
 class _WatchedForward:
@@ -117,22 +110,12 @@ class _WatchedForward:
         )
 
     def __reduce__(self) -> Any:
-        return (_class_forward, (self.mha,))
+        return (class_forward, (self.mha,))
 
 
-def _class_forward(mha: nn.Module) -> Any:
-    return types.MethodType(type(mha).forward, mha)
-
-
-class _Installed:
-    """A removable handle, like a hook's: puts the module's class forward back."""
-
-    def __init__(self, mha: nn.Module, forward: Any) -> None:
-        self.mha, self.forward = mha, forward
-
-    def remove(self) -> None:
-        if self.mha.__dict__.get("forward") is self.forward:
-            del self.mha.forward
+# (The name torch.save wrote for a watched attention's forward before capture/forwards.py: kept so that
+# such a pickle still loads.)
+_class_forward = class_forward
 
 
 def _seq_to_batch(t: torch.Tensor) -> torch.Tensor:

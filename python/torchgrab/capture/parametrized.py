@@ -19,6 +19,7 @@ evaluated once more per step, in eval mode, so spectral_norm's power iteration d
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -26,14 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchgrab.capture._compat import without_saved_tensor_hooks
-from torchgrab.capture.layers import (
-    ConvSketch,
-    ConvTransposeSketch,
-    LayerSketch,
-    LinearSketch,
-    _f32,
-    _trainable,
-)
+from torchgrab.capture.layers import ConvSketch, LayerSketch, _f32, _trainable, sketch_class
 from torchgrab.capture.projection import Factor
 
 # The per-example weight gradients of one chunk of examples, in numbers (float32: 128 MiB). A larger
@@ -110,7 +104,8 @@ class ParametrizedSketch(LayerSketch):
 
     def __init__(self, name: str, module: nn.Module, k: Any, seed: int) -> None:
         super().__init__(name, module, k, seed)
-        cls = _base_class(module)
+        cls = sketch_class(module)  # the layer kind's own sketch (LinearSketch, ConvSketch, ConvTransposeSketch)
+        assert cls is not None  # (supported() took Linear and convolution layers only)
         # (parametrize makes the layer's class a subclass, "ParametrizedLinear": the kind is its base's.)
         self.layer_class = (type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)).__name__
         legacy = _legacy_weight_norm(module)
@@ -175,7 +170,7 @@ class ParametrizedSketch(LayerSketch):
         b = g.shape[0] if self._batched_call(g) else 1
         pieces: Dict[str, List[torch.Tensor]] = {n: [] for n in self.names}
         if self.names:
-            per = max(1, CHUNK_NUMBERS // max(1, _numel(self.weight_shape)))
+            per = max(1, CHUNK_NUMBERS // max(1, math.prod(self.weight_shape)))
             pull = self._pullback(module)
             for lo in range(0, b, per):
                 grads = pull(self._weight_grads(module, saved, g, lo, min(b, lo + per)))
@@ -254,19 +249,6 @@ def _weight_norm_pullback(
     dg = (gw * u).sum([1 + i for i in others], keepdim=True)  # [B, *norm's shape]
     gw.mul_(s).addcmul_(dg * s, u, value=-1.0)
     return dg.reshape(gw.shape[0], *g.shape), gw
-
-
-def _numel(shape: Tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _base_class(module: nn.Module) -> type:
-    if isinstance(module, nn.Linear):
-        return LinearSketch
-    return ConvTransposeSketch if getattr(module, "transposed", False) else ConvSketch
 
 
 def _conv_weight_grads(

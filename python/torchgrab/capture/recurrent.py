@@ -36,13 +36,13 @@ part into the gradient of each call's new state.
 
 from __future__ import annotations
 
-import types
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from torchgrab.capture.forwards import Installed, class_forward, installed_by
 from torchgrab.capture.layers import LayerSketch, _f32, _trainable, register_sketch, split_k
 from torchgrab.capture.projection import Factor
 from torchgrab.errors import UnsupportedModelError
@@ -316,7 +316,7 @@ class StackedDropoutForward:
 
     def __init__(self, module: nn.Module, owner: Any, active: Any) -> None:
         self.module, self.active = module, active
-        self.original = types.MethodType(type(module).forward, module)
+        self.original = class_forward(module)
         self.twins = [_twin(module, layer) for layer in range(module.num_layers)]
         self.masks: Optional[List[torch.Tensor]] = None
         self._torchgrab_owner = owner
@@ -359,35 +359,19 @@ class StackedDropoutForward:
         return x, ((h_n, torch.cat(cs, 0)) if lstm else h_n)
 
     def __reduce__(self) -> Any:
-        return (_class_forward, (self.module,))
+        return (class_forward, (self.module,))
 
 
-def _class_forward(module: nn.Module) -> Any:
-    return types.MethodType(type(module).forward, module)
-
-
-class _Installed:
-    """A removable handle, like a hook's: puts the layer's class forward back."""
-
-    def __init__(self, module: nn.Module, forward: Any) -> None:
-        self.module, self.forward = module, forward
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is self.forward:
-            del self.module.forward
-
-
-def install_stacked(module: nn.Module, owner: Any, active: Any) -> _Installed:
+def install_stacked(module: nn.Module, owner: Any, active: Any) -> Installed:
     """Have ``module`` run :class:`StackedDropoutForward` (``owner``: the watch handle)."""
-    forward = module.__dict__.get("forward")
-    if forward is not None and getattr(forward, "_torchgrab_owner", None) is None:
+    if installed_by(module) is module:
         raise UnsupportedModelError(
             f"watch(): this nn.{type(module).__name__} with dropout between its layers already runs another "
             "forward (patched), and watch() must run its layers one at a time; exclude= it"
         )
     new = StackedDropoutForward(module, owner, active)
     module.forward = new
-    return _Installed(module, new)
+    return Installed(module, new)
 
 
 def _twin(module: nn.Module, layer: int) -> nn.Module:
