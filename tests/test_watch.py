@@ -2638,6 +2638,94 @@ def test_a_parameter_written_by_an_integer_index_is_refused_at_the_first_backwar
     handle.remove()
 
 
+class _SharedBias(nn.Module):
+    """T5's relative position bias in small: an Embedding looked up with [T, T] bucket ids that no example
+    owns, permuted to [1, heads, T, T] and added to every example's attention scores, in two layers."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.emb, self.bias = nn.Embedding(30, 8), nn.Embedding(7, 2)
+        self.qkv, self.head = nn.ModuleList([nn.Linear(8, 24), nn.Linear(8, 24)]), nn.Linear(8, 3)
+        self.how = how
+        self.last = None
+
+    def forward(self, x):
+        b, t = x.shape
+        h = self.emb(x)
+        pos = torch.arange(t)
+        bias = self.bias((pos[None, :] - pos[:, None]).clamp(-3, 3) + 3)  # [T, T, heads]
+        bias = bias.permute(2, 0, 1).unsqueeze(0)  # [1, heads, T, T]
+        keep = (x != 0)[:, None, None, :]  # [B, 1, 1, T]: padding (id 0) masked
+        for layer in self.qkv:  # the one bias in every layer, as T5 hands it on
+            q, k, v = layer(h).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            if self.how in ("add", "kept"):  # T5's eager attention ("kept": the model keeps the bias)
+                a = (q @ k.transpose(-1, -2) + bias).masked_fill(~keep, -1e4).softmax(-1) @ v
+            elif self.how == "where":  # T5's sdpa path: the bias made the mask by torch.where
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(keep, bias, -1e4))
+            elif self.how == "mask":  # the bias alone as an attention's mask
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            elif self.how == "expand":  # MPNet's: expanded over the batch and made contiguous
+                a = (q @ k.transpose(-1, -2) + bias.expand(b, -1, t, t).contiguous()).softmax(-1) @ v
+            else:  # "maximum": combined with the scores by a function watch() does not follow
+                a = torch.maximum(q @ k.transpose(-1, -2), bias).softmax(-1) @ v
+            h = h + a.transpose(1, 2).reshape(b, t, 8)
+        self.last = bias.detach() if self.how != "kept" else bias
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("sketch", SKETCHES)
+@pytest.mark.parametrize("how", ["add", "where", "mask", "expand"])
+def test_a_layer_called_on_ids_the_batch_shares_gives_each_example_its_own_rows(how, sketch):
+    # The bias table's per-example gradient is taken where its lookup meets each example's scores; the
+    # same watch then takes a step whose batch size equals the sequence's length (5 x 5 ids, 5 examples):
+    # an Embedding seen looked up with shared ids stays so.
+    torch.manual_seed(0)
+    model = _SharedBias(how)
+    sampler, handle, spy = watched(model, sketch=sketch)
+    for b, t in [(3, 6), (5, 5)]:
+        x = torch.randint(1, 30, (b, t), generator=torch.Generator().manual_seed(b))
+        x[0, -2:] = 0  # padding in one example
+        y = torch.arange(b) % 3
+        model.zero_grad()
+        ce(model(x), y).backward()
+        handle.flush()
+        grads = _own_gradients(copy.deepcopy(model), x, y)  # (a copy's forwards are not watched)
+        assert float(grads["bias.weight"].abs().max()) > 0
+        assert not torch.allclose(grads["bias.weight"][0], grads["bias.weight"][1])
+        assert_rows(spy.rows[-1], handle.project(grads))
+    assert torch._C._len_torch_function_stack() == 0  # the mode that followed the bias was left
+    handle.remove()
+
+
+def test_a_shared_call_whose_output_is_used_unseen_is_refused_and_the_sampler_kept():
+    torch.manual_seed(0)
+    x, y = torch.randint(1, 30, (3, 6)), torch.tensor([0, 1, 2])
+    # A function of the scores and the bias that watch() does not follow: refused in the forward.
+    model = _SharedBias("maximum")
+    sampler, handle, spy = watched(model, sketch=4)
+    before = sampler.state_dict()
+    with pytest.raises(UnsupportedModelError, match=r"'bias' is called on a tensor shared by the whole batch .*maximum takes it"):
+        model(x)
+    assert torch._C._len_torch_function_stack() == 0
+    assert_same_state(sampler.state_dict(), before)
+    handle.remove()
+    # A use after the forward (the loss adds the bias the model kept): refused at the first backward.
+    model = _SharedBias("kept")
+    sampler, handle, spy = watched(model, sketch=4)
+    before = sampler.state_dict()
+    with pytest.raises(UnsupportedModelError, match=r"'bias' is called on a tensor shared .* not the sum"):
+        (ce(model(x), y) + model.last.square().sum()).backward()
+    assert spy.rows == [] and torch._C._len_torch_function_stack() == 0
+    assert_same_state(sampler.state_dict(), before)
+    # The next step, without that use, gives its rows.
+    model.zero_grad()
+    ce(model(x), y).backward()
+    handle.flush()
+    model.how, model.last = "add", None
+    assert_rows(spy.rows[-1], handle.project(_own_gradients(copy.deepcopy(model), x, y)))
+    handle.remove()
+
+
 # Layers whose weight a parametrization computes: weight_norm (any dim; Wav2Vec2's positional convolution
 # normalizes over its kernel taps, dim=2), spectral_norm, orthogonal, and the older hook-based weight_norm.
 _PARAMETRIZED = {
@@ -3208,8 +3296,9 @@ def test_watching_the_same_model_again_replaces_the_handle_and_another_model_is_
     ce(model(x), y).backward()  # gathered by the first handle, not yet fed
     second = sampler.watch(model, sketch=4)
     assert first.removed and not second.removed and sampler._watchers == [second]
-    # The second handle's alone: one on each Linear layer, one on the model (capture/audit.py).
-    assert sum(len(m._forward_hooks) for m in model.modules()) == 3
+    # The second handle's alone: one on each Linear layer, two on the model (capture/audit.py, and the one
+    # that leaves the mode following shared calls, capture/shared.py).
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 4
     assert [r.shape[0] for r in spy.rows] == [5]  # the first handle fed its step as it left
     ce(model(x), y).backward()
     second.flush()
@@ -3232,7 +3321,7 @@ def test_watching_the_same_model_again_replaces_the_handle_and_another_model_is_
         third = fresh.watch(model, sketch=4)
     assert second.removed and sampler._watchers == [] and fresh._watchers == [third]
     assert [r.shape[0] for r in spy.rows] == [5, 5]  # the dropped step never reached the old sampler
-    assert sum(len(m._forward_hooks) for m in model.modules()) == 3
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 4
     ce(model(x), y).backward()
     third.flush()
     assert [r.shape[0] for r in fresh_spy.rows] == [5]

@@ -114,6 +114,14 @@ def pulled_back(
         return torch.func.vmap(lambda c: vjp(c)[0])(parts.to(out.dtype))
 
 
+# Elementwise functions that broadcast their operands (beside + and *, which _binary takes): a followed
+# tensor broadcast by one of them against the batch's rows is expanded to the result's shape first (a view:
+# the same values, the same result). T5's bias becomes sdpa's mask by torch.where(mask, bias, min).
+_ELEMENTWISE = {
+    torch.where, torch.Tensor.where, torch.masked_fill, torch.Tensor.masked_fill, torch.sub, torch.Tensor.sub,
+    torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.Tensor.__isub__, torch.div, torch.Tensor.div,
+    torch.Tensor.__truediv__, torch.Tensor.__rtruediv__, torch.Tensor.__itruediv__,
+}  # fmt: skip
 _ATTENTION = {F.scaled_dot_product_attention}
 # Products of a followed tensor with the batch's rows: the followed tensor expanded over the rows, one
 # copy per row (a hand-written layer's weight, SAM's relative positions multiplied with the queries).
@@ -238,6 +246,8 @@ class BroadcastUses(TorchFunctionMode):
             out = self._expand(func, args, kwargs)
         elif func in _BINARY and len(hits) == 1 and hits[0] in (0, 1) and len(args) >= 2:
             out = self._binary(func, args, kwargs, hits[0])
+        elif func in _ELEMENTWISE:
+            out = self._elementwise(func, args, kwargs)
         elif func is torch.einsum:
             out = self._einsum(args, kwargs)
         elif func in _MATMUL and len(hits) == 1 and hits[0] in (0, 1) and len(args) == 2 and not kwargs:
@@ -259,6 +269,12 @@ class BroadcastUses(TorchFunctionMode):
         if isinstance(out, torch.Tensor) and out.requires_grad:  # a use that carries gradient, unseen
             self.refuse(self._sketch_in(args, kwargs), _name(func))
         return out
+
+    def follow(self, t: torch.Tensor, sk: Any) -> None:
+        """Follow ``t`` from here on as the tensor ``sk`` stands for (capture/shared.py: the output of a layer's
+        call on a tensor shared by the batch), besides what it is made from already."""
+        _, sources = self.params.get(id(t), (t, []))
+        self.params[id(t)] = (t, [*sources, (sk, None)])
 
     def _made(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Any]:
         """A function of followed tensors and of nothing else that carries a gradient (Swin's table gathered
@@ -324,6 +340,35 @@ class BroadcastUses(TorchFunctionMode):
             self._hook(followed, expanded, m)
         elif expanded.requires_grad:  # an operand with no history: what takes the result may prove its rows
             self.pending[id(out)] = (followed, out, expanded)
+        return out
+
+    def _elementwise(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Any]:
+        """An elementwise function (``_ELEMENTWISE``) whose operands broadcast followed tensors over the batch's
+        rows, held by another operand's leading dimension: each followed tensor expanded to the result's
+        shape (a view) and hooked there. None where no operand shows the rows, or a followed tensor is
+        written in place or has rows of its own."""
+        leaves = [(i, a) for i, a in enumerate([*args, *kwargs.values()]) if isinstance(a, torch.Tensor)]
+        mine = [(i, a) for i, a in leaves if self._is(a)]
+        in_place = getattr(func, "__name__", "").startswith("__i")
+        if not mine or any(id(a) in self.pending for _, a in mine) or (in_place and mine[0][0] == 0):
+            return None
+        try:
+            shape = torch.broadcast_shapes(*(a.shape for _, a in leaves))
+        except RuntimeError:
+            return None
+        found = None
+        for _, a in leaves:
+            if not self._is(a) and a.dim() == len(shape) and a.shape[0] == shape[0]:
+                found = self._rows_for(a)
+                if found is not None:
+                    break
+        if found is None or any(a.dim() == len(shape) and a.shape[0] != 1 for _, a in mine):
+            return None
+        expanded = {i: a.expand(shape) for i, a in mine}
+        values = [expanded.get(i, a) for i, a in enumerate([*args, *kwargs.values()])]
+        out = func(*values[: len(args)], **dict(zip(kwargs, values[len(args) :])))
+        for i, a in mine:
+            self._hook(self.params[id(a)], expanded[i], found[1])
         return out
 
     def _setitem(self, args: Tuple[Any, ...]) -> bool:

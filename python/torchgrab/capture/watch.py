@@ -51,6 +51,7 @@ from torchgrab.capture.parametrized import ParametrizedSketch, is_parametrized, 
 from torchgrab.capture.plan import LayerPlan, leave_out
 from torchgrab.capture.projection import stacked_t
 from torchgrab.capture.recurrent import RecurrentSketch, install_stacked
+from torchgrab.capture.shared import SharedCall, made_from_parameters
 from torchgrab.errors import (
     NonFiniteGradientError,
     ShapeError,
@@ -489,6 +490,15 @@ class WatchHandle:
             {key: (canon.get(key, "?"), mods) for key, (_, mods) in owners.items()}
         )
         self._hooks.append(model.register_forward_hook(module_hook(self._on_model_output)))
+        # Layers called on a tensor the batch shares (capture/shared.py): one mode follows their outputs from
+        # the first such call to the end of the model's forward, left first of the model's forward hooks (any
+        # mode entered after it inside the forward has been left by then), also when the forward raises.
+        self._shared_mode: Optional[BroadcastUses] = None
+        self._shared_ids: Dict[nn.Module, int] = {}  # an Embedding seen looked up with shared ids: their dims
+        self._checked_shared: set = set()  # layers whose outputs' uses were checked (at a first backward)
+        self._hooks.append(
+            model.register_forward_hook(module_hook(self._leave_shared), always_call=True, prepend=True)
+        )
         self.removed = False
         sampler._watchers.append(self)
         self._inner = inner
@@ -1099,6 +1109,8 @@ class WatchHandle:
         replaced = None
         if b is None:
             b = step.batch = lead
+        if self._shared_ids.get(module) == x.dim() and not in_backward:
+            return self._shared_call(step, sk, module, x, out, b)  # an Embedding's ids known to be shared
         if lead != b:
             if lead == 1 and isinstance(module, nn.Embedding) and out.shape[0] == 1:
                 # One lookup shared by the whole batch (BERT's position embeddings: ids of batch 1,
@@ -1111,6 +1123,8 @@ class WatchHandle:
                 # capture/flatten.py): the layer on [B, m, ...], as on a sequence.
                 x, by_rows = x.unflatten(0, (b, m)), view
                 view = lambda g: by_rows(g).unflatten(0, (b, m))  # noqa: E731
+            elif self._takes_shared(sk, x, in_backward, grad_view, on_grad):
+                return self._shared_call(step, sk, module, x, out, b)
             else:
                 self._refuse_layout(sk, x, b)
         if saved is None:
@@ -1125,6 +1139,129 @@ class WatchHandle:
         else:
             on_grad(hook, *args)
         return replaced
+
+    def _takes_shared(
+        self, sk: LayerSketch, x: torch.Tensor, in_backward: bool, grad_view: Any, on_grad: Any
+    ) -> bool:
+        """Whether a layer's call on an input with no batch dimension is followed as shared by the batch
+        (capture/shared.py): an input of ids, or one made from parameters alone, to a layer whose sketch
+        takes sequences, called in the forward (a reentrant checkpoint's recompute runs outside the model's
+        forward, where no mode follows the output). Data in other rows than the batch's (rows that flatten
+        it, unproven) is refused as before, with what would make it readable."""
+        return (
+            self.batch_first
+            and not in_backward
+            and grad_view is None
+            and on_grad is None
+            and not sk.ghost
+            and isinstance(sk, _SEQUENCE_SKETCHES)
+            and x.dim() > 0
+            and (not (x.is_floating_point() or x.is_complex()) or made_from_parameters(x))
+        )
+
+    def _shared_call(
+        self, step: _Step, sk: LayerSketch, module: nn.Module, x: torch.Tensor, out: torch.Tensor, b: int
+    ) -> None:
+        """A layer's call on a tensor the batch shares: its output followed to where it meets the batch's
+        rows, by the model-wide mode (entered at the forward's first such call)."""
+        mode = self._shared_mode
+        if mode is None:
+            if _top_mode() is not None:
+                self._step, self._recording = _Step(), False  # this forward will have no backward
+                raise UnsupportedModelError(
+                    f"watch(): layer {sk.name!r} is called on a tensor shared by the whole batch (shape "
+                    f"{tuple(x.shape)}, in a step of {b} examples) inside a TorchFunctionMode "
+                    f"({type(_top_mode()).__name__}); its output is followed to the batch's rows by a mode of "
+                    f"watch()'s own, which cannot begin there. {leave_out(sk.name)}"
+                )
+            mode = self._shared_mode = BroadcastUses(
+                {},
+                self._direct_batch,
+                self._direct_rows,
+                lambda call, t, shape, m, make: self._shared_record(step, call, t, shape, m, make),
+                self._shared_refuse,
+            )
+            mode.__enter__()
+        if not x.is_floating_point() and not x.is_complex():
+            self._shared_ids[module] = x.dim()
+        call = SharedCall(sk, module, x, out, b)
+        mode.follow(out, call)
+        if module not in self._checked_shared:
+            call.seen = torch.zeros((), dtype=torch.float64, device=out.device)
+            _on_output_grad(out, self._shared_check, step, call)
+
+    def _leave_shared(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
+        """Forward hook of the model (always called, first): leave the mode following shared calls' outputs."""
+        mode, self._shared_mode = self._shared_mode, None
+        if mode is None:
+            return
+        if _top_mode() is mode:
+            mode.__exit__(None, None, None)
+            return
+        # A mode entered after it was not left (a forward that raised inside another's scope): take this one
+        # out of the stack, the others kept in their order.
+        above = []
+        while _top_mode() is not None and _top_mode() is not mode:
+            above.append(torch._C._pop_torch_function_stack())
+        if _top_mode() is mode:
+            mode.__exit__(None, None, None)
+        for m in reversed(above):
+            torch._C._push_on_torch_function_stack(m)
+
+    def _shared_record(
+        self,
+        step: _Step,
+        call: SharedCall,
+        t: torch.Tensor,
+        shape: Tuple[int, ...],
+        m: int,
+        make: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    ) -> None:
+        """Hook ``t``, the followed output (or a tensor made from it) broadcast over the batch's rows: each
+        example's gradient of the output, pulled back from there, is one call's output gradient for the
+        layer's sketch."""
+
+        def on_grad(g: torch.Tensor) -> None:
+            part = per_example(g, shape, m)
+            if make is None:
+                part = part.reshape(part.shape[0], *call.out.shape)
+            else:
+                try:
+                    part = pulled_back(make, call.out, part, call.name)
+                except UnsupportedModelError as e:  # torch.func inside saved-tensor hooks (torch < 2.8)
+                    self._refuse(step, str(e))
+            if step is not self._step:
+                self._on_grad(step, call.sk, call.module, None, part)  # (refuses or ignores, as for a layer)
+                return
+            if call.seen is not None:
+                call.add_seen(part)
+            saved, g_layer = call.grad(part)
+            self._on_grad(step, call.sk, call.module, saved, g_layer)
+
+        _on_output_grad(t, on_grad)
+
+    def _shared_check(self, step: _Step, call: SharedCall, total: torch.Tensor) -> None:
+        """At the output of a shared call's first recorded backward: its gradient must be the parts' sum."""
+        if step is not self._step:
+            return
+        if call.unseen_use(total):
+            self._refuse(
+                step,
+                f"watch(): layer {call.name!r} is called on a tensor shared by the whole batch, and its "
+                "output's gradient is not the sum of the per-example parts watch() saw where the output meets "
+                "the batch's rows: something uses it where watch() does not look (after the model's forward, "
+                f"or through an operation it does not follow). {leave_out(call.name)}",
+            )
+        self._checked_shared.add(call.module)
+
+    def _shared_refuse(self, call: SharedCall, what: str) -> None:
+        self._step, self._recording = _Step(), False  # this forward will have no backward
+        raise UnsupportedModelError(
+            f"watch(): layer {call.name!r} is called on a tensor shared by the whole batch (shape "
+            f"{tuple(call.x.shape)}), so no example owns its output until it meets the batch's rows; watch() "
+            "follows it through functions of it alone to where it does (expand, +, *, torch.where, @, einsum, "
+            f"an attention's mask), and {what} takes it otherwise. {leave_out(call.name)}"
+        )
 
     @in_full_precision
     def _save(self, step: _Step, sk: LayerSketch, module: nn.Module, x: torch.Tensor, in_backward: bool) -> Any:

@@ -1,0 +1,138 @@
+"""What `sampler.watch(model)` costs on T5 and MPNet, whose relative position bias is an Embedding looked up
+with [query, key] ids that the whole batch shares, against the same model without `watch()`, in one run.
+
+    .venv/bin/python benchmarks/watch_shared.py            # out/watch_shared.txt
+    .venv/bin/python benchmarks/watch_shared.py --quick    # a smoke run of a few seconds
+
+No example owns such a lookup, so `watch()` follows its output from the call to where it meets each
+example's attention scores (capture/shared.py): from that call to the end of the model's forward, one
+TorchFunctionMode sees every torch function the forward calls. This script measures that price, and what
+the bias's own rows cost, beside what a user had to pass before (`exclude=["*.relative_attention_bias"]`).
+
+Models (random weights from their configs: nothing is downloaded): T5-small's sizes
+(`T5ForConditionalGeneration`, 6 + 6 layers, d_model 512, 60 M parameters, sdpa attention), `--batch`
+pairs of `--tokens` source and target tokens, the LM loss; MPNet-base's sizes
+(`MPNetForSequenceClassification`, 12 layers, hidden 768, 110 M parameters), `--batch` sentences of
+`--tokens` tokens, 2 classes. Arms in alternating rounds: no `watch()`, `watch(exclude=[the bias])`, and
+`watch()` (the default sketch). Each arm over "no watch()" is one paired ratio per round; the table gives
+their medians and ranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+import warnings
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+from torchgrab import GraBSampler  # noqa: E402
+
+
+def _t5(small: bool):
+    import transformers
+
+    cfg = transformers.T5Config(
+        **({"d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 4, "d_kv": 16} if small else {}),
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+    )
+    return "T5 (T5-small sizes)" if not small else "T5 (tiny)", transformers.T5ForConditionalGeneration(cfg)
+
+
+def _mpnet(small: bool):
+    import transformers
+
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    cfg = transformers.MPNetConfig(**(sizes if small else {}), num_labels=2)
+    return "MPNet (MPNet-base sizes)" if not small else "MPNet (tiny)", transformers.MPNetForSequenceClassification(cfg)
+
+
+def model_costs(out: "_common.Out", make: Callable, batch: int, tokens: int, rounds: int, small: bool) -> None:
+    torch.manual_seed(0)
+    title, model = make(small)
+    model.train()
+    is_t5 = "T5" in title
+    d = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 1000, (batch, tokens), generator=g)
+    labels = torch.randint(2, 1000, (batch, max(tokens // 4, 2)), generator=g) if is_t5 else torch.arange(batch) % 2
+    out.line(f"\n{title}: {d:,} parameters, batch {batch} x {tokens} tokens, {rounds} rounds")
+    bias = "*.relative_attention_bias"
+    arms = {"no watch()": None, "watch(exclude=[bias])": [bias], "watch()": []}
+    # One copy of the model per arm (the same weights), each watched by its own handle for the whole run:
+    # a handle's first step also audits the model, which a run pays once.
+    models, iters = {}, {}
+    for name, exclude in arms.items():
+        models[name] = model if exclude is None else copy.deepcopy(model)
+        if exclude is not None:
+            sampler = GraBSampler(n=batch * (rounds + 2), ordering="grab", seed=0)
+            iters[name] = (iter(sampler), sampler.watch(models[name], exclude=exclude))
+
+    def step(name: str) -> float:
+        m = models[name]
+        it, h = iters.get(name, (None, None))
+        for _ in range(batch if it is not None else 0):
+            next(it)
+        t0 = time.perf_counter()
+        loss = m(input_ids=ids, labels=labels).loss
+        loss.backward()
+        if h is not None:
+            h.flush()
+        t = time.perf_counter() - t0
+        m.zero_grad(set_to_none=True)
+        return t
+
+    names = list(arms)
+    for name in names:  # warm-up
+        step(name)
+    secs = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % 3 :] + names[: r % 3]:
+            secs[name].append(step(name))
+    base = np.asarray(secs[names[0]])
+    out.line(f"{'arm':<24} {'seconds':>8} {'over no watch()':>22}")
+    for name in names:
+        s = np.asarray(secs[name])
+        q = s / base
+        out.line(f"{name:<24} {np.median(s):>8.3f} {np.median(q):>9.3f} ({q.min():.3f}-{q.max():.3f})")
+    k = {n: h.width for n, (_, h) in iters.items()}
+    out.line(f"# K: {k['watch(exclude=[bias])']:,} without the bias, {k['watch()']:,} with it")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8, help="examples per step")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per example")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/out; with --quick a temp folder)")
+    ap.add_argument("--quick", action="store_true", help="tiny models, batch 2, 2 rounds: a smoke run")
+    args = ap.parse_args(argv)
+    _common.out_folder(args, "watch_shared")
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.batch, args.rounds, args.tokens = 2, 2, 8
+    warnings.filterwarnings("ignore", message="There is a performance drop")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    out = _common.begin_result("watch() on T5 and MPNet (relative position bias shared by the batch): cost")
+    out.line(f"# torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} torch thread(s)")
+    for make in (_t5, _mpnet):
+        model_costs(out, make, args.batch, args.tokens, args.rounds, args.quick)
+    out.line(f"\n# load average now {_common.load_average()}")
+    out.save(os.path.join(args.out, "watch_shared.txt"))
+    print(f"# wrote {args.out}/watch_shared.txt")
+
+
+if __name__ == "__main__":
+    main()

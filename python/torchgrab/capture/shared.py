@@ -1,0 +1,125 @@
+"""Layers called on a tensor that the whole batch shares: T5's and MPNet's relative position bias (an
+Embedding looked up with ``[query, key]`` bucket ids), WavLM's (``[frames, frames]``). No example owns the
+call, so its output gradient holds no example's part until the output meets the batch.
+
+Such a call's output is followed as a parameter of no layer is (capture/direct.py): from the call to the end
+of the model's forward, one ``BroadcastUses`` mode watches the operations that take it, a function of it
+alone is followed as made from it (``permute``, ``unsqueeze``, a slice), and where it is broadcast over the
+batch's rows (``scores + bias``, ``bias.expand(B, ...)``, ``torch.where(mask, bias, -inf)``, an
+attention's mask) the broadcast view is hooked. Each example's gradient of the output is the gradient of its
+own slice there, pulled back through the function that made the broadcast tensor from the output
+(``torch.func.vjp``). That per-example output gradient goes to the layer's own sketch with the shared input
+expanded over the batch (a view), as if each example had made the call: the layer's rows, as for any call.
+
+One output used by every layer of a stack (T5 computes its bias in the first layer and hands it to the
+others) gives a part at each use, and the rows add up. At the layer's first backward, the parts seen must
+add up to the gradient autograd gives the output (nothing used it where the mode did not look).
+
+A shared input is told from a batch-first one by its leading dimension alone, which is not the batch's
+size. An Embedding's ids seen shared once stay shared (its later calls with ids of as many dimensions are
+taken so, whatever their shape), but a first call whose leading dimension equals the batch's size by
+chance (T5's bias over 8 x 8 positions in a batch of 8, at the first step) is read as batch first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import nn
+
+from torchgrab.capture.layers import EmbeddingSketch, LayerSketch
+
+# An Embedding's per-example table gradient is formed in full (a scatter of each example's output gradient
+# over the shared ids) when it has no more numbers than that gradient: T5's 32 buckets x heads against
+# [query, key, heads].
+_TABLE_MAX_RATIO = 1
+
+
+class SharedCall:
+    """One call of a watched layer on an input shared by the batch (``x``, without a batch dimension), its
+    output ``out``. ``grad(part)`` turns each example's gradient of ``out`` ([B, *out.shape]) into what the
+    layer's sketch takes, the input saved and the output gradient."""
+
+    def __init__(self, sk: LayerSketch, module: nn.Module, x: torch.Tensor, out: torch.Tensor, b: int) -> None:
+        self.sk = sk
+        self.module = module
+        self.name = sk.name
+        self.x = x.detach()
+        self.out = out.detach()  # the point the per-example gradient is pulled back from
+        self.b = b
+        self.seen: Optional[torch.Tensor] = None  # the parts' sum, while the layer's uses are checked
+        self.table = (
+            isinstance(sk, EmbeddingSketch)
+            and type(sk) is EmbeddingSketch
+            and module.weight.numel() <= _TABLE_MAX_RATIO * out.numel()  # type: ignore[operator]
+        )
+        self._saved: Any = None
+
+    def saved(self) -> Any:
+        """The layer's input as its sketch saves it, for every example: the shared input, once, expanded
+        over the batch (a view). An Embedding with a small table: every id of the table, once each."""
+        if self._saved is None:
+            if self.table:
+                v = self.module.weight.shape[0]  # type: ignore[index]
+                self._saved = torch.arange(v, device=self.x.device).expand(self.b, v)
+            else:
+                with torch.no_grad():
+                    one = self.sk.save(self.module, self.x.unsqueeze(0))
+                self._saved = (
+                    one.expand(self.b, *one.shape[1:])
+                    if isinstance(one, torch.Tensor) and one.dim() > 0 and one.shape[0] == 1
+                    else self.sk.save(self.module, self.x.expand(self.b, *self.x.shape))
+                )
+        return self._saved
+
+    def grad(self, part: torch.Tensor) -> Tuple[Any, torch.Tensor]:
+        """(saved, g): the layer's sketch takes them as one call's input and output gradient. For a small
+        table, g is each example's gradient of the table, [B, V, d], a lookup of each id once (saved)."""
+        if not self.table:
+            return self.saved(), part
+        b, d = part.shape[0], part.shape[-1]
+        v = self.module.weight.shape[0]  # type: ignore[index]
+        ids = self.x.reshape(-1)
+        table = torch.zeros(b, v, d, dtype=torch.float32, device=part.device)
+        table.index_add_(1, ids, part.reshape(b, ids.numel(), d).float())
+        return self.saved(), table
+
+    def add_seen(self, part: torch.Tensor) -> None:
+        s = part.detach().double().sum(0)
+        self.seen = s if self.seen is None else self.seen + s
+
+    def unseen_use(self, total: torch.Tensor) -> bool:
+        """Whether the output's gradient is more than the parts seen (a use the mode did not follow)."""
+        total = total.detach().double()
+        seen = torch.zeros_like(total) if self.seen is None else self.seen.to(total.device).reshape(total.shape)
+        scale = float(total.abs().max())
+        return not torch.allclose(seen, total, rtol=1e-3, atol=1e-4 * scale)
+
+
+
+def made_from_parameters(x: torch.Tensor, limit: int = 64) -> bool:
+    """Whether ``x`` is made by autograd-recorded operations from parameters alone (DeBERTa's relative
+    embeddings, sliced and normalized): every leaf its history reaches within ``limit`` nodes is an
+    ``nn.Parameter``, and no operation on the way took a tensor that needs no gradient (data: a Linear
+    layer's output on the batch's inputs, whose node shows that input as None). A tensor with no history,
+    or one that reaches anything else, is not."""
+    node = x.grad_fn
+    if node is None:
+        return False
+    seen, todo = {node}, [node]
+    while todo:
+        node = todo.pop()
+        if type(node).__name__ == "AccumulateGrad":
+            if not isinstance(node.variable, nn.Parameter):
+                return False
+            continue
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                return False
+            if nxt not in seen:
+                if len(seen) >= limit:
+                    return False
+                seen.add(nxt)
+                todo.append(nxt)
+    return True
