@@ -2704,7 +2704,9 @@ def test_a_shared_call_whose_output_is_used_unseen_is_refused_and_the_sampler_ke
     model = _SharedBias("maximum")
     sampler, handle, spy = watched(model, sketch=4)
     before = sampler.state_dict()
-    with pytest.raises(UnsupportedModelError, match=r"'bias' is called on a tensor shared by the whole batch .*maximum takes it"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"'bias' is called on a tensor shared by the whole batch .*maximum takes it"
+    ):
         model(x)
     assert torch._C._len_torch_function_stack() == 0
     assert_same_state(sampler.state_dict(), before)

@@ -97,7 +97,6 @@ class SharedCall:
         return not torch.allclose(seen, total, rtol=1e-3, atol=1e-4 * scale)
 
 
-
 def made_from_parameters(x: torch.Tensor, limit: int = 64) -> bool:
     """Whether ``x`` is made by autograd-recorded operations from parameters alone (DeBERTa's relative
     embeddings, sliced and normalized): every leaf its history reaches within ``limit`` nodes is an

@@ -496,9 +496,7 @@ class WatchHandle:
         self._shared_mode: Optional[BroadcastUses] = None
         self._shared_ids: Dict[nn.Module, int] = {}  # an Embedding seen looked up with shared ids: their dims
         self._checked_shared: set = set()  # layers whose outputs' uses were checked (at a first backward)
-        self._hooks.append(
-            model.register_forward_hook(module_hook(self._leave_shared), always_call=True, prepend=True)
-        )
+        self._hooks.append(model.register_forward_hook(module_hook(self._leave_shared), always_call=True, prepend=True))
         self.removed = False
         sampler._watchers.append(self)
         self._inner = inner
@@ -1140,9 +1138,7 @@ class WatchHandle:
             on_grad(hook, *args)
         return replaced
 
-    def _takes_shared(
-        self, sk: LayerSketch, x: torch.Tensor, in_backward: bool, grad_view: Any, on_grad: Any
-    ) -> bool:
+    def _takes_shared(self, sk: LayerSketch, x: torch.Tensor, in_backward: bool, grad_view: Any, on_grad: Any) -> bool:
         """Whether a layer's call on an input with no batch dimension is followed as shared by the batch
         (capture/shared.py): an input of ids, or one made from parameters alone, to a layer whose sketch
         takes sequences, called in the forward (a reentrant checkpoint's recompute runs outside the model's
