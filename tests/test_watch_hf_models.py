@@ -7,6 +7,8 @@ table shared by encoder, decoder and output layer (T5, BART)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import assert_rows_follow_autocast, autocast_step
@@ -14,6 +16,7 @@ from test_watch import _lm_loss, _lm_step, _Logits, _own_gradients, assert_rows,
 from test_watch import ce as _ce
 from torch import nn
 from torchgrab import UnsupportedModelError
+from torchgrab.gradients import per_example_gradients
 
 transformers = pytest.importorskip("transformers")
 
@@ -127,6 +130,35 @@ def test_encoder_decoder_models_share_one_table_between_encoder_decoder_and_outp
         assert len(bias) == (2 if shared == "m.shared" else 0)  # the encoder's and the decoder's
         for n in bias:
             assert float(grads[n + ".weight"].abs().max()) > 0  # (the rows above hold its columns)
+
+
+def test_t5_with_gradient_checkpointing_follows_its_bias_unless_the_checkpoint_is_reentrant():
+    # Non-reentrant checkpointing recomputes saved tensors in the backward, through the forward's own graph,
+    # where the bias's meeting points are hooked. A reentrant checkpoint runs its block under no_grad and
+    # again in the backward, outside the model's forward: refused there, with what to pass.
+    t5 = transformers.T5Config(
+        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, attn_implementation="eager",
+    )  # fmt: skip
+    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+    model = _off_one(_Logits(lambda: transformers.T5ForConditionalGeneration(t5), decoder=True)).train()
+    reference = copy.deepcopy(model)  # (checkpointing's settings stay off torch.func's model)
+    model.m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sampler, handle, spy = watched(model, sketch=4)
+    for _ in range(2):
+        model.zero_grad()
+        _lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+        handle.flush()
+    assert [r.shape[0] for r in spy.rows] == [3, 3] and torch._C._len_torch_function_stack() == 0
+    grads, _ = per_example_gradients(reference, _lm_loss, ids[:, :-1], ids[:, 1:])
+    assert_rows(spy.rows[-1], handle.project(grads))
+    handle.remove()
+    model.m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    sampler, handle, spy = watched(model, sketch=4)
+    with pytest.raises(UnsupportedModelError, match=r"relative_attention_bias' got an input .*use_reentrant=False"):
+        _lm_loss(model(ids[:, :-1]), ids[:, 1:]).backward()
+    assert spy.rows == [] and torch._C._len_torch_function_stack() == 0
+    handle.remove()
 
 
 def test_mpnet_relative_position_bias_expanded_over_the_batch_gives_exact_rows():

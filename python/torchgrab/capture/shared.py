@@ -66,11 +66,12 @@ class SharedCall:
             else:
                 with torch.no_grad():
                     one = self.sk.save(self.module, self.x.unsqueeze(0))
-                self._saved = (
-                    one.expand(self.b, *one.shape[1:])
-                    if isinstance(one, torch.Tensor) and one.dim() > 0 and one.shape[0] == 1
-                    else self.sk.save(self.module, self.x.expand(self.b, *self.x.shape))
-                )
+                if isinstance(one, torch.Tensor) and one.dim() > 0 and one.shape[0] == 1:
+                    one = one.expand(self.b, *one.shape[1:])
+                    # (the CPU kernels that read a 2-D input in place take it laid out: B x in numbers)
+                    self._saved = one.contiguous() if one.dim() == 2 else one
+                else:
+                    self._saved = self.sk.save(self.module, self.x.expand(self.b, *self.x.shape))
         return self._saved
 
     def grad(self, part: torch.Tensor) -> Tuple[Any, torch.Tensor]:

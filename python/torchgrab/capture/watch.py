@@ -1121,10 +1121,10 @@ class WatchHandle:
                 # capture/flatten.py): the layer on [B, m, ...], as on a sequence.
                 x, by_rows = x.unflatten(0, (b, m)), view
                 view = lambda g: by_rows(g).unflatten(0, (b, m))  # noqa: E731
-            elif self._takes_shared(sk, x, in_backward, grad_view, on_grad):
+            elif self._takes_shared(sk, x, b, in_backward, grad_view, on_grad):
                 return self._shared_call(step, sk, module, x, out, b)
             else:
-                self._refuse_layout(sk, x, b)
+                self._refuse_layout(sk, x, b, in_backward)
         if saved is None:
             saved = self._save(step, sk, module, x, in_backward)
         if view is _as_is:
@@ -1138,12 +1138,15 @@ class WatchHandle:
             on_grad(hook, *args)
         return replaced
 
-    def _takes_shared(self, sk: LayerSketch, x: torch.Tensor, in_backward: bool, grad_view: Any, on_grad: Any) -> bool:
+    def _takes_shared(
+        self, sk: LayerSketch, x: torch.Tensor, b: int, in_backward: bool, grad_view: Any, on_grad: Any
+    ) -> bool:
         """Whether a layer's call on an input with no batch dimension is followed as shared by the batch
-        (capture/shared.py): an input of ids, or one made from parameters alone, to a layer whose sketch
-        takes sequences, called in the forward (a reentrant checkpoint's recompute runs outside the model's
-        forward, where no mode follows the output). Data in other rows than the batch's (rows that flatten
-        it, unproven) is refused as before, with what would make it readable."""
+        (capture/shared.py): an input of ids with no dimension of the batch's size, or one made from
+        parameters alone, to a layer whose sketch takes sequences, called in the forward (a reentrant
+        checkpoint's recompute runs outside the model's forward, where no mode follows the output). Data
+        in other rows than the batch's (rows that flatten it, unproven) is refused as before, with what
+        would make it readable."""
         return (
             self.batch_first
             and not in_backward
@@ -1152,7 +1155,10 @@ class WatchHandle:
             and not sk.ghost
             and isinstance(sk, _SEQUENCE_SKETCHES)
             and x.dim() > 0
-            and (not (x.is_floating_point() or x.is_complex()) or made_from_parameters(x))
+            and (
+                # ids with a dimension of the batch's size are the batch's (a sequence-first model's [T, B])
+                b not in x.shape if not (x.is_floating_point() or x.is_complex()) else made_from_parameters(x)
+            )
         )
 
     def _shared_call(
@@ -1307,7 +1313,7 @@ class WatchHandle:
                 for m, v in zip(members, ap.view(len(members), *lead, ap.shape[-1]).unbind(0)):
                     m.value, m.x = v, None
 
-    def _refuse_layout(self, sk: LayerSketch, x: torch.Tensor, b: int) -> None:
+    def _refuse_layout(self, sk: LayerSketch, x: torch.Tensor, b: int, in_backward: bool = False) -> None:
         """Refuse a layer's input whose leading dimension is not the step's batch."""
         self._step, self._recording = _Step(), False  # this forward will have no backward
         lead = int(x.shape[0])
@@ -1318,11 +1324,19 @@ class WatchHandle:
             if lead > b and lead % b == 0
             else ""
         )
+        shared = (
+            "a layer called on ids or on a tensor made from parameters alone, shared by the whole batch (T5's "
+            "relative position bias), is followed to where its output meets the batch's rows, but not in a "
+            "reentrant checkpoint's recompute, which runs in the backward (use_reentrant=False)"
+            if in_backward
+            else "a layer called on ids or on a tensor made from parameters alone, shared by the whole batch "
+            "(T5's relative position bias), is followed to where its output meets the batch's rows, and this "
+            "input is neither"
+        )
         raise UnsupportedModelError(
             f"watch(): module {sk.name!r} got an input of shape {tuple(x.shape)} in a step whose batch "
-            f"has {b} examples; per-example rows need batch-first inputs to every watched layer, and a "
-            "tensor shared by the whole batch (T5's relative position bias, DeBERTa's relative positions) "
-            f"has none ({leave_out(sk.name)}, or granularity='batch' when a step is one unit).{flat}"
+            f"has {b} examples; per-example rows need batch-first inputs to every watched layer; {shared} "
+            f"({leave_out(sk.name)}, or granularity='batch' when a step is one unit).{flat}"
         )
 
     def _refuse_abandoned(self, left: _Step) -> None:
