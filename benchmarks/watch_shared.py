@@ -1,5 +1,6 @@
 """What `sampler.watch(model)` costs on T5 and MPNet, whose relative position bias is an Embedding looked up
-with [query, key] ids that the whole batch shares, against the same model without `watch()`, in one run.
+with [query, key] ids that the whole batch shares, and on DeBERTa-v3, whose relative-embedding table is
+normalized and projected once for the whole batch, against the same model without `watch()`, in one run.
 
     .venv/bin/python benchmarks/watch_shared.py            # out/watch_shared.txt
     .venv/bin/python benchmarks/watch_shared.py --quick    # a smoke run of a few seconds
@@ -7,13 +8,16 @@ with [query, key] ids that the whole batch shares, against the same model withou
 No example owns such a lookup, so `watch()` follows its output from the call to where it meets each
 example's attention scores (capture/shared.py): from that call to the end of the model's forward, one
 TorchFunctionMode sees every torch function the forward calls. This script measures that price, and what
-the bias's own rows cost, beside what a user had to pass before (`exclude=["*.relative_attention_bias"]`).
+those layers' own rows cost, beside what a user had to leave out before (`_EXCLUDE`: for DeBERTa-v3 every
+query and key projection, which project the table besides the tokens).
 
 Models (random weights from their configs: nothing is downloaded): T5-small's sizes
 (`T5ForConditionalGeneration`, 6 + 6 layers, d_model 512, 60 M parameters, sdpa attention), `--batch`
 pairs of `--tokens` source and target tokens, the LM loss; MPNet-base's sizes
 (`MPNetForSequenceClassification`, 12 layers, hidden 768, 110 M parameters), `--batch` sentences of
-`--tokens` tokens, 2 classes. Arms in alternating rounds: no `watch()`, `watch(exclude=[the bias])`, and
+`--tokens` tokens, 2 classes; DeBERTa-v3-base's (`DebertaV2ForSequenceClassification`, 12 layers, hidden
+768, 256 position buckets, a 128,100-token vocabulary, 184 M parameters), the same inputs. Arms in
+alternating rounds: no `watch()`, `watch(exclude=...)`, and
 `watch()` (the default sketch). Each arm over "no watch()" is one paired ratio per round; the table gives
 their medians and ranges.
 """
@@ -55,6 +59,30 @@ def _mpnet(small: bool):
     return "MPNet (MPNet-base sizes)" if not small else "MPNet (tiny)", transformers.MPNetForSequenceClassification(cfg)
 
 
+def _deberta(small: bool):
+    import transformers
+
+    # DeBERTa-v3-base's configuration (microsoft/deberta-v3-base), or a tiny one of the same layout.
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    cfg = transformers.DebertaV2Config(
+        **(sizes if small else {"vocab_size": 128100}), relative_attention=True, position_buckets=256,
+        norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
+        max_position_embeddings=512, type_vocab_size=0, layer_norm_eps=1e-7, num_labels=2, pad_token_id=0,
+    )  # fmt: skip
+    title = "DeBERTa-v3 (tiny)" if small else "DeBERTa-v3 (DeBERTa-v3-base sizes)"
+    return title, transformers.DebertaV2ForSequenceClassification(cfg)
+
+
+# What a user had to leave out before these calls were followed: the bias tables (T5, MPNet); DeBERTa's
+# relative-embedding table, the LayerNorm over it, and (share_att_key) every query and key projection,
+# which project the table besides the tokens.
+_EXCLUDE = {
+    "T5": ["*.relative_attention_bias"],
+    "MPNet": ["*.relative_attention_bias"],
+    "DeBERTa": ["*.rel_embeddings", "*.encoder.LayerNorm", "*.query_proj", "*.key_proj"],
+}
+
+
 def model_costs(out: "_common.Out", make: Callable, batch: int, tokens: int, rounds: int, small: bool) -> None:
     torch.manual_seed(0)
     title, model = make(small)
@@ -65,8 +93,9 @@ def model_costs(out: "_common.Out", make: Callable, batch: int, tokens: int, rou
     ids = torch.randint(2, 1000, (batch, tokens), generator=g)
     labels = torch.randint(2, 1000, (batch, max(tokens // 4, 2)), generator=g) if is_t5 else torch.arange(batch) % 2
     out.line(f"\n{title}: {d:,} parameters, batch {batch} x {tokens} tokens, {rounds} rounds")
-    bias = "*.relative_attention_bias"
-    arms = {"no watch()": None, "watch(exclude=[bias])": [bias], "watch()": []}
+    family = title.split(" ")[0].split("-")[0]
+    out.line(f"# the exclude arm leaves out {_EXCLUDE[family]}")
+    arms = {"no watch()": None, "watch(exclude=...)": _EXCLUDE[family], "watch()": []}
     # One copy of the model per arm (the same weights), each watched by its own handle for the whole run:
     # a handle's first step also audits the model, which a run pays once.
     models, iters = {}, {}
@@ -104,7 +133,7 @@ def model_costs(out: "_common.Out", make: Callable, batch: int, tokens: int, rou
         q = s / base
         out.line(f"{name:<24} {np.median(s):>8.3f} {np.median(q):>9.3f} ({q.min():.3f}-{q.max():.3f})")
     k = {n: h.width for n, (_, h) in iters.items()}
-    out.line(f"# K: {k['watch(exclude=[bias])']:,} without the bias, {k['watch()']:,} with it")
+    out.line(f"# K: {k['watch(exclude=...)']:,} with those left out, {k['watch()']:,} with everything")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -124,9 +153,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    out = _common.begin_result("watch() on T5 and MPNet (relative position bias shared by the batch): cost")
+    out = _common.begin_result("watch() on T5, MPNet and DeBERTa (relative positions shared by the batch): cost")
     out.line(f"# torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} torch thread(s)")
-    for make in (_t5, _mpnet):
+    for make in (_t5, _mpnet, _deberta):
         model_costs(out, make, args.batch, args.tokens, args.rounds, args.quick)
     out.line(f"\n# load average now {_common.load_average()}")
     out.save(os.path.join(args.out, "watch_shared.txt"))

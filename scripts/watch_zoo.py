@@ -130,7 +130,12 @@ def _hf_models():
         "deberta_v3": lambda: tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
             **{**_ENC, "relative_attention": True, "position_buckets": 8, "max_relative_positions": 16,
                "pos_att_type": ["p2c", "c2p"], "share_att_key": True, "norm_rel_ebd": "layer_norm",
-               "pooler_dropout": 0.0, "pooler_hidden_size": 16})),
+               "pooler_dropout": 0.0, "pooler_hidden_size": 16, "pad_token_id": None})),
+        "deberta_v2": lambda: tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
+            **{**_ENC, "relative_attention": True, "position_buckets": 8, "max_relative_positions": 16,
+               "pos_att_type": ["p2c", "c2p"], "pooler_dropout": 0.0, "pooler_hidden_size": 16,
+               "pad_token_id": None})),
+        "mpnet": lambda: tf.MPNetForSequenceClassification(tf.MPNetConfig(**{**_ENC, "pad_token_id": 1})),
         "convbert": lambda: tf.ConvBertForSequenceClassification(tf.ConvBertConfig(
             **{**_ENC, "embedding_size": 16, "conv_kernel_size": 3})),
         "longformer": lambda: tf.LongformerForSequenceClassification(tf.LongformerConfig(

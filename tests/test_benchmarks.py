@@ -503,11 +503,11 @@ def test_watch_parametrized_runs(tmp_path):
 
 
 def test_watch_shared_runs(tmp_path):
-    """benchmarks/watch_shared.py --quick: tiny T5 and MPNet, watched with and without their relative
-    position bias (a layer called on ids the batch shares) against no watch()."""
+    """benchmarks/watch_shared.py --quick: tiny T5, MPNet and DeBERTa-v3, watched with and without the
+    layers called on what the batch shares (relative positions) against no watch()."""
     pytest.importorskip("transformers")
     stdout = run(["benchmarks/watch_shared.py", "--quick", "--out", str(tmp_path)])
-    assert "T5 (tiny)" in stdout and "MPNet (tiny)" in stdout
-    for arm in ("no watch()", "watch(exclude=[bias])", "watch()"):
-        assert len(re.findall(rf"\n{re.escape(arm)} +[\d.]+ +[\d.]+ \(", stdout)) == 2, arm
-    assert stdout.count("with it\n") == 2 and (tmp_path / "watch_shared.txt").exists()
+    assert "T5 (tiny)" in stdout and "MPNet (tiny)" in stdout and "DeBERTa-v3 (tiny)" in stdout
+    for arm in ("no watch()", "watch(exclude=...)", "watch()"):
+        assert len(re.findall(rf"\n{re.escape(arm)} +[\d.]+ +[\d.]+ \(", stdout)) == 3, arm
+    assert stdout.count("with everything\n") == 3 and (tmp_path / "watch_shared.txt").exists()

@@ -173,8 +173,14 @@ class BroadcastUses(TorchFunctionMode):
         refuse: Callable[[DirectParamSketch, str], Any],
         layers: Optional[Dict[int, nn.Module]] = None,
         call: Optional[Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]] = None,
+        held: Optional[Dict[int, torch.Tensor]] = None,
     ) -> None:
         super().__init__()
+        # Parameters a function of followed tensors may take, held at their values in its replay: the
+        # watched layers' own (capture/shared.py: a layer called on a followed tensor, whose own rows take
+        # that call's part of their gradient). None: a function that takes any other tensor needing a
+        # gradient is not followed.
+        self.held = held or {}
         # This forward's followed tensors (each held here, so its id stays its own): the parameters first.
         self.params: Dict[int, _Followed] = {i: (p, [(sk, None)]) for i, (sk, p) in params.items()}
         # Results of broadcasting a followed tensor against an operand of B * m rows with no history (Swin's
@@ -270,11 +276,11 @@ class BroadcastUses(TorchFunctionMode):
             self.refuse(self._sketch_in(args, kwargs), _name(func))
         return out
 
-    def follow(self, t: torch.Tensor, sk: Any) -> None:
+    def follow(self, t: torch.Tensor, sk: Any, make: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         """Follow ``t`` from here on as the tensor ``sk`` stands for (capture/shared.py: the output of a layer's
-        call on a tensor shared by the batch), besides what it is made from already."""
+        call on a tensor shared by the batch), or as ``make`` of it, besides what it is made from already."""
         _, sources = self.params.get(id(t), (t, []))
-        self.params[id(t)] = (t, [*sources, (sk, None)])
+        self.params[id(t)] = (t, [*sources, (sk, make)])
 
     def _made(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Any]:
         """A function of followed tensors and of nothing else that carries a gradient (Swin's table gathered
@@ -282,8 +288,13 @@ class BroadcastUses(TorchFunctionMode):
         Swin v2's clamped and exponentiated logit scale): its result is followed, made from each parameter
         by replaying the call. None where something else carries a gradient, or the call cannot be replayed."""
         leaves = _flat([*args, *kwargs.values()])
-        if any(isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in self.params for t in leaves):
+        if any(
+            isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in self.params and id(t) not in self.held
+            for t in leaves
+        ):
             return None
+        if func is F.dropout and self.held:
+            return self._dropout(args, kwargs)
         if not _replayable(func):
             return None
         out = func(*args, **kwargs)
@@ -303,13 +314,47 @@ class BroadcastUses(TorchFunctionMode):
         self.params[id(out)] = (out, [(sk, _replay(func, args, kwargs, self.params, sk)) for sk in sketches])
         return out
 
+    def _dropout(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Any]:
+        """``F.dropout`` of a followed tensor (DeBERTa's relative embeddings, dropped once for the whole
+        batch): the mask drawn here, as dropout draws it (kept with probability 1 - p, scaled by 1 / (1 - p);
+        other random numbers than the kernel's), and the result followed as the product with that mask."""
+        x = _arg(args, kwargs, 0, "input")
+        p, training = _arg(args, kwargs, 1, "p"), _arg(args, kwargs, 2, "training")
+        p = 0.5 if p is None else float(p)
+        if _arg(args, kwargs, 3, "inplace") or id(x) not in self.params:
+            return None
+        if training is False or p == 0.0:
+            return x
+        with torch.no_grad():
+            mask = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p) if p < 1.0 else torch.zeros_like(x)
+        return self._made(torch.mul, (x, mask), {})
+
     def _expand(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Any]:
-        """``expand`` (or a size-one ``repeat``) of a followed tensor over the batch."""
+        """``expand`` (or a size-one ``repeat``) of a followed tensor over the batch; or a ``repeat`` that tiles
+        it whole along dimension 0 once per example (DeBERTa's heads' relative projections, ``[H, N, d]`` to
+        ``[B * H, N, d]``), which is the followed tensor expanded over a new batch dimension, then flattened."""
         followed = self.params[id(args[0])]
+        if func is torch.Tensor.repeat and not kwargs:
+            tiled = self._tiled(followed, args)
+            if tiled is not None:
+                return tiled
         out = func(*args, **kwargs)
         if not (_broadcast(followed[0], out) and out.shape[0] == self.batch(out.shape[0])):
             return None  # another expand: followed as any function of the parameters
         self._hook(followed, out, 1)
+        return out
+
+    def _tiled(self, followed: _Followed, args: Tuple[Any, ...]) -> Optional[torch.Tensor]:
+        p = followed[0]
+        reps = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
+        if p.dim() < 1 or len(reps) != p.dim() or any(r != 1 for r in reps[1:]) or p.shape[0] == 1:
+            return None
+        n = int(reps[0])
+        if n < 2 or n != self.batch(n):
+            return None
+        expanded = p.unsqueeze(0).expand(n, *p.shape)
+        out = expanded.reshape(n * p.shape[0], *p.shape[1:])  # (a copy, as repeat's)
+        self._hook(followed, expanded, 1)
         return out
 
     def _binary(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], h: int) -> Optional[Any]:

@@ -104,6 +104,8 @@ def made_from_parameters(x: torch.Tensor, limit: int = 64) -> bool:
     ``nn.Parameter``, and no operation on the way took a tensor that needs no gradient (data: a Linear
     layer's output on the batch's inputs, whose node shows that input as None). A tensor with no history,
     or one that reaches anything else, is not."""
+    if isinstance(x, nn.Parameter):
+        return True
     node = x.grad_fn
     if node is None:
         return False

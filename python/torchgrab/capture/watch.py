@@ -496,6 +496,12 @@ class WatchHandle:
         self._shared_mode: Optional[BroadcastUses] = None
         self._shared_ids: Dict[nn.Module, int] = {}  # an Embedding seen looked up with shared ids: their dims
         self._checked_shared: set = set()  # layers whose outputs' uses were checked (at a first backward)
+        # What a function of a followed output may take besides (held at its value in the replay): the watched
+        # layers' parameters, whose calls on a followed tensor are shared calls of their own (DeBERTa's
+        # relative embeddings through query_proj and key_proj). And an Embedding's table that a shared call
+        # takes as its input, never looked up (DeBERTa's relative embeddings, normalized by a LayerNorm).
+        self._held = {id(t): t for m in self._sketches for t in layer_parameters(m).values()}
+        self._tables = {id(m.weight): m for m, sk in self._sketches.items() if type(sk) is layers.EmbeddingSketch}
         self._hooks.append(model.register_forward_hook(module_hook(self._leave_shared), always_call=True, prepend=True))
         self.removed = False
         sampler._watchers.append(self)
@@ -1157,7 +1163,10 @@ class WatchHandle:
             and x.dim() > 0
             and (
                 # ids with a dimension of the batch's size are the batch's (a sequence-first model's [T, B])
-                b not in x.shape if not (x.is_floating_point() or x.is_complex()) else made_from_parameters(x)
+                b not in x.shape
+                if not (x.is_floating_point() or x.is_complex())
+                # (or a tensor followed already: a layer on another shared call's output)
+                else made_from_parameters(x) or (self._shared_mode is not None and self._shared_mode.takes((x,), {}))
             )
         )
 
@@ -1182,6 +1191,7 @@ class WatchHandle:
                 self._direct_rows,
                 lambda call, t, shape, m, make: self._shared_record(step, call, t, shape, m, make),
                 self._shared_refuse,
+                held=self._held,
             )
             mode.__enter__()
         if not x.is_floating_point() and not x.is_complex():
@@ -1191,6 +1201,36 @@ class WatchHandle:
         if module not in self._checked_shared:
             call.seen = torch.zeros((), dtype=torch.float64, device=out.device)
             _on_output_grad(out, self._shared_check, step, call)
+        found = self._table_of(x)
+        if found is not None and found[0] is not module:
+            # The input is an Embedding's table, or a view of it, never looked up (DeBERTa's relative
+            # embeddings: normalized by a LayerNorm, or sliced into pos_key_proj): each example's gradient of
+            # the table is pulled back through the view and this layer's forward too, and is that table's
+            # rows, as a lookup of every id once. Its use here is that Embedding's call.
+            table, w, view = found
+            use = SharedCall(self._sketches[table], table, torch.arange(int(w.shape[0]), device=w.device), w, b)
+            forward = type(module).forward
+            mode.follow(out, use, lambda t, module=module, forward=forward, view=view: forward(module, view(t)))
+            if self._audit:
+                step.recorded.add(table)
+            if self._outside is not None:
+                self._outside.add(table, w, out)  # (the view's nodes, made before the call, are the use's too)
+
+    def _table_of(self, x: torch.Tensor) -> Optional[Tuple[nn.Module, torch.Tensor, Callable[..., torch.Tensor]]]:
+        """(the Embedding, its table, the view as a function of the table) when ``x`` is a watched Embedding's
+        table or a view of it (a slice, an unsqueeze): the view is a gather of the table's elements by the
+        offsets ``x`` reads, which torch.func can take per example. None otherwise."""
+        table = self._tables.get(id(x))
+        if table is not None:
+            return table, x, lambda t: t
+        base = x._base
+        table = self._tables.get(id(base)) if base is not None else None
+        if table is None or not base.is_contiguous():
+            return None
+        offsets = torch.arange(base.numel(), device=base.device).as_strided(
+            x.size(), x.stride(), x.storage_offset() - base.storage_offset()
+        )
+        return table, base, lambda t: t.reshape(-1)[offsets]
 
     def _leave_shared(self, module: nn.Module, args: Tuple[Any, ...], out: Any) -> None:
         """Forward hook of the model (always called, first): leave the mode following shared calls' outputs."""
