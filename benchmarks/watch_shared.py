@@ -64,8 +64,12 @@ def _deberta(small: bool):
 
     # DeBERTa-v3-base's configuration (microsoft/deberta-v3-base), or a tiny one of the same layout.
     sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    base = {
+        "vocab_size": 128100, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+    }  # fmt: skip
     cfg = transformers.DebertaV2Config(
-        **(sizes if small else {"vocab_size": 128100}), relative_attention=True, position_buckets=256,
+        **(sizes if small else base), relative_attention=True, position_buckets=256,
         norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
         max_position_embeddings=512, type_vocab_size=0, layer_norm_eps=1e-7, num_labels=2, pad_token_id=0,
     )  # fmt: skip
