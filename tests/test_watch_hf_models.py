@@ -391,6 +391,21 @@ def test_deberta_relative_positions_give_exact_rows(layout, sketch):
     handle.remove()
 
 
+def test_deberta_with_its_relative_table_left_out_follows_the_projections_alone():
+    # The table and its LayerNorm left out (their per-example gradients are the dear part): the query and
+    # key projections' calls on the normalized table, made from parameters alone, are still followed.
+    model = _deberta("v3")
+    ids = torch.randint(1, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+    left = ["*.rel_embeddings", "*.encoder.LayerNorm"]
+    rows, expected, grads, handle = one_step(model, ids, torch.tensor([0, 2, 1]), _ce, 4, exclude=left)
+    assert_rows(rows, expected)
+    names = [n for n, _, _ in handle.layers]
+    assert (
+        "m.deberta.encoder.rel_embeddings" not in names and "m.deberta.encoder.layer.1.attention.self.key_proj" in names
+    )
+    handle.remove()
+
+
 def test_deberta_dropout_on_the_relative_embeddings_is_drawn_once_for_the_batch_and_the_rows_follow_it():
     # pos_dropout drops the shared table once for the whole batch: watch() draws that mask itself (as
     # dropout does) and replays the rows with it, so the rows add up to the batch's own gradient.

@@ -23,7 +23,7 @@ chance (T5's bias over 8 x 8 positions in a batch of 8, at the first step) is re
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,6 +49,10 @@ class SharedCall:
         self.out = out.detach()  # the point the per-example gradient is pulled back from
         self.b = b
         self.seen: Optional[torch.Tensor] = None  # the parts' sum, while the layer's uses are checked
+        # Where the input is followed itself: the layer's forward as a function of its input, and what the
+        # input is made from (each a SharedCall and the function that makes the input from its output).
+        self.relay: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.sources: List[Tuple["SharedCall", Optional[Callable[[torch.Tensor], torch.Tensor]]]] = []
         self.table = (
             isinstance(sk, EmbeddingSketch)
             and type(sk) is EmbeddingSketch
@@ -98,12 +102,16 @@ class SharedCall:
         return not torch.allclose(seen, total, rtol=1e-3, atol=1e-4 * scale)
 
 
+_SCALINGS = {"MulBackward0", "DivBackward0", "NativeDropoutBackward0"}
+
+
 def made_from_parameters(x: torch.Tensor, limit: int = 64) -> bool:
     """Whether ``x`` is made by autograd-recorded operations from parameters alone (DeBERTa's relative
-    embeddings, sliced and normalized): every leaf its history reaches within ``limit`` nodes is an
-    ``nn.Parameter``, and no operation on the way took a tensor that needs no gradient (data: a Linear
-    layer's output on the batch's inputs, whose node shows that input as None). A tensor with no history,
-    or one that reaches anything else, is not."""
+    embeddings, sliced, normalized and dropped out): every leaf its history reaches within ``limit`` nodes
+    is an ``nn.Parameter``, and no operation on the way but an elementwise product or quotient (a dropout
+    mask, a constant) took a tensor that needs no gradient (data: a Linear layer's output on the batch's
+    inputs, whose node shows that input as None). A tensor with no history, or one that reaches anything
+    else, is not."""
     if isinstance(x, nn.Parameter):
         return True
     node = x.grad_fn
@@ -118,6 +126,8 @@ def made_from_parameters(x: torch.Tensor, limit: int = 64) -> bool:
             continue
         for nxt, _ in node.next_functions:
             if nxt is None:
+                if type(node).__name__ in _SCALINGS:
+                    continue  # a factor that needs no gradient: a dropout mask drawn once, a constant
                 return False
             if nxt not in seen:
                 if len(seen) >= limit:

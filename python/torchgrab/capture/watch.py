@@ -1197,6 +1197,14 @@ class WatchHandle:
         if not x.is_floating_point() and not x.is_complex():
             self._shared_ids[module] = x.dim()
         call = SharedCall(sk, module, x, out, b)
+        made = mode.params.get(id(x))
+        if made is not None:
+            # The input is followed already (DeBERTa's query_proj on the normalized relative table): the
+            # output is followed as this call's alone, and each example's part, pulled back through the layer
+            # to its input once (not once for each thing the input is made from), goes on to those sources.
+            call.sources, forward = made[1], type(module).forward
+            call.relay = lambda t, module=module, forward=forward: forward(module, t)
+            mode.params.pop(id(out), None)
         mode.follow(out, call)
         if module not in self._checked_shared:
             call.seen = torch.zeros((), dtype=torch.float64, device=out.device)
@@ -1264,23 +1272,37 @@ class WatchHandle:
         layer's sketch."""
 
         def on_grad(g: torch.Tensor) -> None:
-            part = per_example(g, shape, m)
+            self._shared_part(step, call, make, per_example(g, shape, m))
+
+        _on_output_grad(t, on_grad)
+
+    def _shared_part(
+        self,
+        step: _Step,
+        call: SharedCall,
+        make: Optional[Callable[[torch.Tensor], torch.Tensor]],
+        part: torch.Tensor,
+    ) -> None:
+        """Each example's gradient of ``make(call.out)`` ([B, ...]): pulled back to the call's output, it is one
+        call's output gradient for the layer's sketch; pulled back through the layer to its input, when that
+        input is followed itself (a projection of a shared call's output), it goes on to what made the input."""
+        try:
             if make is None:
                 part = part.reshape(part.shape[0], *call.out.shape)
             else:
-                try:
-                    part = pulled_back(make, call.out, part, call.name)
-                except UnsupportedModelError as e:  # torch.func inside saved-tensor hooks (torch < 2.8)
-                    self._refuse(step, str(e))
-            if step is not self._step:
-                self._on_grad(step, call.sk, call.module, None, part)  # (refuses or ignores, as for a layer)
-                return
-            if call.seen is not None:
-                call.add_seen(part)
-            saved, g_layer = call.grad(part)
-            self._on_grad(step, call.sk, call.module, saved, g_layer)
-
-        _on_output_grad(t, on_grad)
+                part = pulled_back(make, call.out, part, call.name)
+            relayed = None if call.relay is None else pulled_back(call.relay, call.x, part, call.name)
+        except UnsupportedModelError as e:  # torch.func inside saved-tensor hooks (torch < 2.8)
+            self._refuse(step, str(e))
+        if step is not self._step:
+            self._on_grad(step, call.sk, call.module, None, part)  # (refuses or ignores, as for a layer)
+            return
+        if call.seen is not None:
+            call.add_seen(part)
+        saved, g_layer = call.grad(part)
+        self._on_grad(step, call.sk, call.module, saved, g_layer)
+        for source, source_make in call.sources if relayed is not None else ():
+            self._shared_part(step, source, source_make, relayed)
 
     def _shared_check(self, step: _Step, call: SharedCall, total: torch.Tensor) -> None:
         """At the output of a shared call's first recorded backward: its gradient must be the parts' sum."""
