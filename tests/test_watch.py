@@ -2697,6 +2697,35 @@ def test_a_layer_called_on_ids_the_batch_shares_gives_each_example_its_own_rows(
     handle.remove()
 
 
+def test_the_mode_following_a_shared_call_is_left_when_the_step_ends_outside_the_models_own_call():
+    # A framework's training step may call the watched model's submodules, never the model itself (steps
+    # begun by _begin_batch, as Lightning's callback does): the model's forward hook that leaves the mode
+    # never runs, so the next step's beginning leaves it, and so does remove().
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _SharedBias("add")
+
+        def forward(self, x):  # (the reference's per-example gradients only)
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    model = Outer()
+    sampler, handle, spy = watched(model, sketch=4)
+    x, y = torch.randint(1, 30, (3, 6)), torch.tensor([0, 1, 2])
+    for _ in range(2):
+        handle._begin_batch(model, x)
+        assert torch._C._len_torch_function_stack() == 0
+        model.zero_grad()
+        ce(model.inner(x), y).backward()
+        assert torch._C._len_torch_function_stack() == 1  # (until the next step begins)
+    handle.remove()
+    assert torch._C._len_torch_function_stack() == 0
+    rows = np.concatenate(spy.rows)
+    assert rows.shape[0] == 6  # both steps' (fed together or not)
+    assert_rows(rows[-3:], handle.project(_own_gradients(copy.deepcopy(model), x, y)))
+
+
 def test_a_shared_call_whose_output_is_used_unseen_is_refused_and_the_sampler_kept():
     torch.manual_seed(0)
     x, y = torch.randint(1, 30, (3, 6)), torch.tensor([0, 1, 2])

@@ -636,6 +636,8 @@ class WatchHandle:
         try:
             self.flush()
         finally:
+            if self._shared_mode is not None:
+                self._leave_shared(self._inner, (), None)
             for h in self._hooks:
                 h.remove()
             self._hooks = []
@@ -669,6 +671,10 @@ class WatchHandle:
     def _on_step_begins(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         if _in_backward() or _in_transform():
             return  # a checkpointed model recomputing its forward; a torch.func transform
+        if self._shared_mode is not None:
+            # The last forward did not end through the model's own call (a framework's training step that
+            # calls its submodules; _begin_batch): the mode following shared calls' outputs is left here.
+            self._leave_shared(module, args, None)
         if self._outside is not None:
             self._outside.calls = []  # those of a forward that raised before its end
         if self._step.failed():
