@@ -2726,6 +2726,22 @@ def test_the_mode_following_a_shared_call_is_left_when_the_step_ends_outside_the
     assert_rows(rows[-3:], handle.project(_own_gradients(copy.deepcopy(model), x, y)))
 
 
+def test_what_counts_as_made_from_parameters_alone():
+    # A layer's input with no batch dimension is followed as shared by the batch when parameters alone
+    # make it (capture/shared.py); data that reaches it through ids or a product is not, and is refused
+    # as a layout the rows cannot read.
+    from torchgrab.capture.shared import made_from_parameters
+
+    w, ln, lin, emb = nn.Parameter(torch.randn(8, 4)), nn.LayerNorm(4), nn.Linear(4, 4), nn.Embedding(8, 4)
+    assert made_from_parameters(w) and made_from_parameters(w[0:6].unsqueeze(0))
+    assert made_from_parameters(ln(w)) and made_from_parameters(F.dropout(ln(w), 0.5, training=True))
+    assert made_from_parameters(lin(ln(w)) * 2.0)
+    data = torch.randn(3, 4)
+    assert not made_from_parameters(data) and not made_from_parameters(lin(data))
+    assert not made_from_parameters(emb(torch.tensor([[1, 2]])))  # (the ids do not show in the graph)
+    assert not made_from_parameters(w[:3] * 2 + lin(data))
+
+
 def test_a_shared_call_whose_output_is_used_unseen_is_refused_and_the_sampler_kept():
     torch.manual_seed(0)
     x, y = torch.randint(1, 30, (3, 6)), torch.tensor([0, 1, 2])

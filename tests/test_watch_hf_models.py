@@ -406,6 +406,25 @@ def test_deberta_with_its_relative_table_left_out_follows_the_projections_alone(
     handle.remove()
 
 
+@pytest.mark.parametrize("sketch", [None, 4])
+def test_convbert_separable_convolutions_raw_bias_added_in_place_gives_exact_rows(sketch):
+    # SeparableConv1D adds its raw [C, 1] bias in place (x += self.bias, which torch dispatches as add_):
+    # followed as + is. torch.func cannot trace ConvBERT (data-dependent control flow), so the rows are
+    # compared with each example's own backward.
+    cfg = transformers.ConvBertConfig(**{**_ENCODER, "embedding_size": 16, "conv_kernel_size": 3})
+    torch.manual_seed(0)
+    model = _off_one(_Logits(lambda: transformers.ConvBertForSequenceClassification(cfg))).train()
+    x, y = torch.randint(3, 40, (3, 7), generator=torch.Generator().manual_seed(5)), torch.tensor([0, 1, 2])
+    sampler, handle, spy = watched(model, sketch=sketch)
+    _ce(model(x), y).backward()
+    handle.flush()
+    handle.remove()
+    grads = _own_gradients(copy.deepcopy(model), x, y)
+    bias = "m.convbert.encoder.layer.0.attention.self.key_conv_attn_layer.bias"
+    assert float(grads[bias].abs().max()) > 0
+    assert_rows(spy.rows[0], handle.project(grads))
+
+
 def test_deberta_dropout_on_the_relative_embeddings_is_drawn_once_for_the_batch_and_the_rows_follow_it():
     # pos_dropout drops the shared table once for the whole batch: watch() draws that mask itself (as
     # dropout does) and replays the rows with it, so the rows add up to the batch's own gradient.

@@ -55,7 +55,10 @@ _VIEWS = {
 _BINARY = {
     torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__,
     torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__imul__,
+    torch.Tensor.add_, torch.Tensor.mul_,  # (x += bias dispatches as add_: ConvBERT's separable convolution)
 }  # fmt: skip
+# Of those, the ones that write into their first operand: a followed tensor may be the second only.
+_IN_PLACE_BINARY = {torch.Tensor.__iadd__, torch.Tensor.__imul__, torch.Tensor.add_, torch.Tensor.mul_}
 
 
 class ParamSlot(nn.Module):
@@ -360,6 +363,8 @@ class BroadcastUses(TorchFunctionMode):
     def _binary(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], h: int) -> Optional[Any]:
         """``+`` or ``*`` of a followed tensor and the batch's rows: the followed tensor expanded over the
         rows (a view: same values, same result), hooked where the rows are shown to be examples' runs."""
+        if h == 0 and func in _IN_PLACE_BINARY:
+            return None  # a write into the followed tensor: refused below
         other = args[1 - h]
         if id(args[h]) in self.pending:  # added to (or multiplying) logits whose history proves the rows
             if isinstance(other, torch.Tensor) and other.requires_grad and self._prove(args[h], other):

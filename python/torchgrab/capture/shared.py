@@ -103,6 +103,11 @@ class SharedCall:
 
 
 _SCALINGS = {"MulBackward0", "DivBackward0", "NativeDropoutBackward0"}
+# Nodes of lookups by an index tensor, whose ids (the batch's tokens, say) do not show in the graph.
+_LOOKUPS = {
+    "EmbeddingBackward0", "EmbeddingBagBackward0", "IndexBackward0", "IndexSelectBackward0", "GatherBackward0",
+    "TakeBackward0",
+}  # fmt: skip
 
 
 def made_from_parameters(x: torch.Tensor, limit: int = 64) -> bool:
@@ -110,8 +115,9 @@ def made_from_parameters(x: torch.Tensor, limit: int = 64) -> bool:
     embeddings, sliced, normalized and dropped out): every leaf its history reaches within ``limit`` nodes
     is an ``nn.Parameter``, and no operation on the way but an elementwise product or quotient (a dropout
     mask, a constant) took a tensor that needs no gradient (data: a Linear layer's output on the batch's
-    inputs, whose node shows that input as None). A tensor with no history, or one that reaches anything
-    else, is not."""
+    inputs, whose node shows that input as None), nor looked rows up by ids (an Embedding's output on the
+    batch's tokens, whose ids the graph does not show). A tensor with no history, or one that reaches
+    anything else, is not."""
     if isinstance(x, nn.Parameter):
         return True
     node = x.grad_fn
@@ -120,6 +126,8 @@ def made_from_parameters(x: torch.Tensor, limit: int = 64) -> bool:
     seen, todo = {node}, [node]
     while todo:
         node = todo.pop()
+        if type(node).__name__ in _LOOKUPS:
+            return False  # rows picked by ids, which autograd does not show: the batch's tokens, perhaps
         if type(node).__name__ == "AccumulateGrad":
             if not isinstance(node.variable, nn.Parameter):
                 return False
