@@ -507,14 +507,26 @@ def _vision(family: str) -> nn.Module:
     return _Logits(lambda: getattr(transformers, model_class)(cfg), key="pixel_values")
 
 
-@pytest.mark.parametrize("family", ["qwen2", "opt", "bart", "vit", "dinov2"])
+@pytest.mark.parametrize("family", ["qwen2", "opt", "bart", "vit", "dinov2", "t5", "deberta"])
 def test_under_bf16_autocast_the_rows_sum_to_the_gradient_in_float32(family):
     # Mixed-precision fine-tuning: the forward (and the forward hooks) under torch.autocast. The rows are
     # float32 sketches of autocast's half-precision inputs and output gradients, so their sum is the batch
     # gradient autocast made up to its own rounding, and no farther from the float32 model's gradient than
     # autocast's is (here as close or closer; the bounds leave room for another CPU's bfloat16 kernels).
+    # (T5's relative bias and DeBERTa's relative table: calls on a tensor the batch shares, followed)
     if family in VISION:
         make, x, y, loss_fn = lambda: _vision(family), torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2]), _ce
+    elif family == "deberta":
+        ids = torch.randint(1, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+        make, x, y, loss_fn = lambda: _deberta("v3"), ids, torch.tensor([0, 1, 2]), _ce
+    elif family == "t5":
+        t5 = transformers.T5Config(
+            vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        )  # fmt: skip
+        ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(5))
+        make = lambda: _off_one(_Logits(lambda: transformers.T5ForConditionalGeneration(t5), decoder=True))  # noqa: E731
+        x, y, loss_fn = ids[:, :-1], ids[:, 1:], _lm_loss
     else:
         ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(5))
         make, x, y, loss_fn = lambda: _causal(family), ids[:, :-1], ids[:, 1:], _lm_loss

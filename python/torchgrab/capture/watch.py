@@ -1278,7 +1278,7 @@ class WatchHandle:
         layer's sketch."""
 
         def on_grad(g: torch.Tensor) -> None:
-            self._shared_part(step, call, make, per_example(g, shape, m))
+            self._shared_part(step, call, make, per_example(g, shape, m), False)
 
         _on_output_grad(t, on_grad)
 
@@ -1288,10 +1288,12 @@ class WatchHandle:
         call: SharedCall,
         make: Optional[Callable[[torch.Tensor], torch.Tensor]],
         part: torch.Tensor,
+        rough: bool,
     ) -> None:
         """Each example's gradient of ``make(call.out)`` ([B, ...]): pulled back to the call's output, it is one
         call's output gradient for the layer's sketch; pulled back through the layer to its input, when that
         input is followed itself (a projection of a shared call's output), it goes on to what made the input."""
+        rough = rough or part.dtype in (torch.float16, torch.bfloat16)
         try:
             if make is None:
                 part = part.reshape(part.shape[0], *call.out.shape)
@@ -1304,11 +1306,11 @@ class WatchHandle:
             self._on_grad(step, call.sk, call.module, None, part)  # (refuses or ignores, as for a layer)
             return
         if call.seen is not None:
-            call.add_seen(part)
+            call.add_seen(part, rough)
         saved, g_layer = call.grad(part)
         self._on_grad(step, call.sk, call.module, saved, g_layer)
         for source, source_make in call.sources if relayed is not None else ():
-            self._shared_part(step, source, source_make, relayed)
+            self._shared_part(step, source, source_make, relayed, rough)
 
     def _shared_check(self, step: _Step, call: SharedCall, total: torch.Tensor) -> None:
         """At the output of a shared call's first recorded backward: its gradient must be the parts' sum."""
