@@ -1299,7 +1299,7 @@ class WatchHandle:
                 part = part.reshape(part.shape[0], *call.out.shape)
             else:
                 part = pulled_back(make, call.out, part, call.name)
-            relayed = None if call.relay is None else pulled_back(call.relay, call.x, part, call.name)
+            relayed = None if call.relay is None else self._relayed(call, part)
         except UnsupportedModelError as e:  # torch.func inside saved-tensor hooks (torch < 2.8)
             self._refuse(step, str(e))
         if step is not self._step:
@@ -1311,6 +1311,26 @@ class WatchHandle:
         self._on_grad(step, call.sk, call.module, saved, g_layer)
         for source, source_make in call.sources if relayed is not None else ():
             self._shared_part(step, source, source_make, relayed, rough)
+
+    def _relayed(self, call: SharedCall, part: torch.Tensor) -> torch.Tensor:
+        """Each example's gradient of the call's input, from its gradient of the output (``part``). A Linear
+        or LayerNorm acts on each row of its input alone, so on the CPU the rows no example's gradient
+        reaches are skipped (DeBERTa's relative table has 2 x 256 rows; a batch of 64 tokens reaches 127 of
+        them): a pass over the part, against B x rows x in x out multiply-adds. (On a GPU, finding them
+        would wait for the device at every step.)"""
+        x = call.x
+        if not (part.is_cpu and type(call.module) in (nn.Linear, nn.LayerNorm) and x.dim() >= 2):
+            return pulled_back(call.relay, x, part, call.name)  # type: ignore[arg-type]
+        b = part.shape[0]
+        rows = part.reshape(b, -1, part.shape[-1])
+        live = (rows != 0).any(2).any(0).nonzero().squeeze(1)
+        if live.numel() == rows.shape[1]:
+            return pulled_back(call.relay, x, part, call.name)  # type: ignore[arg-type]
+        flat = x.reshape(-1, x.shape[-1])
+        got = pulled_back(call.relay, flat[live], rows[:, live], call.name)  # type: ignore[arg-type]
+        out = got.new_zeros(b, flat.shape[0], flat.shape[1])
+        out[:, live] = got
+        return out.reshape(b, *x.shape)
 
     def _shared_check(self, step: _Step, call: SharedCall, total: torch.Tensor) -> None:
         """At the output of a shared call's first recorded backward: its gradient must be the parts' sum."""
