@@ -48,8 +48,11 @@ class SharedCall:
         self.x = x.detach()
         self.out = out.detach()  # the point the per-example gradient is pulled back from
         self.b = b
-        self.seen: Optional[torch.Tensor] = None  # the parts' sum, while the layer's uses are checked
+        # Each example's gradient of the output, summed over the output's uses until its own gradient
+        # arrives (after every use's), then taken whole: one rows computation and one relay per step.
+        self.acc: Optional[torch.Tensor] = None
         self.rough = False  # a part went through half precision (autocast)
+        self.deferred = False  # parts summed until the output's gradient arrives (an output with a node)
         # Where the input is followed itself: the layer's forward as a function of its input, and what the
         # input is made from (each a SharedCall and the function that makes the input from its output).
         self.relay: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
@@ -91,19 +94,23 @@ class SharedCall:
         table.index_add_(1, ids, part.reshape(b, ids.numel(), d).float())
         return self.saved(), table
 
-    def add_seen(self, part: torch.Tensor, rough: bool) -> None:
-        """Add a part to the sum checked at the first backward; ``rough``: it went through half precision."""
-        s = part.detach().double().sum(0)
-        self.seen = s if self.seen is None else self.seen + s
+    def add(self, part: torch.Tensor, rough: bool) -> None:
+        """Add one use's part ([B, *out.shape]); ``rough``: it went through half precision."""
+        part = part.detach().float()
+        self.acc = part.clone() if self.acc is None else self.acc.add_(part)
         self.rough = self.rough or rough
 
-    def unseen_use(self, total: torch.Tensor) -> bool:
-        """Whether the output's gradient is more than the parts seen (a use the mode did not follow)."""
+    def take(self) -> Optional[torch.Tensor]:
+        acc, self.acc = self.acc, None
+        return acc
+
+    def unseen_use(self, acc: Optional[torch.Tensor], total: torch.Tensor) -> bool:
+        """Whether the output's gradient is more than the parts' sum ``acc`` (a use the mode did not follow)."""
         # (to the rounding of the lowest precision on the way: autocast's bfloat16 projections round the
         # parts relayed to a LayerNorm computed in float32)
         tol = 2e-2 if self.rough or total.dtype not in (torch.float32, torch.float64) else 1e-3
         total = total.detach().double()
-        seen = torch.zeros_like(total) if self.seen is None else self.seen.to(total.device).reshape(total.shape)
+        seen = torch.zeros_like(total) if acc is None else acc.double().sum(0).to(total.device).reshape(total.shape)
         scale = float(total.abs().max())
         return not torch.allclose(seen, total, rtol=tol, atol=0.1 * tol * scale)
 

@@ -1211,24 +1211,26 @@ class WatchHandle:
             call.sources, forward = made[1], type(module).forward
             call.relay = lambda t, module=module, forward=forward: forward(module, t)
             mode.params.pop(id(out), None)
-        mode.follow(out, call)
-        if module not in self._checked_shared:
-            call.seen = torch.zeros((), dtype=torch.float64, device=out.device)
-            _on_output_grad(out, self._shared_check, step, call)
         found = self._table_of(x)
         if found is not None and found[0] is not module:
             # The input is an Embedding's table, or a view of it, never looked up (DeBERTa's relative
             # embeddings: normalized by a LayerNorm, or sliced into pos_key_proj): each example's gradient of
-            # the table is pulled back through the view and this layer's forward too, and is that table's
-            # rows, as a lookup of every id once. Its use here is that Embedding's call.
+            # the input, relayed through this layer, is pulled back through the view to the table, and is
+            # that table's rows, as a lookup of every id once. Its use here is that Embedding's call.
             table, w, view = found
             use = SharedCall(self._sketches[table], table, torch.arange(int(w.shape[0]), device=w.device), w, b)
             forward = type(module).forward
-            mode.follow(out, use, lambda t, module=module, forward=forward, view=view: forward(module, view(t)))
+            call.sources = [(use, view)]
+            call.relay = lambda t, module=module, forward=forward: forward(module, t)
             if self._audit:
                 step.recorded.add(table)
             if self._outside is not None:
                 self._outside.add(table, w, out)  # (the view's nodes, made before the call, are the use's too)
+        mode.follow(out, call)
+        # The parts are summed until the output's own gradient arrives, after every use's; then taken whole
+        # (and, at the layer's first backward, checked against that gradient).
+        call.deferred = True
+        _on_output_grad(out, self._shared_done, step, call)
 
     def _table_of(self, x: torch.Tensor) -> Optional[Tuple[nn.Module, torch.Tensor, Callable[..., torch.Tensor]]]:
         """(the Embedding, its table, the view as a function of the table) when ``x`` is a watched Embedding's
@@ -1299,18 +1301,48 @@ class WatchHandle:
                 part = part.reshape(part.shape[0], *call.out.shape)
             else:
                 part = pulled_back(make, call.out, part, call.name)
-            relayed = None if call.relay is None else self._relayed(call, part)
         except UnsupportedModelError as e:  # torch.func inside saved-tensor hooks (torch < 2.8)
             self._refuse(step, str(e))
         if step is not self._step:
             self._on_grad(step, call.sk, call.module, None, part)  # (refuses or ignores, as for a layer)
             return
-        if call.seen is not None:
-            call.add_seen(part, rough)
+        if call.deferred:
+            call.add(part, rough)
+        else:  # (an Embedding's table, whose one part per step comes from the call that took it)
+            self._shared_rows(step, call, part, rough)
+
+    def _shared_rows(self, step: _Step, call: SharedCall, part: torch.Tensor, rough: bool) -> None:
+        """One step's per-example gradient of a shared call's output: the layer's rows, and where its input is
+        followed itself, that input's gradient relayed through the layer to what made it."""
         saved, g_layer = call.grad(part)
         self._on_grad(step, call.sk, call.module, saved, g_layer)
-        for source, source_make in call.sources if relayed is not None else ():
+        if call.relay is None:
+            return
+        try:
+            relayed = self._relayed(call, part)
+        except UnsupportedModelError as e:  # torch.func inside saved-tensor hooks (torch < 2.8)
+            self._refuse(step, str(e))
+        for source, source_make in call.sources:
             self._shared_part(step, source, source_make, relayed, rough)
+
+    def _shared_done(self, step: _Step, call: SharedCall, total: torch.Tensor) -> None:
+        """The gradient of a shared call's output, after every use's: the parts summed are taken whole; at the
+        layer's first recorded backward, they must add up to that gradient (nothing used it unseen)."""
+        if step is not self._step:
+            return
+        acc = call.take()
+        if call.module not in self._checked_shared:
+            if call.unseen_use(acc, total):
+                self._refuse(
+                    step,
+                    f"watch(): layer {call.name!r} is called on a tensor shared by the whole batch, and its "
+                    "output's gradient is not the sum of the per-example parts watch() saw where the output meets "
+                    "the batch's rows: something uses it where watch() does not look (after the model's forward, "
+                    f"or through an operation it does not follow). {leave_out(call.name)}",
+                )
+            self._checked_shared.add(call.module)
+        if acc is not None:
+            self._shared_rows(step, call, acc, call.rough)
 
     def _relayed(self, call: SharedCall, part: torch.Tensor) -> torch.Tensor:
         """Each example's gradient of the call's input, from its gradient of the output (``part``). A Linear
@@ -1331,20 +1363,6 @@ class WatchHandle:
         out = got.new_zeros(b, flat.shape[0], flat.shape[1])
         out[:, live] = got
         return out.reshape(b, *x.shape)
-
-    def _shared_check(self, step: _Step, call: SharedCall, total: torch.Tensor) -> None:
-        """At the output of a shared call's first recorded backward: its gradient must be the parts' sum."""
-        if step is not self._step:
-            return
-        if call.unseen_use(total):
-            self._refuse(
-                step,
-                f"watch(): layer {call.name!r} is called on a tensor shared by the whole batch, and its "
-                "output's gradient is not the sum of the per-example parts watch() saw where the output meets "
-                "the batch's rows: something uses it where watch() does not look (after the model's forward, "
-                f"or through an operation it does not follow). {leave_out(call.name)}",
-            )
-        self._checked_shared.add(call.module)
 
     def _shared_refuse(self, call: SharedCall, what: str) -> None:
         self._step, self._recording = _Step(), False  # this forward will have no backward
