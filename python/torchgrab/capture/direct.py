@@ -120,10 +120,11 @@ def pulled_back(
 # Elementwise functions that broadcast their operands (beside + and *, which _binary takes): a followed
 # tensor broadcast by one of them against the batch's rows is expanded to the result's shape first (a view:
 # the same values, the same result). T5's bias becomes sdpa's mask by torch.where(mask, bias, min).
+# (Not masked_fill: its result has its first operand's shape, and its value must be a single number.)
 _ELEMENTWISE = {
-    torch.where, torch.Tensor.where, torch.masked_fill, torch.Tensor.masked_fill, torch.sub, torch.Tensor.sub,
-    torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.Tensor.__isub__, torch.div, torch.Tensor.div,
-    torch.Tensor.__truediv__, torch.Tensor.__rtruediv__, torch.Tensor.__itruediv__,
+    torch.where, torch.Tensor.where, torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__rsub__,
+    torch.Tensor.__isub__, torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__rtruediv__,
+    torch.Tensor.__itruediv__,
 }  # fmt: skip
 _ATTENTION = {F.scaled_dot_product_attention}
 # Products of a followed tensor with the batch's rows: the followed tensor expanded over the rows, one
