@@ -112,7 +112,24 @@ def per_example_grads(model: torch.nn.Module, ds: SentenceSet, indices: List[int
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-def make_trainer(out_dir: str, *, n: int, seed: int = 0, lr: float = 1e-3, epochs: int = 2, **args: Any):
+def tiny_deberta_v3(seed: int = 0) -> torch.nn.Module:
+    """A DeBERTa-v3-layout classifier as small as tiny_bert: its relative-embedding table normalized and
+    projected by every attention's own query and key layers once for the whole batch (share_att_key)."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=SEQ, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        relative_attention=True, position_buckets=8, max_relative_positions=SEQ, pos_att_type=["p2c", "c2p"],
+        share_att_key=True, norm_rel_ebd="layer_norm", pooler_dropout=0.0, pooler_hidden_size=16, type_vocab_size=0,
+    )  # fmt: skip
+    return DebertaV2ForSequenceClassification(cfg)
+
+
+def make_trainer(
+    out_dir: str, *, n: int, seed: int = 0, lr: float = 1e-3, epochs: int = 2, model: Any = None, **args: Any
+):
     from transformers import Trainer, TrainingArguments
 
     loss_func = args.pop("compute_loss_func", None)
@@ -132,7 +149,8 @@ def make_trainer(out_dir: str, *, n: int, seed: int = 0, lr: float = 1e-3, epoch
     defaults.update(args)
     ds = SentenceSet(n)
     kw = {"compute_loss_func": loss_func} if loss_func is not None else {}
-    trainer = Trainer(model=tiny_bert(seed), args=TrainingArguments(**defaults), train_dataset=ds, **kw)
+    model = tiny_bert(seed) if model is None else model
+    trainer = Trainer(model=model, args=TrainingArguments(**defaults), train_dataset=ds, **kw)
     return trainer, ds
 
 
@@ -176,6 +194,14 @@ def run_case(
         # per-example gradient of the index it was matched to. 36 examples, batches of 8, accumulation
         # 2: updates of 2, 2 and 1 batches (the last of 4 examples), so the loss normalization changes.
         trainer, ds = make_trainer(out_dir, n=n, lr=0.0, gradient_accumulation_steps=2, **args)
+        sampler = enable_grab(trainer, watch=watch or {"sketch": None})
+        rec = Recorder(sampler)
+        trainer.train()
+        ref = per_example_grads(trainer.model, ds, list(range(len(ds))))
+        return _rows_result(sampler, rec, ref, trainer.model)
+    if case == "rows_deberta":
+        # As "rows", with DeBERTa-v3's layout: its relative positions are calls on what the batch shares.
+        trainer, ds = make_trainer(out_dir, n=n, lr=0.0, gradient_accumulation_steps=2, model=tiny_deberta_v3(), **args)
         sampler = enable_grab(trainer, watch=watch or {"sketch": None})
         rec = Recorder(sampler)
         trainer.train()

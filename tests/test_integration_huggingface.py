@@ -76,6 +76,15 @@ def test_every_row_is_its_examples_gradient_through_accumulation(rows_run):
         assert sorted(indices) == list(range(36)), f"epoch {epoch}: not one row per example"
 
 
+def test_deberta_v3_rows_through_the_trainer_are_each_examples_gradient(tmp_path):
+    # DeBERTa-v3's relative positions (calls on a tensor the batch shares, capture/shared.py) in the
+    # Trainer's loop: padded SST-2 sentences, accumulation of 2 with a shorter last update.
+    result = hf_cases.run_case("rows_deberta", str(tmp_path))
+    assert max(relative_errors(result)) < 1e-5
+    for epoch, indices in stepped_per_epoch(result).items():
+        assert sorted(indices) == list(range(36)), f"epoch {epoch}: not one row per example"
+
+
 def test_rows_of_a_loss_normalized_by_num_items_in_batch(tmp_path):
     result = hf_cases.run_case("num_items", str(tmp_path))
     assert max(relative_errors(result)) < 1e-5
