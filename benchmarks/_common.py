@@ -372,6 +372,64 @@ def rotation_study(
     print(f"# wrote {args.out}/{name}.txt, .csv, .png")
 
 
+def watched_arms(
+    out: "Out",
+    model: Any,
+    arms: Dict[str, Optional[List[str]]],
+    batch: int,
+    rounds: int,
+    loss: Callable[[Any], Any],
+    width: int = 24,
+    digits: int = 3,
+) -> Dict[str, Any]:
+    """A model's step without ``watch()`` (the arm whose exclude is None, first) and under ``watch(exclude=...)``
+    for each other arm, in alternating rounds after one warm-up step each; prints each arm's median seconds
+    and its per-round ratios over the first arm, and returns the handles by arm. Each watched arm has its own
+    copy of the model (the same weights) and its own handle for the whole run: a handle's first step also
+    audits the model, which a run pays once. ``loss(model)`` is one step's loss."""
+    import copy
+
+    from torchgrab import GraBSampler
+
+    models, iters = {}, {}
+    for name, exclude in arms.items():
+        models[name] = model if exclude is None else copy.deepcopy(model)
+        if exclude is not None:
+            sampler = GraBSampler(n=batch * (rounds + 2), ordering="grab", seed=0)
+            iters[name] = (iter(sampler), sampler.watch(models[name], exclude=exclude))
+
+    def step(name: str) -> float:
+        m = models[name]
+        it, h = iters.get(name, (None, None))
+        for _ in range(batch if it is not None else 0):
+            next(it)
+        t0 = time.perf_counter()
+        loss(m).backward()
+        if h is not None:
+            h.flush()
+        t = time.perf_counter() - t0
+        m.zero_grad(set_to_none=True)
+        return t
+
+    names = list(arms)
+    for name in names:  # warm-up
+        step(name)
+    secs: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            secs[name].append(step(name))
+    base = np.asarray(secs[names[0]])
+    out.line(f"{'arm':<{width}} {'seconds':>8} {'over ' + names[0]:>22}")
+    for name in names:
+        s = np.asarray(secs[name])
+        q = s / base
+        out.line(
+            f"{name:<{width}} {np.median(s):>8.{digits}f} {np.median(q):>9.{digits}f} "
+            f"({q.min():.{digits}f}-{q.max():.{digits}f})"
+        )
+    return {name: h for name, (_, h) in iters.items()}
+
+
 def cosine_to_zero(opt: Any, steps: int) -> Any:
     """A per-step learning-rate schedule along half a cosine from the optimizer's rate to 0 at ``steps``
     (held at 0 after), for every arm of a study alike."""

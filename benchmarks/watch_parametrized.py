@@ -32,7 +32,6 @@ convolution])` (what a user had to pass before), and `watch()` with it.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -159,41 +158,8 @@ def model_costs(out: "_common.Out", batch: int, seconds: float, rounds: int, lay
         f"batch {batch} x {seconds:g} s, {rounds} rounds; the step over the step without watch()"
     )
     arms = {"no watch()": None, "watch(exclude=[pos. conv])": [conv], "watch()": []}
-    # One copy of the model per arm (the same weights), each watched by its own handle for the whole run:
-    # a handle's first step also audits the model, which a run pays once.
-    models, iters = {}, {}
-    for name, exclude in arms.items():
-        models[name] = model if exclude is None else copy.deepcopy(model)
-        if exclude is not None:
-            sampler = GraBSampler(n=batch * (rounds + 2), ordering="grab", seed=0)
-            iters[name] = (iter(sampler), sampler.watch(models[name], exclude=exclude))
-
-    def step(name: str) -> float:
-        m = models[name]
-        it, h = iters.get(name, (None, None))
-        for _ in range(batch if it is not None else 0):
-            next(it)
-        t0 = time.perf_counter()
-        nn.functional.cross_entropy(m(x).logits, y).backward()
-        if h is not None:
-            h.flush()
-        t = time.perf_counter() - t0
-        m.zero_grad(set_to_none=True)
-        return t
-
-    names = list(arms)
-    for name in names:  # warm-up
-        step(name)
-    secs = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % 3 :] + names[: r % 3]:
-            secs[name].append(step(name))
-    base = np.asarray(secs[names[0]])
-    out.line(f"{'arm':<28} {'seconds':>8} {'over no watch()':>22}")
-    for name in names:
-        s = np.asarray(secs[name])
-        q = s / base
-        out.line(f"{name:<28} {np.median(s):>8.2f} {np.median(q):>9.2f} ({q.min():.2f}-{q.max():.2f})")
+    loss = lambda m: nn.functional.cross_entropy(m(x).logits, y)  # noqa: E731
+    _common.watched_arms(out, model, arms, batch, rounds, loss, width=28, digits=2)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -26,19 +26,15 @@ their medians and ranges.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
-import time
 import warnings
 from typing import Callable, List, Optional
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-from torchgrab import GraBSampler  # noqa: E402
 
 
 def _t5(small: bool):
@@ -106,43 +102,8 @@ def model_costs(out: "_common.Out", make: Callable, batch: int, tokens: int, rou
     for arm, names in _EXCLUDE[family].items():
         out.line(f"# {arm} leaves out {names}")
     arms = {"no watch()": None, **_EXCLUDE[family], "watch()": []}
-    # One copy of the model per arm (the same weights), each watched by its own handle for the whole run:
-    # a handle's first step also audits the model, which a run pays once.
-    models, iters = {}, {}
-    for name, exclude in arms.items():
-        models[name] = model if exclude is None else copy.deepcopy(model)
-        if exclude is not None:
-            sampler = GraBSampler(n=batch * (rounds + 2), ordering="grab", seed=0)
-            iters[name] = (iter(sampler), sampler.watch(models[name], exclude=exclude))
-
-    def step(name: str) -> float:
-        m = models[name]
-        it, h = iters.get(name, (None, None))
-        for _ in range(batch if it is not None else 0):
-            next(it)
-        t0 = time.perf_counter()
-        loss = m(input_ids=ids, labels=labels).loss
-        loss.backward()
-        if h is not None:
-            h.flush()
-        t = time.perf_counter() - t0
-        m.zero_grad(set_to_none=True)
-        return t
-
-    names = list(arms)
-    for name in names:  # warm-up
-        step(name)
-    secs = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            secs[name].append(step(name))
-    base = np.asarray(secs[names[0]])
-    out.line(f"{'arm':<24} {'seconds':>8} {'over no watch()':>22}")
-    for name in names:
-        s = np.asarray(secs[name])
-        q = s / base
-        out.line(f"{name:<24} {np.median(s):>8.3f} {np.median(q):>9.3f} ({q.min():.3f}-{q.max():.3f})")
-    out.line("# K: " + ", ".join(f"{h.width:,} for {n}" for n, (_, h) in iters.items()))
+    handles = _common.watched_arms(out, model, arms, batch, rounds, lambda m: m(input_ids=ids, labels=labels).loss)
+    out.line("# K: " + ", ".join(f"{h.width:,} for {n}" for n, h in handles.items()))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

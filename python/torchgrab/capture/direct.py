@@ -280,11 +280,11 @@ class BroadcastUses(TorchFunctionMode):
             self.refuse(self._sketch_in(args, kwargs), _name(func))
         return out
 
-    def follow(self, t: torch.Tensor, sk: Any, make: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+    def follow(self, t: torch.Tensor, sk: Any) -> None:
         """Follow ``t`` from here on as the tensor ``sk`` stands for (capture/shared.py: the output of a layer's
-        call on a tensor shared by the batch), or as ``make`` of it, besides what it is made from already."""
+        call on a tensor shared by the batch), besides what it is made from already."""
         _, sources = self.params.get(id(t), (t, []))
-        self.params[id(t)] = (t, [*sources, (sk, make)])
+        self.params[id(t)] = (t, [*sources, (sk, None)])
 
     def _made(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Any]:
         """A function of followed tensors and of nothing else that carries a gradient (Swin's table gathered

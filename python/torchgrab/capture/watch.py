@@ -1119,7 +1119,7 @@ class WatchHandle:
         replaced = None
         if b is None:
             b = step.batch = lead
-        if self._shared_ids.get(module) == x.dim() and not in_backward:
+        if self._shared_ids and self._shared_ids.get(module) == x.dim() and not in_backward:
             return self._shared_call(step, sk, module, x, out, b)  # an Embedding's ids known to be shared
         if lead != b:
             if lead == 1 and isinstance(module, nn.Embedding) and out.shape[0] == 1:
@@ -1292,9 +1292,8 @@ class WatchHandle:
         part: torch.Tensor,
         rough: bool,
     ) -> None:
-        """Each example's gradient of ``make(call.out)`` ([B, ...]): pulled back to the call's output, it is one
-        call's output gradient for the layer's sketch; pulled back through the layer to its input, when that
-        input is followed itself (a projection of a shared call's output), it goes on to what made the input."""
+        """Each example's gradient of ``make(call.out)`` ([B, ...]), pulled back to the call's output: added to
+        the call's sum of parts (taken at ``_shared_done``), or, for a table taken by a call, its rows now."""
         rough = rough or part.dtype in (torch.float16, torch.bfloat16)
         try:
             if make is None:
